@@ -1,0 +1,1 @@
+"""Safehold attestation package."""

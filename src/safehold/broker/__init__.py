@@ -1,0 +1,1 @@
+"""Safehold broker package."""

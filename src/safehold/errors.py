@@ -1,0 +1,149 @@
+"""One exception hierarchy for Safehold, rooted at :class:`SafeholdError`.
+
+Rules every subclass follows:
+
+* the message names what was wrong (which field, which claim, which row's blind index);
+* it never contains plaintext record content or key material;
+* attestation failures say expected vs. got.
+
+Packages add their own subclasses of the classes below in their own modules
+(``safehold.<pkg>.errors`` or next to the code); this module stays the shared root.
+"""
+
+from __future__ import annotations
+
+
+class SafeholdError(Exception):
+    """Root of every error Safehold raises on purpose."""
+
+
+class ConfigError(SafeholdError):
+    """A configuration file, manifest, schema or policy is missing or invalid."""
+
+
+# --- crypto -----------------------------------------------------------------------------------
+
+
+class CryptoError(SafeholdError):
+    """A cryptographic operation failed (wrong key, bad format, failed authentication)."""
+
+
+class EnvelopeFormatError(CryptoError):
+    """Bytes are not a well-formed Safehold envelope (wrong length, version or layout)."""
+
+
+class DecryptionError(CryptoError):
+    """Authenticated decryption failed: wrong key, wrong associated data, or tampered bytes."""
+
+
+class UnknownKeyError(CryptoError):
+    """A ciphertext names a key id that the keyset does not hold."""
+
+
+class KeysetError(CryptoError):
+    """A keyset operation is invalid (no primary, duplicate id, retiring the primary, ...)."""
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+
+class StoreError(SafeholdError):
+    """The untrusted store failed (I/O, connection, schema)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached or the connection dropped; nothing was written."""
+
+
+class ConflictError(StoreError):
+    """Compare-and-set failed: the row's version is not the one the caller expected."""
+
+
+class SchemaVersionError(StoreError):
+    """The database schema is newer than this code or cannot be migrated."""
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+class RecordError(SafeholdError):
+    """A record operation failed."""
+
+
+class RecordNotFoundError(RecordError):
+    """No record under that key (in that namespace)."""
+
+
+class RecordTamperedError(RecordError):
+    """A stored row failed authentication; the message names the row's blind index only."""
+
+
+# --- attestation ------------------------------------------------------------------------------
+
+
+class AttestationError(SafeholdError):
+    """Evidence could not be verified or appraised (RFC 9334 terms)."""
+
+
+class EvidenceFormatError(AttestationError):
+    """Evidence bytes are truncated, garbled or of an unsupported type/version."""
+
+
+class EvidenceSignatureError(AttestationError):
+    """A signature over Evidence or an Endorsement (certificate chain, collateral) is invalid."""
+
+
+class EndorsementError(AttestationError):
+    """Endorsements (vendor certificates, collateral) are missing, expired or do not chain."""
+
+
+class AppraisalError(AttestationError):
+    """Evidence verified but its claims do not satisfy the appraisal policy.
+
+    ``failures`` lists every failed claim as ``(claim, expected, got)`` strings.
+    """
+
+    def __init__(self, message: str, failures: list[tuple[str, str, str]] | None = None):
+        self.failures = list(failures or [])
+        if self.failures:
+            detail = "; ".join(f"{c}: expected {e}, got {g}" for c, e, g in self.failures)
+            message = f"{message}: {detail}"
+        super().__init__(message)
+
+
+class AttestationResultError(AttestationError):
+    """An Attestation Result (EAR token) is invalid, expired, from another issuer or not affirming."""
+
+
+class RATLSError(AttestationError):
+    """An RA-TLS certificate lacks Evidence, carries malformed Evidence or a wrong key binding."""
+
+
+# --- broker / protocol -------------------------------------------------------------------------
+
+
+class BrokerError(SafeholdError):
+    """The key broker refused or failed a request."""
+
+
+class ManifestError(ConfigError):
+    """A broker manifest is malformed or its update is not properly signed."""
+
+
+class SealingError(CryptoError):
+    """The master key cannot be unsealed on this TEE identity (measurement or host changed)."""
+
+
+class AuditChainError(SafeholdError):
+    """The audit log's hash chain or a signature is broken; names the first bad entry."""
+
+
+# --- proxy / FPE --------------------------------------------------------------------------------
+
+
+class FPEError(CryptoError):
+    """Format-preserving encryption input is outside the domain (alphabet, length, radix)."""
+
+
+class TransformError(SafeholdError):
+    """A configured field cannot be transformed (protect/reveal) as the schema says."""

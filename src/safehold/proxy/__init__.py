@@ -1,0 +1,1 @@
+"""Safehold proxy package."""

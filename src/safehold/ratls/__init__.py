@@ -1,0 +1,1 @@
+"""Safehold ratls package."""

@@ -1,0 +1,1 @@
+"""Safehold records package."""

@@ -1,0 +1,1 @@
+"""Safehold store package."""
