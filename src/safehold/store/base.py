@@ -1,0 +1,107 @@
+"""The untrusted store interface: rows of opaque bytes, compare-and-set on a version number.
+
+The store sits outside the trust boundary (DESIGN.md → Storage): it only ever sees blind
+indexes as keys and envelopes as values. Engines: ``safehold.store.sqlite`` (embedded default)
+and ``safehold.store.postgres`` (scale-out). Both pass one shared test suite.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+#: Longest namespace name (ASCII letters, digits, ``._-:``).
+MAX_NAMESPACE = 128
+#: Longest row key in bytes (a blind index is 16–32 bytes).
+MAX_KEY = 64
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stored row.
+
+    Attributes:
+        namespace: ASCII name, 1..:data:`MAX_NAMESPACE` chars.
+        key: opaque row key (a blind index), 1..:data:`MAX_KEY` bytes.
+        version: positive integer, 1 for a freshly inserted row, +1 on every put.
+        value: opaque bytes (an envelope).
+    """
+
+    namespace: str
+    key: bytes
+    version: int
+    value: bytes
+
+
+class StoreOps(ABC):
+    """Row operations, offered by a :class:`Store` and by its transactions."""
+
+    @abstractmethod
+    def get(self, namespace: str, key: bytes) -> Row | None:
+        """Return the row or None.
+
+        Raises:
+            StoreUnavailableError: the database is unreachable or the connection dropped.
+        """
+
+    @abstractmethod
+    def put(self, namespace: str, key: bytes, value: bytes, *, expected_version: int) -> int:
+        """Compare-and-set: write ``value`` iff the row's current version is ``expected_version``
+        (0 = the row must not exist). Returns the new version, ``expected_version + 1``.
+
+        Raises:
+            ConflictError: the current version differs (names expected and actual version).
+            StoreUnavailableError: the database is unreachable; nothing was written.
+            ValueError: namespace/key outside the limits above.
+        """
+
+    @abstractmethod
+    def delete(self, namespace: str, key: bytes, *, expected_version: int | None = None) -> bool:
+        """Delete the row; with ``expected_version``, only if it matches. True if a row went.
+
+        Raises:
+            ConflictError: ``expected_version`` given and the current version differs.
+            StoreUnavailableError: as above.
+        """
+
+    @abstractmethod
+    def scan(self, namespace: str, *, after: bytes | None = None, limit: int = 100) -> list[Row]:
+        """Up to ``limit`` rows of ``namespace`` with key > ``after``, ordered by key bytes.
+
+        Page by passing the last row's key as ``after``.
+        """
+
+
+class Store(StoreOps):
+    """A store engine. Thread-safe; usable from several processes on the same database."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[StoreOps]:
+        """All operations inside commit atomically on normal exit, roll back on exception.
+
+        Raises:
+            ConflictError: from any CAS inside (the whole transaction rolls back).
+            StoreUnavailableError: as above; nothing of the transaction was written.
+        """
+
+    def scan_all(self, namespace: str, *, page: int = 500) -> Iterator[Row]:
+        """Iterate every row of ``namespace`` in key order, ``page`` rows per query."""
+        after: bytes | None = None
+        while True:
+            rows = self.scan(namespace, after=after, limit=page)
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1].key
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections/files. Idempotent."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
