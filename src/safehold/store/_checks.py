@@ -1,0 +1,88 @@
+"""Argument checks shared by the engines (limits from :mod:`safehold.store.base`)."""
+
+from __future__ import annotations
+
+import re
+
+from safehold.store.base import MAX_KEY, MAX_NAMESPACE
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]+")
+
+#: Largest value accepted, in bytes (envelopes of patient records are far smaller).
+MAX_VALUE = 16 * 1024 * 1024
+#: Largest page a single :meth:`scan` returns.
+MAX_SCAN_LIMIT = 10_000
+
+
+def check_namespace(namespace: object) -> str:
+    """Return ``namespace`` if it is 1..MAX_NAMESPACE chars of ``[A-Za-z0-9._:-]``.
+
+    Raises:
+        ValueError: naming the problem (type, length or the first bad character).
+    """
+    if not isinstance(namespace, str):
+        raise ValueError(f"namespace must be str, got {type(namespace).__name__}")
+    if not 1 <= len(namespace) <= MAX_NAMESPACE:
+        raise ValueError(f"namespace length must be 1..{MAX_NAMESPACE}, got {len(namespace)}")
+    if not _NAMESPACE_RE.fullmatch(namespace):
+        bad = next(c for c in namespace if not _NAMESPACE_RE.fullmatch(c))
+        raise ValueError(f"namespace contains {bad!r}; allowed are ASCII letters, digits and ._:-")
+    return namespace
+
+
+def check_key(key: object) -> bytes:
+    """Return ``key`` as bytes if it is 1..MAX_KEY bytes long.
+
+    Raises:
+        ValueError: wrong type or length.
+    """
+    if not isinstance(key, bytes | bytearray | memoryview):
+        raise ValueError(f"row key must be bytes, got {type(key).__name__}")
+    key = bytes(key)
+    if not 1 <= len(key) <= MAX_KEY:
+        raise ValueError(f"row key length must be 1..{MAX_KEY} bytes, got {len(key)}")
+    return key
+
+
+def check_value(value: object) -> bytes:
+    """Return ``value`` as bytes if it is at most :data:`MAX_VALUE` bytes.
+
+    Raises:
+        ValueError: wrong type or too long.
+    """
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise ValueError(f"value must be bytes, got {type(value).__name__}")
+    value = bytes(value)
+    if len(value) > MAX_VALUE:
+        raise ValueError(f"value length must be <= {MAX_VALUE} bytes, got {len(value)}")
+    return value
+
+
+def check_version(version: object, *, name: str, minimum: int) -> int:
+    """Return ``version`` if it is an int (not bool) >= ``minimum`` and < 2**63.
+
+    Raises:
+        ValueError: naming ``name``.
+    """
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{name} must be int, got {type(version).__name__}")
+    if not minimum <= version < 2**63 - 1:
+        raise ValueError(f"{name} must be >= {minimum} and < 2**63-1, got {version}")
+    return version
+
+
+def check_scan(after: object, limit: object) -> tuple[bytes | None, int]:
+    """Validate scan arguments: ``after`` None or a row key, ``limit`` 1..MAX_SCAN_LIMIT.
+
+    Raises:
+        ValueError: naming the bad argument.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ValueError(f"scan limit must be int, got {type(limit).__name__}")
+    if not 1 <= limit <= MAX_SCAN_LIMIT:
+        raise ValueError(f"scan limit must be 1..{MAX_SCAN_LIMIT}, got {limit}")
+    if after is None:
+        return None, limit
+    if not isinstance(after, bytes | bytearray | memoryview):
+        raise ValueError(f"scan 'after' must be bytes or None, got {type(after).__name__}")
+    return bytes(after), limit

@@ -1,0 +1,108 @@
+"""Versioned schema of the store and the migration step run on open.
+
+Both engines keep the same logical layout (see ``docs/storage.md``):
+
+* ``safehold_schema_version(id = 1, version)`` — one row, the schema version in force;
+* ``safehold_rows(namespace, key, version, value)``, primary key ``(namespace, key)``.
+
+A migration is a numbered list of DDL statements per dialect. :func:`pending` picks the steps
+above the database's version; an engine runs them and the version bump in one transaction
+(SQLite ``BEGIN IMMEDIATE``; PostgreSQL with a transaction-scoped advisory lock), so two
+processes opening a fresh database at once cannot both migrate, and a crash mid-migration
+leaves the old version intact. A database whose version is newer than :data:`LATEST` is
+refused with :class:`~safehold.errors.SchemaVersionError` rather than touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from safehold.errors import SchemaVersionError
+
+#: Table holding the single schema-version row.
+VERSION_TABLE = "safehold_schema_version"
+#: Table holding the rows.
+ROWS_TABLE = "safehold_rows"
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step.
+
+    Attributes:
+        version: the schema version after this step (1, 2, ... without gaps).
+        description: one line for logs and docs.
+        sqlite: statements for SQLite.
+        postgres: statements for PostgreSQL; ``{schema}`` is replaced by the quoted schema name.
+    """
+
+    version: int
+    description: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="rows table keyed by (namespace, key) with a CAS version",
+        sqlite=(
+            f"CREATE TABLE {ROWS_TABLE} ("
+            " namespace TEXT NOT NULL,"
+            " key BLOB NOT NULL,"
+            " version INTEGER NOT NULL CHECK (version >= 1),"
+            " value BLOB NOT NULL,"
+            " PRIMARY KEY (namespace, key)"
+            ") WITHOUT ROWID",
+        ),
+        postgres=(
+            f"CREATE TABLE {{schema}}.{ROWS_TABLE} ("
+            " namespace TEXT NOT NULL,"
+            " key BYTEA NOT NULL,"
+            " version BIGINT NOT NULL CHECK (version >= 1),"
+            " value BYTEA NOT NULL,"
+            " PRIMARY KEY (namespace, key)"
+            ")",
+        ),
+    ),
+)
+
+#: The schema version this code writes and reads.
+LATEST: int = MIGRATIONS[-1].version
+
+SQLITE_VERSION_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " version INTEGER NOT NULL)"
+)
+POSTGRES_VERSION_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {{schema}}.{VERSION_TABLE} ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " version INTEGER NOT NULL)"
+)
+
+
+def check_sequence(migrations: Sequence[Migration]) -> None:
+    """Raise ValueError unless versions run 1, 2, ... without gaps."""
+    for i, m in enumerate(migrations, start=1):
+        if m.version != i:
+            raise ValueError(f"migration #{i} has version {m.version}; versions must be 1, 2, ...")
+
+
+def pending(current: int, migrations: Sequence[Migration] = MIGRATIONS) -> list[Migration]:
+    """Steps to run on a database at schema version ``current`` (0 = empty).
+
+    Raises:
+        SchemaVersionError: ``current`` is newer than the newest migration known here, or negative.
+    """
+    check_sequence(migrations)
+    latest = migrations[-1].version if migrations else 0
+    if current > latest:
+        raise SchemaVersionError(
+            f"database schema version {current} is newer than this Safehold supports "
+            f"(up to {latest}); upgrade Safehold, do not downgrade the database"
+        )
+    if current < 0:
+        raise SchemaVersionError(f"database schema version {current} is invalid")
+    return [m for m in migrations if m.version > current]

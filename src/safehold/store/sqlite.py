@@ -1,0 +1,352 @@
+"""SQLite engine: the embedded default store (stdlib :mod:`sqlite3`).
+
+Durability and concurrency choices (SQLite docs "Write-Ahead Logging", "PRAGMA synchronous"):
+
+* ``journal_mode=WAL``: readers never block the single writer; several processes may share the
+  file (same host, local file system — WAL needs shared memory, so not over NFS).
+* ``synchronous=FULL``: every commit fsyncs the WAL, so an acknowledged write survives a
+  process crash *and* a power cut.
+* ``busy_timeout``: a writer waits up to ``timeout`` seconds for the write lock, then fails
+  with :class:`~safehold.errors.StoreUnavailableError`.
+* One connection per thread (and per process: a forked child opens its own); transactions use
+  ``BEGIN IMMEDIATE`` so the write lock is taken up front and a transaction never dies half
+  way on a lock upgrade.
+* The file is outside the trust boundary, so ``trusted_schema=OFF`` (no SQL functions run from
+  views/triggers someone planted) and ``cell_size_check=ON`` (detect corrupt pages early).
+
+CAS is one statement each (``INSERT … ON CONFLICT DO NOTHING`` for version 0, ``UPDATE … WHERE
+version = ?`` otherwise), atomic by itself and inside a transaction alike.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safehold.errors import StoreError, StoreUnavailableError
+from safehold.store import migrations as mig
+from safehold.store._checks import check_key, check_namespace, check_scan, check_value, check_version
+from safehold.store.base import Row, Store, StoreOps
+from safehold.store.errors import StoreClosedError, StoreCorruptError, VersionConflictError
+
+# Table names are the constants of safehold.store.migrations, written out (no string building).
+_SQL_GET = "SELECT version, value FROM safehold_rows WHERE namespace = ? AND key = ?"
+_SQL_VERSION = "SELECT version FROM safehold_rows WHERE namespace = ? AND key = ?"
+_SQL_INSERT = (
+    "INSERT INTO safehold_rows (namespace, key, version, value) VALUES (?, ?, 1, ?) "
+    "ON CONFLICT (namespace, key) DO NOTHING"
+)
+_SQL_UPDATE = (
+    "UPDATE safehold_rows SET version = version + 1, value = ? "
+    "WHERE namespace = ? AND key = ? AND version = ?"
+)
+_SQL_DELETE = "DELETE FROM safehold_rows WHERE namespace = ? AND key = ?"
+_SQL_DELETE_V = "DELETE FROM safehold_rows WHERE namespace = ? AND key = ? AND version = ?"
+_SQL_SCAN_FIRST = "SELECT key, version, value FROM safehold_rows WHERE namespace = ? ORDER BY key LIMIT ?"
+_SQL_SCAN_AFTER = (
+    "SELECT key, version, value FROM safehold_rows WHERE namespace = ? AND key > ? ORDER BY key LIMIT ?"
+)
+
+# Primary SQLite result codes (https://www.sqlite.org/rescode.html).
+_BUSY, _LOCKED, _CORRUPT, _CANTOPEN, _NOTADB = 5, 6, 11, 14, 26
+
+
+def _actual_version(conn: sqlite3.Connection, namespace: str, key: bytes) -> int:
+    row = conn.execute(_SQL_VERSION, (namespace, key)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+class _SqliteOps(StoreOps):
+    """Row operations on one connection (the thread's own, or a transaction's)."""
+
+    def __init__(self, store: SqliteStore):
+        self._store = store
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._store._connection()
+
+    def get(self, namespace: str, key: bytes) -> Row | None:
+        """See :meth:`StoreOps.get`. Raises StoreUnavailableError, StoreCorruptError, ValueError."""
+        namespace, key = check_namespace(namespace), check_key(key)
+        with self._store._mapped("get"):
+            r = self._conn().execute(_SQL_GET, (namespace, key)).fetchone()
+        return None if r is None else Row(namespace, key, int(r[0]), bytes(r[1]))
+
+    def put(self, namespace: str, key: bytes, value: bytes, *, expected_version: int) -> int:
+        """See :meth:`StoreOps.put`. Raises VersionConflictError (a ConflictError), StoreError, ValueError."""
+        namespace, key, value = check_namespace(namespace), check_key(key), check_value(value)
+        expected = check_version(expected_version, name="expected_version", minimum=0)
+        with self._store._mapped("put"):
+            conn = self._conn()
+            if expected == 0:
+                n = conn.execute(_SQL_INSERT, (namespace, key, value)).rowcount
+            else:
+                n = conn.execute(_SQL_UPDATE, (value, namespace, key, expected)).rowcount
+            if n == 1:
+                return expected + 1
+            actual = _actual_version(conn, namespace, key)
+        raise VersionConflictError(namespace, key, expected, actual, "put")
+
+    def delete(self, namespace: str, key: bytes, *, expected_version: int | None = None) -> bool:
+        """See :meth:`StoreOps.delete`. Raises VersionConflictError, StoreError, ValueError."""
+        namespace, key = check_namespace(namespace), check_key(key)
+        with self._store._mapped("delete"):
+            conn = self._conn()
+            if expected_version is None:
+                return conn.execute(_SQL_DELETE, (namespace, key)).rowcount > 0
+            expected = check_version(expected_version, name="expected_version", minimum=1)
+            if conn.execute(_SQL_DELETE_V, (namespace, key, expected)).rowcount > 0:
+                return True
+            actual = _actual_version(conn, namespace, key)
+        raise VersionConflictError(namespace, key, expected, actual, "delete")
+
+    def scan(self, namespace: str, *, after: bytes | None = None, limit: int = 100) -> list[Row]:
+        """See :meth:`StoreOps.scan` (keys ordered by memcmp of the bytes). Raises StoreError, ValueError."""
+        namespace = check_namespace(namespace)
+        after, limit = check_scan(after, limit)
+        with self._store._mapped("scan"):
+            if after is None:
+                cur = self._conn().execute(_SQL_SCAN_FIRST, (namespace, limit))
+            else:
+                cur = self._conn().execute(_SQL_SCAN_AFTER, (namespace, after, limit))
+            rows = cur.fetchall()
+        return [Row(namespace, bytes(k), int(v), bytes(val)) for k, v, val in rows]
+
+
+class _Tx(_SqliteOps):
+    """Operations of one open transaction; unusable after it ends."""
+
+    def __init__(self, store: SqliteStore, conn: sqlite3.Connection):
+        super().__init__(store)
+        self._tx_conn: sqlite3.Connection | None = conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._tx_conn is None:
+            raise StoreError("transaction already ended; open a new one")
+        return self._tx_conn
+
+
+class _ThreadState(threading.local):
+    conn: sqlite3.Connection | None = None
+    pid: int = 0
+    depth: int = 0
+
+
+class SqliteStore(_SqliteOps, Store):
+    """Store on one SQLite database file.
+
+    Args:
+        path: file path (created with its parent directory if missing). ``":memory:"`` is
+            refused: each thread would see its own empty database.
+        timeout: seconds to wait for a lock held by another connection or process.
+
+    Raises (constructor):
+        StoreCorruptError: the file exists but is not a SQLite database, or is malformed.
+        SchemaVersionError: the file's schema is newer than this code (see migrations).
+        StoreUnavailableError: the file cannot be opened or stays locked past ``timeout``.
+        ValueError: bad arguments.
+
+    Thread-safe; several processes may use the same file. Operations on the store from a
+    thread that has a transaction open join that transaction (same connection).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0):
+        super().__init__(self)
+        if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+            raise ValueError(f"SqliteStore needs a file path, got {str(path)!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.path = Path(path)
+        self.timeout = float(timeout)
+        self._lock = threading.Lock()
+        self._local = _ThreadState()
+        self._conns: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailableError(f"SQLite store {self.path}: cannot create directory: {e}") from e
+        try:
+            self._migrate(mig.MIGRATIONS)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _open_connection(self) -> sqlite3.Connection:
+        with self._mapped("open"):
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # close() may run on another thread
+                cached_statements=32,
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"SQLite store {self.path}: cannot enable WAL (journal_mode={mode})")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA trusted_schema = OFF")
+                conn.execute("PRAGMA cell_size_check = ON")
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        st = self._local
+        if self._closed:
+            raise StoreClosedError(f"SQLite store {self.path} is closed")
+        if st.conn is not None and st.pid == os.getpid():
+            return st.conn
+        conn = self._open_connection()
+        with self._lock:
+            if self._closed:
+                conn.close()
+                raise StoreClosedError(f"SQLite store {self.path} is closed")
+            self._prune_locked()
+            self._conns.append((weakref.ref(threading.current_thread()), conn))
+        st.conn, st.pid, st.depth = conn, os.getpid(), 0
+        return conn
+
+    def _prune_locked(self) -> None:
+        """Close connections of threads that have ended (called with the lock held)."""
+        keep = []
+        for ref, conn in self._conns:
+            t = ref()
+            if t is None or not t.is_alive():
+                conn.close()
+            else:
+                keep.append((ref, conn))
+        self._conns = keep
+
+    @contextmanager
+    def _mapped(self, what: str) -> Iterator[None]:
+        """Translate sqlite3 errors into the store's error classes."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            code = getattr(e, "sqlite_errorcode", -1) & 0xFF
+            where = f"SQLite store {self.path}: {what}"
+            if code in (_BUSY, _LOCKED):
+                raise StoreUnavailableError(
+                    f"{where}: database stayed locked for {self.timeout:g} s; nothing was written"
+                ) from e
+            if code == _CANTOPEN:
+                raise StoreUnavailableError(f"{where}: cannot open the database file ({e})") from e
+            if code in (_CORRUPT, _NOTADB):
+                raise StoreCorruptError(f"{where}: not a valid SQLite database or corrupt ({e})") from e
+            if isinstance(e, sqlite3.OperationalError) and "no such table" in str(e):
+                raise StoreCorruptError(f"{where}: Safehold tables missing ({e})") from e
+            raise StoreError(f"{where}: {type(e).__name__}: {e}") from e
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the file (0 if none). Raises StoreError."""
+        with self._mapped("read schema version"):
+            conn = self._connection()
+            t = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (mig.VERSION_TABLE,)
+            ).fetchone()
+            if t is None:
+                return 0
+            r = conn.execute("SELECT version FROM safehold_schema_version WHERE id = 1").fetchone()
+            return 0 if r is None else int(r[0])
+
+    def _migrate(self, migrations: tuple[mig.Migration, ...]) -> None:
+        """Bring the file to the newest schema in one ``BEGIN IMMEDIATE`` transaction.
+
+        Raises SchemaVersionError if the file is newer than ``migrations``.
+        """
+        if not mig.pending(self.schema_version(), migrations):
+            return  # fast path: no write lock on every open
+        with self._mapped("migrate"):
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(mig.SQLITE_VERSION_DDL)
+                r = conn.execute("SELECT version FROM safehold_schema_version WHERE id = 1").fetchone()
+                current = 0 if r is None else int(r[0])
+                steps = mig.pending(current, migrations)  # re-check under the lock
+                for m in steps:
+                    for stmt in m.sqlite:
+                        conn.execute(stmt)
+                if steps:
+                    conn.execute(
+                        "INSERT INTO safehold_schema_version (id, version) VALUES (1, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                        (steps[-1].version,),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    # -- transactions -----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[StoreOps]:
+        """Atomic block (``BEGIN IMMEDIATE`` … ``COMMIT``); rollback on any exception.
+
+        Nested calls on the same thread become savepoints: an exception inside the inner block
+        rolls back only the inner block (if the outer block catches it).
+
+        Raises:
+            StoreUnavailableError: the write lock stayed taken past ``timeout``; nothing written.
+            StoreError: COMMIT failed (I/O); the transaction was rolled back.
+            ConflictError and anything raised inside: after rolling back.
+        """
+        conn = self._connection()
+        st = self._local
+        depth = st.depth
+        sp = f"safehold_sp{depth}"
+        with self._mapped("begin transaction"):
+            conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {sp}")
+        st.depth = depth + 1
+        tx = _Tx(self, conn)
+        try:
+            yield tx
+        except BaseException:
+            st.depth = depth
+            tx._tx_conn = None
+            with self._mapped("rollback"):
+                if depth == 0:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                elif conn.in_transaction:
+                    conn.execute(f"ROLLBACK TO {sp}")
+                    conn.execute(f"RELEASE {sp}")
+            raise
+        st.depth = depth
+        tx._tx_conn = None
+        try:
+            with self._mapped("commit"):
+                conn.execute("COMMIT" if depth == 0 else f"RELEASE {sp}")
+        except BaseException:
+            if depth == 0 and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close every connection this store opened. Idempotent."""
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for _, conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:  # closing a broken connection: nothing left to release
+                pass
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
