@@ -1,0 +1,535 @@
+"""Appraisal policy: which claims (RFC 9334 §8.1) a Verifier accepts, as small composable checks.
+
+A policy is written in TOML by the data owner::
+
+    name = "records-prod"                    # reported in EAR results
+    allowed_tee_types = ["sgx", "tdx"]        # hardware TEE types (claims.TEE_TYPES)
+    debug_allowed = false                     # default false
+    accepted_tcb_statuses = ["UpToDate"]      # default ["UpToDate"]
+    accepted_advisories = []                  # advisory ids tolerated (e.g. "INTEL-SA-00615")
+    report_data = "key-binding"               # "nonce" | "key-binding" | "required" | "any"
+    allow_simulated = false                   # default false; true warns on every use
+    simulated_root = "root-ca.pem"            # simulated root CA (relative to this file)
+
+    [reference_values]                        # at least measurements or signers
+    measurements = ["<hex>", ...]             # from `safehold measure` / MRENCLAVE / MRTD
+    signers = ["<hex>", ...]                  # MRSIGNER / SNP ID-key digest
+    product_ids = [1]                         # SGX ISVPRODID
+    min_security_version = 10                 # SGX ISVSVN / SNP GUEST_SVN
+
+Each check returns :class:`Verdict` rows ``(claim, expected, got, ok)`` — the same rows the CLI
+prints and :class:`~safehold.errors.AppraisalError` lists. Style after sigstore-python's
+``verify/policy.py``: :class:`AllOf` refuses to be empty (a policy that checks nothing would
+accept everything), and the simulated TEE is accepted only by explicit opt-in that warns on
+every use.
+
+report_data (SGX/TDX REPORTDATA, SNP REPORT_DATA, 64 B): with ``"nonce"``, ``"key-binding"``
+or ``"required"`` (the default) the caller must pass ``expected_report_data`` and the claim must
+equal it (the label only names what the 64 bytes bind, in messages); ``"any"`` skips the check
+and is meant only for inspection tools.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import tomllib
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safehold.attestation.claims import TEE_TYPES, Claims
+from safehold.errors import AppraisalError, ConfigError
+
+log = logging.getLogger("safehold.attestation.policy")
+
+REPORT_DATA_MODES = ("required", "nonce", "key-binding", "any")
+
+
+class SimulatedTEEWarning(UserWarning):
+    """Simulated (not hardware-protected) Evidence was accepted because the policy allows it."""
+
+
+# --- distinct appraisal errors ---------------------------------------------------------------
+
+
+class SimulatedEvidenceRefused(AppraisalError):
+    """Evidence comes from the simulated TEE and the policy does not set ``allow_simulated``."""
+
+
+class TeeTypeRefused(AppraisalError):
+    """The Evidence's TEE type is not in ``allowed_tee_types``."""
+
+
+class DebugRefused(AppraisalError):
+    """The TEE runs in debug mode (memory not protected) and ``debug_allowed`` is false."""
+
+
+class ReportDataMismatch(AppraisalError):
+    """report_data is not the expected nonce / key binding (stale, replayed or relayed Evidence)."""
+
+
+class ReferenceValueMismatch(AppraisalError):
+    """Measurement, signer, product id or security version does not match the Reference Values."""
+
+
+class TcbStatusRefused(AppraisalError):
+    """The platform TCB status or an applicable advisory is not accepted."""
+
+
+#: kind → error class; the raised class is the first failing kind in this order.
+ERROR_CLASSES: dict[str, type[AppraisalError]] = {
+    "simulated": SimulatedEvidenceRefused,
+    "tee_type": TeeTypeRefused,
+    "debug": DebugRefused,
+    "report_data": ReportDataMismatch,
+    "reference": ReferenceValueMismatch,
+    "tcb": TcbStatusRefused,
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One appraised claim.
+
+    Attributes:
+        claim: claim name (``measurement``, ``debug``, ``report_data``, ...).
+        expected: what the policy wants, human-readable.
+        got: what the Evidence claims, human-readable (bytes as hex).
+        ok: whether the claim satisfies the policy.
+        kind: failure category, a key of :data:`ERROR_CLASSES`.
+    """
+
+    claim: str
+    expected: str
+    got: str
+    ok: bool
+    kind: str = "reference"
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        """``(claim, expected, got)`` as :class:`AppraisalError` lists failures."""
+        return (self.claim, self.expected, self.got)
+
+
+def raise_for(verdicts: Sequence[Verdict], message: str = "Evidence appraisal failed") -> None:
+    """Raise the most specific :class:`AppraisalError` listing every failed verdict, if any.
+
+    Raises:
+        AppraisalError: a subclass from :data:`ERROR_CLASSES`, with ``failures`` set.
+    """
+    failed = [v for v in verdicts if not v.ok]
+    if not failed:
+        return
+    kinds = {v.kind for v in failed}
+    cls = next((c for k, c in ERROR_CLASSES.items() if k in kinds), AppraisalError)
+    raise cls(message, [v.as_tuple() for v in failed])
+
+
+@dataclass(frozen=True)
+class Context:
+    """Per-appraisal inputs that are not claims: the expected report_data (64 B) or None."""
+
+    expected_report_data: bytes | None = None
+
+
+def _hexlist(values: Iterable[bytes]) -> str:
+    vals = [v.hex() for v in values]
+    return vals[0] if len(vals) == 1 else "one of [" + ", ".join(vals) + "]"
+
+
+class Check(ABC):
+    """One policy check; returns its verdict rows (possibly several)."""
+
+    @abstractmethod
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        """Appraise ``claims`` and return one row per claim looked at."""
+
+
+class AllOf(Check):
+    """All child checks must pass. Refuses to be empty (it would accept everything).
+
+    Raises:
+        ConfigError: no checks given.
+    """
+
+    def __init__(self, checks: Sequence[Check]) -> None:
+        if not checks:
+            raise ConfigError("AllOf needs at least one check: an empty policy would accept anything")
+        self.checks = tuple(checks)
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        out: list[Verdict] = []
+        for c in self.checks:
+            out.extend(c.verdicts(claims, ctx))
+        return out
+
+
+class AnyOf(Check):
+    """At least one child check must pass (e.g. one of several approved builds with their own
+    signer). Returns the passing child's rows, or one failed row summarising all children.
+
+    Raises:
+        ConfigError: no checks given.
+    """
+
+    def __init__(self, checks: Sequence[Check]) -> None:
+        if not checks:
+            raise ConfigError("AnyOf needs at least one check")
+        self.checks = tuple(checks)
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        reasons = []
+        kind = "reference"
+        for c in self.checks:
+            rows = c.verdicts(claims, ctx)
+            if all(r.ok for r in rows):
+                return rows
+            bad = [r for r in rows if not r.ok]
+            kind = bad[0].kind
+            reasons.append("; ".join(f"{r.claim}={r.got}" for r in bad))
+        return [Verdict("any-of", f"one of {len(self.checks)} alternatives", " | ".join(reasons),
+                        False, kind)]
+
+
+class TeeTypeIn(Check):
+    """``tee_type`` is allowed; ``simulated`` only with ``allow_simulated`` (then warns)."""
+
+    def __init__(self, allowed: Iterable[str], *, allow_simulated: bool = False) -> None:
+        self.allowed = tuple(allowed)
+        self.allow_simulated = allow_simulated
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        if claims.tee_type == "simulated":
+            if not self.allow_simulated:
+                return [Verdict("tee_type", "a hardware TEE (policy has allow_simulated = false)",
+                                "simulated", False, "simulated")]
+            msg = ("accepting SIMULATED TEE Evidence: no hardware protects this workload "
+                   "(policy allow_simulated = true; never use in production)")
+            log.warning(msg)
+            warnings.warn(msg, SimulatedTEEWarning, stacklevel=4)
+            return [Verdict("tee_type", "simulated allowed (allow_simulated = true)",
+                            "simulated (NOT hardware-protected)", True, "simulated")]
+        ok = claims.tee_type in self.allowed
+        return [Verdict("tee_type", "one of " + ", ".join(self.allowed) if self.allowed else "none",
+                        claims.tee_type, ok, "tee_type")]
+
+
+class DebugAllowed(Check):
+    """Debug TEEs (memory readable by the host) are refused unless allowed."""
+
+    def __init__(self, allowed: bool) -> None:
+        self.allowed = allowed
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        exp = "false or true (debug_allowed = true)" if self.allowed else "false"
+        return [Verdict("debug", exp, str(claims.debug).lower(),
+                        self.allowed or not claims.debug, "debug")]
+
+
+class MeasurementIn(Check):
+    """``measurement`` equals one of the Reference Values."""
+
+    def __init__(self, values: Iterable[bytes]) -> None:
+        self.values = tuple(values)
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        ok = any(hmac.compare_digest(claims.measurement, v) for v in self.values)
+        return [Verdict("measurement", _hexlist(self.values), claims.measurement.hex(), ok)]
+
+
+class SignerIn(Check):
+    """``signer`` (MRSIGNER / ID-key digest) equals one of the Reference Values."""
+
+    def __init__(self, values: Iterable[bytes]) -> None:
+        self.values = tuple(values)
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        got = claims.signer
+        ok = got is not None and any(hmac.compare_digest(got, v) for v in self.values)
+        return [Verdict("signer", _hexlist(self.values), "none" if got is None else got.hex(), ok)]
+
+
+class ProductIdIn(Check):
+    """``product_id`` (SGX ISVPRODID) is one of the allowed values."""
+
+    def __init__(self, values: Iterable[int]) -> None:
+        self.values = tuple(values)
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        got = claims.product_id
+        return [Verdict("product_id", "one of " + ", ".join(map(str, self.values)),
+                        "none" if got is None else str(got), got in self.values)]
+
+
+class MinSecurityVersion(Check):
+    """``security_version`` (ISVSVN / GUEST_SVN) is at least the minimum."""
+
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        got = claims.security_version
+        return [Verdict("security_version", f">= {self.minimum}", "none" if got is None else str(got),
+                        got is not None and got >= self.minimum)]
+
+
+class TcbStatusIn(Check):
+    """The platform TCB status is accepted and every applicable advisory is tolerated.
+
+    Simulated Evidence carries ``"Simulated"``, accepted exactly when the TEE-type check
+    accepted simulated Evidence (that row carries the decision and the warning).
+    """
+
+    def __init__(self, statuses: Iterable[str], advisories: Iterable[str] = (), *,
+                 allow_simulated: bool = False) -> None:
+        self.statuses = tuple(statuses)
+        self.advisories = tuple(advisories)
+        self.allow_simulated = allow_simulated
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        got = claims.tcb_status
+        if claims.tee_type == "simulated" and got == "Simulated":
+            ok = self.allow_simulated
+            rows = [Verdict("tcb_status", "Simulated (allow_simulated = true)"
+                            if ok else "a hardware TCB status", got, ok, "simulated")]
+        else:
+            rows = [Verdict("tcb_status", "one of " + ", ".join(self.statuses),
+                            got if got is not None else "none (no collateral evaluated)",
+                            got in self.statuses, "tcb")]
+        bad = [a for a in claims.advisory_ids if a not in self.advisories]
+        if claims.advisory_ids:
+            rows.append(Verdict("advisory_ids",
+                                "subset of [" + ", ".join(self.advisories) + "]",
+                                ", ".join(claims.advisory_ids) + (
+                                    f" (not accepted: {', '.join(bad)})" if bad else ""),
+                                not bad, "tcb"))
+        return rows
+
+
+class ReportDataEquals(Check):
+    """report_data (64 B) equals the caller's expected value (nonce or key binding)."""
+
+    def __init__(self, mode: str = "required") -> None:
+        if mode not in REPORT_DATA_MODES:
+            raise ConfigError(f"report_data: expected one of {REPORT_DATA_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
+        if self.mode == "any":
+            return [Verdict("report_data", "any (not checked: report_data = \"any\")",
+                            claims.report_data.hex(), True, "report_data")]
+        label = {"nonce": "nonce", "key-binding": "key binding"}.get(self.mode, "binding")
+        exp = ctx.expected_report_data
+        if exp is None:
+            return [Verdict("report_data", f"a {label} supplied by the Relying Party",
+                            "no expected value was supplied", False, "report_data")]
+        ok = len(exp) == len(claims.report_data) and hmac.compare_digest(exp, claims.report_data)
+        return [Verdict("report_data", f"{exp.hex()} ({label})", claims.report_data.hex(), ok,
+                        "report_data")]
+
+
+# --- the policy -------------------------------------------------------------------------------
+
+_TOP_KEYS = {"name", "allowed_tee_types", "debug_allowed", "accepted_tcb_statuses",
+             "accepted_advisories", "report_data", "allow_simulated", "simulated_root",
+             "reference_values"}
+_RV_KEYS = {"measurements", "signers", "product_ids", "min_security_version"}
+
+
+@dataclass(frozen=True)
+class AppraisalPolicy:
+    """The data owner's appraisal policy (see the module docstring for the TOML form).
+
+    Attributes:
+        allowed_tee_types: hardware TEE types accepted (``simulated`` goes via allow_simulated).
+        measurements: accepted measurements (32 or 48 B each).
+        signers: accepted signers (MRSIGNER 32 B, SNP ID-key digest 48 B).
+        product_ids: accepted product ids; empty = not checked.
+        min_security_version: minimum security version; None = not checked.
+        debug_allowed: accept debug TEEs.
+        accepted_tcb_statuses: vendor TCB statuses accepted.
+        accepted_advisories: security advisory ids tolerated.
+        allow_simulated: accept the simulated TEE (warns on every use).
+        simulated_root: PEM file of the simulated root CA the simulated Verifier trusts.
+        report_data: one of :data:`REPORT_DATA_MODES`.
+        name: policy identifier, reported in Attestation Results.
+    """
+
+    allowed_tee_types: tuple[str, ...] = ()
+    measurements: tuple[bytes, ...] = ()
+    signers: tuple[bytes, ...] = ()
+    product_ids: tuple[int, ...] = ()
+    min_security_version: int | None = None
+    debug_allowed: bool = False
+    accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    accepted_advisories: tuple[str, ...] = ()
+    allow_simulated: bool = False
+    simulated_root: Path | None = None
+    report_data: str = "required"
+    name: str = "default"
+    extra_checks: tuple[Check, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.measurements and not self.signers:
+            raise ConfigError(
+                "policy pins no Reference Values: give reference_values.measurements or .signers"
+            )
+        for t in self.allowed_tee_types:
+            if t not in TEE_TYPES or t == "simulated":
+                raise ConfigError(
+                    f"allowed_tee_types: expected hardware types from {TEE_TYPES[1:]}, got {t!r} "
+                    "(use allow_simulated = true for the simulated TEE)"
+                )
+        if not self.allowed_tee_types and not self.allow_simulated:
+            raise ConfigError("policy allows no TEE type: set allowed_tee_types")
+        if self.report_data not in REPORT_DATA_MODES:
+            raise ConfigError(
+                f"report_data: expected one of {REPORT_DATA_MODES}, got {self.report_data!r}"
+            )
+        for m in self.measurements + self.signers:
+            if len(m) not in (32, 48, 64):
+                raise ConfigError(f"reference value {m.hex()!r} is {len(m)} bytes, expected 32 or 48")
+        if self.allow_simulated:
+            log.warning("appraisal policy %r allows SIMULATED TEE Evidence (not for production)",
+                        self.name)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_toml(cls, source: str | Path) -> AppraisalPolicy:
+        """Load a policy from a TOML file path (``Path`` or a path string) or TOML text.
+
+        A ``str`` containing a newline or ``=`` is taken as TOML text; ``simulated_root`` is
+        resolved relative to the file's directory (or the working directory for text).
+
+        Raises:
+            ConfigError: unreadable file, invalid TOML, unknown keys, wrong types or values.
+        """
+        base = Path.cwd()
+        if isinstance(source, Path) or ("\n" not in source and "=" not in source):
+            path = Path(source)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read appraisal policy {path}: {e}") from None
+            base = path.resolve().parent
+        else:
+            text = source
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"appraisal policy is not valid TOML: {e}") from None
+        return cls.from_dict(data, base_dir=base)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> AppraisalPolicy:
+        """Build a policy from the TOML structure (see module docstring).
+
+        Raises:
+            ConfigError: unknown keys, wrong types, bad hex, or a policy pinning nothing.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError("appraisal policy must be a table")
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise ConfigError(f"appraisal policy: unknown keys {sorted(unknown)}")
+        rv = data.get("reference_values", {})
+        if not isinstance(rv, Mapping):
+            raise ConfigError("reference_values must be a table")
+        unknown = set(rv) - _RV_KEYS
+        if unknown:
+            raise ConfigError(f"reference_values: unknown keys {sorted(unknown)}")
+        sim_root = data.get("simulated_root")
+        if sim_root is not None:
+            sim_root = Path(_typed(sim_root, str, "simulated_root"))
+            if not sim_root.is_absolute():
+                sim_root = (base_dir or Path.cwd()) / sim_root
+        msv = rv.get("min_security_version")
+        return cls(
+            allowed_tee_types=tuple(_strs(data.get("allowed_tee_types", []), "allowed_tee_types")),
+            measurements=tuple(_hexes(rv.get("measurements", []), "reference_values.measurements")),
+            signers=tuple(_hexes(rv.get("signers", []), "reference_values.signers")),
+            product_ids=tuple(_ints(rv.get("product_ids", []), "reference_values.product_ids")),
+            min_security_version=None if msv is None else _int(msv, "min_security_version"),
+            debug_allowed=_typed(data.get("debug_allowed", False), bool, "debug_allowed"),
+            accepted_tcb_statuses=tuple(_strs(data.get("accepted_tcb_statuses", ["UpToDate"]),
+                                              "accepted_tcb_statuses")),
+            accepted_advisories=tuple(_strs(data.get("accepted_advisories", []),
+                                            "accepted_advisories")),
+            allow_simulated=_typed(data.get("allow_simulated", False), bool, "allow_simulated"),
+            simulated_root=sim_root,
+            report_data=_typed(data.get("report_data", "required"), str, "report_data"),
+            name=_typed(data.get("name", "default"), str, "name"),
+        )
+
+    # -- appraisal ------------------------------------------------------------------------------
+
+    def check(self) -> AllOf:
+        """The composed check this policy runs (TEE type, debug, report_data, Reference Values,
+        TCB status, then any ``extra_checks``)."""
+        checks: list[Check] = [
+            TeeTypeIn(self.allowed_tee_types, allow_simulated=self.allow_simulated),
+            DebugAllowed(self.debug_allowed),
+            ReportDataEquals(self.report_data),
+        ]
+        if self.measurements:
+            checks.append(MeasurementIn(self.measurements))
+        if self.signers:
+            checks.append(SignerIn(self.signers))
+        if self.product_ids:
+            checks.append(ProductIdIn(self.product_ids))
+        if self.min_security_version is not None:
+            checks.append(MinSecurityVersion(self.min_security_version))
+        checks.append(TcbStatusIn(self.accepted_tcb_statuses, self.accepted_advisories,
+                                  allow_simulated=self.allow_simulated))
+        checks.extend(self.extra_checks)
+        return AllOf(checks)
+
+    def verdicts(self, claims: Claims, *, expected_report_data: bytes | None = None) -> list[Verdict]:
+        """Every verdict row (passing and failing), in check order."""
+        return self.check().verdicts(claims, Context(expected_report_data))
+
+    def appraise(self, claims: Claims, *, expected_report_data: bytes | None = None) -> list[Verdict]:
+        """Return the failed verdicts (empty list = acceptable). Never raises on bad claims."""
+        return [v for v in self.verdicts(claims, expected_report_data=expected_report_data)
+                if not v.ok]
+
+
+def _typed(v: Any, t: type, name: str) -> Any:
+    if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+        raise ConfigError(f"{name}: expected {t.__name__}, got {type(v).__name__}")
+    return v
+
+
+def _int(v: Any, name: str) -> int:
+    v = _typed(v, int, name)
+    if v < 0:
+        raise ConfigError(f"{name}: expected a non-negative integer, got {v}")
+    return v
+
+
+def _list(v: Any, name: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise ConfigError(f"{name}: expected a list, got {type(v).__name__}")
+    return v
+
+
+def _strs(v: Any, name: str) -> list[str]:
+    return [_typed(x, str, name) for x in _list(v, name)]
+
+
+def _ints(v: Any, name: str) -> list[int]:
+    return [_int(x, name) for x in _list(v, name)]
+
+
+def _hexes(v: Any, name: str) -> list[bytes]:
+    out = []
+    for x in _strs(v, name):
+        try:
+            out.append(bytes.fromhex(x))
+        except ValueError:
+            raise ConfigError(f"{name}: {x[:20]!r}... is not hex") from None
+    return out
