@@ -12,7 +12,7 @@ from safehold.store.base import MAX_KEY, MAX_NAMESPACE
 from safehold.store.errors import StoreClosedError, VersionConflictError
 from safehold.store.sqlite import SqliteStore
 
-ENGINES = ["sqlite"]  # postgres added with PostgresStore
+ENGINES = ["sqlite", "postgres"]
 
 
 def _make(engine: str, request: pytest.FixtureRequest, tmp_path) -> Store:
