@@ -1,0 +1,292 @@
+"""Client SDK for the records service (sync :class:`RecordsClient`, async :class:`AsyncRecordsClient`).
+
+Both speak the native API (docs/records.md) over an **attesting transport** from
+:mod:`safehold.ratls`: on every new TLS connection the service's certificate Evidence is
+verified and appraised against the caller's policy *before* the first byte of the request is
+sent; a service that fails appraisal never sees the request (an ``AttestationError`` is raised).
+
+Records are JSON objects (FHIR R4 ``Patient`` resources or flat records). Errors map to
+Safehold exceptions: 404 → :class:`~safehold.errors.RecordNotFoundError`, 409
+``record-tampered`` → :class:`~safehold.errors.RecordTamperedError`, 412 →
+:class:`PreconditionFailedError`, 401/403 → :class:`AccessDeniedError`, others →
+:class:`RecordsClientError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from safehold.errors import RecordError, RecordNotFoundError, RecordTamperedError
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+class RecordsClientError(RecordError):
+    """The records service answered with an error (the message holds its status and code)."""
+
+    def __init__(self, message: str, status: int = 0, code: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PreconditionFailedError(RecordsClientError):
+    """412: the record's version is not the one given (``if_version``); re-read and retry."""
+
+
+class AlreadyExistsError(RecordsClientError):
+    """409 ``exists``: a create-only write found the id taken."""
+
+
+class AccessDeniedError(RecordsClientError):
+    """401 (no/unknown credentials) or 403 (role too weak)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record read from the service: ``id``, ``data`` (the JSON object), ``version`` (int)."""
+
+    id: str
+    data: dict[str, Any]
+    version: int
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        body = resp.json()
+        code, detail = str(body.get("error", "")), str(body.get("detail", ""))
+    except (ValueError, AttributeError):
+        code, detail = "", resp.text[:200]
+    msg = f"records service: HTTP {resp.status_code} {code}: {detail}".rstrip(": ")
+    s = resp.status_code
+    if s == 404:
+        raise RecordNotFoundError(msg)
+    if s == 409 and code == "record-tampered":
+        raise RecordTamperedError(msg)
+    if s == 409 and code == "exists":
+        raise AlreadyExistsError(msg, s, code)
+    if s == 412:
+        raise PreconditionFailedError(msg, s, code)
+    if s in (401, 403):
+        raise AccessDeniedError(msg, s, code)
+    raise RecordsClientError(msg, s, code)
+
+
+def _version(resp: httpx.Response) -> int:
+    etag = resp.headers.get("etag", "").removeprefix("W/").strip('"')
+    return int(etag) if etag.isdigit() else 0
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _path(rid: str) -> str:
+    return f"/v1/patients/{quote(rid, safe='')}"
+
+
+def _batch_body(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    return {"records": [{"id": i, "record": dict(r)} for i, r in items]}
+
+
+def attesting_transport(policy: Any, *, asynchronous: bool = False, **kw: Any) -> Any:
+    """Build the RA-TLS verifying httpx transport of :mod:`safehold.ratls` for ``policy``.
+
+    Args:
+        policy: an appraisal policy (``safehold.attestation.policy``) or the path of its TOML file.
+        asynchronous: return the async transport.
+        kw: passed on (e.g. client certificate, CA for the workload CA chain).
+    """
+    from safehold.ratls import client as ratls_client
+
+    cls = ratls_client.AsyncAttestingTransport if asynchronous else ratls_client.AttestingTransport
+    return cls(policy, **kw)
+
+
+class RecordsClient:
+    """Synchronous client.
+
+    Args:
+        base_url: ``https://host:port`` of the native API.
+        token: bearer token (from ``safehold up`` / the broker's access list), or None when a
+            client certificate is used.
+        policy: appraisal policy for the service's Evidence; required unless ``transport``
+            is given (tests and the benchmark's plaintext baseline pass their own).
+        transport: an httpx transport to use instead (must itself verify the service).
+
+    Raises:
+        ValueError: neither ``policy`` nor ``transport`` given.
+    """
+
+    def __init__(self, base_url: str, *, token: str | None = None, policy: Any = None,
+                 transport: httpx.BaseTransport | None = None, timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+                 **transport_kw: Any):
+        if transport is None:
+            if policy is None:
+                raise ValueError("RecordsClient needs an appraisal policy (or an attesting transport)")
+            transport = attesting_transport(policy, **transport_kw)
+        self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout,
+                                  headers=_headers(token))
+
+    def close(self) -> None:
+        """Close connections."""
+        self._http.close()
+
+    def __enter__(self) -> RecordsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def put(self, rid: str, record: Mapping[str, Any], *, if_version: int | None = None,
+            create_only: bool = False) -> int:
+        """Create or replace ``rid``; returns the new version.
+
+        Args:
+            if_version: compare-and-set on this version (0 = must not exist).
+            create_only: fail with :class:`AlreadyExistsError` if ``rid`` exists.
+        """
+        h = {}
+        if if_version is not None:
+            h["If-Match"] = f'"{if_version}"'
+        if create_only:
+            h["If-None-Match"] = "*"
+        r = self._http.put(_path(rid), json=dict(record), headers=h)
+        _raise_for(r)
+        return int(r.json()["version"])
+
+    def get(self, rid: str) -> Record:
+        """Read ``rid``. Raises RecordNotFoundError, RecordTamperedError."""
+        r = self._http.get(_path(rid))
+        _raise_for(r)
+        return Record(rid, r.json(), _version(r))
+
+    def delete(self, rid: str, *, if_version: int | None = None) -> None:
+        """Delete ``rid``. Raises RecordNotFoundError, PreconditionFailedError."""
+        h = {"If-Match": f'"{if_version}"'} if if_version is not None else {}
+        _raise_for(self._http.delete(_path(rid), headers=h))
+
+    def list_page(self, *, cursor: str | None = None, limit: int = 100) -> tuple[list[str], str | None]:
+        """One page of record ids and the next cursor (None at the end)."""
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        r = self._http.get("/v1/patients", params=params)
+        _raise_for(r)
+        body = r.json()
+        return list(body["ids"]), body.get("next")
+
+    def list_ids(self, *, page: int = 500) -> Iterator[str]:
+        """Every record id, paging as needed."""
+        cursor = None
+        while True:
+            ids, cursor = self.list_page(cursor=cursor, limit=page)
+            yield from ids
+            if not cursor:
+                return
+
+    def search(self, **criteria: str) -> list[Record]:
+        """Exact-match search, e.g. ``search(family="Doe", birthDate="1970-01-01")``."""
+        r = self._http.get("/v1/patients", params=criteria)
+        _raise_for(r)
+        return [Record(x["id"], x["record"], 0) for x in r.json()["records"]]
+
+    def batch(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Upsert up to 500 records; identical ones are left alone (status ``unchanged``).
+
+        Returns one ``{"id", "status", ...}`` per item (status created|updated|unchanged|failed).
+        """
+        r = self._http.post("/v1/patients:batch", content=json.dumps(_batch_body(items)),
+                            headers={"Content-Type": "application/json"})
+        _raise_for(r)
+        return list(r.json()["results"])
+
+    def audit_verify(self) -> int:
+        """(admin) verify the service's audit chain; returns the number of entries."""
+        r = self._http.get("/v1/audit/verify")
+        _raise_for(r)
+        return int(r.json()["entries"])
+
+
+class AsyncRecordsClient:
+    """Asynchronous client; same methods as :class:`RecordsClient`, as coroutines."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, policy: Any = None,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT, **transport_kw: Any):
+        if transport is None:
+            if policy is None:
+                raise ValueError("AsyncRecordsClient needs an appraisal policy (or an attesting transport)")
+            transport = attesting_transport(policy, asynchronous=True, **transport_kw)
+        self._http = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout,
+                                       headers=_headers(token))
+
+    async def aclose(self) -> None:
+        """Close connections."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncRecordsClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def put(self, rid: str, record: Mapping[str, Any], *, if_version: int | None = None,
+                  create_only: bool = False) -> int:
+        """See :meth:`RecordsClient.put`."""
+        h = {}
+        if if_version is not None:
+            h["If-Match"] = f'"{if_version}"'
+        if create_only:
+            h["If-None-Match"] = "*"
+        r = await self._http.put(_path(rid), json=dict(record), headers=h)
+        _raise_for(r)
+        return int(r.json()["version"])
+
+    async def get(self, rid: str) -> Record:
+        """See :meth:`RecordsClient.get`."""
+        r = await self._http.get(_path(rid))
+        _raise_for(r)
+        return Record(rid, r.json(), _version(r))
+
+    async def delete(self, rid: str, *, if_version: int | None = None) -> None:
+        """See :meth:`RecordsClient.delete`."""
+        h = {"If-Match": f'"{if_version}"'} if if_version is not None else {}
+        _raise_for(await self._http.delete(_path(rid), headers=h))
+
+    async def list_ids(self, *, page: int = 500) -> AsyncIterator[str]:
+        """See :meth:`RecordsClient.list_ids`."""
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": page}
+            if cursor:
+                params["cursor"] = cursor
+            r = await self._http.get("/v1/patients", params=params)
+            _raise_for(r)
+            body = r.json()
+            for i in body["ids"]:
+                yield i
+            cursor = body.get("next")
+            if not cursor:
+                return
+
+    async def search(self, **criteria: str) -> list[Record]:
+        """See :meth:`RecordsClient.search`."""
+        r = await self._http.get("/v1/patients", params=criteria)
+        _raise_for(r)
+        return [Record(x["id"], x["record"], 0) for x in r.json()["records"]]
+
+    async def batch(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """See :meth:`RecordsClient.batch`."""
+        r = await self._http.post("/v1/patients:batch", content=json.dumps(_batch_body(items)),
+                                  headers={"Content-Type": "application/json"})
+        _raise_for(r)
+        return list(r.json()["results"])

@@ -1,0 +1,313 @@
+"""The records service's native REST API (FastAPI) and its authentication.
+
+Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat records):
+
+==========================================  ========  =============================================
+``PUT /v1/patients/{id}``                   writer    create/replace; ``If-Match: "<version>"``
+                                                      for compare-and-set (412 on mismatch);
+                                                      201 created / 200 updated; ``ETag``
+``GET /v1/patients/{id}``                   reader    the record; ``ETag: "<version>"``; 404;
+                                                      409 ``record-tampered`` for a bad row
+``DELETE /v1/patients/{id}``                writer    204; 404; ``If-Match`` as above
+``GET /v1/patients?cursor=&limit=``         reader    ``{"ids": [...], "next": cursor|null}``
+``GET /v1/patients?family=..&birthDate=..`` reader    exact search on :data:`SEARCH_FIELDS`
+                                                      → ``{"records": [{"id", "record"}]}``
+``POST /v1/patients:batch``                 writer    ``{"records": [{"id", "record"}]}`` (≤ 500)
+                                                      → ``{"results": [{"id", "status", ...}]}``
+``GET /v1/audit/verify``                    admin     ``{"entries": n}`` or 409 with the break
+``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
+``GET /openapi.json``                       none      the OpenAPI 3.1 description
+==========================================  ========  =============================================
+
+Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content.
+
+Authentication: a bearer token (``Authorization: Bearer <token>``) whose SHA-256 appears in the
+access list the broker released to this workload, or a client certificate issued by the
+broker's workload CA (mutual TLS) whose subject CN appears in that list. Roles are ordered
+``reader`` < ``writer`` < ``admin``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from fastapi import Body, Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from safehold.errors import (
+    AuditChainError,
+    ConfigError,
+    RecordError,
+    RecordNotFoundError,
+    RecordTamperedError,
+    SafeholdError,
+    StoreError,
+)
+from safehold.records.app import MAX_BATCH, AlreadyExists, PatientRepository, PreconditionFailed
+from safehold.records.importers import SEARCH_FIELDS, InvalidRecordError
+
+ROLES = ("reader", "writer", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: ``name`` (for the audit) and ``role`` (one of :data:`ROLES`)."""
+
+    name: str
+    role: str
+
+    def can(self, role: str) -> bool:
+        """True if this principal's role is at least ``role``."""
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+@dataclass
+class AccessList:
+    """Who may call the service, as released by the broker (secret ``records-access``).
+
+    JSON form::
+
+        {"tokens": {"<hex SHA-256 of token>": {"name": "alice", "role": "writer"}},
+         "certificates": {"<subject CN>": "reader"}}
+
+    Raises (from :meth:`from_json`):
+        ConfigError: malformed JSON, unknown role, or a token hash that is not 64 hex digits.
+    """
+
+    tokens: dict[bytes, Principal] = field(default_factory=dict)
+    certificates: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: bytes | str | Mapping[str, Any]) -> AccessList:
+        """Parse the JSON form above."""
+        try:
+            obj = json.loads(data) if isinstance(data, bytes | str) else dict(data)
+        except (ValueError, UnicodeDecodeError):
+            raise ConfigError("records access list is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise ConfigError("records access list must be a JSON object")
+        acl = cls()
+        for h, ent in (obj.get("tokens") or {}).items():
+            try:
+                digest = bytes.fromhex(h)
+            except ValueError:
+                digest = b""
+            if len(digest) != 32 or not isinstance(ent, dict):
+                raise ConfigError("records access list: token keys must be 64 hex digits of SHA-256")
+            role = ent.get("role")
+            if role not in ROLES:
+                raise ConfigError(f"records access list: role must be one of {ROLES}, got {role!r}")
+            acl.tokens[digest] = Principal(str(ent.get("name", "token")), role)
+        for cn, role in (obj.get("certificates") or {}).items():
+            if role not in ROLES:
+                raise ConfigError(f"records access list: role must be one of {ROLES}, got {role!r}")
+            acl.certificates[str(cn)] = role
+        return acl
+
+    def by_token(self, token: str) -> Principal | None:
+        """The principal for a bearer token, compared by SHA-256 in constant time per entry."""
+        d = hashlib.sha256(token.encode("utf-8")).digest()
+        found = None
+        for h, p in self.tokens.items():
+            if hmac.compare_digest(h, d):
+                found = p
+        return found
+
+    def by_certificate(self, der: bytes) -> Principal | None:
+        """The principal for a verified client certificate (DER), by subject CN."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        except ValueError:
+            return None
+        if not cns:
+            return None
+        cn = str(cns[0].value)
+        role = self.certificates.get(cn)
+        return Principal(f"cert:{cn}", role) if role else None
+
+
+class AuthError(SafeholdError):
+    """Missing or unknown credentials (401) or too weak a role (403)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def authenticate(acl: AccessList, request: Request) -> Principal:
+    """Return the caller's principal (client certificate first, then bearer token).
+
+    Raises:
+        AuthError: 401 when neither identifies a known principal.
+    """
+    der = getattr(request.state, "tls_peer_cert", None) if hasattr(request, "state") else None
+    if der:
+        p = acl.by_certificate(der)
+        if p is not None:
+            return p
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        p = acl.by_token(token.strip())
+        if p is not None:
+            return p
+        raise AuthError("bearer token not recognised", 401)
+    raise AuthError("authentication required (bearer token or client certificate)", 401)
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """Map a Safehold error to a JSON error response (no record content in any message)."""
+    table: list[tuple[type[Exception], int, str]] = [
+        (AuthError, 401, "unauthorized"),
+        (RecordNotFoundError, 404, "not-found"),
+        (AlreadyExists, 409, "exists"),
+        (PreconditionFailed, 412, "precondition-failed"),
+        (RecordTamperedError, 409, "record-tampered"),
+        (InvalidRecordError, 400, "invalid"),
+        (AuditChainError, 409, "audit-chain-broken"),
+        (StoreError, 503, "store-unavailable"),
+        (RecordError, 500, "record-error"),
+    ]
+    for cls, status, code in table:
+        if isinstance(e, cls):
+            if isinstance(e, AuthError):
+                status = e.status
+                code = "unauthorized" if status == 401 else "forbidden"
+            return JSONResponse({"error": code, "detail": str(e)}, status_code=status)
+    return JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _if_match(value: str | None) -> int | None:
+    if value is None:
+        return None
+    v = value.strip().removeprefix("W/").strip('"')
+    if not v.isdigit():
+        raise InvalidRecordError('If-Match must be a version ETag such as "3"')
+    return int(v)
+
+
+def create_native_app(
+    repo: PatientRepository,
+    acl: AccessList | Callable[[], AccessList],
+    *,
+    title: str = "Safehold records",
+    health: Callable[[], bool] | None = None,
+) -> FastAPI:
+    """Build the native API app over ``repo``; ``acl`` may be a callable to allow reloads."""
+    get_acl = acl if callable(acl) else (lambda: acl)
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(SafeholdError)
+    async def _on_error(request: Request, exc: SafeholdError) -> JSONResponse:
+        return error_response(exc)
+
+    def principal(role: str) -> Callable[[Request], Principal]:
+        def dep(request: Request) -> Principal:
+            p = authenticate(get_acl(), request)
+            if not p.can(role):
+                if repo.audit is not None:
+                    repo.audit.append(p.name, request.method.lower(), None, "denied")
+                raise AuthError(f"role {p.role!r} may not do this (needs {role!r})", 403)
+            return p
+
+        return dep
+
+    reader, writer, admin = principal("reader"), principal("writer"), principal("admin")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        ok = health() if health else True
+        return {"status": "ok" if ok else "unavailable"}
+
+    @app.put("/v1/patients/{rid}", status_code=200)
+    def put_patient(
+        rid: str,
+        response: Response,
+        record: dict[str, Any] = Body(...),
+        if_match: str | None = Header(default=None),
+        if_none_match: str | None = Header(default=None),
+        who: Principal = Depends(writer),
+    ) -> dict[str, Any]:
+        res = repo.put(
+            who.name, rid, record,
+            expected_version=_if_match(if_match), create_only=(if_none_match == "*"),
+        )
+        response.status_code = 201 if res.status == "created" else 200
+        response.headers["ETag"] = _etag(res.version)
+        return {"id": rid, "version": res.version, "status": res.status}
+
+    @app.get("/v1/patients/{rid}")
+    def get_patient(rid: str, who: Principal = Depends(reader)) -> Response:
+        rec, version = repo.get(who.name, rid)
+        body = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return Response(body, media_type="application/json", headers={"ETag": _etag(version)})
+
+    @app.delete("/v1/patients/{rid}", status_code=204)
+    def delete_patient(
+        rid: str, if_match: str | None = Header(default=None), who: Principal = Depends(writer)
+    ) -> Response:
+        repo.delete(who.name, rid, expected_version=_if_match(if_match))
+        return Response(status_code=204)
+
+    @app.get("/v1/patients")
+    def list_or_search(
+        request: Request,
+        cursor: str | None = Query(default=None, max_length=256),
+        limit: int = Query(default=100, ge=1, le=1000),
+        family: str | None = Query(default=None, max_length=512),
+        given: str | None = Query(default=None, max_length=512),
+        birthDate: str | None = Query(default=None, max_length=64),  # noqa: N803 - FHIR name
+        gender: str | None = Query(default=None, max_length=64),
+        identifier: str | None = Query(default=None, max_length=1024),
+        who: Principal = Depends(reader),
+    ) -> dict[str, Any]:
+        unknown = sorted(set(request.query_params) - {"cursor", "limit", *SEARCH_FIELDS})
+        if unknown:
+            raise InvalidRecordError(f"unknown query parameters {unknown}")
+        crit = {k: v for k, v in {"family": family, "given": given, "birthDate": birthDate,
+                                  "gender": gender, "identifier": identifier}.items() if v is not None}
+        if crit:
+            hits = repo.search(who.name, crit)
+            return {"records": [{"id": i, "record": r} for i, r in hits]}
+        ids, nxt = repo.list_ids(who.name, cursor=cursor, limit=limit)
+        return {"ids": ids, "next": nxt}
+
+    @app.post("/v1/patients:batch")
+    async def batch(request: Request, who: Principal = Depends(writer)) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRecordError("batch body is not JSON") from None
+        recs = body.get("records") if isinstance(body, dict) else None
+        if not isinstance(recs, list) or len(recs) > MAX_BATCH:
+            raise InvalidRecordError(
+                f'batch body must be {{"records": [...]}} with at most {MAX_BATCH} items'
+            )
+        items: list[tuple[str, Any]] = []
+        for r in recs:
+            if not isinstance(r, dict) or not isinstance(r.get("id"), str):
+                raise InvalidRecordError('each batch item must be {"id": str, "record": object}')
+            items.append((r["id"], r.get("record")))
+        results = await run_in_threadpool(repo.batch, who.name, items)
+        return {"results": results}
+
+    @app.get("/v1/audit/verify")
+    def audit_verify(who: Principal = Depends(admin)) -> dict[str, Any]:
+        if repo.audit is None:
+            raise ConfigError("audit is disabled")
+        return {"entries": repo.audit.verify()}
+
+    return app

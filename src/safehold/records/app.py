@@ -1,0 +1,391 @@
+"""The patient repository: records, their blind-index search entries and the audit, composed.
+
+Framework-free (the FastAPI layers in :mod:`~safehold.records.api` and
+:mod:`~safehold.records.scone` call it). It sits on a :class:`KV` — the encrypted record engine
+behind a small adapter (:mod:`safehold.records.search` provides it) — so the database only ever
+sees blind indexes and envelopes.
+
+Record value format: the record's JSON text (UTF-8, member order as received, no insignificant
+white space), encrypted by the engine. Search entries live in namespace
+``<ns>.search`` under the record key ``"<field>=<normalised value>"`` (the engine turns it into
+a keyed blind index) with an encrypted JSON array of record ids as value.
+
+Consistency without cross-row transactions: a write first *adds* the record id to the search
+entries of its new terms, then writes the record (compare-and-set on its version), then removes
+the id from the entries of terms it no longer has. The index is therefore always a superset of
+the truth, and :meth:`PatientRepository.search` re-checks every hit against the decrypted
+record, so a crash between steps never returns a wrong answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from safehold.errors import ConflictError, RecordError, RecordNotFoundError, RecordTamperedError
+from safehold.records.audit import AuditLog
+from safehold.records.importers import (
+    SEARCH_FIELDS,
+    InvalidRecordError,
+    check_record,
+    check_record_id,
+    normalise,
+    search_terms,
+)
+
+#: Default namespace of patient records.
+NAMESPACE = "patients"
+#: Most records in one ``POST /v1/patients:batch``.
+MAX_BATCH = 500
+#: Largest page for listing.
+MAX_PAGE = 1000
+_INDEX_RETRIES = 64
+log = logging.getLogger("safehold.records")
+
+
+class KV(Protocol):
+    """What the repository needs from the encrypted engine (string keys, bytes values)."""
+
+    def get(self, namespace: str, key: str) -> tuple[bytes, int]:
+        """Return ``(plaintext, version)``; raise RecordNotFoundError / RecordTamperedError."""
+        ...
+
+    def put(self, namespace: str, key: str, value: bytes, *, expected_version: int) -> int:
+        """Compare-and-set (0 = must not exist); return the new version; ConflictError."""
+        ...
+
+    def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete; True if a row went; ConflictError on a version mismatch."""
+        ...
+
+    def list(self, namespace: str, *, after: str | None, limit: int) -> tuple[list[str], str | None]:
+        """Up to ``limit`` record keys and an opaque cursor for the next page (None at the end)."""
+        ...
+
+    def blind_index(self, namespace: str, key: str) -> bytes:
+        """The keyed blind index the database stores for ``key`` (for audit entries)."""
+        ...
+
+
+class PreconditionFailed(RecordError):
+    """``If-Match`` / expected version does not match the record's current version."""
+
+
+class AlreadyExists(RecordError):
+    """Create-only write on a record id that exists."""
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Outcome of one write: ``status`` is ``created`` | ``updated`` | ``unchanged``."""
+
+    id: str
+    version: int
+    status: str
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """The stored plaintext of a record: compact JSON, UTF-8, member order kept."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def score(record: Mapping[str, Any]) -> float:
+    """The SCONE demo's ``score`` for a record, made deterministic.
+
+    SCONE's demo returns a random number as a stand-in for a model's risk score. Safehold
+    returns ``int(SHA-256(stored plaintext)[0:4], big-endian) / 2**32`` rounded to 6 decimals:
+    a value in [0, 1) that is stable for the same record and changes when it changes. It is not
+    a clinical score.
+    """
+    digest = hashlib.sha256(encode_record(record)).digest()
+    return round(int.from_bytes(digest[:4], "big") / 2**32, 6)
+
+
+class PatientRepository:
+    """Patient records with search and audit.
+
+    Args:
+        kv: the encrypted engine adapter.
+        audit: the audit log every access goes to (None only in benchmarks' baselines).
+        namespace: record namespace; search entries use ``<namespace>.search``.
+    """
+
+    def __init__(self, kv: KV, audit: AuditLog | None, *, namespace: str = NAMESPACE):
+        self.kv = kv
+        self.audit = audit
+        self.ns = namespace
+        self.ns_search = f"{namespace}.search"
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def _audit(self, who: str, op: str, rid: str | None, outcome: str) -> None:
+        if self.audit is None:
+            return
+        bi = self.kv.blind_index(self.ns, rid) if rid is not None else None
+        self.audit.append(who, op, bi, outcome)
+
+    # -- single records -------------------------------------------------------------------
+
+    def get(self, who: str, rid: str) -> tuple[dict[str, Any], int]:
+        """Return ``(record, version)``.
+
+        Raises:
+            InvalidRecordError: bad id.  RecordNotFoundError: unknown id.
+            RecordTamperedError: the stored row failed authentication (names its blind index).
+        """
+        check_record_id(rid)
+        try:
+            raw, version = self.kv.get(self.ns, rid)
+        except RecordNotFoundError:
+            self._audit(who, "get", rid, "not-found")
+            raise
+        except RecordTamperedError:
+            self._audit(who, "get", rid, "tampered")
+            raise
+        self._audit(who, "get", rid, "ok")
+        return _decode(raw), version
+
+    def exists(self, rid: str) -> bool:
+        """True if a record is stored under ``rid`` (no audit entry; used for create-only)."""
+        try:
+            self.kv.get(self.ns, rid)
+        except RecordNotFoundError:
+            return False
+        return True
+
+    def put(
+        self,
+        who: str,
+        rid: str,
+        record: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        create_only: bool = False,
+        skip_identical: bool = False,
+    ) -> PutResult:
+        """Create or replace a record.
+
+        Args:
+            expected_version: only write if the current version is this (0 = must not exist).
+            create_only: raise :class:`AlreadyExists` if the id exists (SCONE's 403).
+            skip_identical: return status ``unchanged`` without writing if the stored record
+                is byte-identical (resumable imports).
+
+        Raises:
+            InvalidRecordError, AlreadyExists, PreconditionFailed, RecordTamperedError (the old
+            row cannot be read, so its index entries cannot be maintained).
+        """
+        check_record_id(rid)
+        record = check_record(dict(record))
+        new_raw = encode_record(record)
+        try:
+            old_raw, cur = self.kv.get(self.ns, rid)
+            old = _decode(old_raw)
+        except RecordNotFoundError:
+            old_raw, old, cur = None, None, 0
+        if create_only and cur:
+            self._audit(who, "create", rid, "exists")
+            raise AlreadyExists(f"record exists (blind index {self.kv.blind_index(self.ns, rid).hex()})")
+        if expected_version is not None and expected_version != cur:
+            self._audit(who, "put", rid, "precondition-failed")
+            raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
+        if skip_identical and old_raw == new_raw:
+            self._audit(who, "put", rid, "unchanged")
+            return PutResult(rid, cur, "unchanged")
+        new_terms = search_terms(record)
+        old_terms = search_terms(old) if old is not None else set()
+        self._index_add(rid, new_terms - old_terms)
+        try:
+            version = self.kv.put(self.ns, rid, new_raw, expected_version=cur)
+        except ConflictError:
+            self._audit(who, "put", rid, "conflict")
+            raise PreconditionFailed(
+                f"record changed concurrently (expected version {cur}); re-read and retry"
+            ) from None
+        self._index_remove(rid, old_terms - new_terms)
+        self._audit(who, "put", rid, "created" if cur == 0 else "updated")
+        return PutResult(rid, version, "created" if cur == 0 else "updated")
+
+    def delete(self, who: str, rid: str, *, expected_version: int | None = None) -> None:
+        """Delete a record and its search entries.
+
+        Raises:
+            RecordNotFoundError, PreconditionFailed, InvalidRecordError.
+        """
+        check_record_id(rid)
+        try:
+            raw, cur = self.kv.get(self.ns, rid)
+            terms = search_terms(_decode(raw))
+        except RecordNotFoundError:
+            self._audit(who, "delete", rid, "not-found")
+            raise
+        except RecordTamperedError:
+            raw, cur, terms = None, None, set()  # a tampered row may still be deleted
+        if expected_version is not None and cur is not None and expected_version != cur:
+            self._audit(who, "delete", rid, "precondition-failed")
+            raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
+        try:
+            gone = self.kv.delete(self.ns, rid, expected_version=cur)
+        except ConflictError:
+            self._audit(who, "delete", rid, "conflict")
+            raise PreconditionFailed("record changed concurrently; re-read and retry") from None
+        if not gone:
+            self._audit(who, "delete", rid, "not-found")
+            raise RecordNotFoundError("no such record")
+        self._index_remove(rid, terms)
+        self._audit(who, "delete", rid, "ok")
+
+    # -- many records ---------------------------------------------------------------------
+
+    def list_ids(self, who: str, *, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """A page of record ids and the cursor of the next page (None at the end)."""
+        limit = max(1, min(limit, MAX_PAGE))
+        ids, nxt = self.kv.list(self.ns, after=cursor, limit=limit)
+        self._audit(who, "list", None, f"ok:{len(ids)}")
+        return ids, nxt
+
+    def search(self, who: str, criteria: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
+        """Records matching every ``field=value`` exactly (after :func:`normalise`).
+
+        Raises:
+            InvalidRecordError: no criteria, or a field outside :data:`SEARCH_FIELDS`.
+        """
+        if not criteria:
+            raise InvalidRecordError("search needs at least one field")
+        bad = sorted(set(criteria) - set(SEARCH_FIELDS))
+        if bad:
+            raise InvalidRecordError(f"cannot search on {bad}; searchable: {list(SEARCH_FIELDS)}")
+        want = {(f, normalise(v)) for f, v in criteria.items()}
+        candidates: set[str] | None = None
+        for f, v in sorted(want):
+            ids = set(self._index_read(f"{f}={v}")[0])
+            candidates = ids if candidates is None else candidates & ids
+            if not candidates:
+                break
+        out = []
+        for rid in sorted(candidates or ()):
+            try:
+                raw, _ = self.kv.get(self.ns, rid)
+            except RecordNotFoundError:
+                continue  # stale index entry (superset by design)
+            rec = _decode(raw)
+            if want <= search_terms(rec):
+                out.append((rid, rec))
+                self._audit(who, "search-hit", rid, "ok")
+        self._audit(who, "search", None, f"ok:{len(out)}")
+        return out
+
+    def batch(self, who: str, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Upsert many records, skipping byte-identical ones; one result dict per item
+        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``)."""
+        results: list[dict[str, Any]] = []
+        for rid, rec in items:
+            try:
+                r = self.put(who, rid, rec, skip_identical=True)
+                results.append({"id": rid, "status": r.status, "version": r.version})
+            except (RecordError, ValueError) as e:
+                results.append({"id": rid, "status": "failed", "error": str(e)})
+        return results
+
+    # -- search index maintenance ---------------------------------------------------------
+
+    def _index_read(self, term: str) -> tuple[list[str], int]:
+        try:
+            raw, version = self.kv.get(self.ns_search, term)
+        except RecordNotFoundError:
+            return [], 0
+        ids = json.loads(raw)
+        return ids, version
+
+    def _index_update(self, rid: str, terms: set[tuple[str, str]], add: bool) -> None:
+        for f, v in sorted(terms):
+            term = f"{f}={v}"
+            for _ in range(_INDEX_RETRIES):
+                ids, version = self._index_read(term)
+                s = set(ids)
+                if (rid in s) == add:
+                    break
+                s.add(rid) if add else s.discard(rid)
+                try:
+                    if s:
+                        self.kv.put(self.ns_search, term, json.dumps(sorted(s)).encode(),
+                                    expected_version=version)
+                    else:
+                        self.kv.delete(self.ns_search, term, expected_version=version)
+                    break
+                except ConflictError:
+                    continue
+            else:
+                raise PreconditionFailed(f"search index entry for field {f!r} stayed contended")
+
+    def _index_add(self, rid: str, terms: set[tuple[str, str]]) -> None:
+        self._index_update(rid, terms, True)
+
+    def _index_remove(self, rid: str, terms: set[tuple[str, str]]) -> None:
+        self._index_update(rid, terms, False)
+
+
+class EngineKV:
+    """:class:`KV` over :class:`safehold.records.engine.RecordEngine`.
+
+    Listing pages through the store in blind-index order (the cursor is the last row's blind
+    index, hex) and decrypts each row to recover its record key; a row that fails
+    authentication is left out of the page and logged by blind index (it stays readable as an
+    error through :meth:`get`), so one tampered row never hides the others.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.skipped_tampered: list[str] = []
+
+    def get(self, namespace: str, key: str) -> tuple[bytes, int]:
+        """See :meth:`KV.get`."""
+        return self.engine.get(namespace, key)
+
+    def put(self, namespace: str, key: str, value: bytes, *, expected_version: int) -> int:
+        """See :meth:`KV.put`."""
+        return self.engine.put(namespace, key, value, expected_version=expected_version)
+
+    def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        """See :meth:`KV.delete`."""
+        return self.engine.delete(namespace, key, expected_version=expected_version)
+
+    def blind_index(self, namespace: str, key: str) -> bytes:
+        """See :meth:`KV.blind_index` (the engine's 16-byte row index)."""
+        return self.engine.row_index(namespace, key)
+
+    def list(self, namespace: str, *, after: str | None, limit: int) -> tuple[list[str], str | None]:
+        """See :meth:`KV.list`.
+
+        Raises:
+            InvalidRecordError: ``after`` is not a cursor this method returned.
+        """
+        try:
+            start = bytes.fromhex(after) if after else None
+        except ValueError:
+            raise InvalidRecordError("cursor is not one returned by a previous page") from None
+        sns = self.engine._store_ns(namespace)
+        rows = self.engine.store.scan(sns, after=start, limit=limit)
+        ids: list[str] = []
+        for row in rows:
+            try:
+                kb, _ = self.engine._decode(row, None)
+            except RecordTamperedError:
+                log.warning("list: row %s failed authentication; left out", row.key.hex())
+                continue
+            ids.append(kb.decode("utf-8"))
+        return ids, (rows[-1].key.hex() if len(rows) == limit else None)
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RecordError("stored record is not JSON (written by another tool?)") from None
+    if not isinstance(obj, dict):
+        raise RecordError("stored record is not a JSON object")
+    return obj

@@ -1,0 +1,246 @@
+"""The records service process: attest, receive keys, open the engine, then open the ports.
+
+Start-up order (nothing listens before step 4, and no key exists here that did not arrive
+through attestation):
+
+1. The Attester (simulated by default) measures this workload.
+2. :class:`~safehold.client.broker.BrokerClient` runs the KBS protocol with the broker
+   (``/kbs/v0/auth`` → ``/kbs/v0/attest`` → ``/kbs/v0/resource/...``) and receives, each as a
+   JWE wrapped to a key generated here: the records **keyset**, the **TLS identity** issued by
+   the broker's workload CA (valid for the name ``api``) and the **access list** (who may call).
+   The broker refuses all three if the measurement is not in the data owner's manifest.
+3. The encrypted engine is opened on the store (SQLite file by default, PostgreSQL by URL).
+4. Two HTTPS listeners open on one event loop: the native API and the SCONE-compatible API.
+   The TLS private key stays in memory (an :class:`ssl.SSLContext` built from bytes held only
+   in this process; the temporary file the ``ssl`` module needs lives in a private directory
+   and is removed at once).
+
+Run as ``python -m safehold.records.service --config FILE`` (``safehold up`` does this).
+Configuration is TOML (see :class:`ServiceConfig`); ``SAFEHOLD_RECORDS_*`` variables override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from safehold.errors import ConfigError, SafeholdError
+
+log = logging.getLogger("safehold.records")
+
+
+@dataclass
+class ServiceConfig:
+    """Records service configuration (TOML keys = attribute names).
+
+    Attributes:
+        data_dir: directory for the simulated TEE keys and the default SQLite file.
+        broker_url: the broker's base URL (``https://127.0.0.1:8443``).
+        broker_ca: PEM file of the broker's CA, to authenticate the broker's own TLS.
+        store_url: ``sqlite:///path`` or ``postgresql://…``; default ``<data_dir>/records.db``.
+        workload: the manifest's workload name for this service.
+        keyset_resource / tls_resource / access_resource: KBS resource paths
+            ``<repository>/<type>/<tag>`` of the three secrets.
+        host: listen address (loopback by default).
+        port: native API port (0 = pick a free one and report it in ``ready_file``).
+        scone_port: SCONE-compatible port (default 4996; None disables it).
+        scone_auth: ``none`` (as the SCONE demo) or ``token``.
+        encryption: True; False only for the benchmark's baseline (a pass-through codec).
+        ready_file: if set, a JSON file written once both ports listen (URLs, ports, pid).
+        audit: keep the access audit (True by default).
+    """
+
+    data_dir: str = "./safehold-data"
+    broker_url: str = "https://127.0.0.1:8443"
+    broker_ca: str = ""
+    store_url: str = ""
+    workload: str = "records"
+    keyset_resource: str = "default/keyset/records-keyset"
+    tls_resource: str = "default/certificate/records-tls"
+    access_resource: str = "default/value/records-access"
+    host: str = "127.0.0.1"
+    port: int = 8700
+    scone_port: int | None = 4996
+    scone_auth: str = "none"
+    encryption: bool = True
+    ready_file: str = ""
+    audit: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
+        """Read TOML (``path`` may be None) and apply ``SAFEHOLD_RECORDS_<NAME>`` overrides.
+
+        Raises:
+            ConfigError: unreadable TOML, unknown keys, or values of the wrong type.
+        """
+        data: dict[str, Any] = {}
+        if path:
+            try:
+                data = tomllib.loads(Path(path).read_text("utf-8"))
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"records service config {path}: {e}") from None
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"records service config: unknown keys {unknown}")
+        env = dict(os.environ) if env is None else env
+        for name in names:
+            v = env.get(f"SAFEHOLD_RECORDS_{name.upper()}")
+            if v is not None and name != "extra":
+                data[name] = v
+        cfg = cls(**data)
+        for name in ("port", "scone_port"):
+            v = getattr(cfg, name)
+            if isinstance(v, str):
+                setattr(cfg, name, None if v.lower() in ("", "none", "off") else int(v))
+        for name in ("encryption", "audit"):
+            v = getattr(cfg, name)
+            if isinstance(v, str):
+                setattr(cfg, name, v.lower() in ("1", "true", "yes", "on"))
+        if cfg.scone_auth not in ("none", "token"):
+            raise ConfigError(f"scone_auth must be 'none' or 'token', got {cfg.scone_auth!r}")
+        if not cfg.store_url:
+            cfg.store_url = f"sqlite:///{Path(cfg.data_dir).resolve() / 'records.db'}"
+        return cfg
+
+
+# --- TLS: contexts from in-memory PEM, client-certificate capture ----------------------------
+
+
+def ssl_context_from_pem(
+    cert_chain_pem: bytes, key_pem: bytes, *, client_ca_pem: bytes | None = None
+) -> ssl.SSLContext:
+    """A TLS server context (TLS 1.2+) for ``cert_chain_pem`` / ``key_pem``.
+
+    With ``client_ca_pem``, client certificates are requested and verified against it
+    (``CERT_OPTIONAL``: callers without one authenticate with a bearer token instead).
+
+    Raises:
+        ConfigError: the certificate and key do not load or do not match.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # ssl can only load a chain from a file: write it to a private directory and delete at once
+    with tempfile.TemporaryDirectory(prefix="safehold-tls-") as d:
+        os.chmod(d, 0o700)
+        cp, kp = Path(d) / "cert.pem", Path(d) / "key.pem"
+        cp.write_bytes(cert_chain_pem)
+        fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        try:
+            ctx.load_cert_chain(str(cp), str(kp))
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"TLS identity does not load: {e}") from None
+    if client_ca_pem:
+        ctx.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+class PeerCertH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol that exposes the verified client certificate (DER) to the app as
+    ``request.state.tls_peer_cert`` (ASGI has no standard field for it)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        der = None
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            der = sslobj.getpeercert(binary_form=True)
+        self.app_state = {**self.app_state, "tls_peer_cert": der}
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to :func:`serve_apps`."""
+
+    def capture_signals(self):  # type: ignore[no-untyped-def, override]
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+async def serve_apps(
+    listeners: list[tuple[Any, str, int, ssl.SSLContext | None]],
+    *,
+    on_ready: Callable[[list[int]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve several ASGI apps on one loop until SIGINT/SIGTERM (or ``stop`` is set).
+
+    Args:
+        listeners: ``(app, host, port, ssl_context)``; port 0 picks a free port.
+        on_ready: called with the bound ports once every listener is open.
+    """
+    servers = []
+    for app, host, port, ctx in listeners:
+        cfg = uvicorn.Config(
+            app, host=host, port=port, http=PeerCertH11Protocol, lifespan="off",
+            log_level="warning", access_log=False, server_header=False, timeout_keep_alive=30,
+            ssl_context_factory=(lambda _c, _d, ctx=ctx: ctx) if ctx is not None else None,
+            ssl_certfile="unused" if ctx is not None else None,
+        )
+        servers.append(_Server(cfg))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
+        if any(t.done() for t in tasks):
+            for s in servers:
+                s.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise ConfigError("a records service listener failed to start (port in use?)")
+        await asyncio.sleep(0.02)
+    ports = [s.servers[0].sockets[0].getsockname()[1] for s in servers]
+    if on_ready:
+        on_ready(ports)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for s in servers:
+        s.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    waiter.cancel()
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m safehold.records.service --config FILE``; exit 0 on a clean stop, 2 when the
+    broker refuses this workload (no keys: it never serves), 1 on other errors."""
+    ap = argparse.ArgumentParser(prog="safehold-records", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="TOML configuration file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from safehold.records.bootstrap import run
+
+    try:
+        cfg = ServiceConfig.load(args.config)
+        return run(cfg)
+    except SafeholdError as e:
+        log.error("records service stopped: %s", e)
+        return 2 if getattr(e, "no_keys", False) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""PatientRepository over the real encrypted engine and a real SQLite file: search, audit, CAS,
+tampering, concurrency. (The end-to-end tests with processes are in test_records_service.py.)"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from safehold.crypto.keyset import Keyset
+from safehold.errors import AuditChainError, RecordNotFoundError, RecordTamperedError
+from safehold.records.app import (
+    AlreadyExists,
+    EngineKV,
+    PatientRepository,
+    PreconditionFailed,
+    score,
+)
+from safehold.records.audit import AuditLog
+from safehold.records.engine import RecordEngine
+from safehold.records.importers import InvalidRecordError
+from safehold.store import open_store
+from safehold.store.migrations import ROWS_TABLE as T
+
+
+@pytest.fixture
+def repo(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    ks = Keyset.generate()
+    eng = RecordEngine(store, ks)
+    r = PatientRepository(EngineKV(eng), AuditLog(store, mac_key=b"k" * 32))
+    r.db_path = tmp_path / "r.db"
+    yield r
+    store.close()
+
+
+def pat(rid, family, given="Ann", bd="1970-01-01"):
+    return {"resourceType": "Patient", "id": rid, "name": [{"family": family, "given": [given]}],
+            "birthDate": bd, "gender": "female"}
+
+
+def test_put_get_search_delete(repo):
+    assert repo.put("u", "a1", pat("a1", "Smith")).status == "created"
+    repo.put("u", "a2", pat("a2", "Smith", bd="1980-02-02"))
+    repo.put("u", "a3", pat("a3", "Jones"))
+    rec, v = repo.get("u", "a1")
+    assert rec == pat("a1", "Smith") and v == 1
+    assert [i for i, _ in repo.search("u", {"family": "SMITH"})] == ["a1", "a2"]
+    assert [i for i, _ in repo.search("u", {"family": "smith", "birthDate": "1980-02-02"})] == ["a2"]
+    assert repo.search("u", {"family": "nobody"}) == []
+    # rename: the old term stops matching
+    assert repo.put("u", "a1", pat("a1", "Brown")).status == "updated"
+    assert [i for i, _ in repo.search("u", {"family": "smith"})] == ["a2"]
+    assert [i for i, _ in repo.search("u", {"family": "brown"})] == ["a1"]
+    assert repo.put("u", "a1", pat("a1", "Brown"), skip_identical=True).status == "unchanged"
+    repo.delete("u", "a1")
+    with pytest.raises(RecordNotFoundError):
+        repo.get("u", "a1")
+    assert repo.search("u", {"family": "brown"}) == []
+    with pytest.raises(InvalidRecordError):
+        repo.search("u", {"address": "x"})
+    with pytest.raises(InvalidRecordError):
+        repo.put("u", "bad id", {})
+    ids, nxt = repo.list_ids("u", cursor=None, limit=1)
+    ids2, nxt2 = repo.list_ids("u", cursor=nxt, limit=10)
+    assert sorted(ids + ids2) == ["a2", "a3"] and nxt2 is None
+
+
+def test_versions_and_create_only(repo):
+    repo.put("u", "x", {"a": 1})
+    with pytest.raises(AlreadyExists):
+        repo.put("u", "x", {"a": 2}, create_only=True)
+    with pytest.raises(PreconditionFailed):
+        repo.put("u", "x", {"a": 2}, expected_version=5)
+    assert repo.put("u", "x", {"a": 2}, expected_version=1).version == 2
+    assert score({"a": 2}) == score({"a": 2}) != score({"a": 3})
+    assert 0 <= score({"a": 2}) < 1
+
+
+def test_database_holds_no_plaintext(repo):
+    repo.put("u", "patient-7f3a", {"fname": "Zebulon", "lname": "Quixotic", "ssn": "999-12-3456"})
+    raw = repo.db_path.read_bytes() + (repo.db_path.parent / "r.db-wal").read_bytes()
+    for s in (b"Zebulon", b"zebulon", b"Quixotic", b"quixotic", b"999-12-3456", b"patient-7f3a"):
+        assert s not in raw
+
+
+def test_tampered_row_fails_alone_and_audit_chain(repo):
+    for i in range(3):
+        repo.put("u", f"p{i}", pat(f"p{i}", "Same"))
+    conn = sqlite3.connect(repo.db_path)
+    bi = repo.kv.blind_index("patients", "p1")
+    (val,) = conn.execute(f"SELECT value FROM {T} WHERE key = ?", (bi,)).fetchone()
+    val = bytearray(val)
+    val[-3] ^= 1
+    conn.execute(f"UPDATE {T} SET value = ? WHERE key = ?", (bytes(val), bi))
+    conn.commit()
+    with pytest.raises(RecordTamperedError, match=bi.hex()):
+        repo.get("u", "p1")
+    assert repo.get("u", "p0")[0]["id"] == "p0"
+    ids, _ = repo.list_ids("u", cursor=None, limit=100)
+    assert sorted(ids) == ["p0", "p2"]
+    n = repo.audit.verify()
+    assert n > 5
+    entries = list(repo.audit.entries())
+    assert any(e.body["outcome"] == "tampered" and e.body["record"] == bi.hex() for e in entries)
+    dump = b"".join(json.dumps(e.body).encode() for e in entries)
+    assert b"p1" not in dump.replace(bi.hex().encode(), b"")
+    # edit one audit entry in the database: verify names it
+    key = (3).to_bytes(8, "big")
+    (aval,) = conn.execute(f"SELECT value FROM {T} WHERE key = ? AND namespace = 'records.audit'",
+                           (key,)).fetchone()
+    assert b'"who":"u"' in aval
+    conn.execute(f"UPDATE {T} SET value = ? WHERE key = ? AND namespace = 'records.audit'",
+                 (aval.replace(b'"who":"u"', b'"who":"x"'), key))
+    conn.commit()
+    with pytest.raises(AuditChainError, match="entry 3"):
+        repo.audit.verify()
+
+
+def test_concurrent_writers_lose_no_update(repo):
+    repo.put("u", "shared", {"writers": []})
+    errors = []
+
+    def writer(n):
+        try:
+            # each writer adds itself to one shared record (read-modify-write with CAS) and
+            # creates its own record under a shared family name (contended search entry)
+            repo.put(f"w{n}", f"own{n}", pat(f"own{n}", "Crowd"))
+            for _ in range(200):
+                rec, v = repo.get(f"w{n}", "shared")
+                rec["writers"].append(n)
+                try:
+                    repo.put(f"w{n}", "shared", rec, expected_version=v)
+                    return
+                except PreconditionFailed:
+                    continue
+            errors.append(n)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=writer, args=(n,)) for n in range(20)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
+    rec, v = repo.get("u", "shared")
+    assert sorted(rec["writers"]) == list(range(20)) and v == 21
+    assert sorted(i for i, _ in repo.search("u", {"family": "crowd"})) == sorted(f"own{n}" for n in range(20))
+    repo.audit.verify()
