@@ -1,0 +1,601 @@
+"""The encrypted key-value engine: records over an untrusted :class:`~safehold.store.base.Store`.
+
+What the database sees, per record: the store namespace (``namespace_prefix + namespace``),
+the row key — a 16-byte blind index ``HMAC-SHA256(k_ns, record key)[:16]``
+(:mod:`safehold.crypto.blind_index`) — the CAS version, and a value in this frame::
+
+    offset   size  field
+    0        1     frame version (0x01)
+    1        1     n = length of the store namespace
+    2        n     store namespace (ASCII) the value was sealed for
+    2+n      1     m = length of the row key (16)
+    3+n      m     row key (blind index) the value was sealed for
+    3+n+m    8     version (u64 big-endian) the value was sealed for
+    11+n+m   ...   sealed body: codec output, normally an AES-256-GCM envelope
+                   (format version, key id, nonce, ciphertext+tag)
+
+The body's plaintext is ``u16be len(record key) || record key (UTF-8) || value``: the record
+key lives inside the ciphertext, so :meth:`RecordEngine.list` can return it, and the database
+never holds it. The GCM associated data is ``b"safehold/record/v1" || header`` (bytes 0 to
+10+n+m), which binds namespace, blind index (a PRF of the record key) and version; after
+decryption the engine also checks that the embedded record key is the one asked for (or, in
+``list``, that it hashes to the row's blind index), so AAD effectively binds
+(namespace, record key, version).
+
+The header copy of the coordinates is only for diagnosis: authentication is decided by GCM,
+and then the authenticated coordinates must equal the row's actual ones. That lets every
+attack in the threat model fail with its own error naming the row's blind index:
+
+* bytes of the value changed (flipped bit, truncated)  → :class:`RecordCorruptedError`
+* a value copied onto another record key               → :class:`RecordCopiedError`
+* a value moved to another namespace                   → :class:`RecordMovedError`
+* the row's version number changed                     → :class:`RecordVersionMismatchError`
+* the envelope names a key id the keyset lacks         → :class:`RecordUnknownKeyError`
+
+Rolling a row back to an older valid (value, version) pair is *not* detected here; see
+DESIGN.md → Storage (freshness is a later design).
+
+Rotation: new writes use the keyset's primary key; :meth:`RecordEngine.rekey` re-encrypts
+older rows in batches (one store transaction per batch, CAS on every row) and is safe to
+interrupt and resume, because rows already under the primary are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+
+from safehold.crypto.blind_index import INDEX_SIZE, BlindIndexer
+from safehold.crypto.keyset import Keyset
+from safehold.errors import (
+    ConflictError,
+    DecryptionError,
+    EnvelopeFormatError,
+    RecordError,
+    RecordNotFoundError,
+    RecordTamperedError,
+    UnknownKeyError,
+)
+from safehold.records.codec import Codec, EnvelopeCodec
+from safehold.store.base import MAX_NAMESPACE, Row, Store
+
+__all__ = [
+    "MAX_RECORD_KEY",
+    "RecordConflictError",
+    "RecordCopiedError",
+    "RecordCorruptedError",
+    "RecordEngine",
+    "RecordMovedError",
+    "RecordUnknownKeyError",
+    "RecordVersionMismatchError",
+    "RekeyCounts",
+]
+
+#: Longest record key, in UTF-8 bytes.
+MAX_RECORD_KEY = 4096
+#: Default prefix of the store namespaces the engine writes.
+DEFAULT_PREFIX = "records:"
+
+_FRAME_VERSION = 1
+_AAD_LABEL = b"safehold/record/v1"
+_VERSION = struct.Struct(">Q")
+_KEYLEN = struct.Struct(">H")
+_NS_RE = re.compile(r"[A-Za-z0-9._:-]+")
+_REGISTRY = "_namespaces"
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class _RowRefused(RecordTamperedError):
+    """Base of the per-attack errors: carries ``reason``, ``namespace`` and ``row_index`` (hex)."""
+
+    reason = "tampered"
+
+    def __init__(self, namespace: str, row_key: bytes, detail: str):
+        self.namespace = namespace
+        self.row_index = bytes(row_key).hex()
+        self.detail = detail
+        super().__init__(
+            f"record row {self.row_index} in store namespace {namespace!r} refused "
+            f"({self.reason}): {detail}"
+        )
+
+
+class RecordCorruptedError(_RowRefused):
+    """The stored value's bytes were changed (flipped bit, truncated, garbled): GCM tag or frame invalid."""
+
+    reason = "corrupted"
+
+
+class RecordCopiedError(_RowRefused):
+    """An authentic value sealed for another record key (another blind index) sits in this row."""
+
+    reason = "copied-from-another-record"
+
+
+class RecordMovedError(_RowRefused):
+    """An authentic value sealed for another namespace sits in this row."""
+
+    reason = "moved-from-another-namespace"
+
+
+class RecordVersionMismatchError(_RowRefused):
+    """The row's version number differs from the version the value was sealed for."""
+
+    reason = "version-changed"
+
+
+class RecordUnknownKeyError(_RowRefused, UnknownKeyError):
+    """The value names a key id the keyset does not hold (retired too early, or forged).
+
+    Attributes:
+        key_id: the id the envelope names.
+    """
+
+    reason = "unknown-key-id"
+
+    def __init__(self, namespace: str, row_key: bytes, key_id: int):
+        self.key_id = key_id
+        super().__init__(namespace, row_key, f"envelope names key id {key_id}, not in the keyset")
+
+
+class RecordConflictError(ConflictError, RecordError):
+    """Optimistic concurrency failed: the record's version is not the expected one.
+
+    Attributes:
+        expected: the version the caller expected (0 = must not exist), or None.
+        actual: the version found (0 = no record), or None if unknown.
+    """
+
+    def __init__(self, message: str, expected: int | None = None, actual: int | None = None):
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message)
+
+
+# --- rekey counts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RekeyCounts:
+    """Progress / result of :meth:`RecordEngine.rekey` (cumulative over the whole run).
+
+    Attributes:
+        namespace: the record namespace being worked on ("" once finished).
+        scanned: rows looked at.
+        rekeyed: rows re-encrypted under the primary key (and committed).
+        already_current: rows that were already under the primary key.
+        retried_batches: batches redone because a concurrent writer changed a row (CAS).
+    """
+
+    namespace: str = ""
+    scanned: int = 0
+    rekeyed: int = 0
+    already_current: int = 0
+    retried_batches: int = 0
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+class RecordEngine:
+    """Encrypted records over an untrusted store (frame and guarantees in the module docstring).
+
+    Args:
+        store: any :class:`~safehold.store.base.Store` (SQLite or PostgreSQL engine).
+        keyset: value keys (primary seals, ids select on open) and the blind-index key
+            (``keyset.index_key``; it never rotates).
+        namespace_prefix: prepended to every record namespace to form the store namespace, so
+            several engines can share one store; ASCII ``[A-Za-z0-9._:-]``, may be empty.
+        codec: defaults to :class:`~safehold.records.codec.EnvelopeCodec` over ``keyset``;
+            :class:`~safehold.records.codec.UnsafePlainCodec` only for benchmark baselines.
+
+    Record namespaces are 1.. ``128 - len(prefix)`` characters of ``[A-Za-z0-9._:-]`` and may
+    not start with ``_`` (reserved). Record keys are non-empty ``str`` of at most
+    :data:`MAX_RECORD_KEY` UTF-8 bytes; values are ``bytes``. Thread-safe when the store is.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        keyset: Keyset,
+        *,
+        namespace_prefix: str = DEFAULT_PREFIX,
+        codec: Codec | None = None,
+    ):
+        if namespace_prefix and not _NS_RE.fullmatch(namespace_prefix):
+            raise ValueError("namespace_prefix may contain only ASCII letters, digits and ._:-")
+        if len(namespace_prefix) + 1 + len(_REGISTRY) > MAX_NAMESPACE:
+            raise ValueError(f"namespace_prefix too long ({len(namespace_prefix)} chars)")
+        self.store = store
+        self.keyset = keyset
+        self.prefix = namespace_prefix
+        self.codec: Codec = codec if codec is not None else EnvelopeCodec(keyset)
+        self._indexer = BlindIndexer(keyset.index_key)
+        self._sns: dict[str, str] = {}
+        self._registered: set[str] = set()
+        self._registry_ns = namespace_prefix + _REGISTRY
+
+    def __repr__(self) -> str:
+        store = type(self.store).__name__
+        return f"RecordEngine(store={store}, prefix={self.prefix!r}, codec={self.codec.name})"
+
+    # --- addressing ----------------------------------------------------------------------------
+
+    def _store_ns(self, namespace: str) -> str:
+        sns = self._sns.get(namespace)
+        if sns is None:
+            if not isinstance(namespace, str) or not _NS_RE.fullmatch(namespace):
+                raise ValueError("record namespace must be non-empty ASCII letters, digits and ._:-")
+            if namespace.startswith("_"):
+                raise ValueError("record namespaces starting with '_' are reserved")
+            sns = self.prefix + namespace
+            if len(sns) > MAX_NAMESPACE:
+                raise ValueError(
+                    f"record namespace too long: prefix + namespace is {len(sns)} chars, max {MAX_NAMESPACE}"
+                )
+            self._sns[namespace] = sns
+        return sns
+
+    @staticmethod
+    def _key_bytes(key: str) -> bytes:
+        if not isinstance(key, str):
+            raise ValueError(f"record key must be str, got {type(key).__name__}")
+        try:
+            kb = key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("record key is not encodable as UTF-8 (lone surrogate)") from None
+        if not 1 <= len(kb) <= MAX_RECORD_KEY:
+            raise ValueError(f"record key must be 1..{MAX_RECORD_KEY} UTF-8 bytes, got {len(kb)}")
+        return kb
+
+    def row_index(self, namespace: str, key: str) -> bytes:
+        """The 16-byte blind index addressing ``key`` in ``namespace`` (for diagnostics).
+
+        Raises:
+            ValueError: bad namespace or key.
+        """
+        return self._indexer.index(self._store_ns(namespace), self._key_bytes(key))
+
+    # --- frame -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _header(sns: str, row_key: bytes, version: int) -> bytes:
+        ns = sns.encode("ascii")
+        return b"".join(
+            (bytes((_FRAME_VERSION, len(ns))), ns, bytes((len(row_key),)), row_key, _VERSION.pack(version))
+        )
+
+    def _encode(self, sns: str, row_key: bytes, version: int, kb: bytes, value: bytes) -> bytes:
+        header = self._header(sns, row_key, version)
+        body = self.codec.seal(b"".join((_KEYLEN.pack(len(kb)), kb, value)), _AAD_LABEL + header)
+        return header + body
+
+    @staticmethod
+    def _split(row: Row) -> tuple[bytes, str, bytes, int, bytes]:
+        """``(header, namespace, row_key, version, body)`` as written in the frame."""
+        v = row.value
+        if len(v) < 2 or v[0] != _FRAME_VERSION:
+            what = "empty" if not v else f"frame version {v[0]}" if len(v) >= 2 else "1 byte"
+            raise RecordCorruptedError(row.namespace, row.key, f"not a record frame ({what})")
+        n = v[1]
+        off = 2 + n
+        if len(v) < off + 1:
+            raise RecordCorruptedError(row.namespace, row.key, "record frame truncated in the namespace")
+        m = v[off]
+        end = off + 1 + m + 8
+        if len(v) < end:
+            raise RecordCorruptedError(row.namespace, row.key, "record frame truncated in the header")
+        try:
+            ns = v[2:off].decode("ascii")
+        except UnicodeDecodeError:
+            raise RecordCorruptedError(row.namespace, row.key, "frame namespace is not ASCII") from None
+        (version,) = _VERSION.unpack_from(v, off + 1 + m)
+        return v[:end], ns, v[off + 1 : off + 1 + m], version, v[end:]
+
+    def _decode(self, row: Row, kb: bytes | None) -> tuple[bytes, bytes]:
+        """Authenticate ``row`` and return ``(record key bytes, value)``.
+
+        ``kb`` is the record key asked for (None in list/rekey: then the embedded key must
+        hash to the row's blind index). Raises the ``_RowRefused`` subclasses.
+        """
+        header, ns, row_key, version, body = self._split(row)
+        try:
+            inner = self.codec.open(body, _AAD_LABEL + header)
+        except UnknownKeyError:
+            kid = self.codec.key_id(body)
+            raise RecordUnknownKeyError(row.namespace, row.key, kid if kid is not None else -1) from None
+        except DecryptionError:
+            raise RecordCorruptedError(
+                row.namespace, row.key, "authentication failed: the stored value was altered"
+            ) from None
+        except EnvelopeFormatError as e:
+            raise RecordCorruptedError(row.namespace, row.key, f"malformed envelope: {e}") from None
+        # The coordinates are now authentic; they must be this row's.
+        if ns != row.namespace:
+            raise RecordMovedError(row.namespace, row.key, f"value was sealed for store namespace {ns!r}")
+        if row_key != row.key:
+            raise RecordCopiedError(row.namespace, row.key, f"value was sealed for row {row_key.hex()}")
+        if version != row.version:
+            raise RecordVersionMismatchError(
+                row.namespace, row.key, f"value was sealed for version {version}, row says {row.version}"
+            )
+        if len(inner) < 2:
+            raise RecordCorruptedError(row.namespace, row.key, "record plaintext truncated")
+        (klen,) = _KEYLEN.unpack_from(inner, 0)
+        if len(inner) < 2 + klen:
+            raise RecordCorruptedError(row.namespace, row.key, "record plaintext truncated in the key")
+        got = inner[2 : 2 + klen]
+        if kb is not None:
+            if got != kb:
+                raise RecordCopiedError(row.namespace, row.key, "value holds a different record key")
+        elif self._indexer.index(row.namespace, got) != row.key:
+            raise RecordCopiedError(row.namespace, row.key, "record key inside does not match the row index")
+        return got, inner[2 + klen :]
+
+    # --- namespace registry (lets rekey find every namespace) ------------------------------------
+
+    def _register(self, sns: str) -> None:
+        if sns in self._registered:
+            return
+        rk = hashlib.sha256(sns.encode("ascii")).digest()[:INDEX_SIZE]
+        if self.store.get(self._registry_ns, rk) is None:
+            try:
+                self.store.put(self._registry_ns, rk, sns.encode("ascii"), expected_version=0)
+            except ConflictError:
+                pass  # registered concurrently by another writer: fine
+        self._registered.add(sns)
+
+    def namespaces(self) -> list[str]:
+        """Record namespaces this engine's prefix has ever written to, sorted.
+
+        Registry rows are plain (namespace names are visible to the store anyway); entries
+        that do not belong to this prefix or do not match their row key are ignored.
+        """
+        out = []
+        for row in self.store.scan_all(self._registry_ns):
+            try:
+                sns = row.value.decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if (
+                sns.startswith(self.prefix)
+                and hashlib.sha256(row.value).digest()[:INDEX_SIZE] == row.key
+                and _NS_RE.fullmatch(sns[len(self.prefix) :] or "_")
+                and not sns[len(self.prefix) :].startswith("_")
+            ):
+                out.append(sns[len(self.prefix) :])
+        return sorted(out)
+
+    # --- record operations ---------------------------------------------------------------------
+
+    def put(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
+        """Write a record; return its new version (1 for a new record, +1 per write).
+
+        Args:
+            namespace: record namespace.
+            key: record key (``str``, 1..4096 UTF-8 bytes); stored only inside the ciphertext.
+            value: bytes, up to the store's value limit minus the frame (~16 MiB).
+            expected_version: ``None`` writes unconditionally; ``0`` creates (the record must
+                not exist); ``n`` updates only if the record is at version ``n``.
+
+        Raises:
+            RecordConflictError (a ConflictError): the record's version is not ``expected_version``.
+            StoreUnavailableError: the store cannot be reached; nothing was written.
+            ValueError: bad namespace, key, value type or version.
+        """
+        sns = self._store_ns(namespace)
+        kb = self._key_bytes(key)
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ValueError(f"record value must be bytes, got {type(value).__name__}")
+        value = bytes(value)
+        row_key = self._indexer.index(sns, kb)
+        self._register(sns)
+        if expected_version is not None:
+            if isinstance(expected_version, bool) or not isinstance(expected_version, int) or (
+                expected_version < 0
+            ):
+                raise ValueError(f"expected_version must be an int >= 0 or None, got {expected_version!r}")
+            blob = self._encode(sns, row_key, expected_version + 1, kb, value)
+            try:
+                return self.store.put(sns, row_key, blob, expected_version=expected_version)
+            except ConflictError as e:
+                raise self._conflict(namespace, row_key, expected_version, e) from None
+        for _ in range(16):
+            row = self.store.get(sns, row_key)
+            current = 0 if row is None else row.version
+            blob = self._encode(sns, row_key, current + 1, kb, value)
+            try:
+                return self.store.put(sns, row_key, blob, expected_version=current)
+            except ConflictError:
+                continue  # a concurrent writer got in between; read the new version and retry
+        raise RecordConflictError(
+            f"put on row {row_key.hex()} in namespace {namespace!r} lost 16 races to concurrent writers"
+        )
+
+    @staticmethod
+    def _conflict(namespace: str, row_key: bytes, expected: int, e: ConflictError) -> RecordConflictError:
+        actual = getattr(e, "actual", None)
+        found = "unknown" if actual is None else ("no record" if actual == 0 else f"version {actual}")
+        want = "no record" if expected == 0 else f"version {expected}"
+        return RecordConflictError(
+            f"stale version for record row {row_key.hex()} in namespace {namespace!r}: "
+            f"expected {want}, found {found}",
+            expected,
+            actual,
+        )
+
+    def get(self, namespace: str, key: str) -> tuple[bytes, int]:
+        """Read a record: ``(value, version)``.
+
+        Raises:
+            RecordNotFoundError: no such record (message names the blind index only).
+            RecordTamperedError subclasses: the row failed authentication (see module docstring).
+            StoreUnavailableError: the store cannot be reached.
+            ValueError: bad namespace or key.
+        """
+        sns = self._store_ns(namespace)
+        kb = self._key_bytes(key)
+        row_key = self._indexer.index(sns, kb)
+        row = self.store.get(sns, row_key)
+        if row is None:
+            raise RecordNotFoundError(f"no record at row {row_key.hex()} in namespace {namespace!r}")
+        _, value = self._decode(row, kb)
+        return value, row.version
+
+    def exists(self, namespace: str, key: str) -> bool:
+        """True if the record exists *and* authenticates (a planted row raises, never counts).
+
+        Raises:
+            RecordTamperedError subclasses, StoreUnavailableError, ValueError: as :meth:`get`.
+        """
+        try:
+            self.get(namespace, key)
+        except RecordNotFoundError:
+            return False
+        return True
+
+    def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete a record; True if one was deleted.
+
+        Raises:
+            RecordConflictError: ``expected_version`` given and the record is at another version.
+            StoreUnavailableError, ValueError: as :meth:`put`.
+        """
+        sns = self._store_ns(namespace)
+        row_key = self._indexer.index(sns, self._key_bytes(key))
+        try:
+            return self.store.delete(sns, row_key, expected_version=expected_version)
+        except ConflictError as e:
+            raise self._conflict(namespace, row_key, expected_version or 0, e) from None
+
+    def items(self, namespace: str, *, page: int = 500) -> Iterator[tuple[str, bytes, int]]:
+        """Every record of ``namespace`` as ``(key, value, version)``, in blind-index order.
+
+        Raises:
+            RecordTamperedError subclasses on the first row that fails (fail closed).
+        """
+        sns = self._store_ns(namespace)
+        for row in self.store.scan_all(sns, page=page):
+            kb, value = self._decode(row, None)
+            yield kb.decode("utf-8"), value, row.version
+
+    def list(self, namespace: str) -> list[str]:
+        """Record keys of ``namespace``, sorted. Every row is authenticated first.
+
+        Raises:
+            RecordTamperedError subclasses on the first row that fails (fail closed).
+        """
+        return sorted(k for k, _, _ in self.items(namespace))
+
+    # --- rotation ------------------------------------------------------------------------------
+
+    def key_usage(self, namespaces: Iterable[str] | None = None) -> dict[int, int]:
+        """``{key id: rows sealed under it}`` from the envelope headers (nothing is decrypted).
+
+        Use before ``keyset.retire(old)``: the old id must be absent.
+
+        Raises:
+            RecordCorruptedError: a row's frame or envelope header is malformed.
+        """
+        usage: Counter[int] = Counter()
+        for ns in self.namespaces() if namespaces is None else namespaces:
+            for row in self.store.scan_all(self._store_ns(ns)):
+                kid = self._row_key_id(row)
+                if kid is not None:
+                    usage[kid] += 1
+        return dict(usage)
+
+    def _row_key_id(self, row: Row) -> int | None:
+        body = self._split(row)[4]
+        try:
+            return self.codec.key_id(body)
+        except EnvelopeFormatError as e:
+            raise RecordCorruptedError(row.namespace, row.key, f"malformed envelope: {e}") from None
+
+    def rekey(
+        self,
+        *,
+        batch_size: int = 100,
+        progress: Callable[[RekeyCounts], None] | None = None,
+        namespaces: Iterable[str] | None = None,
+        max_retries: int = 8,
+    ) -> RekeyCounts:
+        """Re-encrypt every row not under the primary key, in batches.
+
+        Each batch of up to ``batch_size`` rows is authenticated, re-sealed under the primary
+        key with version + 1, and written in one store transaction with CAS on every row; a
+        row changed concurrently makes that batch roll back and be redone from a fresh read.
+        ``progress`` is called after every committed batch. Interrupting (exception, SIGKILL)
+        loses nothing: committed batches are under the new key, the rest still opens under the
+        old key, and running ``rekey`` again continues (already-current rows are skipped).
+
+        Note: rekeyed rows get a new version, so writers holding the old version get a conflict.
+
+        Args:
+            batch_size: rows per batch, 1..10000.
+            progress: called with cumulative :class:`RekeyCounts` after each batch.
+            namespaces: record namespaces to cover; default every registered one.
+            max_retries: how often one batch may be redone after conflicts before giving up.
+
+        Returns:
+            Final :class:`RekeyCounts` (``namespace`` = "").
+
+        Raises:
+            RecordTamperedError subclasses: a row failed authentication (nothing of its batch
+                is written; rows of earlier batches stay rekeyed).
+            RecordConflictError: a batch kept conflicting ``max_retries`` times.
+            StoreUnavailableError: the store went away (resume later).
+        """
+        if not 1 <= batch_size <= 10_000:
+            raise ValueError(f"batch_size must be 1..10000, got {batch_size}")
+        counts = RekeyCounts()
+        primary = self.codec.primary_key_id()
+        if primary is None:
+            return counts  # keyless codec: nothing to rotate
+        for ns in self.namespaces() if namespaces is None else list(namespaces):
+            sns = self._store_ns(ns)
+            counts = replace(counts, namespace=ns)
+            after: bytes | None = None
+            retries = 0
+            while True:
+                rows = self.store.scan(sns, after=after, limit=batch_size)
+                if not rows:
+                    break
+                stale = [r for r in rows if self._row_key_id(r) != primary]
+                writes = []
+                for r in stale:
+                    kb, value = self._decode(r, None)
+                    writes.append((r, self._encode(sns, r.key, r.version + 1, kb, value)))
+                if writes:
+                    try:
+                        with self.store.transaction() as tx:
+                            for r, blob in writes:
+                                tx.put(sns, r.key, blob, expected_version=r.version)
+                    except ConflictError as e:
+                        retries += 1
+                        counts = replace(counts, retried_batches=counts.retried_batches + 1)
+                        if retries > max_retries:
+                            raise RecordConflictError(
+                                f"rekey of namespace {ns!r} gave up after {max_retries} "
+                                f"conflicting retries: {e}"
+                            ) from None
+                        continue  # same page again, freshly read
+                retries = 0
+                counts = replace(
+                    counts,
+                    scanned=counts.scanned + len(rows),
+                    rekeyed=counts.rekeyed + len(writes),
+                    already_current=counts.already_current + len(rows) - len(writes),
+                )
+                if progress is not None:
+                    progress(counts)
+                if len(rows) < batch_size:
+                    break
+                after = rows[-1].key
+        return replace(counts, namespace="")
