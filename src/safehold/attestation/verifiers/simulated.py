@@ -86,7 +86,7 @@ def parse_report(data: bytes) -> SimulatedReport:
             types or lengths, trailing bytes.
     """
     outer = _loads(data, "simulated Evidence")
-    if not isinstance(outer, list) or len(outer) != 2 or not all(
+    if not isinstance(outer, list | tuple) or len(outer) != 2 or not all(
         isinstance(x, bytes) for x in outer
     ):
         raise EvidenceFormatError("simulated Evidence: expected a CBOR array [report, signature]")
