@@ -90,8 +90,12 @@ def check_sequence(migrations: Sequence[Migration]) -> None:
             raise ValueError(f"migration #{i} has version {m.version}; versions must be 1, 2, ...")
 
 
-def pending(current: int, migrations: Sequence[Migration] = MIGRATIONS) -> list[Migration]:
+def pending(
+    current: int, migrations: Sequence[Migration] = MIGRATIONS, *, where: str = "database"
+) -> list[Migration]:
     """Steps to run on a database at schema version ``current`` (0 = empty).
+
+    ``where`` names the database in error messages (file path or schema).
 
     Raises:
         SchemaVersionError: ``current`` is newer than the newest migration known here, or negative.
@@ -100,9 +104,9 @@ def pending(current: int, migrations: Sequence[Migration] = MIGRATIONS) -> list[
     latest = migrations[-1].version if migrations else 0
     if current > latest:
         raise SchemaVersionError(
-            f"database schema version {current} is newer than this Safehold supports "
+            f"{where}: schema version {current} is newer than this Safehold supports "
             f"(up to {latest}); upgrade Safehold, do not downgrade the database"
         )
     if current < 0:
-        raise SchemaVersionError(f"database schema version {current} is invalid")
+        raise SchemaVersionError(f"{where}: schema version {current} is invalid")
     return [m for m in migrations if m.version > current]

@@ -314,7 +314,7 @@ class PostgresStore(_PgOps, Store):
 
         Raises SchemaVersionError if the database is newer than ``migrations``.
         """
-        if not mig.pending(self.schema_version(), migrations):
+        if not mig.pending(self.schema_version(), migrations, where=self._where):
             return
         schema = sql.Identifier(self.schema)
         vt = sql.Identifier(self.schema, mig.VERSION_TABLE)
@@ -326,7 +326,7 @@ class PostgresStore(_PgOps, Store):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
             conn.execute(sql.SQL(mig.POSTGRES_VERSION_DDL).format(schema=schema))
             r = conn.execute(sql.SQL("SELECT version FROM {} WHERE id = 1").format(vt)).fetchone()
-            steps = mig.pending(0 if r is None else int(r[0]), migrations)
+            steps = mig.pending(0 if r is None else int(r[0]), migrations, where=self._where)
             for m in steps:
                 for stmt in m.postgres:
                     conn.execute(sql.SQL(stmt).format(schema=schema))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,7 +191,7 @@ class SqliteStore(_SqliteOps, Store):
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = self._enable_wal(conn)
                 if str(mode).lower() != "wal":
                     raise StoreError(f"SQLite store {self.path}: cannot enable WAL (journal_mode={mode})")
                 conn.execute("PRAGMA synchronous = FULL")
@@ -200,6 +201,25 @@ class SqliteStore(_SqliteOps, Store):
                 conn.close()
                 raise
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> str:
+        """Switch the file to WAL (persistent; a no-op once done) and return the journal mode.
+
+        Changing the journal mode needs an exclusive lock and SQLite reports SQLITE_BUSY for
+        it without calling the busy handler, so two first openers of a new file retry here
+        until ``timeout``.
+        """
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                code = getattr(e, "sqlite_errorcode", -1) & 0xFF
+                if code not in (_BUSY, _LOCKED) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
 
     def _connection(self) -> sqlite3.Connection:
         st = self._local
@@ -267,7 +287,7 @@ class SqliteStore(_SqliteOps, Store):
 
         Raises SchemaVersionError if the file is newer than ``migrations``.
         """
-        if not mig.pending(self.schema_version(), migrations):
+        if not mig.pending(self.schema_version(), migrations, where=f"SQLite store {self.path}"):
             return  # fast path: no write lock on every open
         with self._mapped("migrate"):
             conn = self._connection()
@@ -276,7 +296,9 @@ class SqliteStore(_SqliteOps, Store):
                 conn.execute(mig.SQLITE_VERSION_DDL)
                 r = conn.execute("SELECT version FROM safehold_schema_version WHERE id = 1").fetchone()
                 current = 0 if r is None else int(r[0])
-                steps = mig.pending(current, migrations)  # re-check under the lock
+                steps = mig.pending(
+                    current, migrations, where=f"SQLite store {self.path}"
+                )  # re-check under the lock
                 for m in steps:
                     for stmt in m.sqlite:
                         conn.execute(stmt)
