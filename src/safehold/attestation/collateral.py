@@ -215,8 +215,15 @@ class DcapCollateral:
         except ValueError:
             raise EndorsementError("collateral is not valid JSON") from None
         need = (
-            "pck_crl_issuer_chain", "root_ca_crl", "pck_crl", "tcb_info_issuer_chain", "tcb_info",
-            "tcb_info_signature", "qe_identity_issuer_chain", "qe_identity", "qe_identity_signature",
+            "pck_crl_issuer_chain",
+            "root_ca_crl",
+            "pck_crl",
+            "tcb_info_issuer_chain",
+            "tcb_info",
+            "tcb_info_signature",
+            "qe_identity_issuer_chain",
+            "qe_identity",
+            "qe_identity_signature",
         )
         if not isinstance(obj, dict) or any(k not in obj for k in need):
             missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
@@ -262,8 +269,15 @@ class DcapCollateral:
         ti, ts = _pcs_inner(tcb_info_response, "tcbInfo")
         qi, qs = _pcs_inner(qe_identity_response, "enclaveIdentity")
         qvl = dcap_qvl.QuoteCollateralV3(
-            pck_crl_issuer_chain, root_ca_crl, pck_crl, tcb_info_issuer_chain, ti, ts,
-            qe_identity_issuer_chain, qi, qs,
+            pck_crl_issuer_chain,
+            root_ca_crl,
+            pck_crl,
+            tcb_info_issuer_chain,
+            ti,
+            ts,
+            qe_identity_issuer_chain,
+            qi,
+            qs,
         )
         return cls.from_qvl(qvl)
 
@@ -445,9 +459,7 @@ class CollateralCache:
         c = DcapCollateral.from_qvl(self._fetch(self.pccs_url, quote))
         self.fetches += 1
         if c.key != (tee, fmspc.lower(), ca):
-            raise EndorsementError(
-                f"fetched collateral is for {c.key}, expected {(tee, fmspc.lower(), ca)}"
-            )
+            raise EndorsementError(f"fetched collateral is for {c.key}, expected {(tee, fmspc.lower(), ca)}")
         c.check_fresh(at)
         self.add(c)
         if self.cache_dir is not None:

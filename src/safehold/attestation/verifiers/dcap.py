@@ -262,9 +262,7 @@ def _chain(pem: bytes) -> _Chain:
     except ValueError:
         raise EvidenceFormatError("DCAP quote PCK chain is not a PEM certificate chain") from None
     if len(certs) < 2 or b"".join(c.public_bytes(_PEM_CERT) for c in certs) != pem:
-        raise EvidenceFormatError(
-            "DCAP quote PCK chain is not canonical PEM (PCK, intermediate CA, root CA)"
-        )
+        raise EvidenceFormatError("DCAP quote PCK chain is not canonical PEM (PCK, intermediate CA, root CA)")
     try:
         ext = dcap_qvl.parse_pck_extension_from_pem(pem)
         fmspc = bytes(ext.fmspc).hex()
@@ -429,9 +427,7 @@ class DcapVerifier:
             )
         ch = _chain(q.pck_pem)
         if ch.root_spki != self.root_spki:
-            raise EndorsementError(
-                "PCK chain root: public key is not the pinned Intel SGX Root CA key"
-            )
+            raise EndorsementError("PCK chain root: public key is not the pinned Intel SGX Root CA key")
         blob = evidence.endorsements.get("collateral")
         coll: DcapCollateral | None
         if blob is not None:

@@ -19,11 +19,21 @@ from safehold.attestation.verifiers.dcap import TEE_TDX, DcapQuote, DcapVerifier
 TD_ATTR_DEBUG = 1 << 0
 
 _FIELDS = (
-    ("tee_tcb_svn", 0, 16), ("mr_seam", 16, 64), ("mr_signer_seam", 64, 112),
-    ("seam_attributes", 112, 120), ("td_attributes", 120, 128), ("xfam", 128, 136),
-    ("mr_td", 136, 184), ("mr_config_id", 184, 232), ("mr_owner", 232, 280),
-    ("mr_owner_config", 280, 328), ("rtmr0", 328, 376), ("rtmr1", 376, 424),
-    ("rtmr2", 424, 472), ("rtmr3", 472, 520), ("report_data", 520, 584),
+    ("tee_tcb_svn", 0, 16),
+    ("mr_seam", 16, 64),
+    ("mr_signer_seam", 64, 112),
+    ("seam_attributes", 112, 120),
+    ("td_attributes", 120, 128),
+    ("xfam", 128, 136),
+    ("mr_td", 136, 184),
+    ("mr_config_id", 184, 232),
+    ("mr_owner", 232, 280),
+    ("mr_owner_config", 280, 328),
+    ("rtmr0", 328, 376),
+    ("rtmr1", 376, 424),
+    ("rtmr2", 424, 472),
+    ("rtmr3", 472, 520),
+    ("report_data", 520, 584),
 )
 _FIELDS_15 = (("tee_tcb_svn2", 584, 600), ("mr_servicetd", 600, 648))
 
