@@ -1,0 +1,121 @@
+"""Wire shapes of the KBS protocol (Trustee RCAR) as Safehold speaks it; used by both sides.
+
+Request–Challenge–Attestation–Response (confidential-containers/trustee,
+``docs/kbs_attestation_protocol.md``):
+
+1. ``POST /kbs/v0/auth``  body *Request* ``{"version": "0.1.0", "tee": "<tee>", "extra-params": {}}``
+   → *Challenge* ``{"nonce": "<base64url, 32 random bytes>", "extra-params": {}}`` and the
+   cookie ``kbs-session-id``. ``extra-params.workload`` may name the manifest workload to
+   appraise against (otherwise every workload is tried).
+2. ``POST /kbs/v0/attest`` body *Attestation* ``{"tee-pubkey": <JWK>, "tee-evidence": <CMW>}``.
+   The Evidence's report_data must be :func:`report_data` of *runtime-data*
+   ``{"nonce": <challenge nonce>, "tee-pubkey": <the same JWK>}`` = SHA-256 of its canonical JSON
+   (RFC 8785 subset), zero-padded to 64 bytes. → ``{"token": "<EAR JWT>"}``.
+3. ``GET /kbs/v0/resource/<repository>/<type>/<tag>`` with the cookie or
+   ``Authorization: Bearer <EAR>`` → the resource as a JWE in flattened JSON serialisation
+   (RFC 7516 §7.2.2) encrypted to ``tee-pubkey``: ``ECDH-ES+A256KW`` for EC keys,
+   ``RSA-OAEP-256`` for RSA keys, content encryption ``A256GCM``.
+
+``tee-pubkey`` is a public JWK (RFC 7517): EC P-256 / P-384 or RSA >= 2048 bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from joserfc import jwe
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, RSAKey
+
+from safehold.broker.manifest import canonical_json
+from safehold.errors import BrokerError
+
+PROTOCOL_VERSION = "0.1.0"
+SESSION_COOKIE = "kbs-session-id"
+#: KBS ``tee`` names (Trustee) → Safehold TEE types (claims.TEE_TYPES); Safehold names pass through.
+TEE_NAMES = {"intel-sgx": "sgx", "sgx": "sgx", "intel-tdx": "tdx", "tdx": "tdx", "amd-sev-snp": "sev-snp",
+             "snp": "sev-snp", "sev-snp": "sev-snp", "simulated": "simulated", "sample": "simulated",
+             "azure-sev-snp": "azure-sev-snp", "az-snp-vtpm": "azure-sev-snp",
+             "azure-tdx": "azure-tdx", "az-tdx-vtpm": "azure-tdx", "tpm": "tpm"}
+_JWE_ALGS = {"EC": "ECDH-ES+A256KW", "RSA": "RSA-OAEP-256"}
+_ENC = "A256GCM"
+
+
+class JWKError(BrokerError):
+    """``tee-pubkey`` is not an acceptable public JWK."""
+
+
+def import_tee_pubkey(jwk: Any) -> ECKey | RSAKey:
+    """Validate and import a ``tee-pubkey`` JWK.
+
+    Raises:
+        JWKError: not an object, a private key, an unsupported kty/curve, or RSA < 2048 bits.
+    """
+    if not isinstance(jwk, dict):
+        raise JWKError("tee-pubkey: expected a JWK object")
+    if "d" in jwk or "p" in jwk:
+        raise JWKError("tee-pubkey: contains private key members; send the public key only")
+    kty = jwk.get("kty")
+    try:
+        if kty == "EC":
+            if jwk.get("crv") not in ("P-256", "P-384"):
+                raise JWKError(f"tee-pubkey: EC curve must be P-256 or P-384, got {jwk.get('crv')!r:.20}")
+            key: ECKey | RSAKey = ECKey.import_key({k: jwk[k] for k in ("kty", "crv", "x", "y")})
+        elif kty == "RSA":
+            key = RSAKey.import_key({k: jwk[k] for k in ("kty", "n", "e")})
+            if key.raw_value.key_size < 2048:
+                raise JWKError("tee-pubkey: RSA keys must be at least 2048 bits")
+        else:
+            raise JWKError(f"tee-pubkey: kty must be EC or RSA, got {kty!r:.20}")
+    except (JoseError, ValueError, KeyError, TypeError) as e:
+        raise JWKError(f"tee-pubkey: not a valid {kty} public JWK ({type(e).__name__})") from None
+    return key
+
+
+def public_jwk(key: ECKey | RSAKey) -> dict[str, Any]:
+    """The public members of ``key`` as a JWK dict (what goes into ``tee-pubkey``)."""
+    return dict(key.as_dict(private=False))
+
+
+def thumbprint(key: ECKey | RSAKey) -> bytes:
+    """RFC 7638 JWK SHA-256 thumbprint, 32 bytes."""
+    import base64
+
+    t = key.thumbprint()
+    return base64.urlsafe_b64decode(t + "=" * (-len(t) % 4))
+
+
+def runtime_data(nonce: str, jwk: dict[str, Any]) -> bytes:
+    """Canonical JSON of runtime-data ``{"nonce", "tee-pubkey"}`` (what report_data hashes)."""
+    return canonical_json({"nonce": nonce, "tee-pubkey": jwk})
+
+
+def report_data(nonce: str, jwk: dict[str, Any]) -> bytes:
+    """The 64-byte report_data binding ``nonce`` and ``tee-pubkey``: SHA-256 of
+    :func:`runtime_data`, zero-padded to 64 bytes."""
+    return hashlib.sha256(runtime_data(nonce, jwk)).digest().ljust(64, b"\x00")
+
+
+def encrypt_response(plaintext: bytes, key: ECKey | RSAKey) -> dict[str, Any]:
+    """The KBS *Response*: ``plaintext`` as a flattened-JSON JWE to the TEE's public key."""
+    alg = _JWE_ALGS[key.key_type]
+    obj = jwe.FlattenedJSONEncryption({"alg": alg, "enc": _ENC}, plaintext)
+    obj.add_recipient(None, key)
+    return dict(jwe.encrypt_json(obj, None, algorithms=[alg, _ENC]))
+
+
+def decrypt_response(response: Any, private_key: ECKey | RSAKey) -> bytes:
+    """Decrypt a KBS *Response* JWE with the TEE's private key.
+
+    Raises:
+        BrokerError: not a flattened JWE, or it does not decrypt with this key.
+    """
+    if not isinstance(response, dict):
+        raise BrokerError("KBS response: expected a JWE JSON object")
+    alg = _JWE_ALGS[private_key.key_type]
+    try:
+        obj = jwe.decrypt_json(response, private_key, algorithms=[alg, _ENC])  # type: ignore[arg-type]
+    except (JoseError, ValueError, KeyError, TypeError) as e:
+        raise BrokerError(f"KBS response does not decrypt with the TEE key ({type(e).__name__})") from None
+    return obj.plaintext or b""

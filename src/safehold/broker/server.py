@@ -1,0 +1,151 @@
+"""Start the key broker: open the store, unseal (or recover), install the first manifest, serve
+HTTPS on uvicorn.
+
+TLS: in ready mode the broker's server certificate is issued by its own workload CA (clients pin
+``<data-dir>/ca.pem`` or ``GET /ca``); in recovery mode the CA key is sealed, so a self-signed
+ephemeral certificate is used and the recovery client relies on the broker's Evidence instead.
+The private key is handed to OpenSSL through an anonymous in-memory file (``memfd``), never
+written to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from safehold.broker.manifest import load_manifest
+from safehold.broker.service import Broker, BrokerConfig, Forbidden
+from safehold.broker.state import BrokerState, simulated_sealing_identity
+from safehold.errors import ManifestError
+
+log = logging.getLogger("safehold.broker")
+
+
+def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, *,
+                manifest_path: str | os.PathLike[str] | None = None,
+                config: BrokerConfig | None = None, package_root: str | None = None) -> Broker:
+    """Open (or create) the broker's state and return the :class:`Broker`.
+
+    Args:
+        data_dir: broker data directory (simulated TEE keys, default SQLite store, ``ca.pem``).
+        store_url: ``safehold.store.open_store`` URL; default ``<data_dir>/broker.db``.
+        manifest_path: a manifest to install if none is set yet; if one is set and differs,
+            start-up fails (updates must be signed).
+        config: run-time options.
+        package_root: measure this package tree instead of the installed one (tests).
+
+    Raises:
+        ManifestError: invalid manifest, or it differs from the stored one.
+        StoreError, SealingError, AttestationError: as raised underneath.
+    """
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+    from safehold.store import open_store
+
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(store_url or str(d / "broker.db"))
+    attester = SimulatedAttester(d, package_root=package_root)
+    state = BrokerState.open(store, simulated_sealing_identity(attester))
+    cfg = config or BrokerConfig()
+    cfg.data_dir = d
+    broker = Broker(state, attester, cfg)
+    if broker.mode == "recovery":
+        log.error("RECOVERY MODE: %s", state.reason)
+        return broker
+    if manifest_path is not None:
+        p = Path(manifest_path)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ManifestError(f"cannot read manifest {p}: {e.strerror}") from None
+        m = load_manifest(data, filename=str(p), base_dir=p.resolve().parent)
+        try:
+            broker.set_manifest(m.raw, source=f"file:{p.name}")
+        except Forbidden:
+            raise ManifestError(
+                f"{p}: differs from the stored manifest version {broker.manifest_version}; "
+                "use `safehold broker manifest update` (signed by an owner)"
+            ) from None
+    return broker
+
+
+def _server_cert(broker: Broker, names: list[str]) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    sans: list[x509.GeneralName] = []
+    for n in dict.fromkeys(names):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    if broker.mode == "ready" and broker.ca is not None:
+        dns = tuple(str(s.value) for s in sans if isinstance(s, x509.DNSName))
+        ips = tuple(str(s.value) for s in sans if isinstance(s, x509.IPAddress))
+        cert = broker.ca.issue(key.public_key(), common_name="safehold-broker", dns_names=dns,
+                               ip_addresses=ips, validity_days=30)
+    else:
+        now = datetime.now(UTC) - timedelta(minutes=5)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "safehold-broker (recovery mode)")])
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now)
+                .not_valid_after(now + timedelta(days=7))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .sign(key, hashes.SHA256()))
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+            cert.public_bytes(serialization.Encoding.PEM))
+
+
+def ssl_context(broker: Broker, names: list[str]) -> ssl.SSLContext:
+    """A TLS 1.2+ server context with a fresh key and a certificate for ``names``."""
+    key_pem, cert_pem = _server_cert(broker, names)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    blob = cert_pem + key_pem
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("safehold-broker-tls", 0)
+        try:
+            os.write(fd, blob)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    else:  # pragma: no cover - non-Linux fallback: a private temp file removed at once
+        with tempfile.NamedTemporaryFile(delete=True) as f:
+            f.write(blob)
+            f.flush()
+            ctx.load_cert_chain(f.name)
+    return ctx
+
+
+def serve(broker: Broker, *, host: str = "127.0.0.1", port: int = 8443, tls: bool = True,
+          tls_names: list[str] | None = None, max_body: int | None = None,
+          static_value: bytes | None = None) -> None:
+    """Serve ``broker`` until interrupted (SIGINT/SIGTERM stop uvicorn cleanly)."""
+    import uvicorn
+
+    from safehold.broker.app import DEFAULT_MAX_BODY, create_app
+
+    app = create_app(broker, max_body=max_body or DEFAULT_MAX_BODY, static_value=static_value)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_keep_alive=30)
+    config.load()
+    if tls:
+        names = ["localhost", "127.0.0.1", host, *(tls_names or [])]
+        config.ssl = ssl_context(broker, names)
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+
+
+__all__ = ["open_broker", "serve", "ssl_context"]

@@ -1,0 +1,720 @@
+"""The key broker's logic, free of any web framework (``safehold.broker.app`` maps it to HTTP).
+
+The broker is a Relying Party (RFC 9334): it sends Evidence to the Verifier
+(``safehold.attestation.verifier``) under the manifest workload's appraisal policy, signs the
+outcome as an EAR token, and releases a secret only to a key whose Evidence was affirmed.
+
+Errors carry their HTTP status (:class:`HTTPError` subclasses) so the mapping is one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from joserfc.jwk import ECKey, RSAKey
+
+from safehold.attestation.evidence import Evidence
+from safehold.attestation.policy import AppraisalPolicy
+from safehold.attestation.result import issue_ear, verify_ear
+from safehold.attestation.verifier import Verifier
+from safehold.broker import protocol
+from safehold.broker.audit import AuditLog, verify_log
+from safehold.broker.ca import CertificateRequestError, WorkloadCA
+from safehold.broker.manifest import Manifest, manifest_from_dict, verify_update
+from safehold.broker.state import AUDIT_NAMESPACE, BrokerState, RecoveryError
+from safehold.errors import (
+    AttestationError,
+    AttestationResultError,
+    AuditChainError,
+    BrokerError,
+    ConfigError,
+    ConflictError,
+    EvidenceFormatError,
+    ManifestError,
+    SafeholdError,
+)
+
+log = logging.getLogger("safehold.broker")
+
+DEFAULT_NONCE_TTL = 300
+DEFAULT_TOKEN_TTL = 600
+MAX_SESSIONS = 10_000
+
+
+class HTTPError(BrokerError):
+    """A broker refusal with its HTTP status."""
+
+    status = 400
+
+
+class BadRequest(HTTPError):
+    """Malformed request body or parameters (400)."""
+
+    status = 400
+
+
+class Unauthorized(HTTPError):
+    """Not attested, expired, replayed, or credentials missing (401)."""
+
+    status = 401
+
+
+class Forbidden(HTTPError):
+    """Authenticated, but the manifest or appraisal policy denies it (403)."""
+
+    status = 403
+
+
+class NotFound(HTTPError):
+    """No such resource (404)."""
+
+    status = 404
+
+
+class Conflict(HTTPError):
+    """State changed concurrently, or the operation does not fit the current state (409)."""
+
+    status = 409
+
+
+class Unavailable(HTTPError):
+    """The broker is in recovery mode (503)."""
+
+    status = 503
+
+
+@dataclass
+class Attested:
+    """A successfully attested TEE key."""
+
+    workload: str
+    key: ECKey | RSAKey
+    thumbprint: bytes
+    expires: float
+    measurement: str
+
+
+@dataclass
+class Session:
+    """One ``kbs-session-id`` session: the challenge and, after attestation, its result."""
+
+    nonce: str
+    created: float
+    tee: str
+    workload: str | None
+    used: bool = False
+    attested: Attested | None = None
+    token: str = ""
+
+
+@dataclass
+class BrokerConfig:
+    """Broker run-time options.
+
+    Attributes:
+        nonce_ttl / token_ttl: seconds a challenge nonce / an EAR token stays valid.
+        data_dir: the broker's data directory (the CA certificate is written there as ``ca.pem``).
+    """
+
+    nonce_ttl: int = DEFAULT_NONCE_TTL
+    token_ttl: int = DEFAULT_TOKEN_TTL
+    data_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+class Broker:
+    """The key broker service core.
+
+    Args:
+        state: opened :class:`BrokerState` (ready or recovery).
+        attester: the broker's own Attester (binds its recovery key to Evidence).
+        config: :class:`BrokerConfig`.
+    """
+
+    def __init__(self, state: BrokerState, attester: Any, config: BrokerConfig | None = None):
+        self.state = state
+        self.attester = attester
+        self.config = config or BrokerConfig()
+        self.manifest: Manifest | None = None
+        self.manifest_version = 0
+        self.ca: WorkloadCA | None = None
+        self.audit: AuditLog | None = None
+        self._ear_key: ec.EllipticCurvePrivateKey | None = None
+        self._audit_key: ed25519.Ed25519PrivateKey | None = None
+        self._verifiers: dict[str, Verifier] = {}
+        self._sessions: dict[str, Session] = {}
+        self._tokens: dict[bytes, Attested] = {}
+        self._lock = threading.RLock()
+        self._recovery_key = ECKey.generate_key("P-256")
+        if state.mode == "ready":
+            self._load()
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """``ready`` or ``recovery``."""
+        return self.state.mode
+
+    def _load(self) -> None:
+        keys = self.state.get_json("keys", "broker")
+        if keys is None:
+            ear = ec.generate_private_key(ec.SECP256R1())
+            aud = ed25519.Ed25519PrivateKey.generate()
+            pem = serialization.Encoding.PEM
+            pk8 = serialization.PrivateFormat.PKCS8
+            none = serialization.NoEncryption()
+            keys = {"ear": ear.private_bytes(pem, pk8, none).decode(),
+                    "audit": aud.private_bytes(pem, pk8, none).decode(),
+                    "broker_id": secrets.token_hex(16)}
+            ca = WorkloadCA.generate(keys["broker_id"][:8])
+            try:
+                self.state.put_many([("keys", "broker", json.dumps(keys).encode(), 0),
+                                     ("ca", "root", ca.to_pem(), 0)])
+            except ConflictError:
+                return self._load()
+        ear_key = serialization.load_pem_private_key(keys["ear"].encode(), password=None)
+        aud_key = serialization.load_pem_private_key(keys["audit"].encode(), password=None)
+        assert isinstance(ear_key, ec.EllipticCurvePrivateKey)
+        assert isinstance(aud_key, ed25519.Ed25519PrivateKey)
+        self._ear_key, self._audit_key = ear_key, aud_key
+        self.broker_id = keys["broker_id"]
+        got = self.state.get("ca", "root")
+        if got is None:
+            raise BrokerError("broker state has keys but no workload CA")
+        self.ca = WorkloadCA.from_pem(got[0])
+        self.audit = AuditLog(self.state.store, AUDIT_NAMESPACE, self.state.seal_bytes,
+                              self.state.open_bytes, aud_key)
+        cur = self.state.get_json("manifest", "current")
+        if cur is not None:
+            self.manifest_version = int(cur["version"])
+            m = self.state.get_json("manifest", str(self.manifest_version))
+            self._activate_manifest(manifest_from_dict(m["manifest"]))
+        if self.config.data_dir is not None:
+            (Path(self.config.data_dir) / "ca.pem").write_text(self.ca.cert_pem())
+
+    def _activate_manifest(self, m: Manifest) -> None:
+        verifiers = {}
+        for name, w in m.workloads.items():
+            try:
+                verifiers[name] = Verifier(AppraisalPolicy.from_dict({"name": name, **w.policy}))
+            except ConfigError as e:
+                raise ManifestError(f"workloads.{name}.policy: {e}") from None
+        self.manifest, self._verifiers = m, verifiers
+
+    def _ready(self) -> None:
+        if self.state.mode != "ready":
+            raise Unavailable(f"broker is in recovery mode: {self.state.reason}")
+
+    def _need_manifest(self) -> Manifest:
+        self._ready()
+        if self.manifest is None:
+            raise Unavailable("no manifest is set yet: `safehold broker manifest set`")
+        return self.manifest
+
+    def record(self, event: str, detail: dict[str, Any]) -> None:
+        """Append an audit entry (never key material or secret values)."""
+        if self.audit is not None:
+            self.audit.append(event, detail)
+
+    # --- manifest -----------------------------------------------------------------------------
+
+    def set_manifest(self, raw: Any, *, source: str = "api") -> int:
+        """Install the first manifest (once). Returns its version (1).
+
+        Raises:
+            ManifestError (400): invalid. Forbidden (403): a manifest is already set.
+        """
+        self._ready()
+        m = manifest_from_dict(raw)
+        with self._lock:
+            if self.manifest is not None:
+                if m.digest == self.manifest.digest:
+                    return self.manifest_version
+                raise Forbidden(
+                    f"a manifest (version {self.manifest_version}) is already set; updates must be "
+                    "signed by an owner (`safehold broker manifest update`)"
+                )
+            self._install(m, 1, signer=None, source=source)
+            return 1
+
+    def update_manifest(self, raw: Any, version: Any, signer: Any, signature: Any) -> int:
+        """Install a signed update as ``version`` = current + 1.
+
+        Raises:
+            ManifestError (400): invalid manifest. Forbidden (403): bad or missing signature,
+            signer not an owner. Conflict (409): ``version`` is not current + 1.
+        """
+        cur = self._need_manifest()
+        if not isinstance(version, int) or not isinstance(signer, str) or not isinstance(signature, str):
+            raise BadRequest("manifest update: expected version (int), signer and signature (strings)")
+        m = manifest_from_dict(raw)
+        with self._lock:
+            if version != self.manifest_version + 1:
+                raise Conflict(
+                    f"manifest update: version expected {self.manifest_version + 1}, got {version}"
+                )
+            try:
+                verify_update(cur, m, version, signer, signature)
+            except ManifestError as e:
+                self.record("manifest-denied", {"version": version, "signer": signer, "reason": str(e)})
+                raise Forbidden(str(e)) from None
+            self._install(m, version, signer=signer, source="update", signature=signature)
+            return version
+
+    def _install(self, m: Manifest, version: int, *, signer: str | None, source: str,
+                 signature: str | None = None) -> None:
+        old = self.manifest
+        self._activate_manifest(m)  # validates policies before anything is written
+        try:
+            items: list[tuple[str, str, bytes, int]] = []
+            for s in m.secrets.values():
+                if s.type == "keyset" and self.state.get("secret", s.name) is None:
+                    from safehold.crypto.keyset import Keyset
+
+                    items.append(("secret", s.name, _keyset_json(Keyset.generate()), 0))
+            entry = {"version": version, "manifest": m.raw, "signer": signer, "signature": signature,
+                     "digest": m.digest, "time": int(time.time()), "source": source}
+            items.append(("manifest", str(version), json.dumps(entry).encode(), 0))
+            cur = self.state.get("manifest", "current")
+            items.append(("manifest", "current", json.dumps({"version": version}).encode(),
+                          cur[1] if cur else 0))
+            self.state.put_many(items)
+        except ConflictError:
+            if old is not None:
+                self._activate_manifest(old)
+            else:
+                self.manifest = None
+            raise Conflict("manifest changed concurrently; retry") from None
+        self.manifest_version = version
+        if m.recovery_keys and (old is None or old.recovery_keys != m.recovery_keys
+                                or old.recovery_threshold != m.recovery_threshold):
+            self.state.write_recovery_shares(m.recovery_keys, m.recovery_threshold)
+        self.record("manifest", {"version": version, "digest": m.digest, "signer": signer,
+                                 "source": source})
+
+    def manifest_entry(self, version: int | None = None) -> dict[str, Any]:
+        """A stored manifest version (default current) with its signer and time.
+
+        Raises:
+            NotFound (404): no such version.
+        """
+        self._need_manifest()
+        v = self.manifest_version if version is None else version
+        got = self.state.get_json("manifest", str(v))
+        if got is None:
+            raise NotFound(f"manifest version {v} does not exist (current is {self.manifest_version})")
+        return got
+
+    # --- users --------------------------------------------------------------------------------
+
+    def authorize(self, bearer: str | None, *roles: str) -> str:
+        """Return the manifest user whose token is ``bearer`` and who holds one of ``roles``.
+
+        Raises:
+            Unauthorized (401): no or unknown token. Forbidden (403): role missing.
+        """
+        m = self._need_manifest()
+        if not bearer:
+            raise Unauthorized("admin endpoint: send Authorization: Bearer <user token>")
+        digest = hashlib.sha256(bearer.encode("utf-8", "replace")).digest()
+        for u in m.users.values():
+            if u.token_sha256 is not None and hmac.compare_digest(u.token_sha256, digest):
+                if not set(u.roles) & set(roles):
+                    raise Forbidden(f"user {u.name!r} has roles {list(u.roles)}; needs one of {list(roles)}")
+                return u.name
+        raise Unauthorized("admin endpoint: unknown user token")
+
+    def set_value(self, user: str, name: str, value: bytes) -> int:
+        """Store an operator-supplied ``value`` secret. Returns its version.
+
+        Raises:
+            NotFound (404): no such secret. BadRequest (400): not a value secret or too large.
+        """
+        m = self._need_manifest()
+        spec = m.secrets.get(name)
+        if spec is None:
+            raise NotFound(f"secret {name!r} is not in the manifest")
+        if spec.type != "value":
+            raise BadRequest(f"secret {name!r} has type {spec.type!r}; only 'value' secrets are supplied")
+        if len(value) > spec.max_bytes:
+            raise BadRequest(f"secret {name!r}: {len(value)} bytes exceeds max_bytes {spec.max_bytes}")
+        cur = self.state.get("secret", name)
+        ver = self.state.put("secret", name, value, expected_version=cur[1] if cur else 0)
+        self.record("value-set", {"secret": name, "user": user, "version": ver})
+        return ver
+
+    # --- KBS protocol -------------------------------------------------------------------------
+
+    def auth(self, body: Any) -> tuple[str, dict[str, Any]]:
+        """Handle a KBS *Request*; returns ``(session id, Challenge)``.
+
+        Raises:
+            BadRequest (400): malformed Request or unknown TEE / workload.
+        """
+        m = self._need_manifest()
+        if not isinstance(body, dict):
+            raise BadRequest("KBS Request: expected a JSON object")
+        version, tee = body.get("version"), body.get("tee")
+        if not isinstance(version, str) or version.split(".")[0] != PROTOCOL_MAJOR:
+            raise BadRequest(
+                f"KBS Request version: expected {protocol.PROTOCOL_VERSION}, got {version!r:.20}"
+            )
+        if tee not in protocol.TEE_NAMES:
+            raise BadRequest(f"KBS Request tee: unknown TEE {tee!r:.30}; known: {sorted(protocol.TEE_NAMES)}")
+        extra = body.get("extra-params", {})
+        if extra in ("", None):
+            extra = {}
+        if not isinstance(extra, dict):
+            raise BadRequest("KBS Request extra-params: expected an object")
+        workload = extra.get("workload")
+        if workload is not None and workload not in m.workloads:
+            raise BadRequest(f"KBS Request extra-params.workload: {workload!r:.40} is not in the manifest")
+        sid = secrets.token_urlsafe(24)
+        nonce = _b64(os.urandom(32))
+        now = time.time()
+        with self._lock:
+            self._gc(now)
+            self._sessions[sid] = Session(nonce, now, protocol.TEE_NAMES[tee], workload)
+        return sid, {"nonce": nonce, "extra-params": {}}
+
+    def _gc(self, now: float) -> None:
+        ttl = max(self.config.nonce_ttl, self.config.token_ttl)
+        if len(self._sessions) > MAX_SESSIONS // 2:
+            for k in [k for k, s in self._sessions.items() if now - s.created > ttl]:
+                del self._sessions[k]
+        if len(self._sessions) >= MAX_SESSIONS:
+            oldest = min(self._sessions, key=lambda k: self._sessions[k].created)
+            del self._sessions[oldest]
+        for k in [k for k, a in self._tokens.items() if a.expires < now]:
+            del self._tokens[k]
+
+    def attest(self, sid: str | None, body: Any) -> dict[str, Any]:
+        """Handle a KBS *Attestation*; returns ``{"token": EAR}``.
+
+        Raises:
+            Unauthorized (401): no/unknown session, nonce used or expired, Evidence not
+                authentic or bound to another nonce/key.
+            BadRequest (400): malformed body, JWK or Evidence.
+            Forbidden (403): the appraisal policy refuses the claims (names each failed claim).
+        """
+        m = self._need_manifest()
+        now = time.time()
+        with self._lock:
+            sess = self._sessions.get(sid or "")
+            if sess is None:
+                raise Unauthorized("KBS attest: no session; POST /kbs/v0/auth first")
+            if sess.used:
+                self.record("attest", {"verdict": "denied", "reason": "nonce replayed"})
+                raise Unauthorized("KBS attest: the challenge nonce was already used (replay)")
+            sess.used = True  # single use, whatever the outcome
+        if now - sess.created > self.config.nonce_ttl:
+            raise Unauthorized(f"KBS attest: the challenge nonce expired ({self.config.nonce_ttl} s)")
+        if not isinstance(body, dict):
+            raise BadRequest("KBS Attestation: expected a JSON object")
+        jwk_obj = body.get("tee-pubkey")
+        key = protocol.import_tee_pubkey(jwk_obj)
+        ev = body.get("tee-evidence")
+        if isinstance(ev, dict | list):
+            ev = json.dumps(ev)
+        if not isinstance(ev, str):
+            raise BadRequest("KBS Attestation tee-evidence: expected a CMW (JSON text or value)")
+        evidence = Evidence.from_cmw(ev)  # EvidenceFormatError → 400
+        if evidence.tee_type != sess.tee:
+            raise BadRequest(f"KBS attest: Request said tee {sess.tee!r}, Evidence is {evidence.tee_type!r}")
+        rd = protocol.report_data(sess.nonce, jwk_obj)
+        candidates = [sess.workload] if sess.workload else sorted(m.workloads)
+        failures: dict[str, list[tuple[str, str, str]]] = {}
+        only_binding = True
+        chosen = None
+        for name in candidates:
+            try:
+                appraisal = self._verifiers[name].evaluate(evidence, expected_report_data=rd)
+            except EvidenceFormatError as e:
+                raise BadRequest(f"KBS attest: {e}") from None
+            except AttestationError as e:
+                self.record("attest", {"verdict": "denied", "reason": str(e)})
+                raise Unauthorized(f"KBS attest: Evidence is not authentic: {e}") from None
+            if appraisal.ok:
+                chosen = (name, appraisal)
+                break
+            bad = appraisal.failures
+            failures[name] = [v.as_tuple() for v in bad]
+            only_binding = only_binding and all(v.claim == "report_data" for v in bad)
+        if chosen is None:
+            detail = {"verdict": "denied",
+                      "workloads": {k: [list(f) for f in v] for k, v in failures.items()}}
+            self.record("attest", detail)
+            text = "; ".join(f"{w}: " + ", ".join(f"{c}: expected {e}, got {g}" for c, e, g in fs)
+                             for w, fs in failures.items())
+            if only_binding:
+                raise Unauthorized(
+                    "KBS attest: Evidence report_data does not bind this session's nonce and tee-pubkey "
+                    f"(stale, replayed or relayed Evidence): {text}"
+                )
+            raise Forbidden(f"KBS attest: appraisal policy refuses the Evidence: {text}")
+        name, appraisal = chosen
+        tp = protocol.thumbprint(key)
+        assert self._ear_key is not None
+        token = issue_ear(appraisal, self._ear_key, submod=name, nonce=tp, ttl=self.config.token_ttl)
+        att = Attested(name, key, tp, now + self.config.token_ttl, appraisal.claims.measurement.hex())
+        with self._lock:
+            sess.attested, sess.token = att, token
+            self._tokens[tp] = att
+        self.record("attest", {"verdict": "affirmed", "workload": name, "tee": evidence.tee_type,
+                               "measurement": att.measurement, "key": _b64(tp)})
+        return {"token": token}
+
+    def _attested(self, sid: str | None, bearer: str | None) -> Attested:
+        now = time.time()
+        if bearer:
+            assert self._ear_key is not None
+            try:
+                claims = verify_ear(bearer, self._ear_key.public_key(), accept_warning=True)
+            except AttestationResultError as e:
+                raise Unauthorized(f"EAR token refused: {e}") from None
+            tp = _unb64(str(claims.get("eat_nonce", "")))
+            with self._lock:
+                att = self._tokens.get(tp)
+            if att is None or att.workload not in claims.get("submods", {}):
+                raise Unauthorized("EAR token is not bound to a key attested at this broker; attest again")
+        else:
+            with self._lock:
+                sess = self._sessions.get(sid or "")
+            if sess is None or sess.attested is None:
+                raise Unauthorized("not attested: POST /kbs/v0/auth and /kbs/v0/attest first")
+            att = sess.attested
+        if att.expires < now:
+            raise Unauthorized("attestation expired: attest again")
+        return att
+
+    def resource(self, sid: str | None, bearer: str | None, repository: str, rtype: str,
+                 tag: str) -> dict[str, Any]:
+        """Release ``<repository>/<type>/<tag>`` as a JWE to the attested ``tee-pubkey``.
+
+        Raises:
+            Unauthorized (401), NotFound (404), Forbidden (403) as in the KBS protocol.
+        """
+        m = self._need_manifest()
+        att = self._attested(sid, bearer)
+        path = f"{repository}/{rtype}/{tag}"
+        spec = m.secrets.get(tag)
+        if repository != m.repository or spec is None or spec.type != rtype:
+            self.record("deny", {"resource": path, "workload": att.workload, "reason": "unknown"})
+            raise NotFound(f"resource {path} does not exist")
+        if tag not in m.workloads[att.workload].secrets:
+            self.record("deny", {"resource": path, "workload": att.workload, "reason": "not allowed"})
+            raise Forbidden(f"workload {att.workload!r} may not read {path} (manifest)")
+        if spec.type == "certificate":
+            plaintext = self._issue(att, spec.name, [])
+        else:
+            got = self.state.get("secret", spec.name)
+            if got is None:
+                self.record("deny", {"resource": path, "workload": att.workload, "reason": "no value"})
+                raise NotFound(f"resource {path} has no value yet (an operator must supply it)")
+            plaintext = got[0]
+        self.record("release", {"resource": path, "workload": att.workload})
+        return protocol.encrypt_response(plaintext, att.key)
+
+    def certificate(self, sid: str | None, bearer: str | None, name: str, body: Any) -> dict[str, Any]:
+        """Issue the certificate secret ``name`` to the attested key, with requested extensions.
+
+        ``body``: ``{"extensions": [{"oid": "2.23.133.5.4.9", "value": "<base64url DER>"}]}``.
+
+        Raises:
+            Unauthorized / NotFound / Forbidden as :meth:`resource`; BadRequest (400) for a bad body.
+        """
+        m = self._need_manifest()
+        att = self._attested(sid, bearer)
+        spec = m.secrets.get(name)
+        if spec is None or spec.type != "certificate":
+            raise NotFound(f"certificate {name!r} is not in the manifest")
+        if name not in m.workloads[att.workload].secrets:
+            self.record("deny", {"certificate": name, "workload": att.workload, "reason": "not allowed"})
+            raise Forbidden(f"workload {att.workload!r} may not obtain certificate {name!r} (manifest)")
+        exts: list[tuple[str, bytes]] = []
+        if body is not None:
+            if not isinstance(body, dict) or not isinstance(body.get("extensions", []), list):
+                raise BadRequest("certificate request: expected {\"extensions\": [...]}")
+            for e in body.get("extensions", []):
+                try:
+                    exts.append((str(e["oid"]), _unb64(e["value"])))
+                except (KeyError, TypeError, ValueError):
+                    raise BadRequest(
+                        "certificate request: each extension needs oid and base64url value"
+                    ) from None
+        out = json.loads(self._issue(att, name, exts))
+        return out
+
+    def _issue(self, att: Attested, name: str, exts: list[tuple[str, bytes]]) -> bytes:
+        assert self.manifest is not None and self.ca is not None
+        spec = self.manifest.secrets[name]
+        try:
+            cert = self.ca.issue(att.key.raw_value if isinstance(att.key.raw_value, ec.EllipticCurvePublicKey)
+                                 else att.key.raw_value, common_name=att.workload,
+                                 dns_names=spec.dns_names, ip_addresses=spec.ip_addresses,
+                                 validity_days=spec.validity_days, extensions=exts)
+        except CertificateRequestError as e:
+            raise BadRequest(str(e)) from None
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        self.record("certificate", {"certificate": name, "workload": att.workload,
+                                    "serial": format(cert.serial_number, "x")})
+        return json.dumps({"certificate": pem, "ca": self.ca.cert_pem()}).encode()
+
+    # --- CA -----------------------------------------------------------------------------------
+
+    def ca_pem(self) -> str:
+        """The workload CA certificate (PEM)."""
+        self._ready()
+        assert self.ca is not None
+        return self.ca.cert_pem()
+
+    def session_values(self, name: str) -> dict[str, Any]:
+        """SCONE-CAS-compatible ``/v1/values/session=<name>`` document.
+
+        Raises:
+            NotFound (404): ``name`` is neither the manifest name nor a workload.
+        """
+        m = self._need_manifest()
+        if name != m.name and name not in m.workloads:
+            raise NotFound(f"session {name!r} is not known")
+        return {"values": {"api_ca_cert": {"value": self.ca_pem()}}}
+
+    # --- status, audit, recovery --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Public status: mode, manifest version/digest, broker measurement."""
+        out: dict[str, Any] = {"mode": self.mode,
+                               "broker_measurement": self.state.identity.measurement.hex()}
+        if self.mode == "ready":
+            out["manifest_version"] = self.manifest_version
+            out["manifest_digest"] = self.manifest.digest if self.manifest else None
+        else:
+            out["reason"] = self.state.reason
+        return out
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        """All audit entries after verifying the chain.
+
+        Raises:
+            AuditChainError: naming the first broken entry.
+        """
+        self._ready()
+        assert self.audit is not None
+        return [e.as_dict() for e in self.audit.entries()]
+
+    def audit_verify(self) -> dict[str, Any]:
+        """``{"ok": bool, "entries": n}`` or ``{"ok": false, "error": "<first broken entry>"}``."""
+        self._ready()
+        assert self.audit is not None and self._audit_key is not None
+        try:
+            return {"ok": True, "entries": verify_log(self.audit, self._audit_key.public_key())}
+        except AuditChainError as e:
+            return {"ok": False, "error": str(e)}
+
+    def audit_public_key(self) -> ed25519.Ed25519PublicKey:
+        """The broker's Ed25519 audit key (public half)."""
+        self._ready()
+        assert self._audit_key is not None
+        return self._audit_key.public_key()
+
+    def recovery_info(self) -> dict[str, Any]:
+        """What a recovery client needs: encrypted shares, threshold, a fresh broker key for the
+        decrypted shares and Evidence binding that key (report_data = SHA-256 of its canonical
+        JWK, zero-padded).
+
+        Raises:
+            Conflict (409): not in recovery mode. RecoveryError (400): nothing to recover with.
+        """
+        if self.mode != "recovery":
+            raise Conflict("broker is not in recovery mode")
+        data = self.state.recovery_data()
+        jwk = protocol.public_jwk(self._recovery_key)
+        rd = hashlib.sha256(protocol.canonical_json(jwk)).digest().ljust(64, b"\x00")
+        evidence = self.attester.attest(rd).to_cmw()
+        return {"threshold": data["threshold"], "shares": data["shares"], "broker_key": jwk,
+                "evidence": evidence, "reason": self.state.reason}
+
+    def recover(self, body: Any) -> dict[str, Any]:
+        """Accept decrypted shares (each a JWE to ``broker_key``), restore and re-seal.
+
+        Raises:
+            Conflict (409): not in recovery mode. BadRequest (400): malformed body.
+            RecoveryError (400): too few or wrong shares.
+        """
+        if self.mode != "recovery":
+            raise Conflict("broker is not in recovery mode")
+        shares_in = body.get("shares") if isinstance(body, dict) else None
+        if not isinstance(shares_in, list) or len(shares_in) > 255:
+            raise BadRequest("recovery: expected {\"shares\": [<JWE>, ...]}")
+        shares = []
+        for s in shares_in:
+            try:
+                shares.append(protocol.decrypt_response(s, self._recovery_key))
+            except BrokerError:
+                raise BadRequest("recovery: a share is not a JWE to this broker's recovery key") from None
+        try:
+            self.state.recover(shares)
+        except RecoveryError:
+            log.warning("recovery attempt failed")
+            raise
+        self._recovery_key = ECKey.generate_key("P-256")
+        self._load()
+        self.record("recovery", {"shares": len(shares),
+                                 "broker_measurement": self.state.identity.measurement.hex()})
+        return self.status()
+
+
+PROTOCOL_MAJOR = protocol.PROTOCOL_VERSION.split(".")[0]
+
+
+def _keyset_json(ks: Any) -> bytes:
+    """Release form of a keyset: ``{"primary": id, "index_key": b64url, "keys": {id: b64url}}``."""
+    return json.dumps({
+        "type": "keyset", "primary": ks.primary_id, "index_key": _b64(ks.index_key),
+        "keys": {str(i): _b64(ks.key(i)) for i in ks.ids()},
+    }).encode()
+
+
+def keyset_from_json(data: bytes) -> Any:
+    """Inverse of the keyset release form → :class:`~safehold.crypto.keyset.Keyset`.
+
+    Raises:
+        BrokerError: malformed document.
+    """
+    from safehold.crypto.keyset import Keyset
+
+    try:
+        obj = json.loads(data)
+        return Keyset({int(k): _unb64(v) for k, v in obj["keys"].items()}, int(obj["primary"]),
+                      _unb64(obj["index_key"]))
+    except (ValueError, KeyError, TypeError, SafeholdError) as e:
+        raise BrokerError(f"keyset resource is malformed ({type(e).__name__})") from None
+
+
+def cert_from_json(data: bytes) -> tuple[x509.Certificate, str]:
+    """Parse a certificate resource → (leaf certificate, CA PEM)."""
+    obj = json.loads(data)
+    return x509.load_pem_x509_certificate(obj["certificate"].encode()), obj["ca"]

@@ -1,0 +1,371 @@
+"""Broker state: the sealed master key, the state keyset, encrypted objects, recovery shares.
+
+Key hierarchy (DESIGN.md → Keys)::
+
+    sealing key   = HKDF(platform secret, purpose="seal", context=broker measurement)  (TEE-bound)
+    master key    = 32 random bytes, stored only sealed:  envelope(sealing key, master)
+    state KEK     = HKDF(master, purpose="broker-state-kek")
+    state keyset  = Keyset (AES-256-GCM), stored wrapped under the state KEK
+    objects       = envelope(state keyset, value, aad = namespace || row key)
+
+Rows in the store namespace :data:`NAMESPACE`:
+
+* ``m/sealed``   — JSON ``{"v": 1, "measurement": hex, "blob": base64url(envelope)}``;
+* ``m/keyset``   — the wrapped state keyset (safehold.crypto.keyset wrap format);
+* ``m/recovery`` — JSON ``{"threshold": k, "shares": {key name: JWE compact}}``, each JWE
+  (RFC 7516, ``RSA-OAEP-256`` + ``A256GCM``) encrypting one Shamir share (pyshamir, GF(256))
+  of the master key to one recovery public key;
+* ``o/<24-byte HMAC blind index of kind/name>`` — encrypted objects (manifest versions, secrets,
+  CA key, signing keys), so the database sees neither names nor values.
+
+If ``m/sealed`` does not open with this TEE's sealing key (the broker's measurement changed, or
+the database moved to another host), :meth:`BrokerState.open` reports recovery mode; k shares
+restore the master key (:meth:`BrokerState.recover`), which is then re-sealed to the new identity.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pyshamir
+from cryptography.hazmat.primitives import serialization
+from joserfc import jwe
+from joserfc.errors import JoseError
+from joserfc.jwk import RSAKey
+
+from safehold.crypto.envelope import open_envelope, seal
+from safehold.crypto.kdf import derive_key
+from safehold.crypto.keyset import Keyset
+from safehold.errors import (
+    BrokerError,
+    ConflictError,
+    CryptoError,
+    EnvelopeFormatError,
+    SealingError,
+)
+from safehold.store.base import Store
+
+NAMESPACE = "safehold.broker"
+AUDIT_NAMESPACE = "safehold.broker.audit"
+MASTER_KEY_LEN = 32
+_SEALED = b"m/sealed"
+_KEYSET = b"m/keyset"
+_RECOVERY = b"m/recovery"
+_SEAL_AAD = b"safehold-broker-master-key-v1"
+_SHARE_ALG = {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
+
+
+class RecoveryError(BrokerError):
+    """Recovery failed: too few or wrong shares, or no recovery data stored."""
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def _single_key_keyset(key: bytes) -> Keyset:
+    # key id 1, a fixed index key: only used for one envelope, never for blind indexes.
+    return Keyset({1: key}, 1, b"\x00" * 32)
+
+
+@dataclass(frozen=True)
+class SealingIdentity:
+    """What the master key is sealed to.
+
+    Attributes:
+        secret: the TEE's sealing secret (simulated: the platform key material; hardware: an
+            SGX/SNP derived key). Never logged.
+        measurement: the broker's own measurement (48 bytes for the simulated TEE).
+    """
+
+    secret: bytes
+    measurement: bytes
+
+    def sealing_key(self) -> bytes:
+        """``HKDF(secret, purpose="seal", context=measurement)``, 32 bytes (RFC 5869)."""
+        return derive_key(self.secret, purpose="seal", context=self.measurement)
+
+
+def simulated_sealing_identity(attester: Any) -> SealingIdentity:
+    """The sealing identity of a :class:`~safehold.attestation.attesters.simulated.SimulatedAttester`.
+
+    The simulated platform secret is the simulated platform's private key file in its data
+    directory (what fused keys are on hardware: present on this host only). An attester that
+    offers ``sealing_secret()`` is asked instead.
+
+    Raises:
+        SealingError: the platform secret cannot be read.
+    """
+    getter = getattr(attester, "sealing_secret", None)
+    if callable(getter):
+        secret = getter()
+    else:
+        try:
+            secret = (attester.dir / "platform.key").read_bytes()
+        except OSError as e:
+            raise SealingError(f"simulated platform secret unreadable: {e.strerror}") from None
+    return SealingIdentity(secret=bytes(secret), measurement=attester.measurement.digest)
+
+
+class BrokerState:
+    """Encrypted broker state in a store. Create with :meth:`open`.
+
+    Attributes:
+        mode: ``"ready"`` (master key unsealed) or ``"recovery"`` (sealed blob does not open).
+        created: True if this call created fresh state (first start).
+    """
+
+    def __init__(self, store: Store, identity: SealingIdentity):
+        self.store = store
+        self.identity = identity
+        self.mode = "recovery"
+        self.created = False
+        self.reason = ""
+        self._keyset: Keyset | None = None
+        self._master: bytes | None = None
+        self._lock = threading.Lock()
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, store: Store, identity: SealingIdentity) -> BrokerState:
+        """Unseal existing state, create it on first start, or enter recovery mode.
+
+        Raises:
+            StoreError: the store failed.
+            EnvelopeFormatError: the stored state is structurally corrupt.
+        """
+        st = cls(store, identity)
+        sealed = store.get(NAMESPACE, _SEALED)
+        if sealed is None:
+            if store.get(NAMESPACE, _KEYSET) is not None:
+                st.reason = "the sealed master key row is missing but state exists"
+                return st
+            st._create()
+            return st
+        try:
+            meta = json.loads(sealed.value)
+            blob = _unb64(meta["blob"])
+        except (ValueError, KeyError, TypeError):
+            raise EnvelopeFormatError("sealed master key row is malformed") from None
+        try:
+            master = open_envelope(_single_key_keyset(identity.sealing_key()), blob, _SEAL_AAD)
+        except CryptoError:
+            sealed_to = str(meta.get("measurement", "?"))
+            st.reason = (
+                "the sealed master key does not open on this TEE identity: broker measurement "
+                f"expected {sealed_to[:16]}…, got {identity.measurement.hex()[:16]}… "
+                "(or the state moved to another host)"
+            )
+            return st
+        st._activate(master)
+        return st
+
+    def _create(self) -> None:
+        master = os.urandom(MASTER_KEY_LEN)
+        ks = Keyset.generate()
+        wrapped = ks.wrap(self._kek(master))
+        sealed = self._sealed_row(master)
+        try:
+            with self.store.transaction() as tx:
+                tx.put(NAMESPACE, _KEYSET, wrapped, expected_version=0)
+                tx.put(NAMESPACE, _SEALED, sealed, expected_version=0)
+        except ConflictError:
+            # Another replica initialised the same store first: open theirs.
+            other = BrokerState.open(self.store, self.identity)
+            self.__dict__.update(other.__dict__)
+            return
+        self.created = True
+        self._activate(master)
+
+    def _sealed_row(self, master: bytes) -> bytes:
+        blob = seal(_single_key_keyset(self.identity.sealing_key()), master, _SEAL_AAD)
+        meta = {"v": 1, "measurement": self.identity.measurement.hex(), "blob": _b64(blob)}
+        return json.dumps(meta).encode()
+
+    @staticmethod
+    def _kek(master: bytes) -> bytes:
+        return derive_key(master, purpose="broker-state-kek")
+
+    def _activate(self, master: bytes) -> None:
+        row = self.store.get(NAMESPACE, _KEYSET)
+        if row is None:
+            raise EnvelopeFormatError("broker state keyset row is missing")
+        self._keyset = Keyset.unwrap(row.value, self._kek(master))
+        self._master = master
+        self.mode = "ready"
+        self.reason = ""
+
+    def _need_ready(self) -> Keyset:
+        if self._keyset is None:
+            raise SealingError("broker is in recovery mode: state is sealed")
+        return self._keyset
+
+    # --- objects ------------------------------------------------------------------------------
+
+    def row_key(self, kind: str, name: str) -> bytes:
+        """The store key of object ``(kind, name)``: ``b"o/"`` + 24 bytes HMAC-SHA256 (RFC 2104)."""
+        ks = self._need_ready()
+        mac = hmac.new(ks.index_key, f"{kind}\x00{name}".encode(), hashlib.sha256).digest()[:24]
+        return b"o/" + mac
+
+    def _aad(self, key: bytes) -> bytes:
+        return NAMESPACE.encode() + b"\x00" + key
+
+    def seal_bytes(self, plaintext: bytes, aad: bytes) -> bytes:
+        """Envelope ``plaintext`` under the state keyset (for other namespaces, e.g. the audit log)."""
+        return seal(self._need_ready(), plaintext, aad)
+
+    def open_bytes(self, blob: bytes, aad: bytes) -> bytes:
+        """Inverse of :meth:`seal_bytes`. Raises DecryptionError / EnvelopeFormatError."""
+        return open_envelope(self._need_ready(), blob, aad)
+
+    def get(self, kind: str, name: str) -> tuple[bytes, int] | None:
+        """Return ``(plaintext, row version)`` of an object, or None.
+
+        Raises:
+            DecryptionError: the row was edited or moved in the database.
+        """
+        key = self.row_key(kind, name)
+        row = self.store.get(NAMESPACE, key)
+        if row is None:
+            return None
+        return open_envelope(self._need_ready(), row.value, self._aad(key)), row.version
+
+    def get_json(self, kind: str, name: str) -> Any:
+        """:meth:`get` decoded as JSON, or None."""
+        got = self.get(kind, name)
+        return None if got is None else json.loads(got[0])
+
+    def put(self, kind: str, name: str, value: bytes, *, expected_version: int) -> int:
+        """Compare-and-set an object (0 = must not exist). Returns the new version.
+
+        Raises:
+            ConflictError: someone else wrote it first.
+        """
+        key = self.row_key(kind, name)
+        return self.store.put(NAMESPACE, key, seal(self._need_ready(), value, self._aad(key)),
+                              expected_version=expected_version)
+
+    def put_many(self, items: list[tuple[str, str, bytes, int]]) -> None:
+        """Write several objects ``(kind, name, value, expected_version)`` atomically."""
+        ks = self._need_ready()
+        with self.store.transaction() as tx:
+            for kind, name, value, ver in items:
+                key = self.row_key(kind, name)
+                tx.put(NAMESPACE, key, seal(ks, value, self._aad(key)), expected_version=ver)
+
+    # --- recovery -----------------------------------------------------------------------------
+
+    def write_recovery_shares(self, keys: dict[str, str], threshold: int) -> None:
+        """Split the master key k-of-n and store each share encrypted to one recovery key.
+
+        Args:
+            keys: recovery key name → RSA public key PEM (>= 3072 bits).
+            threshold: k, 1..len(keys). With k = 1 every key receives the whole master key.
+
+        Raises:
+            SealingError: in recovery mode. StoreError: the store failed.
+        """
+        self._need_ready()
+        assert self._master is not None
+        if not keys:
+            return
+        names = sorted(keys)
+        if threshold == 1 or len(names) == 1:
+            shares = [bytes([0]) + self._master for _ in names]
+        else:
+            shares = [bytes([1]) + bytes(p) for p in pyshamir.split(self._master, len(names), threshold)]
+        out: dict[str, str] = {}
+        for name, share in zip(names, shares, strict=True):
+            jwk = RSAKey.import_key(keys[name].encode())
+            payload = json.dumps({"share": _b64(share), "key": name, "threshold": threshold}).encode()
+            out[name] = jwe.encrypt_compact(dict(_SHARE_ALG), payload, jwk,
+                                            algorithms=list(_SHARE_ALG.values()))
+        row = json.dumps({"threshold": threshold, "shares": out}).encode()
+        cur = self.store.get(NAMESPACE, _RECOVERY)
+        self.store.put(NAMESPACE, _RECOVERY, row, expected_version=cur.version if cur else 0)
+
+    def recovery_data(self) -> dict[str, Any]:
+        """The stored recovery record ``{"threshold": k, "shares": {name: JWE}}``.
+
+        Raises:
+            RecoveryError: no recovery keys were ever configured.
+        """
+        row = self.store.get(NAMESPACE, _RECOVERY)
+        if row is None:
+            raise RecoveryError("no recovery shares are stored (the manifest named no recovery keys)")
+        return json.loads(row.value)
+
+    def recover(self, shares: list[bytes]) -> None:
+        """Restore the master key from decrypted shares, check it, and re-seal it here.
+
+        Args:
+            shares: share bytes as decrypted from the recovery JWEs (``"share"`` field).
+
+        Raises:
+            RecoveryError: fewer than k shares, malformed shares, or the combined key does not
+                open the state (wrong or too few shares).
+        """
+        with self._lock:
+            if self.mode == "ready":
+                return
+            data = self.recovery_data()
+            k = int(data["threshold"])
+            distinct = list({bytes(s) for s in shares})
+            if len(distinct) < k:
+                raise RecoveryError(f"recovery needs {k} distinct shares, got {len(distinct)}")
+            if any(len(s) < 2 or s[0] not in (0, 1) for s in distinct):
+                raise RecoveryError("a recovery share is malformed")
+            if distinct[0][0] == 0:
+                master = distinct[0][1:]
+            else:
+                try:
+                    master = bytes(pyshamir.combine([bytearray(s[1:]) for s in distinct]))
+                except ValueError as e:
+                    raise RecoveryError(f"recovery shares do not combine: {e}") from None
+            if len(master) != MASTER_KEY_LEN:
+                raise RecoveryError("recovered master key has the wrong length")
+            row = self.store.get(NAMESPACE, _KEYSET)
+            if row is None:
+                raise RecoveryError("broker state keyset is missing; nothing to recover")
+            try:
+                Keyset.unwrap(row.value, self._kek(master))
+            except CryptoError:
+                raise RecoveryError(
+                    "the recovered master key does not open the broker state (wrong or too few shares)"
+                ) from None
+            cur = self.store.get(NAMESPACE, _SEALED)
+            self.store.put(NAMESPACE, _SEALED, self._sealed_row(master),
+                           expected_version=cur.version if cur else 0)
+            self._activate(master)
+
+
+def decrypt_share(jwe_compact: str, private_key_pem: bytes) -> bytes:
+    """Decrypt one recovery share JWE with a recovery private key (PEM, unencrypted).
+
+    Returns:
+        The share bytes to hand to :meth:`BrokerState.recover`.
+
+    Raises:
+        RecoveryError: the key cannot be loaded or does not decrypt this share.
+    """
+    try:
+        serialization.load_pem_private_key(private_key_pem, password=None)
+        key = RSAKey.import_key(private_key_pem)
+        obj = jwe.decrypt_compact(jwe_compact, key, algorithms=[_SHARE_ALG["alg"], _SHARE_ALG["enc"]])
+        payload = json.loads(obj.plaintext or b"")
+        return _unb64(payload["share"])
+    except (JoseError, ValueError, KeyError, TypeError) as e:
+        raise RecoveryError(f"recovery share does not decrypt with this key ({type(e).__name__})") from None

@@ -1,0 +1,323 @@
+"""``safehold broker …``: run the key broker, manage its manifest, audit log and recovery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from safehold.errors import BrokerError, SafeholdError
+
+_URL = click.option("--url", default=lambda: os.environ.get("SAFEHOLD_BROKER_URL", "https://127.0.0.1:8443"),
+                    show_default="$SAFEHOLD_BROKER_URL or https://127.0.0.1:8443", help="Broker base URL.")
+_CACERT = click.option("--cacert", type=click.Path(dir_okay=False), default=None,
+                       help="Broker CA certificate (PEM) to verify TLS; default <data-dir>/ca.pem if given.")
+_TOKEN = click.option("--token", default=lambda: os.environ.get("SAFEHOLD_BROKER_TOKEN"),
+                      help="User bearer token (or $SAFEHOLD_BROKER_TOKEN).")
+
+
+def _http(url: str, cacert: str | None, *, insecure: bool = False) -> Any:
+    import httpx
+
+    verify: Any = False if insecure else (cacert or True)
+    return httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=30.0)
+
+
+def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
+    import httpx
+
+    try:
+        r = client.request(method, path, **kw)
+    except httpx.HTTPError as e:
+        raise BrokerError(f"broker unreachable: {type(e).__name__}: {e}") from None
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text[:300]
+        raise BrokerError(f"{method} {path}: {r.status_code}: {detail}")
+    return r.json()
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@click.group("broker")
+def broker() -> None:
+    """Key broker service (KBS): attestation-gated secrets, workload CA, audit, recovery."""
+
+
+@broker.command("serve")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Broker data directory.")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Manifest (TOML/JSON) to install if none is set yet.")
+@click.option("--store", "store_url", default=None, help="Store URL (default sqlite in the data dir).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8443, show_default=True, type=int)
+@click.option("--nonce-ttl", default=300, show_default=True, type=int, help="Challenge lifetime, s.")
+@click.option("--token-ttl", default=600, show_default=True, type=int, help="EAR token lifetime, s.")
+@click.option("--max-body", default=1024 * 1024, show_default=True, type=int, help="Body limit, bytes.")
+@click.option("--tls-name", multiple=True, help="Extra DNS name/IP for the broker's TLS certificate.")
+@click.option("--no-tls", is_flag=True, help="Serve plain HTTP (development only).")
+@click.option("--static-value", default=None, hidden=True, help="Serve GET /static (benchmark baseline).")
+def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, host: str, port: int,
+              nonce_ttl: int, token_ttl: int, max_body: int, tls_name: tuple[str, ...], no_tls: bool,
+              static_value: str | None) -> None:
+    """Start the broker (unseals its master key; recovery mode if that fails)."""
+    import logging
+
+    from safehold.broker.server import open_broker, serve
+    from safehold.broker.service import BrokerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    b = open_broker(data_dir, store_url, manifest_path=manifest_path,
+                    config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
+    scheme = "http" if no_tls else "https"
+    click.echo(json.dumps({"listening": f"{scheme}://{host}:{port}", **b.status()}), err=True)
+    serve(b, host=host, port=port, tls=not no_tls, tls_names=list(tls_name), max_body=max_body,
+          static_value=static_value.encode() if static_value is not None else None)
+
+
+@broker.command("status")
+@_URL
+@_CACERT
+@click.option("--insecure", is_flag=True, help="Do not verify TLS (e.g. a broker in recovery mode).")
+def status_cmd(url: str, cacert: str | None, insecure: bool) -> None:
+    """Print the broker's mode, manifest version and measurement."""
+    with _http(url, cacert, insecure=insecure) as c:
+        click.echo(json.dumps(_call(c, "GET", "/status"), indent=2))
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+@broker.group("manifest")
+def manifest_grp() -> None:
+    """Set, update (signed) and show the manifest."""
+
+
+def _load(path: str) -> Any:
+    from safehold.broker.manifest import load_manifest
+
+    p = Path(path)
+    return load_manifest(p.read_bytes(), filename=str(p), base_dir=p.resolve().parent)
+
+
+@manifest_grp.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+def manifest_check(path: str) -> None:
+    """Validate a manifest file and print its digest."""
+    m = _load(path)
+    click.echo(json.dumps({"ok": True, "digest": m.digest, "workloads": sorted(m.workloads),
+                           "secrets": sorted(m.secrets)}))
+
+
+@manifest_grp.command("set")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@_URL
+@_CACERT
+def manifest_set(path: str, url: str, cacert: str | None) -> None:
+    """Install the FIRST manifest (later changes need `manifest update`)."""
+    m = _load(path)
+    with _http(url, cacert) as c:
+        click.echo(json.dumps(_call(c, "POST", "/admin/manifest", content=m.to_json(),
+                                    headers={"content-type": "application/json"})))
+
+
+@manifest_grp.command("update")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--signer", required=True, help="Owner user name in the current manifest.")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The owner's private signing key (PEM).")
+@click.option("--version", "version", type=int, default=None, help="New version (default current + 1).")
+@_URL
+@_CACERT
+@_TOKEN
+def manifest_update(path: str, signer: str, key_path: str, version: int | None, url: str,
+                    cacert: str | None, token: str | None) -> None:
+    """Sign PATH as the next manifest version with an owner key and install it."""
+    from safehold.broker.manifest import sign_update
+
+    m = _load(path)
+    with _http(url, cacert) as c:
+        if version is None:
+            version = int(_call(c, "GET", "/status")["manifest_version"]) + 1
+        sig = sign_update(m, version, Path(key_path).read_bytes())
+        out = _call(c, "POST", "/admin/manifest/update",
+                    json={"manifest": m.raw, "version": version, "signer": signer, "signature": sig})
+    click.echo(json.dumps(out))
+
+
+@manifest_grp.command("show")
+@click.option("--version", "version", type=int, default=None, help="Version (default current).")
+@_URL
+@_CACERT
+@_TOKEN
+def manifest_show(version: int | None, url: str, cacert: str | None, token: str | None) -> None:
+    """Print a manifest version with its signer (reader role or above)."""
+    with _http(url, cacert) as c:
+        params = {"version": version} if version is not None else {}
+        click.echo(json.dumps(_call(c, "GET", "/admin/manifest", params=params, headers=_auth(token)),
+                              indent=2))
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+
+@broker.command("set-value")
+@click.argument("name")
+@click.option("--file", "file_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Read the value from a file (default: stdin).")
+@_URL
+@_CACERT
+@_TOKEN
+def set_value(name: str, file_path: str | None, url: str, cacert: str | None, token: str | None) -> None:
+    """Supply the opaque `value` secret NAME (operator or owner role)."""
+    data = Path(file_path).read_bytes() if file_path else sys.stdin.buffer.read()
+    with _http(url, cacert) as c:
+        click.echo(json.dumps(_call(c, "PUT", f"/admin/secrets/{name}", content=data, headers=_auth(token))))
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+@broker.group("audit")
+def audit_grp() -> None:
+    """Read and verify the hash-chained, signed audit log."""
+
+
+@audit_grp.command("verify")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Verify offline from the broker's data directory (same TEE identity).")
+@click.option("--store", "store_url", default=None, help="Store URL (with --data-dir).")
+@_URL
+@_CACERT
+@_TOKEN
+def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: str | None,
+                 token: str | None) -> None:
+    """Check the chain and every signature; name the first broken entry (exit 1)."""
+    if data_dir:
+        from safehold.broker.server import open_broker
+
+        b = open_broker(data_dir, store_url)
+        try:
+            res = b.audit_verify() if b.mode == "ready" else {"ok": False, "error": b.state.reason}
+        finally:
+            b.state.store.close()
+    else:
+        with _http(url, cacert) as c:
+            res = _call(c, "GET", "/admin/audit/verify", headers=_auth(token))
+    click.echo(json.dumps(res))
+    if not res.get("ok"):
+        raise SafeholdError(f"audit log broken: {res.get('error')}")
+
+
+@audit_grp.command("show")
+@_URL
+@_CACERT
+@_TOKEN
+def audit_show(url: str, cacert: str | None, token: str | None) -> None:
+    """Print the verified audit entries as JSON lines."""
+    with _http(url, cacert) as c:
+        for e in _call(c, "GET", "/admin/audit", headers=_auth(token))["entries"]:
+            click.echo(json.dumps(e))
+
+
+# --- recovery ------------------------------------------------------------------------------------
+
+
+@broker.command("recover")
+@click.option("--key", "keys", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True),
+              help="A recovery private key (PEM); give k of them.")
+@click.option("--policy", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Appraisal policy for the broker's own Evidence (binds its recovery key).")
+@click.option("--insecure-no-attestation", is_flag=True,
+              help="Send shares without appraising the broker's Evidence (testing only).")
+@_URL
+@_CACERT
+def recover_cmd(keys: tuple[str, ...], policy: str | None, insecure_no_attestation: bool, url: str,
+                cacert: str | None) -> None:
+    """Restore a broker in recovery mode with k of the n recovery private keys."""
+    from joserfc.jwk import ECKey
+
+    from safehold.broker import protocol
+    from safehold.broker.state import decrypt_share
+
+    if not policy and not insecure_no_attestation:
+        raise click.UsageError("give --policy for the broker's Evidence (or --insecure-no-attestation)")
+    with _http(url, cacert, insecure=True) as c:  # TLS in recovery mode is self-signed; Evidence binds
+        info = _call(c, "GET", "/recovery")
+        broker_jwk = info["broker_key"]
+        if policy:
+            from safehold.attestation.evidence import Evidence
+            from safehold.attestation.policy import AppraisalPolicy
+            from safehold.attestation.verifier import Verifier
+
+            rd = hashlib.sha256(protocol.canonical_json(broker_jwk)).digest().ljust(64, b"\x00")
+            Verifier(AppraisalPolicy.from_toml(Path(policy))).appraise(
+                Evidence.from_cmw(info["evidence"]), expected_report_data=rd)
+        bkey = ECKey.import_key(broker_jwk)
+        shares = []
+        for kp in keys:
+            pem = Path(kp).read_bytes()
+            share = None
+            for jwe_compact in info["shares"].values():
+                try:
+                    share = decrypt_share(jwe_compact, pem)
+                    break
+                except SafeholdError:
+                    continue
+            if share is None:
+                raise BrokerError(f"recovery key {kp} decrypts none of the stored shares")
+            shares.append(protocol.encrypt_response(share, bkey))
+        out = _call(c, "POST", "/recovery", json={"shares": shares})
+    click.echo(json.dumps(out))
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+@broker.command("keygen")
+@click.option("--kind", type=click.Choice(["owner", "recovery", "token"]), required=True,
+              help="owner: Ed25519 signing key; recovery: RSA-3072 (RSA-OAEP-256); token: bearer token.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Write OUT.key (private, 0600) and OUT.pub; for tokens OUT holds the token.")
+def keygen(kind: str, out: str | None) -> None:
+    """Generate an owner signing key, a recovery key pair, or a user token (prints manifest values)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if kind == "token":
+        tok = secrets.token_urlsafe(32)
+        if out:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(tok + "\n")
+        click.echo(json.dumps({"token": None if out else tok,
+                               "token_sha256": hashlib.sha256(tok.encode()).hexdigest()}))
+        return
+    if not out:
+        raise click.UsageError("--out is required for key pairs")
+    key: Any = (ed25519.Ed25519PrivateKey.generate() if kind == "owner"
+                else rsa.generate_private_key(65537, 3072))
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(out + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(priv)
+    Path(out + ".pub").write_bytes(pub)
+    click.echo(json.dumps({"private": out + ".key", "public": out + ".pub"}))
+
+
+def register(group: click.Group) -> None:
+    """Add ``safehold broker`` to the root command."""
+    group.add_command(broker)
