@@ -496,3 +496,45 @@ def test_warning_free_default(engine: RecordEngine):
         warnings.simplefilter("error")
         engine.put(NS, "k", b"v")
         assert engine.get(NS, "k")[0] == b"v"
+
+
+# --- paging and batches ----------------------------------------------------------------------
+
+
+def test_list_page_walks_everything_and_can_skip_tampered(backend: Backend, engine: RecordEngine):
+    data = _fill(engine, 23)
+    got: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        page = engine.list_page(NS, after=after, limit=5)
+        got += page.keys
+        pages += 1
+        assert page.tampered == []
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert sorted(got) == sorted(data) and pages == 5
+    bad = engine.row_index(NS, "MRN-0004")
+    backend.sql("UPDATE {t} SET version = version + 1 WHERE namespace = ? AND key = ?", (SNS, bad))
+    with pytest.raises(RecordVersionMismatchError):
+        engine.list_page(NS, limit=100)
+    page = engine.list_page(NS, limit=100, skip_tampered=True)
+    assert "MRN-0004" not in page.keys and len(page.keys) == 22 and page.next_after is None
+    assert [e.row_index for e in page.tampered] == [bad.hex()]
+
+
+def test_put_many_is_atomic(backend: Backend, engine: RecordEngine):
+    assert engine.put_many(NS, [("a", b"1", None), ("b", b"2", 0), ("c", b"3", None)]) == [1, 1, 1]
+    assert engine.put_many(NS, [("a", b"1b", 1), ("d", b"4", None)]) == [2, 1]
+    # one stale version: nothing of the batch is written
+    with pytest.raises(RecordConflictError, match="expected version 1, found version 2"):
+        engine.put_many(NS, [("e", b"5", None), ("a", b"stale", 1), ("b", b"2b", 1)])
+    assert not engine.exists(NS, "e")
+    assert engine.get(NS, "a") == (b"1b", 2) and engine.get(NS, "b") == (b"2", 1)
+    assert engine.list(NS) == ["a", "b", "c", "d"]
+    assert engine.put_many(NS, []) == []
+    with pytest.raises(ValueError, match="twice"):
+        engine.put_many(NS, [("x", b"", None), ("x", b"", None)])
+    with pytest.raises(ValueError):
+        engine.put_many(NS, [("x", "str", None)])  # type: ignore[list-item]

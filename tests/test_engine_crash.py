@@ -29,7 +29,14 @@ from safehold.store import open_store
 url, ks_path, kek_hex, mode, n = sys.argv[1:6]
 ks = Keyset.unwrap(Path(ks_path).read_bytes(), bytes.fromhex(kek_hex))
 engine = RecordEngine(open_store(url), ks)
-if mode == "write":
+if mode == "batches":
+    b = 25
+    for j in range(int(n)):
+        engine.put_many("patients", [
+            (f"MRN-{i:06d}", (f"record {i} " * 40).encode(), 0) for i in range(j * b, (j + 1) * b)
+        ])
+        print(f"ack {j}", flush=True)
+elif mode == "write":
     for i in range(int(n)):
         engine.put("patients", f"MRN-{i:06d}", (f"record {i} " * 40).encode())
         print(f"ack {i}", flush=True)
@@ -102,6 +109,21 @@ def test_sigkilled_writer_loses_no_acknowledged_write(backend: Backend, tmp_path
     assert len(acked) <= len(keys) <= len(acked) + 1
     for k in keys:
         assert engine.get(NS, k)[0] == _value(int(k.split("-")[1]))
+
+
+def test_sigkilled_batch_writer_leaves_whole_batches(backend: Backend, tmp_path: Path):
+    ks = Keyset.generate()
+    proc = _spawn(backend, tmp_path, ks, "batches", 100_000)
+    acks = _kill_after(proc, 6)
+    acked = [int(line.split()[1]) for line in acks]
+    assert acked == list(range(len(acked)))
+    engine = RecordEngine(backend.open(), ks)
+    keys = engine.list(NS)  # every row authenticates
+    assert len(keys) % 25 == 0  # no half-written batch
+    assert len(acked) * 25 <= len(keys) <= (len(acked) + 1) * 25
+    assert keys == [f"MRN-{i:06d}" for i in range(len(keys))]
+    for i in range(len(keys)):
+        assert engine.get(NS, f"MRN-{i:06d}") == (_value(i), 1)
 
 
 def test_sigkilled_rekey_leaves_whole_batches_and_resumes(backend: Backend, tmp_path: Path):

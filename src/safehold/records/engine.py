@@ -65,6 +65,7 @@ from safehold.store.base import MAX_NAMESPACE, Row, Store
 
 __all__ = [
     "MAX_RECORD_KEY",
+    "ListPage",
     "RecordConflictError",
     "RecordCopiedError",
     "RecordCorruptedError",
@@ -178,6 +179,21 @@ class RekeyCounts:
     rekeyed: int = 0
     already_current: int = 0
     retried_batches: int = 0
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of :meth:`RecordEngine.list_page`.
+
+    Attributes:
+        keys: record keys of the rows that authenticated, in blind-index order.
+        next_after: cursor for the next page (the last row's 16-byte blind index), None at the end.
+        tampered: errors of rows left out (only with ``skip_tampered=True``).
+    """
+
+    keys: list[str]
+    next_after: bytes | None
+    tampered: list[RecordTamperedError]
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -492,6 +508,111 @@ class RecordEngine:
             RecordTamperedError subclasses on the first row that fails (fail closed).
         """
         return sorted(k for k, _, _ in self.items(namespace))
+
+    def list_page(
+        self, namespace: str, *, after: bytes | None = None, limit: int = 100, skip_tampered: bool = False
+    ) -> ListPage:
+        """One page of record keys, in blind-index order (not key order), for paging APIs.
+
+        Args:
+            namespace: record namespace.
+            after: the ``next_after`` of the previous page, or None for the first page.
+            limit: rows per page, 1..10000.
+            skip_tampered: leave rows that fail authentication out of ``keys`` and collect their
+                errors in ``tampered`` instead of raising on the first one.
+
+        Returns:
+            :class:`ListPage`; ``next_after`` is None on the last page.
+
+        Raises:
+            RecordTamperedError subclasses: a row failed and ``skip_tampered`` is False.
+            StoreUnavailableError, ValueError: as :meth:`get` / bad ``after`` or ``limit``.
+        """
+        sns = self._store_ns(namespace)
+        rows = self.store.scan(sns, after=after, limit=limit)
+        keys: list[str] = []
+        tampered: list[RecordTamperedError] = []
+        for row in rows:
+            try:
+                kb, _ = self._decode(row, None)
+            except RecordTamperedError as e:
+                if not skip_tampered:
+                    raise
+                tampered.append(e)
+                continue
+            keys.append(kb.decode("utf-8"))
+        return ListPage(keys, rows[-1].key if len(rows) == limit else None, tampered)
+
+    def put_many(
+        self, namespace: str, items: Iterable[tuple[str, bytes, int | None]], *, max_retries: int = 8
+    ) -> list[int]:
+        """Write several records of one namespace atomically (one store transaction).
+
+        Args:
+            namespace: record namespace.
+            items: ``(key, value, expected_version)`` triples, semantics as :meth:`put`
+                (``None`` = unconditional); each key at most once.
+            max_retries: how often a batch of only unconditional writes is redone after a
+                concurrent writer changed one of its rows.
+
+        Returns:
+            The new version of each item, in order.
+
+        Raises:
+            RecordConflictError: an ``expected_version`` is stale (nothing of the batch is
+                written), or an unconditional batch kept conflicting.
+            StoreUnavailableError: nothing of the batch was written.
+            ValueError: bad namespace, key, value or version, or a key listed twice.
+        """
+        sns = self._store_ns(namespace)
+        prepared: list[tuple[bytes, bytes, bytes, int | None]] = []
+        seen: set[bytes] = set()
+        for key, value, expected in items:
+            kb = self._key_bytes(key)
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise ValueError(f"record value must be bytes, got {type(value).__name__}")
+            if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or (
+                expected < 0
+            )):
+                raise ValueError(f"expected_version must be an int >= 0 or None, got {expected!r}")
+            row_key = self._indexer.index(sns, kb)
+            if row_key in seen:
+                raise ValueError("put_many lists one record key twice")
+            seen.add(row_key)
+            prepared.append((row_key, kb, bytes(value), expected))
+        if not prepared:
+            return []
+        self._register(sns)
+        conditional = any(e is not None for _, _, _, e in prepared)
+        for _ in range(max_retries + 1):
+            try:
+                out = []
+                with self.store.transaction() as tx:
+                    for row_key, kb, value, expected in prepared:
+                        if expected is None:
+                            row = tx.get(sns, row_key)
+                            current = 0 if row is None else row.version
+                        else:
+                            current = expected
+                        blob = self._encode(sns, row_key, current + 1, kb, value)
+                        try:
+                            out.append(tx.put(sns, row_key, blob, expected_version=current))
+                        except ConflictError as e:
+                            if expected is not None:
+                                raise self._conflict(namespace, row_key, expected, e) from None
+                            raise
+                return out
+            except RecordConflictError:
+                raise
+            except ConflictError:
+                if conditional:
+                    raise RecordConflictError(
+                        f"put_many in namespace {namespace!r} raced a concurrent writer; nothing written"
+                    ) from None
+                continue  # unconditional batch: read the new versions and redo
+        raise RecordConflictError(
+            f"put_many in namespace {namespace!r} lost {max_retries + 1} races; nothing written"
+        )
 
     # --- rotation ------------------------------------------------------------------------------
 
