@@ -334,3 +334,27 @@ def test_pg_open_store_url_schema(postgres_dsn: str, pg_schema: str) -> None:
         assert s.schema == pg_schema and s.get("ns", b"k").value == b"v"
     with pytest.raises(ValueError, match="schema must match"):
         open_store(f"{postgres_dsn}{sep}schema=bad-name")
+
+
+def test_sqlite_store_survives_fork(tmp_path) -> None:
+    """A forked child opens its own connection; the parent's keeps working afterwards."""
+    import os
+
+    s = SqliteStore(tmp_path / "fork.db")
+    try:
+        s.put("ns", b"parent", b"p", expected_version=0)
+        pid = os.fork()
+        if pid == 0:  # child: use the inherited store object, then leave without cleanup
+            code = 0
+            try:
+                s.put("ns", b"child", b"c", expected_version=0)
+                s.close()
+            except BaseException:  # noqa: BLE001 - reported through the exit code
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert s.get("ns", b"child").value == b"c"
+        assert s.put("ns", b"parent", b"p2", expected_version=1) == 2
+    finally:
+        s.close()

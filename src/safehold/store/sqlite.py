@@ -166,7 +166,8 @@ class SqliteStore(_SqliteOps, Store):
         self.timeout = float(timeout)
         self._lock = threading.Lock()
         self._local = _ThreadState()
-        self._conns: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        # (owning pid, owning thread, connection); see _prune_locked for why the pid matters.
+        self._conns: list[tuple[int, weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,19 +234,27 @@ class SqliteStore(_SqliteOps, Store):
                 conn.close()
                 raise StoreClosedError(f"SQLite store {self.path} is closed")
             self._prune_locked()
-            self._conns.append((weakref.ref(threading.current_thread()), conn))
+            self._conns.append((os.getpid(), weakref.ref(threading.current_thread()), conn))
         st.conn, st.pid, st.depth = conn, os.getpid(), 0
         return conn
 
     def _prune_locked(self) -> None:
-        """Close connections of threads that have ended (called with the lock held)."""
+        """Close connections of threads that have ended (called with the lock held).
+
+        Connections inherited through ``fork()`` are dropped without closing: closing them in
+        the child could checkpoint or unlock on behalf of the parent (SQLite FAQ: do not carry
+        a connection across fork).
+        """
+        pid = os.getpid()
         keep = []
-        for ref, conn in self._conns:
+        for owner, ref, conn in self._conns:
+            if owner != pid:
+                continue
             t = ref()
             if t is None or not t.is_alive():
                 conn.close()
             else:
-                keep.append((ref, conn))
+                keep.append((owner, ref, conn))
         self._conns = keep
 
     @contextmanager
@@ -364,7 +373,10 @@ class SqliteStore(_SqliteOps, Store):
         with self._lock:
             self._closed = True
             conns, self._conns = self._conns, []
-        for _, conn in conns:
+        pid = os.getpid()
+        for owner, _, conn in conns:
+            if owner != pid:
+                continue  # inherited through fork(): the parent's to close
             try:
                 conn.close()
             except sqlite3.Error:  # closing a broken connection: nothing left to release
