@@ -31,11 +31,12 @@ import hmac
 import io
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import cbor2
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -105,9 +106,9 @@ class RATLSIdentity:
         evidence: the Evidence inside the certificate.
     """
 
-    private_key: ec.EllipticCurvePrivateKey
+    private_key: ec.EllipticCurvePrivateKey = field(repr=False)
     certificate: x509.Certificate
-    evidence: Evidence
+    evidence: Evidence = field(repr=False)
 
     def cert_pem(self) -> bytes:
         """The certificate, PEM."""
@@ -214,10 +215,18 @@ def load_certificate(cert: bytes | x509.Certificate) -> x509.Certificate:
         raise CertificateFormatError("peer certificate is empty")
     try:
         if bytes(cert).lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(bytes(cert))
-        return x509.load_der_x509_certificate(bytes(cert))
-    except (ValueError, TypeError) as e:
+            c = x509.load_pem_x509_certificate(bytes(cert))
+        else:
+            c = x509.load_der_x509_certificate(bytes(cert))
+    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm) as e:
         raise CertificateFormatError(f"peer certificate is not X.509: {e}") from None
+    try:
+        # Parse lazily-decoded parts now, so a malformed key or date fails here, typed.
+        c.public_key()
+        c.not_valid_before_utc, c.not_valid_after_utc  # noqa: B018
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise CertificateFormatError(f"peer certificate key or validity is malformed: {e}") from None
+    return c
 
 
 def _cbor_one(data: bytes, what: str) -> object:
