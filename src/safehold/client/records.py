@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -98,17 +100,26 @@ def _batch_body(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any
 
 
 def attesting_transport(policy: Any, *, asynchronous: bool = False, **kw: Any) -> Any:
-    """Build the RA-TLS verifying httpx transport of :mod:`safehold.ratls` for ``policy``.
+    """Build the RA-TLS verifying httpx transport (:mod:`safehold.ratls.client`) for ``policy``.
 
     Args:
-        policy: an appraisal policy (``safehold.attestation.policy``) or the path of its TOML file.
+        policy: an :class:`~safehold.attestation.policy.AppraisalPolicy`, a
+            :class:`~safehold.attestation.verifier.Verifier`, or the path of a policy TOML file.
         asynchronous: return the async transport.
-        kw: passed on (e.g. client certificate, CA for the workload CA chain).
-    """
-    from safehold.ratls import client as ratls_client
+        kw: passed on to the transport (``limits``, ``expected_nonce``, ``at``).
 
-    cls = ratls_client.AsyncAttestingTransport if asynchronous else ratls_client.AttestingTransport
-    return cls(policy, **kw)
+    Raises:
+        ConfigError: the policy file cannot be read or is invalid.
+    """
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.attestation.verifier import Verifier
+    from safehold.ratls.client import AsyncRATLSTransport, RATLSTransport
+
+    if isinstance(policy, str | PathLike):
+        policy = AppraisalPolicy.from_toml(Path(policy))
+    verifier = policy if isinstance(policy, Verifier) else Verifier(policy)
+    cls = AsyncRATLSTransport if asynchronous else RATLSTransport
+    return cls(verifier, **kw)
 
 
 class RecordsClient:

@@ -62,6 +62,10 @@ class ServiceConfig:
         encryption: True; False only for the benchmark's baseline (a pass-through codec).
         ready_file: if set, a JSON file written once both ports listen (URLs, ports, pid).
         audit: keep the access audit (True by default).
+        access: the access list (``[access.tokens."<sha256 hex>"]`` name/role tables and
+            ``[access.certificates]`` CN = role), see :class:`safehold.records.api.AccessList`.
+            It is part of the measured configuration: changing who may call the service changes
+            its measurement, so the data owner's manifest must approve it.
     """
 
     data_dir: str = "./safehold-data"
@@ -79,7 +83,7 @@ class ServiceConfig:
     encryption: bool = True
     ready_file: str = ""
     audit: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    access: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
@@ -101,7 +105,7 @@ class ServiceConfig:
         env = dict(os.environ) if env is None else env
         for name in names:
             v = env.get(f"SAFEHOLD_RECORDS_{name.upper()}")
-            if v is not None and name != "extra":
+            if v is not None and name != "access":
                 data[name] = v
         cfg = cls(**data)
         for name in ("port", "scone_port"):
@@ -192,6 +196,7 @@ async def serve_apps(
         cfg = uvicorn.Config(
             app, host=host, port=port, http=PeerCertH11Protocol, lifespan="off",
             log_level="warning", access_log=False, server_header=False, timeout_keep_alive=30,
+            timeout_graceful_shutdown=5,
             ssl_context_factory=(lambda _c, _d, ctx=ctx: ctx) if ctx is not None else None,
             ssl_certfile="unused" if ctx is not None else None,
         )
@@ -216,10 +221,145 @@ async def serve_apps(
         on_ready(ports)
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
     for s in servers:
         s.should_exit = True
+    # graceful: in-flight requests finish; then idle keep-alive TLS connections are dropped
+    # without waiting for each peer's close_notify
+    _, pending = await asyncio.wait(tasks, timeout=2.0)
+    if pending:
+        for s in servers:
+            s.force_exit = True
+        _, pending = await asyncio.wait(pending, timeout=3.0)
+        for t in pending:
+            t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    waiter.cancel()
+
+
+# --- bootstrap ------------------------------------------------------------------------------
+
+
+class NoKeysError(SafeholdError):
+    """The broker refused this workload (its Evidence did not pass the manifest's policy), so
+    the service has no keys and must not serve."""
+
+    no_keys = True
+
+
+@dataclass
+class Provisioned:
+    """What arrived through attestation: the keyset, the TLS identity and the CA."""
+
+    keyset: Any
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    attester: Any
+
+
+def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str | None = None) -> Provisioned:
+    """Attest to the broker and receive the keyset and the TLS identity (KBS protocol).
+
+    The TLS certificate is issued by the broker's workload CA to the TEE key generated here,
+    and carries this workload's RA-TLS Evidence (extension 2.23.133.5.4.9, claims binding the
+    key's SubjectPublicKeyInfo), so clients can check it against a CA (``curl --cacert``) *and*
+    appraise the Evidence (the Safehold SDK).
+
+    Raises:
+        NoKeysError: the broker answered 401/403 (appraisal failed): the message carries the
+            broker's reason (which claim, expected vs. got).
+        BrokerError: the broker is unreachable or answered otherwise.
+    """
+    import hashlib
+
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+    from safehold.client.broker import BrokerClient, BrokerRefused
+    from safehold.ratls.cert import OID_TCG_DICE_TAGGED_EVIDENCE, encode_claims, encode_extension, spki_der
+
+    files = [config_path] if config_path else []
+    attester = SimulatedAttester(Path(cfg.data_dir), workload_files=files, package_root=package_root)
+    log.info("records workload measurement %s", attester.measurement.hex())
+    verify: Any = cfg.broker_ca if cfg.broker_ca else True
+    with BrokerClient(cfg.broker_url, attester, verify=verify, workload=cfg.workload) as kbs:
+        try:
+            kbs.attest()
+            keyset = kbs.get_keyset(cfg.keyset_resource.rsplit("/", 1)[-1],
+                                    repository=cfg.keyset_resource.split("/", 1)[0])
+            pub = kbs.private_key().public_key()
+            claims = encode_claims(spki_der(pub))
+            evidence = attester.attest(hashlib.sha256(claims).digest() + bytes(32))
+            ext = encode_extension(evidence, claims)
+            cert_pem, ca_pem = kbs.get_certificate(
+                cfg.tls_resource.rsplit("/", 1)[-1],
+                extensions=[(OID_TCG_DICE_TAGGED_EVIDENCE.dotted_string, ext)],
+            )
+        except BrokerRefused as e:
+            if e.status in (401, 403):
+                raise NoKeysError(f"the broker released no keys to this workload: {e.detail}") from None
+            raise
+        key_pem = kbs.private_key_pem()
+    return Provisioned(keyset, cert_pem.encode("ascii"), key_pem, ca_pem.encode("ascii"), attester)
+
+
+def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
+    """Open the store and engine and build ``(native_app, scone_app_or_None, store)``."""
+    from safehold.records.api import AccessList, create_native_app
+    from safehold.records.app import EngineKV, PatientRepository
+    from safehold.records.audit import AuditLog
+    from safehold.records.engine import RecordEngine
+    from safehold.records.scone import create_scone_app
+    from safehold.store import open_store
+
+    store = open_store(cfg.store_url)
+    codec = None
+    if not cfg.encryption:
+        import warnings
+
+        from safehold.records.codec import UnsafePlainCodec
+
+        log.warning("ENCRYPTION OFF: benchmark baseline only, never patient data")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            codec = UnsafePlainCodec()
+    engine = RecordEngine(store, prov.keyset, codec=codec)
+    audit = None
+    if cfg.audit:
+        from safehold.crypto.kdf import derive_key
+
+        audit = AuditLog(store, mac_key=derive_key(prov.keyset.index_key, purpose="records/audit-mac"))
+    repo = PatientRepository(EngineKV(engine), audit)
+    acl = AccessList.from_json(cfg.access)
+    native = create_native_app(repo, acl)
+    scone = create_scone_app(repo, acl, auth=cfg.scone_auth) if cfg.scone_port is not None else None
+    return native, scone, store
+
+
+def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
+    """Provision, open, serve until SIGINT/SIGTERM; returns the exit status (0 = clean stop)."""
+    import json
+
+    prov = provision(cfg, config_path)
+    native, scone, store = build_apps(cfg, prov)
+    ctx = ssl_context_from_pem(prov.cert_pem, prov.key_pem, client_ca_pem=prov.ca_pem)
+    listeners = [(native, cfg.host, cfg.port, ctx)]
+    if scone is not None:
+        listeners.append((scone, cfg.host, cfg.scone_port, ctx))
+
+    def ready(ports: list[int]) -> None:
+        info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",
+                "port": ports[0], "scone_port": ports[1] if len(ports) > 1 else None,
+                "measurement": prov.attester.measurement.hex()}
+        log.info("records service listening: %s", info)
+        if cfg.ready_file:
+            tmp = Path(cfg.ready_file).with_suffix(".tmp")
+            tmp.write_text(json.dumps(info), "utf-8")
+            os.replace(tmp, cfg.ready_file)
+
+    try:
+        asyncio.run(serve_apps(listeners, on_ready=ready))
+    finally:
+        store.close()
+    return 0
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -228,18 +368,20 @@ async def serve_apps(
 def main(argv: list[str] | None = None) -> int:
     """``python -m safehold.records.service --config FILE``; exit 0 on a clean stop, 2 when the
     broker refuses this workload (no keys: it never serves), 1 on other errors."""
-    ap = argparse.ArgumentParser(prog="safehold-records", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="TOML configuration file")
+    ap = argparse.ArgumentParser(prog="safehold-records", description="Safehold records service")
+    ap.add_argument("--config", help="TOML configuration file (measured as part of the workload)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from safehold.records.bootstrap import run
-
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cfg = ServiceConfig.load(args.config)
-        return run(cfg)
+        return run(cfg, args.config)
+    except NoKeysError as e:
+        log.error("records service refused to start: %s", e)
+        return 2
     except SafeholdError as e:
         log.error("records service stopped: %s", e)
-        return 2 if getattr(e, "no_keys", False) else 1
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,375 @@
+"""``safehold up``: run the key broker and the records service on this machine (development).
+
+Layout of the data directory (default ``./safehold-data``, created 0700)::
+
+    manifest.toml      the data owner's manifest: Reference Values = the measured records workload
+    records.toml       the records service's measured configuration (access list, resources)
+    policy.toml        the appraisal policy clients use for the records service's Evidence
+    tokens.json        bearer tokens (0600): admin / writer / reader
+    ca.pem             the broker's workload CA (also GET /ca, /v1/values/session=safehold)
+    up.json            URLs, paths and the admin token for `safehold patients` (0600)
+    broker/            broker state (sealed master key, SQLite), its simulated TEE
+    tee/               the records node's simulated TEE (platform key, simulated root CA)
+    records.db         the encrypted records (SQLite; or --store postgresql://…)
+
+The broker and the records service run as separate processes on loopback. The records service
+attests to the broker at start; only a workload whose measurement equals the manifest's
+Reference Value gets its keyset and TLS identity. Ctrl-C / SIGTERM stops both cleanly.
+
+Only security-relevant settings are in the measured ``records.toml``; ports, URLs and the store
+location are passed as ``SAFEHOLD_RECORDS_*`` environment variables, so changing a port does
+not change the measurement (the database is untrusted by design, its location is not a secret).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import tomli_w
+
+from safehold.errors import ConfigError, SafeholdError
+
+
+class StackError(SafeholdError):
+    """The broker or the records service did not start (names which, and why)."""
+
+
+SESSION_NAME = "safehold"
+WORKLOAD = "records"
+
+
+@dataclass
+class Stack:
+    """A running (or prepared) broker + records service pair.
+
+    Attributes:
+        data_dir: the data directory.
+        broker_port / records_port / scone_port: loopback ports.
+        procs: name → Popen of the running processes.
+        info: what ``up.json`` holds.
+    """
+
+    data_dir: Path
+    broker_port: int
+    records_port: int
+    scone_port: int | None
+    store_url: str = ""
+    package_root: str | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def broker_url(self) -> str:
+        return f"https://127.0.0.1:{self.broker_port}"
+
+    @property
+    def records_url(self) -> str:
+        return f"https://127.0.0.1:{self.records_port}"
+
+    def path(self, name: str) -> Path:
+        return self.data_dir / name
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def tokens(data_dir: Path) -> dict[str, str]:
+    """The stack's bearer tokens (created once, 256-bit random, base64url): role → token."""
+    p = data_dir / "tokens.json"
+    if p.exists():
+        return json.loads(p.read_text("utf-8"))
+    t = {role: secrets.token_urlsafe(32) for role in ("admin", "writer", "reader")}
+    _write_private(p, json.dumps(t, indent=2).encode())
+    return t
+
+
+def _sha(t: str) -> str:
+    return hashlib.sha256(t.encode("utf-8")).hexdigest()
+
+
+def records_config(tok: dict[str, str], *, encryption: bool = True,
+                   scone_auth: str = "none") -> dict[str, Any]:
+    """The measured records configuration (see :class:`safehold.records.service.ServiceConfig`)."""
+    return {
+        "workload": WORKLOAD,
+        "keyset_resource": "default/keyset/records-keyset",
+        "tls_resource": "default/certificate/records-tls",
+        "encryption": encryption,
+        "audit": True,
+        "scone_auth": scone_auth,
+        "access": {"tokens": {_sha(t): {"name": role, "role": role} for role, t in tok.items()}},
+    }
+
+
+def measure_records(data_dir: Path, config_path: Path, *,
+                    package_root: str | None = None) -> tuple[str, Path]:
+    """Measure the records workload as its simulated TEE will: ``(hex measurement, root CA path)``."""
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+
+    att = SimulatedAttester(data_dir / "tee", workload_files=[config_path], package_root=package_root)
+    return att.measurement.hex(), att.root_ca_path
+
+
+def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, records_port: int = 8700,
+            scone_port: int | None = 4996, store_url: str | None = None,
+            extra_configs: dict[str, dict[str, Any]] | None = None,
+            package_root: str | None = None) -> Stack:
+    """Create the data directory, tokens, measured config, manifest and client policy.
+
+    Args:
+        extra_configs: more measured records configurations (file name → config) whose
+            measurements the manifest also accepts (the benchmark's encryption-off service).
+        package_root: run the processes from this copy of the ``safehold`` package (tests use a
+            snapshot so that edits to the working tree cannot change the measurement mid-run).
+
+    Raises:
+        ConfigError: the manifest does not validate.
+    """
+    from safehold.broker.manifest import load_manifest
+
+    d = Path(data_dir).resolve()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tok = tokens(d)
+    cfgs = {"records.toml": records_config(tok), **(extra_configs or {})}
+    measurements = []
+    root = None
+    for name, cfg in cfgs.items():
+        p = d / name
+        p.write_text(tomli_w.dumps(cfg), "utf-8")
+        m, root = measure_records(d, p, package_root=package_root)
+        measurements.append(m)
+    assert root is not None
+    policy = {
+        "name": "safehold-records-dev",
+        "allow_simulated": True,
+        "simulated_root": str(root),
+        "reference_values": {"measurements": measurements},
+    }
+    manifest = {
+        "name": SESSION_NAME,
+        "repository": "default",
+        "workloads": {WORKLOAD: {"secrets": ["records-keyset", "records-tls"], "policy": policy}},
+        "secrets": {
+            "records-keyset": {"type": "keyset"},
+            "records-tls": {"type": "certificate", "dns_names": ["api", "localhost"],
+                            "ip_addresses": ["127.0.0.1"], "validity_days": 30},
+        },
+        "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"])}},
+    }
+    text = tomli_w.dumps(manifest)
+    load_manifest(text.encode(), filename="manifest.toml")  # fail here, clearly, not in the broker
+    (d / "manifest.toml").write_text(text, "utf-8")
+    client_policy = {**policy, "name": "safehold-records-client", "report_data": "required"}
+    (d / "policy.toml").write_text(tomli_w.dumps(client_policy), "utf-8")
+    s = Stack(d, broker_port, records_port, scone_port,
+              store_url or f"sqlite:///{d / 'records.db'}", package_root)
+    s.info = {"measurements": measurements}
+    return s
+
+
+def base_env(s: Stack) -> dict[str, str]:
+    """Environment of the child processes (PYTHONPATH pointing at ``package_root`` if set)."""
+    env = dict(os.environ)
+    if s.package_root:
+        parent = str(Path(s.package_root).resolve().parent)
+        env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _broker_cmd(s: Stack) -> list[str]:
+    return [sys.executable, "-c",
+            "import sys; from safehold.cli.broker import broker; "
+            "broker.main(sys.argv[1:], prog_name='safehold broker')",
+            "serve", "--data-dir", str(s.path("broker")), "--manifest", str(s.path("manifest.toml")),
+            "--host", "127.0.0.1", "--port", str(s.broker_port), "--tls-name", "api"]
+
+
+def records_env(s: Stack, config: str = "records.toml", *, port: int | None = None,
+                scone_port: int | None | str = "default", store_url: str | None = None,
+                ready: str = "records-ready.json") -> dict[str, str]:
+    """Environment for one records service process (the unmeasured run-time settings)."""
+    env = base_env(s)
+    sp = s.scone_port if scone_port == "default" else scone_port
+    env.update({
+        "SAFEHOLD_RECORDS_DATA_DIR": str(s.path("tee")),
+        "SAFEHOLD_RECORDS_BROKER_URL": s.broker_url,
+        "SAFEHOLD_RECORDS_BROKER_CA": str(s.path("ca.pem")),
+        "SAFEHOLD_RECORDS_STORE_URL": store_url or s.store_url,
+        "SAFEHOLD_RECORDS_PORT": str(port if port is not None else s.records_port),
+        "SAFEHOLD_RECORDS_SCONE_PORT": "none" if sp is None else str(sp),
+        "SAFEHOLD_RECORDS_READY_FILE": str(s.path(ready)),
+        "SAFEHOLD_RECORDS_HOST": "127.0.0.1",
+    })
+    return env
+
+
+def records_cmd(s: Stack, config: str = "records.toml") -> list[str]:
+    """Command line of a records service process."""
+    return [sys.executable, "-m", "safehold.records.service", "--config", str(s.path(config))]
+
+
+def _wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    ca = s.path("broker") / "ca.pem"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"broker exited with status {proc.returncode} (see {s.path('broker.log')})")
+        if ca.exists():
+            try:
+                r = httpx.get(f"{s.broker_url}/ca", verify=str(ca), timeout=2)
+                if r.status_code == 200:
+                    s.path("ca.pem").write_text(r.text, "utf-8")
+                    return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.1)
+    raise StackError(f"broker did not answer on {s.broker_url} within {timeout:.0f} s")
+
+
+def wait_records(s: Stack, proc: subprocess.Popen[bytes], ready: Path, timeout: float,
+                 log: Path | None = None) -> dict[str, Any]:
+    """Wait until a records process has written its ready file; return its content.
+
+    Raises:
+        StackError: the process exited first (e.g. status 2: the broker released no keys) or
+            the timeout passed.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready.exists():
+            with contextlib.suppress(ValueError, OSError):
+                info = json.loads(ready.read_text("utf-8"))
+                if info.get("pid") == proc.pid:
+                    return info
+        if proc.poll() is not None:
+            why = "the broker released no keys to it" if proc.returncode == 2 else "see its log"
+            raise StackError(f"records service exited with status {proc.returncode}: {why}"
+                             + (f" ({log})" if log else ""))
+        time.sleep(0.1)
+    raise StackError(f"records service did not become ready within {timeout:.0f} s")
+
+
+def start(s: Stack, *, timeout: float = 60.0) -> Stack:
+    """Start the broker, then the records service; write ``up.json``. Stops both on failure."""
+    try:
+        for name in ("records-ready.json",):
+            with contextlib.suppress(FileNotFoundError):
+                s.path(name).unlink()
+        blog = s.path("broker.log").open("ab")
+        s.procs["broker"] = subprocess.Popen(_broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=base_env(s))
+        _wait_broker(s, s.procs["broker"], timeout)
+        rlog_path = s.path("records.log")
+        rlog = rlog_path.open("ab")
+        s.procs["records"] = subprocess.Popen(records_cmd(s), env=records_env(s), stdout=rlog,
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
+    except BaseException:
+        stop(s)
+        raise
+    tok = tokens(s.data_dir)
+    s.info.update({
+        "broker_url": s.broker_url,
+        "records_url": info["records_url"],
+        "scone_url": f"https://api:{info['scone_port']}" if info.get("scone_port") else None,
+        "scone_port": info.get("scone_port"),
+        "ca": str(s.path("ca.pem")),
+        "policy": str(s.path("policy.toml")),
+        "manifest": str(s.path("manifest.toml")),
+        "store_url": s.store_url,
+        "admin_token": tok["admin"],
+        "pids": {k: p.pid for k, p in s.procs.items()},
+    })
+    _write_private(s.path("up.json"), json.dumps(s.info, indent=2).encode())
+    return s
+
+
+def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
+    """SIGTERM the records service, then the broker; SIGKILL after ``timeout``. Returns exit codes."""
+    codes: dict[str, int | None] = {}
+    for name in ("records", "broker"):
+        p = s.procs.get(name)
+        if p is None:
+            continue
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        # uvicorn re-raises the SIGTERM it handled after a graceful shutdown: that is a clean stop
+        codes[name] = 0 if p.returncode == -signal.SIGTERM else p.returncode
+    with contextlib.suppress(FileNotFoundError):
+        s.path("up.json").unlink()
+    return codes
+
+
+def print_summary(s: Stack) -> None:
+    """Print URLs, CA path and policy path."""
+    i = s.info
+    click.echo(f"broker          {i['broker_url']}")
+    click.echo(f"records API     {i['records_url']}")
+    if i.get("scone_port"):
+        sp = i["scone_port"]
+        click.echo(f"SCONE demo API  https://api:{sp}  (curl --resolve api:{sp}:127.0.0.1)")
+    click.echo(f"workload CA     {i['ca']}")
+    click.echo(f"client policy   {i['policy']}")
+    click.echo(f"manifest        {i['manifest']}")
+    click.echo(f"tokens          {s.path('tokens.json')}")
+    click.echo(f"database        {i['store_url']}")
+    click.echo(f"measurement     {i['measurements'][0]}")
+
+
+def register(group: click.Group) -> None:
+    """Add ``safehold up``."""
+
+    @group.command("up")
+    @click.option("--data-dir", default="./safehold-data", show_default=True, envvar="SAFEHOLD_DATA_DIR")
+    @click.option("--broker-port", default=8443, show_default=True)
+    @click.option("--port", "records_port", default=8700, show_default=True, help="Records API port.")
+    @click.option("--scone-port", default=4996, show_default=True, help="SCONE-compatible port (0 = off).")
+    @click.option("--store", "store_url", default=None, help="Store URL (default: sqlite in the data dir).")
+    def up(data_dir: str, broker_port: int, records_port: int, scone_port: int,
+           store_url: str | None) -> None:
+        """Start the key broker and the records service (simulated TEE) until Ctrl-C."""
+        s = prepare(data_dir, broker_port=broker_port, records_port=records_port,
+                    scone_port=scone_port or None, store_url=store_url)
+        stopping = {"flag": False}
+
+        def on_signal(signum: int, frame: object) -> None:
+            stopping["flag"] = True
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            start(s)
+            print_summary(s)
+            click.echo("running; Ctrl-C stops both")
+            while not stopping["flag"]:
+                for name, p in s.procs.items():
+                    if p.poll() is not None:
+                        raise StackError(f"{name} exited unexpectedly with status {p.returncode}")
+                time.sleep(0.2)
+        finally:
+            codes = stop(s)
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        click.echo(f"stopped ({', '.join(f'{k} exit {v}' for k, v in codes.items())})")
+
+    _ = ConfigError  # re-exported for callers catching configuration problems
