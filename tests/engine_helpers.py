@@ -43,9 +43,14 @@ class Backend:
         else:
             from safehold.store.postgres import PostgresStore
 
-            s = PostgresStore(self.dsn, schema=self.schema, max_size=4)
+            s = PostgresStore(self.dsn, schema=self.schema, max_size=4, application_name=self.app_name)
         self.stores.append(s)
         return s
+
+    @property
+    def app_name(self) -> str:
+        """PostgreSQL application_name of this backend's stores (lets a test drop exactly them)."""
+        return f"safehold-test-{self.schema}"
 
     def sql(self, stmt: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run ``stmt`` straight on the database; ``{t}`` names the rows table, ``?`` binds."""

@@ -15,6 +15,7 @@ import pytest
 
 from engine_helpers import ENGINES, Backend, make_backend
 from safehold.crypto.keyset import Keyset
+from safehold.errors import StoreUnavailableError
 from safehold.records.engine import RecordEngine
 
 NS = "patients"
@@ -23,6 +24,7 @@ CHILD = r"""
 import sys
 from pathlib import Path
 from safehold.crypto.keyset import Keyset
+from safehold.errors import StoreUnavailableError
 from safehold.records.engine import RecordEngine
 from safehold.store import open_store
 
@@ -157,3 +159,40 @@ def test_sigkilled_rekey_leaves_whole_batches_and_resumes(backend: Backend, tmp_
     assert engine.key_usage() == {new: n}
     ks.retire(old)
     assert engine.list(NS) == [f"MRN-{i:06d}" for i in range(n)]
+
+
+def test_rekey_resumes_after_dropped_postgres_connections(request, tmp_path: Path):
+    """The database drops the engine's connections in the middle of a rekey (as on a failover)."""
+    import psycopg
+
+    backend = make_backend("postgres", request, tmp_path)
+    try:
+        ks = Keyset.generate()
+        engine = RecordEngine(backend.open(), ks)
+        with engine.store.transaction():
+            for i in range(60):
+                engine.put(NS, f"MRN-{i:06d}", _value(i))
+        new = ks.add(primary=True)
+        dropped: list[int] = []
+
+        def drop_connections(_counts) -> None:
+            if dropped:
+                return
+            with psycopg.connect(backend.dsn, autocommit=True) as conn:
+                cur = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                    (backend.app_name,),
+                )
+                dropped.extend(1 for _ in cur.fetchall())
+
+        try:
+            engine.rekey(batch_size=10, progress=drop_connections)
+        except StoreUnavailableError:
+            pass  # allowed: the batch in flight was not written; resume below
+        assert dropped, "no connection was dropped: the test did not test anything"
+        for i in range(60):
+            assert engine.get(NS, f"MRN-{i:06d}")[0] == _value(i)
+        engine.rekey(batch_size=10)
+        assert engine.key_usage() == {new: 60}
+    finally:
+        backend.close()
