@@ -538,3 +538,31 @@ def test_put_many_is_atomic(backend: Backend, engine: RecordEngine):
         engine.put_many(NS, [("x", b"", None), ("x", b"", None)])
     with pytest.raises(ValueError):
         engine.put_many(NS, [("x", "str", None)])  # type: ignore[list-item]
+
+
+def test_sqlite_file_bytes_tampered_on_disk(tmp_path):
+    """An attacker with the disk flips one bit of the ciphertext inside the database file."""
+    import sqlite3
+
+    from safehold.store.sqlite import SqliteStore
+
+    path = tmp_path / "disk.db"
+    ks = Keyset.generate()
+    with SqliteStore(path) as store:
+        engine = RecordEngine(store, ks)
+        engine.put(NS, "MRN-9", b"on-disk secret " * 50)
+        idx = engine.row_index(NS, "MRN-9")
+        stored = store.get(SNS, idx).value
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    assert b"on-disk secret" not in data
+    pos = data.find(stored[-48:])
+    assert pos > 0 and data.count(stored[-48:]) == 1
+    data[pos + 10] ^= 0x20
+    path.write_bytes(bytes(data))
+    with SqliteStore(path) as store:
+        with pytest.raises(RecordCorruptedError, match="authentication failed") as ei:
+            RecordEngine(store, ks).get(NS, "MRN-9")
+        assert ei.value.row_index == idx.hex()
