@@ -89,25 +89,32 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-    def protect_path(path: str) -> str:
+    def protect_path(path: str) -> tuple[str, dict[str, str]]:
+        """Protected path and the plaintext template variables (context for the body)."""
         for rx, names in paths:
             m = rx.fullmatch(path)
             if not m:
                 continue
-            pieces, last = [], 0
+            pieces, last, plain = [], 0, {}
             for i, name in enumerate(names, start=1):
                 pieces.append(path[last : m.start(i)])
-                value = protector.protect_query(name, unquote(m.group(i)))
-                pieces.append(quote(value, safe=""))
+                try:
+                    plain[name] = unquote(m.group(i), errors="strict")
+                except UnicodeDecodeError:
+                    raise _Refused(400, "path segment is not valid UTF-8; not forwarded") from None
+                pieces.append(quote(protector.protect_query(name, plain[name]), safe=""))
                 last = m.end(i)
             pieces.append(path[last:])
-            return "".join(pieces)
-        return path
+            return "".join(pieces), plain
+        return path, {}
 
     def protect_query(query: str) -> str:
         if not query:
             return ""
-        pairs = parse_qsl(query, keep_blank_values=True)
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise _Refused(400, "query string is not valid UTF-8 form encoding; not forwarded") from None
         out = []
         for k, v in pairs:
             if protector.is_protected_field(k):
@@ -115,7 +122,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             out.append((k, v))
         return urlencode(out, quote_via=quote)
 
-    def protect_body(body: bytes, ct: str) -> bytes:
+    def protect_body(body: bytes, ct: str, ctx: dict[str, str]) -> bytes:
         if not body:
             return body
         if _is_json(ct):
@@ -124,13 +131,14 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             except (UnicodeDecodeError, ValueError):
                 raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
             if isinstance(doc, dict):
-                doc = protector.protect(doc)
+                doc = protector.protect(doc, context=ctx)
             elif isinstance(doc, list):
-                doc = [protector.protect(d) if isinstance(d, dict) else d for d in doc]
+                doc = [protector.protect(d, context=ctx) if isinstance(d, dict) else d for d in doc]
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if ct == "application/x-www-form-urlencoded":
             try:
-                pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+                pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
+                                  errors="strict")
             except (UnicodeDecodeError, ValueError):
                 raise _Refused(400, "request body is not valid form encoding; not forwarded") from None
             rec: dict[str, Any] = {}
@@ -138,18 +146,19 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                 if k in rec and protector.is_protected_field(k):
                     raise _Refused(400, f"form field {k!r} appears more than once")
                 rec[k] = v
-            return urlencode(protector.protect(rec, key_id_as_text=True), quote_via=quote).encode("ascii")
+            out = protector.protect(rec, key_id_as_text=True, context=ctx)
+            return urlencode(out, quote_via=quote).encode("ascii")
         raise _Refused(415, f"cannot inspect a request body of type {ct or 'unknown'!r}; not forwarded")
 
-    def reveal_body(body: bytes) -> bytes | None:
+    def reveal_body(body: bytes, ctx: dict[str, str]) -> bytes | None:
         try:
             doc = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return None
         if isinstance(doc, dict):
-            doc = protector.reveal(doc)
+            doc = protector.reveal(doc, context=ctx)
         elif isinstance(doc, list):
-            doc = [protector.reveal(d) if isinstance(d, dict) else d for d in doc]
+            doc = [protector.reveal(d, context=ctx) if isinstance(d, dict) else d for d in doc]
         else:
             return None
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -159,9 +168,11 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         ct = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await request.body()
         try:
-            new_path = protect_path(request.url.path)
+            # the still-encoded path: forwarded byte for byte, segments decoded strictly
+            raw_path = request.scope.get("raw_path") or request.url.path.encode("utf-8")
+            new_path, path_ctx = protect_path(raw_path.decode("latin-1"))
             new_query = protect_query(request.url.query)
-            new_body = protect_body(body, ct)
+            new_body = protect_body(body, ct, path_ctx)
         except _Refused as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         except TransformError as e:
@@ -178,7 +189,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         rct = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if content and _is_json(rct):
             try:
-                revealed = reveal_body(content)
+                revealed = reveal_body(content, path_ctx)
             except TransformError as e:
                 return JSONResponse({"error": f"cannot reveal upstream response: {e}"}, status_code=502)
             if revealed is not None:

@@ -69,10 +69,12 @@ class Protector:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _context(self, spec: FieldSpec, record: Any) -> str | None:
+    def _context(self, spec: FieldSpec, record: Any, extra: Mapping[str, str] | None) -> str | None:
         if spec.context is None:
             return None
         v = _get(record, tuple(spec.context.split(".")))
+        if (v is _MISSING or v is None or v == "") and extra:
+            v = extra.get(spec.context, _MISSING)
         if v is _MISSING or v is None or v == "":
             raise TransformError(f"field {spec.name!r}: context field {spec.context!r} is missing")
         if isinstance(v, bool) or not isinstance(v, (str, int)):
@@ -83,12 +85,15 @@ class Protector:
 
     # ---- public ----------------------------------------------------------------------------
 
-    def protect(self, record: Mapping[str, Any], *, key_id_as_text: bool = False) -> dict[str, Any]:
+    def protect(self, record: Mapping[str, Any], *, key_id_as_text: bool = False,
+                context: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Return a protected deep copy of ``record``; the input is not modified.
 
         Args:
             record: a JSON object (dict); nested objects are reached by dotted field names.
             key_id_as_text: write the key-id tag as decimal text (CSV) instead of an int.
+            context: plaintext values for context fields the record itself lacks (the HTTP
+                proxy passes path-template variables, e.g. the id in ``/patient/{id}``).
 
         Raises:
             TransformError: ``record`` is not a dict, already carries the key-id tag, or a
@@ -107,7 +112,7 @@ class Protector:
             v = _get(record, path)
             if v is _MISSING:
                 continue
-            ctx = self._context(spec, record) if spec.contextual and v not in (None, "") else None
+            ctx = self._context(spec, record, context) if spec.contextual and v not in (None, "") else None
             new = self._t[spec.name].protect(v, kid, key, ctx)
             _set(out, path, new)
             if spec.transform in self._tagged and v not in (None, ""):
@@ -118,8 +123,12 @@ class Protector:
             del out[kf]
         return out
 
-    def reveal(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    def reveal(
+        self, record: Mapping[str, Any], *, context: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """Inverse of :meth:`protect` (``mask`` stays masked); drops the key-id tag.
+
+        ``context`` as in :meth:`protect`.
 
         Raises:
             TransformError: not a dict, a tagged field without a tag (``untagged = "error"``),
@@ -145,7 +154,7 @@ class Protector:
             v = _get(out, path)
             if v is _MISSING:
                 continue
-            ctx = self._context(spec, out) if spec.contextual and v not in (None, "") else None
+            ctx = self._context(spec, out, context) if spec.contextual and v not in (None, "") else None
             _set(out, path, self._t[spec.name].reveal(v, kid, self.keyset, ctx))
         return out
 
