@@ -149,11 +149,14 @@ class _Reader:
         return struct.unpack("<I", self.take(4, what))[0]
 
 
-def parse_quote(data: bytes) -> DcapQuote:
+def parse_quote(data: bytes, *, strict_chain: bool = True) -> DcapQuote:
     """Parse a DCAP quote strictly (layout in the module docstring).
 
     Args:
         data: raw quote bytes, optionally followed by padding (ignored, counted).
+        strict_chain: require certification data type 5 with a canonical PEM chain (always
+            for verification); False only for display (``evidence inspect``) of quotes with
+            other certification data, then ``pck_pem`` is empty.
 
     Raises:
         EvidenceFormatError: wrong version / key type / TEE type / QE vendor, a length field
@@ -214,7 +217,7 @@ def parse_quote(data: bytes) -> DcapQuote:
     auth_len = s.u16("QE auth data size")
     qe_auth = s.take(auth_len, "QE auth data")
     cert_type = s.u16("PCK certification data type")
-    if cert_type != 5:
+    if cert_type != 5 and strict_chain:
         raise EvidenceFormatError(
             f"DCAP quote PCK certification data type: expected 5 (PEM chain), got {cert_type}"
         )
@@ -226,7 +229,10 @@ def parse_quote(data: bytes) -> DcapQuote:
         )
     cert = s.take(cert_len, "PCK certificate chain")
     pem = cert.rstrip(b"\x00")
-    _chain(pem)  # canonical-PEM check (cached)
+    if strict_chain:
+        _chain(pem)  # canonical-PEM check (cached)
+    elif cert_type != 5:
+        pem = b""
     return DcapQuote(
         quote=data[:end],
         trailing=len(data) - end,
@@ -456,11 +462,13 @@ class DcapVerifier:
                 raise _qvl_error(" ".join(str(e).split())) from None
             status = rep.status
             advisories = tuple(rep.advisory_ids)
-        return self._claims(q, ch, status, advisories, coll is not None)
+        return self.claims_for(q, ch, status, advisories, coll is not None)
 
-    def _claims(
-        self, q: DcapQuote, ch: _Chain, status: str | None, adv: tuple[str, ...], with_coll: bool
+    @classmethod
+    def claims_for(
+        cls, q: DcapQuote, ch: _Chain, status: str | None, adv: tuple[str, ...], with_coll: bool
     ) -> Claims:  # pragma: no cover - overridden
+        """Normalised claims of a quote (after verification, or for display)."""
         raise NotImplementedError
 
     @staticmethod

@@ -54,12 +54,13 @@ class SgxVerifier(DcapVerifier):
     tee_name: ClassVar[str] = "sgx"
     tee_code: ClassVar[int] = TEE_SGX
 
-    def _claims(
-        self, q: DcapQuote, ch: _Chain, status: str | None, adv: tuple[str, ...], with_coll: bool
+    @classmethod
+    def claims_for(
+        cls, q: DcapQuote, ch: _Chain, status: str | None, adv: tuple[str, ...], with_coll: bool
     ) -> Claims:
         b = q.body
         raw = sgx_body_fields(b)
-        raw.update(self._common_raw(q, ch, status, adv, with_coll))
+        raw.update(cls._common_raw(q, ch, status, adv, with_coll))
         flags = struct.unpack_from("<Q", b, 48)[0]
         return Claims(
             tee_type="sgx",

@@ -60,13 +60,14 @@ class TdxVerifier(DcapVerifier):
     tee_name: ClassVar[str] = "tdx"
     tee_code: ClassVar[int] = TEE_TDX
 
-    def _claims(
-        self, q: DcapQuote, ch: _Chain, status: str | None, adv: tuple[str, ...], with_coll: bool
+    @classmethod
+    def claims_for(
+        cls, q: DcapQuote, ch: _Chain, status: str | None, adv: tuple[str, ...], with_coll: bool
     ) -> Claims:
         b = q.body
         raw: dict[str, object] = dict(td_report_fields(b))
         raw["tdx_module"] = "1.5" if len(b) == 648 else "1.0"
-        raw.update(self._common_raw(q, ch, status, adv, with_coll))
+        raw.update(cls._common_raw(q, ch, status, adv, with_coll))
         attrs = struct.unpack_from("<Q", b, 120)[0]
         return Claims(
             tee_type="tdx",
