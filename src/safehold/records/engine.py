@@ -244,7 +244,7 @@ class RecordEngine:
     # --- addressing ----------------------------------------------------------------------------
 
     def _store_ns(self, namespace: str) -> str:
-        sns = self._sns.get(namespace)
+        sns = self._sns.get(namespace) if isinstance(namespace, str) else None
         if sns is None:
             if not isinstance(namespace, str) or not _NS_RE.fullmatch(namespace):
                 raise ValueError("record namespace must be non-empty ASCII letters, digits and ._:-")
