@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from conftest import free_port
-from safehold.errors import SchemaVersionError, StoreError, StoreUnavailableError
+from safehold.errors import ConflictError, SchemaVersionError, StoreError, StoreUnavailableError
 from safehold.store import Store, open_store
 from safehold.store import migrations as mig
 from safehold.store.errors import StoreCorruptError
@@ -358,3 +358,65 @@ def test_sqlite_store_survives_fork(tmp_path) -> None:
         assert s.put("ns", b"parent", b"p2", expected_version=1) == 2
     finally:
         s.close()
+
+
+def test_pg_without_checks_reads_retry_writes_do_not(postgres_dsn: str, pg_schema: str) -> None:
+    """With connection checks off, a dead pooled connection is met by the operation itself:
+    get/scan retry once on a fresh connection; put fails cleanly and writes nothing."""
+    app = f"safehold-test-{uuid.uuid4().hex[:10]}"
+    s = PostgresStore(
+        postgres_dsn, schema=pg_schema, min_size=1, max_size=1, application_name=app, check_connections=False
+    )
+    try:
+        s.put("ns", b"k", b"v", expected_version=0)
+        assert _terminate(postgres_dsn, app) == 1
+        assert s.get("ns", b"k").value == b"v"  # retried
+        assert _terminate(postgres_dsn, app) == 1
+        assert [r.key for r in s.scan("ns")] == [b"k"]  # retried
+        assert _terminate(postgres_dsn, app) == 1
+        with pytest.raises(StoreUnavailableError, match="connection dropped"):
+            s.put("ns", b"new", b"x", expected_version=0)
+        assert s.get("ns", b"new") is None
+        assert s.put("ns", b"new", b"x", expected_version=0) == 1
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "sql_value", "match"),
+    [
+        ("value", "'plain text'", "has a value of type str, not bytes"),
+        ("value", "42", "has a value of type int, not bytes"),
+        ("version", "'two'", "has an invalid version of type str"),
+        ("key", "'textkey'", "has a key of type str, not bytes"),
+    ],
+)
+def test_sqlite_wrongly_typed_columns_are_clear_errors(tmp_path, column, sql_value, match) -> None:
+    """SQLite's flexible typing lets a file editor store TEXT where BLOBs belong: clear error."""
+    p = tmp_path / "typed.db"
+    with SqliteStore(p) as s:
+        s.put("ns", b"k", b"secret-envelope", expected_version=0)
+    raw = sqlite3.connect(p, isolation_level=None)
+    raw.execute(f"UPDATE safehold_rows SET {column} = {sql_value}")
+    raw.close()
+    with SqliteStore(p) as s:
+        with pytest.raises(StoreCorruptError, match=match) as ei:
+            list(s.scan_all("ns"))
+        assert "secret" not in str(ei.value)
+        if column != "key":
+            with pytest.raises(StoreCorruptError, match=match):
+                s.get("ns", b"k")
+        if column == "version":
+            with pytest.raises(ConflictError, match="found an invalid version"):
+                s.put("ns", b"k", b"v", expected_version=1)
+
+
+def test_pg_wrongly_typed_columns_are_clear_errors(postgres_dsn: str, pg_schema: str) -> None:
+    """Someone with DDL rights changes the value column to text: clear error, no TypeError."""
+    with PostgresStore(postgres_dsn, schema=pg_schema) as s:
+        s.put("ns", b"k", b"secret-envelope", expected_version=0)
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(f'ALTER TABLE "{pg_schema}".safehold_rows ALTER COLUMN value TYPE text')
+    with PostgresStore(postgres_dsn, schema=pg_schema) as s:
+        with pytest.raises(StoreCorruptError, match="has a value of type str, not bytes"):
+            s.get("ns", b"k")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from safehold.store.base import MAX_KEY, MAX_NAMESPACE
+from safehold.store.base import MAX_KEY, MAX_NAMESPACE, Row
 
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]+")
 
@@ -86,3 +86,36 @@ def check_scan(after: object, limit: object) -> tuple[bytes | None, int]:
     if not isinstance(after, bytes | bytearray | memoryview):
         raise ValueError(f"scan 'after' must be bytes or None, got {type(after).__name__}")
     return bytes(after), limit
+
+
+def row_from_db(namespace: str, key: object, version: object, value: object, where: str) -> Row:
+    """Build a :class:`Row` from database columns, refusing wrongly typed ones.
+
+    The database is untrusted: SQLite's flexible typing lets anyone with the file store TEXT
+    or REAL in these columns, which must surface as a clear error, not a TypeError.
+
+    Raises:
+        StoreCorruptError: key/value not bytes, or version not an integer >= 1; the message
+            names the namespace and the row key (hex) or its type, never the value.
+    """
+    from safehold.store.errors import StoreCorruptError
+
+    if isinstance(key, memoryview | bytearray):
+        key = bytes(key)
+    if isinstance(value, memoryview | bytearray):
+        value = bytes(value)
+    if not isinstance(key, bytes):
+        raise StoreCorruptError(
+            f"{where}: a row in namespace {namespace!r} has a key of type {type(key).__name__}, not bytes"
+        )
+    if not isinstance(value, bytes):
+        raise StoreCorruptError(
+            f"{where}: row {key.hex()} in namespace {namespace!r} has a value of type "
+            f"{type(value).__name__}, not bytes"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StoreCorruptError(
+            f"{where}: row {key.hex()} in namespace {namespace!r} has an invalid version "
+            f"of type {type(version).__name__}"
+        )
+    return Row(namespace, key, version, value)

@@ -24,7 +24,7 @@ class VersionConflictError(ConflictError):
         self.key = bytes(key)
         self.expected = expected
         self.actual = actual
-        found = "no row" if actual == 0 else f"version {actual}"
+        found = "no row" if actual == 0 else "an invalid version" if actual < 0 else f"version {actual}"
         want = "no row (insert)" if expected == 0 else f"version {expected}"
         super().__init__(
             f"{op} conflict in namespace {namespace!r} on row {self.key.hex()}: "

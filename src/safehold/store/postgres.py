@@ -36,7 +36,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from safehold.errors import ConflictError, StoreError, StoreUnavailableError
 from safehold.store import migrations as mig
-from safehold.store._checks import check_key, check_namespace, check_scan, check_value, check_version
+from safehold.store._checks import (
+    check_key,
+    check_namespace,
+    check_scan,
+    check_value,
+    check_version,
+    row_from_db,
+)
 from safehold.store.base import Row, Store, StoreOps
 from safehold.store.errors import StoreClosedError, StoreCorruptError, VersionConflictError
 
@@ -80,7 +87,7 @@ class _PgOps(StoreOps):
         r = self._run(
             "get", lambda c: c.execute(q, (namespace, key), binary=True).fetchone(), idempotent=True
         )
-        return None if r is None else Row(namespace, key, int(r[0]), bytes(r[1]))
+        return None if r is None else row_from_db(namespace, key, r[0], r[1], self._store._where)
 
     def put(self, namespace: str, key: bytes, value: bytes, *, expected_version: int) -> int:
         """See :meth:`StoreOps.put`. Raises VersionConflictError (a ConflictError), StoreError, ValueError."""
@@ -136,7 +143,7 @@ class _PgOps(StoreOps):
             return c.execute(q["scan_after"], (namespace, after, limit), binary=True).fetchall()
 
         rows = self._run("scan", op, idempotent=True)
-        return [Row(namespace, bytes(k), int(v), bytes(val)) for k, v, val in rows]
+        return [row_from_db(namespace, k, v, val, self._store._where) for k, v, val in rows]
 
 
 class _PgTx(_PgOps):
@@ -168,6 +175,9 @@ class PostgresStore(_PgOps, Store):
         timeout: seconds to connect, and to wait for a free pooled connection.
         application_name: shown in ``pg_stat_activity`` (lets operators and tests find the
             store's sessions).
+        check_connections: check each pooled connection with an empty query when it is handed
+            out (one extra round trip; without it a write on a connection the server already
+            dropped fails with StoreUnavailableError instead of reconnecting).
 
     Raises (constructor):
         StoreUnavailableError: the server cannot be reached within ``timeout``.
@@ -188,6 +198,7 @@ class PostgresStore(_PgOps, Store):
         max_size: int = 10,
         timeout: float = 10.0,
         application_name: str = "safehold-store",
+        check_connections: bool = True,
     ):
         if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
             raise ValueError(f"schema must match [A-Za-z_][A-Za-z0-9_]{{0,62}}, got {schema!r}")
@@ -212,7 +223,7 @@ class PostgresStore(_PgOps, Store):
             max_size=max_size,
             open=False,
             timeout=self.timeout,
-            check=ConnectionPool.check_connection,
+            check=ConnectionPool.check_connection if check_connections else None,
             reconnect_timeout=max(60.0, self.timeout),
             name=f"safehold-{schema}",
             kwargs={

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from safehold.errors import StoreError, StoreUnavailableError
 from safehold.store import migrations as mig
-from safehold.store._checks import check_key, check_namespace, check_scan, check_value, check_version
+from safehold.store._checks import (
+    check_key,
+    check_namespace,
+    check_scan,
+    check_value,
+    check_version,
+    row_from_db,
+)
 from safehold.store.base import Row, Store, StoreOps
 from safehold.store.errors import StoreClosedError, StoreCorruptError, VersionConflictError
 
@@ -58,8 +65,11 @@ _BUSY, _LOCKED, _CORRUPT, _CANTOPEN, _NOTADB = 5, 6, 11, 14, 26
 
 
 def _actual_version(conn: sqlite3.Connection, namespace: str, key: bytes) -> int:
+    """Current version for a conflict message (0 = no row; -1 = not an integer: tampered)."""
     row = conn.execute(_SQL_VERSION, (namespace, key)).fetchone()
-    return 0 if row is None else int(row[0])
+    if row is None:
+        return 0
+    return row[0] if isinstance(row[0], int) else -1
 
 
 class _SqliteOps(StoreOps):
@@ -76,7 +86,7 @@ class _SqliteOps(StoreOps):
         namespace, key = check_namespace(namespace), check_key(key)
         with self._store._mapped("get"):
             r = self._conn().execute(_SQL_GET, (namespace, key)).fetchone()
-        return None if r is None else Row(namespace, key, int(r[0]), bytes(r[1]))
+        return None if r is None else row_from_db(namespace, key, r[0], r[1], self._store._where)
 
     def put(self, namespace: str, key: bytes, value: bytes, *, expected_version: int) -> int:
         """See :meth:`StoreOps.put`. Raises VersionConflictError (a ConflictError), StoreError, ValueError."""
@@ -116,7 +126,7 @@ class _SqliteOps(StoreOps):
             else:
                 cur = self._conn().execute(_SQL_SCAN_AFTER, (namespace, after, limit))
             rows = cur.fetchall()
-        return [Row(namespace, bytes(k), int(v), bytes(val)) for k, v, val in rows]
+        return [row_from_db(namespace, k, v, val, self._store._where) for k, v, val in rows]
 
 
 class _Tx(_SqliteOps):
@@ -164,6 +174,7 @@ class SqliteStore(_SqliteOps, Store):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.path = Path(path)
         self.timeout = float(timeout)
+        self._where = f"SQLite store {self.path}"
         self._lock = threading.Lock()
         self._local = _ThreadState()
         # (owning pid, owning thread, connection); see _prune_locked for why the pid matters.
