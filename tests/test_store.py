@@ -305,3 +305,15 @@ def test_roundtrip_arbitrary_keys_and_values(store: Store, items: dict[bytes, by
     for k in items:
         assert store.delete(ns, k, expected_version=1) is True
     assert store.scan(ns) == []
+
+
+def test_store_calls_inside_transaction_join_it(store: Store) -> None:
+    """On the thread holding a transaction, calls on the store itself are part of it (and
+    cannot deadlock against it)."""
+    store.put("ns", b"k", b"v1", expected_version=0)
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.put("ns", b"k", b"v2", expected_version=1)
+        assert store.get("ns", b"k").value == b"v2"  # sees the transaction's own write
+        store.put("ns", b"k", b"v3", expected_version=2)
+        raise RuntimeError("roll back")
+    assert store.get("ns", b"k") == Row("ns", b"k", 1, b"v1")
