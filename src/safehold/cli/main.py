@@ -16,7 +16,8 @@ from safehold import __version__
 from safehold.errors import SafeholdError
 
 #: Modules under ``safehold.cli`` that add commands (one per command group).
-COMMAND_MODULES: tuple[str, ...] = ('measure', 'attest', 'proxy', 'broker', 'evidence')
+COMMAND_MODULES: tuple[str, ...] = ('measure', 'attest', 'proxy', 'broker', 'evidence',
+                                    'up', 'patients', 'status', 'demo')
 
 
 class _SafeholdGroup(click.Group):

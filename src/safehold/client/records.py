@@ -144,8 +144,14 @@ class RecordsClient:
             if policy is None:
                 raise ValueError("RecordsClient needs an appraisal policy (or an attesting transport)")
             transport = attesting_transport(policy, **transport_kw)
+        self._transport = transport
         self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout,
                                   headers=_headers(token))
+
+    @property
+    def appraisal(self) -> Any:
+        """The Attestation appraisal of the most recent connection (None before the first)."""
+        return getattr(self._transport, "last_appraisal", None)
 
     def close(self) -> None:
         """Close connections."""

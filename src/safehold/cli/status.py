@@ -1,0 +1,81 @@
+"""``safehold status``: is the local stack (``safehold up``) running, and what does it serve?
+
+Reads ``<data dir>/up.json``, asks the broker for its status (over TLS pinned to the workload
+CA), attests the records service (RA-TLS appraisal under the client policy) and counts records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from safehold.errors import ConfigError, SafeholdError
+
+
+def collect(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Status of the stack in ``data_dir`` as a JSON-ready dict.
+
+    Raises:
+        ConfigError: no ``up.json`` (the stack is not running).
+    """
+    import httpx
+
+    p = Path(data_dir) / "up.json"
+    if not p.exists():
+        raise ConfigError(f"no running stack: {p} not found (start one with `safehold up`)")
+    info = json.loads(p.read_text("utf-8"))
+    out: dict[str, Any] = {"data_dir": str(Path(data_dir).resolve())}
+    try:
+        r = httpx.get(f"{info['broker_url']}/status", verify=info["ca"], timeout=5)
+        out["broker"] = {"url": info["broker_url"], "status": r.json() if r.status_code == 200
+                         else f"HTTP {r.status_code}"}
+    except httpx.HTTPError as e:
+        out["broker"] = {"url": info["broker_url"], "status": f"unreachable ({type(e).__name__})"}
+    from safehold.cli.patients import load_connection, make_client
+
+    rec: dict[str, Any] = {"url": info["records_url"]}
+    try:
+        with make_client(load_connection(data_dir)) as c:
+            rec["records"] = sum(1 for _ in c.list_ids())
+            rec["attested"] = True
+            appraisal = c.appraisal
+            if appraisal is not None:
+                rec["measurement"] = appraisal.claims.measurement.hex()
+                rec["tee_type"] = appraisal.claims.tee_type
+    except (SafeholdError, httpx.HTTPError) as e:
+        rec["attested"] = False
+        rec["error"] = str(e) or type(e).__name__
+    out["records"] = rec
+    if info.get("scone_port"):
+        out["scone_url"] = f"https://api:{info['scone_port']}"
+    return out
+
+
+def register(group: click.Group) -> None:
+    """Add ``safehold status``."""
+
+    @group.command("status")
+    @click.option("--data-dir", default="./safehold-data", show_default=True, envvar="SAFEHOLD_DATA_DIR")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def status(data_dir: str, as_json: bool) -> None:
+        """Show whether the broker and the records service of `safehold up` are up and attested."""
+        st = collect(data_dir)
+        if as_json:
+            click.echo(json.dumps(st, indent=2))
+            return
+        b = st["broker"]
+        bstat = b["status"]
+        mode = bstat.get("mode") if isinstance(bstat, dict) else bstat
+        click.echo(f"broker   {b['url']}  {mode}")
+        r = st["records"]
+        if r.get("attested"):
+            click.echo(f"records  {r['url']}  attested ({r.get('tee_type', '?')}, measurement "
+                       f"{r.get('measurement', '?')[:16]}…), {r['records']} records")
+        else:
+            click.echo(f"records  {r['url']}  NOT attested: {r.get('error')}")
+        if st.get("scone_url"):
+            click.echo(f"scone    {st['scone_url']}")
