@@ -294,3 +294,26 @@ def test_fuzz_mutated_simulated_evidence(att: SimulatedAttester, fixed_ev: Evide
     v = SimulatedVerifier(trusted_roots=[att.root_ca_pem()])
     with pytest.raises(SafeholdError):
         v.verify(replace(ev, data=bytes(raw)))
+
+
+_toml_val = st.recursive(
+    st.one_of(st.booleans(), st.integers(-5, 2**70), st.text(max_size=20),
+              st.sampled_from(["sgx", "simulated", "00" * 32, "11" * 48, "any", "nonce"])),
+    lambda ch: st.one_of(st.lists(ch, max_size=3),
+                         st.dictionaries(st.sampled_from(sorted(
+                             ["measurements", "signers", "product_ids", "min_security_version", "x"])),
+                             ch, max_size=3)),
+    max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["name", "allowed_tee_types", "debug_allowed", "report_data",
+                                        "accepted_tcb_statuses", "accepted_advisories",
+                                        "allow_simulated", "reference_values", "bogus"]),
+                       _toml_val, max_size=6))
+def test_fuzz_policy_from_dict(d) -> None:
+    try:
+        pol = AppraisalPolicy.from_dict(d)
+    except SafeholdError:
+        return
+    assert pol.measurements or pol.signers

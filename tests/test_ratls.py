@@ -282,3 +282,18 @@ def test_fuzz_mutated_certificate(ident, verifier, data) -> None:
         verify_certificate(bytes(der), verifier)
     except SafeholdError:
         pass
+
+
+def test_server_context_and_identity_files(ident, tmp_path) -> None:
+    import os
+    import ssl
+    import stat
+
+    from safehold.ratls import server_ssl_context, write_identity
+
+    cert_path, key_path = write_identity(ident, tmp_path / "tls")
+    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "tls").st_mode) == 0o700
+    assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == ident.certificate
+    ctx = server_ssl_context(ident)
+    assert isinstance(ctx, ssl.SSLContext) and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
