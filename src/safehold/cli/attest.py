@@ -22,7 +22,10 @@ def register(group: click.Group) -> None:
 
 
 def _short(s: str, width: int) -> str:
-    return s if len(s) <= width else s[: width - 1] + "…"
+    if len(s) <= width:
+        return s
+    half = (width - 1) // 2  # keep both ends: hex prefixes and "(label)" suffixes stay readable
+    return s[:half] + "…" + s[-half:]
 
 
 def render(appraisal: Appraisal, console: Console, *, full: bool = False) -> None:
