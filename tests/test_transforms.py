@@ -84,6 +84,7 @@ def test_nested_field_and_json_types(prot):
     rec = {"id": 17, "address": {"city": "München", "zip": "80331"}, "notes": {"list": [1, 2.5, None]},
            "account": 1223123}
     out = prot.protect(rec)
+    assert rec["address"] == {"city": "München", "zip": "80331"}  # input not modified
     assert out["address"]["zip"] == "80331" and out["address"]["city"] != "München"
     assert isinstance(out["account"], int) and len(str(out["account"])) == 7
     assert prot.reveal(out) == rec

@@ -16,7 +16,6 @@ primary key — correct only until the next rotation (docs/proxy.md).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,9 +39,13 @@ def _get(record: Any, path: tuple[str, ...]) -> Any:
 
 
 def _set(record: dict, path: tuple[str, ...], value: Any) -> None:
+    """Set ``value`` at ``path`` in ``record`` (a shallow copy), copying each nested object on
+    the way so the caller's input is never modified (cheaper than a deep copy per record)."""
     cur = record
     for part in path[:-1]:
-        cur = cur[part]
+        nxt = dict(cur[part])
+        cur[part] = nxt
+        cur = nxt
     cur[path[-1]] = value
 
 
@@ -63,8 +66,10 @@ class Protector:
         self.keyset = keyset
         self._t = {name: FieldTransform(spec) for name, spec in schema.fields.items()}
         specs = list(schema.fields.values())
-        self._plain = [s for s in specs if not s.contextual]
-        self._ctxual = [s for s in specs if s.contextual]
+        # (spec, path, transform) in processing order: context-free fields first
+        self._order = [(s, s.path, self._t[s.name]) for s in specs if not s.contextual] + [
+            (s, s.path, self._t[s.name]) for s in specs if s.contextual
+        ]
         self._tagged = {"fpe", "token", "date-shift"}
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -87,7 +92,7 @@ class Protector:
 
     def protect(self, record: Mapping[str, Any], *, key_id_as_text: bool = False,
                 context: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """Return a protected deep copy of ``record``; the input is not modified.
+        """Return a protected copy of ``record``; the input is not modified.
 
         Args:
             record: a JSON object (dict); nested objects are reached by dotted field names.
@@ -105,15 +110,14 @@ class Protector:
         if kf in record and record[kf] not in (None, ""):
             raise TransformError(f"record already carries key-id field {kf!r}: refusing to protect it twice")
         kid, key = self.keyset.primary_key()
-        out = copy.deepcopy(dict(record))
+        out = dict(record)
         tagged = False
-        for spec in self._plain + self._ctxual:
-            path = spec.path
+        for spec, path, tr in self._order:
             v = _get(record, path)
             if v is _MISSING:
                 continue
             ctx = self._context(spec, record, context) if spec.contextual and v not in (None, "") else None
-            new = self._t[spec.name].protect(v, kid, key, ctx)
+            new = tr.protect(v, kid, key, ctx)
             _set(out, path, new)
             if spec.transform in self._tagged and v not in (None, ""):
                 tagged = True
@@ -136,7 +140,7 @@ class Protector:
         """
         if not isinstance(record, Mapping):
             raise TransformError(f"a record must be a JSON object, got {type(record).__name__}")
-        out = copy.deepcopy(dict(record))
+        out = dict(record)
         kf = self.schema.key_id_field
         raw_kid = out.pop(kf, None)
         kid: int | None
@@ -149,13 +153,12 @@ class Protector:
                     raise ValueError
             except (TypeError, ValueError):
                 raise TransformError(f"record key-id field {kf!r} is not a key id") from None
-        for spec in self._plain + self._ctxual:
-            path = spec.path
+        for spec, path, tr in self._order:
             v = _get(out, path)
             if v is _MISSING:
                 continue
             ctx = self._context(spec, out, context) if spec.contextual and v not in (None, "") else None
-            _set(out, path, self._t[spec.name].reveal(v, kid, self.keyset, ctx))
+            _set(out, path, tr.reveal(v, kid, self.keyset, ctx))
         return out
 
     def protect_query(self, param: str, value: str) -> str:
