@@ -129,7 +129,11 @@ class Verifier:
     def evaluate_claims(self, claims: Claims, *, expected_report_data: bytes | None = None) -> Appraisal:
         """Appraise already-verified claims (no raising on failure)."""
         rows = tuple(self.policy.verdicts(claims, expected_report_data=expected_report_data))
-        warns = ("SIMULATED TEE: not hardware-protected",) if claims.tee_type == "simulated" else ()
+        warns: tuple[str, ...] = ()
+        if claims.tee_type == "simulated":
+            warns += ("SIMULATED TEE: not hardware-protected",)
+        if claims.debug:
+            warns += ("DEBUG TEE: the host can read its memory",)
         return Appraisal(claims, rows, self.policy.name, warns)
 
     def appraise(self, evidence: Evidence, *, expected_report_data: bytes | None = None,
