@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ def collect(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     info = json.loads(p.read_text("utf-8"))
     out: dict[str, Any] = {"data_dir": str(Path(data_dir).resolve())}
     try:
-        r = httpx.get(f"{info['broker_url']}/status", verify=info["ca"], timeout=5)
+        ctx = ssl.create_default_context(cafile=info["ca"])
+        r = httpx.get(f"{info['broker_url']}/status", verify=ctx, timeout=5)
         out["broker"] = {"url": info["broker_url"], "status": r.json() if r.status_code == 200
                          else f"HTTP {r.status_code}"}
     except httpx.HTTPError as e:

@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -232,7 +233,8 @@ def _wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> Non
             raise StackError(f"broker exited with status {proc.returncode} (see {s.path('broker.log')})")
         if ca.exists():
             try:
-                r = httpx.get(f"{s.broker_url}/ca", verify=str(ca), timeout=2)
+                ctx = ssl.create_default_context(cafile=str(ca))
+                r = httpx.get(f"{s.broker_url}/ca", verify=ctx, timeout=2)
                 if r.status_code == 200:
                     s.path("ca.pem").write_text(r.text, "utf-8")
                     return

@@ -1,0 +1,393 @@
+"""End to end: the key broker and the records service as real processes on loopback ports.
+
+The processes run from a snapshot of the package (copied once per module), so that edits to
+the working tree during the run cannot change the workload measurement under the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import sqlite3
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from conftest import DATA, ROOT, free_port, need_shared
+from safehold.cli.demo import scan_files, sensitive_strings
+from safehold.cli.patients import import_files
+from safehold.cli.up import prepare, records_cmd, records_env, start, stop, tokens, wait_records
+from safehold.client.records import (
+    AccessDeniedError,
+    AsyncRecordsClient,
+    PreconditionFailedError,
+    RecordsClient,
+)
+from safehold.errors import AttestationError, RecordNotFoundError, RecordTamperedError
+from safehold.records.importers import ImportItem, iter_file
+from safehold.records.scone import FIELDS
+from safehold.store.migrations import ROWS_TABLE
+
+CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
+BUNDLES = DATA / "synthea-fhir-r4-bundles-google-fhir-data-pipes"
+HL7 = DATA / "hl7-fhir-r4-patient-examples"
+
+
+def snapshot_package(dest: Path) -> Path:
+    """Copy src/safehold to ``dest/safehold`` (without byte code); return the package dir."""
+    pkg = dest / "safehold"
+    shutil.copytree(ROOT / "src" / "safehold", pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return pkg
+
+
+@pytest.fixture(scope="module")
+def pkg(tmp_path_factory):
+    return snapshot_package(tmp_path_factory.mktemp("pkg"))
+
+
+@pytest.fixture(scope="module")
+def stack(pkg, tmp_path_factory):
+    d = tmp_path_factory.mktemp("safehold-data")
+    s = prepare(d, broker_port=free_port(), records_port=free_port(), scone_port=free_port(),
+                package_root=str(pkg))
+    start(s)
+    yield s
+    stop(s)
+
+
+def client(stack, role="admin", **kw):
+    return RecordsClient(stack.records_url, token=tokens(stack.data_dir)[role],
+                         policy=stack.path("policy.toml"), **kw)
+
+
+def cactx(stack):
+    return ssl.create_default_context(cafile=str(stack.path("ca.pem")))
+
+
+def all_inputs():
+    need_shared(CSV)
+    return [CSV, *sorted(BUNDLES.glob("*.json")), *sorted(HL7.glob("Patient-*.json"))]
+
+
+def test_import_real_data_read_back_identical_db_holds_no_plaintext(stack, tmp_path):
+    files = all_inputs()
+    expected = {it.id: it.record for f in files for it in iter_file(f) if isinstance(it, ImportItem)}
+    assert len(expected) == 27 + 20 + 22
+    with client(stack) as c:
+        counts = import_files(c, files, tmp_path / "state.json")
+        assert (counts.imported, counts.failed) == (69, 0)
+        for rid, rec in expected.items():
+            assert c.get(rid).data == rec
+        assert set(c.list_ids(page=7)) >= set(expected)
+        hits = c.search(family="Mosciski958")
+        assert [h.id for h in hits] == ["3edac2e3-d223-6fae-d515-daf96ef6bc76"]
+        bundle_pat = next(r for r in expected.values() if r.get("resourceType") == "Patient"
+                          and r.get("meta", {}).get("profile"))
+        fam = bundle_pat["name"][0]["family"]
+        hits = c.search(family=fam.upper(), birthDate=bundle_pat["birthDate"])
+        assert bundle_pat["id"] in [h.id for h in hits]
+        # resume: a second run imports nothing again
+        again = import_files(c, files, tmp_path / "state.json")
+        assert again.imported == 0 and again.skipped == 69
+        fresh = import_files(c, files[:3], None)
+        assert fresh.imported == 0 and fresh.skipped == 27 + 2 and fresh.failed == 0
+    db = stack.path("records.db")
+    needles = sensitive_strings(files)
+    assert len(needles) > 150
+    found = scan_files([db, db.with_name("records.db-wal")], needles)
+    assert sum(found.values()) == 0, found
+    raw = db.read_bytes() + (db.with_name("records.db-wal").read_bytes()
+                             if db.with_name("records.db-wal").exists() else b"")
+    for s in (b"Mosciski958", b"999-17-5017", b"3edac2e3-d223-6fae-d515-daf96ef6bc76", b"Chalmers"):
+        assert s not in raw
+
+
+def _scone_ca(stack) -> str:
+    r = httpx.get(f"{stack.broker_url}/v1/values/session=safehold", verify=cactx(stack))
+    r.raise_for_status()
+    return r.json()["values"]["api_ca_cert"]["value"]
+
+
+FORM = {f: f"v-{f}" for f in FIELDS} | {"fname": "Jane", "lname": "Doe", "ssn": "999-11-2222",
+                                        "dob": "1990-01-01"}
+
+
+def test_scone_demo_flow_with_curl(stack, tmp_path):
+    ca = tmp_path / "cas-ca.pem"
+    ca.write_text(_scone_ca(stack))
+    port = stack.scone_port
+    base = ["curl", "-sS", "--cacert", str(ca), "--resolve", f"api:{port}:127.0.0.1", "-w", "\n%{http_code}"]
+    form = []
+    for k, v in FORM.items():
+        form += ["--data-urlencode", f"{k}={v}"]
+
+    def curl(*args):
+        out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=30, check=True).stdout
+        body, _, code = out.rpartition("\n")
+        return int(code), json.loads(body) if body else None
+
+    code, body = curl("-X", "POST", f"https://api:{port}/patient/patient_3", *form)
+    assert code == 200 and body["fname"] == "Jane" and body["id"] == "patient_3"
+    code, body = curl("-X", "POST", f"https://api:{port}/patient/patient_3", *form)
+    assert code == 403
+    code, body = curl(f"https://api:{port}/patient/patient_3")
+    assert code == 200 and body["lname"] == "Doe" and body["id"] == "patient_3"
+    assert isinstance(body["score"], float) and 0 <= body["score"] < 1
+    code, sc = curl(f"https://api:{port}/score/patient_3")
+    assert code == 200 and sc == {"id": "patient_3", "score": body["score"]}
+    assert curl(f"https://api:{port}/patient/nobody")[0] == 404
+    assert curl(f"https://api:{port}/score/nobody")[0] == 404
+    assert curl("-X", "POST", f"https://api:{port}/patient/p4", "-d", "fname=x")[0] == 400
+    code, health = curl(f"https://api:{port}/healthz")
+    assert code == 200 and health == {"status": "ok"}
+    code, spec = curl(f"https://api:{port}/openapi.json")
+    assert code == 200 and "/patient/{patient_id}" in spec["paths"]
+    # without the CA, curl refuses the server (TLS is really checked against the workload CA)
+    r = subprocess.run(["curl", "-sS", "--resolve", f"api:{port}:127.0.0.1", f"https://api:{port}/healthz"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    # the same record is a normal record on the native API, found by its SSN
+    with client(stack, "reader") as c:
+        assert c.get("patient_3").data == FORM
+        assert [h.id for h in c.search(identifier="999-11-2222")] == ["patient_3"]
+
+
+class _SNIAdapter(HTTPAdapter):
+    """Connect to 127.0.0.1 but verify (and send SNI for) the name ``api``, like --resolve."""
+
+    def init_poolmanager(self, *a, **kw):
+        kw["server_hostname"] = "api"
+        kw["assert_hostname"] = "api"
+        super().init_poolmanager(*a, **kw)
+
+
+def test_scone_demo_flow_with_requests(stack, tmp_path):
+    ca = tmp_path / "cas-ca.pem"
+    ca.write_text(_scone_ca(stack))
+    sess = requests.Session()
+    sess.mount("https://", _SNIAdapter())
+    url = f"https://127.0.0.1:{stack.scone_port}"
+    r = sess.post(f"{url}/patient/req_1", data=FORM, verify=str(ca), timeout=30)
+    assert r.status_code == 200, r.text
+    assert sess.post(f"{url}/patient/req_1", data=FORM, verify=str(ca), timeout=30).status_code == 403
+    r = sess.get(f"{url}/patient/req_1", verify=str(ca), timeout=30)
+    assert r.status_code == 200 and r.json()["ssn"] == "999-11-2222" and "score" in r.json()
+    assert sess.get(f"{url}/score/req_1", verify=str(ca), timeout=30).json()["id"] == "req_1"
+    assert sess.get(f"{url}/patient/none", verify=str(ca), timeout=30).status_code == 404
+
+
+def test_roles_and_tokens(stack):
+    with client(stack, "writer") as w:
+        w.put("role-test", {"resourceType": "Patient", "id": "role-test"})
+    with client(stack, "reader") as r:
+        assert r.get("role-test").version == 1
+        with pytest.raises(AccessDeniedError, match="403"):
+            r.put("role-test", {"x": 1})
+        with pytest.raises(AccessDeniedError, match="403"):
+            r.audit_verify()
+    with RecordsClient(stack.records_url, token="not-a-token", policy=stack.path("policy.toml")) as bad:
+        with pytest.raises(AccessDeniedError, match="401"):
+            bad.get("role-test")
+    with RecordsClient(stack.records_url, policy=stack.path("policy.toml")) as none:
+        with pytest.raises(AccessDeniedError, match="401"):
+            none.get("role-test")
+    with client(stack) as a:
+        assert a.audit_verify() > 3
+        with pytest.raises(RecordNotFoundError):
+            a.get("never-written")
+        with pytest.raises(PreconditionFailedError):
+            a.put("role-test", {"x": 2}, if_version=7)
+
+
+def test_healthz_reveals_nothing_and_openapi(stack):
+    # plain TLS to the native port (the workload CA authenticates it here)
+    ca = cactx(stack)
+    r = httpx.get(f"https://localhost:{stack.records_port}/healthz", verify=ca)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    spec = httpx.get(f"https://localhost:{stack.records_port}/openapi.json", verify=ca).json()
+    assert "/v1/patients/{rid}" in spec["paths"] and "/v1/patients:batch" in spec["paths"]
+
+
+def test_client_refuses_unapproved_service_before_sending(stack, tmp_path):
+    """A policy that does not approve this measurement: the client raises, and the service
+    receives nothing (its audit chain does not grow)."""
+    import tomllib
+
+    import tomli_w
+
+    pol = tomllib.loads(stack.path("policy.toml").read_text())
+    pol["reference_values"]["measurements"] = ["ab" * 48]
+    wrong = tmp_path / "wrong-policy.toml"
+    wrong.write_text(tomli_w.dumps(pol))
+    with client(stack) as a:
+        before = a.audit_verify()
+    with RecordsClient(stack.records_url, token=tokens(stack.data_dir)["admin"], policy=wrong) as c:
+        with pytest.raises(AttestationError, match="measurement"):
+            c.put("should-not-arrive", {"secret": "x"})
+    with client(stack) as a:
+        after = a.audit_verify()
+        with pytest.raises(RecordNotFoundError):
+            a.get("should-not-arrive")
+    assert after == before  # not one request of the refused connection reached the service
+
+
+def test_modified_service_gets_no_keys_and_never_serves(stack, pkg, tmp_path):
+    mod = tmp_path / "modified"
+    shutil.copytree(pkg, mod / "safehold")
+    f = mod / "safehold" / "records" / "scone.py"
+    f.write_bytes(f.read_bytes() + b"\n# one changed line\n")
+    port, sport = free_port(), free_port()
+    env = records_env(stack, port=port, scone_port=sport, ready="modified-ready.json",
+                      store_url=f"sqlite:///{tmp_path / 'm.db'}")
+    env["PYTHONPATH"] = str(mod)
+    log = tmp_path / "modified.log"
+    with log.open("wb") as lf:
+        p = subprocess.Popen(records_cmd(stack), env=env, stdout=lf, stderr=subprocess.STDOUT)
+        try:
+            assert p.wait(60) == 2
+        finally:
+            if p.poll() is None:
+                p.kill()
+    text = log.read_text()
+    assert "released no keys" in text and "measurement" in text
+    for pt in (port, sport):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", pt)) != 0
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_tampered_row_fails_alone(stack):
+    with client(stack) as c:
+        for i in range(3):
+            c.put(f"tamper-{i}", {"resourceType": "Patient", "id": f"tamper-{i}", "gender": "other"})
+        victim = next(k for k in ("tamper-0", "tamper-1", "tamper-2"))
+    conn = sqlite3.connect(stack.path("records.db"), timeout=10)
+    # find the victim's row: the one whose ciphertext changes when the record is rewritten
+    rows = dict(conn.execute(f"SELECT key, value FROM {ROWS_TABLE} WHERE namespace = 'records:patients'"))
+    with client(stack) as c:
+        c.put(victim, {"resourceType": "Patient", "id": victim, "gender": "unknown"})
+    rows2 = dict(conn.execute(f"SELECT key, value FROM {ROWS_TABLE} WHERE namespace = 'records:patients'"))
+    (key,) = [k for k in rows2 if rows.get(k) != rows2[k]]
+    val = bytearray(rows2[key])
+    val[-5] ^= 0x40
+    conn.execute(f"UPDATE {ROWS_TABLE} SET value = ? WHERE namespace = 'records:patients' AND key = ?",
+                 (bytes(val), key))
+    conn.commit()
+    conn.close()
+    with client(stack) as c:
+        with pytest.raises(RecordTamperedError, match=key.hex()):
+            c.get(victim)
+        assert c.get("tamper-1").data["gender"] == "other"
+        assert c.get("tamper-2").data["gender"] == "other"
+        ids = set(c.list_ids())
+        assert victim not in ids and {"tamper-1", "tamper-2"} <= ids
+        c.delete(victim)  # the owner can still remove the bad row
+
+
+def test_twenty_concurrent_writers_lose_no_update(stack):
+    with client(stack) as c:
+        c.put("counter", {"resourceType": "Patient", "id": "counter", "writers": []})
+    errors: list[str] = []
+
+    def writer(n: int) -> None:
+        try:
+            with client(stack, "writer") as c:
+                c.put(f"crowd-{n}", {"resourceType": "Patient", "id": f"crowd-{n}",
+                                     "name": [{"family": "Crowdson"}]})
+                for _ in range(300):
+                    rec = c.get("counter")
+                    rec.data["writers"].append(n)
+                    try:
+                        c.put("counter", rec.data, if_version=rec.version)
+                        return
+                    except PreconditionFailedError:
+                        time.sleep(0.001 * (n % 5))
+                errors.append(f"writer {n} gave up")
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=writer, args=(n,)) for n in range(20)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert errors == []
+    with client(stack) as c:
+        rec = c.get("counter")
+        assert sorted(rec.data["writers"]) == list(range(20)) and rec.version == 21
+        assert sorted(h.id for h in c.search(family="crowdson")) == sorted(f"crowd-{n}" for n in range(20))
+        c.audit_verify()
+
+
+def test_async_client(stack):
+    async def go():
+        async with AsyncRecordsClient(stack.records_url, token=tokens(stack.data_dir)["writer"],
+                                      policy=stack.path("policy.toml")) as c:
+            v = await c.put("async-1", {"resourceType": "Patient", "id": "async-1", "gender": "female"})
+            got = await c.get("async-1")
+            res = await c.batch([("async-2", {"a": 1}), ("bad id", {"a": 2})])
+            ids = [i async for i in c.list_ids(page=5)]
+            await c.delete("async-2")
+            return v, got, res, ids
+
+    v, got, res, ids = asyncio.run(go())
+    assert v == 1 and got.data["gender"] == "female"
+    assert [r["status"] for r in res] == ["created", "failed"]
+    assert "async-1" in ids and "async-2" in ids
+
+
+def test_restart_keeps_all_data(stack):
+    with client(stack) as c:
+        before = {rid: c.get(rid).data for rid in c.list_ids()}
+    assert len(before) > 60
+    codes = stop(stack)
+    assert codes == {"records": 0, "broker": 0}
+    start(stack)
+    with client(stack) as c:
+        after = {rid: c.get(rid).data for rid in c.list_ids()}
+        assert c.audit_verify() > 100
+    assert after == before
+
+
+@pytest.mark.postgres
+def test_postgres_table_holds_no_plaintext(stack, pkg, postgres_dsn, pg_schema, tmp_path):
+    import psycopg
+
+    port = free_port()
+    sep = "&" if "?" in postgres_dsn else "?"
+    url = f"{postgres_dsn}{sep}schema={pg_schema}"
+    env = records_env(stack, port=port, scone_port=None, store_url=url, ready="pg-ready.json")
+    log = tmp_path / "pg.log"
+    ready = stack.path("pg-ready.json")
+    ready.unlink(missing_ok=True)
+    with log.open("wb") as lf:
+        p = subprocess.Popen(records_cmd(stack), env=env, stdout=lf, stderr=subprocess.STDOUT)
+    try:
+        info = wait_records(stack, p, ready, 60, log)
+        files = [CSV, *sorted(BUNDLES.glob("*.json"))[:5]]
+        expected = {it.id: it.record for f in files for it in iter_file(f) if isinstance(it, ImportItem)}
+        with RecordsClient(info["records_url"], token=tokens(stack.data_dir)["admin"],
+                           policy=stack.path("policy.toml")) as c:
+            counts = import_files(c, files, None)
+            assert counts.imported == len(expected) == 32
+            for rid, rec in expected.items():
+                assert c.get(rid).data == rec
+    finally:
+        p.terminate()
+        assert p.wait(30) in (0, -15)
+    with psycopg.connect(postgres_dsn) as conn:
+        rows = conn.execute(f'SELECT namespace, key, value FROM "{pg_schema}".{ROWS_TABLE}').fetchall()
+    assert len(rows) > 32
+    dump = tmp_path / "pg-dump.bin"
+    dump.write_bytes(b"".join(bytes(ns.encode()) + bytes(k) + bytes(v) for ns, k, v in rows))
+    assert sum(scan_files([dump], sensitive_strings(files)).values()) == 0
+    assert b"Mosciski958" not in dump.read_bytes()
