@@ -174,17 +174,24 @@ def parse_report(data: bytes) -> SnpReport:
 def load_cert(blob: bytes, what: str) -> x509.Certificate:
     """Load one DER or PEM certificate (older AMD VCEKs have serial 0: warning silenced).
 
+    Every field used later is parsed here (cryptography parses lazily), so malformed
+    certificates fail with :class:`EndorsementError` rather than later.
+
     Raises:
-        EndorsementError: not a certificate.
+        EndorsementError: not a well-formed certificate.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if blob.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(blob)
-            return x509.load_der_x509_certificate(blob)
-    except ValueError:
-        raise EndorsementError(f"{what} is not an X.509 certificate (DER or PEM)") from None
+                c = x509.load_pem_x509_certificate(blob)
+            else:
+                c = x509.load_der_x509_certificate(blob)
+            _ = (c.subject, c.issuer, c.not_valid_before_utc, c.not_valid_after_utc, c.extensions)
+            c.public_key()
+            return c
+    except Exception:  # noqa: BLE001 - any parse error of untrusted DER means "malformed"
+        raise EndorsementError(f"{what} is not a well-formed X.509 certificate (DER or PEM)") from None
 
 
 def load_certs(blob: bytes, what: str) -> list[x509.Certificate]:
@@ -193,14 +200,15 @@ def load_certs(blob: bytes, what: str) -> list[x509.Certificate]:
     Raises:
         EndorsementError: no certificate could be read.
     """
+    if b"-----BEGIN" not in blob:
+        return [load_cert(blob, what)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if b"-----BEGIN" in blob:
-                return x509.load_pem_x509_certificates(blob)
-            return [x509.load_der_x509_certificate(blob)]
+            certs = x509.load_pem_x509_certificates(blob)
     except ValueError:
         raise EndorsementError(f"{what} is not a PEM certificate bundle") from None
+    return [load_cert(c.public_bytes(serialization.Encoding.DER), what) for c in certs]
 
 
 def _pkg_cert(name: str) -> x509.Certificate:
@@ -249,11 +257,13 @@ def _valid_at(c: x509.Certificate, at: datetime, name: str) -> None:
 
 
 def _issued_by(c: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if c.issuer != issuer.subject:
-        return False
     try:
-        c.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if c.issuer != issuer.subject:
+                return False
+            c.verify_directly_issued_by(issuer)
+    except Exception:  # noqa: BLE001 - bad signature, unsupported algorithm, garbled fields
         return False
     return True
 
