@@ -63,7 +63,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    raise _TooLarge(f"request body exceeds {self.limit} bytes")
             return msg
 
         try:
@@ -73,8 +73,10 @@ class BodyLimit:
             await resp(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPError):
+    """A streamed body went over the limit (413); handled like every other HTTPError."""
+
+    status = 413
 
 
 def _problem(status: int, kind: str, detail: str) -> JSONResponse:
@@ -134,7 +136,8 @@ def create_app(broker: Broker, *, max_body: int = DEFAULT_MAX_BODY, static_value
         sid, challenge = broker.auth(await _json(request))
         resp = JSONResponse(challenge)
         resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict",
-                        max_age=max(broker.config.nonce_ttl, broker.config.token_ttl))
+                        # the broker, not the cookie jar, decides expiry (and says so)
+                        max_age=broker.config.nonce_ttl + broker.config.token_ttl + 60)
         return resp
 
     @app.post("/kbs/v0/attest")

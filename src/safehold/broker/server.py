@@ -108,10 +108,20 @@ def _server_cert(broker: Broker, names: list[str]) -> tuple[bytes, bytes]:
 
 
 def ssl_context(broker: Broker, names: list[str]) -> ssl.SSLContext:
-    """A TLS 1.2+ server context with a fresh key and a certificate for ``names``."""
-    key_pem, cert_pem = _server_cert(broker, names)
+    """A TLS 1.2+ server context with a fresh key and a certificate for ``names``.
+
+    After a recovery the context switches from the self-signed recovery certificate to one from
+    the workload CA (new handshakes use it).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, broker, names)
+    broker.on_ready.append(lambda: _load_chain(ctx, broker, names))
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, broker: Broker, names: list[str]) -> None:
+    key_pem, cert_pem = _server_cert(broker, names)
     blob = cert_pem + key_pem
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("safehold-broker-tls", 0)
@@ -125,7 +135,6 @@ def ssl_context(broker: Broker, names: list[str]) -> ssl.SSLContext:
             f.write(blob)
             f.flush()
             ctx.load_cert_chain(f.name)
-    return ctx
 
 
 def serve(broker: Broker, *, host: str = "127.0.0.1", port: int = 8443, tls: bool = True,

@@ -168,6 +168,8 @@ class Broker:
         self._tokens: dict[bytes, Attested] = {}
         self._lock = threading.RLock()
         self._recovery_key = ECKey.generate_key("P-256")
+        #: Callbacks run after a successful recovery (e.g. switch the TLS certificate).
+        self.on_ready: list[Any] = []
         if state.mode == "ready":
             self._load()
 
@@ -682,6 +684,8 @@ class Broker:
             raise
         self._recovery_key = ECKey.generate_key("P-256")
         self._load()
+        for hook in self.on_ready:
+            hook()
         self.record("recovery", {"shares": len(shares),
                                  "broker_measurement": self.state.identity.measurement.hex()})
         return self.status()

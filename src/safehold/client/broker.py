@@ -67,6 +67,8 @@ class BrokerClient:
         self.workload = workload
         self._key = key or ec.generate_private_key(ec.SECP256R1())
         self._jwk = ECKey.import_key(self._key)
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
         self._verify, self._timeout = verify, timeout
         self._http = httpx.Client(base_url=self.url, verify=verify, timeout=timeout)
         self._bare: httpx.Client | None = None

@@ -1,0 +1,510 @@
+"""Key broker end to end: the broker runs as a real process on a loopback port (SQLite and
+PostgreSQL stores); workloads attest with the simulated TEE (the only TEE that exists here)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker_helpers import manifest_dict, start_broker, write_keys, write_manifest
+from conftest import ROOT
+from safehold.attestation.attesters.simulated import SimulatedAttester
+from safehold.attestation.measure import measure_workload
+from safehold.attestation.result import generate_signing_key, issue_ear
+from safehold.attestation.verifier import Appraisal
+from safehold.broker import protocol
+from safehold.client.broker import BrokerClient, BrokerRefused
+
+SRC = ROOT / "src"
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "safehold.cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=str(ROOT), timeout=120)
+
+
+@pytest.fixture(scope="session")
+def snap(tmp_path_factory) -> dict:
+    """The broker runs from a snapshot of the package: its measurement covers exactly the code
+    it runs, unaffected by edits to the working tree while the tests run."""
+    dst = tmp_path_factory.mktemp("snapshot")
+    shutil.copytree(SRC / "safehold", dst / "safehold", ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    return {"PYTHONPATH": str(dst), "root": dst}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store_kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def store_url(store_kind, tmp_path_factory, request):
+    """A fresh store URL for this module's broker: a SQLite file or a PostgreSQL schema."""
+    if store_kind == "sqlite":
+        yield "sqlite:///" + str(tmp_path_factory.mktemp("db") / "broker.db")
+        return
+    dsn = request.getfixturevalue("postgres_dsn")
+    import uuid
+
+    import psycopg
+
+    schema = f"tb_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in dsn else "?"
+    yield f"{dsn}{sep}schema={schema}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, store_url, snap):
+    """A running broker with the test manifest, the workload's attester and the keys."""
+    t = tmp_path_factory.mktemp("broker")
+    wl = SimulatedAttester(t / "workload")
+    keys = write_keys(t / "keys")
+    m = manifest_dict(measurement=wl.measurement.hex(), simulated_root=str(wl.root_ca_path), keys=keys)
+    mp = write_manifest(t / "manifest.json", m)
+    penv = {"PYTHONPATH": snap["PYTHONPATH"]}
+    b = start_broker(t / "broker", manifest=mp, store=store_url, env=penv)
+    yield {"t": t, "wl": wl, "keys": keys, "manifest": m, "manifest_path": mp, "broker": b,
+           "store_url": store_url, "penv": penv, "snap": snap["root"]}
+    b.stop()
+
+
+def _client(env, attester=None, **kw) -> BrokerClient:
+    b = env["broker"]
+    return BrokerClient(b.url, attester or env["wl"], verify=b.cacert, workload=kw.pop("workload", "records"),
+                        **kw)
+
+
+# --- release ----------------------------------------------------------------------------------
+
+
+def test_release_to_matching_workload(env):
+    b = env["broker"]
+    with _client(env) as c:
+        token = c.attest()
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        assert claims["submods"]["records"]["ear.status"] == "warning"  # simulated, never "affirming"
+        ks = c.get_keyset("records-keyset")
+        assert len(ks.primary_key()[1]) == 32
+        # the same resource again through the EAR token as bearer (no cookie)
+        ks2 = c.get_resource("default/keyset/records-keyset", use_token=True)
+        assert json.loads(ks2)["primary"] == ks.primary_id
+        cert_pem, ca_pem = c.get_certificate("records-tls")
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    ca = x509.load_pem_x509_certificate(ca_pem.encode())
+    cert.verify_directly_issued_by(ca)
+    assert cert.public_key().public_numbers() == c.private_key().public_key().public_numbers()
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"api", "localhost"}
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 7
+    with b.client() as h:
+        assert h.get("/ca").text == ca_pem == Path(b.cacert).read_text()
+        v = h.get("/v1/values/session=safehold-test").json()
+        assert v == {"values": {"api_ca_cert": {"value": ca_pem}}}
+        assert h.get("/v1/values/session=nope").status_code == 404
+
+
+def test_certificate_carries_requested_evidence_extension(env):
+    with _client(env) as c:
+        c.attest()
+        ext_value = b"\xd9\x01\x00" + os.urandom(40)  # opaque bytes: the broker copies, never parses
+        cert_pem, _ = c.get_certificate("records-tls", extensions=[("2.23.133.5.4.9", ext_value)])
+        ext = x509.load_pem_x509_certificate(cert_pem.encode()).extensions.get_extension_for_oid(
+            x509.ObjectIdentifier("2.23.133.5.4.9"))
+        assert not ext.critical and ext.value.value == ext_value
+        with pytest.raises(BrokerRefused) as e:
+            c.get_certificate("records-tls", extensions=[("1.2.3.4", b"x")])
+        assert e.value.status == 400 and "not allowed" in e.value.detail
+
+
+def test_operator_value_then_release(env):
+    b, keys = env["broker"], env["keys"]
+    with b.client() as h:
+        assert h.put("/admin/secrets/db-password", content=b"pw").status_code == 401
+        r = h.put("/admin/secrets/db-password", content=b"pw",
+                  headers={"Authorization": f"Bearer {keys['reader_token']}"})
+        assert r.status_code == 403 and "reader" in r.json()["detail"]
+        r = h.put("/admin/secrets/db-password", content=b"x" * 300,
+                  headers={"Authorization": f"Bearer {keys['operator_token']}"})
+        assert r.status_code == 400 and "max_bytes" in r.json()["detail"]
+        r = h.put("/admin/secrets/db-password", content=b"s3cret-value",
+                  headers={"Authorization": f"Bearer {keys['operator_token']}"})
+        assert r.status_code == 200, r.text
+    with _client(env) as c:
+        c.attest()
+        assert c.get_value("db-password") == b"s3cret-value"
+
+
+# --- denial -----------------------------------------------------------------------------------
+
+
+def test_wrong_measurement_is_refused_naming_the_claim(env, tmp_path):
+    cfg = tmp_path / "changed.toml"
+    cfg.write_text("x = 1\n")
+    other = SimulatedAttester(env["t"] / "workload", workload_files=[cfg])  # same platform, new code
+    assert other.measurement.hex() != env["wl"].measurement.hex()
+    with _client(env, other) as c, pytest.raises(BrokerRefused) as e:
+        c.attest()
+    assert e.value.status == 403
+    assert "measurement" in e.value.detail and other.measurement.hex() in e.value.detail
+
+
+def test_debug_evidence_is_refused(env):
+    dbg = SimulatedAttester(env["t"] / "workload", debug=True)
+    with _client(env, dbg) as c, pytest.raises(BrokerRefused) as e:
+        c.attest()
+    assert e.value.status == 403 and "debug" in e.value.detail
+
+
+def test_workload_not_named_is_tried_against_all(env):
+    with _client(env, workload=None) as c:
+        c.attest()
+        assert c.get_keyset("records-keyset") is not None
+
+
+def _auth(h: httpx.Client, **extra) -> str:
+    r = h.post("/kbs/v0/auth", json={"version": "0.1.0", "tee": "simulated",
+                                     "extra-params": {"workload": "records", **extra}})
+    assert r.status_code == 200, r.text
+    return r.json()["nonce"]
+
+
+def _jwk():
+    from joserfc.jwk import ECKey
+
+    k = ECKey.generate_key("P-256")
+    return k, protocol.public_jwk(k)
+
+
+def test_replayed_nonce_and_evidence_for_another_nonce(env):
+    wl, b = env["wl"], env["broker"]
+    with b.client() as h:
+        nonce = _auth(h)
+        k, jwk = _jwk()
+        ev = wl.attest(protocol.report_data(nonce, jwk)).to_cmw()
+        r = h.post("/kbs/v0/attest", json={"tee-pubkey": jwk, "tee-evidence": ev})
+        assert r.status_code == 200, r.text
+        # the same Attestation again on the same session: the nonce is single-use
+        r = h.post("/kbs/v0/attest", json={"tee-pubkey": jwk, "tee-evidence": ev})
+        assert r.status_code == 401 and "already used" in r.json()["detail"]
+    with b.client() as h2:
+        _auth(h2)  # new session, new nonce; replay the old Evidence
+        r = h2.post("/kbs/v0/attest", json={"tee-pubkey": jwk, "tee-evidence": ev})
+        assert r.status_code == 401 and "report_data" in r.json()["detail"]
+    with b.client() as h3:
+        nonce3 = _auth(h3)
+        _, other_jwk = _jwk()  # Evidence binds another key (relay)
+        ev3 = wl.attest(protocol.report_data(nonce3, other_jwk)).to_cmw()
+        r = h3.post("/kbs/v0/attest", json={"tee-pubkey": jwk, "tee-evidence": ev3})
+        assert r.status_code == 401
+        r = h3.get("/kbs/v0/resource/default/keyset/records-keyset")
+        assert r.status_code == 401
+
+
+def test_token_from_another_broker_and_garbage_token(env):
+    wl = env["wl"]
+    with _client(env) as c:
+        c.attest()
+        good = c.token
+    # a correctly shaped EAR for the same key, signed by another Verifier/broker key
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.attestation.verifier import Verifier
+
+    pol = AppraisalPolicy.from_dict({"allow_simulated": True, "simulated_root": str(wl.root_ca_path),
+                                     "accepted_tcb_statuses": ["UpToDate", "Simulated"],
+                                     "reference_values": {"measurements": [wl.measurement.hex()]},
+                                     "report_data": "any"})
+    appraisal: Appraisal = Verifier(pol).appraise(wl.attest(b"\0" * 64))
+    claims = json.loads(base64.urlsafe_b64decode(good.split(".")[1] + "=="))
+    nonce = base64.urlsafe_b64decode(claims["eat_nonce"] + "==")
+    forged = issue_ear(appraisal, generate_signing_key(), submod="records", nonce=nonce)
+    url = env["broker"].url + "/kbs/v0/resource/default/keyset/records-keyset"
+    ctx = ssl.create_default_context(cafile=env["broker"].cacert)
+    for tok in (forged, "garbage", good[:-4] + "AAAA"):
+        r = httpx.get(url, headers={"Authorization": f"Bearer {tok}"}, verify=ctx)
+        assert r.status_code == 401, (tok[:20], r.text)
+        assert "EAR token refused" in r.json()["detail"]
+    r = httpx.get(url, headers={"Authorization": f"Bearer {good}"}, verify=ctx)
+    assert r.status_code == 200
+
+
+def test_unknown_and_forbidden_resources(env):
+    with _client(env) as c:
+        c.attest()
+        for path in ("default/keyset/nope", "other-repo/keyset/records-keyset",
+                     "default/value/records-keyset"):
+            with pytest.raises(BrokerRefused) as e:
+                c.get_resource(path)
+            assert e.value.status == 404, path
+        with pytest.raises(BrokerRefused) as e:
+            c.get_resource("default/keyset/other-key")
+        assert e.value.status == 403 and "records" in e.value.detail
+    with env["broker"].client() as h:
+        assert h.get("/kbs/v0/resource/default/keyset/records-keyset").status_code == 401
+
+
+def test_bad_input_gives_clear_4xx(env):
+    b = env["broker"]
+    with b.client() as h:
+        r = h.post("/kbs/v0/auth", content=b"x" * (1024 * 1024 + 1))
+        assert r.status_code == 413
+        assert h.post("/kbs/v0/auth", content=b"{not json").status_code == 400
+        assert h.post("/kbs/v0/auth", json=[1]).status_code == 400
+        r = h.post("/kbs/v0/auth", json={"version": "0.1.0", "tee": "nope"})
+        assert r.status_code == 400 and "tee" in r.json()["detail"]
+        r = h.post("/kbs/v0/auth", json={"version": "9.0", "tee": "simulated"})
+        assert r.status_code == 400 and "version" in r.json()["detail"]
+        r = h.post("/kbs/v0/auth", json={"version": "0.1.0", "tee": "simulated",
+                                         "extra-params": {"workload": "ghost"}})
+        assert r.status_code == 400
+        # attest without a session
+        with b.client() as fresh:
+            assert fresh.post("/kbs/v0/attest", json={}).status_code == 401
+        cases = [
+            {"tee-pubkey": {"kty": "EC", "crv": "P-256", "x": "AAAA", "y": "AAAA"}, "tee-evidence": "[]"},
+            {"tee-pubkey": {**_jwk()[1], "d": "AAAA"}, "tee-evidence": "[]"},
+            {"tee-pubkey": {"kty": "oct", "k": "AAAA"}, "tee-evidence": "[]"},
+            {"tee-pubkey": _jwk()[1],
+             "tee-evidence": '["application/vnd.safehold.simulated-report+cbor","!!"]'},
+            {"tee-pubkey": _jwk()[1], "tee-evidence": "not a cmw"},
+            {"tee-pubkey": _jwk()[1], "tee-evidence": 5},
+            {"tee-pubkey": _jwk()[1],
+             "tee-evidence": '["application/vnd.safehold.simulated-report+cbor","AAEC"]'},
+        ]
+        for body in cases:
+            _auth(h)
+            r = h.post("/kbs/v0/attest", json=body)
+            assert r.status_code in (400, 401), (body, r.status_code, r.text)
+            assert r.json()["detail"], body
+        # the body limit also holds for chunked bodies without Content-Length
+        def gen():
+            for _ in range(20):
+                yield b"y" * 65536
+        r = h.post("/kbs/v0/attest", content=gen())
+        assert r.status_code == 413
+        assert h.get("/status").status_code == 200  # still serving
+
+
+def test_expired_token_and_nonce(tmp_path, env):
+    t = tmp_path
+    b = start_broker(t / "short", manifest=env["manifest_path"],
+                     extra=["--token-ttl", "1", "--nonce-ttl", "1"], env=env["penv"])
+    try:
+        with BrokerClient(b.url, env["wl"], verify=b.cacert, workload="records") as c:
+            c.attest()
+            c.get_keyset("records-keyset")
+            time.sleep(2.2)
+            with pytest.raises(BrokerRefused) as e:
+                c.get_keyset("records-keyset")
+            assert e.value.status == 401 and "expired" in e.value.detail
+            with pytest.raises(BrokerRefused) as e:
+                c.get_resource("default/keyset/records-keyset", use_token=True)
+            assert e.value.status == 401 and "exp" in e.value.detail
+        with b.client() as h:
+            nonce = _auth(h)
+            k, jwk = _jwk()
+            ev = env["wl"].attest(protocol.report_data(nonce, jwk)).to_cmw()
+            time.sleep(1.5)
+            r = h.post("/kbs/v0/attest", json={"tee-pubkey": jwk, "tee-evidence": ev})
+            assert r.status_code == 401 and "expired" in r.json()["detail"]
+    finally:
+        b.stop()
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+def test_manifest_set_once_signed_update_and_log(env, tmp_path):
+    b, keys, m = env["broker"], env["keys"], env["manifest"]
+    with b.client() as h:
+        r = h.post("/admin/manifest", json={**m, "name": "other-name"})
+        assert r.status_code == 403 and "already set" in r.json()["detail"]
+        cur = h.get("/status").json()["manifest_version"]
+    new = {**m, "secrets": {**m["secrets"], "extra": {"type": "keyset"}}}
+    new["workloads"] = {**m["workloads"], "records": {**m["workloads"]["records"],
+                        "secrets": [*m["workloads"]["records"]["secrets"], "extra"]}}
+    p = write_manifest(tmp_path / "m2.json", new)
+    tok = {"SAFEHOLD_BROKER_TOKEN": keys["owner_token"]}
+    # a key that is not the owner's → refused, nothing installed
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    r = _cli("broker", "manifest", "update", str(p), "--signer", "alice", "--key", str(bad_key),
+             "--url", b.url, "--cacert", b.cacert, env=tok)
+    assert r.returncode == 1 and "does not verify" in r.stderr
+    r = _cli("broker", "manifest", "update", str(p), "--signer", "rita", "--key", str(keys["owner_key"]),
+             "--url", b.url, "--cacert", b.cacert, env=tok)
+    assert r.returncode == 1 and "expected owner" in r.stderr
+    r = _cli("broker", "manifest", "update", str(p), "--signer", "alice", "--key", str(keys["owner_key"]),
+             "--url", b.url, "--cacert", b.cacert, env=tok)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["version"] == cur + 1
+    with b.client() as h:
+        auth = {"Authorization": f"Bearer {keys['reader_token']}"}
+        newest = h.get("/admin/manifest", headers=auth).json()
+        assert newest["version"] == cur + 1 and newest["signer"] == "alice"
+        old = h.get("/admin/manifest", params={"version": cur}, headers=auth).json()
+        assert "extra" not in old["manifest"]["secrets"]
+        assert h.get("/admin/manifest", params={"version": 99}, headers=auth).status_code == 404
+        assert h.get("/admin/manifest").status_code == 401
+        # replaying the signed update is refused (version already used)
+        from safehold.broker.manifest import manifest_from_dict, sign_update
+
+        m2 = manifest_from_dict(json.loads(p.read_text()))
+        sig = sign_update(m2, cur + 1, keys["owner_key"].read_bytes())
+        r = h.post("/admin/manifest/update", json={"manifest": json.loads(p.read_text()), "version": cur + 1,
+                                                   "signer": "alice", "signature": sig})
+        assert r.status_code == 409
+        # a malformed manifest in an update is a 400 naming the field
+        r = h.post("/admin/manifest/update", json={"manifest": {**m, "secrets": {"x": {"type": "bogus"}}},
+                                                   "version": cur + 2, "signer": "alice", "signature": sig})
+        assert r.status_code == 400 and "secrets.x.type" in r.json()["detail"]
+    with _client(env) as c:
+        c.attest()
+        assert c.get_keyset("extra") is not None
+
+
+def test_malformed_manifest_refused_at_start(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[workloads.w]\nsecrets = ["missing"]\n[workloads.w.policy]\nallow_simulated = true\n'
+                   f'[workloads.w.policy.reference_values]\nmeasurements = ["{"ab" * 48}"]\n')
+    port = str(__import__("conftest").free_port())
+    r = _cli("broker", "serve", "--data-dir", str(tmp_path / "d"), "--manifest", str(bad), "--port", port)
+    assert r.returncode == 1
+    assert "workloads.w.secrets" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- restart, recovery, audit -----------------------------------------------------------------
+
+
+def _changed_package(snapshot: Path, tmp: Path) -> Path:
+    """A copy of the broker's package with one changed byte: the broker's code changed."""
+    dst = tmp / "pkg"
+    shutil.copytree(snapshot / "safehold", dst / "safehold", ignore=shutil.ignore_patterns("__pycache__"))
+    f = dst / "safehold" / "broker" / "__init__.py"
+    f.write_text(f.read_text() + "\n# changed\n")
+    return dst
+
+
+def _tamper_audit_row(store_url: str, seq: int) -> None:
+    key = seq.to_bytes(8, "big")
+    if store_url.startswith("sqlite"):
+        path = store_url[len("sqlite:///"):]
+        with sqlite3.connect(path) as db:
+            (val,) = db.execute("SELECT value FROM safehold_rows WHERE namespace=? AND key=?",
+                                ("safehold.broker.audit", key)).fetchone()
+            val = bytearray(val)
+            val[30] ^= 1
+            db.execute("UPDATE safehold_rows SET value=? WHERE namespace=? AND key=?",
+                       (bytes(val), "safehold.broker.audit", key))
+        return
+    import psycopg
+
+    dsn, _, schema = store_url.rpartition("schema=")
+    dsn = dsn.rstrip("?&")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f'UPDATE "{schema}".safehold_rows SET value = overlay(value placing '
+            "decode(lpad(to_hex(get_byte(value, 30) # 1), 2, '0'), 'hex') from 31 for 1) "
+            "WHERE namespace = %s AND key = %s", ("safehold.broker.audit", key))
+
+
+def test_restart_recovery_and_audit(env, tmp_path):
+    """Restart keeps every secret; a changed broker measurement → recovery mode; k-1 shares fail,
+    k restore; the audit log verifies, and one edited row is named."""
+    b, keys, store_url = env["broker"], env["keys"], env["store_url"]
+    with _client(env) as c:
+        c.attest()
+        ks_before = c.get_resource("default/keyset/records-keyset")
+    ca_before = Path(b.cacert).read_text()
+    b.stop()
+
+    # 1. plain restart: same secrets, same CA, manifest still there
+    b = env["broker"] = start_broker(b.data_dir, store=store_url, env=env["penv"])
+    try:
+        with _client(env) as c:
+            c.attest()
+            assert c.get_resource("default/keyset/records-keyset") == ks_before
+        assert Path(b.cacert).read_text() == ca_before
+    finally:
+        b.stop()
+
+    # 2. the broker's own code changed → recovery mode, serving only status and recovery
+    pkg = _changed_package(env["snap"], tmp_path)
+    penv = {"PYTHONPATH": str(pkg)}
+    b = env["broker"] = start_broker(b.data_dir, store=store_url, env=penv, expect_mode="recovery")
+    try:
+        with httpx.Client(base_url=b.url, verify=False) as h:
+            st = h.get("/status").json()
+            assert st["mode"] == "recovery" and "measurement" in st["reason"]
+            assert h.get("/ca").status_code == 503
+            assert h.post("/kbs/v0/auth", json={"version": "0.1.0", "tee": "simulated"}).status_code == 503
+            assert h.post("/recovery", json={"shares": ["x"]}).status_code == 400
+        new_meas = measure_workload(root=pkg / "safehold").hex()
+        assert st["broker_measurement"] == new_meas
+        pol = tmp_path / "broker-policy.toml"
+        pol.write_text(f'allow_simulated = true\nsimulated_root = "{b.data_dir}/simulated-tee/root-ca.pem"\n'
+                       'accepted_tcb_statuses = ["UpToDate", "Simulated"]\nreport_data = "key-binding"\n'
+                       f'[reference_values]\nmeasurements = ["{new_meas}"]\n')
+        r0 = keys["recovery"][0][0]
+        r2 = keys["recovery"][2][0]
+        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--policy", str(pol))
+        assert res.returncode == 1 and "distinct shares" in res.stderr  # k-1 = 1 share
+        # a policy that does not match the broker's Evidence: no share leaves the client
+        badpol = tmp_path / "bad-policy.toml"
+        badpol.write_text(pol.read_text().replace(new_meas, "cd" * 48))
+        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--key", str(r2), "--policy",
+                   str(badpol))
+        assert res.returncode == 1 and "measurement" in res.stderr
+        with httpx.Client(base_url=b.url, verify=False) as h:
+            assert h.get("/status").json()["mode"] == "recovery"
+        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--key", str(r2),
+                   "--policy", str(pol))
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["mode"] == "ready"
+        with _client(env) as c:  # serving again at once, same secrets
+            c.attest()
+            assert c.get_resource("default/keyset/records-keyset") == ks_before
+    finally:
+        b.stop()
+
+    # 3. re-sealed to the new identity: a restart of the changed broker needs no recovery
+    b = start_broker(b.data_dir, store=store_url, env=penv)
+    b.stop()
+
+    # 4. audit log: verifies offline with the (changed) broker identity; an edited row is named
+    ok = _cli("broker", "audit", "verify", "--data-dir", str(b.data_dir), "--store", store_url, env=penv)
+    assert ok.returncode == 0, ok.stderr
+    res = json.loads(ok.stdout)
+    assert res["ok"] and res["entries"] >= 10
+    _tamper_audit_row(store_url, 5)
+    bad = _cli("broker", "audit", "verify", "--data-dir", str(b.data_dir), "--store", store_url, env=penv)
+    assert bad.returncode == 1
+    assert "audit entry #5" in bad.stderr and "Traceback" not in bad.stderr
+
+    # the running-broker path names it too
+    b = env["broker"] = start_broker(b.data_dir, store=store_url, env=penv)
+    try:
+        with b.client() as h:
+            r = h.get("/admin/audit/verify", headers={"Authorization": f"Bearer {keys['reader_token']}"})
+            assert r.json() == {"ok": False, "error": r.json()["error"]}
+            assert "#5" in r.json()["error"]
+    finally:
+        b.stop()
