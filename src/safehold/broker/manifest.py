@@ -461,7 +461,7 @@ def verify_update(current: Manifest, new: Manifest, version: int, signer: str, s
     if user.public_key_pem is None:
         raise ManifestError(f"manifest update: owner {signer!r} has no public key to verify with")
     try:
-        sig = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+        sig = base64.b64decode(signature + "=" * (-len(signature) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise ManifestError("manifest update: signature is not base64url") from None
     key = _load_public_key(user.public_key_pem, f"users.{signer}")

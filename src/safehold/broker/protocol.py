@@ -101,7 +101,7 @@ def encrypt_response(plaintext: bytes, key: ECKey | RSAKey) -> dict[str, Any]:
     """The KBS *Response*: ``plaintext`` as a flattened-JSON JWE to the TEE's public key."""
     alg = _JWE_ALGS[key.key_type]
     obj = jwe.FlattenedJSONEncryption({"alg": alg, "enc": _ENC}, plaintext)
-    obj.add_recipient(None, key)
+    obj.add_recipient({"kid": key.thumbprint()}, key)  # kid: RFC 7638 thumbprint of tee-pubkey
     return dict(jwe.encrypt_json(obj, None, algorithms=[alg, _ENC]))
 
 

@@ -1,0 +1,413 @@
+"""Broker building blocks without a server: manifest validation and signed updates, the audit
+hash chain on a real SQLite store (tampered in the file), sealing and k-of-n recovery, the
+KBS protocol helpers and the workload CA."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from joserfc.jwk import ECKey, RSAKey
+
+from safehold.broker import protocol
+from safehold.broker.audit import AuditLog, verify_log
+from safehold.broker.ca import CertificateRequestError, WorkloadCA
+from safehold.broker.manifest import (
+    canonical_json,
+    load_manifest,
+    manifest_from_dict,
+    sign_update,
+    verify_update,
+)
+from safehold.broker.state import (
+    AUDIT_NAMESPACE,
+    BrokerState,
+    RecoveryError,
+    SealingIdentity,
+    decrypt_share,
+)
+from safehold.errors import AuditChainError, BrokerError, ManifestError, SealingError
+from safehold.store.sqlite import SqliteStore
+
+PEM = serialization.Encoding.PEM
+SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
+PK8 = serialization.PrivateFormat.PKCS8
+NOENC = serialization.NoEncryption()
+
+
+def _policy(meas: str = "ab" * 48) -> dict:
+    return {"allow_simulated": True, "reference_values": {"measurements": [meas]}}
+
+
+@pytest.fixture(scope="module")
+def rsa_keys():
+    return [rsa.generate_private_key(65537, 3072) for _ in range(3)]
+
+
+@pytest.fixture
+def owner():
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def _manifest(owner_key, rsa_keys=(), threshold=None) -> dict:
+    m = {
+        "workloads": {"w": {"policy": _policy(), "secrets": ["k", "tls"]}},
+        "secrets": {"k": {"type": "keyset"},
+                    "tls": {"type": "certificate", "dns_names": ["api"], "validity_days": 3}},
+        "users": {"alice": {"roles": ["owner"],
+                            "public_key": owner_key.public_key().public_bytes(PEM, SPKI).decode()},
+                  "rita": {"roles": ["reader"], "token_sha256": "00" * 32}},
+    }
+    if rsa_keys:
+        m["recovery"] = {"keys": {f"r{i}": k.public_key().public_bytes(PEM, SPKI).decode()
+                                  for i, k in enumerate(rsa_keys)}}
+        if threshold is not None:
+            m["recovery"]["threshold"] = threshold
+    return m
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+def test_manifest_toml_and_json_agree(owner, tmp_path):
+    m = _manifest(owner)
+    toml = f'''
+[workloads.w]
+secrets = ["k", "tls"]
+[workloads.w.policy]
+allow_simulated = true
+simulated_root = "root.pem"
+[workloads.w.policy.reference_values]
+measurements = ["{"ab" * 48}"]
+[secrets.k]
+type = "keyset"
+[secrets.tls]
+type = "certificate"
+dns_names = ["api"]
+validity_days = 3
+[users.alice]
+roles = ["owner"]
+public_key = """{m["users"]["alice"]["public_key"]}"""
+[users.rita]
+roles = ["reader"]
+token_sha256 = "{"00" * 32}"
+'''
+    a = load_manifest(toml.encode(), base_dir=tmp_path)
+    assert a.raw["workloads"]["w"]["policy"]["simulated_root"] == str(tmp_path / "root.pem")
+    m["workloads"]["w"]["policy"]["simulated_root"] = str(tmp_path / "root.pem")
+    b = load_manifest(json.dumps(m))
+    assert a.digest == b.digest
+    assert a.workloads_reading("k") == ["w"]
+    assert a.secrets["tls"].dns_names == ("api",)
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda m: m.pop("workloads"), "workloads"),
+    (lambda m: m.update(extra=1), "unknown top-level"),
+    (lambda m: m["secrets"]["k"].update(type="password"), "secrets.k.type"),
+    (lambda m: m["secrets"]["k"].update(dns_names=["x"]), "secrets.k"),
+    (lambda m: m["secrets"]["tls"].update(dns_names=["bad name!"]), "secrets.tls.dns_names"),
+    (lambda m: m["secrets"]["tls"].update(validity_days=0), "secrets.tls.validity_days"),
+    (lambda m: m["secrets"]["tls"].update(dns_names=[]), "secrets.tls"),
+    (lambda m: m["secrets"]["tls"].update(ip_addresses=["1.2.3"]), "secrets.tls.ip_addresses"),
+    (lambda m: m["workloads"]["w"].update(secrets=["nope"]), "workloads.w.secrets"),
+    (lambda m: m["workloads"]["w"].pop("policy"), "workloads.w.policy"),
+    (lambda m: m["workloads"]["w"].update(policy={"allow_simulated": True}), "workloads.w.policy"),
+    (lambda m: m["workloads"]["w"]["policy"].update(bogus=1), "workloads.w.policy"),
+    (lambda m: m["users"]["alice"].update(roles=["king"]), "users.alice.roles"),
+    (lambda m: m["users"]["alice"].update(roles=[]), "users.alice.roles"),
+    (lambda m: m["users"]["alice"].update(public_key="not pem"), "users.alice"),
+    (lambda m: m["users"]["rita"].update(token_sha256="abcd"), "users.rita.token_sha256"),
+    (lambda m: m["users"]["rita"].pop("token_sha256"), "users.rita"),
+    (lambda m: m.update(recovery={"threshold": 2}), "recovery.threshold"),
+    (lambda m: m.update(recovery={"keys": {"x": "garbage"}}), "recovery.keys.x"),
+    (lambda m: m.update(name="bad name"), "name"),
+    (lambda m: m.update(repository=""), "repository"),
+    (lambda m: m["secrets"].update({"../x": {"type": "keyset"}}), "secrets.<name>"),
+    (lambda m: m["secrets"]["tls"].update(validity_days=1.5), "floating-point"),
+])
+def test_malformed_manifest_names_the_field(owner, mutate, where):
+    m = _manifest(owner)
+    mutate(m)
+    with pytest.raises(ManifestError) as e:
+        manifest_from_dict(m)
+    assert where in str(e.value)
+
+
+def test_recovery_keys_validated(owner, rsa_keys):
+    ok = manifest_from_dict(_manifest(owner, rsa_keys, threshold=3))
+    assert ok.recovery_threshold == 3 and len(ok.recovery_keys) == 3
+    assert manifest_from_dict(_manifest(owner, rsa_keys)).recovery_threshold == 2  # default
+    with pytest.raises(ManifestError, match="recovery.threshold"):
+        manifest_from_dict(_manifest(owner, rsa_keys, threshold=4))
+    small = rsa.generate_private_key(65537, 2048)
+    m = _manifest(owner)
+    m["recovery"] = {"keys": {"s": small.public_key().public_bytes(PEM, SPKI).decode()}}
+    with pytest.raises(ManifestError, match="3072"):
+        manifest_from_dict(m)
+
+
+@pytest.mark.parametrize("blob", [b"", b"\xff\xfe", b"[workloads", b"{\"a\":", b"x" * (256 * 1024 + 1),
+                                  b"[1, 2]", b"{\"workloads\": []}"])
+def test_garbled_manifest_text(blob):
+    with pytest.raises(ManifestError):
+        load_manifest(blob)
+
+
+def test_signed_update(owner):
+    cur = manifest_from_dict(_manifest(owner))
+    new_raw = _manifest(owner)
+    new_raw["secrets"]["k2"] = {"type": "keyset"}
+    new = manifest_from_dict(new_raw)
+    pk = owner.private_bytes(PEM, PK8, NOENC)
+    sig = sign_update(new, 2, pk)
+    verify_update(cur, new, 2, "alice", sig)
+    with pytest.raises(ManifestError, match="version 3"):
+        verify_update(cur, new, 3, "alice", sig)  # signature is for version 2
+    with pytest.raises(ManifestError, match="does not verify"):
+        verify_update(cur, cur, 2, "alice", sig)  # signature over another manifest
+    with pytest.raises(ManifestError, match="expected owner"):
+        verify_update(cur, new, 2, "rita", sig)
+    with pytest.raises(ManifestError, match="not a user"):
+        verify_update(cur, new, 2, "mallory", sig)
+    with pytest.raises(ManifestError, match="base64url"):
+        verify_update(cur, new, 2, "alice", "!!")
+    other = ed25519.Ed25519PrivateKey.generate().private_bytes(PEM, PK8, NOENC)
+    with pytest.raises(ManifestError, match="does not verify"):
+        verify_update(cur, new, 2, "alice", sign_update(new, 2, other))
+    # ECDSA owners work the same way
+    eck = ec.generate_private_key(ec.SECP256R1())
+    raw = _manifest(owner)
+    raw["users"]["alice"]["public_key"] = eck.public_key().public_bytes(PEM, SPKI).decode()
+    cur2 = manifest_from_dict(raw)
+    verify_update(cur2, new, 2, "alice", sign_update(new, 2, eck.private_bytes(PEM, PK8, NOENC)))
+    with pytest.raises(ManifestError, match="cannot load"):
+        sign_update(new, 2, b"garbage")
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                    max_leaves=10))
+def test_canonical_json_is_deterministic_and_fuzzed_manifests_fail_cleanly(obj):
+    assert canonical_json(obj) == canonical_json(json.loads(canonical_json(obj)))
+    try:
+        manifest_from_dict(obj)
+    except ManifestError:
+        pass
+
+
+# --- audit log --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state(tmp_path):
+    store = SqliteStore(tmp_path / "b.db")
+    st_ = BrokerState.open(store, SealingIdentity(b"platform-secret-0123456789abcdef", b"\x01" * 48))
+    yield st_
+    store.close()
+
+
+def _log(state, key=None):
+    return AuditLog(state.store, AUDIT_NAMESPACE, state.seal_bytes, state.open_bytes, key)
+
+
+def test_audit_chain_verifies_and_names_the_first_broken_entry(state, tmp_path):
+    key = ed25519.Ed25519PrivateKey.generate()
+    log = _log(state, key)
+    for i in range(6):
+        log.append("release", {"i": i})
+    assert verify_log(log, key.public_key()) == 6
+    assert [e.detail["i"] for e in log.entries()] == list(range(6))
+    # another broker's key: the signature check names entry #1
+    with pytest.raises(AuditChainError, match="#1: broker signature"):
+        verify_log(log, ed25519.Ed25519PrivateKey.generate().public_key())
+    db = sqlite3.connect(tmp_path / "b.db")
+    ns = AUDIT_NAMESPACE
+
+    def row(seq):
+        return db.execute("SELECT value FROM safehold_rows WHERE namespace=? AND key=?",
+                          (ns, seq.to_bytes(8, "big"))).fetchone()[0]
+
+    def put(seq, val):
+        with db:
+            db.execute("UPDATE safehold_rows SET value=? WHERE namespace=? AND key=?",
+                       (val, ns, seq.to_bytes(8, "big")))
+
+    # swap two rows: each fails authentication at its new position
+    r3, r4 = row(3), row(4)
+    put(3, r4)
+    put(4, r3)
+    with pytest.raises(AuditChainError, match="#3: row fails authentication"):
+        verify_log(log, key.public_key())
+    put(3, r3)
+    put(4, r4)
+    # delete a middle row
+    with db:
+        db.execute("DELETE FROM safehold_rows WHERE namespace=? AND key=?", (ns, (2).to_bytes(8, "big")))
+    with pytest.raises(AuditChainError, match="#2: missing"):
+        verify_log(log, key.public_key())
+
+
+def test_audit_truncation_at_the_end_is_noticed(state, tmp_path):
+    key = ed25519.Ed25519PrivateKey.generate()
+    log = _log(state, key)
+    for i in range(4):
+        log.append("attest", {"i": i})
+    db = sqlite3.connect(tmp_path / "b.db")
+    with db:
+        db.execute("DELETE FROM safehold_rows WHERE namespace=? AND key=?",
+                   (AUDIT_NAMESPACE, (4).to_bytes(8, "big")))
+    with pytest.raises(AuditChainError, match="#4: missing"):
+        verify_log(log, key.public_key())
+    with pytest.raises(AuditChainError, match="without a signing key"):
+        _log(state).append("x", {})
+
+
+def test_audit_rows_are_ciphertext(state, tmp_path):
+    log = _log(state, ed25519.Ed25519PrivateKey.generate())
+    log.append("release", {"resource": "default/keyset/very-distinctive-name"})
+    raw = (tmp_path / "b.db").read_bytes()
+    assert b"very-distinctive-name" not in raw
+
+
+# --- sealing and recovery ---------------------------------------------------------------------
+
+
+def _pub(k):
+    return k.public_key().public_bytes(PEM, SPKI).decode()
+
+
+def _priv(k):
+    return k.private_bytes(PEM, PK8, NOENC)
+
+
+def test_seal_recover_kofn(tmp_path, rsa_keys):
+    store = SqliteStore(tmp_path / "s.db")
+    ident = SealingIdentity(b"s" * 32, b"\x01" * 48)
+    s = BrokerState.open(store, ident)
+    assert s.created and s.mode == "ready"
+    s.put("secret", "x", b"value", expected_version=0)
+    s.write_recovery_shares({f"r{i}": _pub(k) for i, k in enumerate(rsa_keys)}, 2)
+    assert b"value" not in (tmp_path / "s.db").read_bytes()
+    # same identity: unseals
+    assert BrokerState.open(store, ident).get("secret", "x")[0] == b"value"
+    # another host (platform secret) or another measurement: recovery mode
+    for other in (SealingIdentity(b"t" * 32, b"\x01" * 48), SealingIdentity(b"s" * 32, b"\x02" * 48)):
+        r = BrokerState.open(store, other)
+        assert r.mode == "recovery" and "measurement" in r.reason
+        with pytest.raises(SealingError):
+            r.get("secret", "x")
+    new = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48))
+    data = new.recovery_data()
+    shares = [decrypt_share(data["shares"][f"r{i}"], _priv(k)) for i, k in enumerate(rsa_keys)]
+    with pytest.raises(RecoveryError, match="2 distinct"):
+        new.recover([shares[0], shares[0]])
+    with pytest.raises(RecoveryError, match="does not open"):
+        new.recover([shares[0], bytes([1]) + bytes(len(shares[0]) - 2) + shares[1][-1:]])
+    with pytest.raises(RecoveryError, match="malformed"):
+        new.recover([b"\x07abc", b"\x07abd"])
+    with pytest.raises(RecoveryError, match="wrong length|do not combine|does not open"):
+        new.recover([b"\x01ab", b"\x01abc"])
+    with pytest.raises(RecoveryError):  # a share decrypted with the wrong key
+        decrypt_share(data["shares"]["r0"], _priv(rsa_keys[1]))
+    new.recover([shares[2], shares[1]])
+    assert new.mode == "ready" and new.get("secret", "x")[0] == b"value"
+    # re-sealed: the new identity unseals without recovery, the old one no longer does
+    assert BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48)).mode == "ready"
+    assert BrokerState.open(store, ident).mode == "recovery"
+    store.close()
+
+
+def test_threshold_one_and_no_recovery_keys(tmp_path, rsa_keys):
+    store = SqliteStore(tmp_path / "s.db")
+    s = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x01" * 48))
+    r = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48))
+    with pytest.raises(RecoveryError, match="no recovery shares"):
+        r.recover([b"x"])
+    s.write_recovery_shares({"only": _pub(rsa_keys[0])}, 1)
+    share = decrypt_share(r.recovery_data()["shares"]["only"], _priv(rsa_keys[0]))
+    r.recover([share])
+    assert r.mode == "ready"
+    store.close()
+
+
+def test_tampered_object_row_fails(state, tmp_path):
+    state.put("secret", "x", b"value", expected_version=0)
+    db = sqlite3.connect(tmp_path / "b.db")
+    key = state.row_key("secret", "x")
+    (val,) = db.execute("SELECT value FROM safehold_rows WHERE key=?", (key,)).fetchone()
+    with db:
+        db.execute("UPDATE safehold_rows SET value=? WHERE key=?", (val[:-1] + bytes([val[-1] ^ 1]), key))
+    from safehold.errors import DecryptionError
+
+    with pytest.raises(DecryptionError):
+        state.get("secret", "x")
+
+
+# --- protocol and CA --------------------------------------------------------------------------
+
+
+def test_report_data_binding():
+    k = ECKey.generate_key("P-256")
+    jwk = protocol.public_jwk(k)
+    rd = protocol.report_data("nonce-1", jwk)
+    assert len(rd) == 64 and rd[32:] == bytes(32)
+    assert rd != protocol.report_data("nonce-2", jwk)
+    # key order in the JWK does not matter (canonical JSON)
+    assert rd == protocol.report_data("nonce-1", dict(reversed(list(jwk.items()))))
+    assert len(protocol.thumbprint(k)) == 32
+
+
+@pytest.mark.parametrize("jwk", [
+    None, [], {"kty": "oct", "k": "AA"}, {"kty": "EC", "crv": "P-521", "x": "A", "y": "A"},
+    {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}, {"kty": "RSA", "n": "AQAB", "e": "AQAB"},
+    {"kty": "EC", "crv": "P-256"},
+])
+def test_bad_tee_pubkey(jwk):
+    with pytest.raises(protocol.JWKError):
+        protocol.import_tee_pubkey(jwk)
+
+
+def test_private_jwk_refused_and_jwe_round_trip():
+    k = ECKey.generate_key("P-384")
+    with pytest.raises(protocol.JWKError, match="private"):
+        protocol.import_tee_pubkey(dict(k.as_dict(private=True)))
+    pub = protocol.import_tee_pubkey(protocol.public_jwk(k))
+    resp = protocol.encrypt_response(b"secret", pub)
+    assert set(resp) >= {"protected", "iv", "ciphertext", "tag"}
+    assert protocol.decrypt_response(resp, k) == b"secret"
+    with pytest.raises(BrokerError):
+        protocol.decrypt_response(resp, ECKey.generate_key("P-384"))
+    resp["ciphertext"] = resp["ciphertext"][:-2] + ("A" if resp["ciphertext"][-2] != "A" else "B") + "A"
+    with pytest.raises(BrokerError):
+        protocol.decrypt_response(resp, k)
+    r = RSAKey.generate_key(2048)
+    rp = protocol.import_tee_pubkey(protocol.public_jwk(r))
+    assert protocol.decrypt_response(protocol.encrypt_response(b"x", rp), r) == b"x"
+
+
+def test_workload_ca_issues_and_refuses():
+    ca = WorkloadCA.generate("t")
+    again = WorkloadCA.from_pem(ca.to_pem())
+    assert again.cert == ca.cert
+    leaf_key = ec.generate_private_key(ec.SECP384R1())
+    cert = ca.issue(leaf_key.public_key(), common_name="w", dns_names=("api",), ip_addresses=("127.0.0.1",),
+                    validity_days=2, extensions=[("2.23.133.5.4.9", b"\x01\x02")])
+    cert.verify_directly_issued_by(ca.cert)
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    with pytest.raises(CertificateRequestError, match="not allowed"):
+        ca.issue(leaf_key.public_key(), common_name="w", extensions=[("1.2.3", b"")])
+    with pytest.raises(CertificateRequestError, match="twice"):
+        ca.issue(leaf_key.public_key(), common_name="w",
+                 extensions=[("2.23.133.5.4.9", b""), ("2.23.133.5.4.9", b"")])
+    with pytest.raises(CertificateRequestError, match="curve"):
+        ca.issue(ec.generate_private_key(ec.SECP521R1()).public_key(), common_name="w")
+    with pytest.raises(BrokerError):
+        WorkloadCA.from_pem(b"garbage")
