@@ -167,3 +167,13 @@ def test_bad_inputs():
 def test_wrong_key_gives_different_plaintext():
     ct = FF1(bytes(16)).encrypt("0123456789")
     assert FF1(bytes(15) + b"\x01").decrypt(ct) != "0123456789"
+
+
+def test_ff1_beyond_int_str_conversion_limit():
+    ffx = pytest.importorskip("ffx")
+    key = bytes(range(16))
+    cases = (("0123456789", "1234567890" * 500), ("abcdefghijklmnopqrstuvwxyz", "qwertyuiop" * 450))
+    for alphabet, msg in cases:
+        ct = FF1(key, alphabet).encrypt(msg, b"t")
+        assert ct == ffx.FF1(key, alphabet=alphabet).encrypt(msg, tweak=b"t")
+        assert FF1(key, alphabet).decrypt(ct, b"t") == msg

@@ -97,6 +97,13 @@ class H(BaseHTTPRequestHandler):
                 pid = unquote(u.path[len("/patient/"):])
                 row = conn.execute("SELECT doc FROM patients WHERE pid = ?", (pid,)).fetchone()
                 return self.send(200, dict(json.loads(row[0]), id=pid, score=0.5)) if row else self.send(404, {"error": "nf"})
+            if u.path == "/cookies":
+                self.send_response(200)
+                self.send_header("Set-Cookie", "a=1")
+                self.send_header("Set-Cookie", "b=2")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if u.path == "/raw":
                 return self.send(200, {"n": conn.execute("SELECT count(*) FROM raw").fetchone()[0]})
         self.send(404, {"error": "no route"})
@@ -358,3 +365,8 @@ def test_bad_encodings_in_query_and_path_refused(stack):
     r = httpx.get(stack["proxy"] + "/patient/patient%FF")
     assert r.status_code == 400 and "path" in r.json()["error"]
     assert _raw_count(stack) == before
+
+
+def test_repeated_response_headers_pass(stack):
+    r = httpx.get(stack["proxy"] + "/cookies")
+    assert r.status_code == 200 and r.headers.get_list("set-cookie") == ["a=1", "b=2"]

@@ -83,6 +83,8 @@ class Alphabet:
     def num(self, s: str) -> int:
         """NUM_radix(s) (SP 800-38G Algorithm 1). Raises FPEError for a character outside it."""
         try:
+            if len(s) > 4000:  # beyond CPython's int/str conversion limit: fold by hand
+                return self._num_slow(s)
             if self._is_digits:
                 if s.isascii() and s.isdigit():
                     return int(s)
@@ -91,18 +93,21 @@ class Alphabet:
                 if not all(c in self._index for c in s):
                     raise ValueError
                 return int(s.translate(self._to_std), self.radix) if s else 0
-            x = 0
-            r = self.radix
-            idx = self._index
-            for c in s:
-                x = x * r + idx[c]
-            return x
+            return self._num_slow(s)
         except (ValueError, KeyError):
             raise FPEError("input has a character outside the FPE alphabet") from None
 
+    def _num_slow(self, s: str) -> int:
+        x = 0
+        r = self.radix
+        idx = self._index
+        for c in s:
+            x = x * r + idx[c]
+        return x
+
     def string(self, x: int, m: int) -> str:
         """STR^m_radix(x) (SP 800-38G Algorithm 3): ``m`` numerals, most significant first."""
-        if self._is_digits:
+        if self._is_digits and m <= 4000:
             return f"{x:0{m}d}"
         tab = self._chunk_tab
         if tab is None:

@@ -177,14 +177,15 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             return JSONResponse({"error": e.message}, status_code=e.status)
         except TransformError as e:
             return JSONResponse({"error": f"cannot protect request: {e}"}, status_code=422)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         url = upstream + new_path + (("?" + new_query) if new_query else "")
         try:
             resp = await state["client"].request(request.method, url, content=new_body, headers=headers)
         except httpx.HTTPError as e:
             log.warning("upstream request failed: %s", type(e).__name__)
             return JSONResponse({"error": f"upstream unreachable ({type(e).__name__})"}, status_code=502)
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _RESP_DROP}
+        # a list, not a dict: repeated headers (Set-Cookie) must all pass
+        out_headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _RESP_DROP]
         content = resp.content
         rct = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if content and _is_json(rct):
@@ -194,7 +195,12 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                 return JSONResponse({"error": f"cannot reveal upstream response: {e}"}, status_code=502)
             if revealed is not None:
                 content = revealed
-        return Response(content=content, status_code=resp.status_code, headers=out_headers)
+        out = Response(content=content, status_code=resp.status_code)
+        out.raw_headers = [
+            *[(k.encode("latin-1"), v.encode("latin-1")) for k, v in out_headers],
+            *[(k, v) for k, v in out.raw_headers if k == b"content-length"],
+        ]
+        return out
 
     return app
 
