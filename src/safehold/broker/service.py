@@ -574,8 +574,7 @@ class Broker:
         assert self.manifest is not None and self.ca is not None
         spec = self.manifest.secrets[name]
         try:
-            cert = self.ca.issue(att.key.raw_value if isinstance(att.key.raw_value, ec.EllipticCurvePublicKey)
-                                 else att.key.raw_value, common_name=att.workload,
+            cert = self.ca.issue(att.key.raw_value, common_name=att.workload,
                                  dns_names=spec.dns_names, ip_addresses=spec.ip_addresses,
                                  validity_days=spec.validity_days, extensions=exts)
         except CertificateRequestError as e:

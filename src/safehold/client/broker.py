@@ -110,14 +110,21 @@ class BrokerClient:
         """The public JWK sent as ``tee-pubkey``."""
         return protocol.public_jwk(self._jwk)
 
-    def attest(self) -> str:
+    def attest(self, *, new_key: bool = False) -> str:
         """Run auth + attest; keep the session cookie and return the EAR token.
+
+        Args:
+            new_key: generate a fresh TEE key first (the KBS protocol's ``tee-pubkey`` is valid
+                until the next attestation; certificates already issued stay bound to the old key).
 
         Raises:
             BrokerRefused: 401 (Evidence not authentic / not bound), 403 (policy refuses,
                 naming the failed claims), 400 (malformed).
             BrokerError: the broker is unreachable.
         """
+        if new_key:
+            self._key = ec.generate_private_key(self._key.curve)
+            self._jwk = ECKey.import_key(self._key)
         extra = {"workload": self.workload} if self.workload else {}
         r = self._request("POST", "/kbs/v0/auth", json={
             "version": protocol.PROTOCOL_VERSION, "tee": self.attester.tee_type, "extra-params": extra})
