@@ -18,13 +18,11 @@ FF1; there is deliberately no encrypt method.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from safehold.errors import FPEError
 
-__all__ = ["FF1", "LegacyFF3Decryptor", "MIN_DOMAIN", "Alphabet", "DIGITS"]
+__all__ = ["FF1", "LegacyFF3Decryptor", "MIN_DOMAIN", "Alphabet", "DIGITS", "min_length"]
 
 #: SP 800-38G Rev. 1 §5: radix ** minlen must be at least one million.
 MIN_DOMAIN = 1_000_000
@@ -440,9 +438,3 @@ def _ff3_tweak_halves(tweak: bytes) -> tuple[int, int]:
         return tl, tr
     raise FPEError(f"FF3 tweak must be 8 bytes (FF3) or 7 bytes (FF3-1), got {len(tweak)}")
 
-
-def ff1_for(key: bytes, alphabet: str | Alphabet | Sequence[str] = DIGITS) -> FF1:
-    """Convenience constructor: ``FF1(key, alphabet)`` accepting a sequence of characters."""
-    if not isinstance(alphabet, (str, Alphabet)):
-        alphabet = "".join(alphabet)
-    return FF1(key, alphabet)
