@@ -15,7 +15,9 @@ from safehold.errors import FPEError
 
 
 def _vectors(prefix: str) -> list[dict]:
-    path = need_shared(VECTORS / "fpe_vectors.json")
+    path = VECTORS / "fpe_vectors.json"
+    if not path.exists():  # test_vector_counts reports it (fails under CI)
+        return []
     return [v for v in json.loads(path.read_text()) if v["alg"].startswith(prefix)]
 
 
@@ -30,6 +32,7 @@ FF3_VECTORS = _vectors("FF3")
 
 
 def test_vector_counts():
+    need_shared(VECTORS / "fpe_vectors.json")
     # 9 NIST FF1 samples, 15 FF3 + 18 FF3-1 (INDEX.md); a silently empty list would pass nothing.
     assert len(FF1_VECTORS) == 9
     assert len(FF3_VECTORS) == 33
