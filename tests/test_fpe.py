@@ -165,6 +165,7 @@ def test_bad_inputs():
         f.encrypt_int(10**6, 10**6)
     with pytest.raises(FPEError, match="tweak"):
         f.encrypt("123456", "not-bytes")  # type: ignore[arg-type]
+    assert f.encrypt("123456", bytearray(b"tw")) == f.encrypt("123456", b"tw")
 
 
 def test_wrong_key_gives_different_plaintext():

@@ -241,13 +241,16 @@ class FF1:
         chain value after ``P || Q[:-16]``; the round's MAC input block is then ``K_i ^ NUM(B)``.
         Otherwise ``data`` is ``(state, prefix_tail_bytes)`` for the general path.
         """
+        if type(tweak) is not bytes:
+            if not isinstance(tweak, (bytes, bytearray, memoryview)):
+                raise FPEError("FF1 tweak must be bytes of length 0..2**32-1")
+            tweak = bytes(tweak)
         key = (radix, n, tweak)
         c = self._consts.get(key)
         if c is not None:
             return c
-        if not isinstance(tweak, (bytes, bytearray)) or len(tweak) > _MAX_TWEAK:
+        if len(tweak) > _MAX_TWEAK:
             raise FPEError("FF1 tweak must be bytes of length 0..2**32-1")
-        tweak = bytes(tweak)
         t = len(tweak)
         u = n // 2
         v = n - u
