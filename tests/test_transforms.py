@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 
 import pytest
@@ -106,6 +107,8 @@ DATE_FORMATS = [
     ("YYYY-MM-DD", lambda d: d.isoformat()),
     ("MM/DD/YYYY", lambda d: d.strftime("%m/%d/%Y")),
     ("YYYY-MM-DD", lambda d: d.isoformat() + "T10:20:30Z"),
+    ("YYYY-MM", lambda d: f"{d.year:04d}-{d.month:02d}"),
+    ("YYYY", lambda d: f"{d.year:04d}"),
 ]
 
 
@@ -365,3 +368,75 @@ def test_siv_rfc5297_vector_and_tamper():
         SIV(bytes(31))
     with pytest.raises(CryptoError):
         SIV(key).encrypt(b"")
+
+
+FHIR_SCHEMA = {
+    "proxy": {"key_id_field": "_safehold_kid"},
+    "fields": {
+        "id": {"transform": "deterministic"},
+        "identifier.*.value": {"transform": "deterministic"},
+        "name.*.family": {"transform": "deterministic"},
+        "name.*.given.*": {"transform": "randomized"},
+        "name.*.text": {"transform": "randomized"},
+        "telecom.*.value": {"transform": "randomized"},
+        "birthDate": {"transform": "date-shift", "context": "id", "min_days": 30, "max_days": 900},
+        "deceasedDateTime": {"transform": "date-shift", "context": "id", "min_days": 30, "max_days": 900},
+        "address.*.line.*": {"transform": "randomized"},
+        "address.*.city": {"transform": "randomized"},
+        "address.*.postalCode": {"transform": "randomized"},
+        "text.div": {"transform": "randomized"},
+        "contact.*.name.family": {"transform": "randomized"},
+        "contact.*.telecom.*.value": {"transform": "randomized"},
+    },
+}
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list):
+        for v in node:
+            yield from _leaves(v, (*path, "*"))
+    else:
+        yield ".".join(path), node
+
+
+def test_fhir_patient_examples_round_trip_with_array_paths(keyset):
+    from tests.conftest import DATA, need_shared
+
+    folder = need_shared(DATA / "hl7-fhir-r4-patient-examples")
+    files = sorted(folder.glob("Patient-*.json"))
+    assert len(files) >= 10
+    p = Protector(Schema.from_dict(FHIR_SCHEMA), keyset)
+    seen_fields: set[str] = set()
+    for f in files:
+        res = json.loads(f.read_text(encoding="utf-8"))
+        out = p.protect(res)
+        assert p.reveal(out) == res, f.name
+        before = list(_leaves(res))
+        after = [(k, v) for k, v in _leaves(out) if k != "_safehold_kid"]
+        assert [k for k, _ in before] == [k for k, _ in after]  # same structure
+        for (path, value), (_, new) in zip(before, after, strict=True):
+            if path in FHIR_SCHEMA["fields"] and isinstance(value, str) and len(value) > 3:
+                seen_fields.add(path)
+                assert new != value and str(value) not in str(new), (f.name, path)
+            elif path not in FHIR_SCHEMA["fields"]:
+                assert new == value, (f.name, path)
+        assert before == list(_leaves(res))  # input untouched
+    assert {"name.*.family", "name.*.given.*", "birthDate", "telecom.*.value", "text.div"} <= seen_fields
+
+
+def test_array_path_protects_every_element(keyset):
+    p = Protector(Schema.from_dict({"fields": {"name.*.given.*": {"transform": "token", "kind": "name"},
+                                               "d": {"transform": "date-shift", "context": "id"}}}), keyset)
+    rec = {"id": "x", "name": [{"given": ["Johannes", "Maximilian"]}, {"given": []}, {"other": 1}],
+           "d": "1980-06"}
+    out = p.protect(rec)
+    g = out["name"][0]["given"]
+    assert len(g) == 2 and g[0] != "Johannes" and g[1] != "Maximilian" and _shape(g[0]) == _shape("Johannes")
+    assert out["name"][1:] == rec["name"][1:]
+    assert re.fullmatch(r"\d{4}-\d{2}", out["d"])
+    assert p.reveal(out) == rec
+    with pytest.raises(ConfigError, match="'\\*'"):
+        Schema.from_dict({"fields": {"d": {"transform": "date-shift", "context": "a.*.b"}}})

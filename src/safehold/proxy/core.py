@@ -16,7 +16,7 @@ primary key — correct only until the next rotation (docs/proxy.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from safehold.crypto.keyset import Keyset
@@ -38,15 +38,26 @@ def _get(record: Any, path: tuple[str, ...]) -> Any:
     return cur
 
 
-def _set(record: dict, path: tuple[str, ...], value: Any) -> None:
-    """Set ``value`` at ``path`` in ``record`` (a shallow copy), copying each nested object on
-    the way so the caller's input is never modified (cheaper than a deep copy per record)."""
-    cur = record
-    for part in path[:-1]:
-        nxt = dict(cur[part])
-        cur[part] = nxt
-        cur = nxt
-    cur[path[-1]] = value
+def _apply(node: Any, path: tuple[str, ...], fn: Callable[[Any], Any]) -> Any:
+    """Return ``node`` with ``fn`` applied to every value at ``path``.
+
+    A path segment ``*`` matches every element of a JSON array (``name.*.given.*`` reaches each
+    given name of each FHIR ``name``). Objects and arrays on the way are copied, never modified,
+    so the caller's input stays intact (cheaper than a deep copy per record). A path that does
+    not match leaves ``node`` as it is.
+    """
+    if not path:
+        return fn(node)
+    head, rest = path[0], path[1:]
+    if head == "*":
+        if isinstance(node, list):
+            return [_apply(x, rest, fn) for x in node]
+        return node
+    if isinstance(node, Mapping) and head in node:
+        new = dict(node)
+        new[head] = _apply(node[head], rest, fn)
+        return new
+    return node
 
 
 class Protector:
@@ -88,6 +99,25 @@ class Protector:
             )
         return str(v)
 
+    def _field(self, out: dict[str, Any], spec: FieldSpec, path: tuple[str, ...], ctx_source: Any,
+               context: Mapping[str, str] | None, op: Callable[[Any, str | None], Any]) -> tuple[Any, bool]:
+        """Apply ``op(value, context_value)`` to every non-empty value of one field; returns the
+        new record and whether any value was transformed. The context value is looked up
+        (in ``ctx_source``, then ``context``) only when a value needs it."""
+        ctx: list[str | None] = []
+        touched = False
+
+        def one(v: Any) -> Any:
+            nonlocal touched
+            if v is None or v == "":
+                return v
+            if spec.contextual and not ctx:
+                ctx.append(self._context(spec, ctx_source, context))
+            touched = True
+            return op(v, ctx[0] if ctx else None)
+
+        return _apply(out, path, one), touched
+
     # ---- public ----------------------------------------------------------------------------
 
     def protect(self, record: Mapping[str, Any], *, key_id_as_text: bool = False,
@@ -110,17 +140,12 @@ class Protector:
         if kf in record and record[kf] not in (None, ""):
             raise TransformError(f"record already carries key-id field {kf!r}: refusing to protect it twice")
         kid, key = self.keyset.primary_key()
-        out = dict(record)
+        out: dict[str, Any] = dict(record)
         tagged = False
         for spec, path, tr in self._order:
-            v = _get(record, path)
-            if v is _MISSING:
-                continue
-            ctx = self._context(spec, record, context) if spec.contextual and v not in (None, "") else None
-            new = tr.protect(v, kid, key, ctx)
-            _set(out, path, new)
-            if spec.transform in self._tagged and v not in (None, ""):
-                tagged = True
+            out, touched = self._field(out, spec, path, record, context,
+                                       lambda v, c, tr=tr: tr.protect(v, kid, key, c))
+            tagged = tagged or (touched and spec.transform in self._tagged)
         if tagged:
             out[kf] = str(kid) if key_id_as_text else kid
         elif kf in out:
@@ -154,11 +179,9 @@ class Protector:
             except (TypeError, ValueError):
                 raise TransformError(f"record key-id field {kf!r} is not a key id") from None
         for spec, path, tr in self._order:
-            v = _get(out, path)
-            if v is _MISSING:
-                continue
-            ctx = self._context(spec, out, context) if spec.contextual and v not in (None, "") else None
-            _set(out, path, tr.reveal(v, kid, self.keyset, ctx))
+            # context fields are revealed before the fields that use them (self._order)
+            out, _ = self._field(out, spec, path, out, context,
+                                 lambda v, c, tr=tr: tr.reveal(v, kid, self.keyset, c))
         return out
 
     def protect_query(self, param: str, value: str) -> str:

@@ -23,7 +23,8 @@ Example (``docs/proxy.md`` has the full reference)::
     min_days = -365
     max_days = 365
 
-Field names may be dotted paths into nested JSON objects (``address.city``).
+Field names may be dotted paths into nested JSON objects (``address.city``); a ``*`` segment
+matches every element of an array (``name.*.given.*`` — TOML: ``[fields."name.*.given.*"]``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ TRANSFORMS = ("keep", "mask", "fpe", "token", "date-shift", "deterministic", "ra
 #: Named FPE alphabets; each is a list of character classes kept per position.
 ALPHABETS = ("digits", "letters", "alnum", "upper", "lower")
 TOKEN_KINDS = ("digits", "name", "email", "alnum")
-DATE_FORMATS = ("auto", "DD.MM.YYYY", "YYYY-MM-DD", "MM/DD/YYYY", "YYYY")
+DATE_FORMATS = ("auto", "DD.MM.YYYY", "YYYY-MM-DD", "MM/DD/YYYY", "YYYY-MM", "YYYY")
 
 _COMMON = {"transform", "path"}
 _ALLOWED: dict[str, set[str]] = {
@@ -151,6 +152,8 @@ class Schema:
         for param, fname in query.items():
             if fname not in fields:
                 raise ConfigError(f"schema: query parameter {param!r} names unknown field {fname!r}")
+            if "*" in fname.split("."):
+                raise ConfigError(f"schema: query parameter {param!r} cannot map to a '*' path")
             if not fields[fname].searchable:
                 raise ConfigError(
                     f"schema: query parameter {param!r} uses field {fname!r} whose transform "
@@ -166,6 +169,8 @@ class Schema:
                         f"schema: path template {tpl!r} names {var!r}, not a deterministic field"
                     )
         for spec in fields.values():
+            if spec.context is not None and "*" in spec.context.split("."):
+                raise ConfigError(f"schema: field {spec.name!r}: context {spec.context!r} has a '*'")
             if spec.context is not None:
                 ctx = fields.get(spec.context)
                 if ctx is not None and ctx.contextual:

@@ -310,6 +310,12 @@ class FieldTransform:
                 if not 1 <= year <= 9999:
                     raise OverflowError
                 return f"{year:04d}"
+            if fmt == "YYYY-MM":
+                months = parsed[0] * 12 + parsed[1] - 1 + round(days / 30.436875)
+                year, month = divmod(months, 12)
+                if not 1 <= year <= 9999:
+                    raise OverflowError
+                return f"{year:04d}-{month + 1:02d}"
             y, m, d, suffix = parsed
             new = _dt.date(y, m, d) + _dt.timedelta(days=days)
         except (OverflowError, ValueError):
@@ -381,6 +387,7 @@ _DATE_RES: list[tuple[str, re.Pattern[str]]] = [
         r"(\d{4})-(\d{2})-(\d{2})((?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?(?:Z|[+-]\d{2}:?\d{2})?)"
     )),
     ("MM/DD/YYYY", re.compile(r"(\d{2})/(\d{2})/(\d{4})")),
+    ("YYYY-MM", re.compile(r"(\d{4})-(\d{2})")),
     ("YYYY", re.compile(r"(\d{4})")),
 ]
 
@@ -396,6 +403,9 @@ def _parse_date(text: str, fmt: str) -> tuple[str, Any]:
             continue
         if name == "YYYY":
             return name, (int(m.group(1)),)
+        if name == "YYYY-MM":
+            y, mo = int(m.group(1)), int(m.group(2))
+            return name, ((y, mo) if 1 <= mo <= 12 else None)
         if name == "DD.MM.YYYY":
             d, mo, y, suffix = int(m.group(1)), int(m.group(2)), int(m.group(3)), ""
         elif name == "MM/DD/YYYY":
