@@ -303,17 +303,20 @@ class Broker:
             cur = self.state.get("manifest", "current")
             items.append(("manifest", "current", json.dumps({"version": version}).encode(),
                           cur[1] if cur else 0))
-            self.state.put_many(items)
-        except ConflictError:
+            rec = None
+            if m.recovery_keys and (old is None or old.recovery_keys != m.recovery_keys
+                                    or old.recovery_threshold != m.recovery_threshold):
+                rec = self.state.recovery_row(m.recovery_keys, m.recovery_threshold)
+            self.state.put_many(items, recovery_row=rec)  # one transaction: nothing half-written
+        except BaseException as e:  # nothing was written: go back to the old manifest in memory
             if old is not None:
                 self._activate_manifest(old)
             else:
                 self.manifest = None
-            raise Conflict("manifest changed concurrently; retry") from None
+            if isinstance(e, ConflictError):
+                raise Conflict("manifest changed concurrently; retry") from None
+            raise
         self.manifest_version = version
-        if m.recovery_keys and (old is None or old.recovery_keys != m.recovery_keys
-                                or old.recovery_threshold != m.recovery_threshold):
-            self.state.write_recovery_shares(m.recovery_keys, m.recovery_threshold)
         self.record("manifest", {"version": version, "digest": m.digest, "signer": signer,
                                  "source": source})
 

@@ -258,13 +258,22 @@ class BrokerState:
         return self.store.put(NAMESPACE, key, seal(self._need_ready(), value, self._aad(key)),
                               expected_version=expected_version)
 
-    def put_many(self, items: list[tuple[str, str, bytes, int]]) -> None:
-        """Write several objects ``(kind, name, value, expected_version)`` atomically."""
+    def put_many(self, items: list[tuple[str, str, bytes, int]], *,
+                 recovery_row: bytes | None = None) -> None:
+        """Write several objects ``(kind, name, value, expected_version)`` atomically, and
+        optionally a new recovery record (:meth:`recovery_row`) in the same transaction.
+
+        Raises:
+            ConflictError: a version differed; nothing was written.
+        """
         ks = self._need_ready()
         with self.store.transaction() as tx:
             for kind, name, value, ver in items:
                 key = self.row_key(kind, name)
                 tx.put(NAMESPACE, key, seal(ks, value, self._aad(key)), expected_version=ver)
+            if recovery_row is not None:
+                cur = tx.get(NAMESPACE, _RECOVERY)
+                tx.put(NAMESPACE, _RECOVERY, recovery_row, expected_version=cur.version if cur else 0)
 
     # --- recovery -----------------------------------------------------------------------------
 
@@ -278,10 +287,22 @@ class BrokerState:
         Raises:
             SealingError: in recovery mode. StoreError: the store failed.
         """
+        if not keys:
+            return
+        row = self.recovery_row(keys, threshold)
+        cur = self.store.get(NAMESPACE, _RECOVERY)
+        self.store.put(NAMESPACE, _RECOVERY, row, expected_version=cur.version if cur else 0)
+
+    def recovery_row(self, keys: dict[str, str], threshold: int) -> bytes:
+        """The recovery record for ``keys`` and ``threshold`` (fresh shares), not yet stored.
+
+        Raises:
+            SealingError: in recovery mode. ValueError: no keys.
+        """
         self._need_ready()
         assert self._master is not None
         if not keys:
-            return
+            raise ValueError("recovery needs at least one key")
         names = sorted(keys)
         if threshold == 1 or len(names) == 1:
             shares = [bytes([0]) + self._master for _ in names]
@@ -293,9 +314,7 @@ class BrokerState:
             payload = json.dumps({"share": _b64(share), "key": name, "threshold": threshold}).encode()
             out[name] = jwe.encrypt_compact(dict(_SHARE_ALG), payload, jwk,
                                             algorithms=list(_SHARE_ALG.values()))
-        row = json.dumps({"threshold": threshold, "shares": out}).encode()
-        cur = self.store.get(NAMESPACE, _RECOVERY)
-        self.store.put(NAMESPACE, _RECOVERY, row, expected_version=cur.version if cur else 0)
+        return json.dumps({"threshold": threshold, "shares": out}).encode()
 
     def recovery_data(self) -> dict[str, Any]:
         """The stored recovery record ``{"threshold": k, "shares": {name: JWE}}``.
