@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -290,34 +292,96 @@ def test_collateral_json_round_trip_and_garbage(sgx_coll):
         DcapCollateral.from_json(json.dumps(obj))
 
 
-def test_cache_expires_entries_and_fetches_once_then_persists(tmp_path, sgx_coll):
-    quote = ev(SGX / "dcapqvl-sgx_quote.bin").data
+PCCS_STANDIN = r"""
+import json, sys, urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+coll = json.load(open(sys.argv[1]))
+q = lambda s: urllib.parse.quote(s, safe="")
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        path = urllib.parse.urlparse(self.path).path
+        hdr = {}
+        if path == "/sgx/certification/v4/pckcrl":
+            body = bytes.fromhex(coll["pck_crl"])
+            hdr["SGX-PCK-CRL-Issuer-Chain"] = q(coll["pck_crl_issuer_chain"])
+        elif path == "/sgx/certification/v4/rootcacrl":
+            body = coll["root_ca_crl"].encode()  # PCCS answers hex text
+        elif path == "/sgx/certification/v4/tcb":
+            body = ('{"tcbInfo":' + coll["tcb_info"] + ',"signature":"'
+                    + coll["tcb_info_signature"] + '"}').encode()
+            hdr["TCB-Info-Issuer-Chain"] = q(coll["tcb_info_issuer_chain"])
+        elif path == "/sgx/certification/v4/qe/identity":
+            body = ('{"enclaveIdentity":' + coll["qe_identity"] + ',"signature":"'
+                    + coll["qe_identity_signature"] + '"}').encode()
+            hdr["SGX-Enclave-Identity-Issuer-Chain"] = q(coll["qe_identity_issuer_chain"])
+        else:
+            self.send_response(404); self.end_headers(); return
+        self.send_response(200)
+        for k, v in hdr.items(): self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
+@pytest.fixture
+def loopback_pccs(tmp_path):
+    """A PCCS on 127.0.0.1 (separate process) serving the dcap-qvl SGX sample collateral."""
+    script = tmp_path / "pccs.py"
+    script.write_text(PCCS_STANDIN)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(SGX / "dcapqvl-sgx_quote_collateral.json")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_cache_evicts_at_next_update(sgx_coll):
     cache = CollateralCache([sgx_coll])
     key = ("sgx", "00a067110000", "processor")
     assert cache.lookup(*key, SGX_AT) is sgx_coll
     assert cache.lookup(*key, sgx_coll.next_update) is None  # evicted at nextUpdate
     with pytest.raises(EndorsementError, match="no fresh DCAP collateral"):
-        cache.get(quote, *key, SGX_AT)
+        cache.get(*key, SGX_AT)
 
-    # A PCCS stand-in for the network (tests are offline): serves the same signed collateral.
-    calls: list[str] = []
 
-    def pccs_standin(url: str, q: bytes):
-        calls.append(url)
-        return sgx_coll.qvl
-
-    c2 = CollateralCache(pccs_url="https://pccs.invalid", cache_dir=tmp_path, fetcher=pccs_standin)
-    assert c2.get(quote, *key, SGX_AT).fmspc == "00a067110000"
-    assert c2.get(quote, *key, SGX_AT).fmspc == "00a067110000"
-    assert calls == ["https://pccs.invalid"] and c2.fetches == 1
-    files = list(tmp_path.glob("*collateral*.json"))
-    assert [f.name for f in files] == ["sgx-00a067110000-processor-collateral.json"]
-    c3 = CollateralCache(cache_dir=tmp_path)  # reloaded from disk, no fetch
-    assert c3.lookup(*key, SGX_AT) is not None
-    # expired upstream collateral is refused rather than cached
-    c4 = CollateralCache(pccs_url="https://pccs.invalid", fetcher=pccs_standin)
+def test_fetch_from_loopback_pccs_once_then_cached_and_persisted(loopback_pccs, tmp_path, sgx_coll):
+    key = ("sgx", "00a067110000", "processor")
+    cache_dir = tmp_path / "cache"
+    cache = CollateralCache(pccs_url=loopback_pccs + "/sgx/certification/v4/", cache_dir=cache_dir)
+    v = SgxVerifier(cache)
+    for _ in range(2):
+        c = v.verify(ev(SGX / "dcapqvl-sgx_quote.bin"), at=SGX_AT)
+        assert c.tcb_status == "ConfigurationAndSWHardeningNeeded" and c.raw["collateral"] == "verified"
+    assert cache.fetches == 1
+    got = cache.lookup(*key, SGX_AT)
+    assert got is not None and got.qvl.tcb_info == sgx_coll.qvl.tcb_info  # signed text kept verbatim
+    files = sorted(f.name for f in cache_dir.glob("*collateral*.json"))
+    assert files == ["sgx-00a067110000-processor-collateral.json"]
+    assert CollateralCache(cache_dir=cache_dir).lookup(*key, SGX_AT) is not None  # no network
+    # upstream collateral that is already stale is refused, not cached
+    late = CollateralCache(pccs_url=loopback_pccs)
     with pytest.raises(EndorsementError, match="expired"):
-        c4.get(quote, *key, sgx_coll.next_update + timedelta(days=1))
+        late.get(*key, sgx_coll.next_update + timedelta(days=1))
+    # the stand-in has no TDX collateral: a clear error naming the URL
+    with pytest.raises(EndorsementError, match=r"tdx/certification/v4/tcb\?fmspc=B0C06F000000: HTTP 404"):
+        TdxVerifier(pccs_url=loopback_pccs).verify(ev(TDX / "dcapqvl-tdx_quote.bin", "tdx"), at=TDX_AT)
+
+
+def test_fetch_from_unreachable_pccs():
+    from conftest import free_port
+
+    cache = CollateralCache(pccs_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(EndorsementError, match="ConnectError"):
+        cache.get("sgx", "00a067110000", "processor", SGX_AT)
 
 
 # --- tampering: every byte offset ----------------------------------------------------------------

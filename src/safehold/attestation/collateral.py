@@ -26,10 +26,10 @@ TCB info and QE identity, and ``lastUpdate <= at < nextUpdate`` for both CRLs.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import threading
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,13 +37,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dcap_qvl
+import httpx
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from safehold.errors import ConfigError, EndorsementError
 
 __all__ = [
     "CollateralCache",
     "DcapCollateral",
+    "fetch_pcs",
     "load_collateral",
     "require_aware",
 ]
@@ -374,22 +377,114 @@ def load_collateral(path: str | Path) -> list[DcapCollateral]:
     return out
 
 
-#: Fetches collateral for a raw quote from a PCCS/PCS base URL (dcap-qvl's HTTP client).
-Fetcher = Callable[[str, bytes], dcap_qvl.QuoteCollateralV3]
+#: Fetches collateral ``(base_url, tee, fmspc, ca) -> DcapCollateral`` (default: :func:`fetch_pcs`).
+Fetcher = Callable[[str, str, str, str], "DcapCollateral"]
+
+_PCS_TIMEOUT = 30.0
 
 
-def _dcap_qvl_fetch(url: str, quote: bytes) -> dcap_qvl.QuoteCollateralV3:
+def _pcs_get(client: httpx.Client, url: str, *headers: str) -> tuple[bytes, str | None]:
     try:
-        return asyncio.run(dcap_qvl.get_collateral(url, quote))
-    except (ValueError, RuntimeError) as e:
-        raise EndorsementError(f"fetching DCAP collateral from {url} failed: {e}") from None
+        r = client.get(url)
+    except httpx.HTTPError as e:
+        raise EndorsementError(f"fetching DCAP collateral {url} failed: {type(e).__name__}") from None
+    if r.status_code != 200:
+        raise EndorsementError(f"fetching DCAP collateral {url}: HTTP {r.status_code}")
+    chain = next((r.headers[h] for h in headers if h in r.headers), None)
+    if headers and chain is None:
+        raise EndorsementError(f"DCAP collateral {url}: response lacks the {headers[0]} header")
+    return r.content, urllib.parse.unquote(chain) if chain is not None else None
+
+
+def _crl_bytes(body: bytes, what: str) -> bytes:
+    """PCS/PCCS CRL bodies come as DER, PEM or hex text (PCCS ``rootcacrl``)."""
+    if body[:1] == b"\x30":
+        return body
+    text = body.strip()
+    if text.startswith(b"-----BEGIN"):
+        try:
+            return x509.load_pem_x509_crl(text).public_bytes(serialization.Encoding.DER)
+        except ValueError:
+            raise EndorsementError(f"{what} is not a PEM CRL") from None
+    try:
+        return bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise EndorsementError(f"{what} is neither DER, PEM nor hex") from None
+
+
+def fetch_pcs(base_url: str, tee: str, fmspc: str, ca: str) -> DcapCollateral:
+    """Fetch collateral over HTTPS from a PCCS or Intel PCS (PCS API v4 paths).
+
+    ``GET {base}/sgx/certification/v4/pckcrl?ca=<ca>&encoding=der`` (header
+    ``SGX-PCK-CRL-Issuer-Chain``), ``{base}/<tee>/certification/v4/tcb?fmspc=<FMSPC>``
+    (``TCB-Info-Issuer-Chain``), ``{base}/<tee>/certification/v4/qe/identity``
+    (``SGX-Enclave-Identity-Issuer-Chain``), and the root CA CRL from the PCCS
+    ``rootcacrl`` endpoint or else the root certificate's CRL distribution point. Responses are
+    parsed by :meth:`DcapCollateral.from_pcs_responses` (signed bytes kept verbatim).
+
+    Raises:
+        EndorsementError: a request failed, a header is missing, or a body is malformed.
+    """
+    base = base_url.rstrip("/")
+    for suffix in ("/sgx/certification/v4", "/tdx/certification/v4"):
+        base = base.removesuffix(suffix)
+    with httpx.Client(timeout=_PCS_TIMEOUT, follow_redirects=False) as client:
+        crl, crl_chain = _pcs_get(
+            client, f"{base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der", "SGX-PCK-CRL-Issuer-Chain"
+        )
+        tcb, tcb_chain = _pcs_get(
+            client,
+            f"{base}/{tee}/certification/v4/tcb?fmspc={fmspc.upper()}",
+            "TCB-Info-Issuer-Chain",
+            "SGX-TCB-Info-Issuer-Chain",
+        )
+        qe, qe_chain = _pcs_get(
+            client,
+            f"{base}/{tee}/certification/v4/qe/identity?update=standard",
+            "SGX-Enclave-Identity-Issuer-Chain",
+            "Enclave-Identity-Issuer-Chain",
+        )
+        try:
+            root_crl = _crl_bytes(
+                _pcs_get(client, f"{base}/sgx/certification/v4/rootcacrl")[0], "root CA CRL"
+            )
+        except EndorsementError:
+            root_crl = _crl_bytes(_pcs_get(client, _root_crl_url(qe_chain or ""))[0], "root CA CRL")
+    try:
+        tcb_text, qe_text = tcb.decode("utf-8"), qe.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EndorsementError("PCS TCB info / QE identity response is not UTF-8") from None
+    return DcapCollateral.from_pcs_responses(
+        tcb_info_response=tcb_text,
+        tcb_info_issuer_chain=tcb_chain or "",
+        qe_identity_response=qe_text,
+        qe_identity_issuer_chain=qe_chain or "",
+        pck_crl=_crl_bytes(crl, "PCK CRL"),
+        pck_crl_issuer_chain=crl_chain or "",
+        root_ca_crl=root_crl,
+    )
+
+
+def _root_crl_url(chain_pem: str) -> str:
+    try:
+        root = x509.load_pem_x509_certificates(chain_pem.encode())[-1]
+        dps = root.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        for dp in dps:
+            for name in dp.full_name or []:
+                if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith("https://"):
+                    return name.value
+    except (ValueError, IndexError, x509.ExtensionNotFound):
+        pass
+    raise EndorsementError(
+        "no root CA CRL: PCCS rootcacrl failed and the root has no HTTPS CRL distribution point"
+    )
 
 
 class CollateralCache:
     """Collateral per ``(tee, fmspc, ca)``, kept until its earliest ``nextUpdate``.
 
     Look-ups at a time past ``nextUpdate`` drop the entry; then, if a PCCS/PCS URL is
-    configured, fresh collateral is fetched (dcap-qvl's client, Intel PCS API v4 paths),
+    configured, fresh collateral is fetched (:func:`fetch_pcs`, Intel PCS API v4 paths),
     checked for freshness, cached in memory and, with ``cache_dir``, written as dcap-qvl JSON.
     Thread-safe.
 
@@ -397,7 +492,7 @@ class CollateralCache:
         collaterals: initial entries (e.g. from :func:`load_collateral`).
         pccs_url: base URL of a PCCS or of Intel PCS (``dcap_qvl.INTEL_PCS_URL``); None = offline.
         cache_dir: directory to persist fetched collateral and to read it back on start.
-        fetcher: override of the HTTP fetch (used with a loopback PCCS in tests).
+        fetcher: override of :func:`fetch_pcs` (e.g. another transport).
     """
 
     def __init__(
@@ -412,7 +507,7 @@ class CollateralCache:
         self._entries: dict[tuple[str, str, str], DcapCollateral] = {}
         self.pccs_url = pccs_url
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._fetch = fetcher or _dcap_qvl_fetch
+        self._fetch = fetcher or fetch_pcs
         self.fetches = 0
         if self.cache_dir is not None and self.cache_dir.is_dir():
             for c in load_collateral(self.cache_dir) if any(self.cache_dir.glob("*collateral*.json")) else []:
@@ -439,7 +534,7 @@ class CollateralCache:
                 return None
             return c if at >= c.not_before else None
 
-    def get(self, quote: bytes, tee: str, fmspc: str, ca: str, at: datetime) -> DcapCollateral:
+    def get(self, tee: str, fmspc: str, ca: str, at: datetime) -> DcapCollateral:
         """Fresh collateral for a quote: cached, else fetched from :attr:`pccs_url`.
 
         Raises:
@@ -456,7 +551,7 @@ class CollateralCache:
                 f"no fresh DCAP collateral for {tee.upper()} FMSPC {fmspc.lower()} ({ca} CA) at "
                 f"{at.isoformat()}{hint}; supply collateral or configure a PCCS URL"
             )
-        c = DcapCollateral.from_qvl(self._fetch(self.pccs_url, quote))
+        c = self._fetch(self.pccs_url, tee, fmspc.lower(), ca)
         self.fetches += 1
         if c.key != (tee, fmspc.lower(), ca):
             raise EndorsementError(f"fetched collateral is for {c.key}, expected {(tee, fmspc.lower(), ca)}")

@@ -440,7 +440,7 @@ class DcapVerifier:
             coll = _collateral_from_json(bytes(blob))
         else:
             try:
-                coll = self.cache.get(q.quote, self.tee_name, ch.fmspc, ch.ca, at)
+                coll = self.cache.get(self.tee_name, ch.fmspc, ch.ca, at)
             except EndorsementError:
                 if self.require_collateral:
                     raise
