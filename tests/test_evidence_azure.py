@@ -101,6 +101,15 @@ def test_hcl_reports_parse_and_bind(name, kind, bind, measure):
         assert set(hcl.runtime["user-data"]) == {"0"}
 
 
+def test_azcvm_certs_bundle_chains_and_an_ask_is_no_root():
+    from safehold.attestation.verifiers import sev_snp
+
+    vcek, ask, ark = sev_snp.load_certs(rd("azcvm-certs.pem"), "azcvm-certs")
+    assert sev_snp.verify_chain(vcek, [ask, ark], datetime(2024, 1, 1, tzinfo=UTC), "VCEK") == "milan"
+    assert not sev_snp._issued_by(ask, ask)  # "ASK is not self-signed"
+    assert sev_snp._issued_by(ark, ark) and sev_snp._issued_by(ask, ark)
+
+
 def test_var_data_sample_is_runtime_json_with_an_ak():
     rt = azure._runtime_json(rd("azcvm-var-data.bin"))
     assert azure._jwk(rt, "HCLAkPub").key_size == 2048
