@@ -411,3 +411,92 @@ def test_workload_ca_issues_and_refuses():
         ca.issue(ec.generate_private_key(ec.SECP521R1()).public_key(), common_name="w")
     with pytest.raises(BrokerError):
         WorkloadCA.from_pem(b"garbage")
+
+
+# --- the broker core never fails with anything but its own errors ---------------------------
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    import warnings
+
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+    from safehold.broker.server import open_broker
+
+    warnings.simplefilter("ignore")
+    d = tmp_path_factory.mktemp("core")
+    wl = SimulatedAttester(d / "wl")
+    mp = d / "m.json"
+    mp.write_text(json.dumps({"workloads": {"w": {"secrets": ["k"], "policy": {
+        "allow_simulated": True, "simulated_root": str(wl.root_ca_path),
+        "accepted_tcb_statuses": ["UpToDate", "Simulated"], "report_data": "key-binding",
+        "reference_values": {"measurements": [wl.measurement.hex()]}}}},
+        "secrets": {"k": {"type": "keyset"}}}))
+    b = open_broker(d / "b", manifest_path=mp)
+    yield b, wl
+    b.state.store.close()
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+                     max_leaves=12)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(req=_json, pubkey=_json, evidence=_json | st.text(max_size=80))
+def test_fuzzed_kbs_bodies_give_only_safehold_errors(core, req, pubkey, evidence):
+    b, _ = core
+    try:
+        b.auth(req)
+    except BrokerError:
+        pass
+    sid, _ch = b.auth({"version": "0.1.0", "tee": "simulated"})
+    body = {"tee-pubkey": pubkey, "tee-evidence": evidence}
+    try:
+        b.attest(sid, body)
+        raise AssertionError("fuzzed Evidence was accepted")
+    except BrokerError:
+        pass
+    except Exception as e:  # noqa: BLE001 - anything else would be a 500
+        from safehold.errors import SafeholdError
+
+        assert isinstance(e, SafeholdError), repr(e)
+
+
+def test_core_release_and_truncated_evidence(core):
+    b, wl = core
+    sid, ch = b.auth({"version": "0.1.0", "tee": "simulated", "extra-params": {"workload": "w"}})
+    k = ECKey.generate_key("P-256")
+    jwk = protocol.public_jwk(k)
+    cmw = wl.attest(protocol.report_data(ch["nonce"], jwk)).to_cmw()
+    # truncated Evidence: a clear 400/401, and the nonce is used up
+    from safehold.broker.service import BadRequest, Unauthorized
+    from safehold.errors import EvidenceFormatError
+
+    with pytest.raises((BadRequest, EvidenceFormatError, Unauthorized)):
+        b.attest(sid, {"tee-pubkey": jwk, "tee-evidence": cmw[: len(cmw) // 2]})
+    with pytest.raises(Unauthorized, match="already used"):
+        b.attest(sid, {"tee-pubkey": jwk, "tee-evidence": cmw})
+    sid, ch = b.auth({"version": "0.1.0", "tee": "simulated"})
+    cmw = wl.attest(protocol.report_data(ch["nonce"], jwk)).to_cmw()
+    assert "token" in b.attest(sid, {"tee-pubkey": jwk, "tee-evidence": json.loads(cmw)})
+    keyset = protocol.decrypt_response(b.resource(sid, None, "default", "keyset", "k"), k)
+    assert json.loads(keyset)["type"] == "keyset"
+    entries = b.audit_entries()
+    assert entries[-1]["event"] == "release" and entries[-2]["detail"]["verdict"] == "affirmed"
+    assert any(e["event"] == "attest" and e["detail"]["verdict"] == "denied" for e in entries)
+    assert b.audit_verify()["ok"]
+
+
+def test_client_unreachable_broker_is_a_clear_error(core):
+    import socket
+
+    from safehold.client.broker import BrokerClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connection refused
+        with BrokerClient(f"https://127.0.0.1:{port}", core[1], verify=False, timeout=2) as c, \
+                pytest.raises(BrokerError, match="unreachable"):
+            c.attest()

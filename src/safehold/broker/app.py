@@ -24,6 +24,8 @@ from safehold.errors import (
     AuditChainError,
     ManifestError,
     SafeholdError,
+    SealingError,
+    StoreError,
 )
 
 log = logging.getLogger("safehold.broker")
@@ -85,7 +87,7 @@ def _problem(status: int, kind: str, detail: str) -> JSONResponse:
 
 
 _KINDS = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found",
-          409: "conflict", 413: "body-too-large", 503: "recovery-mode"}
+          409: "conflict", 413: "body-too-large", 503: "unavailable"}
 
 
 def create_app(broker: Broker, *, max_body: int = DEFAULT_MAX_BODY, static_value: bytes | None = None) -> Any:
@@ -104,10 +106,12 @@ def create_app(broker: Broker, *, max_body: int = DEFAULT_MAX_BODY, static_value
 
     @app.exception_handler(SafeholdError)
     async def _safehold_error(request: Request, exc: SafeholdError) -> JSONResponse:
-        status = 400
+        if isinstance(exc, StoreError | SealingError):
+            log.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+            return _problem(503, "unavailable", f"broker state unavailable: {type(exc).__name__}")
         if isinstance(exc, AuditChainError):
-            status = 409
-        return _problem(status, "bad-request" if status == 400 else "conflict", str(exc))
+            return _problem(409, "conflict", str(exc))
+        return _problem(400, "bad-request", str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
