@@ -430,9 +430,15 @@ def test_restart_recovery_and_audit(env, tmp_path):
     """Restart keeps every secret; a changed broker measurement → recovery mode; k-1 shares fail,
     k restore; the audit log verifies, and one edited row is named."""
     b, keys, store_url = env["broker"], env["keys"], env["store_url"]
+    with b.client() as h:
+        r = h.put("/admin/secrets/db-password", content=b"kept-across-restarts",
+                  headers={"Authorization": f"Bearer {keys['operator_token']}"})
+        assert r.status_code == 200
+        status_before = h.get("/status").json()
     with _client(env) as c:
         c.attest()
         ks_before = c.get_resource("default/keyset/records-keyset")
+        cert_before = x509.load_pem_x509_certificate(c.get_certificate("records-tls")[0].encode())
     ca_before = Path(b.cacert).read_text()
     b.stop()
 
@@ -442,7 +448,16 @@ def test_restart_recovery_and_audit(env, tmp_path):
         with _client(env) as c:
             c.attest()
             assert c.get_resource("default/keyset/records-keyset") == ks_before
+            assert c.get_value("db-password") == b"kept-across-restarts"
+            cert = x509.load_pem_x509_certificate(c.get_certificate("records-tls")[0].encode())
+            cert.verify_directly_issued_by(cert_before_issuer := x509.load_pem_x509_certificate(
+                ca_before.encode()))
+            assert cert.issuer == cert_before.issuer == cert_before_issuer.subject
         assert Path(b.cacert).read_text() == ca_before
+        with b.client() as h:
+            st = h.get("/status").json()
+            assert st["manifest_version"] == status_before["manifest_version"]
+            assert st["manifest_digest"] == status_before["manifest_digest"]
     finally:
         b.stop()
 
