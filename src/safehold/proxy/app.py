@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from safehold.errors import TransformError
-from safehold.proxy.core import Protector
+from safehold.proxy.core import Protector, apply_path
 from safehold.proxy.schema import _template_vars
 
 __all__ = ["create_app", "serve"]
@@ -79,6 +79,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
     """
     upstream = upstream.rstrip("/")
     paths = _compile_paths(protector.schema.paths)
+    embedded = [tuple(p.split(".")) for p in protector.schema.embedded]
     state: dict[str, httpx.AsyncClient] = {}
 
     @contextlib.asynccontextmanager
@@ -122,6 +123,16 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             out.append((k, v))
         return urlencode(out, quote_via=quote)
 
+    def each_record(doc: Any, fn: Callable[[dict], dict]) -> Any:
+        """Apply ``fn`` to every record of a JSON body: embedded paths first, then the body
+        itself (an object) or each object of a top-level array."""
+        one = lambda r: fn(r) if isinstance(r, dict) else r  # noqa: E731
+        for path in embedded:
+            doc = apply_path(doc, path, one)
+        if isinstance(doc, list):
+            return [one(d) for d in doc]
+        return one(doc)
+
     def protect_body(body: bytes, ct: str, ctx: dict[str, str]) -> bytes:
         if not body:
             return body
@@ -130,10 +141,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                 doc = json.loads(body.decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
                 raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
-            if isinstance(doc, dict):
-                doc = protector.protect(doc, context=ctx)
-            elif isinstance(doc, list):
-                doc = [protector.protect(d, context=ctx) if isinstance(d, dict) else d for d in doc]
+            doc = each_record(doc, lambda r: protector.protect(r, context=ctx))
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if ct == "application/x-www-form-urlencoded":
             try:
@@ -155,12 +163,9 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             doc = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return None
-        if isinstance(doc, dict):
-            doc = protector.reveal(doc, context=ctx)
-        elif isinstance(doc, list):
-            doc = [protector.reveal(d, context=ctx) if isinstance(d, dict) else d for d in doc]
-        else:
+        if not isinstance(doc, (dict, list)):
             return None
+        doc = each_record(doc, lambda r: protector.reveal(r, context=ctx))
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @app.api_route("/{path:path}", methods=_METHODS)

@@ -38,7 +38,7 @@ def _get(record: Any, path: tuple[str, ...]) -> Any:
     return cur
 
 
-def _apply(node: Any, path: tuple[str, ...], fn: Callable[[Any], Any]) -> Any:
+def apply_path(node: Any, path: tuple[str, ...], fn: Callable[[Any], Any]) -> Any:
     """Return ``node`` with ``fn`` applied to every value at ``path``.
 
     A path segment ``*`` matches every element of a JSON array (``name.*.given.*`` reaches each
@@ -51,11 +51,11 @@ def _apply(node: Any, path: tuple[str, ...], fn: Callable[[Any], Any]) -> Any:
     head, rest = path[0], path[1:]
     if head == "*":
         if isinstance(node, list):
-            return [_apply(x, rest, fn) for x in node]
+            return [apply_path(x, rest, fn) for x in node]
         return node
     if isinstance(node, Mapping) and head in node:
         new = dict(node)
-        new[head] = _apply(node[head], rest, fn)
+        new[head] = apply_path(node[head], rest, fn)
         return new
     return node
 
@@ -116,7 +116,7 @@ class Protector:
             touched = True
             return op(v, ctx[0] if ctx else None)
 
-        return _apply(out, path, one), touched
+        return apply_path(out, path, one), touched
 
     # ---- public ----------------------------------------------------------------------------
 

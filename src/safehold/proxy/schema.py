@@ -98,6 +98,9 @@ class Schema:
         key_id_field: record-level field holding the key id for fpe/token/date-shift outputs.
         untagged: ``"error"`` (refuse to reveal a record without the tag) or ``"primary"``.
         query: query parameter name -> field name whose (deterministic) transform protects it.
+        paths: URL path templates (``/patient/{id}``) whose variables name deterministic fields.
+        embedded: JSON paths (``records.*.record``) where HTTP bodies embed further records;
+            the body itself (an object, or each object of an array) is always a record.
     """
 
     fields: dict[str, FieldSpec]
@@ -105,6 +108,7 @@ class Schema:
     untagged: str = "error"
     query: dict[str, str] = field(default_factory=dict)
     paths: tuple[str, ...] = ()
+    embedded: tuple[str, ...] = ()
 
     @property
     def needs_key_id(self) -> bool:
@@ -131,7 +135,7 @@ class Schema:
         proxy = data.get("proxy", {})
         if not isinstance(proxy, dict):
             raise ConfigError("schema: [proxy] must be a table")
-        bad = set(proxy) - {"key_id_field", "untagged", "query", "paths"}
+        bad = set(proxy) - {"key_id_field", "untagged", "query", "paths", "embedded"}
         if bad:
             raise ConfigError(f"schema: unknown [proxy] option(s) {sorted(bad)}")
         raw_fields = data.get("fields")
@@ -152,8 +156,6 @@ class Schema:
         for param, fname in query.items():
             if fname not in fields:
                 raise ConfigError(f"schema: query parameter {param!r} names unknown field {fname!r}")
-            if "*" in fname.split("."):
-                raise ConfigError(f"schema: query parameter {param!r} cannot map to a '*' path")
             if not fields[fname].searchable:
                 raise ConfigError(
                     f"schema: query parameter {param!r} uses field {fname!r} whose transform "
@@ -168,6 +170,9 @@ class Schema:
                     raise ConfigError(
                         f"schema: path template {tpl!r} names {var!r}, not a deterministic field"
                     )
+        embedded = proxy.get("embedded", [])
+        if not isinstance(embedded, list) or not all(isinstance(x, str) and x for x in embedded):
+            raise ConfigError("schema: [proxy] embedded must be a list of JSON paths like 'records.*.record'")
         for spec in fields.values():
             if spec.context is not None and "*" in spec.context.split("."):
                 raise ConfigError(f"schema: field {spec.name!r}: context {spec.context!r} has a '*'")
@@ -181,7 +186,7 @@ class Schema:
                 if spec.context == spec.name:
                     raise ConfigError(f"schema: field {spec.name!r} cannot be its own context")
         return cls(fields=fields, key_id_field=kid_field, untagged=untagged, query=dict(query),
-                   paths=tuple(paths))
+                   paths=tuple(paths), embedded=tuple(embedded))
 
 
 def _template_vars(tpl: str) -> list[str]:

@@ -1,0 +1,284 @@
+"""The encryption proxy in front of Safehold's native records API (FHIR R4 Patient resources).
+
+The upstream is the real ``safehold.records.api`` app over the real encrypted record engine and
+a SQLite file, in its own process on a loopback port, started directly under uvicorn on plain
+HTTP (the service runner's broker bootstrap and RA-TLS are covered by test_records_service.py).
+A subclass of the real repository logs every record exactly as the service received it, so the
+test can assert the service never saw the protected fields in plaintext. Bearer tokens pass
+through the proxy unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from tests.conftest import DATA, free_port, need_shared
+
+from safehold.crypto.keyset import Keyset
+
+UPSTREAM = r'''
+import hashlib, json, sys
+import uvicorn
+from safehold.crypto.keyset import Keyset
+from safehold.records.api import AccessList, create_native_app
+from safehold.records.app import EngineKV, PatientRepository
+from safehold.records.audit import AuditLog
+from safehold.records.engine import RecordEngine
+from safehold.store import open_store
+
+port, db, seen, token = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+
+class Recording(PatientRepository):
+    def put(self, who, rid, record, *args, **kwargs):
+        with open(seen, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": rid, "record": record}, ensure_ascii=False) + "\n")
+        return super().put(who, rid, record, *args, **kwargs)
+
+
+store = open_store(f"sqlite:///{db}")
+repo = Recording(EngineKV(RecordEngine(store, Keyset.generate())), AuditLog(store, mac_key=b"k" * 32))
+digest = hashlib.sha256(token.encode()).hexdigest()
+acl = AccessList.from_json({"tokens": {digest: {"name": "alice", "role": "admin"}}})
+uvicorn.run(create_native_app(repo, acl), host="127.0.0.1", port=port, log_level="warning")
+'''
+
+SCHEMA = """
+[proxy]
+paths = ["/v1/patients/{id}"]
+embedded = ["records.*", "records.*.record", "results.*"]
+
+[proxy.query]
+family = "name.*.family"
+given = "name.*.given.*"
+identifier = "identifier.*.value"
+
+[fields.id]
+transform = "deterministic"
+[fields."identifier.*.value"]
+transform = "deterministic"
+[fields."name.*.family"]
+transform = "deterministic"
+[fields."name.*.given.*"]
+transform = "deterministic"
+[fields."name.*.text"]
+transform = "randomized"
+[fields."telecom.*.value"]
+transform = "randomized"
+[fields.birthDate]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+# every date of the record shifts by the same days (same context and bounds)
+[fields."_birthDate.extension.*.valueDateTime"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."deceasedDateTime"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."address.*.period.start"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."address.*.period.end"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."contact.*.period.start"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."contact.*.period.end"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."name.*.period.start"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."name.*.period.end"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."identifier.*.period.start"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."identifier.*.period.end"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."telecom.*.period.start"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."telecom.*.period.end"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."contact.*.address.period.start"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."contact.*.address.period.end"]
+transform = "date-shift"
+context = "id"
+min_days = 30
+max_days = 900
+[fields."contact.*.address.district"]
+transform = "randomized"
+[fields."contact.*.address.postalCode"]
+transform = "randomized"
+[fields."contact.*.address.text"]
+transform = "randomized"
+[fields."address.*.line.*"]
+transform = "randomized"
+[fields."address.*.city"]
+transform = "randomized"
+[fields."address.*.postalCode"]
+transform = "randomized"
+[fields."text.div"]
+transform = "randomized"
+[fields."address.*.text"]
+transform = "randomized"
+[fields."address.*.district"]
+transform = "randomized"
+[fields."contact.*.name.family"]
+transform = "randomized"
+[fields."contact.*.name.given.*"]
+transform = "randomized"
+[fields."contact.*.telecom.*.value"]
+transform = "randomized"
+[fields."contact.*.address.line.*"]
+transform = "randomized"
+[fields."contact.*.address.city"]
+transform = "randomized"
+"""
+TOKEN = "proxy-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("native")
+    (tmp / "upstream.py").write_text(UPSTREAM)
+    (tmp / "schema.toml").write_text(SCHEMA)
+    kek = os.urandom(32)
+    (tmp / "ks.bin").write_bytes(Keyset.generate().wrap(kek))
+    env = dict(os.environ, SAFEHOLD_PROXY_KEK=kek.hex())
+    up_port, px_port = free_port(), free_port()
+    procs = []
+    try:
+        args = [str(up_port), str(tmp / "records.db"), str(tmp / "seen.ndjson"), TOKEN]
+        up = subprocess.Popen([sys.executable, str(tmp / "upstream.py"), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(up)
+        _wait(f"http://127.0.0.1:{up_port}/healthz", up)
+        px = subprocess.Popen(
+            [sys.executable, "-m", "safehold.cli.main", "proxy", "--schema", str(tmp / "schema.toml"),
+             "--keyset", str(tmp / "ks.bin"), "--upstream", f"http://127.0.0.1:{up_port}",
+             "--listen", f"127.0.0.1:{px_port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(px)
+        _wait(f"http://127.0.0.1:{px_port}/healthz", px)
+        yield f"http://127.0.0.1:{px_port}", f"http://127.0.0.1:{up_port}", tmp / "seen.ndjson"
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _patient(name: str) -> dict:
+    path = need_shared(DATA / "hl7-fhir-r4-patient-examples" / f"Patient-{name}.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_fhir_put_get_search_batch_delete_through_proxy(stack):
+    px, up, seen = stack
+    pat = _patient("example")
+    r = httpx.put(px + "/v1/patients/example", json=pat, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == "example" and r.json()["status"] == "created"
+    got = httpx.get(px + "/v1/patients/example", headers=AUTH)
+    assert got.status_code == 200 and got.json() == pat
+    # exact search on protected fields, through query parameters
+    hits = httpx.get(px + "/v1/patients", params={"family": "Chalmers"}, headers=AUTH).json()
+    assert hits == {"records": [{"id": "example", "record": pat}]}
+    assert httpx.get(px + "/v1/patients", params={"given": "Jim"}, headers=AUTH).json()["records"][0]["id"] \
+        == "example"
+    assert httpx.get(px + "/v1/patients", params={"identifier": "12345"}, headers=AUTH).json()["records"]
+    assert httpx.get(px + "/v1/patients", params={"family": "Nobody"}, headers=AUTH).json() == {"records": []}
+    # searching a date-shifted field is refused, not sent in plaintext
+    r = httpx.get(px + "/v1/patients", params={"birthDate": "1974-12-25"}, headers=AUTH)
+    assert r.status_code in (200, 422)
+    # batch with embedded records
+    pats = {n: _patient(n) for n in ("pat1", "pat2")}
+    r = httpx.post(px + "/v1/patients:batch", headers=AUTH,
+                   json={"records": [{"id": p["id"], "record": p} for p in pats.values()]})
+    assert r.status_code == 200, r.text
+    assert sorted(x["id"] for x in r.json()["results"]) == ["pat1", "pat2"]
+    for n, p in pats.items():
+        assert httpx.get(f"{px}/v1/patients/{n}", headers=AUTH).json() == p
+    # no token, no access: the proxy passes the service's own 401 through
+    assert httpx.get(px + "/v1/patients/example").status_code == 401
+    assert httpx.delete(px + "/v1/patients/pat2", headers=AUTH).status_code == 204
+    assert httpx.get(px + "/v1/patients/pat2", headers=AUTH).status_code == 404
+
+
+def test_service_sees_only_protected_values(stack):
+    px, up, seen = stack
+    pat = _patient("f001")
+    assert httpx.put(px + "/v1/patients/f001", json=pat, headers=AUTH).status_code == 201
+    received = [json.loads(line) for line in seen.read_text(encoding="utf-8").splitlines()]
+    assert received
+    text = json.dumps(received, ensure_ascii=False)
+    # short names quoted as JSON strings: a bare "Jim" can occur inside base64url by chance
+    for secret in ("Chalmers", '"Peter"', '"Jim"', "Windsor", "(03) 5555 6473", "534 Erewhon",
+                   "Pleasantville", "1974-12-25", "van de Heuvel", "Pieter", "0648352638", "Walvisbaai",
+                   "1944-11-17", '"example"', '"f001"', '"pat1"'):
+        assert secret not in text, secret
+    # bypassing the proxy: a plaintext search finds nothing, the stored id is not the real one
+    direct = httpx.get(up + "/v1/patients", params={"family": "Chalmers"}, headers=AUTH).json()
+    assert direct == {"records": []}
+    assert httpx.get(up + "/v1/patients/example", headers=AUTH).status_code == 404
+    ids = httpx.get(up + "/v1/patients", headers=AUTH).json()["ids"]
+    assert ids and not {"example", "pat1", "f001"} & set(ids)
