@@ -61,6 +61,15 @@ def test_put_get_search_delete(repo):
     assert repo.search("u", {"family": "brown"}) == []
     with pytest.raises(InvalidRecordError):
         repo.search("u", {"address": "x"})
+    with pytest.raises(InvalidRecordError, match="gender only narrows"):
+        repo.search("u", {"gender": "female"})
+    repo.put("u", "m1", {**pat("m1", "Smith"), "gender": "male",
+                         "identifier": [{"system": "urn:x", "value": "ID-9"}]})
+    assert [i for i, _ in repo.search("u", {"family": "smith", "gender": "male"})] == ["m1"]
+    assert [i for i, _ in repo.search("u", {"identifier": "urn:x|ID-9"})] == ["m1"]
+    assert [i for i, _ in repo.search("u", {"identifier": "id-9"})] == ["m1"]
+    assert repo.search("u", {"identifier": "urn:other|ID-9"}) == []
+    repo.delete("u", "m1")
     with pytest.raises(InvalidRecordError):
         repo.put("u", "bad id", {})
     ids, nxt = repo.list_ids("u", cursor=None, limit=1)

@@ -2,23 +2,30 @@
 
 Framework-free (the FastAPI layers in :mod:`~safehold.records.api` and
 :mod:`~safehold.records.scone` call it). It sits on a :class:`KV` — the encrypted record engine
-behind a small adapter (:mod:`safehold.records.search` provides it) — so the database only ever
-sees blind indexes and envelopes.
+behind a small adapter (:class:`EngineKV`) — so the database only ever sees blind indexes and
+envelopes.
 
 Record value format: the record's JSON text (UTF-8, member order as received, no insignificant
-white space), encrypted by the engine. Search entries live in namespace
-``<ns>.search`` under the record key ``"<field>=<normalised value>"`` (the engine turns it into
-a keyed blind index) with an encrypted JSON array of record ids as value.
+white space), encrypted by the engine. Search entries live in the same namespace under the
+record key ``"#<field>=<normalised value>"`` (``#`` never occurs in a record id; the engine
+turns the key into a keyed blind index) with an encrypted JSON array of record ids as value.
+Indexed fields: :data:`INDEXED_FIELDS`; ``gender`` only filters (a two-value field would make
+one hot, ever-growing entry and reveal the split through its size), as does the
+``system|value`` form of identifiers (looked up by value).
 
-Consistency without cross-row transactions: a write first *adds* the record id to the search
-entries of its new terms, then writes the record (compare-and-set on its version), then removes
-the id from the entries of terms it no longer has. The index is therefore always a superset of
-the truth, and :meth:`PatientRepository.search` re-checks every hit against the decrypted
-record, so a crash between steps never returns a wrong answer.
+Consistency: a write (put or delete) reads the record and the search entries it changes, then
+commits the record, those entries and its audit entry in **one store transaction** with
+compare-and-set on every row (:meth:`RecordEngine.put_many`); if any row changed meanwhile,
+nothing is written and the write is redone from fresh reads. So the index never disagrees with
+the records and concurrent writers lose no update. Concurrent writes are group-committed
+(:class:`~safehold.records.audit.GroupCommit`): one durable commit serves a whole batch, each
+write in its own savepoint. :meth:`PatientRepository.search` still re-checks every hit against
+the decrypted record (defence in depth against a row rolled back by the database operator).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +51,9 @@ MAX_BATCH = 500
 #: Largest page for listing.
 MAX_PAGE = 1000
 _INDEX_RETRIES = 64
+#: Fields with search entries; the other :data:`SEARCH_FIELDS` only filter.
+INDEXED_FIELDS = ("family", "given", "birthDate", "identifier")
+_TERM_PREFIX = "#"
 log = logging.getLogger("safehold.records")
 
 
@@ -56,6 +66,10 @@ class KV(Protocol):
 
     def put(self, namespace: str, key: str, value: bytes, *, expected_version: int) -> int:
         """Compare-and-set (0 = must not exist); return the new version; ConflictError."""
+        ...
+
+    def put_many(self, namespace: str, items: list[tuple[str, bytes, int]]) -> list[int]:
+        """Compare-and-set several rows in one transaction (all or nothing); ConflictError."""
         ...
 
     def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
@@ -111,14 +125,13 @@ class PatientRepository:
     Args:
         kv: the encrypted engine adapter.
         audit: the audit log every access goes to (None only in benchmarks' baselines).
-        namespace: record namespace; search entries use ``<namespace>.search``.
+        namespace: record namespace (search entries live in it too, keys starting with ``#``).
     """
 
     def __init__(self, kv: KV, audit: AuditLog | None, *, namespace: str = NAMESPACE):
         self.kv = kv
         self.audit = audit
         self.ns = namespace
-        self.ns_search = f"{namespace}.search"
 
     # -- audit ----------------------------------------------------------------------------
 
@@ -182,33 +195,34 @@ class PatientRepository:
         check_record_id(rid)
         record = check_record(dict(record))
         new_raw = encode_record(record)
-        try:
-            old_raw, cur = self.kv.get(self.ns, rid)
-            old = _decode(old_raw)
-        except RecordNotFoundError:
-            old_raw, old, cur = None, None, 0
-        if create_only and cur:
-            self._audit(who, "create", rid, "exists")
-            raise AlreadyExists(f"record exists (blind index {self.kv.blind_index(self.ns, rid).hex()})")
-        if expected_version is not None and expected_version != cur:
-            self._audit(who, "put", rid, "precondition-failed")
-            raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
-        if skip_identical and old_raw == new_raw:
-            self._audit(who, "put", rid, "unchanged")
-            return PutResult(rid, cur, "unchanged")
-        new_terms = search_terms(record)
-        old_terms = search_terms(old) if old is not None else set()
-        self._index_add(rid, new_terms - old_terms)
-        try:
-            version = self.kv.put(self.ns, rid, new_raw, expected_version=cur)
-        except ConflictError:
-            self._audit(who, "put", rid, "conflict")
-            raise PreconditionFailed(
-                f"record changed concurrently (expected version {cur}); re-read and retry"
-            ) from None
-        self._index_remove(rid, old_terms - new_terms)
-        self._audit(who, "put", rid, "created" if cur == 0 else "updated")
-        return PutResult(rid, version, "created" if cur == 0 else "updated")
+        new_terms = _indexed(search_terms(record))
+        for _ in range(_INDEX_RETRIES):
+            try:
+                old_raw, cur = self.kv.get(self.ns, rid)
+                old = _decode(old_raw)
+            except RecordNotFoundError:
+                old_raw, old, cur = None, None, 0
+            if create_only and cur:
+                self._audit(who, "create", rid, "exists")
+                raise AlreadyExists(f"record exists (blind index {self.kv.blind_index(self.ns, rid).hex()})")
+            if expected_version is not None and expected_version != cur:
+                self._audit(who, "put", rid, "precondition-failed")
+                raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
+            if skip_identical and old_raw == new_raw:
+                self._audit(who, "put", rid, "unchanged")
+                return PutResult(rid, cur, "unchanged")
+            old_terms = _indexed(search_terms(old)) if old is not None else set()
+            items: list[tuple[str, bytes, int]] = [(rid, new_raw, cur)]
+            items += self._index_changes(rid, new_terms - old_terms, add=True)
+            items += self._index_changes(rid, old_terms - new_terms, add=False)
+            status = "created" if cur == 0 else "updated"
+            try:
+                version = self._write(items, who, "put", rid, status, [])[0]
+            except ConflictError:
+                continue  # the record or one of its search entries changed: redo from fresh reads
+            return PutResult(rid, version, status)
+        self._audit(who, "put", rid, "conflict")
+        raise PreconditionFailed(f"record or its search entries stayed contended ({_INDEX_RETRIES} tries)")
 
     def delete(self, who: str, rid: str, *, expected_version: int | None = None) -> None:
         """Delete a record and its search entries.
@@ -219,7 +233,7 @@ class PatientRepository:
         check_record_id(rid)
         try:
             raw, cur = self.kv.get(self.ns, rid)
-            terms = search_terms(_decode(raw))
+            terms = _indexed(search_terms(_decode(raw)))
         except RecordNotFoundError:
             self._audit(who, "delete", rid, "not-found")
             raise
@@ -228,23 +242,58 @@ class PatientRepository:
         if expected_version is not None and cur is not None and expected_version != cur:
             self._audit(who, "delete", rid, "precondition-failed")
             raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
-        try:
-            gone = self.kv.delete(self.ns, rid, expected_version=cur)
-        except ConflictError:
-            self._audit(who, "delete", rid, "conflict")
-            raise PreconditionFailed("record changed concurrently; re-read and retry") from None
-        if not gone:
-            self._audit(who, "delete", rid, "not-found")
-            raise RecordNotFoundError("no such record")
-        self._index_remove(rid, terms)
-        self._audit(who, "delete", rid, "ok")
+        for _ in range(_INDEX_RETRIES):
+            items = self._index_changes(rid, terms, add=False)
+            try:
+                self._write(items, who, "delete", rid, "ok", [(rid, cur)])
+                return
+            except ConflictError:
+                pass
+            except RecordNotFoundError:
+                self._audit(who, "delete", rid, "not-found")
+                raise
+            try:  # fresh reads for the next try
+                raw, cur = self.kv.get(self.ns, rid)
+                terms = _indexed(search_terms(_decode(raw)))
+            except RecordNotFoundError:
+                self._audit(who, "delete", rid, "not-found")
+                raise
+            except RecordTamperedError:
+                terms = set()
+                cur = None
+            if expected_version is not None and cur is not None and expected_version != cur:
+                self._audit(who, "delete", rid, "precondition-failed")
+                raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
+        self._audit(who, "delete", rid, "conflict")
+        raise PreconditionFailed("record changed concurrently; re-read and retry")
+
+    def _write(self, items: list[tuple[str, bytes, int]], who: str, op: str, rid: str, outcome: str,
+               deletes: list[tuple[str, int | None]]) -> list[int]:
+        """Delete ``deletes``, write ``items`` (CAS) and the audit entry atomically, group-
+        committed with concurrent writers. Raises ConflictError (nothing written) or
+        RecordNotFoundError (a delete found no row)."""
+        bi = self.kv.blind_index(self.ns, rid)
+
+        def unit() -> list[int]:
+            for key, version in deletes:
+                if not self.kv.delete(self.ns, key, expected_version=version):
+                    raise RecordNotFoundError("no such record")
+            out = self.kv.put_many(self.ns, items) if items else []
+            if self.audit is not None:
+                self.audit.stage(AuditLog.body(who, op, bi, outcome))
+            return out
+
+        if self.audit is None:
+            return unit()
+        return self.audit.committer.run(unit)
 
     # -- many records ---------------------------------------------------------------------
 
     def list_ids(self, who: str, *, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
         """A page of record ids and the cursor of the next page (None at the end)."""
         limit = max(1, min(limit, MAX_PAGE))
-        ids, nxt = self.kv.list(self.ns, after=cursor, limit=limit)
+        keys, nxt = self.kv.list(self.ns, after=cursor, limit=limit)
+        ids = [k for k in keys if not k.startswith(_TERM_PREFIX)]
         self._audit(who, "list", None, f"ok:{len(ids)}")
         return ids, nxt
 
@@ -260,9 +309,19 @@ class PatientRepository:
         if bad:
             raise InvalidRecordError(f"cannot search on {bad}; searchable: {list(SEARCH_FIELDS)}")
         want = {(f, normalise(v)) for f, v in criteria.items()}
+        lookups = set()
+        for f, v in want:
+            if f == "identifier" and "|" in v:
+                lookups.add((f, v.rsplit("|", 1)[1]))
+            elif f in INDEXED_FIELDS:
+                lookups.add((f, v))
+        if not lookups:
+            raise InvalidRecordError(
+                f"search needs at least one of {list(INDEXED_FIELDS)} (gender only narrows a search)"
+            )
         candidates: set[str] | None = None
-        for f, v in sorted(want):
-            ids = set(self._index_read(f"{f}={v}")[0])
+        for f, v in sorted(lookups):
+            ids = set(self._index_read(f"{_TERM_PREFIX}{f}={v}")[0])
             candidates = ids if candidates is None else candidates & ids
             if not candidates:
                 break
@@ -295,52 +354,51 @@ class PatientRepository:
 
     def _index_read(self, term: str) -> tuple[list[str], int]:
         try:
-            raw, version = self.kv.get(self.ns_search, term)
+            raw, version = self.kv.get(self.ns, term)
         except RecordNotFoundError:
             return [], 0
         ids = json.loads(raw)
         return ids, version
 
-    def _index_update(self, rid: str, terms: set[tuple[str, str]], add: bool) -> None:
+    def _index_changes(self, rid: str, terms: set[tuple[str, str]], *,
+                       add: bool) -> list[tuple[str, bytes, int]]:
+        """The search-entry rows to write so that ``rid`` is in (``add``) or out of each term's
+        entry, as ``(row key, value, expected version)``; rows already right are left out."""
+        out = []
         for f, v in sorted(terms):
-            term = f"{f}={v}"
-            for _ in range(_INDEX_RETRIES):
-                ids, version = self._index_read(term)
-                s = set(ids)
-                if (rid in s) == add:
-                    break
-                s.add(rid) if add else s.discard(rid)
-                try:
-                    if s:
-                        self.kv.put(self.ns_search, term, json.dumps(sorted(s)).encode(),
-                                    expected_version=version)
-                    else:
-                        self.kv.delete(self.ns_search, term, expected_version=version)
-                    break
-                except ConflictError:
-                    continue
+            key = f"{_TERM_PREFIX}{f}={v}"
+            ids, version = self._index_read(key)
+            s = set(ids)
+            if (rid in s) == add:
+                continue
+            if add:
+                s.add(rid)
             else:
-                raise PreconditionFailed(f"search index entry for field {f!r} stayed contended")
+                s.discard(rid)
+            out.append((key, json.dumps(sorted(s), separators=(",", ":")).encode(), version))
+        return out
 
-    def _index_add(self, rid: str, terms: set[tuple[str, str]]) -> None:
-        self._index_update(rid, terms, True)
 
-    def _index_remove(self, rid: str, terms: set[tuple[str, str]]) -> None:
-        self._index_update(rid, terms, False)
+def _indexed(terms: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    return {(f, v) for f, v in terms if f in INDEXED_FIELDS and not (f == "identifier" and "|" in v)}
 
 
 class EngineKV:
     """:class:`KV` over :class:`safehold.records.engine.RecordEngine`.
 
-    Listing pages through the store in blind-index order (the cursor is the last row's blind
-    index, hex) and decrypts each row to recover its record key; a row that fails
-    authentication is left out of the page and logged by blind index (it stays readable as an
-    error through :meth:`get`), so one tampered row never hides the others.
+    ``write_lock`` (a lock shared with the :class:`~safehold.records.audit.AuditLog`) serialises
+    this process's write transactions before they reach SQLite, whose busy handler would
+    otherwise sleep-poll for its single write lock and inflate tail latency.
+
+    Listing uses :meth:`RecordEngine.list_page` in blind-index order (the cursor is the last
+    row's blind index, hex); a row that fails authentication is left out of the page and logged
+    by blind index (it stays an error through :meth:`get`), so one tampered row never hides the
+    others.
     """
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, *, write_lock: Any = None):
         self.engine = engine
-        self.skipped_tampered: list[str] = []
+        self._wlock = write_lock if write_lock is not None else contextlib.nullcontext()
 
     def get(self, namespace: str, key: str) -> tuple[bytes, int]:
         """See :meth:`KV.get`."""
@@ -348,11 +406,18 @@ class EngineKV:
 
     def put(self, namespace: str, key: str, value: bytes, *, expected_version: int) -> int:
         """See :meth:`KV.put`."""
-        return self.engine.put(namespace, key, value, expected_version=expected_version)
+        with self._wlock:
+            return self.engine.put(namespace, key, value, expected_version=expected_version)
+
+    def put_many(self, namespace: str, items: list[tuple[str, bytes, int]]) -> list[int]:
+        """See :meth:`KV.put_many`."""
+        with self._wlock:
+            return self.engine.put_many(namespace, items, max_retries=0)
 
     def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
         """See :meth:`KV.delete`."""
-        return self.engine.delete(namespace, key, expected_version=expected_version)
+        with self._wlock:
+            return self.engine.delete(namespace, key, expected_version=expected_version)
 
     def blind_index(self, namespace: str, key: str) -> bytes:
         """See :meth:`KV.blind_index` (the engine's 16-byte row index)."""
@@ -368,17 +433,10 @@ class EngineKV:
             start = bytes.fromhex(after) if after else None
         except ValueError:
             raise InvalidRecordError("cursor is not one returned by a previous page") from None
-        sns = self.engine._store_ns(namespace)
-        rows = self.engine.store.scan(sns, after=start, limit=limit)
-        ids: list[str] = []
-        for row in rows:
-            try:
-                kb, _ = self.engine._decode(row, None)
-            except RecordTamperedError:
-                log.warning("list: row %s failed authentication; left out", row.key.hex())
-                continue
-            ids.append(kb.decode("utf-8"))
-        return ids, (rows[-1].key.hex() if len(rows) == limit else None)
+        page = self.engine.list_page(namespace, after=start, limit=limit, skip_tampered=True)
+        for e in page.tampered:
+            log.warning("list: a row failed authentication and was left out: %s", e)
+        return page.keys, (page.next_after.hex() if page.next_after else None)
 
 
 def _decode(raw: bytes) -> dict[str, Any]:

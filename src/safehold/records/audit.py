@@ -13,12 +13,15 @@ operator can neither edit an entry nor rebuild the chain; without one, editing a
 every later ``prev``. :meth:`AuditLog.verify` names the first bad entry.
 
 Several service replicas may append to one store: an append is a compare-and-set insert
-(``expected_version=0``) of the next sequence number; on a conflict the replica reads the entry
-that won and retries on top of it.
+(``expected_version=0``) of the next sequence numbers; on a conflict the replica reads the
+entries that won and chains on top of them. Within a process, appends are group-committed: all
+entries waiting while a write is in progress go into the next transaction together (each caller
+returns only once its entry is durable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -56,6 +59,82 @@ class AuditEntry:
     hash: bytes
 
 
+class GroupCommit:
+    """Group commit: run concurrent callers' write units in one store transaction.
+
+    A caller hands in a *unit* (a function that writes through the store); whichever caller
+    finds no commit in progress becomes the leader, takes every waiting unit, and runs each in
+    its own savepoint inside one transaction (a unit that raises is rolled back alone and gets
+    its exception), then commits once. Every caller returns only after the commit that holds
+    its unit is durable (or raises if that commit failed). One commit (one fsync on SQLite)
+    thus serves a whole batch.
+
+    Args:
+        store: the store (its nested ``transaction()`` calls must become savepoints).
+        lock: optional lock held around each transaction (serialises this process's writers
+            before they reach SQLite's sleep-polling busy handler).
+        on_abort: called after a failed commit (e.g. to forget tentative state).
+    """
+
+    def __init__(self, store: Store, *, lock: Any = None, on_abort: Any = None):
+        self._store = store
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._on_abort = on_abort
+        self._cond = threading.Condition()
+        self._pending: list[Any] = []
+        self._results: dict[int, tuple[bool, Any]] = {}
+        self._enqueued = 0
+        self._processed = 0
+        self._flushing = False
+
+    def run(self, unit: Any) -> Any:
+        """Run ``unit()`` inside the next group transaction; return its result or raise its
+        exception (or the commit's)."""
+        with self._cond:
+            ticket = self._enqueued
+            self._enqueued += 1
+            self._pending.append(unit)
+            while ticket >= self._processed:
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                self._flushing = True
+                batch, self._pending = self._pending, []
+                base = self._processed
+                self._cond.release()
+                failed = (False, RuntimeError("group commit did not run"))
+                outcomes: list[tuple[bool, Any]] = [failed] * len(batch)
+                try:
+                    outcomes = self._commit(batch)
+                finally:
+                    self._cond.acquire()
+                    self._flushing = False
+                    for i, o in enumerate(outcomes):
+                        self._results[base + i] = o
+                    self._processed = base + len(batch)
+                    self._cond.notify_all()
+            ok, value = self._results.pop(ticket)
+        if not ok:
+            raise value
+        return value
+
+    def _commit(self, batch: list[Any]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self._lock, self._store.transaction():
+                for unit in batch:
+                    try:
+                        with self._store.transaction():  # a savepoint per unit
+                            outcomes.append((True, unit()))
+                    except Exception as e:  # noqa: BLE001 - handed to that unit's caller
+                        outcomes.append((False, e))
+        except BaseException as e:  # the commit itself failed: nothing of the batch is durable
+            if self._on_abort is not None:
+                self._on_abort()
+            return [(False, e)] * len(batch)
+        return outcomes
+
+
 class AuditLog:
     """Append and verify the access audit chain.
 
@@ -64,22 +143,40 @@ class AuditLog:
         mac_key: optional 32-byte key for per-entry HMAC-SHA256; must come from the attested
             keyset.
         namespace: store namespace.
+        write_lock: optional lock held around each write transaction (see :class:`GroupCommit`).
+
+    Attributes:
+        committer: the :class:`GroupCommit` its entries go through; the records repository puts
+            its record writes through it too, so a write and its audit entry share one commit.
     """
 
-    def __init__(self, store: Store, *, mac_key: bytes | None = None, namespace: str = AUDIT_NAMESPACE):
+    def __init__(self, store: Store, *, mac_key: bytes | None = None, namespace: str = AUDIT_NAMESPACE,
+                 write_lock: Any = None):
         if mac_key is not None and len(mac_key) < 32:
             raise ValueError(f"audit MAC key must be at least 32 bytes, got {len(mac_key)}")
         self._store = store
         self._mac_key = mac_key
         self._ns = namespace
-        self._lock = threading.Lock()
         self._next_seq: int | None = None
         self._prev = GENESIS
+        self.committer = GroupCommit(store, lock=write_lock, on_abort=self.invalidate)
 
     # -- writing ----------------------------------------------------------------------------
 
+    @staticmethod
+    def body(who: str, op: str, record: bytes | None, outcome: str) -> dict[str, Any]:
+        """The entry fields before chaining: who, op, record (blind index hex), outcome, at."""
+        return {
+            "who": who,
+            "op": op,
+            "record": record.hex() if record is not None else None,
+            "outcome": outcome,
+            "at": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        }
+
     def append(self, who: str, op: str, record: bytes | None, outcome: str) -> AuditEntry:
-        """Append one entry and return it.
+        """Append one entry and return it once it is durable (group-committed with concurrent
+        appends and record writes).
 
         Args:
             who: the principal (token subject or certificate subject), free text.
@@ -90,33 +187,34 @@ class AuditLog:
         Raises:
             StoreUnavailableError: the store is down (the caller must then refuse the access).
         """
-        with self._lock:
+        body = self.body(who, op, record, outcome)
+        return self.committer.run(lambda: self.stage(body))
+
+    def stage(self, body: dict[str, Any]) -> AuditEntry:
+        """Chain and write ``body`` as the next entry; call inside a store transaction (a
+        :class:`GroupCommit` unit), as the unit's **last** write (the chain head advances here).
+        If another replica took the sequence number, re-read the head and chain on top of it."""
+        while True:
             if self._next_seq is None:
                 self._load_head()
-            while True:
-                assert self._next_seq is not None
-                body: dict[str, Any] = {
-                    "seq": self._next_seq,
-                    "who": who,
-                    "op": op,
-                    "record": record.hex() if record is not None else None,
-                    "outcome": outcome,
-                    "at": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-                    "prev": self._prev,
-                }
-                digest = hashlib.sha256(_canonical(body)).digest()
-                if self._mac_key is not None:
-                    body["mac"] = hmac.new(self._mac_key, digest, hashlib.sha256).hexdigest()
-                key = self._next_seq.to_bytes(_SEQ_LEN, "big")
-                try:
-                    self._store.put(self._ns, key, _canonical(body), expected_version=0)
-                except ConflictError:
-                    # another replica appended this sequence number first: chain onto it
-                    self._load_head()
-                    continue
-                self._next_seq += 1
-                self._prev = digest.hex()
-                return AuditEntry(body["seq"], body, digest)
+            assert self._next_seq is not None
+            full = {**body, "seq": self._next_seq, "prev": self._prev}
+            digest = hashlib.sha256(_canonical(full)).digest()
+            if self._mac_key is not None:
+                full["mac"] = hmac.new(self._mac_key, digest, hashlib.sha256).hexdigest()
+            try:
+                self._store.put(self._ns, self._next_seq.to_bytes(_SEQ_LEN, "big"), _canonical(full),
+                                expected_version=0)
+            except ConflictError:
+                self._load_head()
+                continue
+            entry = AuditEntry(self._next_seq, full, digest)
+            self._next_seq, self._prev = self._next_seq + 1, digest.hex()
+            return entry
+
+    def invalidate(self) -> None:
+        """Forget the cached chain head (after a rolled-back transaction); it is re-read."""
+        self._next_seq = None
 
     def _load_head(self) -> None:
         last = None

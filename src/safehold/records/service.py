@@ -322,12 +322,16 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
             warnings.simplefilter("ignore")
             codec = UnsafePlainCodec()
     engine = RecordEngine(store, prov.keyset, codec=codec)
+    import threading
+
+    wlock = threading.RLock() if cfg.store_url.startswith("sqlite") else None
     audit = None
     if cfg.audit:
         from safehold.crypto.kdf import derive_key
 
-        audit = AuditLog(store, mac_key=derive_key(prov.keyset.index_key, purpose="records/audit-mac"))
-    repo = PatientRepository(EngineKV(engine), audit)
+        audit = AuditLog(store, mac_key=derive_key(prov.keyset.index_key, purpose="records/audit-mac"),
+                         write_lock=wlock)
+    repo = PatientRepository(EngineKV(engine, write_lock=wlock), audit)
     acl = AccessList.from_json(cfg.access)
     native = create_native_app(repo, acl)
     scone = create_scone_app(repo, acl, auth=cfg.scone_auth) if cfg.scone_port is not None else None

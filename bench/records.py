@@ -1,0 +1,372 @@
+"""Benchmark: the records service over HTTPS vs. its encryption-off twin vs. Flask + Redis.
+
+Three stacks, measured in the same run with the same load generator (8 concurrent clients,
+each a thread with its own keep-alive HTTPS connection):
+
+* **safehold** — the records service as ``safehold up`` runs it (attested start-up, AES-256-GCM
+  record envelopes, blind indexes, hash-chained audit of every access, SQLite WAL with
+  synchronous=FULL). Clients use the RA-TLS attesting transport (Evidence appraised once per
+  connection).
+* **(a) safehold, encryption off** — the same service and measured configuration except
+  ``encryption = false`` (pass-through codec), on its own SQLite file.
+* **(b) Flask + Redis** — a plaintext stack like SCONE's Flask patient demo: Flask's threaded
+  server with TLS, records as JSON strings in Redis (127.0.0.1:6379; started here if none
+  answers), no encryption, no audit, no authentication.
+
+Operations: ``put`` (PUT of a Synthea-sized FHIR Patient, ~4-5 KiB JSON, new ids) and ``get``
+(GET of a random id written before). Each PUT is another patient of the same shape and size
+(new id, identifiers, name digits and birth date, as Synthea varies them). Figures: requests/s
+and p50/p99 latency (ms) for each.
+Targets (issue 5): safehold / (a) >= 0.85; safehold / (b) >= 1.0.
+
+Usage: ``python bench/records.py [--quick]``; the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def patient_record() -> dict[str, Any]:
+    """A Synthea FHIR R4 Patient from ../shared/data (or the packaged sample)."""
+    for d in (os.environ.get("SAFEHOLD_SHARED_DIR"), ROOT.parent / "shared", ROOT / "shared"):
+        if not d:
+            continue
+        bundles = sorted((Path(d) / "data" / "synthea-fhir-r4-bundles-google-fhir-data-pipes").glob("*.json"))
+        if bundles:
+            b = json.loads(bundles[0].read_bytes())
+            return next(e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "Patient")
+    b = json.loads((ROOT / "src" / "safehold" / "data" / "sample" / "bundle.json").read_bytes())
+    return b["entry"][0]["resource"]
+
+
+def distinct(body: dict[str, Any], rid: str, rnd: random.Random) -> dict[str, Any]:
+    """Another patient of the same shape and size: new id, name digits, identifiers, birth date
+    (as Synthea varies them), so the search entries are as spread as in a real import."""
+    b = json.loads(json.dumps(body))
+    b["id"] = rid
+    for ident in b.get("identifier", []):
+        ident["value"] = f"{rid}-{ident.get('value', '')[:4]}"
+    for n in b.get("name", []):
+        n["family"] = f"{n.get('family', 'Doe').rstrip('0123456789')}{rnd.randrange(1000)}"
+    b["birthDate"] = f"{rnd.randrange(1930, 2020)}-{rnd.randrange(1, 13):02d}-{rnd.randrange(1, 29):02d}"
+    return b
+
+
+# --- the Flask + Redis baseline (run as a child process) ------------------------------------
+
+
+def flask_server(port: int, cert: str, key: str, prefix: str) -> None:
+    """SCONE-demo-like plaintext stack: Flask (threaded, TLS) + Redis."""
+    import redis
+    from flask import Flask, Response, request
+
+    app = Flask("baseline")
+    db = redis.Redis(host="127.0.0.1", port=6379)
+
+    @app.put("/v1/patients/<pid>")
+    def put(pid: str) -> Response:
+        db.set(prefix + pid, request.get_data())
+        return Response('{"status":"ok"}', status=200, mimetype="application/json")
+
+    @app.get("/v1/patients/<pid>")
+    def get(pid: str) -> Response:
+        v = db.get(prefix + pid)
+        if v is None:
+            return Response('{"error":"unknown patient_id"}', status=404, mimetype="application/json")
+        return Response(v, mimetype="application/json")
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app.run(host="127.0.0.1", port=port, ssl_context=(cert, key), threaded=True)
+
+
+def self_signed(d: Path) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    c = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(k.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+         .not_valid_after(now + timedelta(days=1))
+         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+         .sign(k, hashes.SHA256()))
+    (d / "flask-cert.pem").write_bytes(c.public_bytes(serialization.Encoding.PEM))
+    (d / "flask-key.pem").write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    return str(d / "flask-cert.pem"), str(d / "flask-key.pem")
+
+
+def redis_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+# --- load generator ------------------------------------------------------------------------
+
+
+def run_load(make: Callable[[], Any], op: str, seconds: float, ids: list[str], body: dict[str, Any],
+             tag: str) -> dict[str, Any]:
+    """``CLIENTS`` threads doing ``op`` for ``seconds``; returns req/s, p50, p99 (ms) and the
+    ids written (``put``)."""
+    lat: list[list[float]] = [[] for _ in range(CLIENTS)]
+    written: list[str] = []
+    errors: list[str] = []
+    start = threading.Barrier(CLIENTS + 1)
+    stop_at = [0.0]
+
+    def worker(n: int) -> None:
+        c = make()
+        rnd = random.Random(n)
+        try:
+            c.warm()
+            start.wait()
+            i = 0
+            while time.perf_counter() < stop_at[0]:
+                t = time.perf_counter()
+                if op == "put":
+                    c.put(f"{tag}-{n}-{i}", distinct(body, f"{tag}-{n}-{i}", rnd))
+                    written.append(f"{tag}-{n}-{i}")
+                else:
+                    c.get(rnd.choice(ids))
+                lat[n].append(time.perf_counter() - t)
+                i += 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+            with contextlib.suppress(threading.BrokenBarrierError):
+                start.abort()
+        finally:
+            c.close()
+
+    ts = [threading.Thread(target=worker, args=(n,)) for n in range(CLIENTS)]
+    for t in ts:
+        t.start()
+    stop_at[0] = time.perf_counter() + 3600
+    start.wait()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + seconds
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"load generator failed: {errors[0]}")
+    all_lat = sorted(x for xs in lat for x in xs)
+    n = len(all_lat)
+    return {"per_s": round(n / elapsed, 1), "p50_ms": round(statistics.median(all_lat) * 1000, 2),
+            "p99_ms": round(all_lat[min(n - 1, int(n * 0.99))] * 1000, 2), "n": n, "ids": written}
+
+
+class SafeholdLoad:
+    def __init__(self, url: str, token: str, policy: Path):
+        from safehold.client.records import RecordsClient
+
+        self.c = RecordsClient(url, token=token, policy=policy)
+
+    def warm(self) -> None:
+        with contextlib.suppress(Exception):
+            self.c.get("warm-up")
+
+    def put(self, rid: str, body: dict[str, Any]) -> None:
+        self.c.put(rid, body)
+
+    def get(self, rid: str) -> None:
+        self.c.get(rid)
+
+    def close(self) -> None:
+        self.c.close()
+
+
+class FlaskLoad:
+    def __init__(self, url: str, ca: str):
+        import httpx
+
+        self.h = httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=ca), timeout=30)
+
+    def warm(self) -> None:
+        self.h.get("/v1/patients/warm-up")
+
+    def put(self, rid: str, body: dict[str, Any]) -> None:
+        r = self.h.put(f"/v1/patients/{rid}", content=json.dumps(body),
+                       headers={"Content-Type": "application/json"})
+        r.raise_for_status()
+
+    def get(self, rid: str) -> None:
+        r = self.h.get(f"/v1/patients/{rid}")
+        r.raise_for_status()
+        r.json()
+
+    def close(self) -> None:
+        self.h.close()
+
+
+def measure(name: str, make: Callable[[], Any], seconds: float, body: dict[str, Any]) -> dict[str, Any]:
+    tag = "".join(ch for ch in name if ch.isalnum())
+    put = run_load(make, "put", seconds, [], body, f"{tag}-p")
+    ids = put.pop("ids")
+    get = run_load(make, "get", seconds, ids, body, tag)
+    get.pop("ids")
+    print(f"{name:>22}: put {put['per_s']:8.1f}/s p50 {put['p50_ms']:6.2f} ms p99 {put['p99_ms']:6.2f} ms | "
+          f"get {get['per_s']:8.1f}/s p50 {get['p50_ms']:6.2f} ms p99 {get['p99_ms']:6.2f} ms", flush=True)
+    return {"put": put, "get": get}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 s per phase (under 60 s in all)")
+    ap.add_argument("--seconds", type=float, default=None)
+    args = ap.parse_args()
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    body = patient_record()
+    print(f"record: FHIR Patient, {len(json.dumps(body))} bytes JSON; {CLIENTS} concurrent clients; "
+          f"{seconds:.0f} s per phase", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="safehold-bench-"))
+    # run the stacks from a snapshot of the package so that the measurement is stable
+    shutil.copytree(ROOT / "src" / "safehold", tmp / "pkg" / "safehold",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    sys.path.insert(0, str(tmp / "pkg"))
+    for m in [m for m in sys.modules if m == "safehold" or m.startswith("safehold.")]:
+        del sys.modules[m]
+    from safehold.cli.up import (
+        prepare,
+        records_cmd,
+        records_config,
+        records_env,
+        start,
+        stop,
+        tokens,
+        wait_records,
+    )
+
+    procs: list[subprocess.Popen[bytes]] = []
+    s = None
+    prefix = f"safehold-bench:{os.getpid()}:"
+    try:
+        data = tmp / "data"
+        data.mkdir()
+        tok = tokens(data)
+        s = prepare(data, broker_port=free_port(), records_port=free_port(), scone_port=None,
+                    extra_configs={"records-plain.toml": records_config(tok, encryption=False)},
+                    package_root=str(tmp / "pkg" / "safehold"))
+        start(s)
+        plain_port = free_port()
+        env = records_env(s, port=plain_port, scone_port=None, ready="plain-ready.json",
+                          store_url=f"sqlite:///{data / 'records-plain.db'}")
+        plog = (data / "records-plain.log").open("ab")
+        procs.append(subprocess.Popen(records_cmd(s, "records-plain.toml"), env=env, stdout=plog,
+                                      stderr=subprocess.STDOUT))
+        plain = wait_records(s, procs[-1], s.path("plain-ready.json"), 60)
+
+        if not redis_up():
+            procs.append(subprocess.Popen(["redis-server", "--port", "6379", "--bind", "127.0.0.1",
+                                           "--save", "", "--appendonly", "no"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for _ in range(100):
+                if redis_up():
+                    break
+                time.sleep(0.05)
+        cert, key = self_signed(tmp)
+        fport = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--flask-server", str(fport), cert, key, prefix],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        import httpx
+
+        for _ in range(200):
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"https://localhost:{fport}/v1/patients/x",
+                          verify=ssl.create_default_context(cafile=cert), timeout=1)
+                break
+            time.sleep(0.05)
+
+        token = tokens(data)["writer"]
+        pol = s.path("policy.toml")
+        res = {
+            "safehold": measure("safehold", lambda: SafeholdLoad(s.records_url, token, pol), seconds, body),
+            "plain": measure("(a) encryption off", lambda: SafeholdLoad(plain["records_url"], token, pol),
+                             seconds, body),
+            "flask_redis": measure("(b) Flask + Redis", lambda: FlaskLoad(f"https://localhost:{fport}", cert),
+                                   seconds, body),
+        }
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if s is not None:
+            stop(s)
+        with contextlib.suppress(Exception):
+            import redis
+
+            r = redis.Redis(host="127.0.0.1", port=6379)
+            keys = list(r.scan_iter(match=prefix + "*", count=1000))
+            for i in range(0, len(keys), 500):
+                r.delete(*keys[i:i + 500])
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    sh, pl, fr = res["safehold"], res["plain"], res["flask_redis"]
+    out = {
+        "get_per_s": sh["get"]["per_s"], "put_per_s": sh["put"]["per_s"],
+        "get_p50_ms": sh["get"]["p50_ms"], "get_p99_ms": sh["get"]["p99_ms"],
+        "put_p50_ms": sh["put"]["p50_ms"], "put_p99_ms": sh["put"]["p99_ms"],
+        "plain_get_per_s": pl["get"]["per_s"], "plain_put_per_s": pl["put"]["per_s"],
+        "flask_redis_get_per_s": fr["get"]["per_s"], "flask_redis_put_per_s": fr["put"]["per_s"],
+        "flask_redis_get_p50_ms": fr["get"]["p50_ms"], "flask_redis_get_p99_ms": fr["get"]["p99_ms"],
+        "flask_redis_put_p50_ms": fr["put"]["p50_ms"], "flask_redis_put_p99_ms": fr["put"]["p99_ms"],
+        "encrypted_vs_plain_get": round(sh["get"]["per_s"] / pl["get"]["per_s"], 3),
+        "encrypted_vs_plain_put": round(sh["put"]["per_s"] / pl["put"]["per_s"], 3),
+        "vs_flask_redis_get": round(sh["get"]["per_s"] / fr["get"]["per_s"], 3),
+        "vs_flask_redis_put": round(sh["put"]["per_s"] / fr["put"]["per_s"], 3),
+        "target_vs_plain": 0.85, "target_vs_flask_redis": 1.0,
+        "clients": CLIENTS, "seconds_per_phase": seconds,
+    }
+    out["met_vs_plain"] = min(out["encrypted_vs_plain_get"], out["encrypted_vs_plain_put"]) >= 0.85
+    out["met_vs_flask_redis"] = min(out["vs_flask_redis_get"], out["vs_flask_redis_put"]) >= 1.0
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--flask-server":
+        flask_server(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    else:
+        main()
