@@ -291,3 +291,27 @@ def test_unsupported_version_and_garbage_vcek():
     for junk in (b"", b"\x30\x03\x02\x01\x00", b"-----BEGIN CERTIFICATE-----\nAAAA\n"):
         with pytest.raises(EndorsementError):
             SevSnpVerifier().verify(gosev(vcek=junk), at=GOSEV_AT)
+
+
+def test_minimum_tcb_check_names_the_component():
+    from safehold.attestation.policy import AppraisalPolicy, TcbStatusRefused
+
+    c = SevSnpVerifier().verify(gosev(), at=GOSEV_AT)
+    ok = sev_snp.SnpMinimumTcb({"bootloader": 2, "tee": 0, "snp": 5, "microcode": 68})
+    assert all(v.ok for v in ok.verdicts(c, None)) and len(ok.verdicts(c, None)) == 8
+    high = sev_snp.SnpMinimumTcb({"microcode": 69})
+    rows = high.verdicts(c, None)
+    assert [(v.claim, v.expected, v.got, v.ok) for v in rows] == [
+        ("reported_tcb.microcode", ">= 69", "68", False),
+        ("launch_tcb.microcode", ">= 69", "68", False),
+    ]
+    policy = AppraisalPolicy(
+        allowed_tee_types=("sev-snp",),
+        measurements=(c.measurement,),
+        debug_allowed=True,
+        report_data="any",
+        accepted_tcb_statuses=(),
+        extra_checks=(high,),
+    )
+    with pytest.raises(TcbStatusRefused, match="reported_tcb.microcode: expected >= 69, got 68"):
+        Verifier(policy).appraise(gosev(), at=GOSEV_AT)
