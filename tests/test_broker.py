@@ -152,6 +152,29 @@ def test_operator_value_then_release(env):
         assert c.get_value("db-password") == b"s3cret-value"
 
 
+def test_client_certificates_for_users(env, tmp_path):
+    b, keys = env["broker"], env["keys"]
+    out = tmp_path / "alice"
+    r = _cli("broker", "client-cert", "--name", "alice", "--out", str(out), "--url", b.url,
+             "--cacert", b.cacert, env={"SAFEHOLD_BROKER_TOKEN": keys["operator_token"]})
+    assert r.returncode == 0, r.stderr
+    cert = x509.load_pem_x509_certificate((tmp_path / "alice.pem").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(b.cacert).read_bytes()))
+    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "alice"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert oct((tmp_path / "alice.key").stat().st_mode & 0o777) == "0o600"
+    r = _cli("broker", "client-cert", "--name", "bob", "--out", str(tmp_path / "bob"), "--url", b.url,
+             "--cacert", b.cacert, env={"SAFEHOLD_BROKER_TOKEN": keys["reader_token"]})
+    assert r.returncode == 1 and "403" in r.stderr and not (tmp_path / "bob.key").exists()
+    with b.client() as h:
+        auth = {"Authorization": f"Bearer {keys['owner_token']}"}
+        for body in ({"csr": "garbage"}, {}, {"csr": (tmp_path / "alice.pem").read_text()},
+                     {"csr": "x", "validity_days": 0}):
+            r = h.post("/admin/client-certificates", json=body, headers=auth)
+            assert r.status_code == 400, (body, r.text)
+
+
 # --- denial -----------------------------------------------------------------------------------
 
 

@@ -204,6 +204,11 @@ def create_app(broker: Broker, *, max_body: int = DEFAULT_MAX_BODY, static_value
         ver = broker.set_value(user, name, await request.body())
         return JSONResponse({"secret": name, "version": ver})
 
+    @app.post("/admin/client-certificates")
+    async def client_cert(request: Request) -> Response:
+        user = broker.authorize(_bearer(request), "owner", "operator")
+        return JSONResponse(broker.client_certificate(user, await _json(request)), status_code=201)
+
     @app.get("/admin/audit")
     async def audit(request: Request) -> Response:
         broker.authorize(_bearer(request), "owner", "operator", "reader")

@@ -587,6 +587,44 @@ class Broker:
                                     "serial": format(cert.serial_number, "x")})
         return json.dumps({"certificate": pem, "ca": self.ca.cert_pem()}).encode()
 
+    def client_certificate(self, user: str, body: Any) -> dict[str, Any]:
+        """Issue a client certificate (EKU clientAuth only) for a CSR (PKCS#10, RFC 2986).
+
+        ``body``: ``{"csr": PEM, "validity_days": 1..825 (default 30)}``. The CSR's signature
+        proves possession of the key; its subject CN (a manifest-style name) becomes the
+        certificate's CN, which services such as the records API map to a role.
+
+        Raises:
+            BadRequest (400): malformed CSR or request, bad signature, bad name or validity.
+        """
+        self._need_manifest()
+        assert self.ca is not None
+        if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
+            raise BadRequest("client certificate: expected {\"csr\": PEM}")
+        days = body.get("validity_days", 30)
+        if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 825:
+            raise BadRequest(f"client certificate: validity_days must be 1..825, got {days!r:.20}")
+        try:
+            csr = x509.load_pem_x509_csr(body["csr"].encode("ascii", "replace"))
+        except ValueError as e:
+            raise BadRequest(f"client certificate: not a PEM CSR ({e})") from None
+        if not csr.is_signature_valid:
+            raise BadRequest("client certificate: CSR signature does not verify (proof of possession)")
+        cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if len(cns) == 1 else ""
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}", cn):
+            raise BadRequest(f"client certificate: CSR needs one subject CN of 1..63 chars, got {cn!r:.70}")
+        try:
+            cert = self.ca.issue(csr.public_key(), common_name=cn, validity_days=days, client_only=True)
+        except CertificateRequestError as e:
+            raise BadRequest(str(e)) from None
+        self.record("client-certificate", {"cn": cn, "by": user, "serial": format(cert.serial_number, "x"),
+                                           "validity_days": days})
+        return {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                "ca": self.ca.cert_pem()}
+
     # --- CA -----------------------------------------------------------------------------------
 
     def ca_pem(self) -> str:
