@@ -370,3 +370,12 @@ def test_bad_encodings_in_query_and_path_refused(stack):
 def test_repeated_response_headers_pass(stack):
     r = httpx.get(stack["proxy"] + "/cookies")
     assert r.status_code == 200 and r.headers.get_list("set-cookie") == ["a=1", "b=2"]
+
+
+def test_oversized_body_refused(stack):
+    before = _raw_count(stack)
+    big = b'{"notes": "' + b"x" * (17 * 1024 * 1024) + b'"}'
+    r = httpx.post(stack["proxy"] + "/records", content=big, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413
+    assert _raw_count(stack) == before

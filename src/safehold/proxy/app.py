@@ -67,6 +67,7 @@ def _is_json(ct: str) -> bool:
 
 
 def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
+               max_body: int = 16 * 1024 * 1024,
                transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """Build the proxy app.
 
@@ -75,6 +76,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         upstream: base URL of the untrusted service, e.g. ``http://127.0.0.1:8080``; the
             request path and (protected) query are appended.
         timeout: upstream timeout in seconds.
+        max_body: largest request body in bytes; a larger one is refused with 413.
         transport: optional httpx transport (tests of the app object alone).
     """
     upstream = upstream.rstrip("/")
@@ -171,7 +173,18 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
     @app.api_route("/{path:path}", methods=_METHODS)
     async def forward(request: Request, path: str) -> Response:  # noqa: ARG001 - path via scope
         ct = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await request.body()
+        too_big = JSONResponse({"error": f"request body over {max_body} bytes; not forwarded"},
+                               status_code=413)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            return too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                return too_big
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             # the still-encoded path: forwarded byte for byte, segments decoded strictly
             raw_path = request.scope.get("raw_path") or request.url.path.encode("utf-8")
