@@ -15,7 +15,7 @@ each a thread with its own keep-alive HTTPS connection):
 
 Operations: ``put`` (PUT of a Synthea-sized FHIR Patient, ~4-5 KiB JSON, new ids) and ``get``
 (GET of a random id written before). Each PUT is another patient of the same shape and size
-(new id, identifiers, name digits and birth date, as Synthea varies them). Figures: requests/s
+(new id, identifiers, given/family name digits and birth date, as Synthea varies them). Figures: requests/s
 and p50/p99 latency (ms) for each.
 Targets (issue 5): safehold / (a) >= 0.85; safehold / (b) >= 1.0.
 
@@ -76,6 +76,7 @@ def distinct(body: dict[str, Any], rid: str, rnd: random.Random) -> dict[str, An
         ident["value"] = f"{rid}-{ident.get('value', '')[:4]}"
     for n in b.get("name", []):
         n["family"] = f"{n.get('family', 'Doe').rstrip('0123456789')}{rnd.randrange(1000)}"
+        n["given"] = [f"{g.rstrip('0123456789')}{rnd.randrange(1000)}" for g in n.get("given", [])]
     b["birthDate"] = f"{rnd.randrange(1930, 2020)}-{rnd.randrange(1, 13):02d}-{rnd.randrange(1, 29):02d}"
     return b
 
