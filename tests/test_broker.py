@@ -4,6 +4,7 @@ PostgreSQL stores); workloads attest with the simulated TEE (the only TEE that e
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -173,6 +174,40 @@ def test_client_certificates_for_users(env, tmp_path):
                      {"csr": "x", "validity_days": 0}):
             r = h.post("/admin/client-certificates", json=body, headers=auth)
             assert r.status_code == 400, (body, r.text)
+
+
+def test_cli_commands(env, tmp_path):
+    b, keys = env["broker"], env["keys"]
+    common = ["--url", b.url, "--cacert", b.cacert]
+    r = _cli("broker", "keygen", "--kind", "owner", "--out", str(tmp_path / "own"))
+    assert r.returncode == 0 and (tmp_path / "own.key").stat().st_mode & 0o777 == 0o600
+    assert b"BEGIN PUBLIC KEY" in (tmp_path / "own.pub").read_bytes()
+    r = _cli("broker", "keygen", "--kind", "token")
+    tok = json.loads(r.stdout)
+    assert hashlib.sha256(tok["token"].encode()).hexdigest() == tok["token_sha256"]
+    r = _cli("broker", "manifest", "check", str(env["manifest_path"]))
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"]
+    r = _cli("broker", "status", *common)
+    assert r.returncode == 0 and json.loads(r.stdout)["mode"] == "ready"
+    tok_env = {"SAFEHOLD_BROKER_TOKEN": keys["reader_token"]}
+    r = _cli("broker", "manifest", "show", *common, env=tok_env)
+    assert r.returncode == 0 and json.loads(r.stdout)["manifest"]["name"] == "safehold-test"
+    r = _cli("broker", "audit", "show", *common, env=tok_env)
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["event"] == "manifest"
+    r = _cli("broker", "audit", "verify", *common, env=tok_env)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"]
+    val = tmp_path / "v.bin"
+    val.write_bytes(b"from-cli")
+    r = _cli("broker", "set-value", "db-password", "--file", str(val), *common,
+             env={"SAFEHOLD_BROKER_TOKEN": keys["operator_token"]})
+    assert r.returncode == 0, r.stderr
+    r = _cli("broker", "manifest", "set", str(env["manifest_path"]), *common)
+    assert r.returncode == 0  # the same manifest again: accepted as a no-op
+    other = write_manifest(tmp_path / "other.json", {**env["manifest"], "name": "changed"})
+    r = _cli("broker", "manifest", "set", str(other), *common)
+    assert r.returncode == 1 and "already set" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("broker", "status", "--url", "https://127.0.0.1:1", "--insecure")
+    assert r.returncode == 1 and "unreachable" in r.stderr
 
 
 # --- denial -----------------------------------------------------------------------------------
