@@ -317,3 +317,53 @@ def test_fuzz_policy_from_dict(d) -> None:
     except SafeholdError:
         return
     assert pol.measurements or pol.signers
+
+
+# --- SEV-SNP / TPM: TCB versions instead of a TCB status ---------------------------------------
+
+def _snp_claims(**kw):
+    from safehold.attestation.claims import Claims
+
+    base = dict(tee_type="sev-snp", measurement=b"\x33" * 48, report_data=RD, debug=False,
+                raw={"reported_tcb_parts": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
+                     "launch_tcb_parts": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}})
+    base.update(kw)
+    return Claims(**base)
+
+
+def test_snp_policy_requires_min_tcb():
+    from safehold.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"set \[min_tcb\]"):
+        AppraisalPolicy.from_dict({"allowed_tee_types": ["sev-snp"],
+                                   "reference_values": {"measurements": ["33" * 48]}})
+    with pytest.raises(ConfigError, match="min_tcb"):
+        AppraisalPolicy.from_dict({"allowed_tee_types": ["sev-snp"], "min_tcb": {"bogus": 1},
+                                   "reference_values": {"measurements": ["33" * 48]}})
+
+
+def test_snp_min_tcb_accepts_and_names_the_low_component():
+    from safehold.attestation.policy import TcbStatusRefused
+
+    pol = AppraisalPolicy.from_dict({"allowed_tee_types": ["sev-snp"],
+                                     "min_tcb": {"snp": 8, "microcode": 115},
+                                     "reference_values": {"measurements": ["33" * 48]}})
+    assert pol.appraise(_snp_claims(), expected_report_data=RD) == []
+    low = _snp_claims(raw={"reported_tcb_parts": {"snp": 8, "microcode": 114},
+                           "launch_tcb_parts": {"snp": 8, "microcode": 115}})
+    failed = pol.appraise(low, expected_report_data=RD)
+    assert [(v.claim, v.expected, v.got) for v in failed] == [
+        ("reported_tcb.microcode", ">= 115", "114")]
+    with pytest.raises(TcbStatusRefused, match="reported_tcb.microcode: expected >= 115, got 114"):
+        from safehold.attestation.policy import raise_for
+
+        raise_for(failed)
+
+
+def test_tcb_status_still_required_for_sgx_without_collateral():
+    from safehold.attestation.claims import Claims
+
+    pol = AppraisalPolicy.from_dict({"allowed_tee_types": ["sgx"], "report_data": "any",
+                                     "reference_values": {"measurements": ["11" * 32]}})
+    c = Claims(tee_type="sgx", measurement=b"\x11" * 32, report_data=RD, debug=False)
+    assert [v.claim for v in pol.appraise(c)] == ["tcb_status"]

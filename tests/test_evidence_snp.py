@@ -86,7 +86,7 @@ def test_debug_report_is_refused_by_the_default_policy():
         {
             "allowed_tee_types": ["sev-snp"],
             "report_data": "any",
-            "accepted_tcb_statuses": [],
+            "min_tcb": {"bootloader": 2, "microcode": 68},
             "reference_values": {
                 "measurements": [parse_report(rd("gosev-attestation.bin")).measurement.hex()]
             },
@@ -94,7 +94,7 @@ def test_debug_report_is_refused_by_the_default_policy():
     )
     with pytest.raises(DebugRefused) as ei:
         Verifier(policy).appraise(gosev(), at=GOSEV_AT)
-    assert ("debug", "false", "true") in ei.value.failures
+    assert ei.value.failures == [("debug", "false", "true")]  # min_tcb met, no TCB status asked
     assert "debug: expected false, got true" in str(ei.value)
 
 
@@ -310,8 +310,7 @@ def test_minimum_tcb_check_names_the_component():
         measurements=(c.measurement,),
         debug_allowed=True,
         report_data="any",
-        accepted_tcb_statuses=(),
-        extra_checks=(high,),
+        min_tcb={"microcode": 69},
     )
     with pytest.raises(TcbStatusRefused, match="reported_tcb.microcode: expected >= 69, got 68"):
         Verifier(policy).appraise(gosev(), at=GOSEV_AT)

@@ -11,6 +11,12 @@ A policy is written in TOML by the data owner::
     allow_simulated = false                   # default false; true warns on every use
     simulated_root = "root-ca.pem"            # simulated root CA (relative to this file)
 
+    [min_tcb]                                 # SEV-SNP only, required when sev-snp is allowed:
+    bootloader = 3                            # minimum SPL per component of REPORTED_TCB and
+    tee = 0                                   # LAUNCH_TCB (AMD SEV-SNP ABI §8.19, TCB_VERSION)
+    snp = 8
+    microcode = 115
+
     [reference_values]                        # at least measurements or signers
     measurements = ["<hex>", ...]             # from `safehold measure` / MRENCLAVE / MRTD
     signers = ["<hex>", ...]                  # MRSIGNER / SNP ID-key digest
@@ -47,6 +53,12 @@ from safehold.errors import AppraisalError, ConfigError
 log = logging.getLogger("safehold.attestation.policy")
 
 REPORT_DATA_MODES = ("required", "nonce", "key-binding", "any")
+#: TEE types whose Evidence carries TCB *versions* (appraised with ``min_tcb``) or no TCB at all,
+#: never a vendor TCB *status* string: TcbStatusIn does not apply to them.
+TEE_TYPES_WITHOUT_TCB_STATUS = ("sev-snp", "azure-sev-snp", "tpm")
+#: TEE types appraised with ``min_tcb`` (AMD SEV-SNP TCB_VERSION components).
+SNP_TEE_TYPES = ("sev-snp", "azure-sev-snp")
+SNP_TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 
 
 class SimulatedTEEWarning(UserWarning):
@@ -291,7 +303,12 @@ class TcbStatusIn(Check):
 
     def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
         got = claims.tcb_status
-        if claims.tee_type == "simulated" and got == "Simulated":
+        if claims.tee_type in TEE_TYPES_WITHOUT_TCB_STATUS and got is None:
+            # SEV-SNP reports TCB versions (checked by SnpMinimumTcb); a TPM quote has no TCB.
+            rows = [Verdict("tcb_status", "not applicable to " + claims.tee_type
+                            + (" (TCB versions: see min_tcb)" if claims.tee_type in SNP_TEE_TYPES
+                               else ""), "none", True, "tcb")]
+        elif claims.tee_type == "simulated" and got == "Simulated":
             ok = self.allow_simulated
             rows = [Verdict("tcb_status", "Simulated (allow_simulated = true)"
                             if ok else "a hardware TCB status", got, ok, "simulated")]
@@ -306,6 +323,36 @@ class TcbStatusIn(Check):
                                 ", ".join(claims.advisory_ids) + (
                                     f" (not accepted: {', '.join(bad)})" if bad else ""),
                                 not bad, "tcb"))
+        return rows
+
+
+class SnpMinimumTcb(Check):
+    """Every component SPL of an SEV-SNP report's REPORTED_TCB and LAUNCH_TCB is at least the
+    minimum (AMD compares TCBs per component; AMD SEV-SNP ABI spec §8.19, TCB_VERSION).
+
+    Args:
+        minimum: component → minimum SPL, e.g. ``{"bootloader": 2, "tee": 0, "snp": 5,
+            "microcode": 68}`` (names as in ``verifiers.sev_snp.decode_tcb``).
+
+    Only SEV-SNP claims (``sev-snp``, ``azure-sev-snp``) are checked; other TEE types yield no
+    rows. A component missing from the claims fails.
+    """
+
+    def __init__(self, minimum: Mapping[str, int]) -> None:
+        self.minimum = dict(minimum)
+
+    def verdicts(self, claims: Claims, ctx: Context | None) -> list[Verdict]:
+        """One verdict row per (TCB, component)."""
+        if claims.tee_type not in SNP_TEE_TYPES:
+            return []
+        rows = []
+        for which in ("reported_tcb", "launch_tcb"):
+            parts = claims.raw.get(f"{which}_parts", {})
+            for comp, want in self.minimum.items():
+                got = parts.get(comp)
+                rows.append(Verdict(f"{which}.{comp}", f">= {want}",
+                                    "none" if got is None else str(got),
+                                    got is not None and got >= want, "tcb"))
         return rows
 
 
@@ -335,7 +382,7 @@ class ReportDataEquals(Check):
 
 _TOP_KEYS = {"name", "allowed_tee_types", "debug_allowed", "accepted_tcb_statuses",
              "accepted_advisories", "report_data", "allow_simulated", "simulated_root",
-             "reference_values"}
+             "reference_values", "min_tcb"}
 _RV_KEYS = {"measurements", "signers", "product_ids", "min_security_version"}
 
 
@@ -370,6 +417,7 @@ class AppraisalPolicy:
     simulated_root: Path | None = None
     report_data: str = "required"
     name: str = "default"
+    min_tcb: Mapping[str, int] = field(default_factory=dict)
     extra_checks: tuple[Check, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -383,6 +431,14 @@ class AppraisalPolicy:
                     f"allowed_tee_types: expected hardware types from {TEE_TYPES[1:]}, got {t!r} "
                     "(use allow_simulated = true for the simulated TEE)"
                 )
+        for comp, v in self.min_tcb.items():
+            if comp not in SNP_TCB_COMPONENTS or not isinstance(v, int) or not 0 <= v <= 255:
+                raise ConfigError(f"min_tcb: expected {{component: 0..255}} with components from "
+                                  f"{SNP_TCB_COMPONENTS}, got {comp!r} = {v!r}")
+        snp = [t for t in self.allowed_tee_types if t in SNP_TEE_TYPES]
+        if snp and not self.min_tcb:
+            raise ConfigError(f"allowed_tee_types includes {', '.join(snp)}: set [min_tcb] "
+                              "(SEV-SNP reports TCB versions, not a TCB status)")
         if not self.allowed_tee_types and not self.allow_simulated:
             raise ConfigError("policy allows no TEE type: set allowed_tee_types")
         if self.report_data not in REPORT_DATA_MODES:
@@ -463,6 +519,7 @@ class AppraisalPolicy:
             simulated_root=sim_root,
             report_data=_typed(data.get("report_data", "required"), str, "report_data"),
             name=_typed(data.get("name", "default"), str, "name"),
+            min_tcb=_min_tcb(data.get("min_tcb", {})),
         )
 
     # -- appraisal ------------------------------------------------------------------------------
@@ -485,6 +542,8 @@ class AppraisalPolicy:
             checks.append(MinSecurityVersion(self.min_security_version))
         checks.append(TcbStatusIn(self.accepted_tcb_statuses, self.accepted_advisories,
                                   allow_simulated=self.allow_simulated))
+        if self.min_tcb:
+            checks.append(SnpMinimumTcb(self.min_tcb))
         checks.extend(self.extra_checks)
         return AllOf(checks)
 
@@ -496,6 +555,12 @@ class AppraisalPolicy:
         """Return the failed verdicts (empty list = acceptable). Never raises on bad claims."""
         return [v for v in self.verdicts(claims, expected_report_data=expected_report_data)
                 if not v.ok]
+
+
+def _min_tcb(v: Any) -> dict[str, int]:
+    if not isinstance(v, Mapping):
+        raise ConfigError("min_tcb must be a table of component = minimum SPL")
+    return {str(k): _int(x, f"min_tcb.{k}") for k, x in v.items()}
 
 
 def _typed(v: Any, t: type, name: str) -> Any:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import require_aware
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
-from safehold.attestation.policy import Check, Context, Verdict
+from safehold.attestation.policy import SnpMinimumTcb  # noqa: F401 - re-exported (moved to policy)
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
 
 REPORT_LEN = 1184
@@ -439,37 +439,3 @@ class SevSnpVerifier:
         return snp_claims(rep, product)
 
 
-class SnpMinimumTcb(Check):
-    """Appraisal check (``AppraisalPolicy(extra_checks=...)``): every SPL of the report's
-    REPORTED_TCB and LAUNCH_TCB is at least the minimum (AMD compares TCBs per component).
-
-    Args:
-        minimum: component → minimum SPL, e.g. ``{"bootloader": 2, "tee": 0, "snp": 5,
-            "microcode": 68}`` (names as in :func:`decode_tcb`).
-
-    Only SEV-SNP claims (``sev-snp``, ``azure-sev-snp``) are checked; other TEE types yield no
-    rows. A component missing from the claims fails.
-    """
-
-    def __init__(self, minimum: Mapping[str, int]) -> None:
-        self.minimum = dict(minimum)
-
-    def verdicts(self, claims: Claims, ctx: Context | None) -> list[Verdict]:
-        """One verdict row per (TCB, component)."""
-        if claims.tee_type not in ("sev-snp", "azure-sev-snp"):
-            return []
-        rows = []
-        for which in ("reported_tcb", "launch_tcb"):
-            parts = claims.raw.get(f"{which}_parts", {})
-            for comp, want in self.minimum.items():
-                got = parts.get(comp)
-                rows.append(
-                    Verdict(
-                        f"{which}.{comp}",
-                        f">= {want}",
-                        "none" if got is None else str(got),
-                        got is not None and got >= want,
-                        "tcb",
-                    )
-                )
-        return rows
