@@ -43,29 +43,40 @@ def _shared() -> Path:
     return ROOT.parent / "shared"
 
 
-def rate(fn, inputs: list, seconds: float) -> float:
-    """Calls per second of ``fn`` over ``inputs``: best of three timed passes of ~seconds/3."""
-    n = len(inputs)
-    t0 = time.perf_counter()
-    for x in inputs:
-        fn(x)
-    one = max(time.perf_counter() - t0, 1e-6)
-    reps = max(1, int(seconds / 3 / one))
-    best = 0.0
-    for _ in range(3):
+def rates(cases: dict[str, tuple], seconds: float, passes: int = 5) -> dict[str, float]:
+    """Calls per second for each ``name -> (fn, inputs)``: best of ``passes`` timed passes.
+
+    The passes of all cases are interleaved (A B C A B C ...), so a load change on the shared
+    machine hits the candidate and its baseline alike and the ratios stay fair.
+    """
+    reps: dict[str, int] = {}
+    for name, (fn, inputs) in cases.items():
         t0 = time.perf_counter()
-        for _ in range(reps):
-            for x in inputs:
-                fn(x)
-        best = max(best, reps * n / (time.perf_counter() - t0))
+        for x in inputs:
+            fn(x)
+        one = max(time.perf_counter() - t0, 1e-6)
+        reps[name] = max(1, int(seconds / passes / one))
+    best = dict.fromkeys(cases, 0.0)
+    for _ in range(passes):
+        for name, (fn, inputs) in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                for x in inputs:
+                    fn(x)
+            best[name] = max(best[name], reps[name] * len(inputs) / (time.perf_counter() - t0))
     return best
+
+
+def rate(fn, inputs: list, seconds: float) -> float:
+    """Calls per second of one ``fn`` (see :func:`rates`)."""
+    return rates({"x": (fn, inputs)}, seconds)["x"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (< 60 s on 2 cores)")
     args = ap.parse_args()
-    secs = 1.5 if args.quick else 6.0
+    secs = 1.5 if args.quick else 5.0  # per case
 
     import random
 
@@ -80,10 +91,11 @@ def main() -> None:
     ours_n = FF1(key, NAME_ALPHABET)
     # sanity: round trip before timing
     assert all(ours_d.decrypt(ours_d.encrypt(x)) == x for x in digits[:20])
-    out["ff1_10digit_per_s"] = rate(ours_d.encrypt, digits, secs)
-    out["ff1_16letter_per_s"] = rate(ours_n.encrypt, names, secs)
-    out["ff1_10digit_decrypt_per_s"] = rate(ours_d.decrypt, digits, secs)
-
+    cases: dict[str, tuple] = {
+        "ff1_10digit_per_s": (ours_d.encrypt, digits),
+        "ff1_16letter_per_s": (ours_n.encrypt, names),
+        "ff1_10digit_decrypt_per_s": (ours_d.decrypt, digits),
+    }
     try:
         import ffx
 
@@ -91,13 +103,10 @@ def main() -> None:
         lib_n = ffx.FF1(key, alphabet=NAME_ALPHABET)
         assert lib_d.encrypt(digits[0]) == ours_d.encrypt(digits[0])
         assert lib_n.encrypt(names[0]) == ours_n.encrypt(names[0])
-        out["libffx_ff1_10digit_per_s"] = rate(lib_d.encrypt, digits, secs)
-        out["libffx_ff1_16letter_per_s"] = rate(lib_n.encrypt, names, secs)
-        out["vs_libffx_10digit"] = out["ff1_10digit_per_s"] / out["libffx_ff1_10digit_per_s"]
-        out["vs_libffx_16letter"] = out["ff1_16letter_per_s"] / out["libffx_ff1_16letter_per_s"]
+        cases["libffx_ff1_10digit_per_s"] = (lib_d.encrypt, digits)
+        cases["libffx_ff1_16letter_per_s"] = (lib_n.encrypt, names)
     except ImportError:
         out["libffx"] = "not installed"
-
     try:
         from ff3 import FF3Cipher
 
@@ -105,14 +114,17 @@ def main() -> None:
         f3_n = FF3Cipher.withCustomAlphabet(key.hex(), tweak7.hex(), NAME_ALPHABET)
         legacy = LegacyFF3Decryptor(key)
         assert legacy.decrypt(f3_d.encrypt(digits[0]), tweak7) == digits[0]
-        out["ff3pkg_ff3_1_10digit_per_s"] = rate(f3_d.encrypt, digits, secs)
-        out["ff3pkg_ff3_1_16letter_per_s"] = rate(f3_n.encrypt, names, secs)
-        out["vs_ff3pkg_10digit"] = out["ff1_10digit_per_s"] / out["ff3pkg_ff3_1_10digit_per_s"]
-        out["vs_ff3pkg_16letter"] = out["ff1_16letter_per_s"] / out["ff3pkg_ff3_1_16letter_per_s"]
         cts = [f3_d.encrypt(x) for x in digits]
-        out["legacy_ff3_1_decrypt_10digit_per_s"] = rate(lambda c: legacy.decrypt(c, tweak7), cts, secs / 2)
+        cases["ff3pkg_ff3_1_10digit_per_s"] = (f3_d.encrypt, digits)
+        cases["ff3pkg_ff3_1_16letter_per_s"] = (f3_n.encrypt, names)
+        cases["legacy_ff3_1_decrypt_10digit_per_s"] = (lambda c: legacy.decrypt(c, tweak7), cts)
     except ImportError:
         out["ff3pkg"] = "not installed"
+    out.update(rates(cases, secs))
+    for base, tag in (("libffx_ff1", "libffx"), ("ff3pkg_ff3_1", "ff3pkg")):
+        for size in ("10digit", "16letter"):
+            if f"{base}_{size}_per_s" in out:
+                out[f"vs_{tag}_{size}"] = out[f"ff1_{size}_per_s"] / out[f"{base}_{size}_per_s"]
 
     # Synthea patient rows through protect / reveal
     src = _shared() / "data" / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
@@ -137,11 +149,12 @@ def main() -> None:
         rows = list(csv.DictReader(src.open(newline="", encoding="utf-8")))
         protected = [prot.protect(r, key_id_as_text=True) for r in rows]
         assert [prot.reveal(p) | {"ZIP": r["ZIP"]} for p, r in zip(protected, rows, strict=True)] == rows
-        out["protect_rows_per_s"] = rate(lambda r: prot.protect(r, key_id_as_text=True), rows, secs)
-        out["reveal_rows_per_s"] = rate(prot.reveal, protected, secs)
         aad = b"bench"
-        out["baseline_whole_row_envelope_per_s"] = rate(
-            lambda r: seal(ks, json.dumps(r).encode(), aad), rows, secs / 2)
+        out.update(rates({
+            "protect_rows_per_s": (lambda r: prot.protect(r, key_id_as_text=True), rows),
+            "reveal_rows_per_s": (prot.reveal, protected),
+            "baseline_whole_row_envelope_per_s": (lambda r: seal(ks, json.dumps(r).encode(), aad), rows),
+        }, secs))
         base = out["baseline_whole_row_envelope_per_s"]
         out["protect_vs_whole_row_envelope"] = out["protect_rows_per_s"] / base
         out["synthea_rows"] = len(rows)
