@@ -210,6 +210,30 @@ def test_cli_commands(env, tmp_path):
     assert r.returncode == 1 and "unreachable" in r.stderr
 
 
+def test_admin_by_client_certificate(env, tmp_path):
+    """mTLS: a CA-issued client certificate for the owner's manifest key authenticates as alice;
+    one for any other key does not."""
+    b, keys = env["broker"], env["keys"]
+    tok = {"SAFEHOLD_BROKER_TOKEN": keys["operator_token"]}
+    r = _cli("broker", "client-cert", "--name", "alice", "--key", str(keys["owner_key"]), "--out",
+             str(tmp_path / "alice"), "--url", b.url, "--cacert", b.cacert, env=tok)
+    assert r.returncode == 0, r.stderr
+    r = _cli("broker", "client-cert", "--name", "mallory", "--out", str(tmp_path / "mal"), "--url", b.url,
+             "--cacert", b.cacert, env=tok)
+    assert r.returncode == 0, r.stderr
+
+    def get(cert, key):
+        ctx = ssl.create_default_context(cafile=b.cacert)
+        ctx.load_cert_chain(str(cert), str(key))
+        with httpx.Client(base_url=b.url, verify=ctx) as h:
+            return h.get("/admin/manifest")
+
+    r = get(tmp_path / "alice.pem", keys["owner_key"])
+    assert r.status_code == 200 and r.json()["manifest"]["name"] == "safehold-test"
+    r = get(tmp_path / "mal.pem", tmp_path / "mal.key")
+    assert r.status_code == 401 and "client certificate" in r.json()["detail"]
+
+
 # --- denial -----------------------------------------------------------------------------------
 
 

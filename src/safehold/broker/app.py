@@ -133,6 +133,10 @@ def create_app(broker: Broker, *, max_body: int = DEFAULT_MAX_BODY, static_value
             return h[7:].strip()
         return None
 
+    def _user(request: Request, *roles: str) -> str:
+        chain = request.scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or [None]
+        return broker.authorize(_bearer(request), *roles, client_cert=chain[0])
+
     # --- KBS ---------------------------------------------------------------------------------
 
     @app.post("/kbs/v0/auth")
@@ -195,28 +199,28 @@ def create_app(broker: Broker, *, max_body: int = DEFAULT_MAX_BODY, static_value
 
     @app.get("/admin/manifest")
     async def manifest_show(request: Request, version: int | None = None) -> Response:
-        broker.authorize(_bearer(request), "owner", "operator", "reader")
+        _user(request, "owner", "operator", "reader")
         return JSONResponse(broker.manifest_entry(version))
 
     @app.put("/admin/secrets/{name}")
     async def secret_put(name: str, request: Request) -> Response:
-        user = broker.authorize(_bearer(request), "owner", "operator")
+        user = _user(request, "owner", "operator")
         ver = broker.set_value(user, name, await request.body())
         return JSONResponse({"secret": name, "version": ver})
 
     @app.post("/admin/client-certificates")
     async def client_cert(request: Request) -> Response:
-        user = broker.authorize(_bearer(request), "owner", "operator")
+        user = _user(request, "owner", "operator")
         return JSONResponse(broker.client_certificate(user, await _json(request)), status_code=201)
 
     @app.get("/admin/audit")
     async def audit(request: Request) -> Response:
-        broker.authorize(_bearer(request), "owner", "operator", "reader")
+        _user(request, "owner", "operator", "reader")
         return JSONResponse({"entries": broker.audit_entries()})
 
     @app.get("/admin/audit/verify")
     async def audit_verify(request: Request) -> Response:
-        broker.authorize(_bearer(request), "owner", "operator", "reader")
+        _user(request, "owner", "operator", "reader")
         return JSONResponse(broker.audit_verify())
 
     # --- recovery ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import ssl
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -121,6 +122,11 @@ def ssl_context(broker: Broker, names: list[str]) -> ssl.SSLContext:
 
 
 def _load_chain(ctx: ssl.SSLContext, broker: Broker, names: list[str]) -> None:
+    if broker.mode == "ready" and broker.ca is not None:
+        # Optional client certificates from the workload CA: admin users may authenticate with
+        # one whose public key the manifest lists (see Broker.authorize).
+        ctx.load_verify_locations(cadata=broker.ca.cert_pem())
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     key_pem, cert_pem = _server_cert(broker, names)
     blob = cert_pem + key_pem
     if hasattr(os, "memfd_create"):
@@ -137,6 +143,28 @@ def _load_chain(ctx: ssl.SSLContext, broker: Broker, names: list[str]) -> None:
             ctx.load_cert_chain(f.name)
 
 
+def _client_cert_protocol() -> type:
+    """uvicorn's h11 protocol plus the ASGI TLS extension ``client_cert_chain`` (PEM list)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ClientCertProtocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            sslobj = transport.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            if der:
+                pem = ssl.DER_cert_to_PEM_cert(der)
+                inner = self.app
+
+                async def app(scope: Any, receive: Any, send: Any) -> None:
+                    scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [pem]}
+                    await inner(scope, receive, send)
+
+                self.app = app
+
+    return ClientCertProtocol
+
+
 def serve(broker: Broker, *, host: str = "127.0.0.1", port: int = 8443, tls: bool = True,
           tls_names: list[str] | None = None, max_body: int | None = None,
           static_value: bytes | None = None) -> None:
@@ -147,7 +175,7 @@ def serve(broker: Broker, *, host: str = "127.0.0.1", port: int = 8443, tls: boo
 
     app = create_app(broker, max_body=max_body or DEFAULT_MAX_BODY, static_value=static_value)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30, http=_client_cert_protocol() if tls else "auto")
     config.load()
     if tls:
         names = ["localhost", "127.0.0.1", host, *(tls_names or [])]

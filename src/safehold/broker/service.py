@@ -335,22 +335,38 @@ class Broker:
 
     # --- users --------------------------------------------------------------------------------
 
-    def authorize(self, bearer: str | None, *roles: str) -> str:
-        """Return the manifest user whose token is ``bearer`` and who holds one of ``roles``.
+    def authorize(self, bearer: str | None, *roles: str, client_cert: str | None = None) -> str:
+        """Return the manifest user who holds one of ``roles``, identified by the bearer token
+        (SHA-256 equals ``token_sha256``) or else by a TLS client certificate (already verified
+        by the TLS layer against the workload CA) whose public key is the user's
+        ``public_key`` / ``certificate`` key.
 
         Raises:
-            Unauthorized (401): no or unknown token. Forbidden (403): role missing.
+            Unauthorized (401): no or unknown credentials. Forbidden (403): role missing.
         """
         m = self._need_manifest()
-        if not bearer:
-            raise Unauthorized("admin endpoint: send Authorization: Bearer <user token>")
-        digest = hashlib.sha256(bearer.encode("utf-8", "replace")).digest()
-        for u in m.users.values():
-            if u.token_sha256 is not None and hmac.compare_digest(u.token_sha256, digest):
-                if not set(u.roles) & set(roles):
-                    raise Forbidden(f"user {u.name!r} has roles {list(u.roles)}; needs one of {list(roles)}")
-                return u.name
-        raise Unauthorized("admin endpoint: unknown user token")
+        user = None
+        if bearer:
+            digest = hashlib.sha256(bearer.encode("utf-8", "replace")).digest()
+            user = next((u for u in m.users.values() if u.token_sha256 is not None
+                         and hmac.compare_digest(u.token_sha256, digest)), None)
+            if user is None:
+                raise Unauthorized("admin endpoint: unknown user token")
+        elif client_cert:
+            spki = _spki(x509.load_pem_x509_certificate(client_cert.encode()).public_key())
+            for u in m.users.values():
+                if u.public_key_pem and _spki(_public_key(u.public_key_pem)) == spki:
+                    user = u
+                    break
+            if user is None:
+                raise Unauthorized("admin endpoint: client certificate key is not a manifest user's key")
+        else:
+            raise Unauthorized(
+                "admin endpoint: send Authorization: Bearer <user token> or a client certificate"
+            )
+        if not set(user.roles) & set(roles):
+            raise Forbidden(f"user {user.name!r} has roles {list(user.roles)}; needs one of {list(roles)}")
+        return user.name
 
     def set_value(self, user: str, name: str, value: bytes) -> int:
         """Store an operator-supplied ``value`` secret. Returns its version.
@@ -732,6 +748,17 @@ class Broker:
 
 
 PROTOCOL_MAJOR = protocol.PROTOCOL_VERSION.split(".")[0]
+
+
+def _public_key(pem: str) -> Any:
+    data = pem.encode("ascii", "replace")
+    if b"BEGIN CERTIFICATE" in data:
+        return x509.load_pem_x509_certificate(data).public_key()
+    return serialization.load_pem_public_key(data)
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _keyset_json(ks: Any) -> bytes:

@@ -190,32 +190,38 @@ def set_value(name: str, file_path: str | None, url: str, cacert: str | None, to
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Write OUT.key (private, 0600), OUT.pem (certificate) and OUT-ca.pem.")
 @click.option("--validity-days", default=30, show_default=True, type=int)
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Use this existing private key (PEM, e.g. an owner's key) instead of a new one.")
 @_URL
 @_CACERT
 @_TOKEN
-def client_cert(name: str, out: str, validity_days: int, url: str, cacert: str | None,
-                token: str | None) -> None:
-    """Generate a key here and have the broker's CA issue a client (mTLS) certificate for it."""
+def client_cert(name: str, out: str, validity_days: int, key_path: str | None, url: str,
+                cacert: str | None, token: str | None) -> None:
+    """Have the broker's CA issue a client (mTLS) certificate for a new or given key."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
     from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: Any = (serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+                if key_path else ec.generate_private_key(ec.SECP256R1()))
+    algo = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-           .sign(key, hashes.SHA256()))
+           .sign(key, algo))
     with _http(url, cacert) as c:
         res = _call(c, "POST", "/admin/client-certificates", headers=_auth(token),
                     json={"csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
                           "validity_days": validity_days})
-    fd = os.open(out + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+    if not key_path:
+        fd = os.open(out + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
     Path(out + ".pem").write_text(res["certificate"])
     Path(out + "-ca.pem").write_text(res["ca"])
-    click.echo(json.dumps({"key": out + ".key", "certificate": out + ".pem", "ca": out + "-ca.pem"}))
+    click.echo(json.dumps({"key": key_path or out + ".key", "certificate": out + ".pem",
+                           "ca": out + "-ca.pem"}))
 
 
 # --- audit ---------------------------------------------------------------------------------------
