@@ -38,7 +38,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from fastapi import Body, Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -52,7 +52,7 @@ from safehold.errors import (
     StoreError,
 )
 from safehold.records.app import MAX_BATCH, AlreadyExists, PatientRepository, PreconditionFailed
-from safehold.records.importers import SEARCH_FIELDS, InvalidRecordError
+from safehold.records.importers import MAX_RECORD_BYTES, SEARCH_FIELDS, InvalidRecordError
 
 ROLES = ("reader", "writer", "admin")
 
@@ -214,12 +214,13 @@ def create_native_app(
     async def _on_error(request: Request, exc: SafeholdError) -> JSONResponse:
         return error_response(exc)
 
-    def principal(role: str) -> Callable[[Request], Principal]:
-        def dep(request: Request) -> Principal:
+    def principal(role: str) -> Callable[[Request], Any]:
+        async def dep(request: Request) -> Principal:  # async: no thread hop on the hot path
             p = authenticate(get_acl(), request)
             if not p.can(role):
                 if repo.audit is not None:
-                    repo.audit.append(p.name, request.method.lower(), None, "denied")
+                    await run_in_threadpool(repo.audit.append, p.name, request.method.lower(), None,
+                                            "denied")
                 raise AuthError(f"role {p.role!r} may not do this (needs {role!r})", 403)
             return p
 
@@ -232,28 +233,39 @@ def create_native_app(
         ok = health() if health else True
         return {"status": "ok" if ok else "unavailable"}
 
-    @app.put("/v1/patients/{rid}", status_code=200)
-    def put_patient(
+    @app.put(
+        "/v1/patients/{rid}",
+        status_code=200,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "object", "description": "a FHIR R4 Patient or a flat record"}}}}},
+    )
+    async def put_patient(
         rid: str,
-        response: Response,
-        record: dict[str, Any] = Body(...),
+        request: Request,
         if_match: str | None = Header(default=None),
         if_none_match: str | None = Header(default=None),
         who: Principal = Depends(writer),
-    ) -> dict[str, Any]:
-        res = repo.put(
-            who.name, rid, record,
-            expected_version=_if_match(if_match), create_only=(if_none_match == "*"),
-        )
-        response.status_code = 201 if res.status == "created" else 200
-        response.headers["ETag"] = _etag(res.version)
-        return {"id": rid, "version": res.version, "status": res.status}
+    ) -> Response:
+        body = await request.body()
+        if len(body) > MAX_RECORD_BYTES:
+            raise InvalidRecordError(f"record is over the limit of {MAX_RECORD_BYTES} bytes")
+        try:
+            record = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise InvalidRecordError("body is not JSON") from None
+        if not isinstance(record, dict):
+            raise InvalidRecordError("record must be a JSON object")
+        res = await run_in_threadpool(
+            lambda: repo.put(who.name, rid, record, expected_version=_if_match(if_match),
+                             create_only=(if_none_match == "*")))
+        out = json.dumps({"id": rid, "version": res.version, "status": res.status}).encode()
+        return Response(out, status_code=201 if res.status == "created" else 200,
+                        media_type="application/json", headers={"ETag": _etag(res.version)})
 
     @app.get("/v1/patients/{rid}")
     def get_patient(rid: str, who: Principal = Depends(reader)) -> Response:
-        rec, version = repo.get(who.name, rid)
-        body = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return Response(body, media_type="application/json", headers={"ETag": _etag(version)})
+        raw, version = repo.get_raw(who.name, rid)  # already compact JSON: no re-encoding
+        return Response(raw, media_type="application/json", headers={"ETag": _etag(version)})
 
     @app.delete("/v1/patients/{rid}", status_code=204)
     def delete_patient(

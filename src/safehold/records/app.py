@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from safehold.errors import ConflictError, RecordError, RecordNotFoundError, RecordTamperedError
 from safehold.records.audit import AuditLog
 from safehold.records.importers import (
+    MAX_RECORD_BYTES,
     SEARCH_FIELDS,
     InvalidRecordError,
     check_record,
@@ -150,6 +151,11 @@ class PatientRepository:
             InvalidRecordError: bad id.  RecordNotFoundError: unknown id.
             RecordTamperedError: the stored row failed authentication (names its blind index).
         """
+        raw, version = self.get_raw(who, rid)
+        return _decode(raw), version
+
+    def get_raw(self, who: str, rid: str) -> tuple[bytes, int]:
+        """Like :meth:`get`, but return the stored JSON text (UTF-8 bytes) undecoded."""
         check_record_id(rid)
         try:
             raw, version = self.kv.get(self.ns, rid)
@@ -160,7 +166,7 @@ class PatientRepository:
             self._audit(who, "get", rid, "tampered")
             raise
         self._audit(who, "get", rid, "ok")
-        return _decode(raw), version
+        return raw, version
 
     def exists(self, rid: str) -> bool:
         """True if a record is stored under ``rid`` (no audit entry; used for create-only)."""
@@ -193,8 +199,11 @@ class PatientRepository:
             row cannot be read, so its index entries cannot be maintained).
         """
         check_record_id(rid)
-        record = check_record(dict(record))
+        if not isinstance(record, dict):
+            record = check_record(dict(record))
         new_raw = encode_record(record)
+        if len(new_raw) > MAX_RECORD_BYTES:
+            raise InvalidRecordError(f"record is {len(new_raw)} bytes, over the limit of {MAX_RECORD_BYTES}")
         new_terms = _indexed(search_terms(record))
         for _ in range(_INDEX_RETRIES):
             try:
