@@ -76,8 +76,9 @@ def start_broker(data_dir: Path, *, manifest: Path | None = None, store: str | N
             try:
                 r = httpx.get(url + "/status", verify=False, timeout=2)
                 if r.status_code == 200:
-                    if expect_mode is not None:
-                        assert r.json()["mode"] == expect_mode, r.json()
+                    if expect_mode is not None and r.json()["mode"] != expect_mode:
+                        bp.stop()  # never leave a process behind
+                        raise AssertionError(f"broker mode {r.json()}, expected {expect_mode}")
                     return bp
             except httpx.HTTPError:
                 pass

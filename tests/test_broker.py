@@ -82,9 +82,11 @@ def env(tmp_path_factory, store_url, snap):
     mp = write_manifest(t / "manifest.json", m)
     penv = {"PYTHONPATH": snap["PYTHONPATH"]}
     b = start_broker(t / "broker", manifest=mp, store=store_url, env=penv)
-    yield {"t": t, "wl": wl, "keys": keys, "manifest": m, "manifest_path": mp, "broker": b,
-           "store_url": store_url, "penv": penv, "snap": snap["root"]}
+    d = {"t": t, "wl": wl, "keys": keys, "manifest": m, "manifest_path": mp, "broker": b,
+         "store_url": store_url, "penv": penv, "snap": snap["root"]}
+    yield d
     b.stop()
+    d["broker"].stop()  # a test may have replaced it (restart, recovery)
 
 
 def _client(env, attester=None, **kw) -> BrokerClient:
