@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -206,6 +207,63 @@ def test_roles_and_tokens(stack):
             a.get("never-written")
         with pytest.raises(PreconditionFailedError):
             a.put("role-test", {"x": 2}, if_version=7)
+
+
+def _client_cert(stack, pkg, name, tmp_path):
+    out = tmp_path / name
+    env = {**__import__("os").environ, "PYTHONPATH": str(pkg.parent)}
+    r = subprocess.run([sys.executable, "-m", "safehold.cli.main", "broker", "client-cert", "--name", name,
+                        "--out", str(out), "--url", stack.broker_url, "--cacert", str(stack.path("ca.pem")),
+                        "--token", tokens(stack.data_dir)["admin"]],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return (str(out) + ".pem", str(out) + ".key")
+
+
+def test_client_certificates_from_the_broker(stack, pkg, tmp_path):
+    """Mutual TLS: a client certificate issued by the broker's workload CA, mapped by CN."""
+    writer = _client_cert(stack, pkg, "writer", tmp_path)
+    with RecordsClient(stack.records_url, policy=stack.path("policy.toml"), client_cert=writer) as c:
+        assert c.put("mtls-1", {"resourceType": "Patient", "id": "mtls-1"}) == 1
+        assert c.get("mtls-1").data["id"] == "mtls-1"
+        with pytest.raises(AccessDeniedError, match="403"):
+            c.audit_verify()
+    stranger = _client_cert(stack, pkg, "stranger", tmp_path)
+    with RecordsClient(stack.records_url, policy=stack.path("policy.toml"), client_cert=stranger) as c:
+        with pytest.raises(AccessDeniedError, match="401"):
+            c.get("mtls-1")
+    # a self-made certificate with the CN "writer" (not from the workload CA): TLS refuses it
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    nm = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "writer")])
+    now = datetime.now(UTC)
+    forged = (x509.CertificateBuilder().subject_name(nm).issuer_name(nm).public_key(k.public_key())
+              .serial_number(1).not_valid_before(now - timedelta(hours=1))
+              .not_valid_after(now + timedelta(hours=1)).sign(k, hashes.SHA256()))
+    (tmp_path / "forged.pem").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "forged.key").write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    with RecordsClient(stack.records_url, policy=stack.path("policy.toml"),
+                       client_cert=(str(tmp_path / "forged.pem"), str(tmp_path / "forged.key"))) as c:
+        with pytest.raises((httpx.HTTPError, ssl.SSLError, AccessDeniedError)):
+            c.put("mtls-forged", {"x": 1})
+    with client(stack) as a, pytest.raises(RecordNotFoundError):
+        a.get("mtls-forged")
+    from safehold.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not load"):
+        RecordsClient(stack.records_url, policy=stack.path("policy.toml"),
+                      client_cert=(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key")))
+    with client(stack) as a:
+        entries = a.audit_verify()
+    assert entries > 0
 
 
 def test_healthz_reveals_nothing_and_openapi(stack):

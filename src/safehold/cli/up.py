@@ -114,7 +114,11 @@ def records_config(tok: dict[str, str], *, encryption: bool = True,
         "encryption": encryption,
         "audit": True,
         "scone_auth": scone_auth,
-        "access": {"tokens": {_sha(t): {"name": role, "role": role} for role, t in tok.items()}},
+        "access": {
+            "tokens": {_sha(t): {"name": role, "role": role} for role, t in tok.items()},
+            # client certificates from the broker (`safehold broker client-cert <CN>`), by CN
+            "certificates": {"admin": "admin", "writer": "writer", "reader": "reader"},
+        },
     }
 
 

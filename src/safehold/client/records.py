@@ -15,6 +15,7 @@ Safehold exceptions: 404 → :class:`~safehold.errors.RecordNotFoundError`, 409
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from os import PathLike
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from safehold.errors import RecordError, RecordNotFoundError, RecordTamperedError
+from safehold.errors import ConfigError, RecordError, RecordNotFoundError, RecordTamperedError
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
@@ -99,17 +100,22 @@ def _batch_body(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any
     return {"records": [{"id": i, "record": dict(r)} for i, r in items]}
 
 
-def attesting_transport(policy: Any, *, asynchronous: bool = False, **kw: Any) -> Any:
+def attesting_transport(policy: Any, *, asynchronous: bool = False,
+                        client_cert: tuple[str | PathLike[str], str | PathLike[str]] | None = None,
+                        **kw: Any) -> Any:
     """Build the RA-TLS verifying httpx transport (:mod:`safehold.ratls.client`) for ``policy``.
 
     Args:
         policy: an :class:`~safehold.attestation.policy.AppraisalPolicy`, a
             :class:`~safehold.attestation.verifier.Verifier`, or the path of a policy TOML file.
         asynchronous: return the async transport.
+        client_cert: ``(certificate PEM file, private key PEM file)`` to present for mutual TLS
+            (a client certificate issued by the broker's workload CA).
         kw: passed on to the transport (``limits``, ``expected_nonce``, ``at``).
 
     Raises:
-        ConfigError: the policy file cannot be read or is invalid.
+        ConfigError: the policy file cannot be read or is invalid, or the client certificate
+            does not load.
     """
     from safehold.attestation.policy import AppraisalPolicy
     from safehold.attestation.verifier import Verifier
@@ -119,7 +125,17 @@ def attesting_transport(policy: Any, *, asynchronous: bool = False, **kw: Any) -
         policy = AppraisalPolicy.from_toml(Path(policy))
     verifier = policy if isinstance(policy, Verifier) else Verifier(policy)
     cls = AsyncRATLSTransport if asynchronous else RATLSTransport
-    return cls(verifier, **kw)
+    transport = cls(verifier, **kw)
+    if client_cert is not None:
+        # the transport's TLS context is shared by its connection pool; add our certificate
+        ctx = getattr(getattr(transport, "_pool", None), "_ssl_context", None)
+        if not isinstance(ctx, ssl.SSLContext):
+            raise ConfigError("this RA-TLS transport cannot present a client certificate")
+        try:
+            ctx.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"client certificate does not load: {e}") from None
+    return transport
 
 
 class RecordsClient:
@@ -132,6 +148,9 @@ class RecordsClient:
         policy: appraisal policy for the service's Evidence; required unless ``transport``
             is given (tests and the benchmark's plaintext baseline pass their own).
         transport: an httpx transport to use instead (must itself verify the service).
+        transport_kw: e.g. ``client_cert=(cert.pem, key.pem)`` for mutual TLS with a client
+            certificate from the broker (then ``token`` may be None); see
+            :func:`attesting_transport`.
 
     Raises:
         ValueError: neither ``policy`` nor ``transport`` given.
