@@ -111,3 +111,30 @@ def test_demo_with_shared_data(env, tmp_path):
     r = cli(e, "demo", "--data-dir", str(tmp_path / "d"), timeout=180)
     assert f"shared data in {DATA}" in r.stdout
     assert "imported 69, skipped 0, failed 0" in r.stdout and ": 0 found" in r.stdout
+
+
+def test_up_stops_cleanly_on_ctrl_c(env, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group."""
+    data = tmp_path / "d"
+    up = subprocess.Popen([sys.executable, "-m", "safehold.cli.main", "up", "--data-dir", str(data),
+                           "--broker-port", str(free_port()), "--port", str(free_port()),
+                           "--scone-port", "0"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "up.json").exists():
+            assert up.poll() is None, up.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        info = json.loads((data / "up.json").read_text())
+        assert info["scone_port"] is None
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    assert "stopped (records exit 0, broker exit 0)" in out
+    for pid in info["pids"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (data / "up.json").exists()

@@ -278,13 +278,17 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
             with contextlib.suppress(FileNotFoundError):
                 s.path(name).unlink()
         blog = s.path("broker.log").open("ab")
+        # own sessions: a terminal's Ctrl-C reaches only `safehold up`, which then stops the
+        # records service first and the broker second
         s.procs["broker"] = subprocess.Popen(_broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=base_env(s))
+                                             stdin=subprocess.DEVNULL, env=base_env(s),
+                                             start_new_session=True)
         _wait_broker(s, s.procs["broker"], timeout)
         rlog_path = s.path("records.log")
         rlog = rlog_path.open("ab")
         s.procs["records"] = subprocess.Popen(records_cmd(s), env=records_env(s), stdout=rlog,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              start_new_session=True)
         info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
     except BaseException:
         stop(s)
@@ -321,7 +325,7 @@ def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
                 p.kill()
                 p.wait()
         # uvicorn re-raises the SIGTERM it handled after a graceful shutdown: that is a clean stop
-        codes[name] = 0 if p.returncode == -signal.SIGTERM else p.returncode
+        codes[name] = 0 if p.returncode in (-signal.SIGTERM, -signal.SIGINT) else p.returncode
     with contextlib.suppress(FileNotFoundError):
         s.path("up.json").unlink()
     return codes
