@@ -159,3 +159,38 @@ def test_concurrent_writers_lose_no_update(repo):
     assert sorted(rec["writers"]) == list(range(20)) and v == 21
     assert sorted(i for i, _ in repo.search("u", {"family": "crowd"})) == sorted(f"own{n}" for n in range(20))
     repo.audit.verify()
+
+
+def test_postings_tamper_copy_and_rekey(repo):
+    for i in range(30):
+        repo.put("u", f"h{i}", pat(f"h{i}", "Common", given=f"G{i}"))
+    assert len(repo.search("u", {"family": "common"})) == 30
+    idx = repo.index
+    conn = sqlite3.connect(repo.db_path)
+    rows = conn.execute(f"SELECT key, value FROM {T} WHERE namespace = ?", (idx.ns,)).fetchall()
+    assert rows and all(len(k) == 32 for k, _ in rows)
+    assert not any(b"h1" in v or b"common" in v.lower() for _, v in rows)
+    p = idx.prefix("family=common")
+    fam = [(k, v) for k, v in rows if k[:16] == p]
+    assert len(fam) == 30
+    # flip a bit in one posting, and copy another posting's value onto a third's key
+    (k0, v0), (k1, v1), (k2, _) = fam[:3]
+    conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = ? AND key = ?",
+                 (v0[:-1] + bytes([v0[-1] ^ 1]), idx.ns, k0))
+    conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = ? AND key = ?", (v1, idx.ns, k2))
+    conn.commit()
+    hits = repo.search("u", {"family": "common"})
+    assert len(hits) == 28  # the two damaged postings (edited, copied) are skipped
+    assert all(r["name"][0]["family"] == "Common" for _, r in hits)
+    # rotation: new primary key, postings re-sealed, search unchanged
+    before = {i for i, _ in repo.search("u", {"family": "common"})}
+    new_id = idx.keyset.add(primary=True)
+    n = idx.rekey()
+    total = conn.execute(f"SELECT count(*) FROM {T} WHERE namespace = ?", (idx.ns,)).fetchone()[0]
+    assert n == total - 2
+    from safehold.crypto import envelope
+
+    ids = [envelope.envelope_key_id(v)
+           for (v,) in conn.execute(f"SELECT value FROM {T} WHERE namespace = ?", (idx.ns,))]
+    assert ids.count(new_id) == total - 2
+    assert {i for i, _ in repo.search("u", {"family": "common"})} == before

@@ -1,4 +1,4 @@
-"""The patient repository: records, their blind-index search entries and the audit, composed.
+"""The patient repository: records, their blind-index search postings and the audit, composed.
 
 Framework-free (the FastAPI layers in :mod:`~safehold.records.api` and
 :mod:`~safehold.records.scone` call it). It sits on a :class:`KV` — the encrypted record engine
@@ -6,18 +6,17 @@ behind a small adapter (:class:`EngineKV`) — so the database only ever sees bl
 envelopes.
 
 Record value format: the record's JSON text (UTF-8, member order as received, no insignificant
-white space), encrypted by the engine. Search entries live in the same namespace under the
-record key ``"#<field>=<normalised value>"`` (``#`` never occurs in a record id; the engine
-turns the key into a keyed blind index) with an encrypted JSON array of record ids as value.
-Indexed fields: :data:`INDEXED_FIELDS`; ``gender`` only filters (a two-value field would make
-one hot, ever-growing entry and reveal the split through its size), as does the
-``system|value`` form of identifiers (looked up by value).
+white space), encrypted by the engine. Search: one posting row per (term, record) in store
+namespace ``<prefix><namespace>.search`` (:mod:`safehold.records.search`), addressed by keyed
+blind indexes. Indexed fields: :data:`INDEXED_FIELDS`; ``gender`` only filters (a two-value
+field is not selective: a lookup would scan half the database), as does the ``system|value``
+form of identifiers (looked up by value).
 
-Consistency: a write (put or delete) reads the record and the search entries it changes, then
-commits the record, those entries and its audit entry in **one store transaction** with
-compare-and-set on every row (:meth:`RecordEngine.put_many`); if any row changed meanwhile,
-nothing is written and the write is redone from fresh reads. So the index never disagrees with
-the records and concurrent writers lose no update. Concurrent writes are group-committed
+Consistency: a write (put or delete) reads the record, then commits the record (compare-and-set
+on its version), its added and removed postings and its audit entry in **one store
+transaction**; if the record changed meanwhile, nothing is written and the write is redone from
+fresh reads. So the index never disagrees with the records and concurrent writers lose no
+update. Concurrent writes are group-committed
 (:class:`~safehold.records.audit.GroupCommit`): one durable commit serves a whole batch, each
 write in its own savepoint. :meth:`PatientRepository.search` still re-checks every hit against
 the decrypted record (defence in depth against a row rolled back by the database operator).
@@ -44,6 +43,7 @@ from safehold.records.importers import (
     normalise,
     search_terms,
 )
+from safehold.records.search import PostingIndex
 
 #: Default namespace of patient records.
 NAMESPACE = "patients"
@@ -52,9 +52,8 @@ MAX_BATCH = 500
 #: Largest page for listing.
 MAX_PAGE = 1000
 _INDEX_RETRIES = 64
-#: Fields with search entries; the other :data:`SEARCH_FIELDS` only filter.
+#: Fields with search postings; the other :data:`SEARCH_FIELDS` only filter.
 INDEXED_FIELDS = ("family", "given", "birthDate", "identifier")
-_TERM_PREFIX = "#"
 log = logging.getLogger("safehold.records")
 
 
@@ -124,15 +123,24 @@ class PatientRepository:
     """Patient records with search and audit.
 
     Args:
-        kv: the encrypted engine adapter.
+        kv: the encrypted engine adapter (:class:`EngineKV`).
         audit: the audit log every access goes to (None only in benchmarks' baselines).
-        namespace: record namespace (search entries live in it too, keys starting with ``#``).
+        namespace: record namespace.
+        index: the search postings; default: a :class:`~safehold.records.search.PostingIndex`
+            on the engine's store and keyset in store namespace ``<prefix><namespace>.search``.
     """
 
-    def __init__(self, kv: KV, audit: AuditLog | None, *, namespace: str = NAMESPACE):
+    def __init__(self, kv: KV, audit: AuditLog | None, *, namespace: str = NAMESPACE,
+                 index: PostingIndex | None = None):
         self.kv = kv
         self.audit = audit
         self.ns = namespace
+        eng = getattr(kv, "engine", None)
+        if index is None:
+            if eng is None:
+                raise ValueError("PatientRepository needs an index (or an EngineKV to build one)")
+            index = PostingIndex(eng.store, eng.keyset, f"{eng.prefix}{namespace}.search")
+        self.index = index
 
     # -- audit ----------------------------------------------------------------------------
 
@@ -221,20 +229,18 @@ class PatientRepository:
                 self._audit(who, "put", rid, "unchanged")
                 return PutResult(rid, cur, "unchanged")
             old_terms = _indexed(search_terms(old)) if old is not None else set()
-            items: list[tuple[str, bytes, int]] = [(rid, new_raw, cur)]
-            items += self._index_changes(rid, new_terms - old_terms, add=True)
-            items += self._index_changes(rid, old_terms - new_terms, add=False)
             status = "created" if cur == 0 else "updated"
             try:
-                version = self._write(items, who, "put", rid, status, [])[0]
+                version = self._write(who, "put", rid, status, put=(new_raw, cur),
+                                      add=new_terms - old_terms, remove=old_terms - new_terms)
             except ConflictError:
-                continue  # the record or one of its search entries changed: redo from fresh reads
+                continue  # the record changed meanwhile: redo from fresh reads
             return PutResult(rid, version, status)
         self._audit(who, "put", rid, "conflict")
-        raise PreconditionFailed(f"record or its search entries stayed contended ({_INDEX_RETRIES} tries)")
+        raise PreconditionFailed(f"record stayed contended ({_INDEX_RETRIES} tries)")
 
     def delete(self, who: str, rid: str, *, expected_version: int | None = None) -> None:
-        """Delete a record and its search entries.
+        """Delete a record and its search postings.
 
         Raises:
             RecordNotFoundError, PreconditionFailed, InvalidRecordError.
@@ -252,9 +258,8 @@ class PatientRepository:
             self._audit(who, "delete", rid, "precondition-failed")
             raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
         for _ in range(_INDEX_RETRIES):
-            items = self._index_changes(rid, terms, add=False)
             try:
-                self._write(items, who, "delete", rid, "ok", [(rid, cur)])
+                self._write(who, "delete", rid, "ok", delete=cur, remove=terms)
                 return
             except ConflictError:
                 pass
@@ -276,24 +281,36 @@ class PatientRepository:
         self._audit(who, "delete", rid, "conflict")
         raise PreconditionFailed("record changed concurrently; re-read and retry")
 
-    def _write(self, items: list[tuple[str, bytes, int]], who: str, op: str, rid: str, outcome: str,
-               deletes: list[tuple[str, int | None]]) -> list[int]:
-        """Delete ``deletes``, write ``items`` (CAS) and the audit entry atomically, group-
-        committed with concurrent writers. Raises ConflictError (nothing written) or
-        RecordNotFoundError (a delete found no row)."""
+    def _write(self, who: str, op: str, rid: str, outcome: str, *,
+               put: tuple[bytes, int] | None = None, delete: int | None | bool = False,
+               add: set[tuple[str, str]] = frozenset(), remove: set[tuple[str, str]] = frozenset()) -> int:
+        """Atomically: write (CAS on ``put[1]``) or delete (CAS on ``delete`` unless None) the
+        record, add/remove its postings and stage the audit entry; group-committed with
+        concurrent writers. Returns the new version (0 for a delete).
+
+        Raises:
+            ConflictError: the record's version changed (nothing written).
+            RecordNotFoundError: a delete found no row.
+        """
         bi = self.kv.blind_index(self.ns, rid)
 
-        def unit() -> list[int]:
-            for key, version in deletes:
-                if not self.kv.delete(self.ns, key, expected_version=version):
+        def unit() -> int:
+            version = 0
+            if put is not None:
+                version = self.kv.put_many(self.ns, [(rid, put[0], put[1])])[0]
+            elif delete is not False:
+                ev = delete if isinstance(delete, int) and not isinstance(delete, bool) else None
+                if not self.kv.delete(self.ns, rid, expected_version=ev):
                     raise RecordNotFoundError("no such record")
-            out = self.kv.put_many(self.ns, items) if items else []
+            self.index.remove(rid, sorted(_term(t) for t in remove))
+            self.index.add(rid, sorted(_term(t) for t in add))
             if self.audit is not None:
-                self.audit.stage(AuditLog.body(who, op, bi, outcome))
-            return out
+                self.audit.stage(AuditLog.body(who, op, bi, outcome))  # last: advances the chain
+            return version
 
         if self.audit is None:
-            return unit()
+            with self.index.store.transaction():
+                return unit()
         return self.audit.committer.run(unit)
 
     # -- many records ---------------------------------------------------------------------
@@ -301,8 +318,7 @@ class PatientRepository:
     def list_ids(self, who: str, *, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
         """A page of record ids and the cursor of the next page (None at the end)."""
         limit = max(1, min(limit, MAX_PAGE))
-        keys, nxt = self.kv.list(self.ns, after=cursor, limit=limit)
-        ids = [k for k in keys if not k.startswith(_TERM_PREFIX)]
+        ids, nxt = self.kv.list(self.ns, after=cursor, limit=limit)
         self._audit(who, "list", None, f"ok:{len(ids)}")
         return ids, nxt
 
@@ -330,7 +346,7 @@ class PatientRepository:
             )
         candidates: set[str] | None = None
         for f, v in sorted(lookups):
-            ids = set(self._index_read(f"{_TERM_PREFIX}{f}={v}")[0])
+            ids = self.index.lookup(_term((f, v)))
             candidates = ids if candidates is None else candidates & ids
             if not candidates:
                 break
@@ -359,33 +375,8 @@ class PatientRepository:
                 results.append({"id": rid, "status": "failed", "error": str(e)})
         return results
 
-    # -- search index maintenance ---------------------------------------------------------
-
-    def _index_read(self, term: str) -> tuple[list[str], int]:
-        try:
-            raw, version = self.kv.get(self.ns, term)
-        except RecordNotFoundError:
-            return [], 0
-        ids = json.loads(raw)
-        return ids, version
-
-    def _index_changes(self, rid: str, terms: set[tuple[str, str]], *,
-                       add: bool) -> list[tuple[str, bytes, int]]:
-        """The search-entry rows to write so that ``rid`` is in (``add``) or out of each term's
-        entry, as ``(row key, value, expected version)``; rows already right are left out."""
-        out = []
-        for f, v in sorted(terms):
-            key = f"{_TERM_PREFIX}{f}={v}"
-            ids, version = self._index_read(key)
-            s = set(ids)
-            if (rid in s) == add:
-                continue
-            if add:
-                s.add(rid)
-            else:
-                s.discard(rid)
-            out.append((key, json.dumps(sorted(s), separators=(",", ":")).encode(), version))
-        return out
+def _term(t: tuple[str, str]) -> str:
+    return f"{t[0]}={t[1]}"
 
 
 def _indexed(terms: set[tuple[str, str]]) -> set[tuple[str, str]]:
