@@ -3,12 +3,14 @@
 Start-up order (nothing listens before step 4, and no key exists here that did not arrive
 through attestation):
 
-1. The Attester (simulated by default) measures this workload.
+1. The Attester (simulated by default) measures this workload: the package files plus the
+   measured configuration file, which also holds the access list (who may call, which role).
 2. :class:`~safehold.client.broker.BrokerClient` runs the KBS protocol with the broker
-   (``/kbs/v0/auth`` → ``/kbs/v0/attest`` → ``/kbs/v0/resource/...``) and receives, each as a
-   JWE wrapped to a key generated here: the records **keyset**, the **TLS identity** issued by
-   the broker's workload CA (valid for the name ``api``) and the **access list** (who may call).
-   The broker refuses all three if the measurement is not in the data owner's manifest.
+   (``/kbs/v0/auth`` → ``/kbs/v0/attest`` → ``/kbs/v0/resource/...``) and receives the records
+   **keyset** as a JWE wrapped to a TEE key generated here, then the **TLS identity**: a
+   certificate issued by the broker's workload CA to that key (valid for the name ``api``)
+   carrying this workload's RA-TLS Evidence. The broker refuses both if the measurement is not
+   in the data owner's manifest.
 3. The encrypted engine is opened on the store (SQLite file by default, PostgreSQL by URL).
 4. Two HTTPS listeners open on one event loop: the native API and the SCONE-compatible API.
    The TLS private key stays in memory (an :class:`ssl.SSLContext` built from bytes held only
@@ -53,8 +55,8 @@ class ServiceConfig:
         broker_ca: PEM file of the broker's CA, to authenticate the broker's own TLS.
         store_url: ``sqlite:///path`` or ``postgresql://…``; default ``<data_dir>/records.db``.
         workload: the manifest's workload name for this service.
-        keyset_resource / tls_resource / access_resource: KBS resource paths
-            ``<repository>/<type>/<tag>`` of the three secrets.
+        keyset_resource / tls_resource: KBS resource paths ``<repository>/<type>/<tag>`` of
+            the keyset and of the certificate secret.
         host: listen address (loopback by default).
         port: native API port (0 = pick a free one and report it in ``ready_file``).
         scone_port: SCONE-compatible port (default 4996; None disables it).
@@ -75,7 +77,6 @@ class ServiceConfig:
     workload: str = "records"
     keyset_resource: str = "default/keyset/records-keyset"
     tls_resource: str = "default/certificate/records-tls"
-    access_resource: str = "default/value/records-access"
     host: str = "127.0.0.1"
     port: int = 8700
     scone_port: int | None = 4996
