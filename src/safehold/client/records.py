@@ -229,9 +229,10 @@ class RecordsClient:
             if not cursor:
                 return
 
-    def search(self, **criteria: str) -> list[Record]:
-        """Exact-match search, e.g. ``search(family="Doe", birthDate="1970-01-01")``."""
-        r = self._http.get("/v1/patients", params=criteria)
+    def search(self, *, limit: int = 100, **criteria: str) -> list[Record]:
+        """Exact-match search, e.g. ``search(family="Doe", birthDate="1970-01-01")``; at most
+        ``limit`` (1..1000) records, in id order."""
+        r = self._http.get("/v1/patients", params={**criteria, "limit": limit})
         _raise_for(r)
         return [Record(x["id"], x["record"], 0) for x in r.json()["records"]]
 
@@ -314,9 +315,9 @@ class AsyncRecordsClient:
             if not cursor:
                 return
 
-    async def search(self, **criteria: str) -> list[Record]:
+    async def search(self, *, limit: int = 100, **criteria: str) -> list[Record]:
         """See :meth:`RecordsClient.search`."""
-        r = await self._http.get("/v1/patients", params=criteria)
+        r = await self._http.get("/v1/patients", params={**criteria, "limit": limit})
         _raise_for(r)
         return [Record(x["id"], x["record"], 0) for x in r.json()["records"]]
 

@@ -12,6 +12,8 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
 ``GET /v1/patients?cursor=&limit=``         reader    ``{"ids": [...], "next": cursor|null}``
 ``GET /v1/patients?family=..&birthDate=..`` reader    exact search on :data:`SEARCH_FIELDS`
                                                       → ``{"records": [{"id", "record"}]}``
+                                                      (≤ ``limit``; ``"truncated": true`` if
+                                                      more matched)
 ``POST /v1/patients:batch``                 writer    ``{"records": [{"id", "record"}]}`` (≤ 500)
                                                       → ``{"results": [{"id", "status", ...}]}``
 ``GET /v1/audit/verify``                    admin     ``{"entries": n}`` or 409 with the break
@@ -292,8 +294,11 @@ def create_native_app(
         crit = {k: v for k, v in {"family": family, "given": given, "birthDate": birthDate,
                                   "gender": gender, "identifier": identifier}.items() if v is not None}
         if crit:
-            hits = repo.search(who.name, crit)
-            return {"records": [{"id": i, "record": r} for i, r in hits]}
+            hits = repo.search(who.name, crit, limit=limit + 1)
+            found: dict[str, Any] = {"records": [{"id": i, "record": r} for i, r in hits[:limit]]}
+            if len(hits) > limit:
+                found["truncated"] = True  # more matched than ``limit``
+            return found
         ids, nxt = repo.list_ids(who.name, cursor=cursor, limit=limit)
         return {"ids": ids, "next": nxt}
 

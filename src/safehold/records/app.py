@@ -322,8 +322,10 @@ class PatientRepository:
         self._audit(who, "list", None, f"ok:{len(ids)}")
         return ids, nxt
 
-    def search(self, who: str, criteria: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
-        """Records matching every ``field=value`` exactly (after :func:`normalise`).
+    def search(self, who: str, criteria: Mapping[str, str], *,
+               limit: int = MAX_PAGE) -> list[tuple[str, dict[str, Any]]]:
+        """Records matching every ``field=value`` exactly (after :func:`normalise`), at most
+        ``limit`` (1..:data:`MAX_PAGE`), in id order.
 
         Raises:
             InvalidRecordError: no criteria, or a field outside :data:`SEARCH_FIELDS`.
@@ -350,8 +352,11 @@ class PatientRepository:
             candidates = ids if candidates is None else candidates & ids
             if not candidates:
                 break
-        out = []
+        out: list[tuple[str, dict[str, Any]]] = []
+        limit = max(1, min(limit, MAX_PAGE))
         for rid in sorted(candidates or ()):
+            if len(out) >= limit:
+                break
             try:
                 raw, _ = self.kv.get(self.ns, rid)
             except RecordNotFoundError:
