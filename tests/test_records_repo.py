@@ -194,3 +194,31 @@ def test_postings_tamper_copy_and_rekey(repo):
            for (v,) in conn.execute(f"SELECT value FROM {T} WHERE namespace = ?", (idx.ns,))]
     assert ids.count(new_id) == total - 2
     assert {i for i, _ in repo.search("u", {"family": "common"})} == before
+
+
+def test_two_replicas_append_to_one_audit_chain(tmp_path):
+    """Two service replicas (separate store connections) share one chain without forking it."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    s1, s2 = open_store(url), open_store(url)
+    a1, a2 = AuditLog(s1, mac_key=b"m" * 32), AuditLog(s2, mac_key=b"m" * 32)
+    errors = []
+
+    def run(log, name):
+        try:
+            for i in range(40):
+                log.append(name, "get", bytes([i]) * 16, "ok")
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    pairs = ((1, a1), (2, a2), (1, a1), (2, a2))
+    ts = [threading.Thread(target=run, args=(a, f"replica{n}")) for n, a in pairs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
+    assert a1.verify() == 160 == AuditLog(s1, mac_key=b"m" * 32).verify()
+    with pytest.raises(AuditChainError, match="MAC"):
+        AuditLog(s1, mac_key=b"x" * 32).verify()
+    s1.close()
+    s2.close()
