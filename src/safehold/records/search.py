@@ -25,13 +25,14 @@ logged by key; search results are re-checked against the decrypted records anywa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 
 from safehold.crypto import envelope
 from safehold.crypto.blind_index import BlindIndexer
 from safehold.crypto.keyset import Keyset
-from safehold.errors import CryptoError
+from safehold.errors import ConflictError, CryptoError
 from safehold.store.base import Store
 
 log = logging.getLogger("safehold.records")
@@ -70,13 +71,12 @@ class PostingIndex:
         """Insert the postings of ``rid`` for ``terms`` (existing ones are left alone).
 
         Raises:
-            ConflictError: a concurrent writer inserted the same posting (redo the write).
             StoreUnavailableError: as the store.
         """
         for t in terms:
             k = self.key(t, rid)
-            if self.store.get(self.ns, k) is None:
-                v = envelope.seal(self.keyset, rid.encode("utf-8"), self._aad_ns + k)
+            v = envelope.seal(self.keyset, rid.encode("utf-8"), self._aad_ns + k)
+            with contextlib.suppress(ConflictError):  # already posted: an insert-only CAS no-op
                 self.store.put(self.ns, k, v, expected_version=0)
 
     def remove(self, rid: str, terms: Iterable[str]) -> None:
