@@ -137,7 +137,7 @@ def test_refused_wrong_measurement_no_request_reaches_server(server: Server) -> 
 
 
 def test_refused_simulated_under_default_policy(server: Server) -> None:
-    pol = AppraisalPolicy(allowed_tee_types=("sgx", "tdx", "sev-snp"),
+    pol = AppraisalPolicy(allowed_tee_types=("sgx", "tdx", "sev-snp"), min_tcb={"snp": 8},
                           simulated_root=Path(server.info["simulated_root"]),
                           measurements=(bytes.fromhex(server.info["measurement"]),))
     _assert_refused_without_request(server, Verifier(pol), SimulatedEvidenceRefused)
