@@ -297,3 +297,19 @@ def test_server_context_and_identity_files(ident, tmp_path) -> None:
     assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == ident.certificate
     ctx = server_ssl_context(ident)
     assert isinstance(ctx, ssl.SSLContext) and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_client_cert_that_does_not_load_is_a_clear_error(tmp_path):
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.attestation.verifier import Verifier
+    from safehold.errors import RATLSError
+    from safehold.ratls.client import AsyncRATLSTransport, RATLSTransport
+
+    v = Verifier(AppraisalPolicy(allowed_tee_types=("sgx",), measurements=(bytes(32),)))
+    garbled = tmp_path / "client.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    for cls in (RATLSTransport, AsyncRATLSTransport):
+        with pytest.raises(RATLSError, match="client.pem"):
+            cls(v, client_cert=(garbled, garbled))
+        with pytest.raises(RATLSError, match="missing.pem"):
+            cls(v, client_cert=(tmp_path / "missing.pem", tmp_path / "missing.key"))

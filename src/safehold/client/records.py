@@ -15,7 +15,6 @@ Safehold exceptions: 404 → :class:`~safehold.errors.RecordNotFoundError`, 409
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from os import PathLike
@@ -119,22 +118,17 @@ def attesting_transport(policy: Any, *, asynchronous: bool = False,
     """
     from safehold.attestation.policy import AppraisalPolicy
     from safehold.attestation.verifier import Verifier
+    from safehold.errors import RATLSError
     from safehold.ratls.client import AsyncRATLSTransport, RATLSTransport
 
     if isinstance(policy, str | PathLike):
         policy = AppraisalPolicy.from_toml(Path(policy))
     verifier = policy if isinstance(policy, Verifier) else Verifier(policy)
     cls = AsyncRATLSTransport if asynchronous else RATLSTransport
-    transport = cls(verifier, **kw)
-    if client_cert is not None:
-        # the transport's TLS context is shared by its connection pool; add our certificate
-        ctx = getattr(getattr(transport, "_pool", None), "_ssl_context", None)
-        if not isinstance(ctx, ssl.SSLContext):
-            raise ConfigError("this RA-TLS transport cannot present a client certificate")
-        try:
-            ctx.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"client certificate does not load: {e}") from None
+    try:
+        transport = cls(verifier, client_cert=client_cert, **kw)
+    except RATLSError as e:
+        raise ConfigError(str(e)) from None
     return transport
 
 

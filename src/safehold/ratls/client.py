@@ -19,6 +19,7 @@ self-signed inside the TEE); authenticity comes from the Evidence and its key bi
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -37,12 +38,29 @@ from safehold.ratls.verify import verify_certificate
 Check = Callable[[bytes], Appraisal]
 
 
-def client_ssl_context() -> ssl.SSLContext:
-    """TLS client context for RA-TLS: TLS >= 1.2, no PKI/hostname check (attestation instead)."""
+ClientCert = tuple[str | os.PathLike[str], str | os.PathLike[str]]
+
+
+def client_ssl_context(client_cert: ClientCert | None = None) -> ssl.SSLContext:
+    """TLS client context for RA-TLS: TLS >= 1.2, no PKI/hostname check (attestation instead).
+
+    Args:
+        client_cert: optional ``(certificate PEM file, private key PEM file)`` presented for
+            mutual TLS (e.g. a client certificate issued by the broker's workload CA).
+
+    Raises:
+        RATLSError: the client certificate or key does not load (names the file, not the key).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # noqa: S503 - the Evidence, not a CA, authenticates the peer
+    if client_cert is not None:
+        try:
+            ctx.load_cert_chain(os.fspath(client_cert[0]), os.fspath(client_cert[1]))
+        except (OSError, ssl.SSLError) as e:
+            raise RATLSError(f"client certificate {os.fspath(client_cert[0])!r} does not load: "
+                             f"{getattr(e, 'reason', None) or e.__class__.__name__}") from None
     return ctx
 
 
@@ -178,6 +196,7 @@ class RATLSTransport(httpx.HTTPTransport):
         expected_nonce: nonce the peer's RA-TLS claims must carry (None = not checked).
         at: verification time (None = now; tests pin it).
         limits / retries / http2: as for :class:`httpx.HTTPTransport`.
+        client_cert: ``(certificate PEM file, key PEM file)`` for mutual TLS, or None.
 
     Attributes:
         last_appraisal: the appraisal of the most recently opened connection.
@@ -190,8 +209,9 @@ class RATLSTransport(httpx.HTTPTransport):
 
     def __init__(self, verifier: Verifier, *, expected_nonce: bytes | None = None,
                  at: datetime | None = None, limits: httpx.Limits = httpx.Limits(),
-                 retries: int = 0, http2: bool = False) -> None:
-        ctx = client_ssl_context()
+                 retries: int = 0, http2: bool = False,
+                 client_cert: ClientCert | None = None) -> None:
+        ctx = client_ssl_context(client_cert)
         super().__init__(verify=ctx, trust_env=False, limits=limits, retries=retries, http2=http2)
         self._rec = _Recorder(verifier, expected_nonce, at)
         self._pool = httpcore.ConnectionPool(
@@ -219,8 +239,9 @@ class AsyncRATLSTransport(httpx.AsyncHTTPTransport):
 
     def __init__(self, verifier: Verifier, *, expected_nonce: bytes | None = None,
                  at: datetime | None = None, limits: httpx.Limits = httpx.Limits(),
-                 retries: int = 0, http2: bool = False) -> None:
-        ctx = client_ssl_context()
+                 retries: int = 0, http2: bool = False,
+                 client_cert: ClientCert | None = None) -> None:
+        ctx = client_ssl_context(client_cert)
         super().__init__(verify=ctx, trust_env=False, limits=limits, retries=retries, http2=http2)
         self._rec = _Recorder(verifier, expected_nonce, at)
         self._pool = httpcore.AsyncConnectionPool(
