@@ -14,7 +14,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote, quote_plus
@@ -22,8 +21,7 @@ from urllib.parse import quote, quote_plus
 import httpx
 import pytest
 from tests.conftest import free_port
-
-from safehold.crypto.keyset import Keyset
+from tests.proxy_helpers import proxy_argv, proxy_stack
 
 UPSTREAM = r'''
 import json, sqlite3, sys, threading
@@ -157,54 +155,13 @@ SECRETS = ["Max Müller", "Müller", "1223123", "15.06.1980", "max.mueller", "Pe
            "Erika", "Mustermann", "1964-08-12", "patient-0002"]
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited early with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proxy")
-    (tmp / "upstream.py").write_text(UPSTREAM)
-    (tmp / "schema.toml").write_text(SCHEMA)
     db = tmp / "upstream.sqlite"
-    kek = os.urandom(32)
-    ks = Keyset.generate()
-    (tmp / "keyset.bin").write_bytes(ks.wrap(kek))
-    env = dict(os.environ, SAFEHOLD_PROXY_KEK=kek.hex())
-    up_port, px_port = free_port(), free_port()
-    procs = []
-    try:
-        up = subprocess.Popen([sys.executable, str(tmp / "upstream.py"), str(up_port), str(db)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(up)
-        _wait(f"http://127.0.0.1:{up_port}/raw", up)
-        px = subprocess.Popen(
-            [sys.executable, "-m", "safehold.cli.main", "proxy", "--schema", str(tmp / "schema.toml"),
-             "--keyset", str(tmp / "keyset.bin"), "--upstream", f"http://127.0.0.1:{up_port}",
-             "--listen", f"127.0.0.1:{px_port}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(px)
-        _wait(f"http://127.0.0.1:{px_port}/raw", px)
-        yield {"proxy": f"http://127.0.0.1:{px_port}", "upstream": f"http://127.0.0.1:{up_port}", "db": db,
-               "tmp": tmp, "env": env, "up_port": up_port}
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    with proxy_stack(tmp, UPSTREAM, [str(db)], SCHEMA, health="/raw", timeout=20.0) as s:
+        yield {"proxy": s.proxy, "upstream": s.upstream, "db": db, "tmp": tmp, "env": s.env,
+               "up_port": s.up_port}
 
 
 def _raw_count(stack) -> int:
@@ -331,9 +288,8 @@ def test_upstream_down_gives_502(stack):
     env = stack["env"]
     port = free_port()
     p = subprocess.Popen(
-        [sys.executable, "-m", "safehold.cli.main", "proxy", "--schema", str(stack["tmp"] / "schema.toml"),
-         "--keyset", str(stack["tmp"] / "keyset.bin"), "--upstream", f"http://127.0.0.1:{free_port()}",
-         "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proxy_argv(stack["tmp"] / "schema.toml", stack["tmp"] / "keyset.bin", f"http://127.0.0.1:{free_port()}", port),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -352,9 +308,8 @@ def test_upstream_down_gives_502(stack):
 def test_proxy_refuses_to_start_with_wrong_kek(stack):
     env = dict(stack["env"], SAFEHOLD_PROXY_KEK=os.urandom(32).hex())
     r = subprocess.run(
-        [sys.executable, "-m", "safehold.cli.main", "proxy", "--schema", str(stack["tmp"] / "schema.toml"),
-         "--keyset", str(stack["tmp"] / "keyset.bin"), "--upstream", stack["upstream"],
-         "--listen", f"127.0.0.1:{free_port()}"], env=env, capture_output=True, timeout=30)
+        proxy_argv(stack["tmp"] / "schema.toml", stack["tmp"] / "keyset.bin", stack["upstream"], free_port()),
+        env=env, capture_output=True, timeout=30)
     assert r.returncode == 1 and b"error:" in r.stderr and b"Traceback" not in r.stderr
 
 

@@ -11,16 +11,11 @@ through the proxy unchanged.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from tests.conftest import DATA, free_port, need_shared
-
-from safehold.crypto.keyset import Keyset
+from tests.conftest import DATA, need_shared
+from tests.proxy_helpers import proxy_stack
 
 UPSTREAM = r'''
 import hashlib, json, sys
@@ -180,51 +175,11 @@ TOKEN = "proxy-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native")
-    (tmp / "upstream.py").write_text(UPSTREAM)
-    (tmp / "schema.toml").write_text(SCHEMA)
-    kek = os.urandom(32)
-    (tmp / "ks.bin").write_bytes(Keyset.generate().wrap(kek))
-    env = dict(os.environ, SAFEHOLD_PROXY_KEK=kek.hex())
-    up_port, px_port = free_port(), free_port()
-    procs = []
-    try:
-        args = [str(up_port), str(tmp / "records.db"), str(tmp / "seen.ndjson"), TOKEN]
-        up = subprocess.Popen([sys.executable, str(tmp / "upstream.py"), *args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(up)
-        _wait(f"http://127.0.0.1:{up_port}/healthz", up)
-        px = subprocess.Popen(
-            [sys.executable, "-m", "safehold.cli.main", "proxy", "--schema", str(tmp / "schema.toml"),
-             "--keyset", str(tmp / "ks.bin"), "--upstream", f"http://127.0.0.1:{up_port}",
-             "--listen", f"127.0.0.1:{px_port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(px)
-        _wait(f"http://127.0.0.1:{px_port}/healthz", px)
-        yield f"http://127.0.0.1:{px_port}", f"http://127.0.0.1:{up_port}", tmp / "seen.ndjson"
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    with proxy_stack(tmp, UPSTREAM, [str(tmp / "records.db"), str(tmp / "seen.ndjson"), TOKEN], SCHEMA) as s:
+        yield s.proxy, s.upstream, tmp / "seen.ndjson"
 
 
 def _patient(name: str) -> dict:
