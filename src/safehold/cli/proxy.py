@@ -11,6 +11,7 @@ from __future__ import annotations
 import binascii
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -70,6 +71,22 @@ _keyset_opt = click.option("--keyset", "keyset", type=click.Path(path_type=Path,
                            help=f"Wrapped keyset file; KEK in ${KEK_ENV} (hex).")
 
 
+
+def _batch_opts(f: Callable[..., None]) -> Callable[..., None]:
+    """The options and arguments that tokenize and detokenize share, in this order in --help."""
+    for deco in reversed((
+        _schema_opt,
+        _keyset_opt,
+        click.option("--format", "fmt", type=click.Choice(["csv", "ndjson"]), default=None,
+                     help="Input/output format (default: from the file suffix)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.argument("src", type=click.Path(path_type=Path, dir_okay=False)),
+        click.argument("dst", type=click.Path(path_type=Path, dir_okay=False)),
+    )):
+        f = deco(f)
+    return f
+
+
 def _batch(
     schema: Path, keyset: Path, src: Path, dst: Path, fmt: str | None, reveal: bool, quiet: bool
 ) -> None:
@@ -94,25 +111,13 @@ def register(group: click.Group) -> None:
     """Add the proxy commands to the ``safehold`` group."""
 
     @group.command("tokenize")
-    @_schema_opt
-    @_keyset_opt
-    @click.option("--format", "fmt", type=click.Choice(["csv", "ndjson"]), default=None,
-                  help="Input/output format (default: from the file suffix).")
-    @click.option("--quiet", is_flag=True, help="No progress bar.")
-    @click.argument("src", type=click.Path(path_type=Path, dir_okay=False))
-    @click.argument("dst", type=click.Path(path_type=Path, dir_okay=False))
+    @_batch_opts
     def tokenize(schema: Path, keyset: Path, fmt: str | None, quiet: bool, src: Path, dst: Path) -> None:
         """Protect every record of SRC (CSV or NDJSON) into DST as the schema says."""
         _batch(schema, keyset, src, dst, fmt, reveal=False, quiet=quiet)
 
     @group.command("detokenize")
-    @_schema_opt
-    @_keyset_opt
-    @click.option("--format", "fmt", type=click.Choice(["csv", "ndjson"]), default=None,
-                  help="Input/output format (default: from the file suffix).")
-    @click.option("--quiet", is_flag=True, help="No progress bar.")
-    @click.argument("src", type=click.Path(path_type=Path, dir_okay=False))
-    @click.argument("dst", type=click.Path(path_type=Path, dir_okay=False))
+    @_batch_opts
     def detokenize(schema: Path, keyset: Path, fmt: str | None, quiet: bool, src: Path, dst: Path) -> None:
         """Reveal every record of SRC (written by tokenize) into DST."""
         _batch(schema, keyset, src, dst, fmt, reveal=True, quiet=quiet)
