@@ -246,17 +246,7 @@ class PatientRepository:
             RecordNotFoundError, PreconditionFailed, InvalidRecordError.
         """
         check_record_id(rid)
-        try:
-            raw, cur = self.kv.get(self.ns, rid)
-            terms = _indexed(search_terms(_decode(raw)))
-        except RecordNotFoundError:
-            self._audit(who, "delete", rid, "not-found")
-            raise
-        except RecordTamperedError:
-            raw, cur, terms = None, None, set()  # a tampered row may still be deleted
-        if expected_version is not None and cur is not None and expected_version != cur:
-            self._audit(who, "delete", rid, "precondition-failed")
-            raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
+        cur, terms = self._delete_target(who, rid, expected_version)
         for _ in range(_INDEX_RETRIES):
             try:
                 self._write(who, "delete", rid, "ok", delete=cur, remove=terms)
@@ -266,20 +256,29 @@ class PatientRepository:
             except RecordNotFoundError:
                 self._audit(who, "delete", rid, "not-found")
                 raise
-            try:  # fresh reads for the next try
-                raw, cur = self.kv.get(self.ns, rid)
-                terms = _indexed(search_terms(_decode(raw)))
-            except RecordNotFoundError:
-                self._audit(who, "delete", rid, "not-found")
-                raise
-            except RecordTamperedError:
-                terms = set()
-                cur = None
-            if expected_version is not None and cur is not None and expected_version != cur:
-                self._audit(who, "delete", rid, "precondition-failed")
-                raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
+            cur, terms = self._delete_target(who, rid, expected_version)  # fresh reads for the next try
         self._audit(who, "delete", rid, "conflict")
         raise PreconditionFailed("record changed concurrently; re-read and retry")
+
+    def _delete_target(self, who: str, rid: str,
+                       expected_version: int | None) -> tuple[int | None, set[tuple[str, str]]]:
+        """Read ``rid`` for a delete: its current version and search postings, or ``(None, set())``
+        for a tampered row (which may still be deleted, with no version check).
+
+        Raises (after auditing the refusal): RecordNotFoundError, PreconditionFailed.
+        """
+        try:
+            raw, cur = self.kv.get(self.ns, rid)
+            terms = _indexed(search_terms(_decode(raw)))
+        except RecordNotFoundError:
+            self._audit(who, "delete", rid, "not-found")
+            raise
+        except RecordTamperedError:
+            return None, set()
+        if expected_version is not None and expected_version != cur:
+            self._audit(who, "delete", rid, "precondition-failed")
+            raise PreconditionFailed(f"expected version {expected_version}, current version is {cur}")
+        return cur, terms
 
     def _write(self, who: str, op: str, rid: str, outcome: str, *,
                put: tuple[bytes, int] | None = None, delete: int | None | bool = False,
