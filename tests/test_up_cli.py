@@ -38,6 +38,16 @@ def cli(env, *args, cwd=None, timeout=120, check=True):
     return r
 
 
+def _wait_up(up: subprocess.Popen, data: Path, timeout: float = 60.0) -> dict:
+    """Wait for ``safehold up`` to write ``data/up.json`` and return it; fail if ``up`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not (data / "up.json").exists():
+        assert up.poll() is None, up.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return json.loads((data / "up.json").read_text())
+
+
 def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
     data = tmp_path / "safehold-data"
     bport, rport, sport = free_port(), free_port(), free_port()
@@ -45,12 +55,7 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
                            "--broker-port", str(bport), "--port", str(rport), "--scone-port", str(sport)],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (data / "up.json").exists():
-            assert up.poll() is None, up.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        info = json.loads((data / "up.json").read_text())
+        info = _wait_up(up, data)
         assert info["records_url"] == f"https://127.0.0.1:{rport}"
         assert Path(info["ca"]).exists() and Path(info["policy"]).exists()
         assert oct((data / "tokens.json").stat().st_mode & 0o777) == "0o600"
@@ -122,12 +127,7 @@ def test_up_stops_cleanly_on_ctrl_c(env, tmp_path):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (data / "up.json").exists():
-            assert up.poll() is None, up.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        info = json.loads((data / "up.json").read_text())
+        info = _wait_up(up, data)
         assert info["scone_port"] is None
     finally:
         os.killpg(up.pid, signal.SIGINT)
