@@ -214,28 +214,28 @@ def _resign(data: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
     return data[:0x2A0] + sig + data[0x2A0 + 144 :]
 
 
-def test_self_made_root_is_refused(forged_chain):
+def _forged_evidence(forged_chain) -> Evidence:
+    """The gosev report re-signed by the forged VCEK, with the forged VCEK and ASK/ARK chain."""
     ark, ask, vcek, key = forged_chain
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (ask, ark))
-    e = Evidence(
+    return Evidence(
         MT,
         _resign(rd("gosev-attestation.bin"), key),
         {"vcek": vcek.public_bytes(serialization.Encoding.DER), "cert_chain": pem},
     )
+
+
+def test_self_made_root_is_refused(forged_chain):
+    e = _forged_evidence(forged_chain)
     with pytest.raises(EndorsementError, match="does not chain to a pinned AMD ARK"):
         SevSnpVerifier().verify(e, at=GOSEV_AT)
 
 
 def test_vcek_tcb_extension_mismatch_names_the_component(forged_chain, monkeypatch):
-    ark, ask, vcek, key = forged_chain
+    ark = forged_chain[0]
     spki = ark.public_key().public_bytes(*sev_snp._SPKI)
     monkeypatch.setattr(sev_snp, "pinned_arks", lambda: {spki: "milan"})  # test-only pin
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (ask, ark))
-    e = Evidence(
-        MT,
-        _resign(rd("gosev-attestation.bin"), key),
-        {"vcek": vcek.public_bytes(serialization.Encoding.DER), "cert_chain": pem},
-    )
+    e = _forged_evidence(forged_chain)
     with pytest.raises(EndorsementError, match="reported_tcb.microcode: VCEK certifies 69, report says 68"):
         SevSnpVerifier().verify(e, at=GOSEV_AT)
 
