@@ -313,3 +313,47 @@ def test_client_cert_that_does_not_load_is_a_clear_error(tmp_path):
             cls(v, client_cert=(garbled, garbled))
         with pytest.raises(RATLSError, match="missing.pem"):
             cls(v, client_cert=(tmp_path / "missing.pem", tmp_path / "missing.key"))
+
+
+def test_relay_refused_even_under_report_data_any(tmp_path):
+    """A policy saying report_data = "any" must not let relayed Evidence through: the RA-TLS
+    Relying Party always supplies its key binding, and a supplied binding is always compared."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+    from safehold.attestation.policy import AppraisalPolicy, ReportDataMismatch
+    from safehold.attestation.verifier import Verifier
+    from safehold.ratls.cert import (
+        OID_TCG_DICE_TAGGED_EVIDENCE,
+        create_identity,
+        encode_claims,
+        encode_extension,
+        parse_certificate,
+        spki_der,
+    )
+    from safehold.ratls.verify import verify_certificate
+
+    att = SimulatedAttester(tmp_path / "tee")
+    evidence = parse_certificate(create_identity(att).certificate).evidence
+    thief = ec.generate_private_key(ec.SECP384R1())  # a key outside any TEE
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
+    now = datetime.now(UTC) - timedelta(minutes=1)
+    ext = encode_extension(evidence, encode_claims(spki_der(thief.public_key())))
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(thief.public_key()).serial_number(7).not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.UnrecognizedExtension(OID_TCG_DICE_TAGGED_EVIDENCE, ext),
+                           critical=False)
+            .sign(thief, hashes.SHA384()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mode in ("any", "required", "key-binding"):
+            pol = AppraisalPolicy(allow_simulated=True, simulated_root=att.root_ca_path,
+                                  measurements=(att.measurement.digest,), report_data=mode)
+            with pytest.raises(ReportDataMismatch, match="report_data"):
+                verify_certificate(cert, Verifier(pol))

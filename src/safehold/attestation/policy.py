@@ -31,8 +31,10 @@ every use.
 
 report_data (SGX/TDX REPORTDATA, SNP REPORT_DATA, 64 B): with ``"nonce"``, ``"key-binding"``
 or ``"required"`` (the default) the caller must pass ``expected_report_data`` and the claim must
-equal it (the label only names what the 64 bytes bind, in messages); ``"any"`` skips the check
-and is meant only for inspection tools.
+equal it (the label only names what the 64 bytes bind, in messages); ``"any"`` lets a caller
+with no binding (an inspection tool) skip the check, but an ``expected_report_data`` that *is*
+supplied (as every Relying Party does) is always compared, so no policy can admit relayed
+Evidence.
 """
 
 from __future__ import annotations
@@ -365,11 +367,14 @@ class ReportDataEquals(Check):
         self.mode = mode
 
     def verdicts(self, claims: Claims, ctx: Context) -> list[Verdict]:
-        if self.mode == "any":
+        exp = ctx.expected_report_data
+        if self.mode == "any" and exp is None:
+            # Inspection only: nothing to compare against. A Relying Party always supplies its
+            # binding (KBS nonce + tee-pubkey, RA-TLS key hash), and that is then compared
+            # whatever the mode — "any" never lets relayed Evidence through.
             return [Verdict("report_data", "any (not checked: report_data = \"any\")",
                             claims.report_data.hex(), True, "report_data")]
         label = {"nonce": "nonce", "key-binding": "key binding"}.get(self.mode, "binding")
-        exp = ctx.expected_report_data
         if exp is None:
             return [Verdict("report_data", f"a {label} supplied by the Relying Party",
                             "no expected value was supplied", False, "report_data")]
