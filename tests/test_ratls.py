@@ -357,3 +357,29 @@ def test_relay_refused_even_under_report_data_any(tmp_path):
                                   measurements=(att.measurement.digest,), report_data=mode)
             with pytest.raises(ReportDataMismatch, match="report_data"):
                 verify_certificate(cert, Verifier(pol))
+
+
+def test_client_cert_context_requires_tls13(tmp_path):
+    import ssl
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from safehold.ratls.client import client_ssl_context
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "user")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
+    cp, kp = tmp_path / "c.pem", tmp_path / "k.pem"
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    assert client_ssl_context().minimum_version == ssl.TLSVersion.TLSv1_2
+    # with a client certificate: TLS 1.3 only, so the certificate is never sent in clear
+    assert client_ssl_context((cp, kp)).minimum_version == ssl.TLSVersion.TLSv1_3

@@ -46,7 +46,8 @@ def client_ssl_context(client_cert: ClientCert | None = None) -> ssl.SSLContext:
 
     Args:
         client_cert: optional ``(certificate PEM file, private key PEM file)`` presented for
-            mutual TLS (e.g. a client certificate issued by the broker's workload CA).
+            mutual TLS (e.g. a client certificate issued by the broker's workload CA); with it
+            the context requires TLS 1.3, so the certificate is never sent in clear.
 
     Raises:
         RATLSError: the client certificate or key does not load (names the file, not the key).
@@ -56,6 +57,9 @@ def client_ssl_context(client_cert: ClientCert | None = None) -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # noqa: S503 - the Evidence, not a CA, authenticates the peer
     if client_cert is not None:
+        # TLS 1.3 encrypts the client certificate; under 1.2 it would go out in clear, before
+        # the server's Evidence has been checked, and name the user to any on-path observer.
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         try:
             ctx.load_cert_chain(os.fspath(client_cert[0]), os.fspath(client_cert[1]))
         except (OSError, ssl.SSLError) as e:
