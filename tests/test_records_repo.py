@@ -222,3 +222,32 @@ def test_two_replicas_append_to_one_audit_chain(tmp_path):
         AuditLog(s1, mac_key=b"x" * 32).verify()
     s1.close()
     s2.close()
+
+
+@pytest.mark.parametrize("bad, what", [
+    (("b", None), "item 1: record must be a JSON object, got null"),
+    (("b", [1, 2]), "item 1: record must be a JSON object, got list"),
+    (("", {"x": 1}), "item 1: id must be a non-empty string"),
+    ((7, {"x": 1}), "item 1: id must be a non-empty string"),
+])
+def test_batch_with_a_malformed_item_writes_nothing(repo, bad, what):
+    """A malformed item anywhere refuses the whole batch before any write (no TypeError, no
+    half batch); the audit chain does not grow."""
+    entries = repo.audit.verify()
+    with pytest.raises(InvalidRecordError, match=what):
+        repo.batch("u", [("a", pat("a", "Smith")), bad, ("c", pat("c", "Jones"))])
+    for rid in ("a", "c"):
+        with pytest.raises(RecordNotFoundError):
+            repo.get("u", rid)
+    assert repo.audit.verify() == entries + 2  # only the two failed reads above
+
+
+def test_batch_per_item_results(repo):
+    repo.put("u", "same", pat("same", "Smith"))
+    res = repo.batch("u", [("new", pat("new", "Jones")), ("bad id", {"x": 1}),
+                           ("same", pat("same", "Smith")), ("big", {"x": "y" * (1 << 20)})])
+    assert [r["status"] for r in res] == ["created", "failed", "unchanged", "failed"]
+    assert "record id" in res[1]["error"] and "over the limit" in res[3]["error"]
+    assert repo.get("u", "new")[0] == pat("new", "Jones")
+    with pytest.raises(InvalidRecordError, match="record must be a JSON object, got NoneType"):
+        repo.put("u", "n", None)  # type: ignore[arg-type]  # direct put: same refusal

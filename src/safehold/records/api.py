@@ -16,6 +16,8 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
                                                       more matched)
 ``POST /v1/patients:batch``                 writer    ``{"records": [{"id", "record"}]}`` (≤ 500)
                                                       → ``{"results": [{"id", "status", ...}]}``
+                                                      (not atomic: per-item results; a
+                                                      malformed item → 400, nothing written)
 ``GET /v1/audit/verify``                    admin     ``{"entries": n}`` or 409 with the break
 ``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
 ``GET /openapi.json``                       none      the OpenAPI 3.1 description
@@ -53,7 +55,13 @@ from safehold.errors import (
     SafeholdError,
     StoreError,
 )
-from safehold.records.app import MAX_BATCH, AlreadyExists, PatientRepository, PreconditionFailed
+from safehold.records.app import (
+    MAX_BATCH,
+    AlreadyExists,
+    PatientRepository,
+    PreconditionFailed,
+    check_batch_shape,
+)
 from safehold.records.importers import MAX_RECORD_BYTES, SEARCH_FIELDS, InvalidRecordError
 
 ROLES = ("reader", "writer", "admin")
@@ -313,11 +321,12 @@ def create_native_app(
             raise InvalidRecordError(
                 f'batch body must be {{"records": [...]}} with at most {MAX_BATCH} items'
             )
-        items: list[tuple[str, Any]] = []
-        for r in recs:
-            if not isinstance(r, dict) or not isinstance(r.get("id"), str):
-                raise InvalidRecordError('each batch item must be {"id": str, "record": object}')
-            items.append((r["id"], r.get("record")))
+        items: list[tuple[Any, Any]] = []
+        for i, r in enumerate(recs):
+            if not isinstance(r, dict):
+                raise InvalidRecordError(f'batch item {i}: must be {{"id": str, "record": object}}')
+            items.append((r.get("id"), r.get("record")))
+        check_batch_shape(items)  # every item before any write: a malformed batch writes nothing
         results = await run_in_threadpool(repo.batch, who.name, items)
         return {"results": results}
 

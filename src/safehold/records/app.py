@@ -208,8 +208,13 @@ class PatientRepository:
         """
         check_record_id(rid)
         if not isinstance(record, dict):
+            if not isinstance(record, Mapping):  # e.g. JSON null: refuse, never a TypeError
+                raise InvalidRecordError(f"record must be a JSON object, got {type(record).__name__}")
             record = check_record(dict(record))
-        new_raw = encode_record(record)
+        try:
+            new_raw = encode_record(record)
+        except (TypeError, ValueError) as e:
+            raise InvalidRecordError(f"record is not JSON-serialisable: {type(e).__name__}") from None
         if len(new_raw) > MAX_RECORD_BYTES:
             raise InvalidRecordError(f"record is {len(new_raw)} bytes, over the limit of {MAX_RECORD_BYTES}")
         new_terms = _indexed(search_terms(record))
@@ -369,7 +374,18 @@ class PatientRepository:
 
     def batch(self, who: str, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
         """Upsert many records, skipping byte-identical ones; one result dict per item
-        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``)."""
+        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``).
+
+        Not atomic: each item is its own transaction (a failed item does not undo the others).
+        The shape of every item is checked before anything is written, so a malformed batch
+        writes nothing.
+
+        Raises:
+            InvalidRecordError: more than :data:`MAX_BATCH` items, or item ``i``'s id is not a
+                non-empty string or its record is not a JSON object (message names ``i``).
+        """
+        items = list(items)
+        check_batch_shape(items)
         results: list[dict[str, Any]] = []
         for rid, rec in items:
             try:
@@ -378,6 +394,23 @@ class PatientRepository:
             except (RecordError, ValueError) as e:
                 results.append({"id": rid, "status": "failed", "error": str(e)})
         return results
+
+def check_batch_shape(items: list[tuple[Any, Any]]) -> None:
+    """Check a batch's shape before any write: at most :data:`MAX_BATCH` items, each id a
+    non-empty string and each record a JSON object (a mapping).
+
+    Raises:
+        InvalidRecordError: naming the first bad item's index (0-based) and what was wrong.
+    """
+    if len(items) > MAX_BATCH:
+        raise InvalidRecordError(f"batch has {len(items)} items, at most {MAX_BATCH} are allowed")
+    for i, (rid, rec) in enumerate(items):
+        if not isinstance(rid, str) or not rid:
+            raise InvalidRecordError(f"batch item {i}: id must be a non-empty string")
+        if not isinstance(rec, Mapping):
+            got = "null" if rec is None else type(rec).__name__
+            raise InvalidRecordError(f"batch item {i}: record must be a JSON object, got {got}")
+
 
 def _term(t: tuple[str, str]) -> str:
     return f"{t[0]}={t[1]}"
