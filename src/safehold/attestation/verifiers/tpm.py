@@ -19,7 +19,11 @@ Evidence: ``data`` = the TPMS_ATTEST bytes. Endorsements:
 The pcrDigest is the hash (the signature scheme's hash) of the selected PCR values
 concatenated in selection order; every selected PCR must be supplied and match. The AK must
 be trusted: listed in ``trusted_aks``, certified by ``ak_roots``, or bound by a caller that
-verified it otherwise (e.g. the Azure HCL report, :mod:`.azure`).
+verified it otherwise (e.g. the Azure HCL report, :mod:`.azure`). AK certificate chains are
+validated per RFC 5280 §6.1 with cryptography's ``x509.verification``: every issuer must be a
+CA (BasicConstraints cA, KeyUsage keyCertSign, pathLenConstraint respected), every
+certificate valid at the verification time, and the AK certificate itself not a CA — a TPM AK
+can sign a TBSCertificate, so an AK certificate must never act as an issuer.
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import require_aware
@@ -413,34 +425,77 @@ def _certs(blob: bytes) -> list[x509.Certificate]:
         raise EndorsementError("AK certificate material is not DER/PEM X.509") from None
 
 
+#: TCG EK / AK certificate purposes (TCG EK Credential Profile §3.2.11, tcg-kp-EKCertificate;
+#: TCG Infrastructure WG, tcg-kp-AIKCertificate) and anyExtendedKeyUsage (RFC 5280 §4.2.1.12).
+AK_CERT_EKUS = frozenset(
+    {
+        x509.ObjectIdentifier("2.23.133.8.1"),
+        x509.ObjectIdentifier("2.23.133.8.3"),
+        x509.ObjectIdentifier("2.5.29.37.0"),
+    }
+)
+
+
+def _ca_key_usage(_policy: Policy, _cert: x509.Certificate, ku: x509.KeyUsage) -> None:
+    if not ku.key_cert_sign:
+        raise ValueError("issuer KeyUsage lacks keyCertSign")
+
+
+def _leaf_not_ca(_policy: Policy, _cert: x509.Certificate, bc: x509.BasicConstraints | None) -> None:
+    if bc is not None and bc.ca:
+        raise ValueError("ak_cert is a CA certificate (BasicConstraints cA = true)")
+
+
+def _leaf_key_usage(_policy: Policy, _cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+    if ku is not None and not ku.digital_signature:
+        raise ValueError("ak_cert KeyUsage lacks digitalSignature (an AK signs quotes)")
+
+
+def _leaf_eku(_policy: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+    if eku is not None and not AK_CERT_EKUS.intersection(eku):
+        raise ValueError("ak_cert ExtendedKeyUsage names no TCG EK/AK certificate purpose")
+
+
+# RFC 5280 §6.1 path validation by cryptography's verifier (signatures, validity of every
+# certificate at `at`, issuer cA, pathLenConstraint, name chaining). Its Web-PKI extension
+# defaults demand TLS EKUs, so the extension policies are spelled out: every issuer needs
+# BasicConstraints (cA checked by the verifier) and KeyUsage keyCertSign; the AK certificate
+# must not be a CA. Other extensions are tolerated (GCE AK certificates carry a critical
+# directoryName SAN and Google-specific extensions).
+_CA_POLICY = (
+    ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+    .require_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
+)
+_EE_POLICY = (
+    ExtensionPolicy.permit_all()
+    .may_be_present(x509.BasicConstraints, Criticality.AGNOSTIC, _leaf_not_ca)
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _leaf_key_usage)
+    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _leaf_eku)
+)
+
+
 def _chain_to(
     leaf: x509.Certificate, pool: list[x509.Certificate], roots: list[x509.Certificate], at: datetime
 ) -> None:
-    cur, seen = leaf, 0
-    while seen < 6:
-        if not (cur.not_valid_before_utc <= at <= cur.not_valid_after_utc):
-            raise EndorsementError(
-                f"AK certificate chain: {cur.subject.rfc4514_string()!r:.60} is not valid at {at.isoformat()}"
-            )
-        for r in roots:
-            if _issued(cur, r):
-                if not (r.not_valid_before_utc <= at <= r.not_valid_after_utc):
-                    raise EndorsementError("AK CA root is not valid at the verification time")
-                return
-        nxt = next((c for c in pool if _issued(cur, c)), None)
-        if nxt is None:
-            break
-        cur, seen = nxt, seen + 1
-    raise EndorsementError("ak_cert does not chain to a configured AK CA root")
+    """Validate ``leaf`` → ``pool`` intermediates → one of ``roots`` at ``at`` (RFC 5280 §6.1).
 
-
-def _issued(c: x509.Certificate, issuer: x509.Certificate) -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # GCE CA names exceed X.520 length bounds
-        if c.issuer != issuer.subject:
-            return False
+    Raises:
+        EndorsementError: the AK certificate is outside its validity, or no valid path exists
+            (bad signature, an issuer that is not a CA or lacks keyCertSign, a violated
+            pathLenConstraint, any certificate invalid at ``at``, a CA leaf, a non-TCG EKU).
+    """
+    if not (leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc):
+        raise EndorsementError(f"ak_cert is not valid at {at.isoformat()}")
     try:
-        c.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+        verifier = (
+            PolicyBuilder()
+            .store(Store(roots))
+            .time(at)
+            .max_chain_depth(6)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+            .build_client_verifier()
+        )
+        verifier.verify(leaf, pool)
+    except VerificationError as e:
+        raise EndorsementError(f"ak_cert does not chain to a configured AK CA root: {e}") from None
