@@ -26,7 +26,20 @@ from requests.adapters import HTTPAdapter
 from conftest import DATA, ROOT, free_port, need_shared
 from safehold.cli.demo import scan_files, sensitive_strings
 from safehold.cli.patients import import_files
-from safehold.cli.up import prepare, records_cmd, records_env, start, stop, tokens, wait_records
+from safehold.cli.up import (
+    Stack,
+    _broker_cmd,
+    _wait_broker,
+    base_env,
+    prepare,
+    records_cmd,
+    records_config,
+    records_env,
+    start,
+    stop,
+    tokens,
+    wait_records,
+)
 from safehold.client.records import (
     AccessDeniedError,
     AsyncRecordsClient,
@@ -58,8 +71,10 @@ def pkg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stack(pkg, tmp_path_factory):
     d = tmp_path_factory.mktemp("safehold-data")
+    # the manifest also approves an encryption-off config (as the benchmark's baseline does)
+    plain = records_config(tokens(d), encryption=False)
     s = prepare(d, broker_port=free_port(), records_port=free_port(), scone_port=free_port(),
-                package_root=str(pkg))
+                extra_configs={"records-plain.toml": plain}, package_root=str(pkg))
     start(s)
     yield s
     stop(s)
@@ -451,3 +466,197 @@ def test_postgres_table_holds_no_plaintext(stack, pkg, postgres_dsn, pg_schema, 
     dump.write_bytes(b"".join(bytes(ns.encode()) + bytes(k) + bytes(v) for ns, k, v in rows))
     assert sum(scan_files([dump], sensitive_strings(files)).values()) == 0
     assert b"Mosciski958" not in dump.read_bytes()
+
+
+# --- finding 1: the unmeasured environment cannot change security settings ------------------
+
+
+def _pin(pem_path: Path) -> str:
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert = x509.load_pem_x509_certificate(pem_path.read_bytes())
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def _start_expect_refusal(stack, tmp_path, name, env_extra, config=None):
+    """Start a records process with ``env_extra`` on top of the normal run-time environment and
+    watch it from the outside: it must exit without ever accepting a connection on either port,
+    writing its ready file or creating its database. Returns ``(exit status, log text)``."""
+    port, sport = free_port(), free_port()
+    db = tmp_path / f"{name}.db"
+    ready = stack.path(f"{name}-ready.json")
+    env = records_env(stack, port=port, scone_port=sport, ready=ready.name, store_url=f"sqlite:///{db}")
+    env.update(env_extra)
+    log = tmp_path / f"{name}.log"
+    cmd = [sys.executable, "-m", "safehold.records.service",
+           "--config", str(config or stack.path("records.toml"))]
+    opened = []
+    with log.open("wb") as lf:
+        p = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while p.poll() is None and time.monotonic() < deadline and not opened:
+                for pt in (port, sport):
+                    with socket.socket() as so:
+                        if so.connect_ex(("127.0.0.1", pt)) == 0:
+                            opened.append(pt)
+                time.sleep(0.05)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = log.read_text()
+    assert not opened, f"the service opened port(s) {opened}:\n{text}"
+    assert not ready.exists() and not db.exists(), text
+    return p.returncode, text
+
+
+@pytest.mark.parametrize("env_extra, setting", [
+    ({"SAFEHOLD_RECORDS_ENCRYPTION": "0"}, "encryption"),
+    ({"SAFEHOLD_RECORDS_AUDIT": "off"}, "audit"),
+    ({"SAFEHOLD_RECORDS_SCONE_AUTH": "none", "SAFEHOLD_RECORDS_HOST": "0.0.0.0"}, "host"),
+    ({"SAFEHOLD_RECORDS_BROKER_CA_SHA256": "00" * 32}, "broker_ca_sha256"),
+])
+def test_env_cannot_override_a_measured_setting(stack, tmp_path, env_extra, setting):
+    code, text = _start_expect_refusal(stack, tmp_path, f"env-{setting}", env_extra)
+    assert code == 1
+    assert f"{setting!r} is a measured setting: only the measured config file may set it" in text
+
+
+def test_scone_without_auth_only_on_loopback(stack, tmp_path):
+    """Even the measured file cannot put the unauthenticated SCONE port on a public address."""
+    import tomllib
+
+    import tomli_w
+
+    cfg = tomllib.loads(stack.path("records.toml").read_text())
+    cfg["host"] = "0.0.0.0"
+    bad = stack.path("records-public.toml")
+    bad.write_text(tomli_w.dumps(cfg))
+    code, text = _start_expect_refusal(stack, tmp_path, "public-scone", {}, config=bad)
+    assert code == 1 and "scone_auth = 'none'" in text and "'0.0.0.0'" in text
+
+
+def test_broker_with_another_ca_is_refused(stack, pkg, tmp_path):
+    """A rogue broker (own CA, same manifest: it WOULD release an attacker-known keyset) is
+    refused whether the host points only the URL at it or the CA file too."""
+    rogue = Stack(tmp_path / "rogue", free_port(), 0, None, package_root=str(pkg))
+    rogue.data_dir.mkdir()
+    shutil.copy(stack.path("manifest.toml"), rogue.path("manifest.toml"))
+    with rogue.path("broker.log").open("wb") as lf:
+        proc = subprocess.Popen(_broker_cmd(rogue), env=base_env(rogue), stdout=lf, stderr=subprocess.STDOUT)
+    try:
+        _wait_broker(rogue, proc, 60)
+        pin, rogue_pin = _pin(stack.path("ca.pem")), _pin(rogue.path("ca.pem"))
+        assert pin != rogue_pin
+        code, text = _start_expect_refusal(stack, tmp_path, "rogue-url",
+                                           {"SAFEHOLD_RECORDS_BROKER_URL": rogue.broker_url})
+        assert code == 1 and f"the broker at {rogue.broker_url} is not the pinned broker" in text
+        code, text = _start_expect_refusal(stack, tmp_path, "rogue-ca", {
+            "SAFEHOLD_RECORDS_BROKER_URL": rogue.broker_url,
+            "SAFEHOLD_RECORDS_BROKER_CA": str(rogue.path("ca.pem"))})
+        assert code == 1 and "is not the broker pinned in the measured config" in text
+        assert f"expected {pin}, got {rogue_pin}" in text
+        garbled = tmp_path / "garbled.pem"
+        garbled.write_text(stack.path("ca.pem").read_text()[:200])
+        code, text = _start_expect_refusal(stack, tmp_path, "garbled-ca",
+                                           {"SAFEHOLD_RECORDS_BROKER_CA": str(garbled)})
+        assert code == 1 and "broker CA" in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_encryption_off_only_through_the_measured_file_and_loud(stack, tmp_path):
+    main = json.loads(stack.path("records-ready.json").read_text())
+    assert (main["encryption"], main["audit"], main["scone_auth"]) == (True, True, "none")
+    port, db = free_port(), tmp_path / "plain.db"
+    env = records_env(stack, port=port, scone_port=None, ready="plain-ready.json",
+                      store_url=f"sqlite:///{db}")
+    log = tmp_path / "plain.log"
+    stack.path("plain-ready.json").unlink(missing_ok=True)
+    with log.open("wb") as lf:
+        p = subprocess.Popen(records_cmd(stack, "records-plain.toml"), env=env, stdout=lf,
+                             stderr=subprocess.STDOUT)
+    try:
+        info = wait_records(stack, p, stack.path("plain-ready.json"), 60, log)
+        assert info["encryption"] is False and info["measurement"] != main["measurement"]
+        with RecordsClient(info["records_url"], token=tokens(stack.data_dir)["writer"],
+                           policy=stack.path("policy.toml")) as c:
+            c.put("plain-1", {"resourceType": "Patient", "name": [{"family": "Plaintextova"}]})
+    finally:
+        p.terminate()
+        p.wait(30)
+    assert "ENCRYPTION OFF" in log.read_text() and "stored in plaintext" in log.read_text()
+    wal = tmp_path / "plain.db-wal"
+    raw = db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    assert b"Plaintextova" in raw  # really off: the switch is the measured file's
+
+
+def test_config_load_rules(tmp_path):
+    """ServiceConfig.load in-process: which names the environment may set, and the checks."""
+    from dataclasses import fields
+
+    from safehold.errors import ConfigError
+    from safehold.records.service import MEASURED_SETTINGS, RUNTIME_SETTINGS, ServiceConfig
+
+    assert {f.name for f in fields(ServiceConfig)} == MEASURED_SETTINGS | RUNTIME_SETTINGS
+    assert not MEASURED_SETTINGS & RUNTIME_SETTINGS
+    pin = "ab" * 32
+    f = tmp_path / "c.toml"
+    f.write_text(f'broker_ca_sha256 = "{pin}"\n')
+    cfg = ServiceConfig.load(f, env={"SAFEHOLD_RECORDS_PORT": "9001", "SAFEHOLD_RECORDS_SCONE_PORT": "none",
+                                     "SAFEHOLD_RECORDS_STORE_URL": "sqlite:///x.db", "OTHER": "1"})
+    assert (cfg.port, cfg.scone_port, cfg.store_url, cfg.host) == (9001, None, "sqlite:///x.db", "127.0.0.1")
+    assert cfg.encryption and cfg.audit
+    for env, msg in [({"SAFEHOLD_RECORDS_ACCESS": "{}"}, "'access' is a measured setting"),
+                     ({"SAFEHOLD_RECORDS_WORKLOAD": "x"}, "'workload' is a measured setting"),
+                     ({"SAFEHOLD_RECORDS_ENCRYPTON": "0"}, "unknown setting"),
+                     ({"SAFEHOLD_RECORDS_PORT": "eighty"}, "port must be a port number")]:
+        with pytest.raises(ConfigError, match=msg):
+            ServiceConfig.load(f, env=env)
+    for text, msg in [("", "broker_ca_sha256 must pin"),
+                      (f'broker_ca_sha256 = "{pin[:-2]}"', "broker_ca_sha256 must pin"),
+                      (f'broker_ca_sha256 = "{pin}"\nencryption = "false"', "TOML boolean"),
+                      (f'broker_ca_sha256 = "{pin}"\nhost = "10.0.0.5"', "only on a loopback host")]:
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            ServiceConfig.load(f, env={})
+    # a public host is fine with token auth on the SCONE port, or with the SCONE port off
+    f.write_text(f'broker_ca_sha256 = "{pin}"\nhost = "0.0.0.0"\nscone_auth = "token"')
+    assert ServiceConfig.load(f, env={}).host == "0.0.0.0"
+    f.write_text(f'broker_ca_sha256 = "{pin}"\nhost = "0.0.0.0"')
+    assert ServiceConfig.load(f, env={"SAFEHOLD_RECORDS_SCONE_PORT": "none"}).scone_port is None
+    f.write_text(f'broker_ca_sha256 = "{pin}"\nhost = "::1"')
+    assert ServiceConfig.load(f, env={}).host == "::1"
+
+
+# --- finding 7: a malformed batch item is a 400 naming it, and nothing is written ------------
+
+
+def test_batch_with_a_null_record_is_refused_whole(stack):
+    url = f"https://127.0.0.1:{stack.records_port}/v1/patients:batch"
+    auth = {"Authorization": f"Bearer {tokens(stack.data_dir)['writer']}"}
+    good = {"resourceType": "Patient", "id": "x"}
+    cases = [
+        ({"id": "nb-b", "record": None}, "batch item 1: record must be a JSON object, got null"),
+        ({"id": "nb-b"}, "batch item 1: record must be a JSON object, got null"),
+        ({"id": "nb-b", "record": [1]}, "batch item 1: record must be a JSON object, got list"),
+        ({"id": "", "record": good}, "batch item 1: id must be a non-empty string"),
+        ({"id": 7, "record": good}, "batch item 1: id must be a non-empty string"),
+        ("nb-b", "batch item 1: must be"),
+    ]
+    for bad, detail in cases:
+        body = {"records": [{"id": "nb-a", "record": good}, bad, {"id": "nb-c", "record": good}]}
+        r = httpx.post(url, json=body, headers=auth, verify=cactx(stack), timeout=30)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "invalid" and r.json()["detail"].startswith(detail)
+    with client(stack) as c:
+        for rid in ("nb-a", "nb-c"):
+            with pytest.raises(RecordNotFoundError):
+                c.get(rid)
+        res = c.batch([("nb-a", good), ("bad id", good), ("nb-c", good)])
+        assert [x["status"] for x in res] == ["created", "failed", "created"]

@@ -16,9 +16,13 @@ The broker and the records service run as separate processes on loopback. The re
 attests to the broker at start; only a workload whose measurement equals the manifest's
 Reference Value gets its keyset and TLS identity. Ctrl-C / SIGTERM stops both cleanly.
 
-Only security-relevant settings are in the measured ``records.toml``; ports, URLs and the store
-location are passed as ``SAFEHOLD_RECORDS_*`` environment variables, so changing a port does
-not change the measurement (the database is untrusted by design, its location is not a secret).
+Every security setting is in the measured ``records.toml`` — encryption, audit, listen host,
+SCONE authentication, the access list and the pin of the broker's identity (SHA-256 of the
+broker's workload CA certificate, so the broker's CA is created before anything is measured).
+Only plumbing (ports, URLs, paths, the store location) is passed as ``SAFEHOLD_RECORDS_*``
+environment variables, so changing a port does not change the measurement (the database is
+untrusted by design, its location is not a secret); the service refuses a variable that names a
+measured setting.
 """
 
 from __future__ import annotations
@@ -104,13 +108,19 @@ def _sha(t: str) -> str:
     return hashlib.sha256(t.encode("utf-8")).hexdigest()
 
 
-def records_config(tok: dict[str, str], *, encryption: bool = True,
-                   scone_auth: str = "none") -> dict[str, Any]:
-    """The measured records configuration (see :class:`safehold.records.service.ServiceConfig`)."""
+def records_config(tok: dict[str, str], *, encryption: bool = True, scone_auth: str = "none",
+                   host: str = "127.0.0.1", broker_ca_sha256: str = "") -> dict[str, Any]:
+    """The measured records configuration (see :class:`safehold.records.service.ServiceConfig`).
+
+    ``broker_ca_sha256`` (hex SHA-256 of the broker CA's DER) may be left empty:
+    :func:`prepare` fills in the pin of the data directory's broker.
+    """
     return {
         "workload": WORKLOAD,
         "keyset_resource": "default/keyset/records-keyset",
         "tls_resource": "default/certificate/records-tls",
+        "broker_ca_sha256": broker_ca_sha256,
+        "host": host,
         "encryption": encryption,
         "audit": True,
         "scone_auth": scone_auth,
@@ -131,11 +141,42 @@ def measure_records(data_dir: Path, config_path: Path, *,
     return att.measurement.hex(), att.root_ca_path
 
 
+def broker_ca_pin(data_dir: Path, package_root: str | None = None) -> str:
+    """Create the broker's state (keys, workload CA) if new and return the pin of its CA:
+    hex SHA-256 of the DER of ``<data_dir>/broker/ca.pem``.
+
+    The broker state is opened in a child process with the broker's own environment (same
+    package, so the same sealing identity), without a manifest; it writes ``broker/ca.pem``.
+
+    Raises:
+        StackError: the broker state did not open (e.g. recovery mode: no CA available).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ca = data_dir / "broker" / "ca.pem"
+    if not ca.exists():
+        env = base_env(Stack(data_dir, 0, 0, None, package_root=package_root))
+        code = ("import sys; from safehold.broker.server import open_broker; "
+                "open_broker(sys.argv[1]).state.store.close()")
+        r = subprocess.run([sys.executable, "-c", code, str(data_dir / "broker")], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 or not ca.exists():
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no workload CA written"]
+            raise StackError(f"the broker's state did not open to create its workload CA: {tail[0]}")
+    try:
+        cert = x509.load_pem_x509_certificate(ca.read_bytes())
+    except ValueError:
+        raise StackError(f"{ca} is not a PEM certificate") from None
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
 def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, records_port: int = 8700,
             scone_port: int | None = 4996, store_url: str | None = None,
             extra_configs: dict[str, dict[str, Any]] | None = None,
             package_root: str | None = None) -> Stack:
-    """Create the data directory, tokens, measured config, manifest and client policy.
+    """Create the data directory, tokens, the broker's workload CA, the measured config
+    (pinning that CA), the manifest and the client policy.
 
     Args:
         extra_configs: more measured records configurations (file name → config) whose
@@ -151,10 +192,12 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
     d = Path(data_dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     tok = tokens(d)
+    pin = broker_ca_pin(d, package_root)
     cfgs = {"records.toml": records_config(tok), **(extra_configs or {})}
     measurements = []
     root = None
     for name, cfg in cfgs.items():
+        cfg = {**cfg, "broker_ca_sha256": cfg.get("broker_ca_sha256") or pin}
         p = d / name
         p.write_text(tomli_w.dumps(cfg), "utf-8")
         m, root = measure_records(d, p, package_root=package_root)
@@ -208,7 +251,8 @@ def _broker_cmd(s: Stack) -> list[str]:
 def records_env(s: Stack, config: str = "records.toml", *, port: int | None = None,
                 scone_port: int | None | str = "default", store_url: str | None = None,
                 ready: str = "records-ready.json") -> dict[str, str]:
-    """Environment for one records service process (the unmeasured run-time settings)."""
+    """Environment for one records service process: only the unmeasured run-time settings
+    (the listen host is measured, in ``records.toml``)."""
     env = base_env(s)
     sp = s.scone_port if scone_port == "default" else scone_port
     env.update({
@@ -219,7 +263,6 @@ def records_env(s: Stack, config: str = "records.toml", *, port: int | None = No
         "SAFEHOLD_RECORDS_PORT": str(port if port is not None else s.records_port),
         "SAFEHOLD_RECORDS_SCONE_PORT": "none" if sp is None else str(sp),
         "SAFEHOLD_RECORDS_READY_FILE": str(s.path(ready)),
-        "SAFEHOLD_RECORDS_HOST": "127.0.0.1",
     })
     return env
 

@@ -18,13 +18,20 @@ through attestation):
    and is removed at once).
 
 Run as ``python -m safehold.records.service --config FILE`` (``safehold up`` does this).
-Configuration is TOML (see :class:`ServiceConfig`); ``SAFEHOLD_RECORDS_*`` variables override.
+Configuration is TOML (see :class:`ServiceConfig`). Only the config file is measured, so the
+``SAFEHOLD_RECORDS_*`` environment variables may set only the run-time plumbing in
+:data:`RUNTIME_SETTINGS` (ports, paths, URLs); a variable naming any security setting
+(:data:`MEASURED_SETTINGS`) makes the service refuse to start. The broker's identity is pinned in
+the measured file (``broker_ca_sha256``): a broker whose workload CA differs is refused before
+any Evidence or key is exchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import ipaddress
 import logging
 import os
 import signal
@@ -44,24 +51,56 @@ from safehold.errors import ConfigError, SafeholdError
 
 log = logging.getLogger("safehold.records")
 
+#: Settings the environment may set (``SAFEHOLD_RECORDS_<NAME>``): plumbing whose value cannot
+#: weaken confidentiality or access control (the database is untrusted by design; the broker
+#: URL only says where to look, its identity is pinned by the measured ``broker_ca_sha256``).
+RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url", "port",
+                              "scone_port", "ready_file"})
+#: Settings only the measured configuration file may set.
+MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "host",
+                               "scone_auth", "encryption", "audit", "access", "broker_ca_sha256"})
+ENV_PREFIX = "SAFEHOLD_RECORDS_"
+
+
+class BrokerIdentityError(ConfigError):
+    """The broker's workload CA is not the one pinned in the measured configuration (or the
+    broker's TLS certificate does not chain to it): the service talks to no other broker."""
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is ``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 @dataclass
 class ServiceConfig:
     """Records service configuration (TOML keys = attribute names).
 
+    Settings in :data:`MEASURED_SETTINGS` come only from the measured file; those in
+    :data:`RUNTIME_SETTINGS` may also come from ``SAFEHOLD_RECORDS_<NAME>`` variables.
+
     Attributes:
         data_dir: directory for the simulated TEE keys and the default SQLite file.
         broker_url: the broker's base URL (``https://127.0.0.1:8443``).
-        broker_ca: PEM file of the broker's CA, to authenticate the broker's own TLS.
+        broker_ca: PEM file of the broker's workload CA (run-time); it must be the certificate
+            pinned by ``broker_ca_sha256`` and the broker's TLS certificate must chain to it.
+        broker_ca_sha256: measured pin of the broker's identity: SHA-256 (64 hex digits) of the
+            DER encoding of the broker's workload CA certificate. Required.
         store_url: ``sqlite:///path`` or ``postgresql://…``; default ``<data_dir>/records.db``.
         workload: the manifest's workload name for this service.
         keyset_resource / tls_resource: KBS resource paths ``<repository>/<type>/<tag>`` of
             the keyset and of the certificate secret.
-        host: listen address (loopback by default).
+        host: listen address (loopback by default; measured).
         port: native API port (0 = pick a free one and report it in ``ready_file``).
         scone_port: SCONE-compatible port (default 4996; None disables it).
-        scone_auth: ``none`` (as the SCONE demo) or ``token``.
-        encryption: True; False only for the benchmark's baseline (a pass-through codec).
+        scone_auth: ``none`` (as the SCONE demo; only with a loopback ``host``) or ``token``.
+        encryption: True; False only for the benchmark's baseline (a pass-through codec),
+            and only through the measured file (the service then warns loudly at start).
         ready_file: if set, a JSON file written once both ports listen (URLs, ports, pid).
         audit: keep the access audit (True by default).
         access: the access list (``[access.tokens."<sha256 hex>"]`` name/role tables and
@@ -73,6 +112,7 @@ class ServiceConfig:
     data_dir: str = "./safehold-data"
     broker_url: str = "https://127.0.0.1:8443"
     broker_ca: str = ""
+    broker_ca_sha256: str = ""
     store_url: str = ""
     workload: str = "records"
     keyset_resource: str = "default/keyset/records-keyset"
@@ -88,10 +128,13 @@ class ServiceConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
-        """Read TOML (``path`` may be None) and apply ``SAFEHOLD_RECORDS_<NAME>`` overrides.
+        """Read the measured TOML file (``path`` may be None) and apply the run-time
+        ``SAFEHOLD_RECORDS_<NAME>`` variables of ``env`` (default ``os.environ``).
 
         Raises:
-            ConfigError: unreadable TOML, unknown keys, or values of the wrong type.
+            ConfigError: unreadable TOML, unknown keys, values of the wrong type; an environment
+                variable for a measured setting (or an unknown one); no broker pin; or
+                ``scone_auth = "none"`` with a SCONE port on a non-loopback ``host``.
         """
         data: dict[str, Any] = {}
         if path:
@@ -104,21 +147,39 @@ class ServiceConfig:
         if unknown:
             raise ConfigError(f"records service config: unknown keys {unknown}")
         env = dict(os.environ) if env is None else env
-        for name in names:
-            v = env.get(f"SAFEHOLD_RECORDS_{name.upper()}")
-            if v is not None and name != "access":
-                data[name] = v
+        for var in sorted(k for k in env if k.startswith(ENV_PREFIX)):
+            name = var[len(ENV_PREFIX):].lower()
+            if name in MEASURED_SETTINGS:
+                # refuse rather than ignore: the unmeasured host must not change security settings
+                raise ConfigError(f"{var} is set, but {name!r} is a measured setting: only the "
+                                  "measured config file may set it (unset the variable)")
+            if name not in RUNTIME_SETTINGS:
+                raise ConfigError(f"{var}: unknown setting; the environment may set only "
+                                  f"{sorted(n.upper() for n in RUNTIME_SETTINGS)}")
+            data[name] = env[var]
         cfg = cls(**data)
         for name in ("port", "scone_port"):
             v = getattr(cfg, name)
             if isinstance(v, str):
-                setattr(cfg, name, None if v.lower() in ("", "none", "off") else int(v))
+                try:
+                    setattr(cfg, name, None if v.lower() in ("", "none", "off") else int(v))
+                except ValueError:
+                    raise ConfigError(f"{name} must be a port number or 'none', got {v!r}") from None
         for name in ("encryption", "audit"):
-            v = getattr(cfg, name)
-            if isinstance(v, str):
-                setattr(cfg, name, v.lower() in ("1", "true", "yes", "on"))
+            if not isinstance(getattr(cfg, name), bool):  # only TOML booleans, never "0"/"off"
+                raise ConfigError(f"{name} must be a TOML boolean, got {getattr(cfg, name)!r}")
         if cfg.scone_auth not in ("none", "token"):
             raise ConfigError(f"scone_auth must be 'none' or 'token', got {cfg.scone_auth!r}")
+        if cfg.scone_auth == "none" and cfg.scone_port is not None and not is_loopback(cfg.host):
+            raise ConfigError(
+                f"scone_auth = 'none' serves records without authentication; it is allowed only "
+                f"on a loopback host, got host {cfg.host!r} (set scone_auth = 'token')"
+            )
+        pin = cfg.broker_ca_sha256.lower()
+        if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+            raise ConfigError("broker_ca_sha256 must pin the broker's workload CA in the measured "
+                              f"config (64 hex digits of SHA-256 over its DER), got {pin[:70]!r}")
+        cfg.broker_ca_sha256 = pin
         if not cfg.store_url:
             cfg.store_url = f"sqlite:///{Path(cfg.data_dir).resolve() / 'records.db'}"
         return cfg
@@ -282,16 +343,17 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
             broker's reason (which claim, expected vs. got).
         BrokerError: the broker is unreachable or answered otherwise.
     """
-    import hashlib
-
     from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.client.broker import BrokerClient, BrokerRefused
+    from safehold.errors import BrokerError
     from safehold.ratls.cert import OID_TCG_DICE_TAGGED_EVIDENCE, encode_claims, encode_extension, spki_der
 
+    pinned_ca = pinned_broker_ca(cfg)
     files = [config_path] if config_path else []
     attester = SimulatedAttester(Path(cfg.data_dir), workload_files=files, package_root=package_root)
     log.info("records workload measurement %s", attester.measurement.hex())
-    verify: Any = cfg.broker_ca if cfg.broker_ca else True
+    # only the pinned CA authenticates the broker (no system trust store)
+    verify = ssl.create_default_context(cadata=pinned_ca.decode("ascii"))
     with BrokerClient(cfg.broker_url, attester, verify=verify, workload=cfg.workload) as kbs:
         try:
             kbs.attest()
@@ -309,8 +371,63 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
             if e.status in (401, 403):
                 raise NoKeysError(f"the broker released no keys to this workload: {e.detail}") from None
             raise
+        except BrokerError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                raise BrokerIdentityError(
+                    f"the broker at {cfg.broker_url} is not the pinned broker: its TLS certificate "
+                    f"does not chain to the workload CA with SHA-256 {cfg.broker_ca_sha256} ({e})"
+                ) from None
+            raise
         key_pem = kbs.private_key_pem()
+    got = _ca_sha256(ca_pem.encode("ascii"))
+    if got != cfg.broker_ca_sha256:  # the TLS identity must come from the pinned CA too
+        raise BrokerIdentityError(f"the broker issued the TLS certificate from another CA: SHA-256 "
+                                  f"expected {cfg.broker_ca_sha256}, got {got}")
     return Provisioned(keyset, cert_pem.encode("ascii"), key_pem, ca_pem.encode("ascii"), attester)
+
+
+def _ca_sha256(pem: bytes) -> str:
+    """SHA-256 (hex) of the DER of the single certificate in ``pem``.
+
+    Raises:
+        BrokerIdentityError: not exactly one PEM certificate.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise BrokerIdentityError("broker CA is not a PEM certificate") from None
+    if len(certs) != 1:
+        raise BrokerIdentityError(f"broker CA must hold exactly one certificate, got {len(certs)}")
+    return hashlib.sha256(certs[0].public_bytes(Encoding.DER)).hexdigest()
+
+
+def pinned_broker_ca(cfg: ServiceConfig) -> bytes:
+    """Read the run-time ``broker_ca`` PEM file and check it against the measured pin.
+
+    Returns:
+        the PEM bytes (one certificate) whose DER SHA-256 equals ``cfg.broker_ca_sha256``.
+
+    Raises:
+        BrokerIdentityError: no file given, unreadable, not one certificate, or another CA
+            (message: expected vs. got SHA-256).
+    """
+    if not cfg.broker_ca:
+        raise BrokerIdentityError("no broker CA file (set SAFEHOLD_RECORDS_BROKER_CA): the broker "
+                                  "is authenticated only by its pinned workload CA")
+    try:
+        pem = Path(cfg.broker_ca).read_bytes()
+    except OSError as e:
+        raise BrokerIdentityError(f"broker CA {cfg.broker_ca}: {e.strerror}") from None
+    got = _ca_sha256(pem)
+    if got != cfg.broker_ca_sha256:
+        raise BrokerIdentityError(
+            f"broker CA {cfg.broker_ca} is not the broker pinned in the measured config: "
+            f"SHA-256 expected {cfg.broker_ca_sha256}, got {got}"
+        )
+    return pem
 
 
 def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
@@ -329,7 +446,14 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
 
         from safehold.records.codec import UnsafePlainCodec
 
-        log.warning("ENCRYPTION OFF: benchmark baseline only, never patient data")
+        # the measured file asked for it (the environment cannot): still say so loudly
+        banner = "!" * 78
+        log.warning(banner)
+        log.warning("ENCRYPTION OFF (measured config encryption = false): records are stored IN "
+                    "PLAINTEXT. Benchmark baseline only, never patient data.")
+        log.warning(banner)
+        print(f"{banner}\nsafehold records: ENCRYPTION OFF - records are stored in plaintext "
+              f"(benchmark baseline only)\n{banner}", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             codec = UnsafePlainCodec()
@@ -338,6 +462,8 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
 
     wlock = threading.RLock() if cfg.store_url.startswith("sqlite") else None
     audit = None
+    if not cfg.audit:
+        log.warning("AUDIT OFF (measured config audit = false): accesses are not recorded")
     if cfg.audit:
         from safehold.crypto.kdf import derive_key
 
@@ -364,7 +490,8 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
     def ready(ports: list[int]) -> None:
         info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",
                 "port": ports[0], "scone_port": ports[1] if len(ports) > 1 else None,
-                "measurement": prov.attester.measurement.hex()}
+                "measurement": prov.attester.measurement.hex(),
+                "encryption": cfg.encryption, "audit": cfg.audit, "scone_auth": cfg.scone_auth}
         log.info("records service listening: %s", info)
         if cfg.ready_file:
             tmp = Path(cfg.ready_file).with_suffix(".tmp")
