@@ -9,8 +9,14 @@ Responses with a JSON body are revealed with :meth:`Protector.reveal`.
 
 Fails closed: a body that cannot be parsed (400), a body of another content type (415), a
 configured field or query value that cannot be transformed (422) is refused and nothing is
-sent upstream. A response that cannot be revealed becomes 502. Error bodies are
-``{"error": "..."}`` and never contain field values.
+sent upstream. So is anything an upstream could read as a protected name although the proxy
+would not protect it (400 unless noted): a path that resembles a path template without matching it
+exactly (trailing slash, ``//``, dot segments, percent-encoded or differently cased fixed
+segments, extra segments), a query or form name that resembles a protected one (``Patient``,
+``patient[]``, ``filter[id]``), a JSON key that differs from a protected field only by case,
+duplicate JSON keys, several Content-Type headers, a charset other than UTF-8 (415) and a
+``Content-Encoding`` (415). A response that cannot be revealed becomes 502. Error bodies are
+``{"error": "..."}`` and never contain field values (nor the request path, which may hold one).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from safehold.errors import TransformError
-from safehold.proxy.core import Protector, apply_path
+from safehold.proxy.core import Protector, apply_path, fold_name, url_decode_fully
 from safehold.proxy.schema import _template_vars
 
 __all__ = ["create_app", "serve"]
@@ -50,20 +56,82 @@ class _Refused(Exception):
         self.message = message
 
 
-def _compile_paths(templates: tuple[str, ...]) -> list[tuple[re.Pattern[str], list[str]]]:
-    out = []
-    for tpl in templates:
-        names = _template_vars(tpl)
+class _Template:
+    """One ``[proxy] paths`` template, e.g. ``/patient/{id}``.
+
+    ``exact`` matches the raw (still percent-encoded) request path byte for byte in the fixed
+    parts; ``prefix`` is the folded fixed segments before the first variable segment, used to
+    spot paths that an upstream may route to the same handler although they do not match
+    exactly (see :func:`_loose_segments`).
+    """
+
+    def __init__(self, tpl: str):
+        self.template = tpl
+        self.names = _template_vars(tpl)
         rx = ""
         for part in re.split(r"(\{[^{}]+\})", tpl):
-            m = re.fullmatch(r"\{([^{}]+)\}", part)
-            rx += "([^/]+)" if m else re.escape(part)
-        out.append((re.compile(rx), names))
+            rx += "([^/]+)" if re.fullmatch(r"\{[^{}]+\}", part) else re.escape(part)
+        self.exact = re.compile(rx)
+        segs = [x for x in tpl.split("/") if x]
+        first_var = next((i for i, x in enumerate(segs) if "{" in x), len(segs))
+        self.prefix = [fold_name(x) for x in segs[:first_var]]
+        self.has_var = first_var < len(segs)
+
+    def resembles(self, segments: list[str]) -> bool:
+        """True when the normalised ``segments`` reach a variable segment of this template."""
+        n = len(self.prefix)
+        return self.has_var and len(segments) > n and segments[:n] == self.prefix
+
+
+def _loose_segments(raw_path: str) -> list[str]:
+    """The path as the most lenient upstream might route it (for comparison only).
+
+    Percent-decoded repeatedly (``%2F``, ``%252F``), Unicode NFKC + case-folded, split at ``/``
+    and ``\\``, each segment's ``;parameters`` (RFC 3986 section 3.3, stripped by servlet
+    containers) and surrounding whitespace dropped, empty and ``.`` segments dropped and ``..``
+    resolved (RFC 3986 section 5.2.4).
+    """
+    out: list[str] = []
+    for seg in re.split(r"[/\\]", fold_name(url_decode_fully(raw_path))):
+        seg = seg.split(";", 1)[0].strip()
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
     return out
 
 
 def _is_json(ct: str) -> bool:
     return ct == "application/json" or (ct.startswith("application/") and ct.endswith("+json"))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` object hook: parsers disagree on duplicate keys (Python keeps the last,
+    others the first), so the proxy could protect one copy while the upstream stores the other."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Refused(400, f"request JSON has the key {k!r} twice in one object; not forwarded")
+        out[k] = v
+    return out
+
+
+def _content_type(request: Request) -> str:
+    """The request's media type (lower case, parameters dropped), refusing ambiguous ones."""
+    values = request.headers.getlist("content-type")
+    if len(values) > 1:
+        raise _Refused(400, "request has more than one Content-Type header; not forwarded")
+    if not values:
+        return ""
+    media, *params = values[0].split(";")
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise _Refused(415, "request body charset is not UTF-8; not forwarded")
+    return media.strip().lower()
 
 
 def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
@@ -80,7 +148,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         transport: optional httpx transport (tests of the app object alone).
     """
     upstream = upstream.rstrip("/")
-    paths = _compile_paths(protector.schema.paths)
+    templates = [_Template(t) for t in protector.schema.paths]
     embedded = [tuple(p.split(".")) for p in protector.schema.embedded]
     state: dict[str, httpx.AsyncClient] = {}
 
@@ -93,13 +161,21 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     def protect_path(path: str) -> tuple[str, dict[str, str]]:
-        """Protected path and the plaintext template variables (context for the body)."""
-        for rx, names in paths:
-            m = rx.fullmatch(path)
+        """Protected path and the plaintext template variables (context for the body).
+
+        A path that matches no template exactly but resembles one (:meth:`_Template.resembles`)
+        is refused: the upstream might route it to the template's handler with the variable in
+        plaintext (``/patient/123/``, ``//patient/123``, ``/Patient/123``, ``/pati%65nt/123``,
+        ``/x/../patient/123``, ``/patient/123/history``).
+        """
+        if not path.startswith("/"):
+            raise _Refused(400, "request target is not an origin-form path; not forwarded")
+        for tpl in templates:
+            m = tpl.exact.fullmatch(path)
             if not m:
                 continue
             pieces, last, plain = [], 0, {}
-            for i, name in enumerate(names, start=1):
+            for i, name in enumerate(tpl.names, start=1):
                 pieces.append(path[last : m.start(i)])
                 try:
                     plain[name] = unquote(m.group(i), errors="strict")
@@ -109,6 +185,14 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                 last = m.end(i)
             pieces.append(path[last:])
             return "".join(pieces), plain
+        if templates:
+            loose = _loose_segments(path)
+            for tpl in templates:
+                if tpl.resembles(loose):
+                    raise _Refused(400, f"request path resembles path template {tpl.template!r} but does "
+                                        "not match it exactly (trailing slash, empty or dot segments, "
+                                        "encoded or differently cased fixed segments, extra segments); "
+                                        "not forwarded unprotected")
         return path, {}
 
     def protect_query(query: str) -> str:
@@ -122,6 +206,8 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         for k, v in pairs:
             if protector.is_protected_field(k):
                 v = protector.protect_query(k, v)
+            elif (why := protector.lookalike_param(k)) is not None:
+                raise _Refused(400, f"query parameter {k!r}: {why}; use the exact name. Not forwarded")
             out.append((k, v))
         return urlencode(out, quote_via=quote)
 
@@ -135,15 +221,22 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             return [one(d) for d in doc]
         return one(doc)
 
+    def protect_record(record: dict, ctx: dict[str, str]) -> dict:
+        hit = protector.lookalike_key(record)
+        if hit is not None:
+            raise _Refused(400, f"record key {hit[0]!r} differs from protected field {hit[1]!r} only by "
+                                "case, Unicode form or spacing; not forwarded unprotected")
+        return protector.protect(record, context=ctx)
+
     def protect_body(body: bytes, ct: str, ctx: dict[str, str]) -> bytes:
         if not body:
             return body
         if _is_json(ct):
             try:
-                doc = json.loads(body.decode("utf-8"))
+                doc = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
             except (UnicodeDecodeError, ValueError):
                 raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
-            doc = each_record(doc, lambda r: protector.protect(r, context=ctx))
+            doc = each_record(doc, lambda r: protect_record(r, ctx))
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if ct == "application/x-www-form-urlencoded":
             try:
@@ -155,6 +248,8 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             for k, v in pairs:
                 if k in rec and protector.is_protected_field(k):
                     raise _Refused(400, f"form field {k!r} appears more than once")
+                if (why := protector.lookalike_param(k)) is not None:
+                    raise _Refused(400, f"form field {k!r}: {why}; use the exact field name. Not forwarded")
                 rec[k] = v
             out = protector.protect(rec, key_id_as_text=True, context=ctx)
             return urlencode(out, quote_via=quote).encode("ascii")
@@ -172,7 +267,6 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
 
     @app.api_route("/{path:path}", methods=_METHODS)
     async def forward(request: Request, path: str) -> Response:  # noqa: ARG001 - path via scope
-        ct = request.headers.get("content-type", "").split(";")[0].strip().lower()
         too_big = JSONResponse({"error": f"request body over {max_body} bytes; not forwarded"},
                                status_code=413)
         declared = request.headers.get("content-length", "")
@@ -186,6 +280,13 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             chunks.append(chunk)
         body = b"".join(chunks)
         try:
+            ct = _content_type(request)
+            codings = {c.strip().lower() for v in request.headers.getlist("content-encoding")
+                       for c in v.split(",")} - {"identity", ""}
+            if body and codings:
+                # the proxy cannot inspect a compressed body, and would forward it undecoded
+                raise _Refused(415, "request Content-Encoding other than identity is not supported; "
+                                    "not forwarded")
             # the still-encoded path: forwarded byte for byte, segments decoded strictly
             raw_path = request.scope.get("raw_path") or request.url.path.encode("utf-8")
             new_path, path_ctx = protect_path(raw_path.decode("latin-1"))

@@ -16,17 +16,48 @@ primary key — correct only until the next rotation (docs/proxy.md).
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from safehold.crypto.keyset import Keyset
 from safehold.errors import TransformError
 from safehold.proxy.schema import FieldSpec, Schema
 from safehold.proxy.transforms import FieldTransform
 
-__all__ = ["Protector"]
+__all__ = ["Protector", "fold_name", "url_decode_fully"]
 
 _MISSING = object()
+#: How often a URL component is percent-decoded when looking for disguised names (double and
+#: triple encoding: some upstreams decode more than once).
+_MAX_DECODE = 4
+
+
+def url_decode_fully(text: str) -> str:
+    """Percent-decode ``text`` repeatedly (up to 4 times) until it stops changing.
+
+    Used only to *compare* names the way a lenient upstream might read them, never to forward:
+    invalid UTF-8 becomes U+FFFD, which is harmless for a comparison.
+    """
+    for _ in range(_MAX_DECODE):
+        decoded = unquote(text, errors="replace")
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def fold_name(name: str) -> str:
+    """Comparison form of a name: Unicode NFKC (fullwidth letters -> ASCII), case-folded
+    (Unicode default caseless matching), surrounding whitespace stripped."""
+    return unicodedata.normalize("NFKC", name).casefold().strip()
+
+
+def _squash(name: str) -> str:
+    """``fold_name`` without separators: ``birth_date``, ``birthDate``, ``Birth-Date`` -> ``birthdate``."""
+    return re.sub(r"[\W_]+", "", fold_name(name))
 
 
 def _get(record: Any, path: tuple[str, ...]) -> Any:
@@ -60,6 +91,25 @@ def apply_path(node: Any, path: tuple[str, ...], fn: Callable[[Any], Any]) -> An
     return node
 
 
+def _lookalike_at(node: Any, path: tuple[str, ...], folded: tuple[str, ...]) -> str | None:
+    if not path:
+        return None
+    head, rest = path[0], path[1:]
+    if head == "*":
+        if isinstance(node, list):
+            for x in node:
+                hit = _lookalike_at(x, rest, folded[1:])
+                if hit is not None:
+                    return hit
+        return None
+    if not isinstance(node, Mapping):
+        return None
+    for key in node:
+        if isinstance(key, str) and key != head and fold_name(key) == folded[0]:
+            return key
+    return _lookalike_at(node[head], rest, folded[1:]) if head in node else None
+
+
 class Protector:
     """Protect and reveal records with a schema and a keyset.
 
@@ -82,6 +132,16 @@ class Protector:
             (s, s.path, self._t[s.name]) for s in specs if s.contextual
         ]
         self._tagged = {"fpe", "token", "date-shift"}
+        protected = [s for s in specs if s.transform != "keep"]
+        # names a client might use to reach a protected field in a query or form: every
+        # component of a protected field's name and every [proxy.query] parameter, squashed
+        self._components = {_squash(c) for s in protected for c in s.path if c != "*"} | {
+            _squash(q) for q in schema.query
+        }
+        self._components.discard("")
+        # per protected field: its path with each component folded (JSON key look-alikes)
+        self._fold_paths = [(s.path, tuple(fold_name(c) for c in s.path)) for s in protected]
+        self._fold_dotted = {fold_name(s.name): s.name for s in protected if len(s.path) > 1}
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -205,6 +265,50 @@ class Protector:
             )
         kid, key = self.keyset.primary_key()
         return str(self._t[fname].protect(value, kid, key, None))
+
+    def lookalike_param(self, name: str) -> str | None:
+        """Is ``name`` (a decoded query-parameter or form-field name) a disguised protected name?
+
+        Returns a short reason, or ``None`` when ``name`` is exactly a protected name (the caller
+        protects it) or unrelated. ``name`` is percent-decoded again (up to 4 times), folded
+        (:func:`fold_name`) and split at every non-alphanumeric character (``[]``, ``.``, ``:``,
+        ``_``, ``-``, space); if any run of consecutive pieces, joined, equals a component of a
+        protected field's name or a ``[proxy.query]`` parameter (joined the same way), the name is a
+        look-alike: ``Patient``, ``patient[]``, ``filter[id]``, ``family:exact``, ``_id``,
+        ``pat%2569ent``, ``birth_date`` for ``birthDate`` — an upstream may read any of them as the
+        protected parameter. Names of ``keep`` fields are not protected and never match.
+        """
+        if self.is_protected_field(name):
+            return None
+        if self.schema.query.get(name, name) in self.schema.fields:
+            return None  # exactly a keep field or a parameter mapped to one
+        pieces = [p for p in re.split(r"[\W_]+", fold_name(url_decode_fully(name))) if p]
+        for i in range(len(pieces)):
+            for j in range(i + 1, len(pieces) + 1):
+                if "".join(pieces[i:j]) in self._components:
+                    return "its name resembles a protected field or query parameter"
+        return None
+
+    def lookalike_key(self, record: Any) -> tuple[str, str] | None:
+        """First JSON object key of ``record`` that differs from a protected field's name (or a
+        component of its dotted path, at the same place) only by case, Unicode form or
+        surrounding whitespace (``Name``, ``NAME``, ``name `` for ``name``; ``Address.city`` for
+        ``address.city``), or a top-level key spelling a dotted field name (``address.city``).
+
+        A case-insensitive upstream deserializer (ASP.NET, Jackson with case-insensitive
+        properties) would read such a key as the field, which :meth:`protect` — exact by
+        design — leaves in plaintext. Returns ``(key, field name)`` or ``None``.
+        """
+        if not isinstance(record, Mapping):
+            return None
+        for key in record:
+            if isinstance(key, str) and fold_name(key) in self._fold_dotted:
+                return key, self._fold_dotted[fold_name(key)]
+        for path, folded in self._fold_paths:
+            hit = _lookalike_at(record, path, folded)
+            if hit is not None:
+                return hit, ".".join(path)
+        return None
 
     def is_protected_field(self, name: str) -> bool:
         """True when ``name`` (a query parameter or field name) maps to a non-``keep`` field."""
