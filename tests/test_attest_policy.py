@@ -117,8 +117,11 @@ def test_simulated_use_is_logged_every_time(att: SimulatedAttester, caplog) -> N
 
 
 def test_simulated_under_default_policy(att: SimulatedAttester) -> None:
+    # a TDX policy must pin a TD register: RTMR1 of the dcap-qvl TDX sample
+    rtmr1 = bytes.fromhex("0084452c01668329d4bc06acdf58a7205c26743304509973"
+                          "949e5619bf81a6a7aea8c323c173019b3093d54e579e9378")
     pol = AppraisalPolicy(allowed_tee_types=("sgx", "tdx"), simulated_root=att.root_ca_path,
-                          measurements=(att.measurement.digest,))
+                          measurements=(att.measurement.digest,), tdx_registers={"rtmr1": (rtmr1,)})
     with pytest.raises(SimulatedEvidenceRefused, match="allow_simulated = false"):
         Verifier(pol).appraise(att.attest(RD), expected_report_data=RD)
 
@@ -328,6 +331,7 @@ def _snp_claims(**kw):
                 raw={"reported_tcb_parts": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
                      "launch_tcb_parts": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}})
     base.update(kw)
+    base["raw"] = {"vmpl": 0, **base["raw"]}  # as from VMPL 0 (policy snp_max_vmpl = 0)
     return Claims(**base)
 
 

@@ -461,7 +461,10 @@ def _policy(**kw) -> AppraisalPolicy:
         "allowed_tee_types": ["sgx", "tdx"],
         "report_data": "required",
         "reference_values": {
-            "measurements": ["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"]
+            "measurements": ["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"],
+            # a policy allowing tdx must pin TD registers: the TDX sample's, from its snapshot
+            **{f"rtmr{i}": [snapshot(TDX / "dcapqvl-tdx_quote.expected-snapshot.txt")[f"rt_mr{i}"]]
+               for i in range(4)},
         },
     }
     base.update(kw)

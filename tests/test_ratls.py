@@ -113,8 +113,11 @@ def test_verify_accepts_and_rows(ident, verifier) -> None:
 
 
 def test_simulated_refused_under_default_policy(att, ident) -> None:
+    # RTMR1 of the dcap-qvl TDX sample
+    rtmr1 = bytes.fromhex("0084452c01668329d4bc06acdf58a7205c26743304509973"
+                          "949e5619bf81a6a7aea8c323c173019b3093d54e579e9378")
     pol = AppraisalPolicy(allowed_tee_types=("tdx",), simulated_root=att.root_ca_path,
-                          measurements=(att.measurement.digest,))
+                          measurements=(att.measurement.digest,), tdx_registers={"rtmr1": (rtmr1,)})
     with pytest.raises(SimulatedEvidenceRefused):
         verify_certificate(ident.certificate, Verifier(pol))
 

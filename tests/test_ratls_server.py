@@ -137,7 +137,11 @@ def test_refused_wrong_measurement_no_request_reaches_server(server: Server) -> 
 
 
 def test_refused_simulated_under_default_policy(server: Server) -> None:
+    # RTMR1 of the dcap-qvl TDX sample
+    rtmr1 = bytes.fromhex("0084452c01668329d4bc06acdf58a7205c26743304509973"
+                          "949e5619bf81a6a7aea8c323c173019b3093d54e579e9378")
     pol = AppraisalPolicy(allowed_tee_types=("sgx", "tdx", "sev-snp"), min_tcb={"snp": 8},
+                          tdx_registers={"rtmr1": (rtmr1,)},
                           simulated_root=Path(server.info["simulated_root"]),
                           measurements=(bytes.fromhex(server.info["measurement"]),))
     _assert_refused_without_request(server, Verifier(pol), SimulatedEvidenceRefused)

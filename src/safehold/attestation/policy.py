@@ -10,6 +10,7 @@ A policy is written in TOML by the data owner::
     report_data = "key-binding"               # "nonce" | "key-binding" | "required" | "any"
     allow_simulated = false                   # default false; true warns on every use
     simulated_root = "root-ca.pem"            # simulated root CA (relative to this file)
+    snp_max_vmpl = 0                          # SEV-SNP: highest VMPL a report may come from
 
     [min_tcb]                                 # SEV-SNP only, required when sev-snp is allowed:
     bootloader = 3                            # minimum SPL per component of REPORTED_TCB and
@@ -22,6 +23,9 @@ A policy is written in TOML by the data owner::
     signers = ["<hex>", ...]                  # MRSIGNER / SNP ID-key digest
     product_ids = [1]                         # SGX ISVPRODID
     min_security_version = 10                 # SGX ISVSVN / SNP GUEST_SVN
+    rtmr0 = ["<hex>", ...]                    # TDX RTMR0..3 (48 B each), rtmr1..rtmr3 alike;
+    mr_config_id = "<hex>"                    # TDX MRCONFIGID (48 B, or a list). A policy
+                                              # allowing tdx / azure-tdx must pin one of them
 
 Each check returns :class:`Verdict` rows ``(claim, expected, got, ok)`` — the same rows the CLI
 prints and :class:`~safehold.errors.AppraisalError` lists. Style after sigstore-python's
@@ -61,6 +65,12 @@ TEE_TYPES_WITHOUT_TCB_STATUS = ("sev-snp", "azure-sev-snp", "tpm")
 #: TEE types appraised with ``min_tcb`` (AMD SEV-SNP TCB_VERSION components).
 SNP_TEE_TYPES = ("sev-snp", "azure-sev-snp")
 SNP_TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
+#: TEE types whose claims carry TD registers (``raw`` names as set by ``verifiers.tdx``).
+TDX_TEE_TYPES = ("tdx", "azure-tdx")
+#: TD registers a policy may pin: RTMR0-3 (firmware config, kernel, app...) and MRCONFIGID.
+TDX_REGISTERS = ("rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id")
+#: SEV-SNP virtual machine privilege levels (AMD SEV-SNP ABI §7.3 / APM Vol. 2 §15.35.7).
+SNP_VMPLS = range(4)
 
 
 class SimulatedTEEWarning(UserWarning):
@@ -358,6 +368,61 @@ class SnpMinimumTcb(Check):
         return rows
 
 
+class TdxRegistersIn(Check):
+    """Each pinned TD register (RTMR0-3, MRCONFIGID; 48 B) equals one of its Reference Values.
+
+    MRTD (the ``measurement`` claim) covers only the TD firmware; the kernel, command line and
+    application are extended into RTMR1-3 (Intel TDX Module ABI §3.4 / TDX virtual firmware
+    design guide §4), so a TDX policy needs these rows to bind the workload.
+
+    Args:
+        values: register name from :data:`TDX_REGISTERS` → accepted 48-byte values.
+
+    Only ``tdx`` / ``azure-tdx`` claims are checked (one row per pinned register); other TEE
+    types yield no rows. A register missing from ``claims.raw`` fails.
+    """
+
+    def __init__(self, values: Mapping[str, Iterable[bytes]]) -> None:
+        self.values = {k: tuple(v) for k, v in values.items()}
+
+    def verdicts(self, claims: Claims, ctx: Context | None) -> list[Verdict]:
+        """One verdict row per pinned register."""
+        if claims.tee_type not in TDX_TEE_TYPES:
+            return []
+        rows = []
+        for reg, vals in self.values.items():
+            got_hex = claims.raw.get(reg)
+            try:
+                got = bytes.fromhex(got_hex) if isinstance(got_hex, str) else None
+            except ValueError:
+                got = None
+            ok = got is not None and any(hmac.compare_digest(got, v) for v in vals)
+            rows.append(Verdict(reg, _hexlist(vals), "none" if got is None else got.hex(), ok))
+        return rows
+
+
+class SnpMaxVmpl(Check):
+    """An SEV-SNP report was requested from VMPL <= ``maximum`` (REPORT.VMPL, AMD SEV-SNP ABI
+    §7.3 Table 23). VMPL 0 is the guest's most privileged level; a report from a higher VMPL
+    may come from less trusted code running beside the workload (which chose REPORT_DATA).
+
+    Only ``sev-snp`` / ``azure-sev-snp`` claims are checked; others yield no rows. A missing
+    VMPL fails.
+    """
+
+    def __init__(self, maximum: int = 0) -> None:
+        self.maximum = maximum
+
+    def verdicts(self, claims: Claims, ctx: Context | None) -> list[Verdict]:
+        """One ``vmpl`` row for SEV-SNP claims."""
+        if claims.tee_type not in SNP_TEE_TYPES:
+            return []
+        got = claims.raw.get("vmpl")
+        ok = isinstance(got, int) and not isinstance(got, bool) and 0 <= got <= self.maximum
+        return [Verdict("vmpl", f"<= {self.maximum} (snp_max_vmpl)",
+                        "none" if got is None else str(got), ok)]
+
+
 class ReportDataEquals(Check):
     """report_data (64 B) equals the caller's expected value (nonce or key binding)."""
 
@@ -387,8 +452,8 @@ class ReportDataEquals(Check):
 
 _TOP_KEYS = {"name", "allowed_tee_types", "debug_allowed", "accepted_tcb_statuses",
              "accepted_advisories", "report_data", "allow_simulated", "simulated_root",
-             "reference_values", "min_tcb"}
-_RV_KEYS = {"measurements", "signers", "product_ids", "min_security_version"}
+             "reference_values", "min_tcb", "snp_max_vmpl"}
+_RV_KEYS = {"measurements", "signers", "product_ids", "min_security_version", *TDX_REGISTERS}
 
 
 @dataclass(frozen=True)
@@ -408,6 +473,10 @@ class AppraisalPolicy:
         simulated_root: PEM file of the simulated root CA the simulated Verifier trusts.
         report_data: one of :data:`REPORT_DATA_MODES`.
         name: policy identifier, reported in Attestation Results.
+        min_tcb: SEV-SNP minimum SPL per TCB component (required when SEV-SNP is allowed).
+        tdx_registers: TD register (:data:`TDX_REGISTERS`) → accepted 48-byte values (one
+            register at least is required when ``tdx`` / ``azure-tdx`` is allowed).
+        snp_max_vmpl: highest SEV-SNP VMPL (0..3) a report may come from; default 0.
     """
 
     allowed_tee_types: tuple[str, ...] = ()
@@ -423,6 +492,8 @@ class AppraisalPolicy:
     report_data: str = "required"
     name: str = "default"
     min_tcb: Mapping[str, int] = field(default_factory=dict)
+    tdx_registers: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)
+    snp_max_vmpl: int = 0
     extra_checks: tuple[Check, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -444,6 +515,21 @@ class AppraisalPolicy:
         if snp and not self.min_tcb:
             raise ConfigError(f"allowed_tee_types includes {', '.join(snp)}: set [min_tcb] "
                               "(SEV-SNP reports TCB versions, not a TCB status)")
+        for reg, vals in self.tdx_registers.items():
+            if reg not in TDX_REGISTERS or not vals:
+                raise ConfigError(f"reference_values.{reg}: expected a non-empty list of values "
+                                  f"for one of {TDX_REGISTERS}")
+            for v in vals:
+                if len(v) != 48:
+                    raise ConfigError(f"reference_values.{reg}: {v.hex()[:20]!r}... is {len(v)} "
+                                      "bytes, expected 48")
+        tdx = [t for t in self.allowed_tee_types if t in TDX_TEE_TYPES]
+        if tdx and not self.tdx_registers:
+            raise ConfigError(f"allowed_tee_types includes {', '.join(tdx)}: pin at least one of "
+                              "reference_values.rtmr0..rtmr3 or mr_config_id (MRTD measures only "
+                              "the TD firmware; kernel and application are in the RTMRs)")
+        if self.snp_max_vmpl not in SNP_VMPLS or isinstance(self.snp_max_vmpl, bool):
+            raise ConfigError(f"snp_max_vmpl: expected 0..3, got {self.snp_max_vmpl!r}")
         if not self.allowed_tee_types and not self.allow_simulated:
             raise ConfigError("policy allows no TEE type: set allowed_tee_types")
         if self.report_data not in REPORT_DATA_MODES:
@@ -525,6 +611,8 @@ class AppraisalPolicy:
             report_data=_typed(data.get("report_data", "required"), str, "report_data"),
             name=_typed(data.get("name", "default"), str, "name"),
             min_tcb=_min_tcb(data.get("min_tcb", {})),
+            tdx_registers=_tdx_registers(rv),
+            snp_max_vmpl=_int(data.get("snp_max_vmpl", 0), "snp_max_vmpl"),
         )
 
     # -- appraisal ------------------------------------------------------------------------------
@@ -549,6 +637,9 @@ class AppraisalPolicy:
                                   allow_simulated=self.allow_simulated))
         if self.min_tcb:
             checks.append(SnpMinimumTcb(self.min_tcb))
+        if self.tdx_registers:
+            checks.append(TdxRegistersIn(self.tdx_registers))
+        checks.append(SnpMaxVmpl(self.snp_max_vmpl))
         checks.extend(self.extra_checks)
         return AllOf(checks)
 
@@ -560,6 +651,16 @@ class AppraisalPolicy:
         """Return the failed verdicts (empty list = acceptable). Never raises on bad claims."""
         return [v for v in self.verdicts(claims, expected_report_data=expected_report_data)
                 if not v.ok]
+
+
+def _tdx_registers(rv: Mapping[str, Any]) -> dict[str, tuple[bytes, ...]]:
+    out = {}
+    for reg in TDX_REGISTERS:
+        if reg in rv:
+            v = rv[reg]
+            # mr_config_id is usually one value; a string is accepted for any register
+            out[reg] = tuple(_hexes([v] if isinstance(v, str) else v, f"reference_values.{reg}"))
+    return out
 
 
 def _min_tcb(v: Any) -> dict[str, int]:
