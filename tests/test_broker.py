@@ -191,11 +191,14 @@ def test_cli_commands(env, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["ok"]
     r = _cli("broker", "status", *common)
     assert r.returncode == 0 and json.loads(r.stdout)["mode"] == "ready"
+    fp = json.loads(r.stdout)["master_fingerprint"]
     tok_env = {"SAFEHOLD_BROKER_TOKEN": keys["reader_token"]}
     r = _cli("broker", "manifest", "show", *common, env=tok_env)
     assert r.returncode == 0 and json.loads(r.stdout)["manifest"]["name"] == "safehold-test"
     r = _cli("broker", "audit", "show", *common, env=tok_env)
-    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["event"] == "manifest"
+    first, second = (json.loads(x) for x in r.stdout.splitlines()[:2])
+    assert r.returncode == 0 and first["event"] == "init" and second["event"] == "manifest"
+    assert first["detail"]["master_fingerprint"] == fp  # recorded at first start
     r = _cli("broker", "audit", "verify", *common, env=tok_env)
     assert r.returncode == 0 and json.loads(r.stdout)["ok"]
     val = tmp_path / "v.bin"
@@ -420,7 +423,8 @@ def test_manifest_set_once_signed_update_and_log(env, tmp_path):
     with b.client() as h:
         r = h.post("/admin/manifest", json={**m, "name": "other-name"})
         assert r.status_code == 403 and "already set" in r.json()["detail"]
-        cur = h.get("/status").json()["manifest_version"]
+        st0 = h.get("/status").json()
+        cur = st0["manifest_version"]
     new = {**m, "secrets": {**m["secrets"], "extra": {"type": "keyset"}}}
     new["workloads"] = {**m["workloads"], "records": {**m["workloads"]["records"],
                         "secrets": [*m["workloads"]["records"]["secrets"], "extra"]}}
@@ -436,6 +440,20 @@ def test_manifest_set_once_signed_update_and_log(env, tmp_path):
     r = _cli("broker", "manifest", "update", str(p), "--signer", "rita", "--key", str(keys["owner_key"]),
              "--url", b.url, "--cacert", b.cacert, env=tok)
     assert r.returncode == 1 and "expected owner" in r.stderr
+    # the owner's real signature, but made for another broker (staging) or on top of another
+    # previous manifest: both refused, nothing installed
+    from safehold.broker.manifest import manifest_from_dict, sign_update
+
+    m2 = manifest_from_dict(json.loads(p.read_text()))
+    owner_pem = keys["owner_key"].read_bytes()
+    staging = sign_update(m2, cur + 1, owner_pem, broker_id="5a" * 16, previous_sha256=st0["manifest_digest"])
+    forked = sign_update(m2, cur + 1, owner_pem, broker_id=st0["broker_id"], previous_sha256="00" * 32)
+    with b.client() as h:
+        for sig in (staging, forked):
+            r = h.post("/admin/manifest/update", json={"manifest": m2.raw, "version": cur + 1,
+                                                       "signer": "alice", "signature": sig})
+            assert r.status_code == 403 and "does not verify" in r.json()["detail"], r.text
+        assert h.get("/status").json()["manifest_version"] == cur
     r = _cli("broker", "manifest", "update", str(p), "--signer", "alice", "--key", str(keys["owner_key"]),
              "--url", b.url, "--cacert", b.cacert, env=tok)
     assert r.returncode == 0, r.stderr
@@ -449,10 +467,8 @@ def test_manifest_set_once_signed_update_and_log(env, tmp_path):
         assert h.get("/admin/manifest", params={"version": 99}, headers=auth).status_code == 404
         assert h.get("/admin/manifest").status_code == 401
         # replaying the signed update is refused (version already used)
-        from safehold.broker.manifest import manifest_from_dict, sign_update
-
-        m2 = manifest_from_dict(json.loads(p.read_text()))
-        sig = sign_update(m2, cur + 1, keys["owner_key"].read_bytes())
+        sig = sign_update(m2, cur + 1, owner_pem, broker_id=st0["broker_id"],
+                          previous_sha256=st0["manifest_digest"])
         r = h.post("/admin/manifest/update", json={"manifest": json.loads(p.read_text()), "version": cur + 1,
                                                    "signer": "alice", "signature": sig})
         assert r.status_code == 409
@@ -463,6 +479,72 @@ def test_manifest_set_once_signed_update_and_log(env, tmp_path):
     with _client(env) as c:
         c.attest()
         assert c.get_keyset("extra") is not None
+
+
+def _signed_update(env, new: dict) -> int:
+    """Install ``new`` as the next version, signed by the owner (binding broker id and the
+    current manifest's digest as `safehold broker manifest update` does)."""
+    from safehold.broker.manifest import manifest_from_dict, sign_update
+
+    with env["broker"].client() as h:
+        st = h.get("/status").json()
+        v = st["manifest_version"] + 1
+        sig = sign_update(manifest_from_dict(new), v, env["keys"]["owner_key"].read_bytes(),
+                          broker_id=st["broker_id"], previous_sha256=st["manifest_digest"])
+        r = h.post("/admin/manifest/update", json={"manifest": new, "version": v, "signer": "alice",
+                                                   "signature": sig})
+        assert r.status_code in (200, 201), r.text
+    return v
+
+
+def test_manifest_update_ends_attestations_made_under_the_old_one(env):
+    """Finding 5: after a signed update an attestation made under an older version no longer
+    releases anything (not even newly granted secrets); a removed workload gives 401, not 500."""
+    import copy
+
+    b, keys = env["broker"], env["keys"]
+    with b.client() as h:
+        cur = h.get("/admin/manifest", headers={"Authorization": f"Bearer {keys['reader_token']}"}).json()
+    base, v0 = cur["manifest"], cur["version"]
+    try:
+        with _client(env) as c1:
+            c1.attest()
+            assert c1.get_keyset("records-keyset") is not None
+            # the owner revokes the workload's measurement and (in the same update) grants it more
+            revoked = copy.deepcopy(base)
+            rec = revoked["workloads"]["records"]
+            rec["policy"]["reference_values"]["measurements"] = ["cd" * 48]
+            rec["secrets"] = [*rec["secrets"], "other-key"]
+            assert _signed_update(env, revoked) == v0 + 1
+            for fetch in (lambda: c1.get_keyset("records-keyset"),
+                          lambda: c1.get_keyset("other-key"),
+                          lambda: c1.get_resource("default/keyset/records-keyset", use_token=True),
+                          lambda: c1.get_certificate("records-tls")):
+                with pytest.raises(BrokerRefused) as e:
+                    fetch()
+                assert e.value.status == 401, e.value.detail
+                assert f"attested under manifest version {v0}, current is {v0 + 1}" in e.value.detail
+        with _client(env) as c2, pytest.raises(BrokerRefused) as e:
+            c2.attest()  # attesting again: the new policy refuses the old measurement
+        assert e.value.status == 403 and "measurement" in e.value.detail
+        assert _signed_update(env, base) == v0 + 2
+        with _client(env) as c3:
+            c3.attest()
+            assert c3.get_keyset("records-keyset") is not None
+            removed = copy.deepcopy(base)
+            del removed["workloads"]["records"]
+            assert _signed_update(env, removed) == v0 + 3
+            for fetch in (lambda: c3.get_keyset("records-keyset"),
+                          lambda: c3.get_resource("default/keyset/records-keyset", use_token=True),
+                          lambda: c3.get_certificate("records-tls")):
+                with pytest.raises(BrokerRefused) as e:
+                    fetch()
+                assert e.value.status == 401, e.value.detail
+    finally:
+        _signed_update(env, base)  # the other tests of this module use the records workload
+    with _client(env) as c4:
+        c4.attest()
+        assert c4.get_keyset("records-keyset") is not None
 
 
 def test_malformed_manifest_refused_at_start(tmp_path):
@@ -519,6 +601,8 @@ def test_restart_recovery_and_audit(env, tmp_path):
                   headers={"Authorization": f"Bearer {keys['operator_token']}"})
         assert r.status_code == 200
         status_before = h.get("/status").json()
+    fp = status_before["master_fingerprint"]
+    assert len(fp) == 32 and status_before["broker_id"]
     with _client(env) as c:
         c.attest()
         ks_before = c.get_resource("default/keyset/records-keyset")
@@ -542,6 +626,7 @@ def test_restart_recovery_and_audit(env, tmp_path):
             st = h.get("/status").json()
             assert st["manifest_version"] == status_before["manifest_version"]
             assert st["manifest_digest"] == status_before["manifest_digest"]
+            assert st["master_fingerprint"] == fp and st["broker_id"] == status_before["broker_id"]
     finally:
         b.stop()
 
@@ -553,6 +638,7 @@ def test_restart_recovery_and_audit(env, tmp_path):
         with httpx.Client(base_url=b.url, verify=False) as h:
             st = h.get("/status").json()
             assert st["mode"] == "recovery" and "measurement" in st["reason"]
+            assert "master_fingerprint" not in st
             assert h.get("/ca").status_code == 503
             assert h.post("/kbs/v0/auth", json={"version": "0.1.0", "tee": "simulated"}).status_code == 503
             assert h.post("/recovery", json={"shares": ["x"]}).status_code == 400
@@ -564,23 +650,34 @@ def test_restart_recovery_and_audit(env, tmp_path):
                        f'[reference_values]\nmeasurements = ["{new_meas}"]\n')
         r0 = keys["recovery"][0][0]
         r2 = keys["recovery"][2][0]
-        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--policy", str(pol))
+        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--policy", str(pol),
+                   "--expect-fingerprint", fp)
         assert res.returncode == 1 and "distinct shares" in res.stderr  # k-1 = 1 share
+        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--key", str(r2), "--policy",
+                   str(pol))
+        assert res.returncode == 2 and "--expect-fingerprint" in res.stderr  # required
+        # the right shares, but a fingerprint the holders did not record: nothing is sent
+        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--key", str(r2), "--policy",
+                   str(pol), "--expect-fingerprint", "ab" * 16)
+        assert res.returncode == 1 and "nothing sent" in res.stderr and f"fingerprint {fp}" in res.stderr
         # a policy that does not match the broker's Evidence: no share leaves the client
         badpol = tmp_path / "bad-policy.toml"
         badpol.write_text(pol.read_text().replace(new_meas, "cd" * 48))
         res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--key", str(r2), "--policy",
-                   str(badpol))
+                   str(badpol), "--expect-fingerprint", fp)
         assert res.returncode == 1 and "measurement" in res.stderr
         with httpx.Client(base_url=b.url, verify=False) as h:
             assert h.get("/status").json()["mode"] == "recovery"
+        grouped = "-".join(fp[i:i + 8] for i in range(0, 32, 8))  # as written down: separators ok
         res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--key", str(r2),
-                   "--policy", str(pol))
+                   "--policy", str(pol), "--expect-fingerprint", grouped)
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["mode"] == "ready"
         with _client(env) as c:  # serving again at once, same secrets
             c.attest()
             assert c.get_resource("default/keyset/records-keyset") == ks_before
+        with b.client() as h:
+            assert h.get("/status").json()["master_fingerprint"] == fp
     finally:
         b.stop()
 
@@ -605,5 +702,68 @@ def test_restart_recovery_and_audit(env, tmp_path):
             r = h.get("/admin/audit/verify", headers={"Authorization": f"Bearer {keys['reader_token']}"})
             assert r.json() == {"ok": False, "error": r.json()["error"]}
             assert "#5" in r.json()["error"]
+    finally:
+        b.stop()
+
+
+def test_recover_refuses_a_recovery_record_forged_in_the_store(tmp_path, snap):
+    """Suspected (a): the database operator writes a whole fresh state under a master key of
+    their own, with shares to the same (public) recovery keys, and breaks the sealed row. The
+    holders' shares decrypt and combine, but not to the fingerprint they recorded at first
+    start: the CLI refuses before sending, and the broker refuses such shares too."""
+    from joserfc.jwk import ECKey
+
+    from safehold.broker.state import NAMESPACE, BrokerState, SealingIdentity
+    from safehold.store.sqlite import SqliteStore
+
+    wl = SimulatedAttester(tmp_path / "workload")
+    keys = write_keys(tmp_path / "keys")
+    mp = write_manifest(tmp_path / "m.json", manifest_dict(
+        measurement=wl.measurement.hex(), simulated_root=str(wl.root_ca_path), keys=keys))
+    db = tmp_path / "broker.db"
+    penv = {"PYTHONPATH": snap["PYTHONPATH"]}
+    b = start_broker(tmp_path / "broker", manifest=mp, store=f"sqlite:///{db}", env=penv)
+    try:
+        with b.client() as h:
+            recorded = h.get("/status").json()["master_fingerprint"]
+        assert f"master-key fingerprint {recorded}" in b.log()  # printed at first start
+    finally:
+        b.stop()
+    b.log_path.unlink()
+    # the operator's forgery: fresh state, their own master key, shares to the real recovery keys
+    store = SqliteStore(db)
+    for row in list(store.scan_all(NAMESPACE)):
+        store.delete(NAMESPACE, row.key)
+    forged = BrokerState.open(store, SealingIdentity(os.urandom(32), b"\x09" * 48))
+    forged_fp = forged.master_fingerprint()
+    forged.write_recovery_shares({f"r{i}": pub for i, (_, pub) in enumerate(keys["recovery"])}, 2)
+    store.close()
+    assert forged_fp != recorded
+
+    b = start_broker(tmp_path / "broker", store=f"sqlite:///{db}", env=penv, expect_mode="recovery")
+    try:
+        meas = measure_workload(root=snap["root"] / "safehold").hex()
+        pol = tmp_path / "broker-policy.toml"
+        pol.write_text(f'allow_simulated = true\nsimulated_root = "{b.data_dir}/simulated-tee/root-ca.pem"\n'
+                       'accepted_tcb_statuses = ["UpToDate", "Simulated"]\nreport_data = "key-binding"\n'
+                       f'[reference_values]\nmeasurements = ["{meas}"]\n')
+        r0, r1 = keys["recovery"][0][0], keys["recovery"][1][0]
+        res = _cli("broker", "recover", "--url", b.url, "--key", str(r0), "--key", str(r1), "--policy",
+                   str(pol), "--expect-fingerprint", recorded)
+        assert res.returncode == 1, res.stderr
+        assert "nothing sent" in res.stderr and f"fingerprint {forged_fp}, expected {recorded}" in res.stderr
+        # a client that skips the local check: the broker compares with the fingerprint it is told
+        from safehold.broker.state import decrypt_share
+
+        with httpx.Client(base_url=b.url, verify=False) as h:
+            info = h.get("/recovery").json()
+            bkey = ECKey.import_key(info["broker_key"])
+            shares = [protocol.encrypt_response(decrypt_share(info["shares"][f"r{i}"], k.read_bytes()), bkey)
+                      for i, k in ((0, r0), (1, r1))]
+            r = h.post("/recovery", json={"shares": shares, "expect_fingerprint": recorded})
+            assert r.status_code == 400 and f"expected {recorded}" in r.json()["detail"], r.text
+            r = h.post("/recovery", json={"shares": shares})  # no fingerprint: refused as well
+            assert r.status_code == 400 and "expect_fingerprint" in r.json()["detail"], r.text
+            assert h.get("/status").json()["mode"] == "recovery"
     finally:
         b.stop()

@@ -5,6 +5,7 @@ KBS protocol helpers and the workload CA."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import pytest
@@ -30,7 +31,10 @@ from safehold.broker.state import (
     BrokerState,
     RecoveryError,
     SealingIdentity,
+    combine_shares,
     decrypt_share,
+    master_fingerprint,
+    normalize_fingerprint,
 )
 from safehold.errors import AuditChainError, BrokerError, ManifestError, SealingError
 from safehold.store.sqlite import SqliteStore
@@ -166,29 +170,41 @@ def test_signed_update(owner):
     new_raw["secrets"]["k2"] = {"type": "keyset"}
     new = manifest_from_dict(new_raw)
     pk = owner.private_bytes(PEM, PK8, NOENC)
-    sig = sign_update(new, 2, pk)
-    verify_update(cur, new, 2, "alice", sig)
+    bid = "ab" * 16
+    sig = sign_update(new, 2, pk, broker_id=bid, previous_sha256=cur.digest)
+    verify_update(cur, new, 2, "alice", sig, broker_id=bid)
     with pytest.raises(ManifestError, match="version 3"):
-        verify_update(cur, new, 3, "alice", sig)  # signature is for version 2
+        verify_update(cur, new, 3, "alice", sig, broker_id=bid)  # signature is for version 2
     with pytest.raises(ManifestError, match="does not verify"):
-        verify_update(cur, cur, 2, "alice", sig)  # signature over another manifest
+        verify_update(cur, cur, 2, "alice", sig, broker_id=bid)  # signature over another manifest
+    with pytest.raises(ManifestError, match="does not verify.*broker " + "cd" * 16):
+        verify_update(cur, new, 2, "alice", sig, broker_id="cd" * 16)  # signed for another broker
+    # signed on top of another previous manifest (another history of the same broker)
+    prev_raw = _manifest(owner)
+    prev_raw["name"] = "staging"
+    prev = manifest_from_dict(prev_raw)
+    with pytest.raises(ManifestError, match="does not verify.*previous manifest"):
+        verify_update(prev, new, 2, "alice", sig, broker_id=bid)
     with pytest.raises(ManifestError, match="expected owner"):
-        verify_update(cur, new, 2, "rita", sig)
+        verify_update(cur, new, 2, "rita", sig, broker_id=bid)
     with pytest.raises(ManifestError, match="not a user"):
-        verify_update(cur, new, 2, "mallory", sig)
+        verify_update(cur, new, 2, "mallory", sig, broker_id=bid)
     with pytest.raises(ManifestError, match="base64url"):
-        verify_update(cur, new, 2, "alice", "!!")
+        verify_update(cur, new, 2, "alice", "!!", broker_id=bid)
     other = ed25519.Ed25519PrivateKey.generate().private_bytes(PEM, PK8, NOENC)
     with pytest.raises(ManifestError, match="does not verify"):
-        verify_update(cur, new, 2, "alice", sign_update(new, 2, other))
+        verify_update(cur, new, 2, "alice", sign_update(new, 2, other, broker_id=bid,
+                                                        previous_sha256=cur.digest), broker_id=bid)
     # ECDSA owners work the same way
     eck = ec.generate_private_key(ec.SECP256R1())
     raw = _manifest(owner)
     raw["users"]["alice"]["public_key"] = eck.public_key().public_bytes(PEM, SPKI).decode()
     cur2 = manifest_from_dict(raw)
-    verify_update(cur2, new, 2, "alice", sign_update(new, 2, eck.private_bytes(PEM, PK8, NOENC)))
+    verify_update(cur2, new, 2, "alice", sign_update(new, 2, eck.private_bytes(PEM, PK8, NOENC),
+                                                     broker_id=bid, previous_sha256=cur2.digest),
+                  broker_id=bid)
     with pytest.raises(ManifestError, match="cannot load"):
-        sign_update(new, 2, b"garbage")
+        sign_update(new, 2, b"garbage", broker_id=bid, previous_sha256=cur.digest)
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
@@ -307,17 +323,27 @@ def test_seal_recover_kofn(tmp_path, rsa_keys):
     new = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48))
     data = new.recovery_data()
     shares = [decrypt_share(data["shares"][f"r{i}"], _priv(k)) for i, k in enumerate(rsa_keys)]
+    fp = s.master_fingerprint()
+    assert len(fp) == 32 and master_fingerprint(combine_shares(shares[:2], 2)) == fp
     with pytest.raises(RecoveryError, match="2 distinct"):
-        new.recover([shares[0], shares[0]])
-    with pytest.raises(RecoveryError, match="does not open"):
-        new.recover([shares[0], bytes([1]) + bytes(len(shares[0]) - 2) + shares[1][-1:]])
+        new.recover([shares[0], shares[0]], expect_fingerprint=fp)
+    with pytest.raises(RecoveryError, match="fingerprint"):  # a wrong share: another key
+        new.recover([shares[0], bytes([1]) + bytes(len(shares[0]) - 2) + shares[1][-1:]],
+                    expect_fingerprint=fp)
     with pytest.raises(RecoveryError, match="malformed"):
-        new.recover([b"\x07abc", b"\x07abd"])
-    with pytest.raises(RecoveryError, match="wrong length|do not combine|does not open"):
-        new.recover([b"\x01ab", b"\x01abc"])
+        new.recover([b"\x07abc", b"\x07abd"], expect_fingerprint=fp)
+    with pytest.raises(RecoveryError, match="wrong length|do not combine|fingerprint"):
+        new.recover([b"\x01ab", b"\x01abc"], expect_fingerprint=fp)
     with pytest.raises(RecoveryError):  # a share decrypted with the wrong key
         decrypt_share(data["shares"]["r0"], _priv(rsa_keys[1]))
-    new.recover([shares[2], shares[1]])
+    with pytest.raises(RecoveryError, match="fingerprint"):  # right shares, another fingerprint
+        new.recover([shares[2], shares[1]], expect_fingerprint="00" * 16)
+    for bad in (None, "", "xyz", fp[:-1], fp + "0"):
+        with pytest.raises(RecoveryError, match="expect_fingerprint"):
+            new.recover([shares[2], shares[1]], expect_fingerprint=bad)
+    assert new.mode == "recovery"
+    new.recover([shares[2], shares[1]], expect_fingerprint="-".join(fp[i:i + 4].upper()
+                                                                  for i in range(0, 32, 4)))
     assert new.mode == "ready" and new.get("secret", "x")[0] == b"value"
     # re-sealed: the new identity unseals without recovery, the old one no longer does
     assert BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48)).mode == "ready"
@@ -330,11 +356,45 @@ def test_threshold_one_and_no_recovery_keys(tmp_path, rsa_keys):
     s = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x01" * 48))
     r = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48))
     with pytest.raises(RecoveryError, match="no recovery shares"):
-        r.recover([b"x"])
+        r.recover([b"x"], expect_fingerprint=s.master_fingerprint())
     s.write_recovery_shares({"only": _pub(rsa_keys[0])}, 1)
     share = decrypt_share(r.recovery_data()["shares"]["only"], _priv(rsa_keys[0]))
-    r.recover([share])
+    r.recover([share], expect_fingerprint=s.master_fingerprint())
     assert r.mode == "ready"
+    store.close()
+
+
+def test_forged_recovery_record_is_refused_by_fingerprint(tmp_path, rsa_keys):
+    """A database operator replaces the whole state with one under their own master key, with
+    shares to the same (public) recovery keys, and breaks m/sealed: the shares decrypt and
+    combine and even open the forged keyset, but the fingerprint differs, so nothing changes."""
+    from safehold.broker.state import NAMESPACE
+
+    store = SqliteStore(tmp_path / "s.db")
+    ident = SealingIdentity(b"s" * 32, b"\x01" * 48)
+    real = BrokerState.open(store, ident)
+    recorded = real.master_fingerprint()  # what the holders wrote down at first start
+    pubs = {f"r{i}": _pub(k) for i, k in enumerate(rsa_keys)}
+    real.write_recovery_shares(pubs, 2)
+    for row in list(store.scan_all(NAMESPACE)):
+        store.delete(NAMESPACE, row.key)
+    forged = BrokerState.open(store, SealingIdentity(os.urandom(32), b"\x09" * 48))  # attacker's
+    assert forged.created and forged.master_fingerprint() != recorded
+    forged.write_recovery_shares(pubs, 2)
+    victim = BrokerState.open(store, ident)
+    assert victim.mode == "recovery"
+    data = victim.recovery_data()
+    shares = [decrypt_share(data["shares"][f"r{i}"], _priv(k)) for i, k in enumerate(rsa_keys[:2])]
+    sealed_before = store.get(NAMESPACE, b"m/sealed")
+    with pytest.raises(RecoveryError, match=f"expected {recorded}"):
+        victim.recover(shares, expect_fingerprint=recorded)
+    assert victim.mode == "recovery" and store.get(NAMESPACE, b"m/sealed") == sealed_before
+    assert normalize_fingerprint(recorded.upper()) == recorded
+    # a garbled record is a clear RecoveryError, not a crash
+    cur = store.get(NAMESPACE, b"m/recovery")
+    store.put(NAMESPACE, b"m/recovery", b"{not json", expected_version=cur.version)
+    with pytest.raises(RecoveryError, match="malformed"):
+        victim.recovery_data()
     store.close()
 
 
@@ -500,3 +560,37 @@ def test_client_unreachable_broker_is_a_clear_error(core):
         with BrokerClient(f"https://127.0.0.1:{port}", core[1], verify=False, timeout=2) as c, \
                 pytest.raises(BrokerError, match="unreachable"):
             c.attest()
+
+
+def test_update_signed_for_staging_does_not_replay_on_production(tmp_path, owner):
+    """Two brokers (staging, production) with the same v1 manifest: an update the owner signed
+    for staging v2 is refused by production (its broker id differs), and nothing changes."""
+    import warnings
+
+    from safehold.broker.server import open_broker
+    from safehold.broker.service import Forbidden
+
+    warnings.simplefilter("ignore")
+    mp = tmp_path / "m.json"
+    mp.write_text(json.dumps(_manifest(owner)))
+    staging, production = (open_broker(tmp_path / n, manifest_path=mp) for n in ("staging", "production"))
+    try:
+        assert staging.broker_id != production.broker_id
+        assert staging.manifest.digest == production.manifest.digest and production.manifest_version == 1
+        new_raw = _manifest(owner)
+        new_raw["secrets"]["k2"] = {"type": "keyset"}
+        new = manifest_from_dict(new_raw)
+        pk = owner.private_bytes(PEM, PK8, NOENC)
+        st = staging.status()
+        sig = sign_update(new, 2, pk, broker_id=st["broker_id"], previous_sha256=st["manifest_digest"])
+        assert staging.update_manifest(new.raw, 2, "alice", sig) == 2
+        with pytest.raises(Forbidden, match="does not verify"):
+            production.update_manifest(new.raw, 2, "alice", sig)
+        assert production.manifest_version == 1 and "k2" not in production.manifest.secrets
+        assert production.audit_entries()[-1]["event"] == "manifest-denied"
+        assert production.audit_entries()[0]["event"] == "init"
+        assert production.audit_entries()[0]["detail"]["master_fingerprint"] == \
+            production.status()["master_fingerprint"]
+    finally:
+        staging.state.store.close()
+        production.state.store.close()

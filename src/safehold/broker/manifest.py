@@ -32,10 +32,17 @@ and is written in TOML or JSON::
     threshold = 2
     keys = { alice = "-----BEGIN PUBLIC KEY-----...", bob = "...", carol = "..." }  # RSA >= 3072
 
-A manifest update is the canonical JSON (:func:`canonical_json`) of
-``{"manifest": <manifest>, "version": <new version>}`` signed by a user with the ``owner`` role
-of the *current* manifest (:func:`sign_update` / :func:`verify_update`); the version number
-stops an old signed update from being replayed.
+A manifest update is the canonical JSON (:func:`canonical_json`) of ::
+
+    {"context": "safehold/v1/manifest-update", "broker_id": <the broker's id>,
+     "previous_sha256": <hex SHA-256 digest of the current manifest>,
+     "manifest": <new manifest>, "version": <new version>}
+
+signed by a user with the ``owner`` role of the *current* manifest (:func:`sign_update` /
+:func:`verify_update`). The version stops an old signed update from being replayed on the same
+broker; the broker id (random, made at the broker's first start) and the previous manifest's
+digest stop an update signed for one deployment (staging v2) from being replayed on another
+(production v2), or on a different history of the same broker.
 """
 
 from __future__ import annotations
@@ -416,16 +423,30 @@ def _load_public_key(pem: str, where: str) -> Any:
 # --- signed updates ---------------------------------------------------------------------------
 
 
-def update_payload(manifest: Manifest, version: int) -> bytes:
-    """The bytes an owner signs to install ``manifest`` as ``version`` (canonical JSON)."""
-    return canonical_json({"manifest": manifest.raw, "version": version})
+UPDATE_CONTEXT = "safehold/v1/manifest-update"
 
 
-def sign_update(manifest: Manifest, version: int, private_key_pem: bytes) -> str:
+def update_payload(manifest: Manifest, version: int, *, broker_id: str, previous_sha256: str) -> bytes:
+    """The bytes an owner signs to install ``manifest`` as ``version`` (canonical JSON).
+
+    Args:
+        manifest: the new manifest.
+        version: its version (current + 1).
+        broker_id: the id of the broker it is meant for (``GET /status`` ``broker_id``, 32 hex).
+        previous_sha256: :attr:`Manifest.digest` of the manifest it replaces (64 hex).
+    """
+    return canonical_json({"context": UPDATE_CONTEXT, "broker_id": broker_id,
+                           "previous_sha256": previous_sha256, "manifest": manifest.raw,
+                           "version": version})
+
+
+def sign_update(manifest: Manifest, version: int, private_key_pem: bytes, *, broker_id: str,
+                previous_sha256: str) -> str:
     """Sign an update with an owner's Ed25519 or ECDSA private key (PEM, PKCS#8, unencrypted).
 
     ECDSA uses SHA-256 over :func:`update_payload` (FIPS 186-5, DER signature); Ed25519 signs the
-    payload itself (RFC 8032). Returns the signature as base64url without padding.
+    payload itself (RFC 8032). The signature binds ``broker_id`` and ``previous_sha256`` (see
+    :func:`update_payload`). Returns the signature as base64url without padding.
 
     Raises:
         ManifestError: the key cannot be loaded or is not Ed25519/ECDSA.
@@ -434,7 +455,7 @@ def sign_update(manifest: Manifest, version: int, private_key_pem: bytes) -> str
         key = serialization.load_pem_private_key(private_key_pem, password=None)
     except (ValueError, TypeError) as e:
         raise ManifestError(f"owner signing key: cannot load PEM private key ({e})") from None
-    payload = update_payload(manifest, version)
+    payload = update_payload(manifest, version, broker_id=broker_id, previous_sha256=previous_sha256)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         sig = key.sign(payload)
     elif isinstance(key, ec.EllipticCurvePrivateKey):
@@ -444,12 +465,14 @@ def sign_update(manifest: Manifest, version: int, private_key_pem: bytes) -> str
     return base64.urlsafe_b64encode(sig).rstrip(b"=").decode("ascii")
 
 
-def verify_update(current: Manifest, new: Manifest, version: int, signer: str, signature: str) -> None:
-    """Check that ``signer``, an owner of ``current``, signed ``new`` as ``version``.
+def verify_update(current: Manifest, new: Manifest, version: int, signer: str, signature: str, *,
+                  broker_id: str) -> None:
+    """Check that ``signer``, an owner of ``current``, signed ``new`` as ``version`` for the
+    broker ``broker_id`` on top of ``current`` (its digest is the signed ``previous_sha256``).
 
     Raises:
         ManifestError: unknown signer, signer not an owner or without a public key, malformed
-            or wrong signature.
+            or wrong signature (also: signed for another broker or another previous manifest).
     """
     user = current.users.get(signer)
     if user is None:
@@ -465,7 +488,7 @@ def verify_update(current: Manifest, new: Manifest, version: int, signer: str, s
     except (binascii.Error, ValueError, TypeError):
         raise ManifestError("manifest update: signature is not base64url") from None
     key = _load_public_key(user.public_key_pem, f"users.{signer}")
-    payload = update_payload(new, version)
+    payload = update_payload(new, version, broker_id=broker_id, previous_sha256=current.digest)
     try:
         if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(sig, payload)
@@ -473,5 +496,7 @@ def verify_update(current: Manifest, new: Manifest, version: int, signer: str, s
             key.verify(sig, payload, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise ManifestError(
-            f"manifest update: signature by {signer!r} does not verify for version {version}"
+            f"manifest update: signature by {signer!r} does not verify for version {version} of "
+            f"broker {broker_id} over previous manifest sha256 {current.digest[:16]}… (signed for "
+            "another manifest, version, broker or previous manifest?)"
         ) from None

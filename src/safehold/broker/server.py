@@ -63,6 +63,10 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
     if broker.mode == "recovery":
         log.error("RECOVERY MODE: %s", state.reason)
         return broker
+    if state.created:  # the one moment the fingerprint comes from a freshly made key (docs/broker.md)
+        log.warning("FIRST START: master-key fingerprint %s (broker id %s). Recovery-key holders: "
+                    "write it down; `safehold broker recover --expect-fingerprint` needs it.",
+                    state.master_fingerprint(), broker.broker_id)
     if manifest_path is not None:
         p = Path(manifest_path)
         try:

@@ -35,7 +35,7 @@ from safehold.broker import protocol
 from safehold.broker.audit import AuditLog, verify_log
 from safehold.broker.ca import CertificateRequestError, WorkloadCA
 from safehold.broker.manifest import Manifest, manifest_from_dict, verify_update
-from safehold.broker.state import AUDIT_NAMESPACE, BrokerState, RecoveryError
+from safehold.broker.state import AUDIT_NAMESPACE, BrokerState, RecoveryError, normalize_fingerprint
 from safehold.errors import (
     AttestationError,
     AttestationResultError,
@@ -99,13 +99,29 @@ class Unavailable(HTTPError):
 
 @dataclass
 class Attested:
-    """A successfully attested TEE key."""
+    """A successfully attested TEE key.
+
+    ``manifest_version`` is the manifest version whose appraisal policy affirmed the Evidence;
+    the attestation is honoured only while that version is current (an update may revoke the
+    measurement or remove the workload).
+    """
 
     workload: str
     key: ECKey | RSAKey
     thumbprint: bytes
     expires: float
     measurement: str
+    manifest_version: int = 0
+
+
+@dataclass(frozen=True)
+class _Active:
+    """The installed manifest, its version and its workloads' Verifiers, swapped as one value so
+    a request never sees a manifest with another version's policies."""
+
+    manifest: Manifest
+    version: int
+    verifiers: dict[str, Verifier]
 
 
 @dataclass
@@ -157,13 +173,12 @@ class Broker:
         self.state = state
         self.attester = attester
         self.config = config or BrokerConfig()
-        self.manifest: Manifest | None = None
-        self.manifest_version = 0
+        self._active: _Active | None = None
+        self.broker_id = ""
         self.ca: WorkloadCA | None = None
         self.audit: AuditLog | None = None
         self._ear_key: ec.EllipticCurvePrivateKey | None = None
         self._audit_key: ed25519.Ed25519PrivateKey | None = None
-        self._verifiers: dict[str, Verifier] = {}
         self._sessions: dict[str, Session] = {}
         self._tokens: dict[bytes, Attested] = {}
         self._lock = threading.RLock()
@@ -180,8 +195,21 @@ class Broker:
         """``ready`` or ``recovery``."""
         return self.state.mode
 
+    @property
+    def manifest(self) -> Manifest | None:
+        """The current manifest, or None before the first is set."""
+        act = self._active
+        return act.manifest if act else None
+
+    @property
+    def manifest_version(self) -> int:
+        """The current manifest version (0 before the first is set)."""
+        act = self._active
+        return act.version if act else 0
+
     def _load(self) -> None:
         keys = self.state.get_json("keys", "broker")
+        created = keys is None
         if keys is None:
             ear = ec.generate_private_key(ec.SECP256R1())
             aud = ed25519.Ed25519PrivateKey.generate()
@@ -209,32 +237,40 @@ class Broker:
         self.ca = WorkloadCA.from_pem(got[0])
         self.audit = AuditLog(self.state.store, AUDIT_NAMESPACE, self.state.seal_bytes,
                               self.state.open_bytes, aud_key)
+        if created:  # what recovery-key holders write down (docs/broker.md → Recovery)
+            self.record("init", {"broker_id": self.broker_id,
+                                 "master_fingerprint": self.state.master_fingerprint()})
         cur = self.state.get_json("manifest", "current")
         if cur is not None:
-            self.manifest_version = int(cur["version"])
-            m = self.state.get_json("manifest", str(self.manifest_version))
-            self._activate_manifest(manifest_from_dict(m["manifest"]))
+            version = int(cur["version"])
+            m = manifest_from_dict(self.state.get_json("manifest", str(version))["manifest"])
+            self._active = _Active(m, version, self._build_verifiers(m))
         if self.config.data_dir is not None:
             (Path(self.config.data_dir) / "ca.pem").write_text(self.ca.cert_pem())
 
-    def _activate_manifest(self, m: Manifest) -> None:
+    @staticmethod
+    def _build_verifiers(m: Manifest) -> dict[str, Verifier]:
         verifiers = {}
         for name, w in m.workloads.items():
             try:
                 verifiers[name] = Verifier(AppraisalPolicy.from_dict({"name": name, **w.policy}))
             except ConfigError as e:
                 raise ManifestError(f"workloads.{name}.policy: {e}") from None
-        self.manifest, self._verifiers = m, verifiers
+        return verifiers
 
     def _ready(self) -> None:
         if self.state.mode != "ready":
             raise Unavailable(f"broker is in recovery mode: {self.state.reason}")
 
     def _need_manifest(self) -> Manifest:
+        return self._need_active().manifest
+
+    def _need_active(self) -> _Active:
         self._ready()
-        if self.manifest is None:
+        act = self._active
+        if act is None:
             raise Unavailable("no manifest is set yet: `safehold broker manifest set`")
-        return self.manifest
+        return act
 
     def record(self, event: str, detail: dict[str, Any]) -> None:
         """Append an audit entry (never key material or secret values)."""
@@ -269,7 +305,7 @@ class Broker:
             ManifestError (400): invalid manifest. Forbidden (403): bad or missing signature,
             signer not an owner. Conflict (409): ``version`` is not current + 1.
         """
-        cur = self._need_manifest()
+        self._need_manifest()
         if not isinstance(version, int) or not isinstance(signer, str) or not isinstance(signature, str):
             raise BadRequest("manifest update: expected version (int), signer and signature (strings)")
         m = manifest_from_dict(raw)
@@ -278,8 +314,10 @@ class Broker:
                 raise Conflict(
                     f"manifest update: version expected {self.manifest_version + 1}, got {version}"
                 )
+            assert self._active is not None
             try:
-                verify_update(cur, m, version, signer, signature)
+                verify_update(self._active.manifest, m, version, signer, signature,
+                              broker_id=self.broker_id)
             except ManifestError as e:
                 self.record("manifest-denied", {"version": version, "signer": signer, "reason": str(e)})
                 raise Forbidden(str(e)) from None
@@ -289,7 +327,7 @@ class Broker:
     def _install(self, m: Manifest, version: int, *, signer: str | None, source: str,
                  signature: str | None = None) -> None:
         old = self.manifest
-        self._activate_manifest(m)  # validates policies before anything is written
+        verifiers = self._build_verifiers(m)  # validates policies before anything is written
         try:
             items: list[tuple[str, str, bytes, int]] = []
             for s in m.secrets.values():
@@ -308,15 +346,10 @@ class Broker:
                                     or old.recovery_threshold != m.recovery_threshold):
                 rec = self.state.recovery_row(m.recovery_keys, m.recovery_threshold)
             self.state.put_many(items, recovery_row=rec)  # one transaction: nothing half-written
-        except BaseException as e:  # nothing was written: go back to the old manifest in memory
-            if old is not None:
-                self._activate_manifest(old)
-            else:
-                self.manifest = None
-            if isinstance(e, ConflictError):
-                raise Conflict("manifest changed concurrently; retry") from None
-            raise
-        self.manifest_version = version
+        except ConflictError:
+            raise Conflict("manifest changed concurrently; retry") from None
+        # One swap: attestations made under the old version stop working (see _attested).
+        self._active = _Active(m, version, verifiers)
         self.record("manifest", {"version": version, "digest": m.digest, "signer": signer,
                                  "source": source})
 
@@ -441,7 +474,8 @@ class Broker:
             BadRequest (400): malformed body, JWK or Evidence.
             Forbidden (403): the appraisal policy refuses the claims (names each failed claim).
         """
-        m = self._need_manifest()
+        act = self._need_active()
+        m = act.manifest
         now = time.time()
         with self._lock:
             sess = self._sessions.get(sid or "")
@@ -466,13 +500,16 @@ class Broker:
         if evidence.tee_type != sess.tee:
             raise BadRequest(f"KBS attest: Request said tee {sess.tee!r}, Evidence is {evidence.tee_type!r}")
         rd = protocol.report_data(sess.nonce, jwk_obj)
+        if sess.workload is not None and sess.workload not in m.workloads:
+            raise Unauthorized(f"KBS attest: workload {sess.workload!r} is no longer in the manifest "
+                               f"(version {act.version}); POST /kbs/v0/auth again")
         candidates = [sess.workload] if sess.workload else sorted(m.workloads)
         failures: dict[str, list[tuple[str, str, str]]] = {}
         only_binding = True
         chosen = None
         for name in candidates:
             try:
-                appraisal = self._verifiers[name].evaluate(evidence, expected_report_data=rd)
+                appraisal = act.verifiers[name].evaluate(evidence, expected_report_data=rd)
             except EvidenceFormatError as e:
                 raise BadRequest(f"KBS attest: {e}") from None
             except AttestationError as e:
@@ -500,15 +537,23 @@ class Broker:
         tp = protocol.thumbprint(key)
         assert self._ear_key is not None
         token = issue_ear(appraisal, self._ear_key, submod=name, nonce=tp, ttl=self.config.token_ttl)
-        att = Attested(name, key, tp, now + self.config.token_ttl, appraisal.claims.measurement.hex())
+        att = Attested(name, key, tp, now + self.config.token_ttl, appraisal.claims.measurement.hex(),
+                       act.version)
         with self._lock:
             sess.attested, sess.token = att, token
             self._tokens[tp] = att
         self.record("attest", {"verdict": "affirmed", "workload": name, "tee": evidence.tee_type,
-                               "measurement": att.measurement, "key": _b64(tp)})
+                               "measurement": att.measurement, "key": _b64(tp),
+                               "manifest_version": act.version})
         return {"token": token}
 
-    def _attested(self, sid: str | None, bearer: str | None) -> Attested:
+    def _attested(self, sid: str | None, bearer: str | None, act: _Active) -> Attested:
+        """The attestation behind a cookie or EAR bearer token, valid under manifest ``act``.
+
+        Raises:
+            Unauthorized (401): none, expired, forged, or made under another manifest version
+                or for a workload ``act`` no longer has.
+        """
         now = time.time()
         if bearer:
             assert self._ear_key is not None
@@ -529,6 +574,12 @@ class Broker:
             att = sess.attested
         if att.expires < now:
             raise Unauthorized("attestation expired: attest again")
+        if att.manifest_version != act.version:
+            raise Unauthorized(f"attested under manifest version {att.manifest_version}, current is "
+                               f"{act.version}: attest again")
+        if att.workload not in act.manifest.workloads:  # cannot happen with equal versions; fail closed
+            raise Unauthorized(f"workload {att.workload!r} is not in manifest version {act.version}: "
+                               "attest again")
         return att
 
     def resource(self, sid: str | None, bearer: str | None, repository: str, rtype: str,
@@ -538,8 +589,9 @@ class Broker:
         Raises:
             Unauthorized (401), NotFound (404), Forbidden (403) as in the KBS protocol.
         """
-        m = self._need_manifest()
-        att = self._attested(sid, bearer)
+        act = self._need_active()
+        m = act.manifest
+        att = self._attested(sid, bearer, act)
         path = f"{repository}/{rtype}/{tag}"
         spec = m.secrets.get(tag)
         if repository != m.repository or spec is None or spec.type != rtype:
@@ -549,7 +601,7 @@ class Broker:
             self.record("deny", {"resource": path, "workload": att.workload, "reason": "not allowed"})
             raise Forbidden(f"workload {att.workload!r} may not read {path} (manifest)")
         if spec.type == "certificate":
-            plaintext = self._issue(att, spec.name, [])
+            plaintext = self._issue(m, att, spec.name, [])
         else:
             got = self.state.get("secret", spec.name)
             if got is None:
@@ -567,8 +619,9 @@ class Broker:
         Raises:
             Unauthorized / NotFound / Forbidden as :meth:`resource`; BadRequest (400) for a bad body.
         """
-        m = self._need_manifest()
-        att = self._attested(sid, bearer)
+        act = self._need_active()
+        m = act.manifest
+        att = self._attested(sid, bearer, act)
         spec = m.secrets.get(name)
         if spec is None or spec.type != "certificate":
             raise NotFound(f"certificate {name!r} is not in the manifest")
@@ -586,12 +639,12 @@ class Broker:
                     raise BadRequest(
                         "certificate request: each extension needs oid and base64url value"
                     ) from None
-        out = json.loads(self._issue(att, name, exts))
+        out = json.loads(self._issue(m, att, name, exts))
         return out
 
-    def _issue(self, att: Attested, name: str, exts: list[tuple[str, bytes]]) -> bytes:
-        assert self.manifest is not None and self.ca is not None
-        spec = self.manifest.secrets[name]
+    def _issue(self, m: Manifest, att: Attested, name: str, exts: list[tuple[str, bytes]]) -> bytes:
+        assert self.ca is not None
+        spec = m.secrets[name]
         try:
             cert = self.ca.issue(att.key.raw_value, common_name=att.workload,
                                  dns_names=spec.dns_names, ip_addresses=spec.ip_addresses,
@@ -663,12 +716,18 @@ class Broker:
     # --- status, audit, recovery --------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Public status: mode, manifest version/digest, broker measurement."""
+        """Public status: mode, broker measurement; when ready also the manifest version/digest
+        (what the next signed update binds as ``previous_sha256``), the broker id and the
+        master-key fingerprint (32 hex, :func:`~safehold.broker.state.master_fingerprint`) that
+        recovery-key holders record."""
         out: dict[str, Any] = {"mode": self.mode,
                                "broker_measurement": self.state.identity.measurement.hex()}
         if self.mode == "ready":
-            out["manifest_version"] = self.manifest_version
-            out["manifest_digest"] = self.manifest.digest if self.manifest else None
+            act = self._active
+            out["manifest_version"] = act.version if act else 0
+            out["manifest_digest"] = act.manifest.digest if act else None
+            out["broker_id"] = self.broker_id
+            out["master_fingerprint"] = self.state.master_fingerprint()
         else:
             out["reason"] = self.state.reason
         return out
@@ -718,15 +777,23 @@ class Broker:
     def recover(self, body: Any) -> dict[str, Any]:
         """Accept decrypted shares (each a JWE to ``broker_key``), restore and re-seal.
 
+        ``body``: ``{"shares": [<JWE>, ...], "expect_fingerprint": "<32 hex>"}`` — the master-key
+        fingerprint the recovery-key holders recorded at the broker's first start; a combined
+        key with another fingerprint (a recovery record forged in the store) is refused.
+
         Raises:
             Conflict (409): not in recovery mode. BadRequest (400): malformed body.
-            RecoveryError (400): too few or wrong shares.
+            RecoveryError (400): too few or wrong shares, or the fingerprint differs.
         """
         if self.mode != "recovery":
             raise Conflict("broker is not in recovery mode")
         shares_in = body.get("shares") if isinstance(body, dict) else None
         if not isinstance(shares_in, list) or len(shares_in) > 255:
-            raise BadRequest("recovery: expected {\"shares\": [<JWE>, ...]}")
+            raise BadRequest("recovery: expected {\"shares\": [<JWE>, ...], \"expect_fingerprint\": hex}")
+        try:
+            expect = normalize_fingerprint(body.get("expect_fingerprint"))
+        except RecoveryError as e:
+            raise BadRequest(f"recovery: {e}") from None
         shares = []
         for s in shares_in:
             try:
@@ -734,7 +801,7 @@ class Broker:
             except BrokerError:
                 raise BadRequest("recovery: a share is not a JWE to this broker's recovery key") from None
         try:
-            self.state.recover(shares)
+            self.state.recover(shares, expect_fingerprint=expect)
         except RecoveryError:
             log.warning("recovery attempt failed")
             raise

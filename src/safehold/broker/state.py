@@ -21,6 +21,13 @@ Rows in the store namespace :data:`NAMESPACE`:
 If ``m/sealed`` does not open with this TEE's sealing key (the broker's measurement changed, or
 the database moved to another host), :meth:`BrokerState.open` reports recovery mode; k shares
 restore the master key (:meth:`BrokerState.recover`), which is then re-sealed to the new identity.
+
+The recovery record is *not* authenticated (it lives in the untrusted store, encrypted to public
+keys): a database operator could write a whole fresh state under a master key of their own with
+shares to the same recovery keys. The anchor is the master-key fingerprint
+(:func:`master_fingerprint`), shown at the broker's first start and by ``/status`` while
+unsealed, which recovery-key holders write down; a recovery whose combined key has another
+fingerprint is refused, by the CLI before it sends anything and by :meth:`BrokerState.recover`.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ _KEYSET = b"m/keyset"
 _RECOVERY = b"m/recovery"
 _SEAL_AAD = b"safehold-broker-master-key-v1"
 _SHARE_ALG = {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
+_FINGERPRINT_INFO = b"safehold/v1/master-fingerprint"
+FINGERPRINT_HEX_LEN = 32
 
 
 class RecoveryError(BrokerError):
@@ -72,6 +81,60 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: str) -> bytes:
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def master_fingerprint(master: bytes) -> str:
+    """The master key's fingerprint: the first 16 bytes of
+    ``HMAC-SHA256(master, "safehold/v1/master-fingerprint")`` (RFC 2104) as 32 lowercase hex.
+
+    Safe to show: it reveals nothing about the key, and forging another key with the same
+    fingerprint is a 128-bit second preimage of HMAC-SHA256.
+    """
+    mac = hmac.new(master, _FINGERPRINT_INFO, hashlib.sha256).hexdigest()
+    return mac[:FINGERPRINT_HEX_LEN]
+
+
+def normalize_fingerprint(text: Any) -> str:
+    """A written-down fingerprint → 32 lowercase hex (spaces, ``-`` and ``:`` are ignored).
+
+    Raises:
+        RecoveryError: missing, or not 32 hex digits.
+    """
+    if not isinstance(text, str):
+        raise RecoveryError("expect_fingerprint: the recorded master-key fingerprint (32 hex) is required")
+    fp = "".join(c for c in text if c not in " -:").lower()
+    if len(fp) != FINGERPRINT_HEX_LEN or any(c not in "0123456789abcdef" for c in fp):
+        raise RecoveryError(
+            f"expect_fingerprint: expected {FINGERPRINT_HEX_LEN} hex digits, got {len(fp)} characters"
+        )
+    return fp
+
+
+def combine_shares(shares: list[bytes], threshold: int) -> bytes:
+    """Combine decrypted recovery shares (as :func:`decrypt_share` returns them) into the
+    32-byte master key: share = ``0x00 || master`` (threshold 1) or ``0x01 || Shamir share``
+    (pyshamir, GF(256)).
+
+    Raises:
+        RecoveryError: fewer than ``threshold`` distinct shares, malformed shares, shares that do
+            not combine, or a result of the wrong length. (Wrong shares of the right shape
+            combine to a wrong key: check it with :func:`master_fingerprint`.)
+    """
+    distinct = list({bytes(s) for s in shares})
+    if len(distinct) < threshold or not distinct:
+        raise RecoveryError(f"recovery needs {threshold} distinct shares, got {len(distinct)}")
+    if any(len(s) < 2 or s[0] not in (0, 1) for s in distinct):
+        raise RecoveryError("a recovery share is malformed")
+    if distinct[0][0] == 0:
+        master = distinct[0][1:]
+    else:
+        try:
+            master = bytes(pyshamir.combine([bytearray(s[1:]) for s in distinct]))
+        except ValueError as e:
+            raise RecoveryError(f"recovery shares do not combine: {e}") from None
+    if len(master) != MASTER_KEY_LEN:
+        raise RecoveryError("recovered master key has the wrong length")
+    return master
 
 
 def _single_key_keyset(key: bytes) -> Keyset:
@@ -207,6 +270,16 @@ class BrokerState:
         self.mode = "ready"
         self.reason = ""
 
+    def master_fingerprint(self) -> str:
+        """:func:`master_fingerprint` of this state's master key (32 hex).
+
+        Raises:
+            SealingError: in recovery mode.
+        """
+        self._need_ready()
+        assert self._master is not None
+        return master_fingerprint(self._master)
+
     def _need_ready(self) -> Keyset:
         if self._keyset is None:
             raise SealingError("broker is in recovery mode: state is sealed")
@@ -320,42 +393,44 @@ class BrokerState:
         """The stored recovery record ``{"threshold": k, "shares": {name: JWE}}``.
 
         Raises:
-            RecoveryError: no recovery keys were ever configured.
+            RecoveryError: no recovery keys were ever configured, or the record is malformed.
         """
         row = self.store.get(NAMESPACE, _RECOVERY)
         if row is None:
             raise RecoveryError("no recovery shares are stored (the manifest named no recovery keys)")
-        return json.loads(row.value)
+        try:
+            data = json.loads(row.value)
+            ok = isinstance(data["threshold"], int) and isinstance(data["shares"], dict)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise RecoveryError("the stored recovery record is malformed")
+        return data
 
-    def recover(self, shares: list[bytes]) -> None:
+    def recover(self, shares: list[bytes], *, expect_fingerprint: str) -> None:
         """Restore the master key from decrypted shares, check it, and re-seal it here.
 
         Args:
             shares: share bytes as decrypted from the recovery JWEs (``"share"`` field).
+            expect_fingerprint: the :func:`master_fingerprint` recorded at first start (32 hex).
 
         Raises:
-            RecoveryError: fewer than k shares, malformed shares, or the combined key does not
-                open the state (wrong or too few shares).
+            RecoveryError: fewer than k shares, malformed shares, a combined key whose
+                fingerprint is not ``expect_fingerprint`` (forged recovery record), or one that
+                does not open the state (wrong or too few shares). Nothing is written then.
         """
+        expect = normalize_fingerprint(expect_fingerprint)
         with self._lock:
             if self.mode == "ready":
                 return
-            data = self.recovery_data()
-            k = int(data["threshold"])
-            distinct = list({bytes(s) for s in shares})
-            if len(distinct) < k:
-                raise RecoveryError(f"recovery needs {k} distinct shares, got {len(distinct)}")
-            if any(len(s) < 2 or s[0] not in (0, 1) for s in distinct):
-                raise RecoveryError("a recovery share is malformed")
-            if distinct[0][0] == 0:
-                master = distinct[0][1:]
-            else:
-                try:
-                    master = bytes(pyshamir.combine([bytearray(s[1:]) for s in distinct]))
-                except ValueError as e:
-                    raise RecoveryError(f"recovery shares do not combine: {e}") from None
-            if len(master) != MASTER_KEY_LEN:
-                raise RecoveryError("recovered master key has the wrong length")
+            master = combine_shares(shares, int(self.recovery_data()["threshold"]))
+            got = master_fingerprint(master)
+            if not hmac.compare_digest(got, expect):
+                raise RecoveryError(
+                    f"the shares combine to a master key with fingerprint {got}, expected {expect}: "
+                    "the recovery record is not the one made for this broker (forged or replaced in "
+                    "the store?); nothing was changed"
+                )
             row = self.store.get(NAMESPACE, _KEYSET)
             if row is None:
                 raise RecoveryError("broker state keyset is missing; nothing to recover")

@@ -90,7 +90,8 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
 @_CACERT
 @click.option("--insecure", is_flag=True, help="Do not verify TLS (e.g. a broker in recovery mode).")
 def status_cmd(url: str, cacert: str | None, insecure: bool) -> None:
-    """Print the broker's mode, manifest version and measurement."""
+    """Print the broker's mode, manifest version and measurement; when unsealed also its broker id
+    and master-key fingerprint (recovery-key holders record it for `recover --expect-fingerprint`)."""
     with _http(url, cacert, insecure=insecure) as c:
         click.echo(json.dumps(_call(c, "GET", "/status"), indent=2))
 
@@ -142,14 +143,21 @@ def manifest_set(path: str, url: str, cacert: str | None) -> None:
 @_TOKEN
 def manifest_update(path: str, signer: str, key_path: str, version: int | None, url: str,
                     cacert: str | None, token: str | None) -> None:
-    """Sign PATH as the next manifest version with an owner key and install it."""
+    """Sign PATH as the next manifest version with an owner key and install it.
+
+    The signature binds the broker's id and the SHA-256 digest of its current manifest (both read
+    from /status over verified TLS), so it cannot be replayed on another broker or history."""
     from safehold.broker.manifest import sign_update
 
     m = _load(path)
     with _http(url, cacert) as c:
+        st = _call(c, "GET", "/status")
+        if st.get("mode") != "ready" or not st.get("broker_id") or not st.get("manifest_digest"):
+            raise BrokerError(f"broker is not ready for a manifest update (status: {st.get('mode')})")
         if version is None:
-            version = int(_call(c, "GET", "/status")["manifest_version"]) + 1
-        sig = sign_update(m, version, Path(key_path).read_bytes())
+            version = int(st["manifest_version"]) + 1
+        sig = sign_update(m, version, Path(key_path).read_bytes(), broker_id=st["broker_id"],
+                          previous_sha256=st["manifest_digest"])
         out = _call(c, "POST", "/admin/manifest/update",
                     json={"manifest": m.raw, "version": version, "signer": signer, "signature": sig})
     click.echo(json.dumps(out))
@@ -277,20 +285,32 @@ def audit_show(url: str, cacert: str | None, token: str | None) -> None:
               help="A recovery private key (PEM); give k of them.")
 @click.option("--policy", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Appraisal policy for the broker's own Evidence (binds its recovery key).")
+@click.option("--expect-fingerprint", "expect_fp", required=True,
+              help="The master-key fingerprint (32 hex) recorded at the broker's first start "
+                   "(or from `safehold broker status`); refuse if the shares give another key.")
 @click.option("--insecure-no-attestation", is_flag=True,
               help="Send shares without appraising the broker's Evidence (testing only).")
 @_URL
 @_CACERT
-def recover_cmd(keys: tuple[str, ...], policy: str | None, insecure_no_attestation: bool, url: str,
-                cacert: str | None) -> None:
-    """Restore a broker in recovery mode with k of the n recovery private keys."""
+def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insecure_no_attestation: bool,
+                url: str, cacert: str | None) -> None:
+    """Restore a broker in recovery mode with k of the n recovery private keys.
+
+    The shares are combined here first: if the key they give does not have the recorded
+    fingerprint (a recovery record forged in the store), nothing is sent to the broker."""
+    import hmac
+
     from joserfc.jwk import ECKey
 
     from safehold.broker import protocol
-    from safehold.broker.state import decrypt_share
+    from safehold.broker.state import combine_shares, decrypt_share, master_fingerprint, normalize_fingerprint
 
     if not policy and not insecure_no_attestation:
         raise click.UsageError("give --policy for the broker's Evidence (or --insecure-no-attestation)")
+    try:
+        expect = normalize_fingerprint(expect_fp)
+    except SafeholdError as e:
+        raise click.UsageError(f"--expect-fingerprint: {e}") from None
     with _http(url, cacert, insecure=True) as c:  # TLS in recovery mode is self-signed; Evidence binds
         info = _call(c, "GET", "/recovery")
         broker_jwk = info["broker_key"]
@@ -303,7 +323,7 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, insecure_no_attestati
             Verifier(AppraisalPolicy.from_toml(Path(policy))).appraise(
                 Evidence.from_cmw(info["evidence"]), expected_report_data=rd)
         bkey = ECKey.import_key(broker_jwk)
-        shares = []
+        plain: list[bytes] = []
         for kp in keys:
             pem = Path(kp).read_bytes()
             share = None
@@ -315,8 +335,20 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, insecure_no_attestati
                     continue
             if share is None:
                 raise BrokerError(f"recovery key {kp} decrypts none of the stored shares")
-            shares.append(protocol.encrypt_response(share, bkey))
-        out = _call(c, "POST", "/recovery", json={"shares": shares})
+            plain.append(share)
+        try:
+            threshold = int(info["threshold"])
+        except (KeyError, TypeError, ValueError):
+            raise BrokerError("recovery: the broker's recovery record has no valid threshold") from None
+        got = master_fingerprint(combine_shares(plain, threshold))
+        if not hmac.compare_digest(got, expect):
+            raise BrokerError(
+                f"recovery refused, nothing sent: the shares give a master key with fingerprint {got}, "
+                f"expected {expect}; the recovery record is not the one made for this broker "
+                "(forged or replaced in the store?)"
+            )
+        shares = [protocol.encrypt_response(s, bkey) for s in plain]
+        out = _call(c, "POST", "/recovery", json={"shares": shares, "expect_fingerprint": expect})
     click.echo(json.dumps(out))
 
 
