@@ -260,3 +260,29 @@ def test_request_smuggling_framing_refused(stack):
     assert 400 <= status < 500, reply[:200]
     assert _raw_count(stack) == before
     _assert_no_plaintext(stack["db"], SECRETS)
+
+
+NESTED = [
+    ("POST", "/records", [("Content-Type", JSON)], json.dumps({"id": "p-1", "payload": json.dumps({"name": NAME})}).encode()),
+    ("POST", "/records", [("Content-Type", JSON)], json.dumps({"id": "p-1", "x": [{"y": " " + json.dumps([{"Name": NAME}])}]}).encode()),
+    ("POST", "/records", [("Content-Type", JSON)], json.dumps({"id": "p-1", "payload": json.dumps(json.dumps({"id": PID}))}).encode()),
+    ("POST", "/records", [("Content-Type", JSON)], json.dumps({"id": "p-1", "payload": quote(json.dumps({"name": NAME}))}).encode()),
+    ("POST", "/records", [("Content-Type", FORM)], ("payload=" + quote(json.dumps({"account": "9876543"}))).encode()),
+    ("GET", "/records?q=" + quote(json.dumps({"filter": {"patient": PID}})), [], b""),
+]
+
+
+@pytest.mark.parametrize("method,target,headers,body", NESTED)
+def test_record_encoded_inside_a_value_is_refused(stack, method, target, headers, body):
+    before = _raw_count(stack)
+    status, doc = _send(stack, method, target, headers, body)
+    _refused(stack, status, 400, doc, "encoded JSON record", before)
+
+
+def test_json_looking_values_without_protected_keys_pass(stack):
+    before = _raw_count(stack)
+    body = json.dumps({"id": PID, "meta": json.dumps({"page": 2}), "note": "{not json", "tags": "[1, 2]"}).encode()
+    status, doc = _send(stack, "POST", "/records", [("Content-Type", JSON)], body)
+    assert status == 201 and doc["meta"] == '{"page": 2}', doc
+    assert _raw_count(stack) == before + 1
+    _assert_no_plaintext(stack["db"], SECRETS)

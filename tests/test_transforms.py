@@ -346,6 +346,42 @@ def test_query_protection_matches_stored_value(prot):
         prot.protect_query("birth_date", "15.06.1980")
 
 
+def test_lookalike_query_and_form_names(keyset):
+    p = Protector(Schema.from_dict({
+        "proxy": {"query": {"patient": "id"}},
+        "fields": dict(SEED_SCHEMA["fields"], **{"name.*.family": {"transform": "deterministic"}})}), keyset)
+    for exact in ("id", "patient", "name", "account", "address.city", "blood_group", "name.*.family"):
+        assert p.lookalike_param(exact) is None, exact  # protected exactly (or a keep field)
+    for unrelated in ("page", "_count", "sort", "bloodgroup", "x"):
+        assert p.lookalike_param(unrelated) is None, unrelated
+    for disguised in ("Patient", "PATIENT", " patient", "patient[]", "patient[0]", "filter[id]", "_id",
+                      "patient_id", "pat%69ent", "pat%2569ent", "ｐａｔｉｅｎｔ", "Birth-Date", "birthdate",
+                      "family", "family:exact", "city", "address-city", "Address.City", "record[name]",
+                      "blood_group.name"):
+        assert p.lookalike_param(disguised) is not None, disguised
+
+
+def test_lookalike_json_keys(prot):
+    assert prot.lookalike_key(SEED) is None
+    assert prot.lookalike_key({"id": "p", "address": {"city": "Berlin"}}) is None
+    assert prot.lookalike_key({"Name": "x"}) == ("Name", "name")
+    assert prot.lookalike_key({"name": "x", "NAME ": "y"}) == ("NAME ", "name")
+    assert prot.lookalike_key({"ａｃｃｏｕｎｔ": "1"}) == ("ａｃｃｏｕｎｔ", "account")
+    assert prot.lookalike_key({"address": {"City": "Berlin"}}) == ("City", "address.city")
+    assert prot.lookalike_key({"Address": {"city": "Berlin"}}) == ("Address", "address.city")
+    assert prot.lookalike_key({"address.city": "Berlin"}) == ("address.city", "address.city")
+    assert prot.lookalike_key({"blood_Group": "AB"}) is None  # a keep field: nothing to protect
+
+
+def test_encoded_record_key(prot):
+    assert prot.encoded_record_key(json.dumps({"name": "Max"})) == "name"
+    assert prot.encoded_record_key("  " + json.dumps([{"x": {"Account": "1"}}])) == "Account"
+    assert prot.encoded_record_key(json.dumps(json.dumps({"id": "p"}))) == "id"  # JSON in a JSON string
+    assert prot.encoded_record_key("%7B%22id%22%3A1%7D") == "id"  # percent-encoded
+    for harmless in ("", "Max", "{not json", "[1, 2]", json.dumps({"page": 2}), '"plain"', "100%"):
+        assert prot.encoded_record_key(harmless) is None, harmless
+
+
 @pytest.mark.parametrize("bad,msg", [
     ({}, "non-empty"),
     ({"fields": {"a": {"transform": "rot13"}}}, "transform must be one of"),

@@ -14,7 +14,8 @@ would not protect it (400 unless noted): a path that resembles a path template w
 exactly (trailing slash, ``//``, dot segments, percent-encoded or differently cased fixed
 segments, extra segments), a query or form name that resembles a protected one (``Patient``,
 ``patient[]``, ``filter[id]``), a JSON key that differs from a protected field only by case,
-duplicate JSON keys, several Content-Type headers, a charset other than UTF-8 (415) and a
+duplicate JSON keys, a JSON record encoded inside a string value (:meth:`Protector.encoded_record_key`),
+several Content-Type headers, a charset other than UTF-8 (415) and a
 ``Content-Encoding`` (415). A response that cannot be revealed becomes 502. Error bodies are
 ``{"error": "..."}`` and never contain field values (nor the request path, which may hold one).
 """
@@ -119,6 +120,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _strings(node: Any) -> list[str]:
+    """Every string value (not key) in a decoded JSON document."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, str):
+            out.append(n)
+        elif isinstance(n, dict):
+            todo.extend(n.values())
+        elif isinstance(n, list):
+            todo.extend(n)
+    return out
+
+
 def _content_type(request: Request) -> str:
     """The request's media type (lower case, parameters dropped), refusing ambiguous ones."""
     values = request.headers.getlist("content-type")
@@ -209,6 +224,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             elif (why := protector.lookalike_param(k)) is not None:
                 raise _Refused(400, f"query parameter {k!r}: {why}; use the exact name. Not forwarded")
             out.append((k, v))
+        refuse_encoded_records([v for _, v in out], "a query parameter")
         return urlencode(out, quote_via=quote)
 
     def each_record(doc: Any, fn: Callable[[dict], dict]) -> Any:
@@ -220,6 +236,14 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         if isinstance(doc, list):
             return [one(d) for d in doc]
         return one(doc)
+
+    def refuse_encoded_records(values: list[str], where: str) -> None:
+        """Values still in plaintext after protection must not smuggle a JSON record."""
+        for v in values:
+            key = protector.encoded_record_key(v)
+            if key is not None:
+                raise _Refused(400, f"{where} holds an encoded JSON record with the protected key "
+                                    f"{key!r}, which the proxy does not inspect; not forwarded")
 
     def protect_record(record: dict, ctx: dict[str, str]) -> dict:
         hit = protector.lookalike_key(record)
@@ -237,6 +261,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             except (UnicodeDecodeError, ValueError):
                 raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
             doc = each_record(doc, lambda r: protect_record(r, ctx))
+            refuse_encoded_records(_strings(doc), "a string in the request JSON")
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if ct == "application/x-www-form-urlencoded":
             try:
@@ -252,6 +277,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                     raise _Refused(400, f"form field {k!r}: {why}; use the exact field name. Not forwarded")
                 rec[k] = v
             out = protector.protect(rec, key_id_as_text=True, context=ctx)
+            refuse_encoded_records([v for v in out.values() if isinstance(v, str)], "a form field")
             return urlencode(out, quote_via=quote).encode("ascii")
         raise _Refused(415, f"cannot inspect a request body of type {ct or 'unknown'!r}; not forwarded")
 

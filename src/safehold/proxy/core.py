@@ -16,6 +16,7 @@ primary key — correct only until the next rotation (docs/proxy.md).
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -287,6 +288,37 @@ class Protector:
             for j in range(i + 1, len(pieces) + 1):
                 if "".join(pieces[i:j]) in self._components:
                     return "its name resembles a protected field or query parameter"
+        return None
+
+    def encoded_record_key(self, text: str) -> str | None:
+        """Does the string ``text`` carry a JSON object whose keys name a protected field?
+
+        An upstream that decodes a string value as JSON (``{"payload": "{\\"name\\": ...}"}``,
+        ``?filter={"id": ...}``) would find a record the proxy never saw. ``text`` is
+        percent-decoded (:func:`url_decode_fully`); when it then starts with ``{``, ``[`` or ``"`` and
+        parses as JSON (strings inside that decode as JSON again, up to 4 levels), every object
+        key is checked: a protected name or a look-alike (:meth:`lookalike_param`) is returned.
+        Returns ``None`` for anything else, including text that only looks like JSON.
+        """
+        todo: list[tuple[Any, int]] = [(text, 0)]
+        seen = 0
+        while todo and seen < 100_000:
+            node, depth = todo.pop()
+            seen += 1
+            if isinstance(node, str):
+                t = url_decode_fully(node).strip() if depth < _MAX_DECODE else ""
+                if t[:1] in ("{", "[", '"'):  # object, array, or a JSON string holding one
+                    try:
+                        todo.append((json.loads(t), depth + 1))
+                    except ValueError:
+                        pass
+            elif isinstance(node, dict):
+                for k, v in node.items():
+                    if self.is_protected_field(k) or self.lookalike_param(k) is not None:
+                        return k
+                    todo.append((v, depth))
+            elif isinstance(node, list):
+                todo.extend((v, depth) for v in node)
         return None
 
     def lookalike_key(self, record: Any) -> tuple[str, str] | None:
