@@ -234,7 +234,7 @@ def test_form_content_type_casing_is_protected(stack):
     _assert_no_plaintext(stack["db"], SECRETS)
 
 
-@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT"])
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT", "get", "Post"])  # methods are case-sensitive
 def test_other_methods_not_forwarded(stack, method):
     before = _raw_count(stack)
     status, _ = _send(stack, method, f"/patient/{PID}", [("Content-Type", JSON)],

@@ -16,6 +16,7 @@ primary key — correct only until the next rotation (docs/proxy.md).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -50,6 +51,7 @@ def url_decode_fully(text: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4096)  # record keys repeat across the records of a batch
 def fold_name(name: str) -> str:
     """Comparison form of a name: Unicode NFKC (fullwidth letters -> ASCII), case-folded
     (Unicode default caseless matching), surrounding whitespace stripped."""
