@@ -87,6 +87,16 @@ def test_keys_created_once_with_private_permissions(att: SimulatedAttester) -> N
     root = x509.load_pem_x509_certificate(att.root_ca_pem())
     assert "SIMULATED" in root.subject.rfc4514_string()
     assert stat.S_IMODE(os.stat(att.dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(att.dir / ".lock").st_mode) == 0o600
+
+
+def test_preexisting_loose_directory_is_tightened(tmp_path: Path) -> None:
+    loose = tmp_path / "data" / "simulated-tee"
+    loose.mkdir(parents=True, mode=0o755)
+    os.chmod(loose, 0o755)
+    a = SimulatedAttester(tmp_path / "data")
+    assert a.dir == loose
+    assert stat.S_IMODE(os.stat(loose).st_mode) == 0o700
 
 
 def test_report_data_must_be_64_bytes(att: SimulatedAttester) -> None:

@@ -230,3 +230,27 @@ def test_garbage_is_one_clear_line_without_traceback(tmp_path):
     )
     assert r.returncode == 1 and r.stderr.startswith("error: cannot tell the Evidence type")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("at", ["99999999999999999999", "yesterday", "2025-13-40"])
+def test_out_of_range_or_garbled_time_is_a_usage_error(tmp_path, at):
+    pol = tmp_path / "p.toml"
+    pol.write_text('allowed_tee_types = ["sgx"]\n[reference_values]\nmeasurements = ["' + "00" * 32
+                   + '"]\n')
+    r = run("evidence", "verify", SGX_Q, "--policy", pol, "--collateral", SGX_C, "--at", at)
+    assert r.exit_code == 2 and "--at" in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b'{"tcb_info": "{}", "qe_identity": "{}"}', "JSON but not CMW Evidence"),
+        (b"zz!!not-base64??", "neither hex"),
+    ],
+)
+def test_inspect_says_what_failed_to_decode(tmp_path, content, needle):
+    f = tmp_path / "ev.txt"
+    f.write_bytes(content)
+    r = run("evidence", "inspect", f)
+    assert r.exit_code == 1 and needle in r.output, r.output

@@ -61,6 +61,14 @@ def _decode_text(raw: bytes) -> bytes | None:
     return None
 
 
+def _is_text(raw: bytes) -> bool:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    return bool(text.strip()) and all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
 def detect_type(data: bytes) -> str:
     """Guess the TEE type (a key of ``MEDIA_TYPES``) of raw Evidence bytes.
 
@@ -100,13 +108,24 @@ def load_evidence(
     ends = dict(endorsements or {})
     stripped = raw.lstrip()
     if stripped[:1] in (b"[", b"{"):
-        ev = Evidence.from_cmw(raw)
+        try:
+            ev = Evidence.from_cmw(raw)
+        except EvidenceFormatError as e:
+            raise EvidenceFormatError(
+                f"{path} is JSON but not CMW Evidence ({e}); collateral goes to --collateral"
+            ) from None
         if ends:
             ev = Evidence(ev.media_type, ev.data, {**ev.endorsements, **ends})
         return ev
     data = raw
     if tee_type is not None or detect_type_or_none(raw) is None:
-        data = _decode_text(raw) or raw  # hex / base64 text; binary is not ASCII text
+        decoded = _decode_text(raw)  # hex / base64 text; binary is not ASCII text
+        if decoded is None and _is_text(raw):
+            raise EvidenceFormatError(
+                f"{path} is text but neither hex (even number of hex digits) nor base64; "
+                "expected binary Evidence, hex, base64 or CMW JSON"
+            )
+        data = decoded or raw
     tee = tee_type or detect_type(data)
     return Evidence(MEDIA_TYPES[tee], data, ends)
 
@@ -191,7 +210,11 @@ def parse_time(value: str | None) -> datetime | None:
     if value is None:
         return None
     if re.fullmatch(r"\d+", value):
-        return datetime.fromtimestamp(int(value), UTC)
+        try:
+            return datetime.fromtimestamp(int(value), UTC)
+        except (OverflowError, OSError, ValueError):
+            raise click.BadParameter(f"Unix time {value} is out of range",
+                                     param_hint="--at") from None
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:

@@ -147,7 +147,9 @@ def _create(d: Path) -> None:
 def _load_or_create(d: Path) -> tuple[ec.EllipticCurvePrivateKey, bytes, bytes]:
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with (d / ".lock").open("a") as lock:
+        os.chmod(d, 0o700)  # the directory may pre-exist with a looser mode; it holds key files
+        lock_fd = os.open(d / ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(lock_fd, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two services starting together create one set
             try:
                 if not (d / "root-ca.pem").exists():
