@@ -28,15 +28,19 @@ measured setting.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,14 @@ from safehold.errors import ConfigError, SafeholdError
 
 class StackError(SafeholdError):
     """The broker or the records service did not start (names which, and why)."""
+
+
+class DataDirBusyError(StackError):
+    """Another ``safehold up`` / ``safehold demo`` holds the data directory's ``up.lock``."""
+
+
+LOCK_FILE = "up.lock"
+SCONE_AUTH_CHOICES = ("none", "token")
 
 
 SESSION_NAME = "safehold"
@@ -75,6 +87,7 @@ class Stack:
     package_root: str | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    lock: Any = None  # the open, flock-ed up.lock while this Stack owns the data directory
 
     @property
     def broker_url(self) -> str:
@@ -86,6 +99,81 @@ class Stack:
 
     def path(self, name: str) -> Path:
         return self.data_dir / name
+
+
+def lock_data_dir(data_dir: Path) -> Any:
+    """Take the exclusive ``<data_dir>/up.lock`` (``flock``, non-blocking) for a running stack.
+
+    Held from :func:`prepare` until :func:`stop` (or process exit, when the kernel drops it), so
+    a second ``safehold up`` on the same directory refuses before writing or starting anything.
+
+    Returns:
+        the open lock file (pass to :func:`unlock_data_dir`).
+
+    Raises:
+        DataDirBusyError: another process holds the lock (names its pid when recorded).
+        ConfigError: the lock file cannot be opened.
+    """
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ConfigError(f"data directory {data_dir}: cannot open {LOCK_FILE} ({e.strerror})") from None
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip()
+        f.close()
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise DataDirBusyError(
+            f"another `safehold up` or `safehold demo`{who} is running on {data_dir}; "
+            "stop it first (Ctrl-C there) or use another --data-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def unlock_data_dir(lock: Any) -> None:
+    """Release a lock from :func:`lock_data_dir` (idempotent; None is ignored)."""
+    if lock is not None and not lock.closed:
+        with contextlib.suppress(OSError):
+            lock.seek(0)
+            lock.truncate()
+        lock.close()  # closing the file releases the flock
+
+
+def check_port(port: int, what: str, host: str = "127.0.0.1") -> None:
+    """Fail early and by name if ``host:port`` cannot be bound (in use, or not permitted).
+
+    Binds with ``SO_REUSEADDR`` as the servers do, so a port in TIME_WAIT is not reported.
+    The port may still be taken between this check and the child's bind (then the child's
+    start-up error names it).
+
+    Raises:
+        ConfigError: ``port {port} on {host} is in use ({what})``.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise ConfigError(f"port {port} on {host} {why} ({what})") from None
+
+
+def _log_tail(path: Path) -> str:
+    """Last non-empty line of a log file (≤ 200 characters), or "" if none."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -171,29 +259,120 @@ def broker_ca_pin(data_dir: Path, package_root: str | None = None) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
+def make_data_dir(data_dir: str | os.PathLike[str]) -> Path:
+    """Create the data directory (0700) if missing and check it is a writable directory.
+
+    Returns:
+        its resolved path.
+
+    Raises:
+        ConfigError: one line naming the directory and why it is unusable.
+    """
+    d = Path(data_dir).resolve()
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise ConfigError(f"data directory {d}: exists and is not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"data directory {d}: cannot create it ({e.strerror})") from None
+    if not d.is_dir():
+        raise ConfigError(f"data directory {d}: not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"data directory {d}: not writable")
+    return d
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    """The parsed TOML file, None if it does not exist; unparsable → ``{"<unparsable>": …}``."""
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return {"<unparsable>": str(e)}
+
+
+def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str | None,
+                        reset: bool) -> dict[str, Any]:
+    """The ``records.toml`` that ``safehold up`` uses for data directory ``d``.
+
+    An existing file is never overwritten silently: ``scone_auth`` defaults to the file's value
+    (else ``"none"``); a file that differs in anything else (an edit, or one from another
+    Safehold version) is refused unless ``reset`` (regenerate). An explicit ``scone_auth`` that
+    differs from the file's is a requested change and is applied.
+
+    Raises:
+        ConfigError: the existing file differs (names the keys) and ``reset`` is false.
+    """
+    path = d / "records.toml"
+    existing = None if reset else _read_toml(path)
+    explicit = scone_auth is not None
+    if scone_auth is None:
+        old = (existing or {}).get("scone_auth")
+        scone_auth = old if old in SCONE_AUTH_CHOICES else "none"
+    if scone_auth not in SCONE_AUTH_CHOICES:
+        raise ConfigError(f"scone_auth must be one of {', '.join(SCONE_AUTH_CHOICES)}, got {scone_auth!r}")
+    cfg = {**records_config(tok, scone_auth=scone_auth), "broker_ca_sha256": pin}
+    if existing is not None:
+        diff = sorted(k for k in set(existing) | set(cfg) if existing.get(k) != cfg.get(k))
+        if explicit:
+            diff = [k for k in diff if k != "scone_auth"]
+        if diff:
+            raise ConfigError(
+                f"{path} differs from what `safehold up` writes (key(s): {', '.join(diff)}); "
+                "it is not overwritten: undo the edit, or pass --reset to regenerate it "
+                "(the measurement, and so the manifest, may change)"
+            )
+    return cfg
+
+
 def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, records_port: int = 8700,
             scone_port: int | None = 4996, store_url: str | None = None,
             extra_configs: dict[str, dict[str, Any]] | None = None,
-            package_root: str | None = None) -> Stack:
-    """Create the data directory, tokens, the broker's workload CA, the measured config
-    (pinning that CA), the manifest and the client policy.
+            package_root: str | None = None, scone_auth: str | None = None,
+            reset: bool = False) -> Stack:
+    """Lock the data directory, then create tokens, the broker's workload CA, the measured
+    config (pinning that CA), the manifest and the client policy.
+
+    The returned Stack holds ``<data_dir>/up.lock`` until :func:`stop` (see
+    :func:`lock_data_dir`).
 
     Args:
         extra_configs: more measured records configurations (file name → config) whose
             measurements the manifest also accepts (the benchmark's encryption-off service).
         package_root: run the processes from this copy of the ``safehold`` package (tests use a
             snapshot so that edits to the working tree cannot change the measurement mid-run).
+        scone_auth: ``"none"`` / ``"token"`` for the SCONE-compatible port; None keeps an
+            existing ``records.toml``'s value (else ``"none"``). See :func:`main_records_config`.
+        reset: regenerate ``records.toml`` even if it differs from what ``up`` writes.
 
     Raises:
-        ConfigError: the manifest does not validate.
+        DataDirBusyError: another stack runs on this data directory.
+        ConfigError: unusable data directory, edited ``records.toml`` (without ``reset``), or
+            the manifest does not validate.
     """
+    d = make_data_dir(data_dir)
+    lock = lock_data_dir(d)
+    try:
+        s = _prepare(d, broker_port=broker_port, records_port=records_port, scone_port=scone_port,
+                     store_url=store_url, extra_configs=extra_configs, package_root=package_root,
+                     scone_auth=scone_auth, reset=reset)
+    except BaseException:
+        unlock_data_dir(lock)
+        raise
+    s.lock = lock
+    return s
+
+
+def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | None,
+             store_url: str | None, extra_configs: dict[str, dict[str, Any]] | None,
+             package_root: str | None, scone_auth: str | None, reset: bool) -> Stack:
+    """:func:`prepare` after the data directory is created and locked."""
     from safehold.broker.manifest import load_manifest
 
-    d = Path(data_dir).resolve()
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
     tok = tokens(d)
     pin = broker_ca_pin(d, package_root)
-    cfgs = {"records.toml": records_config(tok), **(extra_configs or {})}
+    cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset), **(extra_configs or {})}
     measurements = []
     root = None
     for name, cfg in cfgs.items():
@@ -222,12 +401,15 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
     }
     text = tomli_w.dumps(manifest)
     load_manifest(text.encode(), filename="manifest.toml")  # fail here, clearly, not in the broker
+    old_manifest = _read_toml(d / "manifest.toml")
     (d / "manifest.toml").write_text(text, "utf-8")
     client_policy = {**policy, "name": "safehold-records-client", "report_data": "required"}
     (d / "policy.toml").write_text(tomli_w.dumps(client_policy), "utf-8")
     s = Stack(d, broker_port, records_port, scone_port,
               store_url or f"sqlite:///{d / 'records.db'}", package_root)
     s.info = {"measurements": measurements}
+    if old_manifest is not None and old_manifest != manifest:
+        s.info["manifest_changed"] = True  # a broker that installed the old one refuses the new
     return s
 
 
@@ -277,7 +459,13 @@ def _wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> Non
     ca = s.path("broker") / "ca.pem"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"broker exited with status {proc.returncode} (see {s.path('broker.log')})")
+            tail = _log_tail(s.path("broker.log"))
+            hint = ("; the manifest changed (records.toml or the Safehold package measure differently "
+                    "now) and the broker accepts only owner-signed updates: undo the change (e.g. "
+                    "--scone-auth back to its old value) or use a fresh --data-dir"
+                    if s.info.get("manifest_changed") and "manifest" in tail else "")
+            raise StackError(f"broker exited with status {proc.returncode}"
+                             + (f": {tail}" if tail else "") + f" (see {s.path('broker.log')})" + hint)
         if ca.exists():
             try:
                 ctx = ssl.create_default_context(cafile=str(ca))
@@ -287,8 +475,22 @@ def _wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> Non
                     return
             except httpx.HTTPError:
                 pass
+        _raise_if_recovery(s)
         time.sleep(0.1)
     raise StackError(f"broker did not answer on {s.broker_url} within {timeout:.0f} s")
+
+
+def _raise_if_recovery(s: Stack) -> None:
+    """The broker prints one JSON line when it listens; in recovery mode it serves no CA, so
+    say so at once instead of waiting for the timeout."""
+    tail = _log_tail(s.path("broker.log"))
+    if tail.startswith("{") and '"recovery"' in tail:
+        with contextlib.suppress(ValueError, OSError):
+            lines = s.path("broker.log").read_text("utf-8", "replace").strip().splitlines()
+            st = json.loads(lines[-1])
+            if st.get("mode") == "recovery":
+                raise StackError(f"broker started in RECOVERY MODE: {st.get('reason', '?')} "
+                                 "(see docs/broker.md: `safehold broker recover`)")
 
 
 def wait_records(s: Stack, proc: subprocess.Popen[bytes], ready: Path, timeout: float,
@@ -308,15 +510,35 @@ def wait_records(s: Stack, proc: subprocess.Popen[bytes], ready: Path, timeout: 
                     return info
         if proc.poll() is not None:
             why = "the broker released no keys to it" if proc.returncode == 2 else "see its log"
+            tail = _log_tail(log) if log else ""
             raise StackError(f"records service exited with status {proc.returncode}: {why}"
-                             + (f" ({log})" if log else ""))
+                             + (f": {tail}" if tail else "") + (f" ({log})" if log else ""))
         time.sleep(0.1)
     raise StackError(f"records service did not become ready within {timeout:.0f} s")
 
 
 def start(s: Stack, *, timeout: float = 60.0) -> Stack:
-    """Start the broker, then the records service; write ``up.json``. Stops both on failure."""
+    """Start the broker, then the records service; write ``up.json``. Stops both on failure.
+
+    Takes the data directory's lock if this Stack does not hold it (a restart after
+    :func:`stop`) and checks that the loopback ports are free before starting anything.
+
+    Raises:
+        DataDirBusyError / ConfigError: as :func:`lock_data_dir` / :func:`check_port`.
+        StackError: a process did not start (names which, and the last line of its log).
+    """
+    if s.lock is None:
+        s.lock = lock_data_dir(s.data_dir)
     try:
+        ports = [(s.broker_port, "--broker-port"), (s.records_port, "--port")]
+        if s.scone_port:
+            ports.append((s.scone_port, "--scone-port"))
+        seen: dict[int, str] = {}
+        for port, what in ports:
+            if port in seen:
+                raise ConfigError(f"{seen[port]} and {what} are both {port}")
+            seen[port] = what
+            check_port(port, what)
         for name in ("records-ready.json",):
             with contextlib.suppress(FileNotFoundError):
                 s.path(name).unlink()
@@ -346,6 +568,7 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         "policy": str(s.path("policy.toml")),
         "manifest": str(s.path("manifest.toml")),
         "store_url": s.store_url,
+        "scone_auth": info.get("scone_auth"),
         "admin_token": tok["admin"],
         "pids": {k: p.pid for k, p in s.procs.items()},
     })
@@ -369,8 +592,11 @@ def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
                 p.wait()
         # uvicorn re-raises the SIGTERM it handled after a graceful shutdown: that is a clean stop
         codes[name] = 0 if p.returncode in (-signal.SIGTERM, -signal.SIGINT) else p.returncode
-    with contextlib.suppress(FileNotFoundError):
-        s.path("up.json").unlink()
+    if s.lock is not None:  # only the lock holder may remove up.json (never another stack's)
+        with contextlib.suppress(FileNotFoundError):
+            s.path("up.json").unlink()
+        unlock_data_dir(s.lock)
+        s.lock = None
     return codes
 
 
@@ -382,6 +608,14 @@ def print_summary(s: Stack) -> None:
     if i.get("scone_port"):
         sp = i["scone_port"]
         click.echo(f"SCONE demo API  https://api:{sp}  (curl --resolve api:{sp}:127.0.0.1)")
+        if i.get("scone_auth") == "none":
+            click.secho(f"  WARNING: the SCONE port {sp} has NO AUTHENTICATION (scone_auth = none, as in "
+                        "SCONE's demo): any process on this machine can read and create every record "
+                        "there. Use --scone-auth token, or --scone-port 0 to close it.",
+                        fg="yellow", bold=True, err=True)
+        else:
+            click.echo(f"  SCONE port authentication: {i.get('scone_auth')} "
+                       "(bearer tokens, as on the native API)")
     click.echo(f"workload CA     {i['ca']}")
     click.echo(f"client policy   {i['policy']}")
     click.echo(f"manifest        {i['manifest']}")
@@ -395,15 +629,24 @@ def register(group: click.Group) -> None:
 
     @group.command("up")
     @click.option("--data-dir", default="./safehold-data", show_default=True, envvar="SAFEHOLD_DATA_DIR")
-    @click.option("--broker-port", default=8443, show_default=True)
-    @click.option("--port", "records_port", default=8700, show_default=True, help="Records API port.")
-    @click.option("--scone-port", default=4996, show_default=True, help="SCONE-compatible port (0 = off).")
+    @click.option("--broker-port", default=8443, show_default=True, type=click.IntRange(1, 65535))
+    @click.option("--port", "records_port", default=8700, show_default=True, type=click.IntRange(1, 65535),
+                  help="Records API port.")
+    @click.option("--scone-port", default=4996, show_default=True, type=click.IntRange(0, 65535),
+                  help="SCONE-compatible port (0 = off).")
+    @click.option("--scone-auth", type=click.Choice(SCONE_AUTH_CHOICES), default=None,
+                  help="Authentication on the SCONE port: none (as SCONE's demo; loopback only; anyone "
+                       "on this machine can read and write records) or token (bearer tokens). "
+                       "Default: the value in an existing records.toml, else none.")
+    @click.option("--reset", is_flag=True,
+                  help="Regenerate records.toml even if it was edited (otherwise up refuses).")
     @click.option("--store", "store_url", default=None, help="Store URL (default: sqlite in the data dir).")
-    def up(data_dir: str, broker_port: int, records_port: int, scone_port: int,
-           store_url: str | None) -> None:
+    def up(data_dir: str, broker_port: int, records_port: int, scone_port: int, scone_auth: str | None,
+           reset: bool, store_url: str | None) -> None:
         """Start the key broker and the records service (simulated TEE) until Ctrl-C."""
         s = prepare(data_dir, broker_port=broker_port, records_port=records_port,
-                    scone_port=scone_port or None, store_url=store_url)
+                    scone_port=scone_port or None, store_url=store_url, scone_auth=scone_auth,
+                    reset=reset)
         stopping = {"flag": False}
 
         def on_signal(signum: int, frame: object) -> None:
