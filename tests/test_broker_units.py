@@ -320,6 +320,12 @@ def test_seal_recover_kofn(tmp_path, rsa_keys):
         assert r.mode == "recovery" and "measurement" in r.reason
         with pytest.raises(SealingError):
             r.get("secret", "x")
+    # the reason says what differs, with the full values (finding 22)
+    host = BrokerState.open(store, SealingIdentity(b"t" * 32, b"\x01" * 48)).reason
+    assert "host identity differs" in host and f"unchanged ({'01' * 48})" in host
+    assert "measurement changed" not in host
+    code = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48)).reason
+    assert "measurement changed" in code and f"sealed to {'01' * 48}, this broker is {'02' * 48}" in code
     new = BrokerState.open(store, SealingIdentity(b"s" * 32, b"\x02" * 48))
     data = new.recovery_data()
     shares = [decrypt_share(data["shares"][f"r{i}"], _priv(k)) for i, k in enumerate(rsa_keys)]
@@ -405,9 +411,9 @@ def test_tampered_object_row_fails(state, tmp_path):
     (val,) = db.execute("SELECT value FROM safehold_rows WHERE key=?", (key,)).fetchone()
     with db:
         db.execute("UPDATE safehold_rows SET value=? WHERE key=?", (val[:-1] + bytes([val[-1] ^ 1]), key))
-    from safehold.errors import DecryptionError
+    from safehold.broker.state import StateIntegrityError
 
-    with pytest.raises(DecryptionError):
+    with pytest.raises(StateIntegrityError, match=r"row secret/x \(o/[0-9a-f]{8}…\) fails authentication"):
         state.get("secret", "x")
 
 

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from safehold.broker.protocol import SESSION_COOKIE, JWKError
 from safehold.broker.service import BadRequest, Broker, HTTPError
-from safehold.broker.state import RecoveryError
+from safehold.broker.state import RecoveryError, StateIntegrityError
 from safehold.errors import (
     AuditChainError,
     ManifestError,
@@ -106,6 +106,9 @@ def create_app(broker: Broker, *, max_body: int = DEFAULT_MAX_BODY, static_value
 
     @app.exception_handler(SafeholdError)
     async def _safehold_error(request: Request, exc: SafeholdError) -> JSONResponse:
+        if isinstance(exc, StateIntegrityError):  # names the row, never its content
+            log.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+            return _problem(503, "unavailable", str(exc))
         if isinstance(exc, StoreError | SealingError):
             log.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
             return _problem(503, "unavailable", f"broker state unavailable: {type(exc).__name__}")

@@ -34,7 +34,8 @@ log = logging.getLogger("safehold.broker")
 
 def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, *,
                 manifest_path: str | os.PathLike[str] | None = None,
-                config: BrokerConfig | None = None, package_root: str | None = None) -> Broker:
+                config: BrokerConfig | None = None, package_root: str | None = None,
+                repair: bool = True) -> Broker:
     """Open (or create) the broker's state and return the :class:`Broker`.
 
     Args:
@@ -44,9 +45,11 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
             start-up fails (updates must be signed).
         config: run-time options.
         package_root: measure this package tree instead of the installed one (tests).
+        repair: rewrite a missing/replaced recovery record (loudly); False refuses instead.
 
     Raises:
         ManifestError: invalid manifest, or it differs from the stored one.
+        StateIntegrityError: a state row is missing, edited or rolled back (names the row).
         StoreError, SealingError, AttestationError: as raised underneath.
     """
     from safehold.attestation.attesters.simulated import SimulatedAttester
@@ -59,7 +62,11 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
     state = BrokerState.open(store, simulated_sealing_identity(attester))
     cfg = config or BrokerConfig()
     cfg.data_dir = d
-    broker = Broker(state, attester, cfg)
+    try:
+        broker = Broker(state, attester, cfg, repair=repair)
+    except BaseException:
+        store.close()
+        raise
     if broker.mode == "recovery":
         log.error("RECOVERY MODE: %s", state.reason)
         return broker

@@ -12,6 +12,12 @@ Rows in the store namespace :data:`NAMESPACE`:
 
 * ``m/sealed``   — JSON ``{"v": 1, "measurement": hex, "blob": base64url(envelope)}``;
 * ``m/keyset``   — the wrapped state keyset (safehold.crypto.keyset wrap format);
+* ``m/head``     — the authenticated state head: envelope(state keyset, JSON
+  ``{"v": 1, "initialised": bool, "manifest_version": int, "manifest_digest": hex | null,
+  "recovery_sha256": hex | null}``, aad = namespace || ``m/head``), written in the same
+  transaction as the keyset at first start and with every manifest install, so that a manifest
+  row deleted or rolled back in the store (or a missing recovery record) is noticed
+  (:class:`StateIntegrityError`) instead of looking like a broker with no manifest;
 * ``m/recovery`` — JSON ``{"threshold": k, "shares": {key name: JWE compact}}``, each JWE
   (RFC 7516, ``RSA-OAEP-256`` + ``A256GCM``) encrypting one Shamir share (pyshamir, GF(256))
   of the master key to one recovery public key;
@@ -54,7 +60,6 @@ from safehold.errors import (
     BrokerError,
     ConflictError,
     CryptoError,
-    EnvelopeFormatError,
     SealingError,
 )
 from safehold.store.base import Store
@@ -65,6 +70,7 @@ MASTER_KEY_LEN = 32
 _SEALED = b"m/sealed"
 _KEYSET = b"m/keyset"
 _RECOVERY = b"m/recovery"
+_HEAD = b"m/head"
 _SEAL_AAD = b"safehold-broker-master-key-v1"
 _SHARE_ALG = {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
 _FINGERPRINT_INFO = b"safehold/v1/master-fingerprint"
@@ -73,6 +79,11 @@ FINGERPRINT_HEX_LEN = 32
 
 class RecoveryError(BrokerError):
     """Recovery failed: too few or wrong shares, or no recovery data stored."""
+
+
+class StateIntegrityError(SealingError):
+    """A broker state row is missing, edited, moved or rolled back in the store; the message
+    names the row (e.g. ``m/head``, ``manifest/current (o/3f2a…)``). The broker refuses to serve."""
 
 
 def _b64(b: bytes) -> str:
@@ -135,6 +146,26 @@ def combine_shares(shares: list[bytes], threshold: int) -> bytes:
     if len(master) != MASTER_KEY_LEN:
         raise RecoveryError("recovered master key has the wrong length")
     return master
+
+
+def initial_head() -> dict[str, Any]:
+    """The state head of a fresh state: broker keys not yet made, no manifest ever set."""
+    return {"v": 1, "initialised": False, "manifest_version": 0, "manifest_digest": None,
+            "recovery_sha256": None}
+
+
+def _unseal_reason(sealed_to: str, current: str) -> str:
+    """Why ``m/sealed`` does not open, saying what differs (and showing both values)."""
+    if sealed_to == current:
+        return (
+            "the sealed master key does not open on this TEE identity: the broker measurement is "
+            f"unchanged ({current}), so the host identity differs (platform secret: the state moved "
+            "to another host or the simulated TEE's platform key changed) or row m/sealed was edited"
+        )
+    return (
+        "the sealed master key does not open on this TEE identity: the broker measurement changed "
+        f"(sealed to {sealed_to}, this broker is {current}: its code changed)"
+    )
 
 
 def _single_key_keyset(key: bytes) -> Keyset:
@@ -207,13 +238,14 @@ class BrokerState:
 
         Raises:
             StoreError: the store failed.
-            EnvelopeFormatError: the stored state is structurally corrupt.
+            StateIntegrityError: ``m/keyset`` or ``m/head`` is missing or does not open (names the row).
         """
         st = cls(store, identity)
         sealed = store.get(NAMESPACE, _SEALED)
         if sealed is None:
             if store.get(NAMESPACE, _KEYSET) is not None:
-                st.reason = "the sealed master key row is missing but state exists"
+                st.reason = ("broker state row m/sealed (the sealed master key) is missing but the "
+                             "state exists: deleted in the store; recover with the recovery keys")
                 return st
             st._create()
             return st
@@ -221,16 +253,13 @@ class BrokerState:
             meta = json.loads(sealed.value)
             blob = _unb64(meta["blob"])
         except (ValueError, KeyError, TypeError):
-            raise EnvelopeFormatError("sealed master key row is malformed") from None
+            # the recovery shares can restore a sealed key edited in the store
+            st.reason = "broker state row m/sealed is malformed (edited in the store)"
+            return st
         try:
             master = open_envelope(_single_key_keyset(identity.sealing_key()), blob, _SEAL_AAD)
         except CryptoError:
-            sealed_to = str(meta.get("measurement", "?"))
-            st.reason = (
-                "the sealed master key does not open on this TEE identity: broker measurement "
-                f"expected {sealed_to[:16]}…, got {identity.measurement.hex()[:16]}… "
-                "(or the state moved to another host)"
-            )
+            st.reason = _unseal_reason(str(meta.get("measurement", "?")), identity.measurement.hex())
             return st
         st._activate(master)
         return st
@@ -240,10 +269,12 @@ class BrokerState:
         ks = Keyset.generate()
         wrapped = ks.wrap(self._kek(master))
         sealed = self._sealed_row(master)
+        head = seal(ks, json.dumps(initial_head()).encode(), self._aad(_HEAD))
         try:
             with self.store.transaction() as tx:
                 tx.put(NAMESPACE, _KEYSET, wrapped, expected_version=0)
                 tx.put(NAMESPACE, _SEALED, sealed, expected_version=0)
+                tx.put(NAMESPACE, _HEAD, head, expected_version=0)
         except ConflictError:
             # Another replica initialised the same store first: open theirs.
             other = BrokerState.open(self.store, self.identity)
@@ -264,8 +295,13 @@ class BrokerState:
     def _activate(self, master: bytes) -> None:
         row = self.store.get(NAMESPACE, _KEYSET)
         if row is None:
-            raise EnvelopeFormatError("broker state keyset row is missing")
-        self._keyset = Keyset.unwrap(row.value, self._kek(master))
+            raise StateIntegrityError("broker state row m/keyset is missing (deleted in the store?)")
+        try:
+            self._keyset = Keyset.unwrap(row.value, self._kek(master))
+        except CryptoError:
+            raise StateIntegrityError(
+                "broker state row m/keyset does not open under the master key (edited in the store)"
+            ) from None
         self._master = master
         self.mode = "ready"
         self.reason = ""
@@ -304,22 +340,91 @@ class BrokerState:
         """Inverse of :meth:`seal_bytes`. Raises DecryptionError / EnvelopeFormatError."""
         return open_envelope(self._need_ready(), blob, aad)
 
+    def row_name(self, kind: str, name: str) -> str:
+        """How errors name an object row: ``kind/name (o/<first 8 hex of the blind index>…)``."""
+        return f"{kind}/{name} (o/{self.row_key(kind, name)[2:6].hex()}…)"
+
     def get(self, kind: str, name: str) -> tuple[bytes, int] | None:
         """Return ``(plaintext, row version)`` of an object, or None.
 
         Raises:
-            DecryptionError: the row was edited or moved in the database.
+            StateIntegrityError: the row was edited or moved in the database (names the row).
         """
         key = self.row_key(kind, name)
         row = self.store.get(NAMESPACE, key)
         if row is None:
             return None
-        return open_envelope(self._need_ready(), row.value, self._aad(key)), row.version
+        try:
+            return open_envelope(self._need_ready(), row.value, self._aad(key)), row.version
+        except CryptoError:
+            raise StateIntegrityError(
+                f"broker state row {self.row_name(kind, name)} fails authentication "
+                "(edited or moved in the store)"
+            ) from None
 
     def get_json(self, kind: str, name: str) -> Any:
-        """:meth:`get` decoded as JSON, or None."""
+        """:meth:`get` decoded as a JSON object, or None.
+
+        Raises:
+            StateIntegrityError: the row fails authentication or is not a JSON object.
+        """
         got = self.get(kind, name)
-        return None if got is None else json.loads(got[0])
+        if got is None:
+            return None
+        try:
+            obj = json.loads(got[0])
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise StateIntegrityError(f"broker state row {self.row_name(kind, name)} is malformed")
+        return obj
+
+    def require_json(self, kind: str, name: str, why: str) -> dict[str, Any]:
+        """:meth:`get_json` of a row that must exist.
+
+        Raises:
+            StateIntegrityError: missing (``why`` says why it must exist), edited or malformed.
+        """
+        obj = self.get_json(kind, name)
+        if obj is None:
+            raise StateIntegrityError(
+                f"broker state row {self.row_name(kind, name)} is missing ({why}): deleted or rolled "
+                "back in the store; the broker refuses to serve"
+            )
+        return obj
+
+    # --- state head ---------------------------------------------------------------------------
+
+    def read_head(self) -> tuple[dict[str, Any], int]:
+        """The authenticated state head (see the module docstring) and its row version.
+
+        Raises:
+            StateIntegrityError: ``m/head`` missing (deleted, or state made by a Safehold
+                version without it), failing authentication, or malformed.
+        """
+        ks = self._need_ready()
+        row = self.store.get(NAMESPACE, _HEAD)
+        if row is None:
+            raise StateIntegrityError(
+                "broker state row m/head is missing (deleted in the store, or state made before "
+                "state heads existed); the broker refuses to serve"
+            )
+        try:
+            head = json.loads(open_envelope(ks, row.value, self._aad(_HEAD)))
+        except CryptoError:
+            raise StateIntegrityError(
+                "broker state row m/head fails authentication (edited in the store)") from None
+        except ValueError:
+            head = None
+        if (not isinstance(head, dict) or head.get("v") != 1 or not isinstance(head.get("initialised"), bool)
+                or not isinstance(head.get("manifest_version"), int)):
+            raise StateIntegrityError("broker state row m/head is malformed")
+        return head, row.version
+
+    def recovery_sha256(self) -> str | None:
+        """Hex SHA-256 of the stored ``m/recovery`` row, or None if there is none."""
+        row = self.store.get(NAMESPACE, _RECOVERY)
+        return None if row is None else hashlib.sha256(row.value).hexdigest()
 
     def put(self, kind: str, name: str, value: bytes, *, expected_version: int) -> int:
         """Compare-and-set an object (0 = must not exist). Returns the new version.
@@ -332,14 +437,21 @@ class BrokerState:
                               expected_version=expected_version)
 
     def put_many(self, items: list[tuple[str, str, bytes, int]], *,
-                 recovery_row: bytes | None = None) -> None:
+                 recovery_row: bytes | None = None,
+                 head: tuple[dict[str, Any], int] | None = None) -> int | None:
         """Write several objects ``(kind, name, value, expected_version)`` atomically, and
-        optionally a new recovery record (:meth:`recovery_row`) in the same transaction.
+        optionally a new recovery record (:meth:`recovery_row`) and a new state head
+        ``(head, expected row version)`` in the same transaction. With a recovery record the
+        head's ``recovery_sha256`` is set to its digest.
+
+        Returns:
+            The new head row version (None if no head was written).
 
         Raises:
             ConflictError: a version differed; nothing was written.
         """
         ks = self._need_ready()
+        head_ver = None
         with self.store.transaction() as tx:
             for kind, name, value, ver in items:
                 key = self.row_key(kind, name)
@@ -347,6 +459,13 @@ class BrokerState:
             if recovery_row is not None:
                 cur = tx.get(NAMESPACE, _RECOVERY)
                 tx.put(NAMESPACE, _RECOVERY, recovery_row, expected_version=cur.version if cur else 0)
+            if head is not None:
+                h = dict(head[0])
+                if recovery_row is not None:
+                    h["recovery_sha256"] = hashlib.sha256(recovery_row).hexdigest()
+                head_ver = tx.put(NAMESPACE, _HEAD, seal(ks, json.dumps(h).encode(), self._aad(_HEAD)),
+                                  expected_version=head[1])
+        return head_ver
 
     # --- recovery -----------------------------------------------------------------------------
 
@@ -358,13 +477,12 @@ class BrokerState:
             threshold: k, 1..len(keys). With k = 1 every key receives the whole master key.
 
         Raises:
-            SealingError: in recovery mode. StoreError: the store failed.
+            SealingError: in recovery mode (StateIntegrityError: the state head is bad).
+            StoreError: the store failed.
         """
         if not keys:
             return
-        row = self.recovery_row(keys, threshold)
-        cur = self.store.get(NAMESPACE, _RECOVERY)
-        self.store.put(NAMESPACE, _RECOVERY, row, expected_version=cur.version if cur else 0)
+        self.put_many([], recovery_row=self.recovery_row(keys, threshold), head=self.read_head())
 
     def recovery_row(self, keys: dict[str, str], threshold: int) -> bytes:
         """The recovery record for ``keys`` and ``threshold`` (fresh shares), not yet stored.

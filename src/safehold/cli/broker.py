@@ -114,8 +114,12 @@ def _load(path: str) -> Any:
 @manifest_grp.command("check")
 @click.argument("path", type=click.Path(dir_okay=False, exists=True))
 def manifest_check(path: str) -> None:
-    """Validate a manifest file and print its digest."""
+    """Validate a manifest file, load every workload's appraisal policy (as `serve` does, so a
+    `simulated_root` that cannot be read fails here) and print its digest."""
+    from safehold.broker.service import Broker
+
     m = _load(path)
+    Broker._build_verifiers(m)
     click.echo(json.dumps({"ok": True, "digest": m.digest, "workloads": sorted(m.workloads),
                            "secrets": sorted(m.secrets)}))
 
@@ -252,12 +256,17 @@ def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: 
     """Check the chain and every signature; name the first broken entry (exit 1)."""
     if data_dir:
         from safehold.broker.server import open_broker
+        from safehold.broker.state import StateIntegrityError
 
-        b = open_broker(data_dir, store_url)
         try:
-            res = b.audit_verify() if b.mode == "ready" else {"ok": False, "error": b.state.reason}
-        finally:
-            b.state.store.close()
+            b = open_broker(data_dir, store_url, repair=False)
+        except StateIntegrityError as e:
+            res = {"ok": False, "error": str(e)}
+        else:
+            try:
+                res = b.audit_verify() if b.mode == "ready" else {"ok": False, "error": b.state.reason}
+            finally:
+                b.state.store.close()
     else:
         with _http(url, cacert) as c:
             res = _call(c, "GET", "/admin/audit/verify", headers=_auth(token))
@@ -311,6 +320,19 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insec
         expect = normalize_fingerprint(expect_fp)
     except SafeholdError as e:
         raise click.UsageError(f"--expect-fingerprint: {e}") from None
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pems: dict[str, bytes] = {}
+    for kp in keys:  # load every key before contacting the broker
+        pems[kp] = Path(kp).read_bytes()
+        try:
+            k = serialization.load_pem_private_key(pems[kp], password=None)
+        except (ValueError, TypeError) as e:
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise BrokerError(f"cannot load recovery key {kp}: {why}") from None
+        if not isinstance(k, rsa.RSAPrivateKey):
+            raise BrokerError(f"cannot load recovery key {kp}: not an RSA private key")
     with _http(url, cacert, insecure=True) as c:  # TLS in recovery mode is self-signed; Evidence binds
         info = _call(c, "GET", "/recovery")
         broker_jwk = info["broker_key"]
@@ -324,8 +346,7 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insec
                 Evidence.from_cmw(info["evidence"]), expected_report_data=rd)
         bkey = ECKey.import_key(broker_jwk)
         plain: list[bytes] = []
-        for kp in keys:
-            pem = Path(kp).read_bytes()
+        for kp, pem in pems.items():
             share = None
             for jwe_compact in info["shares"].values():
                 try:
