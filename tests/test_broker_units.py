@@ -600,3 +600,103 @@ def test_update_signed_for_staging_does_not_replay_on_production(tmp_path, owner
     finally:
         staging.state.store.close()
         production.state.store.close()
+
+
+# --- recovery attempts, recovery keys, manifest check (review findings 23, 30, 32) -------------
+
+
+def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):
+    """While sealed the audit key is unavailable: failed attempts are kept and written to the
+    audit log by the recovery that succeeds; in ready mode a recovery attempt is audited at once."""
+    import warnings
+
+    from safehold.broker.service import BadRequest, Broker, Conflict
+
+    warnings.simplefilter("ignore")
+    store = SqliteStore(tmp_path / "r.db")
+    b = Broker(BrokerState.open(store, SealingIdentity(b"a" * 32, b"\x01" * 48)), None)
+    b.set_manifest(_manifest(owner, rsa_keys, threshold=2))
+    fp = b.status()["master_fingerprint"]
+    r = Broker(BrokerState.open(store, SealingIdentity(b"b" * 32, b"\x01" * 48)), None)  # another host
+    assert r.mode == "recovery" and "host identity differs" in r.status()["reason"]
+    data = r.state.recovery_data()
+    shares = [decrypt_share(data["shares"][f"r{i}"], _priv(k)) for i, k in enumerate(rsa_keys)]
+    bkey = ECKey.import_key(protocol.public_jwk(r._recovery_key))
+    enc = [protocol.encrypt_response(s, bkey) for s in shares[:2]]
+    with pytest.raises(RecoveryError, match="fingerprint"):
+        r.recover({"shares": enc, "expect_fingerprint": "00" * 16})
+    with pytest.raises(BadRequest, match="not a JWE"):
+        r.recover({"shares": ["garbage"], "expect_fingerprint": fp})
+    with pytest.raises(BadRequest, match="expect_fingerprint"):
+        r.recover({"shares": enc})
+    r.recover({"shares": enc, "expect_fingerprint": fp})
+    entries = r.audit_entries()
+    assert [e["event"] for e in entries[-4:]] == ["recovery-denied"] * 3 + ["recovery"]
+    assert "fingerprint" in entries[-4]["detail"]["reason"] and "not a JWE" in entries[-3]["detail"]["reason"]
+    assert entries[-1]["detail"]["failed_attempts_before"] == 3
+    with pytest.raises(Conflict):
+        r.recover({"shares": enc, "expect_fingerprint": fp})
+    assert r.audit_entries()[-1]["event"] == "recovery-denied"
+    assert r.audit_verify()["ok"]
+    store.close()
+
+
+def test_recover_cli_names_a_key_that_does_not_load(tmp_path, rsa_keys):
+    from click.testing import CliRunner
+
+    from safehold.cli.broker import broker
+
+    good = tmp_path / "r0.key"
+    good.write_bytes(_priv(rsa_keys[0]))
+    cut = tmp_path / "cut.key"
+    cut.write_bytes(_priv(rsa_keys[0])[:300])
+    ec_key = tmp_path / "ec.key"
+    ec_key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(PEM, PK8, NOENC))
+    for bad, why in ((cut, "cannot load recovery key"), (ec_key, "not an RSA private key")):
+        res = CliRunner().invoke(broker, ["recover", "--key", str(good), "--key", str(bad),
+                                          "--insecure-no-attestation", "--expect-fingerprint", "00" * 16,
+                                          "--url", "https://127.0.0.1:1"])
+        assert isinstance(res.exception, BrokerError), res.output
+        assert f"cannot load recovery key {bad}" in str(res.exception) and why in str(res.exception)
+
+
+def test_manifest_check_loads_policies_and_broker_refuses_relative_roots(tmp_path, owner):
+    from click.testing import CliRunner
+
+    from safehold.broker.service import Broker
+    from safehold.cli.broker import broker
+
+    m = _manifest(owner)
+    m["workloads"]["w"]["policy"]["simulated_root"] = "simulated-tee/root-ca.pem"
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps(m))
+    res = CliRunner().invoke(broker, ["manifest", "check", str(p)])
+    assert res.exit_code != 0 and "cannot read simulated_root" in str(res.exception)
+    assert str(tmp_path / "simulated-tee" / "root-ca.pem") in str(res.exception)  # next to the manifest
+    (tmp_path / "simulated-tee").mkdir()
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+
+    (tmp_path / "simulated-tee" / "root-ca.pem").write_bytes(
+        SimulatedAttester(tmp_path / "tee").root_ca_path.read_bytes())
+    res = CliRunner().invoke(broker, ["manifest", "check", str(p)])
+    assert res.exit_code == 0, res.output
+    # a relative root that reaches the broker unresolved (raw API body) is refused, not cwd-relative
+    with pytest.raises(ManifestError, match="simulated_root.*relative"):
+        Broker._build_verifiers(manifest_from_dict(m))
+
+
+def test_audit_verify_catches_the_manifest_version_going_backwards(tmp_path, owner):
+    import warnings
+
+    from safehold.broker.service import Broker
+
+    warnings.simplefilter("ignore")
+    store = SqliteStore(tmp_path / "a.db")
+    b = Broker(BrokerState.open(store, SealingIdentity(b"a" * 32, b"\x01" * 48)), None)
+    b.set_manifest(_manifest(owner))
+    assert b.audit_verify()["ok"]
+    b.record("manifest", {"version": 1, "digest": "x", "signer": None, "source": "api"})  # a re-install
+    res = b.audit_verify()
+    assert not res["ok"] and "manifest version 1 after version 1" in res["error"]
+    assert "backwards" in res["error"]
+    store.close()
