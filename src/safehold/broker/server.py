@@ -41,8 +41,8 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
     Args:
         data_dir: broker data directory (simulated TEE keys, default SQLite store, ``ca.pem``).
         store_url: ``safehold.store.open_store`` URL; default ``<data_dir>/broker.db``.
-        manifest_path: a manifest to install if none is set yet; if one is set and differs,
-            start-up fails (updates must be signed).
+        manifest_path: a manifest to install if none is set yet; if one is set and the file is
+            neither it nor an earlier stored version, start-up fails (updates must be signed).
         config: run-time options.
         package_root: measure this package tree instead of the installed one (tests).
         repair: rewrite a missing/replaced recovery record (loudly); False refuses instead.
@@ -84,6 +84,11 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
         try:
             broker.set_manifest(m.raw, source=f"file:{p.name}")
         except Forbidden:
+            older = broker.stored_version_of(m.digest)
+            if older is not None:  # e.g. `safehold up`'s file after a signed update: nothing changes
+                log.warning("%s is manifest version %d, superseded by the signed version %d: serving "
+                            "version %d", p, older, broker.manifest_version, broker.manifest_version)
+                return broker
             raise ManifestError(
                 f"{p}: differs from the stored manifest version {broker.manifest_version}; "
                 "use `safehold broker manifest update` (signed by an owner)"

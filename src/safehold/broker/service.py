@@ -528,6 +528,14 @@ class Broker:
         self.record("manifest", {"version": version, "digest": m.digest, "signer": signer,
                                  "source": source})
 
+    def stored_version_of(self, digest: str) -> int | None:
+        """The stored manifest version whose digest is ``digest`` (newest first), or None."""
+        for v in range(self.manifest_version, 0, -1):
+            entry = self.state.get_json("manifest", str(v))
+            if entry is not None and entry.get("digest") == digest:
+                return v
+        return None
+
     def manifest_entry(self, version: int | None = None) -> dict[str, Any]:
         """A stored manifest version (default current) with its signer and time.
 

@@ -6,6 +6,7 @@ Layout of the data directory (default ``./safehold-data``, created 0700)::
     records.toml       the records service's measured configuration (access list, resources)
     policy.toml        the appraisal policy clients use for the records service's Evidence
     tokens.json        bearer tokens (0600): admin / writer / reader
+    owner.key          the manifest owner's (user admin) Ed25519 signing key (0600), owner.pub
     ca.pem             the broker's workload CA (also GET /ca, /v1/values/session=safehold)
     up.json            URLs, paths and the admin token for `safehold patients` (0600)
     broker/            broker state (sealed master key, SQLite), its simulated TEE
@@ -190,6 +191,28 @@ def tokens(data_dir: Path) -> dict[str, str]:
     t = {role: secrets.token_urlsafe(32) for role in ("admin", "writer", "reader")}
     _write_private(p, json.dumps(t, indent=2).encode())
     return t
+
+
+def owner_key(data_dir: Path) -> str:
+    """The dev manifest owner's Ed25519 signing key (RFC 8032), created once: ``owner.key``
+    (PKCS#8 PEM, 0600) and ``owner.pub`` in ``data_dir``. Returns the public key (SPKI PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    priv = data_dir / "owner.key"
+    if priv.exists():
+        try:
+            key = serialization.load_pem_private_key(priv.read_bytes(), password=None)
+        except ValueError:
+            raise StackError(f"{priv} is not a PEM private key (remove it to make a new one)") from None
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        _write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+    (data_dir / "owner.pub").write_text(pub, "ascii")
+    return pub
 
 
 def _sha(t: str) -> str:
@@ -397,7 +420,10 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
             "records-tls": {"type": "certificate", "dns_names": ["api", "localhost"],
                             "ip_addresses": ["127.0.0.1"], "validity_days": 30},
         },
-        "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"])}},
+        # the owner's public key lets `safehold broker manifest update --signer admin --key
+        # <data-dir>/owner.key` sign updates of this dev manifest
+        "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"]),
+                            "public_key": owner_key(d)}},
     }
     text = tomli_w.dumps(manifest)
     load_manifest(text.encode(), filename="manifest.toml")  # fail here, clearly, not in the broker
