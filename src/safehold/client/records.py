@@ -52,11 +52,12 @@ class AccessDeniedError(RecordsClientError):
 
 @dataclass(frozen=True)
 class Record:
-    """A record read from the service: ``id``, ``data`` (the JSON object), ``version`` (int)."""
+    """A record read from the service: ``id``, ``data`` (the JSON object), ``version`` (int,
+    from 1; None only from a search against a service too old to report versions)."""
 
     id: str
     data: dict[str, Any]
-    version: int
+    version: int | None
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -69,7 +70,7 @@ def _raise_for(resp: httpx.Response) -> None:
         code, detail = "", resp.text[:200]
     msg = f"records service: HTTP {resp.status_code} {code}: {detail}".rstrip(": ")
     s = resp.status_code
-    if s == 404:
+    if s == 404 and code != "no-such-endpoint":
         raise RecordNotFoundError(msg)
     if s == 409 and code == "record-tampered":
         raise RecordTamperedError(msg)
@@ -95,8 +96,35 @@ def _path(rid: str) -> str:
     return f"/v1/patients/{quote(rid, safe='')}"
 
 
-def _batch_body(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
-    return {"records": [{"id": i, "record": dict(r)} for i, r in items]}
+#: A batch item: ``(id, record)`` or the wire shape ``{"id": id, "record": record}``.
+BatchItem = tuple[str, Mapping[str, Any]] | Mapping[str, Any]
+
+
+def _batch_body(items: Iterable[BatchItem]) -> dict[str, Any]:
+    """``{"records": [{"id", "record"}]}`` from tuples or wire-shape dicts.
+
+    Raises:
+        ValueError: an item is neither a 2-tuple nor a mapping with exactly ``id`` and
+            ``record`` (names the item's index).
+    """
+    out = []
+    for n, item in enumerate(items):
+        if isinstance(item, Mapping):
+            if set(item) != {"id", "record"}:
+                raise ValueError(f'batch item {n}: a dict item must have exactly the keys "id" and '
+                                 f'"record", got {sorted(map(str, item))}')
+            rid, rec = item["id"], item["record"]
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            rid, rec = item
+        else:
+            raise ValueError(f'batch item {n}: expected (id, record) or {{"id", "record"}}, '
+                             f"got {type(item).__name__}")
+        out.append({"id": rid, "record": dict(rec) if isinstance(rec, Mapping) else rec})
+    return {"records": out}
+
+
+def _hits(body: dict[str, Any]) -> list[Record]:
+    return [Record(x["id"], x["record"], x.get("version")) for x in body["records"]]
 
 
 def attesting_transport(policy: Any, *, asynchronous: bool = False,
@@ -225,15 +253,23 @@ class RecordsClient:
 
     def search(self, *, limit: int = 100, **criteria: str) -> list[Record]:
         """Exact-match search, e.g. ``search(family="Doe", birthDate="1970-01-01")``; at most
-        ``limit`` (1..1000) records, in id order."""
+        ``limit`` (1..1000) records, in id order, each with its current ``version``."""
         r = self._http.get("/v1/patients", params={**criteria, "limit": limit})
         _raise_for(r)
-        return [Record(x["id"], x["record"], 0) for x in r.json()["records"]]
+        return _hits(r.json())
 
-    def batch(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    def batch(self, items: Iterable[BatchItem]) -> list[dict[str, Any]]:
         """Upsert up to 500 records; identical ones are left alone (status ``unchanged``).
 
+        Args:
+            items: ``(id, record)`` tuples or wire-shape dicts ``{"id": …, "record": {…}}``
+                (mixed is fine).
+
         Returns one ``{"id", "status", ...}`` per item (status created|updated|unchanged|failed).
+
+        Raises:
+            ValueError: an item has neither shape (nothing is sent).
+            RecordsClientError: the service refused the batch (e.g. 400 naming the item, 413).
         """
         r = self._http.post("/v1/patients:batch", content=json.dumps(_batch_body(items)),
                             headers={"Content-Type": "application/json"})
@@ -241,8 +277,17 @@ class RecordsClient:
         return list(r.json()["results"])
 
     def audit_verify(self) -> int:
-        """(admin) verify the service's audit chain; returns the number of entries."""
+        """(admin) verify the service's audit chain and its authenticated head; returns the
+        number of entries. Raises RecordsClientError (409 ``audit-chain-broken``) naming the
+        break, e.g. a tail cut off behind the head."""
         r = self._http.get("/v1/audit/verify")
+        _raise_for(r)
+        return int(r.json()["entries"])
+
+    def audit_reseal(self) -> int:
+        """(admin) accept the audit log as it now is after a failed head check (the service
+        appends an entry recording what was wrong); returns the number of entries."""
+        r = self._http.post("/v1/audit/reseal")
         _raise_for(r)
         return int(r.json()["entries"])
 
@@ -313,9 +358,9 @@ class AsyncRecordsClient:
         """See :meth:`RecordsClient.search`."""
         r = await self._http.get("/v1/patients", params={**criteria, "limit": limit})
         _raise_for(r)
-        return [Record(x["id"], x["record"], 0) for x in r.json()["records"]]
+        return _hits(r.json())
 
-    async def batch(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    async def batch(self, items: Iterable[BatchItem]) -> list[dict[str, Any]]:
         """See :meth:`RecordsClient.batch`."""
         r = await self._http.post("/v1/patients:batch", content=json.dumps(_batch_body(items)),
                                   headers={"Content-Type": "application/json"})

@@ -11,7 +11,8 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
 ``DELETE /v1/patients/{id}``                writer    204; 404; ``If-Match`` as above
 ``GET /v1/patients?cursor=&limit=``         reader    ``{"ids": [...], "next": cursor|null}``
 ``GET /v1/patients?family=..&birthDate=..`` reader    exact search on :data:`SEARCH_FIELDS`
-                                                      → ``{"records": [{"id", "record"}]}``
+                                                      → ``{"records": [{"id", "record",
+                                                      "version"}]}``
                                                       (≤ ``limit``; ``"truncated": true`` if
                                                       more matched)
 ``POST /v1/patients:batch``                 writer    ``{"records": [{"id", "record"}]}`` (≤ 500)
@@ -19,11 +20,20 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
                                                       (not atomic: per-item results; a
                                                       malformed item → 400, nothing written)
 ``GET /v1/audit/verify``                    admin     ``{"entries": n}`` or 409 with the break
+                                                      (incl. a tail cut off behind the head)
+``POST /v1/audit/reseal``                   admin     accept the log as it is after a failed
+                                                      head check; ``{"entries": n}``
 ``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
 ``GET /openapi.json``                       none      the OpenAPI 3.1 description
 ==========================================  ========  =============================================
 
-Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content.
+Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content —
+also FastAPI's own: query validation (400 ``invalid``), unknown path (404 ``no-such-endpoint``),
+wrong method (405 ``method-not-allowed``). A body over the limit (:data:`MAX_RECORD_BYTES` for
+a PUT, :data:`MAX_BATCH_BYTES` for a batch; plain or chunked) → 413 ``too-large`` naming the
+limit, decided while reading (never buffered whole). JSON bodies holding ``NaN`` /
+``Infinity`` / ``-Infinity`` (not JSON, RFC 8259 §6) → 400 ``invalid``. A corrupt store →
+500 ``store-corrupt`` naming the store.
 
 Authentication: a bearer token (``Authorization: Bearer <token>``) whose SHA-256 appears in the
 access list the broker released to this workload, or a client certificate issued by the
@@ -43,8 +53,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safehold.errors import (
     AuditChainError,
@@ -62,9 +74,25 @@ from safehold.records.app import (
     PreconditionFailed,
     check_batch_shape,
 )
-from safehold.records.importers import MAX_RECORD_BYTES, SEARCH_FIELDS, InvalidRecordError
+from safehold.records.importers import (
+    MAX_RECORD_BYTES,
+    SEARCH_FIELDS,
+    InvalidRecordError,
+    NonFiniteNumberError,
+    loads_strict,
+)
+from safehold.store.errors import StoreCorruptError
 
 ROLES = ("reader", "writer", "admin")
+#: Largest ``POST /v1/patients:batch`` body (bytes); split bigger imports into several batches.
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+#: An over-limit body is read and dropped up to this many bytes, so the client sees the 413
+#: instead of a reset connection; beyond it the connection is closed.
+_DRAIN_BYTES = 16 * 1024 * 1024
+
+
+class PayloadTooLargeError(InvalidRecordError):
+    """The request body is over the endpoint's limit (413; the message names the limit)."""
 
 
 @dataclass(frozen=True)
@@ -182,8 +210,10 @@ def error_response(e: Exception) -> JSONResponse:
         (AlreadyExists, 409, "exists"),
         (PreconditionFailed, 412, "precondition-failed"),
         (RecordTamperedError, 409, "record-tampered"),
+        (PayloadTooLargeError, 413, "too-large"),
         (InvalidRecordError, 400, "invalid"),
         (AuditChainError, 409, "audit-chain-broken"),
+        (StoreCorruptError, 500, "store-corrupt"),
         (StoreError, 503, "store-unavailable"),
         (RecordError, 500, "record-error"),
     ]
@@ -194,6 +224,53 @@ def error_response(e: Exception) -> JSONResponse:
                 code = "unauthorized" if status == 401 else "forbidden"
             return JSONResponse({"error": code, "detail": str(e)}, status_code=status)
     return JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """Read the request body (plain or chunked), at most ``limit`` bytes.
+
+    Raises:
+        PayloadTooLargeError: ``Content-Length`` or the bytes received exceed ``limit`` (the
+            rest is read and dropped up to a bound, so the client gets the 413).
+    """
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    buf = bytearray()
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if not too_big:
+            buf += chunk
+            too_big = received > limit
+        if too_big and received > _DRAIN_BYTES:
+            break
+    if too_big:
+        raise PayloadTooLargeError(f"{what} is over the limit of {limit} bytes")
+    return bytes(buf)
+
+
+def parse_json_body(body: bytes, what: str) -> Any:
+    """Parse a JSON request body strictly (RFC 8259: no NaN / Infinity).
+
+    Raises:
+        InvalidRecordError: not JSON (names what), or holds a non-finite number.
+    """
+    try:
+        return loads_strict(body)
+    except NonFiniteNumberError as e:
+        raise InvalidRecordError(f"{what}: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidRecordError(f"{what} is not JSON") from None
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """Name each bad parameter and the rule it broke; never echo the value (it may be a name)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = [str(x) for x in err.get("loc", ())]
+        where = f"{loc[0]} parameter {loc[-1]!r}" if len(loc) >= 2 else ".".join(loc) or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "request is invalid"
 
 
 def _etag(version: int) -> str:
@@ -224,6 +301,20 @@ def create_native_app(
     async def _on_error(request: Request, exc: SafeholdError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "invalid", "detail": _validation_detail(exc)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 404/405 for paths and methods it does not serve (the path is not echoed:
+        # it may hold a record id)
+        codes = {404: ("no-such-endpoint", "no such endpoint (see /openapi.json)"),
+                 405: ("method-not-allowed", f"method {request.method} is not allowed here")}
+        code, detail = codes.get(exc.status_code, ("http-error", str(exc.detail)))
+        return JSONResponse({"error": code, "detail": detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
     def principal(role: str) -> Callable[[Request], Any]:
         async def dep(request: Request) -> Principal:  # async: no thread hop on the hot path
             p = authenticate(get_acl(), request)
@@ -239,9 +330,9 @@ def create_native_app(
     reader, writer, admin = principal("reader"), principal("writer"), principal("admin")
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
+    def healthz() -> JSONResponse:
         ok = health() if health else True
-        return {"status": "ok" if ok else "unavailable"}
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.put(
         "/v1/patients/{rid}",
@@ -256,13 +347,8 @@ def create_native_app(
         if_none_match: str | None = Header(default=None),
         who: Principal = Depends(writer),
     ) -> Response:
-        body = await request.body()
-        if len(body) > MAX_RECORD_BYTES:
-            raise InvalidRecordError(f"record is over the limit of {MAX_RECORD_BYTES} bytes")
-        try:
-            record = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise InvalidRecordError("body is not JSON") from None
+        body = await read_body(request, MAX_RECORD_BYTES, "record body")
+        record = parse_json_body(body, "body")
         if not isinstance(record, dict):
             raise InvalidRecordError("record must be a JSON object")
         res = await run_in_threadpool(
@@ -302,8 +388,9 @@ def create_native_app(
         crit = {k: v for k, v in {"family": family, "given": given, "birthDate": birthDate,
                                   "gender": gender, "identifier": identifier}.items() if v is not None}
         if crit:
-            hits = repo.search(who.name, crit, limit=limit + 1)
-            found: dict[str, Any] = {"records": [{"id": i, "record": r} for i, r in hits[:limit]]}
+            hits = repo.search_hits(who.name, crit, limit=limit + 1)
+            found: dict[str, Any] = {"records": [{"id": i, "record": r, "version": v}
+                                                 for i, r, v in hits[:limit]]}
             if len(hits) > limit:
                 found["truncated"] = True  # more matched than ``limit``
             return found
@@ -312,10 +399,7 @@ def create_native_app(
 
     @app.post("/v1/patients:batch")
     async def batch(request: Request, who: Principal = Depends(writer)) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InvalidRecordError("batch body is not JSON") from None
+        body = parse_json_body(await read_body(request, MAX_BATCH_BYTES, "batch body"), "batch body")
         recs = body.get("records") if isinstance(body, dict) else None
         if not isinstance(recs, list) or len(recs) > MAX_BATCH:
             raise InvalidRecordError(
@@ -335,5 +419,12 @@ def create_native_app(
         if repo.audit is None:
             raise ConfigError("audit is disabled")
         return {"entries": repo.audit.verify()}
+
+    @app.post("/v1/audit/reseal")
+    def audit_reseal(who: Principal = Depends(admin)) -> dict[str, Any]:
+        if repo.audit is None:
+            raise ConfigError("audit is disabled")
+        entry = repo.audit.reseal(who.name)
+        return {"entries": entry.seq + 1, "outcome": entry.body["outcome"]}
 
     return app

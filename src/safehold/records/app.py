@@ -36,6 +36,7 @@ from safehold.errors import ConflictError, RecordError, RecordNotFoundError, Rec
 from safehold.records.audit import AuditLog
 from safehold.records.importers import (
     MAX_RECORD_BYTES,
+    NON_FINITE_MESSAGE,
     SEARCH_FIELDS,
     InvalidRecordError,
     check_record,
@@ -103,8 +104,13 @@ class PutResult:
 
 
 def encode_record(record: Mapping[str, Any]) -> bytes:
-    """The stored plaintext of a record: compact JSON, UTF-8, member order kept."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """The stored plaintext of a record: compact JSON (RFC 8259), UTF-8, member order kept.
+
+    Raises:
+        ValueError: the record holds NaN or an infinity (not JSON, RFC 8259 §6).
+        TypeError: a value is not JSON-serialisable.
+    """
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def score(record: Mapping[str, Any]) -> float:
@@ -213,7 +219,9 @@ class PatientRepository:
             record = check_record(dict(record))
         try:
             new_raw = encode_record(record)
-        except (TypeError, ValueError) as e:
+        except ValueError:
+            raise InvalidRecordError(f"record holds a non-finite number: {NON_FINITE_MESSAGE}") from None
+        except TypeError as e:
             raise InvalidRecordError(f"record is not JSON-serialisable: {type(e).__name__}") from None
         if len(new_raw) > MAX_RECORD_BYTES:
             raise InvalidRecordError(f"record is {len(new_raw)} bytes, over the limit of {MAX_RECORD_BYTES}")
@@ -328,8 +336,17 @@ class PatientRepository:
 
     def search(self, who: str, criteria: Mapping[str, str], *,
                limit: int = MAX_PAGE) -> list[tuple[str, dict[str, Any]]]:
-        """Records matching every ``field=value`` exactly (after :func:`normalise`), at most
-        ``limit`` (1..:data:`MAX_PAGE`), in id order.
+        """``(id, record)`` of the records matching every ``field=value`` exactly (after
+        :func:`normalise`), at most ``limit`` (1..:data:`MAX_PAGE`), in id order.
+
+        Raises:
+            InvalidRecordError: no criteria, or a field outside :data:`SEARCH_FIELDS`.
+        """
+        return [(rid, rec) for rid, rec, _ in self.search_hits(who, criteria, limit=limit)]
+
+    def search_hits(self, who: str, criteria: Mapping[str, str], *,
+                    limit: int = MAX_PAGE) -> list[tuple[str, dict[str, Any], int]]:
+        """As :meth:`search`, with each record's current version: ``(id, record, version)``.
 
         Raises:
             InvalidRecordError: no criteria, or a field outside :data:`SEARCH_FIELDS`.
@@ -356,18 +373,18 @@ class PatientRepository:
             candidates = ids if candidates is None else candidates & ids
             if not candidates:
                 break
-        out: list[tuple[str, dict[str, Any]]] = []
+        out: list[tuple[str, dict[str, Any], int]] = []
         limit = max(1, min(limit, MAX_PAGE))
         for rid in sorted(candidates or ()):
             if len(out) >= limit:
                 break
             try:
-                raw, _ = self.kv.get(self.ns, rid)
+                raw, version = self.kv.get(self.ns, rid)
             except RecordNotFoundError:
                 continue  # stale index entry (superset by design)
             rec = _decode(raw)
             if want <= search_terms(rec):
-                out.append((rid, rec))
+                out.append((rid, rec, version))
                 self._audit(who, "search-hit", rid, "ok")
         self._audit(who, "search", None, f"ok:{len(out)}")
         return out

@@ -12,11 +12,25 @@ the attested keyset), ``entry_n["mac"] = HMAC-SHA256(key, hash_n)`` (RFC 2104), 
 operator can neither edit an entry nor rebuild the chain; without one, editing any entry breaks
 every later ``prev``. :meth:`AuditLog.verify` names the first bad entry.
 
+Authenticated head: every append also rewrites one **head** row (namespace
+``<namespace>.head``, key ``b"head"``) in the same transaction: canonical JSON
+``{"seq": n, "hash": hash_n hex, "mac": HMAC-SHA256(key, "safehold/records/audit-head/v1" || 0x00
+|| canonical {"seq", "hash"})}``. A chain alone cannot show that its *end* is missing (deleting
+the last entries leaves a valid shorter chain); the head can: :meth:`AuditLog.check_head` (run at
+service start-up and before the first append) and :meth:`AuditLog.verify` refuse a log whose
+authenticated head names an entry that is missing or different ("audit log truncated: … entry 24
+… is missing"), and a log with entries but no head. While the check fails, every append raises
+:class:`~safehold.errors.AuditChainError` — the records service then refuses every audited
+access (fail closed) — until an admin calls :meth:`AuditLog.reseal`, which appends an entry
+recording the problem and writes a fresh head. Rolling back the *whole* database (head and
+entries together) to an older state is not detectable from the database alone (DESIGN.md →
+Storage, the same limit as for records).
+
 Several service replicas may append to one store: an append is a compare-and-set insert
-(``expected_version=0``) of the next sequence numbers; on a conflict the replica reads the
-entries that won and chains on top of them. Within a process, appends are group-committed: all
-entries waiting while a write is in progress go into the next transaction together (each caller
-returns only once its entry is durable).
+(``expected_version=0``) of the next sequence number plus a compare-and-set of the head; on a
+conflict the replica re-reads the head and chains on top of the entries that won. Within a
+process, appends are group-committed: all entries waiting while a write is in progress go into
+the next transaction together (each caller returns only once its entry is durable).
 """
 
 from __future__ import annotations
@@ -37,6 +51,11 @@ from safehold.store.base import Store
 AUDIT_NAMESPACE = "records.audit"
 GENESIS = "0" * 64
 _SEQ_LEN = 8
+#: Row key of the authenticated head in namespace ``<namespace>.head``.
+HEAD_KEY = b"head"
+_HEAD_DOMAIN = b"safehold/records/audit-head/v1\x00"
+#: Conflicts an append tolerates; more means the store contradicts itself (corrupt pages).
+_MAX_CONFLICTS = 64
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -157,8 +176,10 @@ class AuditLog:
         self._store = store
         self._mac_key = mac_key
         self._ns = namespace
+        self._head_ns = f"{namespace}.head"
         self._next_seq: int | None = None
         self._prev = GENESIS
+        self._head_version = 0
         self.committer = GroupCommit(store, lock=write_lock, on_abort=self.invalidate)
 
     # -- writing ----------------------------------------------------------------------------
@@ -191,50 +212,170 @@ class AuditLog:
         return self.committer.run(lambda: self.stage(body))
 
     def stage(self, body: dict[str, Any]) -> AuditEntry:
-        """Chain and write ``body`` as the next entry; call inside a store transaction (a
-        :class:`GroupCommit` unit), as the unit's **last** write (the chain head advances here).
-        If another replica took the sequence number, re-read the head and chain on top of it."""
+        """Chain and write ``body`` as the next entry and advance the authenticated head (one
+        savepoint for both); call inside a store transaction (a :class:`GroupCommit` unit), as
+        the unit's **last** write. If another replica took the sequence number, re-read the head
+        and chain on top of it.
+
+        Raises:
+            AuditChainError: the head check fails (tail cut, head missing or forged, see
+                :meth:`check_head`), or the store keeps contradicting the head (a sequence
+                number is taken although the head says it is free: corrupt store).
+        """
+        conflicts = 0
         while True:
             if self._next_seq is None:
                 self._load_head()
             assert self._next_seq is not None
-            full = {**body, "seq": self._next_seq, "prev": self._prev}
+            seq = self._next_seq
+            full = {**body, "seq": seq, "prev": self._prev}
             digest = hashlib.sha256(_canonical(full)).digest()
             if self._mac_key is not None:
                 full["mac"] = hmac.new(self._mac_key, digest, hashlib.sha256).hexdigest()
             try:
-                self._store.put(self._ns, self._next_seq.to_bytes(_SEQ_LEN, "big"), _canonical(full),
-                                expected_version=0)
+                with self._store.transaction():  # entry and head: both or neither
+                    self._store.put(self._ns, seq.to_bytes(_SEQ_LEN, "big"), _canonical(full),
+                                    expected_version=0)
+                    head_version = self._store.put(self._head_ns, HEAD_KEY,
+                                                   self._head_value(seq, digest.hex()),
+                                                   expected_version=self._head_version)
             except ConflictError:
+                conflicts += 1
+                self._next_seq = None
                 self._load_head()
+                if self._next_seq <= seq or conflicts >= _MAX_CONFLICTS:
+                    # nobody advanced the head, yet the slot is taken (or endless contention):
+                    # the store contradicts itself; never spin on it
+                    self._next_seq = None
+                    raise AuditChainError(
+                        f"audit entry {seq}: the store holds a row there although the authenticated "
+                        f"head ends at entry {seq - 1} (store corrupt or edited; {conflicts} tries)"
+                    ) from None
                 continue
-            entry = AuditEntry(self._next_seq, full, digest)
-            self._next_seq, self._prev = self._next_seq + 1, digest.hex()
+            entry = AuditEntry(seq, full, digest)
+            self._next_seq, self._prev, self._head_version = seq + 1, digest.hex(), head_version
             return entry
 
     def invalidate(self) -> None:
         """Forget the cached chain head (after a rolled-back transaction); it is re-read."""
         self._next_seq = None
 
-    def _load_head(self) -> None:
-        last = None
-        after = None if self._next_seq is None else (self._next_seq - 1).to_bytes(_SEQ_LEN, "big")
-        if after is not None:
-            row = self._store.get(self._ns, after)
-            last = row
-        while True:
-            rows = self._store.scan(self._ns, after=after, limit=500)
-            if not rows:
-                break
-            last = rows[-1]
-            after = last.key
-        if last is None:
-            self._next_seq, self._prev = 0, GENESIS
-            return
-        body = _parse(last.value, int.from_bytes(last.key, "big"))
+    # -- the authenticated head -------------------------------------------------------------
+
+    def _head_mac(self, seq: int, digest_hex: str) -> str | None:
+        if self._mac_key is None:
+            return None
+        msg = _HEAD_DOMAIN + _canonical({"seq": seq, "hash": digest_hex})
+        return hmac.new(self._mac_key, msg, hashlib.sha256).hexdigest()
+
+    def _head_value(self, seq: int, digest_hex: str) -> bytes:
+        head: dict[str, Any] = {"seq": seq, "hash": digest_hex}
+        mac = self._head_mac(seq, digest_hex)
+        if mac is not None:
+            head["mac"] = mac
+        return _canonical(head)
+
+    def read_head(self) -> tuple[int, str, int] | None:
+        """The authenticated head: ``(seq of the last entry, its hash hex, head row version)``,
+        or None if there is no head row.
+
+        Raises:
+            AuditChainError: the head row is not valid JSON, lacks fields, or (with a MAC key)
+                its MAC is missing or wrong.
+        """
+        row = self._store.get(self._head_ns, HEAD_KEY)
+        if row is None:
+            return None
+        try:
+            head = json.loads(row.value)
+            seq, digest_hex = head["seq"], head["hash"]
+            if type(seq) is not int or seq < 0 or not isinstance(digest_hex, str):
+                raise TypeError
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError):
+            raise AuditChainError("audit head: not a valid head record (edited?)") from None
+        want = self._head_mac(seq, digest_hex)
+        if want is not None and not hmac.compare_digest(str(head.get("mac", "")), want):
+            raise AuditChainError("audit head: MAC missing or wrong (the head row was edited or forged)")
+        return seq, digest_hex, row.version
+
+    def check_head(self) -> int:
+        """Check that the log ends where the authenticated head says (O(1): two reads).
+
+        Returns:
+            the number of entries the head vouches for (0 for an empty log).
+
+        Raises:
+            AuditChainError: "audit log truncated: the authenticated head names entry N (hash …)
+                as the last one, but it is missing" (the tail was cut), the entry there differs
+                from the head's hash, entries exist but no head does, or the head itself is bad.
+        """
+        return self._check_against(self.read_head())
+
+    def _check_against(self, head: tuple[int, str, int] | None) -> int:
+        if head is None:
+            if self._store.scan(self._ns, limit=1):
+                raise AuditChainError(
+                    "audit head missing: the log has entries but no authenticated head (the head "
+                    "row was deleted, perhaps with the log's tail, or the log predates audit "
+                    "heads); an admin may reseal it (POST /v1/audit/reseal)"
+                )
+            return 0
+        seq, digest_hex, _ = head
+        row = self._store.get(self._ns, seq.to_bytes(_SEQ_LEN, "big"))
+        if row is None:
+            raise AuditChainError(
+                f"audit log truncated: the authenticated head names entry {seq} (hash "
+                f"{digest_hex[:16]}…) as the last one, but it is missing: the log's tail was cut"
+            )
+        body = _parse(row.value, seq)
         body.pop("mac", None)
-        self._next_seq = int.from_bytes(last.key, "big") + 1
-        self._prev = hashlib.sha256(_canonical(body)).hexdigest()
+        got = hashlib.sha256(_canonical(body)).hexdigest()
+        if got != digest_hex or body.get("seq") != seq:
+            raise AuditChainError(
+                f"audit entry {seq}: does not match the authenticated head (hash expected "
+                f"{digest_hex[:16]}…, got {got[:16]}…): the log's tail was replaced"
+            )
+        return seq + 1
+
+    def _load_head(self) -> None:
+        """Load the append position from the authenticated head, checking it first."""
+        head = self.read_head()
+        n = self._check_against(head)
+        if head is None:
+            self._next_seq, self._prev, self._head_version = 0, GENESIS, 0
+        else:
+            self._next_seq, self._prev, self._head_version = n, head[1], head[2]
+
+    def reseal(self, who: str) -> AuditEntry:
+        """Accept the log as it now is after a failed head check (admin action): verify the
+        chain of the entries that exist, append an entry ``op = "audit-reseal"`` whose
+        ``outcome`` records what the head check found, and write a fresh head over it.
+
+        The evidence stays in the log (the reseal entry quotes the failed check); entries that
+        were cut off are gone for good.
+
+        Raises:
+            AuditChainError: the remaining entries do not form a valid chain (an edited entry
+                is not resealed over; restore the database from a backup instead).
+        """
+        def unit() -> AuditEntry:
+            try:
+                self.check_head()
+                problem = "head ok"
+            except AuditChainError as e:
+                problem = str(e)
+            try:
+                n, last = self._verify_chain()
+                row = self._store.get(self._head_ns, HEAD_KEY)
+                self._next_seq, self._prev = n, last
+                self._head_version = row.version if row is not None else 0
+                body = self.body(who, "audit-reseal", None, f"resealed after entry {n - 1}: {problem}"[:600])
+                return self.stage(body)
+            except BaseException:
+                self._next_seq = None  # never keep a position that skipped the head check
+                raise
+
+        return self.committer.run(unit)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -250,13 +391,8 @@ class AuditLog:
             plain = {k: v for k, v in body.items() if k != "mac"}
             yield AuditEntry(seq, body, hashlib.sha256(_canonical(plain)).digest())
 
-    def verify(self) -> int:
-        """Check the whole chain and return the number of entries.
-
-        Raises:
-            AuditChainError: names the first bad entry (sequence gap, wrong ``seq``, broken
-                ``prev`` link, missing or wrong MAC).
-        """
+    def _verify_chain(self) -> tuple[int, str]:
+        """Check every entry's sequence, ``prev`` link and MAC; return ``(count, last hash hex)``."""
         prev = GENESIS
         n = 0
         for e in self.entries():
@@ -270,6 +406,27 @@ class AuditLog:
                     raise AuditChainError(f"audit entry {n}: MAC missing or wrong (entry edited)")
             prev = e.hash.hex()
             n += 1
+        return n, prev
+
+    def verify(self) -> int:
+        """Check the whole chain against the authenticated head; return the number of entries.
+
+        The head is read first, so entries appended meanwhile (by this or another replica) do
+        not count as a mismatch; the log must reach at least the head's entry, with its hash.
+
+        Raises:
+            AuditChainError: names the first bad entry (sequence gap, wrong ``seq``, broken
+                ``prev`` link, missing or wrong MAC), or the missing tail ("audit log truncated:
+                … entry N … is missing"), or a missing / forged head.
+        """
+        head = self.read_head()
+        self._check_against(head)
+        n, _ = self._verify_chain()
+        if head is not None and n <= head[0]:
+            raise AuditChainError(
+                f"audit log truncated: the authenticated head names entry {head[0]} as the last "
+                f"one, but the log ends at entry {n - 1}: entries {n}..{head[0]} are missing"
+            )
         return n
 
 

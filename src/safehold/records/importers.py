@@ -16,6 +16,11 @@ Formats (chosen by content, not by file name alone):
 * **FHIR NDJSON** (FHIR Bulk Data Access IG, one resource per line).
 * **A single FHIR Patient resource** (``.json``), as in the HL7 R4 examples package.
 
+Within one file a record id is imported once: **the first occurrence wins**; every later item
+with the same id becomes an :class:`ImportProblem` (a failure naming where the first one was,
+never the id or content), so a duplicated ``Id`` row in a CSV is reported and counted instead of
+silently overwriting the first. Across files, a later file's record updates the earlier one.
+
 Search fields (:func:`search_terms`) are extracted from both record shapes for the
 blind-index search: ``family``, ``given``, ``birthDate``, ``gender``, ``identifier``.
 """
@@ -37,6 +42,7 @@ from safehold.errors import RecordError
 #: Record ids: FHIR R4 ``id`` (§2.24.0.1: ``[A-Za-z0-9\-\.]{1,64}``) widened to the characters
 #: other sources use (Synthea UUIDs, SCONE demo ids such as ``patient_3``).
 RECORD_ID_RE = re.compile(r"^[A-Za-z0-9._~:@-]{1,128}$")
+_ID_CHAR_RE = re.compile(r"^[A-Za-z0-9._~:@-]$")
 #: The fields the records service indexes for exact-match search.
 SEARCH_FIELDS = ("family", "given", "birthDate", "gender", "identifier")
 #: Largest single record accepted (a Synthea FHIR Patient is ~4-6 KiB).
@@ -51,6 +57,43 @@ class ImportFormatError(RecordError):
 
 class InvalidRecordError(RecordError):
     """A record or record id is not acceptable (names the rule broken, never the content)."""
+
+
+class NonFiniteNumberError(ValueError):
+    """JSON text holds ``NaN``, ``Infinity`` or ``-Infinity``: Python's :mod:`json` accepts them,
+    RFC 8259 §6 does not ("Numeric values that cannot be represented … such as Infinity and NaN
+    are not permitted"), so Safehold never stores them."""
+
+
+NON_FINITE_MESSAGE = "NaN, Infinity and -Infinity are not JSON numbers (RFC 8259 §6)"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise NonFiniteNumberError(f"{name} found: {NON_FINITE_MESSAGE}")
+
+
+def loads_strict(data: str | bytes) -> Any:
+    """:func:`json.loads` that refuses ``NaN`` / ``Infinity`` / ``-Infinity`` (RFC 8259 §6).
+
+    Raises:
+        NonFiniteNumberError: one of those constants appears (a :class:`ValueError`).
+        json.JSONDecodeError, UnicodeDecodeError, RecursionError: as :func:`json.loads`.
+    """
+    return json.loads(data, parse_constant=_refuse_constant)
+
+
+def _describe_char(ch: str) -> str:
+    """Name a refused id character by its class; only printable ASCII is shown as itself (one
+    character of an id is not the id), anything else as its code point."""
+    if ch == " ":
+        return "a space"
+    if ch.isascii() and ch.isprintable():
+        return f"{ch!r}"
+    if unicodedata.category(ch).startswith("C"):
+        return f"a control or invisible character (U+{ord(ch):04X})"
+    if ch.isspace():
+        return f"a white-space character (U+{ord(ch):04X})"
+    return f"a non-ASCII character (U+{ord(ch):04X})"
 
 
 @dataclass(frozen=True)
@@ -87,29 +130,41 @@ class ImportProblem:
 def check_record_id(record_id: str) -> str:
     """Return ``record_id`` if it matches :data:`RECORD_ID_RE`.
 
+    Messages name the first refused character by class and 1-based position (``got a space
+    at position 4``; printable ASCII is shown, anything else as ``U+XXXX``) or the length —
+    never the id itself, which may be sensitive (e.g. built from a name).
+
     Raises:
-        InvalidRecordError: empty, too long (> 128 characters) or a character outside the set.
+        InvalidRecordError: not a string, empty, too long (> 128 characters) or a character
+            outside the set.
     """
-    if not isinstance(record_id, str) or not RECORD_ID_RE.match(record_id):
-        n = len(record_id) if isinstance(record_id, str) else type(record_id).__name__
-        raise InvalidRecordError(
-            f"record id must be 1..128 characters of A-Z a-z 0-9 . _ ~ : @ - (got length {n})"
-        )
-    return record_id
+    if not isinstance(record_id, str):
+        raise InvalidRecordError(f"record id must be a string, got {type(record_id).__name__}")
+    if RECORD_ID_RE.match(record_id):
+        return record_id
+    for i, ch in enumerate(record_id, start=1):
+        if not _ID_CHAR_RE.match(ch):
+            raise InvalidRecordError(
+                f"record id may contain only A-Z a-z 0-9 . _ ~ : @ - "
+                f"(got {_describe_char(ch)} at position {i})"
+            )
+    raise InvalidRecordError(f"record id must be 1..128 characters long (got {len(record_id)})")
 
 
 def check_record(record: object) -> dict[str, Any]:
     """Return ``record`` if it is a JSON object that fits the size limit.
 
     Raises:
-        InvalidRecordError: not a JSON object, not JSON-serialisable, or larger than
-            :data:`MAX_RECORD_BYTES` when serialised.
+        InvalidRecordError: not a JSON object, not JSON-serialisable (also: holds NaN or an
+            infinity), or larger than :data:`MAX_RECORD_BYTES` when serialised.
     """
     if not isinstance(record, dict):
         raise InvalidRecordError(f"record must be a JSON object, got {type(record).__name__}")
     try:
-        size = len(json.dumps(record, ensure_ascii=False).encode("utf-8"))
-    except (TypeError, ValueError) as e:
+        size = len(json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    except ValueError:
+        raise InvalidRecordError(f"record holds a non-finite number: {NON_FINITE_MESSAGE}") from None
+    except TypeError as e:
         raise InvalidRecordError(f"record is not JSON-serialisable: {type(e).__name__}") from None
     if size > MAX_RECORD_BYTES:
         raise InvalidRecordError(f"record is {size} bytes, over the limit of {MAX_RECORD_BYTES}")
@@ -142,6 +197,23 @@ def iter_bytes(raw: bytes, *, name: str = "<input>") -> Iterator[ImportItem | Im
     Raises:
         ImportFormatError: as in :func:`iter_file`.
     """
+    yield from _first_id_wins(_iter_text(raw, name))
+
+
+def _first_id_wins(items: Iterator[ImportItem | ImportProblem]) -> Iterator[ImportItem | ImportProblem]:
+    first: dict[str, str] = {}
+    for it in items:
+        if isinstance(it, ImportItem):
+            prev = first.get(it.id)
+            if prev is not None:
+                yield ImportProblem(it.source, f"duplicate record id (first at {prev}); "
+                                               "not imported: the first occurrence wins")
+                continue
+            first[it.id] = it.source
+        yield it
+
+
+def _iter_text(raw: bytes, name: str) -> Iterator[ImportItem | ImportProblem]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -151,7 +223,9 @@ def iter_bytes(raw: bytes, *, name: str = "<input>") -> Iterator[ImportItem | Im
         raise ImportFormatError(f"{name}: empty file")
     if stripped[0] == "{":
         try:
-            obj = json.loads(text)
+            obj = loads_strict(text)
+        except NonFiniteNumberError as e:
+            raise ImportFormatError(f"{name}: {e}") from None
         except json.JSONDecodeError:
             obj = None  # maybe NDJSON: several objects on several lines
         except RecursionError:
@@ -199,7 +273,11 @@ def _from_ndjson(text: str, name: str) -> Iterator[ImportItem | ImportProblem]:
             continue
         src = f"{name}:{lineno}"
         try:
-            res = json.loads(line)
+            res = loads_strict(line)
+        except NonFiniteNumberError as e:
+            seen_any = True
+            yield ImportProblem(src, str(e))
+            continue
         except (json.JSONDecodeError, RecursionError):
             if not seen_any:
                 raise ImportFormatError(f"{name}: neither JSON nor NDJSON (line {lineno})") from None

@@ -430,8 +430,53 @@ def pinned_broker_ca(cfg: ServiceConfig) -> bytes:
     return pem
 
 
+def check_audit_at_start(audit: Any) -> bool:
+    """Check the audit log's authenticated head at start-up (O(1)); True if it holds.
+
+    A failed check (the log's tail was cut, the head row deleted or forged) does not stop the
+    service, but it fails closed: every audited access is refused with 409
+    ``audit-chain-broken`` until an admin reseals the log (``POST /v1/audit/reseal``), and the
+    problem is logged as an error banner here. A corrupt store is a
+    :class:`~safehold.store.errors.StoreCorruptError` (the service exits with status 1).
+    """
+    from safehold.errors import AuditChainError
+
+    try:
+        n = audit.check_head()
+    except AuditChainError as e:
+        banner = "!" * 78
+        log.error(banner)
+        log.error("AUDIT LOG BROKEN: %s", e)
+        log.error("every audited access is refused (409 audit-chain-broken) until an admin "
+                  "reseals the log: POST /v1/audit/reseal (the reseal entry records this)")
+        log.error(banner)
+        return False
+    log.info("audit log: %d entries, authenticated head checked", n)
+    return True
+
+
+def store_healthy(store: Any, audit: Any) -> bool:
+    """For ``/healthz``: the store answers a read and the audit head holds (no details)."""
+    try:
+        if audit is not None:
+            audit.check_head()
+        else:
+            store.scan("records.audit", limit=1)
+    except SafeholdError:
+        return False
+    return True
+
+
 def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
-    """Open the store and engine and build ``(native_app, scone_app_or_None, store)``."""
+    """Open the store and engine and build ``(native_app, scone_app_or_None, store)``.
+
+    A SQLite store is checked with ``PRAGMA quick_check`` first (reads every page once: about
+    a second per few hundred MB) and the audit log's authenticated head is checked
+    (:func:`check_audit_at_start`).
+
+    Raises:
+        StoreCorruptError: the SQLite file is corrupt (the service then exits with status 1).
+    """
     from safehold.records.api import AccessList, create_native_app
     from safehold.records.app import EngineKV, PatientRepository
     from safehold.records.audit import AuditLog
@@ -440,6 +485,17 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
     from safehold.store import open_store
 
     store = open_store(cfg.store_url)
+    check = getattr(store, "quick_check", None)  # SQLite: a corrupt page must not reach requests
+    if check is not None:
+        import time
+
+        t0 = time.monotonic()
+        try:
+            check()
+        except BaseException:
+            store.close()
+            raise
+        log.info("store quick_check ok (%.2f s)", time.monotonic() - t0)
     codec = None
     if not cfg.encryption:
         import warnings
@@ -469,9 +525,10 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
 
         audit = AuditLog(store, mac_key=derive_key(prov.keyset.index_key, purpose="records/audit-mac"),
                          write_lock=wlock)
+        check_audit_at_start(audit)
     repo = PatientRepository(EngineKV(engine, write_lock=wlock), audit)
     acl = AccessList.from_json(cfg.access)
-    native = create_native_app(repo, acl)
+    native = create_native_app(repo, acl, health=lambda: store_healthy(store, audit))
     scone = create_scone_app(repo, acl, auth=cfg.scone_auth) if cfg.scone_port is not None else None
     return native, scone, store
 

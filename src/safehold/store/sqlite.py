@@ -117,7 +117,13 @@ class _SqliteOps(StoreOps):
         raise VersionConflictError(namespace, key, expected, actual, "delete")
 
     def scan(self, namespace: str, *, after: bytes | None = None, limit: int = 100) -> list[Row]:
-        """See :meth:`StoreOps.scan` (keys ordered by memcmp of the bytes). Raises StoreError, ValueError."""
+        """See :meth:`StoreOps.scan` (keys ordered by memcmp of the bytes).
+
+        Raises:
+            StoreCorruptError: the rows came back out of key order or not after ``after`` (a
+                corrupt index page), or SQLite reports the file malformed.
+            StoreError, ValueError: as :meth:`StoreOps.scan`.
+        """
         namespace = check_namespace(namespace)
         after, limit = check_scan(after, limit)
         with self._store._mapped("scan"):
@@ -126,6 +132,19 @@ class _SqliteOps(StoreOps):
             else:
                 cur = self._conn().execute(_SQL_SCAN_AFTER, (namespace, after, limit))
             rows = cur.fetchall()
+        prev = after
+        for k, _, _ in rows:
+            if not isinstance(k, bytes):
+                continue  # row_from_db names the wrongly typed column
+            # a damaged index page can return keys out of order or again (PRAGMA quick_check does
+            # not see it); callers page with ``after = last key`` and would loop forever
+            if prev is not None and k <= prev:
+                raise StoreCorruptError(
+                    f"SQLite store {self._store.path}: scan of namespace {namespace!r} returned "
+                    "keys out of order: the database's index pages are corrupt (PRAGMA "
+                    "integrity_check names them; restore the file from a backup)"
+                )
+            prev = k
         return [row_from_db(namespace, k, v, val, self._store._where) for k, v, val in rows]
 
 
@@ -378,6 +397,23 @@ class SqliteStore(_SqliteOps, Store):
             if depth == 0 and conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def quick_check(self, *, max_errors: int = 3) -> None:
+        """Run ``PRAGMA quick_check`` (SQLite docs: O(N) in the file size: every page is read
+        once; cheaper than ``integrity_check``, which also verifies index order and contents).
+
+        Raises:
+            StoreCorruptError: the check reports problems (the first ``max_errors`` quoted) or
+                cannot run because the file is malformed.
+        """
+        with self._mapped("quick_check"):
+            rows = self._connection().execute(f"PRAGMA quick_check({int(max_errors)})").fetchall()
+        found = [str(r[0]) for r in rows]
+        if found != ["ok"]:
+            raise StoreCorruptError(
+                f"SQLite store {self.path} is corrupt (PRAGMA quick_check: {'; '.join(found)[:500]}); "
+                "restore it from a backup"
+            )
 
     def close(self) -> None:
         """Close every connection this store opened. Idempotent."""
