@@ -142,6 +142,38 @@ def test_record_id_rules(bad):
         check_record_id(bad)
 
 
+@pytest.mark.parametrize(("bad", "what"), [
+    ("bad id!", "got a space at position 4"),
+    ("nul\x00x", r"got a control or invisible character \(U\+0000\) at position 4"),
+    ("Müller", r"got a non-ASCII character \(U\+00FC\) at position 2"),
+    ("a/b", "got '/' at position 2"),
+    ("x" * 129, r"must be 1\.\.128 characters long \(got 129\)"),
+    ("", r"must be 1\.\.128 characters long \(got 0\)"),
+])
+def test_record_id_errors_name_the_character_class_not_the_id(bad, what):
+    with pytest.raises(InvalidRecordError, match=what) as e:
+        check_record_id(bad)
+    if len(bad) > 1:
+        assert bad not in str(e.value)  # never the id itself (it may be built from a name)
+
+
+@pytest.mark.parametrize("const", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(const):
+    """RFC 8259 §6: Python's json would accept these; the importers refuse them."""
+    single = f'{{"resourceType": "Patient", "id": "n1", "x": {const}}}'.encode()
+    with pytest.raises(ImportFormatError, match=f"{const} found: .*RFC 8259"):
+        list(iter_bytes(single, name="p.json"))
+    nd = (b'{"resourceType": "Patient", "id": "ok1"}\n'
+          + f'{{"resourceType": "Patient", "id": "n2", "x": [1, {const}]}}\n'.encode())
+    out = list(iter_bytes(nd, name="f.ndjson"))
+    assert [x.id for x in items(out)] == ["ok1"]
+    assert isinstance(out[1], ImportProblem) and not out[1].skipped and "RFC 8259" in out[1].reason
+    from safehold.records.importers import check_record
+
+    with pytest.raises(InvalidRecordError, match="non-finite number"):
+        check_record({"x": float(const.replace("Infinity", "inf"))})
+
+
 def test_scone_record_terms():
     rec = {"fname": "Jane", "lname": "DOE ", "dob": "1990-01-01", "ssn": "999-11-2222"}
     assert search_terms(rec) == {

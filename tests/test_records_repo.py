@@ -251,3 +251,171 @@ def test_batch_per_item_results(repo):
     assert repo.get("u", "new")[0] == pat("new", "Jones")
     with pytest.raises(InvalidRecordError, match="record must be a JSON object, got NoneType"):
         repo.put("u", "n", None)  # type: ignore[arg-type]  # direct put: same refusal
+
+
+def _audit_rows(path):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT key FROM {T} WHERE namespace = 'records.audit' ORDER BY key").fetchall()
+    finally:
+        conn.close()
+
+
+def _delete_audit_tail(path, n):
+    conn = sqlite3.connect(path)
+    keys = conn.execute(f"SELECT key FROM {T} WHERE namespace = 'records.audit' "
+                        "ORDER BY key DESC LIMIT ?", (n,)).fetchall()
+    conn.executemany(f"DELETE FROM {T} WHERE namespace = 'records.audit' AND key = ?", keys)
+    conn.commit()
+    conn.close()
+
+
+def test_audit_tail_cut_is_detected_by_the_authenticated_head(tmp_path):
+    """Deleting the last audit entries leaves a valid shorter chain; the head names the cut,
+    appends fail closed until an admin reseals, and the reseal entry records the problem."""
+    db = tmp_path / "a.db"
+    store = open_store(f"sqlite:///{db}")
+    log = AuditLog(store, mac_key=b"m" * 32)
+    for i in range(10):
+        log.append("u", "put", bytes([i]) * 16, "ok")
+    assert log.verify() == 10 and log.check_head() == 10
+    store.close()
+    _delete_audit_tail(db, 3)  # "while stopped": the file alone, then a fresh process state
+    store = open_store(f"sqlite:///{db}")
+    log = AuditLog(store, mac_key=b"m" * 32)
+    cut = "audit log truncated: the authenticated head names entry 9 .* as the last one"
+    with pytest.raises(AuditChainError, match=cut):
+        log.check_head()
+    with pytest.raises(AuditChainError, match=cut):
+        log.verify()
+    with pytest.raises(AuditChainError, match=cut):  # fail closed: no entry chains on the cut
+        log.append("u", "get", None, "ok")
+    assert len(_audit_rows(db)) == 7
+    with pytest.raises(AuditChainError, match="MAC"):  # only the key holder may reseal
+        AuditLog(store, mac_key=b"x" * 32).reseal("admin")
+    entry = log.reseal("admin")
+    assert entry.seq == 7 and entry.body["op"] == "audit-reseal"
+    assert "entry 9" in entry.body["outcome"] and "truncated" in entry.body["outcome"]
+    log.append("u", "get", None, "ok")
+    assert log.verify() == 9 == AuditLog(store, mac_key=b"m" * 32).verify()
+    store.close()
+
+
+def test_audit_head_deleted_or_forged_is_refused(tmp_path):
+    db = tmp_path / "h.db"
+    store = open_store(f"sqlite:///{db}")
+    log = AuditLog(store, mac_key=b"m" * 32)
+    for _ in range(3):
+        log.append("u", "get", None, "ok")
+    conn = sqlite3.connect(db)
+    (head,) = conn.execute(f"SELECT value FROM {T} WHERE namespace = 'records.audit.head'").fetchone()
+    assert json.loads(head)["seq"] == 2
+    # forge: point the head at entry 1 (as if the log ended there) without the key
+    forged = json.dumps({"seq": 1, "hash": json.loads(head)["hash"], "mac": "00" * 32}).encode()
+    conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = 'records.audit.head'", (forged,))
+    conn.commit()
+    with pytest.raises(AuditChainError, match="audit head: MAC missing or wrong"):
+        AuditLog(store, mac_key=b"m" * 32).verify()
+    conn.execute(f"DELETE FROM {T} WHERE namespace = 'records.audit.head'")
+    conn.commit()
+    conn.close()
+    fresh = AuditLog(store, mac_key=b"m" * 32)
+    with pytest.raises(AuditChainError, match="audit head missing"):
+        fresh.verify()
+    with pytest.raises(AuditChainError, match="audit head missing"):
+        fresh.append("u", "get", None, "ok")
+    assert "audit head missing" in fresh.reseal("admin").body["outcome"]
+    assert fresh.verify() == 4
+    store.close()
+
+
+def _duplicate_leaf_page(path, namespace: bytes):
+    """Page-level corruption a quick_check does not see: copy one b-tree leaf page holding rows
+    of ``namespace`` over a later one (a misdirected write), so scans return keys out of order."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    ps = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    data = bytearray(path.read_bytes())
+    leaves = [i for i in range(1, len(data) // ps)
+              if data[i * ps] in (0x0A, 0x0D) and namespace in data[i * ps:(i + 1) * ps]]
+    assert len(leaves) >= 6, leaves
+    src, dst = leaves[1], leaves[len(leaves) // 2]
+    data[dst * ps:(dst + 1) * ps] = data[src * ps:(src + 1) * ps]
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_index_pages_fail_fast_never_spin(tmp_path):
+    """A scan over damaged index pages used to return keys out of order, so paging loops
+    (``after = last key``) could go round forever; now the store says corrupt at once."""
+    db = tmp_path / "c.db"
+    store = open_store(f"sqlite:///{db}")
+    log = AuditLog(store, mac_key=b"m" * 32)
+    with log.committer._lock, store.transaction():
+        for i in range(1500):
+            log.stage(AuditLog.body("u", "get", bytes([i % 256]) * 16, "ok"))
+    store.close()
+    _duplicate_leaf_page(db, b"records.audit")
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]  # invisible to it
+    assert conn.execute("PRAGMA integrity_check").fetchall() != [("ok",)]
+    conn.close()
+    store = open_store(f"sqlite:///{db}")
+    out: list[object] = []
+
+    def run():
+        try:
+            out.append(AuditLog(store, mac_key=b"m" * 32).verify())
+        except Exception as e:  # noqa: BLE001 - inspected below
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "verify hung on a corrupt store"
+    from safehold.store.errors import StoreCorruptError
+
+    assert isinstance(out[0], StoreCorruptError), out
+    assert "returned keys out of order" in str(out[0]) and str(db) in str(out[0])
+    store.close()
+
+
+def test_sqlite_quick_check_names_a_damaged_page(tmp_path):
+    db = tmp_path / "q.db"
+    store = open_store(f"sqlite:///{db}")
+    with store.transaction():
+        for i in range(400):
+            store.put("records:patients", i.to_bytes(16, "big"), b"v" * 300, expected_version=0)
+    store.quick_check()
+    store.close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(db.read_bytes())
+    mid = (len(data) // 4096 // 2) * 4096  # the tester's "200 bytes in the middle", page-aligned
+    for j in range(200):
+        data[mid + j] ^= 0x5A
+    db.write_bytes(bytes(data))
+    from safehold.store.errors import StoreCorruptError
+
+    with pytest.raises(StoreCorruptError, match=r"is corrupt \(PRAGMA quick_check: .*restore it"):
+        s2 = open_store(f"sqlite:///{db}")
+        try:
+            s2.quick_check()
+        finally:
+            s2.close()
+
+
+@pytest.mark.parametrize("const", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_never_stored(repo, const):
+    with pytest.raises(InvalidRecordError, match="non-finite number: .*RFC 8259"):
+        repo.put("u", "n1", {"resourceType": "Patient", "x": [1, {"y": const}]})
+    with pytest.raises(RecordNotFoundError):
+        repo.get("u", "n1")
+
+
+def test_search_hits_carry_versions(repo):
+    repo.put("u", "v1", pat("v1", "Versioned"))
+    repo.put("u", "v1", pat("v1", "Versioned", given="Bo"))
+    repo.put("u", "v2", pat("v2", "Versioned"))
+    assert [(i, v) for i, _, v in repo.search_hits("u", {"family": "versioned"})] == [("v1", 2), ("v2", 1)]

@@ -406,8 +406,13 @@ class SqliteStore(_SqliteOps, Store):
             StoreCorruptError: the check reports problems (the first ``max_errors`` quoted) or
                 cannot run because the file is malformed.
         """
-        with self._mapped("quick_check"):
-            rows = self._connection().execute(f"PRAGMA quick_check({int(max_errors)})").fetchall()
+        try:
+            with self._mapped("quick_check"):
+                rows = self._connection().execute(f"PRAGMA quick_check({int(max_errors)})").fetchall()
+        except StoreCorruptError as e:  # too damaged for the check itself to run
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise StoreCorruptError(f"SQLite store {self.path} is corrupt (PRAGMA quick_check: "
+                                    f"{cause}); restore it from a backup") from e
         found = [str(r[0]) for r in rows]
         if found != ["ok"]:
             raise StoreCorruptError(
