@@ -21,6 +21,11 @@ SAMPLE = ROOT / "src" / "safehold" / "data" / "sample"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Run the CLI from a snapshot of the package (stable measurement while the tree changes)."""
+    return snapshot_env(tmp_path_factory)
+
+
+def snapshot_env(tmp_path_factory) -> dict[str, str]:
+    """Environment running ``python -m safehold.cli.main`` from a fresh copy of the package."""
     d = tmp_path_factory.mktemp("pkg")
     shutil.copytree(ROOT / "src" / "safehold", d / "safehold",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -77,17 +82,22 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
         st = json.loads(r.stdout)
         assert st["records"]["attested"] is True and st["records"]["records"] == 7
         assert st["broker"]["status"]["mode"] == "ready"
-        # a bad file gives counts, not a traceback
+        # a bad file gives counts and exit status 1, not a traceback
         bad = tmp_path / "bad.json"
         bad.write_text('{"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient"}}]}')
-        r = cli(env, "patients", "import", str(bad), *d)
-        assert "imported 0, skipped 0, failed 1" in r.stdout
+        r = cli(env, "patients", "import", str(bad), *d, check=False)
+        assert r.returncode == 1 and "imported 0, skipped 0, failed 1" in r.stdout
+        assert "Traceback" not in r.stderr
+        # the simulated-TEE warning: once, one line, no Python warnings display
+        assert r.stderr.count("SIMULATED TEE") == 1 and "SimulatedTEEWarning" not in r.stderr
     finally:
         up.send_signal(signal.SIGTERM)
         out, err = up.communicate(timeout=60)
     assert up.returncode == 0, err
     assert "stopped (records exit 0, broker exit 0)" in out
     assert "records API" in out and "client policy" in out and "workload CA" in out
+    # the SCONE port without authentication (the default, as SCONE's demo) is announced loudly
+    assert f"the SCONE port {sport} has NO AUTHENTICATION" in err and "--scone-auth token" in err
     for pid in info["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -110,7 +110,7 @@ def _free_port() -> int:
 
 def run_demo(data_dir: str, *, echo: Any = click.echo, package_root: str | None = None) -> dict[str, Any]:
     """Run the demo; return its figures. Raises PlaintextFoundError or StackError."""
-    from safehold.cli.patients import count_patients, import_files, load_connection, make_client
+    from safehold.cli.patients import count_patients, import_files, load_connection, open_client
     from safehold.cli.up import prepare, print_summary, start, stop
 
     files, origin = demo_files()
@@ -121,9 +121,10 @@ def run_demo(data_dir: str, *, echo: Any = click.echo, package_root: str | None 
     try:
         start(s)
         print_summary(s)
-        with make_client(load_connection(data_dir)) as c:
+        conn = load_connection(data_dir)
+        with open_client(conn) as c:
             state = Path(data_dir) / "import-state.json"
-            counts = import_files(c, files, state)
+            counts = import_files(c, files, state, target=conn.target)
             echo(f"imported {counts.imported}, skipped {counts.skipped}, failed {counts.failed} "
                  f"(other FHIR resources ignored: {counts.other_resources})")
             a = c.appraisal
