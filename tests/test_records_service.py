@@ -660,3 +660,215 @@ def test_batch_with_a_null_record_is_refused_whole(stack):
                 c.get(rid)
         res = c.batch([("nb-a", good), ("bad id", good), ("nb-c", good)])
         assert [x["status"] for x in res] == ["created", "failed", "created"]
+
+
+# --- hostile-tester findings 3, 5, 11, 12, 13, 15 --------------------------------------------
+
+
+def _api(stack, role="admin"):
+    return httpx.Client(base_url=f"https://localhost:{stack.records_port}", verify=cactx(stack),
+                        headers={"Authorization": f"Bearer {tokens(stack.data_dir)[role]}"},
+                        timeout=httpx.Timeout(30.0))
+
+
+def _err(r, status, code):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] == code, body
+    return body["detail"]
+
+
+def test_http_errors_are_in_the_documented_shape(stack):
+    """Finding 11: oversized bodies (plain and chunked) → 413 naming the limit; query errors and
+    unknown paths in {"error", "detail"}, never FastAPI's own shapes, never echoing the value."""
+    big = b'{"x": "' + b"a" * (5 << 20) + b'"}'
+    with _api(stack) as h:
+        d = _err(h.put("/v1/patients/big1", content=big, headers={"Content-Type": "application/json"}),
+                 413, "too-large")
+        assert "1048576 bytes" in d
+
+        def chunks():
+            for i in range(0, len(big), 65536):
+                yield big[i:i + 65536]
+
+        d = _err(h.put("/v1/patients/big2", content=chunks(), headers={"Content-Type": "application/json"}),
+                 413, "too-large")
+        assert "1048576 bytes" in d
+        for rid in ("big1", "big2"):
+            _err(h.get(f"/v1/patients/{rid}"), 404, "not-found")
+        for bad in ("abc", "-1", "0", "100000"):
+            d = _err(h.get("/v1/patients", params={"limit": bad}), 400, "invalid")
+            assert "query parameter 'limit'" in d and bad not in d.replace("1000", "")
+        d = _err(h.get("/v1/patients", params={"family": "Secretname" * 60}), 400, "invalid")
+        assert "query parameter 'family'" in d and "Secretname" not in d
+        d = _err(h.get("/v1/no/such/Doe-Jane"), 404, "no-such-endpoint")
+        assert "Doe-Jane" not in d
+        _err(h.post("/v1/patients/x1", json={}), 405, "method-not-allowed")
+    # the SDK (and so the CLI) now shows a code instead of "HTTP 404 : Not Found"
+    with client(stack) as c:
+        from safehold.client.records import RecordsClientError
+
+        r = c._http.get("/v1/nope")
+        with pytest.raises(RecordsClientError, match="HTTP 404 no-such-endpoint: no such endpoint"):
+            from safehold.client.records import _raise_for
+
+            _raise_for(r)
+
+
+@pytest.mark.parametrize("const", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused_never_stored(stack, const):
+    """Finding 12: JSON has no NaN/Infinity (RFC 8259 §6); Python's json would accept them."""
+    with _api(stack) as h:
+        body = f'{{"resourceType": "Patient", "x": {{"y": [1, {const}]}}}}'
+        d = _err(h.put("/v1/patients/nan1", content=body, headers={"Content-Type": "application/json"}),
+                 400, "invalid")
+        assert f"{const} found" in d and "RFC 8259" in d
+        batch = f'{{"records": [{{"id": "nan2", "record": {{"x": {const}}}}}]}}'
+        d = _err(h.post("/v1/patients:batch", content=batch, headers={"Content-Type": "application/json"}),
+                 400, "invalid")
+        assert "RFC 8259" in d
+        for rid in ("nan1", "nan2"):
+            _err(h.get(f"/v1/patients/{rid}"), 404, "not-found")
+
+
+def test_bad_ids_name_the_character_class(stack):
+    """Finding 13: the message names the bad character's class and position, not the length."""
+    with _api(stack) as h:
+        d = _err(h.put("/v1/patients/bad%20id!", json={"a": 1}), 400, "invalid")
+        assert d == "record id may contain only A-Z a-z 0-9 . _ ~ : @ - (got a space at position 4)"
+        d = _err(h.put("/v1/patients/nu%00l", json={"a": 1}), 400, "invalid")
+        assert "control or invisible character (U+0000) at position 3" in d
+        d = _err(h.get("/v1/patients/M%C3%BCller"), 400, "invalid")
+        assert "non-ASCII character (U+00FC) at position 2" in d and "ller" not in d
+
+
+def test_sdk_batch_takes_tuples_and_dicts_and_search_has_versions(stack):
+    """Finding 15."""
+    rec = {"resourceType": "Patient", "name": [{"family": "Batchshape"}]}
+    with client(stack) as c:
+        res = c.batch([("shape-1", rec), {"id": "shape-2", "record": rec}])
+        assert [r["status"] for r in res] == ["created", "created"]
+        c.put("shape-2", {**rec, "gender": "other"})
+        hits = c.search(family="batchshape")
+        assert [(h.id, h.version) for h in hits] == [("shape-1", 1), ("shape-2", 2)]
+        assert hits[1].version == c.get("shape-2").version
+        with pytest.raises(ValueError, match='batch item 0: a dict item must have exactly the keys "id" and'):
+            c.batch([{"id": "shape-3", "rec": rec}])
+
+    async def go():
+        async with AsyncRecordsClient(stack.records_url, token=tokens(stack.data_dir)["writer"],
+                                      policy=stack.path("policy.toml")) as ac:
+            await ac.batch([{"id": "shape-4", "record": rec}])
+            return await ac.search(family="batchshape")
+
+    assert [(h.id, h.version) for h in asyncio.run(go())][-1] == ("shape-4", 1)
+
+
+def _sqlite_copy(src: Path, dst: Path) -> None:
+    """A consistent copy of a live WAL database (SQLite online backup API)."""
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    try:
+        a.backup(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _start_records_on(stack, tmp_path, name, db):
+    """A second records process of the running stack on store ``db``; returns (proc, url|None, log)."""
+    port = free_port()
+    ready = stack.path(f"{name}-ready.json")
+    ready.unlink(missing_ok=True)
+    env = records_env(stack, port=port, scone_port=None, ready=ready.name, store_url=f"sqlite:///{db}")
+    env["SAFEHOLD_RECORDS_SCONE_PORT"] = "none"
+    log = tmp_path / f"{name}.log"
+    lf = log.open("wb")
+    p = subprocess.Popen(records_cmd(stack), env=env, stdout=lf, stderr=subprocess.STDOUT)
+    lf.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None and not ready.exists():
+        time.sleep(0.05)
+    return p, (f"https://localhost:{port}" if ready.exists() else None), log
+
+
+def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
+    """Finding 5 with real corrupted files and real processes: (a) 200 bytes flipped in the
+    middle → PRAGMA quick_check at start-up refuses the store (exit 1, names it, no port);
+    (b) damaged index pages quick_check cannot see → requests fail fast with 500
+    ``store-corrupt`` naming the store, never a hang."""
+    import random
+
+    # (a) the tester's corruption
+    db = tmp_path / "flipped.db"
+    _sqlite_copy(stack.path("records.db"), db)
+    data = bytearray(db.read_bytes())
+    mid = (len(data) // 4096 // 2) * 4096
+    rnd = random.Random(5)
+    for j in range(200):
+        data[mid + j] ^= rnd.randrange(1, 256)
+    db.write_bytes(bytes(data))
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() != [("ok",)]
+    except sqlite3.DatabaseError:
+        pass
+    conn.close()
+    p, url, log = _start_records_on(stack, tmp_path, "flipped", db)
+    try:
+        assert p.wait(60) == 1 and url is None
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = log.read_text()
+    assert f"SQLite store {db} is corrupt (PRAGMA quick_check:" in text, text
+    # (b) a leaf page of the audit log copied over another: quick_check passes, scans would not
+    from test_records_repo import _duplicate_leaf_page
+
+    db2 = tmp_path / "dup.db"
+    _sqlite_copy(stack.path("records.db"), db2)
+    _duplicate_leaf_page(db2, b"records.audit")
+    p, url, log = _start_records_on(stack, tmp_path, "dup", db2)
+    try:
+        assert url is not None, log.read_text()
+        with httpx.Client(base_url=url, verify=cactx(stack), timeout=httpx.Timeout(15.0),
+                          headers={"Authorization": f"Bearer {tokens(stack.data_dir)['admin']}"}) as h:
+            t0 = time.monotonic()
+            d = _err(h.get("/v1/audit/verify"), 500, "store-corrupt")
+            assert time.monotonic() - t0 < 10
+            assert f"SQLite store {db2}" in d and "keys out of order" in d
+            assert h.get("/v1/patients/3edac2e3-d223-6fae-d515-daf96ef6bc76").status_code in (200, 404)
+    finally:
+        p.terminate()
+        p.wait(15)
+
+
+def test_audit_tail_cut_while_stopped_is_refused_after_restart(stack):
+    """Finding 3: delete the last audit rows from the SQLite file while the service is stopped;
+    after the restart the head check names the cut, every audited access is refused (fail
+    closed), /healthz says unavailable, and an admin reseal records the problem and reopens."""
+    with client(stack) as c:
+        c.put("cut-1", {"resourceType": "Patient", "gender": "other"})
+        before = c.audit_verify()
+    assert stop(stack) == {"records": 0, "broker": 0}
+    conn = sqlite3.connect(stack.path("records.db"))
+    keys = conn.execute(f"SELECT key FROM {ROWS_TABLE} WHERE namespace = 'records.audit' "
+                        "ORDER BY key DESC LIMIT 6").fetchall()
+    last = int.from_bytes(keys[0][0], "big")
+    conn.executemany(f"DELETE FROM {ROWS_TABLE} WHERE namespace = 'records.audit' AND key = ?", keys)
+    conn.commit()
+    conn.close()
+    start(stack)
+    assert "AUDIT LOG BROKEN: audit log truncated" in stack.path("records.log").read_text()
+    with _api(stack) as h:
+        d = _err(h.get("/v1/audit/verify"), 409, "audit-chain-broken")
+        assert f"the authenticated head names entry {last} " in d and "missing" in d
+        _err(h.get("/v1/patients/cut-1"), 409, "audit-chain-broken")
+        _err(h.put("/v1/patients/cut-2", json={"a": 1}), 409, "audit-chain-broken")
+        r = httpx.get(f"https://localhost:{stack.records_port}/healthz", verify=cactx(stack))
+        assert r.status_code == 503 and r.json() == {"status": "unavailable"}
+        with _api(stack, "writer") as w:  # reseal is the admin's
+            assert w.post("/v1/audit/reseal").status_code in (403, 409)
+    with client(stack) as c:
+        assert c.audit_reseal() == before - 6 + 1
+        assert c.get("cut-1").data["gender"] == "other"
+        assert c.audit_verify() == before - 6 + 2
