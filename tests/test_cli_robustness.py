@@ -414,3 +414,13 @@ def test_cli_runner_import_of_nothing_reachable_is_clean(tmp_path):
     f.write_text('{"resourceType": "Patient", "id": "x"}')
     r = CliRunner().invoke(main_cli, ["patients", "import", str(f), "--data-dir", str(tmp_path)])
     assert r.exit_code == 1 and "no records service known" in r.output
+
+
+def test_unwritable_checkpoint_is_a_clear_error(tmp_path):
+    not_a_dir = tmp_path / "file"  # (works as root too, unlike a read-only directory)
+    not_a_dir.write_text("x")
+    ck = ImportCheckpoint(not_a_dir / "import-state.json", "t")
+    assert ck.get("a" * 64) == (0, None)
+    for call in (lambda: ck.set("a" * 64, 1, "r", "f"), lambda: ck.clear("a" * 64), ck.reset):
+        with pytest.raises(ConfigError, match="cannot write the import checkpoint.*writable --data-dir"):
+            call()

@@ -221,6 +221,9 @@ class ImportCheckpoint:
     Args:
         path: the checkpoint file; None = not resumable (every method is a no-op).
         target: the service identity.
+
+    Raises:
+        ConfigError: (``set`` / ``clear`` / ``reset``) the checkpoint cannot be written.
     """
 
     VERSION = 2
@@ -235,12 +238,16 @@ class ImportCheckpoint:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        import fcntl
+
         assert self.path is not None
         with _signals_deferred():
-            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                import fcntl
-
+                fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as e:
+                raise ConfigError(f"cannot write the import checkpoint in {self.path.parent} "
+                                  f"({e.strerror}); pass a writable --data-dir") from None
+            try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
@@ -257,7 +264,11 @@ class ImportCheckpoint:
 
     def _write(self, files: dict[str, Any]) -> None:
         assert self.path is not None
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        except OSError as e:
+            raise ConfigError(f"cannot write the import checkpoint in {self.path.parent} "
+                              f"({e.strerror}); pass a writable --data-dir") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"version": self.VERSION, "files": files}, f)
