@@ -54,19 +54,31 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(env, tmp_path_factory):
-    """`safehold up --scone-auth token` with all three ports; yields (data dir, up.json, ports)."""
+    """`safehold up` (default: SCONE port without auth), stopped, then `up --scone-auth token`
+    on the same data dir (the broker holds the first manifest: `up` signs the changed one as an
+    update with the dev owner key); yields data dir, up.json, ports, process, first output."""
     data = tmp_path_factory.mktemp("robust") / "d"
     ports = {"broker": free_port(), "records": free_port(), "scone": free_port()}
-    up = subprocess.Popen(_up_cmd(data, "--broker-port", str(ports["broker"]), "--port",
-                                  str(ports["records"]), "--scone-port", str(ports["scone"]),
-                                  "--scone-auth", "token"),
+    args = ["--broker-port", str(ports["broker"]), "--port", str(ports["records"]),
+            "--scone-port", str(ports["scone"])]
+    first = subprocess.Popen(_up_cmd(data, *args), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_up(first, data)["scone_auth"] == "none"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out1, err1 = first.communicate(timeout=60)
+    assert first.returncode == 0 and "NO AUTHENTICATION" in err1
+    up = subprocess.Popen(_up_cmd(data, *args, "--scone-auth", "token"),
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         info = _wait_up(up, data)
         yield {"data": data, "info": info, "ports": ports, "proc": up}
     finally:
         up.send_signal(signal.SIGTERM)
-        up.communicate(timeout=60)
+        out, err = up.communicate(timeout=60)
+    assert "manifest update version 2, signed with" in out, (out, err)
+    assert "SCONE port authentication: token" in out and "NO AUTHENTICATION" not in err
 
 
 def big_csv(path: Path, n: int, *, prefix: str = "gen") -> Path:

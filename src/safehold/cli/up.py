@@ -448,12 +448,59 @@ def base_env(s: Stack) -> dict[str, str]:
     return env
 
 
-def _broker_cmd(s: Stack) -> list[str]:
+def _broker_cmd(s: Stack, *, manifest: bool = True) -> list[str]:
+    m = ["--manifest", str(s.path("manifest.toml"))] if manifest else []
     return [sys.executable, "-c",
             "import sys; from safehold.cli.broker import broker; "
             "broker.main(sys.argv[1:], prog_name='safehold broker')",
-            "serve", "--data-dir", str(s.path("broker")), "--manifest", str(s.path("manifest.toml")),
+            "serve", "--data-dir", str(s.path("broker")), *m,
             "--host", "127.0.0.1", "--port", str(s.broker_port), "--tls-name", "api"]
+
+
+MANIFEST_REFUSED = "differs from the stored manifest"
+
+
+def update_manifest(s: Stack) -> int:
+    """Install ``<data_dir>/manifest.toml`` on the running broker as a signed update (the next
+    version), signed by the dev owner key ``<data_dir>/owner.key`` as user ``admin``.
+
+    Used by :func:`start` when the broker refuses a changed manifest (``records.toml`` changed,
+    e.g. ``--scone-auth``): the broker accepts only owner-signed updates. The signature binds
+    the broker id and the current manifest's digest, both read from ``/status`` over TLS
+    verified against the broker's CA.
+
+    Returns:
+        the new manifest version.
+
+    Raises:
+        StackError: no owner key, the broker is not ready, or it refused the update (its reason).
+    """
+    from safehold.broker.manifest import load_manifest, sign_update
+
+    key = s.path("owner.key")
+    if not key.exists():
+        raise StackError(f"the manifest changed and there is no owner key ({key}) to sign the update")
+    path = s.path("manifest.toml")
+    m = load_manifest(path.read_bytes(), filename=str(path), base_dir=path.parent)
+    ctx = ssl.create_default_context(cafile=str(s.path("ca.pem")))
+    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"}
+    try:
+        with httpx.Client(base_url=s.broker_url, verify=ctx, timeout=30, headers=hdr) as c:
+            st = c.get("/status").json()
+            if st.get("mode") != "ready" or not st.get("broker_id") or not st.get("manifest_digest"):
+                raise StackError(f"broker is not ready for a manifest update (mode {st.get('mode')!r})")
+            version = int(st["manifest_version"]) + 1
+            sig = sign_update(m, version, key.read_bytes(), broker_id=st["broker_id"],
+                              previous_sha256=st["manifest_digest"])
+            r = c.post("/admin/manifest/update", json={"manifest": m.raw, "version": version,
+                                                       "signer": "admin", "signature": sig})
+    except (httpx.HTTPError, ValueError) as e:
+        raise StackError(f"manifest update: broker unreachable or garbled answer ({type(e).__name__})"
+                         ) from None
+    if r.status_code != 200:
+        raise StackError(f"the broker refused the signed manifest update: HTTP {r.status_code} "
+                         f"{r.text[:200]}")
+    return version
 
 
 def records_env(s: Stack, config: str = "records.toml", *, port: int | None = None,
@@ -574,7 +621,19 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         s.procs["broker"] = subprocess.Popen(_broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=base_env(s),
                                              start_new_session=True)
-        _wait_broker(s, s.procs["broker"], timeout)
+        try:
+            _wait_broker(s, s.procs["broker"], timeout)
+        except StackError:
+            # records.toml (so the measurement, so the manifest) changed after the broker
+            # installed the old manifest: start it on its stored manifest, sign the new one
+            if (s.procs["broker"].poll() is None or not s.path("owner.key").exists()
+                    or MANIFEST_REFUSED not in _log_tail(s.path("broker.log"))):
+                raise
+            s.procs["broker"] = subprocess.Popen(_broker_cmd(s, manifest=False), stdout=blog,
+                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                 env=base_env(s), start_new_session=True)
+            _wait_broker(s, s.procs["broker"], timeout)
+            s.info["manifest_updated"] = update_manifest(s)
         rlog_path = s.path("records.log")
         rlog = rlog_path.open("ab")
         s.procs["records"] = subprocess.Popen(records_cmd(s), env=records_env(s), stdout=rlog,
@@ -642,6 +701,9 @@ def print_summary(s: Stack) -> None:
         else:
             click.echo(f"  SCONE port authentication: {i.get('scone_auth')} "
                        "(bearer tokens, as on the native API)")
+    if i.get("manifest_updated"):
+        click.echo(f"manifest update version {i['manifest_updated']}, signed with "
+                   f"{s.path('owner.key')} (records.toml changed its measurement)")
     click.echo(f"workload CA     {i['ca']}")
     click.echo(f"client policy   {i['policy']}")
     click.echo(f"manifest        {i['manifest']}")
