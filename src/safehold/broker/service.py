@@ -53,6 +53,7 @@ from safehold.errors import (
     ManifestError,
     SafeholdError,
 )
+from safehold.fsutil import write_atomic
 
 log = logging.getLogger("safehold.broker")
 
@@ -291,7 +292,8 @@ class Broker:
         self._check_secrets()
         self._check_recovery_record()
         if self.config.data_dir is not None:
-            (Path(self.config.data_dir) / "ca.pem").write_text(self.ca.cert_pem())
+            # atomic: `safehold up` polls for this file and reads it as soon as it appears
+            write_atomic(Path(self.config.data_dir) / "ca.pem", self.ca.cert_pem(), mode=0o644)
 
     def _active_from_head(self, head: dict[str, Any]) -> _Active | None:
         """The manifest the state head names, after checking its rows agree with the head.

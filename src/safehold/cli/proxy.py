@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import binascii
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import click
 
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConfigError
+from safehold.fsutil import write_atomic
 
 KEK_ENV = "SAFEHOLD_PROXY_KEK"
 
@@ -40,21 +40,6 @@ def load_keyset(path: Path) -> Keyset:
     except OSError as e:
         raise ConfigError(f"cannot read keyset file {path}: {e.strerror}") from None
     return Keyset.unwrap(blob, _kek())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _protector(schema: Path, keyset: Path):
@@ -151,7 +136,7 @@ def register(group: click.Group) -> None:
         if path.exists():
             raise ConfigError(f"{path} exists; refusing to overwrite a keyset")
         ks = Keyset.generate()
-        _write_atomic(path, ks.wrap(_kek()))
+        write_atomic(path, ks.wrap(_kek()))
         click.echo(f"new keyset, primary key id {ks.primary_id} -> {path}", err=True)
 
     @proxy_keyset.command("rotate")
@@ -160,5 +145,5 @@ def register(group: click.Group) -> None:
         """Add a new primary key to the keyset at PATH; old keys stay for reveal."""
         ks = load_keyset(path)
         kid = ks.add(primary=True)
-        _write_atomic(path, ks.wrap(_kek()))
+        write_atomic(path, ks.wrap(_kek()))
         click.echo(f"rotated: new primary key id {kid}", err=True)

@@ -546,8 +546,8 @@ def _wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> Non
                 if r.status_code == 200:
                     s.path("ca.pem").write_text(r.text, "utf-8")
                     return
-            except httpx.HTTPError:
-                pass
+            except (httpx.HTTPError, ssl.SSLError, OSError):
+                pass  # ca.pem may still be being written, or the port not yet open: retry
         _raise_if_recovery(s)
         time.sleep(0.1)
     raise StackError(f"broker did not answer on {s.broker_url} within {timeout:.0f} s")

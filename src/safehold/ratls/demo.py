@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import sys
@@ -27,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
+from safehold.fsutil import write_atomic
 from safehold.ratls.cert import create_identity
 from safehold.ratls.server import server_ssl_context
 
@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"port": port, "measurement": mhex, "simulated_root": str(attester.root_ca_path),
             "policy": str(policy_path)}
     if args.ready_file:
-        tmp = Path(args.ready_file + ".tmp")
-        tmp.write_text(json.dumps(info), encoding="utf-8")
-        os.replace(tmp, args.ready_file)
+        write_atomic(args.ready_file, json.dumps(info), mode=0o644)
     print(f"RA-TLS demo server (SIMULATED TEE) on https://{args.host}:{port}/", flush=True)
     print(f"measurement {mhex}", flush=True)
     print(f"policy      {policy_path}", flush=True)

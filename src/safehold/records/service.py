@@ -48,6 +48,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from safehold.errors import ConfigError, SafeholdError
+from safehold.fsutil import write_atomic
 
 log = logging.getLogger("safehold.records")
 
@@ -551,9 +552,7 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
                 "encryption": cfg.encryption, "audit": cfg.audit, "scone_auth": cfg.scone_auth}
         log.info("records service listening: %s", info)
         if cfg.ready_file:
-            tmp = Path(cfg.ready_file).with_suffix(".tmp")
-            tmp.write_text(json.dumps(info), "utf-8")
-            os.replace(tmp, cfg.ready_file)
+            write_atomic(cfg.ready_file, json.dumps(info), mode=0o644)
 
     try:
         asyncio.run(serve_apps(listeners, on_ready=ready))

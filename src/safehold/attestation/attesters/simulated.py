@@ -40,6 +40,7 @@ from safehold.attestation.verifiers.simulated import (
     encode_report,
 )
 from safehold.errors import AttestationError
+from safehold.fsutil import write_atomic
 
 SUBDIR = "simulated-tee"
 _VALIDITY = timedelta(days=3650)
@@ -97,13 +98,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600)
 
 
 def _create(d: Path) -> None:
