@@ -197,7 +197,7 @@ def test_fhir_put_get_search_batch_delete_through_proxy(stack):
     assert got.status_code == 200 and got.json() == pat
     # exact search on protected fields, through query parameters
     hits = httpx.get(px + "/v1/patients", params={"family": "Chalmers"}, headers=AUTH).json()
-    assert hits == {"records": [{"id": "example", "record": pat}]}
+    assert hits == {"records": [{"id": "example", "record": pat, "version": 1}]}
     assert httpx.get(px + "/v1/patients", params={"given": "Jim"}, headers=AUTH).json()["records"][0]["id"] \
         == "example"
     assert httpx.get(px + "/v1/patients", params={"identifier": "12345"}, headers=AUTH).json()["records"]
