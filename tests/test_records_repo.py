@@ -419,3 +419,40 @@ def test_search_hits_carry_versions(repo):
     repo.put("u", "v1", pat("v1", "Versioned", given="Bo"))
     repo.put("u", "v2", pat("v2", "Versioned"))
     assert [(i, v) for i, _, v in repo.search_hits("u", {"family": "versioned"})] == [("v1", 2), ("v2", 1)]
+
+
+def test_group_commit_runs_units_on_one_thread_and_hands_back_errors(tmp_path):
+    """Concurrent writers' units run on the one committer thread (one connection); a failing
+    unit's caller gets its exception, the others' writes are durable and the chain verifies."""
+    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
+    log = AuditLog(store, mac_key=b"m" * 32)
+    ran_on: set[str] = set()
+    errors: list[BaseException] = []
+
+    def unit(i: int):
+        def u() -> int:
+            ran_on.add(threading.current_thread().name)
+            if i % 5 == 4:
+                store.put("t", bytes([i]) * 16, b"x", expected_version=0)
+                raise ValueError(f"unit {i} fails")  # its row must be rolled back alone
+            store.put("t", bytes([i]) * 16, b"x", expected_version=0)
+            log.stage(AuditLog.body("u", "put", bytes([i]) * 16, "ok"))
+            return i
+        return u
+
+    def caller(i: int) -> None:
+        try:
+            assert log.committer.run(unit(i)) == i
+        except ValueError as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=caller, args=(i,)) for i in range(20)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert sorted(str(e) for e in errors) == sorted(f"unit {i} fails" for i in (4, 9, 14, 19))
+    assert ran_on == {"safehold-group-commit"}
+    assert [store.get("t", bytes([i]) * 16) is None for i in range(20)] == [i % 5 == 4 for i in range(20)]
+    assert log.verify() == 16
+    store.close()

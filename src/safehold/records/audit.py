@@ -41,6 +41,7 @@ import hmac
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +57,8 @@ HEAD_KEY = b"head"
 _HEAD_DOMAIN = b"safehold/records/audit-head/v1\x00"
 #: Conflicts an append tolerates; more means the store contradicts itself (corrupt pages).
 _MAX_CONFLICTS = 64
+#: The committer thread ends after this long without work (a new one starts on demand).
+_IDLE_SECONDS = 30.0
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -81,12 +84,15 @@ class AuditEntry:
 class GroupCommit:
     """Group commit: run concurrent callers' write units in one store transaction.
 
-    A caller hands in a *unit* (a function that writes through the store); whichever caller
-    finds no commit in progress becomes the leader, takes every waiting unit, and runs each in
-    its own savepoint inside one transaction (a unit that raises is rolled back alone and gets
-    its exception), then commits once. Every caller returns only after the commit that holds
-    its unit is durable (or raises if that commit failed). One commit (one fsync on SQLite)
-    thus serves a whole batch.
+    A caller hands in a *unit* (a function that writes through the store) and blocks; one
+    committer thread (started on demand, ended after :data:`_IDLE_SECONDS` idle) takes every
+    waiting unit, runs each in its own savepoint inside one transaction (a unit that raises is
+    rolled back alone and its caller gets the exception), then commits once. Every caller
+    returns only after the commit that holds its unit is durable (or raises if that commit
+    failed). One commit (one fsync on SQLite) thus serves a whole batch. All writes go through
+    the committer thread's one store connection, whose page cache therefore stays valid
+    between commits (with a rotating leader each commit started on a connection whose cache
+    the previous commit had invalidated); units must not call :meth:`run` themselves.
 
     Args:
         store: the store (its nested ``transaction()`` calls must become savepoints).
@@ -100,42 +106,42 @@ class GroupCommit:
         self._lock = lock if lock is not None else contextlib.nullcontext()
         self._on_abort = on_abort
         self._cond = threading.Condition()
-        self._pending: list[Any] = []
-        self._results: dict[int, tuple[bool, Any]] = {}
-        self._enqueued = 0
-        self._processed = 0
-        self._flushing = False
+        self._pending: list[tuple[Any, Future[Any]]] = []
+        self._thread: threading.Thread | None = None
 
     def run(self, unit: Any) -> Any:
         """Run ``unit()`` inside the next group transaction; return its result or raise its
         exception (or the commit's)."""
+        done: Future[Any] = Future()
         with self._cond:
-            ticket = self._enqueued
-            self._enqueued += 1
-            self._pending.append(unit)
-            while ticket >= self._processed:
-                if self._flushing:
-                    self._cond.wait()
-                    continue
-                self._flushing = True
+            self._pending.append((unit, done))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="safehold-group-commit",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return done.result()
+
+    def _serve(self) -> None:
+        """The committer thread: one transaction per batch of waiting units, on one connection
+        (whose page cache stays warm: no other connection of this process writes)."""
+        while True:
+            with self._cond:
+                while not self._pending:
+                    if not self._cond.wait(timeout=_IDLE_SECONDS) and not self._pending:
+                        self._thread = None
+                        return
                 batch, self._pending = self._pending, []
-                base = self._processed
-                self._cond.release()
-                failed = (False, RuntimeError("group commit did not run"))
-                outcomes: list[tuple[bool, Any]] = [failed] * len(batch)
-                try:
-                    outcomes = self._commit(batch)
-                finally:
-                    self._cond.acquire()
-                    self._flushing = False
-                    for i, o in enumerate(outcomes):
-                        self._results[base + i] = o
-                    self._processed = base + len(batch)
-                    self._cond.notify_all()
-            ok, value = self._results.pop(ticket)
-        if not ok:
-            raise value
-        return value
+            failed = (False, RuntimeError("group commit did not run"))
+            outcomes: list[tuple[bool, Any]] = [failed] * len(batch)
+            try:
+                outcomes = self._commit([u for u, _ in batch])
+            finally:
+                for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(value)
 
     def _commit(self, batch: list[Any]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
