@@ -73,6 +73,21 @@ def pg_schema(postgres_dsn: str):
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def snapshot_package(dest: Path) -> Path:
+    """Copy src/safehold to ``dest/safehold`` without byte code and hidden files; return it.
+
+    Processes started from the copy (``PYTHONPATH=dest``) keep one workload measurement while
+    the working tree is edited — the measurement covers every package file
+    (docs/developing.md, "the measurement trap").
+    """
+    import shutil
+
+    pkg = dest / "safehold"
+    shutil.copytree(ROOT / "src" / "safehold", pkg,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    return pkg
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (racy by nature; servers should still retry on EADDRINUSE)."""
     with socket.socket() as s:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker_helpers import manifest_dict, start_broker, write_keys, write_manifest
-from conftest import ROOT
+from conftest import ROOT, snapshot_package
 from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.attestation.measure import measure_workload
 from safehold.attestation.result import generate_signing_key, issue_ear
@@ -42,8 +42,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def snap(tmp_path_factory) -> dict:
     """The broker runs from a snapshot of the package: its measurement covers exactly the code
     it runs, unaffected by edits to the working tree while the tests run."""
-    dst = tmp_path_factory.mktemp("snapshot")
-    shutil.copytree(SRC / "safehold", dst / "safehold", ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    dst = snapshot_package(tmp_path_factory.mktemp("snapshot")).parent
     return {"PYTHONPATH": str(dst), "root": dst}
 
 

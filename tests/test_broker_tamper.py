@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from broker_helpers import manifest_dict, start_broker, write_keys, write_manifest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, snapshot_package
 from safehold.attestation.attesters.simulated import SimulatedAttester
 
 NS = "safehold.broker"
@@ -28,9 +28,7 @@ NS = "safehold.broker"
 def snap(tmp_path_factory) -> dict:
     """The broker runs from a snapshot of the package (its measurement must not follow edits
     to the working tree while the tests run)."""
-    dst = tmp_path_factory.mktemp("snapshot")
-    shutil.copytree(ROOT / "src" / "safehold", dst / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    dst = snapshot_package(tmp_path_factory.mktemp("snapshot")).parent
     return {"PYTHONPATH": str(dst), "root": dst}
 
 

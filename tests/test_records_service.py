@@ -23,7 +23,7 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from conftest import DATA, ROOT, free_port, need_shared
+from conftest import DATA, free_port, need_shared, snapshot_package
 from safehold.cli.demo import scan_files, sensitive_strings
 from safehold.cli.patients import import_files
 from safehold.cli.up import (
@@ -54,13 +54,6 @@ from safehold.store.migrations import ROWS_TABLE
 CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
 BUNDLES = DATA / "synthea-fhir-r4-bundles-google-fhir-data-pipes"
 HL7 = DATA / "hl7-fhir-r4-patient-examples"
-
-
-def snapshot_package(dest: Path) -> Path:
-    """Copy src/safehold to ``dest/safehold`` (without byte code); return the package dir."""
-    pkg = dest / "safehold"
-    shutil.copytree(ROOT / "src" / "safehold", pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return pkg
 
 
 @pytest.fixture(scope="module")

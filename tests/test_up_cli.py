@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, free_port, need_shared
+from conftest import DATA, ROOT, free_port, need_shared, snapshot_package
 
 SAMPLE = ROOT / "src" / "safehold" / "data" / "sample"
 
@@ -26,9 +25,7 @@ def env(tmp_path_factory):
 
 def snapshot_env(tmp_path_factory) -> dict[str, str]:
     """Environment running ``python -m safehold.cli.main`` from a fresh copy of the package."""
-    d = tmp_path_factory.mktemp("pkg")
-    shutil.copytree(ROOT / "src" / "safehold", d / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    d = snapshot_package(tmp_path_factory.mktemp("pkg")).parent
     e = dict(os.environ)
     e["PYTHONPATH"] = str(d)
     e.pop("SAFEHOLD_TOKEN", None)

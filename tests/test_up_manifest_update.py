@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -18,15 +17,13 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from conftest import ROOT, free_port
+from conftest import free_port, snapshot_package
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The CLI from a snapshot of the package (stable measurement while the tree changes)."""
-    d = tmp_path_factory.mktemp("pkg")
-    shutil.copytree(ROOT / "src" / "safehold", d / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    d = snapshot_package(tmp_path_factory.mktemp("pkg")).parent
     return {**os.environ, "PYTHONPATH": str(d)}
 
 
