@@ -20,12 +20,12 @@ from safehold.broker import protocol
 from safehold.broker.audit import AuditLog, verify_log
 from safehold.broker.ca import CertificateRequestError, WorkloadCA
 from safehold.broker.manifest import (
-    canonical_json,
     load_manifest,
     manifest_from_dict,
     sign_update,
     verify_update,
 )
+from safehold.broker.protocol import canonical_json
 from safehold.broker.state import (
     AUDIT_NAMESPACE,
     BrokerState,

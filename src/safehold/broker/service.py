@@ -9,7 +9,6 @@ Errors carry their HTTP status (:class:`HTTPError` subclasses) so the mapping is
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -157,14 +156,6 @@ class BrokerConfig:
     token_ttl: int = DEFAULT_TOKEN_TTL
     data_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _b64(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
-
-
-def _unb64(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
 class Broker:
@@ -505,7 +496,7 @@ class Broker:
                 if s.type == "keyset" and self.state.get("secret", s.name) is None:
                     from safehold.crypto.keyset import Keyset
 
-                    items.append(("secret", s.name, _keyset_json(Keyset.generate()), 0))
+                    items.append(("secret", s.name, protocol.keyset_to_json(Keyset.generate()), 0))
             entry = {"version": version, "manifest": m.raw, "signer": signer, "signature": signature,
                      "digest": m.digest, "time": int(time.time()), "source": source}
             items.append(("manifest", str(version), json.dumps(entry).encode(), 0))
@@ -633,7 +624,7 @@ class Broker:
         if workload is not None and workload not in m.workloads:
             raise BadRequest(f"KBS Request extra-params.workload: {workload!r:.40} is not in the manifest")
         sid = secrets.token_urlsafe(24)
-        nonce = _b64(os.urandom(32))
+        nonce = protocol.b64url(os.urandom(32))
         now = time.time()
         with self._lock:
             self._gc(now)
@@ -729,7 +720,7 @@ class Broker:
             sess.attested, sess.token = att, token
             self._tokens[tp] = att
         self.record("attest", {"verdict": "affirmed", "workload": name, "tee": evidence.tee_type,
-                               "measurement": att.measurement, "key": _b64(tp),
+                               "measurement": att.measurement, "key": protocol.b64url(tp),
                                "manifest_version": act.version})
         return {"token": token}
 
@@ -747,7 +738,7 @@ class Broker:
                 claims = verify_ear(bearer, self._ear_key.public_key(), accept_warning=True)
             except AttestationResultError as e:
                 raise Unauthorized(f"EAR token refused: {e}") from None
-            tp = _unb64(str(claims.get("eat_nonce", "")))
+            tp = protocol.unb64url(str(claims.get("eat_nonce", "")))
             with self._lock:
                 att = self._tokens.get(tp)
             if att is None or att.workload not in claims.get("submods", {}):
@@ -820,7 +811,7 @@ class Broker:
                 raise BadRequest("certificate request: expected {\"extensions\": [...]}")
             for e in body.get("extensions", []):
                 try:
-                    exts.append((str(e["oid"]), _unb64(e["value"])))
+                    exts.append((str(e["oid"]), protocol.unb64url(e["value"])))
                 except (KeyError, TypeError, ValueError):
                     raise BadRequest(
                         "certificate request: each extension needs oid and base64url value"
@@ -977,8 +968,7 @@ class Broker:
             raise Conflict("broker is not in recovery mode")
         data = self.state.recovery_data()
         jwk = protocol.public_jwk(self._recovery_key)
-        rd = hashlib.sha256(protocol.canonical_json(jwk)).digest().ljust(64, b"\x00")
-        evidence = self.attester.attest(rd).to_cmw()
+        evidence = self.attester.attest(protocol.recovery_report_data(jwk)).to_cmw()
         return {"threshold": data["threshold"], "shares": data["shares"], "broker_key": jwk,
                 "evidence": evidence, "reason": self.state.reason}
 
@@ -1048,33 +1038,3 @@ def _public_key(pem: str) -> Any:
 
 def _spki(key: Any) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _keyset_json(ks: Any) -> bytes:
-    """Release form of a keyset: ``{"primary": id, "index_key": b64url, "keys": {id: b64url}}``."""
-    return json.dumps({
-        "type": "keyset", "primary": ks.primary_id, "index_key": _b64(ks.index_key),
-        "keys": {str(i): _b64(ks.key(i)) for i in ks.ids()},
-    }).encode()
-
-
-def keyset_from_json(data: bytes) -> Any:
-    """Inverse of the keyset release form → :class:`~safehold.crypto.keyset.Keyset`.
-
-    Raises:
-        BrokerError: malformed document.
-    """
-    from safehold.crypto.keyset import Keyset
-
-    try:
-        obj = json.loads(data)
-        return Keyset({int(k): _unb64(v) for k, v in obj["keys"].items()}, int(obj["primary"]),
-                      _unb64(obj["index_key"]))
-    except (ValueError, KeyError, TypeError, SafeholdError) as e:
-        raise BrokerError(f"keyset resource is malformed ({type(e).__name__})") from None
-
-
-def cert_from_json(data: bytes) -> tuple[x509.Certificate, str]:
-    """Parse a certificate resource → (leaf certificate, CA PEM)."""
-    obj = json.loads(data)
-    return x509.load_pem_x509_certificate(obj["certificate"].encode()), obj["ca"]

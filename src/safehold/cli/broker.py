@@ -341,7 +341,7 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insec
             from safehold.attestation.policy import AppraisalPolicy
             from safehold.attestation.verifier import Verifier
 
-            rd = hashlib.sha256(protocol.canonical_json(broker_jwk)).digest().ljust(64, b"\x00")
+            rd = protocol.recovery_report_data(broker_jwk)
             Verifier(AppraisalPolicy.from_toml(Path(policy))).appraise(
                 Evidence.from_cmw(info["evidence"]), expected_report_data=rd)
         bkey = ECKey.import_key(broker_jwk)
