@@ -18,7 +18,8 @@ from joserfc.jwk import ECKey, RSAKey
 
 from safehold.broker import protocol
 from safehold.broker.audit import AuditLog, verify_log
-from safehold.broker.ca import CertificateRequestError, WorkloadCA
+from safehold.broker.ca import WorkloadCA
+from safehold.broker.errors import CertificateRequestError, RecoveryError, StateIntegrityError
 from safehold.broker.manifest import (
     load_manifest,
     manifest_from_dict,
@@ -29,7 +30,6 @@ from safehold.broker.protocol import canonical_json
 from safehold.broker.state import (
     AUDIT_NAMESPACE,
     BrokerState,
-    RecoveryError,
     SealingIdentity,
     combine_shares,
     decrypt_share,
@@ -411,7 +411,6 @@ def test_tampered_object_row_fails(state, tmp_path):
     (val,) = db.execute("SELECT value FROM safehold_rows WHERE key=?", (key,)).fetchone()
     with db:
         db.execute("UPDATE safehold_rows SET value=? WHERE key=?", (val[:-1] + bytes([val[-1] ^ 1]), key))
-    from safehold.broker.state import StateIntegrityError
 
     with pytest.raises(StateIntegrityError, match=r"row secret/x \(o/[0-9a-f]{8}…\) fails authentication"):
         state.get("secret", "x")
@@ -537,12 +536,12 @@ def test_core_release_and_truncated_evidence(core):
     jwk = protocol.public_jwk(k)
     cmw = wl.attest(protocol.report_data(ch["nonce"], jwk)).to_cmw()
     # truncated Evidence: a clear 400/401, and the nonce is used up
-    from safehold.broker.service import BadRequest, Unauthorized
+    from safehold.broker.errors import MalformedRequestError, NotAuthenticatedError
     from safehold.errors import EvidenceFormatError
 
-    with pytest.raises((BadRequest, EvidenceFormatError, Unauthorized)):
+    with pytest.raises((MalformedRequestError, EvidenceFormatError, NotAuthenticatedError)):
         b.attest(sid, {"tee-pubkey": jwk, "tee-evidence": cmw[: len(cmw) // 2]})
-    with pytest.raises(Unauthorized, match="already used"):
+    with pytest.raises(NotAuthenticatedError, match="already used"):
         b.attest(sid, {"tee-pubkey": jwk, "tee-evidence": cmw})
     sid, ch = b.auth({"version": "0.1.0", "tee": "simulated"})
     cmw = wl.attest(protocol.report_data(ch["nonce"], jwk)).to_cmw()
@@ -573,8 +572,8 @@ def test_update_signed_for_staging_does_not_replay_on_production(tmp_path, owner
     for staging v2 is refused by production (its broker id differs), and nothing changes."""
     import warnings
 
+    from safehold.broker.errors import PermissionDeniedError
     from safehold.broker.server import open_broker
-    from safehold.broker.service import Forbidden
 
     warnings.simplefilter("ignore")
     mp = tmp_path / "m.json"
@@ -590,7 +589,7 @@ def test_update_signed_for_staging_does_not_replay_on_production(tmp_path, owner
         st = staging.status()
         sig = sign_update(new, 2, pk, broker_id=st["broker_id"], previous_sha256=st["manifest_digest"])
         assert staging.update_manifest(new.raw, 2, "alice", sig) == 2
-        with pytest.raises(Forbidden, match="does not verify"):
+        with pytest.raises(PermissionDeniedError, match="does not verify"):
             production.update_manifest(new.raw, 2, "alice", sig)
         assert production.manifest_version == 1 and "k2" not in production.manifest.secrets
         assert production.audit_entries()[-1]["event"] == "manifest-denied"
@@ -610,7 +609,8 @@ def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):
     audit log by the recovery that succeeds; in ready mode a recovery attempt is audited at once."""
     import warnings
 
-    from safehold.broker.service import BadRequest, Broker, Conflict
+    from safehold.broker.errors import MalformedRequestError, StateConflictError
+    from safehold.broker.service import Broker
 
     warnings.simplefilter("ignore")
     store = SqliteStore(tmp_path / "r.db")
@@ -625,16 +625,16 @@ def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):
     enc = [protocol.encrypt_response(s, bkey) for s in shares[:2]]
     with pytest.raises(RecoveryError, match="fingerprint"):
         r.recover({"shares": enc, "expect_fingerprint": "00" * 16})
-    with pytest.raises(BadRequest, match="not a JWE"):
+    with pytest.raises(MalformedRequestError, match="not a JWE"):
         r.recover({"shares": ["garbage"], "expect_fingerprint": fp})
-    with pytest.raises(BadRequest, match="expect_fingerprint"):
+    with pytest.raises(MalformedRequestError, match="expect_fingerprint"):
         r.recover({"shares": enc})
     r.recover({"shares": enc, "expect_fingerprint": fp})
     entries = r.audit_entries()
     assert [e["event"] for e in entries[-4:]] == ["recovery-denied"] * 3 + ["recovery"]
     assert "fingerprint" in entries[-4]["detail"]["reason"] and "not a JWE" in entries[-3]["detail"]["reason"]
     assert entries[-1]["detail"]["failed_attempts_before"] == 3
-    with pytest.raises(Conflict):
+    with pytest.raises(StateConflictError):
         r.recover({"shares": enc, "expect_fingerprint": fp})
     assert r.audit_entries()[-1]["event"] == "recovery-denied"
     assert r.audit_verify()["ok"]

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from safehold.broker.errors import CertificateRequestError
 from safehold.errors import BrokerError
 
 #: Extensions a workload may ask to have copied into its leaf: the interoperable RA-TLS
@@ -26,10 +27,6 @@ from safehold.errors import BrokerError
 ALLOWED_EXTENSION_OIDS = ("2.23.133.5.4.9", "1.2.840.113741.1.13.1.0")
 MAX_EXTENSION_BYTES = 64 * 1024
 _ROOT_VALIDITY = timedelta(days=3650)
-
-
-class CertificateRequestError(BrokerError):
-    """A certificate request is malformed or asks for something the manifest does not allow."""
 
 
 @dataclass

@@ -4,7 +4,8 @@ The broker is a Relying Party (RFC 9334): it sends Evidence to the Verifier
 (``safehold.attestation.verifier``) under the manifest workload's appraisal policy, signs the
 outcome as an EAR token, and releases a secret only to a key whose Evidence was affirmed.
 
-Errors carry their HTTP status (:class:`HTTPError` subclasses) so the mapping is one place.
+Refusals are the domain exceptions of :mod:`safehold.broker.errors`; the HTTP layer maps them
+to status codes.
 """
 
 from __future__ import annotations
@@ -32,15 +33,20 @@ from safehold.attestation.result import issue_ear, verify_ear
 from safehold.attestation.verifier import Verifier
 from safehold.broker import protocol
 from safehold.broker.audit import AuditLog, verify_chain
-from safehold.broker.ca import CertificateRequestError, WorkloadCA
-from safehold.broker.manifest import Manifest, manifest_from_dict, verify_update
-from safehold.broker.state import (
-    AUDIT_NAMESPACE,
-    BrokerState,
+from safehold.broker.ca import WorkloadCA
+from safehold.broker.errors import (
+    MalformedRequestError,
+    NonceReplayedError,
+    NotAuthenticatedError,
+    NotFoundError,
+    NotReadyError,
+    PermissionDeniedError,
     RecoveryError,
+    StateConflictError,
     StateIntegrityError,
-    normalize_fingerprint,
 )
+from safehold.broker.manifest import Manifest, manifest_from_dict, verify_update
+from safehold.broker.state import AUDIT_NAMESPACE, BrokerState, normalize_fingerprint
 from safehold.errors import (
     AttestationError,
     AttestationResultError,
@@ -59,48 +65,6 @@ log = logging.getLogger("safehold.broker")
 DEFAULT_NONCE_TTL = 300
 DEFAULT_TOKEN_TTL = 600
 MAX_SESSIONS = 10_000
-
-
-class HTTPError(BrokerError):
-    """A broker refusal with its HTTP status."""
-
-    status = 400
-
-
-class BadRequest(HTTPError):
-    """Malformed request body or parameters (400)."""
-
-    status = 400
-
-
-class Unauthorized(HTTPError):
-    """Not attested, expired, replayed, or credentials missing (401)."""
-
-    status = 401
-
-
-class Forbidden(HTTPError):
-    """Authenticated, but the manifest or appraisal policy denies it (403)."""
-
-    status = 403
-
-
-class NotFound(HTTPError):
-    """No such resource (404)."""
-
-    status = 404
-
-
-class Conflict(HTTPError):
-    """State changed concurrently, or the operation does not fit the current state (409)."""
-
-    status = 409
-
-
-class Unavailable(HTTPError):
-    """The broker is in recovery mode (503)."""
-
-    status = 503
 
 
 @dataclass
@@ -420,7 +384,7 @@ class Broker:
 
     def _ready(self) -> None:
         if self.state.mode != "ready":
-            raise Unavailable(f"broker is in recovery mode: {self.state.reason}")
+            raise NotReadyError(f"broker is in recovery mode: {self.state.reason}")
 
     def _need_manifest(self) -> Manifest:
         return self._need_active().manifest
@@ -429,7 +393,7 @@ class Broker:
         self._ready()
         act = self._active
         if act is None:
-            raise Unavailable("no manifest is set yet: `safehold broker manifest set`")
+            raise NotReadyError("no manifest is set yet: `safehold broker manifest set`")
         return act
 
     def record(self, event: str, detail: dict[str, Any]) -> None:
@@ -443,7 +407,7 @@ class Broker:
         """Install the first manifest (once). Returns its version (1).
 
         Raises:
-            ManifestError (400): invalid. Forbidden (403): a manifest is already set.
+            ManifestError: invalid. PermissionDeniedError: a manifest is already set.
         """
         self._ready()
         m = manifest_from_dict(raw)
@@ -452,7 +416,7 @@ class Broker:
             if self.manifest is not None or self._head.get("manifest_version", 0) > 0:
                 if m.digest == self.manifest.digest:
                     return self.manifest_version
-                raise Forbidden(
+                raise PermissionDeniedError(
                     f"a manifest (version {self.manifest_version}) is already set; updates must be "
                     "signed by an owner (`safehold broker manifest update`)"
                 )
@@ -463,17 +427,19 @@ class Broker:
         """Install a signed update as ``version`` = current + 1.
 
         Raises:
-            ManifestError (400): invalid manifest. Forbidden (403): bad or missing signature,
-            signer not an owner. Conflict (409): ``version`` is not current + 1.
+            ManifestError: invalid manifest. PermissionDeniedError: bad or missing signature,
+            signer not an owner. StateConflictError: ``version`` is not current + 1.
         """
         self._need_manifest()
         self._check_head()
         if not isinstance(version, int) or not isinstance(signer, str) or not isinstance(signature, str):
-            raise BadRequest("manifest update: expected version (int), signer and signature (strings)")
+            raise MalformedRequestError(
+                "manifest update: expected version (int), signer and signature (strings)"
+            )
         m = manifest_from_dict(raw)
         with self._lock:
             if version != self.manifest_version + 1:
-                raise Conflict(
+                raise StateConflictError(
                     f"manifest update: version expected {self.manifest_version + 1}, got {version}"
                 )
             assert self._active is not None
@@ -482,7 +448,7 @@ class Broker:
                               broker_id=self.broker_id)
             except ManifestError as e:
                 self.record("manifest-denied", {"version": version, "signer": signer, "reason": str(e)})
-                raise Forbidden(str(e)) from None
+                raise PermissionDeniedError(str(e)) from None
             self._install(m, version, signer=signer, source="update", signature=signature)
             return version
 
@@ -512,7 +478,7 @@ class Broker:
             # the head refuses an install racing another replica's
             head_ver = self.state.put_many(items, recovery_row=rec, head=(head, self._head_ver)) or 0
         except ConflictError:
-            raise Conflict("manifest changed concurrently; retry") from None
+            raise StateConflictError("manifest changed concurrently; retry") from None
         if rec is not None:
             head["recovery_sha256"] = hashlib.sha256(rec).hexdigest()
         # One swap: attestations made under the old version stop working (see _attested).
@@ -533,14 +499,14 @@ class Broker:
         """A stored manifest version (default current) with its signer and time.
 
         Raises:
-            NotFound (404): no such version.
+            NotFoundError: no such version.
         """
         self._need_manifest()
         self._check_head()
         v = self.manifest_version if version is None else version
         got = self.state.get_json("manifest", str(v))
         if got is None:
-            raise NotFound(f"manifest version {v} does not exist (current is {self.manifest_version})")
+            raise NotFoundError(f"manifest version {v} does not exist (current is {self.manifest_version})")
         return got
 
     # --- users --------------------------------------------------------------------------------
@@ -552,7 +518,7 @@ class Broker:
         ``public_key`` / ``certificate`` key.
 
         Raises:
-            Unauthorized (401): no or unknown credentials. Forbidden (403): role missing.
+            NotAuthenticatedError: no or unknown credentials. PermissionDeniedError: role missing.
         """
         m = self._need_manifest()
         user = None
@@ -561,7 +527,7 @@ class Broker:
             user = next((u for u in m.users.values() if u.token_sha256 is not None
                          and hmac.compare_digest(u.token_sha256, digest)), None)
             if user is None:
-                raise Unauthorized("admin endpoint: unknown user token")
+                raise NotAuthenticatedError("admin endpoint: unknown user token")
         elif client_cert:
             spki = _spki(x509.load_pem_x509_certificate(client_cert.encode()).public_key())
             for u in m.users.values():
@@ -569,29 +535,37 @@ class Broker:
                     user = u
                     break
             if user is None:
-                raise Unauthorized("admin endpoint: client certificate key is not a manifest user's key")
+                raise NotAuthenticatedError(
+                    "admin endpoint: client certificate key is not a manifest user's key"
+                )
         else:
-            raise Unauthorized(
+            raise NotAuthenticatedError(
                 "admin endpoint: send Authorization: Bearer <user token> or a client certificate"
             )
         if not set(user.roles) & set(roles):
-            raise Forbidden(f"user {user.name!r} has roles {list(user.roles)}; needs one of {list(roles)}")
+            raise PermissionDeniedError(
+                f"user {user.name!r} has roles {list(user.roles)}; needs one of {list(roles)}"
+            )
         return user.name
 
     def set_value(self, user: str, name: str, value: bytes) -> int:
         """Store an operator-supplied ``value`` secret. Returns its version.
 
         Raises:
-            NotFound (404): no such secret. BadRequest (400): not a value secret or too large.
+            NotFoundError: no such secret. MalformedRequestError: not a value secret or too large.
         """
         m = self._need_manifest()
         spec = m.secrets.get(name)
         if spec is None:
-            raise NotFound(f"secret {name!r} is not in the manifest")
+            raise NotFoundError(f"secret {name!r} is not in the manifest")
         if spec.type != "value":
-            raise BadRequest(f"secret {name!r} has type {spec.type!r}; only 'value' secrets are supplied")
+            raise MalformedRequestError(
+                f"secret {name!r} has type {spec.type!r}; only 'value' secrets are supplied"
+            )
         if len(value) > spec.max_bytes:
-            raise BadRequest(f"secret {name!r}: {len(value)} bytes exceeds max_bytes {spec.max_bytes}")
+            raise MalformedRequestError(
+                f"secret {name!r}: {len(value)} bytes exceeds max_bytes {spec.max_bytes}"
+            )
         cur = self.state.get("secret", name)
         ver = self.state.put("secret", name, value, expected_version=cur[1] if cur else 0)
         self.record("value-set", {"secret": name, "user": user, "version": ver})
@@ -603,26 +577,30 @@ class Broker:
         """Handle a KBS *Request*; returns ``(session id, Challenge)``.
 
         Raises:
-            BadRequest (400): malformed Request or unknown TEE / workload.
+            MalformedRequestError: malformed Request or unknown TEE / workload.
         """
         m = self._need_manifest()
         if not isinstance(body, dict):
-            raise BadRequest("KBS Request: expected a JSON object")
+            raise MalformedRequestError("KBS Request: expected a JSON object")
         version, tee = body.get("version"), body.get("tee")
         if not isinstance(version, str) or version.split(".")[0] != PROTOCOL_MAJOR:
-            raise BadRequest(
+            raise MalformedRequestError(
                 f"KBS Request version: expected {protocol.PROTOCOL_VERSION}, got {version!r:.20}"
             )
         if tee not in protocol.TEE_NAMES:
-            raise BadRequest(f"KBS Request tee: unknown TEE {tee!r:.30}; known: {sorted(protocol.TEE_NAMES)}")
+            raise MalformedRequestError(
+                f"KBS Request tee: unknown TEE {tee!r:.30}; known: {sorted(protocol.TEE_NAMES)}"
+            )
         extra = body.get("extra-params", {})
         if extra in ("", None):
             extra = {}
         if not isinstance(extra, dict):
-            raise BadRequest("KBS Request extra-params: expected an object")
+            raise MalformedRequestError("KBS Request extra-params: expected an object")
         workload = extra.get("workload")
         if workload is not None and workload not in m.workloads:
-            raise BadRequest(f"KBS Request extra-params.workload: {workload!r:.40} is not in the manifest")
+            raise MalformedRequestError(
+                f"KBS Request extra-params.workload: {workload!r:.40} is not in the manifest"
+            )
         sid = secrets.token_urlsafe(24)
         nonce = protocol.b64url(os.urandom(32))
         now = time.time()
@@ -646,10 +624,10 @@ class Broker:
         """Handle a KBS *Attestation*; returns ``{"token": EAR}``.
 
         Raises:
-            Unauthorized (401): no/unknown session, nonce used or expired, Evidence not
+            NotAuthenticatedError: no/unknown session, nonce used or expired, Evidence not
                 authentic or bound to another nonce/key.
-            BadRequest (400): malformed body, JWK or Evidence.
-            Forbidden (403): the appraisal policy refuses the claims (names each failed claim).
+            MalformedRequestError: malformed body, JWK or Evidence.
+            PermissionDeniedError: the appraisal policy refuses the claims (names each failed claim).
         """
         act = self._need_active()
         m = act.manifest
@@ -657,29 +635,34 @@ class Broker:
         with self._lock:
             sess = self._sessions.get(sid or "")
             if sess is None:
-                raise Unauthorized("KBS attest: no session; POST /kbs/v0/auth first")
+                raise NotAuthenticatedError("KBS attest: no session; POST /kbs/v0/auth first")
             if sess.used:
                 self.record("attest", {"verdict": "denied", "reason": "nonce replayed"})
-                raise Unauthorized("KBS attest: the challenge nonce was already used (replay)")
+                raise NonceReplayedError("KBS attest: the challenge nonce was already used (replay)")
             sess.used = True  # single use, whatever the outcome
         if now - sess.created > self.config.nonce_ttl:
-            raise Unauthorized(f"KBS attest: the challenge nonce expired ({self.config.nonce_ttl} s)")
+            raise NotAuthenticatedError(
+                f"KBS attest: the challenge nonce expired ({self.config.nonce_ttl} s)"
+            )
         if not isinstance(body, dict):
-            raise BadRequest("KBS Attestation: expected a JSON object")
+            raise MalformedRequestError("KBS Attestation: expected a JSON object")
         jwk_obj = body.get("tee-pubkey")
         key = protocol.import_tee_pubkey(jwk_obj)
         ev = body.get("tee-evidence")
         if isinstance(ev, dict | list):
             ev = json.dumps(ev)
         if not isinstance(ev, str):
-            raise BadRequest("KBS Attestation tee-evidence: expected a CMW (JSON text or value)")
+            raise MalformedRequestError("KBS Attestation tee-evidence: expected a CMW (JSON text or value)")
         evidence = Evidence.from_cmw(ev)  # EvidenceFormatError → 400
         if evidence.tee_type != sess.tee:
-            raise BadRequest(f"KBS attest: Request said tee {sess.tee!r}, Evidence is {evidence.tee_type!r}")
+            raise MalformedRequestError(
+                f"KBS attest: Request said tee {sess.tee!r}, Evidence is {evidence.tee_type!r}"
+            )
         rd = protocol.report_data(sess.nonce, jwk_obj)
         if sess.workload is not None and sess.workload not in m.workloads:
-            raise Unauthorized(f"KBS attest: workload {sess.workload!r} is no longer in the manifest "
-                               f"(version {act.version}); POST /kbs/v0/auth again")
+            raise NotAuthenticatedError(
+                f"KBS attest: workload {sess.workload!r} is no longer in the manifest "
+                f"(version {act.version}); POST /kbs/v0/auth again")
         candidates = [sess.workload] if sess.workload else sorted(m.workloads)
         failures: dict[str, list[tuple[str, str, str]]] = {}
         only_binding = True
@@ -688,10 +671,10 @@ class Broker:
             try:
                 appraisal = act.verifiers[name].evaluate(evidence, expected_report_data=rd)
             except EvidenceFormatError as e:
-                raise BadRequest(f"KBS attest: {e}") from None
+                raise MalformedRequestError(f"KBS attest: {e}") from None
             except AttestationError as e:
                 self.record("attest", {"verdict": "denied", "reason": str(e)})
-                raise Unauthorized(f"KBS attest: Evidence is not authentic: {e}") from None
+                raise NotAuthenticatedError(f"KBS attest: Evidence is not authentic: {e}") from None
             if appraisal.ok:
                 chosen = (name, appraisal)
                 break
@@ -705,11 +688,11 @@ class Broker:
             text = "; ".join(f"{w}: " + ", ".join(f"{c}: expected {e}, got {g}" for c, e, g in fs)
                              for w, fs in failures.items())
             if only_binding:
-                raise Unauthorized(
+                raise NotAuthenticatedError(
                     "KBS attest: Evidence report_data does not bind this session's nonce and tee-pubkey "
                     f"(stale, replayed or relayed Evidence): {text}"
                 )
-            raise Forbidden(f"KBS attest: appraisal policy refuses the Evidence: {text}")
+            raise PermissionDeniedError(f"KBS attest: appraisal policy refuses the Evidence: {text}")
         name, appraisal = chosen
         tp = protocol.thumbprint(key)
         assert self._ear_key is not None
@@ -728,7 +711,7 @@ class Broker:
         """The attestation behind a cookie or EAR bearer token, valid under manifest ``act``.
 
         Raises:
-            Unauthorized (401): none, expired, forged, or made under another manifest version
+            NotAuthenticatedError: none, expired, forged, or made under another manifest version
                 or for a workload ``act`` no longer has.
         """
         now = time.time()
@@ -737,26 +720,28 @@ class Broker:
             try:
                 claims = verify_ear(bearer, self._ear_key.public_key(), accept_warning=True)
             except AttestationResultError as e:
-                raise Unauthorized(f"EAR token refused: {e}") from None
+                raise NotAuthenticatedError(f"EAR token refused: {e}") from None
             tp = protocol.unb64url(str(claims.get("eat_nonce", "")))
             with self._lock:
                 att = self._tokens.get(tp)
             if att is None or att.workload not in claims.get("submods", {}):
-                raise Unauthorized("EAR token is not bound to a key attested at this broker; attest again")
+                raise NotAuthenticatedError(
+                    "EAR token is not bound to a key attested at this broker; attest again"
+                )
         else:
             with self._lock:
                 sess = self._sessions.get(sid or "")
             if sess is None or sess.attested is None:
-                raise Unauthorized("not attested: POST /kbs/v0/auth and /kbs/v0/attest first")
+                raise NotAuthenticatedError("not attested: POST /kbs/v0/auth and /kbs/v0/attest first")
             att = sess.attested
         if att.expires < now:
-            raise Unauthorized("attestation expired: attest again")
+            raise NotAuthenticatedError("attestation expired: attest again")
         if att.manifest_version != act.version:
-            raise Unauthorized(f"attested under manifest version {att.manifest_version}, current is "
+            raise NotAuthenticatedError(f"attested under manifest version {att.manifest_version}, current is "
                                f"{act.version}: attest again")
         if att.workload not in act.manifest.workloads:  # cannot happen with equal versions; fail closed
-            raise Unauthorized(f"workload {att.workload!r} is not in manifest version {act.version}: "
-                               "attest again")
+            raise NotAuthenticatedError(
+                f"workload {att.workload!r} is not in manifest version {act.version}: attest again")
         return att
 
     def resource(self, sid: str | None, bearer: str | None, repository: str, rtype: str,
@@ -764,7 +749,7 @@ class Broker:
         """Release ``<repository>/<type>/<tag>`` as a JWE to the attested ``tee-pubkey``.
 
         Raises:
-            Unauthorized (401), NotFound (404), Forbidden (403) as in the KBS protocol.
+            NotAuthenticatedError, NotFoundError, PermissionDeniedError as in the KBS protocol.
         """
         act = self._need_active()
         m = act.manifest
@@ -773,17 +758,17 @@ class Broker:
         spec = m.secrets.get(tag)
         if repository != m.repository or spec is None or spec.type != rtype:
             self.record("deny", {"resource": path, "workload": att.workload, "reason": "unknown"})
-            raise NotFound(f"resource {path} does not exist")
+            raise NotFoundError(f"resource {path} does not exist")
         if tag not in m.workloads[att.workload].secrets:
             self.record("deny", {"resource": path, "workload": att.workload, "reason": "not allowed"})
-            raise Forbidden(f"workload {att.workload!r} may not read {path} (manifest)")
+            raise PermissionDeniedError(f"workload {att.workload!r} may not read {path} (manifest)")
         if spec.type == "certificate":
             plaintext = self._issue(m, att, spec.name, [])
         else:
             got = self.state.get("secret", spec.name)
             if got is None:
                 self.record("deny", {"resource": path, "workload": att.workload, "reason": "no value"})
-                raise NotFound(f"resource {path} has no value yet (an operator must supply it)")
+                raise NotFoundError(f"resource {path} has no value yet (an operator must supply it)")
             plaintext = got[0]
         self.record("release", {"resource": path, "workload": att.workload})
         return protocol.encrypt_response(plaintext, att.key)
@@ -794,26 +779,29 @@ class Broker:
         ``body``: ``{"extensions": [{"oid": "2.23.133.5.4.9", "value": "<base64url DER>"}]}``.
 
         Raises:
-            Unauthorized / NotFound / Forbidden as :meth:`resource`; BadRequest (400) for a bad body.
+            NotAuthenticatedError / NotFoundError / PermissionDeniedError as :meth:`resource`;
+            MalformedRequestError for a bad body.
         """
         act = self._need_active()
         m = act.manifest
         att = self._attested(sid, bearer, act)
         spec = m.secrets.get(name)
         if spec is None or spec.type != "certificate":
-            raise NotFound(f"certificate {name!r} is not in the manifest")
+            raise NotFoundError(f"certificate {name!r} is not in the manifest")
         if name not in m.workloads[att.workload].secrets:
             self.record("deny", {"certificate": name, "workload": att.workload, "reason": "not allowed"})
-            raise Forbidden(f"workload {att.workload!r} may not obtain certificate {name!r} (manifest)")
+            raise PermissionDeniedError(
+                f"workload {att.workload!r} may not obtain certificate {name!r} (manifest)"
+            )
         exts: list[tuple[str, bytes]] = []
         if body is not None:
             if not isinstance(body, dict) or not isinstance(body.get("extensions", []), list):
-                raise BadRequest("certificate request: expected {\"extensions\": [...]}")
+                raise MalformedRequestError("certificate request: expected {\"extensions\": [...]}")
             for e in body.get("extensions", []):
                 try:
                     exts.append((str(e["oid"]), protocol.unb64url(e["value"])))
                 except (KeyError, TypeError, ValueError):
-                    raise BadRequest(
+                    raise MalformedRequestError(
                         "certificate request: each extension needs oid and base64url value"
                     ) from None
         out = json.loads(self._issue(m, att, name, exts))
@@ -822,12 +810,9 @@ class Broker:
     def _issue(self, m: Manifest, att: Attested, name: str, exts: list[tuple[str, bytes]]) -> bytes:
         assert self.ca is not None
         spec = m.secrets[name]
-        try:
-            cert = self.ca.issue(att.key.raw_value, common_name=att.workload,
-                                 dns_names=spec.dns_names, ip_addresses=spec.ip_addresses,
-                                 validity_days=spec.validity_days, extensions=exts)
-        except CertificateRequestError as e:
-            raise BadRequest(str(e)) from None
+        cert = self.ca.issue(att.key.raw_value, common_name=att.workload,  # CertificateRequestError
+                             dns_names=spec.dns_names, ip_addresses=spec.ip_addresses,
+                             validity_days=spec.validity_days, extensions=exts)
         pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.record("certificate", {"certificate": name, "workload": att.workload,
                                     "serial": format(cert.serial_number, "x")})
@@ -841,31 +826,33 @@ class Broker:
         certificate's CN, which services such as the records API map to a role.
 
         Raises:
-            BadRequest (400): malformed CSR or request, bad signature, bad name or validity.
+            MalformedRequestError: malformed CSR or request, bad signature, bad name or validity.
         """
         self._need_manifest()
         assert self.ca is not None
         if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
-            raise BadRequest("client certificate: expected {\"csr\": PEM}")
+            raise MalformedRequestError("client certificate: expected {\"csr\": PEM}")
         days = body.get("validity_days", 30)
         if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 825:
-            raise BadRequest(f"client certificate: validity_days must be 1..825, got {days!r:.20}")
+            raise MalformedRequestError(f"client certificate: validity_days must be 1..825, got {days!r:.20}")
         try:
             csr = x509.load_pem_x509_csr(body["csr"].encode("ascii", "replace"))
         except ValueError as e:
-            raise BadRequest(f"client certificate: not a PEM CSR ({e})") from None
+            raise MalformedRequestError(f"client certificate: not a PEM CSR ({e})") from None
         if not csr.is_signature_valid:
-            raise BadRequest("client certificate: CSR signature does not verify (proof of possession)")
+            raise MalformedRequestError(
+                "client certificate: CSR signature does not verify (proof of possession)"
+            )
         cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         cn = str(cns[0].value) if len(cns) == 1 else ""
         import re
 
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}", cn):
-            raise BadRequest(f"client certificate: CSR needs one subject CN of 1..63 chars, got {cn!r:.70}")
-        try:
-            cert = self.ca.issue(csr.public_key(), common_name=cn, validity_days=days, client_only=True)
-        except CertificateRequestError as e:
-            raise BadRequest(str(e)) from None
+            raise MalformedRequestError(
+                f"client certificate: CSR needs one subject CN of 1..63 chars, got {cn!r:.70}"
+            )
+        cert = self.ca.issue(csr.public_key(), common_name=cn, validity_days=days,  # CertificateRequestError
+                             client_only=True)
         self.record("client-certificate", {"cn": cn, "by": user, "serial": format(cert.serial_number, "x"),
                                            "validity_days": days})
         return {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
@@ -883,11 +870,11 @@ class Broker:
         """SCONE-CAS-compatible ``/v1/values/session=<name>`` document.
 
         Raises:
-            NotFound (404): ``name`` is neither the manifest name nor a workload.
+            NotFoundError: ``name`` is neither the manifest name nor a workload.
         """
         m = self._need_manifest()
         if name != m.name and name not in m.workloads:
-            raise NotFound(f"session {name!r} is not known")
+            raise NotFoundError(f"session {name!r} is not known")
         return {"values": {"api_ca_cert": {"value": self.ca_pem()}}}
 
     # --- status, audit, recovery --------------------------------------------------------------
@@ -962,10 +949,10 @@ class Broker:
         JWK, zero-padded).
 
         Raises:
-            Conflict (409): not in recovery mode. RecoveryError (400): nothing to recover with.
+            StateConflictError: not in recovery mode. RecoveryError: nothing to recover with.
         """
         if self.mode != "recovery":
-            raise Conflict("broker is not in recovery mode")
+            raise StateConflictError("broker is not in recovery mode")
         data = self.state.recovery_data()
         jwk = protocol.public_jwk(self._recovery_key)
         evidence = self.attester.attest(protocol.recovery_report_data(jwk)).to_cmw()
@@ -980,17 +967,17 @@ class Broker:
         key with another fingerprint (a recovery record forged in the store) is refused.
 
         Raises:
-            Conflict (409): not in recovery mode. BadRequest (400): malformed body.
-            RecoveryError (400): too few or wrong shares, or the fingerprint differs.
+            StateConflictError: not in recovery mode. MalformedRequestError: malformed body.
+            RecoveryError: too few or wrong shares, or the fingerprint differs.
         """
         if self.mode != "recovery":
             self.record("recovery-denied", {"reason": "broker is not in recovery mode"})
-            raise Conflict("broker is not in recovery mode")
+            raise StateConflictError("broker is not in recovery mode")
         try:
             shares = self._recovery_shares(body)
             expect = normalize_fingerprint(body.get("expect_fingerprint"))
             self.state.recover(shares, expect_fingerprint=expect)
-        except (BadRequest, RecoveryError) as e:
+        except (MalformedRequestError, RecoveryError) as e:
             # The audit key is sealed until recovery succeeds: keep the attempt (time, reason)
             # in memory and write it to the audit log then (attempts before a restart are in
             # the broker's log only).
@@ -999,7 +986,7 @@ class Broker:
                 if len(self._failed_recoveries) < 1000:
                     self._failed_recoveries.append({"time": int(time.time()), "reason": str(e)[:300]})
             if isinstance(e, RecoveryError) and str(e).startswith("expect_fingerprint"):
-                raise BadRequest(f"recovery: {e}") from None
+                raise MalformedRequestError(f"recovery: {e}") from None
             raise
         self._recovery_key = ECKey.generate_key("P-256")
         self._load()
@@ -1016,13 +1003,17 @@ class Broker:
     def _recovery_shares(self, body: Any) -> list[bytes]:
         shares_in = body.get("shares") if isinstance(body, dict) else None
         if not isinstance(shares_in, list) or len(shares_in) > 255:
-            raise BadRequest("recovery: expected {\"shares\": [<JWE>, ...], \"expect_fingerprint\": hex}")
+            raise MalformedRequestError(
+                "recovery: expected {\"shares\": [<JWE>, ...], \"expect_fingerprint\": hex}"
+            )
         shares = []
         for s in shares_in:
             try:
                 shares.append(protocol.decrypt_response(s, self._recovery_key))
             except BrokerError:
-                raise BadRequest("recovery: a share is not a JWE to this broker's recovery key") from None
+                raise MalformedRequestError(
+                    "recovery: a share is not a JWE to this broker's recovery key"
+                ) from None
         return shares
 
 

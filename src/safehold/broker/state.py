@@ -53,15 +53,11 @@ from joserfc import jwe
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
+from safehold.broker.errors import RecoveryError, StateIntegrityError
 from safehold.crypto.envelope import open_envelope, seal
 from safehold.crypto.kdf import derive_key
 from safehold.crypto.keyset import Keyset
-from safehold.errors import (
-    BrokerError,
-    ConflictError,
-    CryptoError,
-    SealingError,
-)
+from safehold.errors import ConflictError, CryptoError, SealingError
 from safehold.store.base import Store
 
 NAMESPACE = "safehold.broker"
@@ -75,15 +71,6 @@ _SEAL_AAD = b"safehold-broker-master-key-v1"
 _SHARE_ALG = {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
 _FINGERPRINT_INFO = b"safehold/v1/master-fingerprint"
 FINGERPRINT_HEX_LEN = 32
-
-
-class RecoveryError(BrokerError):
-    """Recovery failed: too few or wrong shares, or no recovery data stored."""
-
-
-class StateIntegrityError(SealingError):
-    """A broker state row is missing, edited, moved or rolled back in the store; the message
-    names the row (e.g. ``m/head``, ``manifest/current (o/3f2a…)``). The broker refuses to serve."""
 
 
 def _b64(b: bytes) -> str:

@@ -255,8 +255,8 @@ def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: 
                  token: str | None) -> None:
     """Check the chain and every signature; name the first broken entry (exit 1)."""
     if data_dir:
+        from safehold.broker.errors import StateIntegrityError
         from safehold.broker.server import open_broker
-        from safehold.broker.state import StateIntegrityError
 
         try:
             b = open_broker(data_dir, store_url, repair=False)
