@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from joserfc.jwk import ECKey, RSAKey
 
 from safehold.broker import protocol
-from safehold.broker.audit import AuditLog, verify_log
+from safehold.broker.audit import BrokerAuditLog, verify_log
 from safehold.broker.ca import WorkloadCA
 from safehold.broker.errors import CertificateRequestError, RecoveryError, StateIntegrityError
 from safehold.broker.manifest import (
@@ -231,7 +231,7 @@ def state(tmp_path):
 
 
 def _log(state, key=None):
-    return AuditLog(state.store, AUDIT_NAMESPACE, state.seal_bytes, state.open_bytes, key)
+    return BrokerAuditLog(state.store, AUDIT_NAMESPACE, state.seal_bytes, state.open_bytes, key)
 
 
 def test_audit_chain_verifies_and_names_the_first_broken_entry(state, tmp_path):

@@ -32,7 +32,7 @@ from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.result import issue_ear, verify_ear
 from safehold.attestation.verifier import Verifier
 from safehold.broker import protocol
-from safehold.broker.audit import AuditLog, verify_chain
+from safehold.broker.audit import BrokerAuditLog, verify_chain
 from safehold.broker.ca import WorkloadCA
 from safehold.broker.errors import (
     MalformedRequestError,
@@ -148,7 +148,7 @@ class Broker:
         self._failed_recoveries: list[dict[str, Any]] = []
         self.broker_id = ""
         self.ca: WorkloadCA | None = None
-        self.audit: AuditLog | None = None
+        self.audit: BrokerAuditLog | None = None
         self._ear_key: ec.EllipticCurvePrivateKey | None = None
         self._audit_key: ed25519.Ed25519PrivateKey | None = None
         self._sessions: dict[str, Session] = {}
@@ -237,7 +237,7 @@ class Broker:
             self.ca = WorkloadCA.from_pem(got[0])
         except (ValueError, TypeError, SafeholdError):
             raise StateIntegrityError(f"broker state row {st.row_name('ca', 'root')} is malformed") from None
-        self.audit = AuditLog(st.store, AUDIT_NAMESPACE, st.seal_bytes, st.open_bytes, aud_key)
+        self.audit = BrokerAuditLog(st.store, AUDIT_NAMESPACE, st.seal_bytes, st.open_bytes, aud_key)
         if created:  # what recovery-key holders write down (docs/broker.md → Recovery)
             self.record("init", {"broker_id": self.broker_id,
                                  "master_fingerprint": st.master_fingerprint()})
