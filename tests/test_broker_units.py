@@ -27,15 +27,8 @@ from safehold.broker.manifest import (
     verify_update,
 )
 from safehold.broker.protocol import canonical_json
-from safehold.broker.state import (
-    AUDIT_NAMESPACE,
-    BrokerState,
-    SealingIdentity,
-    combine_shares,
-    decrypt_share,
-    master_fingerprint,
-    normalize_fingerprint,
-)
+from safehold.broker.shares import combine_shares, decrypt_share, master_fingerprint, normalize_fingerprint
+from safehold.broker.state import AUDIT_NAMESPACE, BrokerState, SealingIdentity
 from safehold.errors import AuditChainError, BrokerError, ManifestError, SealingError
 from safehold.store.sqlite import SqliteStore
 

@@ -46,7 +46,8 @@ from safehold.broker.errors import (
     StateIntegrityError,
 )
 from safehold.broker.manifest import Manifest, manifest_from_dict, verify_update
-from safehold.broker.state import AUDIT_NAMESPACE, BrokerState, normalize_fingerprint
+from safehold.broker.shares import normalize_fingerprint
+from safehold.broker.state import AUDIT_NAMESPACE, BrokerState
 from safehold.errors import (
     AttestationError,
     AttestationResultError,

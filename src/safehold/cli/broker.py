@@ -312,7 +312,12 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insec
     from joserfc.jwk import ECKey
 
     from safehold.broker import protocol
-    from safehold.broker.state import combine_shares, decrypt_share, master_fingerprint, normalize_fingerprint
+    from safehold.broker.shares import (
+        combine_shares,
+        decrypt_share,
+        master_fingerprint,
+        normalize_fingerprint,
+    )
 
     if not policy and not insecure_no_attestation:
         raise click.UsageError("give --policy for the broker's Evidence (or --insecure-no-attestation)")
