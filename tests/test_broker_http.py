@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
+from safehold.broker.core import Broker
 from safehold.broker.http import create_app
 from safehold.broker.server import open_broker
-from safehold.broker.service import Broker
 from safehold.broker.state import AUDIT_NAMESPACE, NAMESPACE, BrokerState, SealingIdentity
 
 TOKEN = "reader-token-for-the-contract-test"

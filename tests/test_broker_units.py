@@ -602,8 +602,8 @@ def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):
     audit log by the recovery that succeeds; in ready mode a recovery attempt is audited at once."""
     import warnings
 
+    from safehold.broker.core import Broker
     from safehold.broker.errors import MalformedRequestError, StateConflictError
-    from safehold.broker.service import Broker
 
     warnings.simplefilter("ignore")
     store = SqliteStore(tmp_path / "r.db")
@@ -614,7 +614,7 @@ def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):
     assert r.mode == "recovery" and "host identity differs" in r.status()["reason"]
     data = r.state.recovery_data()
     shares = [decrypt_share(data["shares"][f"r{i}"], _priv(k)) for i, k in enumerate(rsa_keys)]
-    bkey = ECKey.import_key(protocol.public_jwk(r._recovery_key))
+    bkey = ECKey.import_key(protocol.public_jwk(r.recovery.key))
     enc = [protocol.encrypt_response(s, bkey) for s in shares[:2]]
     with pytest.raises(RecoveryError, match="fingerprint"):
         r.recover({"shares": enc, "expect_fingerprint": "00" * 16})
@@ -656,7 +656,7 @@ def test_recover_cli_names_a_key_that_does_not_load(tmp_path, rsa_keys):
 def test_manifest_check_loads_policies_and_broker_refuses_relative_roots(tmp_path, owner):
     from click.testing import CliRunner
 
-    from safehold.broker.service import Broker
+    from safehold.broker.installed import build_verifiers
     from safehold.cli.broker import broker
 
     m = _manifest(owner)
@@ -675,13 +675,13 @@ def test_manifest_check_loads_policies_and_broker_refuses_relative_roots(tmp_pat
     assert res.exit_code == 0, res.output
     # a relative root that reaches the broker unresolved (raw API body) is refused, not cwd-relative
     with pytest.raises(ManifestError, match="simulated_root.*relative"):
-        Broker._build_verifiers(manifest_from_dict(m))
+        build_verifiers(manifest_from_dict(m))
 
 
 def test_audit_verify_catches_the_manifest_version_going_backwards(tmp_path, owner):
     import warnings
 
-    from safehold.broker.service import Broker
+    from safehold.broker.core import Broker
 
     warnings.simplefilter("ignore")
     store = SqliteStore(tmp_path / "a.db")

@@ -38,6 +38,9 @@ _HEAD_KEY = b"\xff" * 8 + b"head"
 #: (plaintext, associated data) → envelope bytes; and its inverse (raises on failure).
 Sealer = Callable[[bytes, bytes], bytes]
 Opener = Callable[[bytes, bytes], bytes]
+#: How the broker's parts append an audit entry: ``record(event, detail)`` (never key material
+#: or secret values in ``detail``).
+Recorder = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,10 @@ class BrokerAuditLog:
         if head_row is None:
             seq, prev, head_ver = 1, _GENESIS, 0
         else:
-            head = self._open_json(head_row.value, _HEAD_KEY, "head")
-            seq, prev, head_ver = int(head["seq"]) + 1, str(head["hash"]), head_row.version
-        entry = {"seq": seq, "time": datetime.now(UTC).isoformat(timespec="microseconds"),
-                 "event": event, "detail": detail, "prev": prev}
+            last = self._open_json(head_row.value, _HEAD_KEY, "head")
+            seq, prev, head_ver = int(last["seq"]) + 1, str(last["hash"]), head_row.version
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        entry = {"seq": seq, "time": now, "event": event, "detail": detail, "prev": prev}
         digest = hashlib.sha256(canonical_json(entry)).digest()
         sig = self._key.sign(digest)
         key = seq.to_bytes(8, "big")
@@ -121,7 +124,7 @@ class BrokerAuditLog:
             tx.put(self.namespace, key, self._seal(row, _aad(self.namespace, key)), expected_version=0)
             tx.put(self.namespace, _HEAD_KEY, self._seal(head, _aad(self.namespace, _HEAD_KEY)),
                    expected_version=head_ver)
-        return BrokerAuditEntry(seq, entry["time"], event, detail, prev, digest.hex())
+        return BrokerAuditEntry(seq, now, event, detail, prev, digest.hex())
 
     def _open_json(self, blob: bytes, key: bytes, what: str) -> dict[str, Any]:
         try:
@@ -215,3 +218,29 @@ def verify_log(log: BrokerAuditLog, public_key: ed25519.Ed25519PublicKey | None)
     for _ in verify_chain(log, public_key):
         n += 1
     return n
+
+
+def verify_manifest_history(log: BrokerAuditLog, public_key: ed25519.Ed25519PublicKey) -> tuple[int, int]:
+    """Verify the whole log (:func:`verify_chain`) and that its ``manifest`` entries name strictly
+    increasing versions.
+
+    Returns:
+        ``(number of entries, version of the last manifest entry or 0)``; the caller compares the
+        latter with the state head.
+
+    Raises:
+        AuditChainError: naming the first broken entry, or the entry whose manifest version
+            went backwards (manifest rows rolled back or replaced in the store).
+    """
+    n = last = 0
+    for e in verify_chain(log, public_key):
+        n += 1
+        if e.event == "manifest":
+            v = e.detail.get("version")
+            if not isinstance(v, int) or v <= last:
+                raise AuditChainError(
+                    f"audit entry #{e.seq}: manifest version {v!r:.20} after version {last}: "
+                    "the manifest went backwards (manifest rows rolled back or replaced in the store)"
+                )
+            last = v
+    return n, last

@@ -11,6 +11,7 @@ raw-quote extension copied in verbatim, so one certificate proves both CA issuan
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -88,7 +89,7 @@ class WorkloadCA:
 
     def issue(self, public_key: object, *, common_name: str, dns_names: tuple[str, ...] = (),
               ip_addresses: tuple[str, ...] = (), validity_days: int = 30,
-              extensions: list[tuple[str, bytes]] = (), client_only: bool = False) -> x509.Certificate:
+              extensions: Sequence[tuple[str, bytes]] = (), client_only: bool = False) -> x509.Certificate:
         """Issue a leaf certificate (RFC 5280) for ``public_key``.
 
         Args:

@@ -34,6 +34,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from safehold.broker.core import Broker
 from safehold.broker.errors import (
     MalformedRequestError,
     NotAuthenticatedError,
@@ -45,7 +46,6 @@ from safehold.broker.errors import (
     StateIntegrityError,
 )
 from safehold.broker.protocol import SESSION_COOKIE
-from safehold.broker.service import Broker
 from safehold.errors import AuditChainError, SafeholdError, SealingError, StoreError
 
 log = logging.getLogger("safehold.broker")

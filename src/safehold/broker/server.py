@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from safehold.broker.core import Broker, BrokerConfig
 from safehold.broker.errors import PermissionDeniedError
 from safehold.broker.manifest import load_manifest
-from safehold.broker.service import Broker, BrokerConfig
 from safehold.broker.state import BrokerState, simulated_sealing_identity
 from safehold.errors import ManifestError
 

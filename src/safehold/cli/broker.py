@@ -73,8 +73,8 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
     """Start the broker (unseals its master key; recovery mode if that fails)."""
     import logging
 
+    from safehold.broker.core import BrokerConfig
     from safehold.broker.server import open_broker, serve
-    from safehold.broker.service import BrokerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     b = open_broker(data_dir, store_url, manifest_path=manifest_path,
@@ -116,10 +116,10 @@ def _load(path: str) -> Any:
 def manifest_check(path: str) -> None:
     """Validate a manifest file, load every workload's appraisal policy (as `serve` does, so a
     `simulated_root` that cannot be read fails here) and print its digest."""
-    from safehold.broker.service import Broker
+    from safehold.broker.installed import build_verifiers
 
     m = _load(path)
-    Broker._build_verifiers(m)
+    build_verifiers(m)
     click.echo(json.dumps({"ok": True, "digest": m.digest, "workloads": sorted(m.workloads),
                            "secrets": sorted(m.secrets)}))
 
