@@ -100,7 +100,7 @@ token_sha256 = "{"00" * 32}"
     m["workloads"]["w"]["policy"]["simulated_root"] = str(tmp_path / "root.pem")
     b = load_manifest(json.dumps(m))
     assert a.digest == b.digest
-    assert a.workloads_reading("k") == ["w"]
+    assert [w.name for w in a.workloads.values() if "k" in w.secrets] == ["w"]
     assert a.secrets["tls"].dns_names == ("api",)
 
 

@@ -164,10 +164,6 @@ class Manifest:
         """The canonical JSON bytes of the manifest."""
         return canonical_json(self.raw)
 
-    def workloads_reading(self, secret: str) -> list[str]:
-        """Names of the workloads allowed to read ``secret``."""
-        return [w.name for w in self.workloads.values() if secret in w.secrets]
-
 
 def load_manifest(data: bytes | str, *, filename: str = "manifest",
                   base_dir: Path | None = None) -> Manifest:
