@@ -141,7 +141,7 @@ def ssl_context(broker: Broker, names: list[str]) -> ssl.SSLContext:
 def _load_chain(ctx: ssl.SSLContext, broker: Broker, names: list[str]) -> None:
     if broker.mode == "ready" and broker.ca is not None:
         # Optional client certificates from the workload CA: admin users may authenticate with
-        # one whose public key the manifest lists (see Broker.authorize).
+        # one whose public key the manifest lists (see Admin.authorize).
         ctx.load_verify_locations(cadata=broker.ca.cert_pem())
         ctx.verify_mode = ssl.CERT_OPTIONAL
     key_pem, cert_pem = _server_cert(broker, names)

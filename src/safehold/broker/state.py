@@ -31,8 +31,8 @@ restore the master key (:meth:`BrokerState.recover`), which is then re-sealed to
 The recovery record is *not* authenticated (it lives in the untrusted store, encrypted to public
 keys): a database operator could write a whole fresh state under a master key of their own with
 shares to the same recovery keys. The anchor is the master-key fingerprint
-(:func:`master_fingerprint`), shown at the broker's first start and by ``/status`` while
-unsealed, which recovery-key holders write down; a recovery whose combined key has another
+(:func:`~safehold.broker.shares.master_fingerprint`), shown at the broker's first start and by
+``/status`` while unsealed, which recovery-key holders write down; a recovery whose combined key has another
 fingerprint is refused, by the CLI before it sends anything and by :meth:`BrokerState.recover`.
 """
 
@@ -229,7 +229,7 @@ class BrokerState:
         self.reason = ""
 
     def master_fingerprint(self) -> str:
-        """:func:`master_fingerprint` of this state's master key (32 hex).
+        """:func:`~safehold.broker.shares.master_fingerprint` of this state's master key (32 hex).
 
         Raises:
             SealingError: in recovery mode.
@@ -439,7 +439,8 @@ class BrokerState:
 
         Args:
             shares: share bytes as decrypted from the recovery JWEs (``"share"`` field).
-            expect_fingerprint: the :func:`master_fingerprint` recorded at first start (32 hex).
+            expect_fingerprint: the :func:`~safehold.broker.shares.master_fingerprint` recorded
+                at first start (32 hex).
 
         Raises:
             RecoveryError: fewer than k shares, malformed shares, a combined key whose
