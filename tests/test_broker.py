@@ -752,7 +752,7 @@ def test_recover_refuses_a_recovery_record_forged_in_the_store(tmp_path, snap):
         assert res.returncode == 1, res.stderr
         assert "nothing sent" in res.stderr and f"fingerprint {forged_fp}, expected {recorded}" in res.stderr
         # a client that skips the local check: the broker compares with the fingerprint it is told
-        from safehold.broker.state import decrypt_share
+        from safehold.broker.shares import decrypt_share
 
         with httpx.Client(base_url=b.url, verify=False) as h:
             info = h.get("/recovery").json()

@@ -193,11 +193,11 @@ def test_recovery_record_missing_or_replaced_is_reported_and_rewritten(pristine,
     finally:
         b.stop()
     # repaired: a restart is clean again, and the new shares restore the same master key
-    from safehold.broker.state import combine_shares, decrypt_share
+    from safehold.broker.shares import combine_shares, decrypt_share
 
     shares = json.loads(_rows(d / "broker.db")[b"m/recovery"])["shares"]
     plain = [decrypt_share(shares[f"r{i}"], pristine["keys"]["recovery"][i][0].read_bytes()) for i in (0, 1)]
-    from safehold.broker.state import master_fingerprint
+    from safehold.broker.shares import master_fingerprint
 
     ok = _cli("broker", "audit", "verify", "--data-dir", str(d), penv=pristine["penv"])
     assert ok.returncode == 0, ok.stderr

@@ -17,25 +17,18 @@ from hypothesis import strategies as st
 from joserfc.jwk import ECKey, RSAKey
 
 from safehold.broker import protocol
-from safehold.broker.audit import AuditLog, verify_log
-from safehold.broker.ca import CertificateRequestError, WorkloadCA
+from safehold.broker.audit import BrokerAuditLog, verify_log
+from safehold.broker.ca import WorkloadCA
+from safehold.broker.errors import CertificateRequestError, RecoveryError, StateIntegrityError
 from safehold.broker.manifest import (
-    canonical_json,
     load_manifest,
     manifest_from_dict,
     sign_update,
     verify_update,
 )
-from safehold.broker.state import (
-    AUDIT_NAMESPACE,
-    BrokerState,
-    RecoveryError,
-    SealingIdentity,
-    combine_shares,
-    decrypt_share,
-    master_fingerprint,
-    normalize_fingerprint,
-)
+from safehold.broker.protocol import canonical_json
+from safehold.broker.shares import combine_shares, decrypt_share, master_fingerprint, normalize_fingerprint
+from safehold.broker.state import AUDIT_NAMESPACE, BrokerState, SealingIdentity
 from safehold.errors import AuditChainError, BrokerError, ManifestError, SealingError
 from safehold.store.sqlite import SqliteStore
 
@@ -107,7 +100,7 @@ token_sha256 = "{"00" * 32}"
     m["workloads"]["w"]["policy"]["simulated_root"] = str(tmp_path / "root.pem")
     b = load_manifest(json.dumps(m))
     assert a.digest == b.digest
-    assert a.workloads_reading("k") == ["w"]
+    assert [w.name for w in a.workloads.values() if "k" in w.secrets] == ["w"]
     assert a.secrets["tls"].dns_names == ("api",)
 
 
@@ -231,7 +224,7 @@ def state(tmp_path):
 
 
 def _log(state, key=None):
-    return AuditLog(state.store, AUDIT_NAMESPACE, state.seal_bytes, state.open_bytes, key)
+    return BrokerAuditLog(state.store, AUDIT_NAMESPACE, state.seal_bytes, state.open_bytes, key)
 
 
 def test_audit_chain_verifies_and_names_the_first_broken_entry(state, tmp_path):
@@ -411,7 +404,6 @@ def test_tampered_object_row_fails(state, tmp_path):
     (val,) = db.execute("SELECT value FROM safehold_rows WHERE key=?", (key,)).fetchone()
     with db:
         db.execute("UPDATE safehold_rows SET value=? WHERE key=?", (val[:-1] + bytes([val[-1] ^ 1]), key))
-    from safehold.broker.state import StateIntegrityError
 
     with pytest.raises(StateIntegrityError, match=r"row secret/x \(o/[0-9a-f]{8}…\) fails authentication"):
         state.get("secret", "x")
@@ -537,12 +529,12 @@ def test_core_release_and_truncated_evidence(core):
     jwk = protocol.public_jwk(k)
     cmw = wl.attest(protocol.report_data(ch["nonce"], jwk)).to_cmw()
     # truncated Evidence: a clear 400/401, and the nonce is used up
-    from safehold.broker.service import BadRequest, Unauthorized
+    from safehold.broker.errors import MalformedRequestError, NotAuthenticatedError
     from safehold.errors import EvidenceFormatError
 
-    with pytest.raises((BadRequest, EvidenceFormatError, Unauthorized)):
+    with pytest.raises((MalformedRequestError, EvidenceFormatError, NotAuthenticatedError)):
         b.attest(sid, {"tee-pubkey": jwk, "tee-evidence": cmw[: len(cmw) // 2]})
-    with pytest.raises(Unauthorized, match="already used"):
+    with pytest.raises(NotAuthenticatedError, match="already used"):
         b.attest(sid, {"tee-pubkey": jwk, "tee-evidence": cmw})
     sid, ch = b.auth({"version": "0.1.0", "tee": "simulated"})
     cmw = wl.attest(protocol.report_data(ch["nonce"], jwk)).to_cmw()
@@ -573,8 +565,8 @@ def test_update_signed_for_staging_does_not_replay_on_production(tmp_path, owner
     for staging v2 is refused by production (its broker id differs), and nothing changes."""
     import warnings
 
+    from safehold.broker.errors import PermissionDeniedError
     from safehold.broker.server import open_broker
-    from safehold.broker.service import Forbidden
 
     warnings.simplefilter("ignore")
     mp = tmp_path / "m.json"
@@ -590,7 +582,7 @@ def test_update_signed_for_staging_does_not_replay_on_production(tmp_path, owner
         st = staging.status()
         sig = sign_update(new, 2, pk, broker_id=st["broker_id"], previous_sha256=st["manifest_digest"])
         assert staging.update_manifest(new.raw, 2, "alice", sig) == 2
-        with pytest.raises(Forbidden, match="does not verify"):
+        with pytest.raises(PermissionDeniedError, match="does not verify"):
             production.update_manifest(new.raw, 2, "alice", sig)
         assert production.manifest_version == 1 and "k2" not in production.manifest.secrets
         assert production.audit_entries()[-1]["event"] == "manifest-denied"
@@ -610,7 +602,8 @@ def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):
     audit log by the recovery that succeeds; in ready mode a recovery attempt is audited at once."""
     import warnings
 
-    from safehold.broker.service import BadRequest, Broker, Conflict
+    from safehold.broker.core import Broker
+    from safehold.broker.errors import MalformedRequestError, StateConflictError
 
     warnings.simplefilter("ignore")
     store = SqliteStore(tmp_path / "r.db")
@@ -621,20 +614,20 @@ def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):
     assert r.mode == "recovery" and "host identity differs" in r.status()["reason"]
     data = r.state.recovery_data()
     shares = [decrypt_share(data["shares"][f"r{i}"], _priv(k)) for i, k in enumerate(rsa_keys)]
-    bkey = ECKey.import_key(protocol.public_jwk(r._recovery_key))
+    bkey = ECKey.import_key(protocol.public_jwk(r.recovery.key))
     enc = [protocol.encrypt_response(s, bkey) for s in shares[:2]]
     with pytest.raises(RecoveryError, match="fingerprint"):
         r.recover({"shares": enc, "expect_fingerprint": "00" * 16})
-    with pytest.raises(BadRequest, match="not a JWE"):
+    with pytest.raises(MalformedRequestError, match="not a JWE"):
         r.recover({"shares": ["garbage"], "expect_fingerprint": fp})
-    with pytest.raises(BadRequest, match="expect_fingerprint"):
+    with pytest.raises(MalformedRequestError, match="expect_fingerprint"):
         r.recover({"shares": enc})
     r.recover({"shares": enc, "expect_fingerprint": fp})
     entries = r.audit_entries()
     assert [e["event"] for e in entries[-4:]] == ["recovery-denied"] * 3 + ["recovery"]
     assert "fingerprint" in entries[-4]["detail"]["reason"] and "not a JWE" in entries[-3]["detail"]["reason"]
     assert entries[-1]["detail"]["failed_attempts_before"] == 3
-    with pytest.raises(Conflict):
+    with pytest.raises(StateConflictError):
         r.recover({"shares": enc, "expect_fingerprint": fp})
     assert r.audit_entries()[-1]["event"] == "recovery-denied"
     assert r.audit_verify()["ok"]
@@ -663,7 +656,7 @@ def test_recover_cli_names_a_key_that_does_not_load(tmp_path, rsa_keys):
 def test_manifest_check_loads_policies_and_broker_refuses_relative_roots(tmp_path, owner):
     from click.testing import CliRunner
 
-    from safehold.broker.service import Broker
+    from safehold.broker.installed import build_verifiers
     from safehold.cli.broker import broker
 
     m = _manifest(owner)
@@ -682,13 +675,13 @@ def test_manifest_check_loads_policies_and_broker_refuses_relative_roots(tmp_pat
     assert res.exit_code == 0, res.output
     # a relative root that reaches the broker unresolved (raw API body) is refused, not cwd-relative
     with pytest.raises(ManifestError, match="simulated_root.*relative"):
-        Broker._build_verifiers(manifest_from_dict(m))
+        build_verifiers(manifest_from_dict(m))
 
 
 def test_audit_verify_catches_the_manifest_version_going_backwards(tmp_path, owner):
     import warnings
 
-    from safehold.broker.service import Broker
+    from safehold.broker.core import Broker
 
     warnings.simplefilter("ignore")
     store = SqliteStore(tmp_path / "a.db")

@@ -1,8 +1,10 @@
-"""The broker's audit log: append-only, hash-chained, every entry signed by the broker.
+"""The key broker's audit log (:class:`BrokerAuditLog`): append-only, hash-chained, every entry
+signed by the broker. (The records service keeps its own, differently built access log in
+:mod:`safehold.records.audit`.)
 
 Each entry is a JSON object ``{"seq", "time", "event", "detail", "prev"}`` where ``prev`` is the
 hex SHA-256 of the previous entry's canonical JSON (64 zeros for entry 1). The entry's hash is
-SHA-256 over its canonical JSON (RFC 8785 subset, :func:`~safehold.broker.manifest.canonical_json`)
+SHA-256 over its canonical JSON (RFC 8785 subset, :func:`~safehold.broker.protocol.canonical_json`)
 and the broker signs that hash with its Ed25519 audit key (RFC 8032). A stored row is
 
     key   = seq as 8 bytes big-endian (so a scan returns entries in order)
@@ -15,8 +17,8 @@ lets :func:`verify_chain` notice entries cut off the end.
 
 from __future__ import annotations
 
-import base64
 import hashlib
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,20 +28,23 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from safehold.broker.manifest import canonical_json
+from safehold.broker.protocol import b64url, canonical_json, unb64url
 from safehold.errors import AuditChainError, ConflictError, SafeholdError
 from safehold.store.base import Store
 
-GENESIS = "0" * 64
+_GENESIS = "0" * 64
 _HEAD_KEY = b"\xff" * 8 + b"head"
 
 #: (plaintext, associated data) → envelope bytes; and its inverse (raises on failure).
 Sealer = Callable[[bytes, bytes], bytes]
 Opener = Callable[[bytes, bytes], bytes]
+#: How the broker's parts append an audit entry: ``record(event, detail)`` (never key material
+#: or secret values in ``detail``).
+Recorder = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
-class AuditEntry:
+class BrokerAuditEntry:
     """One verified audit entry.
 
     Attributes:
@@ -64,15 +69,7 @@ def _aad(namespace: str, key: bytes) -> bytes:
     return b"safehold-broker-audit\x00" + namespace.encode() + b"\x00" + key
 
 
-def _b64(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
-
-
-def _unb64(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-
-
-class AuditLog:
+class BrokerAuditLog:
     """Append and read the audit log in one store namespace.
 
     Args:
@@ -90,7 +87,7 @@ class AuditLog:
         self._key = signing_key
         self._lock = threading.Lock()
 
-    def append(self, event: str, detail: dict[str, Any]) -> AuditEntry:
+    def append(self, event: str, detail: dict[str, Any]) -> BrokerAuditEntry:
         """Append one signed entry and move the head; both commit in one transaction.
 
         Raises:
@@ -107,31 +104,29 @@ class AuditLog:
                     continue
             raise AuditChainError("audit log: could not append after 20 concurrent conflicts")
 
-    def _append_once(self, event: str, detail: dict[str, Any]) -> AuditEntry:
+    def _append_once(self, event: str, detail: dict[str, Any]) -> BrokerAuditEntry:
         assert self._key is not None
         head_row = self.store.get(self.namespace, _HEAD_KEY)
         if head_row is None:
-            seq, prev, head_ver = 1, GENESIS, 0
+            seq, prev, head_ver = 1, _GENESIS, 0
         else:
-            head = self._open_json(head_row.value, _HEAD_KEY, "head")
-            seq, prev, head_ver = int(head["seq"]) + 1, str(head["hash"]), head_row.version
-        entry = {"seq": seq, "time": datetime.now(UTC).isoformat(timespec="microseconds"),
-                 "event": event, "detail": detail, "prev": prev}
+            last = self._open_json(head_row.value, _HEAD_KEY, "head")
+            seq, prev, head_ver = int(last["seq"]) + 1, str(last["hash"]), head_row.version
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        entry = {"seq": seq, "time": now, "event": event, "detail": detail, "prev": prev}
         digest = hashlib.sha256(canonical_json(entry)).digest()
         sig = self._key.sign(digest)
         key = seq.to_bytes(8, "big")
-        row = canonical_json({"entry": entry, "hash": digest.hex(), "sig": _b64(sig)})
+        row = canonical_json({"entry": entry, "hash": digest.hex(), "sig": b64url(sig)})
         head_sig = self._key.sign(b"head" + seq.to_bytes(8, "big") + digest)
-        head = canonical_json({"seq": seq, "hash": digest.hex(), "sig": _b64(head_sig)})
+        head = canonical_json({"seq": seq, "hash": digest.hex(), "sig": b64url(head_sig)})
         with self.store.transaction() as tx:
             tx.put(self.namespace, key, self._seal(row, _aad(self.namespace, key)), expected_version=0)
             tx.put(self.namespace, _HEAD_KEY, self._seal(head, _aad(self.namespace, _HEAD_KEY)),
                    expected_version=head_ver)
-        return AuditEntry(seq, entry["time"], event, detail, prev, digest.hex())
+        return BrokerAuditEntry(seq, now, event, detail, prev, digest.hex())
 
     def _open_json(self, blob: bytes, key: bytes, what: str) -> dict[str, Any]:
-        import json
-
         try:
             return json.loads(self._open(blob, _aad(self.namespace, key)))
         except SafeholdError:
@@ -141,12 +136,13 @@ class AuditLog:
         except ValueError:
             raise AuditChainError(f"audit {what}: not valid JSON") from None
 
-    def entries(self) -> Iterator[AuditEntry]:
+    def entries(self) -> Iterator[BrokerAuditEntry]:
         """Yield every entry in order, verifying as it goes (see :func:`verify_chain`)."""
         yield from verify_chain(self, self._key.public_key() if self._key else None)
 
 
-def verify_chain(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> Iterator[AuditEntry]:
+def verify_chain(log: BrokerAuditLog,
+                 public_key: ed25519.Ed25519PublicKey | None) -> Iterator[BrokerAuditEntry]:
     """Yield the entries of ``log`` in order after checking each one.
 
     Checks per entry: the row authenticates, its seq is the next one (no gap, no reorder), its
@@ -157,9 +153,7 @@ def verify_chain(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> 
     Raises:
         AuditChainError: naming the first broken entry, e.g. ``audit entry #7: hash mismatch``.
     """
-    import json
-
-    expected_seq, prev = 1, GENESIS
+    expected_seq, prev = 1, _GENESIS
     for row in log.store.scan_all(log.namespace):
         if row.key == _HEAD_KEY:
             continue
@@ -170,7 +164,7 @@ def verify_chain(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> 
             raise AuditChainError(f"audit entry #{expected_seq}: missing (next row is #{seq})")
         try:
             obj = json.loads(log._open(row.value, _aad(log.namespace, row.key)))
-            entry, stored_hash, sig = obj["entry"], obj["hash"], _unb64(obj["sig"])
+            entry, stored_hash, sig = obj["entry"], obj["hash"], unb64url(obj["sig"])
         except SafeholdError:
             raise AuditChainError(
                 f"audit entry #{seq}: row fails authentication (edited in the database)"
@@ -192,7 +186,8 @@ def verify_chain(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> 
                 public_key.verify(sig, digest)
             except InvalidSignature:
                 raise AuditChainError(f"audit entry #{seq}: broker signature does not verify") from None
-        yield AuditEntry(seq, entry["time"], entry["event"], entry["detail"], entry["prev"], stored_hash)
+        yield BrokerAuditEntry(seq, entry["time"], entry["event"], entry["detail"], entry["prev"],
+                               stored_hash)
         prev, expected_seq = stored_hash, seq + 1
     head_row = log.store.get(log.namespace, _HEAD_KEY)
     last = expected_seq - 1
@@ -203,7 +198,7 @@ def verify_chain(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> 
     head = log._open_json(head_row.value, _HEAD_KEY, "head")
     if public_key is not None:
         try:
-            public_key.verify(_unb64(head["sig"]), b"head" + int(head["seq"]).to_bytes(8, "big")
+            public_key.verify(unb64url(head["sig"]), b"head" + int(head["seq"]).to_bytes(8, "big")
                               + bytes.fromhex(head["hash"]))
         except (InvalidSignature, ValueError, KeyError):
             raise AuditChainError("audit head: broker signature does not verify") from None
@@ -213,7 +208,7 @@ def verify_chain(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> 
         )
 
 
-def verify_log(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> int:
+def verify_log(log: BrokerAuditLog, public_key: ed25519.Ed25519PublicKey | None) -> int:
     """Verify the whole log; return the number of entries.
 
     Raises:
@@ -223,3 +218,29 @@ def verify_log(log: AuditLog, public_key: ed25519.Ed25519PublicKey | None) -> in
     for _ in verify_chain(log, public_key):
         n += 1
     return n
+
+
+def verify_manifest_history(log: BrokerAuditLog, public_key: ed25519.Ed25519PublicKey) -> tuple[int, int]:
+    """Verify the whole log (:func:`verify_chain`) and that its ``manifest`` entries name strictly
+    increasing versions.
+
+    Returns:
+        ``(number of entries, version of the last manifest entry or 0)``; the caller compares the
+        latter with the state head.
+
+    Raises:
+        AuditChainError: naming the first broken entry, or the entry whose manifest version
+            went backwards (manifest rows rolled back or replaced in the store).
+    """
+    n = last = 0
+    for e in verify_chain(log, public_key):
+        n += 1
+        if e.event == "manifest":
+            v = e.detail.get("version")
+            if not isinstance(v, int) or v <= last:
+                raise AuditChainError(
+                    f"audit entry #{e.seq}: manifest version {v!r:.20} after version {last}: "
+                    "the manifest went backwards (manifest rows rolled back or replaced in the store)"
+                )
+            last = v
+    return n, last

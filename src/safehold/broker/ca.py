@@ -11,6 +11,7 @@ raw-quote extension copied in verbatim, so one certificate proves both CA issuan
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from safehold.broker.errors import CertificateRequestError
 from safehold.errors import BrokerError
 
 #: Extensions a workload may ask to have copied into its leaf: the interoperable RA-TLS
@@ -26,10 +28,6 @@ from safehold.errors import BrokerError
 ALLOWED_EXTENSION_OIDS = ("2.23.133.5.4.9", "1.2.840.113741.1.13.1.0")
 MAX_EXTENSION_BYTES = 64 * 1024
 _ROOT_VALIDITY = timedelta(days=3650)
-
-
-class CertificateRequestError(BrokerError):
-    """A certificate request is malformed or asks for something the manifest does not allow."""
 
 
 @dataclass
@@ -91,7 +89,7 @@ class WorkloadCA:
 
     def issue(self, public_key: object, *, common_name: str, dns_names: tuple[str, ...] = (),
               ip_addresses: tuple[str, ...] = (), validity_days: int = 30,
-              extensions: list[tuple[str, bytes]] = (), client_only: bool = False) -> x509.Certificate:
+              extensions: Sequence[tuple[str, bytes]] = (), client_only: bool = False) -> x509.Certificate:
         """Issue a leaf certificate (RFC 5280) for ``public_key``.
 
         Args:

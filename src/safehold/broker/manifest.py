@@ -32,7 +32,7 @@ and is written in TOML or JSON::
     threshold = 2
     keys = { alice = "-----BEGIN PUBLIC KEY-----...", bob = "...", carol = "..." }  # RSA >= 3072
 
-A manifest update is the canonical JSON (:func:`canonical_json`) of ::
+A manifest update is the canonical JSON (:func:`~safehold.broker.protocol.canonical_json`) of ::
 
     {"context": "safehold/v1/manifest-update", "broker_id": <the broker's id>,
      "previous_sha256": <hex SHA-256 digest of the current manifest>,
@@ -62,6 +62,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from safehold.broker.protocol import canonical_json
 from safehold.errors import ConfigError, ManifestError
 
 #: Roles a manifest user can hold, strongest first.
@@ -76,34 +77,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_RE = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _TOP_KEYS = {"name", "repository", "workloads", "secrets", "users", "recovery"}
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Serialise ``obj`` deterministically: UTF-8, sorted keys, no whitespace, no floats.
-
-    This is the JSON Canonicalization Scheme (RFC 8785) restricted to the value types a manifest
-    uses (objects, arrays, strings, integers, booleans, null), for which RFC 8785 reduces to
-    sorted keys and minimal separators.
-
-    Raises:
-        ManifestError: the value holds a float or a non-JSON type.
-    """
-    def check(v: Any, where: str) -> None:
-        if isinstance(v, float):
-            raise ManifestError(f"{where}: floating-point numbers are not allowed")
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if not isinstance(k, str):
-                    raise ManifestError(f"{where}: object keys must be strings")
-                check(x, f"{where}.{k}")
-        elif isinstance(v, list | tuple):
-            for i, x in enumerate(v):
-                check(x, f"{where}[{i}]")
-        elif v is not None and not isinstance(v, str | int | bool):
-            raise ManifestError(f"{where}: {type(v).__name__} is not a JSON value")
-
-    check(obj, "$")
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -190,10 +163,6 @@ class Manifest:
     def to_json(self) -> bytes:
         """The canonical JSON bytes of the manifest."""
         return canonical_json(self.raw)
-
-    def workloads_reading(self, secret: str) -> list[str]:
-        """Names of the workloads allowed to read ``secret``."""
-        return [w.name for w in self.workloads.values() if secret in w.secrets]
 
 
 def load_manifest(data: bytes | str, *, filename: str = "manifest",

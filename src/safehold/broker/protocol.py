@@ -17,19 +17,30 @@ Request–Challenge–Attestation–Response (confidential-containers/trustee,
    ``RSA-OAEP-256`` for RSA keys, content encryption ``A256GCM``.
 
 ``tee-pubkey`` is a public JWK (RFC 7517): EC P-256 / P-384 or RSA >= 2048 bits.
+
+Released resources: a ``keyset`` secret travels as :func:`keyset_to_json` (read back with
+:func:`keyset_from_json`); ``value`` secrets as their bytes; a ``certificate`` as
+``{"certificate": PEM, "ca": PEM}``.
+
+This module is the only part of :mod:`safehold.broker` the workload SDK
+(:mod:`safehold.client.broker`) imports, so it depends on nothing but lower layers
+(``safehold.crypto``, ``safehold.errors``) and joserfc.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from joserfc import jwe
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
-from safehold.broker.manifest import canonical_json
-from safehold.errors import BrokerError
+from safehold.crypto.keyset import Keyset
+from safehold.errors import BrokerError, ManifestError, SafeholdError
 
 PROTOCOL_VERSION = "0.1.0"
 SESSION_COOKIE = "kbs-session-id"
@@ -44,6 +55,70 @@ _ENC = "A256GCM"
 
 class JWKError(BrokerError):
     """``tee-pubkey`` is not an acceptable public JWK."""
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url (RFC 4648 §5), as JOSE uses it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64url(text: str) -> bytes:
+    """Inverse of :func:`b64url` (padding optional).
+
+    Raises:
+        ValueError: not base64url (``binascii.Error`` is a ValueError).
+    """
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Serialise ``obj`` deterministically: UTF-8, sorted keys, no whitespace, no floats.
+
+    This is the JSON Canonicalization Scheme (RFC 8785) restricted to objects, arrays, strings,
+    integers, booleans and null, for which RFC 8785 reduces to sorted keys and minimal
+    separators. Used for runtime-data, manifest digests and updates, and audit entries.
+
+    Raises:
+        ManifestError: the value holds a float or a non-JSON type (names where, e.g.
+            ``$.tee-pubkey.x``).
+    """
+    def check(v: Any, where: str) -> None:
+        if isinstance(v, float):
+            raise ManifestError(f"{where}: floating-point numbers are not allowed")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ManifestError(f"{where}: object keys must be strings")
+                check(x, f"{where}.{k}")
+        elif isinstance(v, list | tuple):
+            for i, x in enumerate(v):
+                check(x, f"{where}[{i}]")
+        elif v is not None and not isinstance(v, str | int | bool):
+            raise ManifestError(f"{where}: {type(v).__name__} is not a JSON value")
+
+    check(obj, "$")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# --- KBS messages (what the workload sends) ----------------------------------------------------
+
+
+def auth_request(tee: str, workload: str | None = None) -> dict[str, Any]:
+    """The KBS *Request* body for ``POST /kbs/v0/auth``; ``workload`` goes into ``extra-params``."""
+    return {"version": PROTOCOL_VERSION, "tee": tee,
+            "extra-params": {"workload": workload} if workload else {}}
+
+
+def attestation(jwk: dict[str, Any], evidence_cmw: str) -> dict[str, Any]:
+    """The KBS *Attestation* body for ``POST /kbs/v0/attest``: ``tee-pubkey`` and the Evidence
+    as a CMW (JSON text)."""
+    return {"tee-pubkey": jwk, "tee-evidence": evidence_cmw}
+
+
+def certificate_request(extensions: Sequence[tuple[str, bytes]] = ()) -> dict[str, Any]:
+    """The body of ``POST /kbs/v0/certificate/<name>``: ``(OID, DER extnValue)`` pairs to copy
+    into the leaf, as ``{"extensions": [{"oid", "value": base64url}]}``."""
+    return {"extensions": [{"oid": oid, "value": b64url(v)} for oid, v in extensions]}
 
 
 def import_tee_pubkey(jwk: Any) -> ECKey | RSAKey:
@@ -80,10 +155,7 @@ def public_jwk(key: ECKey | RSAKey) -> dict[str, Any]:
 
 def thumbprint(key: ECKey | RSAKey) -> bytes:
     """RFC 7638 JWK SHA-256 thumbprint, 32 bytes."""
-    import base64
-
-    t = key.thumbprint()
-    return base64.urlsafe_b64decode(t + "=" * (-len(t) % 4))
+    return unb64url(key.thumbprint())
 
 
 def runtime_data(nonce: str, jwk: dict[str, Any]) -> bytes:
@@ -95,6 +167,12 @@ def report_data(nonce: str, jwk: dict[str, Any]) -> bytes:
     """The 64-byte report_data binding ``nonce`` and ``tee-pubkey``: SHA-256 of
     :func:`runtime_data`, zero-padded to 64 bytes."""
     return hashlib.sha256(runtime_data(nonce, jwk)).digest().ljust(64, b"\x00")
+
+
+def recovery_report_data(broker_jwk: dict[str, Any]) -> bytes:
+    """The 64-byte report_data of the broker's own Evidence in ``GET /recovery``: SHA-256 of the
+    canonical JSON of its fresh recovery key (a public JWK), zero-padded to 64 bytes."""
+    return hashlib.sha256(canonical_json(broker_jwk)).digest().ljust(64, b"\x00")
 
 
 def encrypt_response(plaintext: bytes, key: ECKey | RSAKey) -> dict[str, Any]:
@@ -119,3 +197,29 @@ def decrypt_response(response: Any, private_key: ECKey | RSAKey) -> bytes:
     except (JoseError, ValueError, KeyError, TypeError) as e:
         raise BrokerError(f"KBS response does not decrypt with the TEE key ({type(e).__name__})") from None
     return obj.plaintext or b""
+
+
+# --- released resources -------------------------------------------------------------------------
+
+
+def keyset_to_json(keyset: Keyset) -> bytes:
+    """The release form of a ``keyset`` secret (only ever sent inside a KBS *Response* JWE):
+    ``{"type": "keyset", "primary": id, "index_key": b64url, "keys": {"<id>": b64url}}``."""
+    return json.dumps({
+        "type": "keyset", "primary": keyset.primary_id, "index_key": b64url(keyset.index_key),
+        "keys": {str(i): b64url(keyset.key(i)) for i in keyset.ids()},
+    }).encode()
+
+
+def keyset_from_json(data: bytes) -> Keyset:
+    """Inverse of :func:`keyset_to_json` → :class:`~safehold.crypto.keyset.Keyset`.
+
+    Raises:
+        BrokerError: malformed document (names the exception type only, never key bytes).
+    """
+    try:
+        obj = json.loads(data)
+        return Keyset({int(k): unb64url(v) for k, v in obj["keys"].items()}, int(obj["primary"]),
+                      unb64url(obj["index_key"]))
+    except (ValueError, KeyError, TypeError, AttributeError, SafeholdError) as e:
+        raise BrokerError(f"keyset resource is malformed ({type(e).__name__})") from None

@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from safehold.broker.core import Broker, BrokerConfig
+from safehold.broker.errors import PermissionDeniedError
 from safehold.broker.manifest import load_manifest
-from safehold.broker.service import Broker, BrokerConfig, Forbidden
 from safehold.broker.state import BrokerState, simulated_sealing_identity
 from safehold.errors import ManifestError
 
@@ -83,7 +84,7 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
         m = load_manifest(data, filename=str(p), base_dir=p.resolve().parent)
         try:
             broker.set_manifest(m.raw, source=f"file:{p.name}")
-        except Forbidden:
+        except PermissionDeniedError:  # a manifest is already set
             older = broker.stored_version_of(m.digest)
             if older is not None:  # e.g. `safehold up`'s file after a signed update: nothing changes
                 log.warning("%s is manifest version %d, superseded by the signed version %d: serving "
@@ -140,7 +141,7 @@ def ssl_context(broker: Broker, names: list[str]) -> ssl.SSLContext:
 def _load_chain(ctx: ssl.SSLContext, broker: Broker, names: list[str]) -> None:
     if broker.mode == "ready" and broker.ca is not None:
         # Optional client certificates from the workload CA: admin users may authenticate with
-        # one whose public key the manifest lists (see Broker.authorize).
+        # one whose public key the manifest lists (see Admin.authorize).
         ctx.load_verify_locations(cadata=broker.ca.cert_pem())
         ctx.verify_mode = ssl.CERT_OPTIONAL
     key_pem, cert_pem = _server_cert(broker, names)
@@ -187,7 +188,7 @@ def serve(broker: Broker, *, host: str = "127.0.0.1", port: int = 8443, tls: boo
     """Serve ``broker`` until interrupted (SIGINT/SIGTERM stop uvicorn cleanly)."""
     import uvicorn
 
-    from safehold.broker.app import DEFAULT_MAX_BODY, create_app
+    from safehold.broker.http import DEFAULT_MAX_BODY, create_app
 
     app = create_app(broker, max_body=max_body or DEFAULT_MAX_BODY, static_value=static_value)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

@@ -20,7 +20,7 @@ Rows in the store namespace :data:`NAMESPACE`:
   (:class:`StateIntegrityError`) instead of looking like a broker with no manifest;
 * ``m/recovery`` — JSON ``{"threshold": k, "shares": {key name: JWE compact}}``, each JWE
   (RFC 7516, ``RSA-OAEP-256`` + ``A256GCM``) encrypting one Shamir share (pyshamir, GF(256))
-  of the master key to one recovery public key;
+  of the master key to one recovery public key (:mod:`safehold.broker.shares`);
 * ``o/<24-byte HMAC blind index of kind/name>`` — encrypted objects (manifest versions, secrets,
   CA key, signing keys), so the database sees neither names nor values.
 
@@ -31,14 +31,13 @@ restore the master key (:meth:`BrokerState.recover`), which is then re-sealed to
 The recovery record is *not* authenticated (it lives in the untrusted store, encrypted to public
 keys): a database operator could write a whole fresh state under a master key of their own with
 shares to the same recovery keys. The anchor is the master-key fingerprint
-(:func:`master_fingerprint`), shown at the broker's first start and by ``/status`` while
-unsealed, which recovery-key holders write down; a recovery whose combined key has another
+(:func:`~safehold.broker.shares.master_fingerprint`), shown at the broker's first start and by
+``/status`` while unsealed, which recovery-key holders write down; a recovery whose combined key has another
 fingerprint is refused, by the CLI before it sends anything and by :meth:`BrokerState.recover`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -47,105 +46,28 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import pyshamir
-from cryptography.hazmat.primitives import serialization
-from joserfc import jwe
-from joserfc.errors import JoseError
-from joserfc.jwk import RSAKey
-
+from safehold.broker.errors import RecoveryError, StateIntegrityError
+from safehold.broker.protocol import b64url, unb64url
+from safehold.broker.shares import (
+    MASTER_KEY_LEN,
+    combine_shares,
+    master_fingerprint,
+    normalize_fingerprint,
+    recovery_record,
+)
 from safehold.crypto.envelope import open_envelope, seal
 from safehold.crypto.kdf import derive_key
 from safehold.crypto.keyset import Keyset
-from safehold.errors import (
-    BrokerError,
-    ConflictError,
-    CryptoError,
-    SealingError,
-)
+from safehold.errors import ConflictError, CryptoError, SealingError
 from safehold.store.base import Store
 
 NAMESPACE = "safehold.broker"
 AUDIT_NAMESPACE = "safehold.broker.audit"
-MASTER_KEY_LEN = 32
 _SEALED = b"m/sealed"
 _KEYSET = b"m/keyset"
 _RECOVERY = b"m/recovery"
 _HEAD = b"m/head"
 _SEAL_AAD = b"safehold-broker-master-key-v1"
-_SHARE_ALG = {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
-_FINGERPRINT_INFO = b"safehold/v1/master-fingerprint"
-FINGERPRINT_HEX_LEN = 32
-
-
-class RecoveryError(BrokerError):
-    """Recovery failed: too few or wrong shares, or no recovery data stored."""
-
-
-class StateIntegrityError(SealingError):
-    """A broker state row is missing, edited, moved or rolled back in the store; the message
-    names the row (e.g. ``m/head``, ``manifest/current (o/3f2a…)``). The broker refuses to serve."""
-
-
-def _b64(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
-
-
-def _unb64(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-
-
-def master_fingerprint(master: bytes) -> str:
-    """The master key's fingerprint: the first 16 bytes of
-    ``HMAC-SHA256(master, "safehold/v1/master-fingerprint")`` (RFC 2104) as 32 lowercase hex.
-
-    Safe to show: it reveals nothing about the key, and forging another key with the same
-    fingerprint is a 128-bit second preimage of HMAC-SHA256.
-    """
-    mac = hmac.new(master, _FINGERPRINT_INFO, hashlib.sha256).hexdigest()
-    return mac[:FINGERPRINT_HEX_LEN]
-
-
-def normalize_fingerprint(text: Any) -> str:
-    """A written-down fingerprint → 32 lowercase hex (spaces, ``-`` and ``:`` are ignored).
-
-    Raises:
-        RecoveryError: missing, or not 32 hex digits.
-    """
-    if not isinstance(text, str):
-        raise RecoveryError("expect_fingerprint: the recorded master-key fingerprint (32 hex) is required")
-    fp = "".join(c for c in text if c not in " -:").lower()
-    if len(fp) != FINGERPRINT_HEX_LEN or any(c not in "0123456789abcdef" for c in fp):
-        raise RecoveryError(
-            f"expect_fingerprint: expected {FINGERPRINT_HEX_LEN} hex digits, got {len(fp)} characters"
-        )
-    return fp
-
-
-def combine_shares(shares: list[bytes], threshold: int) -> bytes:
-    """Combine decrypted recovery shares (as :func:`decrypt_share` returns them) into the
-    32-byte master key: share = ``0x00 || master`` (threshold 1) or ``0x01 || Shamir share``
-    (pyshamir, GF(256)).
-
-    Raises:
-        RecoveryError: fewer than ``threshold`` distinct shares, malformed shares, shares that do
-            not combine, or a result of the wrong length. (Wrong shares of the right shape
-            combine to a wrong key: check it with :func:`master_fingerprint`.)
-    """
-    distinct = list({bytes(s) for s in shares})
-    if len(distinct) < threshold or not distinct:
-        raise RecoveryError(f"recovery needs {threshold} distinct shares, got {len(distinct)}")
-    if any(len(s) < 2 or s[0] not in (0, 1) for s in distinct):
-        raise RecoveryError("a recovery share is malformed")
-    if distinct[0][0] == 0:
-        master = distinct[0][1:]
-    else:
-        try:
-            master = bytes(pyshamir.combine([bytearray(s[1:]) for s in distinct]))
-        except ValueError as e:
-            raise RecoveryError(f"recovery shares do not combine: {e}") from None
-    if len(master) != MASTER_KEY_LEN:
-        raise RecoveryError("recovered master key has the wrong length")
-    return master
 
 
 def initial_head() -> dict[str, Any]:
@@ -251,7 +173,7 @@ class BrokerState:
             return st
         try:
             meta = json.loads(sealed.value)
-            blob = _unb64(meta["blob"])
+            blob = unb64url(meta["blob"])
         except (ValueError, KeyError, TypeError):
             # the recovery shares can restore a sealed key edited in the store
             st.reason = "broker state row m/sealed is malformed (edited in the store)"
@@ -285,7 +207,7 @@ class BrokerState:
 
     def _sealed_row(self, master: bytes) -> bytes:
         blob = seal(_single_key_keyset(self.identity.sealing_key()), master, _SEAL_AAD)
-        meta = {"v": 1, "measurement": self.identity.measurement.hex(), "blob": _b64(blob)}
+        meta = {"v": 1, "measurement": self.identity.measurement.hex(), "blob": b64url(blob)}
         return json.dumps(meta).encode()
 
     @staticmethod
@@ -307,7 +229,7 @@ class BrokerState:
         self.reason = ""
 
     def master_fingerprint(self) -> str:
-        """:func:`master_fingerprint` of this state's master key (32 hex).
+        """:func:`~safehold.broker.shares.master_fingerprint` of this state's master key (32 hex).
 
         Raises:
             SealingError: in recovery mode.
@@ -492,20 +414,7 @@ class BrokerState:
         """
         self._need_ready()
         assert self._master is not None
-        if not keys:
-            raise ValueError("recovery needs at least one key")
-        names = sorted(keys)
-        if threshold == 1 or len(names) == 1:
-            shares = [bytes([0]) + self._master for _ in names]
-        else:
-            shares = [bytes([1]) + bytes(p) for p in pyshamir.split(self._master, len(names), threshold)]
-        out: dict[str, str] = {}
-        for name, share in zip(names, shares, strict=True):
-            jwk = RSAKey.import_key(keys[name].encode())
-            payload = json.dumps({"share": _b64(share), "key": name, "threshold": threshold}).encode()
-            out[name] = jwe.encrypt_compact(dict(_SHARE_ALG), payload, jwk,
-                                            algorithms=list(_SHARE_ALG.values()))
-        return json.dumps({"threshold": threshold, "shares": out}).encode()
+        return recovery_record(self._master, keys, threshold)
 
     def recovery_data(self) -> dict[str, Any]:
         """The stored recovery record ``{"threshold": k, "shares": {name: JWE}}``.
@@ -530,7 +439,8 @@ class BrokerState:
 
         Args:
             shares: share bytes as decrypted from the recovery JWEs (``"share"`` field).
-            expect_fingerprint: the :func:`master_fingerprint` recorded at first start (32 hex).
+            expect_fingerprint: the :func:`~safehold.broker.shares.master_fingerprint` recorded
+                at first start (32 hex).
 
         Raises:
             RecoveryError: fewer than k shares, malformed shares, a combined key whose
@@ -563,21 +473,3 @@ class BrokerState:
                            expected_version=cur.version if cur else 0)
             self._activate(master)
 
-
-def decrypt_share(jwe_compact: str, private_key_pem: bytes) -> bytes:
-    """Decrypt one recovery share JWE with a recovery private key (PEM, unencrypted).
-
-    Returns:
-        The share bytes to hand to :meth:`BrokerState.recover`.
-
-    Raises:
-        RecoveryError: the key cannot be loaded or does not decrypt this share.
-    """
-    try:
-        serialization.load_pem_private_key(private_key_pem, password=None)
-        key = RSAKey.import_key(private_key_pem)
-        obj = jwe.decrypt_compact(jwe_compact, key, algorithms=[_SHARE_ALG["alg"], _SHARE_ALG["enc"]])
-        payload = json.loads(obj.plaintext or b"")
-        return _unb64(payload["share"])
-    except (JoseError, ValueError, KeyError, TypeError) as e:
-        raise RecoveryError(f"recovery share does not decrypt with this key ({type(e).__name__})") from None

@@ -73,8 +73,8 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
     """Start the broker (unseals its master key; recovery mode if that fails)."""
     import logging
 
+    from safehold.broker.core import BrokerConfig
     from safehold.broker.server import open_broker, serve
-    from safehold.broker.service import BrokerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     b = open_broker(data_dir, store_url, manifest_path=manifest_path,
@@ -116,10 +116,10 @@ def _load(path: str) -> Any:
 def manifest_check(path: str) -> None:
     """Validate a manifest file, load every workload's appraisal policy (as `serve` does, so a
     `simulated_root` that cannot be read fails here) and print its digest."""
-    from safehold.broker.service import Broker
+    from safehold.broker.installed import build_verifiers
 
     m = _load(path)
-    Broker._build_verifiers(m)
+    build_verifiers(m)
     click.echo(json.dumps({"ok": True, "digest": m.digest, "workloads": sorted(m.workloads),
                            "secrets": sorted(m.secrets)}))
 
@@ -255,8 +255,8 @@ def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: 
                  token: str | None) -> None:
     """Check the chain and every signature; name the first broken entry (exit 1)."""
     if data_dir:
+        from safehold.broker.errors import StateIntegrityError
         from safehold.broker.server import open_broker
-        from safehold.broker.state import StateIntegrityError
 
         try:
             b = open_broker(data_dir, store_url, repair=False)
@@ -312,7 +312,12 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insec
     from joserfc.jwk import ECKey
 
     from safehold.broker import protocol
-    from safehold.broker.state import combine_shares, decrypt_share, master_fingerprint, normalize_fingerprint
+    from safehold.broker.shares import (
+        combine_shares,
+        decrypt_share,
+        master_fingerprint,
+        normalize_fingerprint,
+    )
 
     if not policy and not insecure_no_attestation:
         raise click.UsageError("give --policy for the broker's Evidence (or --insecure-no-attestation)")
@@ -341,7 +346,7 @@ def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insec
             from safehold.attestation.policy import AppraisalPolicy
             from safehold.attestation.verifier import Verifier
 
-            rd = hashlib.sha256(protocol.canonical_json(broker_jwk)).digest().ljust(64, b"\x00")
+            rd = protocol.recovery_report_data(broker_jwk)
             Verifier(AppraisalPolicy.from_toml(Path(policy))).appraise(
                 Evidence.from_cmw(info["evidence"]), expected_report_data=rd)
         bkey = ECKey.import_key(broker_jwk)

@@ -20,8 +20,8 @@ report_data and every secret comes back as a JWE only this key can open. Protoco
 
 from __future__ import annotations
 
-import base64
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -31,6 +31,7 @@ from joserfc.jwk import ECKey
 
 from safehold.attestation.attesters.base import Attester
 from safehold.broker import protocol
+from safehold.crypto.keyset import Keyset
 from safehold.errors import BrokerError
 
 
@@ -41,10 +42,6 @@ class BrokerRefused(BrokerError):
         self.status = status
         self.detail = detail
         super().__init__(f"broker refused ({status}): {detail}")
-
-
-def _b64(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
 
 
 class BrokerClient:
@@ -125,14 +122,12 @@ class BrokerClient:
         if new_key:
             self._key = ec.generate_private_key(self._key.curve)
             self._jwk = ECKey.import_key(self._key)
-        extra = {"workload": self.workload} if self.workload else {}
-        r = self._request("POST", "/kbs/v0/auth", json={
-            "version": protocol.PROTOCOL_VERSION, "tee": self.attester.tee_type, "extra-params": extra})
+        r = self._request("POST", "/kbs/v0/auth",
+                          json=protocol.auth_request(self.attester.tee_type, self.workload))
         nonce = r.json()["nonce"]
         jwk = self.tee_pubkey
         evidence = self.attester.attest(protocol.report_data(nonce, jwk))
-        r = self._request("POST", "/kbs/v0/attest",
-                          json={"tee-pubkey": jwk, "tee-evidence": evidence.to_cmw()})
+        r = self._request("POST", "/kbs/v0/attest", json=protocol.attestation(jwk, evidence.to_cmw()))
         self.token = r.json()["token"]
         return self.token
 
@@ -161,17 +156,19 @@ class BrokerClient:
             r = self._request("GET", p)
         return protocol.decrypt_response(r.json(), self._jwk)
 
-    def get_keyset(self, name: str, *, repository: str = "default") -> Any:
-        """Fetch a ``keyset`` secret as a :class:`~safehold.crypto.keyset.Keyset`."""
-        from safehold.broker.service import keyset_from_json
+    def get_keyset(self, name: str, *, repository: str = "default") -> Keyset:
+        """Fetch a ``keyset`` secret as a :class:`~safehold.crypto.keyset.Keyset`.
 
-        return keyset_from_json(self.get_resource(f"{repository}/keyset/{name}"))
+        Raises:
+            BrokerRefused: as :meth:`get_resource`. BrokerError: the resource is malformed.
+        """
+        return protocol.keyset_from_json(self.get_resource(f"{repository}/keyset/{name}"))
 
     def get_value(self, name: str, *, repository: str = "default") -> bytes:
         """Fetch an operator-supplied ``value`` secret."""
         return self.get_resource(f"{repository}/value/{name}")
 
-    def get_certificate(self, name: str, *, extensions: list[tuple[str, bytes]] = ()) -> tuple[str, str]:
+    def get_certificate(self, name: str, *, extensions: Sequence[tuple[str, bytes]] = ()) -> tuple[str, str]:
         """Obtain the certificate secret ``name`` for this client's TEE key.
 
         Args:
@@ -182,7 +179,7 @@ class BrokerClient:
         Returns:
             ``(leaf certificate PEM, CA certificate PEM)``.
         """
-        body = {"extensions": [{"oid": oid, "value": _b64(v)} for oid, v in extensions]}
+        body = protocol.certificate_request(extensions)
         r = self._request("POST", f"/kbs/v0/certificate/{name}", json=body)
         obj = r.json()
         return obj["certificate"], obj["ca"]
