@@ -484,7 +484,7 @@ def _start_expect_refusal(stack, tmp_path, name, env_extra, config=None):
     env = records_env(stack, port=port, scone_port=sport, ready=ready.name, store_url=f"sqlite:///{db}")
     env.update(env_extra)
     log = tmp_path / f"{name}.log"
-    cmd = [sys.executable, "-m", "safehold.records.service",
+    cmd = [sys.executable, "-m", "safehold.records.server",
            "--config", str(config or stack.path("records.toml"))]
     opened = []
     with log.open("wb") as lf:
@@ -594,7 +594,7 @@ def test_config_load_rules(tmp_path):
     from dataclasses import fields
 
     from safehold.errors import ConfigError
-    from safehold.records.service import MEASURED_SETTINGS, RUNTIME_SETTINGS, ServiceConfig
+    from safehold.records.config import MEASURED_SETTINGS, RUNTIME_SETTINGS, ServiceConfig
 
     assert {f.name for f in fields(ServiceConfig)} == MEASURED_SETTINGS | RUNTIME_SETTINGS
     assert not MEASURED_SETTINGS & RUNTIME_SETTINGS

@@ -221,7 +221,7 @@ def _sha(t: str) -> str:
 
 def records_config(tok: dict[str, str], *, encryption: bool = True, scone_auth: str = "none",
                    host: str = "127.0.0.1", broker_ca_sha256: str = "") -> dict[str, Any]:
-    """The measured records configuration (see :class:`safehold.records.service.ServiceConfig`).
+    """The measured records configuration (see :class:`safehold.records.config.ServiceConfig`).
 
     ``broker_ca_sha256`` (hex SHA-256 of the broker CA's DER) may be left empty:
     :func:`prepare` fills in the pin of the data directory's broker.
@@ -524,7 +524,7 @@ def records_env(s: Stack, config: str = "records.toml", *, port: int | None = No
 
 def records_cmd(s: Stack, config: str = "records.toml") -> list[str]:
     """Command line of a records service process."""
-    return [sys.executable, "-m", "safehold.records.service", "--config", str(s.path(config))]
+    return [sys.executable, "-m", "safehold.records.server", "--config", str(s.path(config))]
 
 
 def _wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> None:
