@@ -11,7 +11,7 @@ import pytest
 
 from safehold.crypto.keyset import Keyset
 from safehold.errors import AuditChainError, RecordNotFoundError, RecordTamperedError
-from safehold.records.access_audit import AccessAuditLog as AuditLog
+from safehold.records.access_audit import AccessAuditLog
 from safehold.records.commit import GroupCommit
 from safehold.records.model import InvalidRecordError, encode_record, parse_batch, parse_record
 from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
@@ -25,7 +25,7 @@ def repo(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
     committer = GroupCommit(store)
     r = PatientRepository(store, Keyset.generate(), committer=committer,
-                          audit=AuditLog(store, committer, mac_key=b"k" * 32))
+                          audit=AccessAuditLog(store, committer, mac_key=b"k" * 32))
     r.db_path = tmp_path / "r.db"
     yield r
     store.close()
@@ -200,7 +200,7 @@ def test_two_replicas_append_to_one_audit_chain(tmp_path):
     """Two service replicas (separate store connections) share one chain without forking it."""
     url = f"sqlite:///{tmp_path / 'a.db'}"
     s1, s2 = open_store(url), open_store(url)
-    a1, a2 = AuditLog(s1, mac_key=b"m" * 32), AuditLog(s2, mac_key=b"m" * 32)
+    a1, a2 = AccessAuditLog(s1, mac_key=b"m" * 32), AccessAuditLog(s2, mac_key=b"m" * 32)
     errors = []
 
     def run(log, name):
@@ -217,9 +217,9 @@ def test_two_replicas_append_to_one_audit_chain(tmp_path):
     for t in ts:
         t.join()
     assert errors == []
-    assert a1.verify() == 160 == AuditLog(s1, mac_key=b"m" * 32).verify()
+    assert a1.verify() == 160 == AccessAuditLog(s1, mac_key=b"m" * 32).verify()
     with pytest.raises(AuditChainError, match="MAC"):
-        AuditLog(s1, mac_key=b"x" * 32).verify()
+        AccessAuditLog(s1, mac_key=b"x" * 32).verify()
     s1.close()
     s2.close()
 
@@ -275,14 +275,14 @@ def test_audit_tail_cut_is_detected_by_the_authenticated_head(tmp_path):
     appends fail closed until an admin reseals, and the reseal entry records the problem."""
     db = tmp_path / "a.db"
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     for i in range(10):
         log.append("u", "put", bytes([i]) * 16, "ok")
     assert log.verify() == 10 and log.check_head() == 10
     store.close()
     _delete_audit_tail(db, 3)  # "while stopped": the file alone, then a fresh process state
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     cut = "audit log truncated: the authenticated head names entry 9 .* as the last one"
     with pytest.raises(AuditChainError, match=cut):
         log.check_head()
@@ -292,19 +292,19 @@ def test_audit_tail_cut_is_detected_by_the_authenticated_head(tmp_path):
         log.append("u", "get", None, "ok")
     assert len(_audit_rows(db)) == 7
     with pytest.raises(AuditChainError, match="MAC"):  # only the key holder may reseal
-        AuditLog(store, mac_key=b"x" * 32).reseal("admin")
+        AccessAuditLog(store, mac_key=b"x" * 32).reseal("admin")
     entry = log.reseal("admin")
     assert entry.seq == 7 and entry.body["op"] == "audit-reseal"
     assert "entry 9" in entry.body["outcome"] and "truncated" in entry.body["outcome"]
     log.append("u", "get", None, "ok")
-    assert log.verify() == 9 == AuditLog(store, mac_key=b"m" * 32).verify()
+    assert log.verify() == 9 == AccessAuditLog(store, mac_key=b"m" * 32).verify()
     store.close()
 
 
 def test_audit_head_deleted_or_forged_is_refused(tmp_path):
     db = tmp_path / "h.db"
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     for _ in range(3):
         log.append("u", "get", None, "ok")
     conn = sqlite3.connect(db)
@@ -315,11 +315,11 @@ def test_audit_head_deleted_or_forged_is_refused(tmp_path):
     conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = 'records.audit.head'", (forged,))
     conn.commit()
     with pytest.raises(AuditChainError, match="audit head: MAC missing or wrong"):
-        AuditLog(store, mac_key=b"m" * 32).verify()
+        AccessAuditLog(store, mac_key=b"m" * 32).verify()
     conn.execute(f"DELETE FROM {T} WHERE namespace = 'records.audit.head'")
     conn.commit()
     conn.close()
-    fresh = AuditLog(store, mac_key=b"m" * 32)
+    fresh = AccessAuditLog(store, mac_key=b"m" * 32)
     with pytest.raises(AuditChainError, match="audit head missing"):
         fresh.verify()
     with pytest.raises(AuditChainError, match="audit head missing"):
@@ -350,10 +350,10 @@ def test_corrupt_index_pages_fail_fast_never_spin(tmp_path):
     (``after = last key``) could go round forever; now the store says corrupt at once."""
     db = tmp_path / "c.db"
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     with store.transaction():
         for i in range(1500):
-            log.stage(AuditLog.body("u", "get", bytes([i % 256]) * 16, "ok"))
+            log.stage(AccessAuditLog.body("u", "get", bytes([i % 256]) * 16, "ok"))
     store.close()
     _duplicate_leaf_page(db, b"records.audit")
     conn = sqlite3.connect(db)
@@ -365,7 +365,7 @@ def test_corrupt_index_pages_fail_fast_never_spin(tmp_path):
 
     def run():
         try:
-            out.append(AuditLog(store, mac_key=b"m" * 32).verify())
+            out.append(AccessAuditLog(store, mac_key=b"m" * 32).verify())
         except Exception as e:  # noqa: BLE001 - inspected below
             out.append(e)
 
@@ -425,7 +425,7 @@ def test_group_commit_runs_units_on_one_thread_and_hands_back_errors(tmp_path):
     """Concurrent writers' units run on the one committer thread (one connection); a failing
     unit's caller gets its exception, the others' writes are durable and the chain verifies."""
     store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     ran_on: set[str] = set()
     errors: list[BaseException] = []
 
@@ -436,7 +436,7 @@ def test_group_commit_runs_units_on_one_thread_and_hands_back_errors(tmp_path):
                 store.put("t", bytes([i]) * 16, b"x", expected_version=0)
                 raise ValueError(f"unit {i} fails")  # its row must be rolled back alone
             store.put("t", bytes([i]) * 16, b"x", expected_version=0)
-            log.stage(AuditLog.body("u", "put", bytes([i]) * 16, "ok"))
+            log.stage(AccessAuditLog.body("u", "put", bytes([i]) * 16, "ok"))
             return i
         return u
 
@@ -474,9 +474,9 @@ def test_the_repository_refuses_collaborators_on_another_store(tmp_path):
         with pytest.raises(ValueError, match="another store"):
             PatientRepository(a, ks, committer=GroupCommit(b), audit=None)
         with pytest.raises(ValueError, match="share the repository's committer"):
-            PatientRepository(a, ks, committer=ca, audit=AuditLog(a, GroupCommit(a)))
+            PatientRepository(a, ks, committer=ca, audit=AccessAuditLog(a, GroupCommit(a)))
         with pytest.raises(ValueError, match="another store"):
-            AuditLog(a, GroupCommit(b))
+            AccessAuditLog(a, GroupCommit(b))
     finally:
         a.close()
         b.close()
