@@ -265,7 +265,7 @@ def main() -> None:
     sys.path.insert(0, str(tmp / "pkg"))
     for m in [m for m in sys.modules if m == "safehold" or m.startswith("safehold.")]:
         del sys.modules[m]
-    from safehold.cli.up import (
+    from safehold.devstack import (
         prepare,
         records_cmd,
         records_config,

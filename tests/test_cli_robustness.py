@@ -26,16 +26,15 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import free_port
-from safehold.cli.patients import (
-    ImportCheckpoint,
+from safehold.client.connection import (
     ServiceUnreachableError,
-    _file_digest,
-    cli_warnings,
     load_connection,
     service_errors,
+    simulated_tee_notice,
     transport_reason,
 )
-from safehold.cli.up import main_records_config, records_config
+from safehold.client.importer import ImportCheckpoint, file_digest
+from safehold.devstack import main_records_config, records_config
 from safehold.errors import ConfigError
 from safehold.records.importers import ImportItem, ImportProblem, iter_bytes
 from test_up_cli import SAMPLE, _wait_up, cli, snapshot_env
@@ -250,7 +249,7 @@ def test_transport_reasons_and_the_one_mapping():
 def test_simulated_tee_warning_is_one_line_once(capsys):
     from safehold.attestation.policy import SimulatedTEEWarning
 
-    with cli_warnings():
+    with simulated_tee_notice():
         for _ in range(3):
             warnings.warn("accepting SIMULATED TEE Evidence: test", SimulatedTEEWarning, stacklevel=1)
     err = capsys.readouterr().err
@@ -277,7 +276,7 @@ def test_stale_checkpoint_is_detected_and_the_file_starts_over(env, stack, tmp_p
     d = _d(stack)
     f = big_csv(tmp_path / "patients.csv", 150, prefix="stale")
     ck = ImportCheckpoint(stack["data"] / "import-state.json", load_connection(stack["data"]).target)
-    ck.set(_file_digest(f), 100, "stale-000099", f.name)  # claims 100 rows done; none are there
+    ck.set(file_digest(f), 100, "stale-000099", f.name)  # claims 100 rows done; none are there
     r = cli(env, "patients", "import", str(f), *d)
     assert "imported 150, skipped 0, failed 0" in r.stdout
     assert "importing the file from the start" in r.stderr

@@ -12,13 +12,10 @@ from safehold.records.importers import (
     ImportFormatError,
     ImportItem,
     ImportProblem,
-    InvalidRecordError,
-    check_record_id,
     iter_bytes,
     iter_file,
-    normalise,
-    search_terms,
 )
+from safehold.records.model import InvalidRecordError, check_record_id, normalise, parse_record, search_terms
 
 CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
 BUNDLES = DATA / "synthea-fhir-r4-bundles-google-fhir-data-pipes"
@@ -168,10 +165,8 @@ def test_nan_and_infinity_are_not_json(const):
     out = list(iter_bytes(nd, name="f.ndjson"))
     assert [x.id for x in items(out)] == ["ok1"]
     assert isinstance(out[1], ImportProblem) and not out[1].skipped and "RFC 8259" in out[1].reason
-    from safehold.records.importers import check_record
-
     with pytest.raises(InvalidRecordError, match="non-finite number"):
-        check_record({"x": float(const.replace("Infinity", "inf"))})
+        parse_record("n3", {"x": float(const.replace("Infinity", "inf"))})
 
 
 def test_scone_record_terms():

@@ -1,6 +1,6 @@
 """The encryption proxy in front of Safehold's native records API (FHIR R4 Patient resources).
 
-The upstream is the real ``safehold.records.api`` app over the real encrypted record engine and
+The upstream is the real ``safehold.records.http`` app over the real encrypted record engine and
 a SQLite file, in its own process on a loopback port, started directly under uvicorn on plain
 HTTP (the service runner's broker bootstrap and RA-TLS are covered by test_records_service.py).
 A subclass of the real repository logs every record exactly as the service received it, so the
@@ -21,24 +21,27 @@ UPSTREAM = r'''
 import hashlib, json, sys
 import uvicorn
 from safehold.crypto.keyset import Keyset
-from safehold.records.api import AccessList, create_native_app
-from safehold.records.app import EngineKV, PatientRepository
-from safehold.records.audit import AuditLog
-from safehold.records.engine import RecordEngine
+from safehold.records.access import AccessList
+from safehold.records.access_audit import AccessAuditLog
+from safehold.records.commit import GroupCommit
+from safehold.records.http import create_native_app
+from safehold.records.repository import PatientRepository
 from safehold.store import open_store
 
 port, db, seen, token = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 
 
 class Recording(PatientRepository):
-    def put(self, who, rid, record, *args, **kwargs):
+    def put(self, who, record, *args, **kwargs):
         with open(seen, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": rid, "record": record}, ensure_ascii=False) + "\n")
-        return super().put(who, rid, record, *args, **kwargs)
+            f.write(json.dumps({"id": record.id, "record": record.data}, ensure_ascii=False) + "\n")
+        return super().put(who, record, *args, **kwargs)
 
 
 store = open_store(f"sqlite:///{db}")
-repo = Recording(EngineKV(RecordEngine(store, Keyset.generate())), AuditLog(store, mac_key=b"k" * 32))
+committer = GroupCommit(store)
+repo = Recording(store, Keyset.generate(), committer=committer,
+                 audit=AccessAuditLog(store, committer, mac_key=b"k" * 32))
 digest = hashlib.sha256(token.encode()).hexdigest()
 acl = AccessList.from_json({"tokens": {digest: {"name": "alice", "role": "admin"}}})
 uvicorn.run(create_native_app(repo, acl), host="127.0.0.1", port=port, log_level="warning")

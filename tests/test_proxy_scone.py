@@ -1,6 +1,6 @@
 """The encryption proxy in front of Safehold's own records service, SCONE demo API.
 
-The upstream is the real ``safehold.records.scone`` app over the real encrypted record engine
+The upstream is the real ``safehold.records.scone_http`` app over the real encrypted record engine
 and a SQLite file, started as its own process on a loopback port — but directly under uvicorn
 on plain HTTP, without the broker bootstrap and RA-TLS that the service runner adds (those are
 covered by test_records_service.py). The SCONE app keeps only its 13 form fields, so the proxy's
@@ -20,10 +20,10 @@ import json
 import sys
 import uvicorn
 from safehold.crypto.keyset import Keyset
-from safehold.records.app import EngineKV, PatientRepository
-from safehold.records.audit import AuditLog
-from safehold.records.engine import RecordEngine
-from safehold.records.scone import create_scone_app
+from safehold.records.access_audit import AccessAuditLog
+from safehold.records.commit import GroupCommit
+from safehold.records.repository import PatientRepository
+from safehold.records.scone_http import create_scone_app
 from safehold.store import open_store
 
 port, db, seen = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -32,14 +32,16 @@ port, db, seen = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 class Recording(PatientRepository):
     """The real repository, plus a log of every record exactly as the service received it."""
 
-    def put(self, who, rid, record, *args, **kwargs):
+    def put(self, who, record, *args, **kwargs):
         with open(seen, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": rid, "record": dict(record)}, ensure_ascii=False) + "\n")
-        return super().put(who, rid, record, *args, **kwargs)
+            f.write(json.dumps({"id": record.id, "record": dict(record.data)}, ensure_ascii=False) + "\n")
+        return super().put(who, record, *args, **kwargs)
 
 
 store = open_store(f"sqlite:///{db}")
-repo = Recording(EngineKV(RecordEngine(store, Keyset.generate())), AuditLog(store, mac_key=b"k" * 32))
+committer = GroupCommit(store)
+repo = Recording(store, Keyset.generate(), committer=committer,
+                 audit=AccessAuditLog(store, committer, mac_key=b"k" * 32))
 uvicorn.run(create_scone_app(repo), host="127.0.0.1", port=port, log_level="warning")
 '''
 

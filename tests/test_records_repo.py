@@ -11,16 +11,11 @@ import pytest
 
 from safehold.crypto.keyset import Keyset
 from safehold.errors import AuditChainError, RecordNotFoundError, RecordTamperedError
-from safehold.records.app import (
-    AlreadyExists,
-    EngineKV,
-    PatientRepository,
-    PreconditionFailed,
-    score,
-)
-from safehold.records.audit import AuditLog
-from safehold.records.engine import RecordEngine
-from safehold.records.importers import InvalidRecordError
+from safehold.records.access_audit import AccessAuditLog
+from safehold.records.commit import GroupCommit
+from safehold.records.model import InvalidRecordError, encode_record, parse_batch, parse_record
+from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
+from safehold.records.scone import score
 from safehold.store import open_store
 from safehold.store.migrations import ROWS_TABLE as T
 
@@ -28,12 +23,17 @@ from safehold.store.migrations import ROWS_TABLE as T
 @pytest.fixture
 def repo(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
-    ks = Keyset.generate()
-    eng = RecordEngine(store, ks)
-    r = PatientRepository(EngineKV(eng), AuditLog(store, mac_key=b"k" * 32))
+    committer = GroupCommit(store)
+    r = PatientRepository(store, Keyset.generate(), committer=committer,
+                          audit=AccessAuditLog(store, committer, mac_key=b"k" * 32))
     r.db_path = tmp_path / "r.db"
     yield r
     store.close()
+
+
+def put(repo, who, rid, record, **kw):
+    """A write as every edge makes it: the record rules once, then the repository."""
+    return repo.put(who, parse_record(rid, record), **kw)
 
 
 def pat(rid, family, given="Ann", bd="1970-01-01"):
@@ -42,19 +42,19 @@ def pat(rid, family, given="Ann", bd="1970-01-01"):
 
 
 def test_put_get_search_delete(repo):
-    assert repo.put("u", "a1", pat("a1", "Smith")).status == "created"
-    repo.put("u", "a2", pat("a2", "Smith", bd="1980-02-02"))
-    repo.put("u", "a3", pat("a3", "Jones"))
+    assert put(repo, "u", "a1", pat("a1", "Smith")).status == "created"
+    put(repo, "u", "a2", pat("a2", "Smith", bd="1980-02-02"))
+    put(repo, "u", "a3", pat("a3", "Jones"))
     rec, v = repo.get("u", "a1")
     assert rec == pat("a1", "Smith") and v == 1
     assert [i for i, _ in repo.search("u", {"family": "SMITH"})] == ["a1", "a2"]
     assert [i for i, _ in repo.search("u", {"family": "smith", "birthDate": "1980-02-02"})] == ["a2"]
     assert repo.search("u", {"family": "nobody"}) == []
     # rename: the old term stops matching
-    assert repo.put("u", "a1", pat("a1", "Brown")).status == "updated"
+    assert put(repo, "u", "a1", pat("a1", "Brown")).status == "updated"
     assert [i for i, _ in repo.search("u", {"family": "smith"})] == ["a2"]
     assert [i for i, _ in repo.search("u", {"family": "brown"})] == ["a1"]
-    assert repo.put("u", "a1", pat("a1", "Brown"), skip_identical=True).status == "unchanged"
+    assert put(repo, "u", "a1", pat("a1", "Brown"), skip_identical=True).status == "unchanged"
     repo.delete("u", "a1")
     with pytest.raises(RecordNotFoundError):
         repo.get("u", "a1")
@@ -63,7 +63,7 @@ def test_put_get_search_delete(repo):
         repo.search("u", {"address": "x"})
     with pytest.raises(InvalidRecordError, match="gender only narrows"):
         repo.search("u", {"gender": "female"})
-    repo.put("u", "m1", {**pat("m1", "Smith"), "gender": "male",
+    put(repo, "u", "m1", {**pat("m1", "Smith"), "gender": "male",
                          "identifier": [{"system": "urn:x", "value": "ID-9"}]})
     assert [i for i, _ in repo.search("u", {"family": "smith", "gender": "male"})] == ["m1"]
     assert [i for i, _ in repo.search("u", {"identifier": "urn:x|ID-9"})] == ["m1"]
@@ -71,25 +71,25 @@ def test_put_get_search_delete(repo):
     assert repo.search("u", {"identifier": "urn:other|ID-9"}) == []
     repo.delete("u", "m1")
     with pytest.raises(InvalidRecordError):
-        repo.put("u", "bad id", {})
+        put(repo, "u", "bad id", {})
     ids, nxt = repo.list_ids("u", cursor=None, limit=1)
     ids2, nxt2 = repo.list_ids("u", cursor=nxt, limit=10)
     assert sorted(ids + ids2) == ["a2", "a3"] and nxt2 is None
 
 
 def test_versions_and_create_only(repo):
-    repo.put("u", "x", {"a": 1})
-    with pytest.raises(AlreadyExists):
-        repo.put("u", "x", {"a": 2}, create_only=True)
-    with pytest.raises(PreconditionFailed):
-        repo.put("u", "x", {"a": 2}, expected_version=5)
-    assert repo.put("u", "x", {"a": 2}, expected_version=1).version == 2
-    assert score({"a": 2}) == score({"a": 2}) != score({"a": 3})
-    assert 0 <= score({"a": 2}) < 1
+    put(repo, "u", "x", {"a": 1})
+    with pytest.raises(AlreadyExistsError):
+        put(repo, "u", "x", {"a": 2}, create_only=True)
+    with pytest.raises(PreconditionFailedError):
+        put(repo, "u", "x", {"a": 2}, expected_version=5)
+    assert put(repo, "u", "x", {"a": 2}, expected_version=1).version == 2
+    assert score(encode_record({"a": 2})) == score(encode_record({"a": 2})) != score(encode_record({"a": 3}))
+    assert 0 <= score(encode_record({"a": 2})) < 1
 
 
 def test_database_holds_no_plaintext(repo):
-    repo.put("u", "patient-7f3a", {"fname": "Zebulon", "lname": "Quixotic", "ssn": "999-12-3456"})
+    put(repo, "u", "patient-7f3a", {"fname": "Zebulon", "lname": "Quixotic", "ssn": "999-12-3456"})
     raw = repo.db_path.read_bytes() + (repo.db_path.parent / "r.db-wal").read_bytes()
     for s in (b"Zebulon", b"zebulon", b"Quixotic", b"quixotic", b"999-12-3456", b"patient-7f3a"):
         assert s not in raw
@@ -97,9 +97,9 @@ def test_database_holds_no_plaintext(repo):
 
 def test_tampered_row_fails_alone_and_audit_chain(repo):
     for i in range(3):
-        repo.put("u", f"p{i}", pat(f"p{i}", "Same"))
+        put(repo, "u", f"p{i}", pat(f"p{i}", "Same"))
     conn = sqlite3.connect(repo.db_path)
-    bi = repo.kv.blind_index("patients", "p1")
+    bi = repo.blind_index("p1")
     (val,) = conn.execute(f"SELECT value FROM {T} WHERE key = ?", (bi,)).fetchone()
     val = bytearray(val)
     val[-3] ^= 1
@@ -129,21 +129,21 @@ def test_tampered_row_fails_alone_and_audit_chain(repo):
 
 
 def test_concurrent_writers_lose_no_update(repo):
-    repo.put("u", "shared", {"writers": []})
+    put(repo, "u", "shared", {"writers": []})
     errors = []
 
     def writer(n):
         try:
             # each writer adds itself to one shared record (read-modify-write with CAS) and
             # creates its own record under a shared family name (contended search entry)
-            repo.put(f"w{n}", f"own{n}", pat(f"own{n}", "Crowd"))
+            put(repo, f"w{n}", f"own{n}", pat(f"own{n}", "Crowd"))
             for _ in range(200):
                 rec, v = repo.get(f"w{n}", "shared")
                 rec["writers"].append(n)
                 try:
-                    repo.put(f"w{n}", "shared", rec, expected_version=v)
+                    put(repo, f"w{n}", "shared", rec, expected_version=v)
                     return
-                except PreconditionFailed:
+                except PreconditionFailedError:
                     continue
             errors.append(n)
         except Exception as e:  # noqa: BLE001
@@ -163,7 +163,7 @@ def test_concurrent_writers_lose_no_update(repo):
 
 def test_postings_tamper_copy_and_rekey(repo):
     for i in range(30):  # ids long enough not to turn up in random ciphertext by chance
-        repo.put("u", f"hid-{i:04d}-posting", pat(f"hid-{i:04d}-posting", "Common", given=f"G{i}"))
+        put(repo, "u", f"hid-{i:04d}-posting", pat(f"hid-{i:04d}-posting", "Common", given=f"G{i}"))
     assert len(repo.search("u", {"family": "common"})) == 30
     idx = repo.index
     conn = sqlite3.connect(repo.db_path)
@@ -200,7 +200,7 @@ def test_two_replicas_append_to_one_audit_chain(tmp_path):
     """Two service replicas (separate store connections) share one chain without forking it."""
     url = f"sqlite:///{tmp_path / 'a.db'}"
     s1, s2 = open_store(url), open_store(url)
-    a1, a2 = AuditLog(s1, mac_key=b"m" * 32), AuditLog(s2, mac_key=b"m" * 32)
+    a1, a2 = AccessAuditLog(s1, mac_key=b"m" * 32), AccessAuditLog(s2, mac_key=b"m" * 32)
     errors = []
 
     def run(log, name):
@@ -217,9 +217,9 @@ def test_two_replicas_append_to_one_audit_chain(tmp_path):
     for t in ts:
         t.join()
     assert errors == []
-    assert a1.verify() == 160 == AuditLog(s1, mac_key=b"m" * 32).verify()
+    assert a1.verify() == 160 == AccessAuditLog(s1, mac_key=b"m" * 32).verify()
     with pytest.raises(AuditChainError, match="MAC"):
-        AuditLog(s1, mac_key=b"x" * 32).verify()
+        AccessAuditLog(s1, mac_key=b"x" * 32).verify()
     s1.close()
     s2.close()
 
@@ -235,7 +235,7 @@ def test_batch_with_a_malformed_item_writes_nothing(repo, bad, what):
     half batch); the audit chain does not grow."""
     entries = repo.audit.verify()
     with pytest.raises(InvalidRecordError, match=what):
-        repo.batch("u", [("a", pat("a", "Smith")), bad, ("c", pat("c", "Jones"))])
+        repo.batch("u", parse_batch([("a", pat("a", "Smith")), bad, ("c", pat("c", "Jones"))]))
     for rid in ("a", "c"):
         with pytest.raises(RecordNotFoundError):
             repo.get("u", rid)
@@ -243,14 +243,14 @@ def test_batch_with_a_malformed_item_writes_nothing(repo, bad, what):
 
 
 def test_batch_per_item_results(repo):
-    repo.put("u", "same", pat("same", "Smith"))
-    res = repo.batch("u", [("new", pat("new", "Jones")), ("bad id", {"x": 1}),
-                           ("same", pat("same", "Smith")), ("big", {"x": "y" * (1 << 20)})])
+    put(repo, "u", "same", pat("same", "Smith"))
+    res = repo.batch("u", parse_batch([("new", pat("new", "Jones")), ("bad id", {"x": 1}),
+                                       ("same", pat("same", "Smith")), ("big", {"x": "y" * (1 << 20)})]))
     assert [r["status"] for r in res] == ["created", "failed", "unchanged", "failed"]
     assert "record id" in res[1]["error"] and "over the limit" in res[3]["error"]
     assert repo.get("u", "new")[0] == pat("new", "Jones")
     with pytest.raises(InvalidRecordError, match="record must be a JSON object, got NoneType"):
-        repo.put("u", "n", None)  # type: ignore[arg-type]  # direct put: same refusal
+        parse_record("n", None)  # a direct write: the same rule
 
 
 def _audit_rows(path):
@@ -275,14 +275,14 @@ def test_audit_tail_cut_is_detected_by_the_authenticated_head(tmp_path):
     appends fail closed until an admin reseals, and the reseal entry records the problem."""
     db = tmp_path / "a.db"
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     for i in range(10):
         log.append("u", "put", bytes([i]) * 16, "ok")
     assert log.verify() == 10 and log.check_head() == 10
     store.close()
     _delete_audit_tail(db, 3)  # "while stopped": the file alone, then a fresh process state
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     cut = "audit log truncated: the authenticated head names entry 9 .* as the last one"
     with pytest.raises(AuditChainError, match=cut):
         log.check_head()
@@ -292,19 +292,19 @@ def test_audit_tail_cut_is_detected_by_the_authenticated_head(tmp_path):
         log.append("u", "get", None, "ok")
     assert len(_audit_rows(db)) == 7
     with pytest.raises(AuditChainError, match="MAC"):  # only the key holder may reseal
-        AuditLog(store, mac_key=b"x" * 32).reseal("admin")
+        AccessAuditLog(store, mac_key=b"x" * 32).reseal("admin")
     entry = log.reseal("admin")
     assert entry.seq == 7 and entry.body["op"] == "audit-reseal"
     assert "entry 9" in entry.body["outcome"] and "truncated" in entry.body["outcome"]
     log.append("u", "get", None, "ok")
-    assert log.verify() == 9 == AuditLog(store, mac_key=b"m" * 32).verify()
+    assert log.verify() == 9 == AccessAuditLog(store, mac_key=b"m" * 32).verify()
     store.close()
 
 
 def test_audit_head_deleted_or_forged_is_refused(tmp_path):
     db = tmp_path / "h.db"
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     for _ in range(3):
         log.append("u", "get", None, "ok")
     conn = sqlite3.connect(db)
@@ -315,11 +315,11 @@ def test_audit_head_deleted_or_forged_is_refused(tmp_path):
     conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = 'records.audit.head'", (forged,))
     conn.commit()
     with pytest.raises(AuditChainError, match="audit head: MAC missing or wrong"):
-        AuditLog(store, mac_key=b"m" * 32).verify()
+        AccessAuditLog(store, mac_key=b"m" * 32).verify()
     conn.execute(f"DELETE FROM {T} WHERE namespace = 'records.audit.head'")
     conn.commit()
     conn.close()
-    fresh = AuditLog(store, mac_key=b"m" * 32)
+    fresh = AccessAuditLog(store, mac_key=b"m" * 32)
     with pytest.raises(AuditChainError, match="audit head missing"):
         fresh.verify()
     with pytest.raises(AuditChainError, match="audit head missing"):
@@ -350,10 +350,10 @@ def test_corrupt_index_pages_fail_fast_never_spin(tmp_path):
     (``after = last key``) could go round forever; now the store says corrupt at once."""
     db = tmp_path / "c.db"
     store = open_store(f"sqlite:///{db}")
-    log = AuditLog(store, mac_key=b"m" * 32)
-    with log.committer._lock, store.transaction():
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
+    with store.transaction():
         for i in range(1500):
-            log.stage(AuditLog.body("u", "get", bytes([i % 256]) * 16, "ok"))
+            log.stage(AccessAuditLog.body("u", "get", bytes([i % 256]) * 16, "ok"))
     store.close()
     _duplicate_leaf_page(db, b"records.audit")
     conn = sqlite3.connect(db)
@@ -365,7 +365,7 @@ def test_corrupt_index_pages_fail_fast_never_spin(tmp_path):
 
     def run():
         try:
-            out.append(AuditLog(store, mac_key=b"m" * 32).verify())
+            out.append(AccessAuditLog(store, mac_key=b"m" * 32).verify())
         except Exception as e:  # noqa: BLE001 - inspected below
             out.append(e)
 
@@ -409,15 +409,15 @@ def test_sqlite_quick_check_names_a_damaged_page(tmp_path):
 @pytest.mark.parametrize("const", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_numbers_are_never_stored(repo, const):
     with pytest.raises(InvalidRecordError, match="non-finite number: .*RFC 8259"):
-        repo.put("u", "n1", {"resourceType": "Patient", "x": [1, {"y": const}]})
+        put(repo, "u", "n1", {"resourceType": "Patient", "x": [1, {"y": const}]})
     with pytest.raises(RecordNotFoundError):
         repo.get("u", "n1")
 
 
 def test_search_hits_carry_versions(repo):
-    repo.put("u", "v1", pat("v1", "Versioned"))
-    repo.put("u", "v1", pat("v1", "Versioned", given="Bo"))
-    repo.put("u", "v2", pat("v2", "Versioned"))
+    put(repo, "u", "v1", pat("v1", "Versioned"))
+    put(repo, "u", "v1", pat("v1", "Versioned", given="Bo"))
+    put(repo, "u", "v2", pat("v2", "Versioned"))
     assert [(i, v) for i, _, v in repo.search_hits("u", {"family": "versioned"})] == [("v1", 2), ("v2", 1)]
 
 
@@ -425,7 +425,7 @@ def test_group_commit_runs_units_on_one_thread_and_hands_back_errors(tmp_path):
     """Concurrent writers' units run on the one committer thread (one connection); a failing
     unit's caller gets its exception, the others' writes are durable and the chain verifies."""
     store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
-    log = AuditLog(store, mac_key=b"m" * 32)
+    log = AccessAuditLog(store, mac_key=b"m" * 32)
     ran_on: set[str] = set()
     errors: list[BaseException] = []
 
@@ -436,7 +436,7 @@ def test_group_commit_runs_units_on_one_thread_and_hands_back_errors(tmp_path):
                 store.put("t", bytes([i]) * 16, b"x", expected_version=0)
                 raise ValueError(f"unit {i} fails")  # its row must be rolled back alone
             store.put("t", bytes([i]) * 16, b"x", expected_version=0)
-            log.stage(AuditLog.body("u", "put", bytes([i]) * 16, "ok"))
+            log.stage(AccessAuditLog.body("u", "put", bytes([i]) * 16, "ok"))
             return i
         return u
 
@@ -456,3 +456,27 @@ def test_group_commit_runs_units_on_one_thread_and_hands_back_errors(tmp_path):
     assert [store.get("t", bytes([i]) * 16) is None for i in range(20)] == [i % 5 == 4 for i in range(20)]
     assert log.verify() == 16
     store.close()
+
+
+def test_a_lone_surrogate_is_refused_by_name():
+    """JSON text may escape a lone surrogate (\\ud800); it is not Unicode, so not storable as UTF-8."""
+    with pytest.raises(InvalidRecordError, match="not valid Unicode"):
+        parse_record("s1", b'{"name": "\\ud800"}')
+
+
+def test_the_repository_refuses_collaborators_on_another_store(tmp_path):
+    """The committer and the audit log must write to the repository's store, through one
+    committer (else audit appends would compete with record writes for SQLite's write lock)."""
+    a = open_store(f"sqlite:///{tmp_path / 'a.db'}")
+    b = open_store(f"sqlite:///{tmp_path / 'b.db'}")
+    try:
+        ks, ca = Keyset.generate(), GroupCommit(a)
+        with pytest.raises(ValueError, match="another store"):
+            PatientRepository(a, ks, committer=GroupCommit(b), audit=None)
+        with pytest.raises(ValueError, match="share the repository's committer"):
+            PatientRepository(a, ks, committer=ca, audit=AccessAuditLog(a, GroupCommit(a)))
+        with pytest.raises(ValueError, match="another store"):
+            AccessAuditLog(a, GroupCommit(b))
+    finally:
+        a.close()
+        b.close()

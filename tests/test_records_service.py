@@ -24,13 +24,17 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from conftest import DATA, free_port, need_shared, snapshot_package
-from safehold.cli.demo import scan_files, sensitive_strings
-from safehold.cli.patients import import_files
-from safehold.cli.up import (
+from safehold.client.importer import import_files
+from safehold.client.records import (
+    AccessDeniedError,
+    AsyncRecordsClient,
+    PreconditionFailedError,
+    RecordsClient,
+)
+from safehold.devstack import (
     Stack,
-    _broker_cmd,
-    _wait_broker,
     base_env,
+    broker_cmd,
     prepare,
     records_cmd,
     records_config,
@@ -38,14 +42,10 @@ from safehold.cli.up import (
     start,
     stop,
     tokens,
+    wait_broker,
     wait_records,
 )
-from safehold.client.records import (
-    AccessDeniedError,
-    AsyncRecordsClient,
-    PreconditionFailedError,
-    RecordsClient,
-)
+from safehold.devstack.demo import scan_files, sensitive_strings
 from safehold.errors import AttestationError, RecordNotFoundError, RecordTamperedError
 from safehold.records.importers import ImportItem, iter_file
 from safehold.records.scone import FIELDS
@@ -484,7 +484,7 @@ def _start_expect_refusal(stack, tmp_path, name, env_extra, config=None):
     env = records_env(stack, port=port, scone_port=sport, ready=ready.name, store_url=f"sqlite:///{db}")
     env.update(env_extra)
     log = tmp_path / f"{name}.log"
-    cmd = [sys.executable, "-m", "safehold.records.service",
+    cmd = [sys.executable, "-m", "safehold.records.server",
            "--config", str(config or stack.path("records.toml"))]
     opened = []
     with log.open("wb") as lf:
@@ -540,9 +540,9 @@ def test_broker_with_another_ca_is_refused(stack, pkg, tmp_path):
     rogue.data_dir.mkdir()
     shutil.copy(stack.path("manifest.toml"), rogue.path("manifest.toml"))
     with rogue.path("broker.log").open("wb") as lf:
-        proc = subprocess.Popen(_broker_cmd(rogue), env=base_env(rogue), stdout=lf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(broker_cmd(rogue), env=base_env(rogue), stdout=lf, stderr=subprocess.STDOUT)
     try:
-        _wait_broker(rogue, proc, 60)
+        wait_broker(rogue, proc, 60)
         pin, rogue_pin = _pin(stack.path("ca.pem")), _pin(rogue.path("ca.pem"))
         assert pin != rogue_pin
         code, text = _start_expect_refusal(stack, tmp_path, "rogue-url",
@@ -594,7 +594,7 @@ def test_config_load_rules(tmp_path):
     from dataclasses import fields
 
     from safehold.errors import ConfigError
-    from safehold.records.service import MEASURED_SETTINGS, RUNTIME_SETTINGS, ServiceConfig
+    from safehold.records.config import MEASURED_SETTINGS, RUNTIME_SETTINGS, ServiceConfig
 
     assert {f.name for f in fields(ServiceConfig)} == MEASURED_SETTINGS | RUNTIME_SETTINGS
     assert not MEASURED_SETTINGS & RUNTIME_SETTINGS

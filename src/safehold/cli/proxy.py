@@ -114,7 +114,7 @@ def register(group: click.Group) -> None:
     @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to listen on.")
     def proxy(schema: Path, keyset: Path, upstream: str, listen: str) -> None:
         """Run the HTTP encryption proxy in front of UPSTREAM."""
-        from safehold.proxy.app import serve
+        from safehold.proxy.server import serve
 
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit():

@@ -165,7 +165,7 @@ class Schema:
         if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
             raise ConfigError("schema: [proxy] paths must be a list of templates like '/patient/{id}'")
         for tpl in paths:
-            for var in _template_vars(tpl):
+            for var in template_vars(tpl):
                 if var not in fields or not fields[var].searchable:
                     raise ConfigError(
                         f"schema: path template {tpl!r} names {var!r}, not a deterministic field"
@@ -189,7 +189,8 @@ class Schema:
                    paths=tuple(paths), embedded=tuple(embedded))
 
 
-def _template_vars(tpl: str) -> list[str]:
+def template_vars(tpl: str) -> list[str]:
+    """The variable names of a ``[proxy] paths`` template, in order (``/p/{id}`` → ``["id"]``)."""
     import re
 
     return re.findall(r"\{([^{}]+)\}", tpl)

@@ -74,6 +74,7 @@ __all__ = [
     "RecordUnknownKeyError",
     "RecordVersionMismatchError",
     "RekeyCounts",
+    "RowAddress",
 ]
 
 #: Longest record key, in UTF-8 bytes.
@@ -181,6 +182,24 @@ class RekeyCounts:
     retried_batches: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RowAddress:
+    """Where a record lives, computed once by :meth:`RecordEngine.address` (namespace and key
+    checked, blind index derived) for the ``*_at`` operations.
+
+    Attributes:
+        namespace: the record namespace.
+        store_namespace: ``namespace_prefix + namespace``.
+        key: the record key, UTF-8.
+        row_key: the 16-byte blind index addressing the row.
+    """
+
+    namespace: str
+    store_namespace: str
+    key: bytes
+    row_key: bytes
+
+
 @dataclass(frozen=True)
 class ListPage:
     """One page of :meth:`RecordEngine.list_page`.
@@ -277,6 +296,17 @@ class RecordEngine:
             ValueError: bad namespace or key.
         """
         return self._indexer.index(self._store_ns(namespace), self._key_bytes(key))
+
+    def address(self, namespace: str, key: str) -> RowAddress:
+        """Check ``namespace`` and ``key`` once and derive the row's blind index, for callers
+        that touch one record several times (:meth:`get_at`, :meth:`put_at`, :meth:`delete_at`).
+
+        Raises:
+            ValueError: bad namespace or key.
+        """
+        sns = self._store_ns(namespace)
+        kb = self._key_bytes(key)
+        return RowAddress(namespace, sns, kb, self._indexer.index(sns, kb))
 
     # --- frame -------------------------------------------------------------------------------
 
@@ -405,23 +435,14 @@ class RecordEngine:
             StoreUnavailableError: the store cannot be reached; nothing was written.
             ValueError: bad namespace, key, value type or version.
         """
-        sns = self._store_ns(namespace)
-        kb = self._key_bytes(key)
+        addr = self.address(namespace, key)
+        if expected_version is not None:
+            return self.put_at(addr, value, expected_version=expected_version)
         if not isinstance(value, bytes | bytearray | memoryview):
             raise ValueError(f"record value must be bytes, got {type(value).__name__}")
         value = bytes(value)
-        row_key = self._indexer.index(sns, kb)
+        sns, kb, row_key = addr.store_namespace, addr.key, addr.row_key
         self._register(sns)
-        if expected_version is not None:
-            if isinstance(expected_version, bool) or not isinstance(expected_version, int) or (
-                expected_version < 0
-            ):
-                raise ValueError(f"expected_version must be an int >= 0 or None, got {expected_version!r}")
-            blob = self._encode(sns, row_key, expected_version + 1, kb, value)
-            try:
-                return self.store.put(sns, row_key, blob, expected_version=expected_version)
-            except ConflictError as e:
-                raise self._conflict(namespace, row_key, expected_version, e) from None
         for _ in range(16):
             row = self.store.get(sns, row_key)
             current = 0 if row is None else row.version
@@ -433,6 +454,26 @@ class RecordEngine:
         raise RecordConflictError(
             f"put on row {row_key.hex()} in namespace {namespace!r} lost 16 races to concurrent writers"
         )
+
+    def put_at(self, addr: RowAddress, value: bytes, *, expected_version: int) -> int:
+        """Compare-and-set write at an :meth:`address`: only if the record is at
+        ``expected_version`` (0 = must not exist); returns the new version.
+
+        Raises:
+            RecordConflictError, StoreUnavailableError, ValueError: as :meth:`put`.
+        """
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ValueError(f"record value must be bytes, got {type(value).__name__}")
+        if isinstance(expected_version, bool) or not isinstance(expected_version, int) or (
+            expected_version < 0
+        ):
+            raise ValueError(f"expected_version must be an int >= 0 or None, got {expected_version!r}")
+        self._register(addr.store_namespace)
+        blob = self._encode(addr.store_namespace, addr.row_key, expected_version + 1, addr.key, bytes(value))
+        try:
+            return self.store.put(addr.store_namespace, addr.row_key, blob, expected_version=expected_version)
+        except ConflictError as e:
+            raise self._conflict(addr.namespace, addr.row_key, expected_version, e) from None
 
     @staticmethod
     def _conflict(namespace: str, row_key: bytes, expected: int, e: ConflictError) -> RecordConflictError:
@@ -455,13 +496,20 @@ class RecordEngine:
             StoreUnavailableError: the store cannot be reached.
             ValueError: bad namespace or key.
         """
-        sns = self._store_ns(namespace)
-        kb = self._key_bytes(key)
-        row_key = self._indexer.index(sns, kb)
-        row = self.store.get(sns, row_key)
+        return self.get_at(self.address(namespace, key))
+
+    def get_at(self, addr: RowAddress) -> tuple[bytes, int]:
+        """:meth:`get` at an :meth:`address`.
+
+        Raises:
+            RecordNotFoundError, RecordTamperedError subclasses, StoreUnavailableError: as
+                :meth:`get`.
+        """
+        row = self.store.get(addr.store_namespace, addr.row_key)
         if row is None:
-            raise RecordNotFoundError(f"no record at row {row_key.hex()} in namespace {namespace!r}")
-        _, value = self._decode(row, kb)
+            raise RecordNotFoundError(f"no record at row {addr.row_key.hex()} in namespace "
+                                      f"{addr.namespace!r}")
+        _, value = self._decode(row, addr.key)
         return value, row.version
 
     def exists(self, namespace: str, key: str) -> bool:
@@ -483,12 +531,18 @@ class RecordEngine:
             RecordConflictError: ``expected_version`` given and the record is at another version.
             StoreUnavailableError, ValueError: as :meth:`put`.
         """
-        sns = self._store_ns(namespace)
-        row_key = self._indexer.index(sns, self._key_bytes(key))
+        return self.delete_at(self.address(namespace, key), expected_version=expected_version)
+
+    def delete_at(self, addr: RowAddress, *, expected_version: int | None = None) -> bool:
+        """:meth:`delete` at an :meth:`address`.
+
+        Raises:
+            RecordConflictError, StoreUnavailableError: as :meth:`delete`.
+        """
         try:
-            return self.store.delete(sns, row_key, expected_version=expected_version)
+            return self.store.delete(addr.store_namespace, addr.row_key, expected_version=expected_version)
         except ConflictError as e:
-            raise self._conflict(namespace, row_key, expected_version or 0, e) from None
+            raise self._conflict(addr.namespace, addr.row_key, expected_version or 0, e) from None
 
     def items(self, namespace: str, *, page: int = 500) -> Iterator[tuple[str, bytes, int]]:
         """Every record of ``namespace`` as ``(key, value, version)``, in blind-index order.

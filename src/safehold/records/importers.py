@@ -21,8 +21,9 @@ with the same id becomes an :class:`ImportProblem` (a failure naming where the f
 never the id or content), so a duplicated ``Id`` row in a CSV is reported and counted instead of
 silently overwriting the first. Across files, a later file's record updates the earlier one.
 
-Search fields (:func:`search_terms`) are extracted from both record shapes for the
-blind-index search: ``family``, ``given``, ``birthDate``, ``gender``, ``identifier``.
+Every item is checked with :func:`~safehold.records.model.parse_record` (the record rules:
+id, JSON object, finite numbers, size), so a record the service would refuse is reported here,
+by source, before anything is sent.
 """
 
 from __future__ import annotations
@@ -30,70 +31,22 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
-import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safehold.errors import RecordError
-
-#: Record ids: FHIR R4 ``id`` (§2.24.0.1: ``[A-Za-z0-9\-\.]{1,64}``) widened to the characters
-#: other sources use (Synthea UUIDs, SCONE demo ids such as ``patient_3``).
-RECORD_ID_RE = re.compile(r"^[A-Za-z0-9._~:@-]{1,128}$")
-_ID_CHAR_RE = re.compile(r"^[A-Za-z0-9._~:@-]$")
-#: The fields the records service indexes for exact-match search.
-SEARCH_FIELDS = ("family", "given", "birthDate", "gender", "identifier")
-#: Largest single record accepted (a Synthea FHIR Patient is ~4-6 KiB).
-MAX_RECORD_BYTES = 1024 * 1024
-
-_SYNTHEA_GENDER = {"M": "male", "F": "female"}
+from safehold.records.model import (
+    InvalidRecordError,
+    NonFiniteNumberError,
+    loads_strict,
+    parse_record,
+)
 
 
 class ImportFormatError(RecordError):
     """A whole input file cannot be read in any supported format (the message names the file)."""
-
-
-class InvalidRecordError(RecordError):
-    """A record or record id is not acceptable (names the rule broken, never the content)."""
-
-
-class NonFiniteNumberError(ValueError):
-    """JSON text holds ``NaN``, ``Infinity`` or ``-Infinity``: Python's :mod:`json` accepts them,
-    RFC 8259 §6 does not ("Numeric values that cannot be represented … such as Infinity and NaN
-    are not permitted"), so Safehold never stores them."""
-
-
-NON_FINITE_MESSAGE = "NaN, Infinity and -Infinity are not JSON numbers (RFC 8259 §6)"
-
-
-def _refuse_constant(name: str) -> Any:
-    raise NonFiniteNumberError(f"{name} found: {NON_FINITE_MESSAGE}")
-
-
-def loads_strict(data: str | bytes) -> Any:
-    """:func:`json.loads` that refuses ``NaN`` / ``Infinity`` / ``-Infinity`` (RFC 8259 §6).
-
-    Raises:
-        NonFiniteNumberError: one of those constants appears (a :class:`ValueError`).
-        json.JSONDecodeError, UnicodeDecodeError, RecursionError: as :func:`json.loads`.
-    """
-    return json.loads(data, parse_constant=_refuse_constant)
-
-
-def _describe_char(ch: str) -> str:
-    """Name a refused id character by its class; only printable ASCII is shown as itself (one
-    character of an id is not the id), anything else as its code point."""
-    if ch == " ":
-        return "a space"
-    if ch.isascii() and ch.isprintable():
-        return f"{ch!r}"
-    if unicodedata.category(ch).startswith("C"):
-        return f"a control or invisible character (U+{ord(ch):04X})"
-    if ch.isspace():
-        return f"a white-space character (U+{ord(ch):04X})"
-    return f"a non-ASCII character (U+{ord(ch):04X})"
 
 
 @dataclass(frozen=True)
@@ -101,8 +54,9 @@ class ImportItem:
     """One record read from an input file.
 
     Attributes:
-        id: the record id (matches :data:`RECORD_ID_RE`).
-        record: the JSON object to store (a FHIR ``Patient`` or a flat Synthea row).
+        id: the record id (matches :data:`~safehold.records.model.RECORD_ID_RE`).
+        record: the JSON object to store (a FHIR ``Patient`` or a flat Synthea row); it passed
+            :func:`~safehold.records.model.parse_record`.
         source: where it came from, ``"<file>:<line>"`` or ``"<file>#entry<n>"``.
     """
 
@@ -125,50 +79,6 @@ class ImportProblem:
     source: str
     reason: str
     skipped: bool = False
-
-
-def check_record_id(record_id: str) -> str:
-    """Return ``record_id`` if it matches :data:`RECORD_ID_RE`.
-
-    Messages name the first refused character by class and 1-based position (``got a space
-    at position 4``; printable ASCII is shown, anything else as ``U+XXXX``) or the length —
-    never the id itself, which may be sensitive (e.g. built from a name).
-
-    Raises:
-        InvalidRecordError: not a string, empty, too long (> 128 characters) or a character
-            outside the set.
-    """
-    if not isinstance(record_id, str):
-        raise InvalidRecordError(f"record id must be a string, got {type(record_id).__name__}")
-    if RECORD_ID_RE.match(record_id):
-        return record_id
-    for i, ch in enumerate(record_id, start=1):
-        if not _ID_CHAR_RE.match(ch):
-            raise InvalidRecordError(
-                f"record id may contain only A-Z a-z 0-9 . _ ~ : @ - "
-                f"(got {_describe_char(ch)} at position {i})"
-            )
-    raise InvalidRecordError(f"record id must be 1..128 characters long (got {len(record_id)})")
-
-
-def check_record(record: object) -> dict[str, Any]:
-    """Return ``record`` if it is a JSON object that fits the size limit.
-
-    Raises:
-        InvalidRecordError: not a JSON object, not JSON-serialisable (also: holds NaN or an
-            infinity), or larger than :data:`MAX_RECORD_BYTES` when serialised.
-    """
-    if not isinstance(record, dict):
-        raise InvalidRecordError(f"record must be a JSON object, got {type(record).__name__}")
-    try:
-        size = len(json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8"))
-    except ValueError:
-        raise InvalidRecordError(f"record holds a non-finite number: {NON_FINITE_MESSAGE}") from None
-    except TypeError as e:
-        raise InvalidRecordError(f"record is not JSON-serialisable: {type(e).__name__}") from None
-    if size > MAX_RECORD_BYTES:
-        raise InvalidRecordError(f"record is {size} bytes, over the limit of {MAX_RECORD_BYTES}")
-    return record
 
 
 # --- reading files ---------------------------------------------------------------------------
@@ -299,8 +209,7 @@ def _patient_item(res: dict[str, Any], src: str, *, full_url: object) -> ImportI
     if not isinstance(rid, str):
         return ImportProblem(src, "Patient has no id (and no urn:uuid fullUrl)")
     try:
-        check_record_id(rid)
-        check_record(res)
+        parse_record(rid, res)
     except InvalidRecordError as e:
         return ImportProblem(src, str(e))
     return ImportItem(rid, res, src)
@@ -336,73 +245,10 @@ def _from_synthea_csv(text: str, name: str) -> Iterator[ImportItem | ImportProbl
             yield ImportProblem(src, f"row has {len(row)} cells, header has {len(header)}")
             continue
         rid = row[idx]
+        record = dict(zip(header, row, strict=True))
         try:
-            check_record_id(rid)
+            parse_record(rid, record)
         except InvalidRecordError as e:
             yield ImportProblem(src, str(e))
             continue
-        yield ImportItem(rid, dict(zip(header, row, strict=True)), src)
-
-
-# --- search fields ---------------------------------------------------------------------------
-
-
-def normalise(value: str) -> str:
-    """Normalise a search value: Unicode NFKC, case-folded, surrounding blanks removed, inner
-    runs of white space collapsed to one space. Matching is exact on the normalised text."""
-    v = unicodedata.normalize("NFKC", value).casefold()
-    return " ".join(v.split())
-
-
-def search_terms(record: Mapping[str, Any]) -> set[tuple[str, str]]:
-    """Extract the ``(field, normalised value)`` pairs a record is findable by.
-
-    Fields (:data:`SEARCH_FIELDS`), by record shape:
-
-    * FHIR R4 Patient: ``family`` = every ``name[].family``; ``given`` = every
-      ``name[].given[]``; ``birthDate``; ``gender``; ``identifier`` = every
-      ``identifier[].value`` and ``system|value`` (FHIR token search form, R4 §3.1.1.5.6).
-    * Synthea CSV row: ``LAST``, ``FIRST``, ``BIRTHDATE``, ``GENDER`` (``M``/``F`` →
-      ``male``/``female``, as in Synthea's FHIR export), identifiers ``Id``, ``SSN``,
-      ``DRIVERS``, ``PASSPORT``.
-    * SCONE demo record: ``lname``, ``fname``, ``dob``, identifier ``ssn``.
-
-    Values that are missing, empty or not text are ignored. Never raises for well-formed JSON.
-    """
-    out: set[tuple[str, str]] = set()
-
-    def add(field: str, value: object) -> None:
-        if isinstance(value, str) and value.strip():
-            out.add((field, normalise(value)))
-
-    if record.get("resourceType") == "Patient":
-        for n in _list(record.get("name")):
-            if isinstance(n, dict):
-                add("family", n.get("family"))
-                for g in _list(n.get("given")):
-                    add("given", g)
-        add("birthDate", record.get("birthDate"))
-        add("gender", record.get("gender"))
-        for ident in _list(record.get("identifier")):
-            if isinstance(ident, dict) and isinstance(ident.get("value"), str):
-                add("identifier", ident["value"])
-                if isinstance(ident.get("system"), str):
-                    add("identifier", f"{ident['system']}|{ident['value']}")
-    elif "Id" in record and ("LAST" in record or "FIRST" in record):
-        add("family", record.get("LAST"))
-        add("given", record.get("FIRST"))
-        add("birthDate", record.get("BIRTHDATE"))
-        g = record.get("GENDER")
-        add("gender", _SYNTHEA_GENDER.get(g, g) if isinstance(g, str) else None)
-        for col in ("Id", "SSN", "DRIVERS", "PASSPORT"):
-            add("identifier", record.get(col))
-    else:
-        add("family", record.get("lname"))
-        add("given", record.get("fname"))
-        add("birthDate", record.get("dob"))
-        add("identifier", record.get("ssn"))
-    return out
-
-
-def _list(v: object) -> list[Any]:
-    return v if isinstance(v, list) else []
+        yield ImportItem(rid, record, src)

@@ -1,6 +1,6 @@
 """Exact-match search through keyed blind indexes: one *posting row* per (term, record).
 
-A term is ``"<field>=<normalised value>"`` (:func:`safehold.records.importers.search_terms`).
+A term is ``"<field>=<normalised value>"`` (:func:`safehold.records.model.postings`).
 For each term a record has, one row is stored in the untrusted store::
 
     namespace  <records namespace>.search        (e.g. "records:patients.search")

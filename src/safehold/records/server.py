@@ -17,11 +17,11 @@ through attestation):
    in this process; the temporary file the ``ssl`` module needs lives in a private directory
    and is removed at once).
 
-Run as ``python -m safehold.records.service --config FILE`` (``safehold up`` does this).
-Configuration is TOML (see :class:`ServiceConfig`). Only the config file is measured, so the
-``SAFEHOLD_RECORDS_*`` environment variables may set only the run-time plumbing in
-:data:`RUNTIME_SETTINGS` (ports, paths, URLs); a variable naming any security setting
-(:data:`MEASURED_SETTINGS`) makes the service refuse to start. The broker's identity is pinned in
+Run as ``python -m safehold.records.server --config FILE`` (``safehold up`` does this).
+Configuration is TOML (:class:`~safehold.records.config.ServiceConfig`). Only the config file
+is measured, so the ``SAFEHOLD_RECORDS_*`` environment variables may set only the run-time
+plumbing (ports, paths, URLs); a variable naming any security setting makes the service refuse
+to start. The broker's identity is pinned in
 the measured file (``broker_ca_sha256``): a broker whose workload CA differs is refused before
 any Evidence or key is exchanged.
 """
@@ -31,159 +31,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import ipaddress
 import logging
 import os
 import signal
 import ssl
 import sys
 import tempfile
-import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from safehold.errors import ConfigError, SafeholdError
+from safehold.attestation.attesters.simulated import SimulatedAttester
+from safehold.crypto.keyset import Keyset
+from safehold.errors import AuditChainError, ConfigError, SafeholdError
 from safehold.fsutil import write_atomic
+from safehold.records.access import AccessList
+from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
+from safehold.records.commit import GroupCommit
+from safehold.records.config import ServiceConfig
+from safehold.records.http import create_native_app
+from safehold.records.repository import PatientRepository
+from safehold.records.scone_http import create_scone_app
+from safehold.store.base import Store
+
+__all__ = ["BrokerIdentityError", "NoKeysError", "Provisioned", "build_apps", "main",
+           "open_repository", "pinned_broker_ca", "provision", "run", "serve_apps",
+           "ssl_context_from_pem"]
 
 log = logging.getLogger("safehold.records")
-
-#: Settings the environment may set (``SAFEHOLD_RECORDS_<NAME>``): plumbing whose value cannot
-#: weaken confidentiality or access control (the database is untrusted by design; the broker
-#: URL only says where to look, its identity is pinned by the measured ``broker_ca_sha256``).
-RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url", "port",
-                              "scone_port", "ready_file"})
-#: Settings only the measured configuration file may set.
-MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "host",
-                               "scone_auth", "encryption", "audit", "access", "broker_ca_sha256"})
-ENV_PREFIX = "SAFEHOLD_RECORDS_"
 
 
 class BrokerIdentityError(ConfigError):
     """The broker's workload CA is not the one pinned in the measured configuration (or the
     broker's TLS certificate does not chain to it): the service talks to no other broker."""
-
-
-def is_loopback(host: str) -> bool:
-    """True if ``host`` is ``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass
-class ServiceConfig:
-    """Records service configuration (TOML keys = attribute names).
-
-    Settings in :data:`MEASURED_SETTINGS` come only from the measured file; those in
-    :data:`RUNTIME_SETTINGS` may also come from ``SAFEHOLD_RECORDS_<NAME>`` variables.
-
-    Attributes:
-        data_dir: directory for the simulated TEE keys and the default SQLite file.
-        broker_url: the broker's base URL (``https://127.0.0.1:8443``).
-        broker_ca: PEM file of the broker's workload CA (run-time); it must be the certificate
-            pinned by ``broker_ca_sha256`` and the broker's TLS certificate must chain to it.
-        broker_ca_sha256: measured pin of the broker's identity: SHA-256 (64 hex digits) of the
-            DER encoding of the broker's workload CA certificate. Required.
-        store_url: ``sqlite:///path`` or ``postgresql://…``; default ``<data_dir>/records.db``.
-        workload: the manifest's workload name for this service.
-        keyset_resource / tls_resource: KBS resource paths ``<repository>/<type>/<tag>`` of
-            the keyset and of the certificate secret.
-        host: listen address (loopback by default; measured).
-        port: native API port (0 = pick a free one and report it in ``ready_file``).
-        scone_port: SCONE-compatible port (default 4996; None disables it).
-        scone_auth: ``none`` (as the SCONE demo; only with a loopback ``host``) or ``token``.
-        encryption: True; False only for the benchmark's baseline (a pass-through codec),
-            and only through the measured file (the service then warns loudly at start).
-        ready_file: if set, a JSON file written once both ports listen (URLs, ports, pid).
-        audit: keep the access audit (True by default).
-        access: the access list (``[access.tokens."<sha256 hex>"]`` name/role tables and
-            ``[access.certificates]`` CN = role), see :class:`safehold.records.api.AccessList`.
-            It is part of the measured configuration: changing who may call the service changes
-            its measurement, so the data owner's manifest must approve it.
-    """
-
-    data_dir: str = "./safehold-data"
-    broker_url: str = "https://127.0.0.1:8443"
-    broker_ca: str = ""
-    broker_ca_sha256: str = ""
-    store_url: str = ""
-    workload: str = "records"
-    keyset_resource: str = "default/keyset/records-keyset"
-    tls_resource: str = "default/certificate/records-tls"
-    host: str = "127.0.0.1"
-    port: int = 8700
-    scone_port: int | None = 4996
-    scone_auth: str = "none"
-    encryption: bool = True
-    ready_file: str = ""
-    audit: bool = True
-    access: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
-        """Read the measured TOML file (``path`` may be None) and apply the run-time
-        ``SAFEHOLD_RECORDS_<NAME>`` variables of ``env`` (default ``os.environ``).
-
-        Raises:
-            ConfigError: unreadable TOML, unknown keys, values of the wrong type; an environment
-                variable for a measured setting (or an unknown one); no broker pin; or
-                ``scone_auth = "none"`` with a SCONE port on a non-loopback ``host``.
-        """
-        data: dict[str, Any] = {}
-        if path:
-            try:
-                data = tomllib.loads(Path(path).read_text("utf-8"))
-            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"records service config {path}: {e}") from None
-        names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"records service config: unknown keys {unknown}")
-        env = dict(os.environ) if env is None else env
-        for var in sorted(k for k in env if k.startswith(ENV_PREFIX)):
-            name = var[len(ENV_PREFIX):].lower()
-            if name in MEASURED_SETTINGS:
-                # refuse rather than ignore: the unmeasured host must not change security settings
-                raise ConfigError(f"{var} is set, but {name!r} is a measured setting: only the "
-                                  "measured config file may set it (unset the variable)")
-            if name not in RUNTIME_SETTINGS:
-                raise ConfigError(f"{var}: unknown setting; the environment may set only "
-                                  f"{sorted(n.upper() for n in RUNTIME_SETTINGS)}")
-            data[name] = env[var]
-        cfg = cls(**data)
-        for name in ("port", "scone_port"):
-            v = getattr(cfg, name)
-            if isinstance(v, str):
-                try:
-                    setattr(cfg, name, None if v.lower() in ("", "none", "off") else int(v))
-                except ValueError:
-                    raise ConfigError(f"{name} must be a port number or 'none', got {v!r}") from None
-        for name in ("encryption", "audit"):
-            if not isinstance(getattr(cfg, name), bool):  # only TOML booleans, never "0"/"off"
-                raise ConfigError(f"{name} must be a TOML boolean, got {getattr(cfg, name)!r}")
-        if cfg.scone_auth not in ("none", "token"):
-            raise ConfigError(f"scone_auth must be 'none' or 'token', got {cfg.scone_auth!r}")
-        if cfg.scone_auth == "none" and cfg.scone_port is not None and not is_loopback(cfg.host):
-            raise ConfigError(
-                f"scone_auth = 'none' serves records without authentication; it is allowed only "
-                f"on a loopback host, got host {cfg.host!r} (set scone_auth = 'token')"
-            )
-        pin = cfg.broker_ca_sha256.lower()
-        if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
-            raise ConfigError("broker_ca_sha256 must pin the broker's workload CA in the measured "
-                              f"config (64 hex digits of SHA-256 over its DER), got {pin[:70]!r}")
-        cfg.broker_ca_sha256 = pin
-        if not cfg.store_url:
-            cfg.store_url = f"sqlite:///{Path(cfg.data_dir).resolve() / 'records.db'}"
-        return cfg
 
 
 # --- TLS: contexts from in-memory PEM, client-certificate capture ----------------------------
@@ -254,7 +138,7 @@ class _Server(uvicorn.Server):
 
 
 async def serve_apps(
-    listeners: list[tuple[Any, str, int, ssl.SSLContext | None]],
+    listeners: list[tuple[FastAPI, str, int, ssl.SSLContext | None]],
     *,
     on_ready: Callable[[list[int]], None] | None = None,
     stop: asyncio.Event | None = None,
@@ -317,18 +201,17 @@ class NoKeysError(SafeholdError):
     """The broker refused this workload (its Evidence did not pass the manifest's policy), so
     the service has no keys and must not serve."""
 
-    no_keys = True
-
 
 @dataclass
 class Provisioned:
-    """What arrived through attestation: the keyset, the TLS identity and the CA."""
+    """What arrived through attestation: the keyset, the TLS identity (certificate chain and
+    private key, PEM) and the broker's workload CA (PEM), and the Attester that measured us."""
 
-    keyset: Any
+    keyset: Keyset
     cert_pem: bytes
     key_pem: bytes
     ca_pem: bytes
-    attester: Any
+    attester: SimulatedAttester
 
 
 def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str | None = None) -> Provisioned:
@@ -344,7 +227,6 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
             broker's reason (which claim, expected vs. got).
         BrokerError: the broker is unreachable or answered otherwise.
     """
-    from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.client.broker import BrokerClient, BrokerRefused
     from safehold.errors import BrokerError
     from safehold.ratls.cert import OID_TCG_DICE_TAGGED_EVIDENCE, encode_claims, encode_extension, spki_der
@@ -431,7 +313,7 @@ def pinned_broker_ca(cfg: ServiceConfig) -> bytes:
     return pem
 
 
-def check_audit_at_start(audit: Any) -> bool:
+def check_audit_at_start(audit: AccessAuditLog) -> bool:
     """Check the audit log's authenticated head at start-up (O(1)); True if it holds.
 
     A failed check (the log's tail was cut, the head row deleted or forged) does not stop the
@@ -440,8 +322,6 @@ def check_audit_at_start(audit: Any) -> bool:
     problem is logged as an error banner here. A corrupt store is a
     :class:`~safehold.store.errors.StoreCorruptError` (the service exits with status 1).
     """
-    from safehold.errors import AuditChainError
-
     try:
         n = audit.check_head()
     except AuditChainError as e:
@@ -456,49 +336,30 @@ def check_audit_at_start(audit: Any) -> bool:
     return True
 
 
-def store_healthy(store: Any, audit: Any) -> bool:
+def store_healthy(store: Store, audit: AccessAuditLog | None) -> bool:
     """For ``/healthz``: the store answers a read and the audit head holds (no details)."""
     try:
         if audit is not None:
             audit.check_head()
         else:
-            store.scan("records.audit", limit=1)
+            store.scan(AUDIT_NAMESPACE, limit=1)
     except SafeholdError:
         return False
     return True
 
 
-def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
-    """Open the store and engine and build ``(native_app, scone_app_or_None, store)``.
+def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
+                    audit: bool = True) -> PatientRepository:
+    """The service's repository on ``store``: one group committer for every write, the access
+    audit (MAC key derived from the attested keyset: HKDF purpose ``records/audit-mac``).
 
-    A SQLite store is checked with ``PRAGMA quick_check`` first (reads every page once: about
-    a second per few hundred MB) and the audit log's authenticated head is checked
-    (:func:`check_audit_at_start`).
-
-    Raises:
-        StoreCorruptError: the SQLite file is corrupt (the service then exits with status 1).
+    Args:
+        encryption: False only for the benchmark's baseline (a pass-through codec), and only
+            when the measured file says so: announced loudly here.
+        audit: False leaves accesses unrecorded (announced).
     """
-    from safehold.records.api import AccessList, create_native_app
-    from safehold.records.app import EngineKV, PatientRepository
-    from safehold.records.audit import AuditLog
-    from safehold.records.engine import RecordEngine
-    from safehold.records.scone import create_scone_app
-    from safehold.store import open_store
-
-    store = open_store(cfg.store_url)
-    check = getattr(store, "quick_check", None)  # SQLite: a corrupt page must not reach requests
-    if check is not None:
-        import time
-
-        t0 = time.monotonic()
-        try:
-            check()
-        except BaseException:
-            store.close()
-            raise
-        log.info("store quick_check ok (%.2f s)", time.monotonic() - t0)
     codec = None
-    if not cfg.encryption:
+    if not encryption:
         import warnings
 
         from safehold.records.codec import UnsafePlainCodec
@@ -514,22 +375,46 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[Any, Any, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             codec = UnsafePlainCodec()
-    engine = RecordEngine(store, prov.keyset, codec=codec)
-    import threading
-
-    wlock = threading.RLock() if cfg.store_url.startswith("sqlite") else None
-    audit = None
-    if not cfg.audit:
+    committer = GroupCommit(store)
+    access_log = None
+    if not audit:
         log.warning("AUDIT OFF (measured config audit = false): accesses are not recorded")
-    if cfg.audit:
+    else:
         from safehold.crypto.kdf import derive_key
 
-        audit = AuditLog(store, mac_key=derive_key(prov.keyset.index_key, purpose="records/audit-mac"),
-                         write_lock=wlock)
-        check_audit_at_start(audit)
-    repo = PatientRepository(EngineKV(engine, write_lock=wlock), audit)
+        access_log = AccessAuditLog(store, committer,
+                                    mac_key=derive_key(keyset.index_key, purpose="records/audit-mac"))
+        check_audit_at_start(access_log)
+    return PatientRepository(store, keyset, committer=committer, audit=access_log, codec=codec)
+
+
+def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI | None, Store]:
+    """Open the store and the repository and build ``(native_app, scone_app_or_None, store)``.
+
+    A SQLite store is checked with ``PRAGMA quick_check`` first (reads every page once: about
+    a second per few hundred MB) and the audit log's authenticated head is checked
+    (:func:`check_audit_at_start`).
+
+    Raises:
+        StoreCorruptError: the SQLite file is corrupt (the service then exits with status 1).
+    """
+    from safehold.store import open_store
+
+    store = open_store(cfg.store_url)
+    check = getattr(store, "quick_check", None)  # SQLite: a corrupt page must not reach requests
+    if check is not None:
+        import time
+
+        t0 = time.monotonic()
+        try:
+            check()
+        except BaseException:
+            store.close()
+            raise
+        log.info("store quick_check ok (%.2f s)", time.monotonic() - t0)
+    repo = open_repository(store, prov.keyset, encryption=cfg.encryption, audit=cfg.audit)
     acl = AccessList.from_json(cfg.access)
-    native = create_native_app(repo, acl, health=lambda: store_healthy(store, audit))
+    native = create_native_app(repo, acl, health=lambda: store_healthy(store, repo.audit))
     scone = create_scone_app(repo, acl, auth=cfg.scone_auth) if cfg.scone_port is not None else None
     return native, scone, store
 
@@ -541,8 +426,8 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
     prov = provision(cfg, config_path)
     native, scone, store = build_apps(cfg, prov)
     ctx = ssl_context_from_pem(prov.cert_pem, prov.key_pem, client_ca_pem=prov.ca_pem)
-    listeners = [(native, cfg.host, cfg.port, ctx)]
-    if scone is not None:
+    listeners: list[tuple[FastAPI, str, int, ssl.SSLContext | None]] = [(native, cfg.host, cfg.port, ctx)]
+    if scone is not None and cfg.scone_port is not None:
         listeners.append((scone, cfg.host, cfg.scone_port, ctx))
 
     def ready(ports: list[int]) -> None:
@@ -565,7 +450,7 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m safehold.records.service --config FILE``; exit 0 on a clean stop, 2 when the
+    """``python -m safehold.records.server --config FILE``; exit 0 on a clean stop, 2 when the
     broker refuses this workload (no keys: it never serves), 1 on other errors."""
     ap = argparse.ArgumentParser(prog="safehold-records", description="Safehold records service")
     ap.add_argument("--config", help="TOML configuration file (measured as part of the workload)")

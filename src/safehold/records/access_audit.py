@@ -10,18 +10,18 @@ Chain: ``hash_n = SHA-256(canonical JSON of entry_n)`` where ``entry_n["prev"]``
 ``hash_{n-1}`` (hex; 64 zeros for the first entry). With a MAC key (derived inside the TEE from
 the attested keyset), ``entry_n["mac"] = HMAC-SHA256(key, hash_n)`` (RFC 2104), so the database
 operator can neither edit an entry nor rebuild the chain; without one, editing any entry breaks
-every later ``prev``. :meth:`AuditLog.verify` names the first bad entry.
+every later ``prev``. :meth:`AccessAuditLog.verify` names the first bad entry.
 
 Authenticated head: every append also rewrites one **head** row (namespace
 ``<namespace>.head``, key ``b"head"``) in the same transaction: canonical JSON
 ``{"seq": n, "hash": hash_n hex, "mac": HMAC-SHA256(key, "safehold/records/audit-head/v1" || 0x00
 || canonical {"seq", "hash"})}``. A chain alone cannot show that its *end* is missing (deleting
-the last entries leaves a valid shorter chain); the head can: :meth:`AuditLog.check_head` (run at
-service start-up and before the first append) and :meth:`AuditLog.verify` refuse a log whose
+the last entries leaves a valid shorter chain); the head can: :meth:`AccessAuditLog.check_head` (run at
+service start-up and before the first append) and :meth:`AccessAuditLog.verify` refuse a log whose
 authenticated head names an entry that is missing or different ("audit log truncated: … entry 24
 … is missing"), and a log with entries but no head. While the check fails, every append raises
 :class:`~safehold.errors.AuditChainError` — the records service then refuses every audited
-access (fail closed) — until an admin calls :meth:`AuditLog.reseal`, which appends an entry
+access (fail closed) — until an admin calls :meth:`AccessAuditLog.reseal`, which appends an entry
 recording the problem and writes a fresh head. Rolling back the *whole* database (head and
 entries together) to an older state is not detectable from the database alone (DESIGN.md →
 Storage, the same limit as for records).
@@ -29,25 +29,29 @@ Storage, the same limit as for records).
 Several service replicas may append to one store: an append is a compare-and-set insert
 (``expected_version=0``) of the next sequence number plus a compare-and-set of the head; on a
 conflict the replica re-reads the head and chains on top of the entries that won. Within a
-process, appends are group-committed: all entries waiting while a write is in progress go into
-the next transaction together (each caller returns only once its entry is durable).
+process, appends are group-committed (:class:`~safehold.records.commit.GroupCommit`): all
+entries waiting while a write is in progress go into the next transaction together, with the
+record writes they audit (each caller returns only once its entry is durable).
+
+(Not to be confused with the key broker's audit log, :mod:`safehold.broker.audit`: a different
+log with its own design.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from safehold.errors import AuditChainError, ConflictError
+from safehold.records.commit import GroupCommit
 from safehold.store.base import Store
+
+__all__ = ["AUDIT_NAMESPACE", "GENESIS", "HEAD_KEY", "AccessAuditEntry", "AccessAuditLog"]
 
 AUDIT_NAMESPACE = "records.audit"
 GENESIS = "0" * 64
@@ -57,8 +61,6 @@ HEAD_KEY = b"head"
 _HEAD_DOMAIN = b"safehold/records/audit-head/v1\x00"
 #: Conflicts an append tolerates; more means the store contradicts itself (corrupt pages).
 _MAX_CONFLICTS = 64
-#: The committer thread ends after this long without work (a new one starts on demand).
-_IDLE_SECONDS = 30.0
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -66,8 +68,8 @@ def _canonical(obj: dict[str, Any]) -> bytes:
 
 
 @dataclass(frozen=True)
-class AuditEntry:
-    """One audit entry as stored.
+class AccessAuditEntry:
+    """One access-audit entry as stored.
 
     Attributes:
         seq: 0-based position in the chain.
@@ -81,104 +83,32 @@ class AuditEntry:
     hash: bytes
 
 
-class GroupCommit:
-    """Group commit: run concurrent callers' write units in one store transaction.
-
-    A caller hands in a *unit* (a function that writes through the store) and blocks; one
-    committer thread (started on demand, ended after :data:`_IDLE_SECONDS` idle) takes every
-    waiting unit, runs each in its own savepoint inside one transaction (a unit that raises is
-    rolled back alone and its caller gets the exception), then commits once. Every caller
-    returns only after the commit that holds its unit is durable (or raises if that commit
-    failed). One commit (one fsync on SQLite) thus serves a whole batch. All writes go through
-    the committer thread's one store connection, whose page cache therefore stays valid
-    between commits (with a rotating leader each commit started on a connection whose cache
-    the previous commit had invalidated); units must not call :meth:`run` themselves.
-
-    Args:
-        store: the store (its nested ``transaction()`` calls must become savepoints).
-        lock: optional lock held around each transaction (serialises this process's writers
-            before they reach SQLite's sleep-polling busy handler).
-        on_abort: called after a failed commit (e.g. to forget tentative state).
-    """
-
-    def __init__(self, store: Store, *, lock: Any = None, on_abort: Any = None):
-        self._store = store
-        self._lock = lock if lock is not None else contextlib.nullcontext()
-        self._on_abort = on_abort
-        self._cond = threading.Condition()
-        self._pending: list[tuple[Any, Future[Any]]] = []
-        self._thread: threading.Thread | None = None
-
-    def run(self, unit: Any) -> Any:
-        """Run ``unit()`` inside the next group transaction; return its result or raise its
-        exception (or the commit's)."""
-        done: Future[Any] = Future()
-        with self._cond:
-            self._pending.append((unit, done))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._serve, name="safehold-group-commit",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        return done.result()
-
-    def _serve(self) -> None:
-        """The committer thread: one transaction per batch of waiting units, on one connection
-        (whose page cache stays warm: no other connection of this process writes)."""
-        while True:
-            with self._cond:
-                while not self._pending:
-                    if not self._cond.wait(timeout=_IDLE_SECONDS) and not self._pending:
-                        self._thread = None
-                        return
-                batch, self._pending = self._pending, []
-            failed = (False, RuntimeError("group commit did not run"))
-            outcomes: list[tuple[bool, Any]] = [failed] * len(batch)
-            try:
-                outcomes = self._commit([u for u, _ in batch])
-            finally:
-                for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-                    if ok:
-                        fut.set_result(value)
-                    else:
-                        fut.set_exception(value)
-
-    def _commit(self, batch: list[Any]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            with self._lock, self._store.transaction():
-                for unit in batch:
-                    try:
-                        with self._store.transaction():  # a savepoint per unit
-                            outcomes.append((True, unit()))
-                    except Exception as e:  # noqa: BLE001 - handed to that unit's caller
-                        outcomes.append((False, e))
-        except BaseException as e:  # the commit itself failed: nothing of the batch is durable
-            if self._on_abort is not None:
-                self._on_abort()
-            return [(False, e)] * len(batch)
-        return outcomes
-
-
-class AuditLog:
-    """Append and verify the access audit chain.
+class AccessAuditLog:
+    """Append and verify the access audit chain of the records service.
 
     Args:
         store: the untrusted store (the same one the records live in).
+        committer: the :class:`~safehold.records.commit.GroupCommit` its appends go through;
+            default: one of its own (a log used alone). A log that audits a
+            :class:`~safehold.records.repository.PatientRepository` must get the repository's,
+            so that a write and its audit entry share one commit (and one writer thread).
         mac_key: optional 32-byte key for per-entry HMAC-SHA256; must come from the attested
             keyset.
         namespace: store namespace.
-        write_lock: optional lock held around each write transaction (see :class:`GroupCommit`).
 
     Attributes:
-        committer: the :class:`GroupCommit` its entries go through; the records repository puts
-            its record writes through it too, so a write and its audit entry share one commit.
+        committer: the committer in use.
+
+    Raises:
+        ValueError: a MAC key under 32 bytes, or a committer on another store.
     """
 
-    def __init__(self, store: Store, *, mac_key: bytes | None = None, namespace: str = AUDIT_NAMESPACE,
-                 write_lock: Any = None):
+    def __init__(self, store: Store, committer: GroupCommit | None = None, *,
+                 mac_key: bytes | None = None, namespace: str = AUDIT_NAMESPACE) -> None:
         if mac_key is not None and len(mac_key) < 32:
             raise ValueError(f"audit MAC key must be at least 32 bytes, got {len(mac_key)}")
+        if committer is not None and committer.store is not store:
+            raise ValueError("the audit log's committer writes to another store")
         self._store = store
         self._mac_key = mac_key
         self._ns = namespace
@@ -186,7 +116,8 @@ class AuditLog:
         self._next_seq: int | None = None
         self._prev = GENESIS
         self._head_version = 0
-        self.committer = GroupCommit(store, lock=write_lock, on_abort=self.invalidate)
+        self.committer = committer if committer is not None else GroupCommit(store)
+        self.committer.on_abort(self.invalidate)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -201,7 +132,7 @@ class AuditLog:
             "at": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
         }
 
-    def append(self, who: str, op: str, record: bytes | None, outcome: str) -> AuditEntry:
+    def append(self, who: str, op: str, record: bytes | None, outcome: str) -> AccessAuditEntry:
         """Append one entry and return it once it is durable (group-committed with concurrent
         appends and record writes).
 
@@ -217,7 +148,7 @@ class AuditLog:
         body = self.body(who, op, record, outcome)
         return self.committer.run(lambda: self.stage(body))
 
-    def stage(self, body: dict[str, Any]) -> AuditEntry:
+    def stage(self, body: dict[str, Any]) -> AccessAuditEntry:
         """Chain and write ``body`` as the next entry and advance the authenticated head (one
         savepoint for both); call inside a store transaction (a :class:`GroupCommit` unit), as
         the unit's **last** write. If another replica took the sequence number, re-read the head
@@ -249,6 +180,7 @@ class AuditLog:
                 conflicts += 1
                 self._next_seq = None
                 self._load_head()
+                assert self._next_seq is not None  # _load_head sets it or raises
                 if self._next_seq <= seq or conflicts >= _MAX_CONFLICTS:
                     # nobody advanced the head, yet the slot is taken (or endless contention):
                     # the store contradicts itself; never spin on it
@@ -258,7 +190,7 @@ class AuditLog:
                         f"head ends at entry {seq - 1} (store corrupt or edited; {conflicts} tries)"
                     ) from None
                 continue
-            entry = AuditEntry(seq, full, digest)
+            entry = AccessAuditEntry(seq, full, digest)
             self._next_seq, self._prev, self._head_version = seq + 1, digest.hex(), head_version
             return entry
 
@@ -352,7 +284,7 @@ class AuditLog:
         else:
             self._next_seq, self._prev, self._head_version = n, head[1], head[2]
 
-    def reseal(self, who: str) -> AuditEntry:
+    def reseal(self, who: str) -> AccessAuditEntry:
         """Accept the log as it now is after a failed head check (admin action): verify the
         chain of the entries that exist, append an entry ``op = "audit-reseal"`` whose
         ``outcome`` records what the head check found, and write a fresh head over it.
@@ -364,7 +296,7 @@ class AuditLog:
             AuditChainError: the remaining entries do not form a valid chain (an edited entry
                 is not resealed over; restore the database from a backup instead).
         """
-        def unit() -> AuditEntry:
+        def unit() -> AccessAuditEntry:
             try:
                 self.check_head()
                 problem = "head ok"
@@ -385,7 +317,7 @@ class AuditLog:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def entries(self) -> Iterator[AuditEntry]:
+    def entries(self) -> Iterator[AccessAuditEntry]:
         """Yield every entry in order (not verified; see :meth:`verify`).
 
         Raises:
@@ -395,7 +327,7 @@ class AuditLog:
             seq = int.from_bytes(row.key, "big")
             body = _parse(row.value, seq)
             plain = {k: v for k, v in body.items() if k != "mac"}
-            yield AuditEntry(seq, body, hashlib.sha256(_canonical(plain)).digest())
+            yield AccessAuditEntry(seq, body, hashlib.sha256(_canonical(plain)).digest())
 
     def _verify_chain(self) -> tuple[int, str]:
         """Check every entry's sequence, ``prev`` link and MAC; return ``(count, last hash hex)``."""

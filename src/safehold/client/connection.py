@@ -1,0 +1,185 @@
+"""How a client reaches the records service of a local stack, and transport failures as one line.
+
+:func:`load_connection` merges the ``up.json`` that ``safehold up`` writes into its data
+directory (records URL, the appraisal policy for the service's Evidence, the workload CA, the
+admin token) with explicit settings; :func:`open_client` is the one way to talk to the service:
+a :class:`~safehold.client.records.RecordsClient` over the attesting transport, with transport
+failures (refused, dropped, timed out, TLS) mapped to :class:`ServiceUnreachableError` naming the
+URL, and the simulated-TEE warning shown once as one line (:func:`simulated_tee_notice`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import ssl
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from safehold.client.records import RecordsClient
+from safehold.errors import ConfigError, SafeholdError
+
+__all__ = ["UP_FILE", "Connection", "ServiceUnreachableError", "load_connection", "make_client",
+           "open_client", "service_errors", "simulated_tee_notice", "transport_reason"]
+
+UP_FILE = "up.json"
+
+
+class ServiceUnreachableError(SafeholdError):
+    """The records service could not be reached, or dropped the connection / did not answer
+    (the message names the URL and the transport failure, never request content)."""
+
+
+@dataclass
+class Connection:
+    """How to reach the records service: ``url``, ``policy`` (path), ``token``, ``ca`` (path),
+    and ``target``: the service identity import checkpoints are keyed on (URL, plus the store
+    URL and the SHA-256 of the workload CA when they come from ``up.json`` for this URL)."""
+
+    url: str
+    policy: str
+    token: str | None
+    ca: str | None
+    target: str = ""
+
+
+def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
+                    policy: str | None = None, token: str | None = None) -> Connection:
+    """Merge ``<data_dir>/up.json`` with explicit options (options win).
+
+    Raises:
+        ConfigError: no URL or policy known (``safehold up`` not running and no options), or
+            ``up.json`` is unreadable.
+    """
+    info: dict[str, Any] = {}
+    p = Path(data_dir) / UP_FILE
+    if p.exists():
+        try:
+            info = json.loads(p.read_text("utf-8"))
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{p}: unreadable ({e})") from None
+    same = url is None or url == info.get("records_url")
+    url = url or info.get("records_url")
+    policy = policy or info.get("policy")
+    token = token or os.environ.get("SAFEHOLD_TOKEN") or info.get("admin_token")
+    if not url or not policy:
+        raise ConfigError(
+            f"no records service known: run `safehold up` (writes {p}) or pass --url and --policy"
+        )
+    target = str(url)
+    if same and info:
+        ca_digest = ""
+        with contextlib.suppress(OSError, TypeError):
+            ca_digest = hashlib.sha256(Path(info["ca"]).read_bytes()).hexdigest()
+        target += f" store={info.get('store_url', '')} ca={ca_digest}"
+    return Connection(url, policy, token, info.get("ca"), target)
+
+
+def make_client(conn: Connection) -> RecordsClient:
+    """A :class:`~safehold.client.records.RecordsClient` over the attesting transport."""
+    return RecordsClient(conn.url, token=conn.token, policy=conn.policy)
+
+
+def transport_reason(e: BaseException) -> str:
+    """One short phrase for a transport failure (``connection refused``, ``TLS handshake
+    failed (…)``, ``no answer within the timeout``, ``connection closed …``)."""
+    text = str(e).strip()
+    low = text.lower()
+    if isinstance(e, httpx.ConnectTimeout):
+        return "connection timed out"
+    if isinstance(e, httpx.TimeoutException):
+        return "no answer within the timeout (the service may be stuck or overloaded)"
+    if isinstance(e, httpx.RemoteProtocolError):
+        return "the connection was closed before a complete answer (the service stopped or crashed?)"
+    if isinstance(e, ssl.SSLError) or "ssl" in low or "certificate" in low or "handshake" in low:
+        return f"TLS handshake failed ({text[:160] or type(e).__name__})"
+    if "refused" in low:
+        return "connection refused"
+    if "name or service not known" in low or "nodename nor servname" in low:
+        return "host name not found"
+    if "reset by peer" in low:
+        return "connection reset by the service"
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+class _SimulatedTEENotice(logging.Filter):
+    """Drops the policy logger's copies of the simulated-TEE warning (at policy load and at
+    appraisal): :func:`simulated_tee_notice` shows it itself, once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIMULATED TEE Evidence" not in record.getMessage()
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def simulated_tee_notice(show: Callable[[str], None] = _to_stderr) -> Iterator[None]:
+    """Show :class:`~safehold.attestation.policy.SimulatedTEEWarning` once, as the one line
+    ``warning: <message>`` passed to ``show`` (default: printed on stderr) — not Python's
+    two-line ``file:line: Warning`` display, not a second log line. The library still issues
+    the warning; only its display inside the block changes."""
+    from safehold.attestation.policy import SimulatedTEEWarning
+
+    shown = False
+    log = logging.getLogger("safehold.attestation.policy")
+    flt = _SimulatedTEENotice()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SimulatedTEEWarning)
+        original = warnings.showwarning
+
+        def display(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: TextIO | None = None, line: str | None = None) -> None:
+            nonlocal shown
+            if issubclass(category, SimulatedTEEWarning):
+                if not shown:
+                    shown = True
+                    show(f"warning: {message}")
+                return
+            original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = display
+        log.addFilter(flt)
+        try:
+            yield
+        finally:
+            log.removeFilter(flt)
+
+
+@contextlib.contextmanager
+def service_errors(url: str) -> Iterator[None]:
+    """Map transport failures inside the block to :class:`ServiceUnreachableError`
+    (``cannot reach the records service at URL: connection refused``).
+
+    Raises:
+        ServiceUnreachableError: for httpx transport errors (connect, protocol, timeouts, TLS)
+            and socket / TLS errors escaping the transport.
+    """
+    try:
+        yield
+    except (httpx.TransportError, ssl.SSLError, ConnectionError) as e:
+        raise ServiceUnreachableError(
+            f"cannot reach the records service at {url}: {transport_reason(e)}") from None
+
+
+@contextlib.contextmanager
+def open_client(conn: Connection, *, show: Callable[[str], None] = _to_stderr) -> Iterator[RecordsClient]:
+    """The one way the CLI talks to the records service: a client from :func:`make_client`
+    inside :func:`simulated_tee_notice` (``show`` displays its one line) and
+    :func:`service_errors`."""
+    with simulated_tee_notice(show), service_errors(conn.url), make_client(conn) as client:
+        yield client
+
+

@@ -1,0 +1,327 @@
+"""The resumable import engine of ``safehold patients import`` (client side).
+
+Reads Synthea CSV and FHIR R4 files (:mod:`safehold.records.importers`, which checks every
+record against the record rules) and sends the records through a records client in batches of
+:data:`BATCH`.
+
+Import is resumable (:class:`ImportCheckpoint`): after each acknowledged batch the position
+reached in each input file is saved in ``<data dir>/import-state.json``, keyed by the file's
+SHA-256 *and* the target service (URL, store, workload CA); a file's entry is removed when the
+file is done, so a later import of the same file sends every record again (the service leaves
+byte-identical records alone: counted as skipped). On resume the last acknowledged record is
+read back first; if it is gone (deleted, new store) the file starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from safehold.client.records import BatchItem
+from safehold.errors import ConfigError, RecordNotFoundError
+from safehold.records.importers import ImportFormatError, ImportItem, ImportProblem, iter_file
+
+__all__ = ["BATCH", "STATE_FILE", "BatchClient", "ImportCheckpoint", "ImportCounts", "count_patients",
+           "expand_paths", "file_digest", "import_files"]
+
+#: Records per batch request.
+BATCH = 100
+#: The checkpoint file's name in the data directory.
+STATE_FILE = "import-state.json"
+
+
+class BatchClient(Protocol):
+    """What the importer needs from a records client
+    (:class:`~safehold.client.records.RecordsClient` has it)."""
+
+    def batch(self, items: Iterable[BatchItem]) -> list[dict[str, Any]]:
+        """Upsert ``(id, record)`` items; one result dict per item (``status``, ``error``)."""
+        ...
+
+    def get(self, rid: str) -> object:
+        """Read one record; RecordNotFoundError if it is not there."""
+        ...
+
+
+def file_digest(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 64 KiB chunks)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while the checkpoint is written (delivered right after)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class ImportCheckpoint:
+    """The resume checkpoint of ``safehold patients import`` (safe for concurrent imports).
+
+    File: JSON ``{"version": 2, "files": {key: {"done": n, "last_id": id|null, "file": name}}}``,
+    ``key`` = hex SHA-256 of ``file SHA-256 hex || 0x00 || target`` (see
+    :attr:`~safehold.client.connection.Connection.target`), ``done`` = number of input items
+    (records and problems) of that file handled. Every read-modify-write holds an exclusive
+    ``flock`` on ``<file>.lock`` and writes through a unique temporary file + ``os.replace``
+    (never half-written; signals are deferred meanwhile). A file of another format is ignored
+    (the import starts over, which is safe: identical records come back unchanged).
+
+    Args:
+        path: the checkpoint file; None = not resumable (every method is a no-op).
+        target: the service identity.
+
+    Raises:
+        ConfigError: (``set`` / ``clear`` / ``reset``) the checkpoint cannot be written.
+    """
+
+    VERSION = 2
+
+    def __init__(self, path: Path | None, target: str = "") -> None:
+        self.path = path
+        self.target = target
+
+    def key(self, digest: str) -> str:
+        """Checkpoint key for a file's SHA-256 hex ``digest`` at this target."""
+        return hashlib.sha256(f"{digest}\0{self.target}".encode()).hexdigest()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        assert self.path is not None
+        with _signals_deferred():
+            try:
+                fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as e:
+                raise ConfigError(f"cannot write the import checkpoint in {self.path.parent} "
+                                  f"({e.strerror}); pass a writable --data-dir") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _read(self) -> dict[str, Any]:
+        assert self.path is not None
+        try:
+            data = json.loads(self.path.read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        files = data.get("files") if isinstance(data, dict) and data.get("version") == self.VERSION else None
+        return files if isinstance(files, dict) else {}
+
+    def _write(self, files: dict[str, Any]) -> None:
+        assert self.path is not None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        except OSError as e:
+            raise ConfigError(f"cannot write the import checkpoint in {self.path.parent} "
+                              f"({e.strerror}); pass a writable --data-dir") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": self.VERSION, "files": files}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def get(self, digest: str) -> tuple[int, str | None]:
+        """``(items done, last acknowledged record id)`` for a file; ``(0, None)`` if none."""
+        if self.path is None:
+            return 0, None
+        e = self._read().get(self.key(digest))
+        if not isinstance(e, dict) or not isinstance(e.get("done"), int) or e["done"] < 0:
+            return 0, None
+        last = e.get("last_id")
+        return e["done"], last if isinstance(last, str) else None
+
+    def set(self, digest: str, done: int, last_id: str | None, name: str) -> None:
+        """Record progress for a file."""
+        if self.path is None:
+            return
+        with self._locked():
+            files = self._read()
+            files[self.key(digest)] = {"done": done, "last_id": last_id, "file": name}
+            self._write(files)
+
+    def clear(self, digest: str) -> None:
+        """Forget a file (its import completed)."""
+        if self.path is None:
+            return
+        with self._locked():
+            files = self._read()
+            if files.pop(self.key(digest), None) is not None:
+                self._write(files)
+
+    def reset(self) -> None:
+        """Forget every file (``--restart``)."""
+        if self.path is None:
+            return
+        with self._locked(), contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@dataclass
+class ImportCounts:
+    """Totals of one import run.
+
+    ``failed`` counts records the service or the importer refused *and* whole files that could
+    not be read (each such file once; also in ``files_failed``). ``acknowledged`` = records
+    whose handling is settled: answered by the service in this run or skipped by the checkpoint.
+    """
+
+    imported: int = 0
+    skipped: int = 0
+    failed: int = 0
+    other_resources: int = 0
+    files_failed: int = 0
+    acknowledged: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON-ready counts."""
+        return dict(self.__dict__)
+
+
+def import_files(client: BatchClient, files: list[Path], state_path: Path | None, *,
+                 progress: Callable[[int, str], None] | None = None,
+                 on_failure: Callable[[str, str], None] | None = None, target: str = "",
+                 counts: ImportCounts | None = None,
+                 on_notice: Callable[[str], None] | None = None) -> ImportCounts:
+    """Import ``files`` through ``client`` in batches of :data:`BATCH`; resumable via ``state_path``.
+
+    Args:
+        client: a RecordsClient (or anything with ``batch(items)`` and ``get(id)``).
+        files: input files (Synthea CSV, FHIR Bundle/NDJSON/Patient JSON).
+        state_path: JSON checkpoint file (None = not resumable); see :class:`ImportCheckpoint`.
+        progress: optional callable ``(advance_items: int, description: str)``.
+        on_failure: optional callable ``(source: str, reason: str)``.
+        target: the service identity the checkpoint is keyed on
+            (:attr:`~safehold.client.connection.Connection.target`).
+        counts: totals to update in place (so a caller still has them after an exception).
+        on_notice: optional callable ``(message: str)`` (e.g. a stale checkpoint restarted).
+
+    Raises:
+        RecordsClientError / AttestationError / transport errors: the service failed or failed
+            appraisal (the checkpoint keeps what was acknowledged so far).
+    """
+    ckpt = ImportCheckpoint(state_path, target)
+    counts = counts if counts is not None else ImportCounts()
+
+    def file_failed(f: Path, reason: str) -> None:
+        counts.failed += 1
+        counts.files_failed += 1
+        if on_failure:
+            on_failure(str(f), reason.removeprefix(f"{f}: "))
+
+    for f in files:
+        try:
+            digest = file_digest(f)
+        except OSError as e:
+            file_failed(f, f"cannot read ({e.strerror})")
+            continue
+        done, last_id = ckpt.get(digest)
+        if done and last_id is not None:
+            try:
+                client.get(last_id)
+            except RecordNotFoundError:
+                done = 0
+                if on_notice:
+                    on_notice(f"{f.name}: the last checkpointed record is not on the service "
+                              "(deleted, or a new store): importing the file from the start")
+        elif done:
+            done = 0  # nothing to verify the checkpoint against: start over (safe, idempotent)
+        pos = 0
+        last_ok = last_id if done else None
+        batch: list[ImportItem] = []
+
+        def flush(batch: list[ImportItem], pos: int, digest: str = digest, name: str = f.name) -> None:
+            nonlocal last_ok
+            if not batch:
+                return
+            results = client.batch([(it.id, it.record) for it in batch])
+            for it, res in zip(batch, results, strict=True):
+                st = res.get("status")
+                if st in ("created", "updated"):
+                    counts.imported += 1
+                    last_ok = it.id
+                elif st == "unchanged":
+                    counts.skipped += 1
+                    last_ok = it.id
+                else:
+                    counts.failed += 1
+                    if on_failure:
+                        on_failure(it.source, str(res.get("error", "failed")))
+            counts.acknowledged += len(batch)
+            ckpt.set(digest, pos, last_ok, name)
+            if progress:
+                progress(len(batch), name)
+
+        try:
+            for item in iter_file(f):
+                pos += 1
+                if isinstance(item, ImportProblem):
+                    # counted on every run, resumed or not, so the totals do not depend on it
+                    if item.skipped:
+                        counts.other_resources += 1
+                    else:
+                        counts.failed += 1
+                        if on_failure:
+                            on_failure(item.source, item.reason)
+                    continue
+                if pos <= done:
+                    counts.skipped += 1
+                    counts.acknowledged += 1
+                    if progress:
+                        progress(1, f.name)
+                    continue
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    flush(batch, pos)
+                    batch = []
+            flush(batch, pos)
+            ckpt.clear(digest)
+        except ImportFormatError as e:
+            file_failed(f, str(e))
+    return counts
+
+
+def count_patients(files: list[Path]) -> int:
+    """Number of importable records in ``files`` (for the progress bar total)."""
+    n = 0
+    for f in files:
+        try:
+            n += sum(1 for x in iter_file(f) if isinstance(x, ImportItem))
+        except ImportFormatError:
+            pass
+    return n
+
+
+def expand_paths(paths: Iterable[str]) -> list[Path]:
+    """Files named directly, plus ``*.csv`` / ``*.json`` / ``*.ndjson`` inside named directories."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(x for x in p.iterdir() if x.suffix in (".csv", ".json", ".ndjson")
+                          and x.name != "package.json" and not (x.suffix == ".csv" and x.stem != "patients"))
+        else:
+            out.append(p)
+    return out

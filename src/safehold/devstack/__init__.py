@@ -1,0 +1,103 @@
+"""The local development stack: the key broker and the records service on this machine.
+
+What ``safehold up``, ``safehold demo`` and ``safehold status`` do, as a library (the
+benchmarks and the tests start stacks with it too):
+
+* :mod:`~safehold.devstack.stack` — :class:`Stack`, its errors, the data directory's lock;
+* :mod:`~safehold.devstack.datadir` — :func:`prepare`: tokens, owner key, the measured
+  ``records.toml``, manifest and client policy;
+* :mod:`~safehold.devstack.processes` — :func:`start` / :func:`stop` the processes;
+* :mod:`~safehold.devstack.status` — :func:`stack_status` (``safehold status``);
+* :mod:`~safehold.devstack.demo` — :func:`run_demo` (``safehold demo``).
+
+Layout of the data directory (default ``./safehold-data``, created 0700)::
+
+    manifest.toml      the data owner's manifest: Reference Values = the measured records workload
+    records.toml       the records service's measured configuration (access list, resources)
+    policy.toml        the appraisal policy clients use for the records service's Evidence
+    tokens.json        bearer tokens (0600): admin / writer / reader
+    owner.key          the manifest owner's (user admin) Ed25519 signing key (0600), owner.pub
+    ca.pem             the broker's workload CA (also GET /ca, /v1/values/session=safehold)
+    up.json            URLs, paths and the admin token for `safehold patients` (0600)
+    broker/            broker state (sealed master key, SQLite), its simulated TEE
+    tee/               the records node's simulated TEE (platform key, simulated root CA)
+    records.db         the encrypted records (SQLite; or --store postgresql://…)
+
+The broker and the records service run as separate processes on loopback. The records service
+attests to the broker at start; only a workload whose measurement equals the manifest's
+Reference Value gets its keyset and TLS identity. Ctrl-C / SIGTERM stops both cleanly.
+
+Every security setting is in the measured ``records.toml`` — encryption, audit, listen host,
+SCONE authentication, the access list and the pin of the broker's identity (SHA-256 of the
+broker's workload CA certificate, so the broker's CA is created before anything is measured).
+Only plumbing (ports, URLs, paths, the store location) is passed as ``SAFEHOLD_RECORDS_*``
+environment variables, so changing a port does not change the measurement (the database is
+untrusted by design, its location is not a secret); the service refuses a variable that names a
+measured setting.
+"""
+
+from __future__ import annotations
+
+from safehold.devstack.datadir import (
+    broker_ca_pin,
+    main_records_config,
+    make_data_dir,
+    measure_records,
+    owner_key,
+    prepare,
+    records_config,
+    tokens,
+)
+from safehold.devstack.processes import (
+    MANIFEST_REFUSED,
+    broker_cmd,
+    check_port,
+    records_cmd,
+    records_env,
+    start,
+    stop,
+    summary_lines,
+    update_manifest,
+    wait_broker,
+    wait_records,
+)
+from safehold.devstack.stack import (
+    LOCK_FILE,
+    SCONE_AUTH_CHOICES,
+    DataDirBusyError,
+    Stack,
+    StackError,
+    base_env,
+    lock_data_dir,
+    unlock_data_dir,
+)
+
+__all__ = [
+    "LOCK_FILE",
+    "MANIFEST_REFUSED",
+    "SCONE_AUTH_CHOICES",
+    "DataDirBusyError",
+    "Stack",
+    "StackError",
+    "base_env",
+    "broker_ca_pin",
+    "broker_cmd",
+    "check_port",
+    "lock_data_dir",
+    "main_records_config",
+    "make_data_dir",
+    "measure_records",
+    "owner_key",
+    "prepare",
+    "records_cmd",
+    "records_config",
+    "records_env",
+    "start",
+    "stop",
+    "summary_lines",
+    "tokens",
+    "unlock_data_dir",
+    "update_manifest",
+    "wait_broker",
+    "wait_records",
+]

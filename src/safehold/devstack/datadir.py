@@ -1,0 +1,295 @@
+"""The data directory of the local stack: tokens, the owner key, the measured records
+configuration, the manifest and the client policy (:func:`prepare`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from safehold.devstack.stack import (
+    SCONE_AUTH_CHOICES,
+    SESSION_NAME,
+    WORKLOAD,
+    Stack,
+    StackError,
+    base_env,
+    lock_data_dir,
+    unlock_data_dir,
+)
+from safehold.errors import ConfigError
+
+__all__ = ["broker_ca_pin", "main_records_config", "make_data_dir", "measure_records", "owner_key",
+           "prepare", "records_config", "tokens", "write_private"]
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, created (or truncated) with mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def tokens(data_dir: Path) -> dict[str, str]:
+    """The stack's bearer tokens (created once, 256-bit random, base64url): role → token."""
+    p = data_dir / "tokens.json"
+    if p.exists():
+        return json.loads(p.read_text("utf-8"))
+    t = {role: secrets.token_urlsafe(32) for role in ("admin", "writer", "reader")}
+    write_private(p, json.dumps(t, indent=2).encode())
+    return t
+
+
+def owner_key(data_dir: Path) -> str:
+    """The dev manifest owner's Ed25519 signing key (RFC 8032), created once: ``owner.key``
+    (PKCS#8 PEM, 0600) and ``owner.pub`` in ``data_dir``. Returns the public key (SPKI PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    priv = data_dir / "owner.key"
+    if priv.exists():
+        try:
+            key = serialization.load_pem_private_key(priv.read_bytes(), password=None)
+        except ValueError:
+            raise StackError(f"{priv} is not a PEM private key (remove it to make a new one)") from None
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+    (data_dir / "owner.pub").write_text(pub, "ascii")
+    return pub
+
+
+def _sha(t: str) -> str:
+    return hashlib.sha256(t.encode("utf-8")).hexdigest()
+
+
+def records_config(tok: dict[str, str], *, encryption: bool = True, scone_auth: str = "none",
+                   host: str = "127.0.0.1", broker_ca_sha256: str = "") -> dict[str, Any]:
+    """The measured records configuration (see :class:`safehold.records.config.ServiceConfig`).
+
+    ``broker_ca_sha256`` (hex SHA-256 of the broker CA's DER) may be left empty:
+    :func:`prepare` fills in the pin of the data directory's broker.
+    """
+    return {
+        "workload": WORKLOAD,
+        "keyset_resource": "default/keyset/records-keyset",
+        "tls_resource": "default/certificate/records-tls",
+        "broker_ca_sha256": broker_ca_sha256,
+        "host": host,
+        "encryption": encryption,
+        "audit": True,
+        "scone_auth": scone_auth,
+        "access": {
+            "tokens": {_sha(t): {"name": role, "role": role} for role, t in tok.items()},
+            # client certificates from the broker (`safehold broker client-cert <CN>`), by CN
+            "certificates": {"admin": "admin", "writer": "writer", "reader": "reader"},
+        },
+    }
+
+
+def measure_records(data_dir: Path, config_path: Path, *,
+                    package_root: str | None = None) -> tuple[str, Path]:
+    """Measure the records workload as its simulated TEE will: ``(hex measurement, root CA path)``."""
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+
+    att = SimulatedAttester(data_dir / "tee", workload_files=[config_path], package_root=package_root)
+    return att.measurement.hex(), att.root_ca_path
+
+
+def broker_ca_pin(data_dir: Path, package_root: str | None = None) -> str:
+    """Create the broker's state (keys, workload CA) if new and return the pin of its CA:
+    hex SHA-256 of the DER of ``<data_dir>/broker/ca.pem``.
+
+    The broker state is opened in a child process with the broker's own environment (same
+    package, so the same sealing identity), without a manifest; it writes ``broker/ca.pem``.
+
+    Raises:
+        StackError: the broker state did not open (e.g. recovery mode: no CA available).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ca = data_dir / "broker" / "ca.pem"
+    if not ca.exists():
+        env = base_env(Stack(data_dir, 0, 0, None, package_root=package_root))
+        code = ("import sys; from safehold.broker.server import open_broker; "
+                "open_broker(sys.argv[1]).state.store.close()")
+        r = subprocess.run([sys.executable, "-c", code, str(data_dir / "broker")], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 or not ca.exists():
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no workload CA written"]
+            raise StackError(f"the broker's state did not open to create its workload CA: {tail[0]}")
+    try:
+        cert = x509.load_pem_x509_certificate(ca.read_bytes())
+    except ValueError:
+        raise StackError(f"{ca} is not a PEM certificate") from None
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def make_data_dir(data_dir: str | os.PathLike[str]) -> Path:
+    """Create the data directory (0700) if missing and check it is a writable directory.
+
+    Returns:
+        its resolved path.
+
+    Raises:
+        ConfigError: one line naming the directory and why it is unusable.
+    """
+    d = Path(data_dir).resolve()
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise ConfigError(f"data directory {d}: exists and is not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"data directory {d}: cannot create it ({e.strerror})") from None
+    if not d.is_dir():
+        raise ConfigError(f"data directory {d}: not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"data directory {d}: not writable")
+    return d
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    """The parsed TOML file, None if it does not exist; unparsable → ``{"<unparsable>": …}``."""
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return {"<unparsable>": str(e)}
+
+
+def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str | None,
+                        reset: bool) -> dict[str, Any]:
+    """The ``records.toml`` that ``safehold up`` uses for data directory ``d``.
+
+    An existing file is never overwritten silently: ``scone_auth`` defaults to the file's value
+    (else ``"none"``); a file that differs in anything else (an edit, or one from another
+    Safehold version) is refused unless ``reset`` (regenerate). An explicit ``scone_auth`` that
+    differs from the file's is a requested change and is applied.
+
+    Raises:
+        ConfigError: the existing file differs (names the keys) and ``reset`` is false.
+    """
+    path = d / "records.toml"
+    existing = None if reset else _read_toml(path)
+    explicit = scone_auth is not None
+    if scone_auth is None:
+        old = (existing or {}).get("scone_auth")
+        scone_auth = old if old in SCONE_AUTH_CHOICES else "none"
+    if scone_auth not in SCONE_AUTH_CHOICES:
+        raise ConfigError(f"scone_auth must be one of {', '.join(SCONE_AUTH_CHOICES)}, got {scone_auth!r}")
+    cfg = {**records_config(tok, scone_auth=scone_auth), "broker_ca_sha256": pin}
+    if existing is not None:
+        diff = sorted(k for k in set(existing) | set(cfg) if existing.get(k) != cfg.get(k))
+        if explicit:
+            diff = [k for k in diff if k != "scone_auth"]
+        if diff:
+            raise ConfigError(
+                f"{path} differs from what `safehold up` writes (key(s): {', '.join(diff)}); "
+                "it is not overwritten: undo the edit, or pass --reset to regenerate it "
+                "(the measurement, and so the manifest, may change)"
+            )
+    return cfg
+
+
+def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, records_port: int = 8700,
+            scone_port: int | None = 4996, store_url: str | None = None,
+            extra_configs: dict[str, dict[str, Any]] | None = None,
+            package_root: str | None = None, scone_auth: str | None = None,
+            reset: bool = False) -> Stack:
+    """Lock the data directory, then create tokens, the broker's workload CA, the measured
+    config (pinning that CA), the manifest and the client policy.
+
+    The returned Stack holds ``<data_dir>/up.lock`` until :func:`stop` (see
+    :func:`lock_data_dir`).
+
+    Args:
+        extra_configs: more measured records configurations (file name → config) whose
+            measurements the manifest also accepts (the benchmark's encryption-off service).
+        package_root: run the processes from this copy of the ``safehold`` package (tests use a
+            snapshot so that edits to the working tree cannot change the measurement mid-run).
+        scone_auth: ``"none"`` / ``"token"`` for the SCONE-compatible port; None keeps an
+            existing ``records.toml``'s value (else ``"none"``). See :func:`main_records_config`.
+        reset: regenerate ``records.toml`` even if it differs from what ``up`` writes.
+
+    Raises:
+        DataDirBusyError: another stack runs on this data directory.
+        ConfigError: unusable data directory, edited ``records.toml`` (without ``reset``), or
+            the manifest does not validate.
+    """
+    d = make_data_dir(data_dir)
+    lock = lock_data_dir(d)
+    try:
+        s = _prepare(d, broker_port=broker_port, records_port=records_port, scone_port=scone_port,
+                     store_url=store_url, extra_configs=extra_configs, package_root=package_root,
+                     scone_auth=scone_auth, reset=reset)
+    except BaseException:
+        unlock_data_dir(lock)
+        raise
+    s.lock = lock
+    return s
+
+
+def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | None,
+             store_url: str | None, extra_configs: dict[str, dict[str, Any]] | None,
+             package_root: str | None, scone_auth: str | None, reset: bool) -> Stack:
+    """:func:`prepare` after the data directory is created and locked."""
+    from safehold.broker.manifest import load_manifest
+
+    tok = tokens(d)
+    pin = broker_ca_pin(d, package_root)
+    cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset), **(extra_configs or {})}
+    measurements = []
+    root = None
+    for name, cfg in cfgs.items():
+        cfg = {**cfg, "broker_ca_sha256": cfg.get("broker_ca_sha256") or pin}
+        p = d / name
+        p.write_text(tomli_w.dumps(cfg), "utf-8")
+        m, root = measure_records(d, p, package_root=package_root)
+        measurements.append(m)
+    assert root is not None
+    policy = {
+        "name": "safehold-records-dev",
+        "allow_simulated": True,
+        "simulated_root": str(root),
+        "reference_values": {"measurements": measurements},
+    }
+    manifest = {
+        "name": SESSION_NAME,
+        "repository": "default",
+        "workloads": {WORKLOAD: {"secrets": ["records-keyset", "records-tls"], "policy": policy}},
+        "secrets": {
+            "records-keyset": {"type": "keyset"},
+            "records-tls": {"type": "certificate", "dns_names": ["api", "localhost"],
+                            "ip_addresses": ["127.0.0.1"], "validity_days": 30},
+        },
+        # the owner's public key lets `safehold broker manifest update --signer admin --key
+        # <data-dir>/owner.key` sign updates of this dev manifest
+        "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"]),
+                            "public_key": owner_key(d)}},
+    }
+    text = tomli_w.dumps(manifest)
+    load_manifest(text.encode(), filename="manifest.toml")  # fail here, clearly, not in the broker
+    old_manifest = _read_toml(d / "manifest.toml")
+    (d / "manifest.toml").write_text(text, "utf-8")
+    client_policy = {**policy, "name": "safehold-records-client", "report_data": "required"}
+    (d / "policy.toml").write_text(tomli_w.dumps(client_policy), "utf-8")
+    s = Stack(d, broker_port, records_port, scone_port,
+              store_url or f"sqlite:///{d / 'records.db'}", package_root)
+    s.info = {"measurements": measurements}
+    if old_manifest is not None and old_manifest != manifest:
+        s.info["manifest_changed"] = True  # a broker that installed the old one refuses the new
+    return s
+

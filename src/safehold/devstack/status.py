@@ -1,0 +1,70 @@
+"""The status of a running local stack (``safehold status``).
+
+Reads ``<data dir>/up.json``, asks the broker for its status (over TLS pinned to the workload
+CA), attests the records service (RA-TLS appraisal under the client policy) and counts records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from safehold.client.connection import load_connection, open_client, transport_reason
+from safehold.errors import ConfigError, SafeholdError
+
+__all__ = ["stack_status"]
+
+
+def stack_status(data_dir: str | os.PathLike[str], *,
+                 show: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Status of the stack in ``data_dir`` as a JSON-ready dict.
+
+    ``broker.ok`` / ``records.attested`` say whether each answered (and attested).
+
+    Args:
+        show: displays the one-line simulated-TEE warning (default: stderr).
+
+    Raises:
+        ConfigError: no ``up.json`` (the stack is not running) or an unreadable one.
+    """
+    p = Path(data_dir) / "up.json"
+    if not p.exists():
+        raise ConfigError(f"no running stack: {p} not found (start one with `safehold up`)")
+    try:
+        info = json.loads(p.read_text("utf-8"))
+        broker_url, records_url, ca = info["broker_url"], info["records_url"], info["ca"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{p}: unreadable ({type(e).__name__}: {e})") from None
+    out: dict[str, Any] = {"data_dir": str(Path(data_dir).resolve())}
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+        r = httpx.get(f"{broker_url}/status", verify=ctx, timeout=5)
+        ok = r.status_code == 200
+        out["broker"] = {"url": broker_url, "ok": ok, "status": r.json() if ok else f"HTTP {r.status_code}"}
+    except (httpx.HTTPError, ssl.SSLError, OSError, ValueError) as e:
+        out["broker"] = {"url": broker_url, "ok": False,
+                         "status": f"cannot reach the broker at {broker_url}: {transport_reason(e)}"}
+
+    rec: dict[str, Any] = {"url": records_url}
+    try:
+        conn = load_connection(data_dir)
+        with open_client(conn) if show is None else open_client(conn, show=show) as c:
+            rec["records"] = sum(1 for _ in c.list_ids())
+            rec["attested"] = True
+            appraisal = c.appraisal
+            if appraisal is not None:
+                rec["measurement"] = appraisal.claims.measurement.hex()
+                rec["tee_type"] = appraisal.claims.tee_type
+    except SafeholdError as e:
+        rec["attested"] = False
+        rec["error"] = str(e) or type(e).__name__
+    out["records"] = rec
+    if info.get("scone_port"):
+        out["scone_url"] = f"https://api:{info['scone_port']}"
+    return out

@@ -1,0 +1,148 @@
+"""The records service's configuration: the measured TOML file plus run-time plumbing.
+
+Only the configuration file is measured (it is part of the workload's measurement, so the data
+owner's manifest approves it), so the ``SAFEHOLD_RECORDS_*`` environment variables may set only
+the run-time plumbing in :data:`RUNTIME_SETTINGS` (ports, paths, URLs); a variable naming any
+security setting (:data:`MEASURED_SETTINGS`) makes the service refuse to start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from safehold.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "MEASURED_SETTINGS", "RUNTIME_SETTINGS", "ServiceConfig", "is_loopback"]
+
+#: Settings the environment may set (``SAFEHOLD_RECORDS_<NAME>``): plumbing whose value cannot
+#: weaken confidentiality or access control (the database is untrusted by design; the broker
+#: URL only says where to look, its identity is pinned by the measured ``broker_ca_sha256``).
+RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url", "port",
+                              "scone_port", "ready_file"})
+#: Settings only the measured configuration file may set.
+MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "host",
+                               "scone_auth", "encryption", "audit", "access", "broker_ca_sha256"})
+ENV_PREFIX = "SAFEHOLD_RECORDS_"
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is ``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServiceConfig:
+    """Records service configuration (TOML keys = attribute names).
+
+    Settings in :data:`MEASURED_SETTINGS` come only from the measured file; those in
+    :data:`RUNTIME_SETTINGS` may also come from ``SAFEHOLD_RECORDS_<NAME>`` variables.
+
+    Attributes:
+        data_dir: directory for the simulated TEE keys and the default SQLite file.
+        broker_url: the broker's base URL (``https://127.0.0.1:8443``).
+        broker_ca: PEM file of the broker's workload CA (run-time); it must be the certificate
+            pinned by ``broker_ca_sha256`` and the broker's TLS certificate must chain to it.
+        broker_ca_sha256: measured pin of the broker's identity: SHA-256 (64 hex digits) of the
+            DER encoding of the broker's workload CA certificate. Required.
+        store_url: ``sqlite:///path`` or ``postgresql://…``; default ``<data_dir>/records.db``.
+        workload: the manifest's workload name for this service.
+        keyset_resource / tls_resource: KBS resource paths ``<repository>/<type>/<tag>`` of
+            the keyset and of the certificate secret.
+        host: listen address (loopback by default; measured).
+        port: native API port (0 = pick a free one and report it in ``ready_file``).
+        scone_port: SCONE-compatible port (default 4996; None disables it).
+        scone_auth: ``none`` (as the SCONE demo; only with a loopback ``host``) or ``token``.
+        encryption: True; False only for the benchmark's baseline (a pass-through codec),
+            and only through the measured file (the service then warns loudly at start).
+        ready_file: if set, a JSON file written once both ports listen (URLs, ports, pid).
+        audit: keep the access audit (True by default).
+        access: the access list (``[access.tokens."<sha256 hex>"]`` name/role tables and
+            ``[access.certificates]`` CN = role), see :class:`safehold.records.access.AccessList`.
+            It is part of the measured configuration: changing who may call the service changes
+            its measurement, so the data owner's manifest must approve it.
+    """
+
+    data_dir: str = "./safehold-data"
+    broker_url: str = "https://127.0.0.1:8443"
+    broker_ca: str = ""
+    broker_ca_sha256: str = ""
+    store_url: str = ""
+    workload: str = "records"
+    keyset_resource: str = "default/keyset/records-keyset"
+    tls_resource: str = "default/certificate/records-tls"
+    host: str = "127.0.0.1"
+    port: int = 8700
+    scone_port: int | None = 4996
+    scone_auth: str = "none"
+    encryption: bool = True
+    ready_file: str = ""
+    audit: bool = True
+    access: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
+        """Read the measured TOML file (``path`` may be None) and apply the run-time
+        ``SAFEHOLD_RECORDS_<NAME>`` variables of ``env`` (default ``os.environ``).
+
+        Raises:
+            ConfigError: unreadable TOML, unknown keys, values of the wrong type; an environment
+                variable for a measured setting (or an unknown one); no broker pin; or
+                ``scone_auth = "none"`` with a SCONE port on a non-loopback ``host``.
+        """
+        data: dict[str, Any] = {}
+        if path:
+            try:
+                data = tomllib.loads(Path(path).read_text("utf-8"))
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"records service config {path}: {e}") from None
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"records service config: unknown keys {unknown}")
+        env = dict(os.environ) if env is None else env
+        for var in sorted(k for k in env if k.startswith(ENV_PREFIX)):
+            name = var[len(ENV_PREFIX):].lower()
+            if name in MEASURED_SETTINGS:
+                # refuse rather than ignore: the unmeasured host must not change security settings
+                raise ConfigError(f"{var} is set, but {name!r} is a measured setting: only the "
+                                  "measured config file may set it (unset the variable)")
+            if name not in RUNTIME_SETTINGS:
+                raise ConfigError(f"{var}: unknown setting; the environment may set only "
+                                  f"{sorted(n.upper() for n in RUNTIME_SETTINGS)}")
+            data[name] = env[var]
+        cfg = cls(**data)
+        for name in ("port", "scone_port"):
+            v = getattr(cfg, name)
+            if isinstance(v, str):
+                try:
+                    setattr(cfg, name, None if v.lower() in ("", "none", "off") else int(v))
+                except ValueError:
+                    raise ConfigError(f"{name} must be a port number or 'none', got {v!r}") from None
+        for name in ("encryption", "audit"):
+            if not isinstance(getattr(cfg, name), bool):  # only TOML booleans, never "0"/"off"
+                raise ConfigError(f"{name} must be a TOML boolean, got {getattr(cfg, name)!r}")
+        if cfg.scone_auth not in ("none", "token"):
+            raise ConfigError(f"scone_auth must be 'none' or 'token', got {cfg.scone_auth!r}")
+        if cfg.scone_auth == "none" and cfg.scone_port is not None and not is_loopback(cfg.host):
+            raise ConfigError(
+                f"scone_auth = 'none' serves records without authentication; it is allowed only "
+                f"on a loopback host, got host {cfg.host!r} (set scone_auth = 'token')"
+            )
+        pin = cfg.broker_ca_sha256.lower()
+        if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+            raise ConfigError("broker_ca_sha256 must pin the broker's workload CA in the measured "
+                              f"config (64 hex digits of SHA-256 over its DER), got {pin[:70]!r}")
+        cfg.broker_ca_sha256 = pin
+        if not cfg.store_url:
+            cfg.store_url = f"sqlite:///{Path(cfg.data_dir).resolve() / 'records.db'}"
+        return cfg

@@ -1,0 +1,419 @@
+"""The records service's HTTP layer: the native REST API (FastAPI) and the shared HTTP plumbing.
+
+Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat records):
+
+==========================================  ========  =============================================
+``PUT /v1/patients/{id}``                   writer    create/replace; ``If-Match: "<version>"``
+                                                      for compare-and-set (412 on mismatch);
+                                                      201 created / 200 updated; ``ETag``
+``GET /v1/patients/{id}``                   reader    the record; ``ETag: "<version>"``; 404;
+                                                      409 ``record-tampered`` for a bad row
+``DELETE /v1/patients/{id}``                writer    204; 404; ``If-Match`` as above
+``GET /v1/patients?cursor=&limit=``         reader    ``{"ids": [...], "next": cursor|null}``
+``GET /v1/patients?family=..&birthDate=..`` reader    exact search on :data:`SEARCH_FIELDS`
+                                                      → ``{"records": [{"id", "record",
+                                                      "version"}]}``
+                                                      (≤ ``limit``; ``"truncated": true`` if
+                                                      more matched)
+``POST /v1/patients:batch``                 writer    ``{"records": [{"id", "record"}]}`` (≤ 500)
+                                                      → ``{"results": [{"id", "status", ...}]}``
+                                                      (not atomic: per-item results; a
+                                                      malformed item → 400, nothing written)
+``GET /v1/audit/verify``                    admin     ``{"entries": n}`` or 409 with the break
+                                                      (incl. a tail cut off behind the head)
+``POST /v1/audit/reseal``                   admin     accept the log as it is after a failed
+                                                      head check; ``{"entries": n}``
+``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
+``GET /openapi.json``                       none      the OpenAPI 3.1 description
+==========================================  ========  =============================================
+
+Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content —
+also FastAPI's own: query validation (400 ``invalid``), unknown path (404 ``no-such-endpoint``),
+wrong method (405 ``method-not-allowed``). A body over the limit (:data:`MAX_RECORD_BYTES` for
+a PUT, :data:`MAX_BATCH_BYTES` for a batch; plain or chunked) → 413 ``too-large`` naming the
+limit, decided while reading (never buffered whole). JSON bodies holding ``NaN`` /
+``Infinity`` / ``-Infinity`` (not JSON, RFC 8259 §6) → 400 ``invalid``. A corrupt store →
+500 ``store-corrupt`` naming the store.
+
+Authentication: a bearer token (``Authorization: Bearer <token>``) whose SHA-256 appears in the
+access list the broker released to this workload, or a client certificate issued by the
+broker's workload CA (mutual TLS) whose subject CN appears in that list
+(:mod:`safehold.records.access`). Roles are ordered ``reader`` < ``writer`` < ``admin``.
+
+Layout: the routes are module-level functions on :data:`router`; :func:`create_native_app`
+makes the app and puts its collaborators in ``app.state.records`` (a :class:`NativeAPI`). Every
+HTTP status code of the records service is chosen in this module (:func:`error_response`) or in
+:mod:`safehold.records.scone_http`; the core below raises Safehold errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from safehold.errors import (
+    AuditChainError,
+    ConfigError,
+    RecordError,
+    RecordNotFoundError,
+    RecordTamperedError,
+    SafeholdError,
+    StoreError,
+)
+from safehold.records.access import (
+    AccessList,
+    AuthenticationError,
+    PermissionDeniedError,
+    Principal,
+)
+from safehold.records.model import (
+    MAX_BATCH,
+    MAX_RECORD_BYTES,
+    SEARCH_FIELDS,
+    InvalidRecordError,
+    NonFiniteNumberError,
+    loads_strict,
+    parse_batch,
+    parse_record,
+)
+from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
+from safehold.store.errors import StoreCorruptError
+
+__all__ = ["MAX_BATCH_BYTES", "NativeAPI", "PayloadTooLargeError", "authenticate", "create_native_app",
+           "error_response", "read_body", "router"]
+
+#: Largest ``POST /v1/patients:batch`` body (bytes); split bigger imports into several batches.
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+#: An over-limit body is read and dropped up to this many bytes, so the client sees the 413
+#: instead of a reset connection; beyond it the connection is closed.
+_DRAIN_BYTES = 16 * 1024 * 1024
+
+AccessSource = AccessList | Callable[[], AccessList]
+
+
+class PayloadTooLargeError(InvalidRecordError):
+    """The request body is over the endpoint's limit (413; the message names the limit)."""
+
+
+@dataclass(frozen=True)
+class NativeAPI:
+    """What the native API's routes work with (``app.state.records``).
+
+    Attributes:
+        repo: the repository.
+        access: returns the current access list (called per request: the list may be reloaded).
+        health: for ``/healthz`` (None: always healthy).
+    """
+
+    repo: PatientRepository
+    access: Callable[[], AccessList]
+    health: Callable[[], bool] | None = None
+
+
+def access_getter(acl: AccessSource) -> Callable[[], AccessList]:
+    """``acl`` as a callable (a fixed list, or a callable that allows reloads)."""
+    if isinstance(acl, AccessList):
+        fixed = acl
+        return lambda: fixed
+    return acl
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+#: Safehold errors → (HTTP status, error code); the first matching class wins.
+_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (AuthenticationError, 401, "unauthorized"),
+    (PermissionDeniedError, 403, "forbidden"),
+    (RecordNotFoundError, 404, "not-found"),
+    (AlreadyExistsError, 409, "exists"),
+    (PreconditionFailedError, 412, "precondition-failed"),
+    (RecordTamperedError, 409, "record-tampered"),
+    (PayloadTooLargeError, 413, "too-large"),
+    (InvalidRecordError, 400, "invalid"),
+    (AuditChainError, 409, "audit-chain-broken"),
+    (StoreCorruptError, 500, "store-corrupt"),
+    (StoreError, 503, "store-unavailable"),
+    (RecordError, 500, "record-error"),
+)
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """Map a Safehold error to a JSON error response (no record content in any message)."""
+    for cls, status, code in _ERRORS:
+        if isinstance(e, cls):
+            return JSONResponse({"error": code, "detail": str(e)}, status_code=status)
+    return JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
+
+
+async def on_safehold_error(request: Request, exc: Exception) -> JSONResponse:
+    """Exception handler: Safehold errors in the documented shape."""
+    return error_response(exc)
+
+
+async def on_invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """Exception handler: FastAPI's request validation → 400 ``invalid``."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"error": "invalid", "detail": _validation_detail(exc)}, status_code=400)
+
+
+async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Exception handler: FastAPI's own 404/405 for paths and methods it does not serve (the
+    path is not echoed: it may hold a record id)."""
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: ("no-such-endpoint", "no such endpoint (see /openapi.json)"),
+             405: ("method-not-allowed", f"method {request.method} is not allowed here")}
+    code, detail = codes.get(exc.status_code, ("http-error", str(exc.detail)))
+    return JSONResponse({"error": code, "detail": detail}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """Name each bad parameter and the rule it broke; never echo the value (it may be a name)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = [str(x) for x in err.get("loc", ())]
+        where = f"{loc[0]} parameter {loc[-1]!r}" if len(loc) >= 2 else ".".join(loc) or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "request is invalid"
+
+
+# --- request plumbing ------------------------------------------------------------------------
+
+
+def authenticate(acl: AccessList, request: Request) -> Principal:
+    """Return the caller's principal (client certificate first, then bearer token).
+
+    Raises:
+        AuthenticationError: neither identifies a known principal (401).
+    """
+    der = getattr(request.state, "tls_peer_cert", None)
+    return acl.principal(certificate=der, authorization=request.headers.get("authorization", ""))
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """Read the request body (plain or chunked), at most ``limit`` bytes.
+
+    Raises:
+        PayloadTooLargeError: ``Content-Length`` or the bytes received exceed ``limit`` (the
+            rest is read and dropped up to a bound, so the client gets the 413).
+    """
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    buf = bytearray()
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if not too_big:
+            buf += chunk
+            too_big = received > limit
+        if too_big and received > _DRAIN_BYTES:
+            break
+    if too_big:
+        raise PayloadTooLargeError(f"{what} is over the limit of {limit} bytes")
+    return bytes(buf)
+
+
+def _batch_items(body: bytes) -> list[tuple[object, object]]:
+    """The ``(id, record)`` pairs of a batch body ``{"records": [{"id", "record"}, ...]}``.
+
+    Raises:
+        InvalidRecordError: not JSON, or not that envelope (at most :data:`MAX_BATCH` items).
+    """
+    try:
+        doc = loads_strict(body)
+    except NonFiniteNumberError as e:
+        raise InvalidRecordError(f"batch body: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidRecordError("batch body is not JSON") from None
+    recs = doc.get("records") if isinstance(doc, dict) else None
+    if not isinstance(recs, list) or len(recs) > MAX_BATCH:
+        raise InvalidRecordError(f'batch body must be {{"records": [...]}} with at most {MAX_BATCH} items')
+    items: list[tuple[object, object]] = []
+    for i, r in enumerate(recs):
+        if not isinstance(r, dict):
+            raise InvalidRecordError(f'batch item {i}: must be {{"id": str, "record": object}}')
+        items.append((r.get("id"), r.get("record")))
+    return items
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _if_match(value: str | None) -> int | None:
+    if value is None:
+        return None
+    v = value.strip().removeprefix("W/").strip('"')
+    if not v.isdigit():
+        raise InvalidRecordError('If-Match must be a version ETag such as "3"')
+    return int(v)
+
+
+def _api(request: Request) -> NativeAPI:
+    api: NativeAPI = request.app.state.records
+    return api
+
+
+async def _principal(request: Request, role: str) -> Principal:
+    api = _api(request)
+    p = authenticate(api.access(), request)
+    if not p.can(role):
+        if api.repo.audit is not None:
+            await run_in_threadpool(api.repo.audit.append, p.name, request.method.lower(), None, "denied")
+        p.require(role)  # raises PermissionDeniedError (403)
+    return p
+
+
+async def reader(request: Request) -> Principal:
+    """Dependency: an authenticated caller with role ``reader`` or more (async: no thread hop)."""
+    return await _principal(request, "reader")
+
+
+async def writer(request: Request) -> Principal:
+    """Dependency: an authenticated caller with role ``writer`` or more."""
+    return await _principal(request, "writer")
+
+
+async def admin(request: Request) -> Principal:
+    """Dependency: an authenticated caller with role ``admin``."""
+    return await _principal(request, "admin")
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/healthz", include_in_schema=False)
+def healthz(request: Request) -> JSONResponse:
+    """``{"status": "ok"}`` (200) or ``{"status": "unavailable"}`` (503); nothing else."""
+    health = _api(request).health
+    ok = health() if health else True
+    return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+
+@router.put(
+    "/v1/patients/{rid}",
+    status_code=200,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "description": "a FHIR R4 Patient or a flat record"}}}}},
+)
+async def put_patient(
+    rid: str,
+    request: Request,
+    if_match: str | None = Header(default=None),
+    if_none_match: str | None = Header(default=None),
+    who: Principal = Depends(writer),
+) -> Response:
+    """Create (201) or replace (200) a record; ``If-Match`` for compare-and-set (412)."""
+    record = parse_record(rid, await read_body(request, MAX_RECORD_BYTES, "record body"))
+    expected = _if_match(if_match)
+    repo = _api(request).repo
+    res = await run_in_threadpool(lambda: repo.put(who.name, record, expected_version=expected,
+                                                   create_only=(if_none_match == "*")))
+    out = json.dumps({"id": rid, "version": res.version, "status": res.status}).encode()
+    return Response(out, status_code=201 if res.status == "created" else 200,
+                    media_type="application/json", headers={"ETag": _etag(res.version)})
+
+
+@router.get("/v1/patients/{rid}")
+def get_patient(rid: str, request: Request, who: Principal = Depends(reader)) -> Response:
+    """The record (its stored form: no re-encoding) with ``ETag: "<version>"``."""
+    raw, version = _api(request).repo.get_raw(who.name, rid)
+    return Response(raw, media_type="application/json", headers={"ETag": _etag(version)})
+
+
+@router.delete("/v1/patients/{rid}", status_code=204)
+def delete_patient(rid: str, request: Request, if_match: str | None = Header(default=None),
+                   who: Principal = Depends(writer)) -> Response:
+    """Delete a record (204); ``If-Match`` as for PUT."""
+    _api(request).repo.delete(who.name, rid, expected_version=_if_match(if_match))
+    return Response(status_code=204)
+
+
+@router.get("/v1/patients")
+def list_or_search(
+    request: Request,
+    cursor: str | None = Query(default=None, max_length=256),
+    limit: int = Query(default=100, ge=1, le=1000),
+    family: str | None = Query(default=None, max_length=512),
+    given: str | None = Query(default=None, max_length=512),
+    birthDate: str | None = Query(default=None, max_length=64),  # noqa: N803 - FHIR name
+    gender: str | None = Query(default=None, max_length=64),
+    identifier: str | None = Query(default=None, max_length=1024),
+    who: Principal = Depends(reader),
+) -> dict[str, Any]:
+    """A page of ids, or (with search fields) the matching records with their versions."""
+    unknown = sorted(set(request.query_params) - {"cursor", "limit", *SEARCH_FIELDS})
+    if unknown:
+        raise InvalidRecordError(f"unknown query parameters {unknown}")
+    repo = _api(request).repo
+    crit = {k: v for k, v in {"family": family, "given": given, "birthDate": birthDate,
+                              "gender": gender, "identifier": identifier}.items() if v is not None}
+    if crit:
+        hits = repo.search_hits(who.name, crit, limit=limit + 1)
+        found: dict[str, Any] = {"records": [{"id": i, "record": r, "version": v}
+                                             for i, r, v in hits[:limit]]}
+        if len(hits) > limit:
+            found["truncated"] = True  # more matched than ``limit``
+        return found
+    ids, nxt = repo.list_ids(who.name, cursor=cursor, limit=limit)
+    return {"ids": ids, "next": nxt}
+
+
+@router.post("/v1/patients:batch")
+async def batch(request: Request, who: Principal = Depends(writer)) -> dict[str, Any]:
+    """Upsert up to 500 records; per-item results (a malformed item: 400, nothing written)."""
+    # every item is checked before any write: a malformed batch writes nothing
+    items = parse_batch(_batch_items(await read_body(request, MAX_BATCH_BYTES, "batch body")))
+    results = await run_in_threadpool(_api(request).repo.batch, who.name, items)
+    return {"results": results}
+
+
+@router.get("/v1/audit/verify")
+def audit_verify(request: Request, who: Principal = Depends(admin)) -> dict[str, Any]:
+    """Verify the whole access-audit chain against its head: ``{"entries": n}`` or 409."""
+    audit = _api(request).repo.audit
+    if audit is None:
+        raise ConfigError("audit is disabled")
+    return {"entries": audit.verify()}
+
+
+@router.post("/v1/audit/reseal")
+def audit_reseal(request: Request, who: Principal = Depends(admin)) -> dict[str, Any]:
+    """Accept the log as it is after a failed head check: ``{"entries": n, "outcome"}``."""
+    audit = _api(request).repo.audit
+    if audit is None:
+        raise ConfigError("audit is disabled")
+    entry = audit.reseal(who.name)
+    return {"entries": entry.seq + 1, "outcome": entry.body["outcome"]}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Install the records service's error shapes (Safehold errors, validation, 404/405)."""
+    app.add_exception_handler(SafeholdError, on_safehold_error)
+    app.add_exception_handler(RequestValidationError, on_invalid_request)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+
+def create_native_app(
+    repo: PatientRepository,
+    acl: AccessSource,
+    *,
+    title: str = "Safehold records",
+    health: Callable[[], bool] | None = None,
+) -> FastAPI:
+    """Build the native API app over ``repo``; ``acl`` may be a callable to allow reloads."""
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
+    app.state.records = NativeAPI(repo, access_getter(acl), health)
+    add_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,401 @@
+"""The patient repository: records, their blind-index search postings and the access audit.
+
+Framework-free (the HTTP layers :mod:`safehold.records.http` and
+:mod:`safehold.records.scone_http` call it). It stores what the edges hand it: writes take a
+:class:`~safehold.records.model.ValidRecord`, which only
+:func:`~safehold.records.model.parse_record` makes, so no rule is checked twice. Its
+collaborators are explicit: the untrusted store, the attested keyset, the store-namespace
+prefix, the :class:`~safehold.records.commit.GroupCommit` every write goes through and the
+:class:`~safehold.records.access_audit.AccessAuditLog`. The database only ever sees blind
+indexes and envelopes.
+
+Record value format: the record's stored form (:func:`~safehold.records.model.encode_record`:
+compact JSON, UTF-8), encrypted by the engine (:class:`~safehold.records.engine.RecordEngine`,
+store namespace ``<prefix><namespace>``). Search: one posting row per (term, record) in store
+namespace ``<prefix><namespace>.search`` (:mod:`safehold.records.search`), addressed by keyed
+blind indexes; terms: :func:`~safehold.records.model.postings`.
+
+Consistency: a write (put or delete) reads the record, then commits the record (compare-and-set
+on its version), its added and removed postings and its audit entry in **one store
+transaction**; if the record changed meanwhile, nothing is written and the write is redone from
+fresh reads. So the index never disagrees with the records and concurrent writers lose no
+update. Concurrent writes are group-committed: one durable commit serves a whole batch, each
+write in its own savepoint. The old record is read (and authenticated) on every write anyway —
+for its version, for create-only and ``If-Match``, and so that a tampered row is refused rather
+than overwritten — so its postings are taken from it, not stored a second time.
+:meth:`PatientRepository.search` still re-checks every hit against the decrypted record
+(defence in depth against a row rolled back by the database operator).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from safehold.crypto.keyset import Keyset
+from safehold.errors import ConflictError, RecordError, RecordNotFoundError, RecordTamperedError
+from safehold.records.access_audit import AccessAuditLog
+from safehold.records.codec import Codec
+from safehold.records.commit import GroupCommit
+from safehold.records.engine import DEFAULT_PREFIX, RecordEngine, RowAddress
+from safehold.records.model import (
+    INDEXED_FIELDS,
+    SEARCH_FIELDS,
+    InvalidRecordError,
+    RefusedItem,
+    ValidRecord,
+    check_record_id,
+    decode_stored,
+    normalise,
+    posting_term,
+    postings,
+    search_terms,
+)
+from safehold.records.search import PostingIndex
+from safehold.store.base import Store
+
+__all__ = [
+    "MAX_PAGE",
+    "NAMESPACE",
+    "AlreadyExistsError",
+    "PatientRepository",
+    "PreconditionFailedError",
+    "PutResult",
+]
+
+#: Default namespace of patient records.
+NAMESPACE = "patients"
+#: Largest page for listing.
+MAX_PAGE = 1000
+_INDEX_RETRIES = 64
+log = logging.getLogger("safehold.records")
+
+
+class PreconditionFailedError(RecordError):
+    """``If-Match`` / expected version does not match the record's current version."""
+
+
+class AlreadyExistsError(RecordError):
+    """Create-only write on a record id that exists."""
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Outcome of one write: ``status`` is ``created`` | ``updated`` | ``unchanged``."""
+
+    id: str
+    version: int
+    status: str
+
+
+class PatientRepository:
+    """Patient records with search and audit.
+
+    Args:
+        store: the untrusted store.
+        keyset: the attested records keyset (value keys and the blind-index key).
+        committer: the group committer every write goes through (on ``store``).
+        audit: the access audit log (sharing ``committer``); None only when the measured
+            configuration turns the audit off (benchmark baselines).
+        prefix: prefix of the store namespaces (records, postings); ASCII ``[A-Za-z0-9._:-]``.
+        namespace: record namespace.
+        codec: the engine's codec; default AES-256-GCM envelopes under ``keyset``
+            (:class:`~safehold.records.codec.UnsafePlainCodec` only for benchmark baselines).
+
+    Attributes:
+        engine: the :class:`~safehold.records.engine.RecordEngine` (store namespace
+            ``<prefix><namespace>``).
+        index: the :class:`~safehold.records.search.PostingIndex` (``<prefix><namespace>.search``).
+        committer, audit: as given.
+
+    Raises:
+        ValueError: the committer or the audit log writes to another store, or the audit log
+            uses another committer (its appends would then compete with the record writes).
+    """
+
+    def __init__(self, store: Store, keyset: Keyset, *, committer: GroupCommit,
+                 audit: AccessAuditLog | None, prefix: str = DEFAULT_PREFIX,
+                 namespace: str = NAMESPACE, codec: Codec | None = None) -> None:
+        if committer.store is not store:
+            raise ValueError("the repository's committer writes to another store")
+        if audit is not None and audit.committer is not committer:
+            raise ValueError("the access audit log must share the repository's committer")
+        self.engine = RecordEngine(store, keyset, namespace_prefix=prefix, codec=codec)
+        self.index = PostingIndex(store, keyset, f"{prefix}{namespace}.search")
+        self.committer = committer
+        self.audit = audit
+        self.ns = namespace
+
+    def blind_index(self, rid: str) -> bytes:
+        """The 16-byte blind index the database stores for record ``rid`` (as audit entries
+        and tamper errors name it).
+
+        Raises:
+            ValueError: ``rid`` cannot be a record key.
+        """
+        return self.engine.row_index(self.ns, rid)
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def _audit(self, who: str, op: str, addr: RowAddress | None, outcome: str) -> None:
+        if self.audit is not None:
+            self.audit.append(who, op, addr.row_key if addr is not None else None, outcome)
+
+    # -- single records -------------------------------------------------------------------
+
+    def get(self, who: str, rid: str) -> tuple[dict[str, Any], int]:
+        """Return ``(record, version)``.
+
+        Raises:
+            InvalidRecordError: bad id.  RecordNotFoundError: unknown id.
+            RecordTamperedError: the stored row failed authentication (names its blind index).
+        """
+        raw, version = self.get_raw(who, rid)
+        return decode_stored(raw), version
+
+    def get_raw(self, who: str, rid: str) -> tuple[bytes, int]:
+        """Like :meth:`get`, but return the stored form (compact JSON, UTF-8) undecoded."""
+        addr = self.engine.address(self.ns, check_record_id(rid))
+        try:
+            raw, version = self.engine.get_at(addr)
+        except RecordNotFoundError:
+            self._audit(who, "get", addr, "not-found")
+            raise
+        except RecordTamperedError:
+            self._audit(who, "get", addr, "tampered")
+            raise
+        self._audit(who, "get", addr, "ok")
+        return raw, version
+
+    def put(
+        self,
+        who: str,
+        record: ValidRecord,
+        *,
+        expected_version: int | None = None,
+        create_only: bool = False,
+        skip_identical: bool = False,
+    ) -> PutResult:
+        """Create or replace a record.
+
+        Args:
+            who: the principal, for the audit.
+            record: from :func:`~safehold.records.model.parse_record` (trusted as it is).
+            expected_version: only write if the current version is this (0 = must not exist).
+            create_only: raise :class:`AlreadyExistsError` if the id exists (SCONE's 403).
+            skip_identical: return status ``unchanged`` without writing if the stored record
+                is byte-identical (resumable imports).
+
+        Raises:
+            AlreadyExistsError, PreconditionFailedError, RecordTamperedError (the old row
+            cannot be read, so its postings cannot be maintained).
+        """
+        addr = self.engine.address(self.ns, record.id)
+        for _ in range(_INDEX_RETRIES):
+            try:
+                old_raw: bytes | None
+                old_raw, cur = self.engine.get_at(addr)
+            except RecordNotFoundError:
+                old_raw, cur = None, 0
+            if create_only and cur:
+                self._audit(who, "create", addr, "exists")
+                raise AlreadyExistsError(f"record exists (blind index {addr.row_key.hex()})")
+            if expected_version is not None and expected_version != cur:
+                self._audit(who, "put", addr, "precondition-failed")
+                raise PreconditionFailedError(
+                    f"expected version {expected_version}, current version is {cur}")
+            if old_raw == record.raw:
+                if skip_identical:
+                    self._audit(who, "put", addr, "unchanged")
+                    return PutResult(record.id, cur, "unchanged")
+                old_terms = record.postings  # same bytes, same terms: no need to parse them
+            else:
+                old_terms = postings(decode_stored(old_raw)) if old_raw is not None else frozenset()
+            status = "created" if cur == 0 else "updated"
+
+            def write_row(expected: int = cur) -> int:
+                return self.engine.put_at(addr, record.raw, expected_version=expected)
+
+            try:
+                version = self._commit(who, "put", addr, status, write_row,
+                                       add=record.postings - old_terms, remove=old_terms - record.postings)
+            except ConflictError:
+                continue  # the record changed meanwhile: redo from fresh reads
+            return PutResult(record.id, version, status)
+        self._audit(who, "put", addr, "conflict")
+        raise PreconditionFailedError(f"record stayed contended ({_INDEX_RETRIES} tries)")
+
+    def delete(self, who: str, rid: str, *, expected_version: int | None = None) -> None:
+        """Delete a record and its search postings.
+
+        Raises:
+            RecordNotFoundError, PreconditionFailedError, InvalidRecordError.
+        """
+        addr = self.engine.address(self.ns, check_record_id(rid))
+        for _ in range(_INDEX_RETRIES):
+            cur, terms = self._delete_target(who, addr, expected_version)
+
+            def remove_row(cur: int | None = cur) -> int:
+                if not self.engine.delete_at(addr, expected_version=cur):
+                    raise RecordNotFoundError("no such record")
+                return 0
+
+            try:
+                self._commit(who, "delete", addr, "ok", remove_row, remove=terms)
+                return
+            except ConflictError:
+                continue  # fresh reads for the next try
+            except RecordNotFoundError:
+                self._audit(who, "delete", addr, "not-found")
+                raise
+        self._audit(who, "delete", addr, "conflict")
+        raise PreconditionFailedError("record changed concurrently; re-read and retry")
+
+    def _delete_target(self, who: str, addr: RowAddress,
+                       expected_version: int | None) -> tuple[int | None, frozenset[str]]:
+        """Read a record for a delete: its current version and postings, or ``(None, ∅)`` for a
+        tampered row (which may still be deleted, with no version check).
+
+        Raises (after auditing the refusal): RecordNotFoundError, PreconditionFailedError.
+        """
+        try:
+            raw, cur = self.engine.get_at(addr)
+            terms = postings(decode_stored(raw))
+        except RecordNotFoundError:
+            self._audit(who, "delete", addr, "not-found")
+            raise
+        except RecordTamperedError:
+            return None, frozenset()
+        if expected_version is not None and expected_version != cur:
+            self._audit(who, "delete", addr, "precondition-failed")
+            raise PreconditionFailedError(f"expected version {expected_version}, current version is {cur}")
+        return cur, terms
+
+    def _commit(self, who: str, op: str, addr: RowAddress, outcome: str, write: Callable[[], int], *,
+                add: frozenset[str] = frozenset(), remove: frozenset[str] = frozenset()) -> int:
+        """Atomically: ``write()`` the record row (a compare-and-set), add/remove its postings
+        and stage the audit entry; group-committed with concurrent writers. Returns what
+        ``write`` returned (the new version; 0 for a delete).
+
+        Raises:
+            ConflictError: the record's version changed (nothing written).
+            RecordNotFoundError: a delete found no row.
+        """
+        rid = addr.key.decode("utf-8")
+
+        def unit() -> int:
+            version = write()
+            self.index.remove(rid, sorted(remove))
+            self.index.add(rid, sorted(add))
+            if self.audit is not None:  # last: advances the chain
+                self.audit.stage(AccessAuditLog.body(who, op, addr.row_key, outcome))
+            return version
+
+        return self.committer.run(unit)
+
+    # -- many records ---------------------------------------------------------------------
+
+    def list_ids(self, who: str, *, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """A page of record ids (in blind-index order) and the cursor of the next page (None at
+        the end). A row that fails authentication is left out of the page and logged by blind
+        index (it stays an error through :meth:`get`), so one tampered row never hides the
+        others.
+
+        Raises:
+            InvalidRecordError: ``cursor`` is not one a previous page returned.
+        """
+        limit = max(1, min(limit, MAX_PAGE))
+        try:
+            start = bytes.fromhex(cursor) if cursor else None
+        except ValueError:
+            raise InvalidRecordError("cursor is not one returned by a previous page") from None
+        page = self.engine.list_page(self.ns, after=start, limit=limit, skip_tampered=True)
+        for e in page.tampered:
+            log.warning("list: a row failed authentication and was left out: %s", e)
+        self._audit(who, "list", None, f"ok:{len(page.keys)}")
+        return page.keys, (page.next_after.hex() if page.next_after else None)
+
+    def search(self, who: str, criteria: Mapping[str, str], *,
+               limit: int = MAX_PAGE) -> list[tuple[str, dict[str, Any]]]:
+        """``(id, record)`` of the records matching every ``field=value`` exactly (after
+        :func:`~safehold.records.model.normalise`), at most ``limit`` (1..:data:`MAX_PAGE`), in
+        id order.
+
+        Raises:
+            InvalidRecordError: no criteria, or a field outside
+                :data:`~safehold.records.model.SEARCH_FIELDS`.
+        """
+        return [(rid, rec) for rid, rec, _ in self.search_hits(who, criteria, limit=limit)]
+
+    def search_hits(self, who: str, criteria: Mapping[str, str], *,
+                    limit: int = MAX_PAGE) -> list[tuple[str, dict[str, Any], int]]:
+        """As :meth:`search`, with each record's current version: ``(id, record, version)``.
+
+        Raises:
+            InvalidRecordError: no criteria, or a field outside
+                :data:`~safehold.records.model.SEARCH_FIELDS`.
+        """
+        if not criteria:
+            raise InvalidRecordError("search needs at least one field")
+        bad = sorted(set(criteria) - set(SEARCH_FIELDS))
+        if bad:
+            raise InvalidRecordError(f"cannot search on {bad}; searchable: {list(SEARCH_FIELDS)}")
+        want = {(f, normalise(v)) for f, v in criteria.items()}
+        lookups = set()
+        for f, v in want:
+            if f == "identifier" and "|" in v:
+                lookups.add((f, v.rsplit("|", 1)[1]))
+            elif f in INDEXED_FIELDS:
+                lookups.add((f, v))
+        if not lookups:
+            raise InvalidRecordError(
+                f"search needs at least one of {list(INDEXED_FIELDS)} (gender only narrows a search)"
+            )
+        candidates: set[str] | None = None
+        for f, v in sorted(lookups):
+            ids = self.index.lookup(posting_term(f, v))
+            candidates = ids if candidates is None else candidates & ids
+            if not candidates:
+                break
+        out: list[tuple[str, dict[str, Any], int]] = []
+        limit = max(1, min(limit, MAX_PAGE))
+        for rid in sorted(candidates or ()):
+            if len(out) >= limit:
+                break
+            addr = self.engine.address(self.ns, rid)
+            try:
+                raw, version = self.engine.get_at(addr)
+            except RecordNotFoundError:
+                continue  # stale index entry (superset by design)
+            rec = decode_stored(raw)
+            if want <= search_terms(rec):
+                out.append((rid, rec, version))
+                self._audit(who, "search-hit", addr, "ok")
+        self._audit(who, "search", None, f"ok:{len(out)}")
+        return out
+
+    def batch(self, who: str, items: Iterable[ValidRecord | RefusedItem]) -> list[dict[str, Any]]:
+        """Upsert many records, skipping byte-identical ones; one result dict per item
+        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``).
+
+        Args:
+            items: from :func:`~safehold.records.model.parse_batch` (its shape already checked,
+                so a malformed batch never gets here); a :class:`RefusedItem` becomes a
+                ``failed`` result in its place.
+
+        Not atomic: each item is its own transaction (a failed item does not undo the others).
+        """
+        results: list[dict[str, Any]] = []
+        for item in items:
+            if isinstance(item, RefusedItem):
+                results.append({"id": item.id, "status": "failed", "error": item.error})
+                continue
+            try:
+                r = self.put(who, item, skip_identical=True)
+                results.append({"id": item.id, "status": r.status, "version": r.version})
+            except (RecordError, ValueError) as e:
+                results.append({"id": item.id, "status": "failed", "error": str(e)})
+        return results
+
