@@ -34,8 +34,14 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from safehold.errors import TransformError
-from safehold.proxy.core import Protector, apply_path, fold_name, url_decode_fully
+from safehold.errors import ShapeError, TransformError
+from safehold.proxy.core import (
+    Protector,
+    apply_path,
+    fold_name,
+    json_kind,
+    url_decode_fully,
+)
 from safehold.proxy.schema import _template_vars
 
 __all__ = ["create_app", "serve"]
@@ -227,15 +233,41 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         refuse_encoded_records([v for _, v in out], "a query parameter")
         return urlencode(out, quote_via=quote)
 
-    def each_record(doc: Any, fn: Callable[[dict], dict]) -> Any:
-        """Apply ``fn`` to every record of a JSON body: embedded paths first, then the body
-        itself (an object) or each object of a top-level array."""
-        one = lambda r: fn(r) if isinstance(r, dict) else r  # noqa: E731
-        for path in embedded:
-            doc = apply_path(doc, path, one)
+    def each_record(doc: Any, fn: Callable[[dict], dict], *, strict: bool = False) -> Any:
+        """Apply ``fn`` to every record of a JSON body: the body itself (an object) or each
+        object of a top-level array, and the records at the ``embedded`` paths of each — those
+        first. With ``strict`` (requests), JSON of another shape where a record or an embedded
+        path is expected raises :class:`ShapeError` (an array of arrays, ``records`` an object
+        instead of an array, an embedded record that is an array)."""
+
+        def embedded_record(r: Any) -> Any:
+            if isinstance(r, dict):
+                return fn(r)
+            if strict and r is not None:
+                raise ShapeError(json_kind(r), "an object (an embedded record)")
+            return r
+
+        def envelope(d: dict) -> dict:
+            for path in embedded:
+                d = apply_path(d, path, embedded_record, strict=strict)
+            return fn(d)
+
+        if isinstance(doc, dict):
+            return envelope(doc)
         if isinstance(doc, list):
-            return [one(d) for d in doc]
-        return one(doc)
+            out = []
+            for i, d in enumerate(doc):
+                if isinstance(d, dict):
+                    try:
+                        out.append(envelope(d))
+                    except ShapeError as e:
+                        raise e.within(f"[{i}]") from None
+                elif strict and isinstance(d, list):
+                    raise ShapeError("an array", "an object (a record)", f"[{i}]")
+                else:
+                    out.append(d)
+            return out
+        return doc
 
     def refuse_encoded_records(values: list[str], where: str) -> None:
         """Values still in plaintext after protection must not smuggle a JSON record."""
@@ -260,7 +292,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                 doc = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
             except (UnicodeDecodeError, ValueError):
                 raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
-            doc = each_record(doc, lambda r: protect_record(r, ctx))
+            doc = each_record(doc, lambda r: protect_record(r, ctx), strict=True)
             refuse_encoded_records(_strings(doc), "a string in the request JSON")
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if ct == "application/x-www-form-urlencoded":
@@ -276,7 +308,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                 if (why := protector.lookalike_param(k)) is not None:
                     raise _Refused(400, f"form field {k!r}: {why}; use the exact field name. Not forwarded")
                 rec[k] = v
-            out = protector.protect(rec, key_id_as_text=True, context=ctx)
+            out = protector.protect(rec, key_id_as_text=True, context=ctx, flat=True)
             refuse_encoded_records([v for v in out.values() if isinstance(v, str)], "a form field")
             return urlencode(out, quote_via=quote).encode("ascii")
         raise _Refused(415, f"cannot inspect a request body of type {ct or 'unknown'!r}; not forwarded")

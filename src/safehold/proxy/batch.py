@@ -90,7 +90,7 @@ def _csv(p: Protector, src: io.TextIOWrapper, out, reveal: bool, pos, total: int
             if None in row:
                 raise TransformError(f"CSV row {n + 1} has more cells than the header")
             try:
-                rec = p.reveal(row) if reveal else p.protect(row, key_id_as_text=True)
+                rec = p.reveal(row, flat=True) if reveal else p.protect(row, key_id_as_text=True, flat=True)
             except TransformError as e:
                 raise TransformError(f"CSV row {n + 1}: {e}") from None
             if not reveal and kf not in rec and kf in cols:
