@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from safehold.errors import ShapeError, TransformError
 from safehold.proxy.core import (
@@ -349,7 +350,9 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             raw_path = request.scope.get("raw_path") or request.url.path.encode("utf-8")
             new_path, path_ctx = protect_path(raw_path.decode("latin-1"))
             new_query = protect_query(request.url.query)
-            new_body = protect_body(body, ct, path_ctx)
+            # parsing and FF1 are CPU-bound: off the event loop, so one large body cannot stall
+            # every other client (the Protector keeps per-thread cipher state)
+            new_body = await run_in_threadpool(protect_body, body, ct, path_ctx)
         except _Refused as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         except TransformError as e:
@@ -367,7 +370,7 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
         rct = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if content and _is_json(rct):
             try:
-                revealed = reveal_body(content, path_ctx)
+                revealed = await run_in_threadpool(reveal_body, content, path_ctx)
             except TransformError as e:
                 return JSONResponse({"error": f"cannot reveal upstream response: {e}"}, status_code=502)
             if revealed is not None:
