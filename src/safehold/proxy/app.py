@@ -37,9 +37,11 @@ from starlette.concurrency import run_in_threadpool
 
 from safehold.errors import ShapeError, TransformError
 from safehold.proxy.core import (
+    LONE_SURROGATE,
     Protector,
     apply_path,
     fold_name,
+    has_lone_surrogate,
     json_kind,
     url_decode_fully,
 )
@@ -293,6 +295,8 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
                 doc = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
             except (UnicodeDecodeError, ValueError):
                 raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
+            if has_lone_surrogate(body, doc):
+                raise _Refused(400, f"request JSON {LONE_SURROGATE}; not forwarded")
             doc = each_record(doc, lambda r: protect_record(r, ctx), strict=True)
             refuse_encoded_records(_strings(doc), "a string in the request JSON")
             return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -321,6 +325,8 @@ def create_app(protector: Protector, upstream: str, *, timeout: float = 30.0,
             return None
         if not isinstance(doc, (dict, list)):
             return None
+        if has_lone_surrogate(body, doc):
+            raise TransformError(f"upstream response JSON {LONE_SURROGATE}")
         doc = each_record(doc, lambda r: protector.reveal(r, context=ctx))
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 

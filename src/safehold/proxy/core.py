@@ -30,7 +30,8 @@ from safehold.errors import ShapeError, TransformError
 from safehold.proxy.schema import FieldSpec, Schema
 from safehold.proxy.transforms import FieldTransform
 
-__all__ = ["Protector", "apply_path", "fold_name", "json_kind", "url_decode_fully"]
+__all__ = ["LONE_SURROGATE", "Protector", "apply_path", "fold_name", "has_lone_surrogate", "json_kind",
+           "url_decode_fully"]
 
 _MISSING = object()
 #: How often a URL component is percent-decoded when looking for disguised names (double and
@@ -57,6 +58,28 @@ def fold_name(name: str) -> str:
     """Comparison form of a name: Unicode NFKC (fullwidth letters -> ASCII), case-folded
     (Unicode default caseless matching), surrounding whitespace stripped."""
     return unicodedata.normalize("NFKC", name).casefold().strip()
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+#: The refusal text for JSON that decodes to a lone surrogate (never shows the value).
+LONE_SURROGATE = ("holds a lone UTF-16 surrogate escape (such as \\ud800), which is not Unicode "
+                  "text (RFC 8259 §8.2) and cannot be encoded as UTF-8")
+
+
+def has_lone_surrogate(text: str | bytes, doc: Any) -> bool:
+    """Does the decoded JSON ``doc`` (parsed from ``text``) hold a string with a lone surrogate?
+
+    Only ``\\uD800``-``\\uDFFF`` escapes can produce one (UTF-8 text cannot encode
+    surrogates), so ``text`` is searched for such an escape first and ``doc`` re-encoded only then.
+    """
+    probe = text if isinstance(text, str) else text.decode("latin-1")
+    if not _SURROGATE_ESCAPE.search(probe):
+        return False
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _squash(name: str) -> str:
