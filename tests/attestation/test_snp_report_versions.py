@@ -13,6 +13,7 @@ import struct
 from datetime import UTC, datetime
 
 import pytest
+from tests.attestation.fake_amd import evidence_dir, make_fake_amd_hardware
 
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.verifiers import sev_snp
@@ -24,9 +25,14 @@ AT = datetime(2022, 9, 24, 1, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def sample(evidence_dir):
-    snp = evidence_dir / "snp"
+def sample():
+    snp = evidence_dir() / "snp"
     return (snp / "gosev-attestation.bin").read_bytes(), (snp / "gosev-vcek.der").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def fake_amd_hardware():
+    return make_fake_amd_hardware()
 
 
 def with_fields(report: bytes, *, version: int | None = None, flags: int | None = None,

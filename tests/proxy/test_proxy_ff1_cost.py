@@ -12,10 +12,12 @@ import time
 
 import httpx
 import pytest
+from tests.proxy.capture import capture_stack, captured, client
 
 from safehold.proxy.transforms import MAX_FPE_CHARS
 
 pytestmark = pytest.mark.slow
+http = client()
 
 SCHEMA = """
 [fields."notes.*"]
@@ -34,24 +36,25 @@ def mixed(n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(capture_stack_factory):
-    return capture_stack_factory(SCHEMA)
+def stack(tmp_path_factory):
+    with capture_stack(tmp_path_factory.mktemp("proxy"), SCHEMA) as s:
+        yield s
 
 
-def test_ff1_value_over_the_cap_is_refused_naming_the_cap(stack, upstream_log, http):
-    before, _ = upstream_log(stack)
+def test_ff1_value_over_the_cap_is_refused_naming_the_cap(stack):
+    before, _ = captured(stack)
     r = http.post(stack.proxy + "/records", json={"notes": [mixed(MAX_FPE_CHARS + 1)]}, timeout=15)
     assert r.status_code == 422, r.text[:200]
     assert f"over the fpe cap of {MAX_FPE_CHARS}" in r.json()["error"]
-    assert upstream_log(stack, before)[1] == []
+    assert captured(stack, before)[1] == []
     # at the cap it is protected
     r = http.post(stack.proxy + "/records", json={"notes": [mixed(MAX_FPE_CHARS)]}, timeout=15)
     assert r.status_code == 200, r.text[:200]
-    (req,) = upstream_log(stack, before)[1]
+    (req,) = captured(stack, before)[1]
     assert mixed(MAX_FPE_CHARS) not in req["body"]
 
 
-def test_large_ff1_request_does_not_stall_a_small_one(stack, upstream_log, http):
+def test_large_ff1_request_does_not_stall_a_small_one(stack):
     large = {"notes": [mixed(MAX_FPE_CHARS)] * 200}  # ~200 x 15 ms of FF1 on the reference machine
     done: dict[str, float] = {}
     status: dict[str, int] = {}

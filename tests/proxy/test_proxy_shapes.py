@@ -20,8 +20,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.proxy.capture import capture_stack, captured, client
 
 pytestmark = pytest.mark.slow
+http = client()
 
 SCHEMA = """
 [proxy]
@@ -47,17 +49,16 @@ FIELDS = {("address", "city"): "text", ("names", "*", "given", "*"): "text",
 
 
 @pytest.fixture(scope="module")
-def stack(capture_stack_factory, http):
-    s = capture_stack_factory(SCHEMA)
-    s.http = http
-    return s
+def stack(tmp_path_factory):
+    with capture_stack(tmp_path_factory.mktemp("proxy"), SCHEMA) as s:
+        yield s
 
 
-def send(stack, upstream_log, body: Any) -> tuple[httpx.Response, list[dict]]:
+def send(stack, body: Any) -> tuple[httpx.Response, list[dict]]:
     """POST ``body`` as JSON through the proxy; return the response and what reached the upstream."""
-    before, _ = upstream_log(stack)
-    r = stack.http.post(stack.proxy + "/records", json=body)
-    _, reqs = upstream_log(stack, before)
+    before, _ = captured(stack)
+    r = http.post(stack.proxy + "/records", json=body)
+    _, reqs = captured(stack, before)
     return r, reqs
 
 
@@ -75,8 +76,8 @@ def send(stack, upstream_log, body: Any) -> tuple[httpx.Response, list[dict]]:
     ({"entry": [{"resource": [{"ssn": "123456789"}]}]}, "entry[0].resource"),
     ([[{"ssn": "123456789"}]], "[0]"),                                   # records inside an inner array
 ])
-def test_array_shaped_protected_path_is_refused_not_forwarded(stack, upstream_log, body, where):
-    r, reqs = send(stack, upstream_log, body)
+def test_array_shaped_protected_path_is_refused_not_forwarded(stack, body, where):
+    r, reqs = send(stack, body)
     assert r.status_code == 422, r.text
     assert reqs == [], "the refused request reached the upstream"
     err = r.json()["error"]
@@ -85,12 +86,12 @@ def test_array_shaped_protected_path_is_refused_not_forwarded(stack, upstream_lo
         assert secret not in err  # types and positions only, never a value
 
 
-def test_matching_shapes_are_still_forwarded_protected(stack, upstream_log):
+def test_matching_shapes_are_still_forwarded_protected(stack):
     body = {"address": {"city": "Berlin"}, "names": [{"given": ["Erika", "Maria"]}, None],
             "ssn": "123456789", "contact": [{"phone": "0301234567"}, {"fax": "x"}],
             "entry": [{"resource": {"address": {"city": "Potsdam"}}}], "note": None,
             "address2": [{"city": "not a protected path"}]}
-    r, reqs = send(stack, upstream_log, body)
+    r, reqs = send(stack, body)
     assert r.status_code == 200, r.text
     (req,) = reqs
     for secret in ("Berlin", "Erika", "Maria", "123456789", "0301234567", "Potsdam"):
@@ -99,16 +100,16 @@ def test_matching_shapes_are_still_forwarded_protected(stack, upstream_log):
     # absent, null and "" on the way are "no value", not a shape mismatch
     for ok in ({"address": None}, {"address": {}}, {"names": []}, {"names": [{}]}, {"names": ""},
                {"contact": None}, {"entry": [{"resource": None}]}):
-        r, reqs = send(stack, upstream_log, ok)
+        r, reqs = send(stack, ok)
         assert r.status_code == 200, (ok, r.text)
 
 
-def test_form_key_spelling_a_dotted_field_is_protected(stack, upstream_log):
+def test_form_key_spelling_a_dotted_field_is_protected(stack):
     # a form field named "address.city" is that field (Spring and others bind it as nested)
-    before, _ = upstream_log(stack)
-    r = stack.http.post(stack.proxy + "/form", data={"address.city": "Berlin", "other": "x"})
+    before, _ = captured(stack)
+    r = http.post(stack.proxy + "/form", data={"address.city": "Berlin", "other": "x"})
     assert r.status_code == 200, r.text
-    _, (req,) = upstream_log(stack, before)
+    _, (req,) = captured(stack, before)
     assert "Berlin" not in req["body"] and "address.city=" in req["body"]
 
 
@@ -172,14 +173,14 @@ def bodies(draw) -> tuple[Any, list[str]]:
     return record, markers
 
 
-def test_hypothesis_no_protected_value_reaches_the_upstream_in_plaintext(stack, upstream_log):
+def test_hypothesis_no_protected_value_reaches_the_upstream_in_plaintext(stack):
     outcomes: list[int] = []
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(bodies())
     def check(case: tuple[Any, list[str]]) -> None:
         body, markers = case
-        r, reqs = send(stack, upstream_log, body)
+        r, reqs = send(stack, body)
         outcomes.append(r.status_code)
         if r.status_code >= 400:
             assert reqs == [], f"refused ({r.status_code}) but the upstream received it"

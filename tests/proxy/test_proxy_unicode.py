@@ -4,8 +4,10 @@ with a message that says so (400), not a 500 from the UTF-8 encoder, and never f
 from __future__ import annotations
 
 import pytest
+from tests.proxy.capture import capture_stack, captured, client
 
 pytestmark = pytest.mark.slow
+http = client()
 
 SCHEMA = """
 [fields.name]
@@ -14,23 +16,24 @@ transform = "deterministic"
 
 
 @pytest.fixture(scope="module")
-def stack(capture_stack_factory):
-    return capture_stack_factory(SCHEMA)
+def stack(tmp_path_factory):
+    with capture_stack(tmp_path_factory.mktemp("proxy"), SCHEMA) as s:
+        yield s
 
 
 @pytest.mark.parametrize("body", [b'{"name": "Er\\ud800ika"}', b'{"other": "\\udfff"}',
                                   b'[{"name": "ok"}, {"x\\ud800": 1}]'])
-def test_lone_surrogate_in_request_json_is_refused(stack, upstream_log, http, body):
-    before, _ = upstream_log(stack)
+def test_lone_surrogate_in_request_json_is_refused(stack, body):
+    before, _ = captured(stack)
     r = http.post(stack.proxy + "/records", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert "lone UTF-16 surrogate" in r.json()["error"]
-    assert upstream_log(stack, before)[1] == []
+    assert captured(stack, before)[1] == []
 
 
-def test_escaped_pairs_and_escaped_backslashes_still_pass(stack, upstream_log, http):
-    before, _ = upstream_log(stack)
+def test_escaped_pairs_and_escaped_backslashes_still_pass(stack):
+    before, _ = captured(stack)
     for body in (b'{"name": "\\ud83d\\ude00"}', b'{"other": "\\\\ud800"}'):
         r = http.post(stack.proxy + "/records", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 200, r.text
-    assert len(upstream_log(stack, before)[1]) == 2
+    assert len(captured(stack, before)[1]) == 2

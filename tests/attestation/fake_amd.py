@@ -1,5 +1,8 @@
-"""Fixtures for the attestation tests in this folder: the shared evidence samples and a fake
-AMD key hierarchy that stands in for SEV-SNP hardware (which cannot exist on this machine)."""
+"""Helpers for the attestation tests in this folder: the shared evidence samples and a FAKE AMD
+key hierarchy that stands in for SEV-SNP hardware (which cannot exist on this machine).
+
+A helper module, not a ``conftest.py``: flat test modules still ``from conftest import ...``,
+and a second conftest module would replace ``sys.modules["conftest"]`` under them."""
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from cryptography.x509.oid import NameOID
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
 def evidence_dir() -> Path:
     """``<shared>/evidence`` (``SAFEHOLD_SHARED_DIR`` or ``../shared``); skips without it, fails under CI."""
     base = Path(os.environ.get("SAFEHOLD_SHARED_DIR") or ROOT.parent / "shared")
@@ -83,8 +85,8 @@ class FakeAmdHardware:
         monkeypatch.setattr(sev_snp, "pinned_arks", lambda: {spki: "milan"})
 
 
-@pytest.fixture(scope="session")
-def fake_amd_hardware() -> FakeAmdHardware:
+def make_fake_amd_hardware() -> FakeAmdHardware:
+    """A fresh FAKE ARK → ASK pair (RSA-PSS, like AMD's); VCEKs come from :meth:`FakeAmdHardware.vcek_for`."""
     ark_k = rsa.generate_private_key(65537, 2048)
     ask_k = rsa.generate_private_key(65537, 2048)
     ark = _cert("ARK-Milan", "ARK-Milan", ark_k.public_key(), ark_k, ca=True)

@@ -1,12 +1,16 @@
-"""Fixtures for the proxy tests in this folder: a capturing upstream and the real proxy, both
-as processes on loopback (``tests.proxy_helpers.proxy_stack``)."""
+"""Helpers for the proxy tests in this folder: a capturing upstream and the real proxy, both as
+processes on loopback (``tests.proxy_helpers.proxy_stack``).
+
+A helper module, not a ``conftest.py``: flat test modules still ``from conftest import ...``,
+and a second conftest module would replace ``sys.modules["conftest"]`` under them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
-import pytest
 from tests.proxy_helpers import ProxyStack, proxy_stack
 
 #: An upstream that keeps every request it receives (method, target, body) in memory and
@@ -65,26 +69,14 @@ def captured(stack: ProxyStack, since: int = 0) -> tuple[int, list[dict]]:
     return doc["n"], doc["requests"]
 
 
-@pytest.fixture(scope="module")
-def capture_stack_factory(tmp_path_factory) -> Iterator:
-    """Call with a schema (TOML text) to get a running :class:`ProxyStack`; stopped at module end."""
-    from contextlib import ExitStack
-
-    with ExitStack() as es:
-        def make(schema: str) -> ProxyStack:
-            tmp = tmp_path_factory.mktemp("proxy")
-            return es.enter_context(proxy_stack(tmp, CAPTURE_UPSTREAM, [], schema, health="/_captured"))
-
-        yield make
+@contextmanager
+def capture_stack(tmp: Path, schema: str) -> Iterator[ProxyStack]:
+    """The real proxy with ``schema`` (TOML text) in front of :data:`CAPTURE_UPSTREAM`; both
+    processes are stopped on exit."""
+    with proxy_stack(tmp, CAPTURE_UPSTREAM, [], schema, health="/_captured") as s:
+        yield s
 
 
-@pytest.fixture(scope="module")
-def http() -> httpx.Client:
-    """A shared HTTP client for requests to the proxy."""
+def client() -> httpx.Client:
+    """The shared HTTP client (building one per request costs ~20 ms: TLS context)."""
     return _client
-
-
-@pytest.fixture(scope="module")
-def upstream_log():
-    """The :func:`captured` helper, as a fixture (test modules do not import conftest)."""
-    return captured
