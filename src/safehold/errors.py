@@ -97,6 +97,17 @@ class EndorsementError(AttestationError):
     """Endorsements (vendor certificates, collateral) are missing, expired or do not chain."""
 
 
+class EndorsementExpiredError(EndorsementError):
+    """A certificate or collateral item is past its validity (notAfter / nextUpdate) at the
+    verification time."""
+
+
+class EndorsementNotYetValidError(EndorsementError):
+    """A certificate or collateral item is not valid yet (notBefore / issueDate / thisUpdate
+    after the verification time): a clock that is behind, or collateral from the future — not
+    an expiry, and refreshing the collateral will not help."""
+
+
 class AppraisalError(AttestationError):
     """Evidence verified but its claims do not satisfy the appraisal policy.
 

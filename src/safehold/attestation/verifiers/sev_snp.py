@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from safehold.attestation.claims import Claims
-from safehold.attestation.collateral import require_aware
+from safehold.attestation.collateral import check_validity, require_aware
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.policy import SnpMinimumTcb  # noqa: F401 - re-exported (moved to policy)
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
@@ -277,11 +277,7 @@ def _ext(cert: x509.Certificate, oid: str) -> bytes | None:
 
 
 def _valid_at(c: x509.Certificate, at: datetime, name: str) -> None:
-    if not (c.not_valid_before_utc <= at <= c.not_valid_after_utc):
-        raise EndorsementError(
-            f"{name} validity: expected {c.not_valid_before_utc.isoformat()}.."
-            f"{c.not_valid_after_utc.isoformat()}, verification time {at.isoformat()}"
-        )
+    check_validity(name, c.not_valid_before_utc, c.not_valid_after_utc, at)
 
 
 def _issued_by(c: x509.Certificate, issuer: x509.Certificate) -> bool:
