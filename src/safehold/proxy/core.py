@@ -61,6 +61,7 @@ def fold_name(name: str) -> str:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 #: The refusal text for JSON that decodes to a lone surrogate (never shows the value).
 LONE_SURROGATE = ("holds a lone UTF-16 surrogate escape (such as \\ud800), which is not Unicode "
                   "text (RFC 8259 §8.2) and cannot be encoded as UTF-8")
@@ -72,8 +73,8 @@ def has_lone_surrogate(text: str | bytes, doc: Any) -> bool:
     Only ``\\uD800``-``\\uDFFF`` escapes can produce one (UTF-8 text cannot encode
     surrogates), so ``text`` is searched for such an escape first and ``doc`` re-encoded only then.
     """
-    probe = text if isinstance(text, str) else text.decode("latin-1")
-    if not _SURROGATE_ESCAPE.search(probe):
+    rx = _SURROGATE_ESCAPE if isinstance(text, str) else _SURROGATE_ESCAPE_BYTES
+    if not rx.search(text):  # type: ignore[arg-type]
         return False
     try:
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
