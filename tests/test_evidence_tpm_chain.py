@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.verifiers.tpm import TpmQuoteVerifier
-from safehold.errors import EndorsementError
+from safehold.errors import EndorsementError, EndorsementExpiredError
 
 AT = datetime(2025, 6, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -204,8 +204,8 @@ def test_expired_or_not_yet_valid_intermediate_and_root_are_refused(ak, root, in
                                                ca=True, not_after=AT - DAY))
     with pytest.raises(EndorsementError, match="not valid at validation time"):
         _verify(old_root, _evidence(ak, leaf, [inter]))
-    # the AK certificate itself
-    with pytest.raises(EndorsementError, match="ak_cert is not valid at"):
+    # the AK certificate itself: expired and not yet valid are told apart
+    with pytest.raises(EndorsementExpiredError, match="ak_cert validity .*: expired at verification time"):
         _verify(root, _evidence(ak, _ak_cert(ak, inter, not_after=AT - DAY), [inter]))
 
 

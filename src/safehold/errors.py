@@ -97,6 +97,17 @@ class EndorsementError(AttestationError):
     """Endorsements (vendor certificates, collateral) are missing, expired or do not chain."""
 
 
+class EndorsementExpiredError(EndorsementError):
+    """A certificate or collateral item is past its validity (notAfter / nextUpdate) at the
+    verification time."""
+
+
+class EndorsementNotYetValidError(EndorsementError):
+    """A certificate or collateral item is not valid yet (notBefore / issueDate / thisUpdate
+    after the verification time): a clock that is behind, or collateral from the future — not
+    an expiry, and refreshing the collateral will not help."""
+
+
 class AppraisalError(AttestationError):
     """Evidence verified but its claims do not satisfy the appraisal policy.
 
@@ -147,3 +158,35 @@ class FPEError(CryptoError):
 
 class TransformError(SafeholdError):
     """A configured field cannot be transformed (protect/reveal) as the schema says."""
+
+
+class ShapeError(TransformError):
+    """A protected field's path meets JSON of another shape than the schema describes: an array
+    where an object is expected (``{"address": [{"city": ...}]}`` for ``address.city``), an
+    object or a scalar where an array is expected (``*``), or a scalar where an object is
+    expected. The record is refused rather than passed on with the value unprotected.
+
+    ``where`` is the JSON position (``names[0].given``), ``found`` and ``expected`` are JSON
+    type names; no value is ever part of the message.
+    """
+
+    def __init__(self, found: str, expected: str, where: str = "", field: str = ""):
+        self.found, self.expected, self.where, self.field = found, expected, where, field
+        at = f" at {where!r}" if where else ""
+        name = f"field {field!r}: " if field else ""
+        super().__init__(f"{name}found {found}{at} where the schema expects {expected}; "
+                         "not passed on unprotected")
+
+    def within(self, segment: str) -> ShapeError:
+        """The same error one level further out (``segment`` prepended to :attr:`where`)."""
+        if not self.where:
+            where = segment
+        elif self.where.startswith("["):
+            where = segment + self.where
+        else:
+            where = f"{segment}.{self.where}"
+        return ShapeError(self.found, self.expected, where, self.field)
+
+    def for_field(self, field: str) -> ShapeError:
+        """The same error naming the schema field."""
+        return ShapeError(self.found, self.expected, self.where, field)

@@ -41,7 +41,12 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from safehold.errors import ConfigError, EndorsementError
+from safehold.errors import (
+    ConfigError,
+    EndorsementError,
+    EndorsementExpiredError,
+    EndorsementNotYetValidError,
+)
 
 __all__ = [
     "CollateralCache",
@@ -50,6 +55,22 @@ __all__ = [
     "load_collateral",
     "require_aware",
 ]
+
+
+def check_validity(name: str, not_before: datetime, not_after: datetime, at: datetime) -> None:
+    """Raise unless ``not_before <= at <= not_after`` (RFC 5280 §4.1.2.5: both bounds inclusive),
+    saying which side failed.
+
+    Raises:
+        EndorsementNotYetValidError: ``at`` is before ``not_before`` (a clock behind, or an item
+            issued in the future).
+        EndorsementExpiredError: ``at`` is after ``not_after``.
+    """
+    window = f"{name} validity {not_before.isoformat()}..{not_after.isoformat()}"
+    if at < not_before:
+        raise EndorsementNotYetValidError(f"{window}: not yet valid at verification time {at.isoformat()}")
+    if at > not_after:
+        raise EndorsementExpiredError(f"{window}: expired at verification time {at.isoformat()}")
 
 
 def require_aware(at: datetime | None) -> datetime:
@@ -138,18 +159,18 @@ class DcapCollateral:
         """Raise unless ``not_before <= at < next_update``.
 
         Raises:
-            EndorsementError: the collateral expired (names the item and its nextUpdate) or
-                is not yet valid.
+            EndorsementNotYetValidError: ``at`` is before the latest issueDate / thisUpdate.
+            EndorsementExpiredError: ``at`` is at or after the earliest nextUpdate (names it).
         """
+        if at < self.not_before:
+            raise EndorsementNotYetValidError(
+                f"DCAP collateral for FMSPC {self.fmspc} is not yet valid at {at.isoformat()} "
+                f"(issued {self.not_before.isoformat()}; a clock behind, or collateral from the future)"
+            )
         if at >= self.next_update:
-            raise EndorsementError(
+            raise EndorsementExpiredError(
                 f"DCAP collateral for FMSPC {self.fmspc} expired: {self.expiry_source} nextUpdate "
                 f"{self.next_update.isoformat()} is not after verification time {at.isoformat()}"
-            )
-        if at < self.not_before:
-            raise EndorsementError(
-                f"DCAP collateral for FMSPC {self.fmspc} is not yet valid at {at.isoformat()} "
-                f"(issued {self.not_before.isoformat()})"
             )
 
     # -- constructors -------------------------------------------------------------------------
@@ -546,8 +567,10 @@ class CollateralCache:
         if c is not None:
             return c
         if self.pccs_url is None:
+            if stale is not None and at < stale.not_before:
+                stale.check_fresh(at)  # raises EndorsementNotYetValidError: not an expiry
             hint = f" (cached collateral expired at {stale.next_update.isoformat()})" if stale else ""
-            raise EndorsementError(
+            raise (EndorsementExpiredError if stale else EndorsementError)(
                 f"no fresh DCAP collateral for {tee.upper()} FMSPC {fmspc.lower()} ({ca} CA) at "
                 f"{at.isoformat()}{hint}; supply collateral or configure a PCCS URL"
             )

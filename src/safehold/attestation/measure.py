@@ -1,4 +1,14 @@
-"""The workload measurement: one SHA-384 value over a canonical manifest of the trusted files.
+"""The package-only workload measurement (format v1): SHA-384 over the ``safehold`` package
+files and the workload's configuration.
+
+**Superseded** by :mod:`safehold.attestation.closure`, which measures everything that can
+execute in the workload (interpreter, libpython, standard library, every distribution on the
+workload's ``sys.path``, the package, the config, the launch). This v1 value skips code that
+runs — a planted ``__pycache__/*.pyc``, a ``sitecustomize.py``, a ``.pth`` file, any
+dependency — and stays only until the process launches start workloads through
+:class:`safehold.attestation.workload.LaunchSpec` (then the simulated TEE reports
+:func:`safehold.attestation.workload.current_closure`). ``safehold measure --package-only``
+prints it.
 
 "Measure, then compare" (DESIGN.md): the simulated TEE reports this value as its measurement,
 ``safehold measure`` prints it as a Reference Value (RFC 9334 §3.2), and an appraisal policy

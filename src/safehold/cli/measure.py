@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -17,25 +18,59 @@ def register(group: click.Group) -> None:
 @click.command()
 @click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Workload configuration file to include (repeatable); named config/<file name>.")
+@click.option("--module", default="safehold.records.service", show_default=True,
+              help="The module the workload runs as __main__ (part of the measured launch).")
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False),
+              help="Directory put first on the workload's sys.path (a snapshot's parent). Default: "
+                   "the directory holding the imported safehold package, unless it is site-packages.")
+@click.option("--env", "passthrough", multiple=True, metavar="NAME",
+              help="Environment variable the workload takes from the host (repeatable; part of the "
+                   "measured launch, its value is not).")
+@click.option("--package-only", is_flag=True,
+              help="The older package-only value (safehold package + config, format v1) that the "
+                   "simulated TEE reports until workloads are started by the launch spec.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False),
-              help="Package tree to measure instead of the installed safehold package.")
+              help="With --package-only: package tree to measure instead of the installed one.")
 @click.option("--format", "fmt", type=click.Choice(["text", "toml", "json", "manifest"]),
               default="text", show_default=True,
-              help="text: hex + TOML snippet; toml: snippet only; json: digest and manifest; "
+              help="text: hex + TOML snippet; toml: snippet only; json: digest, roots and files; "
                    "manifest: the exact canonical bytes that were hashed.")
-def measure(configs: tuple[str, ...], root: str | None, fmt: str) -> None:
-    """Measure the workload: SHA-384 over the canonical manifest of the safehold package files
-    (+ config files). The simulated TEE reports this same value; paste the TOML snippet into
-    an appraisal policy's [reference_values]."""
-    m = measure_workload(configs, root=root)
+def measure(configs: tuple[str, ...], module: str, app_dir: str | None, passthrough: tuple[str, ...],
+            package_only: bool, root: str | None, fmt: str) -> None:
+    """Measure the workload closure: SHA-384 over the interpreter, libpython, the standard
+    library, every installed distribution on the workload's sys.path, the package, the config
+    files and the launch (module, flags, environment allow-list) — what a TEE under Gramine
+    measures as its trusted files. Paste the TOML snippet into an appraisal policy's
+    [reference_values]. A summary (files, bytes, seconds) goes to stderr."""
+    if package_only or root:
+        m = measure_workload(configs, root=root)
+        if fmt == "toml":
+            click.echo(m.to_toml(), nl=False)
+        elif fmt == "json":
+            click.echo(json.dumps({"measurement": m.hex(), "algorithm": "sha-384",
+                                   "files": [{"path": p, "sha256": d} for p, d in m.manifest]}, indent=2))
+        elif fmt == "manifest":
+            click.echo(m.canonical().decode("utf-8"), nl=False)
+        else:
+            click.echo(m.hex())
+            click.echo()
+            click.echo(m.to_toml(), nl=False)
+        return
+    from safehold.attestation.closure import describe
+    from safehold.attestation.workload import LaunchSpec, package_app_dir
+
+    spec = LaunchSpec(module, app_dir=app_dir if app_dir else package_app_dir(), passthrough=passthrough)
+    t0 = time.perf_counter()
+    c = spec.closure(configs)
+    took = time.perf_counter() - t0
+    click.echo(f"measured {len(c.files)} files, {c.total_bytes} bytes in {took:.2f} s", err=True)
     if fmt == "toml":
-        click.echo(m.to_toml(), nl=False)
+        click.echo(c.to_toml(), nl=False)
     elif fmt == "json":
-        click.echo(json.dumps({"measurement": m.hex(), "algorithm": "sha-384",
-                               "files": [{"path": p, "sha256": d} for p, d in m.manifest]}, indent=2))
+        click.echo(json.dumps({**describe(c), "launch": spec.description()}, indent=2))
     elif fmt == "manifest":
-        click.echo(m.canonical().decode("utf-8"), nl=False)
+        click.echo(c.canonical().decode("utf-8"), nl=False)
     else:
-        click.echo(m.hex())
+        click.echo(c.hex())
         click.echo()
-        click.echo(m.to_toml(), nl=False)
+        click.echo(c.to_toml(), nl=False)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from safehold.errors import ConfigError, TransformError
-from safehold.proxy.core import Protector
+from safehold.proxy.core import LONE_SURROGATE, Protector, has_lone_surrogate
 
 __all__ = ["detect_format", "run_batch"]
 
@@ -66,13 +66,51 @@ def run_batch(protector: Protector, src: Path, dst: Path, *, reveal: bool, fmt: 
     return n
 
 
+def _csv_error(e: csv.Error | UnicodeDecodeError, start: int, end: int) -> ConfigError:
+    """A clear message for a CSV row that does not parse; ``start``..``end`` are the physical
+    lines (1-based) the reader consumed for it. Never shows cell contents."""
+    if isinstance(e, UnicodeDecodeError):
+        return ConfigError(f"CSV line {start} is not UTF-8")
+    msg = str(e)
+    if "field larger than field limit" in msg:
+        return ConfigError(f"CSV line {start}: a field is longer than the CSV reader's limit of "
+                           f"{csv.field_size_limit()} characters (Python csv.field_size_limit); "
+                           "split the value or protect it in NDJSON"
+                           + (f" (or a quote opened on line {start} is never closed: lines {start}..{end} "
+                              "were read into one field)" if end > start else ""))
+    if "unexpected end of data" in msg or (end > start and "expected after" not in msg):
+        swallowed = f"; lines {start + 1}..{end} were read into it" if end > start else ""
+        return ConfigError(f"CSV line {start}: a quoted field is never closed (its closing quote is "
+                           f"missing, so the rest of the file runs into it{swallowed}); nothing "
+                           f"was written")
+    return ConfigError(f"CSV line {start} is malformed: {msg}")
+
+
+class _Lines:
+    """Iterate over a text file's lines, counting them (``csv.reader`` does not say how many
+    physical lines it read before an error)."""
+
+    def __init__(self, f: io.TextIOWrapper):
+        self._it = iter(f)
+        self.n = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._it)
+        self.n += 1
+        return line
+
+
 def _csv(p: Protector, src: io.TextIOWrapper, out, reveal: bool, pos, total: int,
          progress: Progress | None) -> int:
+    lines = _Lines(src)
     try:
-        reader = csv.DictReader(src, strict=True)
+        reader = csv.DictReader(lines, strict=True)
         header = list(reader.fieldnames or [])
     except (UnicodeDecodeError, csv.Error) as e:
-        raise ConfigError(f"input is not a CSV file: {type(e).__name__}") from None
+        raise _csv_error(e, 1, max(lines.n, 1)) from None
     if not header:
         raise ConfigError("CSV input has no header row")
     kf = p.schema.key_id_field
@@ -85,22 +123,24 @@ def _csv(p: Protector, src: io.TextIOWrapper, out, reveal: bool, pos, total: int
     writer = csv.DictWriter(out, fieldnames=cols, extrasaction="raise", lineterminator="\n")
     writer.writeheader()
     n = 0
+    start = lines.n + 1
     try:
         for row in reader:
             if None in row:
-                raise TransformError(f"CSV row {n + 1} has more cells than the header")
+                raise TransformError(f"CSV row {n + 1} (line {start}) has more cells than the header")
             try:
-                rec = p.reveal(row) if reveal else p.protect(row, key_id_as_text=True)
+                rec = p.reveal(row, flat=True) if reveal else p.protect(row, key_id_as_text=True, flat=True)
             except TransformError as e:
-                raise TransformError(f"CSV row {n + 1}: {e}") from None
+                raise TransformError(f"CSV row {n + 1} (line {start}): {e}") from None
             if not reveal and kf not in rec and kf in cols:
                 rec[kf] = ""
             writer.writerow(rec)
             n += 1
+            start = lines.n + 1
             if progress and n % 256 == 0:
                 progress(pos(), total)
     except (UnicodeDecodeError, csv.Error) as e:
-        raise ConfigError(f"CSV row {n + 1} is malformed: {type(e).__name__}") from None
+        raise _csv_error(e, start, max(lines.n, start)) from None
     if progress:
         progress(total, total)
     return n
@@ -119,6 +159,8 @@ def _ndjson(p: Protector, src: io.TextIOWrapper, out, reveal: bool, pos, total: 
                 doc = json.loads(line)
             except ValueError:
                 raise ConfigError(f"NDJSON line {lineno} is not JSON") from None
+            if has_lone_surrogate(line, doc):
+                raise ConfigError(f"NDJSON line {lineno} {LONE_SURROGATE}")
             try:
                 rec = p.reveal(doc) if reveal else p.protect(doc)
             except TransformError as e:

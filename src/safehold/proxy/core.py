@@ -19,17 +19,19 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
 from safehold.crypto.keyset import Keyset
-from safehold.errors import TransformError
+from safehold.errors import ShapeError, TransformError
 from safehold.proxy.schema import FieldSpec, Schema
 from safehold.proxy.transforms import FieldTransform
 
-__all__ = ["Protector", "fold_name", "url_decode_fully"]
+__all__ = ["LONE_SURROGATE", "Protector", "apply_path", "fold_name", "has_lone_surrogate", "json_kind",
+           "url_decode_fully"]
 
 _MISSING = object()
 #: How often a URL component is percent-decoded when looking for disguised names (double and
@@ -58,6 +60,29 @@ def fold_name(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold().strip()
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+#: The refusal text for JSON that decodes to a lone surrogate (never shows the value).
+LONE_SURROGATE = ("holds a lone UTF-16 surrogate escape (such as \\ud800), which is not Unicode "
+                  "text (RFC 8259 §8.2) and cannot be encoded as UTF-8")
+
+
+def has_lone_surrogate(text: str | bytes, doc: Any) -> bool:
+    """Does the decoded JSON ``doc`` (parsed from ``text``) hold a string with a lone surrogate?
+
+    Only ``\\uD800``-``\\uDFFF`` escapes can produce one (UTF-8 text cannot encode
+    surrogates), so ``text`` is searched for such an escape first and ``doc`` re-encoded only then.
+    """
+    rx = _SURROGATE_ESCAPE if isinstance(text, str) else _SURROGATE_ESCAPE_BYTES
+    if not rx.search(text):  # type: ignore[arg-type]
+        return False
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _squash(name: str) -> str:
     """``fold_name`` without separators: ``birth_date``, ``birthDate``, ``Birth-Date`` -> ``birthdate``."""
     return re.sub(r"[\W_]+", "", fold_name(name))
@@ -72,25 +97,71 @@ def _get(record: Any, path: tuple[str, ...]) -> Any:
     return cur
 
 
-def apply_path(node: Any, path: tuple[str, ...], fn: Callable[[Any], Any]) -> Any:
+def json_kind(value: Any) -> str:
+    """JSON type name of a decoded value, for messages that must not show the value itself."""
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null" if value is None else type(value).__name__
+
+
+def _absent(value: Any) -> bool:
+    # null and "" carry nothing (the transforms pass them through as well)
+    return value is None or value == ""
+
+
+def apply_path(node: Any, path: tuple[str, ...], fn: Callable[[Any], Any], *, strict: bool = False) -> Any:
     """Return ``node`` with ``fn`` applied to every value at ``path``.
 
     A path segment ``*`` matches every element of a JSON array (``name.*.given.*`` reaches each
     given name of each FHIR ``name``). Objects and arrays on the way are copied, never modified,
-    so the caller's input stays intact (cheaper than a deep copy per record). A path that does
-    not match leaves ``node`` as it is.
+    so the caller's input stays intact (cheaper than a deep copy per record). A key that is
+    absent, ``null`` or ``""`` on the way means "no value here" and leaves ``node`` as it is.
+
+    With ``strict`` (protecting), JSON of another shape on the way raises :class:`ShapeError`:
+    an array or scalar where the path names an object key, an object or scalar where it has a
+    ``*`` — an upstream may well read ``{"address": [{"city": ...}]}`` as ``address.city``
+    (FHIRPath flattens arrays), so passing it on unchanged would leak the value. Without
+    ``strict`` (revealing) a mismatch is left as it is.
+
+    Raises:
+        ShapeError: ``strict`` and the path meets JSON of another shape (names the position).
     """
     if not path:
         return fn(node)
     head, rest = path[0], path[1:]
     if head == "*":
         if isinstance(node, list):
-            return [apply_path(x, rest, fn) for x in node]
+            if not strict:
+                return [apply_path(x, rest, fn) for x in node]
+            out = []
+            for i, x in enumerate(node):
+                try:
+                    out.append(apply_path(x, rest, fn, strict=True))
+                except ShapeError as e:
+                    raise e.within(f"[{i}]") from None
+            return out
+        if strict and not _absent(node):
+            raise ShapeError(json_kind(node), "an array")
         return node
-    if isinstance(node, Mapping) and head in node:
+    if isinstance(node, Mapping):
+        if head not in node:
+            return node
         new = dict(node)
-        new[head] = apply_path(node[head], rest, fn)
+        try:
+            new[head] = apply_path(node[head], rest, fn, strict=strict)
+        except ShapeError as e:
+            raise e.within(head) from None
         return new
+    if strict and not _absent(node):
+        raise ShapeError(json_kind(node), "an object")
     return node
 
 
@@ -121,19 +192,18 @@ class Protector:
         keyset: the :class:`~safehold.crypto.keyset.Keyset` (primary key for protect, any
             live key for reveal).
 
-    Not thread-safe for concurrent use of one instance from several threads (cipher caches);
-    the HTTP proxy runs it on the event-loop thread.
+    Thread-safe: the transforms hold cipher caches (AES contexts, FF1 round constants) that
+    must not be shared between threads, so each thread gets its own set, built on first use.
+    The HTTP proxy runs protect/reveal in a thread pool, off the event loop.
     """
 
     def __init__(self, schema: Schema, keyset: Keyset):
         self.schema = schema
         self.keyset = keyset
-        self._t = {name: FieldTransform(spec) for name, spec in schema.fields.items()}
+        self._local = threading.local()
         specs = list(schema.fields.values())
-        # (spec, path, transform) in processing order: context-free fields first
-        self._order = [(s, s.path, self._t[s.name]) for s in specs if not s.contextual] + [
-            (s, s.path, self._t[s.name]) for s in specs if s.contextual
-        ]
+        # specs in processing order: context-free fields first
+        self._specs = [s for s in specs if not s.contextual] + [s for s in specs if s.contextual]
         self._tagged = {"fpe", "token", "date-shift"}
         protected = [s for s in specs if s.transform != "keep"]
         # names a client might use to reach a protected field in a query or form: every
@@ -148,10 +218,30 @@ class Protector:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _context(self, spec: FieldSpec, record: Any, extra: Mapping[str, str] | None) -> str | None:
+    @property
+    def _t(self) -> dict[str, FieldTransform]:
+        """This thread's transforms, field name -> :class:`FieldTransform`."""
+        t = getattr(self._local, "t", None)
+        if t is None:
+            t = self._local.t = {s.name: FieldTransform(s) for s in self._specs}
+        return t
+
+    def _order(self, record: Mapping[str, Any], flat: bool) -> list[tuple[FieldSpec, tuple[str, ...],
+                                                                         FieldTransform]]:
+        """``(spec, path, transform)`` per field. In a flat record (CSV row, form body) a dotted
+        field without ``*`` is the key of that exact name when the record has one."""
+        t = self._t
+        return [(s, (s.name,) if flat and len(s.path) > 1 and s.name in record else s.path, t[s.name])
+                for s in self._specs]
+
+    def _context(self, spec: FieldSpec, record: Any, extra: Mapping[str, str] | None,
+                 flat: bool = False) -> str | None:
         if spec.context is None:
             return None
-        v = _get(record, tuple(spec.context.split(".")))
+        if flat and isinstance(record, Mapping) and spec.context in record:
+            v = record[spec.context]
+        else:
+            v = _get(record, tuple(spec.context.split(".")))
         if (v is _MISSING or v is None or v == "") and extra:
             v = extra.get(spec.context, _MISSING)
         if v is _MISSING or v is None or v == "":
@@ -163,10 +253,15 @@ class Protector:
         return str(v)
 
     def _field(self, out: dict[str, Any], spec: FieldSpec, path: tuple[str, ...], ctx_source: Any,
-               context: Mapping[str, str] | None, op: Callable[[Any, str | None], Any]) -> tuple[Any, bool]:
+               context: Mapping[str, str] | None, op: Callable[[Any, str | None], Any], *,
+               strict: bool, flat: bool) -> tuple[Any, bool]:
         """Apply ``op(value, context_value)`` to every non-empty value of one field; returns the
         new record and whether any value was transformed. The context value is looked up
-        (in ``ctx_source``, then ``context``) only when a value needs it."""
+        (in ``ctx_source``, then ``context``) only when a value needs it.
+
+        Raises:
+            ShapeError: ``strict`` and the field's path meets JSON of another shape (names the field).
+        """
         ctx: list[str | None] = []
         touched = False
 
@@ -175,16 +270,19 @@ class Protector:
             if v is None or v == "":
                 return v
             if spec.contextual and not ctx:
-                ctx.append(self._context(spec, ctx_source, context))
+                ctx.append(self._context(spec, ctx_source, context, flat))
             touched = True
             return op(v, ctx[0] if ctx else None)
 
-        return apply_path(out, path, one), touched
+        try:
+            return apply_path(out, path, one, strict=strict), touched
+        except ShapeError as e:
+            raise e.for_field(spec.name) from None
 
     # ---- public ----------------------------------------------------------------------------
 
     def protect(self, record: Mapping[str, Any], *, key_id_as_text: bool = False,
-                context: Mapping[str, str] | None = None) -> dict[str, Any]:
+                context: Mapping[str, str] | None = None, flat: bool = False) -> dict[str, Any]:
         """Return a protected copy of ``record``; the input is not modified.
 
         Args:
@@ -192,10 +290,14 @@ class Protector:
             key_id_as_text: write the key-id tag as decimal text (CSV) instead of an int.
             context: plaintext values for context fields the record itself lacks (the HTTP
                 proxy passes path-template variables, e.g. the id in ``/patient/{id}``).
+            flat: the record is flat text (a CSV row, a form body): a key spelling a dotted
+                field name (``address.city``) is that field.
 
         Raises:
             TransformError: ``record`` is not a dict, already carries the key-id tag, or a
                 configured field cannot be transformed (message names the field, not the value).
+            ShapeError: a protected field's path meets JSON of another shape (an array where an
+                object is expected, ...): refused, never passed on unprotected.
         """
         if not isinstance(record, Mapping):
             raise TransformError(f"a record must be a JSON object, got {type(record).__name__}")
@@ -205,9 +307,10 @@ class Protector:
         kid, key = self.keyset.primary_key()
         out: dict[str, Any] = dict(record)
         tagged = False
-        for spec, path, tr in self._order:
+        for spec, path, tr in self._order(record, flat):
             out, touched = self._field(out, spec, path, record, context,
-                                       lambda v, c, tr=tr: tr.protect(v, kid, key, c))
+                                       lambda v, c, tr=tr: tr.protect(v, kid, key, c),
+                                       strict=spec.transform != "keep", flat=flat)
             tagged = tagged or (touched and spec.transform in self._tagged)
         if tagged:
             out[kf] = str(kid) if key_id_as_text else kid
@@ -216,11 +319,12 @@ class Protector:
         return out
 
     def reveal(
-        self, record: Mapping[str, Any], *, context: Mapping[str, str] | None = None
+        self, record: Mapping[str, Any], *, context: Mapping[str, str] | None = None, flat: bool = False
     ) -> dict[str, Any]:
         """Inverse of :meth:`protect` (``mask`` stays masked); drops the key-id tag.
 
-        ``context`` as in :meth:`protect`.
+        ``context`` and ``flat`` as in :meth:`protect`. A path that meets JSON of another shape
+        is left as it is (revealing sends nothing to the untrusted side).
 
         Raises:
             TransformError: not a dict, a tagged field without a tag (``untagged = "error"``),
@@ -241,10 +345,11 @@ class Protector:
                     raise ValueError
             except (TypeError, ValueError):
                 raise TransformError(f"record key-id field {kf!r} is not a key id") from None
-        for spec, path, tr in self._order:
+        for spec, path, tr in self._order(record, flat):
             # context fields are revealed before the fields that use them (self._order)
             out, _ = self._field(out, spec, path, out, context,
-                                 lambda v, c, tr=tr: tr.reveal(v, kid, self.keyset, c))
+                                 lambda v, c, tr=tr: tr.reveal(v, kid, self.keyset, c),
+                                 strict=False, flat=flat)
         return out
 
     def protect_query(self, param: str, value: str) -> str:

@@ -39,9 +39,18 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from safehold.errors import TransformError
-from safehold.proxy.core import Protector, apply_path, fold_name, url_decode_fully
+from safehold.errors import ShapeError, TransformError
+from safehold.proxy.core import (
+    LONE_SURROGATE,
+    Protector,
+    apply_path,
+    fold_name,
+    has_lone_surrogate,
+    json_kind,
+    url_decode_fully,
+)
 from safehold.proxy.schema import template_vars
 
 __all__ = ["ProxyState", "create_app", "forward", "router"]
@@ -235,17 +244,42 @@ def protect_query(protector: Protector, query: str) -> str:
     return urlencode(out, quote_via=quote)
 
 
-def each_record(st: ProxyState, doc: Any, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
-    """Apply ``fn`` to every record of a JSON body: embedded paths first, then the body
-    itself (an object) or each object of a top-level array."""
-    def one(r: Any) -> Any:
-        return fn(r) if isinstance(r, dict) else r
+def each_record(st: ProxyState, doc: Any, fn: Callable[[dict[str, Any]], dict[str, Any]], *,
+                strict: bool = False) -> Any:
+    """Apply ``fn`` to every record of a JSON body: the body itself (an object) or each
+    object of a top-level array, and the records at the ``embedded`` paths of each — those
+    first. With ``strict`` (requests), JSON of another shape where a record or an embedded
+    path is expected raises :class:`ShapeError` (an array of arrays, ``records`` an object
+    instead of an array, an embedded record that is an array)."""
 
-    for path in st.embedded:
-        doc = apply_path(doc, path, one)
+    def embedded_record(r: Any) -> Any:
+        if isinstance(r, dict):
+            return fn(r)
+        if strict and r is not None:
+            raise ShapeError(json_kind(r), "an object (an embedded record)")
+        return r
+
+    def envelope(d: dict[str, Any]) -> dict[str, Any]:
+        for path in st.embedded:
+            d = apply_path(d, path, embedded_record, strict=strict)
+        return fn(d)
+
+    if isinstance(doc, dict):
+        return envelope(doc)
     if isinstance(doc, list):
-        return [one(d) for d in doc]
-    return one(doc)
+        out = []
+        for i, d in enumerate(doc):
+            if isinstance(d, dict):
+                try:
+                    out.append(envelope(d))
+                except ShapeError as e:
+                    raise e.within(f"[{i}]") from None
+            elif strict and isinstance(d, list):
+                raise ShapeError("an array", "an object (a record)", f"[{i}]")
+            else:
+                out.append(d)
+        return out
+    return doc
 
 
 def refuse_encoded_records(protector: Protector, values: list[str], where: str) -> None:
@@ -276,7 +310,9 @@ def protect_body(st: ProxyState, body: bytes, ct: str, ctx: dict[str, str]) -> b
             doc = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, ValueError):
             raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
-        doc = each_record(st, doc, lambda r: protect_record(protector, r, ctx))
+        if has_lone_surrogate(body, doc):
+            raise _Refused(400, f"request JSON {LONE_SURROGATE}; not forwarded")
+        doc = each_record(st, doc, lambda r: protect_record(protector, r, ctx), strict=True)
         refuse_encoded_records(protector, _strings(doc), "a string in the request JSON")
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     if ct == "application/x-www-form-urlencoded":
@@ -292,7 +328,7 @@ def protect_body(st: ProxyState, body: bytes, ct: str, ctx: dict[str, str]) -> b
             if (why := protector.lookalike_param(k)) is not None:
                 raise _Refused(400, f"form field {k!r}: {why}; use the exact field name. Not forwarded")
             rec[k] = v
-        out = protector.protect(rec, key_id_as_text=True, context=ctx)
+        out = protector.protect(rec, key_id_as_text=True, context=ctx, flat=True)
         refuse_encoded_records(protector, [v for v in out.values() if isinstance(v, str)], "a form field")
         return urlencode(out, quote_via=quote).encode("ascii")
     raise _Refused(415, f"cannot inspect a request body of type {ct or 'unknown'!r}; not forwarded")
@@ -306,6 +342,8 @@ def reveal_body(st: ProxyState, body: bytes, ctx: dict[str, str]) -> bytes | Non
         return None
     if not isinstance(doc, (dict, list)):
         return None
+    if has_lone_surrogate(body, doc):
+        raise TransformError(f"upstream response JSON {LONE_SURROGATE}")
     doc = each_record(st, doc, lambda r: st.protector.reveal(r, context=ctx))
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -341,7 +379,9 @@ async def forward(request: Request, path: str) -> Response:  # noqa: ARG001 - pa
         raw_path = request.scope.get("raw_path") or request.url.path.encode("utf-8")
         new_path, path_ctx = protect_path(st, raw_path.decode("latin-1"))
         new_query = protect_query(st.protector, request.url.query)
-        new_body = protect_body(st, body, ct, path_ctx)
+        # parsing and FF1 are CPU-bound: off the event loop, so one large body cannot stall
+        # every other client (the Protector keeps per-thread cipher state)
+        new_body = await run_in_threadpool(protect_body, st, body, ct, path_ctx)
     except _Refused as e:
         return JSONResponse({"error": e.message}, status_code=e.status)
     except TransformError as e:
@@ -361,7 +401,7 @@ async def forward(request: Request, path: str) -> Response:  # noqa: ARG001 - pa
     rct = resp.headers.get("content-type", "").split(";")[0].strip().lower()
     if content and _is_json(rct):
         try:
-            revealed = reveal_body(st, content, path_ctx)
+            revealed = await run_in_threadpool(reveal_body, st, content, path_ctx)
         except TransformError as e:
             return JSONResponse({"error": f"cannot reveal upstream response: {e}"}, status_code=502)
         if revealed is not None:

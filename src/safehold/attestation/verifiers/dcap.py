@@ -57,6 +57,7 @@ from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import (
     CollateralCache,
     DcapCollateral,
+    check_validity,
     load_collateral,
     require_aware,
 )
@@ -326,11 +327,7 @@ def verify_signatures_only(q: DcapQuote, root_spki: bytes, at: datetime) -> None
     for i, c in enumerate(ch.certs):
         issuer = ch.certs[min(i + 1, len(ch.certs) - 1)]
         name = names[min(i, 2)]
-        if not (c.not_valid_before_utc <= at <= c.not_valid_after_utc):
-            raise EndorsementError(
-                f"{name} validity: expected {c.not_valid_before_utc.isoformat()}.."
-                f"{c.not_valid_after_utc.isoformat()}, verification time {at.isoformat()}"
-            )
+        check_validity(name, c.not_valid_before_utc, c.not_valid_after_utc, at)
         try:
             c.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature):

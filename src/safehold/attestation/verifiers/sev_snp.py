@@ -1,7 +1,13 @@
-"""AMD SEV-SNP attestation report verifier (report versions 2 and 3, 1184 bytes).
+"""AMD SEV-SNP attestation report verifier (report versions 2 to 5, 1184 bytes).
 
-Layout: AMD "SEV Secure Nested Paging Firmware ABI Specification" (pub. 56860), Table 22
-ATTESTATION_REPORT Structure. The signature (Table 139, ECDSA P-384 with SHA-384) covers bytes
+Layout: AMD "SEV Secure Nested Paging Firmware ABI Specification" (pub. 56860), §7.3
+"Attestation", table "ATTESTATION_REPORT Structure" (Table 22 in Rev. 1.55). Version 3 (Rev.
+1.56) adds CPUID_FAM_ID/CPUID_MOD_ID/CPUID_STEP at 0x188-0x18A; version 4 (firmware 1.55.31+)
+changes no field a Verifier reads; version 5 (Rev. 1.58) adds LAUNCH_MIT_VECTOR at 0x1F8 and
+CURRENT_MIT_VECTOR at 0x200 (8 bytes each, little-endian) and guest policy bit 25
+PAGE_SWAP_DISABLE. Every version keeps the 1184-byte size, the fields before 0x1F8 and the
+signature at 0x2A0, so a Verifier reads the older fields the same way. Versions above 5 are
+refused: their layout is not known here. The signature (ECDSA P-384 with SHA-384) covers bytes
 0x000-0x29F; r and s are 72-byte little-endian fields at 0x2A0 and 0x2E8, the remaining 368
 bytes of the 512-byte signature area are reserved and must be zero (checked, so no byte of a
 report is left unchecked).
@@ -13,7 +19,9 @@ VCEK → ASK → ARK (VLEK → ASVK → ARK) is RSA-PSS/SHA-384 and must end at 
 Milan, Genoa or Turin shipped in ``safehold/attestation/roots`` (pinned by public key). The
 VCEK's TCB extensions (AMD "Versioned Chip Endorsement Key (VCEK) Certificate and KDS Interface
 Specification" §3.1: OIDs 1.3.6.1.4.1.3704.1.3.{1,2,3,8,9}, hwID 1.3.6.1.4.1.3704.1.4) must
-equal the report's REPORTED_TCB and CHIP_ID.
+equal the report's REPORTED_TCB and CHIP_ID. A CHIP_ID of all zeros means the guest policy
+asked to mask it (MASK_CHIP_ID); per AMD (virtee/sev#303) that is recognised by the zeros
+alone — flags bit 1 is MASK_CHIP_KEY, a different setting.
 """
 
 from __future__ import annotations
@@ -34,13 +42,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from safehold.attestation.claims import Claims
-from safehold.attestation.collateral import require_aware
+from safehold.attestation.collateral import check_validity, require_aware
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.policy import SnpMinimumTcb  # noqa: F401 - re-exported (moved to policy)
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
 
 REPORT_LEN = 1184
 SIGNED_LEN = 0x2A0
+#: Report versions whose layout this module knows (see the module docstring).
+SUPPORTED_VERSIONS = (2, 3, 4, 5)
 PRODUCTS = ("milan", "genoa", "turin")
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 _OID = "1.3.6.1.4.1.3704.1."
@@ -61,6 +71,11 @@ POLICY_RESERVED_1 = 1 << 17
 POLICY_MIGRATE_MA = 1 << 18
 POLICY_DEBUG = 1 << 19
 POLICY_SINGLE_SOCKET = 1 << 20
+POLICY_CXL_ALLOW = 1 << 21
+POLICY_MEM_AES_256_XTS = 1 << 22
+POLICY_RAPL_DIS = 1 << 23
+POLICY_CIPHERTEXT_HIDING = 1 << 24
+POLICY_PAGE_SWAP_DISABLE = 1 << 25  # report version 5 (Rev. 1.58)
 
 
 def decode_tcb(tcb: int, product: str) -> dict[str, int]:
@@ -104,6 +119,8 @@ class SnpReport:
     current_version: tuple[int, int, int]
     committed_version: tuple[int, int, int]
     launch_tcb: int
+    launch_mit_vector: int | None
+    current_mit_vector: int | None
     r: int
     s: int
 
@@ -113,12 +130,19 @@ class SnpReport:
         return {0: "vcek", 1: "vlek", 7: "none"}.get((self.flags >> 2) & 7, "reserved")
 
     @property
-    def mask_chip_id(self) -> bool:
+    def mask_chip_key(self) -> bool:
+        """Flags bit 1, MASK_CHIP_KEY: the VCEK is not used for attestation or key derivation."""
         return bool(self.flags & 2)
+
+    @property
+    def mask_chip_id(self) -> bool:
+        """CHIP_ID is all zeros: the guest policy masked it (MASK_CHIP_ID). Per AMD this is the
+        only way to tell (virtee/sev#303); flags bit 1 is MASK_CHIP_KEY, not this."""
+        return not any(self.chip_id)
 
 
 def parse_report(data: bytes) -> SnpReport:
-    """Parse a 1184-byte SEV-SNP attestation report (version 2 or 3).
+    """Parse a 1184-byte SEV-SNP attestation report (versions 2 to 5).
 
     Raises:
         EvidenceFormatError: wrong length, version, signature algorithm, reserved policy bit
@@ -129,8 +153,9 @@ def parse_report(data: bytes) -> SnpReport:
         raise EvidenceFormatError(f"SEV-SNP report: expected {REPORT_LEN} bytes, got {n}")
     d = bytes(data)
     version, guest_svn, policy = struct.unpack_from("<IIQ", d, 0)
-    if version not in (2, 3):
-        raise EvidenceFormatError(f"SEV-SNP report version: expected 2 or 3, got {version}")
+    if version not in SUPPORTED_VERSIONS:
+        lo, hi = SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[-1]
+        raise EvidenceFormatError(f"SEV-SNP report version: expected {lo}..{hi}, got {version}")
     vmpl, sig_algo, current_tcb, platform_info, flags = struct.unpack_from("<IIQQI", d, 0x30)
     if sig_algo != 1:
         raise EvidenceFormatError(f"SEV-SNP signature_algo: expected 1 (ECDSA P-384/SHA-384), got {sig_algo}")
@@ -167,6 +192,8 @@ def parse_report(data: bytes) -> SnpReport:
         current_version=(d[0x1EA], d[0x1E9], d[0x1E8]),
         committed_version=(d[0x1EE], d[0x1ED], d[0x1EC]),
         launch_tcb=struct.unpack_from("<Q", d, 0x1F0)[0],
+        launch_mit_vector=struct.unpack_from("<Q", d, 0x1F8)[0] if version >= 5 else None,
+        current_mit_vector=struct.unpack_from("<Q", d, 0x200)[0] if version >= 5 else None,
         r=int.from_bytes(r_b, "little"),
         s=int.from_bytes(s_b, "little"),
     )
@@ -250,11 +277,7 @@ def _ext(cert: x509.Certificate, oid: str) -> bytes | None:
 
 
 def _valid_at(c: x509.Certificate, at: datetime, name: str) -> None:
-    if not (c.not_valid_before_utc <= at <= c.not_valid_after_utc):
-        raise EndorsementError(
-            f"{name} validity: expected {c.not_valid_before_utc.isoformat()}.."
-            f"{c.not_valid_after_utc.isoformat()}, verification time {at.isoformat()}"
-        )
+    check_validity(name, c.not_valid_before_utc, c.not_valid_after_utc, at)
 
 
 def _issued_by(c: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -298,7 +321,8 @@ def verify_chain(leaf: x509.Certificate, extra: list[x509.Certificate], at: date
 
 
 def check_vcek_tcb(cert: x509.Certificate, rep: SnpReport, product: str, name: str) -> None:
-    """Compare the VCEK/VLEK TCB extensions with REPORTED_TCB, and hwID with CHIP_ID (VCEK).
+    """Compare the VCEK/VLEK TCB extensions with REPORTED_TCB, and hwID with CHIP_ID (VCEK;
+    not when CHIP_ID is masked, i.e. all zeros).
 
     Raises:
         EndorsementError: a component differs (names it, expected vs. got) or is missing.
@@ -350,6 +374,11 @@ def snp_claims(rep: SnpReport, product: str | None, tee_type: str = "sev-snp") -
         "policy_migrate_ma": bool(rep.policy & POLICY_MIGRATE_MA),
         "policy_smt": bool(rep.policy & POLICY_SMT),
         "policy_single_socket": bool(rep.policy & POLICY_SINGLE_SOCKET),
+        "policy_cxl_allow": bool(rep.policy & POLICY_CXL_ALLOW),
+        "policy_mem_aes_256_xts": bool(rep.policy & POLICY_MEM_AES_256_XTS),
+        "policy_rapl_dis": bool(rep.policy & POLICY_RAPL_DIS),
+        "policy_ciphertext_hiding": bool(rep.policy & POLICY_CIPHERTEXT_HIDING),
+        "policy_page_swap_disable": bool(rep.policy & POLICY_PAGE_SWAP_DISABLE),
         "policy_abi": f"{(rep.policy >> 8) & 0xFF}.{rep.policy & 0xFF}",
         "family_id": rep.family_id.hex(),
         "image_id": rep.image_id.hex(),
@@ -369,6 +398,8 @@ def snp_claims(rep: SnpReport, product: str | None, tee_type: str = "sev-snp") -
         "report_id": rep.report_id.hex(),
         "report_id_ma": rep.report_id_ma.hex(),
         "chip_id": rep.chip_id.hex(),
+        "chip_id_masked": rep.mask_chip_id,
+        "mask_chip_key": rep.mask_chip_key,
         "current_version": _version(rep.current_version),
         "committed_version": _version(rep.committed_version),
         "measurement": rep.measurement.hex(),
@@ -376,6 +407,9 @@ def snp_claims(rep: SnpReport, product: str | None, tee_type: str = "sev-snp") -
     }
     if rep.cpuid is not None:
         raw["cpuid_fam_mod_step"] = list(rep.cpuid)
+    if rep.launch_mit_vector is not None:
+        raw["launch_mit_vector"] = rep.launch_mit_vector
+        raw["current_mit_vector"] = rep.current_mit_vector
     return Claims(
         tee_type=tee_type,
         measurement=rep.measurement,

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from safehold.attestation.claims import Claims
+from safehold.attestation.collateral import check_validity
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
 
@@ -193,18 +194,14 @@ class SimulatedVerifier:
                 leaf.verify_directly_issued_by(root)
             except (ValueError, TypeError, InvalidSignature):
                 continue
-            if not (root.not_valid_before_utc <= when <= root.not_valid_after_utc):
-                raise EndorsementError("simulated root CA is outside its validity period")
+            check_validity("simulated root CA", root.not_valid_before_utc, root.not_valid_after_utc, when)
             break
         else:
             raise EndorsementError(
                 "simulated platform certificate does not chain to a trusted simulated root CA"
             )
-        if not (leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc):
-            raise EndorsementError(
-                f"simulated platform certificate valid {leaf.not_valid_before_utc:%Y-%m-%d}.."
-                f"{leaf.not_valid_after_utc:%Y-%m-%d}, verification time {when:%Y-%m-%d}"
-            )
+        check_validity("simulated platform certificate", leaf.not_valid_before_utc,
+                       leaf.not_valid_after_utc, when)
         pub = leaf.public_key()
         if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name != "secp384r1":
             raise EndorsementError("simulated platform key is not ECDSA P-384")

@@ -52,7 +52,7 @@ from cryptography.x509.verification import (
 )
 
 from safehold.attestation.claims import Claims
-from safehold.attestation.collateral import require_aware
+from safehold.attestation.collateral import check_validity, require_aware
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
 
@@ -485,8 +485,7 @@ def _chain_to(
             (bad signature, an issuer that is not a CA or lacks keyCertSign, a violated
             pathLenConstraint, any certificate invalid at ``at``, a CA leaf, a non-TCG EKU).
     """
-    if not (leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc):
-        raise EndorsementError(f"ak_cert is not valid at {at.isoformat()}")
+    check_validity("ak_cert", leaf.not_valid_before_utc, leaf.not_valid_after_utc, at)
     try:
         verifier = (
             PolicyBuilder()
