@@ -1,9 +1,8 @@
 """Errors of the gematik VAU channels (E-Rezept VAU and ePA 3 VAU).
 
 Each error names what was wrong (field, length, counter, key id) and never carries plaintext,
-access tokens or key material. ``http_status`` is the outer status a VAU web interface answers
-with (gemSpec_Krypt Tab_KRYPT_VAUERR for the E-Rezept VAU: 400 decryption / malformed, 403 token);
-only the HTTP layers read it.
+access tokens or key material. The outer HTTP status each maps to is decided in
+:mod:`safehold.vau.http` (gemSpec_Krypt Tab_KRYPT_VAUERR: 400 decryption / malformed, 403 token).
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from safehold.errors import CryptoError
 
 class VauError(CryptoError):
     """Root of every VAU protocol failure."""
-
-    http_status = 400
 
 
 class VauFormatError(VauError):
@@ -32,8 +29,6 @@ class VauInnerRequestError(VauFormatError):
 class VauAccessTokenError(VauError):
     """The access token in the inner request is missing, invalid, expired or does not match."""
 
-    http_status = 403
-
 
 class VauReplayError(VauError):
     """A request was seen before: E-Rezept request-id or ePA 3 request counter replayed."""
@@ -41,8 +36,6 @@ class VauReplayError(VauError):
 
 class VauPseudonymError(VauError):
     """The user pseudonym in ``/VAU/<pseudonym>`` is not one this VAU issued for this user."""
-
-    http_status = 403
 
 
 class VauResponseError(VauError):
@@ -68,10 +61,6 @@ class VauKeyVerificationError(VauHandshakeError):
 class VauChannelUnknownError(VauError):
     """An ePA 3 VAU-CID names no live channel (expired or never opened): handshake again."""
 
-    http_status = 404
-
 
 class VauCapacityError(VauError):
     """The VAU's bounded state (replay cache, channel table) is full; refused rather than forgetting."""
-
-    http_status = 503
