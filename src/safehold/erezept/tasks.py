@@ -257,9 +257,9 @@ class TaskService:
         """
         self._require(p, "prescriber")
         rec, version = self._load(task_id)
+        self._not_cancelled(rec)
         if not _eq(rec["access_code"], access_code):
             raise AccessCodeError("AccessCode does not match the Task")
-        self._not_cancelled(rec)
         if rec["status"] != "draft":
             raise TaskStateError(f"$activate needs a draft Task; it is {rec['status']}")
         bundle_raw = open_signed_prescription(signed_prescription)
@@ -284,9 +284,9 @@ class TaskService:
         """
         self._require(p, "pharmacy")
         rec, version = self._load(task_id)
+        self._not_cancelled(rec)
         if not _eq(rec["access_code"], access_code):
             raise AccessCodeError("AccessCode does not match the Task")
-        self._not_cancelled(rec)
         if rec["status"] != "ready":
             raise TaskStateError(f"$accept needs a ready Task; it is {rec['status']}")
         rec.update(status="in-progress", secret=secrets.token_hex(32), pharmacy=p.id_number)
