@@ -17,8 +17,11 @@ when an audience is configured. Roles (gemSpec_OID profession OIDs):
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -102,6 +105,9 @@ class AccessTokenVerifier:
         leeway: seconds of clock skew tolerated on ``exp`` / ``nbf`` / ``iat``.
         max_lifetime: longest ``exp - iat`` accepted, seconds (gematik tokens live 300 s).
         clock: seconds since the epoch.
+        cache_size: verified tokens remembered (by SHA-256 of the token string) so a token used
+            for many requests is signature-checked once; time claims are re-checked on every
+            use. 0 disables the cache.
 
     Raises (constructor):
         ValueError: no key, or a key of an unsupported type.
@@ -116,6 +122,7 @@ class AccessTokenVerifier:
         leeway: int = 30,
         max_lifetime: int = 86_400,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 4096,
     ):
         self._keys = []
         for k in keys:
@@ -130,6 +137,9 @@ class AccessTokenVerifier:
         self.leeway = leeway
         self.max_lifetime = max_lifetime
         self._clock = clock
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AccessTokenVerifier(issuer={self.issuer!r}, keys={len(self._keys)})"
@@ -143,6 +153,12 @@ class AccessTokenVerifier:
         """
         if not isinstance(token, str) or token.count(".") != 2:
             raise AccessTokenError("access token is not a compact JWS")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        with self._lock:
+            cached = self._cache.get(digest)
+        if cached is not None:
+            self._check_time(cached)
+            return dict(cached)
         decoded = None
         for key in self._keys:
             alg = "BP256R1" if key.curve_name == "BP-256" else "ES256"
@@ -154,16 +170,10 @@ class AccessTokenVerifier:
         if decoded is None:
             raise AccessTokenError("access token signature does not verify under the configured IdP keys")
         c: Mapping[str, Any] = decoded.claims
-        now = self._clock()
         for name in ("exp", "iat"):
             if not isinstance(c.get(name), int | float) or isinstance(c.get(name), bool):
                 raise AccessTokenError(f"access token lacks a numeric {name!r} claim")
-        if c["exp"] + self.leeway < now:
-            raise AccessTokenError("access token has expired")
-        if "nbf" in c and (not isinstance(c["nbf"], int | float) or c["nbf"] - self.leeway > now):
-            raise AccessTokenError("access token is not yet valid (nbf)")
-        if c["iat"] - self.leeway > now:
-            raise AccessTokenError("access token is issued in the future (iat)")
+        self._check_time(c)
         if c["exp"] - c["iat"] > self.max_lifetime:
             raise AccessTokenError("access token lifetime exceeds the configured maximum")
         if c.get("iss") != self.issuer:
@@ -174,7 +184,21 @@ class AccessTokenVerifier:
                 raise AccessTokenError("access token is for another audience")
         if not isinstance(c.get("sub"), str) or not c["sub"]:
             raise AccessTokenError("access token lacks 'sub'")
+        if self.cache_size > 0:
+            with self._lock:
+                self._cache[digest] = dict(c)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
         return dict(c)
+
+    def _check_time(self, c: Mapping[str, Any]) -> None:
+        now = self._clock()
+        if c["exp"] + self.leeway < now:
+            raise AccessTokenError("access token has expired")
+        if "nbf" in c and (not isinstance(c["nbf"], int | float) or c["nbf"] - self.leeway > now):
+            raise AccessTokenError("access token is not yet valid (nbf)")
+        if c["iat"] - self.leeway > now:
+            raise AccessTokenError("access token is issued in the future (iat)")
 
     def principal(self, token: str) -> Principal:
         """Verify ``token`` and derive the caller's role.
