@@ -254,3 +254,16 @@ def test_tokens_refused(idp, verifier):
     none_header = base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
     with pytest.raises(AccessTokenError):
         verifier.principal(f"{none_header}.{payload}.")
+
+
+def test_cached_token_still_expires(idp):
+    from safehold.erezept.tokens import AccessTokenVerifier
+
+    now = [1_700_000_000.0]
+    v = AccessTokenVerifier([idp.public_key], issuer=idp.issuer, clock=lambda: now[0])
+    tok = idp.token("praxis", PRAXIS_ID, now=now[0], lifetime=300)
+    assert v.principal(tok).role == "prescriber"
+    assert v.principal(tok).role == "prescriber"  # served from the cache
+    now[0] += 301 + v.leeway
+    with pytest.raises(AccessTokenError, match="expired"):
+        v.principal(tok)
