@@ -35,6 +35,14 @@ def _b(x: str | bytes) -> bytes:
     return x.encode("latin-1") if isinstance(x, str) else bytes(x)
 
 
+def _headers_and_body(headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """Header lines (framing headers replaced by a matching Content-Length), blank line, body."""
+    hs = [(_b(k), _b(v)) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
+    hs.append((b"Content-Length", str(len(body)).encode()))
+    _check_headers(hs)
+    return b"".join(k + b": " + v + b"\r\n" for k, v in hs) + b"\r\n" + bytes(body)
+
+
 @dataclass
 class HttpRequest:
     """One HTTP/1.1 request: ``method`` and ``target`` as str, headers as (lower-case name, value)."""
@@ -58,15 +66,7 @@ class HttpRequest:
         method, target = _b(self.method), _b(self.target)
         if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
             raise VauFormatError("HTTP method or request target is malformed")
-        hs = [
-            (_b(k), _b(v))
-            for k, v in self.headers
-            if k.lower() not in ("content-length", "transfer-encoding")
-        ]
-        hs.append((b"Content-Length", str(len(self.body)).encode()))
-        _check_headers(hs)
-        head = b"".join([method, b" ", target, b" HTTP/1.1\r\n"] + [k + b": " + v + b"\r\n" for k, v in hs])
-        return head + b"\r\n" + bytes(self.body)
+        return method + b" " + target + b" HTTP/1.1\r\n" + _headers_and_body(self.headers, self.body)
 
 
 @dataclass
@@ -94,15 +94,7 @@ class HttpResponse:
         reason = _b(self.reason or _REASONS.get(self.status, "Status"))
         if _BAD_VALUE.search(reason):
             raise VauFormatError("HTTP reason phrase contains CR, LF or NUL")
-        hs = [
-            (_b(k), _b(v))
-            for k, v in self.headers
-            if k.lower() not in ("content-length", "transfer-encoding")
-        ]
-        hs.append((b"Content-Length", str(len(self.body)).encode()))
-        _check_headers(hs)
-        head = b"HTTP/1.1 %d " % self.status + reason + b"\r\n"
-        return head + b"".join(k + b": " + v + b"\r\n" for k, v in hs) + b"\r\n" + bytes(self.body)
+        return b"HTTP/1.1 %d " % self.status + reason + b"\r\n" + _headers_and_body(self.headers, self.body)
 
 
 _REASONS = {

@@ -75,6 +75,21 @@ def _loopback(host: str) -> str:
     return host
 
 
+def _config(app: Any, host: str, port: int, ssl_context: ssl.SSLContext | None) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=_loopback(host),
+        port=port,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=2,
+        ssl_context_factory=(lambda _c, _d: ssl_context) if ssl_context is not None else None,
+        ssl_certfile="unused" if ssl_context is not None else None,
+    )
+
+
 class _Server(uvicorn.Server):
     def capture_signals(self):  # type: ignore[no-untyped-def, override]
         import contextlib
@@ -93,19 +108,7 @@ class ServerThread:
     def __init__(
         self, app: Any, *, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
     ):
-        cfg = uvicorn.Config(
-            app,
-            host=_loopback(host),
-            port=port,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=2,
-            ssl_context_factory=(lambda _c, _d: ssl_context) if ssl_context is not None else None,
-            ssl_certfile="unused" if ssl_context is not None else None,
-        )
-        self._server = _Server(cfg)
+        self._server = _Server(_config(app, host, port, ssl_context))
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="vau-server")
         self.port = 0
 
@@ -194,18 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     state, close = state_from_config(cfg)
     host, port = str(cfg.get("host", "127.0.0.1")), int(cfg.get("port", 0))
     del raw, cfg
-    server = _Server(
-        uvicorn.Config(
-            build_app(state),
-            host=_loopback(host),
-            port=port,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=2,
-        )
-    )
+    server = _Server(_config(build_app(state), host, port, None))
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())
