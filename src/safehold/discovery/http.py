@@ -127,10 +127,35 @@ def _service(request: Request) -> DiscoveryService:
     return request.app.state.discovery  # type: ignore[no-any-return]
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes (declared or streamed) → 413 before
+    any route reads it."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await _error(413, "too-large", f"request body over {self.limit} bytes")(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _principal(request: Request, authorization: str = Header(default="")) -> Principal:
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY:
-        raise StarletteHTTPException(413, f"request body over {MAX_BODY} bytes")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise StarletteHTTPException(401, "a bearer token is required")
@@ -239,6 +264,7 @@ def create_app(service: DiscoveryService, access: Mapping[bytes, Principal]) -> 
     app.state.discovery = service
     app.state.access = dict(access)
     app.include_router(router)
+    app.add_middleware(BodyLimit)
     for exc_type in (InvalidRequestError, InvalidIdentifierError, InvalidUserIdError, DeserializeError):
         app.add_exception_handler(exc_type, _on_invalid)
     app.add_exception_handler(RequestValidationError, _on_validation)
