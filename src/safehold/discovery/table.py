@@ -230,6 +230,22 @@ class ObliviousTable:
             self._d_hi, self._d_lo = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
             self._d_val = np.zeros((0, WORDS), np.uint16)
 
+    def build_arrays(self, hi: np.ndarray, lo: np.ndarray, val: np.ndarray) -> None:
+        """Like :meth:`build` from arrays: ``hi``/``lo`` uint64 tag halves (see
+        :func:`tags_to_words`), ``val`` uint16 of shape ``(n, WORDS)``.
+
+        Raises:
+            ValueError: shapes or dtypes differ from that, duplicate or reserved tags.
+        """
+        n = len(hi)
+        if hi.dtype != np.uint64 or lo.dtype != np.uint64 or lo.shape != (n,) \
+                or val.dtype != np.uint16 or val.shape != (n, WORDS):
+            raise ValueError("build_arrays needs uint64 hi/lo of one length and uint16 values (n, 24)")
+        with self._lock:
+            self._install(hi, lo, val)
+            self._d_hi, self._d_lo = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+            self._d_val = np.zeros((0, WORDS), np.uint16)
+
     def _install(self, hi: np.ndarray, lo: np.ndarray, val: np.ndarray) -> None:
         order = np.lexsort((lo, hi))
         hi, lo, val = hi[order], lo[order], val[order]
