@@ -29,7 +29,8 @@ Cost: ``O(c·N + m·B·c + m² + m·D)`` compares and multiply-adds, ``c`` ≈ 1
 of all ``m`` queries. Measured in ``bench/discovery.py``. On overflow (probability < 2^-40 per
 batch) the batch is split in halves; that event is the only query-dependent branch.
 
-Memory: 16 bytes of tag and 48 bytes of value per entry (``uint64`` × 2, ``uint16`` × 24),
+Memory: 16 bytes of tag and 64 bytes of value per entry (``uint64`` × 2; the 48-byte value as
+``float32`` × 16, 3 bytes each, so the selecting products need no per-query conversion),
 plus transient work arrays of a few tens of MB per batch.
 
 Not hidden by this (see docs/discovery.md): timing and cache behaviour *inside* numpy's compiled
@@ -52,8 +53,8 @@ from safehold.discovery.errors import InvalidRequestError, TableOverflowError
 from safehold.discovery.protocol import RESULT_SIZE
 
 TAG_SIZE = 16
-#: uint16 words per value (a 48-byte result).
-WORDS = RESULT_SIZE // 2
+#: float32 columns per value: the 48-byte result in 3-byte pieces (exact below 2^24).
+WORDS = RESULT_SIZE // 3
 #: The sorted part is padded to a multiple of this many entries (power of two).
 PAD = 4096
 #: Fewest entries per block.
@@ -101,10 +102,22 @@ def tags_to_words(tags: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(words[:, 0]), np.ascontiguousarray(words[:, 1])
 
 
+def encode_values(raw: np.ndarray) -> np.ndarray:
+    """``(n, 48)`` uint8 results → ``(n, WORDS)`` float32 columns of 3 little-endian bytes each."""
+    b = raw.reshape(-1, WORDS, 3).astype(np.uint32)
+    return (b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)).astype(np.float32)
+
+
+def decode_values(cols: np.ndarray) -> bytes:
+    """Inverse of :func:`encode_values` (``(m, WORDS)`` float32 → ``m × 48`` bytes)."""
+    u = np.asarray(cols).astype(np.uint32)
+    return np.stack([u & 0xFF, (u >> 8) & 0xFF, (u >> 16) & 0xFF], axis=-1).astype(np.uint8).tobytes()
+
+
 def _value_words(value: bytes) -> np.ndarray:
     if len(value) != RESULT_SIZE:
         raise ValueError(f"table value must be {RESULT_SIZE} bytes")
-    return np.frombuffer(value, dtype="<u2").copy()
+    return encode_values(np.frombuffer(value, dtype=np.uint8))[0]
 
 
 # --- tracing (tests): records operations, shapes and index digests, never values --------------
@@ -188,11 +201,11 @@ class ObliviousTable:
         self._lock = threading.RLock()
         self._hi = np.zeros(0, np.uint64)
         self._lo = np.zeros(0, np.uint64)
-        self._val = np.zeros((0, WORDS), np.uint16)
+        self._val = np.zeros((0, WORDS), np.float32)
         self._n_sorted = 0  # real (non-padding) entries of the sorted part, incl. tombstones
         self._d_hi = np.zeros(0, np.uint64)
         self._d_lo = np.zeros(0, np.uint64)
-        self._d_val = np.zeros((0, WORDS), np.uint16)
+        self._d_val = np.zeros((0, WORDS), np.float32)
         self._live = 0
 
     # -- size ----------------------------------------------------------------------------------
@@ -221,30 +234,31 @@ class ObliviousTable:
         if len(tags) != len(values):
             raise ValueError("tags and values differ in length")
         hi, lo = tags_to_words(tags) if tags else (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
-        val = (np.frombuffer(b"".join(values), dtype="<u2").reshape(-1, WORDS).copy()
-               if values else np.zeros((0, WORDS), np.uint16))
-        if len(values) and val.shape[0] != len(values):
+        raw = b"".join(values)
+        if len(raw) != RESULT_SIZE * len(values) or any(len(v) != RESULT_SIZE for v in values):
             raise ValueError(f"table values must be {RESULT_SIZE} bytes")
+        val = (encode_values(np.frombuffer(raw, dtype=np.uint8)) if values
+               else np.zeros((0, WORDS), np.float32))
         with self._lock:
             self._install(hi, lo, val)
             self._d_hi, self._d_lo = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-            self._d_val = np.zeros((0, WORDS), np.uint16)
+            self._d_val = np.zeros((0, WORDS), np.float32)
 
     def build_arrays(self, hi: np.ndarray, lo: np.ndarray, val: np.ndarray) -> None:
         """Like :meth:`build` from arrays: ``hi``/``lo`` uint64 tag halves (see
-        :func:`tags_to_words`), ``val`` uint16 of shape ``(n, WORDS)``.
+        :func:`tags_to_words`), ``val`` uint8 of shape ``(n, 48)`` (the results).
 
         Raises:
             ValueError: shapes or dtypes differ from that, duplicate or reserved tags.
         """
         n = len(hi)
         if hi.dtype != np.uint64 or lo.dtype != np.uint64 or lo.shape != (n,) \
-                or val.dtype != np.uint16 or val.shape != (n, WORDS):
-            raise ValueError("build_arrays needs uint64 hi/lo of one length and uint16 values (n, 24)")
+                or val.dtype != np.uint8 or val.shape != (n, RESULT_SIZE):
+            raise ValueError("build_arrays needs uint64 hi/lo of one length and uint8 values (n, 48)")
         with self._lock:
-            self._install(hi, lo, val)
+            self._install(hi, lo, encode_values(val))
             self._d_hi, self._d_lo = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-            self._d_val = np.zeros((0, WORDS), np.uint16)
+            self._d_val = np.zeros((0, WORDS), np.float32)
 
     def _install(self, hi: np.ndarray, lo: np.ndarray, val: np.ndarray) -> None:
         order = np.lexsort((lo, hi))
@@ -257,7 +271,7 @@ class ObliviousTable:
         padded = -(-n // PAD) * PAD
         self._hi = np.full(padded, _ALL_ONES, np.uint64)
         self._lo = np.full(padded, _ALL_ONES, np.uint64)
-        self._val = np.zeros((padded, WORDS), np.uint16)
+        self._val = np.zeros((padded, WORDS), np.float32)
         self._hi[:n], self._lo[:n], self._val[:n] = hi, lo, val
         self._n_sorted = n
         self._live = int(np.count_nonzero(val[:, 0])) if n else 0
@@ -282,7 +296,7 @@ class ObliviousTable:
         if h == _ALL_ONES and lo_ == _ALL_ONES:
             raise ValueError("the all-ones tag is reserved for padding")
         words = _value_words(value)
-        if words[0] & 0xFF != 1:
+        if int(words[0]) & 0xFF != 1:
             raise ValueError("a table value must start with the matched flag 1")
         with self._lock:
             i = self._find_sorted(h, lo_)
@@ -330,7 +344,7 @@ class ObliviousTable:
             val = np.concatenate([self._val[:n][live], self._d_val])
             self._install(hi, lo, val)
             self._d_hi, self._d_lo = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-            self._d_val = np.zeros((0, WORDS), np.uint16)
+            self._d_val = np.zeros((0, WORDS), np.float32)
 
     # -- the oblivious lookup --------------------------------------------------------------------
 
@@ -353,7 +367,7 @@ class ObliviousTable:
         with self._lock:
             out = np.concatenate([self._lookup(q_hi[i : i + MAX_BATCH], q_lo[i : i + MAX_BATCH], trace)
                                   for i in range(0, len(tags), MAX_BATCH)])
-        raw = out.astype("<u2").tobytes()
+        raw = decode_values(out)
         return [raw[i * RESULT_SIZE : (i + 1) * RESULT_SIZE] for i in range(len(tags))]
 
     def _lookup(self, q_hi: np.ndarray, q_lo: np.ndarray, trace: list[Any] | None) -> np.ndarray:
@@ -375,7 +389,7 @@ class ObliviousTable:
             d_hi, d_lo = _wrap(self._d_hi, trace), _wrap(self._d_lo, trace)
             d_val = _wrap(self._d_val, trace)
             eq = (q_hi[:, None] == d_hi[None, :]) & (q_lo[:, None] == d_lo[None, :])
-            res += eq.astype(np.float32) @ d_val.astype(np.float32)
+            res += eq.astype(np.float32) @ d_val
         return np.asarray(res.view(np.ndarray))
 
     def _scan_sorted(self, q_hi: Any, q_lo: Any, trace: list[Any] | None) -> Any:
@@ -419,7 +433,7 @@ class ObliviousTable:
             eq = ((t_hi[b0:b1, None, :] == slot_hi[b0:b1, :, None])
                   & (t_lo[b0:b1, None, :] == slot_lo[b0:b1, :, None])
                   & occupied[b0:b1, :, None])
-            found[b0:b1] = eq.astype(np.float32) @ t_val[b0:b1].astype(np.float32)
+            found[b0:b1] = eq.astype(np.float32) @ t_val[b0:b1]
         # 5. back to query order
         per_query = (one_b @ found.reshape(blocks, c * WORDS)).reshape(m, c, WORDS)
         return np.einsum("qi,qiw->qw", one_c, per_query)
