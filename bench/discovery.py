@@ -125,7 +125,7 @@ def main() -> None:
     key = os.urandom(32)
     outputs = [os.urandom(64) for _ in range(QUERY)]
     out["tags_1000_ms"] = best_of(lambda: [hmac.digest(key, o, "sha256") for o in outputs], 20) * 1e3
-    out.update(oprf_rates(1000 if args.quick else 4000, 3 if args.quick else 5))
+    out.update(oprf_rates(1000 if args.quick else 4000, 5 if args.quick else 9))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for k, v in out.items():
         print(f"{k:40s} {v:,.3f}" if isinstance(v, float) else f"{k:40s} {v}")

@@ -23,12 +23,12 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from safehold.client.discovery import DiscoveryClient, QueryState
 from safehold.discovery.errors import InvalidRequestError
 from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
@@ -79,7 +79,10 @@ def _entries(path: str, kind: str, *, with_user: bool) -> list[tuple[int, tuple[
     return out
 
 
-def _client(url: str, token: str | None, policy: str | None, insecure_loopback: bool) -> DiscoveryClient:
+def _client(url: str, token: str | None, policy: str | None, insecure_loopback: bool) -> Any:
+    # imported here: the SDK loads libsodium, which the rest of the CLI does not need
+    from safehold.client.discovery import DiscoveryClient
+
     if not token:
         raise ConfigError("no bearer token: set SAFEHOLD_DISCOVERY_TOKEN (or --token)")
     if policy is None and insecure_loopback:
@@ -179,6 +182,8 @@ def register(group: click.Group) -> None:
     def query_cmd(file: str, url: str, token: str | None, policy: str | None, insecure_loopback: bool,
                   kind: str, region: str | None, state_file: str | None) -> None:
         """Ask which identifiers in FILE are registered; CSV on stdout."""
+        from safehold.client.discovery import QueryState
+
         entries = _entries(file, kind, with_user=False)
         state = QueryState()
         if state_file and os.path.exists(state_file):

@@ -46,7 +46,11 @@ import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import pysodium
+try:
+    import pysodium
+except ValueError as _e:  # pysodium raises ValueError when it finds no libsodium
+    raise ImportError("safehold.crypto.oprf needs the system libsodium >= 1.0.18 "
+                      "(Debian/Ubuntu: apt-get install libsodium23)") from _e
 
 from safehold.errors import CryptoError
 
