@@ -87,6 +87,8 @@ def test_slot_bound_is_conservative():
         worst = max(np.bincount(rng.integers(0, blocks, m), minlength=blocks).max() for _ in range(200))
         assert worst < c, (m, blocks, c, worst)
         assert c <= m
+    # many blocks: the tail must be summed, not taken as 1 - cdf (which bottoms out at ~1e-16)
+    assert slots_per_block(1000, 4096) <= 16 and slots_per_block(1000, 16384) <= 12
 
 
 # --- access traces ---------------------------------------------------------------------------
