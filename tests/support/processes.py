@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.shared import snapshot_src
 
 
 def snapshot_package(dest: Path) -> Path:
-    """Copy ``src/safehold`` to ``dest/safehold`` (no byte code, no hidden files); return ``dest``,
-    the directory to put on ``PYTHONPATH``."""
-    shutil.copytree(ROOT / "src" / "safehold", dest / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    """:func:`support.shared.snapshot_src` into ``dest``; returns ``dest``, the directory to put
+    on ``PYTHONPATH``."""
+    snapshot_src(dest)
     return dest
 
 
