@@ -6,10 +6,12 @@ checkout); missing material skips, or fails under ``CI``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,3 +61,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shared_path(*parts: str) -> Path:
+    """``SHARED/parts…``; skips (fails under CI) when it is missing."""
+    return need(SHARED.joinpath(*parts))
+
+
+def load_json(*parts: str) -> Any:
+    """Parse a JSON file of the shared material as it is."""
+    return json.loads(shared_path(*parts).read_text("utf-8"))
