@@ -23,8 +23,10 @@ from safehold.erezept.tasks import TaskService
 from safehold.erezept.tokens import AccessTokenVerifier
 from safehold.records.engine import RecordEngine
 from safehold.store.sqlite import SqliteStore
-from safehold.vau.epa import EpaVauServer, VauKeyTrust
-from safehold.vau.erp import ErpVau, seal_request
+from safehold.vau.epa_keys import VauKeyTrust
+from safehold.vau.epa_server import EpaVauServer
+from safehold.vau.erp import seal_request
+from safehold.vau.erp_server import ErpVau
 from safehold.vau.http import VauState, cert_data
 from safehold.vau.httpmsg import HttpRequest
 from safehold.vau.server import ServerThread, build_app, build_erezept_app

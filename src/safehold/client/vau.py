@@ -26,7 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from safehold.errors import SafeholdError
-from safehold.vau.epa import EpaVauClient, VauKeyTrust
+from safehold.vau.epa_client import EpaVauClient
+from safehold.vau.epa_keys import VauKeyTrust
 from safehold.vau.erp import seal_request
 from safehold.vau.errors import VauError, VauFormatError, VauKeyVerificationError
 from safehold.vau.httpmsg import HttpRequest, HttpResponse, parse_response

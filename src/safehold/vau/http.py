@@ -36,8 +36,8 @@ import cbor2
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from safehold.vau.epa import EpaVauServer
-from safehold.vau.erp import ErpVau
+from safehold.vau.epa_server import EpaVauServer
+from safehold.vau.erp_server import ErpVau
 from safehold.vau.errors import (
     VauAccessTokenError,
     VauCapacityError,

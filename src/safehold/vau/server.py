@@ -41,8 +41,10 @@ from safehold.erezept.http import router as erezept_router
 from safehold.erezept.tasks import TaskService
 from safehold.erezept.tokens import AccessTokenVerifier
 from safehold.errors import ConfigError
-from safehold.vau.epa import EpaVauServer, SignedPublicVauKeys, VauServerKeys
-from safehold.vau.erp import ErpVau, load_vau_private_key
+from safehold.vau.epa_keys import SignedPublicVauKeys, VauServerKeys
+from safehold.vau.epa_server import EpaVauServer
+from safehold.vau.erp import load_vau_private_key
+from safehold.vau.erp_server import ErpVau
 from safehold.vau.http import VauState, cert_data
 from safehold.vau.http import router as vau_router
 
