@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from safehold.client.records import BatchItem
 from safehold.errors import ConfigError, RecordNotFoundError
-from safehold.records.importers import ImportFormatError, ImportItem, ImportProblem, iter_file
+from safehold.records.errors import ImportFormatError
+from safehold.records.importers import ImportItem, ImportProblem, iter_file
 
 __all__ = ["BATCH", "STATE_FILE", "BatchClient", "ImportCheckpoint", "ImportCounts", "count_patients",
            "expand_paths", "file_digest", "import_files"]

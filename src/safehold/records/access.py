@@ -21,24 +21,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from safehold.errors import ConfigError, SafeholdError
+from safehold.errors import ConfigError
+from safehold.records.errors import AuthenticationError, PermissionDeniedError
 
-__all__ = ["ROLES", "AccessList", "AuthError", "AuthenticationError", "PermissionDeniedError",
-           "Principal"]
+__all__ = ["ROLES", "AccessList", "Principal"]
 
 ROLES = ("reader", "writer", "admin")
-
-
-class AuthError(SafeholdError):
-    """Base of the access refusals."""
-
-
-class AuthenticationError(AuthError):
-    """Missing or unknown credentials (HTTP 401 ``unauthorized``)."""
-
-
-class PermissionDeniedError(AuthError):
-    """The caller's role is too weak for the operation (HTTP 403 ``forbidden``)."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safehold.errors import RecordError
+from safehold.records.errors import InvalidRecordError, NonFiniteNumberError
 
 __all__ = [
     "INDEXED_FIELDS",
@@ -40,8 +41,6 @@ __all__ = [
     "NON_FINITE_MESSAGE",
     "RECORD_ID_RE",
     "SEARCH_FIELDS",
-    "InvalidRecordError",
-    "NonFiniteNumberError",
     "RefusedItem",
     "ValidRecord",
     "check_record_id",
@@ -71,16 +70,6 @@ INDEXED_FIELDS = ("family", "given", "birthDate", "identifier")
 
 NON_FINITE_MESSAGE = "NaN, Infinity and -Infinity are not JSON numbers (RFC 8259 §6)"
 _SYNTHEA_GENDER = {"M": "male", "F": "female"}
-
-
-class InvalidRecordError(RecordError):
-    """A record or record id is not acceptable (names the rule broken, never the content)."""
-
-
-class NonFiniteNumberError(ValueError):
-    """JSON text holds ``NaN``, ``Infinity`` or ``-Infinity``: Python's :mod:`json` accepts them,
-    RFC 8259 §6 does not ("Numeric values that cannot be represented … such as Infinity and NaN
-    are not permitted"), so Safehold never stores them."""
 
 
 @dataclass(frozen=True, slots=True)

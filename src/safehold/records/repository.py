@@ -40,10 +40,10 @@ from safehold.records.access_audit import AccessAuditLog
 from safehold.records.codec import Codec
 from safehold.records.commit import GroupCommit
 from safehold.records.engine import DEFAULT_PREFIX, RecordEngine, RowAddress
+from safehold.records.errors import AlreadyExistsError, InvalidRecordError, PreconditionFailedError
 from safehold.records.model import (
     INDEXED_FIELDS,
     SEARCH_FIELDS,
-    InvalidRecordError,
     RefusedItem,
     ValidRecord,
     check_record_id,
@@ -56,14 +56,7 @@ from safehold.records.model import (
 from safehold.records.search import PostingIndex
 from safehold.store.base import Store
 
-__all__ = [
-    "MAX_PAGE",
-    "NAMESPACE",
-    "AlreadyExistsError",
-    "PatientRepository",
-    "PreconditionFailedError",
-    "PutResult",
-]
+__all__ = ["MAX_PAGE", "NAMESPACE", "PatientRepository", "PutResult"]
 
 #: Default namespace of patient records.
 NAMESPACE = "patients"
@@ -71,14 +64,6 @@ NAMESPACE = "patients"
 MAX_PAGE = 1000
 _INDEX_RETRIES = 64
 log = logging.getLogger("safehold.records")
-
-
-class PreconditionFailedError(RecordError):
-    """``If-Match`` / expected version does not match the record's current version."""
-
-
-class AlreadyExistsError(RecordError):
-    """Create-only write on a record id that exists."""
 
 
 @dataclass(frozen=True)

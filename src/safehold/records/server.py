@@ -53,21 +53,25 @@ from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
 from safehold.records.commit import GroupCommit
 from safehold.records.config import ServiceConfig
+from safehold.records.errors import BrokerIdentityError, NoKeysError
 from safehold.records.http import create_native_app
 from safehold.records.repository import PatientRepository
 from safehold.records.scone_http import create_scone_app
 from safehold.store.base import Store
 
-__all__ = ["BrokerIdentityError", "NoKeysError", "Provisioned", "build_apps", "main",
-           "open_repository", "pinned_broker_ca", "provision", "run", "serve_apps",
-           "ssl_context_from_pem"]
+__all__ = [
+    "Provisioned",
+    "build_apps",
+    "main",
+    "open_repository",
+    "pinned_broker_ca",
+    "provision",
+    "run",
+    "serve_apps",
+    "ssl_context_from_pem",
+]
 
 log = logging.getLogger("safehold.records")
-
-
-class BrokerIdentityError(ConfigError):
-    """The broker's workload CA is not the one pinned in the measured configuration (or the
-    broker's TLS certificate does not chain to it): the service talks to no other broker."""
 
 
 # --- TLS: contexts from in-memory PEM, client-certificate capture ----------------------------
@@ -195,11 +199,6 @@ async def serve_apps(
 
 
 # --- bootstrap ------------------------------------------------------------------------------
-
-
-class NoKeysError(SafeholdError):
-    """The broker refused this workload (its Evidence did not pass the manifest's policy), so
-    the service has no keys and must not serve."""
 
 
 @dataclass
