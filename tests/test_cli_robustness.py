@@ -247,7 +247,7 @@ def test_transport_reasons_and_the_one_mapping():
 
 
 def test_simulated_tee_warning_is_one_line_once(capsys):
-    from safehold.attestation.policy import SimulatedTEEWarning
+    from safehold.attestation.errors import SimulatedTEEWarning
 
     with simulated_tee_notice():
         for _ in range(3):

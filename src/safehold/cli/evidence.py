@@ -346,7 +346,9 @@ def verify(
 ) -> None:
     """Verify FILE (signatures, certificate chains, collateral) and appraise its claims
     against the policy. Exit status 0 = acceptable, 1 = refused (the failing claims are named)."""
-    from safehold.attestation.policy import AppraisalPolicy, SimulatedTEEWarning, raise_for
+    from safehold.attestation.checks import raise_for
+    from safehold.attestation.errors import SimulatedTEEWarning
+    from safehold.attestation.policy import AppraisalPolicy
     from safehold.attestation.verifier import Verifier
     from safehold.cli.attest import render
 

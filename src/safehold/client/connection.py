@@ -131,7 +131,7 @@ def simulated_tee_notice(show: Callable[[str], None] = _to_stderr) -> Iterator[N
     ``warning: <message>`` passed to ``show`` (default: printed on stderr) — not Python's
     two-line ``file:line: Warning`` display, not a second log line. The library still issues
     the warning; only its display inside the block changes."""
-    from safehold.attestation.policy import SimulatedTEEWarning
+    from safehold.attestation.errors import SimulatedTEEWarning
 
     shown = False
     log = logging.getLogger("safehold.attestation.policy")
