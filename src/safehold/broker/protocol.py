@@ -41,6 +41,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from safehold.crypto.keyset import Keyset
 from safehold.errors import BrokerError, ManifestError, SafeholdError
+from safehold.errors import JWKError as JWKError  # re-exported: callers catch protocol.JWKError
 
 PROTOCOL_VERSION = "0.1.0"
 SESSION_COOKIE = "kbs-session-id"
@@ -51,10 +52,6 @@ TEE_NAMES = {"intel-sgx": "sgx", "sgx": "sgx", "intel-tdx": "tdx", "tdx": "tdx",
              "azure-tdx": "azure-tdx", "az-tdx-vtpm": "azure-tdx", "tpm": "tpm"}
 _JWE_ALGS = {"EC": "ECDH-ES+A256KW", "RSA": "RSA-OAEP-256"}
 _ENC = "A256GCM"
-
-
-class JWKError(BrokerError):
-    """``tee-pubkey`` is not an acceptable public JWK."""
 
 
 def b64url(data: bytes) -> str:

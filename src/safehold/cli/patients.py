@@ -91,12 +91,12 @@ def register(group: click.Group) -> None:
         failures: list[tuple[str, str]] = []
 
         def interrupted(signum: int, frame: object) -> None:
-            raise ImportInterrupted(signum)
+            raise _ImportInterrupted(signum)
 
         old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             _run_import(conn, expand_paths(files), ckpt_path, restart, counts, failures)
-        except ImportInterrupted as e:
+        except _ImportInterrupted as e:
             _print_failures(failures)
             click.secho(f"interrupted: {counts.acknowledged} records checkpointed; "
                         "run the same command again to resume", fg="yellow", err=True)
@@ -171,7 +171,7 @@ def register(group: click.Group) -> None:
         click.echo(f"deleted {record_id}")
 
 
-class ImportInterrupted(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+class _ImportInterrupted(BaseException):  # a signal like KeyboardInterrupt, not an error: no "Error" suffix
     """SIGINT / SIGTERM arrived during ``patients import`` (``signum``)."""
 
     def __init__(self, signum: int) -> None:

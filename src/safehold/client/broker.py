@@ -31,17 +31,9 @@ from joserfc.jwk import ECKey
 
 from safehold.attestation.attesters.base import Attester
 from safehold.broker import protocol
+from safehold.client.errors import BrokerRefusedError
 from safehold.crypto.keyset import Keyset
 from safehold.errors import BrokerError
-
-
-class BrokerRefused(BrokerError):
-    """The broker answered with an error status; ``status`` and the problem ``detail`` are kept."""
-
-    def __init__(self, status: int, detail: str):
-        self.status = status
-        self.detail = detail
-        super().__init__(f"broker refused ({status}): {detail}")
 
 
 class BrokerClient:
@@ -91,7 +83,7 @@ class BrokerClient:
                 detail = str(r.json().get("detail", r.text))
             except ValueError:
                 detail = r.text[:300]
-            raise BrokerRefused(r.status_code, detail)
+            raise BrokerRefusedError(r.status_code, detail)
         return r
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -115,7 +107,7 @@ class BrokerClient:
                 until the next attestation; certificates already issued stay bound to the old key).
 
         Raises:
-            BrokerRefused: 401 (Evidence not authentic / not bound), 403 (policy refuses,
+            BrokerRefusedError: 401 (Evidence not authentic / not bound), 403 (policy refuses,
                 naming the failed claims), 400 (malformed).
             BrokerError: the broker is unreachable.
         """
@@ -139,7 +131,7 @@ class BrokerClient:
             use_token: authenticate with the EAR token as bearer instead of the cookie.
 
         Raises:
-            BrokerRefused: 401 / 403 / 404 as in the KBS protocol.
+            BrokerRefusedError: 401 / 403 / 404 as in the KBS protocol.
             BrokerError: the response does not decrypt.
         """
         p = f"/kbs/v0/resource/{path.strip('/')}"
@@ -160,7 +152,7 @@ class BrokerClient:
         """Fetch a ``keyset`` secret as a :class:`~safehold.crypto.keyset.Keyset`.
 
         Raises:
-            BrokerRefused: as :meth:`get_resource`. BrokerError: the resource is malformed.
+            BrokerRefusedError: as :meth:`get_resource`. BrokerError: the resource is malformed.
         """
         return protocol.keyset_from_json(self.get_resource(f"{repository}/keyset/{name}"))
 

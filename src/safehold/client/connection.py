@@ -25,18 +25,22 @@ from typing import Any, TextIO
 
 import httpx
 
+from safehold.client.errors import ServiceUnreachableError
 from safehold.client.records import RecordsClient
-from safehold.errors import ConfigError, SafeholdError
+from safehold.errors import ConfigError
 
-__all__ = ["UP_FILE", "Connection", "ServiceUnreachableError", "load_connection", "make_client",
-           "open_client", "service_errors", "simulated_tee_notice", "transport_reason"]
+__all__ = [
+    "UP_FILE",
+    "Connection",
+    "load_connection",
+    "make_client",
+    "open_client",
+    "service_errors",
+    "simulated_tee_notice",
+    "transport_reason",
+]
 
 UP_FILE = "up.json"
-
-
-class ServiceUnreachableError(SafeholdError):
-    """The records service could not be reached, or dropped the connection / did not answer
-    (the message names the URL and the transport failure, never request content)."""
 
 
 @dataclass

@@ -24,30 +24,15 @@ from urllib.parse import quote
 
 import httpx
 
-from safehold.errors import ConfigError, RecordError, RecordNotFoundError, RecordTamperedError
+from safehold.client.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    PreconditionFailedError,
+    RecordsClientError,
+)
+from safehold.errors import ConfigError, RecordNotFoundError, RecordTamperedError
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
-
-
-class RecordsClientError(RecordError):
-    """The records service answered with an error (the message holds its status and code)."""
-
-    def __init__(self, message: str, status: int = 0, code: str = ""):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class PreconditionFailedError(RecordsClientError):
-    """412: the record's version is not the one given (``if_version``); re-read and retry."""
-
-
-class AlreadyExistsError(RecordsClientError):
-    """409 ``exists``: a create-only write found the id taken."""
-
-
-class AccessDeniedError(RecordsClientError):
-    """401 (no/unknown credentials) or 403 (role too weak)."""
 
 
 @dataclass(frozen=True)

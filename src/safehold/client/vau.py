@@ -25,26 +25,14 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from safehold.errors import SafeholdError
+from safehold.client.errors import ErezeptResponseError, VauOuterError
 from safehold.vau.epa_client import EpaVauClient
 from safehold.vau.epa_keys import VauKeyTrust
 from safehold.vau.erp import seal_request
-from safehold.vau.errors import VauError, VauFormatError, VauKeyVerificationError
+from safehold.vau.errors import VauFormatError, VauKeyVerificationError
 from safehold.vau.httpmsg import HttpRequest, HttpResponse, parse_response
 
-__all__ = ["EpaVauHttpClient", "ErezeptClient", "ErpVauClient", "VauOuterError"]
-
-
-class VauOuterError(VauError):
-    """The VAU web interface refused the outer request (non-200), with its status and text.
-
-    Attributes:
-        status: the outer HTTP status.
-    """
-
-    def __init__(self, status: int, text: str):
-        self.status = status
-        super().__init__(f"VAU answered HTTP {status}: {text[:300]}")
+__all__ = ["EpaVauHttpClient", "ErezeptClient", "ErpVauClient"]
 
 
 def _cert_key(der: bytes) -> ec.EllipticCurvePublicKey:
@@ -158,23 +146,6 @@ class ErpVauClient:
         return self._pseudonyms.get(_subject(access_token), "0")
 
 
-class ErezeptError(SafeholdError):
-    """The Fachdienst answered an inner request with an error (FHIR OperationOutcome).
-
-    Attributes:
-        status: inner HTTP status. outcome: the parsed OperationOutcome (or None).
-    """
-
-    def __init__(self, status: int, outcome: Any):
-        self.status = status
-        self.outcome = outcome
-        text = ""
-        if isinstance(outcome, dict):
-            issues = outcome.get("issue") or [{}]
-            text = str(issues[0].get("diagnostics", ""))
-        super().__init__(f"E-Rezept Fachdienst answered {status}: {text}")
-
-
 class ErezeptClient:
     """The E-Rezept Task operations (FHIR R4) through an :class:`ErpVauClient`."""
 
@@ -198,7 +169,7 @@ class ErezeptClient:
         r = self.vau.request(token, method, target, body=data, headers=hs)
         parsed = json.loads(r.body) if r.body else None
         if r.status != ok:
-            raise ErezeptError(r.status, parsed)
+            raise ErezeptResponseError(r.status, parsed)
         return parsed
 
     def create(self, token: str, flow_type: str = "160") -> dict[str, Any]:

@@ -15,12 +15,12 @@ from typing import Any
 
 import tomli_w
 
+from safehold.devstack.errors import StackError
 from safehold.devstack.stack import (
     SCONE_AUTH_CHOICES,
     SESSION_NAME,
     WORKLOAD,
     Stack,
-    StackError,
     base_env,
     lock_data_dir,
     unlock_data_dir,

@@ -18,18 +18,13 @@ from typing import Any
 from safehold.client.connection import load_connection, open_client
 from safehold.client.importer import count_patients, import_files
 from safehold.devstack.datadir import prepare
+from safehold.devstack.errors import PlaintextFoundError
 from safehold.devstack.processes import start, stop
 from safehold.devstack.stack import Stack
-from safehold.errors import SafeholdError
 from safehold.records.importers import ImportItem, iter_file
 from safehold.records.model import display_name
 
-__all__ = ["PlaintextFoundError", "demo_files", "run_demo", "scan_files", "sensitive_strings",
-           "shared_data_dir"]
-
-
-class PlaintextFoundError(SafeholdError):
-    """A patient name, SSN or id was found in clear in the database file (must never happen)."""
+__all__ = ["demo_files", "run_demo", "scan_files", "sensitive_strings", "shared_data_dir"]
 
 
 def shared_data_dir() -> Path | None:

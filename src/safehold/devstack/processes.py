@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 
 from safehold.devstack.datadir import tokens, write_private
-from safehold.devstack.stack import Stack, StackError, base_env, lock_data_dir, unlock_data_dir
+from safehold.devstack.errors import StackError
+from safehold.devstack.stack import Stack, base_env, lock_data_dir, unlock_data_dir
 from safehold.errors import ConfigError
 
 __all__ = ["MANIFEST_REFUSED", "broker_cmd", "check_port", "records_cmd", "records_env", "start",

@@ -226,7 +226,8 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
             broker's reason (which claim, expected vs. got).
         BrokerError: the broker is unreachable or answered otherwise.
     """
-    from safehold.client.broker import BrokerClient, BrokerRefused
+    from safehold.client.broker import BrokerClient
+    from safehold.client.errors import BrokerRefusedError
     from safehold.errors import BrokerError
     from safehold.ratls.cert import OID_TCG_DICE_TAGGED_EVIDENCE, encode_claims, encode_extension, spki_der
 
@@ -249,7 +250,7 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
                 cfg.tls_resource.rsplit("/", 1)[-1],
                 extensions=[(OID_TCG_DICE_TAGGED_EVIDENCE.dotted_string, ext)],
             )
-        except BrokerRefused as e:
+        except BrokerRefusedError as e:
             if e.status in (401, 403):
                 raise NoKeysError(f"the broker released no keys to this workload: {e.detail}") from None
             raise
