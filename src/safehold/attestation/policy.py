@@ -49,7 +49,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from safehold.attestation.checks import (
     REPORT_DATA_MODES,
@@ -78,6 +78,8 @@ from safehold.attestation.claims import TEE_TYPES, Claims
 from safehold.errors import ConfigError
 
 __all__ = ["AppraisalPolicy"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("safehold.attestation.policy")
 
@@ -152,9 +154,9 @@ class AppraisalPolicy:
             if reg not in TDX_REGISTERS or not vals:
                 raise ConfigError(f"reference_values.{reg}: expected a non-empty list of values "
                                   f"for one of {TDX_REGISTERS}")
-            for v in vals:
-                if len(v) != 48:
-                    raise ConfigError(f"reference_values.{reg}: {v.hex()[:20]!r}... is {len(v)} "
+            for value in vals:
+                if len(value) != 48:
+                    raise ConfigError(f"reference_values.{reg}: {value.hex()[:20]!r}... is {len(value)} "
                                       "bytes, expected 48")
         tdx = [t for t in self.allowed_tee_types if t in TDX_TEE_TYPES]
         if tdx and not self.tdx_registers:
@@ -205,7 +207,7 @@ class AppraisalPolicy:
         return cls.from_dict(data, base_dir=base)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None = None) -> AppraisalPolicy:
+    def from_dict(cls, data: Mapping[str, object], *, base_dir: Path | None = None) -> AppraisalPolicy:
         """Build a policy from the TOML structure (see module docstring).
 
         Raises:
@@ -286,7 +288,7 @@ class AppraisalPolicy:
                 if not v.ok]
 
 
-def _tdx_registers(rv: Mapping[str, Any]) -> dict[str, tuple[bytes, ...]]:
+def _tdx_registers(rv: Mapping[str, object]) -> dict[str, tuple[bytes, ...]]:
     out = {}
     for reg in TDX_REGISTERS:
         if reg in rv:
@@ -296,40 +298,40 @@ def _tdx_registers(rv: Mapping[str, Any]) -> dict[str, tuple[bytes, ...]]:
     return out
 
 
-def _min_tcb(v: Any) -> dict[str, int]:
+def _min_tcb(v: object) -> dict[str, int]:
     if not isinstance(v, Mapping):
         raise ConfigError("min_tcb must be a table of component = minimum SPL")
     return {str(k): _int(x, f"min_tcb.{k}") for k, x in v.items()}
 
 
-def _typed(v: Any, t: type, name: str) -> Any:
+def _typed(v: object, t: type[_T], name: str) -> _T:
     if not isinstance(v, t) or (t is int and isinstance(v, bool)):
         raise ConfigError(f"{name}: expected {t.__name__}, got {type(v).__name__}")
     return v
 
 
-def _int(v: Any, name: str) -> int:
-    v = _typed(v, int, name)
-    if v < 0:
-        raise ConfigError(f"{name}: expected a non-negative integer, got {v}")
-    return v
+def _int(v: object, name: str) -> int:
+    n = _typed(v, int, name)
+    if n < 0:
+        raise ConfigError(f"{name}: expected a non-negative integer, got {n}")
+    return n
 
 
-def _list(v: Any, name: str) -> list[Any]:
+def _list(v: object, name: str) -> list[object]:
     if not isinstance(v, list):
         raise ConfigError(f"{name}: expected a list, got {type(v).__name__}")
     return v
 
 
-def _strs(v: Any, name: str) -> list[str]:
+def _strs(v: object, name: str) -> list[str]:
     return [_typed(x, str, name) for x in _list(v, name)]
 
 
-def _ints(v: Any, name: str) -> list[int]:
+def _ints(v: object, name: str) -> list[int]:
     return [_int(x, name) for x in _list(v, name)]
 
 
-def _hexes(v: Any, name: str) -> list[bytes]:
+def _hexes(v: object, name: str) -> list[bytes]:
     out = []
     for x in _strs(v, name):
         try:

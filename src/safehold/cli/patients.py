@@ -151,11 +151,11 @@ def register(group: click.Group) -> None:
     def search_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                    **criteria: str | None) -> None:
         """Exact-match search (case-insensitive) through blind indexes; prints id and name."""
-        crit = {k: v for k, v in criteria.items() if v}
+        crit: dict[str, str] = {k: v for k, v in criteria.items() if v}
         if not crit:
             raise click.UsageError("give at least one of --family --given --birth-date --gender --identifier")
         with client(load_connection(data_dir, url, policy, token)) as c:
-            hits = c.search(**crit)
+            hits = c.search(limit=100, **crit)
         for r in hits:
             click.echo(f"{r.id}\t{display_name(r.data)}")
         click.echo(f"{len(hits)} match(es)", err=True)

@@ -210,7 +210,7 @@ class AccessTokenVerifier:
         c = self.claims(token)
         oid = c.get("professionOID")
         role = PROFESSION_ROLES.get(oid) if isinstance(oid, str) else None
-        if role is None:
+        if role is None or not isinstance(oid, str):
             raise AccessTokenError("access token professionOID grants no E-Rezept role")
         idn = c.get("idNummer")
         if not isinstance(idn, str) or not idn:

@@ -192,6 +192,8 @@ class FieldTransform:
             m = derive_key(key, purpose=purpose, context=ctx)
         elif t == "date-shift":
             # no field name in the context: every date field of a record shifts by the same days
+            if self.spec.context is None:  # the schema requires one; refuse rather than guess
+                raise self._err("date-shift needs a context field")
             m = derive_key(key, purpose=purpose, context=self.spec.context.encode("utf-8"))
         else:
             m = None

@@ -42,6 +42,7 @@ Key rotation (:meth:`RecordEngine.rekey`, resumable, batch by batch) is
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -405,8 +406,8 @@ class RecordEngine:
         """
         sns = self.store_namespace(namespace)
         rows = self.store.scan(sns, after=after, limit=limit)
-        keys: list[str] = []
-        tampered: list[RecordTamperedError] = []
+        keys: builtins.list[str] = []
+        tampered: builtins.list[RecordTamperedError] = []
         for row in rows:
             try:
                 kb, _ = self.frame.open(row, None)
@@ -420,7 +421,7 @@ class RecordEngine:
 
     def put_many(
         self, namespace: str, items: Iterable[tuple[str, bytes, int | None]], *, max_retries: int = 8
-    ) -> list[int]:
+    ) -> builtins.list[int]:
         """Write several records of one namespace atomically (one store transaction).
 
         Args:
@@ -440,7 +441,7 @@ class RecordEngine:
             ValueError: bad namespace, key, value or version, or a key listed twice.
         """
         sns = self.store_namespace(namespace)
-        prepared: list[tuple[bytes, bytes, bytes, int | None]] = []
+        prepared: builtins.list[tuple[bytes, bytes, bytes, int | None]] = []
         seen: set[bytes] = set()
         for key, value, expected in items:
             kb = self._key_bytes(key)

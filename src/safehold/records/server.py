@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -108,12 +109,14 @@ def ssl_context_from_pem(
     return ctx
 
 
-def _with_peer_cert(base: type) -> type:
-    class PeerCertProtocol(base):  # type: ignore[misc, valid-type]
+def _with_peer_cert(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    class PeerCertProtocol(base):  # type: ignore[valid-type, misc]  # a base chosen at run time
         """uvicorn's HTTP protocol that exposes the verified client certificate (DER) to the
         app as ``request.state.tls_peer_cert`` (ASGI has no standard field for it)."""
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        app_state: dict[str, object]  # uvicorn's per-connection state, copied into each request
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             sslobj = transport.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -132,12 +135,18 @@ except ImportError:  # pragma: no cover - httptools is a dependency
     PeerCertHTTPProtocol = PeerCertH11Protocol
 
 
+_ContextFactory = Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]
+
+
+def _fixed_context(ctx: ssl.SSLContext) -> _ContextFactory:
+    """uvicorn's ``ssl_context_factory`` that answers with the context built in memory (no key file)."""
+    return lambda _config, _default: ctx
+
+
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to :func:`serve_apps`."""
 
-    def capture_signals(self):  # type: ignore[no-untyped-def, override]
-        import contextlib
-
+    def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
 
@@ -159,7 +168,7 @@ async def serve_apps(
             app, host=host, port=port, http=PeerCertHTTPProtocol, lifespan="off",
             log_level="warning", access_log=False, server_header=False, timeout_keep_alive=30,
             timeout_graceful_shutdown=5,
-            ssl_context_factory=(lambda _c, _d, ctx=ctx: ctx) if ctx is not None else None,
+            ssl_context_factory=_fixed_context(ctx) if ctx is not None else None,
             ssl_certfile="unused" if ctx is not None else None,
         )
         servers.append(_Server(cfg))

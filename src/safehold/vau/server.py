@@ -22,6 +22,7 @@ Stdin CBOR map (``python -m safehold.vau.server``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import ssl
@@ -93,9 +94,7 @@ def _config(app: Any, host: str, port: int, ssl_context: ssl.SSLContext | None) 
 
 
 class _Server(uvicorn.Server):
-    def capture_signals(self):  # type: ignore[no-untyped-def, override]
-        import contextlib
-
+    def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
 

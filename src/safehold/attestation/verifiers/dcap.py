@@ -115,11 +115,11 @@ class DcapQuote:
 
     @property
     def qe_svn(self) -> int:
-        return struct.unpack_from("<H", self.quote, 8)[0]
+        return int(struct.unpack_from("<H", self.quote, 8)[0])
 
     @property
     def pce_svn(self) -> int:
-        return struct.unpack_from("<H", self.quote, 10)[0]
+        return int(struct.unpack_from("<H", self.quote, 10)[0])
 
 
 class _Reader:
@@ -139,10 +139,10 @@ class _Reader:
         return b
 
     def u16(self, what: str) -> int:
-        return struct.unpack("<H", self.take(2, what))[0]
+        return int(struct.unpack("<H", self.take(2, what))[0])
 
     def u32(self, what: str) -> int:
-        return struct.unpack("<I", self.take(4, what))[0]
+        return int(struct.unpack("<I", self.take(4, what))[0])
 
 
 def parse_quote(data: bytes, *, strict_chain: bool = True) -> DcapQuote:

@@ -88,13 +88,13 @@ class _Buf:
         return self.take(1, f)[0]
 
     def u16(self, f: str) -> int:
-        return struct.unpack(">H", self.take(2, f))[0]
+        return int(struct.unpack(">H", self.take(2, f))[0])
 
     def u32(self, f: str) -> int:
-        return struct.unpack(">I", self.take(4, f))[0]
+        return int(struct.unpack(">I", self.take(4, f))[0])
 
     def u64(self, f: str) -> int:
-        return struct.unpack(">Q", self.take(8, f))[0]
+        return int(struct.unpack(">Q", self.take(8, f))[0])
 
     def tpm2b(self, f: str) -> bytes:
         return self.take(self.u16(f + ".size"), f)
