@@ -34,6 +34,7 @@ from safehold.broker import protocol
 from safehold.client.errors import BrokerRefusedError
 from safehold.crypto.keyset import Keyset
 from safehold.errors import BrokerError
+from safehold.jsontypes import JSONObject
 
 
 class BrokerClient:
@@ -95,7 +96,7 @@ class BrokerClient:
     # --- protocol ------------------------------------------------------------------------------
 
     @property
-    def tee_pubkey(self) -> dict[str, Any]:
+    def tee_pubkey(self) -> JSONObject:
         """The public JWK sent as ``tee-pubkey``."""
         return protocol.public_jwk(self._jwk)
 

@@ -7,9 +7,8 @@ exists: :class:`~safehold.errors.BrokerError`, :class:`~safehold.errors.RecordEr
 
 from __future__ import annotations
 
-from typing import Any
-
 from safehold.errors import BrokerError, RecordError, SafeholdError
+from safehold.jsontypes import JSONValue
 from safehold.vau.errors import VauError
 
 __all__ = [
@@ -78,11 +77,10 @@ class ErezeptResponseError(SafeholdError):
         status: inner HTTP status. outcome: the parsed OperationOutcome (or None).
     """
 
-    def __init__(self, status: int, outcome: Any):
+    def __init__(self, status: int, outcome: JSONValue) -> None:
         self.status = status
         self.outcome = outcome
-        text = ""
-        if isinstance(outcome, dict):
-            issues = outcome.get("issue") or [{}]
-            text = str(issues[0].get("diagnostics", ""))
+        issues = outcome.get("issue") if isinstance(outcome, dict) else None
+        first = issues[0] if isinstance(issues, list) and issues else None
+        text = str(first.get("diagnostics", "")) if isinstance(first, dict) else ""
         super().__init__(f"E-Rezept Fachdienst answered {status}: {text}")

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from safehold.client.errors import ErezeptResponseError, VauOuterError
+from safehold.jsontypes import JSONObject
 from safehold.vau.epa_client import EpaVauClient
 from safehold.vau.epa_keys import VauKeyTrust
 from safehold.vau.erp import seal_request
@@ -172,7 +173,7 @@ class ErezeptClient:
             raise ErezeptResponseError(r.status, parsed)
         return parsed
 
-    def create(self, token: str, flow_type: str = "160") -> dict[str, Any]:
+    def create(self, token: str, flow_type: str = "160") -> JSONObject:
         """``$create``: the draft Task (with PrescriptionID and AccessCode)."""
         body = {
             "resourceType": "Parameters",
@@ -190,7 +191,7 @@ class ErezeptClient:
 
     def activate(
         self, token: str, task_id: str, access_code: str, signed_prescription: bytes
-    ) -> dict[str, Any]:
+    ) -> JSONObject:
         """``$activate`` with the CMS-signed KBV bundle."""
         body = {
             "resourceType": "Parameters",
@@ -209,7 +210,7 @@ class ErezeptClient:
             token, "POST", f"/Task/{task_id}/$activate", body, headers=[("X-AccessCode", access_code)]
         )
 
-    def accept(self, token: str, task_id: str, access_code: str) -> dict[str, Any]:
+    def accept(self, token: str, task_id: str, access_code: str) -> JSONObject:
         """``$accept``: Bundle with the Task (Secret) and the signed prescription."""
         return self._call(token, "POST", f"/Task/{task_id}/$accept?ac={quote(access_code)}")
 
@@ -217,7 +218,7 @@ class ErezeptClient:
         """``$reject``."""
         self._call(token, "POST", f"/Task/{task_id}/$reject?secret={quote(secret)}", ok=204)
 
-    def close(self, token: str, task_id: str, secret: str, dispense: dict[str, Any]) -> dict[str, Any]:
+    def close(self, token: str, task_id: str, secret: str, dispense: JSONObject) -> JSONObject:
         """``$close`` with a MedicationDispense: the receipt Bundle."""
         return self._call(token, "POST", f"/Task/{task_id}/$close?secret={quote(secret)}", dispense)
 
@@ -229,7 +230,7 @@ class ErezeptClient:
         headers = [("X-AccessCode", access_code)] if access_code else []
         self._call(token, "POST", target, headers=headers, ok=204)
 
-    def tasks(self, token: str) -> dict[str, Any]:
+    def tasks(self, token: str) -> JSONObject:
         """``GET /Task``: the insured person's Tasks (searchset Bundle)."""
         return self._call(token, "GET", "/Task")
 

@@ -37,6 +37,7 @@ from asn1crypto import cms
 
 from safehold.erezept.errors import BundleInvalidError, SignatureFormatError
 from safehold.erezept.tokens import kvnr_valid
+from safehold.jsontypes import JSONValue
 
 __all__ = [
     "KVNR_SYSTEMS",
@@ -58,7 +59,7 @@ _DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2}))?)?")
 _DIGESTS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 
 
-def valid_fhir_date(value: Any) -> bool:
+def valid_fhir_date(value: object) -> bool:
     """FHIR R4 ``date``: ``YYYY``, ``YYYY-MM`` or ``YYYY-MM-DD``, a real calendar date."""
     if not isinstance(value, str):
         return False
@@ -201,7 +202,7 @@ def _first(by_type: Mapping[str, list[dict[str, Any]]], rtype: str) -> dict[str,
     return found[0] if found else None
 
 
-def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
+def validate_bundle(bundle: object, *, prescription_id: str) -> BundleFacts:
     """Check a ``KBV_PR_ERP_Bundle`` (FHIR JSON, parsed) as the module docstring lists.
 
     Raises:
@@ -354,7 +355,7 @@ def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
     return BundleFacts(prescription_id, kvnr)
 
 
-def parse_bundle_json(raw: bytes) -> Any:
+def parse_bundle_json(raw: bytes) -> JSONValue:
     """Parse the enveloped bundle as FHIR JSON.
 
     Raises:
@@ -363,12 +364,13 @@ def parse_bundle_json(raw: bytes) -> Any:
     if raw.lstrip()[:1] == b"<":
         raise BundleInvalidError("XML bundles are not supported; sign the FHIR JSON representation")
     try:
-        return json.loads(raw.decode("utf-8"))
+        value: JSONValue = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BundleInvalidError("enveloped prescription is not UTF-8 FHIR JSON") from None
+    return value
 
 
-def validate_dispense(dispense: Any, *, prescription_id: str, kvnr: str) -> None:
+def validate_dispense(dispense: object, *, prescription_id: str, kvnr: str) -> None:
     """Check a MedicationDispense for ``$close``: resourceType, the Task's PrescriptionID, the
     insured person's KVNR and ``whenHandedOver``.
 

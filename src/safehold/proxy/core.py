@@ -97,7 +97,7 @@ def _get(record: Any, path: tuple[str, ...]) -> Any:
     return cur
 
 
-def json_kind(value: Any) -> str:
+def json_kind(value: object) -> str:
     """JSON type name of a decoded value, for messages that must not show the value itself."""
     if isinstance(value, Mapping):
         return "an object"

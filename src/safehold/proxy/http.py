@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from safehold.errors import ShapeError, TransformError
+from safehold.jsontypes import JSONObject
 from safehold.proxy.core import (
     LONE_SURROGATE,
     Protector,
@@ -244,7 +245,7 @@ def protect_query(protector: Protector, query: str) -> str:
     return urlencode(out, quote_via=quote)
 
 
-def each_record(st: ProxyState, doc: Any, fn: Callable[[dict[str, Any]], dict[str, Any]], *,
+def each_record(st: ProxyState, doc: Any, fn: Callable[[JSONObject], JSONObject], *,
                 strict: bool = False) -> Any:
     """Apply ``fn`` to every record of a JSON body: the body itself (an object) or each
     object of a top-level array, and the records at the ``embedded`` paths of each — those
@@ -291,7 +292,7 @@ def refuse_encoded_records(protector: Protector, values: list[str], where: str) 
                                 f"{key!r}, which the proxy does not inspect; not forwarded")
 
 
-def protect_record(protector: Protector, record: dict[str, Any], ctx: dict[str, str]) -> dict[str, Any]:
+def protect_record(protector: Protector, record: JSONObject, ctx: dict[str, str]) -> JSONObject:
     """One JSON record protected (a key that only looks like a protected field is refused)."""
     hit = protector.lookalike_key(record)
     if hit is not None:

@@ -177,7 +177,7 @@ def ecdh_key_to_cbor(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
     return {"crv": "P-256", "x": n.x.to_bytes(32, "big"), "y": n.y.to_bytes(32, "big")}
 
 
-def ecdh_key_from_cbor(obj: Any, what: str) -> ec.EllipticCurvePublicKey:
+def ecdh_key_from_cbor(obj: object, what: str) -> ec.EllipticCurvePublicKey:
     """Parse and validate a P-256 public key map.
 
     Raises:

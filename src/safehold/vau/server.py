@@ -78,7 +78,7 @@ def _loopback(host: str) -> str:
     return host
 
 
-def _config(app: Any, host: str, port: int, ssl_context: ssl.SSLContext | None) -> uvicorn.Config:
+def _config(app: FastAPI, host: str, port: int, ssl_context: ssl.SSLContext | None) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=_loopback(host),
@@ -107,8 +107,9 @@ class ServerThread:
     """
 
     def __init__(
-        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
-    ):
+        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._server = _Server(_config(app, host, port, ssl_context))
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="vau-server")
         self.port = 0
@@ -149,7 +150,10 @@ def state_from_config(cfg: dict[str, Any]) -> tuple[VauState, Callable[[], None]
 
     try:
         vau_key = load_vau_private_key(cfg["erp_vau_key"])
-        idp_keys = [serialization.load_der_public_key(k) for k in cfg["idp_keys"]]
+        loaded = [serialization.load_der_public_key(k) for k in cfg["idp_keys"]]
+        idp_keys = [k for k in loaded if isinstance(k, ec.EllipticCurvePublicKey)]
+        if len(idp_keys) != len(loaded):
+            raise ValueError("idp_keys: only EC public keys sign IdP access tokens")
         ks = cfg["keyset"]
         keyset = Keyset(
             {int(k): bytes(v) for k, v in ks["keys"].items()}, int(ks["primary"]), bytes(ks["index_key"])

@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -219,7 +219,7 @@ def load_ak(blob: bytes) -> AkPublic:
     return AkPublic(key)
 
 
-def load_pcrs(blob: bytes | str | Mapping[str, Any]) -> dict[str, dict[int, bytes]]:
+def load_pcrs(blob: bytes | str | Mapping[str, object]) -> dict[str, dict[int, bytes]]:
     """Parse PCR values: JSON ``{"bank": {"idx": "hex"}}`` (or an already-decoded mapping).
 
     Raises:
