@@ -31,7 +31,8 @@ import time
 import warnings
 from pathlib import Path
 
-from safehold.attestation.policy import AppraisalPolicy, SimulatedTEEWarning
+from safehold.attestation.errors import SimulatedTEEWarning
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.ratls.client import client_ssl_context, fetch_peer_certificate
 from safehold.ratls.verify import verify_certificate

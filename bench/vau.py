@@ -91,7 +91,8 @@ def serve() -> None:
     from safehold.erezept.tokens import AccessTokenVerifier
     from safehold.records.engine import RecordEngine
     from safehold.store.sqlite import SqliteStore
-    from safehold.vau.erp import ErpVau, load_vau_private_key
+    from safehold.vau.erp import load_vau_private_key
+    from safehold.vau.erp_server import ErpVau
     from safehold.vau.http import VauState
     from safehold.vau.server import ServerThread, build_app, build_erezept_app
 
@@ -210,7 +211,9 @@ def bench_erp(seconds: float) -> dict[str, dict[str, float]]:
 def bench_epa(seconds: float) -> dict[str, float]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from safehold.vau.epa import EpaVauClient, EpaVauServer, VauKeyTrust
+    from safehold.vau.epa_client import EpaVauClient
+    from safehold.vau.epa_keys import VauKeyTrust
+    from safehold.vau.epa_server import EpaVauServer
     from support.vaukeys import LIBVAU_NOW, libvau_server_keys, libvau_signed_keys, libvau_signer
 
     keys = libvau_server_keys()

@@ -15,22 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
+from safehold.attestation.checks import AllOf, AnyOf, MeasurementIn, SignerIn
 from safehold.attestation.claims import Claims
-from safehold.attestation.evidence import MEDIA_TYPES, Evidence
-from safehold.attestation.policy import (
-    AllOf,
-    AnyOf,
-    AppraisalPolicy,
-    DebugRefused,
-    MeasurementIn,
-    ReferenceValueMismatch,
-    ReportDataMismatch,
-    SignerIn,
-    SimulatedEvidenceRefused,
+from safehold.attestation.errors import (
+    DebugModeError,
+    ReferenceValueMismatchError,
+    ReportDataMismatchError,
+    SimulatedEvidenceError,
     SimulatedTEEWarning,
-    TcbStatusRefused,
-    TeeTypeRefused,
+    TcbStatusError,
+    TeeTypeError,
 )
+from safehold.attestation.evidence import MEDIA_TYPES, Evidence
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers.simulated import SimulatedVerifier, parse_report
 from safehold.errors import (
@@ -132,12 +129,12 @@ def test_simulated_under_default_policy(att: SimulatedAttester) -> None:
                           "949e5619bf81a6a7aea8c323c173019b3093d54e579e9378")
     pol = AppraisalPolicy(allowed_tee_types=("sgx", "tdx"), simulated_root=att.root_ca_path,
                           measurements=(att.measurement.digest,), tdx_registers={"rtmr1": (rtmr1,)})
-    with pytest.raises(SimulatedEvidenceRefused, match="allow_simulated = false"):
+    with pytest.raises(SimulatedEvidenceError, match="allow_simulated = false"):
         Verifier(pol).appraise(att.attest(RD), expected_report_data=RD)
 
 
 def test_debug_under_no_debug_policy(att: SimulatedAttester, dbg: SimulatedAttester) -> None:
-    with pytest.raises(DebugRefused) as ei:
+    with pytest.raises(DebugModeError) as ei:
         Verifier(sim_policy(att)).appraise(dbg.attest(RD), expected_report_data=RD)
     assert ei.value.failures == [("debug", "false", "true")]
     assert Verifier(sim_policy(att, debug_allowed=True)).appraise(
@@ -146,13 +143,13 @@ def test_debug_under_no_debug_policy(att: SimulatedAttester, dbg: SimulatedAttes
 
 def test_wrong_nonce(att: SimulatedAttester) -> None:
     other = bytes(64)
-    with pytest.raises(ReportDataMismatch, match="report_data: expected 0000"):
+    with pytest.raises(ReportDataMismatchError, match="report_data: expected 0000"):
         Verifier(sim_policy(att, report_data="nonce")).appraise(att.attest(RD),
                                                                 expected_report_data=other)
 
 
 def test_missing_expected_report_data_fails_closed(att: SimulatedAttester) -> None:
-    with pytest.raises(ReportDataMismatch, match="no expected value"):
+    with pytest.raises(ReportDataMismatchError, match="no expected value"):
         Verifier(sim_policy(att)).appraise(att.attest(RD))
     assert Verifier(sim_policy(att, report_data="any")).appraise(att.attest(RD)).ok
 
@@ -163,7 +160,7 @@ def test_every_failure_listed(att: SimulatedAttester, dbg: SimulatedAttester) ->
         Verifier(pol).appraise(dbg.attest(RD), expected_report_data=bytes(64))
     claims = [f[0] for f in ei.value.failures]
     assert claims == ["debug", "report_data", "measurement"]
-    assert isinstance(ei.value, DebugRefused)  # most specific first
+    assert isinstance(ei.value, DebugModeError)  # most specific first
 
 
 def test_tampered_report_signature(att: SimulatedAttester) -> None:
@@ -239,7 +236,7 @@ def test_allof_refuses_empty_and_anyof() -> None:
         AllOf([])
     with pytest.raises(ConfigError):
         AnyOf([])
-    from safehold.attestation.policy import Context
+    from safehold.attestation.checks import Context
     c = Claims("sgx", b"\x01" * 32, bytes(64), False, signer=b"\x02" * 32)
     any_ = AnyOf([MeasurementIn([b"\x09" * 32]), SignerIn([b"\x02" * 32])])
     assert all(v.ok for v in any_.verdicts(c, Context()))
@@ -263,14 +260,14 @@ def test_hardware_claims_reference_values_and_tcb() -> None:
     v = Verifier(pol)
     assert v.evaluate_claims(_hw_claims(), expected_report_data=RD).ok
     cases = [
-        (dict(tee_type="tdx"), TeeTypeRefused, "tee_type"),
-        (dict(security_version=4), ReferenceValueMismatch, "security_version"),
-        (dict(product_id=2), ReferenceValueMismatch, "product_id"),
-        (dict(signer=None), ReferenceValueMismatch, "signer"),
-        (dict(tcb_status="OutOfDate"), TcbStatusRefused, "tcb_status"),
-        (dict(tcb_status=None), TcbStatusRefused, "tcb_status"),
-        (dict(advisory_ids=("INTEL-SA-00615", "INTEL-SA-00999")), TcbStatusRefused, "advisory_ids"),
-        (dict(tcb_status="Simulated"), TcbStatusRefused, "tcb_status"),
+        (dict(tee_type="tdx"), TeeTypeError, "tee_type"),
+        (dict(security_version=4), ReferenceValueMismatchError, "security_version"),
+        (dict(product_id=2), ReferenceValueMismatchError, "product_id"),
+        (dict(signer=None), ReferenceValueMismatchError, "signer"),
+        (dict(tcb_status="OutOfDate"), TcbStatusError, "tcb_status"),
+        (dict(tcb_status=None), TcbStatusError, "tcb_status"),
+        (dict(advisory_ids=("INTEL-SA-00615", "INTEL-SA-00999")), TcbStatusError, "advisory_ids"),
+        (dict(tcb_status="Simulated"), TcbStatusError, "tcb_status"),
     ]
     for kw, err, claim in cases:
         a = v.evaluate_claims(_hw_claims(**kw), expected_report_data=RD)
@@ -357,7 +354,7 @@ def test_snp_policy_requires_min_tcb():
 
 
 def test_snp_min_tcb_accepts_and_names_the_low_component():
-    from safehold.attestation.policy import TcbStatusRefused
+    from safehold.attestation.errors import TcbStatusError
 
     pol = AppraisalPolicy.from_dict({"allowed_tee_types": ["sev-snp"],
                                      "min_tcb": {"snp": 8, "microcode": 115},
@@ -368,8 +365,8 @@ def test_snp_min_tcb_accepts_and_names_the_low_component():
     failed = pol.appraise(low, expected_report_data=RD)
     assert [(v.claim, v.expected, v.got) for v in failed] == [
         ("reported_tcb.microcode", ">= 115", "114")]
-    with pytest.raises(TcbStatusRefused, match="reported_tcb.microcode: expected >= 115, got 114"):
-        from safehold.attestation.policy import raise_for
+    with pytest.raises(TcbStatusError, match="reported_tcb.microcode: expected >= 115, got 114"):
+        from safehold.attestation.checks import raise_for
 
         raise_for(failed)
 

@@ -28,7 +28,8 @@ from safehold.attestation.measure import measure_workload
 from safehold.attestation.result import generate_signing_key, issue_ear
 from safehold.attestation.verifier import Appraisal
 from safehold.broker import protocol
-from safehold.client.broker import BrokerClient, BrokerRefused
+from safehold.client.broker import BrokerClient
+from safehold.client.errors import BrokerRefusedError
 
 SRC = ROOT / "src"
 
@@ -131,7 +132,7 @@ def test_certificate_carries_requested_evidence_extension(env):
         ext = x509.load_pem_x509_certificate(cert_pem.encode()).extensions.get_extension_for_oid(
             x509.ObjectIdentifier("2.23.133.5.4.9"))
         assert not ext.critical and ext.value.value == ext_value
-        with pytest.raises(BrokerRefused) as e:
+        with pytest.raises(BrokerRefusedError) as e:
             c.get_certificate("records-tls", extensions=[("1.2.3.4", b"x")])
         assert e.value.status == 400 and "not allowed" in e.value.detail
 
@@ -246,7 +247,7 @@ def test_wrong_measurement_is_refused_naming_the_claim(env, tmp_path):
     cfg.write_text("x = 1\n")
     other = SimulatedAttester(env["t"] / "workload", workload_files=[cfg])  # same platform, new code
     assert other.measurement.hex() != env["wl"].measurement.hex()
-    with _client(env, other) as c, pytest.raises(BrokerRefused) as e:
+    with _client(env, other) as c, pytest.raises(BrokerRefusedError) as e:
         c.attest()
     assert e.value.status == 403
     assert "measurement" in e.value.detail and other.measurement.hex() in e.value.detail
@@ -254,7 +255,7 @@ def test_wrong_measurement_is_refused_naming_the_claim(env, tmp_path):
 
 def test_debug_evidence_is_refused(env):
     dbg = SimulatedAttester(env["t"] / "workload", debug=True)
-    with _client(env, dbg) as c, pytest.raises(BrokerRefused) as e:
+    with _client(env, dbg) as c, pytest.raises(BrokerRefusedError) as e:
         c.attest()
     assert e.value.status == 403 and "debug" in e.value.detail
 
@@ -336,10 +337,10 @@ def test_unknown_and_forbidden_resources(env):
         c.attest()
         for path in ("default/keyset/nope", "other-repo/keyset/records-keyset",
                      "default/value/records-keyset"):
-            with pytest.raises(BrokerRefused) as e:
+            with pytest.raises(BrokerRefusedError) as e:
                 c.get_resource(path)
             assert e.value.status == 404, path
-        with pytest.raises(BrokerRefused) as e:
+        with pytest.raises(BrokerRefusedError) as e:
             c.get_resource("default/keyset/other-key")
         assert e.value.status == 403 and "records" in e.value.detail
     with env["broker"].client() as h:
@@ -397,10 +398,10 @@ def test_expired_token_and_nonce(tmp_path, env):
             c.attest()
             c.get_keyset("records-keyset")
             time.sleep(2.2)
-            with pytest.raises(BrokerRefused) as e:
+            with pytest.raises(BrokerRefusedError) as e:
                 c.get_keyset("records-keyset")
             assert e.value.status == 401 and "expired" in e.value.detail
-            with pytest.raises(BrokerRefused) as e:
+            with pytest.raises(BrokerRefusedError) as e:
                 c.get_resource("default/keyset/records-keyset", use_token=True)
             assert e.value.status == 401 and "exp" in e.value.detail
         with b.client() as h:
@@ -519,11 +520,11 @@ def test_manifest_update_ends_attestations_made_under_the_old_one(env):
                           lambda: c1.get_keyset("other-key"),
                           lambda: c1.get_resource("default/keyset/records-keyset", use_token=True),
                           lambda: c1.get_certificate("records-tls")):
-                with pytest.raises(BrokerRefused) as e:
+                with pytest.raises(BrokerRefusedError) as e:
                     fetch()
                 assert e.value.status == 401, e.value.detail
                 assert f"attested under manifest version {v0}, current is {v0 + 1}" in e.value.detail
-        with _client(env) as c2, pytest.raises(BrokerRefused) as e:
+        with _client(env) as c2, pytest.raises(BrokerRefusedError) as e:
             c2.attest()  # attesting again: the new policy refuses the old measurement
         assert e.value.status == 403 and "measurement" in e.value.detail
         assert _signed_update(env, base) == v0 + 2
@@ -536,7 +537,7 @@ def test_manifest_update_ends_attestations_made_under_the_old_one(env):
             for fetch in (lambda: c3.get_keyset("records-keyset"),
                           lambda: c3.get_resource("default/keyset/records-keyset", use_token=True),
                           lambda: c3.get_certificate("records-tls")):
-                with pytest.raises(BrokerRefused) as e:
+                with pytest.raises(BrokerRefusedError) as e:
                     fetch()
                 assert e.value.status == 401, e.value.detail
     finally:

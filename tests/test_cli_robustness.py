@@ -26,13 +26,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import free_port
-from safehold.client.connection import (
-    ServiceUnreachableError,
-    load_connection,
-    service_errors,
-    simulated_tee_notice,
-    transport_reason,
-)
+from safehold.client.connection import load_connection, service_errors, simulated_tee_notice, transport_reason
+from safehold.client.errors import ServiceUnreachableError
 from safehold.client.importer import ImportCheckpoint, file_digest
 from safehold.devstack import main_records_config, records_config
 from safehold.errors import ConfigError
@@ -247,7 +242,7 @@ def test_transport_reasons_and_the_one_mapping():
 
 
 def test_simulated_tee_warning_is_one_line_once(capsys):
-    from safehold.attestation.policy import SimulatedTEEWarning
+    from safehold.attestation.errors import SimulatedTEEWarning
 
     with simulated_tee_notice():
         for _ in range(3):

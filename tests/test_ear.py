@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.attestation.claims import Claims
-from safehold.attestation.policy import AppraisalPolicy, SimulatedTEEWarning
+from safehold.attestation.errors import SimulatedTEEWarning
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.result import (
     EAT_PROFILE,
     generate_signing_key,

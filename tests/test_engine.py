@@ -16,16 +16,16 @@ from safehold.crypto.envelope import envelope_key_id
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConflictError, RecordNotFoundError, RecordTamperedError, UnknownKeyError
 from safehold.records.codec import UnsafePlainCodec
-from safehold.records.engine import (
+from safehold.records.engine import RecordEngine
+from safehold.records.errors import (
     RecordConflictError,
     RecordCopiedError,
     RecordCorruptedError,
-    RecordEngine,
     RecordMovedError,
     RecordUnknownKeyError,
     RecordVersionMismatchError,
-    RekeyCounts,
 )
+from safehold.records.rotation import RekeyCounts
 
 NS = "patients"
 SNS = "records:" + NS

@@ -14,9 +14,11 @@ import dcap_qvl
 import pytest
 
 from conftest import EVIDENCE, need_shared
-from safehold.attestation.collateral import CollateralCache, DcapCollateral, load_collateral
+from safehold.attestation.collateral import DcapCollateral, load_collateral
+from safehold.attestation.errors import TcbStatusError
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
-from safehold.attestation.policy import AppraisalPolicy, TcbStatusRefused
+from safehold.attestation.pcs import CollateralCache
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers import dcap
 from safehold.attestation.verifiers.sgx import SgxVerifier
@@ -475,7 +477,7 @@ def test_appraisal_tcb_status_and_advisories():
     opts = {"sgx": {"collateral": SGX / "dcapqvl-sgx_quote_collateral.json"}}
     e = ev(SGX / "dcapqvl-sgx_quote.bin")
     rd = b"Hello, world!".ljust(64, b"\0")
-    with pytest.raises(TcbStatusRefused) as ei:
+    with pytest.raises(TcbStatusError) as ei:
         Verifier(_policy(), verifier_options=opts).appraise(e, expected_report_data=rd, at=SGX_AT)
     claims = {f[0] for f in ei.value.failures}
     assert claims == {"tcb_status", "advisory_ids"}

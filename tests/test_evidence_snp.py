@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from conftest import EVIDENCE, need_shared
+from safehold.attestation.errors import DebugModeError
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
-from safehold.attestation.policy import AppraisalPolicy, DebugRefused
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers import sev_snp
 from safehold.attestation.verifiers.sev_snp import SevSnpVerifier, parse_report
@@ -92,7 +93,7 @@ def test_debug_report_is_refused_by_the_default_policy():
             },
         }
     )
-    with pytest.raises(DebugRefused) as ei:
+    with pytest.raises(DebugModeError) as ei:
         Verifier(policy).appraise(gosev(), at=GOSEV_AT)
     assert ei.value.failures == [("debug", "false", "true")]  # min_tcb met, no TCB status asked
     assert "debug: expected false, got true" in str(ei.value)
@@ -294,7 +295,8 @@ def test_unsupported_version_and_garbage_vcek():
 
 
 def test_minimum_tcb_check_names_the_component():
-    from safehold.attestation.policy import AppraisalPolicy, TcbStatusRefused
+    from safehold.attestation.errors import TcbStatusError
+    from safehold.attestation.policy import AppraisalPolicy
 
     c = SevSnpVerifier().verify(gosev(), at=GOSEV_AT)
     ok = sev_snp.SnpMinimumTcb({"bootloader": 2, "tee": 0, "snp": 5, "microcode": 68})
@@ -312,5 +314,5 @@ def test_minimum_tcb_check_names_the_component():
         report_data="any",
         min_tcb={"microcode": 69},
     )
-    with pytest.raises(TcbStatusRefused, match="reported_tcb.microcode: expected >= 69, got 68"):
+    with pytest.raises(TcbStatusError, match="reported_tcb.microcode: expected >= 69, got 68"):
         Verifier(policy).appraise(gosev(), at=GOSEV_AT)

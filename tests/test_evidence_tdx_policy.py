@@ -14,15 +14,11 @@ from datetime import UTC, datetime
 import pytest
 
 from conftest import EVIDENCE, need_shared
+from safehold.attestation.checks import SnpMaxVmpl, TdxRegistersIn, raise_for
 from safehold.attestation.collateral import DcapCollateral
+from safehold.attestation.errors import ReferenceValueMismatchError
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
-from safehold.attestation.policy import (
-    AppraisalPolicy,
-    ReferenceValueMismatch,
-    SnpMaxVmpl,
-    TdxRegistersIn,
-    raise_for,
-)
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
@@ -92,7 +88,7 @@ def test_each_register_mismatch_is_its_own_failed_verdict(snap, opts, reg):
     pins = {r: [snap[r]] for r in REGS}
     pins[reg] = [wrong.hex()]
     rd = bytes.fromhex(snap["report_data"])
-    with pytest.raises(ReferenceValueMismatch) as ei:
+    with pytest.raises(ReferenceValueMismatchError) as ei:
         Verifier(policy(snap, **pins), verifier_options=opts).appraise(
             tdx_evidence(), expected_report_data=rd, at=TDX_AT)
     assert ei.value.failures == [(reg, wrong.hex(), snap[reg])]
@@ -168,7 +164,7 @@ def test_vmpl_zero_report_passes_and_higher_vmpl_is_refused_by_default():
     at2 = dataclasses.replace(c, raw={**c.raw, "vmpl": 2})
     failed = snp_policy().appraise(at2)
     assert [v.as_tuple() for v in failed] == [("vmpl", "<= 0 (snp_max_vmpl)", "2")]
-    with pytest.raises(ReferenceValueMismatch, match="vmpl"):
+    with pytest.raises(ReferenceValueMismatchError, match="vmpl"):
         raise_for(failed)
     assert snp_policy(snp_max_vmpl=2).appraise(at2) == []
     assert snp_policy(snp_max_vmpl=1).appraise(at2)[0].claim == "vmpl"

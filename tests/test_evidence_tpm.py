@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 import pytest
 
 from conftest import EVIDENCE, need_shared
+from safehold.attestation.errors import ReportDataMismatchError
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
-from safehold.attestation.policy import AppraisalPolicy, ReportDataMismatch
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers import tpm
 from safehold.attestation.verifiers.tpm import TpmQuoteVerifier
@@ -79,7 +80,7 @@ def test_wrong_nonce_is_refused_naming_report_data():
         }
     )
     opts = {"tpm": {"trusted_aks": [(AZ / "azcvm-akpub.pem").read_bytes()]}}
-    with pytest.raises(ReportDataMismatch) as ei:
+    with pytest.raises(ReportDataMismatchError) as ei:
         Verifier(policy, verifier_options=opts).appraise(
             az_evidence(), expected_report_data=bytes([1, 2, 3, 4]).ljust(64, b"\0"), at=AT
         )

@@ -8,14 +8,9 @@ import json
 import pytest
 
 from conftest import DATA, need_shared
-from safehold.records.importers import (
-    ImportFormatError,
-    ImportItem,
-    ImportProblem,
-    iter_bytes,
-    iter_file,
-)
-from safehold.records.model import InvalidRecordError, check_record_id, normalise, parse_record, search_terms
+from safehold.records.errors import ImportFormatError, InvalidRecordError
+from safehold.records.importers import ImportItem, ImportProblem, iter_bytes, iter_file
+from safehold.records.model import check_record_id, normalise, parse_record, search_terms
 
 CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
 BUNDLES = DATA / "synthea-fhir-r4-bundles-google-fhir-data-pipes"

@@ -13,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
+from safehold.attestation.errors import ReferenceValueMismatchError, SimulatedTEEWarning
 from safehold.attestation.measure import MANIFEST_HEADER, measure_workload, package_root
-from safehold.attestation.policy import AppraisalPolicy, ReferenceValueMismatch, SimulatedTEEWarning
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.cli.main import cli
 from safehold.errors import ConfigError
@@ -70,7 +71,7 @@ def test_one_changed_byte_changes_measurement_and_policy_refuses(tree: Path, tmp
     rd = bytes(range(64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimulatedTEEWarning)
-        with pytest.raises(ReferenceValueMismatch) as ei:
+        with pytest.raises(ReferenceValueMismatchError) as ei:
             Verifier(policy).appraise(att.attest(rd), expected_report_data=rd)
         assert ei.value.failures == [("measurement", before.hex(), after.hex())]
         # and the unchanged reference value for the changed tree is accepted

@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 
 from conftest import EVIDENCE, need_shared
 from safehold.attestation.attesters.simulated import SimulatedAttester
-from safehold.attestation.evidence import MEDIA_TYPES
-from safehold.attestation.policy import (
-    AppraisalPolicy,
-    ReferenceValueMismatch,
-    ReportDataMismatch,
-    SimulatedEvidenceRefused,
+from safehold.attestation.errors import (
+    ReferenceValueMismatchError,
+    ReportDataMismatchError,
+    SimulatedEvidenceError,
     SimulatedTEEWarning,
 )
+from safehold.attestation.evidence import MEDIA_TYPES
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.errors import EvidenceFormatError, SafeholdError
 from safehold.ratls import (
@@ -118,14 +118,14 @@ def test_simulated_refused_under_default_policy(att, ident) -> None:
                           "949e5619bf81a6a7aea8c323c173019b3093d54e579e9378")
     pol = AppraisalPolicy(allowed_tee_types=("tdx",), simulated_root=att.root_ca_path,
                           measurements=(att.measurement.digest,), tdx_registers={"rtmr1": (rtmr1,)})
-    with pytest.raises(SimulatedEvidenceRefused):
+    with pytest.raises(SimulatedEvidenceError):
         verify_certificate(ident.certificate, Verifier(pol))
 
 
 def test_wrong_measurement_policy(att, ident) -> None:
     pol = AppraisalPolicy(allow_simulated=True, simulated_root=att.root_ca_path,
                           measurements=(bytes(48),))
-    with pytest.raises(ReferenceValueMismatch, match="measurement"):
+    with pytest.raises(ReferenceValueMismatchError, match="measurement"):
         verify_certificate(ident.certificate, Verifier(pol))
 
 
@@ -146,7 +146,7 @@ def test_relay_with_rewritten_claims(ident, verifier) -> None:
     forged_claims = encode_claims(spki_der(attacker.public_key()))
     forged = cbor2.dumps(cbor2.CBORTag(TAG_SAFEHOLD_CMW, [ev, forged_claims]))
     cert = make_cert(OID_TCG_DICE_TAGGED_EVIDENCE, forged, attacker)
-    with pytest.raises(ReportDataMismatch, match="report_data"):
+    with pytest.raises(ReportDataMismatchError, match="report_data"):
         verify_certificate(cert, verifier)
 
 
@@ -329,7 +329,8 @@ def test_relay_refused_even_under_report_data_any(tmp_path):
     from cryptography.x509.oid import NameOID
 
     from safehold.attestation.attesters.simulated import SimulatedAttester
-    from safehold.attestation.policy import AppraisalPolicy, ReportDataMismatch
+    from safehold.attestation.errors import ReportDataMismatchError
+    from safehold.attestation.policy import AppraisalPolicy
     from safehold.attestation.verifier import Verifier
     from safehold.ratls.cert import (
         OID_TCG_DICE_TAGGED_EVIDENCE,
@@ -358,7 +359,7 @@ def test_relay_refused_even_under_report_data_any(tmp_path):
         for mode in ("any", "required", "key-binding"):
             pol = AppraisalPolicy(allow_simulated=True, simulated_root=att.root_ca_path,
                                   measurements=(att.measurement.digest,), report_data=mode)
-            with pytest.raises(ReportDataMismatch, match="report_data"):
+            with pytest.raises(ReportDataMismatchError, match="report_data"):
                 verify_certificate(cert, Verifier(pol))
 
 

@@ -18,13 +18,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from safehold.attestation.measure import measure_workload, package_root
-from safehold.attestation.policy import (
-    AppraisalPolicy,
-    ReferenceValueMismatch,
-    SimulatedEvidenceRefused,
+from safehold.attestation.errors import (
+    ReferenceValueMismatchError,
+    SimulatedEvidenceError,
     SimulatedTEEWarning,
 )
+from safehold.attestation.measure import measure_workload, package_root
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.cli.main import cli
 from safehold.errors import RATLSError
@@ -133,7 +133,7 @@ def _assert_refused_without_request(server: Server, verifier: Verifier, err: typ
 def test_refused_wrong_measurement_no_request_reaches_server(server: Server) -> None:
     pol = AppraisalPolicy(allow_simulated=True, simulated_root=Path(server.info["simulated_root"]),
                           measurements=(bytes(48),), report_data="key-binding")
-    _assert_refused_without_request(server, Verifier(pol), ReferenceValueMismatch)
+    _assert_refused_without_request(server, Verifier(pol), ReferenceValueMismatchError)
 
 
 def test_refused_simulated_under_default_policy(server: Server) -> None:
@@ -144,7 +144,7 @@ def test_refused_simulated_under_default_policy(server: Server) -> None:
                           tdx_registers={"rtmr1": (rtmr1,)},
                           simulated_root=Path(server.info["simulated_root"]),
                           measurements=(bytes.fromhex(server.info["measurement"]),))
-    _assert_refused_without_request(server, Verifier(pol), SimulatedEvidenceRefused)
+    _assert_refused_without_request(server, Verifier(pol), SimulatedEvidenceError)
 
 
 def test_async_refusal_sends_nothing(server: Server) -> None:
@@ -157,7 +157,7 @@ def test_async_refusal_sends_nothing(server: Server) -> None:
         async with httpx.AsyncClient(transport=AsyncRATLSTransport(Verifier(pol))) as c:
             await c.get(server.url)
 
-    with pytest.raises(ReferenceValueMismatch):
+    with pytest.raises(ReferenceValueMismatchError):
         asyncio.run(go())
     server.wait_for("no-request", before_eof + 1)
     assert server.requests() == before_req
@@ -184,7 +184,7 @@ def test_changed_package_byte_refused(server: Server, tmp_path: Path) -> None:
         pol = AppraisalPolicy(allow_simulated=True,
                               simulated_root=Path(changed.info["simulated_root"]),
                               measurements=(original.digest,))
-        _assert_refused_without_request(changed, Verifier(pol), ReferenceValueMismatch)
+        _assert_refused_without_request(changed, Verifier(pol), ReferenceValueMismatchError)
     finally:
         changed.stop()
 

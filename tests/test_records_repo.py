@@ -13,8 +13,9 @@ from safehold.crypto.keyset import Keyset
 from safehold.errors import AuditChainError, RecordNotFoundError, RecordTamperedError
 from safehold.records.access_audit import AccessAuditLog
 from safehold.records.commit import GroupCommit
-from safehold.records.model import InvalidRecordError, encode_record, parse_batch, parse_record
-from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
+from safehold.records.errors import AlreadyExistsError, InvalidRecordError, PreconditionFailedError
+from safehold.records.model import encode_record, parse_batch, parse_record
+from safehold.records.repository import PatientRepository
 from safehold.records.scone import score
 from safehold.store import open_store
 from safehold.store.migrations import ROWS_TABLE as T

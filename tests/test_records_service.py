@@ -24,13 +24,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from conftest import DATA, free_port, need_shared, snapshot_package
+from safehold.client.errors import AccessDeniedError, PreconditionFailedError
 from safehold.client.importer import import_files
-from safehold.client.records import (
-    AccessDeniedError,
-    AsyncRecordsClient,
-    PreconditionFailedError,
-    RecordsClient,
-)
+from safehold.client.records import AsyncRecordsClient, RecordsClient
 from safehold.devstack import (
     Stack,
     base_env,
@@ -699,7 +695,7 @@ def test_http_errors_are_in_the_documented_shape(stack):
         _err(h.post("/v1/patients/x1", json={}), 405, "method-not-allowed")
     # the SDK (and so the CLI) now shows a code instead of "HTTP 404 : Not Found"
     with client(stack) as c:
-        from safehold.client.records import RecordsClientError
+        from safehold.client.errors import RecordsClientError
 
         r = c._http.get("/v1/nope")
         with pytest.raises(RecordsClientError, match="HTTP 404 no-such-endpoint: no such endpoint"):

@@ -137,6 +137,11 @@ class BrokerError(SafeholdError):
     """The key broker refused or failed a request."""
 
 
+class JWKError(BrokerError):
+    """A KBS ``tee-pubkey`` is not an acceptable public JWK (RFC 7517); raised by both sides of
+    the protocol (:mod:`safehold.broker.protocol`)."""
+
+
 class ManifestError(ConfigError):
     """A broker manifest is malformed or its update is not properly signed."""
 

@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from tests.attestation.fake_amd import evidence_dir
 
-from safehold.attestation.collateral import CollateralCache, DcapCollateral, check_validity
+from safehold.attestation.collateral import DcapCollateral, check_validity
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
+from safehold.attestation.pcs import CollateralCache
 from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.cli.evidence import load_evidence

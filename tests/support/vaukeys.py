@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
-from safehold.vau.epa import SignedPublicVauKeys, VauServerKeys
+from safehold.vau.epa_keys import SignedPublicVauKeys, VauServerKeys
 
 from .shared import vau_vector
 

@@ -14,17 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kyber_py.kyber import Kyber768  # independent Kyber round-3 (v3.02) implementation
 
-from safehold.vau.epa import (
-    EpaVauClient,
-    EpaVauServer,
-    SignedPublicVauKeys,
-    UserDataHeader,
-    VauKeyTrust,
-    VauPublicKeys,
-    VauServerKeys,
-    aead_decrypt,
-    open_user_data,
-)
+from safehold.vau.epa import UserDataHeader, aead_decrypt, open_user_data
+from safehold.vau.epa_client import EpaVauClient
+from safehold.vau.epa_keys import SignedPublicVauKeys, VauKeyTrust, VauPublicKeys, VauServerKeys
+from safehold.vau.epa_server import EpaVauServer
 from safehold.vau.errors import (
     VauChannelUnknownError,
     VauCounterError,

@@ -11,15 +11,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from safehold.vau.erp import (
-    ErpVau,
     InnerRequest,
-    RequestIdCache,
     decrypt_response,
     ecies_decrypt,
     ecies_encrypt,
     encrypt_response,
     seal_request,
 )
+from safehold.vau.erp_server import ErpVau, RequestIdCache
 from safehold.vau.errors import (
     VauAccessTokenError,
     VauCapacityError,

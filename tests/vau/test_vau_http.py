@@ -17,14 +17,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 
-from safehold.client.vau import EpaVauHttpClient, ErezeptClient, ErezeptError, ErpVauClient, VauOuterError
+from safehold.client.errors import ErezeptResponseError, VauOuterError
+from safehold.client.vau import EpaVauHttpClient, ErezeptClient, ErpVauClient
 from safehold.crypto.keyset import Keyset
 from safehold.erezept.tasks import TaskService
 from safehold.erezept.tokens import AccessTokenVerifier
 from safehold.records.engine import RecordEngine
 from safehold.store.sqlite import SqliteStore
-from safehold.vau.epa import EpaVauServer, VauKeyTrust
-from safehold.vau.erp import ErpVau, seal_request
+from safehold.vau.epa_keys import VauKeyTrust
+from safehold.vau.epa_server import EpaVauServer
+from safehold.vau.erp import seal_request
+from safehold.vau.erp_server import ErpVau
 from safehold.vau.http import VauState, cert_data
 from safehold.vau.httpmsg import HttpRequest
 from safehold.vau.server import ServerThread, build_app, build_erezept_app
@@ -99,10 +102,10 @@ def test_erezept_flow_through_the_vau(stack):
     ins = idp.token("versicherter", PATIENTS[3].kvnr)
     assert [e["resource"]["id"] for e in client.tasks(ins)["entry"]] == [tid]
     assert client.vau.user_pseudonym(ins) != "0"  # A_20175: stored for the next request
-    with pytest.raises(ErezeptError) as e:
+    with pytest.raises(ErezeptResponseError) as e:
         client.create(ins)  # inner 403: an insured person cannot prescribe
     assert e.value.status == 403
-    with pytest.raises(ErezeptError) as e:
+    with pytest.raises(ErezeptResponseError) as e:
         client.accept(idp.token("apotheke", APO), tid, "0" * 64)
     assert e.value.status in (403, 409)
 

@@ -359,13 +359,13 @@ def _walk(root: Root, skip_dirs: set[str], skip_caches: bool, in_stdlib: bool,
                 ents = sorted(it, key=lambda e: e.name)
         except OSError as e:
             raise ConfigError(f"cannot read directory {d}: {e.strerror}") from None
-        for e in ents:
-            name = _check_name(e.name, d)
+        for ent in ents:
+            name = _check_name(ent.name, d)
             full = os.path.join(d, name)
             r = f"{rel}/{name}" if rel else name
             try:
-                is_dir = e.is_dir()  # follows symlinks: a linked directory is importable too
-                is_file = not is_dir and e.is_file()
+                is_dir = ent.is_dir()  # follows symlinks: a linked directory is importable too
+                is_file = not is_dir and ent.is_file()
             except OSError:
                 is_dir = is_file = False
             if is_dir:
@@ -378,7 +378,7 @@ def _walk(root: Root, skip_dirs: set[str], skip_caches: bool, in_stdlib: bool,
                 out.setdefault(f"{root.label}/{r}", full)
                 if len(out) > MAX_FILES:
                     raise ConfigError(f"the closure holds more than {MAX_FILES} files (root {root.path})")
-            elif e.is_symlink() and not os.path.exists(full):
+            elif ent.is_symlink() and not os.path.exists(full):
                 continue  # a dangling link names nothing that can be imported
             else:
                 raise ConfigError(f"{full} is not a regular file or directory (FIFO, socket or device); "

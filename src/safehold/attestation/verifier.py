@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from safehold.attestation.checks import Verdict, raise_for
 from safehold.attestation.claims import Claims
 from safehold.attestation.evidence import Evidence
-from safehold.attestation.policy import AppraisalPolicy, Verdict, raise_for
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifiers import verifier_class
 from safehold.attestation.verifiers.base import EvidenceVerifier
 from safehold.errors import AppraisalError, ConfigError, EvidenceFormatError

@@ -36,6 +36,7 @@ from safehold.broker.manifest import Manifest, manifest_from_dict, verify_update
 from safehold.broker.state import BrokerState
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConflictError, ManifestError
+from safehold.jsontypes import JSONObject
 
 #: A client certificate's subject CN: a manifest-style user name.
 _CN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}")
@@ -137,7 +138,7 @@ class Admin:
         self._record("value-set", {"secret": name, "user": user, "version": ver})
         return ver
 
-    def client_certificate(self, user: str, body: Any) -> dict[str, Any]:
+    def client_certificate(self, user: str, body: object) -> JSONObject:
         """Issue a client certificate (EKU clientAuth only) for a CSR (PKCS#10, RFC 2986).
 
         ``body``: ``{"csr": PEM, "validity_days": 1..825 (default 30)}``. The CSR's signature
@@ -178,7 +179,7 @@ class Admin:
 
     # --- manifest -----------------------------------------------------------------------------
 
-    def set_manifest(self, raw: Any, *, source: str = "api") -> int:
+    def set_manifest(self, raw: object, *, source: str = "api") -> int:
         """Install the first manifest (once). Returns its version (1); the same manifest again
         returns the current version.
 
@@ -201,7 +202,7 @@ class Admin:
             self._install(m, 1, signer=None, source=source)
             return 1
 
-    def update_manifest(self, raw: Any, version: Any, signer: Any, signature: Any) -> int:
+    def update_manifest(self, raw: object, version: object, signer: object, signature: object) -> int:
         """Install a signed update as ``version`` = current + 1 (signature: see
         :func:`safehold.broker.manifest.verify_update`).
 
@@ -273,7 +274,7 @@ class Admin:
                 return v
         return None
 
-    def manifest_entry(self, version: int | None = None) -> dict[str, Any]:
+    def manifest_entry(self, version: int | None = None) -> JSONObject:
         """A stored manifest version (default current) with its signer and time:
         ``{"version", "manifest", "signer", "signature", "digest", "time", "source"}``.
 

@@ -125,7 +125,7 @@ class WorkloadCA:
                 x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]))
             .issuer_name(self.cert.subject)
-            .public_key(public_key)  # type: ignore[arg-type]
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now)
             .not_valid_after(now + timedelta(days=validity_days))
@@ -135,7 +135,7 @@ class WorkloadCA:
                                          False, isinstance(public_key, ec.EllipticCurvePublicKey),
                                          False, False, False, False), critical=True)
             .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                            critical=False)
         )

@@ -42,6 +42,7 @@ from safehold.broker.sessions import DEFAULT_NONCE_TTL, DEFAULT_TOKEN_TTL, Sessi
 from safehold.broker.state import AUDIT_NAMESPACE, BrokerState
 from safehold.errors import AuditChainError, ConflictError, SafeholdError
 from safehold.fsutil import write_atomic
+from safehold.jsontypes import JSONObject
 
 log = logging.getLogger("safehold.broker")
 
@@ -71,7 +72,7 @@ class BrokerKeys:
     ca: WorkloadCA
 
 
-def load_keys(state: BrokerState) -> tuple[BrokerKeys, dict[str, Any], int, bool]:
+def load_keys(state: BrokerState) -> tuple[BrokerKeys, JSONObject, int, bool]:
     """Load the broker keys and CA, checked against the authenticated state head (``m/head``);
     on a fresh state make them first (one transaction with the head).
 
@@ -223,12 +224,12 @@ class Broker:
         assert self._admin is not None
         return self._admin
 
-    def record(self, event: str, detail: dict[str, Any]) -> None:
+    def record(self, event: str, detail: JSONObject) -> None:
         """Append an audit entry (never key material or secret values); a no-op while sealed."""
         if self.audit is not None:
             self.audit.append(event, detail)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> JSONObject:
         """Public status: mode, broker measurement; when ready also the manifest version/digest
         (what the next signed update binds as ``previous_sha256``), the broker id and the
         master-key fingerprint (32 hex, :func:`~safehold.broker.shares.master_fingerprint`) that
@@ -249,20 +250,20 @@ class Broker:
 
     # --- KBS (safehold.broker.kbs) --------------------------------------------------------------
 
-    def auth(self, body: Any) -> tuple[str, dict[str, Any]]:
+    def auth(self, body: object) -> tuple[str, JSONObject]:
         """:meth:`KBS.auth <safehold.broker.kbs.KBS.auth>`."""
         return self.kbs.auth(body)
 
-    def attest(self, sid: str | None, body: Any) -> dict[str, Any]:
+    def attest(self, sid: str | None, body: object) -> JSONObject:
         """:meth:`KBS.attest <safehold.broker.kbs.KBS.attest>`."""
         return self.kbs.attest(sid, body)
 
     def resource(self, sid: str | None, bearer: str | None, repository: str, rtype: str,
-                 tag: str) -> dict[str, Any]:
+                 tag: str) -> JSONObject:
         """:meth:`KBS.resource <safehold.broker.kbs.KBS.resource>`."""
         return self.kbs.resource(sid, bearer, repository, rtype, tag)
 
-    def certificate(self, sid: str | None, bearer: str | None, name: str, body: Any) -> dict[str, Any]:
+    def certificate(self, sid: str | None, bearer: str | None, name: str, body: object) -> JSONObject:
         """:meth:`KBS.certificate <safehold.broker.kbs.KBS.certificate>`."""
         return self.kbs.certificate(sid, bearer, name, body)
 
@@ -270,7 +271,7 @@ class Broker:
         """The workload CA certificate (PEM). Raises NotReadyError in recovery mode."""
         return self._ready().ca.cert_pem()
 
-    def session_values(self, name: str) -> dict[str, Any]:
+    def session_values(self, name: str) -> JSONObject:
         """SCONE-CAS-compatible ``/v1/values/session=<name>`` document.
 
         Raises:
@@ -293,19 +294,19 @@ class Broker:
         """:meth:`Admin.set_value <safehold.broker.admin.Admin.set_value>`."""
         return self.admin.set_value(user, name, value)
 
-    def client_certificate(self, user: str, body: Any) -> dict[str, Any]:
+    def client_certificate(self, user: str, body: object) -> JSONObject:
         """:meth:`Admin.client_certificate <safehold.broker.admin.Admin.client_certificate>`."""
         return self.admin.client_certificate(user, body)
 
-    def set_manifest(self, raw: Any, *, source: str = "api") -> int:
+    def set_manifest(self, raw: object, *, source: str = "api") -> int:
         """:meth:`Admin.set_manifest <safehold.broker.admin.Admin.set_manifest>`."""
         return self.admin.set_manifest(raw, source=source)
 
-    def update_manifest(self, raw: Any, version: Any, signer: Any, signature: Any) -> int:
+    def update_manifest(self, raw: object, version: object, signer: object, signature: object) -> int:
         """:meth:`Admin.update_manifest <safehold.broker.admin.Admin.update_manifest>`."""
         return self.admin.update_manifest(raw, version, signer, signature)
 
-    def manifest_entry(self, version: int | None = None) -> dict[str, Any]:
+    def manifest_entry(self, version: int | None = None) -> JSONObject:
         """:meth:`Admin.manifest_entry <safehold.broker.admin.Admin.manifest_entry>`."""
         return self.admin.manifest_entry(version)
 
@@ -315,7 +316,7 @@ class Broker:
 
     # --- audit ----------------------------------------------------------------------------------
 
-    def audit_entries(self) -> list[dict[str, Any]]:
+    def audit_entries(self) -> list[JSONObject]:
         """All audit entries after verifying the chain.
 
         Raises:
@@ -325,7 +326,7 @@ class Broker:
         assert self.audit is not None
         return [e.as_dict() for e in self.audit.entries()]
 
-    def audit_verify(self) -> dict[str, Any]:
+    def audit_verify(self) -> JSONObject:
         """``{"ok": true, "entries": n}`` or ``{"ok": false, "error": "<first broken entry>"}``:
         the chain and every signature, manifest versions only going up, and the last one being
         the version the state head records.
@@ -349,11 +350,11 @@ class Broker:
 
     # --- recovery (safehold.broker.recovery) -----------------------------------------------------
 
-    def recovery_info(self) -> dict[str, Any]:
+    def recovery_info(self) -> JSONObject:
         """:meth:`Recovery.info <safehold.broker.recovery.Recovery.info>`."""
         return self.recovery.info()
 
-    def recover(self, body: Any) -> dict[str, Any]:
+    def recover(self, body: object) -> JSONObject:
         """Restore the master key (:meth:`Recovery.restore
         <safehold.broker.recovery.Recovery.restore>`), load the broker, run :attr:`on_ready` and
         audit the recovery. Returns :meth:`status`."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -47,6 +47,7 @@ from safehold.broker.errors import (
 )
 from safehold.broker.protocol import SESSION_COOKIE
 from safehold.errors import AuditChainError, SafeholdError, SealingError, StoreError
+from safehold.jsontypes import JSONValue
 
 log = logging.getLogger("safehold.broker")
 
@@ -153,7 +154,7 @@ def broker(request: Request) -> Broker:
 BrokerDep = Annotated[Broker, Depends(broker)]
 
 
-async def json_body(request: Request) -> Any:
+async def json_body(request: Request) -> JSONValue:
     """The request body as JSON (None if empty).
 
     Raises:

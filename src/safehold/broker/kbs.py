@@ -35,6 +35,7 @@ from safehold.broker.manifest import Manifest
 from safehold.broker.sessions import Attested, SessionTable
 from safehold.broker.state import BrokerState
 from safehold.errors import AttestationError, AttestationResultError, EvidenceFormatError
+from safehold.jsontypes import JSONObject
 
 #: The KBS protocol major version this broker speaks (a Request's ``version`` must match).
 PROTOCOL_MAJOR = protocol.PROTOCOL_VERSION.split(".")[0]
@@ -61,7 +62,7 @@ class KBS:
         self._ca = ca
         self._record = record
 
-    def auth(self, body: Any) -> tuple[str, dict[str, Any]]:
+    def auth(self, body: object) -> tuple[str, JSONObject]:
         """Handle a KBS *Request*; returns ``(session id, Challenge)``.
 
         Raises:
@@ -93,7 +94,7 @@ class KBS:
         sid, sess = self._sessions.open(protocol.TEE_NAMES[tee], workload, time.time())
         return sid, {"nonce": sess.nonce, "extra-params": {}}
 
-    def attest(self, sid: str | None, body: Any) -> dict[str, Any]:
+    def attest(self, sid: str | None, body: object) -> JSONObject:
         """Handle a KBS *Attestation*; returns ``{"token": EAR}``.
 
         Raises:
@@ -213,7 +214,7 @@ class KBS:
         return att
 
     def resource(self, sid: str | None, bearer: str | None, repository: str, rtype: str,
-                 tag: str) -> dict[str, Any]:
+                 tag: str) -> JSONObject:
         """Release ``<repository>/<type>/<tag>`` as a JWE to the attested ``tee-pubkey``.
 
         Raises:
@@ -242,7 +243,7 @@ class KBS:
         self._record("release", {"resource": path, "workload": att.workload})
         return protocol.encrypt_response(plaintext, att.key)
 
-    def certificate(self, sid: str | None, bearer: str | None, name: str, body: Any) -> dict[str, Any]:
+    def certificate(self, sid: str | None, bearer: str | None, name: str, body: object) -> JSONObject:
         """Issue the certificate secret ``name`` to the attested key, with requested extensions.
 
         ``body``: ``{"extensions": [{"oid": "2.23.133.5.4.9", "value": "<base64url DER>"}]}``.

@@ -207,7 +207,7 @@ def load_manifest(data: bytes | str, *, filename: str = "manifest",
     return manifest_from_dict(obj)
 
 
-def manifest_from_dict(obj: Any) -> Manifest:
+def manifest_from_dict(obj: object) -> Manifest:
     """Validate a manifest given as a dict (the parsed TOML/JSON).
 
     Raises:

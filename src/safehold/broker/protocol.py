@@ -33,7 +33,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import cast
 
 from joserfc import jwe
 from joserfc.errors import JoseError
@@ -41,6 +41,8 @@ from joserfc.jwk import ECKey, RSAKey
 
 from safehold.crypto.keyset import Keyset
 from safehold.errors import BrokerError, ManifestError, SafeholdError
+from safehold.errors import JWKError as JWKError  # re-exported: callers catch protocol.JWKError
+from safehold.jsontypes import JSONObject
 
 PROTOCOL_VERSION = "0.1.0"
 SESSION_COOKIE = "kbs-session-id"
@@ -51,10 +53,6 @@ TEE_NAMES = {"intel-sgx": "sgx", "sgx": "sgx", "intel-tdx": "tdx", "tdx": "tdx",
              "azure-tdx": "azure-tdx", "az-tdx-vtpm": "azure-tdx", "tpm": "tpm"}
 _JWE_ALGS = {"EC": "ECDH-ES+A256KW", "RSA": "RSA-OAEP-256"}
 _ENC = "A256GCM"
-
-
-class JWKError(BrokerError):
-    """``tee-pubkey`` is not an acceptable public JWK."""
 
 
 def b64url(data: bytes) -> str:
@@ -71,7 +69,7 @@ def unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def canonical_json(obj: Any) -> bytes:
+def canonical_json(obj: object) -> bytes:
     """Serialise ``obj`` deterministically: UTF-8, sorted keys, no whitespace, no floats.
 
     This is the JSON Canonicalization Scheme (RFC 8785) restricted to objects, arrays, strings,
@@ -82,7 +80,7 @@ def canonical_json(obj: Any) -> bytes:
         ManifestError: the value holds a float or a non-JSON type (names where, e.g.
             ``$.tee-pubkey.x``).
     """
-    def check(v: Any, where: str) -> None:
+    def check(v: object, where: str) -> None:
         if isinstance(v, float):
             raise ManifestError(f"{where}: floating-point numbers are not allowed")
         if isinstance(v, dict):
@@ -103,25 +101,25 @@ def canonical_json(obj: Any) -> bytes:
 # --- KBS messages (what the workload sends) ----------------------------------------------------
 
 
-def auth_request(tee: str, workload: str | None = None) -> dict[str, Any]:
+def auth_request(tee: str, workload: str | None = None) -> JSONObject:
     """The KBS *Request* body for ``POST /kbs/v0/auth``; ``workload`` goes into ``extra-params``."""
     return {"version": PROTOCOL_VERSION, "tee": tee,
             "extra-params": {"workload": workload} if workload else {}}
 
 
-def attestation(jwk: dict[str, Any], evidence_cmw: str) -> dict[str, Any]:
+def attestation(jwk: JSONObject, evidence_cmw: str) -> JSONObject:
     """The KBS *Attestation* body for ``POST /kbs/v0/attest``: ``tee-pubkey`` and the Evidence
     as a CMW (JSON text)."""
     return {"tee-pubkey": jwk, "tee-evidence": evidence_cmw}
 
 
-def certificate_request(extensions: Sequence[tuple[str, bytes]] = ()) -> dict[str, Any]:
+def certificate_request(extensions: Sequence[tuple[str, bytes]] = ()) -> JSONObject:
     """The body of ``POST /kbs/v0/certificate/<name>``: ``(OID, DER extnValue)`` pairs to copy
     into the leaf, as ``{"extensions": [{"oid", "value": base64url}]}``."""
     return {"extensions": [{"oid": oid, "value": b64url(v)} for oid, v in extensions]}
 
 
-def import_tee_pubkey(jwk: Any) -> ECKey | RSAKey:
+def import_tee_pubkey(jwk: object) -> ECKey | RSAKey:
     """Validate and import a ``tee-pubkey`` JWK.
 
     Raises:
@@ -148,9 +146,12 @@ def import_tee_pubkey(jwk: Any) -> ECKey | RSAKey:
     return key
 
 
-def public_jwk(key: ECKey | RSAKey) -> dict[str, Any]:
+def public_jwk(key: ECKey | RSAKey) -> JSONObject:
     """The public members of ``key`` as a JWK dict (what goes into ``tee-pubkey``)."""
-    return dict(key.as_dict(private=False))
+    out: JSONObject = {}
+    for k, v in key.as_dict(private=False).items():
+        out[k] = v if isinstance(v, str) else [x for x in v]
+    return out
 
 
 def thumbprint(key: ECKey | RSAKey) -> bytes:
@@ -158,32 +159,33 @@ def thumbprint(key: ECKey | RSAKey) -> bytes:
     return unb64url(key.thumbprint())
 
 
-def runtime_data(nonce: str, jwk: dict[str, Any]) -> bytes:
+def runtime_data(nonce: str, jwk: JSONObject) -> bytes:
     """Canonical JSON of runtime-data ``{"nonce", "tee-pubkey"}`` (what report_data hashes)."""
     return canonical_json({"nonce": nonce, "tee-pubkey": jwk})
 
 
-def report_data(nonce: str, jwk: dict[str, Any]) -> bytes:
+def report_data(nonce: str, jwk: JSONObject) -> bytes:
     """The 64-byte report_data binding ``nonce`` and ``tee-pubkey``: SHA-256 of
     :func:`runtime_data`, zero-padded to 64 bytes."""
     return hashlib.sha256(runtime_data(nonce, jwk)).digest().ljust(64, b"\x00")
 
 
-def recovery_report_data(broker_jwk: dict[str, Any]) -> bytes:
+def recovery_report_data(broker_jwk: JSONObject) -> bytes:
     """The 64-byte report_data of the broker's own Evidence in ``GET /recovery``: SHA-256 of the
     canonical JSON of its fresh recovery key (a public JWK), zero-padded to 64 bytes."""
     return hashlib.sha256(canonical_json(broker_jwk)).digest().ljust(64, b"\x00")
 
 
-def encrypt_response(plaintext: bytes, key: ECKey | RSAKey) -> dict[str, Any]:
+def encrypt_response(plaintext: bytes, key: ECKey | RSAKey) -> JSONObject:
     """The KBS *Response*: ``plaintext`` as a flattened-JSON JWE to the TEE's public key."""
     alg = _JWE_ALGS[key.key_type]
     obj = jwe.FlattenedJSONEncryption({"alg": alg, "enc": _ENC}, plaintext)
     obj.add_recipient({"kid": key.thumbprint()}, key)  # kid: RFC 7638 thumbprint of tee-pubkey
-    return dict(jwe.encrypt_json(obj, None, algorithms=[alg, _ENC]))
+    # joserfc's FlattenedJSONSerialization is a TypedDict of JSON strings and objects
+    return cast(JSONObject, dict(jwe.encrypt_json(obj, None, algorithms=[alg, _ENC])))
 
 
-def decrypt_response(response: Any, private_key: ECKey | RSAKey) -> bytes:
+def decrypt_response(response: object, private_key: ECKey | RSAKey) -> bytes:
     """Decrypt a KBS *Response* JWE with the TEE's private key.
 
     Raises:

@@ -38,6 +38,7 @@ from safehold.broker.installed import InstalledManifest
 from safehold.broker.shares import normalize_fingerprint
 from safehold.broker.state import BrokerState
 from safehold.errors import BrokerError, ConflictError
+from safehold.jsontypes import JSONObject
 
 log = logging.getLogger("safehold.broker")
 
@@ -68,7 +69,7 @@ class Recovery:
         self._lock = threading.Lock()
         self.key = ECKey.generate_key("P-256")
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JSONObject:
         """What a recovery client needs: ``{"threshold", "shares", "broker_key", "evidence",
         "reason"}`` — the encrypted shares, their threshold, a fresh broker key for the decrypted
         shares (public JWK) and Evidence (CMW) binding that key.
@@ -87,7 +88,7 @@ class Recovery:
         return {"threshold": data["threshold"], "shares": data["shares"], "broker_key": jwk,
                 "evidence": evidence, "reason": self._state.reason}
 
-    def restore(self, body: Any) -> int:
+    def restore(self, body: object) -> int:
         """Accept decrypted shares (each a JWE to :attr:`key`), restore and re-seal the master
         key. Returns the number of shares; the state is ready afterwards.
 
@@ -104,7 +105,7 @@ class Recovery:
             raise StateConflictError("broker is not in recovery mode")
         try:
             shares = self._decrypt(body)
-            expect = normalize_fingerprint(body.get("expect_fingerprint"))
+            expect = normalize_fingerprint(body.get("expect_fingerprint") if isinstance(body, dict) else None)
             self._state.recover(shares, expect_fingerprint=expect)
         except (MalformedRequestError, RecoveryError) as e:
             # The audit key is sealed until recovery succeeds: keep the attempt (time, reason)
@@ -130,7 +131,7 @@ class Recovery:
         self._record("recovery", {"shares": shares, "failed_attempts_before": len(failed),
                                   "broker_measurement": self._state.identity.measurement.hex()})
 
-    def _decrypt(self, body: Any) -> list[bytes]:
+    def _decrypt(self, body: object) -> list[bytes]:
         shares_in = body.get("shares") if isinstance(body, dict) else None
         if not isinstance(shares_in, list) or len(shares_in) > MAX_SHARES:
             raise MalformedRequestError(

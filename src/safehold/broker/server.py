@@ -10,6 +10,7 @@ written to disk.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -165,7 +166,7 @@ def _client_cert_protocol() -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class ClientCertProtocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
             super().connection_made(transport)
             sslobj = transport.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None

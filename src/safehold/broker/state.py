@@ -44,7 +44,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safehold.broker.errors import RecoveryError, StateIntegrityError
 from safehold.broker.protocol import b64url, unb64url
@@ -60,6 +60,9 @@ from safehold.crypto.kdf import derive_key
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConflictError, CryptoError, SealingError
 from safehold.store.base import Store
+
+if TYPE_CHECKING:
+    from safehold.attestation.attesters.simulated import SimulatedAttester
 
 NAMESPACE = "safehold.broker"
 AUDIT_NAMESPACE = "safehold.broker.audit"
@@ -113,7 +116,7 @@ class SealingIdentity:
         return derive_key(self.secret, purpose="seal", context=self.measurement)
 
 
-def simulated_sealing_identity(attester: Any) -> SealingIdentity:
+def simulated_sealing_identity(attester: SimulatedAttester) -> SealingIdentity:
     """The sealing identity of a :class:`~safehold.attestation.attesters.simulated.SimulatedAttester`.
 
     The simulated platform secret is the simulated platform's private key file in its data
@@ -284,7 +287,7 @@ class BrokerState:
                 "(edited or moved in the store)"
             ) from None
 
-    def get_json(self, kind: str, name: str) -> Any:
+    def get_json(self, kind: str, name: str) -> dict[str, Any] | None:
         """:meth:`get` decoded as a JSON object, or None.
 
         Raises:

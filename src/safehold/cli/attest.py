@@ -9,7 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from safehold.attestation.policy import AppraisalPolicy, SimulatedTEEWarning, raise_for
+from safehold.attestation.checks import raise_for
+from safehold.attestation.errors import SimulatedTEEWarning
+from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Appraisal, Verifier
 from safehold.ratls.client import fetch_peer_certificate
 from safehold.ratls.verify import evaluate_certificate

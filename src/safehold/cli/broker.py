@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +262,7 @@ def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: 
         try:
             b = open_broker(data_dir, store_url, repair=False)
         except StateIntegrityError as e:
-            res = {"ok": False, "error": str(e)}
+            res: Mapping[str, object] = {"ok": False, "error": str(e)}
         else:
             try:
                 res = b.audit_verify() if b.mode == "ready" else {"ok": False, "error": b.state.reason}

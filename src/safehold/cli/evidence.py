@@ -170,22 +170,24 @@ def unverified_claims(ev: Evidence) -> Claims:
         raw = inspect_hcl(ev.data, ev.endorsements.get("runtime_data"))
         mt = bytes.fromhex(raw.get("measurement") or raw["mr_td"])
         attrs = raw.get("td_attributes")
-        debug = bool(raw["policy_debug"]) if "policy_debug" in raw else bool(int(attrs[:2], 16) & 1)
+        if "policy_debug" not in raw and not isinstance(attrs, str):
+            raise EvidenceFormatError("HCL report carries neither policy_debug nor td_attributes")
+        debug = bool(raw["policy_debug"]) if "policy_debug" in raw else bool(int(str(attrs)[:2], 16) & 1)
         return Claims(tee, mt, bytes.fromhex(raw["report_data"]), debug, raw=raw)
     if tee == "tpm":
         from safehold.attestation.verifiers.tpm import HASH_ALGS, parse_tpms_attest
 
-        q = parse_tpms_attest(ev.data)
+        tq = parse_tpms_attest(ev.data)
         raw_t: dict[str, Any] = {
-            "extra_data": q.extra_data.hex(),
-            "pcr_digest": q.pcr_digest.hex(),
-            "pcr_selection": {HASH_ALGS[a][0]: list(i) for a, i in q.selection},
-            "clock": q.clock,
-            "reset_count": q.reset_count,
-            "restart_count": q.restart_count,
-            "firmware_version": q.firmware_version,
+            "extra_data": tq.extra_data.hex(),
+            "pcr_digest": tq.pcr_digest.hex(),
+            "pcr_selection": {HASH_ALGS[a][0]: list(i) for a, i in tq.selection},
+            "clock": tq.clock,
+            "reset_count": tq.reset_count,
+            "restart_count": tq.restart_count,
+            "firmware_version": tq.firmware_version,
         }
-        return Claims("tpm", q.pcr_digest, q.extra_data.ljust(64, b"\x00"), False, raw=raw_t)
+        return Claims("tpm", tq.pcr_digest, tq.extra_data.ljust(64, b"\x00"), False, raw=raw_t)
     if tee == "simulated":
         from safehold.attestation.verifiers.simulated import parse_report as sim_parse
 
@@ -346,7 +348,9 @@ def verify(
 ) -> None:
     """Verify FILE (signatures, certificate chains, collateral) and appraise its claims
     against the policy. Exit status 0 = acceptable, 1 = refused (the failing claims are named)."""
-    from safehold.attestation.policy import AppraisalPolicy, SimulatedTEEWarning, raise_for
+    from safehold.attestation.checks import raise_for
+    from safehold.attestation.errors import SimulatedTEEWarning
+    from safehold.attestation.policy import AppraisalPolicy
     from safehold.attestation.verifier import Verifier
     from safehold.cli.attest import render
 

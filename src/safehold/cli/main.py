@@ -21,7 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = ('measure', 'attest', 'proxy', 'broker', 'evi
 
 
 class _SafeholdGroup(click.Group):
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except SafeholdError as e:

@@ -91,12 +91,12 @@ def register(group: click.Group) -> None:
         failures: list[tuple[str, str]] = []
 
         def interrupted(signum: int, frame: object) -> None:
-            raise ImportInterrupted(signum)
+            raise _ImportInterrupted(signum)
 
         old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             _run_import(conn, expand_paths(files), ckpt_path, restart, counts, failures)
-        except ImportInterrupted as e:
+        except _ImportInterrupted as e:
             _print_failures(failures)
             click.secho(f"interrupted: {counts.acknowledged} records checkpointed; "
                         "run the same command again to resume", fg="yellow", err=True)
@@ -151,11 +151,11 @@ def register(group: click.Group) -> None:
     def search_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                    **criteria: str | None) -> None:
         """Exact-match search (case-insensitive) through blind indexes; prints id and name."""
-        crit = {k: v for k, v in criteria.items() if v}
+        crit: dict[str, str] = {k: v for k, v in criteria.items() if v}
         if not crit:
             raise click.UsageError("give at least one of --family --given --birth-date --gender --identifier")
         with client(load_connection(data_dir, url, policy, token)) as c:
-            hits = c.search(**crit)
+            hits = c.search(limit=100, **crit)
         for r in hits:
             click.echo(f"{r.id}\t{display_name(r.data)}")
         click.echo(f"{len(hits)} match(es)", err=True)
@@ -171,7 +171,7 @@ def register(group: click.Group) -> None:
         click.echo(f"deleted {record_id}")
 
 
-class ImportInterrupted(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+class _ImportInterrupted(BaseException):  # a signal like KeyboardInterrupt, not an error: no "Error" suffix
     """SIGINT / SIGTERM arrived during ``patients import`` (``signum``)."""
 
     def __init__(self, signum: int) -> None:

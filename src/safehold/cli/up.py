@@ -11,7 +11,8 @@ import time
 
 import click
 
-from safehold.devstack import SCONE_AUTH_CHOICES, Stack, StackError, prepare, start, stop, summary_lines
+from safehold.devstack import SCONE_AUTH_CHOICES, Stack, prepare, start, stop, summary_lines
+from safehold.devstack.errors import StackError
 
 
 def print_summary(s: Stack) -> None:

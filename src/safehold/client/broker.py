@@ -31,17 +31,10 @@ from joserfc.jwk import ECKey
 
 from safehold.attestation.attesters.base import Attester
 from safehold.broker import protocol
+from safehold.client.errors import BrokerRefusedError
 from safehold.crypto.keyset import Keyset
 from safehold.errors import BrokerError
-
-
-class BrokerRefused(BrokerError):
-    """The broker answered with an error status; ``status`` and the problem ``detail`` are kept."""
-
-    def __init__(self, status: int, detail: str):
-        self.status = status
-        self.detail = detail
-        super().__init__(f"broker refused ({status}): {detail}")
+from safehold.jsontypes import JSONObject
 
 
 class BrokerClient:
@@ -91,7 +84,7 @@ class BrokerClient:
                 detail = str(r.json().get("detail", r.text))
             except ValueError:
                 detail = r.text[:300]
-            raise BrokerRefused(r.status_code, detail)
+            raise BrokerRefusedError(r.status_code, detail)
         return r
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -103,7 +96,7 @@ class BrokerClient:
     # --- protocol ------------------------------------------------------------------------------
 
     @property
-    def tee_pubkey(self) -> dict[str, Any]:
+    def tee_pubkey(self) -> JSONObject:
         """The public JWK sent as ``tee-pubkey``."""
         return protocol.public_jwk(self._jwk)
 
@@ -115,7 +108,7 @@ class BrokerClient:
                 until the next attestation; certificates already issued stay bound to the old key).
 
         Raises:
-            BrokerRefused: 401 (Evidence not authentic / not bound), 403 (policy refuses,
+            BrokerRefusedError: 401 (Evidence not authentic / not bound), 403 (policy refuses,
                 naming the failed claims), 400 (malformed).
             BrokerError: the broker is unreachable.
         """
@@ -139,7 +132,7 @@ class BrokerClient:
             use_token: authenticate with the EAR token as bearer instead of the cookie.
 
         Raises:
-            BrokerRefused: 401 / 403 / 404 as in the KBS protocol.
+            BrokerRefusedError: 401 / 403 / 404 as in the KBS protocol.
             BrokerError: the response does not decrypt.
         """
         p = f"/kbs/v0/resource/{path.strip('/')}"
@@ -160,7 +153,7 @@ class BrokerClient:
         """Fetch a ``keyset`` secret as a :class:`~safehold.crypto.keyset.Keyset`.
 
         Raises:
-            BrokerRefused: as :meth:`get_resource`. BrokerError: the resource is malformed.
+            BrokerRefusedError: as :meth:`get_resource`. BrokerError: the resource is malformed.
         """
         return protocol.keyset_from_json(self.get_resource(f"{repository}/keyset/{name}"))
 

@@ -25,18 +25,22 @@ from typing import Any, TextIO
 
 import httpx
 
+from safehold.client.errors import ServiceUnreachableError
 from safehold.client.records import RecordsClient
-from safehold.errors import ConfigError, SafeholdError
+from safehold.errors import ConfigError
 
-__all__ = ["UP_FILE", "Connection", "ServiceUnreachableError", "load_connection", "make_client",
-           "open_client", "service_errors", "simulated_tee_notice", "transport_reason"]
+__all__ = [
+    "UP_FILE",
+    "Connection",
+    "load_connection",
+    "make_client",
+    "open_client",
+    "service_errors",
+    "simulated_tee_notice",
+    "transport_reason",
+]
 
 UP_FILE = "up.json"
-
-
-class ServiceUnreachableError(SafeholdError):
-    """The records service could not be reached, or dropped the connection / did not answer
-    (the message names the URL and the transport failure, never request content)."""
 
 
 @dataclass
@@ -131,7 +135,7 @@ def simulated_tee_notice(show: Callable[[str], None] = _to_stderr) -> Iterator[N
     ``warning: <message>`` passed to ``show`` (default: printed on stderr) — not Python's
     two-line ``file:line: Warning`` display, not a second log line. The library still issues
     the warning; only its display inside the block changes."""
-    from safehold.attestation.policy import SimulatedTEEWarning
+    from safehold.attestation.errors import SimulatedTEEWarning
 
     shown = False
     log = logging.getLogger("safehold.attestation.policy")

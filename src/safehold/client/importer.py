@@ -27,7 +27,9 @@ from typing import Any, Protocol
 
 from safehold.client.records import BatchItem
 from safehold.errors import ConfigError, RecordNotFoundError
-from safehold.records.importers import ImportFormatError, ImportItem, ImportProblem, iter_file
+from safehold.jsontypes import JSONObject
+from safehold.records.errors import ImportFormatError
+from safehold.records.importers import ImportItem, ImportProblem, iter_file
 
 __all__ = ["BATCH", "STATE_FILE", "BatchClient", "ImportCheckpoint", "ImportCounts", "count_patients",
            "expand_paths", "file_digest", "import_files"]
@@ -42,7 +44,7 @@ class BatchClient(Protocol):
     """What the importer needs from a records client
     (:class:`~safehold.client.records.RecordsClient` has it)."""
 
-    def batch(self, items: Iterable[BatchItem]) -> list[dict[str, Any]]:
+    def batch(self, items: Iterable[BatchItem]) -> list[JSONObject]:
         """Upsert ``(id, record)`` items; one result dict per item (``status``, ``error``)."""
         ...
 

@@ -17,37 +17,47 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, overload
 from urllib.parse import quote
 
 import httpx
 
-from safehold.errors import ConfigError, RecordError, RecordNotFoundError, RecordTamperedError
+from safehold.client.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    PreconditionFailedError,
+    RecordsClientError,
+)
+from safehold.errors import ConfigError, RecordNotFoundError, RecordTamperedError
+from safehold.jsontypes import JSONObject, JSONValue
+
+if TYPE_CHECKING:  # the attestation stack loads only when a transport is built
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.attestation.verifier import Appraisal, Verifier
+    from safehold.ratls.client import AsyncRATLSTransport, RATLSTransport
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
+class TransportOptions(TypedDict, total=False):
+    """Options of the attesting transport (:class:`safehold.ratls.client.RATLSTransport`).
 
-class RecordsClientError(RecordError):
-    """The records service answered with an error (the message holds its status and code)."""
+    Attributes:
+        client_cert: ``(certificate PEM file, private key PEM file)`` for mutual TLS (a client
+            certificate issued by the broker's workload CA).
+        expected_nonce: nonce the service's RA-TLS claims must carry.
+        at: verification time (None = now).
+        limits / retries / http2: as for :class:`httpx.HTTPTransport`.
+    """
 
-    def __init__(self, message: str, status: int = 0, code: str = ""):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class PreconditionFailedError(RecordsClientError):
-    """412: the record's version is not the one given (``if_version``); re-read and retry."""
-
-
-class AlreadyExistsError(RecordsClientError):
-    """409 ``exists``: a create-only write found the id taken."""
-
-
-class AccessDeniedError(RecordsClientError):
-    """401 (no/unknown credentials) or 403 (role too weak)."""
+    client_cert: tuple[str | PathLike[str], str | PathLike[str]] | None
+    expected_nonce: bytes | None
+    at: datetime | None
+    limits: httpx.Limits
+    retries: int
+    http2: bool
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class Record:
     from 1; None only from a search against a service too old to report versions)."""
 
     id: str
-    data: dict[str, Any]
+    data: JSONObject
     version: int | None
 
 
@@ -127,18 +137,29 @@ def _hits(body: dict[str, Any]) -> list[Record]:
     return [Record(x["id"], x["record"], x.get("version")) for x in body["records"]]
 
 
-def attesting_transport(policy: Any, *, asynchronous: bool = False,
-                        client_cert: tuple[str | PathLike[str], str | PathLike[str]] | None = None,
-                        **kw: Any) -> Any:
+@overload
+def attesting_transport(policy: AppraisalPolicy | Verifier | str | PathLike[str], *,
+                        asynchronous: Literal[False] = False,
+                        **kw: Unpack[TransportOptions]) -> RATLSTransport: ...
+
+
+@overload
+def attesting_transport(policy: AppraisalPolicy | Verifier | str | PathLike[str], *,
+                        asynchronous: Literal[True],
+                        **kw: Unpack[TransportOptions]) -> AsyncRATLSTransport: ...
+
+
+def attesting_transport(policy: AppraisalPolicy | Verifier | str | PathLike[str], *,
+                        asynchronous: bool = False,
+                        **kw: Unpack[TransportOptions]) -> RATLSTransport | AsyncRATLSTransport:
     """Build the RA-TLS verifying httpx transport (:mod:`safehold.ratls.client`) for ``policy``.
 
     Args:
         policy: an :class:`~safehold.attestation.policy.AppraisalPolicy`, a
             :class:`~safehold.attestation.verifier.Verifier`, or the path of a policy TOML file.
         asynchronous: return the async transport.
-        client_cert: ``(certificate PEM file, private key PEM file)`` to present for mutual TLS
-            (a client certificate issued by the broker's workload CA).
-        kw: passed on to the transport (``limits``, ``expected_nonce``, ``at``).
+        kw: :class:`TransportOptions` (``client_cert`` for mutual TLS, ``limits``,
+            ``expected_nonce``, ``at``).
 
     Raises:
         ConfigError: the policy file cannot be read or is invalid, or the client certificate
@@ -152,12 +173,12 @@ def attesting_transport(policy: Any, *, asynchronous: bool = False,
     if isinstance(policy, str | PathLike):
         policy = AppraisalPolicy.from_toml(Path(policy))
     verifier = policy if isinstance(policy, Verifier) else Verifier(policy)
-    cls = AsyncRATLSTransport if asynchronous else RATLSTransport
     try:
-        transport = cls(verifier, client_cert=client_cert, **kw)
+        if asynchronous:
+            return AsyncRATLSTransport(verifier, **kw)
+        return RATLSTransport(verifier, **kw)
     except RATLSError as e:
         raise ConfigError(str(e)) from None
-    return transport
 
 
 class RecordsClient:
@@ -178,9 +199,10 @@ class RecordsClient:
         ValueError: neither ``policy`` nor ``transport`` given.
     """
 
-    def __init__(self, base_url: str, *, token: str | None = None, policy: Any = None,
+    def __init__(self, base_url: str, *, token: str | None = None,
+                 policy: AppraisalPolicy | Verifier | str | PathLike[str] | None = None,
                  transport: httpx.BaseTransport | None = None, timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-                 **transport_kw: Any):
+                 **transport_kw: Unpack[TransportOptions]) -> None:
         if transport is None:
             if policy is None:
                 raise ValueError("RecordsClient needs an appraisal policy (or an attesting transport)")
@@ -190,9 +212,11 @@ class RecordsClient:
                                   headers=_headers(token))
 
     @property
-    def appraisal(self) -> Any:
-        """The Attestation appraisal of the most recent connection (None before the first)."""
-        return getattr(self._transport, "last_appraisal", None)
+    def appraisal(self) -> Appraisal | None:
+        """The Attestation appraisal of the most recent connection (None before the first, and
+        None with a ``transport`` that does not attest)."""
+        appraisal: Appraisal | None = getattr(self._transport, "last_appraisal", None)
+        return appraisal
 
     def close(self) -> None:
         """Close connections."""
@@ -204,7 +228,7 @@ class RecordsClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def put(self, rid: str, record: Mapping[str, Any], *, if_version: int | None = None,
+    def put(self, rid: str, record: Mapping[str, JSONValue], *, if_version: int | None = None,
             create_only: bool = False) -> int:
         """Create or replace ``rid``; returns the new version.
 
@@ -258,7 +282,7 @@ class RecordsClient:
         _raise_for(r)
         return _hits(r.json())
 
-    def batch(self, items: Iterable[BatchItem]) -> list[dict[str, Any]]:
+    def batch(self, items: Iterable[BatchItem]) -> list[JSONObject]:
         """Upsert up to 500 records; identical ones are left alone (status ``unchanged``).
 
         Args:
@@ -295,9 +319,10 @@ class RecordsClient:
 class AsyncRecordsClient:
     """Asynchronous client; same methods as :class:`RecordsClient`, as coroutines."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, policy: Any = None,
+    def __init__(self, base_url: str, *, token: str | None = None,
+                 policy: AppraisalPolicy | Verifier | str | PathLike[str] | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 timeout: httpx.Timeout = DEFAULT_TIMEOUT, **transport_kw: Any):
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT, **transport_kw: Unpack[TransportOptions]) -> None:
         if transport is None:
             if policy is None:
                 raise ValueError("AsyncRecordsClient needs an appraisal policy (or an attesting transport)")
@@ -315,7 +340,7 @@ class AsyncRecordsClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def put(self, rid: str, record: Mapping[str, Any], *, if_version: int | None = None,
+    async def put(self, rid: str, record: Mapping[str, JSONValue], *, if_version: int | None = None,
                   create_only: bool = False) -> int:
         """See :meth:`RecordsClient.put`."""
         h = {}
@@ -360,7 +385,7 @@ class AsyncRecordsClient:
         _raise_for(r)
         return _hits(r.json())
 
-    async def batch(self, items: Iterable[BatchItem]) -> list[dict[str, Any]]:
+    async def batch(self, items: Iterable[BatchItem]) -> list[JSONObject]:
         """See :meth:`RecordsClient.batch`."""
         r = await self._http.post("/v1/patients:batch", content=json.dumps(_batch_body(items)),
                                   headers={"Content-Type": "application/json"})

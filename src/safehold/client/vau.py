@@ -25,25 +25,15 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from safehold.errors import SafeholdError
-from safehold.vau.epa import EpaVauClient, VauKeyTrust
+from safehold.client.errors import ErezeptResponseError, VauOuterError
+from safehold.jsontypes import JSONObject
+from safehold.vau.epa_client import EpaVauClient
+from safehold.vau.epa_keys import VauKeyTrust
 from safehold.vau.erp import seal_request
-from safehold.vau.errors import VauError, VauFormatError, VauKeyVerificationError
+from safehold.vau.errors import VauFormatError, VauKeyVerificationError
 from safehold.vau.httpmsg import HttpRequest, HttpResponse, parse_response
 
-__all__ = ["EpaVauHttpClient", "ErezeptClient", "ErpVauClient", "VauOuterError"]
-
-
-class VauOuterError(VauError):
-    """The VAU web interface refused the outer request (non-200), with its status and text.
-
-    Attributes:
-        status: the outer HTTP status.
-    """
-
-    def __init__(self, status: int, text: str):
-        self.status = status
-        super().__init__(f"VAU answered HTTP {status}: {text[:300]}")
+__all__ = ["EpaVauHttpClient", "ErezeptClient", "ErpVauClient"]
 
 
 def _cert_key(der: bytes) -> ec.EllipticCurvePublicKey:
@@ -157,23 +147,6 @@ class ErpVauClient:
         return self._pseudonyms.get(_subject(access_token), "0")
 
 
-class ErezeptError(SafeholdError):
-    """The Fachdienst answered an inner request with an error (FHIR OperationOutcome).
-
-    Attributes:
-        status: inner HTTP status. outcome: the parsed OperationOutcome (or None).
-    """
-
-    def __init__(self, status: int, outcome: Any):
-        self.status = status
-        self.outcome = outcome
-        text = ""
-        if isinstance(outcome, dict):
-            issues = outcome.get("issue") or [{}]
-            text = str(issues[0].get("diagnostics", ""))
-        super().__init__(f"E-Rezept Fachdienst answered {status}: {text}")
-
-
 class ErezeptClient:
     """The E-Rezept Task operations (FHIR R4) through an :class:`ErpVauClient`."""
 
@@ -197,10 +170,10 @@ class ErezeptClient:
         r = self.vau.request(token, method, target, body=data, headers=hs)
         parsed = json.loads(r.body) if r.body else None
         if r.status != ok:
-            raise ErezeptError(r.status, parsed)
+            raise ErezeptResponseError(r.status, parsed)
         return parsed
 
-    def create(self, token: str, flow_type: str = "160") -> dict[str, Any]:
+    def create(self, token: str, flow_type: str = "160") -> JSONObject:
         """``$create``: the draft Task (with PrescriptionID and AccessCode)."""
         body = {
             "resourceType": "Parameters",
@@ -218,7 +191,7 @@ class ErezeptClient:
 
     def activate(
         self, token: str, task_id: str, access_code: str, signed_prescription: bytes
-    ) -> dict[str, Any]:
+    ) -> JSONObject:
         """``$activate`` with the CMS-signed KBV bundle."""
         body = {
             "resourceType": "Parameters",
@@ -237,7 +210,7 @@ class ErezeptClient:
             token, "POST", f"/Task/{task_id}/$activate", body, headers=[("X-AccessCode", access_code)]
         )
 
-    def accept(self, token: str, task_id: str, access_code: str) -> dict[str, Any]:
+    def accept(self, token: str, task_id: str, access_code: str) -> JSONObject:
         """``$accept``: Bundle with the Task (Secret) and the signed prescription."""
         return self._call(token, "POST", f"/Task/{task_id}/$accept?ac={quote(access_code)}")
 
@@ -245,7 +218,7 @@ class ErezeptClient:
         """``$reject``."""
         self._call(token, "POST", f"/Task/{task_id}/$reject?secret={quote(secret)}", ok=204)
 
-    def close(self, token: str, task_id: str, secret: str, dispense: dict[str, Any]) -> dict[str, Any]:
+    def close(self, token: str, task_id: str, secret: str, dispense: JSONObject) -> JSONObject:
         """``$close`` with a MedicationDispense: the receipt Bundle."""
         return self._call(token, "POST", f"/Task/{task_id}/$close?secret={quote(secret)}", dispense)
 
@@ -257,7 +230,7 @@ class ErezeptClient:
         headers = [("X-AccessCode", access_code)] if access_code else []
         self._call(token, "POST", target, headers=headers, ok=204)
 
-    def tasks(self, token: str) -> dict[str, Any]:
+    def tasks(self, token: str) -> JSONObject:
         """``GET /Task``: the insured person's Tasks (searchset Bundle)."""
         return self._call(token, "GET", "/Task")
 

@@ -51,7 +51,7 @@ def envelope_key_id(blob: bytes) -> int:
         raise EnvelopeFormatError(
             f"unsupported envelope format version {version} (expected {FORMAT_VERSION})"
         )
-    return key_id
+    return int(key_id)
 
 
 def _seal(aead: AESGCM, key_id: int, plaintext: bytes, aad: bytes) -> bytes:

@@ -18,6 +18,8 @@ FF1; there is deliberately no encrypt method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from safehold.errors import FPEError
@@ -29,6 +31,8 @@ MIN_DOMAIN = 1_000_000
 #: SP 800-38G Rev. 1: the radix is in 2..2**16.
 MAX_RADIX = 65536
 _MAXLEN = 2**32 - 1
+#: FF1 round constants: ``(fast, b, d, mod_u, mod_v, ks, (state, tail))``, see ``FF1._round_consts``.
+_RoundConsts = tuple[bool, int, int, int, int, list[int], tuple[int, bytes]]
 _MAX_TWEAK = 2**32 - 1
 _TWEAK_CACHE_MAX = 4096
 DIGITS = "0123456789"
@@ -130,7 +134,7 @@ class Alphabet:
         return tab
 
 
-def _aes_block(key: bytes):
+def _aes_block(key: bytes) -> Callable[[bytes], bytes]:
     """Per-key single-block AES-ECB encrypt function (CIPH_K of SP 800-38G §4.3)."""
     if not isinstance(key, (bytes, bytearray)) or len(key) not in (16, 24, 32):
         raise FPEError("FPE key must be 16, 24 or 32 bytes (AES-128/192/256)")
@@ -163,7 +167,7 @@ class FF1:
         self.radix = self.alphabet.radix
         self.minlen = min_length(self.radix)
         # (radix, n, tweak) -> round constants, see _round_consts
-        self._consts: dict[tuple[int, int, bytes], tuple] = {}
+        self._consts: dict[tuple[int, int, bytes], _RoundConsts] = {}
 
     # ---- string API ------------------------------------------------------------------------
 
@@ -232,14 +236,15 @@ class FF1:
 
     # ---- core ------------------------------------------------------------------------------
 
-    def _round_consts(self, radix: int, n: int, tweak: bytes) -> tuple:
+    def _round_consts(self, radix: int, n: int, tweak: bytes) -> _RoundConsts:
         """Everything in a round that depends only on (key, radix, n, tweak).
 
-        Returns ``(fast, b, d, mod_u, mod_v, data)``. When ``1 + b <= 16`` (the last block of
-        Q holds ``[i] || NUM(B)`` entirely) ``fast`` is true and ``data`` is the list of ten
-        ints ``K_i = state ^ (last-block prefix) ^ (i << 8b)``, where ``state`` is the CBC-MAC
-        chain value after ``P || Q[:-16]``; the round's MAC input block is then ``K_i ^ NUM(B)``.
-        Otherwise ``data`` is ``(state, prefix_tail_bytes)`` for the general path.
+        Returns ``(fast, b, d, mod_u, mod_v, ks, general)``. When ``1 + b <= 16`` (the last
+        block of Q holds ``[i] || NUM(B)`` entirely) ``fast`` is true and ``ks`` is the list of
+        ten ints ``K_i = state ^ (last-block prefix) ^ (i << 8b)``, where ``state`` is the
+        CBC-MAC chain value after ``P || Q[:-16]``; the round's MAC input block is then
+        ``K_i ^ NUM(B)``. Otherwise ``general`` is ``(state, prefix_tail_bytes)`` for the
+        general path (and ``ks`` is empty).
         """
         if type(tweak) is not bytes:
             if not isinstance(tweak, (bytes, bytearray, memoryview)):
@@ -276,12 +281,14 @@ class FF1:
         tail = prefix[16 * fixed_blocks :]
         if 1 + b <= 16:
             base = state ^ (int.from_bytes(tail, "big") << (8 * (b + 1)))
-            data: object = [base ^ (i << (8 * b)) for i in range(10)]
+            ks = [base ^ (i << (8 * b)) for i in range(10)]
+            general = (0, b"")
             fast = True
         else:
-            data = (state, tail)
+            ks = []
+            general = (state, tail)
             fast = False
-        c = (fast, b, d, radix**u, radix**v, data)
+        c = (fast, b, d, radix**u, radix**v, ks, general)
         if len(self._consts) >= _TWEAK_CACHE_MAX:
             self._consts.clear()
         self._consts[key] = c
@@ -298,45 +305,37 @@ class FF1:
 
     def encrypt_ints(self, a: int, b_: int, n: int, tweak: bytes, radix: int) -> tuple[int, int]:
         """Algorithm 7 steps 6-7 on NUM(A), NUM(B) (lengths ``n//2`` and ``n - n//2``)."""
-        fast, b, d, mod_u, mod_v, data = self._round_consts(radix, n, tweak)
+        fast, b, d, mod_u, mod_v, ks, (state, tail) = self._round_consts(radix, n, tweak)
         if fast and d <= 16:
             aes = self._aes
             shift = 8 * (16 - d)
             frm = int.from_bytes
             for i in range(0, 10, 2):
-                y = frm(aes((data[i] ^ b_).to_bytes(16, "big")), "big") >> shift
+                y = frm(aes((ks[i] ^ b_).to_bytes(16, "big")), "big") >> shift
                 a = (a + y) % mod_u
-                y = frm(aes((data[i + 1] ^ a).to_bytes(16, "big")), "big") >> shift
+                y = frm(aes((ks[i + 1] ^ a).to_bytes(16, "big")), "big") >> shift
                 b_ = (b_ + y) % mod_v
             return a, b_
         for i in range(10):
-            if fast:
-                y = self._prf_general_fast(data[i] ^ b_, d)
-            else:
-                state, tail = data
-                y = self._prf_general(state, tail, i, b_, b, d)
+            y = self._prf_general_fast(ks[i] ^ b_, d) if fast else self._prf_general(state, tail, i, b_, b, d)
             a, b_ = b_, (a + y) % (mod_u if i % 2 == 0 else mod_v)
         return a, b_
 
     def decrypt_ints(self, a: int, b_: int, n: int, tweak: bytes, radix: int) -> tuple[int, int]:
         """Algorithm 8 steps 6-7 on NUM(A), NUM(B)."""
-        fast, b, d, mod_u, mod_v, data = self._round_consts(radix, n, tweak)
+        fast, b, d, mod_u, mod_v, ks, (state, tail) = self._round_consts(radix, n, tweak)
         if fast and d <= 16:
             aes = self._aes
             shift = 8 * (16 - d)
             frm = int.from_bytes
             for i in range(9, 0, -2):
-                y = frm(aes((data[i] ^ a).to_bytes(16, "big")), "big") >> shift
+                y = frm(aes((ks[i] ^ a).to_bytes(16, "big")), "big") >> shift
                 b_ = (b_ - y) % mod_v
-                y = frm(aes((data[i - 1] ^ b_).to_bytes(16, "big")), "big") >> shift
+                y = frm(aes((ks[i - 1] ^ b_).to_bytes(16, "big")), "big") >> shift
                 a = (a - y) % mod_u
             return a, b_
         for i in range(9, -1, -1):
-            if fast:
-                y = self._prf_general_fast(data[i] ^ a, d)
-            else:
-                state, tail = data
-                y = self._prf_general(state, tail, i, a, b, d)
+            y = self._prf_general_fast(ks[i] ^ a, d) if fast else self._prf_general(state, tail, i, a, b, d)
             a, b_ = (b_ - y) % (mod_u if i % 2 == 0 else mod_v), a
         return a, b_
 

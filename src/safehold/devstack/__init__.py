@@ -48,6 +48,7 @@ from safehold.devstack.datadir import (
     records_config,
     tokens,
 )
+from safehold.devstack.errors import DataDirBusyError, StackError
 from safehold.devstack.processes import (
     MANIFEST_REFUSED,
     broker_cmd,
@@ -64,9 +65,7 @@ from safehold.devstack.processes import (
 from safehold.devstack.stack import (
     LOCK_FILE,
     SCONE_AUTH_CHOICES,
-    DataDirBusyError,
     Stack,
-    StackError,
     base_env,
     lock_data_dir,
     unlock_data_dir,

@@ -15,17 +15,18 @@ from typing import Any
 
 import tomli_w
 
+from safehold.devstack.errors import StackError
 from safehold.devstack.stack import (
     SCONE_AUTH_CHOICES,
     SESSION_NAME,
     WORKLOAD,
     Stack,
-    StackError,
     base_env,
     lock_data_dir,
     unlock_data_dir,
 )
 from safehold.errors import ConfigError
+from safehold.jsontypes import JSONObject
 
 __all__ = ["broker_ca_pin", "main_records_config", "make_data_dir", "measure_records", "owner_key",
            "prepare", "records_config", "tokens", "write_private"]
@@ -75,7 +76,7 @@ def _sha(t: str) -> str:
 
 
 def records_config(tok: dict[str, str], *, encryption: bool = True, scone_auth: str = "none",
-                   host: str = "127.0.0.1", broker_ca_sha256: str = "") -> dict[str, Any]:
+                   host: str = "127.0.0.1", broker_ca_sha256: str = "") -> JSONObject:
     """The measured records configuration (see :class:`safehold.records.config.ServiceConfig`).
 
     ``broker_ca_sha256`` (hex SHA-256 of the broker CA's DER) may be left empty:
@@ -171,7 +172,7 @@ def _read_toml(path: Path) -> dict[str, Any] | None:
 
 
 def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str | None,
-                        reset: bool) -> dict[str, Any]:
+                        reset: bool) -> JSONObject:
     """The ``records.toml`` that ``safehold up`` uses for data directory ``d``.
 
     An existing file is never overwritten silently: ``scone_auth`` defaults to the file's value
@@ -206,7 +207,7 @@ def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str 
 
 def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, records_port: int = 8700,
             scone_port: int | None = 4996, store_url: str | None = None,
-            extra_configs: dict[str, dict[str, Any]] | None = None,
+            extra_configs: dict[str, JSONObject] | None = None,
             package_root: str | None = None, scone_auth: str | None = None,
             reset: bool = False) -> Stack:
     """Lock the data directory, then create tokens, the broker's workload CA, the measured

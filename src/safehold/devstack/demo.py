@@ -18,18 +18,14 @@ from typing import Any
 from safehold.client.connection import load_connection, open_client
 from safehold.client.importer import count_patients, import_files
 from safehold.devstack.datadir import prepare
+from safehold.devstack.errors import PlaintextFoundError
 from safehold.devstack.processes import start, stop
 from safehold.devstack.stack import Stack
-from safehold.errors import SafeholdError
+from safehold.jsontypes import JSONObject
 from safehold.records.importers import ImportItem, iter_file
 from safehold.records.model import display_name
 
-__all__ = ["PlaintextFoundError", "demo_files", "run_demo", "scan_files", "sensitive_strings",
-           "shared_data_dir"]
-
-
-class PlaintextFoundError(SafeholdError):
-    """A patient name, SSN or id was found in clear in the database file (must never happen)."""
+__all__ = ["demo_files", "run_demo", "scan_files", "sensitive_strings", "shared_data_dir"]
 
 
 def shared_data_dir() -> Path | None:
@@ -114,6 +110,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _family(data: JSONObject) -> str | None:
+    """The family name of a flat (``LAST``) or FHIR Patient record, or None."""
+    last = data.get("LAST")
+    if isinstance(last, str) and last:
+        return last
+    names = data.get("name")
+    for n in names if isinstance(names, list) else []:
+        fam = n.get("family") if isinstance(n, dict) else None
+        if isinstance(fam, str) and fam:
+            return fam
+    return None
+
+
 def run_demo(data_dir: str, *, echo: Callable[[str], None] = print,
              on_started: Callable[[Stack], None] | None = None,
              show: Callable[[str], None] | None = None,
@@ -154,8 +163,7 @@ def run_demo(data_dir: str, *, echo: Callable[[str], None] = print,
             rec = c.get(first)
             name = display_name(rec.data)
             echo(f"read back {first}: {name or '(no name)'} (version {rec.version})")
-            fam = (rec.data.get("LAST") or
-                   next((n.get("family") for n in rec.data.get("name") or [] if n.get("family")), None))
+            fam = _family(rec.data)
             if fam:
                 hits = c.search(family=fam)
                 echo(f"search family={fam!r}: {len(hits)} match(es) via blind index")

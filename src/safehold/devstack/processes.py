@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from safehold.devstack.datadir import tokens, write_private
-from safehold.devstack.stack import Stack, StackError, base_env, lock_data_dir, unlock_data_dir
+from safehold.devstack.errors import StackError
+from safehold.devstack.stack import Stack, base_env, lock_data_dir, unlock_data_dir
 from safehold.errors import ConfigError
+from safehold.jsontypes import JSONObject
 
 __all__ = ["MANIFEST_REFUSED", "broker_cmd", "check_port", "records_cmd", "records_env", "start",
            "stop", "summary_lines", "update_manifest", "wait_broker", "wait_records"]
@@ -182,7 +183,7 @@ def _raise_if_recovery(s: Stack) -> None:
 
 
 def wait_records(s: Stack, proc: subprocess.Popen[bytes], ready: Path, timeout: float,
-                 log: Path | None = None) -> dict[str, Any]:
+                 log: Path | None = None) -> JSONObject:
     """Wait until a records process has written its ready file; return its content.
 
     Raises:

@@ -11,18 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from safehold.errors import ConfigError, SafeholdError
+from safehold.devstack.errors import DataDirBusyError
+from safehold.errors import ConfigError
 
-__all__ = ["LOCK_FILE", "SCONE_AUTH_CHOICES", "SESSION_NAME", "WORKLOAD", "DataDirBusyError", "Stack",
-           "StackError", "base_env", "lock_data_dir", "unlock_data_dir"]
-
-
-class StackError(SafeholdError):
-    """The broker or the records service did not start (names which, and why)."""
-
-
-class DataDirBusyError(StackError):
-    """Another ``safehold up`` / ``safehold demo`` holds the data directory's ``up.lock``."""
+__all__ = [
+    "LOCK_FILE",
+    "SCONE_AUTH_CHOICES",
+    "SESSION_NAME",
+    "WORKLOAD",
+    "Stack",
+    "base_env",
+    "lock_data_dir",
+    "unlock_data_dir",
+]
 
 
 LOCK_FILE = "up.lock"

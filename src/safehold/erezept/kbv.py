@@ -29,7 +29,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from asn1crypto import cms
 
 from safehold.erezept.errors import BundleInvalidError, SignatureFormatError
 from safehold.erezept.tokens import kvnr_valid
+from safehold.jsontypes import JSONValue
 
 __all__ = [
     "KVNR_SYSTEMS",
@@ -58,7 +59,7 @@ _DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2}))?)?")
 _DIGESTS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 
 
-def valid_fhir_date(value: Any) -> bool:
+def valid_fhir_date(value: object) -> bool:
     """FHIR R4 ``date``: ``YYYY``, ``YYYY-MM`` or ``YYYY-MM-DD``, a real calendar date."""
     if not isinstance(value, str):
         return False
@@ -195,7 +196,13 @@ def _profiles(res: dict[str, Any]) -> list[str]:
     return [p for p in prof if isinstance(p, str)] if isinstance(prof, list) else []
 
 
-def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
+def _first(by_type: Mapping[str, list[dict[str, Any]]], rtype: str) -> dict[str, Any] | None:
+    """The first resource of ``rtype`` in the Bundle, or None."""
+    found = by_type.get(rtype)
+    return found[0] if found else None
+
+
+def validate_bundle(bundle: object, *, prescription_id: str) -> BundleFacts:
     """Check a ``KBV_PR_ERP_Bundle`` (FHIR JSON, parsed) as the module docstring lists.
 
     Raises:
@@ -267,7 +274,7 @@ def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
     if good and good[0]["resource"]["resourceType"] != "Composition":
         p.append("the first entry of a document Bundle must be the Composition")
 
-    comp = (by_type.get("Composition") or [None])[0]
+    comp = _first(by_type, "Composition")
     if comp is not None:
         if not any(x.split("|")[0] == COMPOSITION_PROFILE for x in _profiles(comp)):
             p.append("Composition.meta.profile lacks KBV_PR_ERP_Composition")
@@ -291,7 +298,7 @@ def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
                 p.append(f"Composition.section must list the {rtype}")
 
     kvnr = ""
-    pat = (by_type.get("Patient") or [None])[0]
+    pat = _first(by_type, "Patient")
     if pat is not None:
         ids = [
             i for i in pat.get("identifier") or [] if isinstance(i, dict) and i.get("system") in KVNR_SYSTEMS
@@ -313,7 +320,7 @@ def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
     for prac in by_type.get("Practitioner", []):
         if not isinstance(prac.get("name"), list) or not prac["name"]:
             p.append("Practitioner.name is missing")
-    mr = (by_type.get("MedicationRequest") or [None])[0]
+    mr = _first(by_type, "MedicationRequest")
     if mr is not None:
         if mr.get("intent") != "order":
             p.append("MedicationRequest.intent must be 'order'")
@@ -329,7 +336,7 @@ def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
             target(ins[0], "Coverage", "MedicationRequest.insurance[0]")
         if "authoredOn" in mr and not valid_fhir_date(mr["authoredOn"]):
             p.append("MedicationRequest.authoredOn is not a valid FHIR date")
-    cov = (by_type.get("Coverage") or [None])[0]
+    cov = _first(by_type, "Coverage")
     if cov is not None:
         target(cov.get("beneficiary"), "Patient", "Coverage.beneficiary")
         payor = cov.get("payor")
@@ -348,7 +355,7 @@ def validate_bundle(bundle: Any, *, prescription_id: str) -> BundleFacts:
     return BundleFacts(prescription_id, kvnr)
 
 
-def parse_bundle_json(raw: bytes) -> Any:
+def parse_bundle_json(raw: bytes) -> JSONValue:
     """Parse the enveloped bundle as FHIR JSON.
 
     Raises:
@@ -357,12 +364,13 @@ def parse_bundle_json(raw: bytes) -> Any:
     if raw.lstrip()[:1] == b"<":
         raise BundleInvalidError("XML bundles are not supported; sign the FHIR JSON representation")
     try:
-        return json.loads(raw.decode("utf-8"))
+        value: JSONValue = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BundleInvalidError("enveloped prescription is not UTF-8 FHIR JSON") from None
+    return value
 
 
-def validate_dispense(dispense: Any, *, prescription_id: str, kvnr: str) -> None:
+def validate_dispense(dispense: object, *, prescription_id: str, kvnr: str) -> None:
     """Check a MedicationDispense for ``$close``: resourceType, the Task's PrescriptionID, the
     insured person's KVNR and ``whenHandedOver``.
 

@@ -54,6 +54,7 @@ from safehold.erezept.kbv import (
 )
 from safehold.erezept.tokens import Principal
 from safehold.errors import ConflictError, RecordNotFoundError
+from safehold.jsontypes import JSONObject
 from safehold.records.engine import RecordEngine
 
 __all__ = ["FLOW_TYPES", "TaskService", "prescription_id_valid"]
@@ -209,7 +210,7 @@ class TaskService:
 
     # --- operations ----------------------------------------------------------------------------
 
-    def create(self, p: Principal, flow_type: str = "160") -> dict[str, Any]:
+    def create(self, p: Principal, flow_type: str = "160") -> JSONObject:
         """``POST /Task/$create``: a draft Task with a fresh PrescriptionID and AccessCode.
 
         Returns:
@@ -247,7 +248,7 @@ class TaskService:
 
     def activate(
         self, p: Principal, task_id: str, access_code: str, signed_prescription: bytes
-    ) -> dict[str, Any]:
+    ) -> JSONObject:
         """``POST /Task/{id}/$activate``: attach the QES-signed KBV bundle; draft → ready.
 
         Raises:
@@ -271,7 +272,7 @@ class TaskService:
         self._save(rec, version)
         return self._task_json(rec, show_access_code=True, show_secret=False)
 
-    def accept(self, p: Principal, task_id: str, access_code: str) -> dict[str, Any]:
+    def accept(self, p: Principal, task_id: str, access_code: str) -> JSONObject:
         """``POST /Task/{id}/$accept``: a pharmacy claims the prescription; ready → in-progress.
 
         Returns:
@@ -331,7 +332,7 @@ class TaskService:
         rec.update(status="ready", secret=None, pharmacy=None)
         self._save(rec, version)
 
-    def close(self, p: Principal, task_id: str, secret: str, dispense: Any) -> dict[str, Any]:
+    def close(self, p: Principal, task_id: str, secret: str, dispense: object) -> JSONObject:
         """``POST /Task/{id}/$close``: record the dispense; in-progress → completed.
 
         Returns:
@@ -418,7 +419,7 @@ class TaskService:
 
     def get(
         self, p: Principal, task_id: str, *, access_code: str | None = None, secret: str | None = None
-    ) -> dict[str, Any]:
+    ) -> JSONObject:
         """``GET /Task/{id}``: the insured person sees their Task (with AccessCode); a pharmacy
         sees it with the AccessCode or its Secret.
 
@@ -438,7 +439,7 @@ class TaskService:
             raise TaskNotFoundError("no Task with this id")
         return self._task_json(rec, show_access_code=False, show_secret=secret is not None)
 
-    def list_for_insured(self, p: Principal) -> dict[str, Any]:
+    def list_for_insured(self, p: Principal) -> JSONObject:
         """``GET /Task``: the insured person's Tasks (KVNR from the access token) as a searchset.
 
         Index entries whose Task is not (or no longer) for this KVNR are skipped.

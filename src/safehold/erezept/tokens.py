@@ -27,13 +27,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwa import ESAlgorithm
-from joserfc.jwk import ECKey
+from joserfc.jwk import AnyKey, ECKey
 from joserfc.jws import JWSRegistry
 
 from safehold.erezept.errors import AccessTokenError
+from safehold.jsontypes import JSONObject
 
 __all__ = ["PROFESSION_ROLES", "AccessTokenVerifier", "Principal", "Role", "kvnr_valid"]
 
@@ -115,7 +117,7 @@ class AccessTokenVerifier:
 
     def __init__(
         self,
-        keys: Iterable[Any],
+        keys: Iterable[AnyKey | EllipticCurvePublicKey],
         *,
         issuer: str,
         audience: str | None = None,
@@ -144,7 +146,7 @@ class AccessTokenVerifier:
     def __repr__(self) -> str:
         return f"AccessTokenVerifier(issuer={self.issuer!r}, keys={len(self._keys)})"
 
-    def claims(self, token: str) -> dict[str, Any]:
+    def claims(self, token: str) -> JSONObject:
         """Verify ``token`` and return its claims.
 
         Raises:
@@ -210,11 +212,14 @@ class AccessTokenVerifier:
         c = self.claims(token)
         oid = c.get("professionOID")
         role = PROFESSION_ROLES.get(oid) if isinstance(oid, str) else None
-        if role is None:
+        if role is None or not isinstance(oid, str):
             raise AccessTokenError("access token professionOID grants no E-Rezept role")
         idn = c.get("idNummer")
         if not isinstance(idn, str) or not idn:
             raise AccessTokenError("access token lacks 'idNummer'")
         if role == "insured" and not _KVNR.fullmatch(idn):
             raise AccessTokenError("access token idNummer of an insured person is not a KVNR")
-        return Principal(role, c["sub"], idn, oid)
+        sub = c["sub"]
+        if not isinstance(sub, str):  # claims() checked it; kept for the type
+            raise AccessTokenError("access token lacks 'sub'")
+        return Principal(role, sub, idn, oid)

@@ -97,7 +97,7 @@ def _get(record: Any, path: tuple[str, ...]) -> Any:
     return cur
 
 
-def json_kind(value: Any) -> str:
+def json_kind(value: object) -> str:
     """JSON type name of a decoded value, for messages that must not show the value itself."""
     if isinstance(value, Mapping):
         return "an object"
@@ -184,6 +184,19 @@ def _lookalike_at(node: Any, path: tuple[str, ...], folded: tuple[str, ...]) -> 
     return _lookalike_at(node[head], rest, folded[1:]) if head in node else None
 
 
+_Op = Callable[[Any, str | None], Any]
+
+
+def _protect_op(tr: FieldTransform, kid: int, key: bytes) -> _Op:
+    """``(value, context value) -> protected value`` for one field under key ``kid``."""
+    return lambda v, c: tr.protect(v, kid, key, c)
+
+
+def _reveal_op(tr: FieldTransform, kid: int | None, keyset: Keyset) -> _Op:
+    """``(value, context value) -> revealed value`` for one field (key id from the record)."""
+    return lambda v, c: tr.reveal(v, kid, keyset, c)
+
+
 class Protector:
     """Protect and reveal records with a schema and a keyset.
 
@@ -253,7 +266,7 @@ class Protector:
         return str(v)
 
     def _field(self, out: dict[str, Any], spec: FieldSpec, path: tuple[str, ...], ctx_source: Any,
-               context: Mapping[str, str] | None, op: Callable[[Any, str | None], Any], *,
+               context: Mapping[str, str] | None, op: _Op, *,
                strict: bool, flat: bool) -> tuple[Any, bool]:
         """Apply ``op(value, context_value)`` to every non-empty value of one field; returns the
         new record and whether any value was transformed. The context value is looked up
@@ -309,7 +322,7 @@ class Protector:
         tagged = False
         for spec, path, tr in self._order(record, flat):
             out, touched = self._field(out, spec, path, record, context,
-                                       lambda v, c, tr=tr: tr.protect(v, kid, key, c),
+                                       _protect_op(tr, kid, key),
                                        strict=spec.transform != "keep", flat=flat)
             tagged = tagged or (touched and spec.transform in self._tagged)
         if tagged:
@@ -348,7 +361,7 @@ class Protector:
         for spec, path, tr in self._order(record, flat):
             # context fields are revealed before the fields that use them (self._order)
             out, _ = self._field(out, spec, path, out, context,
-                                 lambda v, c, tr=tr: tr.reveal(v, kid, self.keyset, c),
+                                 _reveal_op(tr, kid, self.keyset),
                                  strict=False, flat=flat)
         return out
 

@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from safehold.errors import ShapeError, TransformError
+from safehold.jsontypes import JSONObject
 from safehold.proxy.core import (
     LONE_SURROGATE,
     Protector,
@@ -65,7 +66,7 @@ _RESP_DROP = {"content-length", "content-encoding", "transfer-encoding", "connec
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-class _Refused(Exception):
+class _RefusedError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -130,7 +131,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise _Refused(400, f"request JSON has the key {k!r} twice in one object; not forwarded")
+            raise _RefusedError(400, f"request JSON has the key {k!r} twice in one object; not forwarded")
         out[k] = v
     return out
 
@@ -153,14 +154,14 @@ def _content_type(request: Request) -> str:
     """The request's media type (lower case, parameters dropped), refusing ambiguous ones."""
     values = request.headers.getlist("content-type")
     if len(values) > 1:
-        raise _Refused(400, "request has more than one Content-Type header; not forwarded")
+        raise _RefusedError(400, "request has more than one Content-Type header; not forwarded")
     if not values:
         return ""
     media, *params = values[0].split(";")
     for param in params:
         key, _, value = param.partition("=")
         if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
-            raise _Refused(415, "request body charset is not UTF-8; not forwarded")
+            raise _RefusedError(415, "request body charset is not UTF-8; not forwarded")
     return media.strip().lower()
 
 
@@ -198,7 +199,7 @@ def protect_path(st: ProxyState, path: str) -> tuple[str, dict[str, str]]:
     ``/x/../patient/123``, ``/patient/123/history``).
     """
     if not path.startswith("/"):
-        raise _Refused(400, "request target is not an origin-form path; not forwarded")
+        raise _RefusedError(400, "request target is not an origin-form path; not forwarded")
     for tpl in st.templates:
         m = tpl.exact.fullmatch(path)
         if not m:
@@ -209,7 +210,7 @@ def protect_path(st: ProxyState, path: str) -> tuple[str, dict[str, str]]:
             try:
                 plain[name] = unquote(m.group(i), errors="strict")
             except UnicodeDecodeError:
-                raise _Refused(400, "path segment is not valid UTF-8; not forwarded") from None
+                raise _RefusedError(400, "path segment is not valid UTF-8; not forwarded") from None
             pieces.append(quote(st.protector.protect_query(name, plain[name]), safe=""))
             last = m.end(i)
         pieces.append(path[last:])
@@ -218,7 +219,7 @@ def protect_path(st: ProxyState, path: str) -> tuple[str, dict[str, str]]:
         loose = _loose_segments(path)
         for tpl in st.templates:
             if tpl.resembles(loose):
-                raise _Refused(400, f"request path resembles path template {tpl.template!r} but does "
+                raise _RefusedError(400, f"request path resembles path template {tpl.template!r} but does "
                                     "not match it exactly (trailing slash, empty or dot segments, "
                                     "encoded or differently cased fixed segments, extra segments); "
                                     "not forwarded unprotected")
@@ -232,19 +233,19 @@ def protect_query(protector: Protector, query: str) -> str:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
-        raise _Refused(400, "query string is not valid UTF-8 form encoding; not forwarded") from None
+        raise _RefusedError(400, "query string is not valid UTF-8 form encoding; not forwarded") from None
     out = []
     for k, v in pairs:
         if protector.is_protected_field(k):
             v = protector.protect_query(k, v)
         elif (why := protector.lookalike_param(k)) is not None:
-            raise _Refused(400, f"query parameter {k!r}: {why}; use the exact name. Not forwarded")
+            raise _RefusedError(400, f"query parameter {k!r}: {why}; use the exact name. Not forwarded")
         out.append((k, v))
     refuse_encoded_records(protector, [v for _, v in out], "a query parameter")
     return urlencode(out, quote_via=quote)
 
 
-def each_record(st: ProxyState, doc: Any, fn: Callable[[dict[str, Any]], dict[str, Any]], *,
+def each_record(st: ProxyState, doc: Any, fn: Callable[[JSONObject], JSONObject], *,
                 strict: bool = False) -> Any:
     """Apply ``fn`` to every record of a JSON body: the body itself (an object) or each
     object of a top-level array, and the records at the ``embedded`` paths of each — those
@@ -287,15 +288,15 @@ def refuse_encoded_records(protector: Protector, values: list[str], where: str) 
     for v in values:
         key = protector.encoded_record_key(v)
         if key is not None:
-            raise _Refused(400, f"{where} holds an encoded JSON record with the protected key "
+            raise _RefusedError(400, f"{where} holds an encoded JSON record with the protected key "
                                 f"{key!r}, which the proxy does not inspect; not forwarded")
 
 
-def protect_record(protector: Protector, record: dict[str, Any], ctx: dict[str, str]) -> dict[str, Any]:
+def protect_record(protector: Protector, record: JSONObject, ctx: dict[str, str]) -> JSONObject:
     """One JSON record protected (a key that only looks like a protected field is refused)."""
     hit = protector.lookalike_key(record)
     if hit is not None:
-        raise _Refused(400, f"record key {hit[0]!r} differs from protected field {hit[1]!r} only by "
+        raise _RefusedError(400, f"record key {hit[0]!r} differs from protected field {hit[1]!r} only by "
                             "case, Unicode form or spacing; not forwarded unprotected")
     return protector.protect(record, context=ctx)
 
@@ -309,9 +310,9 @@ def protect_body(st: ProxyState, body: bytes, ct: str, ctx: dict[str, str]) -> b
         try:
             doc = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, ValueError):
-            raise _Refused(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
+            raise _RefusedError(400, "request body is not valid UTF-8 JSON; refusing to forward it") from None
         if has_lone_surrogate(body, doc):
-            raise _Refused(400, f"request JSON {LONE_SURROGATE}; not forwarded")
+            raise _RefusedError(400, f"request JSON {LONE_SURROGATE}; not forwarded")
         doc = each_record(st, doc, lambda r: protect_record(protector, r, ctx), strict=True)
         refuse_encoded_records(protector, _strings(doc), "a string in the request JSON")
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -320,18 +321,18 @@ def protect_body(st: ProxyState, body: bytes, ct: str, ctx: dict[str, str]) -> b
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
                               errors="strict")
         except (UnicodeDecodeError, ValueError):
-            raise _Refused(400, "request body is not valid form encoding; not forwarded") from None
+            raise _RefusedError(400, "request body is not valid form encoding; not forwarded") from None
         rec: dict[str, Any] = {}
         for k, v in pairs:
             if k in rec and protector.is_protected_field(k):
-                raise _Refused(400, f"form field {k!r} appears more than once")
+                raise _RefusedError(400, f"form field {k!r} appears more than once")
             if (why := protector.lookalike_param(k)) is not None:
-                raise _Refused(400, f"form field {k!r}: {why}; use the exact field name. Not forwarded")
+                raise _RefusedError(400, f"form field {k!r}: {why}; use the exact field name. Not forwarded")
             rec[k] = v
         out = protector.protect(rec, key_id_as_text=True, context=ctx, flat=True)
         refuse_encoded_records(protector, [v for v in out.values() if isinstance(v, str)], "a form field")
         return urlencode(out, quote_via=quote).encode("ascii")
-    raise _Refused(415, f"cannot inspect a request body of type {ct or 'unknown'!r}; not forwarded")
+    raise _RefusedError(415, f"cannot inspect a request body of type {ct or 'unknown'!r}; not forwarded")
 
 
 def reveal_body(st: ProxyState, body: bytes, ctx: dict[str, str]) -> bytes | None:
@@ -373,7 +374,7 @@ async def forward(request: Request, path: str) -> Response:  # noqa: ARG001 - pa
                    for c in v.split(",")} - {"identity", ""}
         if body and codings:
             # the proxy cannot inspect a compressed body, and would forward it undecoded
-            raise _Refused(415, "request Content-Encoding other than identity is not supported; "
+            raise _RefusedError(415, "request Content-Encoding other than identity is not supported; "
                                 "not forwarded")
         # the still-encoded path: forwarded byte for byte, segments decoded strictly
         raw_path = request.scope.get("raw_path") or request.url.path.encode("utf-8")
@@ -382,7 +383,7 @@ async def forward(request: Request, path: str) -> Response:  # noqa: ARG001 - pa
         # parsing and FF1 are CPU-bound: off the event loop, so one large body cannot stall
         # every other client (the Protector keeps per-thread cipher state)
         new_body = await run_in_threadpool(protect_body, st, body, ct, path_ctx)
-    except _Refused as e:
+    except _RefusedError as e:
         return JSONResponse({"error": e.message}, status_code=e.status)
     except TransformError as e:
         return JSONResponse({"error": f"cannot protect request: {e}"}, status_code=422)

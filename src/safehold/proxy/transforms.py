@@ -26,8 +26,10 @@ from cryptography.hazmat.primitives import hashes, hmac
 from safehold.crypto.envelope import envelope_key_id, open_with_key, seal_with_key
 from safehold.crypto.fpe import FF1, Alphabet
 from safehold.crypto.kdf import derive_key
+from safehold.crypto.keyset import Keyset
 from safehold.crypto.siv import SIV
 from safehold.errors import CryptoError, FPEError, TransformError
+from safehold.jsontypes import JSONValue
 from safehold.proxy.schema import FieldSpec
 
 __all__ = ["FieldTransform", "MAX_FPE_CHARS", "UPPER", "LOWER", "DIGITS", "CLASSES", "b64u", "unb64u"]
@@ -192,6 +194,8 @@ class FieldTransform:
             m = derive_key(key, purpose=purpose, context=ctx)
         elif t == "date-shift":
             # no field name in the context: every date field of a record shifts by the same days
+            if self.spec.context is None:  # the schema requires one; refuse rather than guess
+                raise self._err("date-shift needs a context field")
             m = derive_key(key, purpose=purpose, context=self.spec.context.encode("utf-8"))
         else:
             m = None
@@ -206,7 +210,7 @@ class FieldTransform:
 
     # ---- public ----------------------------------------------------------------------------
 
-    def protect(self, value: Any, key_id: int, key: bytes, ctx: str | None = None) -> Any:
+    def protect(self, value: JSONValue, key_id: int, key: bytes, ctx: str | None = None) -> JSONValue:
         """Protect one value (see the module docstring for shapes)."""
         if self._is_empty(value):
             return value
@@ -223,9 +227,11 @@ class FieldTransform:
             return self._det_protect(value, key_id, key)
         return self._rnd_protect(value, key_id, key)
 
-    def reveal(self, value: Any, key_id: int | None, keyset: Any, ctx: str | None = None) -> Any:
+    def reveal(
+        self, value: JSONValue, key_id: int | None, keyset: Keyset, ctx: str | None = None
+    ) -> JSONValue:
         """Invert :meth:`protect`. ``key_id`` is the record's tag (fpe/token/date-shift); the
-        deterministic and randomized forms carry their own key id. ``keyset`` is a Keyset."""
+        deterministic and randomized forms carry their own key id."""
         if self._is_empty(value):
             return value
         t = self.spec.transform
@@ -348,7 +354,7 @@ class FieldTransform:
         ct = self._material(key_id, key).encrypt(pt, self._ad(key_id))
         return b64u(struct.pack(">BI", _VERSION, key_id) + ct)
 
-    def _det_reveal(self, value: Any, keyset: Any) -> Any:
+    def _det_reveal(self, value: Any, keyset: Keyset) -> Any:
         try:
             raw = unb64u(value)
         except ValueError:
@@ -368,7 +374,7 @@ class FieldTransform:
         pt = _json_bytes(value, self._err)
         return b64u(seal_with_key(key_id, self._material(key_id, key), pt, self._rnd_aad()))
 
-    def _rnd_reveal(self, value: Any, keyset: Any) -> Any:
+    def _rnd_reveal(self, value: Any, keyset: Keyset) -> Any:
         try:
             blob = unb64u(value)
         except ValueError:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from safehold.attestation.policy import Verdict
+from safehold.attestation.checks import Verdict
 from safehold.attestation.verifier import Appraisal, Verifier
 from safehold.ratls.cert import (
     HASH_ALGS,

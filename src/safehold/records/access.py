@@ -16,29 +16,17 @@ import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from safehold.errors import ConfigError, SafeholdError
+from safehold.errors import ConfigError
+from safehold.jsontypes import JSONValue
+from safehold.records.errors import AuthenticationError, PermissionDeniedError
 
-__all__ = ["ROLES", "AccessList", "AuthError", "AuthenticationError", "PermissionDeniedError",
-           "Principal"]
+__all__ = ["ROLES", "AccessList", "Principal"]
 
 ROLES = ("reader", "writer", "admin")
-
-
-class AuthError(SafeholdError):
-    """Base of the access refusals."""
-
-
-class AuthenticationError(AuthError):
-    """Missing or unknown credentials (HTTP 401 ``unauthorized``)."""
-
-
-class PermissionDeniedError(AuthError):
-    """The caller's role is too weak for the operation (HTTP 403 ``forbidden``)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +68,7 @@ class AccessList:
     certificates: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: bytes | str | Mapping[str, Any]) -> AccessList:
+    def from_json(cls, data: bytes | str | Mapping[str, JSONValue]) -> AccessList:
         """Parse the JSON form above."""
         try:
             obj = json.loads(data) if isinstance(data, bytes | str) else dict(data)

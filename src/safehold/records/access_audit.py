@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from safehold.errors import AuditChainError, ConflictError
+from safehold.jsontypes import JSONObject
 from safehold.records.commit import GroupCommit
 from safehold.store.base import Store
 
@@ -122,7 +123,7 @@ class AccessAuditLog:
     # -- writing ----------------------------------------------------------------------------
 
     @staticmethod
-    def body(who: str, op: str, record: bytes | None, outcome: str) -> dict[str, Any]:
+    def body(who: str, op: str, record: bytes | None, outcome: str) -> JSONObject:
         """The entry fields before chaining: who, op, record (blind index hex), outcome, at."""
         return {
             "who": who,
@@ -148,7 +149,7 @@ class AccessAuditLog:
         body = self.body(who, op, record, outcome)
         return self.committer.run(lambda: self.stage(body))
 
-    def stage(self, body: dict[str, Any]) -> AccessAuditEntry:
+    def stage(self, body: JSONObject) -> AccessAuditEntry:
         """Chain and write ``body`` as the next entry and advance the authenticated head (one
         savepoint for both); call inside a store transaction (a :class:`GroupCommit` unit), as
         the unit's **last** write. If another replica took the sequence number, re-read the head

@@ -1,8 +1,9 @@
 """The encrypted key-value engine: records over an untrusted :class:`~safehold.store.base.Store`.
 
-What the database sees, per record: the store namespace (``namespace_prefix + namespace``),
-the row key — a 16-byte blind index ``HMAC-SHA256(k_ns, record key)[:16]``
-(:mod:`safehold.crypto.blind_index`) — the CAS version, and a value in this frame::
+What the database sees, per record (sealed and opened by :mod:`safehold.records.frame`): the
+store namespace (``namespace_prefix + namespace``), the row key — a 16-byte blind index
+``HMAC-SHA256(k_ns, record key)[:16]`` (:mod:`safehold.crypto.blind_index`) — the CAS version,
+and a value in this frame::
 
     offset   size  field
     0        1     frame version (0x01)
@@ -35,151 +36,46 @@ attack in the threat model fail with its own error naming the row's blind index:
 Rolling a row back to an older valid (value, version) pair is *not* detected here; see
 DESIGN.md → Storage (freshness is a later design).
 
-Rotation: new writes use the keyset's primary key; :meth:`RecordEngine.rekey` re-encrypts
-older rows in batches (one store transaction per batch, CAS on every row) and is safe to
-interrupt and resume, because rows already under the primary are skipped.
+Key rotation (:meth:`RecordEngine.rekey`, resumable, batch by batch) is
+:mod:`safehold.records.rotation`.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
-import struct
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from safehold.crypto.blind_index import INDEX_SIZE, BlindIndexer
 from safehold.crypto.keyset import Keyset
 from safehold.errors import (
     ConflictError,
-    DecryptionError,
-    EnvelopeFormatError,
-    RecordError,
     RecordNotFoundError,
     RecordTamperedError,
-    UnknownKeyError,
 )
+from safehold.records import rotation
 from safehold.records.codec import Codec, EnvelopeCodec
+from safehold.records.errors import (
+    RecordConflictError,
+)
+from safehold.records.frame import RowFrame
+from safehold.records.rotation import RekeyCounts
 from safehold.store.base import MAX_NAMESPACE, Row, Store
 
-__all__ = [
-    "MAX_RECORD_KEY",
-    "ListPage",
-    "RecordConflictError",
-    "RecordCopiedError",
-    "RecordCorruptedError",
-    "RecordEngine",
-    "RecordMovedError",
-    "RecordUnknownKeyError",
-    "RecordVersionMismatchError",
-    "RekeyCounts",
-    "RowAddress",
-]
+__all__ = ["MAX_RECORD_KEY", "ListPage", "RecordEngine", "RowAddress"]
 
 #: Longest record key, in UTF-8 bytes.
 MAX_RECORD_KEY = 4096
 #: Default prefix of the store namespaces the engine writes.
 DEFAULT_PREFIX = "records:"
 
-_FRAME_VERSION = 1
-_AAD_LABEL = b"safehold/record/v1"
-_VERSION = struct.Struct(">Q")
-_KEYLEN = struct.Struct(">H")
 _NS_RE = re.compile(r"[A-Za-z0-9._:-]+")
 _REGISTRY = "_namespaces"
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-
-class _RowRefused(RecordTamperedError):
-    """Base of the per-attack errors: carries ``reason``, ``namespace`` and ``row_index`` (hex)."""
-
-    reason = "tampered"
-
-    def __init__(self, namespace: str, row_key: bytes, detail: str):
-        self.namespace = namespace
-        self.row_index = bytes(row_key).hex()
-        self.detail = detail
-        super().__init__(
-            f"record row {self.row_index} in store namespace {namespace!r} refused "
-            f"({self.reason}): {detail}"
-        )
-
-
-class RecordCorruptedError(_RowRefused):
-    """The stored value's bytes were changed (flipped bit, truncated, garbled): GCM tag or frame invalid."""
-
-    reason = "corrupted"
-
-
-class RecordCopiedError(_RowRefused):
-    """An authentic value sealed for another record key (another blind index) sits in this row."""
-
-    reason = "copied-from-another-record"
-
-
-class RecordMovedError(_RowRefused):
-    """An authentic value sealed for another namespace sits in this row."""
-
-    reason = "moved-from-another-namespace"
-
-
-class RecordVersionMismatchError(_RowRefused):
-    """The row's version number differs from the version the value was sealed for."""
-
-    reason = "version-changed"
-
-
-class RecordUnknownKeyError(_RowRefused, UnknownKeyError):
-    """The value names a key id the keyset does not hold (retired too early, or forged).
-
-    Attributes:
-        key_id: the id the envelope names.
-    """
-
-    reason = "unknown-key-id"
-
-    def __init__(self, namespace: str, row_key: bytes, key_id: int):
-        self.key_id = key_id
-        super().__init__(namespace, row_key, f"envelope names key id {key_id}, not in the keyset")
-
-
-class RecordConflictError(ConflictError, RecordError):
-    """Optimistic concurrency failed: the record's version is not the expected one.
-
-    Attributes:
-        expected: the version the caller expected (0 = must not exist), or None.
-        actual: the version found (0 = no record), or None if unknown.
-    """
-
-    def __init__(self, message: str, expected: int | None = None, actual: int | None = None):
-        self.expected = expected
-        self.actual = actual
-        super().__init__(message)
-
-
-# --- rekey counts ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RekeyCounts:
-    """Progress / result of :meth:`RecordEngine.rekey` (cumulative over the whole run).
-
-    Attributes:
-        namespace: the record namespace being worked on ("" once finished).
-        scanned: rows looked at.
-        rekeyed: rows re-encrypted under the primary key (and committed).
-        already_current: rows that were already under the primary key.
-        retried_batches: batches redone because a concurrent writer changed a row (CAS).
-    """
-
-    namespace: str = ""
-    scanned: int = 0
-    rekeyed: int = 0
-    already_current: int = 0
-    retried_batches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +148,7 @@ class RecordEngine:
         self.prefix = namespace_prefix
         self.codec: Codec = codec if codec is not None else EnvelopeCodec(keyset)
         self._indexer = BlindIndexer(keyset.index_key)
+        self.frame = RowFrame(self.codec, self._indexer)
         self._sns: dict[str, str] = {}
         self._registered: set[str] = set()
         self._registry_ns = namespace_prefix + _REGISTRY
@@ -262,7 +159,7 @@ class RecordEngine:
 
     # --- addressing ----------------------------------------------------------------------------
 
-    def _store_ns(self, namespace: str) -> str:
+    def store_namespace(self, namespace: str) -> str:
         sns = self._sns.get(namespace) if isinstance(namespace, str) else None
         if sns is None:
             if not isinstance(namespace, str) or not _NS_RE.fullmatch(namespace):
@@ -295,7 +192,7 @@ class RecordEngine:
         Raises:
             ValueError: bad namespace or key.
         """
-        return self._indexer.index(self._store_ns(namespace), self._key_bytes(key))
+        return self._indexer.index(self.store_namespace(namespace), self._key_bytes(key))
 
     def address(self, namespace: str, key: str) -> RowAddress:
         """Check ``namespace`` and ``key`` once and derive the row's blind index, for callers
@@ -304,85 +201,9 @@ class RecordEngine:
         Raises:
             ValueError: bad namespace or key.
         """
-        sns = self._store_ns(namespace)
+        sns = self.store_namespace(namespace)
         kb = self._key_bytes(key)
         return RowAddress(namespace, sns, kb, self._indexer.index(sns, kb))
-
-    # --- frame -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _header(sns: str, row_key: bytes, version: int) -> bytes:
-        ns = sns.encode("ascii")
-        return b"".join(
-            (bytes((_FRAME_VERSION, len(ns))), ns, bytes((len(row_key),)), row_key, _VERSION.pack(version))
-        )
-
-    def _encode(self, sns: str, row_key: bytes, version: int, kb: bytes, value: bytes) -> bytes:
-        header = self._header(sns, row_key, version)
-        body = self.codec.seal(b"".join((_KEYLEN.pack(len(kb)), kb, value)), _AAD_LABEL + header)
-        return header + body
-
-    @staticmethod
-    def _split(row: Row) -> tuple[bytes, str, bytes, int, bytes]:
-        """``(header, namespace, row_key, version, body)`` as written in the frame."""
-        v = row.value
-        if len(v) < 2 or v[0] != _FRAME_VERSION:
-            what = "empty" if not v else f"frame version {v[0]}" if len(v) >= 2 else "1 byte"
-            raise RecordCorruptedError(row.namespace, row.key, f"not a record frame ({what})")
-        n = v[1]
-        off = 2 + n
-        if len(v) < off + 1:
-            raise RecordCorruptedError(row.namespace, row.key, "record frame truncated in the namespace")
-        m = v[off]
-        end = off + 1 + m + 8
-        if len(v) < end:
-            raise RecordCorruptedError(row.namespace, row.key, "record frame truncated in the header")
-        try:
-            ns = v[2:off].decode("ascii")
-        except UnicodeDecodeError:
-            raise RecordCorruptedError(row.namespace, row.key, "frame namespace is not ASCII") from None
-        (version,) = _VERSION.unpack_from(v, off + 1 + m)
-        return v[:end], ns, v[off + 1 : off + 1 + m], version, v[end:]
-
-    def _decode(self, row: Row, kb: bytes | None) -> tuple[bytes, bytes]:
-        """Authenticate ``row`` and return ``(record key bytes, value)``.
-
-        ``kb`` is the record key asked for (None in list/rekey: then the embedded key must
-        hash to the row's blind index). Raises the ``_RowRefused`` subclasses.
-        """
-        header, ns, row_key, version, body = self._split(row)
-        try:
-            inner = self.codec.open(body, _AAD_LABEL + header)
-        except UnknownKeyError:
-            kid = self.codec.key_id(body)
-            raise RecordUnknownKeyError(row.namespace, row.key, kid if kid is not None else -1) from None
-        except DecryptionError:
-            raise RecordCorruptedError(
-                row.namespace, row.key, "authentication failed: the stored value was altered"
-            ) from None
-        except EnvelopeFormatError as e:
-            raise RecordCorruptedError(row.namespace, row.key, f"malformed envelope: {e}") from None
-        # The coordinates are now authentic; they must be this row's.
-        if ns != row.namespace:
-            raise RecordMovedError(row.namespace, row.key, f"value was sealed for store namespace {ns!r}")
-        if row_key != row.key:
-            raise RecordCopiedError(row.namespace, row.key, f"value was sealed for row {row_key.hex()}")
-        if version != row.version:
-            raise RecordVersionMismatchError(
-                row.namespace, row.key, f"value was sealed for version {version}, row says {row.version}"
-            )
-        if len(inner) < 2:
-            raise RecordCorruptedError(row.namespace, row.key, "record plaintext truncated")
-        (klen,) = _KEYLEN.unpack_from(inner, 0)
-        if len(inner) < 2 + klen:
-            raise RecordCorruptedError(row.namespace, row.key, "record plaintext truncated in the key")
-        got = inner[2 : 2 + klen]
-        if kb is not None:
-            if got != kb:
-                raise RecordCopiedError(row.namespace, row.key, "value holds a different record key")
-        elif self._indexer.index(row.namespace, got) != row.key:
-            raise RecordCopiedError(row.namespace, row.key, "record key inside does not match the row index")
-        return got, inner[2 + klen :]
 
     # --- namespace registry (lets rekey find every namespace) ------------------------------------
 
@@ -446,7 +267,7 @@ class RecordEngine:
         for _ in range(16):
             row = self.store.get(sns, row_key)
             current = 0 if row is None else row.version
-            blob = self._encode(sns, row_key, current + 1, kb, value)
+            blob = self.frame.seal(sns, row_key, current + 1, kb, value)
             try:
                 return self.store.put(sns, row_key, blob, expected_version=current)
             except ConflictError:
@@ -469,7 +290,8 @@ class RecordEngine:
         ):
             raise ValueError(f"expected_version must be an int >= 0 or None, got {expected_version!r}")
         self._register(addr.store_namespace)
-        blob = self._encode(addr.store_namespace, addr.row_key, expected_version + 1, addr.key, bytes(value))
+        sns, row_key = addr.store_namespace, addr.row_key
+        blob = self.frame.seal(sns, row_key, expected_version + 1, addr.key, bytes(value))
         try:
             return self.store.put(addr.store_namespace, addr.row_key, blob, expected_version=expected_version)
         except ConflictError as e:
@@ -509,7 +331,7 @@ class RecordEngine:
         if row is None:
             raise RecordNotFoundError(f"no record at row {addr.row_key.hex()} in namespace "
                                       f"{addr.namespace!r}")
-        _, value = self._decode(row, addr.key)
+        _, value = self.frame.open(row, addr.key)
         return value, row.version
 
     def exists(self, namespace: str, key: str) -> bool:
@@ -550,9 +372,9 @@ class RecordEngine:
         Raises:
             RecordTamperedError subclasses on the first row that fails (fail closed).
         """
-        sns = self._store_ns(namespace)
+        sns = self.store_namespace(namespace)
         for row in self.store.scan_all(sns, page=page):
-            kb, value = self._decode(row, None)
+            kb, value = self.frame.open(row, None)
             yield kb.decode("utf-8"), value, row.version
 
     def list(self, namespace: str) -> list[str]:
@@ -582,13 +404,13 @@ class RecordEngine:
             RecordTamperedError subclasses: a row failed and ``skip_tampered`` is False.
             StoreUnavailableError, ValueError: as :meth:`get` / bad ``after`` or ``limit``.
         """
-        sns = self._store_ns(namespace)
+        sns = self.store_namespace(namespace)
         rows = self.store.scan(sns, after=after, limit=limit)
-        keys: list[str] = []
-        tampered: list[RecordTamperedError] = []
+        keys: builtins.list[str] = []
+        tampered: builtins.list[RecordTamperedError] = []
         for row in rows:
             try:
-                kb, _ = self._decode(row, None)
+                kb, _ = self.frame.open(row, None)
             except RecordTamperedError as e:
                 if not skip_tampered:
                     raise
@@ -599,7 +421,7 @@ class RecordEngine:
 
     def put_many(
         self, namespace: str, items: Iterable[tuple[str, bytes, int | None]], *, max_retries: int = 8
-    ) -> list[int]:
+    ) -> builtins.list[int]:
         """Write several records of one namespace atomically (one store transaction).
 
         Args:
@@ -618,8 +440,8 @@ class RecordEngine:
             StoreUnavailableError: nothing of the batch was written.
             ValueError: bad namespace, key, value or version, or a key listed twice.
         """
-        sns = self._store_ns(namespace)
-        prepared: list[tuple[bytes, bytes, bytes, int | None]] = []
+        sns = self.store_namespace(namespace)
+        prepared: builtins.list[tuple[bytes, bytes, bytes, int | None]] = []
         seen: set[bytes] = set()
         for key, value, expected in items:
             kb = self._key_bytes(key)
@@ -648,7 +470,7 @@ class RecordEngine:
                             current = 0 if row is None else row.version
                         else:
                             current = expected
-                        blob = self._encode(sns, row_key, current + 1, kb, value)
+                        blob = self.frame.seal(sns, row_key, current + 1, kb, value)
                         try:
                             out.append(tx.put(sns, row_key, blob, expected_version=current))
                         except ConflictError as e:
@@ -668,30 +490,11 @@ class RecordEngine:
             f"put_many in namespace {namespace!r} lost {max_retries + 1} races; nothing written"
         )
 
-    # --- rotation ------------------------------------------------------------------------------
+    # --- rotation (safehold.records.rotation) -------------------------------------------------
 
     def key_usage(self, namespaces: Iterable[str] | None = None) -> dict[int, int]:
-        """``{key id: rows sealed under it}`` from the envelope headers (nothing is decrypted).
-
-        Use before ``keyset.retire(old)``: the old id must be absent.
-
-        Raises:
-            RecordCorruptedError: a row's frame or envelope header is malformed.
-        """
-        usage: Counter[int] = Counter()
-        for ns in self.namespaces() if namespaces is None else namespaces:
-            for row in self.store.scan_all(self._store_ns(ns)):
-                kid = self._row_key_id(row)
-                if kid is not None:
-                    usage[kid] += 1
-        return dict(usage)
-
-    def _row_key_id(self, row: Row) -> int | None:
-        body = self._split(row)[4]
-        try:
-            return self.codec.key_id(body)
-        except EnvelopeFormatError as e:
-            raise RecordCorruptedError(row.namespace, row.key, f"malformed envelope: {e}") from None
+        """``{key id: rows sealed under it}``; see :func:`safehold.records.rotation.key_usage`."""
+        return rotation.key_usage(self, namespaces)
 
     def rekey(
         self,
@@ -701,76 +504,10 @@ class RecordEngine:
         namespaces: Iterable[str] | None = None,
         max_retries: int = 8,
     ) -> RekeyCounts:
-        """Re-encrypt every row not under the primary key, in batches.
+        """Re-encrypt every row not under the primary key; see :func:`safehold.records.rotation.rekey`."""
+        return rotation.rekey(
+            self, batch_size=batch_size, progress=progress, namespaces=namespaces, max_retries=max_retries
+        )
 
-        Each batch of up to ``batch_size`` rows is authenticated, re-sealed under the primary
-        key with version + 1, and written in one store transaction with CAS on every row; a
-        row changed concurrently makes that batch roll back and be redone from a fresh read.
-        ``progress`` is called after every committed batch. Interrupting (exception, SIGKILL)
-        loses nothing: committed batches are under the new key, the rest still opens under the
-        old key, and running ``rekey`` again continues (already-current rows are skipped).
-
-        Note: rekeyed rows get a new version, so writers holding the old version get a conflict.
-
-        Args:
-            batch_size: rows per batch, 1..10000.
-            progress: called with cumulative :class:`RekeyCounts` after each batch.
-            namespaces: record namespaces to cover; default every registered one.
-            max_retries: how often one batch may be redone after conflicts before giving up.
-
-        Returns:
-            Final :class:`RekeyCounts` (``namespace`` = "").
-
-        Raises:
-            RecordTamperedError subclasses: a row failed authentication (nothing of its batch
-                is written; rows of earlier batches stay rekeyed).
-            RecordConflictError: a batch kept conflicting ``max_retries`` times.
-            StoreUnavailableError: the store went away (resume later).
-        """
-        if not 1 <= batch_size <= 10_000:
-            raise ValueError(f"batch_size must be 1..10000, got {batch_size}")
-        counts = RekeyCounts()
-        primary = self.codec.primary_key_id()
-        if primary is None:
-            return counts  # keyless codec: nothing to rotate
-        for ns in self.namespaces() if namespaces is None else list(namespaces):
-            sns = self._store_ns(ns)
-            counts = replace(counts, namespace=ns)
-            after: bytes | None = None
-            retries = 0
-            while True:
-                rows = self.store.scan(sns, after=after, limit=batch_size)
-                if not rows:
-                    break
-                stale = [r for r in rows if self._row_key_id(r) != primary]
-                writes = []
-                for r in stale:
-                    kb, value = self._decode(r, None)
-                    writes.append((r, self._encode(sns, r.key, r.version + 1, kb, value)))
-                if writes:
-                    try:
-                        with self.store.transaction() as tx:
-                            for r, blob in writes:
-                                tx.put(sns, r.key, blob, expected_version=r.version)
-                    except ConflictError as e:
-                        retries += 1
-                        counts = replace(counts, retried_batches=counts.retried_batches + 1)
-                        if retries > max_retries:
-                            raise RecordConflictError(
-                                f"rekey of namespace {ns!r} gave up after {max_retries} "
-                                f"conflicting retries: {e}"
-                            ) from None
-                        continue  # same page again, freshly read
-                retries = 0
-                counts = replace(
-                    counts,
-                    scanned=counts.scanned + len(rows),
-                    rekeyed=counts.rekeyed + len(writes),
-                    already_current=counts.already_current + len(rows) - len(writes),
-                )
-                if progress is not None:
-                    progress(counts)
-                if len(rows) < batch_size:
-                    break
-                after = rows[-1].key
-        return replace(counts, namespace="")
+    def _row_key_id(self, row: Row) -> int | None:
+        return self.frame.key_id(row)

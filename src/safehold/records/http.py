@@ -68,27 +68,29 @@ from safehold.errors import (
     SafeholdError,
     StoreError,
 )
-from safehold.records.access import (
-    AccessList,
+from safehold.records.access import AccessList, Principal
+from safehold.records.errors import (
+    AlreadyExistsError,
     AuthenticationError,
+    InvalidRecordError,
+    NonFiniteNumberError,
+    PayloadTooLargeError,
     PermissionDeniedError,
-    Principal,
+    PreconditionFailedError,
 )
 from safehold.records.model import (
     MAX_BATCH,
     MAX_RECORD_BYTES,
     SEARCH_FIELDS,
-    InvalidRecordError,
-    NonFiniteNumberError,
     loads_strict,
     parse_batch,
     parse_record,
 )
-from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
+from safehold.records.repository import PatientRepository
 from safehold.store.errors import StoreCorruptError
 
-__all__ = ["MAX_BATCH_BYTES", "NativeAPI", "PayloadTooLargeError", "authenticate", "create_native_app",
-           "error_response", "read_body", "router"]
+__all__ = ["MAX_BATCH_BYTES", "NativeAPI", "authenticate", "create_native_app", "error_response",
+           "read_body", "router"]
 
 #: Largest ``POST /v1/patients:batch`` body (bytes); split bigger imports into several batches.
 MAX_BATCH_BYTES = 32 * 1024 * 1024
@@ -97,10 +99,6 @@ MAX_BATCH_BYTES = 32 * 1024 * 1024
 _DRAIN_BYTES = 16 * 1024 * 1024
 
 AccessSource = AccessList | Callable[[], AccessList]
-
-
-class PayloadTooLargeError(InvalidRecordError):
-    """The request body is over the endpoint's limit (413; the message names the limit)."""
 
 
 @dataclass(frozen=True)

@@ -36,17 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safehold.errors import RecordError
-from safehold.records.model import (
-    InvalidRecordError,
-    NonFiniteNumberError,
-    loads_strict,
-    parse_record,
-)
-
-
-class ImportFormatError(RecordError):
-    """A whole input file cannot be read in any supported format (the message names the file)."""
+from safehold.records.errors import ImportFormatError, InvalidRecordError, NonFiniteNumberError
+from safehold.records.model import loads_strict, parse_record
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from safehold.errors import RecordError
+from safehold.jsontypes import JSONObject, JSONValue
+from safehold.records.errors import InvalidRecordError, NonFiniteNumberError
 
 __all__ = [
     "INDEXED_FIELDS",
@@ -40,8 +42,6 @@ __all__ = [
     "NON_FINITE_MESSAGE",
     "RECORD_ID_RE",
     "SEARCH_FIELDS",
-    "InvalidRecordError",
-    "NonFiniteNumberError",
     "RefusedItem",
     "ValidRecord",
     "check_record_id",
@@ -71,16 +71,6 @@ INDEXED_FIELDS = ("family", "given", "birthDate", "identifier")
 
 NON_FINITE_MESSAGE = "NaN, Infinity and -Infinity are not JSON numbers (RFC 8259 §6)"
 _SYNTHEA_GENDER = {"M": "male", "F": "female"}
-
-
-class InvalidRecordError(RecordError):
-    """A record or record id is not acceptable (names the rule broken, never the content)."""
-
-
-class NonFiniteNumberError(ValueError):
-    """JSON text holds ``NaN``, ``Infinity`` or ``-Infinity``: Python's :mod:`json` accepts them,
-    RFC 8259 §6 does not ("Numeric values that cannot be represented … such as Infinity and NaN
-    are not permitted"), so Safehold never stores them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,17 +105,18 @@ def _refuse_constant(name: str) -> Any:
     raise NonFiniteNumberError(f"{name} found: {NON_FINITE_MESSAGE}")
 
 
-def loads_strict(data: str | bytes) -> Any:
+def loads_strict(data: str | bytes) -> JSONValue:
     """:func:`json.loads` that refuses ``NaN`` / ``Infinity`` / ``-Infinity`` (RFC 8259 §6).
 
     Raises:
         NonFiniteNumberError: one of those constants appears (a :class:`ValueError`).
         json.JSONDecodeError, UnicodeDecodeError, RecursionError: as :func:`json.loads`.
     """
-    return json.loads(data, parse_constant=_refuse_constant)
+    value: JSONValue = json.loads(data, parse_constant=_refuse_constant)
+    return value
 
 
-def encode_record(record: Mapping[str, Any]) -> bytes:
+def encode_record(record: Mapping[str, JSONValue]) -> bytes:
     """The stored form of a record: compact JSON (RFC 8259), UTF-8, member order kept.
 
     Raises:
@@ -144,7 +135,7 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
         raise InvalidRecordError(f"record is not JSON-serialisable: {type(e).__name__}") from None
 
 
-def decode_stored(raw: bytes) -> dict[str, Any]:
+def decode_stored(raw: bytes) -> JSONObject:
     """The JSON object of a stored record (authenticated plaintext written by
     :func:`encode_record`).
 
@@ -283,7 +274,7 @@ def normalise(value: str) -> str:
     return " ".join(v.split())
 
 
-def search_terms(record: Mapping[str, Any]) -> set[tuple[str, str]]:
+def search_terms(record: Mapping[str, JSONValue]) -> set[tuple[str, str]]:
     """Extract the ``(field, normalised value)`` pairs a record is findable by.
 
     Fields (:data:`SEARCH_FIELDS`), by record shape:
@@ -338,14 +329,14 @@ def posting_term(field: str, value: str) -> str:
     return f"{field}={value}"
 
 
-def postings(record: Mapping[str, Any]) -> frozenset[str]:
+def postings(record: Mapping[str, JSONValue]) -> frozenset[str]:
     """The posting terms of a record: its :func:`search_terms` on :data:`INDEXED_FIELDS`,
     without the ``system|value`` identifier form (looked up by value)."""
     return frozenset(posting_term(f, v) for f, v in search_terms(record)
                      if f in INDEXED_FIELDS and not (f == "identifier" and "|" in v))
 
 
-def display_name(record: Mapping[str, Any]) -> str:
+def display_name(record: Mapping[str, JSONValue]) -> str:
     """A person's name for display (given names, then family), from any of the three record
     shapes; ``""`` when the record has none."""
     if record.get("resourceType") == "Patient":

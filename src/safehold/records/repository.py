@@ -36,14 +36,15 @@ from typing import Any
 
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConflictError, RecordError, RecordNotFoundError, RecordTamperedError
+from safehold.jsontypes import JSONObject
 from safehold.records.access_audit import AccessAuditLog
 from safehold.records.codec import Codec
 from safehold.records.commit import GroupCommit
 from safehold.records.engine import DEFAULT_PREFIX, RecordEngine, RowAddress
+from safehold.records.errors import AlreadyExistsError, InvalidRecordError, PreconditionFailedError
 from safehold.records.model import (
     INDEXED_FIELDS,
     SEARCH_FIELDS,
-    InvalidRecordError,
     RefusedItem,
     ValidRecord,
     check_record_id,
@@ -56,14 +57,7 @@ from safehold.records.model import (
 from safehold.records.search import PostingIndex
 from safehold.store.base import Store
 
-__all__ = [
-    "MAX_PAGE",
-    "NAMESPACE",
-    "AlreadyExistsError",
-    "PatientRepository",
-    "PreconditionFailedError",
-    "PutResult",
-]
+__all__ = ["MAX_PAGE", "NAMESPACE", "PatientRepository", "PutResult"]
 
 #: Default namespace of patient records.
 NAMESPACE = "patients"
@@ -71,14 +65,6 @@ NAMESPACE = "patients"
 MAX_PAGE = 1000
 _INDEX_RETRIES = 64
 log = logging.getLogger("safehold.records")
-
-
-class PreconditionFailedError(RecordError):
-    """``If-Match`` / expected version does not match the record's current version."""
-
-
-class AlreadyExistsError(RecordError):
-    """Create-only write on a record id that exists."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +131,7 @@ class PatientRepository:
 
     # -- single records -------------------------------------------------------------------
 
-    def get(self, who: str, rid: str) -> tuple[dict[str, Any], int]:
+    def get(self, who: str, rid: str) -> tuple[JSONObject, int]:
         """Return ``(record, version)``.
 
         Raises:
@@ -318,7 +304,7 @@ class PatientRepository:
         return page.keys, (page.next_after.hex() if page.next_after else None)
 
     def search(self, who: str, criteria: Mapping[str, str], *,
-               limit: int = MAX_PAGE) -> list[tuple[str, dict[str, Any]]]:
+               limit: int = MAX_PAGE) -> list[tuple[str, JSONObject]]:
         """``(id, record)`` of the records matching every ``field=value`` exactly (after
         :func:`~safehold.records.model.normalise`), at most ``limit`` (1..:data:`MAX_PAGE`), in
         id order.
@@ -330,7 +316,7 @@ class PatientRepository:
         return [(rid, rec) for rid, rec, _ in self.search_hits(who, criteria, limit=limit)]
 
     def search_hits(self, who: str, criteria: Mapping[str, str], *,
-                    limit: int = MAX_PAGE) -> list[tuple[str, dict[str, Any], int]]:
+                    limit: int = MAX_PAGE) -> list[tuple[str, JSONObject, int]]:
         """As :meth:`search`, with each record's current version: ``(id, record, version)``.
 
         Raises:
@@ -376,7 +362,7 @@ class PatientRepository:
         self._audit(who, "search", None, f"ok:{len(out)}")
         return out
 
-    def batch(self, who: str, items: Iterable[ValidRecord | RefusedItem]) -> list[dict[str, Any]]:
+    def batch(self, who: str, items: Iterable[ValidRecord | RefusedItem]) -> list[JSONObject]:
         """Upsert many records, skipping byte-identical ones; one result dict per item
         (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``).
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from safehold.records.model import InvalidRecordError
+from safehold.records.errors import SconeFormError
 
-__all__ = ["FIELDS", "MAX_FIELD", "SconeFormError", "form_record", "score"]
+__all__ = ["FIELDS", "MAX_FIELD", "form_record", "score"]
 
 #: The demo's form fields, in its order.
 FIELDS = (
@@ -21,11 +21,6 @@ FIELDS = (
 )
 #: Longest field value, in characters.
 MAX_FIELD = 4096
-
-
-class SconeFormError(InvalidRecordError):
-    """A ``POST /patient/<id>`` form lacks fields or holds a bad value (the message is the
-    demo-style ``error`` text: names the fields, never their values)."""
 
 
 def form_record(form: Mapping[str, object]) -> dict[str, str]:

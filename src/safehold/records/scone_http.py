@@ -33,10 +33,11 @@ from starlette.concurrency import run_in_threadpool
 
 from safehold.errors import RecordNotFoundError, SafeholdError
 from safehold.records.access import AccessList
+from safehold.records.errors import AlreadyExistsError, SconeFormError
 from safehold.records.http import AccessSource, access_getter, authenticate, on_safehold_error
 from safehold.records.model import decode_stored, parse_record
-from safehold.records.repository import AlreadyExistsError, PatientRepository
-from safehold.records.scone import SconeFormError, form_record, score
+from safehold.records.repository import PatientRepository
+from safehold.records.scone import form_record, score
 
 __all__ = ["SconeAPI", "create_scone_app", "router"]
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -53,21 +54,25 @@ from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
 from safehold.records.commit import GroupCommit
 from safehold.records.config import ServiceConfig
+from safehold.records.errors import BrokerIdentityError, NoKeysError
 from safehold.records.http import create_native_app
 from safehold.records.repository import PatientRepository
 from safehold.records.scone_http import create_scone_app
 from safehold.store.base import Store
 
-__all__ = ["BrokerIdentityError", "NoKeysError", "Provisioned", "build_apps", "main",
-           "open_repository", "pinned_broker_ca", "provision", "run", "serve_apps",
-           "ssl_context_from_pem"]
+__all__ = [
+    "Provisioned",
+    "build_apps",
+    "main",
+    "open_repository",
+    "pinned_broker_ca",
+    "provision",
+    "run",
+    "serve_apps",
+    "ssl_context_from_pem",
+]
 
 log = logging.getLogger("safehold.records")
-
-
-class BrokerIdentityError(ConfigError):
-    """The broker's workload CA is not the one pinned in the measured configuration (or the
-    broker's TLS certificate does not chain to it): the service talks to no other broker."""
 
 
 # --- TLS: contexts from in-memory PEM, client-certificate capture ----------------------------
@@ -104,12 +109,14 @@ def ssl_context_from_pem(
     return ctx
 
 
-def _with_peer_cert(base: type) -> type:
-    class PeerCertProtocol(base):  # type: ignore[misc, valid-type]
+def _with_peer_cert(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    class PeerCertProtocol(base):  # type: ignore[valid-type, misc]  # a base chosen at run time
         """uvicorn's HTTP protocol that exposes the verified client certificate (DER) to the
         app as ``request.state.tls_peer_cert`` (ASGI has no standard field for it)."""
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        app_state: dict[str, object]  # uvicorn's per-connection state, copied into each request
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             sslobj = transport.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -128,12 +135,18 @@ except ImportError:  # pragma: no cover - httptools is a dependency
     PeerCertHTTPProtocol = PeerCertH11Protocol
 
 
+_ContextFactory = Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]
+
+
+def _fixed_context(ctx: ssl.SSLContext) -> _ContextFactory:
+    """uvicorn's ``ssl_context_factory`` that answers with the context built in memory (no key file)."""
+    return lambda _config, _default: ctx
+
+
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to :func:`serve_apps`."""
 
-    def capture_signals(self):  # type: ignore[no-untyped-def, override]
-        import contextlib
-
+    def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
 
@@ -155,7 +168,7 @@ async def serve_apps(
             app, host=host, port=port, http=PeerCertHTTPProtocol, lifespan="off",
             log_level="warning", access_log=False, server_header=False, timeout_keep_alive=30,
             timeout_graceful_shutdown=5,
-            ssl_context_factory=(lambda _c, _d, ctx=ctx: ctx) if ctx is not None else None,
+            ssl_context_factory=_fixed_context(ctx) if ctx is not None else None,
             ssl_certfile="unused" if ctx is not None else None,
         )
         servers.append(_Server(cfg))
@@ -197,11 +210,6 @@ async def serve_apps(
 # --- bootstrap ------------------------------------------------------------------------------
 
 
-class NoKeysError(SafeholdError):
-    """The broker refused this workload (its Evidence did not pass the manifest's policy), so
-    the service has no keys and must not serve."""
-
-
 @dataclass
 class Provisioned:
     """What arrived through attestation: the keyset, the TLS identity (certificate chain and
@@ -227,7 +235,8 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
             broker's reason (which claim, expected vs. got).
         BrokerError: the broker is unreachable or answered otherwise.
     """
-    from safehold.client.broker import BrokerClient, BrokerRefused
+    from safehold.client.broker import BrokerClient
+    from safehold.client.errors import BrokerRefusedError
     from safehold.errors import BrokerError
     from safehold.ratls.cert import OID_TCG_DICE_TAGGED_EVIDENCE, encode_claims, encode_extension, spki_der
 
@@ -250,7 +259,7 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
                 cfg.tls_resource.rsplit("/", 1)[-1],
                 extensions=[(OID_TCG_DICE_TAGGED_EVIDENCE.dotted_string, ext)],
             )
-        except BrokerRefused as e:
+        except BrokerRefusedError as e:
             if e.status in (401, 403):
                 raise NoKeysError(f"the broker released no keys to this workload: {e.detail}") from None
             raise

@@ -38,11 +38,12 @@ def open_store(url: str, *, timeout: float | None = None) -> Store:
     if not isinstance(url, str) or not url.strip():
         raise ValueError("store URL is empty")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    kw = {} if timeout is None else {"timeout": timeout}
     if scheme in ("postgresql", "postgres"):
         from safehold.store.postgres import PostgresStore
 
-        return PostgresStore.from_url(url, **kw)
+        if timeout is None:
+            return PostgresStore.from_url(url)
+        return PostgresStore.from_url(url, timeout=timeout)
     if scheme == "sqlite":
         from safehold.store.sqlite import SqliteStore
 
@@ -59,9 +60,9 @@ def open_store(url: str, *, timeout: float | None = None) -> Store:
             path = unquote(rest)
         if not path:
             raise ValueError("sqlite URL has no file path")
-        return SqliteStore(path, **kw)
+        return SqliteStore(path) if timeout is None else SqliteStore(path, timeout=timeout)
     if len(scheme) > 1 and "/" not in scheme and "\\" not in scheme:
         raise ValueError(f"unknown store URL scheme {scheme!r}; use sqlite:/// or postgresql://")
     from safehold.store.sqlite import SqliteStore
 
-    return SqliteStore(url, **kw)
+    return SqliteStore(url) if timeout is None else SqliteStore(url, timeout=timeout)

@@ -27,7 +27,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -164,6 +164,16 @@ class _ThreadState(threading.local):
     tx: _PgTx | None = None
 
 
+class PoolOptions(TypedDict, total=False):
+    """Keyword options of :class:`PostgresStore` besides the DSN and schema (see its Args)."""
+
+    min_size: int
+    max_size: int
+    timeout: float
+    application_name: str
+    check_connections: bool
+
+
 class PostgresStore(_PgOps, Store):
     """Store in one schema of a PostgreSQL database.
 
@@ -244,7 +254,7 @@ class PostgresStore(_PgOps, Store):
             raise
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> PostgresStore:
+    def from_url(cls, url: str, **kwargs: Unpack[PoolOptions]) -> PostgresStore:
         """Open from ``postgresql://…[?schema=NAME]``; see :func:`safehold.store.open_store`.
 
         ``schema`` is taken out of the query string before the URI goes to libpq; without it a

@@ -29,15 +29,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import unquote
 
 import cbor2
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message
 
-from safehold.vau.epa import EpaVauServer
-from safehold.vau.erp import ErpVau
+from safehold.vau.epa_server import EpaVauServer
+from safehold.vau.erp_server import ErpVau
 from safehold.vau.errors import (
     VauAccessTokenError,
     VauCapacityError,
@@ -67,9 +67,9 @@ class VauState:
     erp: ErpVau | None = None
     erp_certificate: bytes | None = None
     erp_ocsp: bytes | None = None
-    erp_inner: Any = None
+    erp_inner: ASGIApp | None = None
     epa: EpaVauServer | None = None
-    epa_inner: Any = None
+    epa_inner: ASGIApp | None = None
     epa_cert_data: Mapping[bytes, tuple[int, bytes]] = field(default_factory=dict)
 
 
@@ -112,7 +112,7 @@ def _media(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _dispatch(app: Any, req: HttpRequest) -> HttpResponse:
+async def _dispatch(app: ASGIApp, req: HttpRequest) -> HttpResponse:
     """Call the inner ASGI app in-process (ASGI 3.0 HTTP scope, no socket); a crash there becomes
     an inner 500 for the client."""
     path, _, query = req.target.partition("?")
@@ -140,14 +140,14 @@ async def _dispatch(app: Any, req: HttpRequest) -> HttpResponse:
     headers: list[tuple[str, str]] = []
     body = bytearray()
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal delivered
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": req.body, "more_body": False}
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         nonlocal status
         if message["type"] == "http.response.start":
             status = int(message["status"])

@@ -22,6 +22,7 @@ Stdin CBOR map (``python -m safehold.vau.server``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import ssl
@@ -41,8 +42,10 @@ from safehold.erezept.http import router as erezept_router
 from safehold.erezept.tasks import TaskService
 from safehold.erezept.tokens import AccessTokenVerifier
 from safehold.errors import ConfigError
-from safehold.vau.epa import EpaVauServer, SignedPublicVauKeys, VauServerKeys
-from safehold.vau.erp import ErpVau, load_vau_private_key
+from safehold.vau.epa_keys import SignedPublicVauKeys, VauServerKeys
+from safehold.vau.epa_server import EpaVauServer
+from safehold.vau.erp import load_vau_private_key
+from safehold.vau.erp_server import ErpVau
 from safehold.vau.http import VauState, cert_data
 from safehold.vau.http import router as vau_router
 
@@ -75,7 +78,7 @@ def _loopback(host: str) -> str:
     return host
 
 
-def _config(app: Any, host: str, port: int, ssl_context: ssl.SSLContext | None) -> uvicorn.Config:
+def _config(app: FastAPI, host: str, port: int, ssl_context: ssl.SSLContext | None) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=_loopback(host),
@@ -91,9 +94,7 @@ def _config(app: Any, host: str, port: int, ssl_context: ssl.SSLContext | None) 
 
 
 class _Server(uvicorn.Server):
-    def capture_signals(self):  # type: ignore[no-untyped-def, override]
-        import contextlib
-
+    def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
 
@@ -106,8 +107,9 @@ class ServerThread:
     """
 
     def __init__(
-        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
-    ):
+        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._server = _Server(_config(app, host, port, ssl_context))
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="vau-server")
         self.port = 0
@@ -148,7 +150,10 @@ def state_from_config(cfg: dict[str, Any]) -> tuple[VauState, Callable[[], None]
 
     try:
         vau_key = load_vau_private_key(cfg["erp_vau_key"])
-        idp_keys = [serialization.load_der_public_key(k) for k in cfg["idp_keys"]]
+        loaded = [serialization.load_der_public_key(k) for k in cfg["idp_keys"]]
+        idp_keys = [k for k in loaded if isinstance(k, ec.EllipticCurvePublicKey)]
+        if len(idp_keys) != len(loaded):
+            raise ValueError("idp_keys: only EC public keys sign IdP access tokens")
         ks = cfg["keyset"]
         keyset = Keyset(
             {int(k): bytes(v) for k, v in ks["keys"].items()}, int(ks["primary"]), bytes(ks["index_key"])

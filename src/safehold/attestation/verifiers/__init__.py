@@ -41,4 +41,5 @@ def verifier_class(media_type: str) -> type[EvidenceVerifier]:
         raise EvidenceFormatError(
             f"Verifier plug-in for {media_type!r} is not available ({e.name})"
         ) from None
-    return getattr(mod, cls_name)
+    cls: type[EvidenceVerifier] = getattr(mod, cls_name)
+    return cls

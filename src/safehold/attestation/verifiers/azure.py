@@ -37,7 +37,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -48,6 +48,9 @@ from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.verifiers import sev_snp, tpm
 from safehold.attestation.verifiers.tdx import td_report_fields
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
+
+if TYPE_CHECKING:  # imported when used: the TDX Verifier is only needed for Azure TDX
+    from safehold.attestation.verifiers.tdx import TdxVerifier
 
 HCL_MAGIC = b"HCLA"
 HCL_HEADER_LEN = 32
@@ -277,7 +280,7 @@ class AzureTdxVerifier:
 
     media_types: ClassVar[tuple[str, ...]] = (MEDIA_TYPES["azure-tdx"],)
 
-    def __init__(self, tdx_verifier: Any = None) -> None:
+    def __init__(self, tdx_verifier: TdxVerifier | None = None) -> None:
         self.tdx_verifier = tdx_verifier
 
     def verify(self, evidence: Evidence, *, at: datetime | None = None) -> Claims:

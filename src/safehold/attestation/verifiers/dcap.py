@@ -54,14 +54,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from safehold.attestation.claims import Claims
-from safehold.attestation.collateral import (
-    CollateralCache,
-    DcapCollateral,
-    check_validity,
-    load_collateral,
-    require_aware,
-)
+from safehold.attestation.collateral import DcapCollateral, check_validity, load_collateral, require_aware
 from safehold.attestation.evidence import Evidence
+from safehold.attestation.pcs import CollateralCache
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
 
 #: Intel's QE vendor id (Intel DCAP quote header, qe_vendor_id).
@@ -120,11 +115,11 @@ class DcapQuote:
 
     @property
     def qe_svn(self) -> int:
-        return struct.unpack_from("<H", self.quote, 8)[0]
+        return int(struct.unpack_from("<H", self.quote, 8)[0])
 
     @property
     def pce_svn(self) -> int:
-        return struct.unpack_from("<H", self.quote, 10)[0]
+        return int(struct.unpack_from("<H", self.quote, 10)[0])
 
 
 class _Reader:
@@ -144,10 +139,10 @@ class _Reader:
         return b
 
     def u16(self, what: str) -> int:
-        return struct.unpack("<H", self.take(2, what))[0]
+        return int(struct.unpack("<H", self.take(2, what))[0])
 
     def u32(self, what: str) -> int:
-        return struct.unpack("<I", self.take(4, what))[0]
+        return int(struct.unpack("<I", self.take(4, what))[0])
 
 
 def parse_quote(data: bytes, *, strict_chain: bool = True) -> DcapQuote:
@@ -367,7 +362,7 @@ class DcapVerifier:
     """Common verifier for SGX and TDX DCAP quotes (subclassed per TEE).
 
     Collateral is taken, in order, from the Evidence's ``"collateral"`` endorsement
-    (dcap-qvl JSON), then from the :class:`~safehold.attestation.collateral.CollateralCache`.
+    (dcap-qvl JSON), then from the :class:`~safehold.attestation.pcs.CollateralCache`.
 
     Args:
         collateral: a cache, one or more :class:`DcapCollateral`, or a file/directory path;

@@ -41,10 +41,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from safehold.attestation.checks import SnpMinimumTcb  # noqa: F401 - re-exported (the check moved to checks)
 from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import check_validity, require_aware
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
-from safehold.attestation.policy import SnpMinimumTcb  # noqa: F401 - re-exported (moved to policy)
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
 
 REPORT_LEN = 1184

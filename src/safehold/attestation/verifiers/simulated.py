@@ -107,8 +107,8 @@ def parse_report(data: bytes) -> SimulatedReport:
     for name, n in (("measurement", MEASUREMENT_LEN), ("report_data", REPORT_DATA_LEN)):
         v = m[name]
         if not isinstance(v, bytes) or len(v) != n:
-            got = len(v) if isinstance(v, bytes) else type(v).__name__
-            raise EvidenceFormatError(f"simulated report: {name} expected {n} bytes, got {got}")
+            size = len(v) if isinstance(v, bytes) else type(v).__name__
+            raise EvidenceFormatError(f"simulated report: {name} expected {n} bytes, got {size}")
     if not isinstance(m["debug"], bool):
         raise EvidenceFormatError("simulated report: debug must be a boolean")
     ts = m["timestamp"]

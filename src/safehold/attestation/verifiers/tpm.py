@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -88,13 +88,13 @@ class _Buf:
         return self.take(1, f)[0]
 
     def u16(self, f: str) -> int:
-        return struct.unpack(">H", self.take(2, f))[0]
+        return int(struct.unpack(">H", self.take(2, f))[0])
 
     def u32(self, f: str) -> int:
-        return struct.unpack(">I", self.take(4, f))[0]
+        return int(struct.unpack(">I", self.take(4, f))[0])
 
     def u64(self, f: str) -> int:
-        return struct.unpack(">Q", self.take(8, f))[0]
+        return int(struct.unpack(">Q", self.take(8, f))[0])
 
     def tpm2b(self, f: str) -> bytes:
         return self.take(self.u16(f + ".size"), f)
@@ -219,7 +219,7 @@ def load_ak(blob: bytes) -> AkPublic:
     return AkPublic(key)
 
 
-def load_pcrs(blob: bytes | str | Mapping[str, Any]) -> dict[str, dict[int, bytes]]:
+def load_pcrs(blob: bytes | str | Mapping[str, object]) -> dict[str, dict[int, bytes]]:
     """Parse PCR values: JSON ``{"bank": {"idx": "hex"}}`` (or an already-decoded mapping).
 
     Raises:
