@@ -133,7 +133,7 @@ def register(group: click.Group) -> None:
         click.option("--region", default=None, help="Default region for phone numbers without +, e.g. DE."),
     ]
 
-    def with_common(f):  # type: ignore[no-untyped-def]
+    def with_common(f):
         for opt in reversed(common):
             f = opt(f)
         return f

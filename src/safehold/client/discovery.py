@@ -184,13 +184,13 @@ class DiscoveryClient:
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         resp = self._http.post(path, json=body)
         _raise_for(resp)
-        return resp.json()  # type: ignore[no-any-return]
+        return resp.json()
 
     def info(self) -> dict[str, Any]:
         """The service's public facts (suite, OPRF public key, limits, registrations)."""
         resp = self._http.get("/v1/discovery/info")
         _raise_for(resp)
-        return resp.json()  # type: ignore[no-any-return]
+        return resp.json()
 
     # -- registration ----------------------------------------------------------------------------
 

@@ -149,13 +149,13 @@ def hash_to_group(msg: bytes, dst: bytes = _HASH_TO_GROUP_DST) -> bytes:
     """``HashToGroup`` of RFC 9497 §4.1: hash_to_ristretto255 (RFC 9380 Appendix B) — 64 bytes of
     ``expand_message_xmd``/SHA-512 into libsodium's ``crypto_core_ristretto255_from_hash``
     (the one-way map of RFC 9496 §4.3.4). Returns a 32-byte element encoding."""
-    return pysodium.crypto_core_ristretto255_from_hash(expand_message_xmd(msg, dst, 64))
+    return bytes(pysodium.crypto_core_ristretto255_from_hash(expand_message_xmd(msg, dst, 64)))
 
 
 def hash_to_scalar(msg: bytes, dst: bytes = _HASH_TO_SCALAR_DST) -> bytes:
     """``HashToScalar`` of RFC 9497 §4.1: 64 bytes of ``expand_message_xmd``/SHA-512 read as a
     little-endian integer and reduced modulo the group order (libsodium ``scalar_reduce``)."""
-    return pysodium.crypto_core_ristretto255_scalar_reduce(expand_message_xmd(msg, dst, 64))
+    return bytes(pysodium.crypto_core_ristretto255_scalar_reduce(expand_message_xmd(msg, dst, 64)))
 
 
 # --- scalars and elements (all arithmetic in libsodium) -------------------------------------------
@@ -195,27 +195,27 @@ def check_element(p: bytes, what: str = "element") -> bytes:
 def random_scalar() -> bytes:
     """A uniformly random non-zero scalar (RFC 9497 §2.1 RandomScalar; libsodium draws from the
     OS CSPRNG with rejection sampling, §4.7.1)."""
-    return pysodium.crypto_core_ristretto255_scalar_random()
+    return bytes(pysodium.crypto_core_ristretto255_scalar_random())
 
 
 def scalar_add(a: bytes, b: bytes) -> bytes:
     """``a + b mod ℓ`` (libsodium ``crypto_core_ristretto255_scalar_add``)."""
-    return pysodium.crypto_core_ristretto255_scalar_add(check_scalar(a), check_scalar(b))
+    return bytes(pysodium.crypto_core_ristretto255_scalar_add(check_scalar(a), check_scalar(b)))
 
 
 def scalar_sub(a: bytes, b: bytes) -> bytes:
     """``a - b mod ℓ``."""
-    return pysodium.crypto_core_ristretto255_scalar_sub(check_scalar(a), check_scalar(b))
+    return bytes(pysodium.crypto_core_ristretto255_scalar_sub(check_scalar(a), check_scalar(b)))
 
 
 def scalar_mul(a: bytes, b: bytes) -> bytes:
     """``a · b mod ℓ``."""
-    return pysodium.crypto_core_ristretto255_scalar_mul(check_scalar(a), check_scalar(b))
+    return bytes(pysodium.crypto_core_ristretto255_scalar_mul(check_scalar(a), check_scalar(b)))
 
 
 def scalar_negate(a: bytes) -> bytes:
     """``-a mod ℓ``."""
-    return pysodium.crypto_core_ristretto255_scalar_negate(check_scalar(a))
+    return bytes(pysodium.crypto_core_ristretto255_scalar_negate(check_scalar(a)))
 
 
 def scalar_invert(a: bytes) -> bytes:
@@ -227,7 +227,7 @@ def scalar_invert(a: bytes) -> bytes:
     a = check_scalar(a)
     if a == bytes(NS):
         raise InvalidScalarError("the zero scalar has no inverse")
-    return pysodium.crypto_core_ristretto255_scalar_invert(a)
+    return bytes(pysodium.crypto_core_ristretto255_scalar_invert(a))
 
 
 def scalar_mult(k: bytes, p: bytes) -> bytes:
@@ -257,13 +257,13 @@ def scalar_mult_base(k: bytes) -> bytes:
     k = check_scalar(k)
     if k == bytes(NS):
         raise InvalidScalarError("the zero scalar has no public key")
-    return pysodium.crypto_scalarmult_ristretto255_base(k)
+    return bytes(pysodium.crypto_scalarmult_ristretto255_base(k))
 
 
 def element_add(p: bytes, q: bytes) -> bytes:
     """``P + Q`` (libsodium ``crypto_core_ristretto255_add``). Both must be valid non-identity
     elements; the sum may be the identity (all zeros) when ``Q = -P``."""
-    return pysodium.crypto_core_ristretto255_add(check_element(p), check_element(q))
+    return bytes(pysodium.crypto_core_ristretto255_add(check_element(p), check_element(q)))
 
 
 # --- keys (RFC 9497 §3.2) ---------------------------------------------------------------------

@@ -124,7 +124,7 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
 
 
 def _service(request: Request) -> DiscoveryService:
-    return request.app.state.discovery  # type: ignore[no-any-return]
+    return request.app.state.discovery
 
 
 class BodyLimit:
@@ -162,7 +162,7 @@ def _principal(request: Request, authorization: str = Header(default="")) -> Pri
     principal = request.app.state.access.get(hashlib.sha256(token.strip().encode()).digest())
     if principal is None:
         raise StarletteHTTPException(401, "unknown token")
-    return principal  # type: ignore[no-any-return]
+    return principal
 
 
 def _require(principal: Principal, role: str) -> None:
