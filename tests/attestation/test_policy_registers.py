@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.collateral import DcapCollateral
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.policy import (
@@ -28,6 +27,7 @@ from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.attestation.verifiers.tdx import TdxVerifier
 from safehold.errors import ConfigError
+from tests.support.shared import EVIDENCE, need_shared
 
 TDX = EVIDENCE / "tdx"
 SGX = EVIDENCE / "sgx"

@@ -21,14 +21,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker_helpers import manifest_dict, start_broker, write_keys, write_manifest
-from conftest import ROOT, snapshot_package
 from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.attestation.measure import measure_workload
 from safehold.attestation.result import generate_signing_key, issue_ear
 from safehold.attestation.verifier import Appraisal
 from safehold.broker import protocol
 from safehold.client.broker import BrokerClient, BrokerRefused
+from tests.support.broker_process import manifest_dict, start_broker, write_keys, write_manifest
+from tests.support.shared import ROOT, free_port, snapshot_package
 
 SRC = ROOT / "src"
 
@@ -550,7 +550,7 @@ def test_malformed_manifest_refused_at_start(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[workloads.w]\nsecrets = ["missing"]\n[workloads.w.policy]\nallow_simulated = true\n'
                    f'[workloads.w.policy.reference_values]\nmeasurements = ["{"ab" * 48}"]\n')
-    port = str(__import__("conftest").free_port())
+    port = str(free_port())
     r = _cli("broker", "serve", "--data-dir", str(tmp_path / "d"), "--manifest", str(bad), "--port", port)
     assert r.returncode == 1
     assert "workloads.w.secrets" in r.stderr and "Traceback" not in r.stderr

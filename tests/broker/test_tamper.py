@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from broker_helpers import manifest_dict, start_broker, write_keys, write_manifest
-from conftest import ROOT, free_port, snapshot_package
 from safehold.attestation.attesters.simulated import SimulatedAttester
+from tests.support.broker_process import manifest_dict, start_broker, write_keys, write_manifest
+from tests.support.shared import ROOT, free_port, snapshot_package
 
 NS = "safehold.broker"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.cli.main import cli
+from tests.support.shared import EVIDENCE, need_shared
 
 SGX_Q = EVIDENCE / "sgx" / "dcapqvl-sgx_quote.bin"
 SGX_C = EVIDENCE / "sgx" / "dcapqvl-sgx_quote_collateral.json"

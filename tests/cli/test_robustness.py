@@ -25,7 +25,6 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from conftest import free_port
 from safehold.client.connection import (
     ServiceUnreachableError,
     load_connection,
@@ -37,7 +36,8 @@ from safehold.client.importer import ImportCheckpoint, file_digest
 from safehold.devstack import main_records_config, records_config
 from safehold.errors import ConfigError
 from safehold.records.importers import ImportItem, ImportProblem, iter_bytes
-from test_up_cli import SAMPLE, _wait_up, cli, snapshot_env
+from tests.devstack.test_up import SAMPLE, _wait_up, cli, snapshot_env
+from tests.support.shared import free_port
 
 RECORD_IDS = ("0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d01", "0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d02")
 

@@ -8,10 +8,10 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.conftest import VECTORS, need_shared
 
 from safehold.crypto.fpe import FF1, MIN_DOMAIN, Alphabet, LegacyFF3Decryptor, min_length
 from safehold.errors import FPEError
+from tests.support.shared import VECTORS, need_shared
 
 
 def _vectors(prefix: str) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, free_port, need_shared, snapshot_package
+from tests.support.shared import DATA, ROOT, free_port, need_shared, snapshot_package
 
 SAMPLE = ROOT / "src" / "safehold" / "data" / "sample"
 

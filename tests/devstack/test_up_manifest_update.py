@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from conftest import free_port, snapshot_package
+from tests.support.shared import free_port, snapshot_package
 
 
 @pytest.fixture(scope="module")

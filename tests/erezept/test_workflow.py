@@ -23,8 +23,8 @@ from safehold.erezept.kbv import valid_fhir_date
 from safehold.erezept.tasks import TaskService, prescription_id_valid
 from safehold.records.engine import RecordEngine
 from safehold.store.postgres import PostgresStore
-from support.idp import TestIdp
-from support.kbv import DOCTOR, DRUGS, PATIENTS, PRACTICE, build_bundle, dispense
+from tests.support.idp import TestIdp
+from tests.support.kbv import DOCTOR, DRUGS, PATIENTS, PRACTICE, build_bundle, dispense
 
 PRAXIS_ID = "1-883110000092414"
 APOTHEKE_ID = "3-SMC-B-Testkarte-883110000116873"

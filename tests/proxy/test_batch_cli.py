@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.conftest import DATA, need_shared
+
+from tests.support.shared import DATA, need_shared
 
 SCHEMA = """
 [fields.Id]

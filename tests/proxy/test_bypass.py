@@ -20,8 +20,9 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
-from tests.proxy_helpers import proxy_stack
-from tests.test_proxy_http import SCHEMA, UPSTREAM, _assert_no_plaintext, _raw_count
+
+from tests.proxy.test_http import SCHEMA, UPSTREAM, _assert_no_plaintext, _raw_count
+from tests.support.proxy_stack import proxy_stack
 
 PID = "123-45-6789"  # a plaintext patient id: the upstream must never see it
 NAME = "Max Müller"

@@ -12,9 +12,9 @@ import time
 
 import httpx
 import pytest
-from tests.proxy.capture import capture_stack, captured, client
 
 from safehold.proxy.transforms import MAX_FPE_CHARS
+from tests.support.proxy_capture import capture_stack, captured, client
 
 pytestmark = pytest.mark.slow
 http = client()

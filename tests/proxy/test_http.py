@@ -20,8 +20,9 @@ from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
-from tests.conftest import free_port
-from tests.proxy_helpers import proxy_argv, proxy_stack
+
+from tests.support.proxy_stack import proxy_argv, proxy_stack
+from tests.support.shared import free_port
 
 UPSTREAM = r'''
 import json, sqlite3, sys, threading

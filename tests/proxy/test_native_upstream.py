@@ -14,8 +14,9 @@ import json
 
 import httpx
 import pytest
-from tests.conftest import DATA, need_shared
-from tests.proxy_helpers import proxy_stack
+
+from tests.support.proxy_stack import proxy_stack
+from tests.support.shared import DATA, need_shared
 
 UPSTREAM = r'''
 import hashlib, json, sys

@@ -13,7 +13,8 @@ import json
 
 import httpx
 import pytest
-from tests.proxy_helpers import proxy_stack
+
+from tests.support.proxy_stack import proxy_stack
 
 UPSTREAM = r'''
 import json

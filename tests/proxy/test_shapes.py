@@ -20,7 +20,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.proxy.capture import capture_stack, captured, client
+
+from tests.support.proxy_capture import capture_stack, captured, client
 
 pytestmark = pytest.mark.slow
 http = client()

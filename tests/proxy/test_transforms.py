@@ -460,7 +460,7 @@ def _leaves(node, path=()):
 
 
 def test_fhir_patient_examples_round_trip_with_array_paths(keyset):
-    from tests.conftest import DATA, need_shared
+    from tests.support.shared import DATA, need_shared
 
     folder = need_shared(DATA / "hl7-fhir-r4-patient-examples")
     files = sorted(folder.glob("Patient-*.json"))

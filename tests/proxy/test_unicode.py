@@ -4,7 +4,8 @@ with a message that says so (400), not a 500 from the UTF-8 encoder, and never f
 from __future__ import annotations
 
 import pytest
-from tests.proxy.capture import capture_stack, captured, client
+
+from tests.support.proxy_capture import capture_stack, captured, client
 
 pytestmark = pytest.mark.slow
 http = client()

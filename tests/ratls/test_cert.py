@@ -15,7 +15,6 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.attestation.evidence import MEDIA_TYPES
 from safehold.attestation.policy import (
@@ -45,6 +44,7 @@ from safehold.ratls import (
     verify_certificate,
 )
 from safehold.ratls.cert import encode_claims, parse_claims, parse_extension, spki_der
+from tests.support.shared import EVIDENCE, need_shared
 
 
 @pytest.fixture(autouse=True)

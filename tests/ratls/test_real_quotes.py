@@ -13,13 +13,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.errors import EndorsementError
 from safehold.ratls import cert as ratls_cert
 from safehold.ratls.verify import evaluate_certificate
+from tests.support.shared import EVIDENCE, need_shared
 
 SGX_Q = EVIDENCE / "sgx" / "dcapqvl-sgx_quote.bin"
 SGX_C = EVIDENCE / "sgx" / "dcapqvl-sgx_quote_collateral.json"

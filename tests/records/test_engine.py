@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine_helpers import ENGINES, Backend, make_backend
 from safehold.crypto.envelope import envelope_key_id
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConflictError, RecordNotFoundError, RecordTamperedError, UnknownKeyError
@@ -26,6 +25,7 @@ from safehold.records.engine import (
     RecordVersionMismatchError,
     RekeyCounts,
 )
+from tests.support.engine_backends import ENGINES, Backend, make_backend
 
 NS = "patients"
 SNS = "records:" + NS

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import ENGINES, Backend, make_backend
 from safehold.crypto.keyset import Keyset
 from safehold.errors import StoreUnavailableError
 from safehold.records.engine import RecordEngine
+from tests.support.engine_backends import ENGINES, Backend, make_backend
 
 NS = "patients"
 

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from conftest import DATA, need_shared
 from safehold.records.importers import (
     ImportFormatError,
     ImportItem,
@@ -16,6 +15,7 @@ from safehold.records.importers import (
     iter_file,
 )
 from safehold.records.model import InvalidRecordError, check_record_id, normalise, parse_record, search_terms
+from tests.support.shared import DATA, need_shared
 
 CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
 BUNDLES = DATA / "synthea-fhir-r4-bundles-google-fhir-data-pipes"

@@ -23,7 +23,6 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from conftest import DATA, free_port, need_shared, snapshot_package
 from safehold.client.importer import import_files
 from safehold.client.records import (
     AccessDeniedError,
@@ -50,6 +49,7 @@ from safehold.errors import AttestationError, RecordNotFoundError, RecordTampere
 from safehold.records.importers import ImportItem, iter_file
 from safehold.records.scone import FIELDS
 from safehold.store.migrations import ROWS_TABLE
+from tests.support.shared import DATA, free_port, need_shared, snapshot_package
 
 CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
 BUNDLES = DATA / "synthea-fhir-r4-bundles-google-fhir-data-pipes"

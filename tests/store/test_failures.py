@@ -11,13 +11,13 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import free_port
 from safehold.errors import ConflictError, SchemaVersionError, StoreError, StoreUnavailableError
 from safehold.store import Store, open_store
 from safehold.store import migrations as mig
 from safehold.store.errors import StoreCorruptError
 from safehold.store.postgres import PostgresStore
 from safehold.store.sqlite import SqliteStore
+from tests.support.shared import free_port
 
 # --- helpers: run raw SQL against either engine, as an operator (or attacker) would ----------
 

@@ -1,6 +1,6 @@
 """Crash safety and cross-process concurrency of both store engines, with real processes.
 
-* A writer process (tests/store_worker.py) commits batches in transactions and prints each
+* A writer process (tests/support/store_worker.py) commits batches in transactions and prints each
   acknowledged batch; the test SIGKILLs it in the middle of a batch and then checks that every
   acknowledged batch is complete and no batch is half-written. A negative control (the same
   writer without transactions) shows that the checker does catch a half-written batch.
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from safehold.store import Store, open_store
-from store_worker import LEDGER, NS, row_key, row_value
+from tests.support.store_worker import LEDGER, NS, row_key, row_value
 
-WORKER = Path(__file__).with_name("store_worker.py")
+WORKER = Path(__file__).parents[1] / "support" / "store_worker.py"
 BATCH_ROWS = 20
 
 

@@ -16,7 +16,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from conftest import ROOT, free_port
+from tests.support.shared import ROOT, free_port
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Helpers for the proxy tests in this folder: a capturing upstream and the real proxy, both as
-processes on loopback (``tests.proxy_helpers.proxy_stack``).
+processes on loopback (``tests.support.proxy_stack.proxy_stack``).
 
 A helper module, not a ``conftest.py``: flat test modules still ``from conftest import ...``,
 and a second conftest module would replace ``sys.modules["conftest"]`` under them."""
@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from tests.proxy_helpers import ProxyStack, proxy_stack
+
+from tests.support.proxy_stack import ProxyStack, proxy_stack
 
 #: An upstream that keeps every request it receives (method, target, body) in memory and
 #: answers 200 with ``{"ok": true}``; ``GET /_captured?since=N`` returns requests N.. as JSON

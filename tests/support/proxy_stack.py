@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from tests.conftest import free_port
 
 from safehold.crypto.keyset import Keyset
+from tests.support.shared import free_port
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:

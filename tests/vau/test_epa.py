@@ -36,9 +36,9 @@ from safehold.vau.errors import (
     VauResponseError,
 )
 from safehold.vau.kyber import KyberPrivateKey
-from support.shared import vau_vector
-from support.tiger import legacy_counter, legacy_kyber_public_key, read_recording
-from support.vaukeys import LIBVAU_NOW, libvau_server_keys, libvau_signed_keys, libvau_signer
+from tests.support.shared import vau_vector
+from tests.support.tiger import legacy_counter, legacy_kyber_public_key, read_recording
+from tests.support.vaukeys import LIBVAU_NOW, libvau_server_keys, libvau_signed_keys, libvau_signer
 
 
 def _clock():

@@ -32,7 +32,7 @@ from safehold.vau.errors import (
 )
 from safehold.vau.httpmsg import HttpRequest, HttpResponse, parse_request
 from safehold.vau.pseudonym import ROTATION_SECONDS, PseudonymService
-from support.shared import vau_vector
+from tests.support.shared import vau_vector
 
 SPEC = "gemSpec_Krypt/erp_vau_testvector.json"
 

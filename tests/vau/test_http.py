@@ -28,10 +28,10 @@ from safehold.vau.erp import ErpVau, seal_request
 from safehold.vau.http import VauState, cert_data
 from safehold.vau.httpmsg import HttpRequest
 from safehold.vau.server import ServerThread, build_app, build_erezept_app
-from support.idp import TestIdp
-from support.kbv import DRUGS, PATIENTS, TestSigner, build_bundle, dispense
-from support.shared import snapshot_src, vau_vector
-from support.vaukeys import (
+from tests.support.idp import TestIdp
+from tests.support.kbv import DRUGS, PATIENTS, TestSigner, build_bundle, dispense
+from tests.support.shared import snapshot_package, vau_vector
+from tests.support.vaukeys import (
     LIBVAU_NOW,
     erp_vau_identity,
     libvau_server_keys,
@@ -175,7 +175,7 @@ def test_epa_channel_over_http(stack):
 def test_vau_server_as_a_process(tmp_path):
     """``python -m safehold.vau.server`` from a package snapshot, keys handed over stdin only."""
     snap = tmp_path / "snap"
-    snapshot_src(snap)
+    snapshot_package(snap)
     idp = TestIdp("ES256")
     ident = erp_vau_identity()
     keyset = Keyset.generate()

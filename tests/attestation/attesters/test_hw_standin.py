@@ -14,7 +14,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.attesters.gramine import GramineAttester
 from safehold.attestation.attesters.tsm import (
     GUID_ARK,
@@ -29,6 +28,7 @@ from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.attestation.verifiers.tdx import TdxVerifier
 from safehold.errors import AttestationError
+from tests.support.shared import EVIDENCE, need_shared
 
 SGX_AT = datetime.fromtimestamp(1752919277, UTC)
 TDX_AT = datetime.fromtimestamp(1752919234, UTC)

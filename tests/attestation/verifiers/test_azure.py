@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.verifiers import azure
 from safehold.attestation.verifiers.azure import AzureSnpVerifier, AzureTdxVerifier
 from safehold.attestation.verifiers.tdx import TdxVerifier
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
+from tests.support.shared import EVIDENCE, need_shared
 
 AZ = EVIDENCE / "azure"
 SNP_MT = MEDIA_TYPES["azure-sev-snp"]

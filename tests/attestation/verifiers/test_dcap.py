@@ -13,7 +13,6 @@ from pathlib import Path
 import dcap_qvl
 import pytest
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.collateral import CollateralCache, DcapCollateral, load_collateral
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.policy import AppraisalPolicy, TcbStatusRefused
@@ -28,6 +27,7 @@ from safehold.errors import (
     EvidenceSignatureError,
     SafeholdError,
 )
+from tests.support.shared import EVIDENCE, need_shared
 
 SGX = EVIDENCE / "sgx"
 TDX = EVIDENCE / "tdx"
@@ -377,7 +377,7 @@ def test_fetch_from_loopback_pccs_once_then_cached_and_persisted(loopback_pccs, 
 
 
 def test_fetch_from_unreachable_pccs():
-    from conftest import free_port
+    from tests.support.shared import free_port
 
     cache = CollateralCache(pccs_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(EndorsementError, match="ConnectError"):

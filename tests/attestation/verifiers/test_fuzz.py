@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.verifiers import azure, dcap, sev_snp, tpm
 from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.errors import SafeholdError
+from tests.support.shared import EVIDENCE, need_shared
 
 AT = datetime(2025, 7, 1, tzinfo=UTC)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.policy import AppraisalPolicy, DebugRefused
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers import sev_snp
 from safehold.attestation.verifiers.sev_snp import SevSnpVerifier, parse_report
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError, SafeholdError
+from tests.support.shared import EVIDENCE, need_shared
 
 SNP = EVIDENCE / "snp"
 MT = MEDIA_TYPES["sev-snp"]

@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import EVIDENCE, need_shared
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.policy import AppraisalPolicy, ReportDataMismatch
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers import tpm
 from safehold.attestation.verifiers.tpm import TpmQuoteVerifier
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError, SafeholdError
+from tests.support.shared import EVIDENCE, need_shared
 
 AZ = EVIDENCE / "azure"
 TPM = EVIDENCE / "tpm"
