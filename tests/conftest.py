@@ -1,4 +1,5 @@
-"""Fixtures every test folder may use: PostgreSQL (a reachable server, a fresh schema per test).
+"""Fixtures every test folder may use: PostgreSQL (a reachable server, a fresh schema per test)
+and the captured Evidence under ../shared.
 
 Paths to ../shared and the helpers ``need_shared``, ``free_port``, ``snapshot_package`` live in
 tests/support/shared.py (import them from there; nothing imports from a conftest).
@@ -10,10 +11,18 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
-from tests.support.shared import POSTGRES_DSN
+from tests.support.shared import POSTGRES_DSN, evidence_dir
+
+
+@pytest.fixture(scope="session")
+def captured_evidence() -> Path:
+    """``../shared/evidence``: skips each test without it (fails under CI). A module whose tests
+    all read captured Evidence says ``pytestmark = pytest.mark.usefixtures("captured_evidence")``."""
+    return evidence_dir()
 
 
 @pytest.fixture(scope="session")

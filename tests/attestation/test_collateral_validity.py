@@ -16,7 +16,7 @@ from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.cli.evidence import load_evidence
 from safehold.errors import EndorsementExpiredError, EndorsementNotYetValidError
-from tests.support.fake_amd import evidence_dir
+from tests.support.shared import evidence_dir
 
 SECOND = timedelta(seconds=1)
 

@@ -27,7 +27,7 @@ from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.attestation.verifiers.tdx import TdxVerifier
 from safehold.errors import ConfigError
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 TDX = EVIDENCE / "tdx"
 SGX = EVIDENCE / "sgx"
@@ -38,9 +38,7 @@ GOSEV_AT = datetime(2022, 9, 24, 1, 0, tzinfo=UTC)
 REGS = ("rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from safehold.attestation.verifier import Appraisal
 from safehold.broker import protocol
 from safehold.client.broker import BrokerClient, BrokerRefused
 from tests.support.broker_process import manifest_dict, start_broker, write_keys, write_manifest
-from tests.support.shared import ROOT, free_port, snapshot_package
+from tests.support.shared import ROOT, free_port
 
 SRC = ROOT / "src"
 
@@ -36,14 +36,6 @@ SRC = ROOT / "src"
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "safehold.cli.main", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=str(ROOT), timeout=120)
-
-
-@pytest.fixture(scope="session")
-def snap(tmp_path_factory) -> dict:
-    """The broker runs from a snapshot of the package: its measurement covers exactly the code
-    it runs, unaffected by edits to the working tree while the tests run."""
-    dst = snapshot_package(tmp_path_factory.mktemp("snapshot")).parent
-    return {"PYTHONPATH": str(dst), "root": dst}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

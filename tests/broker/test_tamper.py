@@ -19,17 +19,9 @@ import pytest
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
 from tests.support.broker_process import manifest_dict, start_broker, write_keys, write_manifest
-from tests.support.shared import ROOT, free_port, snapshot_package
+from tests.support.shared import ROOT, free_port
 
 NS = "safehold.broker"
-
-
-@pytest.fixture(scope="module")
-def snap(tmp_path_factory) -> dict:
-    """The broker runs from a snapshot of the package (its measurement must not follow edits
-    to the working tree while the tests run)."""
-    dst = snapshot_package(tmp_path_factory.mktemp("snapshot")).parent
-    return {"PYTHONPATH": str(dst), "root": dst}
 
 
 def _cli(*args: str, penv: dict) -> subprocess.CompletedProcess:

@@ -12,16 +12,14 @@ from click.testing import CliRunner
 
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.cli.main import cli
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 SGX_Q = EVIDENCE / "sgx" / "dcapqvl-sgx_quote.bin"
 SGX_C = EVIDENCE / "sgx" / "dcapqvl-sgx_quote_collateral.json"
 MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 def run(*args: str):

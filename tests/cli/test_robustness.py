@@ -36,7 +36,7 @@ from safehold.client.importer import ImportCheckpoint, file_digest
 from safehold.devstack import main_records_config, records_config
 from safehold.errors import ConfigError
 from safehold.records.importers import ImportItem, ImportProblem, iter_bytes
-from tests.devstack.test_up import SAMPLE, _wait_up, cli, snapshot_env
+from tests.support.devstack import SAMPLE, cli, snapshot_env, wait_up
 from tests.support.shared import free_port
 
 RECORD_IDS = ("0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d01", "0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d02")
@@ -63,7 +63,7 @@ def stack(env, tmp_path_factory):
     first = subprocess.Popen(_up_cmd(data, *args), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_up(first, data)["scone_auth"] == "none"
+        assert wait_up(first, data)["scone_auth"] == "none"
     finally:
         first.send_signal(signal.SIGTERM)
         out1, err1 = first.communicate(timeout=60)
@@ -71,7 +71,7 @@ def stack(env, tmp_path_factory):
     up = subprocess.Popen(_up_cmd(data, *args, "--scone-auth", "token"),
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        info = _wait_up(up, data)
+        info = wait_up(up, data)
         yield {"data": data, "info": info, "ports": ports, "proc": up}
     finally:
         up.send_signal(signal.SIGTERM)

@@ -7,47 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.shared import DATA, ROOT, free_port, need_shared, snapshot_package
-
-SAMPLE = ROOT / "src" / "safehold" / "data" / "sample"
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Run the CLI from a snapshot of the package (stable measurement while the tree changes)."""
-    return snapshot_env(tmp_path_factory)
-
-
-def snapshot_env(tmp_path_factory) -> dict[str, str]:
-    """Environment running ``python -m safehold.cli.main`` from a fresh copy of the package."""
-    d = snapshot_package(tmp_path_factory.mktemp("pkg")).parent
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(d)
-    e.pop("SAFEHOLD_TOKEN", None)
-    return e
-
-
-def cli(env, *args, cwd=None, timeout=120, check=True):
-    r = subprocess.run([sys.executable, "-m", "safehold.cli.main", *args], env=env, cwd=cwd,
-                       capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"safehold {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-def _wait_up(up: subprocess.Popen, data: Path, timeout: float = 60.0) -> dict:
-    """Wait for ``safehold up`` to write ``data/up.json`` and return it; fail if ``up`` exits first."""
-    deadline = time.monotonic() + timeout
-    while not (data / "up.json").exists():
-        assert up.poll() is None, up.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return json.loads((data / "up.json").read_text())
+from tests.support.devstack import SAMPLE, cli, wait_up
+from tests.support.shared import DATA, free_port, need_shared
 
 
 def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
@@ -57,7 +22,7 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
                            "--broker-port", str(bport), "--port", str(rport), "--scone-port", str(sport)],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        info = _wait_up(up, data)
+        info = wait_up(up, data)
         assert info["records_url"] == f"https://127.0.0.1:{rport}"
         assert Path(info["ca"]).exists() and Path(info["policy"]).exists()
         assert oct((data / "tokens.json").stat().st_mode & 0o777) == "0o600"
@@ -134,7 +99,7 @@ def test_up_stops_cleanly_on_ctrl_c(env, tmp_path):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)
     try:
-        info = _wait_up(up, data)
+        info = wait_up(up, data)
         assert info["scone_port"] is None
     finally:
         os.killpg(up.pid, signal.SIGINT)

@@ -14,17 +14,9 @@ import time
 import tomllib
 from pathlib import Path
 
-import pytest
 import tomli_w
 
-from tests.support.shared import free_port, snapshot_package
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The CLI from a snapshot of the package (stable measurement while the tree changes)."""
-    d = snapshot_package(tmp_path_factory.mktemp("pkg")).parent
-    return {**os.environ, "PYTHONPATH": str(d)}
+from tests.support.shared import free_port
 
 
 def _cli(env, *args):

@@ -2,7 +2,7 @@
 """Security review finding 6: requests that an upstream could read as carrying a protected value,
 although the proxy would not protect it, must be refused (4xx) and never reach the upstream.
 
-The proxy and the recording upstream of ``test_proxy_http`` run as real loopback processes; the
+The proxy and the recording upstream (tests/support/recording_upstream.py) run as real loopback processes; the
 upstream stores every request it receives (method, path with query, content type, body) in SQLite.
 Requests are sent with ``http.client`` / a raw socket so the request target goes out byte for byte
 (httpx would normalise it). Each refused request must leave the upstream's request count unchanged;
@@ -21,8 +21,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 
-from tests.proxy.test_http import SCHEMA, UPSTREAM, _assert_no_plaintext, _raw_count
 from tests.support.proxy_stack import proxy_stack
+from tests.support.recording_upstream import SCHEMA, UPSTREAM, assert_no_plaintext, raw_count
 
 PID = "123-45-6789"  # a plaintext patient id: the upstream must never see it
 NAME = "Max Müller"
@@ -74,8 +74,8 @@ def _refused(stack, status: int, expect: int, doc: dict | None, msg: str | None,
     if msg is not None:
         assert doc is not None and msg in doc["error"], doc
         assert PID not in doc["error"] and "Max" not in doc["error"]
-    assert _raw_count(stack) == before, "the refused request reached the upstream"
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before, "the refused request reached the upstream"
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 FULLWIDTH = quote("ｐａｔｉｅｎｔ")  # NFKC: "patient"
@@ -107,42 +107,42 @@ PATH_BYPASSES = [
 
 @pytest.mark.parametrize("method,target", PATH_BYPASSES)
 def test_path_resembling_a_template_is_refused(stack, method, target):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, doc = _send(stack, method, target)
     _refused(stack, status, 400, doc, None if method == "HEAD" else "resembles path template '/patient/{id}'", before)
 
 
 def test_form_post_to_trailing_slash_path_refused(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, doc = _send(stack, "POST", f"/patient/{PID}/", [("Content-Type", FORM)],
                         b"fname=Erika&lname=Musterfrau")
     _refused(stack, status, 400, doc, "resembles path template", before)
 
 
 def test_non_origin_form_targets_refused(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     for method, target in (("OPTIONS", "*"), ("OPTIONS", f"*/patient/{PID}"), ("GET", f"patient/{PID}")):
         status, _ = _send(stack, method, target)
         assert 400 <= status < 500, (target, status)
-    assert _raw_count(stack) == before
+    assert raw_count(stack) == before
     # absolute-form (RFC 9112 section 3.2.2): the server hands the app its path, which is protected
     status, doc = _send(stack, "GET", f"{stack['proxy']}/patient/{PID}")
     assert status == 200 and doc["lname"] == "Musterfrau"
-    assert _raw_count(stack) == before + 1
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before + 1
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 def test_exact_paths_still_protected_and_unrelated_paths_pass(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     for method in ("GET", "HEAD", "DELETE", "OPTIONS"):
         status, _ = _send(stack, method, f"/patient/{PID}")
         assert status in (200, 404), (method, status)
-    assert _raw_count(stack) == before + 4  # forwarded, with the id protected
+    assert raw_count(stack) == before + 4  # forwarded, with the id protected
     status, _ = _send(stack, "GET", "/patient/")  # no id segment: nothing to protect
     assert status == 404
     status, _ = _send(stack, "GET", "/records/../records")  # resolves to an unrelated path
     assert status in (200, 404)
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 QUERY_BYPASSES = [
@@ -155,17 +155,17 @@ QUERY_BYPASSES = [
 
 @pytest.mark.parametrize("query", QUERY_BYPASSES)
 def test_query_name_resembling_a_protected_one_is_refused(stack, query):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, doc = _send(stack, "GET", "/records?" + query)
     _refused(stack, status, 400, doc, "resembles a protected field", before)
 
 
 def test_repeated_protected_query_parameter_protects_every_value(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, doc = _send(stack, "GET", f"/records?patient={PID}&patient=9876543&id={PID}")
     assert status == 200 and doc == []
-    assert _raw_count(stack) == before + 1
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before + 1
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 BODY_BYPASSES = [
@@ -198,7 +198,7 @@ BODY_BYPASSES = [
 @pytest.mark.parametrize("method", ["POST", "GET"])
 @pytest.mark.parametrize("headers,body,expect,msg", BODY_BYPASSES)
 def test_body_bypass_refused(stack, method, headers, body, expect, msg):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, doc = _send(stack, method, "/records", headers, body)
     _refused(stack, status, expect, doc, msg, before)
 
@@ -217,38 +217,38 @@ ACCEPTED = [
 
 @pytest.mark.parametrize("method,headers,chunked", ACCEPTED)
 def test_body_variants_are_protected_before_forwarding(stack, method, headers, chunked):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     body = json.dumps({"id": PID, "name": NAME, "account": "9876543"}, ensure_ascii=False).encode()
     status, doc = _send(stack, method, "/records", headers, body, chunked=chunked)
     assert status in (200, 201), (status, doc)
-    assert _raw_count(stack) == before + 1
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before + 1
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 def test_form_content_type_casing_is_protected(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, doc = _send(stack, "POST", "/patient/other-0001",
                         [("Content-Type", "Application/X-WWW-Form-Urlencoded; Charset=UTF-8")],
                         b"fname=Erika&lname=Musterfrau&ssn=9876543")
     assert status == 200 and doc["lname"] == "Musterfrau", doc
-    assert _raw_count(stack) == before + 1
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before + 1
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 @pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT", "get", "Post"])  # methods are case-sensitive
 def test_other_methods_not_forwarded(stack, method):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, _ = _send(stack, method, f"/patient/{PID}", [("Content-Type", JSON)],
                       json.dumps({"name": NAME}).encode())
     assert 400 <= status < 500, status
-    assert _raw_count(stack) == before
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 def test_request_smuggling_framing_refused(stack):
     """Content-Length and Transfer-Encoding together (RFC 9112 section 6.1): rejected by the
     proxy's HTTP server before the app sees it; nothing reaches the upstream."""
-    before = _raw_count(stack)
+    before = raw_count(stack)
     u = urlsplit(stack["proxy"])
     body = json.dumps({"name": NAME}, ensure_ascii=False).encode()
     chunk = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
@@ -259,8 +259,8 @@ def test_request_smuggling_framing_refused(stack):
         reply = s.recv(4096)
     status = int(reply.split(b" ", 2)[1])
     assert 400 <= status < 500, reply[:200]
-    assert _raw_count(stack) == before
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 NESTED = [
@@ -275,15 +275,15 @@ NESTED = [
 
 @pytest.mark.parametrize("method,target,headers,body", NESTED)
 def test_record_encoded_inside_a_value_is_refused(stack, method, target, headers, body):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     status, doc = _send(stack, method, target, headers, body)
     _refused(stack, status, 400, doc, "encoded JSON record", before)
 
 
 def test_json_looking_values_without_protected_keys_pass(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     body = json.dumps({"id": PID, "meta": json.dumps({"page": 2}), "note": "{not json", "tags": "[1, 2]"}).encode()
     status, doc = _send(stack, "POST", "/records", [("Content-Type", JSON)], body)
     assert status == 201 and doc["meta"] == '{"page": 2}', doc
-    assert _raw_count(stack) == before + 1
-    _assert_no_plaintext(stack["db"], SECRETS)
+    assert raw_count(stack) == before + 1
+    assert_no_plaintext(stack["db"], SECRETS)

@@ -15,153 +15,13 @@ import os
 import sqlite3
 import subprocess
 import time
-from pathlib import Path
-from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
 
 from tests.support.proxy_stack import proxy_argv, proxy_stack
+from tests.support.recording_upstream import SCHEMA, UPSTREAM, assert_no_plaintext, raw_count
 from tests.support.shared import free_port
-
-UPSTREAM = r'''
-import json, sqlite3, sys, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, urlsplit, unquote
-
-port, db = int(sys.argv[1]), sys.argv[2]
-lock = threading.Lock()
-conn = sqlite3.connect(db, check_same_thread=False)
-conn.execute("CREATE TABLE IF NOT EXISTS raw (id INTEGER PRIMARY KEY, method TEXT, path TEXT, ctype TEXT, body BLOB)")
-conn.execute("CREATE TABLE IF NOT EXISTS docs (id INTEGER PRIMARY KEY, doc TEXT)")
-conn.execute("CREATE TABLE IF NOT EXISTS patients (pid TEXT PRIMARY KEY, doc TEXT)")
-conn.commit()
-
-class H(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def send(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def body(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        b = self.rfile.read(n)
-        with lock:
-            conn.execute("INSERT INTO raw (method, path, ctype, body) VALUES (?,?,?,?)",
-                         (self.command, self.path, self.headers.get("Content-Type", ""), b))
-            conn.commit()
-        return b
-
-    def do_POST(self):
-        u = urlsplit(self.path)
-        b = self.body()
-        if u.path == "/records":
-            doc = json.loads(b)
-            with lock:
-                cur = conn.execute("INSERT INTO docs (doc) VALUES (?)", (json.dumps(doc),))
-                conn.commit()
-            return self.send(201, dict(doc, rowid=cur.lastrowid))
-        if u.path.startswith("/patient/"):
-            pid = unquote(u.path[len("/patient/"):])
-            form = dict(parse_qsl(b.decode()))
-            with lock:
-                try:
-                    conn.execute("INSERT INTO patients (pid, doc) VALUES (?,?)", (pid, json.dumps(form)))
-                    conn.commit()
-                except sqlite3.IntegrityError:
-                    return self.send(403, {"error": "exists"})
-            return self.send(200, dict(form, id=pid))
-        self.send(404, {"error": "no route"})
-
-    def do_GET(self):
-        u = urlsplit(self.path)
-        # the upstream's own search API: ?patient=<id> searches the id field
-        q = {("id" if k == "patient" else k): v for k, v in parse_qsl(u.query)}
-        if u.path != "/raw":
-            self.body()
-        with lock:
-            if u.path == "/records":
-                rows = [json.loads(d) for (d,) in conn.execute("SELECT doc FROM docs")]
-                return self.send(200, [r for r in rows if all(str(r.get(k)) == v for k, v in q.items())])
-            if u.path.startswith("/records/"):
-                row = conn.execute("SELECT doc FROM docs WHERE id = ?", (int(u.path.rsplit("/", 1)[1]),)).fetchone()
-                return self.send(200, json.loads(row[0])) if row else self.send(404, {"error": "not found"})
-            if u.path.startswith("/patient/"):
-                pid = unquote(u.path[len("/patient/"):])
-                row = conn.execute("SELECT doc FROM patients WHERE pid = ?", (pid,)).fetchone()
-                return self.send(200, dict(json.loads(row[0]), id=pid, score=0.5)) if row else self.send(404, {"error": "nf"})
-            if u.path == "/cookies":
-                self.send_response(200)
-                self.send_header("Set-Cookie", "a=1")
-                self.send_header("Set-Cookie", "b=2")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            if u.path == "/raw":
-                return self.send(200, {"n": conn.execute("SELECT count(*) FROM raw").fetchone()[0]})
-        self.send(404, {"error": "no route"})
-
-    # every other method is recorded too, so the tests see whatever reaches the upstream
-    def do_PUT(self):
-        self.body()
-        self.send(404, {"error": "no route"})
-
-    do_PATCH = do_DELETE = do_OPTIONS = do_TRACE = do_PROPFIND = do_PUT
-
-    def do_HEAD(self):
-        self.body()
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-'''
-
-SCHEMA = """
-[proxy]
-key_id_field = "_safehold_kid"
-paths = ["/patient/{id}"]
-
-[proxy.query]
-patient = "id"
-
-[fields.id]
-transform = "deterministic"
-[fields.name]
-transform = "token"
-kind = "name"
-[fields.account]
-transform = "fpe"
-alphabet = "digits"
-[fields.blood_group]
-transform = "keep"
-[fields.birth_date]
-transform = "date-shift"
-context = "id"
-[fields.email]
-transform = "token"
-kind = "email"
-[fields.ssn]
-transform = "fpe"
-alphabet = "digits"
-[fields.notes]
-transform = "randomized"
-[fields.fname]
-transform = "token"
-kind = "name"
-[fields.lname]
-transform = "token"
-kind = "name"
-[fields.dob]
-transform = "date-shift"
-context = "id"
-"""
 
 SEED = {"id": "patient-0001", "name": "Max Müller", "account": "1223123", "blood_group": "AB",
         "birth_date": "15.06.1980", "email": "max.mueller@example.de", "notes": "Penicillin-Allergie"}
@@ -176,29 +36,6 @@ def stack(tmp_path_factory):
     with proxy_stack(tmp, UPSTREAM, [str(db)], SCHEMA, health="/raw", timeout=20.0) as s:
         yield {"proxy": s.proxy, "upstream": s.upstream, "db": db, "tmp": tmp, "env": s.env,
                "up_port": s.up_port}
-
-
-def _raw_count(stack) -> int:
-    return httpx.get(stack["upstream"] + "/raw").json()["n"]
-
-
-def _assert_no_plaintext(db: Path, secrets: list[str] = SECRETS) -> None:
-    blob = b""
-    for suffix in ("", "-wal", "-journal"):
-        f = Path(str(db) + suffix)
-        if f.exists():
-            blob += f.read_bytes()
-    assert blob, "upstream stored nothing"
-    conn = sqlite3.connect(db)
-    rows = [r for t in ("raw", "docs", "patients") for r in conn.execute(f"SELECT * FROM {t}")]  # noqa: S608
-    conn.close()
-    dump = json.dumps(rows, default=lambda b: b.decode("utf-8", "replace"), ensure_ascii=False)
-    for secret in secrets:
-        encodings = (secret.encode(), secret.encode("latin-1", "ignore"), quote(secret).encode(),
-                     quote_plus(secret).encode(), json.dumps(secret)[1:-1].encode())
-        for enc in encodings:
-            assert enc not in blob, secret
-        assert secret not in dump, secret
 
 
 def test_json_round_trip_search_and_no_plaintext_upstream(stack):
@@ -227,7 +64,7 @@ def test_json_round_trip_search_and_no_plaintext_upstream(stack):
     r = httpx.post(px + "/records", json={"id": "patient-0002", "name": "Erika Mustermann",
                                           "birth_date": "1964-08-12", "account": 7654321})
     assert r.status_code == 201 and r.json()["account"] == 7654321
-    _assert_no_plaintext(stack["db"])
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 def test_scone_style_form_api_through_path_template(stack):
@@ -246,7 +83,7 @@ def test_scone_style_form_api_through_path_template(stack):
     conn.close()
     assert pids and "patient-0002" not in pids
     assert httpx.get(px + "/patient/nobody-here").status_code == 404
-    _assert_no_plaintext(stack["db"])
+    assert_no_plaintext(stack["db"], SECRETS)
 
 
 @pytest.mark.parametrize("kwargs,status,msg", [
@@ -268,21 +105,21 @@ def test_scone_style_form_api_through_path_template(stack):
     ({"json": {"id": "patient-7", "_safehold_kid": 5}}, 422, "twice"),
 ])
 def test_fail_closed_nothing_forwarded(stack, kwargs, status, msg):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     r = httpx.post(stack["proxy"] + "/records", **kwargs)
     assert r.status_code == status, r.text
     assert msg in r.json()["error"]
     assert "Max" not in r.json()["error"] and "12345" not in r.json()["error"]
-    assert _raw_count(stack) == before  # nothing reached the upstream
+    assert raw_count(stack) == before  # nothing reached the upstream
 
 
 def test_query_on_non_searchable_field_refused(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     r = httpx.get(stack["proxy"] + "/records", params={"notes": "Penicillin-Allergie"})
     assert r.status_code == 422 and "not deterministic" in r.json()["error"]
     r = httpx.get(stack["proxy"] + "/records", params={"birth_date": "15.06.1980"})
     assert r.status_code == 422
-    assert _raw_count(stack) == before
+    assert raw_count(stack) == before
 
 
 def test_tampered_upstream_data_gives_502(stack, tmp_path):
@@ -328,12 +165,12 @@ def test_proxy_refuses_to_start_with_wrong_kek(stack):
 
 
 def test_bad_encodings_in_query_and_path_refused(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     r = httpx.get(stack["proxy"] + "/records?id=patient%FF")
     assert r.status_code == 400 and "query" in r.json()["error"]
     r = httpx.get(stack["proxy"] + "/patient/patient%FF")
     assert r.status_code == 400 and "path" in r.json()["error"]
-    assert _raw_count(stack) == before
+    assert raw_count(stack) == before
 
 
 def test_repeated_response_headers_pass(stack):
@@ -342,9 +179,9 @@ def test_repeated_response_headers_pass(stack):
 
 
 def test_oversized_body_refused(stack):
-    before = _raw_count(stack)
+    before = raw_count(stack)
     big = b'{"notes": "' + b"x" * (17 * 1024 * 1024) + b'"}'
     r = httpx.post(stack["proxy"] + "/records", content=big, headers={"content-type": "application/json"},
                    timeout=60)
     assert r.status_code == 413
-    assert _raw_count(stack) == before
+    assert raw_count(stack) == before

@@ -22,7 +22,6 @@ from safehold.attestation.policy import (
     ReferenceValueMismatch,
     ReportDataMismatch,
     SimulatedEvidenceRefused,
-    SimulatedTEEWarning,
 )
 from safehold.attestation.verifier import Verifier
 from safehold.errors import EvidenceFormatError, SafeholdError
@@ -45,13 +44,6 @@ from safehold.ratls import (
 )
 from safehold.ratls.cert import encode_claims, parse_claims, parse_extension, spki_der
 from tests.support.shared import EVIDENCE, need_shared
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SimulatedTEEWarning)
-        yield
 
 
 @pytest.fixture(scope="module")

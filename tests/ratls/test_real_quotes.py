@@ -19,7 +19,7 @@ from safehold.attestation.verifier import Verifier
 from safehold.errors import EndorsementError
 from safehold.ratls import cert as ratls_cert
 from safehold.ratls.verify import evaluate_certificate
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 SGX_Q = EVIDENCE / "sgx" / "dcapqvl-sgx_quote.bin"
 SGX_C = EVIDENCE / "sgx" / "dcapqvl-sgx_quote_collateral.json"
@@ -27,9 +27,7 @@ SGX_AT = datetime.fromtimestamp(1752919277, UTC)
 MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 def _cert(ext_oid: x509.ObjectIdentifier, value_for_key) -> bytes:

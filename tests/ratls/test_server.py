@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,6 @@ from safehold.attestation.policy import (
     AppraisalPolicy,
     ReferenceValueMismatch,
     SimulatedEvidenceRefused,
-    SimulatedTEEWarning,
 )
 from safehold.attestation.verifier import Verifier
 from safehold.cli.main import cli
@@ -87,13 +85,6 @@ def server(tmp_path_factory):
     s = start(tmp_path_factory.mktemp("ratls-server"))
     yield s
     s.stop()
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SimulatedTEEWarning)
-        yield
 
 
 def good_verifier(server: Server) -> Verifier:

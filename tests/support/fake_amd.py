@@ -1,35 +1,16 @@
-"""Helpers for the attestation tests in this folder: the shared evidence samples and a FAKE AMD
-key hierarchy that stands in for SEV-SNP hardware (which cannot exist on this machine).
-
-A helper module, not a ``conftest.py``: flat test modules still ``from conftest import ...``,
-and a second conftest module would replace ``sys.modules["conftest"]`` under them."""
+"""A FAKE AMD key hierarchy (ARK → ASK → VCEK) that stands in for SEV-SNP hardware, which cannot
+exist on this machine: it signs report bodies the tests build from the real samples."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def evidence_dir() -> Path:
-    """``<shared>/evidence`` (``SAFEHOLD_SHARED_DIR`` or ``../shared``); skips without it, fails under CI."""
-    base = Path(os.environ.get("SAFEHOLD_SHARED_DIR") or ROOT.parent / "shared")
-    d = base / "evidence"
-    if not (d / "INDEX.md").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"shared test material missing under CI: {d}")
-        pytest.skip(f"shared test material not found: {d}")
-    return d
 
 
 def _name(cn: str) -> x509.Name:

@@ -1,8 +1,5 @@
-"""Helpers for the proxy tests in this folder: a capturing upstream and the real proxy, both as
-processes on loopback (``tests.support.proxy_stack.proxy_stack``).
-
-A helper module, not a ``conftest.py``: flat test modules still ``from conftest import ...``,
-and a second conftest module would replace ``sys.modules["conftest"]`` under them."""
+"""A capturing upstream (it answers every request with what it received) and the real proxy in
+front of it, both as processes on loopback (``tests.support.proxy_stack.proxy_stack``)."""
 
 from __future__ import annotations
 

@@ -47,6 +47,13 @@ def need_shared(path: Path) -> Path:
     return path
 
 
+def evidence_dir() -> Path:
+    """``../shared/evidence`` (Evidence captured on real machines, listed in its INDEX.md); skips
+    the calling test without it, fails under CI."""
+    need_shared(EVIDENCE / "INDEX.md")
+    return EVIDENCE
+
+
 def vau_vector(rel: str) -> bytes:
     """Bytes of a file under vectors/vau (skips when absent, fails under CI)."""
     return need_shared(VAU_VECTORS / rel).read_bytes()

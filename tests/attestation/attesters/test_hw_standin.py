@@ -28,7 +28,7 @@ from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.attestation.verifiers.tdx import TdxVerifier
 from safehold.errors import AttestationError
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 SGX_AT = datetime.fromtimestamp(1752919277, UTC)
 TDX_AT = datetime.fromtimestamp(1752919234, UTC)
@@ -37,9 +37,7 @@ SGX_RD = b"Hello, world!".ljust(64, b"\0")
 GOSEV_RD = bytes([1, 2, 3, 4, 5]).ljust(64, b"\0")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 def tdx_rd() -> bytes:

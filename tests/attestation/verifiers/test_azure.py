@@ -15,7 +15,7 @@ from safehold.attestation.verifiers import azure
 from safehold.attestation.verifiers.azure import AzureSnpVerifier, AzureTdxVerifier
 from safehold.attestation.verifiers.tdx import TdxVerifier
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 AZ = EVIDENCE / "azure"
 SNP_MT = MEDIA_TYPES["azure-sev-snp"]
@@ -23,9 +23,7 @@ TDX_MT = MEDIA_TYPES["azure-tdx"]
 AT = datetime(2023, 11, 24, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 def rd(name: str) -> bytes:

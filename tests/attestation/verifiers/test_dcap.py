@@ -27,7 +27,7 @@ from safehold.errors import (
     EvidenceSignatureError,
     SafeholdError,
 )
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 SGX = EVIDENCE / "sgx"
 TDX = EVIDENCE / "tdx"
@@ -38,9 +38,7 @@ NEAR_AT = datetime.fromtimestamp(1757462400, UTC)
 GOTDX_AT = datetime(2023, 7, 1, 1, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 def ev(path: Path, tee: str = "sgx", **ends: bytes) -> Evidence:

@@ -20,7 +20,7 @@ from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers import sev_snp
 from safehold.attestation.verifiers.sev_snp import SevSnpVerifier, parse_report
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError, SafeholdError
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 SNP = EVIDENCE / "snp"
 MT = MEDIA_TYPES["sev-snp"]
@@ -28,9 +28,7 @@ GOSEV_AT = datetime(2022, 9, 24, 1, 0, tzinfo=UTC)
 AWS_AT = datetime(2025, 6, 1, tzinfo=UTC)  # inside the VLEK's 2024-12-10..2025-12-10 window
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 def rd(name: str) -> bytes:

@@ -18,7 +18,8 @@ from safehold.attestation.evidence import MEDIA_TYPES, Evidence
 from safehold.attestation.verifiers import sev_snp
 from safehold.attestation.verifiers.sev_snp import SevSnpVerifier, parse_report
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError
-from tests.support.fake_amd import evidence_dir, make_fake_amd_hardware
+from tests.support.fake_amd import make_fake_amd_hardware
+from tests.support.shared import evidence_dir
 
 MT = MEDIA_TYPES["sev-snp"]
 AT = datetime(2022, 9, 24, 1, 0, tzinfo=UTC)

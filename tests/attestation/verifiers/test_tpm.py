@@ -15,7 +15,7 @@ from safehold.attestation.verifier import Verifier
 from safehold.attestation.verifiers import tpm
 from safehold.attestation.verifiers.tpm import TpmQuoteVerifier
 from safehold.errors import EndorsementError, EvidenceFormatError, EvidenceSignatureError, SafeholdError
-from tests.support.shared import EVIDENCE, need_shared
+from tests.support.shared import EVIDENCE
 
 AZ = EVIDENCE / "azure"
 TPM = EVIDENCE / "tpm"
@@ -24,9 +24,7 @@ AT = datetime(2024, 3, 1, tzinfo=UTC)
 GCE_AT = datetime(2022, 1, 1, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shared() -> None:
-    need_shared(EVIDENCE / "INDEX.md")
+pytestmark = pytest.mark.usefixtures("captured_evidence")
 
 
 def az_pcrs() -> bytes:
