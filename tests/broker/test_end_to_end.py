@@ -30,6 +30,8 @@ from safehold.client.broker import BrokerClient, BrokerRefused
 from tests.support.broker_process import manifest_dict, start_broker, write_keys, write_manifest
 from tests.support.shared import ROOT, free_port
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 SRC = ROOT / "src"
 
 

@@ -21,6 +21,8 @@ from safehold.attestation.attesters.simulated import SimulatedAttester
 from tests.support.broker_process import manifest_dict, start_broker, write_keys, write_manifest
 from tests.support.shared import ROOT, free_port
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 NS = "safehold.broker"
 
 

@@ -217,6 +217,7 @@ def test_verify_debug_snp_refused_and_tpm_nonce_accepted(tmp_path):
     assert r.exit_code == 1 and "report_data: expected 01020304" in r.output
 
 
+@pytest.mark.slow
 def test_garbage_is_one_clear_line_without_traceback(tmp_path):
     f = tmp_path / "junk.bin"
     f.write_bytes(b"\x00\x01junk" * 10)

@@ -115,6 +115,7 @@ def _no_traceback(r) -> None:
 # --- safehold up ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_up_on_a_running_data_dir_refuses_at_once_and_leaves_it_alone(env, stack):
     data = stack["data"]
     before = (data / "up.json").read_bytes()
@@ -131,6 +132,7 @@ def test_second_up_on_a_running_data_dir_refuses_at_once_and_leaves_it_alone(env
     assert json.loads(st.stdout)["records"]["attested"] is True
 
 
+@pytest.mark.slow
 def test_up_names_an_unusable_data_dir_and_bad_or_busy_ports(env, stack, tmp_path):
     r = cli(env, "up", "--data-dir", "/proc/nope/d", check=False)
     assert r.returncode == 1 and "data directory /proc/nope/d: cannot create it" in r.stderr
@@ -154,6 +156,7 @@ def test_up_names_an_unusable_data_dir_and_bad_or_busy_ports(env, stack, tmp_pat
     assert r.returncode == 1 and f"--broker-port and --port are both {same}" in r.stderr
 
 
+@pytest.mark.slow
 def test_scone_port_with_token_auth_refuses_anonymous_access(stack):
     info, port = stack["info"], stack["ports"]["scone"]
     tok = json.loads((stack["data"] / "tokens.json").read_text())
@@ -199,6 +202,7 @@ def test_records_toml_edits_are_kept_or_refused_never_overwritten(tmp_path):
 # --- unreachable services -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_patients_command_reports_a_closed_port_in_one_line(env, stack, tmp_path):
     dead = f"https://127.0.0.1:{free_port()}"
     bad = tmp_path / "bad.json"
@@ -212,6 +216,7 @@ def test_every_patients_command_reports_a_closed_port_in_one_line(env, stack, tm
         assert "skipped" not in r.stdout
 
 
+@pytest.mark.slow
 def test_status_of_a_stale_stack_exits_1_with_a_clear_line(env, stack, tmp_path):
     d = tmp_path / "stale"
     d.mkdir()
@@ -259,6 +264,7 @@ def test_simulated_tee_warning_is_one_line_once(capsys):
 # --- import ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reimport_after_delete_imports_again_and_checkpoint_is_cleared(env, stack):
     d = _d(stack)
     r = cli(env, "patients", "import", str(SAMPLE / "patients.csv"), *d)
@@ -271,6 +277,7 @@ def test_reimport_after_delete_imports_again_and_checkpoint_is_cleared(env, stac
     assert json.loads(cli(env, "patients", "get", RECORD_IDS[0], *d).stdout)["Id"] == RECORD_IDS[0]
 
 
+@pytest.mark.slow
 def test_stale_checkpoint_is_detected_and_the_file_starts_over(env, stack, tmp_path):
     """A checkpoint whose last record is gone from the service (new store / deleted) is not trusted."""
     d = _d(stack)
@@ -282,6 +289,7 @@ def test_stale_checkpoint_is_detected_and_the_file_starts_over(env, stack, tmp_p
     assert "importing the file from the start" in r.stderr
 
 
+@pytest.mark.slow
 def test_failed_files_and_records_are_counted_named_and_exit_1(env, stack, tmp_path):
     files = {
         "wrongcols.csv": b"Name,Birth\nx,y\n",
@@ -304,6 +312,7 @@ def test_failed_files_and_records_are_counted_named_and_exit_1(env, stack, tmp_p
     assert r.returncode == 0 and "failed 0" in r.stdout
 
 
+@pytest.mark.slow
 def test_duplicate_ids_in_one_csv_first_wins_and_is_reported(env, stack, tmp_path):
     rows = (SAMPLE / "patients.csv").read_text(encoding="utf-8").splitlines()
     header, first = rows[0], rows[1]
@@ -349,6 +358,7 @@ def test_checkpoint_concurrent_writers_and_garbage(tmp_path):
         assert a.get("f" * 64) == (0, None)
 
 
+@pytest.mark.slow
 def test_parallel_imports_on_one_data_dir_never_crash(env, stack, tmp_path):
     f = big_csv(tmp_path / "patients.csv", 300, prefix="par")
     args = [sys.executable, "-m", "safehold.cli.main", "patients", "import", "--restart",
@@ -365,6 +375,7 @@ def test_parallel_imports_on_one_data_dir_never_crash(env, stack, tmp_path):
     assert not list(stack["data"].glob("import-state.json.*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_import_says_how_to_resume_and_resumes(env, stack, tmp_path, sig, code):
     n = 1500
@@ -393,6 +404,7 @@ def test_interrupted_import_says_how_to_resume_and_resumes(env, stack, tmp_path,
     assert imported + skipped == n and skipped >= done and imported > 0
 
 
+@pytest.mark.slow
 def test_records_service_killed_mid_import_is_one_clear_error(env, stack, tmp_path):
     """Runs last: it kills the module's records service."""
     f = big_csv(tmp_path / "patients.csv", 3000, prefix="kill")

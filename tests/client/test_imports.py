@@ -8,6 +8,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts Python subprocesses (fresh interpreters)
+
 CLIENT_MODULES = ("safehold.client", "safehold.client.broker", "safehold.client.records")
 #: The broker package itself (an empty ``__init__``) and its wire format are what a client needs.
 ALLOWED_BROKER = {"safehold.broker", "safehold.broker.protocol"}

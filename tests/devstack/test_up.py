@@ -14,6 +14,8 @@ import pytest
 from tests.support.devstack import SAMPLE, cli, wait_up
 from tests.support.shared import DATA, free_port, need_shared
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 
 def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
     data = tmp_path / "safehold-data"

@@ -14,9 +14,12 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 import tomli_w
 
 from tests.support.shared import free_port
+
+pytestmark = pytest.mark.slow  # starts processes on loopback
 
 
 def _cli(env, *args):

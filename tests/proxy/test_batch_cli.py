@@ -13,6 +13,8 @@ import pytest
 
 from tests.support.shared import DATA, need_shared
 
+pytestmark = pytest.mark.slow  # runs the CLI as child processes
+
 SCHEMA = """
 [fields.Id]
 transform = "deterministic"

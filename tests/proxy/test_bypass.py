@@ -24,6 +24,8 @@ import pytest
 from tests.support.proxy_stack import proxy_stack
 from tests.support.recording_upstream import SCHEMA, UPSTREAM, assert_no_plaintext, raw_count
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 PID = "123-45-6789"  # a plaintext patient id: the upstream must never see it
 NAME = "Max Müller"
 SECRETS = [PID, NAME, "Müller", "Erika Musterfrau", "Musterfrau", "9876543"]

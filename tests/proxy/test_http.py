@@ -23,6 +23,8 @@ from tests.support.proxy_stack import proxy_argv, proxy_stack
 from tests.support.recording_upstream import SCHEMA, UPSTREAM, assert_no_plaintext, raw_count
 from tests.support.shared import free_port
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 SEED = {"id": "patient-0001", "name": "Max Müller", "account": "1223123", "blood_group": "AB",
         "birth_date": "15.06.1980", "email": "max.mueller@example.de", "notes": "Penicillin-Allergie"}
 SECRETS = ["Max Müller", "Müller", "1223123", "15.06.1980", "max.mueller", "Penicillin", "patient-0001",

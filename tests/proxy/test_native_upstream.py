@@ -18,6 +18,8 @@ import pytest
 from tests.support.proxy_stack import proxy_stack
 from tests.support.shared import DATA, need_shared
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 UPSTREAM = r'''
 import hashlib, json, sys
 import uvicorn

@@ -16,6 +16,8 @@ import pytest
 
 from tests.support.proxy_stack import proxy_stack
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 UPSTREAM = r'''
 import json
 import sys

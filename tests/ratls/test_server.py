@@ -29,6 +29,8 @@ from safehold.errors import RATLSError
 from safehold.ratls import MissingEvidenceError
 from safehold.ratls.client import AsyncRATLSTransport, RATLSTransport, fetch_peer_certificate
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 
 class Server:
     def __init__(self, proc: subprocess.Popen, info: dict, log: Path) -> None:

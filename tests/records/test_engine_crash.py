@@ -18,6 +18,8 @@ from safehold.errors import StoreUnavailableError
 from safehold.records.engine import RecordEngine
 from tests.support.engine_backends import ENGINES, Backend, make_backend
 
+pytestmark = pytest.mark.slow  # child processes, killed mid-operation
+
 NS = "patients"
 
 CHILD = r"""

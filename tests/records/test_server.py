@@ -51,6 +51,8 @@ from safehold.records.scone import FIELDS
 from safehold.store.migrations import ROWS_TABLE
 from tests.support.shared import DATA, free_port, need_shared, snapshot_package
 
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
 CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
 BUNDLES = DATA / "synthea-fhir-r4-bundles-google-fhir-data-pipes"
 HL7 = DATA / "hl7-fhir-r4-patient-examples"

@@ -22,6 +22,8 @@ import pytest
 from safehold.store import Store, open_store
 from tests.support.store_worker import LEDGER, NS, row_key, row_value
 
+pytestmark = pytest.mark.slow  # child processes, killed mid-operation
+
 WORKER = Path(__file__).parents[1] / "support" / "store_worker.py"
 BATCH_ROWS = 20
 

@@ -351,6 +351,7 @@ def test_cache_evicts_at_next_update(sgx_coll):
         cache.get(*key, SGX_AT)
 
 
+@pytest.mark.slow
 def test_fetch_from_loopback_pccs_once_then_cached_and_persisted(loopback_pccs, tmp_path, sgx_coll):
     key = ("sgx", "00a067110000", "processor")
     cache_dir = tmp_path / "cache"
