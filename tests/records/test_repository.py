@@ -18,6 +18,7 @@ from safehold.records.repository import AlreadyExistsError, PatientRepository, P
 from safehold.records.scone import score
 from safehold.store import open_store
 from safehold.store.migrations import ROWS_TABLE as T
+from tests.support.sqlite_damage import duplicate_leaf_page
 
 
 @pytest.fixture
@@ -329,22 +330,6 @@ def test_audit_head_deleted_or_forged_is_refused(tmp_path):
     store.close()
 
 
-def _duplicate_leaf_page(path, namespace: bytes):
-    """Page-level corruption a quick_check does not see: copy one b-tree leaf page holding rows
-    of ``namespace`` over a later one (a misdirected write), so scans return keys out of order."""
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    ps = conn.execute("PRAGMA page_size").fetchone()[0]
-    conn.close()
-    data = bytearray(path.read_bytes())
-    leaves = [i for i in range(1, len(data) // ps)
-              if data[i * ps] in (0x0A, 0x0D) and namespace in data[i * ps:(i + 1) * ps]]
-    assert len(leaves) >= 6, leaves
-    src, dst = leaves[1], leaves[len(leaves) // 2]
-    data[dst * ps:(dst + 1) * ps] = data[src * ps:(src + 1) * ps]
-    path.write_bytes(bytes(data))
-
-
 def test_corrupt_index_pages_fail_fast_never_spin(tmp_path):
     """A scan over damaged index pages used to return keys out of order, so paging loops
     (``after = last key``) could go round forever; now the store says corrupt at once."""
@@ -355,7 +340,7 @@ def test_corrupt_index_pages_fail_fast_never_spin(tmp_path):
         for i in range(1500):
             log.stage(AccessAuditLog.body("u", "get", bytes([i % 256]) * 16, "ok"))
     store.close()
-    _duplicate_leaf_page(db, b"records.audit")
+    duplicate_leaf_page(db, b"records.audit")
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]  # invisible to it
     assert conn.execute("PRAGMA integrity_check").fetchall() != [("ok",)]
