@@ -14,10 +14,12 @@ import httpx
 import pytest
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
+from safehold.broker import protocol
 from safehold.broker.core import Broker
-from safehold.broker.http import create_app
+from safehold.broker.http import DEFAULT_MAX_BODY, create_app
 from safehold.broker.server import open_broker
 from safehold.broker.state import AUDIT_NAMESPACE, NAMESPACE, BrokerState, SealingIdentity
+from tests.support.asgi import AsgiClient
 
 TOKEN = "reader-token-for-the-contract-test"
 PROBLEM = "https://safehold.dev/errors/"
@@ -157,3 +159,65 @@ def test_no_manifest_yet_is_503(tmp_path):
         assert "no manifest" in _problem(_call(b, "POST", "/kbs/v0/auth", json=AUTH), 503, "unavailable")
     finally:
         b.state.store.close()
+
+
+def _jwk() -> dict:
+    from joserfc.jwk import ECKey
+
+    return protocol.public_jwk(ECKey.generate_key("P-256"))
+
+
+def test_kbs_bad_input_is_a_4xx_problem_and_the_broker_keeps_serving(ready, tmp_path):
+    """Malformed KBS requests against the app as ``safehold broker serve`` builds it (default
+    body limit): each is a 4xx problem document naming what was wrong; one session is reused
+    throughout, and the broker still answers afterwards."""
+    wl = SimulatedAttester(tmp_path / "wl")  # the manifest's workload (same keys and measurement)
+    client = AsgiClient(create_app(ready), "https://broker.test")
+
+    async def auth(c: httpx.AsyncClient) -> str:
+        r = await c.post("/kbs/v0/auth", json={**AUTH, "extra-params": {"workload": "w"}})
+        assert r.status_code == 200, r.text
+        return r.json()["nonce"]
+
+    async def go(c: httpx.AsyncClient) -> None:
+        r = await c.post("/kbs/v0/auth", content=b"x" * (DEFAULT_MAX_BODY + 1))
+        assert f"limit {DEFAULT_MAX_BODY}" in _problem(r, 413, "body-too-large")
+        _problem(await c.post("/kbs/v0/auth", content=b"{not json"), 400, "bad-request")
+        _problem(await c.post("/kbs/v0/auth", json=[1]), 400, "bad-request")
+        assert "tee" in _problem(await c.post("/kbs/v0/auth", json={**AUTH, "tee": "nope"}),
+                                 400, "bad-request")
+        assert "version" in _problem(await c.post("/kbs/v0/auth", json={**AUTH, "version": "9.0"}),
+                                     400, "bad-request")
+        assert "ghost" in _problem(await c.post("/kbs/v0/auth", json={
+            **AUTH, "extra-params": {"workload": "ghost"}}), 400, "bad-request")
+        _problem(await c.post("/kbs/v0/attest", json={}), 401, "unauthorized")  # no session yet
+        sim = '["application/vnd.safehold.simulated-report+cbor",'
+        cases = [
+            {"tee-pubkey": {"kty": "EC", "crv": "P-256", "x": "AAAA", "y": "AAAA"}, "tee-evidence": "[]"},
+            {"tee-pubkey": {**_jwk(), "d": "AAAA"}, "tee-evidence": "[]"},  # a private key
+            {"tee-pubkey": {"kty": "oct", "k": "AAAA"}, "tee-evidence": "[]"},
+            {"tee-pubkey": _jwk(), "tee-evidence": sim + '"!!"]'},
+            {"tee-pubkey": _jwk(), "tee-evidence": "not a cmw"},
+            {"tee-pubkey": _jwk(), "tee-evidence": 5},
+            {"tee-pubkey": _jwk(), "tee-evidence": sim + '"AAEC"]'},
+        ]
+        for body in cases:
+            await auth(c)
+            r = await c.post("/kbs/v0/attest", json=body)
+            assert r.status_code in (400, 401), (body, r.status_code, r.text)
+            _problem(r, r.status_code, "bad-request" if r.status_code == 400 else "unauthorized")
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length
+            for _ in range(20):
+                yield b"y" * 65536
+
+        _problem(await c.post("/kbs/v0/attest", content=chunks()), 413, "body-too-large")
+        # the session still works: a well-formed attestation passes after all of the above
+        nonce = await auth(c)
+        jwk = _jwk()
+        ev = wl.attest(protocol.report_data(nonce, jwk)).to_cmw()
+        r = await c.post("/kbs/v0/attest", json={"tee-pubkey": jwk, "tee-evidence": ev})
+        assert r.status_code == 200, r.text
+        assert (await c.get("/status")).json()["mode"] == "ready"
+
+    client.session(go)
