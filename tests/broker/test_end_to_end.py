@@ -442,8 +442,10 @@ def _signed_update(env, new: dict) -> int:
 
 
 def test_manifest_update_ends_attestations_made_under_the_old_one(env):
-    """Finding 5: after a signed update an attestation made under an older version no longer
-    releases anything (not even newly granted secrets); a removed workload gives 401, not 500."""
+    """An attestation used to keep releasing secrets after the owner's signed update revoked
+    its measurement. Now, after a signed update an attestation made under an older version no
+    longer releases anything (not even newly granted secrets); a removed workload gives 401,
+    not 500."""
     import copy
 
     b, keys = env["broker"], env["keys"]
@@ -711,7 +713,7 @@ def test_broker_process_over_postgresql(tmp_path, snap, pg_store_url, postgres_d
 
 
 def test_recover_refuses_a_recovery_record_forged_in_the_store(tmp_path, snap):
-    """Suspected (a): the database operator writes a whole fresh state under a master key of
+    """The database operator writes a whole fresh state under a master key of
     their own, with shares to the same (public) recovery keys, and breaks the sealed row. The
     holders' shares decrypt and combine, but not to the fingerprint they recorded at first
     start: the CLI refuses before sending, and the broker refuses such shares too."""

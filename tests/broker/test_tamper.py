@@ -1,4 +1,7 @@
-"""Broker state tampered with in the untrusted store (review findings 1 and 6).
+"""Broker state tampered with in the untrusted store. Before the authenticated state head,
+deleting the manifest rows left a broker that served without a manifest and accepted an
+unsigned ``manifest set``, and other deleted or corrupted rows ended in tracebacks
+(RecursionError, TypeError) instead of an error naming the row.
 
 Each state row is deleted or corrupted in turn in the SQLite file (with sqlite3), then
 ``safehold broker serve`` and ``safehold broker audit verify --data-dir`` run as real processes:
@@ -206,7 +209,7 @@ def test_recovery_record_missing_or_replaced_is_reported_and_rewritten(pristine,
 
 
 def test_manifest_rows_deleted_never_allow_an_unsigned_manifest(pristine, tmp_path):
-    """Finding 1: deleting the manifest head and current version rows used to give a ready
+    """Deleting the manifest head and current version rows used to give a ready
     broker with manifest_version 0 that accepted an unsigned `manifest set`."""
     d = _copy(pristine, tmp_path)
     names = {n: k for k, n in pristine["names"].items()}

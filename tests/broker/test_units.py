@@ -313,7 +313,8 @@ def test_seal_recover_kofn(tmp_path, rsa_keys):
         assert r.mode == "recovery" and "measurement" in r.reason
         with pytest.raises(SealingError):
             r.get("secret", "x")
-    # the reason says what differs, with the full values (finding 22)
+    # the reason says which part of the sealing identity differs (host or code), with the full
+    # values, so the operator knows which one to check
     host = BrokerState.open(store, SealingIdentity(b"t" * 32, b"\x01" * 48)).reason
     assert "host identity differs" in host and f"unchanged ({'01' * 48})" in host
     assert "measurement changed" not in host
@@ -594,7 +595,7 @@ def test_update_signed_for_staging_does_not_replay_on_production(tmp_path, owner
         production.state.store.close()
 
 
-# --- recovery attempts, recovery keys, manifest check (review findings 23, 30, 32) -------------
+# --- recovery attempts and keys, manifest check, manifest versions in the audit ---------------
 
 
 def test_failed_recovery_attempts_are_audited(tmp_path, owner, rsa_keys):

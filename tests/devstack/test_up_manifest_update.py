@@ -1,6 +1,7 @@
 """`safehold up` makes an owner signing key for its dev manifest, so `safehold broker manifest
 update` works on an `up` data directory and the next `up` keeps serving the signed version
-(review finding 29). `up`, the broker and the records service run as real processes."""
+(before, an `up` data directory had no owner key, so its manifest could never be updated).
+`up`, the broker and the records service run as real processes."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 # ruff: noqa: E501  (the request tables read better unwrapped)
-"""Security review finding 6: requests that an upstream could read as carrying a protected value,
-although the proxy would not protect it, must be refused (4xx) and never reach the upstream.
+"""Requests that an upstream could read as carrying a protected value, although the proxy would
+not protect it (look-alikes of the schema's paths, names and keys), must be refused (4xx) and
+never reach the upstream. A security review found the first one: a trailing slash after a
+``paths`` template let a plaintext id through.
 
 The proxy and the recording upstream (tests/support/recording_upstream.py) run as real loopback processes; the
 upstream stores every request it receives (method, path with query, content type, body) in SQLite.
@@ -83,7 +85,7 @@ def _refused(stack, status: int, expect: int, doc: dict | None, msg: str | None,
 FULLWIDTH = quote("ｐａｔｉｅｎｔ")  # NFKC: "patient"
 
 PATH_BYPASSES = [
-    ("GET", f"/patient/{PID}/"),                 # trailing slash (the finding)
+    ("GET", f"/patient/{PID}/"),                 # trailing slash (the first bypass found)
     ("GET", f"//patient/{PID}"),                 # empty leading segment
     ("GET", f"/patient//{PID}"),                 # empty segment before the id
     ("GET", f"/Patient/{PID}"),                  # case of a fixed segment

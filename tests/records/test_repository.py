@@ -377,7 +377,7 @@ def test_sqlite_quick_check_names_a_damaged_page(tmp_path):
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     data = bytearray(db.read_bytes())
-    mid = (len(data) // 4096 // 2) * 4096  # the tester's "200 bytes in the middle", page-aligned
+    mid = (len(data) // 4096 // 2) * 4096  # 200 bytes in the middle of the file, page-aligned
     for j in range(200):
         data[mid + j] ^= 0x5A
     db.write_bytes(bytes(data))

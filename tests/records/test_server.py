@@ -455,7 +455,7 @@ def test_postgres_table_holds_no_plaintext(stack, pkg, postgres_dsn, pg_schema, 
     assert b"Mosciski958" not in dump.read_bytes()
 
 
-# --- finding 1: the unmeasured environment cannot change security settings ------------------
+# --- the unmeasured environment cannot change a measured security setting ---------------------
 
 
 def _pin(pem_path: Path) -> str:
@@ -583,7 +583,7 @@ def test_encryption_off_only_through_the_measured_file_and_loud(stack, tmp_path)
     assert b"Plaintextova" in raw  # really off: the switch is the measured file's
 
 
-# --- hostile-tester findings 3, 5, 11, 12, 13, 15 --------------------------------------------
+# --- SDK batch shapes, corrupt store files, an audit log cut while stopped ------------------------
 
 
 def _api(stack, role="admin"):
@@ -600,7 +600,10 @@ def _err(r, status, code):
 
 
 def test_sdk_batch_takes_tuples_and_dicts_and_search_has_versions(stack):
-    """Finding 15."""
+    """The SDK's ``batch()`` took only ``(id, record)`` tuples although the wire shape is
+    ``{"id", "record"}``, and ``search()`` hits had no version to pass to ``if_version``: both
+    item shapes work (a dict with other keys is refused naming the item), and each hit carries
+    the version a ``get`` returns."""
     rec = {"resourceType": "Patient", "name": [{"family": "Batchshape"}]}
     with client(stack) as c:
         res = c.batch([("shape-1", rec), {"id": "shape-2", "record": rec}])
@@ -649,13 +652,14 @@ def _start_records_on(stack, tmp_path, name, db):
 
 
 def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
-    """Finding 5 with real corrupted files and real processes: (a) 200 bytes flipped in the
+    """A corrupted SQLite file must not make the service hang or answer with tracebacks (real
+    corrupted files, real processes): (a) 200 bytes flipped in the
     middle → PRAGMA quick_check at start-up refuses the store (exit 1, names it, no port);
     (b) damaged index pages quick_check cannot see → requests fail fast with 500
     ``store-corrupt`` naming the store, never a hang."""
     import random
 
-    # (a) the tester's corruption
+    # (a) 200 bytes flipped in the middle of the file
     db = tmp_path / "flipped.db"
     _sqlite_copy(stack.path("records.db"), db)
     data = bytearray(db.read_bytes())
@@ -698,7 +702,8 @@ def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
 
 
 def test_audit_tail_cut_while_stopped_is_refused_after_restart(stack):
-    """Finding 3: delete the last audit rows from the SQLite file while the service is stopped;
+    """The database operator cuts the audit log's tail, which the hash chain alone cannot show:
+    delete the last audit rows from the SQLite file while the service is stopped;
     after the restart the head check names the cut, every audited access is refused (fail
     closed), /healthz says unavailable, and an admin reseal records the problem and reopens."""
     with client(stack) as c:

@@ -163,7 +163,8 @@ def test_ak_certificate_under_a_ca_intermediate_is_accepted(ak, root, inter):
 
 @pytest.mark.parametrize("cert_sign", [False, True], ids=["ak-like-ee", "ee-with-keyCertSign"])
 def test_end_entity_issuer_is_refused(ak, root, inter, cert_sign):
-    """A genuine AK certificate (cA = false) "certifying" a software key: the Finding 3 forgery."""
+    """A genuine AK certificate (cA = false) "certifying" a software key: the forgery described
+    in the module docstring, which the AK chain check used to accept."""
     victim = _ca("genuine vTPM AK", inter, ca=False, cert_sign=cert_sign, eku=[TCG_AK_EKU])
     ev = _evidence(ak, _ak_cert(ak, victim), [inter, victim])
     with pytest.raises(EndorsementError, match="does not chain.*basicConstraints.cA"):
