@@ -2,7 +2,7 @@
 
 The upstream is the real ``safehold.records.http`` app over the real encrypted record engine and
 a SQLite file, in its own process on a loopback port, started directly under uvicorn on plain
-HTTP (the service runner's broker bootstrap and RA-TLS are covered by test_records_service.py).
+HTTP (the service runner's broker bootstrap and RA-TLS are covered by tests/records/test_server.py).
 A subclass of the real repository logs every record exactly as the service received it, so the
 test can assert the service never saw the protected fields in plaintext. Bearer tokens pass
 through the proxy unchanged.

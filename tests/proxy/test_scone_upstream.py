@@ -3,7 +3,7 @@
 The upstream is the real ``safehold.records.scone_http`` app over the real encrypted record engine
 and a SQLite file, started as its own process on a loopback port — but directly under uvicorn
 on plain HTTP, without the broker bootstrap and RA-TLS that the service runner adds (those are
-covered by test_records_service.py). The SCONE app keeps only its 13 form fields, so the proxy's
+covered by tests/records/test_server.py). The SCONE app keeps only its 13 form fields, so the proxy's
 key-id tag is dropped upstream and the schema uses ``untagged = "primary"``.
 """
 

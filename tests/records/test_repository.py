@@ -1,5 +1,5 @@
 """PatientRepository over the real encrypted engine and a real SQLite file: search, audit, CAS,
-tampering, concurrency. (The end-to-end tests with processes are in test_records_service.py.)"""
+tampering, concurrency. (The end-to-end tests with processes are in tests/records/test_server.py.)"""
 
 from __future__ import annotations
 
