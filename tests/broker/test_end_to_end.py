@@ -333,6 +333,21 @@ def test_unknown_and_forbidden_resources(env):
         assert h.get("/kbs/v0/resource/default/keyset/records-keyset").status_code == 401
 
 
+def test_oversized_bodies_over_the_network_get_the_413(env):
+    """Over a real connection the client reads the 413 for a declared and for a chunked body,
+    and the broker keeps serving. (Every KBS input refusal is tested in-process in
+    tests/broker/test_http.py.)"""
+    with env["broker"].client() as h:
+        assert h.post("/kbs/v0/auth", content=b"x" * (1024 * 1024 + 1)).status_code == 413
+
+        def gen():
+            for _ in range(20):
+                yield b"y" * 65536
+
+        assert h.post("/kbs/v0/attest", content=gen()).status_code == 413
+        assert h.get("/status").status_code == 200
+
+
 def test_expired_token_and_nonce(tmp_path, env):
     t = tmp_path
     b = start_broker(t / "short", manifest=env["manifest_path"],

@@ -583,7 +583,7 @@ def test_encryption_off_only_through_the_measured_file_and_loud(stack, tmp_path)
     assert b"Plaintextova" in raw  # really off: the switch is the measured file's
 
 
-# --- SDK batch shapes, corrupt store files, an audit log cut while stopped ------------------------
+# --- body limits over TLS, SDK batch shapes, corrupt store files, a cut audit log ---------------
 
 
 def _api(stack, role="admin"):
@@ -597,6 +597,25 @@ def _err(r, status, code):
     body = r.json()
     assert set(body) == {"error", "detail"} and body["error"] == code, body
     return body["detail"]
+
+
+def test_oversized_bodies_over_tls_get_the_413_not_a_reset(stack):
+    """The service reads and drops an over-limit body (up to a bound), so a client sending one
+    over a real TLS connection reads the 413 instead of a reset connection; nothing is stored.
+    (The error shapes are tested in-process in tests/records/test_http.py.)"""
+    big = b'{"x": "' + b"a" * (5 << 20) + b'"}'
+
+    def chunks():
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    with _api(stack) as h:
+        for rid, body in (("big1", big), ("big2", chunks())):
+            d = _err(h.put(f"/v1/patients/{rid}", content=body, headers={"Content-Type": "application/json"}),
+                     413, "too-large")
+            assert "1048576 bytes" in d
+        for rid in ("big1", "big2"):
+            _err(h.get(f"/v1/patients/{rid}"), 404, "not-found")
 
 
 def test_sdk_batch_takes_tuples_and_dicts_and_search_has_versions(stack):
