@@ -10,6 +10,7 @@ key-id tag is dropped upstream and the schema uses ``untagged = "primary"``.
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -136,7 +137,12 @@ def test_service_never_sees_plaintext(stack):
         for secret in ("Max", "Müller", "Erika", "Mustermann", "Hauptstraße", "Dresden", "123-45-6789",
                        "max.mueller", "1980-06-15", "2024-02-29", "351 1234567", "Penicillin", "Asthma",
                        "AOK", "1223123", "patient-00"):
-            assert secret not in text, secret
+            if len(secret) < 5:
+                # a three-letter name turns up now and then by chance inside base64url
+                # ciphertext: look for it as a word, not inside a run of base64url characters
+                assert not re.search(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", text), secret
+            else:
+                assert secret not in text, secret
     # the service's own JSON (bypassing the proxy) holds the protected record
     direct = httpx.get(up + "/patient/" + received[-1]["id"]).json()
     assert direct["lname"] != "Mustermann" and direct["dob"] != "1980-06-15"
