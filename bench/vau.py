@@ -34,7 +34,7 @@ import cbor2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the test helpers, as tests.support.*
 
 
 def _tls_identity() -> tuple[bytes, bytes]:
@@ -137,11 +137,11 @@ def _measure(fn, seconds: float) -> dict[str, float]:
 def bench_erp(seconds: float) -> dict[str, dict[str, float]]:
     import httpx
     from cryptography.hazmat.primitives import serialization
+    from tests.support.idp import TestIdp
+    from tests.support.kbv import DRUGS, PATIENTS, TestSigner, build_bundle
+    from tests.support.vaukeys import erp_vau_identity
 
     from safehold.client.vau import ErezeptClient, ErpVauClient
-    from support.idp import TestIdp
-    from support.kbv import DRUGS, PATIENTS, TestSigner, build_bundle
-    from support.vaukeys import erp_vau_identity
 
     idp = TestIdp("BP256R1")
     ident = erp_vau_identity()
@@ -162,7 +162,7 @@ def bench_erp(seconds: float) -> dict[str, dict[str, float]]:
     }
     env = {
         "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
     }
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
@@ -210,11 +210,11 @@ def bench_erp(seconds: float) -> dict[str, dict[str, float]]:
 
 def bench_epa(seconds: float) -> dict[str, float]:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from tests.support.vaukeys import LIBVAU_NOW, libvau_server_keys, libvau_signed_keys, libvau_signer
 
     from safehold.vau.epa_client import EpaVauClient
     from safehold.vau.epa_keys import VauKeyTrust
     from safehold.vau.epa_server import EpaVauServer
-    from support.vaukeys import LIBVAU_NOW, libvau_server_keys, libvau_signed_keys, libvau_signer
 
     keys = libvau_server_keys()
     signed = libvau_signed_keys(keys)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from tests.attestation.fake_amd import evidence_dir
 
 from safehold.attestation.collateral import DcapCollateral, check_validity
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
@@ -18,6 +17,7 @@ from safehold.attestation.verifiers.sev_snp import SevSnpVerifier
 from safehold.attestation.verifiers.sgx import SgxVerifier
 from safehold.cli.evidence import load_evidence
 from safehold.errors import EndorsementExpiredError, EndorsementNotYetValidError
+from tests.support.shared import evidence_dir
 
 SECOND = timedelta(seconds=1)
 

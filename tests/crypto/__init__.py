@@ -1,1 +1,1 @@
-"""Tests of safehold.crypto (a package, so its conftest does not shadow tests/conftest.py)."""
+"""Tests of ``safehold.crypto``."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from support.shared import load_json
+from tests.support.shared import load_json
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from safehold.crypto import oprf
-from safehold.discovery.http import DiscoveryConfigError, create_app, parse_access
+from safehold.discovery.errors import DiscoveryConfigError
+from safehold.discovery.http import create_app, parse_access
 from safehold.discovery.identifiers import oprf_input
 from safehold.discovery.protocol import RESULT_SIZE, decode_results
 

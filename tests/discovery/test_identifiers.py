@@ -6,7 +6,7 @@ import pytest
 
 from safehold.discovery import identifiers as ids
 from safehold.discovery.errors import InvalidIdentifierError
-from support.discovery import patient_phone_numbers
+from tests.support.discovery import patient_phone_numbers
 
 
 @pytest.mark.parametrize("text,region,want", [

@@ -158,7 +158,7 @@ def test_parallel_charges_never_exceed_the_limit(store, keys, clock):
 
 
 def test_query_is_charged_before_the_lookup(service: DiscoveryService):
-    from support.discovery import client_outputs
+    from tests.support.discovery import client_outputs
 
     service.register([("e164", "+31201234567", "alice")])
     out = client_outputs(service, "c", [("e164", "+31201234567")])

@@ -17,7 +17,7 @@ from safehold.discovery.identifiers import normalise, oprf_input
 from safehold.discovery.protocol import decode_results
 from safehold.discovery.registry import NAMESPACE
 from safehold.store import open_store
-from support.discovery import client_outputs, kvnrs, patient_phone_numbers, synthetic_numbers
+from tests.support.discovery import client_outputs, kvnrs, patient_phone_numbers, synthetic_numbers
 
 
 def ask(service, client, idents):

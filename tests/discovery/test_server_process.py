@@ -10,8 +10,9 @@ import pytest
 
 from safehold.client.discovery import DiscoveryClient, QueryState
 from safehold.discovery.errors import RateLimitedError
-from support.discovery import kvnrs, patient_phone_numbers
-from support.processes import snapshot_env, snapshot_package, stop, wait_ready
+from tests.support.discovery import kvnrs, patient_phone_numbers
+from tests.support.processes import child_env, stop, wait_ready
+from tests.support.shared import snapshot_package
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def start(snapshot, config, ready, secret):
     ready.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "safehold.discovery.server", "--config", str(config)],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=snapshot_env(snapshot))
+                            env=child_env(snapshot))
     proc.stdin.write(secret.hex().encode() + b"\n")
     proc.stdin.close()
     return proc, wait_ready(proc, ready)
@@ -44,7 +45,7 @@ def start(snapshot, config, ready, secret):
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
-    return snapshot_package(tmp_path_factory.mktemp("snap"))
+    return snapshot_package(tmp_path_factory.mktemp("snap")).parent
 
 
 def test_server_register_query_restart(tmp_path, snapshot):
@@ -96,10 +97,10 @@ def test_cli_register_and_query(tmp_path, snapshot):
         base = [sys.executable, "-m", "safehold.cli.main", "discovery"]
         opts = ["--url", info["url"], "--insecure-loopback", "--region", "NL"]
         r = subprocess.run(base + ["register", str(reg), *opts], capture_output=True, text=True,
-                           env=snapshot_env(snapshot, SAFEHOLD_DISCOVERY_TOKEN="register-token"))
+                           env=child_env(snapshot, SAFEHOLD_DISCOVERY_TOKEN="register-token"))
         assert r.returncode == 0 and "registered 2" in r.stderr, r.stderr
         state = tmp_path / "state.json"
-        env = snapshot_env(snapshot, SAFEHOLD_DISCOVERY_TOKEN="query-token")
+        env = child_env(snapshot, SAFEHOLD_DISCOVERY_TOKEN="query-token")
         r = subprocess.run(base + ["query", str(q), *opts, "--state", str(state)],
                            capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
@@ -124,9 +125,9 @@ def test_server_refuses_bad_secret_and_non_loopback(tmp_path, snapshot):
     config, ready = tmp_path / "d.toml", tmp_path / "ready.json"
     write_config(config, f"sqlite:///{tmp_path / 'd.db'}", ready)
     r = subprocess.run([sys.executable, "-m", "safehold.discovery.server", "--config", str(config)],
-                       input=b"not-hex\n", capture_output=True, env=snapshot_env(snapshot), timeout=60)
+                       input=b"not-hex\n", capture_output=True, env=child_env(snapshot), timeout=60)
     assert r.returncode == 1 and b"discovery secret" in r.stderr and b"not-hex" not in r.stderr
     config.write_text(config.read_text().replace('port = 0', 'port = 0\nhost = "0.0.0.0"'))
     r = subprocess.run([sys.executable, "-m", "safehold.discovery.server", "--config", str(config)],
-                       input=b"00" * 32 + b"\n", capture_output=True, env=snapshot_env(snapshot), timeout=60)
+                       input=b"00" * 32 + b"\n", capture_output=True, env=child_env(snapshot), timeout=60)
     assert r.returncode == 1 and b"not loopback" in r.stderr

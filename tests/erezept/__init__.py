@@ -1,1 +1,1 @@
-"""Tests of safehold.erezept (a package so its conftest does not shadow the root conftest module)."""
+"""Tests of ``safehold.erezept``."""

@@ -10,8 +10,8 @@ from safehold.erezept.tasks import TaskService
 from safehold.erezept.tokens import AccessTokenVerifier
 from safehold.records.engine import RecordEngine
 from safehold.store.sqlite import SqliteStore
-from support.idp import TestIdp
-from support.kbv import TestSigner
+from tests.support.idp import TestIdp
+from tests.support.kbv import TestSigner
 
 
 @pytest.fixture

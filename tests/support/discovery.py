@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from safehold.crypto import oprf
 from safehold.discovery.core import DiscoveryService
 from safehold.discovery.identifiers import E164, kvnr_check_digit, oprf_input
-from support.shared import shared_path
+from tests.support.shared import shared_path
 
 
 def patient_phone_numbers() -> list[str]:

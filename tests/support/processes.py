@@ -1,5 +1,6 @@
 """Running Safehold processes from a snapshot of the package (the measurement trap,
-docs/developing.md): edits to the working tree never change a running workload's files."""
+docs/developing.md): edits to the working tree never change a running workload's files.
+The snapshot itself is :func:`tests.support.shared.snapshot_package`."""
 
 from __future__ import annotations
 
@@ -7,22 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from support.shared import snapshot_src
 
-
-def snapshot_package(dest: Path) -> Path:
-    """:func:`support.shared.snapshot_src` into ``dest``; returns ``dest``, the directory to put
-    on ``PYTHONPATH``."""
-    snapshot_src(dest)
-    return dest
-
-
-def snapshot_env(snapshot: Path, **extra: str) -> dict[str, str]:
-    """A child environment that imports ``safehold`` from ``snapshot`` only."""
+def child_env(snapshot: Path, **extra: str) -> dict[str, str]:
+    """A child environment that imports ``safehold`` from ``snapshot`` only (the directory that
+    holds the copied ``safehold`` package) and inherits no ``SAFEHOLD_*`` variable; ``extra``
+    is added on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEHOLD_")}
     env["PYTHONPATH"] = str(snapshot)
     env.update(extra)
@@ -54,6 +47,3 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-PYTHON = sys.executable

@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from safehold.vau.erp import load_vau_private_key
-from support.shared import vau_vector
+from tests.support.shared import vau_vector
 
 
 @pytest.fixture(scope="session")

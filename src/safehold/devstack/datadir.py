@@ -26,6 +26,7 @@ from safehold.devstack.stack import (
     unlock_data_dir,
 )
 from safehold.errors import ConfigError
+from safehold.fsutil import write_atomic
 from safehold.jsontypes import JSONObject
 
 __all__ = ["broker_ca_pin", "main_records_config", "make_data_dir", "measure_records", "owner_key",
@@ -33,10 +34,9 @@ __all__ = ["broker_ca_pin", "main_records_config", "make_data_dir", "measure_rec
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``, created (or truncated) with mode 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Write ``data`` to ``path`` with mode 0600, atomically: a reader (``safehold patients``
+    polling for ``up.json``) sees the old file or the whole new one, never an empty one."""
+    write_atomic(path, data, mode=0o600)
 
 
 def tokens(data_dir: Path) -> dict[str, str]:

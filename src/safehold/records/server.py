@@ -62,6 +62,7 @@ from safehold.store.base import Store
 
 __all__ = [
     "Provisioned",
+    "assemble_apps",
     "build_apps",
     "main",
     "open_repository",
@@ -421,11 +422,36 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
             store.close()
             raise
         log.info("store quick_check ok (%.2f s)", time.monotonic() - t0)
-    repo = open_repository(store, prov.keyset, encryption=cfg.encryption, audit=cfg.audit)
-    acl = AccessList.from_json(cfg.access)
-    native = create_native_app(repo, acl, health=lambda: store_healthy(store, repo.audit))
-    scone = create_scone_app(repo, acl, auth=cfg.scone_auth) if cfg.scone_port is not None else None
+    native, scone, _ = assemble_apps(
+        store, prov.keyset, AccessList.from_json(cfg.access), encryption=cfg.encryption,
+        audit=cfg.audit, scone_auth=cfg.scone_auth if cfg.scone_port is not None else None)
     return native, scone, store
+
+
+def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryption: bool = True,
+                  audit: bool = True, scone_auth: str | None = "none",
+                  ) -> tuple[FastAPI, FastAPI | None, PatientRepository]:
+    """The service's apps over an open store and the keyset: the repository
+    (:func:`open_repository`), the native API app with its health check, and the SCONE app.
+
+    No network and no TLS (:func:`run` adds those after attestation), so the apps can also be
+    driven in-process, e.g. through ``httpx.ASGITransport``.
+
+    Args:
+        access: who may call (the broker's ``records-access`` secret, parsed).
+        scone_auth: ``"none"`` or ``"token"`` (see :mod:`safehold.records.scone_http`); None
+            builds no SCONE app (the SCONE port is off).
+
+    Returns:
+        ``(native_app, scone_app_or_None, repository)``.
+
+    Raises:
+        ValueError: ``scone_auth`` is not one of the modes above.
+    """
+    repo = open_repository(store, keyset, encryption=encryption, audit=audit)
+    native = create_native_app(repo, access, health=lambda: store_healthy(store, repo.audit))
+    scone = create_scone_app(repo, access, auth=scone_auth) if scone_auth is not None else None
+    return native, scone, repo
 
 
 def run(cfg: ServiceConfig, config_path: str | None = None) -> int:

@@ -1,0 +1,114 @@
+"""`safehold up`, `safehold patients …`, `safehold status` and `safehold demo` as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.devstack import SAMPLE, cli, wait_up
+from tests.support.shared import DATA, free_port, need_shared
+
+pytestmark = pytest.mark.slow  # starts processes on loopback
+
+
+def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
+    data = tmp_path / "safehold-data"
+    bport, rport, sport = free_port(), free_port(), free_port()
+    up = subprocess.Popen([sys.executable, "-m", "safehold.cli.main", "up", "--data-dir", str(data),
+                           "--broker-port", str(bport), "--port", str(rport), "--scone-port", str(sport)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = wait_up(up, data)
+        assert info["records_url"] == f"https://127.0.0.1:{rport}"
+        assert Path(info["ca"]).exists() and Path(info["policy"]).exists()
+        assert oct((data / "tokens.json").stat().st_mode & 0o777) == "0o600"
+        d = ["--data-dir", str(data)]
+        r = cli(env, "patients", "import", str(SAMPLE / "patients.csv"), str(SAMPLE / "bundle.json"), *d)
+        assert "imported 8, skipped 0, failed 0" in r.stdout
+        r = cli(env, "patients", "import", str(SAMPLE), *d)  # resumable / idempotent
+        assert "imported 0, skipped 8, failed 0" in r.stdout
+        r = cli(env, "patients", "get", "0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d02", *d)
+        assert json.loads(r.stdout)["LAST"] == "Ellery505"
+        r = cli(env, "patients", "search", "--family", "okonkwo555", *d)
+        assert r.stdout.startswith("5f0c2d7e-0000-4000-8000-000000000002\tIfeanyi666 Okonkwo555")
+        r = cli(env, "patients", "list", *d)
+        assert len(r.stdout.split()) == 8
+        cli(env, "patients", "delete", "0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d02", *d)
+        r = cli(env, "patients", "get", "0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d02", *d, check=False)
+        assert r.returncode == 1 and "404" in r.stderr and "Traceback" not in r.stderr
+        r = cli(env, "status", "--json", *d)
+        st = json.loads(r.stdout)
+        assert st["records"]["attested"] is True and st["records"]["records"] == 7
+        assert st["broker"]["status"]["mode"] == "ready"
+        # a bad file gives counts and exit status 1, not a traceback
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient"}}]}')
+        r = cli(env, "patients", "import", str(bad), *d, check=False)
+        assert r.returncode == 1 and "imported 0, skipped 0, failed 1" in r.stdout
+        assert "Traceback" not in r.stderr
+        # the simulated-TEE warning: once, one line, no Python warnings display
+        assert r.stderr.count("SIMULATED TEE") == 1 and "SimulatedTEEWarning" not in r.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    assert "stopped (records exit 0, broker exit 0)" in out
+    assert "records API" in out and "client policy" in out and "workload CA" in out
+    # the SCONE port without authentication (the default, as SCONE's demo) is announced loudly
+    assert f"the SCONE port {sport} has NO AUTHENTICATION" in err and "--scone-auth token" in err
+    for pid in info["pids"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    r = cli(env, "status", "--data-dir", str(data), check=False)
+    assert r.returncode == 1 and "safehold up" in r.stderr
+
+
+def test_demo_with_packaged_sample(env, tmp_path):
+    e = dict(env)
+    e["SAFEHOLD_SHARED_DIR"] = str(tmp_path / "no-shared-here")
+    work = tmp_path / "w" / "repo"  # ../shared/data does not exist from here
+    work.mkdir(parents=True)
+    r = cli(e, "demo", cwd=work, timeout=180)
+    assert "the packaged sample" in r.stdout
+    assert "imported 8, skipped 0, failed 0" in r.stdout
+    assert "read back " in r.stdout and "via blind index" in r.stdout
+    assert ": 0 found" in r.stdout
+    db = work / "safehold-data" / "records.db"
+    assert db.exists() and b"Okonkwo555" not in db.read_bytes()
+
+
+def test_demo_with_shared_data(env, tmp_path):
+    need_shared(DATA / "INDEX.md")
+    e = dict(env)
+    e["SAFEHOLD_SHARED_DIR"] = str(DATA.parent)
+    r = cli(e, "demo", "--data-dir", str(tmp_path / "d"), timeout=180)
+    assert f"shared data in {DATA}" in r.stdout
+    assert "imported 69, skipped 0, failed 0" in r.stdout and ": 0 found" in r.stdout
+
+
+def test_up_stops_cleanly_on_ctrl_c(env, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group."""
+    data = tmp_path / "d"
+    up = subprocess.Popen([sys.executable, "-m", "safehold.cli.main", "up", "--data-dir", str(data),
+                           "--broker-port", str(free_port()), "--port", str(free_port()),
+                           "--scone-port", "0"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+    try:
+        info = wait_up(up, data)
+        assert info["scone_port"] is None
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    assert "stopped (records exit 0, broker exit 0)" in out
+    for pid in info["pids"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (data / "up.json").exists()

@@ -1,0 +1,34 @@
+"""Fixtures for the records tests: the service's apps assembled in-process
+(tests/support/records_service.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from safehold.crypto.keyset import Keyset
+from safehold.records.server import assemble_apps
+from safehold.store import open_store
+from tests.support.records_service import Service, access_list
+
+
+def _service(tmp_path: Path, scone_auth: str | None) -> Iterator[Service]:
+    db = tmp_path / "records.db"
+    store = open_store(f"sqlite:///{db}")
+    native, scone, repo = assemble_apps(store, Keyset.generate(), access_list(), scone_auth=scone_auth)
+    yield Service(native, scone, repo, store, db)
+    store.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    """The native and SCONE apps (SCONE without authentication, its default)."""
+    yield from _service(tmp_path, "none")
+
+
+@pytest.fixture
+def token_service(tmp_path: Path) -> Iterator[Service]:
+    """The apps with ``scone_auth = "token"``: the SCONE port wants the native API's tokens."""
+    yield from _service(tmp_path, "token")
