@@ -38,9 +38,10 @@ before it is read. JSON bodies holding ``NaN`` /
 500 ``store-corrupt`` naming the store.
 
 Authentication: a bearer token (``Authorization: Bearer <token>``) whose SHA-256 appears in the
-access list the broker released to this workload, or a client certificate issued by the
-broker's workload CA (mutual TLS) whose subject CN appears in that list
-(:mod:`safehold.records.access`). Roles are ordered ``reader`` < ``writer`` < ``admin``.
+access list the broker released to this workload (the owner's ``access`` secret), or a client
+certificate issued by the broker's workload CA (mutual TLS) whose public key's SHA-256 appears
+in that list — never its CN (:mod:`safehold.records.access`). Roles are ordered ``reader`` <
+``writer`` < ``admin``.
 
 Layout: the routes are module-level functions on :data:`router`; :func:`create_native_app`
 makes the app and puts its collaborators in ``app.state.records`` (a :class:`NativeAPI`). Every
