@@ -22,7 +22,7 @@ def test_config_load_rules(tmp_path):
                                      "SAFEHOLD_RECORDS_STORE_URL": "sqlite:///x.db", "OTHER": "1"})
     assert (cfg.port, cfg.scone_port, cfg.store_url, cfg.host) == (9001, None, "sqlite:///x.db", "127.0.0.1")
     assert cfg.encryption and cfg.audit
-    for env, msg in [({"SAFEHOLD_RECORDS_ACCESS": "{}"}, "'access' is a measured setting"),
+    for env, msg in [({"SAFEHOLD_RECORDS_ACCESS_RESOURCE": "x"}, "'access_resource' is a measured setting"),
                      ({"SAFEHOLD_RECORDS_WORKLOAD": "x"}, "'workload' is a measured setting"),
                      ({"SAFEHOLD_RECORDS_ENCRYPTON": "0"}, "unknown setting"),
                      ({"SAFEHOLD_RECORDS_PORT": "eighty"}, "port must be a port number")]:

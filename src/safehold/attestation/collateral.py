@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import dcap_qvl
 from cryptography import x509
 
+from safehold.attestation.certs import load_certificates, load_crl
 from safehold.errors import (
     ConfigError,
     EndorsementError,
@@ -86,10 +86,7 @@ def _iso(ts: str, what: str) -> datetime:
 
 
 def _crl(der: bytes, what: str) -> x509.CertificateRevocationList:
-    try:
-        return x509.load_der_x509_crl(der)
-    except ValueError:
-        raise EndorsementError(f"collateral {what} is not a DER X.509 CRL") from None
+    return load_crl(der, f"collateral {what}", EndorsementError)
 
 
 def _unhex(text: object, what: str) -> bytes:
@@ -103,12 +100,8 @@ def _unhex(text: object, what: str) -> bytes:
 
 def _pck_ca(pck_crl_issuer_chain: str) -> str:
     """'processor' or 'platform' from the PCK CRL issuer (Intel PCK cert profile §1.3)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            leaf = x509.load_pem_x509_certificates(pck_crl_issuer_chain.encode())[0]
-    except ValueError:
-        raise EndorsementError("collateral pck_crl_issuer_chain is not a PEM certificate chain") from None
+    leaf = load_certificates(pck_crl_issuer_chain.encode(), "collateral pck_crl_issuer_chain",
+                             EndorsementError)[0]
     cn = " ".join(a.value for a in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME))  # type: ignore[misc]
     if "Processor" in cn:
         return "processor"

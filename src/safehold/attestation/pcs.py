@@ -17,6 +17,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from safehold.attestation.certs import load_certificates
 from safehold.attestation.collateral import DcapCollateral, load_collateral
 from safehold.errors import (
     EndorsementError,
@@ -52,7 +53,7 @@ def _crl_bytes(body: bytes, what: str) -> bytes:
     if text.startswith(b"-----BEGIN"):
         try:
             return x509.load_pem_x509_crl(text).public_bytes(serialization.Encoding.DER)
-        except ValueError:
+        except Exception:  # noqa: BLE001 - any parse failure of a fetched CRL means "malformed"
             raise EndorsementError(f"{what} is not a PEM CRL") from None
     try:
         return bytes.fromhex(text.decode("ascii"))
@@ -115,13 +116,13 @@ def fetch_pcs(base_url: str, tee: str, fmspc: str, ca: str) -> DcapCollateral:
 
 def _root_crl_url(chain_pem: str) -> str:
     try:
-        root = x509.load_pem_x509_certificates(chain_pem.encode())[-1]
+        root = load_certificates(chain_pem.encode(), "PCK CRL issuer chain", EndorsementError)[-1]
         dps = root.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
         for dp in dps:
             for name in dp.full_name or []:
                 if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith("https://"):
                     return name.value
-    except (ValueError, IndexError, x509.ExtensionNotFound):
+    except (EndorsementError, IndexError, x509.ExtensionNotFound):
         pass
     raise EndorsementError(
         "no root CA CRL: PCCS rootcacrl failed and the root has no HTTPS CRL distribution point"

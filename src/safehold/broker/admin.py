@@ -143,8 +143,11 @@ class Admin:
 
         ``body``: ``{"csr": PEM, "validity_days": 1..825 (default 30)}``. The CSR's signature
         proves possession of the key; its subject CN (a manifest-style name) becomes the
-        certificate's CN, which services such as the records API map to a role.
-        Returns ``{"certificate": PEM, "ca": PEM}``.
+        certificate's CN, a label only. Operators may call this, so a CN grants nothing
+        anywhere: the broker's admin endpoints know users by their manifest public key, and a
+        workload's roles come from the owner's ``access`` secret, which pins keys
+        (:class:`safehold.broker.manifest.Principal`). The audit entry records the key's
+        SHA-256 (``public_key_sha256``). Returns ``{"certificate": PEM, "ca": PEM}``.
 
         Raises:
             MalformedRequestError: malformed CSR or request, bad signature, bad name or validity
@@ -172,8 +175,9 @@ class Admin:
                 f"client certificate: CSR needs one subject CN of 1..63 chars, got {cn!r:.70}"
             )
         cert = self._ca.issue(csr.public_key(), common_name=cn, validity_days=days, client_only=True)
+        spki_sha256 = hashlib.sha256(_spki(csr.public_key())).hexdigest()
         self._record("client-certificate", {"cn": cn, "by": user, "serial": format(cert.serial_number, "x"),
-                                            "validity_days": days})
+                                            "validity_days": days, "public_key_sha256": spki_sha256})
         return {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
                 "ca": self._ca.cert_pem()}
 

@@ -148,14 +148,22 @@ class KBS:
                   candidates: list[str]) -> tuple[str, Appraisal]:
         """The first candidate workload whose policy affirms ``evidence``, and its appraisal.
 
+        The report_data binding (nonce + tee-pubkey of *this* session) is checked before any
+        policy's claims count: it does not depend on the workload, so Evidence that fails it is
+        stale, replayed or relayed — 401 whether a workload was named or every one is tried.
+
+        Refusals sent to the caller name the failed claims only, never a value of the manifest:
+        reference values, TCB minimums and the expected binding stay in the broker, and the full
+        expected-vs-got list goes to the audit log (readable by manifest users). An unnamed
+        attempt does not learn which workloads exist either.
+
         Raises:
             MalformedRequestError: the Evidence is malformed.
-            NotAuthenticatedError: not authentic, or only the report_data binding fails (stale,
+            NotAuthenticatedError: not authentic, or the report_data binding fails (stale,
                 replayed or relayed Evidence).
             PermissionDeniedError: every candidate's policy refuses the claims.
         """
         failures: dict[str, list[tuple[str, str, str]]] = {}
-        only_binding = True
         for name in candidates:
             try:
                 appraisal = act.verifiers[name].evaluate(evidence, expected_report_data=rd)
@@ -164,21 +172,26 @@ class KBS:
             except AttestationError as e:
                 self._record("attest", {"verdict": "denied", "reason": str(e)})
                 raise NotAuthenticatedError(f"KBS attest: Evidence is not authentic: {e}") from None
+            bad = appraisal.failures
+            if any(v.claim == "report_data" for v in bad):
+                self._record("attest", {"verdict": "denied", "reason": "report_data binding",
+                                        "workloads": {name: [list(v.as_tuple()) for v in bad]}})
+                raise NotAuthenticatedError(
+                    "KBS attest: Evidence report_data does not bind this session's nonce and "
+                    "tee-pubkey (stale, replayed or relayed Evidence); POST /kbs/v0/auth and "
+                    "attest with fresh Evidence")
             if appraisal.ok:
                 return name, appraisal
-            bad = appraisal.failures
             failures[name] = [v.as_tuple() for v in bad]
-            only_binding = only_binding and all(v.claim == "report_data" for v in bad)
         self._record("attest", {"verdict": "denied",
                                 "workloads": {k: [list(f) for f in v] for k, v in failures.items()}})
-        text = "; ".join(f"{w}: " + ", ".join(f"{c}: expected {e}, got {g}" for c, e, g in fs)
-                         for w, fs in failures.items())
-        if only_binding:
-            raise NotAuthenticatedError(
-                "KBS attest: Evidence report_data does not bind this session's nonce and tee-pubkey "
-                f"(stale, replayed or relayed Evidence): {text}"
-            )
-        raise PermissionDeniedError(f"KBS attest: appraisal policy refuses the Evidence: {text}")
+        claims = ", ".join(sorted({c for fs in failures.values() for c, _, _ in fs}))
+        if len(candidates) == 1:
+            why = f"the appraisal policy of workload {candidates[0]!r} refuses the Evidence"
+        else:
+            why = "no workload's appraisal policy accepts the Evidence"
+        raise PermissionDeniedError(f"KBS attest: {why}; failed claim(s): {claims} (expected "
+                                    "vs. got are in the broker's audit log)")
 
     def _attested(self, sid: str | None, bearer: str | None, act: Active) -> Attested:
         """The attestation behind a cookie or EAR bearer token, valid under manifest ``act``.
@@ -234,6 +247,8 @@ class KBS:
             raise PermissionDeniedError(f"workload {att.workload!r} may not read {path} (manifest)")
         if spec.type == "certificate":
             plaintext = self._issue(m, att, spec.name, [])
+        elif spec.type == "access":  # the owner's pinned role table, straight from the manifest
+            plaintext = spec.access_document()
         else:
             got = self._state.get("secret", spec.name)
             if got is None:

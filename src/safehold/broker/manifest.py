@@ -22,6 +22,12 @@ and is written in TOML or JSON::
     validity_days = 30
     [secrets.db-password]
     type = "value"                    # opaque bytes supplied by an operator
+    [secrets.records-access]
+    type = "access"                   # who holds which role at the workload (owner-written only)
+    [secrets.records-access.principals.alice]
+    role = "admin"
+    public_key_sha256 = "<hex SHA-256 of the client key's SubjectPublicKeyInfo DER>"
+    token_sha256 = "<hex SHA-256 of a bearer token>"
 
     [users.alice]
     roles = ["owner"]
@@ -68,7 +74,9 @@ from safehold.errors import ConfigError, ManifestError
 #: Roles a manifest user can hold, strongest first.
 ROLES = ("owner", "operator", "reader")
 #: Secret types and the KBS resource ``<type>`` path segment that serves them.
-SECRET_TYPES = ("keyset", "certificate", "value")
+SECRET_TYPES = ("keyset", "certificate", "value", "access")
+#: Most principals in one ``access`` secret.
+MAX_PRINCIPALS = 1024
 #: Largest manifest accepted, in bytes of TOML/JSON.
 MAX_MANIFEST_BYTES = 256 * 1024
 #: Largest operator-supplied value, in bytes.
@@ -80,15 +88,41 @@ _TOP_KEYS = {"name", "repository", "workloads", "secrets", "users", "recovery"}
 
 
 @dataclass(frozen=True)
+class Principal:
+    """An identity the data owner gives a role at a workload (an ``access`` secret's entry).
+
+    Identities are pinned, never named: a client certificate counts only through its key
+    (SHA-256 of the SubjectPublicKeyInfo DER, RFC 5280 §4.1.2.7, as in RFC 7469 pins), a bearer
+    token only through its SHA-256. A certificate's subject (its CN) carries no authority, so
+    nobody who can have certificates issued — a broker operator — can mint a role.
+
+    Attributes:
+        name: the principal's name (what the workload's audit records).
+        role: the role at the workload (a name; the workload checks it is one it knows).
+        public_key_sha256: 32 bytes, or None.
+        token_sha256: 32 bytes, or None (at least one of the two is set).
+    """
+
+    name: str
+    role: str
+    public_key_sha256: bytes | None = None
+    token_sha256: bytes | None = None
+
+
+@dataclass(frozen=True)
 class SecretSpec:
     """One secret the broker holds.
 
     Attributes:
         name: 1..63 chars ``[A-Za-z0-9._-]``; the ``<tag>`` of its KBS resource path.
-        type: ``keyset`` | ``certificate`` | ``value`` (also the ``<type>`` path segment).
+        type: ``keyset`` | ``certificate`` | ``value`` | ``access`` (also the ``<type>`` path
+            segment).
         dns_names / ip_addresses: SubjectAltNames of a ``certificate``.
         validity_days: lifetime of an issued ``certificate`` (1..825 days).
         max_bytes: largest operator-supplied ``value``.
+        principals: an ``access`` secret's pinned identities and their roles. Its content is the
+            manifest itself, so only an owner-signed manifest changes it (an operator supplies
+            ``value`` secrets only).
     """
 
     name: str
@@ -97,6 +131,29 @@ class SecretSpec:
     ip_addresses: tuple[str, ...] = ()
     validity_days: int = 30
     max_bytes: int = 4096
+    principals: tuple[Principal, ...] = ()
+
+    def access_document(self) -> bytes:
+        """What an ``access`` secret releases to a workload: canonical JSON ::
+
+            {"tokens": {"<hex SHA-256 of token>": {"name", "role"}},
+             "keys":   {"<hex SHA-256 of SubjectPublicKeyInfo DER>": {"name", "role"}}}
+
+        (the form :class:`safehold.records.access.AccessList` reads).
+
+        Raises:
+            ValueError: this is not an ``access`` secret.
+        """
+        if self.type != "access":
+            raise ValueError(f"secret {self.name!r} is a {self.type!r} secret, not 'access'")
+        tokens: dict[str, Any] = {}
+        keys: dict[str, Any] = {}
+        for p in self.principals:
+            if p.token_sha256 is not None:
+                tokens[p.token_sha256.hex()] = {"name": p.name, "role": p.role}
+            if p.public_key_sha256 is not None:
+                keys[p.public_key_sha256.hex()] = {"name": p.name, "role": p.role}
+        return canonical_json({"tokens": tokens, "keys": keys})
 
 
 @dataclass(frozen=True)
@@ -312,7 +369,7 @@ def _secret(name: str, s: Any) -> SecretSpec:
         raise ManifestError(f"{where}.type: expected one of {list(SECRET_TYPES)}, got {typ!r}")
     allowed = {"type"} | (
         {"dns_names", "ip_addresses", "validity_days"} if typ == "certificate"
-        else {"max_bytes"} if typ == "value" else set()
+        else {"max_bytes"} if typ == "value" else {"principals"} if typ == "access" else set()
     )
     extra = set(s) - allowed
     if extra:
@@ -339,7 +396,57 @@ def _secret(name: str, s: Any) -> SecretSpec:
         if not isinstance(mb, int) or isinstance(mb, bool) or not 1 <= mb <= MAX_VALUE_BYTES:
             raise ManifestError(f"{where}.max_bytes: expected an integer 1..{MAX_VALUE_BYTES}, got {mb!r}")
         return SecretSpec(name, typ, max_bytes=mb)
+    if typ == "access":
+        return SecretSpec(name, typ, principals=_principals(s.get("principals", {}), f"{where}.principals"))
     return SecretSpec(name, typ)
+
+
+def _sha256_hex(v: Any, where: str) -> bytes:
+    try:
+        digest = bytes.fromhex(v) if isinstance(v, str) else b""
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ManifestError(f"{where}: expected 64 hex digits (a SHA-256), got {v!r:.70}")
+    return digest
+
+
+def _principals(table: Any, where: str) -> tuple[Principal, ...]:
+    """An ``access`` secret's ``principals`` table: name → {role, public_key_sha256, token_sha256}.
+
+    Raises:
+        ManifestError: unknown fields, no role, no pin, a malformed pin, or one pin (key or
+            token) given to two principals (a credential must mean one identity).
+    """
+    table = _table(table, where)
+    if len(table) > MAX_PRINCIPALS:
+        raise ManifestError(f"{where}: at most {MAX_PRINCIPALS} principals")
+    out: list[Principal] = []
+    seen: dict[bytes, str] = {}
+    for pname, ent in table.items():
+        at = f"{where}.{_name(pname, f'{where}.<name>')}"
+        ent = _table(ent, at)
+        extra = set(ent) - {"role", "public_key_sha256", "token_sha256"}
+        if extra:
+            raise ManifestError(f"{at}: unknown field(s) {sorted(extra)}"
+                                + (" (a certificate's CN grants nothing: pin its key with "
+                                   "public_key_sha256)" if extra & {"cn", "common_name", "certificate_cn"}
+                                   else ""))
+        role = _name(ent.get("role"), f"{at}.role")
+        key = _sha256_hex(ent["public_key_sha256"], f"{at}.public_key_sha256") \
+            if "public_key_sha256" in ent else None
+        tok = _sha256_hex(ent["token_sha256"], f"{at}.token_sha256") if "token_sha256" in ent else None
+        if key is None and tok is None:
+            raise ManifestError(f"{at}: needs public_key_sha256 and/or token_sha256 (the pinned "
+                                "identity that holds the role)")
+        for pin, kind in ((key, "public_key_sha256"), (tok, "token_sha256")):
+            if pin is None:
+                continue
+            if pin in seen:
+                raise ManifestError(f"{at}.{kind}: the same pin is already principal {seen[pin]!r}'s")
+            seen[pin] = pname
+        out.append(Principal(pname, role, key, tok))
+    return tuple(out)
 
 
 def _user(name: str, u: Any) -> UserSpec:

@@ -199,7 +199,8 @@ def set_value(name: str, file_path: str | None, url: str, cacert: str | None, to
 
 
 @broker.command("client-cert")
-@click.option("--name", required=True, help="Subject CN (the user name services map to a role).")
+@click.option("--name", required=True,
+              help="Subject CN, a label only: roles follow the key (public_key_sha256), never the CN.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Write OUT.key (private, 0600), OUT.pem (certificate) and OUT-ca.pem.")
 @click.option("--validity-days", default=30, show_default=True, type=int)
@@ -210,7 +211,11 @@ def set_value(name: str, file_path: str | None, url: str, cacert: str | None, to
 @_TOKEN
 def client_cert(name: str, out: str, validity_days: int, key_path: str | None, url: str,
                 cacert: str | None, token: str | None) -> None:
-    """Have the broker's CA issue a client (mTLS) certificate for a new or given key."""
+    """Have the broker's CA issue a client (mTLS) certificate for a new or given key.
+
+    Prints the key's ``public_key_sha256`` (SHA-256 of its SubjectPublicKeyInfo DER): what the
+    data owner pins in a manifest ``access`` secret to give this key a role at a workload.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -233,8 +238,10 @@ def client_cert(name: str, out: str, validity_days: int, key_path: str | None, u
                                       serialization.NoEncryption()))
     Path(out + ".pem").write_text(res["certificate"])
     Path(out + "-ca.pem").write_text(res["ca"])
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     click.echo(json.dumps({"key": key_path or out + ".key", "certificate": out + ".pem",
-                           "ca": out + "-ca.pem"}))
+                           "ca": out + "-ca.pem", "public_key_sha256": hashlib.sha256(spki).hexdigest()}))
 
 
 # --- audit ---------------------------------------------------------------------------------------

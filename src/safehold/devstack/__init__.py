@@ -13,7 +13,7 @@ benchmarks and the tests start stacks with it too):
 Layout of the data directory (default ``./safehold-data``, created 0700)::
 
     manifest.toml      the data owner's manifest: Reference Values = the measured records workload
-    records.toml       the records service's measured configuration (access list, resources)
+    records.toml       the records service's measured configuration (resources, broker pin)
     policy.toml        the appraisal policy clients use for the records service's Evidence
     tokens.json        bearer tokens (0600): admin / writer / reader
     owner.key          the manifest owner's (user admin) Ed25519 signing key (0600), owner.pub
@@ -28,8 +28,9 @@ attests to the broker at start; only a workload whose measurement equals the man
 Reference Value gets its keyset and TLS identity. Ctrl-C / SIGTERM stops both cleanly.
 
 Every security setting is in the measured ``records.toml`` — encryption, audit, listen host,
-SCONE authentication, the access list and the pin of the broker's identity (SHA-256 of the
-broker's workload CA certificate, so the broker's CA is created before anything is measured).
+SCONE authentication and the pin of the broker's identity (SHA-256 of the broker's workload CA
+certificate, so the broker's CA is created before anything is measured) — except who holds
+which role: that is the owner's manifest (secret ``records-access``, identities pinned).
 Only plumbing (ports, URLs, paths, the store location) is passed as ``SAFEHOLD_RECORDS_*``
 environment variables, so changing a port does not change the measurement (the database is
 untrusted by design, its location is not a secret); the service refuses a variable that names a

@@ -29,8 +29,11 @@ from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
 from safehold.jsontypes import JSONObject
 
-__all__ = ["broker_ca_pin", "main_records_config", "make_data_dir", "measure_records", "owner_key",
-           "prepare", "records_config", "tokens", "write_private"]
+__all__ = ["RECORDS_ACCESS", "broker_ca_pin", "main_records_config", "make_data_dir", "measure_records",
+           "owner_key", "prepare", "records_access", "records_config", "tokens", "write_private"]
+
+#: The manifest secret (type ``access``) that says who holds which records role.
+RECORDS_ACCESS = "records-access"
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -75,28 +78,46 @@ def _sha(t: str) -> str:
     return hashlib.sha256(t.encode("utf-8")).hexdigest()
 
 
-def records_config(tok: dict[str, str], *, encryption: bool = True, scone_auth: str = "none",
-                   host: str = "127.0.0.1", broker_ca_sha256: str = "") -> JSONObject:
+def records_config(tok: dict[str, str] | None = None, *, encryption: bool = True,
+                   scone_auth: str = "none", host: str = "127.0.0.1",
+                   broker_ca_sha256: str = "") -> JSONObject:
     """The measured records configuration (see :class:`safehold.records.config.ServiceConfig`).
 
-    ``broker_ca_sha256`` (hex SHA-256 of the broker CA's DER) may be left empty:
-    :func:`prepare` fills in the pin of the data directory's broker.
+    It holds no access list: who may call the service is the manifest's ``records-access``
+    secret (:func:`records_access`), written by the data owner. ``tok`` is not used (kept so
+    that callers from before that change need not change). ``broker_ca_sha256`` (hex SHA-256 of
+    the broker CA's DER) may be left empty: :func:`prepare` fills in the pin of the data
+    directory's broker.
     """
     return {
         "workload": WORKLOAD,
         "keyset_resource": "default/keyset/records-keyset",
         "tls_resource": "default/certificate/records-tls",
+        "access_resource": f"default/access/{RECORDS_ACCESS}",
         "broker_ca_sha256": broker_ca_sha256,
         "host": host,
         "encryption": encryption,
         "audit": True,
         "scone_auth": scone_auth,
-        "access": {
-            "tokens": {_sha(t): {"name": role, "role": role} for role, t in tok.items()},
-            # client certificates from the broker (`safehold broker client-cert <CN>`), by CN
-            "certificates": {"admin": "admin", "writer": "writer", "reader": "reader"},
-        },
     }
+
+
+def records_access(tok: dict[str, str], owner_pub_pem: str) -> JSONObject:
+    """The dev manifest's ``records-access`` secret (type ``access``): who holds which role at
+    the records service, every identity pinned by the owner.
+
+    Principals ``admin`` / ``writer`` / ``reader`` hold their bearer token (SHA-256); ``admin``
+    is also the owner's own key (``owner.key``: SHA-256 of its SubjectPublicKeyInfo), so a client
+    certificate the broker issues to that key (``safehold broker client-cert --key owner.key``)
+    is the records admin. No other client certificate maps to a role, whatever its CN.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(owner_pub_pem.encode("ascii"))
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    principals: dict[str, Any] = {role: {"role": role, "token_sha256": _sha(t)} for role, t in tok.items()}
+    principals["admin"]["public_key_sha256"] = hashlib.sha256(spki).hexdigest()
+    return {"type": "access", "principals": principals}
 
 
 def measure_records(data_dir: Path, config_path: Path, *,
@@ -267,19 +288,23 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
         "simulated_root": str(root),
         "reference_values": {"measurements": measurements},
     }
+    owner_pub = owner_key(d)
     manifest = {
         "name": SESSION_NAME,
         "repository": "default",
-        "workloads": {WORKLOAD: {"secrets": ["records-keyset", "records-tls"], "policy": policy}},
+        "workloads": {WORKLOAD: {"secrets": ["records-keyset", "records-tls", RECORDS_ACCESS],
+                                 "policy": policy}},
         "secrets": {
             "records-keyset": {"type": "keyset"},
             "records-tls": {"type": "certificate", "dns_names": ["api", "localhost"],
                             "ip_addresses": ["127.0.0.1"], "validity_days": 30},
+            # who holds which records role: pinned tokens and the owner's key, never a CN
+            RECORDS_ACCESS: records_access(tok, owner_pub),
         },
         # the owner's public key lets `safehold broker manifest update --signer admin --key
         # <data-dir>/owner.key` sign updates of this dev manifest
         "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"]),
-                            "public_key": owner_key(d)}},
+                            "public_key": owner_pub}},
     }
     text = tomli_w.dumps(manifest)
     load_manifest(text.encode(), filename="manifest.toml")  # fail here, clearly, not in the broker

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from safehold.csvtext import FIELD_TOO_LARGE, UNCLOSED_QUOTE, CountedLines, diagnose
 from safehold.errors import ConfigError, TransformError
 from safehold.proxy.core import LONE_SURROGATE, Protector, has_lone_surrogate
 
@@ -68,44 +69,21 @@ def run_batch(protector: Protector, src: Path, dst: Path, *, reveal: bool, fmt: 
 
 def _csv_error(e: csv.Error | UnicodeDecodeError, start: int, end: int) -> ConfigError:
     """A clear message for a CSV row that does not parse; ``start``..``end`` are the physical
-    lines (1-based) the reader consumed for it. Never shows cell contents."""
+    lines (1-based) the reader consumed for it (:func:`safehold.csvtext.diagnose`). Never shows
+    cell contents."""
     if isinstance(e, UnicodeDecodeError):
         return ConfigError(f"CSV line {start} is not UTF-8")
-    msg = str(e)
-    if "field larger than field limit" in msg:
-        return ConfigError(f"CSV line {start}: a field is longer than the CSV reader's limit of "
-                           f"{csv.field_size_limit()} characters (Python csv.field_size_limit); "
-                           "split the value or protect it in NDJSON"
-                           + (f" (or a quote opened on line {start} is never closed: lines {start}..{end} "
-                              "were read into one field)" if end > start else ""))
-    if "unexpected end of data" in msg or (end > start and "expected after" not in msg):
-        swallowed = f"; lines {start + 1}..{end} were read into it" if end > start else ""
-        return ConfigError(f"CSV line {start}: a quoted field is never closed (its closing quote is "
-                           f"missing, so the rest of the file runs into it{swallowed}); nothing "
-                           f"was written")
-    return ConfigError(f"CSV line {start} is malformed: {msg}")
-
-
-class _Lines:
-    """Iterate over a text file's lines, counting them (``csv.reader`` does not say how many
-    physical lines it read before an error)."""
-
-    def __init__(self, f: io.TextIOWrapper):
-        self._it = iter(f)
-        self.n = 0
-
-    def __iter__(self) -> _Lines:
-        return self
-
-    def __next__(self) -> str:
-        line = next(self._it)
-        self.n += 1
-        return line
+    problem = diagnose(e, start, end)
+    if problem.kind == FIELD_TOO_LARGE:
+        return ConfigError(f"{problem.message}; split the value or protect it in NDJSON")
+    if problem.kind == UNCLOSED_QUOTE:
+        return ConfigError(f"{problem.message}; nothing was written")
+    return ConfigError(problem.message)
 
 
 def _csv(p: Protector, src: io.TextIOWrapper, out, reveal: bool, pos, total: int,
          progress: Progress | None) -> int:
-    lines = _Lines(src)
+    lines = CountedLines(src)
     try:
         reader = csv.DictReader(lines, strict=True)
         header = list(reader.fieldnames or [])

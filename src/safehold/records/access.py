@@ -4,9 +4,12 @@ Framework-free: :func:`safehold.records.http.authenticate` reads the credentials
 and asks :class:`AccessList`; the HTTP layer turns :class:`AuthenticationError` into 401 and
 :class:`PermissionDeniedError` into 403.
 
-Credentials: a bearer token whose SHA-256 appears in the access list, or a client certificate
-issued by the broker's workload CA (mutual TLS) whose subject CN appears in it. Roles are
-ordered ``reader`` < ``writer`` < ``admin`` (:data:`ROLES`).
+Only the data owner decides who holds a role: the list is an ``access`` secret of the owner's
+manifest (``safehold.broker.manifest``), released by the broker to the attested workload, and
+every identity in it is pinned — a bearer token by its SHA-256, a client certificate by the
+SHA-256 of its public key (SubjectPublicKeyInfo DER). A certificate's subject, its CN, grants
+nothing: the broker's workload CA issues client certificates with any CN to operators, so a
+name is not an identity. Roles are ordered ``reader`` < ``writer`` < ``admin`` (:data:`ROLES`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from safehold.errors import ConfigError
 from safehold.jsontypes import JSONValue
@@ -53,19 +56,20 @@ class Principal:
 
 @dataclass
 class AccessList:
-    """Who may call the service, as released by the broker (secret ``records-access``).
+    """Who may call the service, as released by the broker (an ``access`` secret of the manifest).
 
-    JSON form::
+    JSON form (:meth:`safehold.broker.manifest.SecretSpec.access_document`)::
 
         {"tokens": {"<hex SHA-256 of token>": {"name": "alice", "role": "writer"}},
-         "certificates": {"<subject CN>": "reader"}}
+         "keys":   {"<hex SHA-256 of SubjectPublicKeyInfo DER>": {"name": "alice", "role": "admin"}}}
 
     Raises (from :meth:`from_json`):
-        ConfigError: malformed JSON, unknown role, or a token hash that is not 64 hex digits.
+        ConfigError: malformed JSON, unknown role or member, a pin that is not 64 hex digits,
+            or a ``certificates`` table (the old mapping by certificate CN, refused: see above).
     """
 
     tokens: dict[bytes, Principal] = field(default_factory=dict)
-    certificates: dict[str, str] = field(default_factory=dict)
+    keys: dict[bytes, Principal] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: bytes | str | Mapping[str, JSONValue]) -> AccessList:
@@ -76,22 +80,16 @@ class AccessList:
             raise ConfigError("records access list is not valid JSON") from None
         if not isinstance(obj, dict):
             raise ConfigError("records access list must be a JSON object")
+        if "certificates" in obj:
+            raise ConfigError("records access list: 'certificates' (roles by certificate CN) is not "
+                              "accepted: anyone the broker issues certificates to can choose a CN; "
+                              "pin client keys under 'keys' (SHA-256 of the SubjectPublicKeyInfo)")
+        unknown = sorted(set(obj) - {"tokens", "keys"})
+        if unknown:
+            raise ConfigError(f"records access list: unknown member(s) {unknown}")
         acl = cls()
-        for h, ent in (obj.get("tokens") or {}).items():
-            try:
-                digest = bytes.fromhex(h)
-            except ValueError:
-                digest = b""
-            if len(digest) != 32 or not isinstance(ent, dict):
-                raise ConfigError("records access list: token keys must be 64 hex digits of SHA-256")
-            role = ent.get("role")
-            if role not in ROLES:
-                raise ConfigError(f"records access list: role must be one of {ROLES}, got {role!r}")
-            acl.tokens[digest] = Principal(str(ent.get("name", "token")), role)
-        for cn, role in (obj.get("certificates") or {}).items():
-            if role not in ROLES:
-                raise ConfigError(f"records access list: role must be one of {ROLES}, got {role!r}")
-            acl.certificates[str(cn)] = role
+        acl.tokens = _pinned(obj.get("tokens") or {}, "tokens", "token")
+        acl.keys = _pinned(obj.get("keys") or {}, "keys", "cert")
         return acl
 
     def by_token(self, token: str) -> Principal | None:
@@ -104,17 +102,14 @@ class AccessList:
         return found
 
     def by_certificate(self, der: bytes) -> Principal | None:
-        """The principal for a verified client certificate (DER), by subject CN."""
+        """The principal for a verified client certificate (DER), by the SHA-256 of its public
+        key (SubjectPublicKeyInfo DER); its subject and CN are not looked at."""
         try:
-            cert = x509.load_der_x509_certificate(der)
-            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        except ValueError:
+            spki = x509.load_der_x509_certificate(der).public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        except Exception:  # noqa: BLE001 - a certificate that does not parse identifies nobody
             return None
-        if not cns:
-            return None
-        cn = str(cns[0].value)
-        role = self.certificates.get(cn)
-        return Principal(f"cert:{cn}", role) if role else None
+        return self.keys.get(hashlib.sha256(spki).digest())
 
     def principal(self, *, certificate: bytes | None, authorization: str) -> Principal:
         """The caller's principal: a verified client certificate (DER) first, then the
@@ -133,4 +128,27 @@ class AccessList:
             if p is not None:
                 return p
             raise AuthenticationError("bearer token not recognised")
+        if certificate:
+            raise AuthenticationError("client certificate key is not pinned in the access list")
         raise AuthenticationError("authentication required (bearer token or client certificate)")
+
+
+def _pinned(table: object, where: str, kind: str) -> dict[bytes, Principal]:
+    """``{"<64 hex>": {"name", "role"}}`` → digest → :class:`Principal` (``name`` for the audit:
+    ``<name>`` for tokens, ``cert:<name>`` for keys)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"records access list: {where} must be an object")
+    out: dict[bytes, Principal] = {}
+    for h, ent in table.items():
+        try:
+            digest = bytes.fromhex(h)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32 or not isinstance(ent, dict):
+            raise ConfigError(f"records access list: {where} keys must be 64 hex digits of SHA-256")
+        role = ent.get("role")
+        if role not in ROLES:
+            raise ConfigError(f"records access list: role must be one of {ROLES}, got {role!r:.40}")
+        name = str(ent.get("name", kind))
+        out[digest] = Principal(f"cert:{name}" if kind == "cert" else name, role)
+    return out

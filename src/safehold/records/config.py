@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ __all__ = ["ENV_PREFIX", "MEASURED_SETTINGS", "RUNTIME_SETTINGS", "ServiceConfig
 RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url", "port",
                               "scone_port", "ready_file"})
 #: Settings only the measured configuration file may set.
-MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "host",
-                               "scone_auth", "encryption", "audit", "access", "broker_ca_sha256"})
+MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "access_resource",
+                               "host", "scone_auth", "encryption", "audit", "broker_ca_sha256"})
 ENV_PREFIX = "SAFEHOLD_RECORDS_"
 
 
@@ -66,10 +66,11 @@ class ServiceConfig:
             and only through the measured file (the service then warns loudly at start).
         ready_file: if set, a JSON file written once both ports listen (URLs, ports, pid).
         audit: keep the access audit (True by default).
-        access: the access list (``[access.tokens."<sha256 hex>"]`` name/role tables and
-            ``[access.certificates]`` CN = role), see :class:`safehold.records.access.AccessList`.
-            It is part of the measured configuration: changing who may call the service changes
-            its measurement, so the data owner's manifest must approve it.
+        access_resource: KBS resource path of the ``access`` secret: who may call the service,
+            with which role (:class:`safehold.records.access.AccessList`). The data owner writes
+            it in the manifest, pinning each identity (token SHA-256, client key SHA-256); the
+            broker releases it after attestation. The configuration holds no access list (an
+            ``access`` table here is refused), so nobody but the owner grants a role.
     """
 
     data_dir: str = "./safehold-data"
@@ -87,7 +88,7 @@ class ServiceConfig:
     encryption: bool = True
     ready_file: str = ""
     audit: bool = True
-    access: dict[str, Any] = field(default_factory=dict)
+    access_resource: str = "default/access/records-access"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
@@ -106,6 +107,11 @@ class ServiceConfig:
             except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"records service config {path}: {e}") from None
         names = {f.name: f for f in fields(cls)}
+        if "access" in data:
+            raise ConfigError(
+                "records service config: 'access' is no longer read from the configuration: the "
+                "data owner pins who holds which role in the broker manifest (a secret of type "
+                "'access', named by access_resource; docs/records.md). Remove [access]")
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ConfigError(f"records service config: unknown keys {unknown}")

@@ -36,6 +36,7 @@ __all__ = [
     "RecordUnknownKeyError",
     "RecordVersionMismatchError",
     "SconeFormError",
+    "UnsupportedMediaTypeError",
 ]
 
 
@@ -67,6 +68,11 @@ class PermissionDeniedError(AuthError):
 
 class PayloadTooLargeError(InvalidRecordError):
     """The request body is over the endpoint's limit (413; the message names the limit)."""
+
+
+class UnsupportedMediaTypeError(InvalidRecordError):
+    """The request body's ``Content-Type`` is not one the endpoint parses (HTTP 415; the message
+    names what is accepted)."""
 
 
 class PreconditionFailedError(RecordError):

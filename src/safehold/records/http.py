@@ -31,14 +31,17 @@ Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record 
 also FastAPI's own: query validation (400 ``invalid``), unknown path (404 ``no-such-endpoint``),
 wrong method (405 ``method-not-allowed``). A body over the limit (:data:`MAX_RECORD_BYTES` for
 a PUT, :data:`MAX_BATCH_BYTES` for a batch; plain or chunked) → 413 ``too-large`` naming the
-limit, decided while reading (never buffered whole). JSON bodies holding ``NaN`` /
+limit, decided while reading (never buffered whole). A body whose ``Content-Type`` is not
+``application/json`` (``text/plain``, a form, multipart, none) → 415 ``unsupported-media-type``,
+before it is read. JSON bodies holding ``NaN`` /
 ``Infinity`` / ``-Infinity`` (not JSON, RFC 8259 §6) → 400 ``invalid``. A corrupt store →
 500 ``store-corrupt`` naming the store.
 
 Authentication: a bearer token (``Authorization: Bearer <token>``) whose SHA-256 appears in the
-access list the broker released to this workload, or a client certificate issued by the
-broker's workload CA (mutual TLS) whose subject CN appears in that list
-(:mod:`safehold.records.access`). Roles are ordered ``reader`` < ``writer`` < ``admin``.
+access list the broker released to this workload (the owner's ``access`` secret), or a client
+certificate issued by the broker's workload CA (mutual TLS) whose public key's SHA-256 appears
+in that list — never its CN (:mod:`safehold.records.access`). Roles are ordered ``reader`` <
+``writer`` < ``admin``.
 
 Layout: the routes are module-level functions on :data:`router`; :func:`create_native_app`
 makes the app and puts its collaborators in ``app.state.records`` (a :class:`NativeAPI`). Every
@@ -77,6 +80,7 @@ from safehold.records.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     PreconditionFailedError,
+    UnsupportedMediaTypeError,
 )
 from safehold.records.model import (
     MAX_BATCH,
@@ -89,8 +93,8 @@ from safehold.records.model import (
 from safehold.records.repository import PatientRepository
 from safehold.store.errors import StoreCorruptError
 
-__all__ = ["MAX_BATCH_BYTES", "NativeAPI", "authenticate", "create_native_app", "error_response",
-           "read_body", "router"]
+__all__ = ["JSON_MEDIA_TYPES", "MAX_BATCH_BYTES", "NativeAPI", "authenticate", "create_native_app",
+           "error_response", "read_body", "require_json", "router"]
 
 #: Largest ``POST /v1/patients:batch`` body (bytes); split bigger imports into several batches.
 MAX_BATCH_BYTES = 32 * 1024 * 1024
@@ -135,6 +139,7 @@ _ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (PreconditionFailedError, 412, "precondition-failed"),
     (RecordTamperedError, 409, "record-tampered"),
     (PayloadTooLargeError, 413, "too-large"),
+    (UnsupportedMediaTypeError, 415, "unsupported-media-type"),
     (InvalidRecordError, 400, "invalid"),
     (AuditChainError, 409, "audit-chain-broken"),
     (StoreCorruptError, 500, "store-corrupt"),
@@ -217,6 +222,36 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     if too_big:
         raise PayloadTooLargeError(f"{what} is over the limit of {limit} bytes")
     return bytes(buf)
+
+
+#: Media types of a native API body (RFC 8259 §11); ``application/fhir+json`` belongs to FHIR routes.
+JSON_MEDIA_TYPES = ("application/json",)
+
+
+def require_json(request: Request, accepted: tuple[str, ...] = JSON_MEDIA_TYPES) -> None:
+    """Refuse a body that is not declared as JSON before anything parses it.
+
+    Exactly one ``Content-Type`` header whose media type (case-insensitive, RFC 9110 §8.3.1)
+    is one of ``accepted``, with no ``charset`` other than UTF-8 (RFC 8259 §8.1). A missing
+    header is refused as well: ``text/plain``, form and multipart bodies are never read as JSON.
+
+    Raises:
+        UnsupportedMediaTypeError: anything else (415); the message names what is accepted.
+    """
+    values = request.headers.getlist("content-type")
+    want = " or ".join(accepted)
+    if len(values) != 1:
+        got = "none" if not values else f"{len(values)} Content-Type headers"
+        raise UnsupportedMediaTypeError(f"request body must be {want} (got {got})")
+    media, *params = values[0].split(";")
+    media = media.strip().lower()
+    if media not in accepted:
+        raise UnsupportedMediaTypeError(f"request body must be {want} (got {media[:60]!r})")
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise UnsupportedMediaTypeError(f"request body must be UTF-8 {want} (charset "
+                                            f"{value.strip()[:20]!r} is not UTF-8)")
 
 
 def _batch_items(body: bytes) -> list[tuple[object, object]]:
@@ -312,6 +347,7 @@ async def put_patient(
     who: Principal = Depends(writer),
 ) -> Response:
     """Create (201) or replace (200) a record; ``If-Match`` for compare-and-set (412)."""
+    require_json(request)
     record = parse_record(rid, await read_body(request, MAX_RECORD_BYTES, "record body"))
     expected = _if_match(if_match)
     repo = _api(request).repo
@@ -371,6 +407,7 @@ def list_or_search(
 async def batch(request: Request, who: Principal = Depends(writer)) -> dict[str, Any]:
     """Upsert up to 500 records; per-item results (a malformed item: 400, nothing written)."""
     # every item is checked before any write: a malformed batch writes nothing
+    require_json(request)
     items = parse_batch(_batch_items(await read_body(request, MAX_BATCH_BYTES, "batch body")))
     results = await run_in_threadpool(_api(request).repo.batch, who.name, items)
     return {"results": results}

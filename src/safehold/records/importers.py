@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safehold.csvtext import CountedLines, diagnose
 from safehold.records.errors import ImportFormatError, InvalidRecordError, NonFiniteNumberError
 from safehold.records.model import loads_strict, parse_record
 
@@ -207,11 +208,23 @@ def _patient_item(res: dict[str, Any], src: str, *, full_url: object) -> ImportI
 
 
 def _from_synthea_csv(text: str, name: str) -> Iterator[ImportItem | ImportProblem]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    """Rows of a Synthea CSV, each named by the line it starts on.
+
+    Read with ``strict=True`` (RFC 4180 quoting): a row ``csv`` refuses is one problem naming
+    its line and why (:func:`safehold.csvtext.diagnose`), and the reader goes on with the next
+    row. A quote that is never closed swallows every later line into one field; each of those
+    lines is counted as a problem of its own ("not imported: …"), never imported as a guess and
+    never lost from the summary.
+    """
+    lines = io.StringIO(text, newline="").readlines()
+    counted = CountedLines(lines)
+    reader = csv.reader(counted, strict=True)
     try:
         header = next(reader)
-    except (StopIteration, csv.Error) as e:
-        raise ImportFormatError(f"{name}: not a CSV file ({e})") from None
+    except StopIteration:
+        raise ImportFormatError(f"{name}: not a CSV file (no header row)") from None
+    except csv.Error as e:
+        raise ImportFormatError(f"{name}: not a CSV file ({diagnose(e, 1, counted.n).message})") from None
     header = [h.strip() for h in header]
     if "Id" not in header:
         raise ImportFormatError(
@@ -221,15 +234,22 @@ def _from_synthea_csv(text: str, name: str) -> Iterator[ImportItem | ImportProbl
         raise ImportFormatError(f"{name}: CSV header repeats a column name")
     idx = header.index("Id")
     while True:
-        lineno = reader.line_num + 1
+        start = counted.n + 1
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            yield ImportProblem(f"{name}:{lineno}", f"CSV syntax error: {e}")
-            return
-        src = f"{name}:{reader.line_num}"
+            problem = diagnose(e, start, counted.n)
+            yield ImportProblem(f"{name}:{start}", problem.message)
+            for ln in problem.swallowed:
+                if lines[ln - 1].strip():
+                    yield ImportProblem(f"{name}:{ln}", (
+                        f"not imported: this line was read into the field that starts on line "
+                        f"{start} ({problem.kind.replace('-', ' ')}); fix line {start} and import "
+                        "the file again"))
+            continue
+        src = f"{name}:{start}"
         if not row or all(not c for c in row):
             continue
         if len(row) != len(header):

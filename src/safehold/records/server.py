@@ -4,13 +4,14 @@ Start-up order (nothing listens before step 4, and no key exists here that did n
 through attestation):
 
 1. The Attester (simulated by default) measures this workload: the package files plus the
-   measured configuration file, which also holds the access list (who may call, which role).
+   measured configuration file.
 2. :class:`~safehold.client.broker.BrokerClient` runs the KBS protocol with the broker
    (``/kbs/v0/auth`` → ``/kbs/v0/attest`` → ``/kbs/v0/resource/...``) and receives the records
    **keyset** as a JWE wrapped to a TEE key generated here, then the **TLS identity**: a
    certificate issued by the broker's workload CA to that key (valid for the name ``api``)
-   carrying this workload's RA-TLS Evidence. The broker refuses both if the measurement is not
-   in the data owner's manifest.
+   carrying this workload's RA-TLS Evidence, and the **access list** (who may call, with which
+   role: the owner's ``access`` secret, every identity pinned). The broker refuses all of them
+   if the measurement is not in the data owner's manifest.
 3. The encrypted engine is opened on the store (SQLite file by default, PostgreSQL by URL).
 4. Two HTTPS listeners open on one event loop: the native API and the SCONE-compatible API.
    The TLS private key stays in memory (an :class:`ssl.SSLContext` built from bytes held only
@@ -39,8 +40,9 @@ import ssl
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import uvicorn
 from fastapi import FastAPI
@@ -211,20 +213,32 @@ async def serve_apps(
 # --- bootstrap ------------------------------------------------------------------------------
 
 
+class _Resources(Protocol):
+    """What :func:`_access_list` needs of a :class:`~safehold.client.broker.BrokerClient`."""
+
+    def get_resource(self, path: str, *, use_token: bool = False) -> bytes: ...
+
+
 @dataclass
 class Provisioned:
     """What arrived through attestation: the keyset, the TLS identity (certificate chain and
-    private key, PEM) and the broker's workload CA (PEM), and the Attester that measured us."""
+    private key, PEM) and the broker's workload CA (PEM), the Attester that measured us, and
+    the access list (the owner's ``access`` secret; empty: nobody is let in)."""
 
     keyset: Keyset
     cert_pem: bytes
     key_pem: bytes
     ca_pem: bytes
     attester: SimulatedAttester
+    access: AccessList = field(default_factory=AccessList)
 
 
 def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str | None = None) -> Provisioned:
-    """Attest to the broker and receive the keyset and the TLS identity (KBS protocol).
+    """Attest to the broker and receive the keyset, the TLS identity and the access list (KBS
+    protocol).
+
+    The access list is the manifest's ``access`` secret at ``cfg.access_resource``: only the
+    data owner's signed manifest says who holds which role (pinned tokens and client keys).
 
     The TLS certificate is issued by the broker's workload CA to the TEE key generated here,
     and carries this workload's RA-TLS Evidence (extension 2.23.133.5.4.9, claims binding the
@@ -252,6 +266,7 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
             kbs.attest()
             keyset = kbs.get_keyset(cfg.keyset_resource.rsplit("/", 1)[-1],
                                     repository=cfg.keyset_resource.split("/", 1)[0])
+            access = _access_list(kbs, cfg.access_resource)
             pub = kbs.private_key().public_key()
             claims = encode_claims(spki_der(pub))
             evidence = attester.attest(hashlib.sha256(claims).digest() + bytes(32))
@@ -276,7 +291,29 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
     if got != cfg.broker_ca_sha256:  # the TLS identity must come from the pinned CA too
         raise BrokerIdentityError(f"the broker issued the TLS certificate from another CA: SHA-256 "
                                   f"expected {cfg.broker_ca_sha256}, got {got}")
-    return Provisioned(keyset, cert_pem.encode("ascii"), key_pem, ca_pem.encode("ascii"), attester)
+    return Provisioned(keyset, cert_pem.encode("ascii"), key_pem, ca_pem.encode("ascii"), attester,
+                       access)
+
+
+def _access_list(kbs: _Resources, resource: str) -> AccessList:
+    """The manifest's ``access`` secret at ``resource``, parsed.
+
+    Raises:
+        ConfigError: the manifest has no such secret (404) or it is not a valid access list.
+        BrokerRefusedError: any other refusal.
+    """
+    from safehold.client.errors import BrokerRefusedError
+
+    try:
+        doc = kbs.get_resource(resource)
+    except BrokerRefusedError as e:
+        if e.status == 404:
+            raise ConfigError(
+                f"the broker has no access list {resource} for this workload ({e.detail}): the data "
+                "owner adds a secret of type 'access' to the manifest and lists it in the workload's "
+                "secrets (docs/records.md)") from None
+        raise
+    return AccessList.from_json(doc)
 
 
 def _ca_sha256(pem: bytes) -> str:
@@ -423,7 +460,7 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
             raise
         log.info("store quick_check ok (%.2f s)", time.monotonic() - t0)
     native, scone, _ = assemble_apps(
-        store, prov.keyset, AccessList.from_json(cfg.access), encryption=cfg.encryption,
+        store, prov.keyset, prov.access, encryption=cfg.encryption,
         audit=cfg.audit, scone_auth=cfg.scone_auth if cfg.scone_port is not None else None)
     return native, scone, store
 

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from safehold.attestation.certs import load_certificate, load_certificates
 from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import DcapCollateral, check_validity, load_collateral, require_aware
 from safehold.attestation.evidence import Evidence
@@ -78,10 +79,7 @@ def packaged_root_der(name: str = "intel-sgx-root-ca.der") -> bytes:
 
 
 def _spki_of_der(der: bytes) -> bytes:
-    try:
-        return x509.load_der_x509_certificate(der).public_key().public_bytes(*_SPKI)
-    except ValueError:
-        raise EndorsementError("Intel root CA is not a DER X.509 certificate") from None
+    return load_certificate(der, "Intel root CA", EndorsementError).public_key().public_bytes(*_SPKI)
 
 
 @dataclass(frozen=True)
@@ -257,12 +255,7 @@ class _Chain:
 @functools.lru_cache(maxsize=256)
 def _chain(pem: bytes) -> _Chain:
     """Parse a PCK chain; it must be exactly the canonical PEM of its certificates."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            certs = tuple(x509.load_pem_x509_certificates(pem))
-    except ValueError:
-        raise EvidenceFormatError("DCAP quote PCK chain is not a PEM certificate chain") from None
+    certs = tuple(load_certificates(pem, "DCAP quote PCK chain", EvidenceFormatError))
     if len(certs) < 2 or b"".join(c.public_bytes(_PEM_CERT) for c in certs) != pem:
         raise EvidenceFormatError("DCAP quote PCK chain is not canonical PEM (PCK, intermediate CA, root CA)")
     try:

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from safehold.attestation.certs import load_certificate, load_certificates
 from safehold.attestation.checks import SnpMinimumTcb  # noqa: F401 - re-exported (the check moved to checks)
 from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import check_validity, require_aware
@@ -203,40 +204,22 @@ def load_cert(blob: bytes, what: str) -> x509.Certificate:
     """Load one DER or PEM certificate (older AMD VCEKs have serial 0: warning silenced).
 
     Every field used later is parsed here (cryptography parses lazily), so malformed
-    certificates fail with :class:`EndorsementError` rather than later.
+    certificates fail with :class:`EndorsementError` rather than later
+    (:func:`safehold.attestation.certs.load_certificate`).
 
     Raises:
         EndorsementError: not a well-formed certificate.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if blob.lstrip().startswith(b"-----BEGIN"):
-                c = x509.load_pem_x509_certificate(blob)
-            else:
-                c = x509.load_der_x509_certificate(blob)
-            _ = (c.subject, c.issuer, c.not_valid_before_utc, c.not_valid_after_utc, c.extensions)
-            c.public_key()
-            return c
-    except Exception:  # noqa: BLE001 - any parse error of untrusted DER means "malformed"
-        raise EndorsementError(f"{what} is not a well-formed X.509 certificate (DER or PEM)") from None
+    return load_certificate(blob, what, EndorsementError)
 
 
 def load_certs(blob: bytes, what: str) -> list[x509.Certificate]:
-    """Load a PEM bundle (or a single DER certificate).
+    """Load a PEM bundle (or a single DER certificate), each certificate fully parsed.
 
     Raises:
-        EndorsementError: no certificate could be read.
+        EndorsementError: no certificate could be read, or one is malformed.
     """
-    if b"-----BEGIN" not in blob:
-        return [load_cert(blob, what)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            certs = x509.load_pem_x509_certificates(blob)
-    except ValueError:
-        raise EndorsementError(f"{what} is not a PEM certificate bundle") from None
-    return [load_cert(c.public_bytes(serialization.Encoding.DER), what) for c in certs]
+    return load_certificates(blob, what, EndorsementError)
 
 
 def _pkg_cert(name: str) -> x509.Certificate:

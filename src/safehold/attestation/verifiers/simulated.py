@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from safehold.attestation.certs import load_certificate
 from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import check_validity
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
@@ -156,12 +157,7 @@ class SimulatedVerifier:
         self._roots: list[x509.Certificate] = []
         for r in trusted_roots:
             raw = r.encode("ascii") if isinstance(r, str) else bytes(r)
-            try:
-                cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----")
-                        else x509.load_der_x509_certificate(raw))
-            except ValueError as e:
-                raise EndorsementError(f"simulated root CA is not a certificate: {e}") from None
-            self._roots.append(cert)
+            self._roots.append(load_certificate(raw, "simulated root CA", EndorsementError))
 
     def verify(self, evidence: Evidence, *, at: datetime | None = None) -> Claims:
         """Verify simulated Evidence and return its claims (``tcb_status="Simulated"``).
@@ -180,10 +176,9 @@ class SimulatedVerifier:
         der = evidence.endorsements.get(PLATFORM_CERT)
         if der is None:
             raise EndorsementError("simulated Evidence lacks the 'platform_cert' Endorsement")
-        try:
-            leaf = x509.load_der_x509_certificate(bytes(der))
-        except ValueError as e:
-            raise EvidenceFormatError(f"simulated platform certificate is not DER X.509: {e}") from None
+        if bytes(der).lstrip().startswith(b"-----"):
+            raise EvidenceFormatError("simulated platform certificate must be DER, got PEM")
+        leaf = load_certificate(bytes(der), "simulated platform certificate", EvidenceFormatError)
         if not self._roots:
             raise EndorsementError(
                 "no simulated root CA is configured: set simulated_root in the appraisal policy"

@@ -31,14 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -51,6 +50,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from safehold.attestation.certs import load_certificates
 from safehold.attestation.claims import Claims
 from safehold.attestation.collateral import check_validity, require_aware
 from safehold.attestation.evidence import MEDIA_TYPES, Evidence
@@ -214,6 +214,8 @@ def load_ak(blob: bytes) -> AkPublic:
             key = serialization.load_der_public_key(blob)
     except ValueError:
         return parse_tpmt_public(blob)
+    except UnsupportedAlgorithm as e:  # a SubjectPublicKeyInfo with an unknown algorithm or curve
+        raise EndorsementError(f"ak_pub: unsupported key algorithm ({e})") from None
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise EndorsementError("ak_pub must be an RSA or EC public key")
     return AkPublic(key)
@@ -415,14 +417,7 @@ class TpmQuoteVerifier:
 
 
 def _certs(blob: bytes) -> list[x509.Certificate]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if b"-----BEGIN" in blob:
-                return x509.load_pem_x509_certificates(blob)
-            return [x509.load_der_x509_certificate(blob)]
-    except ValueError:
-        raise EndorsementError("AK certificate material is not DER/PEM X.509") from None
+    return load_certificates(blob, "AK certificate material", EndorsementError)
 
 
 #: TCG EK / AK certificate purposes (TCG EK Credential Profile §3.2.11, tcg-kp-EKCertificate;
