@@ -25,15 +25,17 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
                                                       head check; ``{"entries": n}``
 ``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
 ``GET /openapi.json``                       none      the OpenAPI 3.1 description
+                                                      (:mod:`safehold.records.openapi`)
+``/fhir/…``                                 (roles)   FHIR R4 REST (:mod:`safehold.records.fhir`)
 ==========================================  ========  =============================================
 
 Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content —
 also FastAPI's own: query validation (400 ``invalid``), unknown path (404 ``no-such-endpoint``),
-wrong method (405 ``method-not-allowed``). A body over the limit (:data:`MAX_RECORD_BYTES` for
-a PUT, :data:`MAX_BATCH_BYTES` for a batch; plain or chunked) → 413 ``too-large`` naming the
-limit, decided while reading (never buffered whole). JSON bodies holding ``NaN`` /
-``Infinity`` / ``-Infinity`` (not JSON, RFC 8259 §6) → 400 ``invalid``. A corrupt store →
-500 ``store-corrupt`` naming the store.
+wrong method (405 ``method-not-allowed``, ``Allow`` listing every method the path serves).
+A body over the limit (:data:`MAX_RECORD_BYTES` for a PUT, :data:`MAX_BATCH_BYTES` for a batch;
+plain or chunked) → 413 ``too-large`` naming the limit, decided while reading (never buffered
+whole). JSON bodies holding ``NaN`` / ``Infinity`` / ``-Infinity`` (not JSON, RFC 8259 §6) →
+400 ``invalid``. A corrupt store → 500 ``store-corrupt`` naming the store.
 
 Authentication: a bearer token (``Authorization: Bearer <token>``) whose SHA-256 appears in the
 access list the broker released to this workload, or a client certificate issued by the
@@ -51,7 +53,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,7 +86,11 @@ from safehold.records.model import (
     parse_batch,
     parse_record,
 )
+from safehold.records.openapi import native_openapi
 from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
+
+if TYPE_CHECKING:
+    from safehold.records.fhir.core import FhirStore
 from safehold.store.errors import StoreCorruptError
 
 __all__ = ["MAX_BATCH_BYTES", "NativeAPI", "PayloadTooLargeError", "authenticate", "create_native_app",
@@ -168,11 +174,35 @@ async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     """Exception handler: FastAPI's own 404/405 for paths and methods it does not serve (the
     path is not echoed: it may hold a record id)."""
     assert isinstance(exc, StarletteHTTPException)
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # Starlette names only the first route's method; list them all
+        headers = {"Allow": allowed_methods(request)}
     codes = {404: ("no-such-endpoint", "no such endpoint (see /openapi.json)"),
              405: ("method-not-allowed", f"method {request.method} is not allowed here")}
     code, detail = codes.get(exc.status_code, ("http-error", str(exc.detail)))
     return JSONResponse({"error": code, "detail": detail}, status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+                        headers=headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the request's app serves for the request's path (for the
+    ``Allow`` header of a 405, RFC 9110 §10.2.1), comma-separated."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    path = path[len(root):] if root and path.startswith(root) else path
+
+    def walk(routes: list[Any]) -> set[str]:
+        found: set[str] = set()
+        for route in routes:
+            sub = getattr(route, "original_router", None)  # an included APIRouter
+            if sub is not None:
+                found |= walk(sub.routes)
+                continue
+            regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+            if regex is not None and methods and regex.match(path):
+                found |= set(methods)
+        return found
+
+    return ", ".join(sorted(walk(request.app.router.routes)))
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -300,12 +330,7 @@ def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
 
-@router.put(
-    "/v1/patients/{rid}",
-    status_code=200,
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"type": "object", "description": "a FHIR R4 Patient or a flat record"}}}}},
-)
+@router.put("/v1/patients/{rid}", status_code=200)
 async def put_patient(
     rid: str,
     request: Request,
@@ -314,11 +339,13 @@ async def put_patient(
     who: Principal = Depends(writer),
 ) -> Response:
     """Create (201) or replace (200) a record; ``If-Match`` for compare-and-set (412)."""
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise InvalidRecordError("If-None-Match must be * (create only)")
     record = parse_record(rid, await read_body(request, MAX_RECORD_BYTES, "record body"))
     expected = _if_match(if_match)
     repo = _api(request).repo
     res = await run_in_threadpool(lambda: repo.put(who.name, record, expected_version=expected,
-                                                   create_only=(if_none_match == "*")))
+                                                   create_only=if_none_match is not None))
     out = json.dumps({"id": rid, "version": res.version, "status": res.status}).encode()
     return Response(out, status_code=201 if res.status == "created" else 200,
                     media_type="application/json", headers={"ETag": _etag(res.version)})
@@ -410,10 +437,19 @@ def create_native_app(
     *,
     title: str = "Safehold records",
     health: Callable[[], bool] | None = None,
+    fhir: FhirStore | None = None,
 ) -> FastAPI:
-    """Build the native API app over ``repo``; ``acl`` may be a callable to allow reloads."""
+    """Build the native API app over ``repo``, with FHIR R4 REST mounted at ``/fhir``
+    (:mod:`safehold.records.fhir.http`; default store: :meth:`FhirStore.beside` ``repo``);
+    ``acl`` may be a callable to allow reloads."""
+    from safehold.records.fhir.core import FhirStore
+    from safehold.records.fhir.http import create_fhir_app
+
     app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
     app.state.records = NativeAPI(repo, access_getter(acl), health)
     add_error_handlers(app)
     app.include_router(router)
+    app.openapi = native_openapi  # type: ignore[method-assign]
+    app.mount("/fhir", create_fhir_app(fhir if fhir is not None else FhirStore.beside(repo),
+                                       app.state.records))
     return app
