@@ -51,6 +51,7 @@ HTTP status code of the records service is chosen in this module (:func:`error_r
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -93,8 +94,8 @@ if TYPE_CHECKING:
     from safehold.records.fhir.core import FhirStore
 from safehold.store.errors import StoreCorruptError
 
-__all__ = ["MAX_BATCH_BYTES", "NativeAPI", "PayloadTooLargeError", "authenticate", "create_native_app",
-           "error_response", "read_body", "router"]
+__all__ = ["ETAG_RE", "MAX_BATCH_BYTES", "NativeAPI", "PayloadTooLargeError", "authenticate",
+           "create_native_app", "error_response", "read_body", "router"]
 
 #: Largest ``POST /v1/patients:batch`` body (bytes); split bigger imports into several batches.
 MAX_BATCH_BYTES = 32 * 1024 * 1024
@@ -264,14 +265,20 @@ def _batch_items(body: bytes) -> list[tuple[object, object]]:
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRecordError("batch body is not JSON") from None
     recs = doc.get("records") if isinstance(doc, dict) else None
-    if not isinstance(recs, list) or len(recs) > MAX_BATCH:
-        raise InvalidRecordError(f'batch body must be {{"records": [...]}} with at most {MAX_BATCH} items')
+    if not isinstance(recs, list) or len(recs) > MAX_BATCH or set(doc) != {"records"}:
+        raise InvalidRecordError(f'batch body must be {{"records": [...]}} with at most {MAX_BATCH} items '
+                                 "and nothing else")
     items: list[tuple[object, object]] = []
     for i, r in enumerate(recs):
-        if not isinstance(r, dict):
-            raise InvalidRecordError(f'batch item {i}: must be {{"id": str, "record": object}}')
+        if not isinstance(r, dict) or not set(r) <= {"id", "record"}:
+            raise InvalidRecordError(f'batch item {i}: must be {{"id": str, "record": object}} '
+                                     "and nothing else")
         items.append((r.get("id"), r.get("record")))
     return items
+
+
+#: A version entity tag (RFC 9110 §8.8.3), weak or strong, at most 18 digits.
+ETAG_RE = re.compile(r'(?:W/)?"([0-9]{1,18})"')
 
 
 def _etag(version: int) -> str:
@@ -279,12 +286,18 @@ def _etag(version: int) -> str:
 
 
 def _if_match(value: str | None) -> int | None:
+    """The version an ``If-Match`` entity tag names (RFC 9110 §8.8.3: ``"3"`` or ``W/"3"``,
+    quotes required); None without the header.
+
+    Raises:
+        InvalidRecordError: any other value (``null``, ``3``, ``*``, a list).
+    """
     if value is None:
         return None
-    v = value.strip().removeprefix("W/").strip('"')
-    if not v.isdigit():
-        raise InvalidRecordError('If-Match must be a version ETag such as "3"')
-    return int(v)
+    m = ETAG_RE.fullmatch(value)
+    if m is None:
+        raise InvalidRecordError('If-Match must be a version entity tag such as "3" or W/"3"')
+    return int(m.group(1))
 
 
 def _api(request: Request) -> NativeAPI:
@@ -369,7 +382,7 @@ def delete_patient(rid: str, request: Request, if_match: str | None = Header(def
 @router.get("/v1/patients")
 def list_or_search(
     request: Request,
-    cursor: str | None = Query(default=None, max_length=256),
+    cursor: str | None = Query(default=None, pattern=r"^([0-9a-f]{2}){1,64}$"),  # a blind index, hex
     limit: int = Query(default=100, ge=1, le=1000),
     family: str | None = Query(default=None, max_length=512),
     given: str | None = Query(default=None, max_length=512),

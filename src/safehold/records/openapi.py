@@ -19,8 +19,8 @@ __all__ = ["ID_PATTERN", "native_openapi"]
 
 #: The record-id rule (:data:`safehold.records.model.RECORD_ID_RE`, not ``.``/``..``) as an
 #: ECMA-262 pattern.
-ID_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._~:@-]{1,128}$"
-_ETAG_PATTERN = r'^(W/)?"[0-9]{1,18}"$'
+ID_PATTERN = r"^(?!\.{1,2}(?![\s\S]))[A-Za-z0-9._~:@-]{1,128}(?![\s\S])"
+_ETAG_PATTERN = r'^(W/)?"[0-9]{1,18}"(?![\s\S])'
 
 _ERROR = {"type": "object", "required": ["error", "detail"], "additionalProperties": False,
           "properties": {"error": {"type": "string", "description": "a stable code: invalid, "
@@ -70,7 +70,8 @@ _RECORD = {"type": "object", "description": "a FHIR R4 Patient or a flat record 
 _WRITE_RESULT = {"type": "object", "required": ["id", "version", "status"],
                  "properties": {"id": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
                                 "status": {"enum": ["created", "updated"]}}}
-_QUERY = {"type": "string", "maxLength": 512}
+#: Longest search value per field (as :func:`safehold.records.http.list_or_search` checks).
+_MAX_LEN = {"family": 512, "given": 512, "birthDate": 64, "gender": 64, "identifier": 1024}
 
 
 def _q(name: str, schema: dict[str, Any], desc: str) -> dict[str, Any]:
@@ -93,7 +94,10 @@ _LIST_OR_SEARCH = {
 _BATCH_BODY = {"type": "object", "required": ["records"], "additionalProperties": False,
                "properties": {"records": {"type": "array", "maxItems": MAX_BATCH, "items": {
                    "type": "object", "required": ["id", "record"], "additionalProperties": False,
-                   "properties": {"id": {"type": "string", "pattern": ID_PATTERN}, "record": _RECORD}}}}}
+                   "properties": {"id": {"type": "string", "minLength": 1,
+                                         "description": "an id that breaks the id rule comes back "
+                                                        "with status failed (the others are written)"},
+                                  "record": _RECORD}}}}}
 _BATCH_RESULT = {"type": "object", "required": ["results"], "properties": {"results": {
     "type": "array", "items": {"type": "object", "required": ["id", "status"], "properties": {
         "id": {"type": "string"}, "status": {"enum": ["created", "updated", "unchanged", "failed"]},
@@ -156,11 +160,12 @@ _SPEC: dict[str, Any] = {
                                "blind-index order. With any: exact match after NFKC and case "
                                "folding (gender alone checks every record, refused above 10000).",
                 "parameters": [
-                    _q("cursor", {"type": "string", "pattern": "^([0-9a-f]{2}){1,64}$"},
+                    _q("cursor", {"type": "string", "pattern": r"^([0-9a-f]{2}){1,64}(?![\s\S])"},
                        "next from the previous page"),
                     _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                        "page size / most records returned"),
-                    *[_q(f, _QUERY, f"search on {f}") for f in SEARCH_FIELDS],
+                    *[_q(f, {"type": "string", "maxLength": _MAX_LEN[f]}, f"search on {f}")
+                      for f in SEARCH_FIELDS],
                 ],
                 "responses": {
                     "200": {"description": "ids or records",

@@ -12,7 +12,8 @@ through attestation):
    carrying this workload's RA-TLS Evidence. The broker refuses both if the measurement is not
    in the data owner's manifest.
 3. The encrypted engine is opened on the store (SQLite file by default, PostgreSQL by URL).
-4. Two HTTPS listeners open on one event loop: the native API and the SCONE-compatible API.
+4. Two HTTPS listeners open on one event loop: the native API (with FHIR R4 REST at
+   ``/fhir``) and the SCONE-compatible API.
    The TLS private key stays in memory (an :class:`ssl.SSLContext` built from bytes held only
    in this process; the temporary file the ``ssl`` module needs lives in a private directory
    and is removed at once).
@@ -53,7 +54,9 @@ from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
 from safehold.records.commit import GroupCommit
 from safehold.records.config import ServiceConfig
+from safehold.records.fhir.core import FhirStore
 from safehold.records.http import create_native_app
+from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
 from safehold.records.scone_http import create_scone_app
 from safehold.store.base import Store
@@ -392,8 +395,10 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
     """Open the store and the repository and build ``(native_app, scone_app_or_None, store)``.
 
     A SQLite store is checked with ``PRAGMA quick_check`` first (reads every page once: about
-    a second per few hundred MB) and the audit log's authenticated head is checked
-    (:func:`check_audit_at_start`).
+    a second per few hundred MB), the audit log's authenticated head is checked
+    (:func:`check_audit_at_start`) and search postings written by older code are rebuilt
+    (:func:`~safehold.records.reindex.ensure_search_index`). The native app mounts FHIR R4 REST
+    at ``/fhir`` over the same repository plus one for the other resource types.
 
     Raises:
         StoreCorruptError: the SQLite file is corrupt (the service then exits with status 1).
@@ -413,8 +418,11 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
             raise
         log.info("store quick_check ok (%.2f s)", time.monotonic() - t0)
     repo = open_repository(store, prov.keyset, encryption=cfg.encryption, audit=cfg.audit)
+    fhir = FhirStore.beside(repo)
+    for r in (repo, fhir.resources):  # postings of older code are rebuilt before serving
+        ensure_search_index(r)
     acl = AccessList.from_json(cfg.access)
-    native = create_native_app(repo, acl, health=lambda: store_healthy(store, repo.audit))
+    native = create_native_app(repo, acl, health=lambda: store_healthy(store, repo.audit), fhir=fhir)
     scone = create_scone_app(repo, acl, auth=cfg.scone_auth) if cfg.scone_port is not None else None
     return native, scone, store
 

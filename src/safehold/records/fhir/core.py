@@ -30,6 +30,7 @@ Errors are Safehold exceptions (the HTTP layer maps them to status codes and Ope
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
@@ -56,6 +57,8 @@ __all__ = ["RESOURCES_NAMESPACE", "EntryOutcome", "FhirInvalidError", "FhirNotSu
            "MultipleMatchesError", "SearchResult", "UnknownResourceTypeError", "Written",
            "operation_outcome"]
 
+#: What ``If-None-Exist`` may hold: ``identifier`` criteria (conditional create is about identity).
+IF_NONE_EXIST_RE = re.compile(r"identifier=[^&]{0,256}(?:&identifier=[^&]{0,256}){0,7}")
 #: Namespace of the non-Patient resources.
 RESOURCES_NAMESPACE = "resources"
 _NOT_FHIR = "record is not a FHIR {t} resource (a record of the native API)"
@@ -248,7 +251,8 @@ class FhirStore:
                if_none_exist: str | None = None) -> Written:
         """``POST [base]/[type]``: store under a new server-assigned id (UUID v4; a client id
         in the body is ignored, R4 §3.1.0.9). With ``if_none_exist`` (a search query), return
-        the one matching resource instead of creating (R4 §3.1.0.8.1).
+        the one matching resource instead of creating (R4 §3.1.0.8.1); Patient only, criteria
+        ``identifier=…`` (:data:`IF_NONE_EXIST_RE`).
 
         Raises:
             FhirInvalidError, FhirNotSupportedError, MultipleMatchesError,
@@ -258,9 +262,11 @@ class FhirStore:
         self._where(rtype, "x")  # the type check
         if if_none_exist is None:
             return self._create(who, rtype, res)
-        params = parse_qsl(if_none_exist.removeprefix("?"), keep_blank_values=True)
-        if not params or any(n.startswith("_") for n, _ in params):
-            raise FhirInvalidError("If-None-Exist must be a search query such as identifier=sys|val")
+        if rtype != "Patient":
+            raise FhirNotSupportedError("conditional create (If-None-Exist) is supported for Patient only")
+        if not IF_NONE_EXIST_RE.fullmatch(if_none_exist):
+            raise FhirInvalidError("If-None-Exist must be identifier=[system|]value (repeatable with &)")
+        params = parse_qsl(if_none_exist, keep_blank_values=True)
         with self._conditional:  # one conditional create at a time in this process
             found = self.search(who, rtype, [*params, ("_count", "2")])
             if found.total == 1:
@@ -391,14 +397,17 @@ class FhirStore:
             raise FhirInvalidError(f"Bundle.entry must be an array of at most {MAX_BATCH} entries")
         for i, e in enumerate(entries):
             req = e.get("request") if isinstance(e, dict) else None
-            if not isinstance(req, dict) or not isinstance(req.get("method"), str) or \
-                    not isinstance(req.get("url"), str):
-                raise FhirInvalidError(f"Bundle.entry[{i}] needs request.method and request.url")
+            if not isinstance(req, dict) or req.get("method") not in ("GET", "PUT", "POST", "DELETE") \
+                    or not isinstance(req.get("url"), str):
+                raise FhirInvalidError(f"Bundle.entry[{i}] needs request.method (GET, PUT, POST or "
+                                       "DELETE) and request.url")
+            if "resource" in e and not isinstance(e["resource"], dict):
+                raise FhirInvalidError(f"Bundle.entry[{i}].resource must be a resource (an object)")
         return [self._batch_entry(who, e, base, can_write) for e in entries]
 
     def _batch_entry(self, who: str, entry: Mapping[str, Any], base: str, can_write: bool) -> EntryOutcome:
         req = entry["request"]
-        method = req["method"].upper()
+        method = req["method"]
         url = req["url"].strip()
         url = url[len(base):] if base and url.startswith(base) else url
         parts = [p for p in url.split("?", 1)[0].split("/") if p]

@@ -42,6 +42,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safehold.errors import (
@@ -66,6 +67,7 @@ from safehold.records.fhir.core import (
 from safehold.records.fhir.openapi import fhir_openapi
 from safehold.records.fhir.search import SearchRefusedError
 from safehold.records.http import (
+    ETAG_RE,
     MAX_BATCH_BYTES,
     NativeAPI,
     PayloadTooLargeError,
@@ -179,10 +181,13 @@ def response_type(request: Request) -> str:
 
     Raises:
         NotAcceptableError: only formats other than JSON are acceptable.
+        FhirInvalidError: ``_pretty`` is neither ``true`` nor ``false``.
     """
+    if request.query_params.get("_pretty", "true") not in ("true", "false"):
+        raise FhirInvalidError("_pretty must be true or false")
     fmt = request.query_params.get("_format")
     if fmt is not None:
-        mt = _FORMAT_JSON.get(fmt.split(";")[0].strip().lower())
+        mt = _FORMAT_JSON.get(fmt)
         if mt is None:
             raise NotAcceptableError("_format asks for a format this server does not produce; "
                                      "it serves JSON only (_format=json)")
@@ -242,10 +247,10 @@ def _prefer(request: Request, name: str) -> str | None:
 def _if_match(value: str | None) -> int | None:
     if value is None:
         return None
-    v = value.strip().removeprefix("W/").strip('"')
-    if not v.isascii() or not v.isdigit():
-        raise FhirInvalidError('If-Match must be a version ETag such as W/"3"')
-    return int(v)
+    m = ETAG_RE.fullmatch(value)
+    if m is None:
+        raise FhirInvalidError('If-Match must be a version entity tag such as W/"3"')
+    return int(m.group(1))
 
 
 def _version_headers(request: Request, w_res: dict[str, Any], version: int, *,
@@ -306,6 +311,20 @@ def _written(request: Request, w: Written) -> Response:
     return _render(request, w.resource, status=status, headers=headers)
 
 
+class _TypeConvertor(Convertor[str]):
+    """A path segment that can be a resource type (``Patient``; not ``metadata``), so the
+    type routes never shadow ``/metadata`` or ``/openapi.json``."""
+
+    regex = "[A-Z][A-Za-z]{0,63}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fhirtype", _TypeConvertor())
 router = APIRouter()
 
 
@@ -355,7 +374,7 @@ async def batch(request: Request, who: Principal = Depends(_reader)) -> Response
     return _render(request, {"resourceType": "Bundle", "type": "batch-response", "entry": entries})
 
 
-@router.get("/{rtype}")
+@router.get("/{rtype:fhirtype}")
 def search(rtype: str, request: Request, who: Principal = Depends(_reader)) -> Response:
     """Search → a ``searchset`` Bundle with ``total`` and paging links."""
     lenient = _prefer(request, "handling") == "lenient"
@@ -382,7 +401,7 @@ def _cursor(c: str | None) -> list[tuple[str, str]]:
     return [("_cursor", c)] if c else []
 
 
-@router.post("/{rtype}")
+@router.post("/{rtype:fhirtype}")
 async def create(rtype: str, request: Request, if_none_exist: str | None = Header(default=None),
                  who: Principal = Depends(_writer)) -> Response:
     """Create with a server-assigned id; ``If-None-Exist`` for a conditional create."""
@@ -391,14 +410,14 @@ async def create(rtype: str, request: Request, if_none_exist: str | None = Heade
     return _written(request, w)
 
 
-@router.get("/{rtype}/{rid}")
+@router.get("/{rtype:fhirtype}/{rid}")
 def read(rtype: str, rid: str, request: Request, who: Principal = Depends(_reader)) -> Response:
     """Read the current version."""
     res, version = _fhir(request).read(who.name, rtype, rid)
     return _render(request, res, headers=_version_headers(request, res, version))
 
 
-@router.put("/{rtype}/{rid}")
+@router.put("/{rtype:fhirtype}/{rid}")
 async def update(rtype: str, rid: str, request: Request, if_match: str | None = Header(default=None),
                  who: Principal = Depends(_writer)) -> Response:
     """Update (or create with this id); ``If-Match: W/"n"`` → 412 on another version."""
@@ -408,14 +427,14 @@ async def update(rtype: str, rid: str, request: Request, if_match: str | None = 
     return _written(request, w)
 
 
-@router.delete("/{rtype}/{rid}", status_code=204)
+@router.delete("/{rtype:fhirtype}/{rid}", status_code=204)
 def delete(rtype: str, rid: str, request: Request, who: Principal = Depends(_writer)) -> Response:
     """Delete the resource and its history (204, also when there was none)."""
     _fhir(request).delete(who.name, rtype, rid)
     return Response(status_code=204)
 
 
-@router.get("/{rtype}/{rid}/_history/{vid}")
+@router.get("/{rtype:fhirtype}/{rid}/_history/{vid}")
 def vread(rtype: str, rid: str, vid: str, request: Request, who: Principal = Depends(_reader)) -> Response:
     """Read one version."""
     res, version = _fhir(request).vread(who.name, rtype, rid, vid)

@@ -13,22 +13,24 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from safehold.records.fhir.search import MAX_COUNT
+from safehold.records.fhir.search import MAX_COUNT, MAX_VALUE
 from safehold.records.fhir.types import R4_RESOURCE_TYPES
 from safehold.records.model import MAX_BATCH
 
 __all__ = ["BIRTHDATE_PATTERN", "FHIR_ID_PATTERN", "fhir_openapi"]
 
+#: End of input in ECMA-262 and Python alike (``$`` would let Python accept a trailing newline).
+END = r"(?![\s\S])"
 #: FHIR R4 id (``[A-Za-z0-9\\-.]{1,64}``, not ``.``/``..``), ECMA-262.
-FHIR_ID_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9.-]{1,64}$"
-_YEAR = r"(?!0000)[0-9]{4}"
+FHIR_ID_PATTERN = rf"^(?!\.{{1,2}}{END})[A-Za-z0-9.-]{{1,64}}{END}"
+_YEAR = r"(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"
 _MONTH_DAY = (r"(0[1-9]|1[0-2])(-(0[1-9]|1[0-9]|2[0-8]))?|(0[13-9]|1[0-2])-(29|30)|"
               r"(0[13578]|1[02])-31")
-_LEAP = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)-02-29"
+_LEAP = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29"
 _DATE = rf"(eq|ne|lt|gt|le|ge|sa|eb)?({_YEAR}(-({_MONTH_DAY}))?|{_LEAP})"
 #: A ``birthdate`` value: comma-separated FHIR dates (year, month or day precision, real
 #: calendar days) each with an optional prefix other than ``ap``.
-BIRTHDATE_PATTERN = rf"^{_DATE}(,{_DATE})*$"
+BIRTHDATE_PATTERN = rf"^{_DATE}(,{_DATE})*{END}"
 
 _FHIR_JSON = "application/fhir+json"
 _OO = {"$ref": "#/components/schemas/OperationOutcome"}
@@ -70,14 +72,18 @@ def _ok(description: str, schema: dict[str, Any], headers: dict[str, Any] | None
     return r
 
 
-_ETAG = {"ETag": {"required": True, "schema": {"type": "string", "pattern": r'^W/"[0-9]+"$'}}}
+_ETAG = {"ETag": {"required": True, "schema": {"type": "string", "pattern": rf'^W/"[0-9]+"{END}'}}}
 _WRITTEN_HEADERS = {**_ETAG, "Location": {"required": True, "schema": {"type": "string"}}}
 _FORMAT = {"name": "_format", "in": "query", "required": False,
            "description": "json, application/fhir+json, application/json+fhir or application/json",
            "schema": {"enum": ["json", "application/fhir+json", "application/json+fhir", "application/json"]}}
 _PRETTY = {"name": "_pretty", "in": "query", "required": False, "schema": {"enum": ["true", "false"]}}
+_IF_NONE_EXIST = {"name": "If-None-Exist", "in": "header", "required": False,
+                  "description": "conditional create: identifier=[system|]value (repeatable with &)",
+                  "schema": {"type": "string",
+                             "pattern": rf"^identifier=[^&]{{0,256}}(&identifier=[^&]{{0,256}}){{0,7}}{END}"}}
 _VID = {"name": "vid", "in": "path", "required": True,
-        "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"}}
+        "schema": {"type": "string", "pattern": rf"^[1-9][0-9]{{0,17}}{END}"}}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": FHIR_ID_PATTERN}}
 
 
@@ -94,7 +100,7 @@ def _search_params(patient: bool) -> list[dict[str, Any]]:
     def q(name: str, schema: dict[str, Any], desc: str) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "schema": schema, "description": desc}
 
-    text = {"type": "string", "maxLength": 256}
+    text = {"type": "string", "maxLength": MAX_VALUE}
     result = [
         q("_count", {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}, "page size; 0 = total only"),
         q("_total", {"enum": ["none", "estimate", "accurate"]}, "count every match (default)"),
@@ -103,14 +109,15 @@ def _search_params(patient: bool) -> list[dict[str, Any]]:
         _FORMAT, _PRETTY,
     ]
     if not patient:
-        return [q("patient", text, "[Patient/]id or an absolute URL ending in it"),
-                q("subject", text, "[Type/]id or an absolute URL ending in it"), *result]
+        ref = {"type": "string", "maxLength": MAX_VALUE, "pattern": rf"^([\s\S]*/)?[^/]+{END}"}
+        return [q("patient", ref, "[Patient/]id or an absolute URL ending in it"),
+                q("subject", ref, "[Type/]id or an absolute URL ending in it"), *result]
     string = "case- and accent-insensitive prefix at the start of the value or of a word in it"
     return [
         q("family", text, string), q("given", text, string), q("name", text, string + " (family or given)"),
         q("family:exact", text, "exact, case- and accent-sensitive"),
         q("given:exact", text, "exact, case- and accent-sensitive"),
-        q("birthdate", {"type": "string", "pattern": BIRTHDATE_PATTERN},
+        q("birthdate", {"type": "string", "pattern": BIRTHDATE_PATTERN, "maxLength": MAX_VALUE},
           "[eq|ne|lt|gt|le|ge|sa|eb]YYYY[-MM[-DD]] (comma = or)"),
         q("identifier", text, "[system]|value, |value or value"),
         q("gender", text, "male | female | other | unknown (filters; alone it scans)"),
@@ -132,7 +139,7 @@ def _spec() -> dict[str, Any]:
                               "parameters": [_FORMAT, _PRETTY],
                               "responses": {"200": _ok("what this server supports",
                                                        _resource_schema("CapabilityStatement")),
-                                            **_errors(405, 406)}}},
+                                            **_errors(400, 405, 406)}}},
         "/": {"post": {
             "summary": "batch Bundle (not atomic; write entries need the writer role)",
             "requestBody": {"required": True, "content": {_FHIR_JSON: {"schema": {
@@ -155,10 +162,7 @@ def _spec() -> dict[str, Any]:
             "get": {"summary": f"search {rtype}", "parameters": [*tparams, *_search_params(is_patient)],
                     "responses": {"200": _ok("searchset Bundle", _BUNDLE), **_errors(400, *_COMMON, 404)}},
             "post": {"summary": f"create {rtype} (server-assigned id)",
-                     "parameters": [*tparams, {"name": "If-None-Exist", "in": "header", "required": False,
-                                               "schema": {"type": "string"},
-                                               "description": "conditional create: a search query"},
-                                    _FORMAT],
+                     "parameters": [*tparams, *([_IF_NONE_EXIST] if is_patient else []), _FORMAT],
                      "requestBody": body,
                      "responses": {"201": _ok("created", _resource_schema(None), _WRITTEN_HEADERS),
                                    "200": _ok("If-None-Exist matched one resource", _resource_schema(None),
@@ -172,7 +176,7 @@ def _spec() -> dict[str, Any]:
             "put": {"summary": f"update {rtype} (or create it with this id)",
                     "parameters": [*tparams, _ID, _FORMAT,
                                    {"name": "If-Match", "in": "header", "required": False,
-                                    "schema": {"type": "string", "pattern": r'^(W/)?"[0-9]{1,18}"$'}}],
+                                    "schema": {"type": "string", "pattern": rf'^(W/)?"[0-9]{{1,18}}"{END}'}}],
                     "requestBody": body,
                     "responses": {"200": _ok("updated (or unchanged)", _resource_schema(None),
                                              _WRITTEN_HEADERS),

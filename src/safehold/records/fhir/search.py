@@ -49,10 +49,12 @@ from safehold.records.tokens import (
     string_prefix_term,
 )
 
-__all__ = ["DEFAULT_COUNT", "MAX_COUNT", "PATIENT_PARAMS", "REFERENCE_PARAMS", "RESULT_PARAMS",
+__all__ = ["DEFAULT_COUNT", "MAX_COUNT", "MAX_VALUE", "PATIENT_PARAMS", "REFERENCE_PARAMS", "RESULT_PARAMS",
            "SearchPlan", "SearchRefusedError", "plan_search", "split_values"]
 
 DEFAULT_COUNT = 20
+#: Longest value of one search parameter (characters).
+MAX_VALUE = 256
 MAX_COUNT = 1000
 PATIENT_PARAMS = ("family", "given", "name", "birthdate", "identifier", "gender")
 REFERENCE_PARAMS = ("patient", "subject")
@@ -265,16 +267,17 @@ def _reference_param(rtype: str, name: str, values: list[str],
                                  "not-supported")
     targets: list[tuple[str | None, str]] = []
     for v in values:
-        t = reference_id(v)
-        if t is None or not t[1]:
+        typ, rid = _reference_value(v)
+        if not rid:
             raise SearchRefusedError(f"parameter {name!r}: expected [Type/]id or an absolute "
-                                     "reference URL")
-        typ = modifier or t[0] or ("Patient" if name == "patient" else None)
-        if name == "patient" and typ != "Patient":
-            raise SearchRefusedError("parameter 'patient' refers to Patient resources only")
-        targets.append((typ, t[1]))
+                                     "reference URL (not ending in /)")
+        typ = modifier or typ or ("Patient" if name == "patient" else None)
+        targets.append((typ, rid))  # patient=Observation/1 simply matches nothing
     terms = frozenset(f"ref:{rtype}={i}" for _, i in targets)
     elements = ("subject", "patient") if name == "patient" else ("subject",)
+
+    if name == "patient":
+        targets = [t for t in targets if t[0] == "Patient"]
 
     def rule(_rid: str, rec: dict[str, Any]) -> bool:
         for el in elements:
@@ -288,6 +291,17 @@ def _reference_param(rtype: str, name: str, values: list[str],
         return False
 
     return terms, rule
+
+
+def _reference_value(v: str) -> tuple[str | None, str]:
+    """``(type or None, id)`` of a reference search value: ``urn:uuid:<id>``, ``[Type/]id``, or
+    a URL ending in ``Type/id`` (``/_history/n`` dropped); the id is the last path segment."""
+    if v.startswith("urn:uuid:") and len(v) > len("urn:uuid:"):
+        return None, v[len("urn:uuid:"):]
+    parts = v.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history" and parts[-3]:
+        parts = parts[:-2]
+    return (parts[-2] or None if len(parts) >= 2 else None), parts[-1]
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -310,6 +324,8 @@ def plan_search(rtype: str, params: Iterable[tuple[str, str]], *, lenient: bool 
     result_seen: set[str] = set()
     key_parts: list[tuple[str, str]] = []
     for raw_name, raw_value in params:
+        if len(raw_value) > MAX_VALUE:
+            raise SearchRefusedError(f"parameter {raw_name[:40]!r}: value over {MAX_VALUE} characters")
         name, _, modifier = raw_name.partition(":")
         mod = modifier or None
         if name in RESULT_PARAMS:
