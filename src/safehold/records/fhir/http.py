@@ -283,6 +283,22 @@ def _fhir(request: Request) -> FhirStore:
     return api.store
 
 
+def _no_query(request: Request) -> None:
+    """Refuse query parameters other than ``_format``/``_pretty`` on interactions that take
+    none (a conditional create sent as ``POST /Patient?identifier=…`` would otherwise be an
+    unconditional one).
+
+    Raises:
+        FhirNotSupportedError: names the first such parameter.
+    """
+    if request.url.path.rstrip("/").endswith("/metadata"):
+        return
+    for k in request.query_params:
+        if k not in ("_format", "_pretty"):
+            raise FhirNotSupportedError(f"parameter {k[:40]!r} is not supported here (conditional "
+                                        "create takes the If-None-Exist header)")
+
+
 async def _reader(request: Request) -> Principal:
     response_type(request)  # 406 before anything is read
     return await reader(request)
@@ -290,7 +306,14 @@ async def _reader(request: Request) -> Principal:
 
 async def _writer(request: Request) -> Principal:
     response_type(request)
+    _no_query(request)
     return await writer(request)
+
+
+async def _instance_reader(request: Request) -> Principal:
+    response_type(request)
+    _no_query(request)
+    return await reader(request)
 
 
 async def _body(request: Request, limit: int, what: str) -> bytes:
@@ -411,7 +434,7 @@ async def create(rtype: str, request: Request, if_none_exist: str | None = Heade
 
 
 @router.get("/{rtype:fhirtype}/{rid}")
-def read(rtype: str, rid: str, request: Request, who: Principal = Depends(_reader)) -> Response:
+def read(rtype: str, rid: str, request: Request, who: Principal = Depends(_instance_reader)) -> Response:
     """Read the current version."""
     res, version = _fhir(request).read(who.name, rtype, rid)
     return _render(request, res, headers=_version_headers(request, res, version))
@@ -435,7 +458,8 @@ def delete(rtype: str, rid: str, request: Request, who: Principal = Depends(_wri
 
 
 @router.get("/{rtype:fhirtype}/{rid}/_history/{vid}")
-def vread(rtype: str, rid: str, vid: str, request: Request, who: Principal = Depends(_reader)) -> Response:
+def vread(rtype: str, rid: str, vid: str, request: Request,
+          who: Principal = Depends(_instance_reader)) -> Response:
     """Read one version."""
     res, version = _fhir(request).vread(who.name, rtype, rid, vid)
     return _render(request, res, headers=_version_headers(request, res, version))
