@@ -184,11 +184,12 @@ def _string_param(name: str, modifier: str | None, values: list[str]) -> tuple[f
                                                    for q in folded)
 
 
-def _date_param(values: list[str], modifier: str | None) -> tuple[frozenset[str], Rule]:
+def _date_param(values: list[str], modifier: str | None) -> tuple[list[tuple[int, int]], Rule]:
+    """The day ranges a match must overlap (their union) and the R4 rule."""
     if modifier is not None:
         raise SearchRefusedError(f"parameter 'birthdate': modifier :{modifier} is not supported",
                                  "not-supported")
-    terms: set[str] = set()
+    all_spans: list[tuple[int, int]] = []
     tests: list[Callable[[tuple[int, int]], bool]] = []
     for v in values:
         prefix, when = (v[:2], v[2:]) if v[:2] in _DATE_PREFIXES else ("eq", v)
@@ -203,15 +204,34 @@ def _date_param(values: list[str], modifier: str | None) -> tuple[frozenset[str]
         spans = {"eq": [(x0, x1)], "ne": [(-_FAR, x0 - 1), (x1 + 1, _FAR)], "gt": [(x1 + 1, _FAR)],
                  "sa": [(x1 + 1, _FAR)], "lt": [(-_FAR, x0 - 1)], "eb": [(-_FAR, x0 - 1)],
                  "ge": [(x0, _FAR)], "le": [(-_FAR, x1)]}[prefix]
-        for lo, hi in spans:
-            terms |= set(date_cover("birthdate", lo, hi))
+        all_spans += spans
         tests.append(_date_test(prefix, x0, x1))
 
     def rule(_rid: str, rec: dict[str, Any]) -> bool:
         t = date_range(rec.get("birthDate")) if isinstance(rec.get("birthDate"), str) else None
         return t is not None and any(test(t) for test in tests)
 
-    return frozenset(terms), rule
+    return all_spans, rule
+
+
+def _date_groups(params: list[list[tuple[int, int]]]) -> list[frozenset[str]]:
+    """Term groups for the ``birthdate`` parameters (ANDed; each a union of day ranges).
+
+    Parameters with one range each are looked up as the *intersection* of their ranges when it
+    is not empty: a date range that overlaps every one of several ranges that share a point
+    also overlaps their common part (Helly's theorem on the line), so ``ge1970-03&lt1971``
+    looks up ten months instead of everything after 1970 and everything before 1971.
+    """
+    single = [p[0] for p in params if len(p) == 1]
+    groups = [frozenset(t for lo, hi in p for t in date_cover("birthdate", lo, hi))
+              for p in params if len(p) != 1]
+    if single:
+        lo, hi = max(r[0] for r in single), min(r[1] for r in single)
+        if lo <= hi:
+            groups.append(frozenset(date_cover("birthdate", lo, hi)))
+        else:  # no common day: each on its own (a coarse date may still overlap them all)
+            groups += [frozenset(date_cover("birthdate", a, b)) for a, b in single]
+    return groups
 
 
 def _date_test(prefix: str, x0: int, x1: int) -> Callable[[tuple[int, int]], bool]:
@@ -322,6 +342,7 @@ def plan_search(rtype: str, params: Iterable[tuple[str, str]], *, lenient: bool 
     plan = SearchPlan(groups=[])
     groups: list[frozenset[str]] = []
     result_seen: set[str] = set()
+    date_params: list[list[tuple[int, int]]] = []
     key_parts: list[tuple[str, str]] = []
     for raw_name, raw_value in params:
         if len(raw_value) > MAX_VALUE:
@@ -344,7 +365,9 @@ def plan_search(rtype: str, params: Iterable[tuple[str, str]], *, lenient: bool 
             if name in ("family", "given", "name"):
                 terms, rule = _string_param(name, mod, values)
             elif name == "birthdate":
-                terms, rule = _date_param(values, mod)
+                spans, rule = _date_param(values, mod)
+                date_params.append(spans)
+                terms = frozenset()
             elif name == "identifier":
                 terms, rule = _identifier_param(values, mod)
             else:
@@ -361,6 +384,7 @@ def plan_search(rtype: str, params: Iterable[tuple[str, str]], *, lenient: bool 
         plan.rules.append(rule)
         plan.used.append((raw_name, raw_value))
         key_parts.append((raw_name, raw_value))
+    groups += _date_groups(date_params) if date_params else []
     plan.groups = groups or None
     if rtype == "Patient":
         plan.rules.insert(0, lambda _rid, rec: rec.get("resourceType") == "Patient")
