@@ -317,3 +317,21 @@ def test_no_plaintext_in_a_postgresql_table(postgres_dsn, pg_schema, tmp_path):
     resources = [it for it in items if isinstance(it, ImportResource)]
     needles = sensitive_strings(files) | _prefix_needles(files) | _clinical_needles(resources)
     assert sum(scan_files([dump], needles).values()) == 0
+
+
+def test_readme_fhir_snippet_runs_against_the_stack(stack, tmp_path):
+    """The README's FHIR client block, run as a user would: in a directory whose
+    ``safehold-data`` is the running stack's data directory."""
+    import subprocess
+    import sys
+
+    from support.shared import ROOT
+
+    readme = (ROOT / "README.md").read_text("utf-8")
+    block = readme.split("<!-- fhir-readme-snippet -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "safehold-data").symlink_to(stack.data_dir)
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    pid, version, found = r.stdout.split(" ", 2)
+    assert version == "1" and pid in found
