@@ -92,8 +92,8 @@ class SearchTooCostlyError(InvalidRecordError):
 
 @dataclass(frozen=True)
 class FoundPage:
-    """One page of :meth:`PatientRepository.find`: ``hits`` as ``(id, record, version)`` in id
-    order, ``total`` matches in all (None when not counted) and whether ``more`` follow."""
+    """A page of :meth:`PatientRepository.find`: ``hits`` ``(id, record, version)`` in id order,
+    ``total`` matches (None: not counted), whether ``more`` follow."""
 
     hits: list[tuple[str, dict[str, Any], int]]
     total: int | None
@@ -196,8 +196,7 @@ class PatientRepository:
         kept), audited as ``vread``.
 
         Raises:
-            InvalidRecordError: bad id.  RecordNotFoundError: no such record or version.
-            RecordTamperedError: a row failed authentication.
+            InvalidRecordError, RecordNotFoundError (record or version), RecordTamperedError.
         """
         addr = self.engine.address(self.ns, check_record_id(rid))
         try:
@@ -408,10 +407,9 @@ class PatientRepository:
              keep: Callable[[str, dict[str, Any]], bool], *, after: str | None = None,
              limit: int = MAX_PAGE, count: bool = True,
              max_candidates: int = MAX_CANDIDATES) -> FoundPage:
-        """Records posted under at least one term of every group (or, with ``groups=None``,
-        every record: a scan), re-checked by ``keep(id, record)`` after decryption — the
-        postings only narrow, ``keep`` decides (stale or rolled-back postings cannot add a
-        record). Hits are audited as ``search-hit``, the search as ``search``.
+        """Records posted under a term of every group (``groups=None``: every record, a scan),
+        re-checked by ``keep(id, record)`` after decryption: postings narrow, ``keep`` decides
+        (a stale posting cannot add a record). Audited: each hit, then the search.
 
         Args:
             groups: the terms (:mod:`safehold.records.tokens`): AND over groups, OR within one.
