@@ -236,6 +236,9 @@ def test_native_records_are_not_fhir_resources(client, app):
     assert r.status_code == 404 and "not a FHIR Patient" in valid(r.json())["issue"][0]["diagnostics"]
     assert "flat-1" not in ids(search(client, "family=doe"))
     assert client.delete("/fhir/Patient/flat-1").status_code == 404  # not deleted through /fhir
+    over = client.put("/fhir/Patient/flat-1", content=json.dumps({"resourceType": "Patient", "id": "flat-1"}),
+                      headers=FJ)
+    assert over.status_code == 409 and valid(over.json())["issue"][0]["code"] == "duplicate"
     assert client.get("/v1/patients/flat-1").status_code == 200
 
 

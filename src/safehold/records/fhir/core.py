@@ -51,7 +51,7 @@ from safehold.records.model import (
     loads_strict,
     parse_record,
 )
-from safehold.records.repository import PatientRepository, PreconditionFailedError
+from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
 
 __all__ = ["RESOURCES_NAMESPACE", "EntryOutcome", "FhirInvalidError", "FhirNotSupportedError", "FhirStore",
            "MultipleMatchesError", "SearchResult", "UnknownResourceTypeError", "Written",
@@ -179,7 +179,7 @@ class FhirStore:
             raise RecordNotFoundError(_NOT_FHIR.format(t=rtype))
         meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
         meta["versionId"] = str(version)
-        out = {"resourceType": rtype, "id": rid}
+        out: dict[str, Any] = {"resourceType": rtype, "id": rid}
         out.update((k, v) for k, v in rec.items() if k not in ("resourceType", "id", "meta"))
         out["meta"] = meta
         return out
@@ -242,7 +242,7 @@ class FhirStore:
     def _stored_form(self, res: dict[str, Any], rid: str) -> dict[str, Any]:
         meta = {k: v for k, v in res.get("meta", {}).items() if k != "versionId"}
         meta["lastUpdated"] = _now()
-        out = {"resourceType": res["resourceType"], "id": rid}
+        out: dict[str, Any] = {"resourceType": res["resourceType"], "id": rid}
         out.update((k, v) for k, v in res.items() if k not in ("resourceType", "id", "meta"))
         out["meta"] = meta
         return out
@@ -294,6 +294,7 @@ class FhirStore:
             FhirInvalidError: the body's ``id`` is missing or differs from the URL's
                 (R4 §3.1.0.4), or the body is not a resource of the type.
             PreconditionFailedError: ``if_match`` is not the current version.
+            AlreadyExistsError: the id holds a native record that is not a ``rtype`` resource.
             RecordTamperedError, InvalidRecordError.
         """
         repo, key = self._where(rtype, rid)
@@ -305,6 +306,9 @@ class FhirStore:
                 cur_rec, cur = repo.get(who, key)
             except RecordNotFoundError:
                 cur_rec, cur = None, 0
+            if cur_rec is not None and cur_rec.get("resourceType") != rtype:
+                raise AlreadyExistsError(f"a record of the native API has this id and is not a FHIR "
+                                         f"{rtype} resource: not overwritten through /fhir")
             if if_match is not None and if_match != cur:
                 raise PreconditionFailedError(f"If-Match names version {if_match}, the current "
                                               f"version is {cur}")
@@ -411,7 +415,8 @@ class FhirStore:
         url = req["url"].strip()
         url = url[len(base):] if base and url.startswith(base) else url
         parts = [p for p in url.split("?", 1)[0].split("/") if p]
-        body = entry.get("resource") if isinstance(entry.get("resource"), dict) else {}
+        res = entry.get("resource")
+        body: dict[str, Any] = res if isinstance(res, dict) else {}
         try:
             if method != "GET" and not can_write:
                 raise PermissionDeniedError("role may not write (needs 'writer')")

@@ -208,7 +208,8 @@ def _date_param(values: list[str], modifier: str | None) -> tuple[list[tuple[int
         tests.append(_date_test(prefix, x0, x1))
 
     def rule(_rid: str, rec: dict[str, Any]) -> bool:
-        t = date_range(rec.get("birthDate")) if isinstance(rec.get("birthDate"), str) else None
+        bd = rec.get("birthDate")
+        t = date_range(bd) if isinstance(bd, str) else None
         return t is not None and any(test(t) for test in tests)
 
     return all_spans, rule
