@@ -109,12 +109,16 @@ def test_fhirclient_create_read_update_search_delete(fc, stack):
     r4b(created)
     pid = created["id"]
     got = FCPatient.read(pid, server)
+    r4b(got.as_json())
     assert got.name[0].family == "Königsstein" and got.meta.versionId == "1"
     got.name[0].family = "Königsstein-Berg"
     updated = got.update(server)
     assert r4b(updated)["meta"]["versionId"] == "2"
     # search by a name prefix without the accent, case-folded, through the blind index
-    found = list(FHIRSearch(FCPatient, {"family": "konigsst"}).perform_resources_iter(server))
+    bundles = list(FHIRSearch(FCPatient, {"family": "konigsst"}).perform_iter(server))
+    for b in bundles:
+        r4b(b.as_json())
+    found = [e.resource for b in bundles for e in b.entry or []]
     assert [x.id for x in found] == [pid]
     assert list(FHIRSearch(FCPatient, {"given": "arzte"}).perform_resources_iter(server))[0].id == pid
     # vread of the first version
@@ -163,6 +167,10 @@ def test_fhirpy_create_update_with_version_conditional_create_search_delete(fp, 
     for q in ("mueller", "MULLER", "müll"):
         res = fp.resources("Patient").search(family=q).fetch_all()
         assert [r.id for r in res] == [pat.id], q
+        for r in res:
+            r4b(r.serialize())
+    raw = fp.execute("Patient", method="get", params={"family": "mu"})
+    assert r4b(raw)["total"] == 1 and raw["type"] == "searchset"
     assert fp.resources("Patient").search(birthdate="1985-07", family="mu").count() == 1
     assert fp.resources("Patient").search(birthdate="ge1985-07-02", family="mu").count() == 1  # overlaps
     assert fp.resources("Patient").search(birthdate="eq1985-07-02", family="mu").count() == 0
