@@ -343,3 +343,28 @@ def test_readme_fhir_snippet_runs_against_the_stack(stack, tmp_path):
     assert r.returncode == 0, r.stderr
     pid, version, found = r.stdout.split(" ", 2)
     assert version == "1" and pid in found
+
+
+def test_client_certificate_on_fhir(stack, tmp_path):
+    """Mutual TLS works on /fhir as on the native API: a client certificate from the broker's
+    workload CA, its CN mapped to a role (safehold up maps "reader")."""
+    import os
+    import subprocess
+    import sys
+
+    from support.shared import ROOT
+
+    out = tmp_path / "reader"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-m", "safehold.cli.main", "broker", "client-cert",
+                        "--name", "reader", "--out", str(out), "--url", stack.broker_url, "--cacert", str(stack.path("ca.pem")),
+                        "--token", tokens(stack.data_dir)["admin"]], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    cert = (str(out) + ".pem", str(out) + ".key")
+    ca = str(stack.path("ca.pem"))
+    got = requests.get(f"{fhir_base(stack)}/Patient?_summary=count", cert=cert, verify=ca, timeout=30)
+    assert got.status_code == 200 and r4b(got.json())["type"] == "searchset"
+    denied = requests.post(f"{fhir_base(stack)}/Patient", json={"resourceType": "Patient"}, cert=cert,
+                           verify=ca, timeout=30, headers={"Content-Type": "application/fhir+json"})
+    assert denied.status_code == 403 and denied.json()["issue"][0]["code"] == "forbidden"
