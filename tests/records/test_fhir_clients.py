@@ -357,7 +357,8 @@ def test_client_certificate_on_fhir(stack, tmp_path):
     out = tmp_path / "reader"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     r = subprocess.run([sys.executable, "-m", "safehold.cli.main", "broker", "client-cert",
-                        "--name", "reader", "--out", str(out), "--url", stack.broker_url, "--cacert", str(stack.path("ca.pem")),
+                        "--name", "reader", "--out", str(out), "--url", stack.broker_url,
+                        "--cacert", str(stack.path("ca.pem")),
                         "--token", tokens(stack.data_dir)["admin"]], env=env, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
