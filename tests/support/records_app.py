@@ -15,6 +15,7 @@ from safehold.records.access import AccessList
 from safehold.records.access_audit import AccessAuditLog
 from safehold.records.commit import GroupCommit
 from safehold.records.fhir.core import FhirStore
+from safehold.records.fhir.http import mount_fhir
 from safehold.records.http import create_native_app
 from safehold.records.repository import PatientRepository
 from safehold.store import open_store
@@ -49,4 +50,4 @@ def records_app(tmp: Path, store_url: str | None = None) -> RecordsApp:
     acl = AccessList.from_json({"tokens": {hashlib.sha256(t.encode()).hexdigest(): {"name": r, "role": r}
                                            for r, t in TOKENS.items()}})
     fhir = FhirStore.beside(repo)
-    return RecordsApp(create_native_app(repo, acl, fhir=fhir), store, repo, fhir, db)
+    return RecordsApp(mount_fhir(create_native_app(repo, acl), fhir), store, repo, fhir, db)

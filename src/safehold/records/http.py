@@ -26,7 +26,8 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
 ``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
 ``GET /openapi.json``                       none      the OpenAPI 3.1 description
                                                       (:mod:`safehold.records.openapi`)
-``/fhir/…``                                 (roles)   FHIR R4 REST (:mod:`safehold.records.fhir`)
+``/fhir/…``                                 (roles)   FHIR R4 REST (:mod:`safehold.records.fhir`,
+                                                      mounted by ``mount_fhir``)
 ==========================================  ========  =============================================
 
 Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content —
@@ -54,7 +55,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -89,9 +90,6 @@ from safehold.records.model import (
 )
 from safehold.records.openapi import native_openapi
 from safehold.records.repository import AlreadyExistsError, PatientRepository, PreconditionFailedError
-
-if TYPE_CHECKING:
-    from safehold.records.fhir.core import FhirStore
 from safehold.store.errors import StoreCorruptError
 
 __all__ = ["ETAG_RE", "MAX_BATCH_BYTES", "NativeAPI", "PayloadTooLargeError", "authenticate",
@@ -450,19 +448,12 @@ def create_native_app(
     *,
     title: str = "Safehold records",
     health: Callable[[], bool] | None = None,
-    fhir: FhirStore | None = None,
 ) -> FastAPI:
-    """Build the native API app over ``repo``, with FHIR R4 REST mounted at ``/fhir``
-    (:mod:`safehold.records.fhir.http`; default store: :meth:`FhirStore.beside` ``repo``);
-    ``acl`` may be a callable to allow reloads."""
-    from safehold.records.fhir.core import FhirStore
-    from safehold.records.fhir.http import create_fhir_app
-
+    """Build the native API app over ``repo``; ``acl`` may be a callable to allow reloads.
+    (:func:`safehold.records.fhir.http.mount_fhir` adds FHIR R4 REST at ``/fhir``.)"""
     app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
     app.state.records = NativeAPI(repo, access_getter(acl), health)
     add_error_handlers(app)
     app.include_router(router)
     app.openapi = native_openapi  # type: ignore[method-assign]
-    app.mount("/fhir", create_fhir_app(fhir if fhir is not None else FhirStore.beside(repo),
-                                       app.state.records))
     return app

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from safehold.errors import RecordError
+from safehold.records.fhir.types import check_fhir_id, check_type
 from safehold.records.model import (
     InvalidRecordError,
     NonFiniteNumberError,
@@ -265,8 +266,6 @@ def _resolve(value: Any, urls: dict[str, str]) -> Any:
 
 
 def _resource_item(res: dict[str, Any], src: str, *, full_url: object) -> ImportResource | ImportProblem:
-    from safehold.records.fhir.types import check_fhir_id, check_type
-
     rtype = res.get("resourceType")
     if not isinstance(rtype, str) or not check_type(rtype):
         return ImportProblem(src, f"resourceType {rtype!s:.40} is not an R4 resource type")

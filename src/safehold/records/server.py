@@ -55,6 +55,7 @@ from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
 from safehold.records.commit import GroupCommit
 from safehold.records.config import ServiceConfig
 from safehold.records.fhir.core import FhirStore
+from safehold.records.fhir.http import mount_fhir
 from safehold.records.http import create_native_app
 from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
@@ -422,7 +423,7 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
     for r in (repo, fhir.resources):  # postings of older code are rebuilt before serving
         ensure_search_index(r)
     acl = AccessList.from_json(cfg.access)
-    native = create_native_app(repo, acl, health=lambda: store_healthy(store, repo.audit), fhir=fhir)
+    native = mount_fhir(create_native_app(repo, acl, health=lambda: store_healthy(store, repo.audit)), fhir)
     scone = create_scone_app(repo, acl, auth=cfg.scone_auth) if cfg.scone_port is not None else None
     return native, scone, store
 

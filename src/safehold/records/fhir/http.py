@@ -1,7 +1,7 @@
 """HTTP layer of ``/fhir``: FHIR R4 RESTful API routes, content negotiation, OperationOutcome.
 
-Mounted by :func:`safehold.records.http.create_native_app` at ``/fhir`` (a sub-application, so
-its errors are OperationOutcome resources while the native API keeps ``{error, detail}``).
+:func:`mount_fhir` mounts it at ``/fhir`` on the native API's app (a sub-application, so its
+errors are OperationOutcome resources while the native API keeps ``{error, detail}``).
 Same authentication and roles as the native API (bearer token or client certificate;
 :func:`safehold.records.http.reader` / ``writer``), every access in the same access audit.
 
@@ -82,7 +82,7 @@ from safehold.records.repository import AlreadyExistsError, PreconditionFailedEr
 from safehold.store.errors import StoreCorruptError
 
 __all__ = ["FHIR_JSON", "FhirAPI", "NotAcceptableError", "UnsupportedMediaTypeError",
-           "create_fhir_app", "issue_for", "outcome_response", "response_type", "router"]
+           "create_fhir_app", "issue_for", "mount_fhir", "outcome_response", "response_type", "router"]
 
 FHIR_JSON = "application/fhir+json"
 _JSON_TYPES = ("application/fhir+json", "application/json+fhir", "application/json")
@@ -479,3 +479,12 @@ def create_fhir_app(store: FhirStore, native_state: NativeAPI) -> FastAPI:
     app.openapi = fhir_openapi  # type: ignore[method-assign]
     return app
 
+
+
+def mount_fhir(app: FastAPI, store: FhirStore | None = None) -> FastAPI:
+    """Mount FHIR R4 REST at ``/fhir`` on a native API app
+    (:func:`safehold.records.http.create_native_app`), sharing its authentication and audit;
+    default store: :meth:`FhirStore.beside` the app's repository. Returns ``app``."""
+    native: NativeAPI = app.state.records
+    app.mount("/fhir", create_fhir_app(store if store is not None else FhirStore.beside(native.repo), native))
+    return app
