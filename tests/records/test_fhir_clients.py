@@ -2,7 +2,7 @@
 as a process, over TLS checked against the broker's workload CA (``safehold up``'s ``ca.pem``),
 with bearer tokens; then the import of the shared data with its clinical resources, conflicts
 between import files, and the database scan for plaintext (SQLite file bytes; a PostgreSQL
-table with the same data) with the prefix tokens in place.
+table with the same data) with the prefix tokens in place. (Import conflicts between files: tests/client/.)
 
 Every resource and Bundle the clients receive is validated with ``fhir.resources`` (R4B).
 The processes run from a snapshot of the package (docs/developing.md, the measurement trap).
@@ -10,7 +10,6 @@ The processes run from a snapshot of the package (docs/developing.md, the measur
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import psycopg
@@ -27,13 +26,14 @@ from fhirpy import SyncFHIRClient
 
 from safehold.client.importer import import_files
 from safehold.client.records import RecordsClient
-from safehold.devstack import prepare, start, stop, tokens
+from safehold.devstack import tokens
 from safehold.devstack.demo import scan_files, sensitive_strings
 from safehold.records.importers import ImportItem, ImportResource, iter_file
 from safehold.records.tokens import MAX_PREFIX, fold
 from safehold.store.migrations import ROWS_TABLE
 from support.records_app import records_app
-from support.shared import SHARED, free_port, need, snapshot_src
+from support.records_stack import running_stack
+from support.shared import SHARED, need
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +45,8 @@ HL7 = DATA / "hl7-fhir-r4-patient-examples"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    pkg = snapshot_src(tmp_path_factory.mktemp("pkg"))
-    d = tmp_path_factory.mktemp("safehold-data")
-    s = prepare(d, broker_port=free_port(), records_port=free_port(), scone_port=None,
-                package_root=str(pkg))
-    start(s)
-    yield s
-    stop(s)
+    with running_stack(tmp_path_factory.mktemp("pkg"), tmp_path_factory.mktemp("safehold-data")) as s:
+        yield s
 
 
 def fhir_base(stack) -> str:
@@ -258,37 +253,6 @@ def _clinical_needles(resources) -> set[bytes]:
     out = {b"Body Height", b"Body Weight", b"urn:uuid:"}
     out |= {it.id.encode() for it in resources[:300]}
     return out
-
-
-def test_conflicting_ids_across_import_files(stack, tmp_path):
-    """Two files reuse one Patient id for different people: by default the second is reported
-    and not written; skip keeps the first quietly; overwrite lets the later one win."""
-    a, b = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
-    first = {"resourceType": "Patient", "id": "dup-1", "name": [{"family": "Erste"}]}
-    second = {"resourceType": "Patient", "id": "dup-1", "name": [{"family": "Zweite"}]}
-    obs1 = {"resourceType": "Observation", "id": "dup-o", "status": "final", "code": {"text": "a"},
-            "subject": {"reference": "Patient/dup-1"}}
-    obs2 = {**obs1, "code": {"text": "b"}}
-    a.write_text(json.dumps(first) + "\n" + json.dumps(obs1) + "\n")
-    b.write_text(json.dumps(second) + "\n" + json.dumps(obs2) + "\n")
-    failures: list[tuple[str, str]] = []
-    with RecordsClient(stack.records_url, token=token(stack), policy=stack.path("policy.toml")) as c:
-        counts = import_files(c, [a, b], None, on_failure=lambda s, r: failures.append((s, r)))
-        assert (counts.conflicts, counts.failed) == (2, 2)
-        assert all("different content" in r and "Erste" not in r for _, r in failures)
-        assert c.get("dup-1").data["name"][0]["family"] == "Erste"
-        assert c.fhir_read("Observation", "dup-o").data["code"]["text"] == "a"
-        notes: list[str] = []
-        counts = import_files(c, [a, b], None, on_conflict="skip", on_notice=notes.append)
-        assert (counts.conflicts, counts.failed) == (2, 0) and len(notes) == 2
-        assert c.get("dup-1").data["name"][0]["family"] == "Erste"
-        counts = import_files(c, [a, b], None, on_conflict="overwrite")
-        assert (counts.conflicts, counts.failed) == (2, 0)
-        assert c.get("dup-1").data["name"][0]["family"] == "Zweite"
-        assert c.fhir_read("Observation", "dup-o").data["code"]["text"] == "b"
-        # identical content in two files is no conflict
-        counts = import_files(c, [b, b], None)
-        assert counts.conflicts == 0 and counts.failed == 0
 
 
 def _url(it) -> str:
