@@ -22,6 +22,7 @@ import click
 
 from safehold.client.connection import Connection, load_connection, open_client
 from safehold.client.importer import (
+    ON_CONFLICT,
     STATE_FILE,
     ImportCheckpoint,
     ImportCounts,
@@ -75,11 +76,16 @@ def register(group: click.Group) -> None:
     @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
     @conn_options
     @click.option("--restart", is_flag=True, help="Forget the resume checkpoint and start over.")
+    @click.option("--on-conflict", type=click.Choice(ON_CONFLICT), default="fail", show_default=True,
+                  help="An id met again in this run with different content: fail (report, keep the "
+                       "first), skip (keep the first, note it) or overwrite (the later one wins).")
     def import_cmd(files: tuple[str, ...], data_dir: str, url: str | None, policy: str | None,
-                   token: str | None, restart: bool) -> None:
+                   token: str | None, restart: bool, on_conflict: str) -> None:
         """Import Synthea CSV (patients.csv) and FHIR R4 Bundle / NDJSON / Patient JSON files.
 
-        Prints the counts of imported / skipped / failed records. Exit status 0 = everything
+        Patients go to the native API; the other resources of Bundles and NDJSON (Observation,
+        Condition, Encounter, …) to the FHIR endpoint. Prints the counts of imported / skipped /
+        failed records. Exit status 0 = everything
         imported or already there, 1 = a record or file failed or the service is unreachable,
         130 / 143 = interrupted by SIGINT / SIGTERM (progress checkpointed: run the same command
         again to resume).
@@ -95,7 +101,7 @@ def register(group: click.Group) -> None:
 
         old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            _run_import(conn, expand_paths(files), ckpt_path, restart, counts, failures)
+            _run_import(conn, expand_paths(files), ckpt_path, restart, counts, failures, on_conflict)
         except _ImportInterrupted as e:
             _print_failures(failures)
             click.secho(f"interrupted: {counts.acknowledged} records checkpointed; "
@@ -113,7 +119,9 @@ def register(group: click.Group) -> None:
                 signal.signal(sig, h)
         _print_failures(failures)
         click.echo(f"imported {counts.imported}, skipped {counts.skipped}, failed {counts.failed}"
-                   f" (other FHIR resources ignored: {counts.other_resources})")
+                   f" (other FHIR resources ignored: {counts.other_resources}); FHIR resources "
+                   f"imported {counts.resources_imported}, skipped {counts.resources_skipped}"
+                   + (f"; conflicts {counts.conflicts}" if counts.conflicts else ""))
         if counts.failed:
             files_note = f", {counts.files_failed} of them whole files" if counts.files_failed else ""
             click.secho(f"{counts.failed} failed{files_note}: see the lines above", fg="red", err=True)
@@ -188,7 +196,7 @@ def _print_failures(failures: list[tuple[str, str]]) -> None:
 
 
 def _run_import(conn: Connection, paths: list[Path], ckpt_path: Path | None, restart: bool,
-                counts: ImportCounts, failures: list[tuple[str, str]]) -> None:
+                counts: ImportCounts, failures: list[tuple[str, str]], on_conflict: str = "fail") -> None:
     """The body of ``patients import`` (progress bar on stderr); updates ``counts``/``failures``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -207,5 +215,5 @@ def _run_import(conn: Connection, paths: list[Path], ckpt_path: Path | None, res
                 records, paths, ckpt_path, target=conn.target, counts=counts,
                 progress=lambda n, d: prog.update(task, advance=n, description=d),
                 on_failure=lambda s, r: failures.append((s, r)),
-                on_notice=lambda m: console.print(f"[yellow]note[/] {m}"),
+                on_notice=lambda m: console.print(f"[yellow]note[/] {m}"), on_conflict=on_conflict,
             )

@@ -2,7 +2,9 @@
 
 Reads Synthea CSV and FHIR R4 files (:mod:`safehold.records.importers`, which checks every
 record against the record rules) and sends the records through a records client in batches of
-:data:`BATCH`.
+:data:`BATCH`: patients through the native batch route, the other FHIR resources of Bundles and
+NDJSON (Observation, Condition, Encounter, …) through ``POST /fhir/`` (a FHIR ``batch``).
+An id seen again in one run with different content is a conflict (``--on-conflict``).
 
 Import is resumable (:class:`ImportCheckpoint`): after each acknowledged batch the position
 reached in each input file is saved in ``<data dir>/import-state.json``, keyed by the file's
@@ -20,7 +22,7 @@ import json
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,10 +31,10 @@ from safehold.client.records import BatchItem
 from safehold.errors import ConfigError, RecordNotFoundError
 from safehold.jsontypes import JSONObject
 from safehold.records.errors import ImportFormatError
-from safehold.records.importers import ImportItem, ImportProblem, iter_file
+from safehold.records.importers import ImportItem, ImportProblem, ImportResource, iter_file
 
-__all__ = ["BATCH", "STATE_FILE", "BatchClient", "ImportCheckpoint", "ImportCounts", "count_patients",
-           "expand_paths", "file_digest", "import_files"]
+__all__ = ["BATCH", "ON_CONFLICT", "STATE_FILE", "BatchClient", "ImportCheckpoint", "ImportCounts",
+           "count_patients", "expand_paths", "file_digest", "import_files"]
 
 #: Records per batch request.
 BATCH = 100
@@ -51,6 +53,18 @@ class BatchClient(Protocol):
     def get(self, rid: str) -> object:
         """Read one record; RecordNotFoundError if it is not there."""
         ...
+
+    def fhir_batch(self, resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Store FHIR resources (``PUT <type>/<id>`` in a batch Bundle); one result per item."""
+        ...
+
+    def fhir_read(self, rtype: str, rid: str) -> object:
+        """Read one FHIR resource; RecordNotFoundError if it is not there."""
+        ...
+
+
+#: What ``--on-conflict`` may say (an id seen twice in one run with different content).
+ON_CONFLICT = ("fail", "skip", "overwrite")
 
 
 def file_digest(path: Path) -> str:
@@ -189,6 +203,9 @@ class ImportCounts:
     ``failed`` counts records the service or the importer refused *and* whole files that could
     not be read (each such file once; also in ``files_failed``). ``acknowledged`` = records
     whose handling is settled: answered by the service in this run or skipped by the checkpoint.
+    ``imported``/``skipped`` count patient records, ``resources_imported`` /
+    ``resources_skipped`` the other FHIR resources (unchanged ones are skipped);
+    ``conflicts`` = ids met again in this run with different content (:data:`ON_CONFLICT`).
     """
 
     imported: int = 0
@@ -197,6 +214,9 @@ class ImportCounts:
     other_resources: int = 0
     files_failed: int = 0
     acknowledged: int = 0
+    resources_imported: int = 0
+    resources_skipped: int = 0
+    conflicts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """JSON-ready counts."""
@@ -207,8 +227,17 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
                  progress: Callable[[int, str], None] | None = None,
                  on_failure: Callable[[str, str], None] | None = None, target: str = "",
                  counts: ImportCounts | None = None,
-                 on_notice: Callable[[str], None] | None = None) -> ImportCounts:
+                 on_notice: Callable[[str], None] | None = None,
+                 on_conflict: str = "fail", resources: bool = True) -> ImportCounts:
     """Import ``files`` through ``client`` in batches of :data:`BATCH`; resumable via ``state_path``.
+
+    Patient records go through the native batch route, other FHIR resources of Bundles and
+    NDJSON (``resources=True``) through the FHIR endpoint's batch interaction. An id met again
+    in the same run with different content (another file, or a resumed part of this one) is a
+    *conflict*, handled by ``on_conflict``: ``fail`` (default: reported as a failure, not
+    sent, so the first one stays), ``skip`` (not sent, reported as a notice), ``overwrite``
+    (sent: the later one wins, reported as a notice). Within one file the first occurrence
+    always wins (:mod:`safehold.records.importers`).
 
     Args:
         client: a RecordsClient (or anything with ``batch(items)`` and ``get(id)``).
@@ -222,11 +251,38 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
         on_notice: optional callable ``(message: str)`` (e.g. a stale checkpoint restarted).
 
     Raises:
+        ValueError: ``on_conflict`` is not one of :data:`ON_CONFLICT`.
         RecordsClientError / AttestationError / transport errors: the service failed or failed
             appraisal (the checkpoint keeps what was acknowledged so far).
     """
+    if on_conflict not in ON_CONFLICT:
+        raise ValueError(f"on_conflict must be one of {ON_CONFLICT}, got {on_conflict!r}")
     ckpt = ImportCheckpoint(state_path, target)
     counts = counts if counts is not None else ImportCounts()
+    seen: dict[str, tuple[bytes, str]] = {}  # key → (content digest, first source)
+
+    def conflict(it: ImportItem | ImportResource) -> bool:
+        """True if ``it`` must not be sent (a conflict under fail/skip)."""
+        key, rec = (it.id, it.record) if isinstance(it, ImportItem) else (it.key, it.resource)
+        digest = hashlib.sha256(json.dumps(rec, sort_keys=True, ensure_ascii=False).encode()).digest()
+        first = seen.setdefault(key, (digest, it.source))
+        if first[0] == digest:
+            return False
+        counts.conflicts += 1
+        what = f"id also at {first[1]} with different content"
+        if on_conflict == "fail":
+            counts.failed += 1
+            if on_failure:
+                on_failure(it.source, f"{what}; not imported (--on-conflict fail keeps the first)")
+            return True
+        if on_conflict == "skip":
+            counts.skipped += 1
+            if on_notice:
+                on_notice(f"{it.source}: {what}; skipped (--on-conflict skip)")
+            return True
+        if on_notice:
+            on_notice(f"{it.source}: {what}; overwriting (--on-conflict overwrite)")
+        return False
 
     def file_failed(f: Path, reason: str) -> None:
         counts.failed += 1
@@ -243,7 +299,10 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
         done, last_id = ckpt.get(digest)
         if done and last_id is not None:
             try:
-                client.get(last_id)
+                if "/" in last_id:  # a FHIR resource, <type>/<id> (record ids hold no "/")
+                    client.fhir_read(*last_id.split("/", 1))
+                else:
+                    client.get(last_id)
             except RecordNotFoundError:
                 done = 0
                 if on_notice:
@@ -253,21 +312,38 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
             done = 0  # nothing to verify the checkpoint against: start over (safe, idempotent)
         pos = 0
         last_ok = last_id if done else None
-        batch: list[ImportItem] = []
+        batch: list[ImportItem | ImportResource] = []
 
-        def flush(batch: list[ImportItem], pos: int, digest: str = digest, name: str = f.name) -> None:
+        def flush(batch: list[ImportItem | ImportResource], pos: int, digest: str = digest,
+                  name: str = f.name) -> None:
             nonlocal last_ok
             if not batch:
                 return
-            results = client.batch([(it.id, it.record) for it in batch])
-            for it, res in zip(batch, results, strict=True):
+            pats = [it for it in batch if isinstance(it, ImportItem)]
+            res_items = [it for it in batch if isinstance(it, ImportResource)]
+            answered: dict[int, dict[str, Any]] = {}
+            if pats:
+                results = client.batch([(it.id, it.record) for it in pats])
+                answered.update(zip(map(id, pats), results, strict=True))
+            if res_items:
+                results = client.fhir_batch([(it.type, it.id, it.resource) for it in res_items])
+                answered.update(zip(map(id, res_items), results, strict=True))
+            for it in batch:  # in file order, so last_ok is the last acknowledged item
+                res = answered[id(it)]
                 st = res.get("status")
+                is_pat = isinstance(it, ImportItem)
                 if st in ("created", "updated"):
-                    counts.imported += 1
-                    last_ok = it.id
+                    if is_pat:
+                        counts.imported += 1
+                    else:
+                        counts.resources_imported += 1
+                    last_ok = it.id if isinstance(it, ImportItem) else it.key
                 elif st == "unchanged":
-                    counts.skipped += 1
-                    last_ok = it.id
+                    if is_pat:
+                        counts.skipped += 1
+                    else:
+                        counts.resources_skipped += 1
+                    last_ok = it.id if isinstance(it, ImportItem) else it.key
                 else:
                     counts.failed += 1
                     if on_failure:
@@ -278,7 +354,7 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
                 progress(len(batch), name)
 
         try:
-            for item in iter_file(f):
+            for item in iter_file(f, resources=resources):
                 pos += 1
                 if isinstance(item, ImportProblem):
                     # counted on every run, resumed or not, so the totals do not depend on it
@@ -289,9 +365,10 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
                         if on_failure:
                             on_failure(item.source, item.reason)
                     continue
-                if pos <= done:
-                    counts.skipped += 1
-                    counts.acknowledged += 1
+                if conflict(item) or pos <= done:
+                    if pos <= done:  # settled by an earlier run (seen above for conflicts)
+                        counts.skipped += 1
+                        counts.acknowledged += 1
                     if progress:
                         progress(1, f.name)
                     continue
@@ -306,12 +383,14 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
     return counts
 
 
-def count_patients(files: list[Path]) -> int:
-    """Number of importable records in ``files`` (for the progress bar total)."""
+def count_patients(files: list[Path], *, resources: bool = True) -> int:
+    """Number of importable records (and, with ``resources``, other FHIR resources) in
+    ``files`` (for the progress bar total)."""
     n = 0
     for f in files:
         try:
-            n += sum(1 for x in iter_file(f) if isinstance(x, ImportItem))
+            n += sum(1 for x in iter_file(f, resources=resources)
+                     if isinstance(x, ImportItem | ImportResource))
         except ImportFormatError:
             pass
     return n

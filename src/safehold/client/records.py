@@ -75,8 +75,12 @@ def _raise_for(resp: httpx.Response) -> None:
         return
     try:
         body = resp.json()
-        code, detail = str(body.get("error", "")), str(body.get("detail", ""))
-    except (ValueError, AttributeError):
+        if body.get("resourceType") == "OperationOutcome":  # /fhir errors
+            issue = (body.get("issue") or [{}])[0]
+            code, detail = str(issue.get("code", "")), str(issue.get("diagnostics", ""))
+        else:
+            code, detail = str(body.get("error", "")), str(body.get("detail", ""))
+    except (ValueError, AttributeError, TypeError, IndexError):
         code, detail = "", resp.text[:200]
     msg = f"records service: HTTP {resp.status_code} {code}: {detail}".rstrip(": ")
     s = resp.status_code
@@ -131,6 +135,21 @@ def _batch_body(items: Iterable[BatchItem]) -> dict[str, Any]:
                              f"got {type(item).__name__}")
         out.append({"id": rid, "record": dict(rec) if isinstance(rec, Mapping) else rec})
     return {"records": out}
+
+
+FHIR_JSON = "application/fhir+json"
+
+
+def _batch_result(key: str, resp: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``batch-response`` entry's ``response`` as ``{"key", "status", "error"?}``."""
+    status = str(resp.get("status", ""))
+    issues = (resp.get("outcome") or {}).get("issue") or [{}]
+    diag = str(issues[0].get("diagnostics", ""))
+    if status.startswith("201"):
+        return {"key": key, "status": "created"}
+    if status.startswith("200"):
+        return {"key": key, "status": "unchanged" if diag == "unchanged" else "updated"}
+    return {"key": key, "status": "failed", "error": f"HTTP {status}: {diag}".rstrip(": ")}
 
 
 def _hits(body: dict[str, Any]) -> list[Record]:
@@ -299,6 +318,37 @@ class RecordsClient:
                             headers={"Content-Type": "application/json"})
         _raise_for(r)
         return list(r.json()["results"])
+
+    def fhir_read(self, rtype: str, rid: str) -> Record:
+        """Read a FHIR resource (``GET /fhir/<type>/<id>``); ``version`` from its ETag.
+        Raises RecordNotFoundError, RecordTamperedError."""
+        r = self._http.get(f"/fhir/{quote(rtype, safe='')}/{quote(rid, safe='')}",
+                           headers={"Accept": FHIR_JSON})
+        _raise_for(r)
+        return Record(rid, r.json(), _version(r))
+
+    def fhir_batch(self, resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Store FHIR resources with their ids: one ``batch`` Bundle of ``PUT <type>/<id>``
+        entries to ``POST /fhir/`` (FHIR R4 §3.1.0.11; not atomic, at most 500).
+
+        Args:
+            resources: ``(type, id, resource)``.
+
+        Returns one ``{"key": "<type>/<id>", "status": created|updated|unchanged|failed,
+        "error"?}`` per resource, in order.
+
+        Raises:
+            RecordsClientError: the service refused the whole Bundle (e.g. 400, 413).
+        """
+        items = list(resources)
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": dict(res), "request": {"method": "PUT", "url": f"{t}/{quote(i, safe='')}"}}
+            for t, i, res in items]}
+        r = self._http.post("/fhir/", content=json.dumps(bundle),
+                            headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
+        _raise_for(r)
+        return [_batch_result(f"{t}/{i}", e.get("response", {}))
+                for (t, i, _), e in zip(items, r.json().get("entry", []), strict=True)]
 
     def audit_verify(self) -> int:
         """(admin) verify the service's audit chain and its authenticated head; returns the

@@ -152,8 +152,9 @@ def run_demo(data_dir: str, *, echo: Callable[[str], None] = print,
         with open_client(conn) if show is None else open_client(conn, show=show) as c:
             state = Path(data_dir) / "import-state.json"
             counts = import_files(c, files, state, target=conn.target)
-            echo(f"imported {counts.imported}, skipped {counts.skipped}, failed {counts.failed} "
-                 f"(other FHIR resources ignored: {counts.other_resources})")
+            echo(f"imported {counts.imported}, skipped {counts.skipped}, failed {counts.failed}; "
+                 f"other FHIR resources (Observation, Condition, …): imported "
+                 f"{counts.resources_imported}, skipped {counts.resources_skipped}")
             a = c.appraisal
             if a is not None:
                 echo(f"records service attested: TEE {a.claims.tee_type}, measurement "

@@ -306,7 +306,9 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
     SCONE port's authentication, CA, policy, manifest, tokens, database, measurement)."""
     i = s.info
     out: list[tuple[str, bool]] = [(f"broker          {i['broker_url']}", False),
-                                   (f"records API     {i['records_url']}", False)]
+                                   (f"records API     {i['records_url']}", False),
+                                   (f"FHIR R4         {i['records_url']}/fhir  (CapabilityStatement: "
+                                    f"/fhir/metadata; TLS: ca.pem)", False)]
     if i.get("scone_port"):
         sp = i["scone_port"]
         out.append((f"SCONE demo API  https://api:{sp}  (curl --resolve api:{sp}:127.0.0.1)", False))

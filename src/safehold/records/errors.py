@@ -27,6 +27,7 @@ __all__ = [
     "NoKeysError",
     "NonFiniteNumberError",
     "PayloadTooLargeError",
+    "SearchTooCostlyError",
     "PermissionDeniedError",
     "PreconditionFailedError",
     "RecordConflictError",
@@ -81,6 +82,10 @@ class PreconditionFailedError(RecordError):
 
 class AlreadyExistsError(RecordError):
     """Create-only write on a record id that exists."""
+
+
+class SearchTooCostlyError(InvalidRecordError):
+    """A search would decrypt more than ``repository.MAX_CANDIDATES`` records: narrow it."""
 
 
 class SconeFormError(InvalidRecordError):

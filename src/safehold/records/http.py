@@ -25,17 +25,20 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
                                                       head check; ``{"entries": n}``
 ``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
 ``GET /openapi.json``                       none      the OpenAPI 3.1 description
+                                                      (:mod:`safehold.records.openapi`)
+``/fhir/…``                                 (roles)   FHIR R4 REST (:mod:`safehold.records.fhir`,
+                                                      mounted by ``mount_fhir``)
 ==========================================  ========  =============================================
 
 Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content —
 also FastAPI's own: query validation (400 ``invalid``), unknown path (404 ``no-such-endpoint``),
-wrong method (405 ``method-not-allowed``). A body over the limit (:data:`MAX_RECORD_BYTES` for
-a PUT, :data:`MAX_BATCH_BYTES` for a batch; plain or chunked) → 413 ``too-large`` naming the
-limit, decided while reading (never buffered whole). A body whose ``Content-Type`` is not
-``application/json`` (``text/plain``, a form, multipart, none) → 415 ``unsupported-media-type``,
-before it is read. JSON bodies holding ``NaN`` /
-``Infinity`` / ``-Infinity`` (not JSON, RFC 8259 §6) → 400 ``invalid``. A corrupt store →
-500 ``store-corrupt`` naming the store.
+wrong method (405 ``method-not-allowed``, ``Allow`` listing every method the path serves).
+A body over the limit (:data:`MAX_RECORD_BYTES` for a PUT, :data:`MAX_BATCH_BYTES` for a batch;
+plain or chunked) → 413 ``too-large`` naming the limit, decided while reading (never buffered
+whole). A body whose ``Content-Type`` is not ``application/json`` (``text/plain``, a form,
+multipart, none) → 415 ``unsupported-media-type``, before it is read. JSON bodies holding
+``NaN`` / ``Infinity`` / ``-Infinity`` (not JSON, RFC 8259 §6) → 400 ``invalid``. A corrupt
+store → 500 ``store-corrupt`` naming the store.
 
 Authentication: a bearer token (``Authorization: Bearer <token>``) whose SHA-256 appears in the
 access list the broker released to this workload (the owner's ``access`` secret), or a client
@@ -52,6 +55,7 @@ HTTP status code of the records service is chosen in this module (:func:`error_r
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,11 +94,12 @@ from safehold.records.model import (
     parse_batch,
     parse_record,
 )
+from safehold.records.openapi import native_openapi
 from safehold.records.repository import PatientRepository
 from safehold.store.errors import StoreCorruptError
 
-__all__ = ["JSON_MEDIA_TYPES", "MAX_BATCH_BYTES", "NativeAPI", "authenticate", "create_native_app",
-           "error_response", "read_body", "require_json", "router"]
+__all__ = ["ETAG_RE", "JSON_MEDIA_TYPES", "MAX_BATCH_BYTES", "NativeAPI", "authenticate",
+           "create_native_app", "error_response", "read_body", "require_json", "router"]
 
 #: Largest ``POST /v1/patients:batch`` body (bytes); split bigger imports into several batches.
 MAX_BATCH_BYTES = 32 * 1024 * 1024
@@ -171,11 +176,35 @@ async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     """Exception handler: FastAPI's own 404/405 for paths and methods it does not serve (the
     path is not echoed: it may hold a record id)."""
     assert isinstance(exc, StarletteHTTPException)
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # Starlette names only the first route's method; list them all
+        headers = {"Allow": allowed_methods(request)}
     codes = {404: ("no-such-endpoint", "no such endpoint (see /openapi.json)"),
              405: ("method-not-allowed", f"method {request.method} is not allowed here")}
     code, detail = codes.get(exc.status_code, ("http-error", str(exc.detail)))
     return JSONResponse({"error": code, "detail": detail}, status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+                        headers=headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the request's app serves for the request's path (for the
+    ``Allow`` header of a 405, RFC 9110 §10.2.1), comma-separated."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    path = path[len(root):] if root and path.startswith(root) else path
+
+    def walk(routes: list[Any]) -> set[str]:
+        found: set[str] = set()
+        for route in routes:
+            sub = getattr(route, "original_router", None)  # an included APIRouter
+            if sub is not None:
+                found |= walk(sub.routes)
+                continue
+            regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+            if regex is not None and methods and regex.match(path):
+                found |= set(methods)
+        return found
+
+    return ", ".join(sorted(walk(request.app.router.routes)))
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -267,14 +296,21 @@ def _batch_items(body: bytes) -> list[tuple[object, object]]:
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRecordError("batch body is not JSON") from None
     recs = doc.get("records") if isinstance(doc, dict) else None
-    if not isinstance(recs, list) or len(recs) > MAX_BATCH:
-        raise InvalidRecordError(f'batch body must be {{"records": [...]}} with at most {MAX_BATCH} items')
+    if (not isinstance(doc, dict) or not isinstance(recs, list) or len(recs) > MAX_BATCH
+            or set(doc) != {"records"}):
+        raise InvalidRecordError(f'batch body must be {{"records": [...]}} with at most {MAX_BATCH} items '
+                                 "and nothing else")
     items: list[tuple[object, object]] = []
     for i, r in enumerate(recs):
-        if not isinstance(r, dict):
-            raise InvalidRecordError(f'batch item {i}: must be {{"id": str, "record": object}}')
+        if not isinstance(r, dict) or not set(r) <= {"id", "record"}:
+            raise InvalidRecordError(f'batch item {i}: must be {{"id": str, "record": object}} '
+                                     "and nothing else")
         items.append((r.get("id"), r.get("record")))
     return items
+
+
+#: A version entity tag (RFC 9110 §8.8.3), weak or strong, at most 18 digits.
+ETAG_RE = re.compile(r'(?:W/)?"([0-9]{1,18})"')
 
 
 def _etag(version: int) -> str:
@@ -282,12 +318,18 @@ def _etag(version: int) -> str:
 
 
 def _if_match(value: str | None) -> int | None:
+    """The version an ``If-Match`` entity tag names (RFC 9110 §8.8.3: ``"3"`` or ``W/"3"``,
+    quotes required); None without the header.
+
+    Raises:
+        InvalidRecordError: any other value (``null``, ``3``, ``*``, a list).
+    """
     if value is None:
         return None
-    v = value.strip().removeprefix("W/").strip('"')
-    if not v.isdigit():
-        raise InvalidRecordError('If-Match must be a version ETag such as "3"')
-    return int(v)
+    m = ETAG_RE.fullmatch(value)
+    if m is None:
+        raise InvalidRecordError('If-Match must be a version entity tag such as "3" or W/"3"')
+    return int(m.group(1))
 
 
 def _api(request: Request) -> NativeAPI:
@@ -333,12 +375,7 @@ def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
 
-@router.put(
-    "/v1/patients/{rid}",
-    status_code=200,
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"type": "object", "description": "a FHIR R4 Patient or a flat record"}}}}},
-)
+@router.put("/v1/patients/{rid}", status_code=200)
 async def put_patient(
     rid: str,
     request: Request,
@@ -348,11 +385,13 @@ async def put_patient(
 ) -> Response:
     """Create (201) or replace (200) a record; ``If-Match`` for compare-and-set (412)."""
     require_json(request)
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise InvalidRecordError("If-None-Match must be * (create only)")
     record = parse_record(rid, await read_body(request, MAX_RECORD_BYTES, "record body"))
     expected = _if_match(if_match)
     repo = _api(request).repo
     res = await run_in_threadpool(lambda: repo.put(who.name, record, expected_version=expected,
-                                                   create_only=(if_none_match == "*")))
+                                                   create_only=if_none_match is not None))
     out = json.dumps({"id": rid, "version": res.version, "status": res.status}).encode()
     return Response(out, status_code=201 if res.status == "created" else 200,
                     media_type="application/json", headers={"ETag": _etag(res.version)})
@@ -376,7 +415,7 @@ def delete_patient(rid: str, request: Request, if_match: str | None = Header(def
 @router.get("/v1/patients")
 def list_or_search(
     request: Request,
-    cursor: str | None = Query(default=None, max_length=256),
+    cursor: str | None = Query(default=None, pattern=r"^([0-9a-f]{2}){1,64}$"),  # a blind index, hex
     limit: int = Query(default=100, ge=1, le=1000),
     family: str | None = Query(default=None, max_length=512),
     given: str | None = Query(default=None, max_length=512),
@@ -446,9 +485,11 @@ def create_native_app(
     title: str = "Safehold records",
     health: Callable[[], bool] | None = None,
 ) -> FastAPI:
-    """Build the native API app over ``repo``; ``acl`` may be a callable to allow reloads."""
+    """Build the native API app over ``repo``; ``acl`` may be a callable to allow reloads.
+    (:func:`safehold.records.fhir.http.mount_fhir` adds FHIR R4 REST at ``/fhir``.)"""
     app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
     app.state.records = NativeAPI(repo, access_getter(acl), health)
     add_error_handlers(app)
     app.include_router(router)
+    app.openapi = native_openapi  # type: ignore[method-assign]
     return app

@@ -11,8 +11,10 @@ Formats (chosen by content, not by file name alone):
   keyed by the ``Id`` column. The header is read from the file, so Synthea versions that add
   or drop columns work; only ``Id`` is required.
 * **FHIR R4 Bundle** (HL7 FHIR R4 §2.36 Bundle, any ``type`` incl. ``transaction``): every
-  ``entry[].resource`` of type ``Patient`` becomes one record; other resources are counted as
-  skipped. A Patient without ``id`` takes the UUID of an ``urn:uuid:`` ``fullUrl``.
+  ``entry[].resource`` of type ``Patient`` becomes one record; other resources become
+  :class:`ImportResource` items with ``resources=True`` (their ``urn:uuid:`` references to
+  other entries rewritten to ``<Type>/<id>``), else they are counted as skipped. A resource
+  without ``id`` takes the UUID of an ``urn:uuid:`` ``fullUrl``.
 * **FHIR NDJSON** (FHIR Bulk Data Access IG, one resource per line).
 * **A single FHIR Patient resource** (``.json``), as in the HL7 R4 examples package.
 
@@ -38,6 +40,7 @@ from typing import Any
 
 from safehold.csvtext import CountedLines, diagnose
 from safehold.records.errors import ImportFormatError, InvalidRecordError, NonFiniteNumberError
+from safehold.records.fhir.types import check_fhir_id, check_type
 from safehold.records.model import loads_strict, parse_record
 
 
@@ -73,14 +76,43 @@ class ImportProblem:
     skipped: bool = False
 
 
+@dataclass(frozen=True)
+class ImportResource:
+    """A FHIR resource other than Patient (Observation, Condition, Encounter, …) read from a
+    Bundle or NDJSON when resources are asked for (``resources=True``); stored through the FHIR
+    endpoint (``PUT /fhir/<type>/<id>`` in a batch).
+
+    Attributes:
+        type: the R4 resource type.  id: its FHIR id.
+        resource: the resource, ``urn:uuid:`` references to other entries of its Bundle
+            rewritten to ``<Type>/<id>`` (FHIR R4 §3.1.0.11.2: how a server resolves them).
+        source: as in :class:`ImportItem`.
+    """
+
+    type: str
+    id: str
+    resource: dict[str, Any]
+    source: str
+
+    @property
+    def key(self) -> str:
+        """``<type>/<id>``."""
+        return f"{self.type}/{self.id}"
+
+
 # --- reading files ---------------------------------------------------------------------------
 
 
-def iter_file(path: str | Path) -> Iterator[ImportItem | ImportProblem]:
+Item = ImportItem | ImportResource | ImportProblem
+
+
+def iter_file(path: str | Path, *, resources: bool = False) -> Iterator[Item]:
     """Yield the records (and problems) of one input file, format detected from its content.
 
     Args:
         path: a Synthea ``patients.csv``, a FHIR R4 Bundle / Patient ``.json``, or FHIR NDJSON.
+        resources: yield other FHIR resources as :class:`ImportResource` (else they are
+            skipped :class:`ImportProblem` items).
 
     Raises:
         ImportFormatError: the file cannot be opened, is not UTF-8, or is none of the formats.
@@ -90,32 +122,33 @@ def iter_file(path: str | Path) -> Iterator[ImportItem | ImportProblem]:
         raw = p.read_bytes()
     except OSError as e:
         raise ImportFormatError(f"{p}: cannot read ({e.strerror})") from None
-    yield from iter_bytes(raw, name=str(p))
+    yield from iter_bytes(raw, name=str(p), resources=resources)
 
 
-def iter_bytes(raw: bytes, *, name: str = "<input>") -> Iterator[ImportItem | ImportProblem]:
+def iter_bytes(raw: bytes, *, name: str = "<input>", resources: bool = False) -> Iterator[Item]:
     """Like :func:`iter_file` on bytes already read; ``name`` is used in ``source`` strings.
 
     Raises:
         ImportFormatError: as in :func:`iter_file`.
     """
-    yield from _first_id_wins(_iter_text(raw, name))
+    yield from _first_id_wins(_iter_text(raw, name, resources))
 
 
-def _first_id_wins(items: Iterator[ImportItem | ImportProblem]) -> Iterator[ImportItem | ImportProblem]:
+def _first_id_wins(items: Iterator[Item]) -> Iterator[Item]:
     first: dict[str, str] = {}
     for it in items:
-        if isinstance(it, ImportItem):
-            prev = first.get(it.id)
+        if isinstance(it, ImportItem | ImportResource):
+            key = it.id if isinstance(it, ImportItem) else it.key
+            prev = first.get(key)
             if prev is not None:
                 yield ImportProblem(it.source, f"duplicate record id (first at {prev}); "
                                                "not imported: the first occurrence wins")
                 continue
-            first[it.id] = it.source
+            first[key] = it.source
         yield it
 
 
-def _iter_text(raw: bytes, name: str) -> Iterator[ImportItem | ImportProblem]:
+def _iter_text(raw: bytes, name: str, resources: bool = False) -> Iterator[Item]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -133,16 +166,16 @@ def _iter_text(raw: bytes, name: str) -> Iterator[ImportItem | ImportProblem]:
         except RecursionError:
             raise ImportFormatError(f"{name}: JSON nested too deeply") from None
         if obj is not None:
-            yield from _from_json(obj, name)
+            yield from _from_json(obj, name, resources)
             return
-        yield from _from_ndjson(text, name)
+        yield from _from_ndjson(text, name, resources)
         return
     if stripped[0] == "[":
         raise ImportFormatError(f"{name}: a JSON array is not a FHIR format (use a Bundle or NDJSON)")
     yield from _from_synthea_csv(text, name)
 
 
-def _from_json(obj: object, name: str) -> Iterator[ImportItem | ImportProblem]:
+def _from_json(obj: object, name: str, resources: bool = False) -> Iterator[Item]:
     if not isinstance(obj, dict):
         raise ImportFormatError(f"{name}: expected a JSON object")
     rt = obj.get("resourceType")
@@ -150,14 +183,18 @@ def _from_json(obj: object, name: str) -> Iterator[ImportItem | ImportProblem]:
         entries = obj.get("entry", [])
         if not isinstance(entries, list):
             raise ImportFormatError(f"{name}: Bundle.entry is not an array")
+        urls = _bundle_urls(entries) if resources else {}
         for i, entry in enumerate(entries):
             src = f"{name}#entry{i}"
             if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
                 yield ImportProblem(src, "Bundle entry has no resource object")
                 continue
-            res = entry["resource"]
+            res = _resolve(entry["resource"], urls) if urls else entry["resource"]
             if res.get("resourceType") != "Patient":
-                yield ImportProblem(src, f"not a Patient ({res.get('resourceType')!s:.40})", skipped=True)
+                if resources:
+                    yield _resource_item(res, src, full_url=entry.get("fullUrl"))
+                else:
+                    yield ImportProblem(src, f"not a Patient ({res.get('resourceType')!s:.40})", skipped=True)
                 continue
             yield _patient_item(res, src, full_url=entry.get("fullUrl"))
     elif rt == "Patient":
@@ -168,7 +205,7 @@ def _from_json(obj: object, name: str) -> Iterator[ImportItem | ImportProblem]:
         raise ImportFormatError(f"{name}: JSON object without resourceType is not FHIR")
 
 
-def _from_ndjson(text: str, name: str) -> Iterator[ImportItem | ImportProblem]:
+def _from_ndjson(text: str, name: str, resources: bool = False) -> Iterator[Item]:
     seen_any = False
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -189,9 +226,52 @@ def _from_ndjson(text: str, name: str) -> Iterator[ImportItem | ImportProblem]:
         if not isinstance(res, dict):
             yield ImportProblem(src, "line is not a JSON object")
         elif res.get("resourceType") != "Patient":
-            yield ImportProblem(src, f"not a Patient ({res.get('resourceType')!s:.40})", skipped=True)
+            if resources:
+                yield _resource_item(res, src, full_url=None)
+            else:
+                yield ImportProblem(src, f"not a Patient ({res.get('resourceType')!s:.40})", skipped=True)
         else:
             yield _patient_item(res, src, full_url=None)
+
+
+def _bundle_urls(entries: list[Any]) -> dict[str, str]:
+    """``{fullUrl: "<Type>/<id>"}`` for the ``urn:uuid:`` entries of a Bundle."""
+    out: dict[str, str] = {}
+    for e in entries:
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict):
+            url, res = e.get("fullUrl"), e["resource"]
+            if isinstance(url, str) and url.startswith("urn:uuid:") and \
+                    isinstance(res.get("resourceType"), str):
+                rid = res.get("id") if isinstance(res.get("id"), str) else url[len("urn:uuid:"):]
+                out[url] = f"{res['resourceType']}/{rid}"
+    return out
+
+
+def _resolve(value: Any, urls: dict[str, str]) -> Any:
+    """``value`` with every ``"reference": "urn:uuid:…"`` naming a Bundle entry rewritten."""
+    if isinstance(value, dict):
+        return {k: (urls.get(v, v) if k == "reference" and isinstance(v, str) else _resolve(v, urls))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, urls) for v in value]
+    return value
+
+
+def _resource_item(res: dict[str, Any], src: str, *, full_url: object) -> ImportResource | ImportProblem:
+    rtype = res.get("resourceType")
+    if not isinstance(rtype, str) or not check_type(rtype):
+        return ImportProblem(src, f"resourceType {rtype!s:.40} is not an R4 resource type")
+    rid = res.get("id")
+    if rid is None and isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
+        rid = full_url[len("urn:uuid:"):]
+        res = {**res, "id": rid}
+    if not check_fhir_id(rid):
+        return ImportProblem(src, f"{rtype} has no FHIR id (1..64 of A-Z a-z 0-9 - .)")
+    try:
+        parse_record(f"{rtype}:{rid}", res)
+    except InvalidRecordError as e:
+        return ImportProblem(src, str(e))
+    return ImportResource(rtype, str(rid), res, src)
 
 
 def _patient_item(res: dict[str, Any], src: str, *, full_url: object) -> ImportItem | ImportProblem:

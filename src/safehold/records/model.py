@@ -7,10 +7,10 @@ repository (:mod:`safehold.records.repository`) stores it without checking it ag
 
 The rules:
 
-* **id**: :data:`RECORD_ID_RE` — FHIR R4 ``id`` (§2.24.0.1: ``[A-Za-z0-9\\-\\.]{1,64}``)
-  widened to the characters other sources use (Synthea UUIDs, SCONE demo ids such as
-  ``patient_3``), at most 128 characters. Messages never repeat the id (it may be built from a
-  name): they name the refused character's class and position.
+* **id**: :data:`RECORD_ID_RE`, but not ``.`` or ``..`` — FHIR R4 ``id``
+  (§2.24.0.1: ``[A-Za-z0-9\\-\\.]{1,64}``) widened to the characters other sources use
+  (Synthea UUIDs, SCONE demo ids such as ``patient_3``), at most 128 characters. Messages
+  never repeat the id (it may be built from a name): they name the refused character's class and position.
 * **a JSON object** (RFC 8259 §4): FHIR R4 ``Patient`` resources or flat records.
 * **finite numbers**: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259 §6),
   although Python's :mod:`json` reads and writes them; neither they nor numbers that overflow to
@@ -34,6 +34,7 @@ from typing import Any
 from safehold.errors import RecordError
 from safehold.jsontypes import JSONObject, JSONValue
 from safehold.records.errors import InvalidRecordError, NonFiniteNumberError
+from safehold.records.tokens import record_tokens
 
 __all__ = [
     "INDEXED_FIELDS",
@@ -56,9 +57,10 @@ __all__ = [
     "search_terms",
 ]
 
-#: Record ids (see the module docstring).
-RECORD_ID_RE = re.compile(r"^[A-Za-z0-9._~:@-]{1,128}$")
-_ID_CHAR_RE = re.compile(r"^[A-Za-z0-9._~:@-]$")
+#: Record ids (see the module docstring); always applied with ``fullmatch`` (a ``$`` anchor
+#: would let a trailing newline through).
+RECORD_ID_RE = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
+_ID_CHAR_RE = re.compile(r"[A-Za-z0-9._~:@-]")
 #: Largest record accepted, in bytes of its stored form (a Synthea FHIR Patient is ~4-6 KiB).
 MAX_RECORD_BYTES = 1024 * 1024
 #: Most records in one batch (``POST /v1/patients:batch``).
@@ -176,15 +178,17 @@ def check_record_id(record_id: object) -> str:
     never the id itself, which may be sensitive (e.g. built from a name).
 
     Raises:
-        InvalidRecordError: not a string, empty, too long (> 128 characters) or a character
-            outside the set.
+        InvalidRecordError: not a string, empty, too long (> 128 characters), a character
+            outside the set, or ``.`` / ``..`` (URL dot segments, RFC 3986 §5.2.4).
     """
     if not isinstance(record_id, str):
         raise InvalidRecordError(f"record id must be a string, got {type(record_id).__name__}")
-    if RECORD_ID_RE.match(record_id):
+    if record_id in (".", ".."):  # dot segments: no URL can address them (RFC 3986 §5.2.4)
+        raise InvalidRecordError("record id may not be '.' or '..' (URL dot segments)")
+    if RECORD_ID_RE.fullmatch(record_id):
         return record_id
     for i, ch in enumerate(record_id, start=1):
-        if not _ID_CHAR_RE.match(ch):
+        if not _ID_CHAR_RE.fullmatch(ch):
             raise InvalidRecordError(
                 f"record id may contain only A-Z a-z 0-9 . _ ~ : @ - "
                 f"(got {_describe_char(ch)} at position {i})"
@@ -330,10 +334,9 @@ def posting_term(field: str, value: str) -> str:
 
 
 def postings(record: Mapping[str, JSONValue]) -> frozenset[str]:
-    """The posting terms of a record: its :func:`search_terms` on :data:`INDEXED_FIELDS`,
-    without the ``system|value`` identifier form (looked up by value)."""
-    return frozenset(posting_term(f, v) for f, v in search_terms(record)
-                     if f in INDEXED_FIELDS and not (f == "identifier" and "|" in v))
+    """The posting terms of a record: whole values, prefixes, date levels and references as
+    :func:`safehold.records.tokens.record_tokens` makes them (at most its token budget)."""
+    return record_tokens(record)
 
 
 def display_name(record: Mapping[str, JSONValue]) -> str:

@@ -30,7 +30,7 @@ than overwritten — so its postings are taken from it, not stored a second time
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,30 +41,54 @@ from safehold.records.access_audit import AccessAuditLog
 from safehold.records.codec import Codec
 from safehold.records.commit import GroupCommit
 from safehold.records.engine import DEFAULT_PREFIX, RecordEngine, RowAddress
-from safehold.records.errors import AlreadyExistsError, InvalidRecordError, PreconditionFailedError
+from safehold.records.errors import (
+    AlreadyExistsError,
+    InvalidRecordError,
+    PreconditionFailedError,
+    SearchTooCostlyError,
+)
+from safehold.records.history import VersionHistory
 from safehold.records.model import (
-    INDEXED_FIELDS,
     SEARCH_FIELDS,
     RefusedItem,
     ValidRecord,
     check_record_id,
     decode_stored,
     normalise,
-    posting_term,
     postings,
     search_terms,
 )
 from safehold.records.search import PostingIndex
+from safehold.records.tokens import native_term
 from safehold.store.base import Store
 
-__all__ = ["MAX_PAGE", "NAMESPACE", "PatientRepository", "PutResult"]
+__all__ = [
+    "MAX_CANDIDATES",
+    "MAX_PAGE",
+    "NAMESPACE",
+    "FoundPage",
+    "PatientRepository",
+    "PutResult",
+]
 
 #: Default namespace of patient records.
 NAMESPACE = "patients"
 #: Largest page for listing.
 MAX_PAGE = 1000
+#: Most candidate records one search decrypts and checks (index hits, or rows of a scan).
+MAX_CANDIDATES = 10_000
 _INDEX_RETRIES = 64
 log = logging.getLogger("safehold.records")
+
+
+@dataclass(frozen=True)
+class FoundPage:
+    """A page of :meth:`PatientRepository.find`: ``hits`` ``(id, record, version)`` in id order,
+    ``total`` matches (None: not counted), whether ``more`` follow."""
+
+    hits: list[tuple[str, dict[str, Any], int]]
+    total: int | None
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,8 @@ class PatientRepository:
         engine: the :class:`~safehold.records.engine.RecordEngine` (store namespace
             ``<prefix><namespace>``).
         index: the :class:`~safehold.records.search.PostingIndex` (``<prefix><namespace>.search``).
+        history: the :class:`~safehold.records.history.VersionHistory` (prior versions, for
+            FHIR ``vread``; every write keeps the version it replaces, a delete erases them).
         committer, audit: as given.
 
     Raises:
@@ -110,6 +136,7 @@ class PatientRepository:
             raise ValueError("the access audit log must share the repository's committer")
         self.engine = RecordEngine(store, keyset, namespace_prefix=prefix, codec=codec)
         self.index = PostingIndex(store, keyset, f"{prefix}{namespace}.search")
+        self.history = VersionHistory(self.engine, namespace)
         self.committer = committer
         self.audit = audit
         self.ns = namespace
@@ -154,6 +181,29 @@ class PatientRepository:
             raise
         self._audit(who, "get", addr, "ok")
         return raw, version
+
+    def get_version(self, who: str, rid: str, vid: int) -> bytes:
+        """The stored form of version ``vid`` of ``rid`` (the current one, or one the history
+        kept), audited as ``vread``.
+
+        Raises:
+            InvalidRecordError, RecordNotFoundError (record or version), RecordTamperedError.
+        """
+        addr = self.engine.address(self.ns, check_record_id(rid))
+        try:
+            raw, cur = self.engine.get_at(addr)
+            if vid != cur:
+                if not 1 <= vid < cur:
+                    raise RecordNotFoundError(f"no version {vid} (current version is {cur})")
+                raw = self.history.get(rid, vid)
+        except RecordNotFoundError:
+            self._audit(who, "vread", addr, "not-found")
+            raise
+        except RecordTamperedError:
+            self._audit(who, "vread", addr, "tampered")
+            raise
+        self._audit(who, "vread", addr, "ok")
+        return raw
 
     def put(
         self,
@@ -206,7 +256,8 @@ class PatientRepository:
 
             try:
                 version = self._commit(who, "put", addr, status, write_row,
-                                       add=record.postings - old_terms, remove=old_terms - record.postings)
+                                       add=record.postings - old_terms, remove=old_terms - record.postings,
+                                       archive=(old_raw, cur) if old_raw is not None else None)
             except ConflictError:
                 continue  # the record changed meanwhile: redo from fresh reads
             return PutResult(record.id, version, status)
@@ -226,6 +277,8 @@ class PatientRepository:
             def remove_row(cur: int | None = cur) -> int:
                 if not self.engine.delete_at(addr, expected_version=cur):
                     raise RecordNotFoundError("no such record")
+                if cur:  # delete is erasure: the prior versions go too
+                    self.history.erase(addr.key.decode("utf-8"), cur - 1)
                 return 0
 
             try:
@@ -260,10 +313,12 @@ class PatientRepository:
         return cur, terms
 
     def _commit(self, who: str, op: str, addr: RowAddress, outcome: str, write: Callable[[], int], *,
-                add: frozenset[str] = frozenset(), remove: frozenset[str] = frozenset()) -> int:
-        """Atomically: ``write()`` the record row (a compare-and-set), add/remove its postings
-        and stage the audit entry; group-committed with concurrent writers. Returns what
-        ``write`` returned (the new version; 0 for a delete).
+                add: frozenset[str] = frozenset(), remove: frozenset[str] = frozenset(),
+                archive: tuple[bytes, int] | None = None) -> int:
+        """Atomically: ``write()`` the record row (a compare-and-set), keep the replaced
+        ``archive = (stored form, version)`` in the history, add/remove its postings and stage
+        the audit entry; group-committed with concurrent writers. Returns what ``write``
+        returned (the new version; 0 for a delete).
 
         Raises:
             ConflictError: the record's version changed (nothing written).
@@ -273,6 +328,8 @@ class PatientRepository:
 
         def unit() -> int:
             version = write()
+            if archive is not None:
+                self.history.archive(rid, archive[1], archive[0])
             self.index.remove(rid, sorted(remove))
             self.index.add(rid, sorted(add))
             if self.audit is not None:  # last: advances the chain
@@ -318,10 +375,13 @@ class PatientRepository:
     def search_hits(self, who: str, criteria: Mapping[str, str], *,
                     limit: int = MAX_PAGE) -> list[tuple[str, JSONObject, int]]:
         """As :meth:`search`, with each record's current version: ``(id, record, version)``.
+        Postings narrow the search (:func:`~safehold.records.tokens.native_term`); ``gender``
+        alone has none, so it scans (bounded by :data:`MAX_CANDIDATES`).
 
         Raises:
             InvalidRecordError: no criteria, or a field outside
                 :data:`~safehold.records.model.SEARCH_FIELDS`.
+            SearchTooCostlyError: a scan over more than :data:`MAX_CANDIDATES` records.
         """
         if not criteria:
             raise InvalidRecordError("search needs at least one field")
@@ -329,37 +389,81 @@ class PatientRepository:
         if bad:
             raise InvalidRecordError(f"cannot search on {bad}; searchable: {list(SEARCH_FIELDS)}")
         want = {(f, normalise(v)) for f, v in criteria.items()}
-        lookups = set()
-        for f, v in want:
-            if f == "identifier" and "|" in v:
-                lookups.add((f, v.rsplit("|", 1)[1]))
-            elif f in INDEXED_FIELDS:
-                lookups.add((f, v))
-        if not lookups:
-            raise InvalidRecordError(
-                f"search needs at least one of {list(INDEXED_FIELDS)} (gender only narrows a search)"
-            )
-        candidates: set[str] | None = None
-        for f, v in sorted(lookups):
-            ids = self.index.lookup(posting_term(f, v))
-            candidates = ids if candidates is None else candidates & ids
-            if not candidates:
-                break
-        out: list[tuple[str, dict[str, Any], int]] = []
+        terms = sorted({t for f, v in criteria.items() if (t := native_term(f, v)) is not None})
+        page = self.find(who, [[t] for t in terms] or None,
+                         lambda _rid, rec: want <= search_terms(rec), limit=limit, count=False)
+        return page.hits
+
+    def find(self, who: str, groups: Sequence[Iterable[str]] | None,
+             keep: Callable[[str, dict[str, Any]], bool], *, after: str | None = None,
+             limit: int = MAX_PAGE, count: bool = True,
+             max_candidates: int = MAX_CANDIDATES) -> FoundPage:
+        """Records posted under a term of every group (``groups=None``: every record, a scan),
+        re-checked by ``keep(id, record)`` after decryption: postings narrow, ``keep`` decides
+        (a stale posting cannot add a record). Audited: each hit, then the search.
+
+        Args:
+            groups: the terms (:mod:`safehold.records.tokens`): AND over groups, OR within one.
+            keep: the match rule on the decrypted record.
+            after: only ids greater than this (the last id of the previous page).
+            limit: page size (1..:data:`MAX_PAGE`).
+            count: count every match (``total``); False stops at the first match past the page.
+            max_candidates: refuse a search with more candidates than this.
+
+        Raises:
+            SearchTooCostlyError: more candidates than ``max_candidates``.
+            RecordTamperedError: a candidate row failed authentication (fail closed).
+        """
         limit = max(1, min(limit, MAX_PAGE))
-        for rid in sorted(candidates or ()):
-            if len(out) >= limit:
-                break
+        if groups is None:
+            candidates = self._all_ids(max_candidates)
+        else:
+            cand: set[str] | None = None
+            for group in groups:
+                ids: set[str] = set()
+                for term in sorted(set(group)):
+                    ids |= self.index.lookup(term)
+                cand = ids if cand is None else cand & ids
+                if not cand:
+                    break
+            candidates = cand or set()
+        if len(candidates) > max_candidates:
+            raise SearchTooCostlyError(f"search has {len(candidates)} candidates, more than "
+                                       f"{max_candidates}: add a more selective parameter")
+        hits: list[tuple[str, dict[str, Any], int]] = []
+        total, more = 0, False
+        for rid in sorted(candidates):
             addr = self.engine.address(self.ns, rid)
             try:
                 raw, version = self.engine.get_at(addr)
             except RecordNotFoundError:
-                continue  # stale index entry (superset by design)
+                continue  # stale posting (superset by design)
             rec = decode_stored(raw)
-            if want <= search_terms(rec):
-                out.append((rid, rec, version))
+            if not keep(rid, rec):
+                continue
+            total += 1
+            if after is not None and rid <= after:
+                continue
+            if len(hits) < limit:
+                hits.append((rid, rec, version))
                 self._audit(who, "search-hit", addr, "ok")
-        self._audit(who, "search", None, f"ok:{len(out)}")
+            else:
+                more = True
+                if not count:
+                    break
+        self._audit(who, "search", None, f"ok:{len(hits)}")
+        return FoundPage(hits, total if count else None, more)
+
+    def _all_ids(self, bound: int) -> set[str]:
+        """Every record id of the namespace (authenticated rows), at most ``bound`` + 1."""
+        out: set[str] = set()
+        after: bytes | None = None
+        while len(out) <= bound:
+            page = self.engine.list_page(self.ns, after=after, limit=MAX_PAGE, skip_tampered=True)
+            out.update(page.keys)
+            if page.next_after is None:
+                break
+            after = page.next_after
         return out
 
     def batch(self, who: str, items: Iterable[ValidRecord | RefusedItem]) -> list[JSONObject]:

@@ -40,6 +40,7 @@ log = logging.getLogger("safehold.records")
 _AAD = b"safehold/search/v1"
 PREFIX_LEN = 16
 _PAGE = 500
+_FIRST_PAGE = 16
 
 
 class PostingIndex:
@@ -89,8 +90,9 @@ class PostingIndex:
         p = self.prefix(term)
         out: set[str] = set()
         after = p
+        page = _FIRST_PAGE  # the store scans past the prefix: most terms have few rows
         while True:
-            rows = self.store.scan(self.ns, after=after, limit=_PAGE)
+            rows = self.store.scan(self.ns, after=after, limit=page)
             for row in rows:
                 if row.key[:PREFIX_LEN] != p:
                     return out
@@ -99,9 +101,10 @@ class PostingIndex:
                             .decode("utf-8"))
                 except (CryptoError, UnicodeDecodeError):
                     log.warning("search: posting row %s failed authentication; skipped", row.key.hex())
-            if len(rows) < _PAGE:
+            if len(rows) < page:
                 return out
             after = rows[-1].key
+            page = min(page * 4, _PAGE)
 
     def rekey(self, *, batch: int = 200) -> int:
         """Re-seal postings not under the keyset's primary key; returns how many. Resumable;

@@ -13,7 +13,8 @@ through attestation):
    role: the owner's ``access`` secret, every identity pinned). The broker refuses all of them
    if the measurement is not in the data owner's manifest.
 3. The encrypted engine is opened on the store (SQLite file by default, PostgreSQL by URL).
-4. Two HTTPS listeners open on one event loop: the native API and the SCONE-compatible API.
+4. Two HTTPS listeners open on one event loop: the native API (with FHIR R4 REST at
+   ``/fhir``) and the SCONE-compatible API.
    The TLS private key stays in memory (an :class:`ssl.SSLContext` built from bytes held only
    in this process; the temporary file the ``ssl`` module needs lives in a private directory
    and is removed at once).
@@ -57,7 +58,10 @@ from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
 from safehold.records.commit import GroupCommit
 from safehold.records.config import ServiceConfig
 from safehold.records.errors import BrokerIdentityError, NoKeysError
+from safehold.records.fhir.core import FhirStore
+from safehold.records.fhir.http import mount_fhir
 from safehold.records.http import create_native_app
+from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
 from safehold.records.scone_http import create_scone_app
 from safehold.store.base import Store
@@ -439,8 +443,10 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
     """Open the store and the repository and build ``(native_app, scone_app_or_None, store)``.
 
     A SQLite store is checked with ``PRAGMA quick_check`` first (reads every page once: about
-    a second per few hundred MB) and the audit log's authenticated head is checked
-    (:func:`check_audit_at_start`).
+    a second per few hundred MB), the audit log's authenticated head is checked
+    (:func:`check_audit_at_start`) and search postings written by older code are rebuilt
+    (:func:`~safehold.records.reindex.ensure_search_index`). The native app mounts FHIR R4 REST
+    at ``/fhir`` over the same repository plus one for the other resource types.
 
     Raises:
         StoreCorruptError: the SQLite file is corrupt (the service then exits with status 1).
@@ -486,7 +492,11 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
         ValueError: ``scone_auth`` is not one of the modes above.
     """
     repo = open_repository(store, keyset, encryption=encryption, audit=audit)
+    fhir = FhirStore.beside(repo)
+    for r in (repo, fhir.resources):  # postings of older code are rebuilt before serving
+        ensure_search_index(r)
     native = create_native_app(repo, access, health=lambda: store_healthy(store, repo.audit))
+    native = mount_fhir(native, fhir)
     scone = create_scone_app(repo, access, auth=scone_auth) if scone_auth is not None else None
     return native, scone, repo
 

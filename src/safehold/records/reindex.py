@@ -1,0 +1,82 @@
+"""The format of the search postings, and rebuilding them when the format changes.
+
+The posting terms (:mod:`safehold.records.tokens`) changed from whole normalised values
+(format 1) to folded values, prefixes, date levels and references (format 2). A store written
+by older code holds format-1 postings, which the new search cannot use: :func:`ensure_search_index`
+(called when the service opens its repositories, before it serves) finds the format marker —
+an engine record ``search-index-format`` in namespace ``<namespace>.meta``, encrypted like every
+record — and when it is missing or older, drops every posting row of the namespace and posts
+every record again, then writes the marker. Interrupted, it starts over at the next start.
+
+Run the first start after an upgrade with one replica: a replica of the old code writing
+meanwhile would add format-1 postings that nothing removes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from safehold.errors import RecordNotFoundError, RecordTamperedError
+from safehold.records.model import decode_stored, postings
+from safehold.records.repository import MAX_PAGE, PatientRepository
+
+__all__ = ["INDEX_FORMAT", "ensure_search_index"]
+
+#: The current posting format (see the module docstring).
+INDEX_FORMAT = b"safehold/search-index/2"
+_MARKER = "search-index-format"
+_BATCH = 200
+log = logging.getLogger("safehold.records")
+
+
+def ensure_search_index(repo: PatientRepository) -> int:
+    """Rebuild ``repo``'s postings if they are not in :data:`INDEX_FORMAT`; returns the number
+    of records posted (0 when the format was current). Every write goes through the
+    repository's group committer.
+
+    Raises:
+        StoreUnavailableError: as the store (the marker is then not written: the next start
+            rebuilds again).
+    """
+    meta_ns = f"{repo.ns}.meta"
+    engine, index = repo.engine, repo.index
+    try:
+        if engine.get(meta_ns, _MARKER)[0] == INDEX_FORMAT:
+            return 0
+    except (RecordNotFoundError, RecordTamperedError):
+        pass  # no marker (older code or a new store), or a damaged one: rebuild
+    store = engine.store
+
+    def drop_some() -> int:
+        rows = store.scan(index.ns, limit=MAX_PAGE)
+        for row in rows:
+            store.delete(index.ns, row.key)
+        return len(rows)
+
+    while repo.committer.run(drop_some) == MAX_PAGE:
+        pass
+    posted = 0
+    after: bytes | None = None
+    while True:
+        page = engine.list_page(repo.ns, after=after, limit=_BATCH, skip_tampered=True)
+        todo = []
+        for rid in page.keys:
+            try:
+                todo.append((rid, postings(decode_stored(engine.get(repo.ns, rid)[0]))))
+            except (RecordNotFoundError, RecordTamperedError):
+                continue  # gone meanwhile, or refused on every read anyway
+
+        def post(todo: list[tuple[str, frozenset[str]]] = todo) -> None:
+            for rid, terms in todo:
+                index.add(rid, sorted(terms))
+
+        repo.committer.run(post)
+        posted += len(todo)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    repo.committer.run(lambda: engine.put(meta_ns, _MARKER, INDEX_FORMAT))
+    if posted:
+        log.info("search index of %r rebuilt in format %s: %d records", repo.ns,
+                 INDEX_FORMAT.decode(), posted)
+    return posted

@@ -1,0 +1,154 @@
+"""Search tokens (records/tokens.py): folding, prefixes, the date tree and its range covers, the
+token budget, and rebuilding postings written in the older format (records/reindex.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from datetime import date
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safehold.crypto.keyset import Keyset
+from safehold.records.access_audit import AccessAuditLog
+from safehold.records.commit import GroupCommit
+from safehold.records.model import parse_record
+from safehold.records.reindex import INDEX_FORMAT, ensure_search_index
+from safehold.records.repository import PatientRepository
+from safehold.records.tokens import (
+    MAX_PREFIX,
+    MIN_PREFIX,
+    TOKEN_BUDGET,
+    date_cover,
+    date_range,
+    date_tokens,
+    fold,
+    native_term,
+    prefix_matches,
+    record_tokens,
+    string_tokens,
+)
+from safehold.store import open_store
+from tests.support.shared import SHARED
+from tests.support.shared import need_shared as need
+
+BUNDLES = SHARED / "data" / "synthea-fhir-r4-bundles-google-fhir-data-pipes"
+HL7 = SHARED / "data" / "hl7-fhir-r4-patient-examples"
+
+
+@pytest.mark.parametrize(("raw", "folded"), [
+    ("Königsstein", "konigsstein"), ("STRASSE", "strasse"), ("Straße", "strasse"),
+    ("Øresund", "oresund"), ("Łódź", "lodz"), ("Æbeltoft", "aebeltoft"),
+    ("  van  de\tHeuvel ", "van de heuvel"),
+    ("ﬁnn", "finn"), ("İpek", "ipek"), ("Dvořák", "dvorak"), ("张无忌", "张无忌"), ("Ǆuro", "dzuro"),
+])
+def test_fold(raw, folded):
+    assert fold(raw) == folded
+
+
+def test_prefix_terms_and_matching():
+    whole, prefixes = string_tokens("family", "Graf Freiherr von Schaumberg")
+    assert whole == ["family=graf freiherr von schaumberg"]
+    assert "family^schaumbe" in prefixes and "family^von s" in prefixes and "family^fr" in prefixes
+    assert all(MIN_PREFIX <= len(p.split("^", 1)[1]) <= MAX_PREFIX for p in prefixes)
+    assert not any(p.endswith(" ") for p in prefixes)
+    # umlauts also get the German spelling
+    whole, prefixes = string_tokens("family", "Müller")
+    assert set(whole) == {"family=muller", "family=mueller"} and "family^muel" in prefixes
+    assert prefix_matches("schaumberg", "Graf Freiherr von Schaumberg")
+    assert prefix_matches("von sch", "Graf Freiherr von Schaumberg")
+    assert not prefix_matches("aumberg", "Graf Freiherr von Schaumberg")  # not a word start
+    assert prefix_matches("strasse", "Müller-Straße") and prefix_matches("mueller", "Müller-Straße")
+
+
+def test_budget_keeps_identifiers_whole_values_and_dates_first():
+    word = ["".join(random.Random(i).choices(string.ascii_lowercase, k=10)) for i in range(80)]
+    names = [{"family": word[i], "given": [word[40 + i]]} for i in range(40)]
+    rec = {"resourceType": "Patient", "name": names, "birthDate": "1970-01-01",
+           "identifier": [{"value": "ID-1"}]}
+    toks = record_tokens(rec)
+    assert len(toks) == TOKEN_BUDGET
+    assert "identifier=id-1" in toks and "birthdate@19700101" in toks
+    assert all(f"family={word[i]}" in toks and f"given={word[40 + i]}" in toks for i in range(40))
+    assert sum("^" in t for t in toks) == TOKEN_BUDGET - 1 - 80 - 7  # only prefixes were cut
+    # real data stays far under the budget
+    need(HL7)
+    for f in HL7.glob("Patient-*.json"):
+        assert len(record_tokens(json.loads(f.read_bytes()), budget=10**6)) < TOKEN_BUDGET / 3
+
+
+def test_date_tokens_and_native_terms():
+    assert date_tokens("birthdate", "1974-12-25") == [
+        "birthdate<1", "birthdate<19", "birthdate<197", "birthdate<1974", "birthdate<197412",
+        "birthdate<19741225", "birthdate@19741225"]
+    assert date_tokens("birthdate", "1974") == ["birthdate<1", "birthdate<19", "birthdate<197",
+                                                "birthdate<1974", "birthdate@1974"]
+    assert date_tokens("birthdate", "1974-02-30") == [] and date_tokens("birthdate", "1974-12-25 ") == []
+    assert date_tokens("birthdate", "0000") == []
+    assert native_term("birthDate", "1974-12-25") == "birthdate@19741225"
+    assert native_term("birthDate", "12/25/1974") == "birthDate=12/25/1974"
+    assert native_term("family", "KÖNIG") == "family=konig"
+    assert native_term("gender", "male") is None
+
+
+_dates = st.dates(min_value=date(1, 1, 1), max_value=date(9999, 12, 31))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_dates, _dates, st.lists(_dates, min_size=1, max_size=20),
+       st.sampled_from(["day", "month", "year"]))
+def test_date_cover_finds_exactly_the_overlapping_dates(a, b, targets, precision):
+    """Every stored date whose range overlaps [lo, hi] has a term in the cover; none that does
+    not overlap has a membership term in it (precision terms of partly covered years/months are
+    the only superset)."""
+    lo, hi = sorted((a.toordinal(), b.toordinal()))
+    cover = set(date_cover("bd", lo, hi))
+    assert len(cover) <= 160
+    for t in targets:
+        value = {"day": t.isoformat(), "month": t.isoformat()[:7], "year": t.isoformat()[:4]}[precision]
+        t0, t1 = date_range(value)
+        overlaps = t0 <= hi and t1 >= lo
+        hit = bool(cover & set(date_tokens("bd", value)))
+        assert hit == overlaps, (value, lo, hi)
+
+
+def test_reindex_rebuilds_postings_of_the_older_format(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    c = GroupCommit(store)
+    repo = PatientRepository(store, Keyset.generate(), committer=c, audit=AccessAuditLog(store, c))
+    try:
+        pats = [{"resourceType": "Patient", "name": [{"family": f, "given": ["Ann"]}], "birthDate": "1970"}
+                for f in ("Königsstein", "Schaumberg", "Meyer")]
+        for i, p in enumerate(pats):
+            repo.put("t", parse_record(f"p{i}", p))
+        assert ensure_search_index(repo) == 3  # no marker yet: rebuilt once
+        assert ensure_search_index(repo) == 0  # then current
+        # simulate a store written by the older code: format-1 postings only, no marker
+        c.run(lambda: [store.delete(repo.index.ns, r.key) for r in store.scan(repo.index.ns, limit=10_000)])
+        c.run(lambda: repo.engine.delete(f"{repo.ns}.meta", "search-index-format"))
+        c.run(lambda: repo.index.add("p0", ["family=königsstein"]))  # an old whole-value term
+        old_rows = store.scan(repo.index.ns, limit=10_000)
+        assert len(old_rows) == 1
+        assert repo.find("t", [["family^konigss"]], lambda _r, _x: True).hits == []
+        assert ensure_search_index(repo) == 3
+        rows = {r.key for r in store.scan(repo.index.ns, limit=10_000)}
+        assert old_rows[0].key not in rows  # the old term is gone, not left to leak
+        assert [h[0] for h in repo.find("t", [["family^konigss"]], lambda _r, _x: True).hits] == ["p0"]
+        assert repo.engine.get(f"{repo.ns}.meta", "search-index-format")[0] == INDEX_FORMAT
+    finally:
+        store.close()
+
+
+def test_token_counts_of_the_shared_data_for_the_docs():
+    """The figures docs/search-leakage.md quotes (terms per Patient of the shared sample)."""
+    need(BUNDLES)
+    recs = [e["resource"] for f in BUNDLES.glob("*.json") for e in json.loads(f.read_bytes())["entry"]
+            if e["resource"]["resourceType"] == "Patient"]
+    counts = sorted(len(record_tokens(r)) for r in recs)
+    assert 15 <= counts[len(counts) // 2] <= 40 and counts[-1] < TOKEN_BUDGET
+    rnd = random.Random(7)
+    assert len(record_tokens(rnd.choice(recs))) > len({t for t in record_tokens(rnd.choice(recs))
+                                                       if "^" not in t}) > 5
