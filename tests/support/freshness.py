@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -130,7 +131,7 @@ def sqlite_copy(src: Path, dst: Path) -> None:
         p = Path(str(dst) + suffix)
         if p.exists():
             p.unlink()
-    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+    with closing(sqlite3.connect(src)) as a, closing(sqlite3.connect(dst)) as b:
         a.backup(b)
 
 
@@ -141,3 +142,95 @@ def restore_file(backup: Path, live: Path) -> None:
         if p.exists():
             os.unlink(p)
     shutil.copyfile(backup, live)
+
+
+class Engine:
+    """One database engine under test, with the operator's powers: SQL on the rows table,
+    backups and restores (of the rows, not through the service)."""
+
+    name = ""
+
+    def open(self):  # noqa: ANN201 - a Store
+        raise NotImplementedError
+
+    def sql(self, stmt: str, params: tuple = ()) -> None:
+        """Run one statement on the database directly (``?`` placeholders on both engines)."""
+        raise NotImplementedError
+
+    def backup(self) -> str:
+        """Copy the store now; returns a token for :meth:`restore`."""
+        raise NotImplementedError
+
+    def restore(self, token: str) -> None:
+        """Put a backup's rows back (works with the service running or stopped)."""
+        raise NotImplementedError
+
+
+class SqliteEngine(Engine):
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._n = 0
+
+    def open(self):  # noqa: ANN201
+        from safehold.store.sqlite import SqliteStore
+
+        return SqliteStore(self.path)
+
+    def sql(self, stmt: str, params: tuple = ()) -> None:
+        with closing(sqlite3.connect(self.path, timeout=10)) as c, c:
+            c.execute(stmt, params)
+
+    def backup(self) -> str:
+        self._n += 1
+        dst = self.path.with_name(f"{self.path.stem}.backup{self._n}.db")
+        sqlite_copy(self.path, dst)
+        return str(dst)
+
+    def restore(self, token: str) -> None:
+        with closing(sqlite3.connect(self.path, timeout=10)) as c:
+            c.execute("ATTACH DATABASE ? AS bk", (token,))
+            with c:
+                c.execute("DELETE FROM main.safehold_rows")
+                c.execute("INSERT INTO main.safehold_rows SELECT * FROM bk.safehold_rows")
+
+    def restore_file(self, token: str) -> None:
+        """Copy the backup file over the store file (the store must be closed)."""
+        restore_file(Path(token), self.path)
+
+
+class PostgresEngine(Engine):
+    name = "postgres"
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn, self.schema = dsn, schema
+        self._n = 0
+
+    def open(self):  # noqa: ANN201
+        from safehold.store.postgres import PostgresStore
+
+        return PostgresStore(self.dsn, schema=self.schema, max_size=4, application_name="fresh-test")
+
+    def sql(self, stmt: str, params: tuple = ()) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as c:
+            c.execute(f'SET search_path TO "{self.schema}"')
+            c.execute(stmt.replace("?", "%s"), params)
+
+    def backup(self) -> str:
+        self._n += 1
+        name = f"bk{self._n}"
+        self.sql(f"CREATE TABLE {name} AS SELECT * FROM safehold_rows")
+        return name
+
+    def restore(self, token: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn) as c, c.transaction():
+            c.execute(f'SET LOCAL search_path TO "{self.schema}"')
+            c.execute("DELETE FROM safehold_rows")
+            c.execute(f"INSERT INTO safehold_rows SELECT * FROM {token}")
+
+    restore_file = restore
