@@ -19,6 +19,7 @@ anchor does not answer (no majority)    :class:`AnchorUnavailableError` (retry: 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["Rebuilt", "check_ledger", "compare_with_anchor", "proposal", "reanchor", "rebuild",
            "statement_for"]
 
+log = logging.getLogger("safehold.freshness")
 _LEDGER_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
 
@@ -180,7 +182,11 @@ def compare_with_anchor(fs: FreshStore) -> None:
         fs.problem = e
         return
     except AnchorLostError as e:
-        fs.fail(AnchorLostError(f"{where}, but {e}", ledger=led, store_epoch=db.epoch), fatal=False)
+        if db.epoch == 0:
+            fs.fail(LedgerUninitialisedError(f"{where}: a new store; the data owner must initialise the "
+                                             f"ledger ({e})", ledger=led, store_epoch=0), fatal=False)
+        else:
+            fs.fail(AnchorLostError(f"{where}, but {e}", ledger=led, store_epoch=db.epoch), fatal=False)
         return
     except AnchorConflictError as e:
         fs.fail(StoreForkedError(f"{where}: {e}", ledger=led, store_epoch=db.epoch), fatal=False)
@@ -221,6 +227,9 @@ def compare_with_anchor(fs: FreshStore) -> None:
                                  anchor_epoch=a.epoch), fatal=False)
         return
     fs.state.anchor(head)
+    fs.rolled_forward = db.epoch - a.epoch
+    log.warning("ledger %r: rolled forward %d entr(y/ies) stored but not anchored before a crash "
+                "(epoch %d -> %d)", led, db.epoch - a.epoch, a.epoch, db.epoch)
     fs.problem = None
 
 

@@ -101,6 +101,7 @@ class FreshStore(Store):
         self.commit_lock = threading.Lock()
         self.fatal = threading.Event()
         self.doubt: Any = None
+        self.rolled_forward = 0
         self._local = _Local()
         self._closed = False
         rebuilt = recovery.rebuild(self)
@@ -131,15 +132,16 @@ class FreshStore(Store):
                 self.state.cond.notify_all()
 
     def status(self) -> dict[str, Any]:
-        """``{ledger, serving, problem, committed_epoch, anchored_epoch, unanchored, rows,
-        map_bytes}`` for health endpoints."""
+        """``{ledger, serving, problem, committed_epoch, anchored_epoch, unanchored,
+        rolled_forward, rows, map_bytes}`` for health endpoints."""
         st = self.state
         with st.lock:
             rows = {ns: st.vmap.rows(ns) for ns in st.vmap.namespaces()}
             return {"ledger": self.ledger, "serving": self.problem is None,
                     "problem": None if self.problem is None else str(self.problem),
                     "committed_epoch": st.committed.epoch, "anchored_epoch": st.anchored.epoch,
-                    "unanchored": st.unanchored(), "rows": rows, "map_bytes": st.vmap.nbytes()}
+                    "unanchored": st.unanchored(), "rolled_forward": self.rolled_forward,
+                    "rows": rows, "map_bytes": st.vmap.nbytes()}
 
     def recover(self) -> None:
         """Retry the start-up comparison with the anchor (after AnchorUnavailableError)."""
