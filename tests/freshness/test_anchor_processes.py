@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 
 from safehold.freshness.anchor.base import AnchorHead
-from safehold.freshness.anchor.statements import AnchorCheckpoint, OwnerStatement, sign_owner_statement, \
-    verify_endorsement, verify_head_signatures
+from safehold.freshness.anchor.statements import (
+    AnchorCheckpoint,
+    OwnerStatement,
+    sign_owner_statement,
+    verify_endorsement,
+    verify_head_signatures,
+)
 from safehold.freshness.errors import (
     AnchorConflictError,
     AnchorLostError,
@@ -127,7 +132,8 @@ def test_clients_are_authenticated_and_members_attested(cluster, tmp_path):
     with pytest.raises(AnchorConflictError, match="may not write ledger 'records'"):
         broker.advance("records", head, nxt)
     st = sign_owner_statement(OwnerStatement("reanchor", "records", 0, b"\x00" * 32,
-                                             tuple(m.member for m in broker.members())), cluster.owner.private_pem())
+                                             tuple(m.member for m in broker.members())),
+                              cluster.owner.private_pem())
     with pytest.raises(OwnerStatementError):
         broker.initialise(st)
     from safehold.broker.ca import WorkloadCA

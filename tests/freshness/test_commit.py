@@ -142,7 +142,7 @@ def test_snapshot_gc_and_rebuild(engine, anchor):
         fs.put(NS, k(i), b"w", expected_version=1)
     assert fs.snapshotter.run()
     rows = journal(fs)
-    assert len(rows) == 1 and b"" != list(fs.inner.scan_all(SNAP_NS))[0].value  # only the reference entry
+    assert len(rows) == 1 and list(fs.inner.scan_all(SNAP_NS))[0].value != b""  # only the reference entry
     fs.put(NS, k(1), b"x", expected_version=2)
     fs.close()
     fs = open_fresh(engine.open(), anchor)

@@ -51,7 +51,8 @@ def _job(engine, cluster: AnchorCluster, ident: ClientIdentity, start: int) -> d
 
 
 def _terminate_writer_sessions(engine) -> None:
-    engine.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fresh-writer'")
+    engine.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               "WHERE application_name = 'fresh-writer'")
 
 
 def _verify(engine, quorum, acked: set[int]) -> tuple[int, int]:
@@ -92,8 +93,8 @@ def test_kill_at_many_points(crash_engine, tmp_path, package):
             delay = 0.01 + rnd.random() * 0.4
             member = run % 3 if run % 4 == 1 else None
             pg_kill = crash_engine.name == "postgres" and run % 4 == 3
-            proc = subprocess.Popen([sys.executable, str(WRITER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen([sys.executable, str(WRITER)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             proc.stdin.write(json.dumps(_job(crash_engine, cluster, ident, nxt)))
             proc.stdin.close()
             lines: list[str] = []

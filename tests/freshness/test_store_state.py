@@ -9,8 +9,11 @@ import json
 import pytest
 
 from safehold.freshness.anchor.core import MemberCore
-from safehold.freshness.anchor.statements import AnchorCheckpoint, check_against_checkpoint, \
-    sign_owner_statement
+from safehold.freshness.anchor.statements import (
+    AnchorCheckpoint,
+    check_against_checkpoint,
+    sign_owner_statement,
+)
 from safehold.freshness.errors import (
     AnchorLostError,
     AnchorUnavailableError,
@@ -106,7 +109,8 @@ def test_fork_two_copies_one_anchor(engine, anchor, tmp_path):
         import psycopg
 
         with psycopg.connect(engine.dsn) as c:
-            rows = c.execute(f'SELECT namespace, key, version, value FROM "{engine.schema}".{token}').fetchall()
+            q = f'SELECT namespace, key, version, value FROM "{engine.schema}".{token}'
+            rows = c.execute(q).fetchall()
         other.open().close()
         for r in rows:
             other.sql("INSERT INTO safehold_rows VALUES (?, ?, ?, ?)", tuple(r))

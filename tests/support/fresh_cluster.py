@@ -54,4 +54,5 @@ class AnchorCluster(LocalAnchor):
             except Exception:  # noqa: BLE001 - not enough members up yet
                 pass
             time.sleep(0.1)
-        raise AssertionError(f"fewer than {want} members ready: {[self.log(i)[-500:] for i in range(self.n)]}")
+        logs = [self.log(i)[-500:] for i in range(self.n)]
+        raise AssertionError(f"fewer than {want} members ready: {logs}")

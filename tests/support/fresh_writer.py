@@ -38,7 +38,8 @@ def main() -> int:
 
         inner = PostgresStore(job["dsn"], schema=job["schema"], application_name="fresh-writer", max_size=2)
     anchor = QuorumAnchor(job["members"], Verifier(AppraisalPolicy.from_toml(job["policy"])),
-                          client_cert_pem=job["cert"].encode(), client_key_pem=job["key"].encode(), timeout=2.0)
+                          client_cert_pem=job["cert"].encode(), client_key_pem=job["key"].encode(),
+                          timeout=2.0)
     fs = FreshStore(inner, ledger="records", mac_key=bytes.fromhex(job["mac_key"]), anchor=anchor,
                     policy=NamespacePolicy({"*.search": 16}))
     fs.check()

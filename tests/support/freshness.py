@@ -17,8 +17,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from safehold.freshness.anchor.base import AnchorHead, MemberInfo, MemberReply, combine_advance, \
-    combine_head, combine_owner
+from safehold.freshness.anchor.base import (
+    AnchorHead,
+    MemberInfo,
+    MemberReply,
+    combine_advance,
+    combine_head,
+    combine_owner,
+)
 from safehold.freshness.anchor.core import MemberCore
 from safehold.freshness.anchor.statements import SignedOwnerStatement, sign_owner_statement
 from safehold.freshness.errors import AnchorUnavailableError
@@ -94,8 +100,8 @@ class InProcessAnchor:
         return combine_head(ledger, self._each(lambda c: c.read(ledger)), self.n)
 
     def advance(self, ledger: str, prev: AnchorHead, new: AnchorHead) -> AnchorHead:
-        return combine_advance(ledger, new, self._each(lambda c: c.advance(ledger, prev, new, client=self.client)),
-                               self.n)
+        replies = self._each(lambda c: c.advance(ledger, prev, new, client=self.client))
+        return combine_advance(ledger, new, replies, self.n)
 
     def initialise(self, statement: SignedOwnerStatement) -> AnchorHead:
         st = statement.statement

@@ -92,7 +92,8 @@ def page_error(ns: str, found: Sequence[PageRow], expected: Sequence[PageRow], *
     return RowRestoredError(ns, fk, "no row (deleted or never written)", _words((fv, fl)), "in a scan")
 
 
-def group_error(ns: str, prefix: bytes, found: tuple[int, int], expected: tuple[int, int]) -> PostingsStaleError:
+def group_error(ns: str, prefix: bytes, found: tuple[int, int],
+                expected: tuple[int, int]) -> PostingsStaleError:
     """The finding for a posting group that matched no candidate."""
     def words(s: tuple[int, int]) -> str:
         return f"{s[0]} posting(s) (multiset hash {s[1]:032x})"

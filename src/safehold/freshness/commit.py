@@ -149,7 +149,8 @@ class FreshTx(StoreOps):
                 raise self._refuse(ns, key, (expected_version, b"?"), known)
         elif not versions:
             if ops.delete(ns, key):
-                raise RowRestoredError(ns, key, "no row (deleted or never written)", "a row (deleting it now)")
+                raise RowRestoredError(ns, key, "no row (deleted or never written)",
+                                       "a row (deleting it now)")
             return False
         else:
             for i, v in enumerate(versions):
@@ -280,8 +281,9 @@ def _settle_doubt(fs: FreshStore) -> None:
 class Anchorer:
     """The thread that advances the anchor to the newest committed entry.
 
-    One advance at a time; commits that arrive meanwhile are covered by the next advance (group
-    commit towards the anchor). After an AnchorUnavailableError it retries the *same* target
+    One advance at a time; commits that arrive meanwhile are covered by the next advance, and
+    before advancing it waits up to ``interval`` seconds while a commit is running (group commit
+    towards the anchor). After an AnchorUnavailableError it retries the *same* target
     first (members that already took it accept it again), with backoff; a conflict or a lost
     ledger is fatal (the store stops serving).
     """
@@ -297,6 +299,7 @@ class Anchorer:
         self._thread = threading.Thread(target=self._run, name=f"safehold-anchor-{store.ledger}", daemon=True)
         self._last = 0.0
         self.on_anchored: list[Any] = []
+        self.busy: list[Any] = []
 
     def start(self) -> None:
         """Start the thread."""
@@ -366,6 +369,14 @@ class Anchorer:
                 hook(head)
         return st.committed.epoch <= head.epoch
 
+    def _gather(self) -> None:
+        """Group commit towards the anchor: while a commit is running or writers are queued
+        (``busy`` hooks, e.g. :class:`~safehold.freshness.group.FreshGroupCommit`), wait up to
+        ``interval`` so that one advance covers them too (fewer, fuller round trips)."""
+        deadline = time.monotonic() + self.interval
+        while time.monotonic() < deadline and (self._fs.commit_lock.locked() or any(b() for b in self.busy)):
+            time.sleep(0.0002)
+
     def _run(self) -> None:
         backoff = 0.0
         while not self._stop.is_set():
@@ -375,9 +386,7 @@ class Anchorer:
                 continue
             st = self._fs.state
             while st.committed.epoch > st.anchored.epoch and not self._stop.is_set():
-                pause = self.interval - (time.monotonic() - self._last)
-                if pause > 0:
-                    time.sleep(pause)
+                self._gather()
                 if not self.advance():
                     backoff = min(max(backoff * 2, 0.05), 1.0)
                     break

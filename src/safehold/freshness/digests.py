@@ -74,20 +74,28 @@ class FreshKeys:
         self._mac_key = derive_key(mk, purpose="freshness/journal-mac")
         # fingerprint lets a start-up say "journal written under another key" instead of "MAC bad"
         self.fingerprint = hashlib.sha256(b"safehold/freshness/key-id/v1\x00" + self._mac_key).digest()[:8]
+        self._ns: dict[str, bytes] = {}
+
+    def _ns_prefix(self, namespace: str) -> bytes:
+        p = self._ns.get(namespace)
+        if p is None:
+            ns = namespace.encode("ascii")
+            p = bytes((len(ns),)) + ns
+            if len(self._ns) < 10_000:
+                self._ns[namespace] = p
+        return p
 
     def leaf(self, namespace: str, key: bytes, version: int, value: bytes) -> bytes:
         """The 16-byte leaf of one row state."""
         h = self._leaf.copy()
-        ns = namespace.encode("ascii")
-        h.update(bytes((len(ns),)) + ns + bytes((len(key),)) + key + _U64.pack(version))
+        h.update(self._ns_prefix(namespace) + bytes((len(key),)) + key + _U64.pack(version))
         h.update(value)
         return h.digest()
 
     def posting(self, namespace: str, key: bytes, version: int) -> int:
         """The multiset-hash element of one posting row (an integer below :data:`MSH_MOD`)."""
         h = self._post.copy()
-        ns = namespace.encode("ascii")
-        h.update(bytes((len(ns),)) + ns + bytes((len(key),)) + key + _U64.pack(version))
+        h.update(self._ns_prefix(namespace) + bytes((len(key),)) + key + _U64.pack(version))
         return int.from_bytes(h.digest(), "big")
 
     def mac(self, body: bytes) -> bytes:

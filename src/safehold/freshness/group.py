@@ -46,6 +46,8 @@ class FreshGroupCommit:
         self._cond = threading.Condition()
         self._pending: list[tuple[_Unit, Future[tuple[Any, int]]]] = []
         self._thread: threading.Thread | None = None
+        self._working = False
+        store.anchorer.busy.append(lambda: self._working or bool(self._pending))
 
     def on_abort(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` after every failed commit."""
@@ -81,11 +83,14 @@ class FreshGroupCommit:
                         self._thread = None
                         return
                 batch, self._pending = self._pending, []
-            outcomes: list[tuple[bool, Any]] = [(False, RuntimeError("group commit did not run"))] * len(batch)
+                self._working = True
+            outcomes: list[tuple[bool, Any]] = [(False, RuntimeError("group commit did not run"))
+                                                ] * len(batch)
             ticket = 0
             try:
                 outcomes, ticket = self._commit([u for u, _ in batch])
             finally:
+                self._working = False
                 for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
                     if ok:
                         fut.set_result((value, ticket))

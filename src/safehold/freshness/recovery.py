@@ -112,7 +112,8 @@ def _replay(fs: FreshStore) -> Rebuilt:
     if epochs != list(range(first, last + 1)):
         gap = next(e for i, e in enumerate(range(first, last + 1)) if epochs[i] != e)
         raise JournalCorruptError(f"ledger {fs.ledger!r}: journal entry {gap} is missing (entries "
-                                  f"{first}..{last} expected without gaps)", ledger=fs.ledger, store_epoch=gap)
+                                  f"{first}..{last} expected without gaps)", ledger=fs.ledger,
+                                  store_epoch=gap)
     pending: list[tuple[Entry, bytes]] = []
     vmap: VerifierMap | None = None
     digests: dict[int, bytes] = {}

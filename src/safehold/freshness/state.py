@@ -123,16 +123,24 @@ class LedgerState:
             self._tentative = None
 
     def finish_commit(self, head: AnchorHead, changes: list[Change]) -> None:
-        """The COMMIT succeeded: apply to the map; its keys are unanchored until :meth:`anchor`."""
+        """The COMMIT succeeded: apply to the map; its keys are unanchored until :meth:`anchor`.
+
+        The keys are marked unanchored *before* the map changes, so a lock-free reader that
+        sees a new map value also sees the mark (:meth:`fast_point`).
+        """
         with self.cond:
             t = self._tentative
-            self.vmap.apply(changes)
             pts = list(t.points) if t else []
             grs = list(t.groups) if t else []
             for k in pts:
                 self._up[k] = head.epoch
             for k in grs:
                 self._ug[k] = head.epoch
+            if t is not None:  # the group deltas were computed when the commit began
+                self.vmap.apply(c for c in changes if c.kind == POINT)
+                self.vmap.apply_deltas(t.groups)
+            else:
+                self.vmap.apply(changes)
             self._pending.append((head.epoch, pts, grs))
             self.committed = head
             self._tentative = None
@@ -159,6 +167,17 @@ class LedgerState:
         return self.committed.epoch - self.anchored.epoch
 
     # -- candidates ---------------------------------------------------------------------------
+
+    def fast_point(self, ns: str, key: bytes) -> Point | bool:
+        """Lock-free: the row's settled state, or False when it is being committed or is not
+        anchored (then the caller takes the locked path). The map is read before the marks."""
+        exp = self.vmap.point(ns, key)
+        if (ns, key) in self._up:
+            return False
+        t = self._tentative
+        if t is not None and (ns, key) in t.points:
+            return False
+        return exp
 
     def point_candidates(self, ns: str, key: bytes, own: TxChanges | None) -> list[tuple[Point, int]]:
         """Acceptable states of one point row with the epoch to wait for."""
@@ -194,7 +213,8 @@ class LedgerState:
                         if n == ns and (after is None or k > after) and (hi is None or k <= hi)), default=0)
         return [(p, max(w, wait)) for p, w in out]
 
-    def group_candidates(self, ns: str, prefix: bytes, own: TxChanges | None) -> list[tuple[tuple[int, int], int]]:
+    def group_candidates(self, ns: str, prefix: bytes,
+                         own: TxChanges | None) -> list[tuple[tuple[int, int], int]]:
         """Acceptable (count, hash) of a posting group with the epoch to wait for."""
         mine = (0, 0)
         if own is not None:

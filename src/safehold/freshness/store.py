@@ -104,6 +104,8 @@ class FreshStore(Store):
         self.rolled_forward = 0
         self._local = _Local()
         self._closed = False
+        self._names: set[str] = set()
+        self._kinds: dict[str, tuple[int, int]] = {}
         rebuilt = recovery.rebuild(self)
         self.state = LedgerState(rebuilt.vmap, rebuilt.head, AnchorHead(0, b""))
         self.history = rebuilt
@@ -182,10 +184,20 @@ class FreshStore(Store):
 
     def _guard(self, namespace: object) -> str:
         self.live()
+        if namespace in self._names:
+            return namespace
         ns = check_namespace(namespace)
         if ns.startswith(RESERVED_PREFIX):
             raise ValueError(f"namespace {ns!r} is reserved for the freshness journal")
+        if len(self._names) < 10_000:
+            self._names.add(ns)
         return ns
+
+    def _kind(self, ns: str) -> tuple[int, int]:
+        k = self._kinds.get(ns)
+        if k is None:
+            k = self._kinds[ns] = self.state.vmap.kind(ns)
+        return k
 
     def _ops(self) -> StoreOps:
         stack = self._local.stack
@@ -248,10 +260,16 @@ class FreshStore(Store):
             StoreStateError subclasses: the store is not being served (see :meth:`check`).
         """
         ns, key = self._guard(namespace), check_key(key)
-        kind, plen = self.state.vmap.kind(ns)
+        kind, plen = self._kind(ns)
         if kind == POSTINGS:
             return next((r for r in self.scan_prefix(ns, key[:plen]) if r.key == key), None)
         own, ops, keys = self.own(), self._ops(), self.keys
+        if own is None:  # the common case: lock-free comparison with the settled map state
+            got = ops.get(ns, key)
+            exp = self.state.fast_point(ns, key)
+            if exp is not False and exp == (None if got is None else
+                                            (got.version, keys.leaf(ns, key, got.version, got.value))):
+                return got
         row: Row | None = self._verified(
             lambda: ops.get(ns, key), lambda r: check.point_state(keys, ns, r),
             lambda: self.state.point_candidates(ns, key, own),

@@ -1,35 +1,98 @@
 """A compact sorted map ``key bytes (1..64) -> (int64, 16 bytes)`` for the verifier map.
 
-Layout: sorted numpy base arrays plus a small dict overlay of recent changes, merged into the
-base when the overlay grows (an O(n + m) merge, no re-sort):
+Layout: an immutable sorted *base* plus a small dict *overlay* of recent changes, merged into a
+new base when the overlay grows (an O(n + m) numpy merge, no re-sort). The base holds per row:
 
-* ``keys``: one fixed-width field per row, ``key`` zero-padded to the table width ``w`` and
-  followed by one length byte. Comparing these fields bytewise (numpy sorts void fields with
-  ``memcmp``) orders the keys exactly as the store does (unsigned bytewise, a proper prefix
-  first), so range queries agree with the store's ``scan``.
-* ``nums``: int64 (a row version, or a posting group's count).
-* ``tags``: 16 bytes (a row leaf, or a posting group's multiset hash).
+* ``keys``: one fixed-width field, ``key`` zero-padded to the table width ``w`` and followed by
+  one length byte. These fields compare bytewise in exactly the store's key order (unsigned
+  bytes, a proper prefix first), so range queries agree with the store's ``scan``;
+* ``pref``: the first 8 bytes of the field as an unsigned integer (``array('Q')``), searched with
+  :func:`bisect.bisect_left` entirely in C (~1 µs per lookup at a million rows);
+* ``nums``: int64 (a row version, or a posting group's count); ``tags``: 16 bytes (a row leaf,
+  or a posting group's multiset hash).
 
-Memory per row: ``w + 1 + 8 + 16`` bytes (41 B for the 16-byte blind indexes of the records
-service) plus the overlay (about 200 B per recently changed key, bounded by the merge rule).
+Memory per row: ``w + 1 + 8 + 8 + 16`` bytes (49 B for 16-byte blind indexes), plus about 200 B
+per key in the overlay (at most :data:`MAX_OVERLAY` keys, or 1/256 of the rows).
 
-Not thread-safe: :class:`~safehold.freshness.vmap.VerifierMap` serialises access.
+Lookups (:meth:`get`) need no lock: the base is replaced as a whole (one reference), after the
+overlay it absorbed has been copied, and the overlay's dict operations are atomic. Range queries
+and changes are serialised by :class:`~safehold.freshness.vmap.VerifierMap`'s owner.
 """
 
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = ["SortedTable"]
 
 Entry = tuple[int, bytes]
-#: The overlay is merged once it holds more than max(MIN_OVERLAY, rows / OVERLAY_SHARE) keys.
-MIN_OVERLAY = 4096
-OVERLAY_SHARE = 32
-_EMPTY_TAGS = np.zeros(0, dtype="V16")
+#: The overlay is merged once it holds more than max(MAX_OVERLAY, rows // 256) keys.
+MAX_OVERLAY = 4096
+
+
+def _encode(key: bytes, width: int) -> bytes:
+    return key + bytes(width - len(key)) + bytes((len(key),))
+
+
+def _pref(key: bytes) -> int:
+    return int.from_bytes(key[:8].ljust(8, b"\x00"), "big")
+
+
+@dataclass(frozen=True)
+class _Base:
+    w: int
+    n: int
+    pref: array[int]
+    keys: bytes
+    nums: array[int]
+    tags: bytes
+
+    def _search(self, enc: bytes, p: int, *, right: bool) -> int:
+        """First index whose field is >= ``enc`` (> with ``right``); C bisect on the 8-byte
+        prefixes, then a binary search over the fields that share ``p`` (keys with a common
+        prefix, e.g. sequence numbers or test keys)."""
+        lo = bisect.bisect_left(self.pref, p)
+        hi = bisect.bisect_right(self.pref, p, lo)
+        size = self.w + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            f = self.keys[mid * size: (mid + 1) * size]
+            if f < enc or (right and f == enc):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def index(self, key: bytes) -> int:
+        """Index of ``key`` or -1."""
+        if len(key) > self.w:
+            return -1
+        enc, size = _encode(key, self.w), self.w + 1
+        i = self._search(enc, _pref(key), right=False)
+        return i if i < self.n and self.keys[i * size: (i + 1) * size] == enc else -1
+
+    def key(self, i: int) -> bytes:
+        size = self.w + 1
+        raw = self.keys[i * size: (i + 1) * size]
+        return raw[: raw[-1]]
+
+    def start(self, after: bytes | None) -> int:
+        """Index of the first key > ``after`` (a longer ``after`` compares as its first w bytes)."""
+        if after is None or self.n == 0:
+            return 0
+        a = after[: self.w]
+        return self._search(_encode(a, self.w), _pref(a), right=True)
+
+    def entry(self, i: int) -> Entry:
+        return self.nums[i], self.tags[16 * i: 16 * i + 16]
+
+
+_EMPTY = _Base(0, 0, array("Q"), b"", array("q"), b"")
 
 
 def _strictly_increasing(keys: np.ndarray, size: int) -> bool:
@@ -47,8 +110,18 @@ def _strictly_increasing(keys: np.ndarray, size: int) -> bool:
     return bool((a[1:][rows, first] > a[:-1][rows, first]).all())
 
 
-def _encode(key: bytes, width: int) -> bytes:
-    return key + bytes(width - len(key)) + bytes((len(key),))
+def _make_base(w: int, keys: np.ndarray, nums: np.ndarray, tags: np.ndarray) -> _Base:
+    n = len(keys)
+    raw = np.zeros((n, 8), dtype=np.uint8)
+    m = min(8, w + 1)
+    raw[:, :m] = keys.view(np.uint8).reshape(n, w + 1)[:, :m] if n else raw[:, :m]
+    if w < 8:  # the length byte sits inside the first 8 bytes: not part of the prefix order
+        raw[:, w] = 0
+    pref = array("Q")
+    pref.frombytes(raw.view(">u8").reshape(n).astype("=u8").tobytes())
+    nm = array("q")
+    nm.frombytes(nums.astype("=i8").tobytes())
+    return _Base(w, n, pref, keys.tobytes(), nm, tags.tobytes())
 
 
 class SortedTable:
@@ -58,64 +131,34 @@ class SortedTable:
     """
 
     def __init__(self) -> None:
-        self._w = 0
-        self._keys: np.ndarray = np.zeros(0, dtype="V1")
-        self._nums: np.ndarray = np.zeros(0, dtype=np.int64)
-        self._tags: np.ndarray = _EMPTY_TAGS
+        self._base = _EMPTY
         self._over: dict[bytes, Entry | None] = {}
         self._osorted: list[bytes] = []
         self._live = 0
 
-    # -- lookups --------------------------------------------------------------------------
-
     def __len__(self) -> int:
         return self._live
 
-    def _base_index(self, key: bytes) -> int:
-        """Index of ``key`` in the base arrays, or -1."""
-        n = len(self._keys)
-        if n == 0 or len(key) > self._w:
-            return -1
-        enc = _encode(key, self._w)
-        i = int(np.searchsorted(self._keys, np.void(enc)))
-        if i < n and self._keys[i].tobytes() == enc:
-            return i
-        return -1
-
-    def _base_get(self, key: bytes) -> Entry | None:
-        i = self._base_index(key)
-        if i < 0:
-            return None
-        return int(self._nums[i]), self._tags[i].tobytes()
-
     def get(self, key: bytes) -> Entry | None:
-        """``(num, tag)`` of ``key`` or None."""
-        if key in self._over:
-            return self._over[key]
-        return self._base_get(key)
-
-    def _base_start(self, after: bytes | None) -> int:
-        if after is None or len(self._keys) == 0:
-            return 0
-        # keys longer than the width: every base key k > after iff k > after[:w] (module doc)
-        a = after[: self._w]
-        return int(np.searchsorted(self._keys, np.void(_encode(a, self._w)), side="right"))
-
-    def _base_key(self, i: int) -> bytes:
-        raw = bytes(self._keys[i].tobytes())
-        return raw[: raw[-1]]
+        """``(num, tag)`` of ``key`` or None (lock-free, see the module docstring)."""
+        over = self._over
+        if key in over:
+            return over.get(key)
+        base = self._base
+        i = base.index(key)
+        return None if i < 0 else base.entry(i)
 
     def iter_from(self, after: bytes | None = None) -> Iterator[tuple[bytes, int, bytes]]:
         """Live ``(key, num, tag)`` with key > ``after`` (all if None), in key order."""
-        i, n = self._base_start(after), len(self._keys)
-        osorted = self._osorted
+        base, over, osorted = self._base, self._over, self._osorted
+        i, n = base.start(after), base.n
         j = 0 if after is None else bisect.bisect_right(osorted, after)
         m = len(osorted)
         while i < n or j < m:
-            bk = self._base_key(i) if i < n else None
+            bk = base.key(i) if i < n else None
             ok = osorted[j] if j < m else None
             if ok is not None and (bk is None or ok <= bk):
-                ent = self._over[ok]
+                ent = over[ok]
                 j += 1
                 if bk == ok:
                     i += 1
@@ -123,7 +166,8 @@ class SortedTable:
                     yield ok, ent[0], ent[1]
             else:
                 assert bk is not None
-                yield bk, int(self._nums[i]), self._tags[i].tobytes()
+                num, tag = base.entry(i)
+                yield bk, num, tag
                 i += 1
 
     def page(self, after: bytes | None, limit: int) -> list[tuple[bytes, int, bytes]]:
@@ -162,85 +206,89 @@ class SortedTable:
         return True
 
     def _maybe_merge(self) -> None:
-        if len(self._over) > max(MIN_OVERLAY, len(self._keys) // OVERLAY_SHARE):
+        if len(self._over) > max(MAX_OVERLAY, self._base.n >> 8):
             self.merge()
 
-    def _widen(self, width: int) -> None:
-        """Re-encode the base keys for a larger width (a longer key arrived)."""
-        n, w = len(self._keys), self._w
-        raw = self._keys.view(np.uint8).reshape(n, w + 1) if n else np.zeros((0, w + 1), np.uint8)
-        wide = np.zeros((n, width + 1), dtype=np.uint8)
-        wide[:, :w] = raw[:, :w]
-        wide[:, width] = raw[:, w]
-        self._keys = wide.reshape(-1).view(f"V{width + 1}")
-        self._w = width
+    def _arrays(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The base as numpy arrays, keys re-encoded for ``width`` if it grew."""
+        b = self._base
+        keys = np.frombuffer(b.keys, dtype=f"V{b.w + 1}") if b.n else np.zeros(0, dtype=f"V{width + 1}")
+        if b.n and width != b.w:
+            raw = keys.view(np.uint8).reshape(b.n, b.w + 1)
+            wide = np.zeros((b.n, width + 1), dtype=np.uint8)
+            wide[:, : b.w] = raw[:, : b.w]
+            wide[:, width] = raw[:, b.w]
+            keys = wide.reshape(-1).view(f"V{width + 1}")
+        nums = np.frombuffer(b.nums.tobytes(), dtype="=i8")
+        tags = np.frombuffer(b.tags, dtype="V16")
+        return keys, nums, tags
 
     def merge(self) -> None:
-        """Fold the overlay into the sorted base arrays (O(rows + overlay))."""
+        """Fold the overlay into a new base (O(rows + overlay)); then drop the overlay."""
         if not self._over:
             return
-        longest = max(len(k) for k in self._osorted)
-        if longest > self._w or len(self._keys) == 0 and self._w == 0:
-            self._widen(max(longest, self._w))
-        w = self._w
-        enc = np.array([_encode(k, w) for k in self._osorted], dtype=f"V{w + 1}")
-        ents = [self._over[k] for k in self._osorted]
-        pos = np.searchsorted(self._keys, enc)
-        n = len(self._keys)
+        w = max(self._base.w, max(len(k) for k in self._osorted))
+        keys, nums, tags = self._arrays(w)
+        over = dict(self._over)
+        order = list(self._osorted)
+        enc = np.array([_encode(k, w) for k in order], dtype=f"V{w + 1}")
+        ents = [over[k] for k in order]
+        n = len(keys)
+        pos = np.searchsorted(keys, enc)
         safe = np.minimum(pos, max(n - 1, 0))
-        exists = (pos < n) & (self._keys[safe] == enc) if n else np.zeros(len(enc), dtype=bool)
+        exists = (pos < n) & (keys[safe] == enc) if n else np.zeros(len(enc), dtype=bool)
         live = np.array([e is not None for e in ents], dtype=bool)
-        nums = np.array([e[0] if e is not None else 0 for e in ents], dtype=np.int64)
-        tags = np.array([e[1] if e is not None else bytes(16) for e in ents], dtype="V16")
+        onums = np.array([e[0] if e is not None else 0 for e in ents], dtype=np.int64)
+        otags = np.array([e[1] if e is not None else bytes(16) for e in ents], dtype="V16")
+        nums, tags = nums.copy(), tags.copy()
         upd = exists & live
-        self._nums[pos[upd]] = nums[upd]
-        self._tags[pos[upd]] = tags[upd]
+        nums[pos[upd]] = onums[upd]
+        tags[pos[upd]] = otags[upd]
         keep = np.ones(n, dtype=bool)
         keep[pos[exists & ~live]] = False
         ins = ~exists & live
-        # insert positions refer to the arrays before deletion; insert first, then drop
-        keys = np.insert(self._keys, pos[ins], enc[ins])
-        newnums = np.insert(self._nums, pos[ins], nums[ins])
-        newtags = np.insert(self._tags, pos[ins], tags[ins])
+        keys = np.insert(keys, pos[ins], enc[ins])
+        nums = np.insert(nums, pos[ins], onums[ins])
+        tags = np.insert(tags, pos[ins], otags[ins])
         keep = np.insert(keep, pos[ins], True)
-        self._keys, self._nums, self._tags = keys[keep], newnums[keep], newtags[keep]
-        self._over, self._osorted = {}, []
+        self._base = _make_base(w, keys[keep], nums[keep], tags[keep])
+        self._over, self._osorted = {}, []  # after the base: lock-free readers stay consistent
 
     # -- persistence ------------------------------------------------------------------------
 
     def export(self) -> tuple[int, bytes, bytes, bytes]:
-        """``(width, keys, nums, tags)`` as raw bytes (merges first). nums are int64 little-endian."""
+        """``(width, keys, nums, tags)`` as raw bytes (merges first); nums int64 little-endian."""
         self.merge()
-        return (self._w, self._keys.tobytes(), self._nums.astype("<i8").tobytes(),
-                self._tags.tobytes())
+        b = self._base
+        return b.w, b.keys, np.frombuffer(b.nums.tobytes(), dtype="=i8").astype("<i8").tobytes(), b.tags
 
     @classmethod
     def load(cls, width: int, keys: bytes, nums: bytes, tags: bytes) -> SortedTable:
         """Inverse of :meth:`export`.
 
         Raises:
-            ValueError: lengths that do not fit, or keys not strictly increasing (a snapshot
-                that was not written by :meth:`export`).
+            ValueError: lengths that do not fit, keys not strictly increasing or with lengths
+                out of range (not written by :meth:`export`).
         """
         if not 0 <= width <= 64:
             raise ValueError(f"table width {width} outside 0..64")
         n = len(nums) // 8
         if len(nums) != 8 * n or len(tags) != 16 * n or len(keys) != (width + 1) * n:
             raise ValueError("table arrays have inconsistent lengths")
-        t = cls()
-        t._w = width
-        t._keys = np.frombuffer(keys, dtype=f"V{width + 1}").copy()
-        t._nums = np.frombuffer(nums, dtype="<i8").astype(np.int64)
-        t._tags = np.frombuffer(tags, dtype="V16").copy()
-        if n > 1 and not _strictly_increasing(t._keys, width + 1):
+        k = np.frombuffer(keys, dtype=f"V{width + 1}")
+        if n > 1 and not _strictly_increasing(k, width + 1):
             raise ValueError("table keys are not strictly increasing")
         if n and width:
-            lens = t._keys.view(np.uint8).reshape(n, width + 1)[:, width]
+            lens = k.view(np.uint8).reshape(n, width + 1)[:, width]
             if bool(np.any((lens < 1) | (lens > width))):
                 raise ValueError("table key lengths out of range")
+        t = cls()
+        if n:
+            t._base = _make_base(width, k, np.frombuffer(nums, dtype="<i8"), np.frombuffer(tags, dtype="V16"))
         t._live = n
         return t
 
     def nbytes(self) -> int:
-        """Approximate memory held, in bytes (base arrays plus ~200 B per overlay key)."""
-        return int(self._keys.nbytes + self._nums.nbytes + self._tags.nbytes) + 200 * len(self._over)
+        """Approximate memory held, in bytes (base plus ~200 B per overlay key)."""
+        b = self._base
+        return 8 * b.n + len(b.keys) + 8 * b.n + len(b.tags) + 200 * len(self._over)

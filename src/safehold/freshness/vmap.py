@@ -189,6 +189,19 @@ class VerifierMap:
             else:  # a non-zero hash at count 0 stays, so the next prefix scan names the lie
                 t.set(prefix, count, h.to_bytes(16, "big"))
 
+    def apply_deltas(self, deltas: Mapping[tuple[str, bytes], tuple[int, int]]) -> None:
+        """Apply posting-group deltas ``(ns, prefix) -> (count delta, hash delta)`` computed
+        when the commit began (saves hashing every posting twice)."""
+        for (ns, prefix), (dc, dh) in deltas.items():
+            t = self._table(ns, (POSTINGS, self.policy.kind(ns)[1]))
+            e = t.get(prefix)
+            count = (0 if e is None else e[0]) + dc
+            h = ((0 if e is None else int.from_bytes(e[1], "big")) + dh) % MSH_MOD
+            if count == 0 and h == 0:
+                t.delete(prefix)
+            else:
+                t.set(prefix, count, h.to_bytes(16, "big"))
+
     # -- snapshots --------------------------------------------------------------------------
 
     def export(self) -> Iterator[bytes]:

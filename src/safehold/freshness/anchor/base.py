@@ -129,7 +129,8 @@ class Anchor(Protocol):
 
     def advance(self, ledger: str, prev: AnchorHead, new: AnchorHead) -> AnchorHead:
         """Move the ledger from ``prev`` to ``new`` (``new.epoch > prev.epoch``) on a majority.
-        Idempotent: repeating a call that partly succeeded completes it.
+        Idempotent: repeating a call that partly succeeded completes it. The result carries no
+        member signatures (read the head for a signed statement).
 
         Raises:
             AnchorUnavailableError, AnchorConflictError, AnchorLostError.
@@ -188,7 +189,8 @@ def combine_advance(ledger: str, new: AnchorHead, replies: Sequence[MemberReply 
     if len(acc) >= q:
         return AnchorHead(new.epoch, new.digest,
                           tuple(s for r in acc if r.head is not None for s in r.head.signatures))
-    final = [r for r in replies if isinstance(r, MemberReply) and r.status in (CONFLICT, LOST, UNKNOWN, REFUSED)]
+    final = [r for r in replies
+             if isinstance(r, MemberReply) and r.status in (CONFLICT, LOST, UNKNOWN, REFUSED)]
     if len(final) > n - q:  # a majority can no longer accept this advance
         if sum(r.status in (LOST, UNKNOWN) for r in final) > n - q:
             raise AnchorLostError(

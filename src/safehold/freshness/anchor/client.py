@@ -1,12 +1,13 @@
 """QuorumAnchor: the anchor client a FreshStore uses — parallel requests to the ``n`` members
 over RA-TLS, majority rule (``anchor/base.py``).
 
-Each member gets one persistent connection (:class:`MemberLink`, stdlib ``http.client``: a
-request costs ~0.15 ms of client CPU, a fifth of an ``httpx`` request, which matters because
-the anchor sits on every commit). A new connection is accepted only after the member's RA-TLS
-certificate verifies against the anchor's appraisal policy (its own Reference Value;
-``safehold.ratls.verify.verify_certificate``) — before any request byte is sent — and its
-statement key's endorsement verifies with the certificate's key. Requests go to all members at
+Each member gets one persistent connection (:class:`MemberLink`: a TLS socket driven by
+``h11``, one write per request; ~0.1 ms of client CPU per request, against ~0.6 ms for an
+``httpx`` request — it matters because the anchor sits on every commit). A new connection is
+accepted only after the member's RA-TLS certificate verifies against the anchor's appraisal
+policy (its own Reference Value; ``safehold.ratls.verify.verify_certificate``) — before any
+request byte is sent — and its statement key's endorsement verifies with the certificate's
+key. Requests go to all members at
 once; answers are collected with ``select`` until the outcome is decided or the timeout passes.
 All anchor requests are idempotent, so a request on a connection that turned out dead is sent
 again on a fresh one.
@@ -21,15 +22,17 @@ owner statements; advance replies are authenticated by the attested channel itse
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import select
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import h11
 
 from safehold.attestation.verifier import Verifier
 from safehold.errors import ConfigError, RATLSError
@@ -55,6 +58,8 @@ from safehold.ratls.client import client_ssl_context, parse_target
 from safehold.ratls.verify import verify_certificate
 
 __all__ = ["MemberLink", "QuorumAnchor", "memory_client_context"]
+
+Reply = MemberReply | BaseException
 
 
 def memory_client_context(cert_pem: bytes | None, key_pem: bytes | None) -> ssl.SSLContext:
@@ -82,6 +87,48 @@ def memory_client_context(cert_pem: bytes | None, key_pem: bytes | None) -> ssl.
             os.close(fd)
 
 
+class _Conn:
+    """One TLS socket and its HTTP/1.1 state (h11: a request goes out in one write)."""
+
+    def __init__(self, sock: ssl.SSLSocket, host: str) -> None:
+        self.sock, self.host = sock, host
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def request(self, method: str, path: str, body: bytes | None) -> None:
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        headers = [("Host", self.host), ("Content-Length", str(len(body or b"")))]
+        if body:
+            headers.append(("Content-Type", "application/json"))
+        data = self.h11.send(h11.Request(method=method, target=path, headers=headers)) or b""
+        if body:
+            data += self.h11.send(h11.Data(data=body)) or b""
+        data += self.h11.send(h11.EndOfMessage()) or b""
+        self.sock.sendall(data)
+
+    def response(self) -> tuple[int, bytes]:
+        status, parts = 0, []
+        while True:
+            ev = self.h11.next_event()
+            if ev is h11.NEED_DATA:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("anchor member closed the connection")
+                self.h11.receive_data(chunk)
+            elif isinstance(ev, h11.Response):
+                status = ev.status_code
+            elif isinstance(ev, h11.Data):
+                parts.append(bytes(ev.data))
+            elif isinstance(ev, h11.EndOfMessage):
+                return status, b"".join(parts)
+            elif isinstance(ev, h11.ConnectionClosed):
+                raise ConnectionError("anchor member closed the connection")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
 class MemberLink:
     """One persistent RA-TLS connection to one member (see the module docstring).
 
@@ -94,29 +141,46 @@ class MemberLink:
         self.url = url
         self.host, self.port = parse_target(url)
         self._verifier, self._ctx, self.timeout = verifier, context, timeout
-        self._conn: http.client.HTTPSConnection | None = None
+        self._conn: _Conn | None = None
         self._pending: tuple[str, str, bytes | None] | None = None
         self.info: MemberInfo | None = None
+        self.down_until = 0.0
+        self._backoff = 0.0
+
+    def failed(self) -> None:
+        """The member did not answer: close, and skip it for a while (0.2 s doubling to 5 s),
+        so a dead or hung minority member costs the others nothing."""
+        self.close()
+        self._backoff = min(max(self._backoff * 2, 0.2), 5.0)
+        self.down_until = time.monotonic() + self._backoff
+
+    def succeeded(self) -> None:
+        """The member answered: forget earlier failures."""
+        self._backoff = 0.0
 
     def close(self) -> None:
         """Drop the connection (the next request opens and attests a new one)."""
         if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.close()
+            self._conn.close()
         self._conn, self._pending = None, None
 
-    def _open(self) -> http.client.HTTPSConnection:
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self._ctx, timeout=self.timeout)
+    def _open(self) -> _Conn:
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         try:
-            conn.connect()
-            sock = conn.sock
-            der = sock.getpeercert(True) if isinstance(sock, ssl.SSLSocket) else None
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self._ctx.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+        conn = _Conn(sock, f"{self.host}:{self.port}")
+        try:
+            der = sock.getpeercert(True)
             if not der:
                 raise RATLSError(f"anchor member {self.url}: no TLS certificate")
             verify_certificate(der, self._verifier)  # before any request byte
-            conn.request("GET", "/v1/anchor/info")
-            resp = conn.getresponse()
-            info = info_from(json.loads(resp.read()), der)
+            conn.request("GET", "/v1/anchor/info", None)
+            _, data = conn.response()
+            info = info_from(json.loads(data), der)
             if not verify_endorsement(load_certificate(der).public_key(), info.member, info.public_key,
                                       info.endorsement):
                 raise RATLSError(f"anchor member {self.url}: its statement key is not endorsed by "
@@ -128,7 +192,14 @@ class MemberLink:
         return conn
 
     def send(self, method: str, path: str, body: bytes | None = None) -> None:
-        """Send one request (opening / re-opening the connection as needed)."""
+        """Send one request (opening / re-opening the connection as needed).
+
+        Raises:
+            AnchorUnavailableError: the member is being skipped after a failure.
+            OSError, RATLSError, AppraisalError ...: connecting or attesting failed.
+        """
+        if time.monotonic() < self.down_until:
+            raise AnchorUnavailableError(f"anchor member {self.url} is skipped after a failure")
         if self._pending is not None:
             self._drain()
         for attempt in (0, 1):
@@ -137,11 +208,10 @@ class MemberLink:
                 self._conn = self._open()
             try:
                 assert self._conn is not None
-                self._conn.request(method, path, body=body,
-                                   headers={"Content-Type": "application/json"} if body else {})
+                self._conn.request(method, path, body)
                 self._pending = (method, path, body)
                 return
-            except (OSError, http.client.HTTPException):
+            except (OSError, h11.ProtocolError):
                 self.close()
                 if fresh or attempt:
                     raise
@@ -149,34 +219,31 @@ class MemberLink:
     def _drain(self) -> None:
         """Read (and drop) the answer to an earlier request whose result was not needed."""
         sock = self.sock()
-        if sock is None or not (sock.pending() or select.select([sock], [], [], 0.0)[0]):
-            self.close()
+        if sock is None or not (sock.pending() or select.select([sock], [], [], 0.005)[0]):
+            self.failed()  # slower than that: skipped for a while, then reconnected
             return
         try:
             self.receive()
-        except (OSError, http.client.HTTPException, WireError, ValueError):
+        except (OSError, h11.ProtocolError, WireError, ValueError):
             self.close()
 
     def sock(self) -> ssl.SSLSocket | None:
         """The TLS socket (for select), or None."""
-        s = self._conn.sock if self._conn is not None else None
-        return s if isinstance(s, ssl.SSLSocket) else None
+        return self._conn.sock if self._conn is not None else None
 
     def receive(self) -> tuple[int, Any]:
         """Read the pending answer: ``(status code, JSON)``."""
         assert self._conn is not None and self._pending is not None
         try:
-            resp = self._conn.getresponse()
-            data = resp.read()
-        except (OSError, http.client.HTTPException):
+            status, data = self._conn.response()
+        except (OSError, h11.ProtocolError):
             pending = self._pending
             self.close()
             self.send(*pending)  # idempotent: once more on a fresh connection
             assert self._conn is not None
-            resp = self._conn.getresponse()
-            data = resp.read()
+            status, data = self._conn.response()
         self._pending = None
-        return resp.status, json.loads(data)
+        return status, json.loads(data)
 
 
 class QuorumAnchor:
@@ -210,19 +277,26 @@ class QuorumAnchor:
             link.close()
 
     def _fan_out(self, method: str, path: str, payload: Any | None,
-                 done: Callable[[list[MemberReply | BaseException]], bool]) -> list[MemberReply | BaseException]:
+                 done: Callable[[list[Reply]], bool]) -> list[Reply]:
         body = None if payload is None else json.dumps(payload).encode()
-        replies: dict[int, MemberReply | BaseException] = {}
+        replies: dict[int, Reply] = {}
         with self._lock:
             waiting = {}
             for i, link in enumerate(self.links):
                 try:
                     link.send(method, path, body)
                     waiting[i] = link
+                except AnchorUnavailableError as e:  # being skipped
+                    replies[i] = e
                 except Exception as e:  # noqa: BLE001 - one member down is a reply, not a failure
+                    link.failed()
                     replies[i] = e
             end = time.monotonic() + self.timeout
-            while waiting and not done(list(replies.values())):
+            decided = False
+            while waiting:
+                if not decided and done(list(replies.values())):
+                    decided = True  # stragglers get a short grace, so their answer is not left unread
+                    end = min(end, time.monotonic() + 0.002)
                 ready = [i for i, lk in waiting.items() if (s := lk.sock()) is not None and s.pending()]
                 if not ready:
                     left = end - time.monotonic()
@@ -234,30 +308,36 @@ class QuorumAnchor:
                             socks[s] = i
                     r, _, _ = select.select(list(socks), [], [], left)
                     ready = [socks[s] for s in r]
-                    if not r and not socks:
-                        break
+                    if not r:
+                        if not socks or time.monotonic() >= end:
+                            break
+                        continue
                 for i in ready:
                     link = waiting.pop(i)
                     try:
                         _, obj = link.receive()
                         replies[i] = reply_from(obj)
+                        link.succeeded()
                     except Exception as e:  # noqa: BLE001 - counted as a missing member
-                        link.close()
+                        link.failed()
                         replies[i] = e
             for i, link in waiting.items():
+                if not decided:
+                    link.failed()
                 replies.setdefault(i, AnchorUnavailableError(f"anchor member {link.url} did not answer "
-                                                             f"within {self.timeout:g} s"))
+                                                             f"in time ({self.timeout:g} s)"))
         return [replies[i] for i in sorted(replies)]
 
     def _trusted(self) -> dict[bytes, bytes]:
         return {lk.info.member: lk.info.public_key for lk in self.links if lk.info is not None}
 
-    def _checked(self, ledger: str, replies: list[MemberReply | BaseException]) -> list[MemberReply | BaseException]:
+    def _checked(self, ledger: str, replies: list[Reply]) -> list[Reply]:
         """Replace replies whose head signature does not verify by an error."""
         trusted = self._trusted()
-        out: list[MemberReply | BaseException] = []
+        out: list[Reply] = []
         for r in replies:
-            if isinstance(r, MemberReply) and r.head is not None and verify_head_signatures(ledger, r.head, trusted) < 1:
+            if (isinstance(r, MemberReply) and r.head is not None
+                    and verify_head_signatures(ledger, r.head, trusted) < 1):
                 out.append(AnchorUnavailableError("an anchor member's signature on its head does not verify"))
             else:
                 out.append(r)

@@ -153,5 +153,5 @@ class LocalAnchor:
                 f'[reference_values]\nmeasurements = ["{measurement or self.measurement}"]\n')
 
     def verifier(self, measurement: str | None = None) -> Verifier:
-        """A Verifier with :meth:`policy_toml` (for :class:`~safehold.freshness.anchor.client.QuorumAnchor`)."""
+        """A Verifier with :meth:`policy_toml` (for ``QuorumAnchor``)."""
         return Verifier(AppraisalPolicy.from_toml(self.policy_toml(measurement)))

@@ -74,7 +74,8 @@ def verify_endorsement(tls_public_key: object, member: bytes, public_key: bytes,
     return True
 
 
-def verify_head_signatures(ledger: str, head: AnchorHead, trusted: Mapping[bytes, bytes] | None = None) -> int:
+def verify_head_signatures(ledger: str, head: AnchorHead,
+                           trusted: Mapping[bytes, bytes] | None = None) -> int:
     """Count the valid member signatures on ``head``.
 
     Args:
@@ -121,7 +122,8 @@ class OwnerStatement:
     def payload(self) -> bytes:
         """The canonical bytes the owner signs."""
         if self.action not in ACTIONS:
-            raise OwnerStatementError(f"owner statement: action must be one of {ACTIONS}, got {self.action!r}")
+            raise OwnerStatementError(
+                f"owner statement: action must be one of {ACTIONS}, got {self.action!r}")
         return json.dumps({
             "type": STATEMENT_TYPE, "action": self.action, "ledger": self.ledger, "epoch": self.epoch,
             "digest": self.digest.hex(), "members": sorted(m.hex() for m in self.members),
@@ -199,7 +201,8 @@ def load_owner_public_key(pem: str | bytes) -> ed25519.Ed25519PublicKey | ec.Ell
         return key
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in ("secp256r1", "secp384r1"):
         return key
-    raise OwnerStatementError(f"owner public key must be Ed25519 or ECDSA P-256/P-384, got {type(key).__name__}")
+    raise OwnerStatementError(
+        f"owner public key must be Ed25519 or ECDSA P-256/P-384, got {type(key).__name__}")
 
 
 def sign_owner_statement(statement: OwnerStatement, private_key_pem: bytes) -> SignedOwnerStatement:
@@ -256,7 +259,8 @@ class AnchorCheckpoint:
                 raise ValueError("type")
             sigs = tuple(MemberSignature(bytes.fromhex(s["member"]), unb64(s["public_key"], "public_key"),
                                          unb64(s["signature"], "signature")) for s in obj["signatures"])
-            mem = {bytes.fromhex(k): (unb64(v["certificate"], "certificate"), unb64(v["endorsement"], "endorsement"))
+            mem = {bytes.fromhex(k): (unb64(v["certificate"], "certificate"),
+                                      unb64(v["endorsement"], "endorsement"))
                    for k, v in obj["members"].items()}
             return cls(str(obj["ledger"]), AnchorHead(int(obj["epoch"]), bytes.fromhex(obj["digest"]), sigs),
                        mem, int(obj["taken_at"]))
@@ -292,7 +296,8 @@ def check_against_checkpoint(ledger: str, candidate: AnchorHead, checkpoint: Anc
     if candidate.epoch < cp.epoch and not accept_rollback:
         raise StoreRolledBackError(
             f"ledger {ledger!r}: the store's head is epoch {candidate.epoch}, older than the owner's "
-            f"checkpoint (epoch {cp.epoch}, taken {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(checkpoint.taken_at))}); "
+            f"checkpoint (epoch {cp.epoch}, taken "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(checkpoint.taken_at))}); "
             "re-anchoring it would accept a rollback (the owner may accept it explicitly)",
             ledger=ledger, store_epoch=candidate.epoch, anchor_epoch=cp.epoch)
 

@@ -2,15 +2,15 @@
 the client (``anchor/client.py``). Byte strings are lowercase hex (ids, digests) or base64url
 without padding (keys, signatures).
 
-=====================================  ========  ================================================
-route                                  auth      body / answer
-=====================================  ========  ================================================
-``GET /v1/anchor/info``                none      ``{member, public_key, endorsement, ready, lost_mode, members}``
-``GET /v1/anchor/state``               none      ``{member, ready, lost_mode, ledgers: {name: {epoch, digest}}}``
-``GET /v1/anchor/ledgers/{ledger}``    none      reply
-``POST .../{ledger}/advance``          mTLS      ``{prev: head, new: head}`` → reply
-``POST .../{ledger}/owner``            mTLS      ``{payload, signature}`` (owner statement) → reply
-=====================================  ========  ================================================
+* ``GET /v1/anchor/info`` (no client certificate needed): ``{member, public_key, endorsement,
+  ready, lost_mode, members}``;
+* ``GET /v1/anchor/state`` (none): ``{member, ready, lost_mode, ledgers: {name: {epoch,
+  digest}}}`` — for a restarting peer;
+* ``GET /v1/anchor/ledgers/{ledger}`` (none): reply, head signed by the member;
+* ``POST /v1/anchor/advance/{ledger}`` (mutual TLS, the certificate's own ledger):
+  ``{prev: head, new: head}`` → reply (not signed);
+* ``POST /v1/anchor/owner`` (mutual TLS): ``{payload, signature}`` (an owner statement for the
+  certificate's ledger) → reply.
 
 reply = ``{status, head: {epoch, digest, signatures: [{member, public_key, signature}]} | null,
 reason}``; status codes: 200 accepted/known, 404 unknown, 410 lost, 409 conflict, 403 refused,
@@ -72,7 +72,8 @@ def head_from(obj: object, what: str = "head") -> AnchorHead:
         if not isinstance(s, dict):
             raise WireError(f"{what}.signatures: expected objects")
         try:
-            out.append(MemberSignature(_hex(s.get("member"), "member", 16), unb64(s.get("public_key"), "public_key"),
+            out.append(MemberSignature(_hex(s.get("member"), "member", 16),
+                                       unb64(s.get("public_key"), "public_key"),
                                        unb64(s.get("signature"), "signature")))
         except FreshnessError as e:
             raise WireError(f"{what}.signatures: {e}") from None
@@ -90,7 +91,8 @@ def reply_from(obj: object) -> MemberReply:
     if not isinstance(obj, dict) or obj.get("status") not in STATUS_CODES:
         raise WireError("anchor reply: expected {status, head, reason} with a known status")
     head = obj.get("head")
-    return MemberReply(str(obj["status"]), None if head is None else head_from(head), str(obj.get("reason", ""))[:500])
+    return MemberReply(str(obj["status"]), None if head is None else head_from(head),
+                       str(obj.get("reason", ""))[:500])
 
 
 def info_to(i: MemberInfo) -> dict[str, Any]:
