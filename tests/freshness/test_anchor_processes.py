@@ -167,3 +167,28 @@ def test_restore_while_stopped_is_refused_with_real_members(cluster, tmp_path):
         fs.get(NS, b"rec-000001")
     fs.close()
     q.close()
+
+
+def test_a_hung_minority_member_does_not_stall_writes(cluster, tmp_path):
+    import signal
+    import time
+
+    q = cluster.client(timeout=1.0)
+    cluster.wait_ready(q)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    _put(fs, 0)
+    cluster.procs[2].send_signal(signal.SIGSTOP)  # alive but silent: the worst kind of minority
+    try:
+        t0 = time.monotonic()
+        for i in range(1, 21):
+            _put(fs, i)
+        took = time.monotonic() - t0
+        print("20 writes with a hung member:", round(took, 2), "s")
+        assert took < 8  # one timeout, then the member is skipped
+    finally:
+        cluster.procs[2].send_signal(signal.SIGCONT)
+    _put(fs, 21)
+    assert fs.get(NS, b"rec-000021").value == b"value 21"
+    fs.close()
+    q.close()

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from safehold.errors import ConfigError
+from safehold.errors import ConfigError, ConflictError
 from safehold.freshness.errors import JournalCorruptError, RowRolledBackError
 from safehold.freshness.group import FreshGroupCommit
 from safehold.freshness.journal import JOURNAL_NS, SNAP_NS
@@ -203,4 +203,37 @@ def test_tampered_row_is_not_overwritten_blindly(engine, anchor):
     with pytest.raises(RowRolledBackError):
         fs.put(NS, k(1), b"c", expected_version=1)  # the CAS would succeed on the stale row
     assert engine.name and fs.status()["committed_epoch"] == 3  # nothing was journaled
+    fs.close()
+
+
+def test_background_audit_reports_findings(engine, anchor):
+    import time
+
+    from safehold.freshness.audit import AuditThread
+
+    fs = open_fresh(engine.open(), anchor)
+    with fs.transaction() as tx:
+        for i in range(10):
+            tx.put(NS, k(i), b"v", expected_version=0)
+    seen: list = []
+    audit = AuditThread(fs, 0.05, seen.extend).start()
+    try:
+        engine.sql("UPDATE safehold_rows SET version = 5 WHERE key = ?", (k(6),))
+        end = time.monotonic() + 10
+        while not seen and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        audit.stop()
+    assert seen and seen[0].key == k(6) and isinstance(seen[0], RowRolledBackError)
+    fs.close()
+
+
+def test_fresh_group_commit_failing_unit_is_alone(engine, anchor):
+    fs = open_fresh(engine.open(), anchor)
+    gc = FreshGroupCommit(fs)
+    fs.put(NS, k(1), b"a", expected_version=0)
+    with pytest.raises(ConflictError):
+        gc.run(lambda: fs.put(NS, k(1), b"b", expected_version=0))
+    assert gc.run(lambda: fs.put(NS, k(2), b"c", expected_version=0)) == 1
+    assert fs.get(NS, k(1)).value == b"a" and fs.audit() == []
     fs.close()

@@ -146,17 +146,27 @@ class MemberLink:
         self.info: MemberInfo | None = None
         self.down_until = 0.0
         self._backoff = 0.0
+        self._probe: threading.Thread | None = None
 
     def failed(self) -> None:
         """The member did not answer: close, and skip it for a while (0.2 s doubling to 5 s),
-        so a dead or hung minority member costs the others nothing."""
+        so a dead or hung minority member costs the others nothing. After the pause a
+        background thread reconnects (a hung member then stalls that thread, not the callers)."""
         self.close()
         self._backoff = min(max(self._backoff * 2, 0.2), 5.0)
         self.down_until = time.monotonic() + self._backoff
 
+    def _reconnect(self) -> None:
+        try:
+            conn = self._open()
+        except Exception:  # noqa: BLE001 - still down: skipped for longer
+            self.failed()
+        else:
+            self._conn, self.down_until = conn, 0.0
+
     def succeeded(self) -> None:
         """The member answered: forget earlier failures."""
-        self._backoff = 0.0
+        self._backoff, self.down_until = 0.0, 0.0
 
     def close(self) -> None:
         """Drop the connection (the next request opens and attests a new one)."""
@@ -198,10 +208,16 @@ class MemberLink:
             AnchorUnavailableError: the member is being skipped after a failure.
             OSError, RATLSError, AppraisalError ...: connecting or attesting failed.
         """
-        if time.monotonic() < self.down_until:
-            raise AnchorUnavailableError(f"anchor member {self.url} is skipped after a failure")
         if self._pending is not None:
             self._drain()
+        if self._probe is not None and self._probe.is_alive():
+            raise AnchorUnavailableError(f"anchor member {self.url} is being reconnected")
+        if self.down_until:
+            if time.monotonic() >= self.down_until:
+                self._probe = threading.Thread(target=self._reconnect, daemon=True,
+                                               name=f"safehold-anchor-probe-{self.port}")
+                self._probe.start()
+            raise AnchorUnavailableError(f"anchor member {self.url} is skipped after a failure")
         for attempt in (0, 1):
             fresh = self._conn is None
             if fresh:
