@@ -34,6 +34,7 @@ from safehold.freshness.digests import FreshKeys
 from safehold.freshness.errors import (
     FreshnessError,
     NotAnchoredError,
+    RowFreshnessError,
     StoreStateError,
 )
 from safehold.freshness.journal import RESERVED_PREFIX
@@ -339,7 +340,7 @@ class FreshStore(Store):
         cost a second read; posting readers should use :meth:`scan_prefix`)."""
         try:
             return self._posting_page(ns, plen, after, limit)
-        except FreshnessError:
+        except RowFreshnessError:
             with self.state.lock:  # a concurrent commit between the reads, or a real finding
                 return self._posting_page(ns, plen, after, limit)
 
