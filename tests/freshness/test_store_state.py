@@ -252,3 +252,18 @@ def test_owner_checkpoint_refuses_an_older_head(engine, anchor):
         check_against_checkpoint("records", candidate, cp)
     check_against_checkpoint("records", candidate, cp, accept_rollback=True)  # explicit only
     fs.close()
+
+
+def test_anchor_unavailable_at_start_then_recover(engine, anchor):
+    fs = open_fresh(engine.open(), anchor)
+    write(fs, 0, 2)
+    fs.close()
+    cores = list(anchor.cores)
+    anchor.cores = [cores[0], None, None]  # one member of three answers: no majority
+    fs = open_fresh(engine.open(), anchor)
+    with pytest.raises(AnchorUnavailableError, match="1 of 3 members answered"):
+        fs.get(NS, k(1))
+    anchor.cores = cores
+    fs.recover()
+    assert fs.get(NS, k(1)).value == b"v1"
+    fs.close()
