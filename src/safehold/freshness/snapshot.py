@@ -1,0 +1,122 @@
+"""Snapshots of the verifier map, so that start-up replays a bounded journal.
+
+When ``snapshot_every`` entries (or ``snapshot_seconds`` with changes) have passed since the
+snapshot in use, a background thread:
+
+1. exports the map at the committed head ``s`` (under the map lock: a consistent copy);
+2. writes it as chunk rows ``_fresh.snap/(s, i)`` (not yet referenced by anything);
+3. commits a journal entry naming ``(s, d_s, SHA-256, chunks, size)`` — anchored like any
+   commit, so the hash chain authenticates the snapshot;
+4. only then deletes journal entries ``<= s`` and the chunks of older snapshots.
+
+A crash between any two steps leaves a journal that still replays from the previous snapshot
+(unreferenced chunks are garbage the next round deletes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from safehold.freshness.anchor.base import AnchorHead
+from safehold.freshness.journal import (
+    JOURNAL_NS,
+    SNAP_NS,
+    SnapshotRef,
+    epoch_key,
+    snapshot_chunks,
+    snapshot_key,
+)
+
+if TYPE_CHECKING:
+    from safehold.freshness.store import FreshStore
+
+__all__ = ["Snapshotter"]
+
+log = logging.getLogger("safehold.freshness")
+_BATCH = 500
+
+
+class Snapshotter:
+    """Decides when a snapshot is due and writes it on its own thread (module docstring)."""
+
+    def __init__(self, store: FreshStore) -> None:
+        self._fs = store
+        self.base = store.history.snapshot
+        self._since = time.monotonic()
+        self._busy = threading.Lock()
+        self.last_error: Exception | None = None
+
+    def on_anchored(self, head: AnchorHead) -> None:
+        """Anchorer hook: start a snapshot if one is due."""
+        fs = self._fs
+        n = head.epoch - self.base
+        due = (fs.snapshot_every > 0 and n >= fs.snapshot_every) or (
+            fs.snapshot_seconds > 0 and n > 1 and time.monotonic() - self._since >= fs.snapshot_seconds)
+        if due and not self._busy.locked():
+            threading.Thread(target=self.run, name=f"safehold-snapshot-{fs.ledger}", daemon=True).start()
+
+    def run(self) -> bool:
+        """Write one snapshot now (steps 1-4); False if another one is running or it failed."""
+        if not self._busy.acquire(blocking=False):
+            return False
+        try:
+            self._write()
+            return True
+        except Exception as e:  # noqa: BLE001 - retried at the next due point; logged loudly
+            self.last_error = e
+            log.error("snapshot of ledger %r failed (the journal keeps growing until one "
+                      "succeeds): %s", self._fs.ledger, e)
+            return False
+        finally:
+            self._since = time.monotonic()
+            self._busy.release()
+
+    def _write(self) -> None:
+        from safehold.freshness.commit import TxContext
+
+        fs, st = self._fs, self._fs.state
+        with st.lock:
+            head = st.committed
+            data = b"".join(st.vmap.export())
+        if head.epoch <= self.base:
+            return
+        self._delete_chunks(keep=None, only=head.epoch)  # leftovers of an attempt that crashed
+        h, size, n = hashlib.sha256(), 0, 0
+        for i, chunk in snapshot_chunks([data], ledger=fs.ledger, epoch=head.epoch, digest=head.digest):
+            with fs.inner.transaction() as tx:
+                tx.put(SNAP_NS, snapshot_key(head.epoch, i), chunk, expected_version=0)
+            h.update(chunk)
+            size += len(chunk)
+            n = i + 1
+        ref = SnapshotRef(head.epoch, head.digest, h.digest(), n, size)
+        with TxContext(fs, wait=True, snapshot=ref):
+            pass
+        old, self.base = self.base, head.epoch
+        self._delete_journal(upto=head.epoch, start=fs.history.first)
+        fs.history.first = head.epoch + 1
+        self._delete_chunks(keep=head.epoch, only=None)
+        log.info("ledger %r: snapshot of epoch %d written (%d bytes, %d chunks); journal entries "
+                 "%d..%d deleted", fs.ledger, head.epoch, size, n, old + 1, head.epoch)
+
+    def _delete_journal(self, *, upto: int, start: int) -> None:
+        inner = self._fs.inner
+        e = max(start, 1)
+        while e <= upto:
+            with inner.transaction() as tx:
+                for x in range(e, min(upto, e + _BATCH - 1) + 1):
+                    tx.delete(JOURNAL_NS, epoch_key(x))
+            e += _BATCH
+
+    def _delete_chunks(self, *, keep: int | None, only: int | None) -> None:
+        inner = self._fs.inner
+        doomed = [r.key for r in inner.scan_all(SNAP_NS)
+                  if (only is None or int.from_bytes(r.key[:8], "big") == only)
+                  and (keep is None or int.from_bytes(r.key[:8], "big") != keep)]
+        for i in range(0, len(doomed), _BATCH):
+            with inner.transaction() as tx:
+                for k in doomed[i: i + _BATCH]:
+                    tx.delete(SNAP_NS, k)

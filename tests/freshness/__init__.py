@@ -1,0 +1,1 @@
+"""Freshness tests (a package, so its conftest does not shadow the root conftest module)."""

@@ -1,0 +1,194 @@
+"""The anchor as real member processes on loopback (RA-TLS, simulated TEE, mutual TLS with a
+broker-CA workload certificate), driven through QuorumAnchor and a FreshStore."""
+
+from __future__ import annotations
+
+import pytest
+
+from safehold.freshness.anchor.base import AnchorHead
+from safehold.freshness.anchor.statements import (
+    AnchorCheckpoint,
+    OwnerStatement,
+    sign_owner_statement,
+    verify_endorsement,
+    verify_head_signatures,
+)
+from safehold.freshness.errors import (
+    AnchorConflictError,
+    AnchorLostError,
+    AnchorUnavailableError,
+    LedgerUninitialisedError,
+    OwnerStatementError,
+    StoreRolledBackError,
+)
+from safehold.freshness.recovery import statement_for
+from safehold.freshness.store import FreshStore
+from safehold.ratls.cert import load_certificate
+from tests.support.fresh_cluster import AnchorCluster, ClientIdentity
+from tests.support.freshness import MAC_KEY, POLICY, Owner, SqliteEngine
+from tests.support.shared import snapshot_package as snapshot_src
+
+pytestmark = pytest.mark.slow
+NS = "records:patients"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    return snapshot_src(tmp_path_factory.mktemp("pkg"))  # = snapshot_package of the root conftest
+
+
+@pytest.fixture
+def cluster(tmp_path, package):
+    c = AnchorCluster(tmp_path, package, Owner())
+    c.start_all()
+    yield c
+    c.stop()
+
+
+def _fresh(engine, quorum, cluster) -> FreshStore:
+    fs = FreshStore(engine.open(), ledger="records", mac_key=MAC_KEY, anchor=quorum, policy=POLICY)
+    if isinstance(fs.problem, LedgerUninitialisedError):
+        fs.reanchor(sign_owner_statement(statement_for(fs, "initialise"), cluster.owner.private_pem()))
+    return fs
+
+
+def _put(fs, i: int) -> None:
+    fs.put(NS, b"rec-%06d" % i, b"value %d" % i, expected_version=0)
+
+
+def test_members_attested_quorum_survives_minority_loss(cluster, tmp_path):
+    q = cluster.client()
+    cluster.wait_ready(q)
+    infos = q.members()
+    assert len({m.member for m in infos}) == 3
+    for link in q.links:  # the statement key is endorsed by the attested RA-TLS key
+        assert verify_endorsement(load_certificate(link.info.certificate).public_key(), link.info.member,
+                                  link.info.public_key, link.info.endorsement)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    for i in range(5):
+        _put(fs, i)
+    head = q.head("records")
+    assert head.epoch == fs.state.committed.epoch and verify_head_signatures("records", head) == 3
+    cp = AnchorCheckpoint("records", head, {lk.info.member: (lk.info.certificate, lk.info.endorsement)
+                                            for lk in q.links})
+    cluster.kill(1)  # SIGKILL one member: nothing changes for the client
+    for i in range(5, 10):
+        _put(fs, i)
+    cluster.start(1)
+    cluster.wait_ready(q)  # the restarted member came up empty and caught up from its peers
+    cluster.kill(2)
+    for i in range(10, 15):
+        _put(fs, i)
+    assert q.head("records").epoch == fs.state.committed.epoch  # members 0 and 1 hold it
+    cluster.start(2)
+    cluster.wait_ready(q)
+    fs.close()
+    fs = _fresh(engine, q, cluster)
+    fs.check()
+    assert fs.get(NS, b"rec-000014").value == b"value 14"
+    assert cp.head.epoch < fs.state.committed.epoch
+    fs.close()
+    q.close()
+
+
+def test_majority_loss_means_anchor_lost_until_the_owner_reanchors(cluster, tmp_path):
+    q = cluster.client()
+    cluster.wait_ready(q)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    for i in range(3):
+        _put(fs, i)
+    fs.close()
+    cluster.kill(0)
+    cluster.kill(1)
+    cluster.start(0, wait=False)
+    cluster.start(1, wait=False)
+    cluster.wait_listening(0)
+    cluster.wait_listening(1)
+    cluster.wait_ready(q)
+    fs = FreshStore(engine.open(), ledger="records", mac_key=MAC_KEY, anchor=q, policy=POLICY)
+    with pytest.raises(AnchorLostError, match="re-anchor"):
+        fs.check()
+    with pytest.raises(AnchorLostError):
+        fs.get(NS, b"rec-000001")
+    signed = sign_owner_statement(statement_for(fs, "reanchor"), cluster.owner.private_pem())
+    fs.reanchor(signed)
+    assert fs.get(NS, b"rec-000001").value == b"value 1"
+    _put(fs, 3)
+    fs.close()
+    q.close()
+
+
+def test_clients_are_authenticated_and_members_attested(cluster, tmp_path):
+    q = cluster.client()
+    cluster.wait_ready(q)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    _put(fs, 1)
+    head = q.head("records")
+    nxt = AnchorHead(head.epoch + 1, b"\x01" * 32)
+    broker = cluster.client("broker")  # a valid certificate, but for another workload
+    with pytest.raises(AnchorConflictError, match="may not write ledger 'records'"):
+        broker.advance("records", head, nxt)
+    st = sign_owner_statement(OwnerStatement("reanchor", "records", 0, b"\x00" * 32,
+                                             tuple(m.member for m in broker.members())),
+                              cluster.owner.private_pem())
+    with pytest.raises(OwnerStatementError):
+        broker.initialise(st)
+    from safehold.broker.ca import WorkloadCA
+
+    stranger = ClientIdentity(WorkloadCA.generate("another broker"), "records")
+    with pytest.raises(AnchorUnavailableError):  # TLS refuses a certificate of another CA
+        cluster.client(identity=stranger, timeout=1.0).advance("records", head, nxt)
+    wrong = cluster.client(measurement="ab" * 48, timeout=1.0)  # the members are not this build
+    with pytest.raises(AnchorUnavailableError):
+        wrong.head("records")
+    assert q.head("records").same(head)  # nothing moved
+    fs.close()
+    broker.close()
+    q.close()
+
+
+def test_restore_while_stopped_is_refused_with_real_members(cluster, tmp_path):
+    q = cluster.client()
+    cluster.wait_ready(q)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    _put(fs, 1)
+    fs.close()
+    token = engine.backup()
+    fs = _fresh(engine, q, cluster)
+    fs.delete(NS, b"rec-000001")
+    fs.close()
+    engine.restore_file(token)
+    fs = FreshStore(engine.open(), ledger="records", mac_key=MAC_KEY, anchor=q, policy=POLICY)
+    with pytest.raises(StoreRolledBackError):
+        fs.get(NS, b"rec-000001")
+    fs.close()
+    q.close()
+
+
+def test_a_hung_minority_member_does_not_stall_writes(cluster, tmp_path):
+    import signal
+    import time
+
+    q = cluster.client(timeout=1.0)
+    cluster.wait_ready(q)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    _put(fs, 0)
+    cluster.procs[2].send_signal(signal.SIGSTOP)  # alive but silent: the worst kind of minority
+    try:
+        t0 = time.monotonic()
+        for i in range(1, 21):
+            _put(fs, i)
+        took = time.monotonic() - t0
+        print("20 writes with a hung member:", round(took, 2), "s")
+        assert took < 8  # one timeout, then the member is skipped
+    finally:
+        cluster.procs[2].send_signal(signal.SIGCONT)
+    _put(fs, 21)
+    assert fs.get(NS, b"rec-000021").value == b"value 21"
+    fs.close()
+    q.close()

@@ -1,0 +1,239 @@
+"""Transactions, group commit and snapshots of a FreshStore, on both engines."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from safehold.errors import ConfigError, ConflictError
+from safehold.freshness.errors import JournalCorruptError, RowRolledBackError
+from safehold.freshness.group import FreshGroupCommit
+from safehold.freshness.journal import JOURNAL_NS, SNAP_NS
+from safehold.freshness.vmap import NamespacePolicy
+from safehold.records.commit import GroupCommit
+from tests.support.freshness import open_fresh
+
+NS = "records:patients"
+SEARCH = "records:patients.search"
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(4, "big") * 4
+
+
+def journal(fs) -> list:
+    return list(fs.inner.scan_all(JOURNAL_NS))
+
+
+def test_one_entry_per_transaction_savepoints_and_rollback(engine, anchor):
+    fs = open_fresh(engine.open(), anchor)
+    n0 = len(journal(fs))
+    with fs.transaction() as tx:
+        tx.put(NS, k(1), b"a", expected_version=0)
+        with pytest.raises(RuntimeError):
+            with fs.transaction():  # a failing savepoint: its write is not journaled
+                fs.put(NS, k(2), b"b", expected_version=0)
+                raise RuntimeError("unit failed")
+        with fs.transaction():
+            fs.put(NS, k(3), b"c", expected_version=0)
+        assert fs.get(NS, k(3)).value == b"c"  # reads see the transaction's own writes
+        assert fs.get(NS, k(2)) is None
+    assert len(journal(fs)) == n0 + 1
+    with pytest.raises(ValueError):
+        with fs.transaction() as tx:
+            tx.put(NS, k(4), b"d", expected_version=0)
+            raise ValueError("body failed")
+    with fs.transaction() as tx:  # read-only: no entry
+        tx.get(NS, k(1))
+    assert len(journal(fs)) == n0 + 1
+    assert fs.get(NS, k(4)) is None and fs.audit() == []
+    with pytest.raises(ValueError, match="reserved"):
+        fs.get(JOURNAL_NS, b"x")
+    fs.close()
+
+
+@pytest.mark.parametrize("committer", [GroupCommit, FreshGroupCommit])
+def test_group_commit_of_concurrent_writers(engine, anchor, committer):
+    fs = open_fresh(engine.open(), anchor)
+    gc = committer(fs)
+    errors = []
+
+    def client(c: int) -> None:
+        try:
+            for i in range(25):
+                rid = c * 1000 + i
+
+                def unit(rid: int = rid) -> int:
+                    fs.put(NS, k(rid), b"record %d" % rid, expected_version=0)
+                    for t in range(3):
+                        fs.put(SEARCH, bytes([t]) * 16 + k(rid), b"id", expected_version=0)
+                    return rid
+
+                assert gc.run(unit) == rid
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(journal(fs)) < 200  # batches: fewer entries than the 200 transactions
+    assert sum(len(fs.scan_prefix(SEARCH, bytes([t]) * 16)) for t in range(3)) == 600
+    assert fs.audit() == []
+    fs.close()
+    fs = open_fresh(engine.open(), anchor)
+    assert fs.get(NS, k(7024)).value == b"record 7024"
+    fs.close()
+
+
+def test_concurrent_transactions_no_false_alarm(engine, anchor):
+    """Readers and writers on several threads (PostgreSQL runs them truly in parallel)."""
+    fs = open_fresh(engine.open(), anchor)
+    with fs.transaction() as tx:
+        for i in range(20):
+            tx.put(NS, k(i), b"0", expected_version=0)
+    stop, errors = threading.Event(), []
+
+    def writer(w: int) -> None:
+        try:
+            for n in range(40):
+                i = (w * 7 + n) % 20
+                row = fs.get(NS, k(i))
+                try:
+                    fs.put(NS, k(i), b"%d" % n, expected_version=row.version)
+                except Exception as e:  # noqa: BLE001
+                    if "conflict" not in str(e):
+                        raise
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                fs.scan(NS, limit=20)
+                fs.get(NS, k(3))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    rs = [threading.Thread(target=reader) for _ in range(2)]
+    ws = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in rs + ws:
+        t.start()
+    for t in ws:
+        t.join()
+    stop.set()
+    for t in rs:
+        t.join()
+    assert errors == []
+    assert fs.audit() == []
+    fs.close()
+
+
+def test_snapshot_gc_and_rebuild(engine, anchor):
+    fs = open_fresh(engine.open(), anchor, snapshot_every=0)
+    with fs.transaction() as tx:
+        for i in range(300):
+            tx.put(NS, k(i), b"v", expected_version=0)
+            tx.put(SEARCH, bytes([i % 5]) * 16 + k(i), b"id", expected_version=0)
+    for i in range(10):
+        fs.put(NS, k(i), b"w", expected_version=1)
+    assert fs.snapshotter.run()
+    rows = journal(fs)
+    assert len(rows) == 1 and list(fs.inner.scan_all(SNAP_NS))[0].value != b""  # only the reference entry
+    fs.put(NS, k(1), b"x", expected_version=2)
+    fs.close()
+    fs = open_fresh(engine.open(), anchor)
+    fs.check()
+    assert fs.get(NS, k(1)).value == b"x" and fs.get(NS, k(299)).version == 1
+    assert len(fs.scan_prefix(SEARCH, bytes([2]) * 16)) == 60
+    assert fs.audit() == []
+    assert fs.snapshotter.run()  # a second snapshot replaces the first
+    assert {r.key[:8] for r in fs.inner.scan_all(SNAP_NS)} == {fs.snapshotter.base.to_bytes(8, "big")}
+    fs.close()
+    engine.sql("UPDATE safehold_rows SET value = ? WHERE namespace = '_fresh.snap'", (b"garbage",))
+    fs = open_fresh(engine.open(), anchor)
+    with pytest.raises(JournalCorruptError, match="snapshot"):
+        fs.check()
+    fs.close()
+
+
+def test_journal_edits_are_refused(engine, anchor):
+    fs = open_fresh(engine.open(), anchor)
+    for i in range(4):
+        fs.put(NS, k(i), b"v", expected_version=0)
+    third = journal(fs)[2]
+    fs.close()
+    engine.sql("DELETE FROM safehold_rows WHERE namespace = '_fresh.journal' AND key = ?", (third.key,))
+    fs = open_fresh(engine.open(), anchor)
+    with pytest.raises(JournalCorruptError, match="entry 3 is missing"):
+        fs.get(NS, k(1))
+    fs.close()
+    engine.sql("INSERT INTO safehold_rows VALUES ('_fresh.journal', ?, 1, ?)", (third.key, third.value))
+    fs = open_fresh(engine.open(), anchor)
+    fs.check()  # put back exactly: fine again
+    fs.close()
+    engine.sql("UPDATE safehold_rows SET value = ? WHERE namespace = '_fresh.journal' AND key = ?",
+               (b"\x00" * 200, (2).to_bytes(8, "big")))
+    fs = open_fresh(engine.open(), anchor)
+    with pytest.raises(JournalCorruptError, match="MAC does not verify"):
+        fs.check()
+    fs.close()
+
+
+def test_policy_must_not_change(engine, anchor):
+    fs = open_fresh(engine.open(), anchor)
+    fs.put(SEARCH, b"p" * 32, b"id", expected_version=0)
+    fs.close()
+    fs = open_fresh(engine.open(), anchor, policy=NamespacePolicy())
+    with pytest.raises(JournalCorruptError, match="policy"):
+        fs.check()
+    fs.close()
+    with pytest.raises(ConfigError):
+        NamespacePolicy({"*.search": 0})
+
+
+def test_tampered_row_is_not_overwritten_blindly(engine, anchor):
+    fs = open_fresh(engine.open(), anchor)
+    fs.put(NS, k(1), b"a", expected_version=0)
+    fs.put(NS, k(1), b"b", expected_version=1)
+    engine.sql("UPDATE safehold_rows SET version = 1 WHERE key = ?", (k(1),))
+    with pytest.raises(RowRolledBackError):
+        fs.put(NS, k(1), b"c", expected_version=1)  # the CAS would succeed on the stale row
+    assert engine.name and fs.status()["committed_epoch"] == 3  # nothing was journaled
+    fs.close()
+
+
+def test_background_audit_reports_findings(engine, anchor):
+    import time
+
+    from safehold.freshness.audit import AuditThread
+
+    fs = open_fresh(engine.open(), anchor)
+    with fs.transaction() as tx:
+        for i in range(10):
+            tx.put(NS, k(i), b"v", expected_version=0)
+    seen: list = []
+    audit = AuditThread(fs, 0.05, seen.extend).start()
+    try:
+        engine.sql("UPDATE safehold_rows SET version = 5 WHERE key = ?", (k(6),))
+        end = time.monotonic() + 10
+        while not seen and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        audit.stop()
+    assert seen and seen[0].key == k(6) and isinstance(seen[0], RowRolledBackError)
+    fs.close()
+
+
+def test_fresh_group_commit_failing_unit_is_alone(engine, anchor):
+    fs = open_fresh(engine.open(), anchor)
+    gc = FreshGroupCommit(fs)
+    fs.put(NS, k(1), b"a", expected_version=0)
+    with pytest.raises(ConflictError):
+        gc.run(lambda: fs.put(NS, k(1), b"b", expected_version=0))
+    assert gc.run(lambda: fs.put(NS, k(2), b"c", expected_version=0)) == 1
+    assert fs.get(NS, k(1)).value == b"a" and fs.audit() == []
+    fs.close()

@@ -1,0 +1,58 @@
+"""A writer process for the freshness crash test: FreshStore transactions (one record + three
+postings each) through the real anchor members, printing ``ack N`` after each one returned.
+
+Run: ``python tests/support/fresh_writer.py`` with a JSON job on stdin (test keys travel on a
+pipe, never in argv, the environment or a file): ``{engine: "sqlite"|"postgres", path | dsn +
+schema, members, policy, cert, key, mac_key (hex), start, count}``. Prints ``ready`` once the
+store is open, then ``ack <i>`` per committed and anchored transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def record_key(i: int) -> bytes:
+    return b"rec-%08d" % i
+
+
+def posting_key(term: int, i: int) -> bytes:
+    return bytes([term]) * 16 + record_key(i)
+
+
+def main() -> int:
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.attestation.verifier import Verifier
+    from safehold.freshness.anchor.client import QuorumAnchor
+    from safehold.freshness.store import FreshStore
+    from safehold.freshness.vmap import NamespacePolicy
+
+    job = json.loads(sys.stdin.read())
+    if job["engine"] == "sqlite":
+        from safehold.store.sqlite import SqliteStore
+
+        inner = SqliteStore(job["path"])
+    else:
+        from safehold.store.postgres import PostgresStore
+
+        inner = PostgresStore(job["dsn"], schema=job["schema"], application_name="fresh-writer", max_size=2)
+    anchor = QuorumAnchor(job["members"], Verifier(AppraisalPolicy.from_toml(job["policy"])),
+                          client_cert_pem=job["cert"].encode(), client_key_pem=job["key"].encode(),
+                          timeout=2.0)
+    fs = FreshStore(inner, ledger="records", mac_key=bytes.fromhex(job["mac_key"]), anchor=anchor,
+                    policy=NamespacePolicy({"*.search": 16}))
+    fs.check()
+    print("ready", flush=True)
+    for i in range(job["start"], job["start"] + job["count"]):
+        with fs.transaction() as tx:
+            tx.put("records:patients", record_key(i), b"record %d" % i, expected_version=0)
+            for t in range(3):
+                tx.put("records:patients.search", posting_key(t, i), b"id", expected_version=0)
+        print(f"ack {i}", flush=True)
+    fs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
