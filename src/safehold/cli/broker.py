@@ -59,13 +59,16 @@ def broker() -> None:
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Broker data directory.")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Manifest (TOML/JSON) to install if none is set yet.")
-@click.option("--store", "store_url", default=None, help="Store URL (default sqlite in the data dir).")
+@click.option("--store", "store_url", default=None, envvar="SAFEHOLD_BROKER_STORE_URL",
+              help="Store URL (default sqlite in the data dir); or SAFEHOLD_BROKER_STORE_URL.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8443, show_default=True, type=int)
 @click.option("--nonce-ttl", default=300, show_default=True, type=int, help="Challenge lifetime, s.")
 @click.option("--token-ttl", default=600, show_default=True, type=int, help="EAR token lifetime, s.")
 @click.option("--max-body", default=1024 * 1024, show_default=True, type=int, help="Body limit, bytes.")
-@click.option("--tls-name", multiple=True, help="Extra DNS name/IP for the broker's TLS certificate.")
+@click.option("--tls-name", multiple=True, envvar="SAFEHOLD_BROKER_TLS_NAMES",
+              help="Extra DNS name/IP for the broker's TLS certificate (repeatable; or "
+                   "SAFEHOLD_BROKER_TLS_NAMES, space-separated).")
 @click.option("--no-tls", is_flag=True, help="Serve plain HTTP (development only).")
 @click.option("--static-value", default=None, hidden=True, help="Serve GET /static (benchmark baseline).")
 def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, host: str, port: int,
