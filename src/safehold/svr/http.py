@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
@@ -198,8 +198,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def _principal(request: Request, authorization: str = Header(default="")) -> Principal:
-    scheme, _, token = authorization.partition(" ")
+def _principal(request: Request) -> Principal:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise StarletteHTTPException(401, "a bearer token is required")
     principal = request.app.state.access.get(hashlib.sha256(token.strip().encode()).digest())
