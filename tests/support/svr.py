@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,10 @@ import httpx
 from safehold.freshness.errors import LedgerUninitialisedError
 from safehold.svr.core import SvrService
 from safehold.svr.keys import SvrKeys
+from safehold.svr.launch import LocalSvr
 from safehold.svr.pin import Argon2Params
 from tests.support.fresh_cluster import AnchorCluster, ClientIdentity
 from tests.support.freshness import InProcessAnchor, Owner
-from tests.support.processes import child_env, stop, wait_ready
 
 #: CHEAP Argon2id, TEST ONLY (module docstring): 64 KiB, one pass.
 TEST_ARGON2 = Argon2Params(memory_kib=64, iterations=1, parallelism=1, label="TEST-ONLY cheap Argon2id")
@@ -91,106 +89,48 @@ class TamperingTransport(httpx.BaseTransport):
 # --- processes ------------------------------------------------------------------------------------
 
 
-class SvrProcesses:
-    """``n`` SVR server processes (RA-TLS, simulated TEE) over ``n`` anchor members.
+def server_secrets(i: int, identity: ClientIdentity) -> dict[str, Any]:
+    """Server ``i``'s standard-input document: its secret, the test access list, its anchor
+    client certificate and key (CN = its name)."""
+    return {"secret": hashlib.sha256(b"svr secret %d" % i).hexdigest(), "access": access_list(),
+            "anchor_client_cert": identity.cert_pem.decode(), "anchor_client_key": identity.key_pem.decode()}
 
-    Each server has its own store (``store_urls[i]``, default a SQLite file), its own ledger
-    (its name ``svr-i``) and anchor client certificate (CN = its name), and the same access list
-    (:func:`access_list`). ``start_all`` initialises every ledger with the owner key.
+
+class SvrProcesses(LocalSvr):
+    """``n`` SVR server processes (RA-TLS, simulated TEE; :class:`~safehold.svr.launch.LocalSvr`)
+    over ``anchor_members`` anchor member processes with a test broker CA and a test owner.
+
+    Each server has its own store (SQLite file unless ``store_urls``), its own ledger (its name
+    ``svr-i``) and anchor client certificate, and the access list of :func:`access_list`.
     """
 
     def __init__(self, root: Path, package: Path, *, n: int = 3, store_urls: list[str] | None = None,
                  anchor_members: int = 3, wait_timeout: float = 5.0) -> None:
-        self.root, self.package, self.n = root, package, n
+        self.root = root
         self.owner = Owner()
         self.anchor = AnchorCluster(root, package, self.owner, n=anchor_members)
-        self.names = [f"svr-{i}" for i in range(n)]
-        self.stores = store_urls or [f"sqlite:///{root / f'svr-{i}.db'}" for i in range(n)]
-        self.tee = root / "tee"
-        self.procs: list[subprocess.Popen | None] = [None] * n
-        self.urls: list[str] = [""] * n
-        self.ports: list[int] = [0] * n
-        self.measurements: list[str] = [""] * n
-        self.wait_timeout = wait_timeout
+        super().__init__(root, group_id=GROUP_ID, anchor_urls=self.anchor.urls, anchor_policy={},
+                         data_dir=root / "tee", n=n, store_urls=store_urls, package_root=package,
+                         wait_timeout=wait_timeout)
         self.identities = [ClientIdentity(self.anchor.ca, name) for name in self.names]
 
-    def config(self, i: int) -> Path:
-        return self.root / f"svr-{i}.toml"
-
-    def ready(self, i: int) -> Path:
-        return self.root / f"svr-{i}.ready.json"
-
-    def write_configs(self) -> None:
-        pol = {"allow_simulated": True, "simulated_root": str(self.anchor.simulated_root),
-               "reference_values": {"measurements": [self.anchor.measurement]}}
-        import tomli_w
-
-        for i, name in enumerate(self.names):
-            self.config(i).write_text(tomli_w.dumps({
-                "name": name, "group_id": GROUP_ID, "host": "127.0.0.1",
-                "anchor_members": self.anchor.urls, "wait_timeout": self.wait_timeout,
-                "anchor_policy": pol}))
-
-    def start(self, i: int) -> dict:
-        ready = self.ready(i)
-        ready.unlink(missing_ok=True)
-        log = open(self.root / f"svr-{i}.log", "ab")  # noqa: SIM115 - the child keeps it
-        port = self.ports[i] or 0
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "safehold.svr.server", "--config", str(self.config(i)),
-             "--store-url", self.stores[i], "--port", str(port), "--data-dir", str(self.tee),
-             "--ready-file", str(ready)],
-            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.PIPE, env=child_env(self.package.parent),
-            cwd=self.root)
-        ident = self.identities[i]
-        proc.stdin.write(json.dumps({"secret": hashlib.sha256(b"svr secret %d" % i).hexdigest(),
-                                     "access": access_list(),
-                                     "anchor_client_cert": ident.cert_pem.decode(),
-                                     "anchor_client_key": ident.key_pem.decode()}).encode())
-        proc.stdin.close()
-        info = wait_ready(proc, ready)
-        self.procs[i] = proc
-        self.urls[i], self.ports[i], self.measurements[i] = info["url"], info["port"], info["measurement"]
-        return info
+    def start(self, i: int, secrets: dict[str, Any] | None = None, **kw: Any) -> dict:
+        return super().start(i, secrets or server_secrets(i, self.identities[i]), **kw)
 
     def start_all(self) -> None:
         self.anchor.start_all()
         q = self.anchor.client("probe")
         self.anchor.wait_ready(q)
         q.close()
+        self.anchor_policy = {"allow_simulated": True, "simulated_root": str(self.anchor.simulated_root),
+                              "reference_values": {"measurements": [self.anchor.measurement]}}
         self.write_configs()
         for i in range(self.n):
             self.start(i)
 
-    def kill(self, i: int) -> None:
-        p = self.procs[i]
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait()
-        self.procs[i] = None
-
-    def stop(self, i: int) -> None:
-        p = self.procs[i]
-        if p is not None:
-            stop(p)
-        self.procs[i] = None
-
     def stop_all(self) -> None:
-        for i in range(self.n):
-            self.stop(i)
+        super().stop_all()
         self.anchor.stop()
-
-    def policy_toml(self, measurements: list[str] | None = None) -> str:
-        """An appraisal policy accepting exactly these servers (SIMULATED TEE)."""
-        ms = measurements or sorted(set(self.measurements))
-        return ('name = "svr"\nallow_simulated = true\n'
-                f"simulated_root = {json.dumps(str(self.tee / 'simulated-tee' / 'root-ca.pem'))}\n"
-                f"[reference_values]\nmeasurements = {json.dumps(ms)}\n")
-
-    def policy(self, measurements: list[str] | None = None):
-        from safehold.attestation.policy import AppraisalPolicy
-
-        return AppraisalPolicy.from_toml(self.policy_toml(measurements))
 
     def client(self, cls, token: str = USER_TOKEN, *, servers: list[int] | None = None, **kw: Any):
         """An SDK client of class ``cls`` (Svr2Client / Svr3Client) attesting every server."""

@@ -165,11 +165,7 @@ def evaluate_share(oprf_share: bytes, zero_share: bytes, blinded: bytes) -> byte
         InvalidElementError / IdentityElementError: ``blinded`` fails RFC 9497 DeserializeElement;
         InvalidScalarError: a bad share.
     """
-    blinded = oprf.check_element(blinded, "blinded element")
-    evaluated = oprf.blind_evaluate(oprf_share, [blinded])[0]
-    if oprf.check_scalar(zero_share, "zero share") == ZERO_SCALAR:
-        return evaluated
-    return oprf.element_add(evaluated, oprf.scalar_mult(zero_share, mask_element(blinded)))
+    return oprf.blind_evaluate_masked(oprf_share, zero_share, [blinded], MASK_DST)[0]
 
 
 def combine(elements: Sequence[bytes]) -> bytes:
