@@ -135,12 +135,12 @@ def test_a_guess_charged_before_a_crash_stays_charged(stack):
 
 def test_svr3_guesses_survive_a_kill_in_flight(stack):
     with stack.client(Svr3Client, argon2=TEST_ARGON2) as c:
-        c.backup("1234", SECRET, max_tries=30)
+        c.backup("1234", SECRET, max_tries=200)
     answered = []
 
     def attacker() -> None:
         with stack.client(Svr3Client, argon2=TEST_ARGON2) as c:
-            for n in range(40):
+            for n in range(200):
                 try:
                     c.restore(f"{5000 + n}")
                 except PinMismatchError:
@@ -151,14 +151,15 @@ def test_svr3_guesses_survive_a_kill_in_flight(stack):
     t = threading.Thread(target=attacker)
     t.start()
     time.sleep(1.0)
-    stack.kill(1)
+    stack.kill(1)  # mid-run: the attacker's next guess meets a dead server
     t.join(60)
+    assert 1 <= len(answered) < 150  # the kill landed while guessing
     stack.start(1)
     with stack.client(Svr3Client, argon2=TEST_ARGON2) as c:
         tries = [s.tries for s in c.query()]
-    # every answered guess was charged everywhere (a guess in flight may be charged unanswered)
-    assert all(t_ <= 30 - len(answered) for t_ in tries), (tries, len(answered))
-    assert len(answered) >= 1
+        # every answered guess was charged everywhere (a guess in flight may be charged unanswered)
+        assert all(t_ <= 200 - len(answered) for t_ in tries), (tries, len(answered))
+        assert c.restore("1234") == SECRET  # the restarted server still holds its share
 
 
 def test_older_database_copy_is_refused_stopped_and_running(stack):

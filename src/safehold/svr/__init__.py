@@ -8,5 +8,6 @@ cannot reset (docs/svr.md).
 * Shared with the client SDK: :mod:`.protocol` (wire format, statuses), :mod:`.pin` (PIN
   normalisation, Argon2id, sealing), :mod:`.db4`, :mod:`.errors`.
 * Service: :mod:`.rows` (state over the records engine and a FreshStore), :mod:`.keys`,
-  :mod:`.core` (facade); :mod:`.http` (routes), :mod:`.server` (the process).
+  :mod:`.core` (facade); :mod:`.http` (routes), :mod:`.server` (the process), :mod:`.launch`
+  (``LocalSvr``: n servers on loopback).
 """
