@@ -59,3 +59,17 @@ def test_discovery_sdk_loads_no_server_module():
     assert "safehold.crypto.oprf" in loaded  # the check sees what was loaded
     bad = sorted(set(loaded) & set(DISCOVERY_SERVER_MODULES + SERVER_FRAMEWORKS))
     assert bad == []
+
+
+#: What the SVR SDK (``safehold.client.svr``) must not load: the service's core, rows, protocol
+#: engines, keys, HTTP layer, process, nor the store, the records engine or freshness.
+SVR_SERVER_MODULES = ("safehold.svr.core", "safehold.svr.rows", "safehold.svr.svr2", "safehold.svr.svr3",
+                      "safehold.svr.keys", "safehold.svr.http", "safehold.svr.server", "safehold.store",
+                      "safehold.records.engine", "safehold.freshness")
+
+
+def test_svr_sdk_loads_no_server_module():
+    loaded = _loaded_after_import(("safehold.client.svr",))
+    assert "safehold.svr.db4" in loaded and "safehold.svr.pin" in loaded  # the shared modules
+    bad = sorted(set(loaded) & set(SVR_SERVER_MODULES + SERVER_FRAMEWORKS))
+    assert bad == []

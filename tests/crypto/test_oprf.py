@@ -163,3 +163,20 @@ def test_additive_key_shares_match_the_whole_key():
 def test_outputs_equal_is_plain_equality():
     a = hashlib.sha512(b"a").digest()
     assert oprf.outputs_equal(a, a) and not oprf.outputs_equal(a, hashlib.sha512(b"b").digest())
+
+
+def test_blind_evaluate_masked_is_the_share_evaluation_plus_the_mask():
+    """SVR3/DB4's server answer: sk·B + z·hash_to_group(B, DST), the same as composing the
+    public helpers; with z = 0 it is plain BlindEvaluate; a bad element is refused."""
+    sk, z, dst = oprf.random_scalar(), oprf.random_scalar(), b"test-mask-dst"
+    blinded = oprf.blind([b"a", b"b"]).elements
+    want = [oprf.element_add(oprf.blind_evaluate(sk, [b])[0], oprf.scalar_mult(z, oprf.hash_to_group(b, dst)))
+            for b in blinded]
+    assert oprf.blind_evaluate_masked(sk, z, blinded, dst) == want
+    assert oprf.blind_evaluate_masked(sk, bytes(32), blinded, dst) == oprf.blind_evaluate(sk, blinded)
+    with pytest.raises(oprf.IdentityElementError):
+        oprf.blind_evaluate_masked(sk, z, [bytes(32)], dst)
+    with pytest.raises(oprf.InvalidElementError):
+        oprf.blind_evaluate_masked(sk, z, [NON_CANONICAL], dst)
+    with pytest.raises(oprf.InvalidScalarError):
+        oprf.blind_evaluate_masked(sk, b"\xff" * 32, blinded, dst)

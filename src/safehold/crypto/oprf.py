@@ -26,9 +26,10 @@ scalars, canonical ristretto255 encodings; §4.1). Secret scalars are never prin
 :class:`KeyPair`'s ``repr`` shows the public key only.
 
 The scalar helpers (:func:`random_scalar`, :func:`scalar_add`, :func:`scalar_sub`,
-:func:`scalar_mul`, :func:`scalar_negate`, :func:`scalar_invert`) and element helpers
-(:func:`element_add`, :func:`scalar_mult`, :func:`scalar_mult_base`) are public so SVR's
-additive OPRF-key shares (Signal's DB4) build on the same binding.
+:func:`scalar_mul`, :func:`scalar_negate`, :func:`scalar_invert`), element helpers
+(:func:`element_add`, :func:`scalar_mult`, :func:`scalar_mult_base`) and the masked share
+evaluation :func:`blind_evaluate_masked` are public so SVR's additive OPRF-key shares (Signal's
+DB4, :mod:`safehold.svr.db4`) build on the same binding.
 
 Errors (RFC 9497 §5.3 "Error Considerations"): :class:`DeserializeError` (with
 :class:`InvalidElementError` for a non-canonical or invalid encoding and
@@ -80,6 +81,13 @@ if not hasattr(_lib, "crypto_core_ristretto255_from_hash"):  # pragma: no cover 
 _scalarmult = _lib.crypto_scalarmult_ristretto255
 _scalarmult.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p)
 _scalarmult.restype = ctypes.c_int
+# Own function objects (item access does not share pysodium's cached attribute objects).
+_add = _lib["crypto_core_ristretto255_add"]
+_add.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p)
+_add.restype = ctypes.c_int
+_from_hash = _lib["crypto_core_ristretto255_from_hash"]
+_from_hash.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+_from_hash.restype = ctypes.c_int
 
 
 class OPRFError(CryptoError):
@@ -398,6 +406,40 @@ def blind_evaluate(sk: bytes, blinded_elements: Sequence[bytes]) -> list[bytes]:
             check_element(p, f"blinded element {n}")
             raise InvalidElementError(f"blinded element {n} could not be evaluated")
         result.append(out.raw)
+    return result
+
+
+def blind_evaluate_masked(sk: bytes, mask_scalar: bytes, blinded_elements: Sequence[bytes],
+                          mask_dst: bytes) -> list[bytes]:
+    """BlindEvaluate under one additive key share, masked: ``sk·B + z·M(B)`` per element, with
+    ``M(B) = hash_to_ristretto255(B)`` under ``mask_dst`` (RFC 9380 App. B via
+    :func:`hash_to_group`). This is a server's answer in Signal's SVR3 (DB4): the shares ``sk``
+    of all servers sum to the OPRF key and the ``z`` to zero, so the answers sum to the RFC 9497
+    BlindEvaluate under the summed key while each one alone is masked. A zero ``z`` (a single
+    server) gives the plain BlindEvaluate.
+
+    Every operation is one libsodium call (two ``crypto_scalarmult_ristretto255``, one
+    ``crypto_core_ristretto255_from_hash``, one ``crypto_core_ristretto255_add``); the blinded
+    element is validated by the first multiplication, as in :func:`blind_evaluate`.
+
+    Raises:
+        InvalidElementError / IdentityElementError: an element fails DeserializeElement;
+        InvalidScalarError: a bad share or mask scalar.
+    """
+    sk = check_scalar(sk, "private key")
+    z = check_scalar(mask_scalar, "mask scalar")
+    if z == bytes(NS):
+        return blind_evaluate(sk, blinded_elements)
+    out, mask, masked, total = (ctypes.create_string_buffer(NE) for _ in range(4))
+    result = []
+    for n, p in enumerate(blinded_elements):
+        if not isinstance(p, bytes) or len(p) != NE or p == _IDENTITY or _scalarmult(out, sk, p) != 0:
+            check_element(p, f"blinded element {n}")
+            raise InvalidElementError(f"blinded element {n} could not be evaluated")
+        _from_hash(mask, expand_message_xmd(p, mask_dst, 64))
+        if _scalarmult(masked, z, mask.raw) != 0 or _add(total, out.raw, masked.raw) != 0:
+            raise InvalidElementError(f"blinded element {n}: the masked evaluation failed")
+        result.append(total.raw)
     return result
 
 

@@ -1,0 +1,284 @@
+"""The SVR server process: attest, open the verified store, serve RA-TLS.
+
+``python -m safehold.svr.server --config svr.toml --store-url URL --port P
+[--data-dir DIR | --insecure-plain-http] [--ready-file F]``
+
+**Secrets on standard input** (a pipe from the parent; never argv, environment or a file): one
+JSON object, then EOF::
+
+    {"secret": "<64 hex digits>",                 # the server's 32-byte secret (keys.py)
+     "access": {"<sha256 hex of a token>": {"name": "...", "roles": ["backup"]}, ...},
+     "anchor_client_cert": "<PEM>", "anchor_client_key": "<PEM>"}   # mutual TLS to the anchor
+
+In this phase the caller supplies them; the key broker will release them to the attested
+workload (``safehold.runtime``), which is listed in docs/svr.md.
+
+Measured configuration (TOML, every key below; unknown keys refused):
+
+.. code-block:: toml
+
+    name = "svr-0"             # ledger of the anchor = CN of the anchor client certificate
+    group_id = 1234            # the SVR group's u64 id (clients salt PIN hashes with it)
+    host = "127.0.0.1"
+    anchor_members = ["https://127.0.0.1:7601", "https://127.0.0.1:7602", "https://127.0.0.1:7603"]
+    wait_timeout = 5.0         # seconds a commit waits for the anchor
+    [anchor_policy]            # appraisal policy of the anchor members (AppraisalPolicy keys)
+    allow_simulated = true
+    ...
+
+Run-time plumbing (argv, not measured): the store URL (the database is untrusted: the
+FreshStore and the engine's AEAD judge what it returns), the port, the simulated TEE's data
+directory, the ready file (JSON ``{url, port, pid, name, measurement}``).
+
+With ``--data-dir`` the server attests (simulated TEE), generates its TLS key in memory and
+serves RA-TLS; ``--insecure-plain-http`` serves plain HTTP on loopback instead — for
+development only, loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import socket
+import ssl
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+import uvicorn
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from safehold.errors import SafeholdError
+from safehold.fsutil import write_atomic
+from safehold.svr.core import SvrService
+from safehold.svr.errors import SvrConfigError
+from safehold.svr.http import Principal, create_app, parse_access
+from safehold.svr.keys import SECRET_SIZE, SvrKeys
+
+__all__ = ["ServerConfig", "Secrets", "build", "main", "read_secrets"]
+
+log = logging.getLogger("safehold.svr")
+#: Largest standard-input document accepted (the access list dominates).
+MAX_STDIN = 1 << 20
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServerConfig:
+    """The measured configuration (module docstring)."""
+
+    name: str
+    group_id: int
+    anchor_members: list[str]
+    anchor_policy: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    wait_timeout: float = 5.0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ServerConfig:
+        """Read and check the TOML file.
+
+        Raises:
+            SvrConfigError: unreadable, unknown or missing keys, wrong types, no anchor members,
+                an invalid anchor policy.
+        """
+        try:
+            data = tomllib.loads(Path(path).read_text("utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SvrConfigError(f"svr config {path}: {e}") from None
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SvrConfigError(f"svr config: unknown keys {unknown}")
+        try:
+            cfg = cls(**data)
+        except TypeError as e:
+            raise SvrConfigError(f"svr config: {e}") from None
+        gid = cfg.group_id
+        if isinstance(gid, bool) or not isinstance(gid, int) or not 0 <= gid < 2**64:
+            raise SvrConfigError("svr config: group_id must be an unsigned 64-bit integer")
+        if not cfg.anchor_members or not all(isinstance(m, str) and m.startswith("https://")
+                                             for m in cfg.anchor_members):
+            raise SvrConfigError("svr config: anchor_members must list the anchor members' https:// URLs")
+        if not isinstance(cfg.wait_timeout, int | float) or cfg.wait_timeout <= 0:
+            raise SvrConfigError("svr config: wait_timeout must be a positive number of seconds")
+        cfg.policy()
+        return cfg
+
+    def policy(self) -> Any:
+        """The anchor members' appraisal policy.
+
+        Raises:
+            SvrConfigError: the policy table is invalid.
+        """
+        from safehold.attestation.policy import AppraisalPolicy
+
+        d = dict(self.anchor_policy)
+        d.setdefault("name", "anchor")
+        try:
+            return AppraisalPolicy.from_dict(d)
+        except SafeholdError as e:
+            raise SvrConfigError(f"svr config: anchor_policy: {e}") from None
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What the process receives on standard input (``repr`` shows nothing secret)."""
+
+    secret: bytes = field(repr=False)
+    access: dict[bytes, Principal] = field(repr=False)
+    anchor_cert_pem: bytes = field(repr=False)
+    anchor_key_pem: bytes = field(repr=False)
+
+
+def read_secrets(stream: TextIO) -> Secrets:
+    """Parse the standard-input document (module docstring).
+
+    Raises:
+        SvrConfigError: not one JSON object with exactly those fields, a secret that is not 64
+            hex digits, a bad access list, a certificate or key that is not PEM. Messages never
+            quote the input.
+    """
+    text = stream.read(MAX_STDIN + 1)
+    if len(text) > MAX_STDIN:
+        raise SvrConfigError("standard input is over 1 MiB")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise SvrConfigError("standard input must be one JSON object (secret, access, anchor "
+                             "client certificate and key)") from None
+    want = {"secret", "access", "anchor_client_cert", "anchor_client_key"}
+    if not isinstance(doc, dict) or set(doc) != want:
+        raise SvrConfigError(f"standard input must hold exactly the fields {sorted(want)}")
+    try:
+        secret = bytes.fromhex(doc["secret"]) if isinstance(doc["secret"], str) else b""
+    except ValueError:
+        secret = b""
+    if len(secret) != SECRET_SIZE:
+        raise SvrConfigError(f"secret must be {SECRET_SIZE} bytes as hex digits")
+    cert, key = doc["anchor_client_cert"], doc["anchor_client_key"]
+    if not (isinstance(cert, str) and "BEGIN CERTIFICATE" in cert and isinstance(key, str)
+            and "PRIVATE KEY" in key):
+        raise SvrConfigError("anchor_client_cert / anchor_client_key must be PEM text")
+    return Secrets(secret, parse_access(doc["access"]), cert.encode(), key.encode())
+
+
+def _certificate_cn(pem: bytes) -> str:
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as e:
+        raise SvrConfigError(f"anchor client certificate does not load ({e})") from None
+    return str(names[0].value) if names else ""
+
+
+def build(cfg: ServerConfig, secrets: Secrets, store_url: str) -> tuple[Any, SvrService]:
+    """Open the anchor client, the store and the service; returns ``(asgi app, service)``.
+
+    Raises:
+        SvrConfigError: the anchor certificate's CN is not the server's name (the members would
+            refuse every advance).
+        StoreError, ConfigError: the store or the anchor client could not be opened.
+    """
+    from safehold.attestation.verifier import Verifier
+    from safehold.freshness.anchor.client import QuorumAnchor
+    from safehold.store import open_store
+
+    cn = _certificate_cn(secrets.anchor_cert_pem)
+    if cn != cfg.name:
+        raise SvrConfigError(f"the anchor client certificate names {cn!r}; the anchor lets it write "
+                             f"only its own ledger, so it must name this server {cfg.name!r}")
+    anchor = QuorumAnchor(cfg.anchor_members, Verifier(cfg.policy()), client_cert_pem=secrets.anchor_cert_pem,
+                          client_key_pem=secrets.anchor_key_pem)
+    store = open_store(store_url)
+    service = SvrService(store, SvrKeys.from_secret(secrets.secret), name=cfg.name, group_id=cfg.group_id,
+                         anchor=anchor, wait_timeout=cfg.wait_timeout)
+    service.retry_anchor()
+    return create_app(service, secrets.access), service
+
+
+def _ratls_context(cfg: ServerConfig, data_dir: str, config_path: str) -> tuple[ssl.SSLContext, str]:
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+    from safehold.ratls.cert import create_identity
+    from safehold.ratls.server import server_ssl_context
+
+    attester = SimulatedAttester(data_dir, workload_files=[config_path])
+    ips = (cfg.host,) if cfg.host[:1].isdigit() or ":" in cfg.host else ()
+    identity = create_identity(attester, common_name=f"safehold svr {cfg.name}", ip_addresses=ips)
+    ctx = server_ssl_context(identity)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx, attester.measurement.hex()
+
+
+def serve(cfg: ServerConfig, secrets: Secrets, *, config_path: str, store_url: str, port: int,
+          data_dir: str | None, ready_file: str | None) -> None:
+    """Build and serve until SIGINT/SIGTERM."""
+    if data_dir is None and not _is_loopback(cfg.host):
+        raise SvrConfigError(f"host {cfg.host!r} is not loopback: plain HTTP only on loopback")
+    ctx, measurement = _ratls_context(cfg, data_dir, config_path) if data_dir else (None, "")
+    if ctx is None:
+        log.warning("SVR %s: PLAIN HTTP on loopback, NOT attested (development only)", cfg.name)
+    app, service = build(cfg, secrets, store_url)
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # inherited by accepted sockets: an answer's header and body records must not wait for
+    # the client's delayed ACK (Nagle), which costs ~40 ms per request on loopback
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((cfg.host, port))
+    sock.listen(256)
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", access_log=False, server_header=False, lifespan="off",
+        timeout_keep_alive=30, ssl_context_factory=(lambda _c, _d: ctx) if ctx is not None else None))
+    if ready_file:
+        scheme = "https" if ctx is not None else "http"
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        write_atomic(ready_file, json.dumps({"url": f"{scheme}://{host}:{bound}", "port": bound,
+                                             "pid": os.getpid(), "name": cfg.name,
+                                             "measurement": measurement}).encode(), mode=0o644)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        service.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Process entry point; errors are one line on stderr and exit 1."""
+    ap = argparse.ArgumentParser(prog="python -m safehold.svr.server")
+    ap.add_argument("--config", required=True, help="measured TOML configuration")
+    ap.add_argument("--store-url", required=True, help="sqlite:///… or postgresql://… (untrusted)")
+    ap.add_argument("--port", type=int, default=0, help="listen port (0 = any free port)")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--data-dir", help="simulated TEE key directory: attest and serve RA-TLS")
+    mode.add_argument("--insecure-plain-http", action="store_true",
+                      help="serve plain HTTP on loopback, not attested (development only)")
+    ap.add_argument("--ready-file", help="write {url, port, pid, name, measurement} here once listening")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = ServerConfig.load(args.config)
+        secrets = read_secrets(sys.stdin)
+        serve(cfg, secrets, config_path=args.config, store_url=args.store_url, port=args.port,
+              data_dir=args.data_dir, ready_file=args.ready_file)
+    except SafeholdError as e:
+        print(f"svr: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
