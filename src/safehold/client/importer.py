@@ -367,7 +367,10 @@ def import_files(client: BatchClient, files: list[Path], state_path: Path | None
                     continue
                 if conflict(item) or pos <= done:
                     if pos <= done:  # settled by an earlier run (seen above for conflicts)
-                        counts.skipped += 1
+                        if isinstance(item, ImportItem):
+                            counts.skipped += 1
+                        else:  # a FHIR resource is counted with the resources, not the patients
+                            counts.resources_skipped += 1
                         counts.acknowledged += 1
                     if progress:
                         progress(1, f.name)
