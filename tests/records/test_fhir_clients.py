@@ -333,7 +333,7 @@ def test_client_certificate_on_fhir(stack, tmp_path):
         return (str(out) + ".pem", key or str(out) + ".key")
 
     ca = str(stack.path("ca.pem"))
-    pinned = client_cert("reader", str(stack.path("owner.key")))
+    pinned = client_cert("reader", str(stack.owner_path("owner.key")))
     got = requests.get(f"{fhir_base(stack)}/Patient?_summary=count", cert=pinned, verify=ca, timeout=30)
     assert got.status_code == 200 and r4b(got.json())["type"] == "searchset"
     stranger = client_cert("admin")

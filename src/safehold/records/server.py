@@ -455,7 +455,7 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
 
 
 def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryption: bool = True,
-                  audit: bool = True, scone_auth: str | None = "none",
+                  audit: bool = True, scone_auth: str | None = "token",
                   ) -> tuple[FastAPI, FastAPI | None, PatientRepository]:
     """The service's apps over an open store and the keyset: the repository
     (:func:`open_repository`), the native API app with its health check, and the SCONE app.
@@ -465,8 +465,8 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
 
     Args:
         access: who may call (the broker's ``records-access`` secret, parsed).
-        scone_auth: ``"none"`` or ``"token"`` (see :mod:`safehold.records.scone_http`); None
-            builds no SCONE app (the SCONE port is off).
+        scone_auth: ``"token"`` (default) or ``"none"`` (see :mod:`safehold.records.scone_http`);
+            None builds no SCONE app (the SCONE port is off).
 
     Returns:
         ``(native_app, scone_app_or_None, repository)``.
@@ -494,6 +494,9 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
     listeners: list[tuple[FastAPI, str, int, ssl.SSLContext | None]] = [(native, cfg.host, cfg.port, ctx)]
     if scone is not None and cfg.scone_port is not None:
         listeners.append((scone, cfg.host, cfg.scone_port, ctx))
+        if cfg.scone_auth == "none":  # an explicit opt-in (issue 11, finding 5): say so loudly
+            log.warning("WARNING: scone_auth = 'none': the SCONE-compatible port serves every record "
+                        "WITHOUT AUTHENTICATION to any process on this machine (loopback only)")
 
     def ready(ports: list[int]) -> None:
         info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",
