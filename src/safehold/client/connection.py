@@ -109,7 +109,7 @@ def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
     target = str(url)
     if same and info:
         ca_digest = ""
-        with contextlib.suppress(OSError, TypeError):
+        with contextlib.suppress(OSError, TypeError, KeyError):  # up.json may lack it
             ca_digest = hashlib.sha256(Path(info["ca"]).read_bytes()).hexdigest()
         target += f" store={info.get('store_url', '')} ca={ca_digest}"
     return Connection(url, policy, token, info.get("ca"), target)
