@@ -302,6 +302,37 @@ def test_server_context_from_memory_presents_the_identity_in_a_handshake(ident) 
     assert der is not None and x509.load_der_x509_certificate(der) == ident.certificate
 
 
+def test_operator_watching_tmpdir_reads_no_key_while_tls_contexts_load(ident, tmp_path, monkeypatch) -> None:
+    """Issue 11, finding 1, for every RA-TLS server (SVR, anchor members, the demo: they all use
+    ``server_ssl_context``), the anchor's mTLS client and the records service's context: a
+    fanotify watch of the temp dir sees no file written (the old code wrote key.pem there)."""
+    import os
+    import tempfile
+    import time
+
+    from safehold.freshness.anchor.client import memory_client_context
+    from safehold.ratls import server_ssl_context
+    from safehold.records.server import ssl_context_from_pem
+    from tests.support.filewatch import FileWatch, fanotify_available
+
+    if not fanotify_available():
+        if os.environ.get("CI"):
+            pytest.fail("fanotify (root) is needed: inotify or polling can miss a file removed at once")
+        pytest.skip("needs fanotify (root): inotify or polling can miss a file removed at once")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fds = set(os.listdir("/proc/self/fd"))
+    with FileWatch([tmp_path]) as watch:
+        server_ssl_context(ident)
+        memory_client_context(ident.cert_pem(), ident.key_pem())
+        ssl_context_from_pem(ident.cert_pem(), ident.key_pem())
+        (tmp_path / "canary").write_bytes(b"seen")  # the watch works
+        deadline = time.monotonic() + 5
+        while not watch.seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert list(watch.seen) == [str(tmp_path / "canary")]
+    assert set(os.listdir("/proc/self/fd")) <= fds | {str(n) for n in range(3)}  # memfds closed
+
+
 def test_memory_key_loading_fails_closed_without_memfd(ident, monkeypatch) -> None:
     import os
 
