@@ -59,6 +59,10 @@ def stack(env, tmp_path_factory):
                              stderr=subprocess.PIPE, text=True)
     try:
         assert wait_up(first, data)["scone_auth"] == "none"
+        # the opt-in stays loud: `safehold status` repeats it, the service logged it at start
+        st = cli(env, "status", "--data-dir", str(data))
+        assert "NO AUTHENTICATION" in st.stderr and "auth none" in st.stdout
+        assert "WITHOUT AUTHENTICATION" in (data / "records.log").read_text()
     finally:
         first.send_signal(signal.SIGTERM)
         out1, err1 = first.communicate(timeout=60)
