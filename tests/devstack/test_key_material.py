@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.devstack import wait_up
+from tests.support.devstack import SAMPLE, wait_up
 from tests.support.filewatch import FileWatch, fanotify_available
 from tests.support.shared import free_port, snapshot_package
 
@@ -187,8 +187,11 @@ def test_operator_watching_tmp_and_data_dir_during_up_finds_no_key_material(tmp_
                 held |= _memory_private_keys(info["pids"][name])
             served_spki = _served_spki(rport)
             keyset = _keyset_secrets(data, pkg)
-            subprocess.run([sys.executable, "-m", "safehold.cli.main", "status", "--data-dir", str(data)],
-                           env=env, capture_output=True, timeout=120, check=True)
+            # requests with the admin token: logs and the import checkpoint must not keep it
+            for args in (["status"], ["patients", "import", str(SAMPLE / "patients.csv")],
+                         ["patients", "list"]):
+                subprocess.run([sys.executable, "-m", "safehold.cli.main", *args, "--data-dir", str(data)],
+                               env=env, capture_output=True, timeout=120, check=True)
         finally:
             up.send_signal(signal.SIGTERM)
             up.communicate(timeout=60)
