@@ -125,19 +125,19 @@ def test_bad_inputs(tree: Path, tmp_path: Path) -> None:
         measure_workload(root=empty)
 
 
-def test_cli_measure_matches_library(tree: Path, tmp_path: Path) -> None:
+def test_cli_measure_package_only_is_a_named_diagnostic_not_a_reference_value(tree: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(cli, ["measure", "--root", str(tree)])
     assert res.exit_code == 0, res.output
     m = measure_workload(root=tree)
-    assert res.output.splitlines()[0] == m.hex()
-    assert "[reference_values]" in res.output
+    assert res.stdout.splitlines() == [m.hex()]  # no [reference_values] snippet
+    assert "NOT a Reference Value" in res.stderr
     res = runner.invoke(cli, ["measure", "--root", str(tree), "--format", "json"])
-    doc = json.loads(res.output)
-    assert doc["measurement"] == m.hex() and len(doc["files"]) == len(m.manifest)
+    doc = json.loads(res.stdout)
+    assert doc["package_only_diagnostic"] == m.hex() and doc["reference_value"] is False
+    assert len(doc["files"]) == len(m.manifest)
     res = runner.invoke(cli, ["measure", "--root", str(tree), "--format", "manifest"])
-    assert res.output.encode() == m.canonical()
-    # the TOML snippet is a valid policy fragment
+    assert res.stdout.encode() == m.canonical()
+    # no policy fragment is ever printed for it
     res = runner.invoke(cli, ["measure", "--root", str(tree), "--format", "toml"])
-    pol = AppraisalPolicy.from_toml('allowed_tee_types = ["sgx"]\n' + res.output)
-    assert pol.measurements == (m.digest,)
+    assert res.exit_code == 2 and "not a Reference Value" in res.output
