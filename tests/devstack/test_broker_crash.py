@@ -3,7 +3,9 @@
 ``safehold up`` runs as a real process (from a snapshot of the package); the broker is
 SIGKILLed under a load of records GETs and PUTs. Every request succeeds (the records service
 needs the broker only at start), the supervisor restarts the broker (logged, shown by
-``safehold status``), and a new ``safehold patients import`` works afterwards.
+``safehold status``), and a new ``safehold patients import`` works afterwards. On the way, the
+data owner's ``safehold measure`` of the records workload equals what the launched service
+reports.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from safehold.devstack.stack import RECORDS_ENV, RECORDS_MODULE
 from tests.support.devstack import SAMPLE, cli, wait_up
 from tests.support.shared import free_port
 
@@ -46,6 +49,10 @@ def test_broker_sigkill_under_load_records_keeps_serving_broker_restarts(env, tm
         # the owner's `safehold measure` value is what the launched records service reports
         ready = json.loads((data / "records-ready.json").read_text())
         assert info["measurements"][0] == ready["measurement"]
+        envs = [a for n in RECORDS_ENV for a in ("--env", n)]
+        r = cli(env, "measure", "--config", str(data / "records.toml"), "--module", RECORDS_MODULE,
+                "--app-dir", env["PYTHONPATH"], *envs, "--format", "toml")
+        assert f'measurements = ["{ready["measurement"]}"]' in r.stdout
         tok = json.loads((data / "tokens.json").read_text())["writer"]
         ctx = ssl.create_default_context(cafile=info["ca"])
         results: list[tuple[str, int | str]] = []

@@ -24,6 +24,7 @@ through attestation):
 interpreter, environment allow-list); ``python -m safehold.records.server --config FILE`` also
 runs, but measures as an unrecognised launch and gets no keys from a manifest that pins the
 launch.
+
 Configuration is TOML (:class:`~safehold.records.config.ServiceConfig`). Only the config file
 is measured, so the ``SAFEHOLD_RECORDS_*`` environment variables may set only the run-time
 plumbing (ports, paths, URLs); a variable naming any security setting makes the service refuse
