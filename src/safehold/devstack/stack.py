@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from safehold.attestation.workload import LaunchSpec, package_app_dir
+from safehold.client.connection import owner_dir
 from safehold.devstack.errors import DataDirBusyError
 from safehold.errors import ConfigError
 from safehold.records.config import ENV_PREFIX, RUNTIME_SETTINGS
@@ -65,6 +66,8 @@ class Stack:
         procs: name → Popen of the running processes.
         info: what ``up.json`` holds.
         lock: the open, flock-ed ``up.lock`` while this Stack owns the data directory.
+        owner_dir: the data owner's directory (``owner.key``, ``tokens.json``); None = the
+            default of :func:`safehold.client.connection.owner_dir`. No server process is given it.
     """
 
     data_dir: Path
@@ -76,6 +79,7 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     lock: TextIO | None = None
+    owner_dir: Path | None = None
 
     @property
     def broker_url(self) -> str:
@@ -90,6 +94,10 @@ class Stack:
     def path(self, name: str) -> Path:
         """``<data_dir>/<name>``."""
         return self.data_dir / name
+
+    def owner_path(self, name: str) -> Path:
+        """``<owner_dir>/<name>`` (the data owner's side, never read by a server process)."""
+        return owner_dir(self.data_dir, self.owner_dir) / name
 
 
 def lock_data_dir(data_dir: Path) -> TextIO:
@@ -135,6 +143,11 @@ def unlock_data_dir(lock: TextIO | None) -> None:
             lock.seek(0)
             lock.truncate()
         lock.close()  # closing the file releases the flock
+
+
+#: Variables of the user's shell that hold a client's secret or name the owner's side: never
+#: passed to a server process (its environment is the host's, outside the TEE).
+CLIENT_ONLY_VARS = ("SAFEHOLD_TOKEN", "SAFEHOLD_OWNER_DIR")
 
 
 def app_dir(package_root: str | None) -> str | None:

@@ -17,7 +17,7 @@ through attestation):
 4. Two HTTPS listeners open on one event loop: the native API (with FHIR R4 REST at
    ``/fhir``) and the SCONE-compatible API.
    The TLS private key stays in memory (an :class:`ssl.SSLContext` loaded through
-   ``memfd_create``: :func:`safehold.runtime.memory_server_context`), served by
+   ``memfd_create``: :mod:`safehold.ratls.memkey`), served by
    :func:`safehold.runtime.server.serve`.
 
 ``safehold up`` starts it through ``safehold.attestation.workload.LaunchSpec`` (isolated
@@ -51,6 +51,7 @@ from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.crypto.keyset import Keyset
 from safehold.errors import AuditChainError, SafeholdError
 from safehold.fsutil import write_atomic
+from safehold.ratls.memkey import ssl_context_from_memory
 from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
 from safehold.records.commit import GroupCommit
@@ -62,7 +63,7 @@ from safehold.records.http import create_native_app
 from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
 from safehold.records.scone_http import create_scone_app
-from safehold.runtime import attest_and_fetch, memory_server_context, pinned_ca, simulated_attester
+from safehold.runtime import attest_and_fetch, pinned_ca, simulated_attester
 from safehold.runtime.server import Listener, serve
 from safehold.store.base import Store
 
@@ -92,15 +93,15 @@ def ssl_context_from_pem(
     cert_chain_pem: bytes, key_pem: bytes, *, client_ca_pem: bytes | None = None
 ) -> ssl.SSLContext:
     """A TLS server context (TLS 1.2+) for ``cert_chain_pem`` / ``key_pem``, loaded from memory
-    (:func:`safehold.runtime.memory_server_context`: no file ever holds the key).
+    (:func:`safehold.ratls.memkey.ssl_context_from_memory`: a ``memfd``, never a file).
 
     With ``client_ca_pem``, client certificates are requested and verified against it
     (``CERT_OPTIONAL``: callers without one authenticate with a bearer token instead).
 
     Raises:
-        ConfigError: the certificate and key do not load or do not match.
+        ConfigError: the certificate and key do not load or do not match, or no ``memfd_create``.
     """
-    return memory_server_context(cert_chain_pem, key_pem, client_ca_pem=client_ca_pem)
+    return ssl_context_from_memory(cert_chain_pem, key_pem, client_ca_pem=client_ca_pem)
 
 
 async def serve_apps(
@@ -300,7 +301,7 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
 
 
 def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryption: bool = True,
-                  audit: bool = True, scone_auth: str | None = "none",
+                  audit: bool = True, scone_auth: str | None = "token",
                   ) -> tuple[FastAPI, FastAPI | None, PatientRepository]:
     """The service's apps over an open store and the keyset: the repository
     (:func:`open_repository`), the native API app with its health check, and the SCONE app.
@@ -310,8 +311,8 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
 
     Args:
         access: who may call (the broker's ``records-access`` secret, parsed).
-        scone_auth: ``"none"`` or ``"token"`` (see :mod:`safehold.records.scone_http`); None
-            builds no SCONE app (the SCONE port is off).
+        scone_auth: ``"token"`` (default) or ``"none"`` (see :mod:`safehold.records.scone_http`);
+            None builds no SCONE app (the SCONE port is off).
 
     Returns:
         ``(native_app, scone_app_or_None, repository)``.
@@ -339,6 +340,9 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
     listeners: list[tuple[FastAPI, str, int, ssl.SSLContext | None]] = [(native, cfg.host, cfg.port, ctx)]
     if scone is not None and cfg.scone_port is not None:
         listeners.append((scone, cfg.host, cfg.scone_port, ctx))
+        if cfg.scone_auth == "none":  # an explicit opt-in (issue 11, finding 5): say so loudly
+            log.warning("WARNING: scone_auth = 'none': the SCONE-compatible port serves every record "
+                        "WITHOUT AUTHENTICATION to any process on this machine (loopback only)")
 
     def ready(ports: list[int]) -> None:
         info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",

@@ -86,9 +86,9 @@ def memory_server_context(cert_chain_pem: bytes, key_pem: bytes, *,
                           client_cert: ssl.VerifyMode = ssl.CERT_OPTIONAL) -> ssl.SSLContext:
     """A TLS server context (TLS 1.2+) for ``cert_chain_pem`` / ``key_pem`` loaded from memory.
 
-    The key reaches OpenSSL through anonymous memory (Linux ``memfd_create``, close-on-exec;
-    read through ``/proc/self/fd``): no file system path ever holds it. There is no fallback to
-    a file: without ``memfd_create`` this fails closed.
+    The key reaches OpenSSL through anonymous memory (:func:`safehold.ratls.memkey.
+    load_chain_from_memory`: Linux ``memfd_create``, close-on-exec): no file system path ever
+    holds it. There is no fallback to a file: without ``memfd_create`` this fails closed.
 
     Args:
         client_ca_pem: request client certificates and verify them against this CA.
@@ -98,22 +98,11 @@ def memory_server_context(cert_chain_pem: bytes, key_pem: bytes, *,
     Raises:
         ConfigError: no ``memfd_create`` here, or the certificate and key do not load / match.
     """
-    if not hasattr(os, "memfd_create"):
-        raise ConfigError("loading a TLS key from memory needs memfd_create (Linux); keys are "
-                          "never written to files")
+    from safehold.ratls.memkey import load_chain_from_memory
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    fds = [os.memfd_create("safehold-tls", os.MFD_CLOEXEC) for _ in range(2)]
-    try:
-        for fd, data in zip(fds, (cert_chain_pem, key_pem), strict=True):
-            os.write(fd, data)
-        try:
-            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigError(f"TLS identity does not load: {type(e).__name__}") from None
-    finally:
-        for fd in fds:
-            os.close(fd)
+    load_chain_from_memory(ctx, cert_chain_pem, key_pem)
     if client_ca_pem:
         ctx.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
         ctx.verify_mode = client_cert
