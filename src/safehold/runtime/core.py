@@ -163,6 +163,11 @@ def attest_and_fetch(broker_url: str, broker_ca_pem: bytes, *, workload: str, at
     """Attest to the broker (KBS protocol: ``/kbs/v0/auth`` → ``/kbs/v0/attest``) as
     ``workload`` and fetch, into memory, the resources the owner's manifest releases to it.
 
+    Standards: the Trustee KBS attestation protocol (RCAR, ``docs/kbs_attestation_protocol.md``
+    of confidential-containers/trustee; wire shapes in :mod:`safehold.broker.protocol`), the
+    workload certificate per RFC 5280 with the TCG DICE tagged-evidence extension (TCG DICE
+    Attestation Architecture, OID 2.23.133.5.4.9) as Gramine's RA-TLS carries it.
+
     Args:
         broker_url: ``https://host:port`` of the broker.
         broker_ca_pem: the broker's workload CA (from :func:`pinned_ca`): the only trust anchor
