@@ -60,6 +60,10 @@ class SimulatedAttester(Attester):
         data_dir: directory holding the simulated platform/root keys (created if missing).
         workload_files: the workload's configuration files, measured with the process's code.
         debug: report the TEE as running in debug mode.
+        measurement: report this closure instead of measuring this process. For tests that
+            act as a workload they launched (e.g. to read what it received): anyone holding
+            the simulated platform key in ``data_dir`` can sign any measurement, which is why
+            the simulated TEE protects nothing and policies accept it only when told to.
 
     Raises:
         AttestationError: the key directory cannot be created or read, or holds corrupt keys.
@@ -70,12 +74,13 @@ class SimulatedAttester(Attester):
     tee_type: ClassVar[str] = "simulated"
 
     def __init__(self, data_dir: str | os.PathLike[str], *,
-                 workload_files: Iterable[str | os.PathLike[str]] = (), debug: bool = False) -> None:
+                 workload_files: Iterable[str | os.PathLike[str]] = (), debug: bool = False,
+                 measurement: Closure | None = None) -> None:
         self.dir = Path(data_dir) / SUBDIR
         self.debug = bool(debug)
         self._key, self._platform_der, self._root_pem = _load_or_create(self.dir)
         self._files = list(workload_files)
-        self._measurement: Closure | None = None
+        self._measurement: Closure | None = measurement
 
     @property
     def measurement(self) -> Closure:
