@@ -17,6 +17,7 @@ from safehold.attestation.errors import ReferenceValueMismatchError, SimulatedTE
 from safehold.attestation.measure import MANIFEST_HEADER, measure_workload, package_root
 from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
+from safehold.attestation.workload import current_closure
 from safehold.cli.main import cli
 from safehold.errors import ConfigError
 
@@ -64,19 +65,22 @@ def test_one_changed_byte_changes_measurement_and_policy_refuses(tree: Path, tmp
     changed = [p for (p, d), (_, d2) in zip(before.manifest, after.manifest, strict=True) if d != d2]
     assert changed == ["safehold/attestation/claims.py"]
 
-    att = SimulatedAttester(tmp_path / "data", package_root=tree)
-    assert att.measurement.digest == after.digest
+    # the simulated TEE reports the closure of the running process, never the package-only
+    # value: a package-only Reference Value is refused, naming expected vs got
+    att = SimulatedAttester(tmp_path / "data")
+    assert att.measurement.digest == current_closure().digest
+    assert att.measurement.digest not in (before.digest, after.digest)
     policy = AppraisalPolicy(allow_simulated=True, simulated_root=att.root_ca_path,
-                             measurements=(before.digest,))
+                             measurements=(after.digest,))
     rd = bytes(range(64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimulatedTEEWarning)
         with pytest.raises(ReferenceValueMismatchError) as ei:
             Verifier(policy).appraise(att.attest(rd), expected_report_data=rd)
-        assert ei.value.failures == [("measurement", before.hex(), after.hex())]
-        # and the unchanged reference value for the changed tree is accepted
+        assert ei.value.failures == [("measurement", after.hex(), att.measurement.hex())]
+        # and the process's own value is accepted
         ok = AppraisalPolicy(allow_simulated=True, simulated_root=att.root_ca_path,
-                             measurements=(after.digest,))
+                             measurements=(att.measurement.digest,))
         assert Verifier(ok).appraise(att.attest(rd), expected_report_data=rd).ok
 
 
@@ -121,19 +125,19 @@ def test_bad_inputs(tree: Path, tmp_path: Path) -> None:
         measure_workload(root=empty)
 
 
-def test_cli_measure_matches_library(tree: Path, tmp_path: Path) -> None:
+def test_cli_measure_package_only_is_a_named_diagnostic_not_a_reference_value(tree: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(cli, ["measure", "--root", str(tree)])
     assert res.exit_code == 0, res.output
     m = measure_workload(root=tree)
-    assert res.output.splitlines()[0] == m.hex()
-    assert "[reference_values]" in res.output
+    assert res.stdout.splitlines() == [m.hex()]  # no [reference_values] snippet
+    assert "NOT a Reference Value" in res.stderr
     res = runner.invoke(cli, ["measure", "--root", str(tree), "--format", "json"])
-    doc = json.loads(res.output)
-    assert doc["measurement"] == m.hex() and len(doc["files"]) == len(m.manifest)
+    doc = json.loads(res.stdout)
+    assert doc["package_only_diagnostic"] == m.hex() and doc["reference_value"] is False
+    assert len(doc["files"]) == len(m.manifest)
     res = runner.invoke(cli, ["measure", "--root", str(tree), "--format", "manifest"])
-    assert res.output.encode() == m.canonical()
-    # the TOML snippet is a valid policy fragment
+    assert res.stdout.encode() == m.canonical()
+    # no policy fragment is ever printed for it
     res = runner.invoke(cli, ["measure", "--root", str(tree), "--format", "toml"])
-    pol = AppraisalPolicy.from_toml('allowed_tee_types = ["sgx"]\n' + res.output)
-    assert pol.measurements == (m.digest,)
+    assert res.exit_code == 2 and "not a Reference Value" in res.output

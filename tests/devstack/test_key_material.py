@@ -147,16 +147,21 @@ def _children(pid: int) -> list[int]:
 def _keyset_secrets(data: Path, pkg: Path) -> list[bytes]:
     """The records keyset's raw keys, received over the KBS protocol as the attested records
     workload receives them (same package snapshot, same measured config, same simulated TEE)."""
+    from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.devstack.processes import records_env
-    from safehold.devstack.stack import Stack
+    from safehold.devstack.stack import Stack, records_spec
     from safehold.records.config import ServiceConfig
-    from safehold.records.server import provision
+    from safehold.runtime import attest_and_fetch, pinned_ca
 
     info = json.loads((data / "up.json").read_text())
-    s = Stack(data, int(info["broker_url"].rsplit(":", 1)[1]), 0, None)
+    s = Stack(data, int(info["broker_url"].rsplit(":", 1)[1]), 0, None, package_root=str(pkg))
     cfg = ServiceConfig.load(data / "records.toml", env=records_env(s))
-    prov = provision(cfg, str(data / "records.toml"), package_root=str(pkg))
-    ks = prov.keyset
+    # this test process claims the records workload's closure (the simulated TEE's platform key
+    # is in the data dir: it can sign any measurement, which is why it protects nothing)
+    att = SimulatedAttester(cfg.data_dir, measurement=records_spec(s).closure([data / "records.toml"]))
+    prov = attest_and_fetch(cfg.broker_url, pinned_ca(cfg.broker_ca, cfg.broker_ca_sha256),
+                            workload=cfg.workload, attester=att, keysets={"k": cfg.keyset_resource})
+    ks = prov.keysets["k"]
     return [ks.index_key, *(ks.key(i) for i in ks.ids())]
 
 

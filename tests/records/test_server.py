@@ -7,6 +7,7 @@ the working tree during the run cannot change the workload measurement under the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import socket
@@ -305,10 +306,10 @@ def test_modified_service_gets_no_keys_and_never_serves(stack, pkg, tmp_path):
     port, sport = free_port(), free_port()
     env = records_env(stack, port=port, scone_port=sport, ready="modified-ready.json",
                       store_url=f"sqlite:///{tmp_path / 'm.db'}")
-    env["PYTHONPATH"] = str(mod)
+    modified = dataclasses.replace(stack, package_root=str(mod / "safehold"), procs={}, lock=None)
     log = tmp_path / "modified.log"
-    with log.open("wb") as lf:
-        p = subprocess.Popen(records_cmd(stack), env=env, stdout=lf, stderr=subprocess.STDOUT)
+    with log.open("wb") as lf:  # the same launch, from the modified copy of the package
+        p = subprocess.Popen(records_cmd(modified), env=env, stdout=lf, stderr=subprocess.STDOUT)
         try:
             assert p.wait(60) == 2
         finally:

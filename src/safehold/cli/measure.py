@@ -27,8 +27,9 @@ def register(group: click.Group) -> None:
               help="Environment variable the workload takes from the host (repeatable; part of the "
                    "measured launch, its value is not).")
 @click.option("--package-only", is_flag=True,
-              help="The older package-only value (safehold package + config, format v1) that the "
-                   "simulated TEE reports until workloads are started by the launch spec.")
+              help="DIAGNOSTIC, NOT a Reference Value: the old package-only digest (safehold package "
+                   "+ config, format v1). No TEE reports it; a policy pinning it admits nothing. "
+                   "Prints no TOML snippet.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False),
               help="With --package-only: package tree to measure instead of the installed one.")
 @click.option("--format", "fmt", type=click.Choice(["text", "toml", "json", "manifest"]),
@@ -43,18 +44,21 @@ def measure(configs: tuple[str, ...], module: str, app_dir: str | None, passthro
     measures as its trusted files. Paste the TOML snippet into an appraisal policy's
     [reference_values]. A summary (files, bytes, seconds) goes to stderr."""
     if package_only or root:
-        m = measure_workload(configs, root=root)
         if fmt == "toml":
-            click.echo(m.to_toml(), nl=False)
-        elif fmt == "json":
-            click.echo(json.dumps({"measurement": m.hex(), "algorithm": "sha-384",
+            raise click.UsageError("--package-only is a diagnostic, not a Reference Value: no TOML "
+                                   "snippet (measure the closure instead: drop --package-only)")
+        click.secho("DIAGNOSTIC: package-only digest (format v1), NOT a Reference Value: it omits "
+                    "the interpreter, the standard library, every dependency and the launch; no TEE "
+                    "reports it", fg="yellow", err=True)
+        m = measure_workload(configs, root=root)
+        if fmt == "json":
+            click.echo(json.dumps({"package_only_diagnostic": m.hex(), "algorithm": "sha-384",
+                                   "reference_value": False,
                                    "files": [{"path": p, "sha256": d} for p, d in m.manifest]}, indent=2))
         elif fmt == "manifest":
             click.echo(m.canonical().decode("utf-8"), nl=False)
         else:
             click.echo(m.hex())
-            click.echo()
-            click.echo(m.to_toml(), nl=False)
         return
     from safehold.attestation.closure import describe
     from safehold.attestation.workload import LaunchSpec, package_app_dir

@@ -49,5 +49,8 @@ def register(group: click.Group) -> None:
             click.echo(f"records  {r['url']}  NOT attested: {r.get('error')}")
         if st.get("scone_url"):
             click.echo(f"scone    {st['scone_url']}  auth {st.get('scone_auth')}")
+        for name, r in sorted(st.get("restarts", {}).items()):
+            click.echo(f"restarts {name}: {r.get('count', 0)} (last exit status {r.get('last_exit_status')} "
+                       f"at {r.get('last_exit_at', '?')}, restarted {r.get('last_restart_at', 'not yet')})")
         if not healthy:
             sys.exit(1)

@@ -11,8 +11,7 @@ import time
 
 import click
 
-from safehold.devstack import SCONE_AUTH_CHOICES, Stack, prepare, start, stop, summary_lines
-from safehold.devstack.errors import StackError
+from safehold.devstack import SCONE_AUTH_CHOICES, Stack, Supervisor, prepare, start, stop, summary_lines
 
 
 def print_summary(s: Stack) -> None:
@@ -47,7 +46,11 @@ def register(group: click.Group) -> None:
     @click.option("--store", "store_url", default=None, help="Store URL (default: sqlite in the data dir).")
     def up(data_dir: str, broker_port: int, records_port: int, scone_port: int, scone_auth: str | None,
            reset: bool, store_url: str | None, owner_dir: str | None) -> None:
-        """Start the key broker and the records service (simulated TEE) until Ctrl-C."""
+        """Start the key broker and the records service (simulated TEE) until Ctrl-C.
+
+        A process that exits is restarted with a bounded back-off (the records service keeps
+        serving while the broker restarts: it needs the broker only at start); `safehold
+        status` shows the restarts."""
         s = prepare(data_dir, broker_port=broker_port, records_port=records_port,
                     scone_port=scone_port or None, store_url=store_url, scone_auth=scone_auth,
                     reset=reset, owner=owner_dir)
@@ -60,11 +63,11 @@ def register(group: click.Group) -> None:
         try:
             start(s)
             print_summary(s)
-            click.echo("running; Ctrl-C stops both")
+            click.echo("running; Ctrl-C stops both", nl=True)
+            sup = Supervisor(s)  # a crashed broker (or records service) is restarted, logged
             while not stopping["flag"]:
-                for name, p in s.procs.items():
-                    if p.poll() is not None:
-                        raise StackError(f"{name} exited unexpectedly with status {p.returncode}")
+                for line in sup.check():
+                    click.secho(line, fg="yellow", err=True)
                 time.sleep(0.2)
         finally:
             codes = stop(s)

@@ -69,6 +69,7 @@ def stack_status(data_dir: str | os.PathLike[str], *,
         rec["attested"] = False
         rec["error"] = str(e) or type(e).__name__
     out["records"] = rec
+    out["restarts"] = info.get("restarts", {})  # by `safehold up`'s supervisor
     if info.get("scone_port"):
         out["scone_url"] = f"https://api:{info['scone_port']}"
         out["scone_auth"] = info.get("scone_auth")

@@ -13,26 +13,25 @@ ideally of different TEE vendors.
 
 Writes into ``workdir``: each server's measured configuration (``svr-<i>.toml``), ready file and
 log. The secrets go to each child's standard input (a pipe) and nowhere else. The servers run
-``python -m safehold.svr.server`` with ``PYTHONPATH`` set to the parent of ``package_root``
-when given (a snapshot copy of the package keeps one measurement while the tree is edited) and
-no ``SAFEHOLD_*`` / ``PYTHON*`` variables. They do not yet run through
-:class:`safehold.attestation.workload.LaunchSpec` and receive no secret from the broker: the
-next phase moves them onto ``safehold.runtime`` (docs/svr.md, "Wiring").
+``safehold.svr.server`` through :class:`safehold.attestation.workload.LaunchSpec` (isolated
+interpreter, the app directory = the parent of ``package_root`` when given: a snapshot copy of
+the package keeps one measurement while the tree is edited; no environment but the fixed
+variables). They receive no secret from the broker yet: the next phase moves them onto
+``safehold.runtime`` (docs/svr.md, "Wiring").
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safehold.attestation.policy import AppraisalPolicy
+from safehold.attestation.workload import LaunchSpec, package_app_dir
 from safehold.errors import ConfigError
 
 __all__ = ["LocalSvr"]
@@ -110,6 +109,12 @@ class LocalSvr:
                     lines.append(f"{k} = {_toml_value(v)}")
             self.config(i).write_text("\n".join(lines + tables) + "\n", "utf-8")
 
+    def _launch(self) -> LaunchSpec:
+        """The servers' workload launch (isolated interpreter, no environment but the fixed
+        variables; the app directory is ``package_root``'s parent when given)."""
+        app = str(Path(self.package_root).resolve().parent) if self.package_root is not None else None
+        return LaunchSpec("safehold.svr.server", app_dir=app or package_app_dir())
+
     def start(self, i: int, secrets: Mapping[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
         """Start server ``i`` with ``secrets`` on its standard input; wait until it listens.
 
@@ -118,16 +123,14 @@ class LocalSvr:
         """
         ready = self.ready_file(i)
         ready.unlink(missing_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SAFEHOLD_", "PYTHON"))}
-        if self.package_root is not None:
-            env["PYTHONPATH"] = str(Path(self.package_root).resolve().parent)
+        spec = self._launch()
         mode = ["--data-dir", str(self.data_dir)] if self.data_dir is not None else ["--insecure-plain-http"]
         with open(self.log_file(i), "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "safehold.svr.server", "--config", str(self.config(i)),
+                spec.argv("--config", str(self.config(i)),
                  "--store-url", self.store_urls[i], "--port", str(self.ports[i]), *mode,
-                 "--ready-file", str(ready)],
-                stdin=subprocess.PIPE, stdout=log, stderr=log, env=env, cwd=self.workdir)
+                          "--ready-file", str(ready)),
+                stdin=subprocess.PIPE, stdout=log, stderr=log, env=spec.env({}), cwd=self.workdir)
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(dict(secrets)).encode())
         proc.stdin.close()

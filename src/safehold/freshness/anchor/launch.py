@@ -10,21 +10,19 @@ tests and benchmarks. In production every member is its own TEE on its own host.
 
 Writes into ``workdir``: the measured member configuration (``anchor-member.toml``, identical
 for every member), one ready file and one log per member. The members run
-``python -m safehold.freshness.anchor.server`` with ``PYTHONPATH`` set to the parent of
-``package_root`` (a snapshot copy of the package keeps one measurement while the working tree
-is edited) and no ``SAFEHOLD_*`` variables. They do not yet run through
-:class:`safehold.attestation.workload.LaunchSpec`; the development stack will.
+``safehold.freshness.anchor.server`` through :class:`safehold.attestation.workload.LaunchSpec`
+(isolated interpreter; the app directory is the parent of ``package_root`` when given: a
+snapshot copy of the package keeps one measurement while the working tree is edited; no
+environment but the fixed variables).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
+from safehold.attestation.workload import LaunchSpec, package_app_dir
 from safehold.errors import ConfigError
 
 __all__ = ["LocalAnchor", "free_ports"]
@@ -99,18 +98,22 @@ class LocalAnchor:
         p = self.workdir / f"member{i}.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
+    def _launch(self) -> LaunchSpec:
+        """The servers' workload launch (isolated interpreter, no environment but the fixed
+        variables; the app directory is ``package_root``'s parent when given)."""
+        app = str(Path(self.package_root).resolve().parent) if self.package_root is not None else None
+        return LaunchSpec("safehold.freshness.anchor.server", app_dir=app or package_app_dir())
+
     def start(self, i: int, *, wait: bool = True) -> None:
         """Start member ``i`` (and wait until it listens)."""
         self._ready(i).unlink(missing_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SAFEHOLD_", "PYTHON"))}
-        if self.package_root is not None:
-            env["PYTHONPATH"] = str(Path(self.package_root).resolve().parent)
+        spec = self._launch()
         with open(self.workdir / f"member{i}.log", "ab") as log:
             self.procs[i] = subprocess.Popen(
-                [sys.executable, "-m", "safehold.freshness.anchor.server", "--config", str(self.config),
+                spec.argv("--config", str(self.config),
                  "--data-dir", str(self.data_dir), "--port", str(self.ports[i]), "--client-ca",
-                 str(self.client_ca_file), "--ready-file", str(self._ready(i))],
-                env=env, stdout=log, stderr=log, cwd=self.workdir)
+                          str(self.client_ca_file), "--ready-file", str(self._ready(i))),
+                env=spec.env({}), stdout=log, stderr=log, cwd=self.workdir)
         if wait:
             self.wait_listening(i)
 
