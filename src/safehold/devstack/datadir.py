@@ -230,7 +230,8 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
             scone_port: int | None = 4996, store_url: str | None = None,
             extra_configs: dict[str, JSONObject] | None = None,
             package_root: str | None = None, scone_auth: str | None = None,
-            reset: bool = False) -> Stack:
+            reset: bool = False, services: tuple[str, ...] | None = None,
+            service_ports: Any = None) -> Stack:
     """Lock the data directory, then create tokens, the broker's workload CA, the measured
     config (pinning that CA), the manifest and the client policy.
 
@@ -245,6 +246,10 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
         scone_auth: ``"none"`` / ``"token"`` for the SCONE-compatible port; None keeps an
             existing ``records.toml``'s value (else ``"none"``). See :func:`main_records_config`.
         reset: regenerate ``records.toml`` even if it differs from what ``up`` writes.
+        services: which of :data:`safehold.devstack.services.ALL_SERVICES` :func:`start`
+            starts (default: all). Their workloads are in the manifest either way, so choosing
+            fewer changes no Reference Value.
+        service_ports: a :class:`safehold.devstack.services.ServicePorts` (default ports).
 
     Raises:
         DataDirBusyError: another stack runs on this data directory.
@@ -256,17 +261,21 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
     try:
         s = _prepare(d, broker_port=broker_port, records_port=records_port, scone_port=scone_port,
                      store_url=store_url, extra_configs=extra_configs, package_root=package_root,
-                     scone_auth=scone_auth, reset=reset)
+                     scone_auth=scone_auth, reset=reset, service_ports=service_ports)
     except BaseException:
         unlock_data_dir(lock)
         raise
+    from safehold.devstack.services import ALL_SERVICES
+
     s.lock = lock
+    s.services = ALL_SERVICES if services is None else tuple(services)
     return s
 
 
 def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | None,
              store_url: str | None, extra_configs: dict[str, dict[str, Any]] | None,
-             package_root: str | None, scone_auth: str | None, reset: bool) -> Stack:
+             package_root: str | None, scone_auth: str | None, reset: bool,
+             service_ports: Any = None) -> Stack:
     """:func:`prepare` after the data directory is created and locked."""
     from safehold.broker.manifest import load_manifest
 
@@ -289,7 +298,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
         "reference_values": {"measurements": measurements},
     }
     owner_pub = owner_key(d)
-    manifest = {
+    manifest: dict[str, Any] = {
         "name": SESSION_NAME,
         "repository": "default",
         "workloads": {WORKLOAD: {"secrets": ["records-keyset", "records-tls", RECORDS_ACCESS],
@@ -306,6 +315,15 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
         "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"]),
                             "public_key": owner_pub}},
     }
+    # the services' workloads (SVR, discovery, VAU): their own Reference Values and secrets
+    from safehold.devstack import services as svc
+
+    ports = service_ports or svc.ServicePorts()
+    written = svc.write_configs(d, pin=pin, owner_pub=owner_pub, ports=ports,
+                                measure=lambda p: measure_records(d, p, package_root=package_root))
+    extra_w, extra_s = svc.manifest_entries(tok, written)
+    manifest["workloads"].update(extra_w)
+    manifest["secrets"].update(extra_s)
     text = tomli_w.dumps(manifest)
     load_manifest(text.encode(), filename="manifest.toml")  # fail here, clearly, not in the broker
     old_manifest = _read_toml(d / "manifest.toml")
@@ -315,6 +333,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     s = Stack(d, broker_port, records_port, scone_port,
               store_url or f"sqlite:///{d / 'records.db'}", package_root)
     s.info = {"measurements": measurements}
+    s.service_ports = ports
     if old_manifest is not None and old_manifest != manifest:
         s.info["manifest_changed"] = True  # a broker that installed the old one refuses the new
     return s

@@ -256,6 +256,11 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True)
         info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
+        if s.services:  # SVR, discovery, VAU: devstack/services.py
+            from safehold.devstack.services import ServicePorts, start_services
+
+            s.info.update(start_services(s, s.services, s.service_ports or ServicePorts(),
+                                         timeout=max(timeout, 90.0)))
     except BaseException:
         stop(s)
         raise
@@ -279,7 +284,9 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
 
 def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
     """SIGTERM the records service, then the broker; SIGKILL after ``timeout``. Returns exit codes."""
-    codes: dict[str, int | None] = {}
+    from safehold.devstack.services import stop_services
+
+    codes: dict[str, int | None] = stop_services(s)
     for name in ("records", "broker"):
         p = s.procs.get(name)
         if p is None:
@@ -328,4 +335,6 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
             (f"tokens          {s.path('tokens.json')}", False),
             (f"database        {i['store_url']}", False),
             (f"measurement     {i['measurements'][0]}", False)]
-    return out
+    from safehold.devstack.services import summary
+
+    return out + summary(i)

@@ -57,6 +57,9 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     lock: TextIO | None = None
+    #: the services started after records (``devstack.services``) and their ports
+    services: tuple[str, ...] = ()
+    service_ports: Any = None
 
     @property
     def broker_url(self) -> str:

@@ -62,7 +62,7 @@ from safehold.svr.errors import SvrConfigError
 from safehold.svr.http import Principal, create_app, parse_access
 from safehold.svr.keys import SECRET_SIZE, SvrKeys
 
-__all__ = ["ServerConfig", "Secrets", "build", "main", "read_secrets"]
+__all__ = ["ServerConfig", "Secrets", "build", "main", "read_secrets", "secrets_from_broker"]
 
 log = logging.getLogger("safehold.svr")
 #: Largest standard-input document accepted (the access list dominates).
@@ -88,6 +88,7 @@ class ServerConfig:
     anchor_policy: dict[str, Any] = field(default_factory=dict)
     host: str = "127.0.0.1"
     wait_timeout: float = 5.0
+    broker_ca_sha256: str = ""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ServerConfig:
@@ -175,6 +176,31 @@ def read_secrets(stream: TextIO) -> Secrets:
             and "PRIVATE KEY" in key):
         raise SvrConfigError("anchor_client_cert / anchor_client_key must be PEM text")
     return Secrets(secret, parse_access(doc["access"]), cert.encode(), key.encode())
+
+
+def secrets_from_broker(cfg: ServerConfig, *, config_path: str, broker_url: str, broker_ca: str,
+                        data_dir: str) -> Secrets:
+    """Receive the secrets from the key broker instead of standard input: attest as workload
+    ``cfg.name`` (simulated TEE over the measured configuration), receive the keyset
+    ``<name>-keyset`` (the 32-byte server secret is HKDF of it, purpose ``svr/server-secret``),
+    the owner's access secret ``svr-access`` (manifest roles ``admin`` → admin, ``backup`` →
+    backup) and the anchor client certificate ``<name>-anchor`` (CN = ``<name>``, issued by the
+    broker's workload CA to the in-memory TEE key).
+
+    Raises:
+        NoKeysError: the broker refused this workload. BrokerIdentityError: not the pinned
+            broker. BrokerError: unreachable or a resource missing. SvrConfigError: bad access list.
+    """
+    from safehold.client.workload import access_by_token, derive_secret, fetch_workload_keys
+
+    prov = fetch_workload_keys(
+        workload=cfg.name, broker_url=broker_url, broker_ca_file=broker_ca,
+        broker_ca_sha256=cfg.broker_ca_sha256, tee_dir=data_dir, config_files=[config_path],
+        resources=[f"default/keyset/{cfg.name}-keyset", "default/access/svr-access"],
+        certificate=f"{cfg.name}-anchor")
+    access = access_by_token(prov.access["svr-access"], {"admin": ["admin"], "backup": ["backup"]})
+    return Secrets(derive_secret(prov.keysets[f"{cfg.name}-keyset"], "svr/server-secret"),
+                   parse_access(access), prov.cert_pem, prov.key_pem)
 
 
 def _certificate_cn(pem: bytes) -> str:
@@ -267,16 +293,27 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--insecure-plain-http", action="store_true",
                       help="serve plain HTTP on loopback, not attested (development only)")
     ap.add_argument("--ready-file", help="write {url, port, pid, name, measurement} here once listening")
+    ap.add_argument("--broker-url", help="receive the secrets from this key broker (needs --data-dir and "
+                    "--broker-ca) instead of standard input")
+    ap.add_argument("--broker-ca", help="the broker's workload CA (PEM; checked against the measured pin)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = ServerConfig.load(args.config)
-        secrets = read_secrets(sys.stdin)
+        if args.broker_url:
+            if not args.data_dir or not args.broker_ca:
+                raise SvrConfigError("--broker-url needs --data-dir (the TEE) and --broker-ca")
+            secrets = secrets_from_broker(cfg, config_path=args.config, broker_url=args.broker_url,
+                                          broker_ca=args.broker_ca, data_dir=args.data_dir)
+        else:
+            secrets = read_secrets(sys.stdin)
         serve(cfg, secrets, config_path=args.config, store_url=args.store_url, port=args.port,
               data_dir=args.data_dir, ready_file=args.ready_file)
     except SafeholdError as e:
         print(f"svr: {e}", file=sys.stderr)
-        return 1
+        from safehold.records.errors import NoKeysError
+
+        return 2 if isinstance(e, NoKeysError) else 1
     return 0
 
 

@@ -1,0 +1,408 @@
+"""The services ``safehold up`` starts after the broker and records: Secure Value Recovery (three
+servers ``svr-0..2`` over their own freshness anchor), contact discovery, and the E-Rezept VAU
+with the Fachdienst routes behind it.
+
+Each is its own workload with its own Reference Value in the dev manifest, launched through
+:class:`safehold.attestation.workload.LaunchSpec` (isolated interpreter, allow-listed
+environment: nothing but the fixed ``LC_ALL``/``TZ``) and receives its secrets from the broker
+after attestation (:mod:`safehold.client.workload`): nothing secret goes through argv, the
+environment, standard input or a file.
+
+=============  ===============================  ============================================
+workload       secrets (manifest)               what the workload makes of them
+=============  ===============================  ============================================
+``svr-<i>``    ``svr-<i>-keyset`` (keyset),     server secret = HKDF(keyset); anchor client
+               ``svr-<i>-anchor`` (certificate), certificate CN ``svr-<i>`` for its in-memory
+               ``svr-access`` (access)          key; owner-pinned tokens → admin / backup
+``discovery``  ``discovery-keyset``,            OPRF key etc. = HKDF(keyset); tokens →
+               ``discovery-access``             register (+ query) / query
+``vau``        ``erezept-keyset``,              records engine of the Tasks; the
+               ``vau-erp-identity``             brainpoolP256r1 VAU key = HKDF(keyset)
+=============  ===============================  ============================================
+
+Data directory files (all public or measured): ``svr-<i>.toml``, ``discovery.toml``,
+``vau.toml`` (measured), ``svr-policy.toml`` / ``discovery-policy.toml`` / ``vau-policy.toml``
+(the clients' Reference Values), ``svr-anchor/`` (the anchor members' configuration and logs),
+``erezept-idp.key`` (the development identity provider's signing key: it stands for the
+gematik IdP, an outside party, and is not a workload key), stores ``svr-<i>.db``,
+``discovery.db``, ``erezept.db``, logs ``<name>.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets as _secrets
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from safehold.devstack.errors import StackError
+from safehold.errors import ConfigError
+
+__all__ = ["ALL_SERVICES", "IDP_ISSUER", "ServicePorts", "idp_key", "manifest_entries", "parse_services",
+           "start_services", "stop_services", "summary", "write_configs"]
+
+#: Every service ``safehold up`` can start, in start order.
+ALL_SERVICES = ("svr", "discovery", "erezept")
+#: The development identity provider's issuer (``iss`` of the E-Rezept access tokens).
+IDP_ISSUER = "https://idp.safehold.dev"
+SVR_N = 3
+
+
+@dataclass
+class ServicePorts:
+    """Loopback ports of the services (defaults: docs/svr.md, docs/discovery.md, docs/vau.md).
+
+    The SVR anchor members' URLs are measured (in ``svr-<i>.toml`` and the members' own
+    configuration): changing ``anchor`` changes those Reference Values (the manifest update
+    path of ``safehold up`` then applies)."""
+
+    svr: list[int] = field(default_factory=lambda: [8730, 8731, 8732])
+    anchor: list[int] = field(default_factory=lambda: [8735, 8736, 8737])
+    discovery: int = 8720
+    vau: int = 8740
+
+
+def parse_services(value: str | None) -> tuple[str, ...]:
+    """``"svr,discovery"`` → ``("svr", "discovery")``; None or ``"all"`` → every service,
+    ``"none"`` → none.
+
+    Raises:
+        ConfigError: an unknown service name.
+    """
+    if value is None or value.strip() == "all":
+        return ALL_SERVICES
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["none"]:
+        return ()
+    bad = [n for n in names if n not in ALL_SERVICES]
+    if bad:
+        raise ConfigError(f"--services: unknown service(s) {bad}; choose from {', '.join(ALL_SERVICES)}, "
+                          "all or none")
+    return tuple(n for n in ALL_SERVICES if n in names)
+
+
+def idp_key(data_dir: Path) -> Any:
+    """The development IdP's ES256 (P-256) signing key, created once (``erezept-idp.key``,
+    PKCS#8 PEM, 0600). It stands for the gematik IdP (an outside party): whoever holds it can
+    mint E-Rezept access tokens for this stack, as the owner's key can sign its manifest."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from safehold.devstack.datadir import write_private
+
+    p = data_dir / "erezept-idp.key"
+    if p.exists():
+        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise StackError(f"{p} is not an EC private key (remove it to make a new one)")
+        return key
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(p, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return key
+
+
+def _group_id(d: Path) -> int:
+    """The SVR group id: kept from an existing ``svr-0.toml``, else a random u64 (made once)."""
+    import tomllib
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        gid = tomllib.loads((d / "svr-0.toml").read_text("utf-8"))["group_id"]
+        if isinstance(gid, int) and 0 <= gid < 2**64:
+            return gid
+    return _secrets.randbits(64)
+
+
+def _policy(root: str, measurements: list[str], name: str) -> dict[str, Any]:
+    return {"name": name, "allow_simulated": True, "simulated_root": root,
+            "reference_values": {"measurements": measurements}}
+
+
+def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts,
+                  measure: Any) -> dict[str, Any]:
+    """Write every service's measured configuration and the SVR anchor members' configuration;
+    return ``{"workloads": {name: measurement}, "root": simulated root CA path, "anchor": …}``.
+
+    Args:
+        pin: the broker CA pin (hex SHA-256 of its DER). owner_pub: the owner's SPKI PEM (the
+            anchor members pin it for initialise / re-anchor statements).
+        measure: ``measure(config_path) -> (hex measurement, root CA path)`` — the same
+            function that measures records (one place decides what a Reference Value is).
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    anchor_dir = d / "svr-anchor"
+    anchor_dir.mkdir(exist_ok=True, mode=0o700)
+    anchor_cfg = _anchor_config(d, anchor_dir, ports.anchor, owner_pub)
+    anchor_m, root = measure(anchor_cfg)
+    out: dict[str, Any] = {"workloads": {}, "root": str(root), "anchor_measurement": anchor_m}
+    gid = _group_id(d)
+    urls = [f"https://127.0.0.1:{p}" for p in ports.anchor]
+    for i in range(SVR_N):
+        cfg = {"name": f"svr-{i}", "group_id": gid, "host": "127.0.0.1", "anchor_members": urls,
+               "wait_timeout": 5.0, "broker_ca_sha256": pin,
+               "anchor_policy": {"name": "anchor", "allow_simulated": True, "simulated_root": str(root),
+                                 "reference_values": {"measurements": [anchor_m]}}}
+        p = d / f"svr-{i}.toml"
+        p.write_text(tomli_w.dumps(cfg), "utf-8")
+        out["workloads"][f"svr-{i}"] = measure(p)[0]
+    p = d / "discovery.toml"
+    p.write_text(tomli_w.dumps({"name": "discovery", "broker_ca_sha256": pin, "host": "127.0.0.1",
+                                "port": 0, "limit": 1000, "period": 86400}), "utf-8")
+    out["workloads"]["discovery"] = measure(p)[0]
+    pub = idp_key(d).public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+    p = d / "vau.toml"
+    p.write_text(tomli_w.dumps({"name": "vau", "broker_ca_sha256": pin, "host": "127.0.0.1",
+                                "idp_issuer": IDP_ISSUER, "idp_keys": [pub]}), "utf-8")
+    out["workloads"]["vau"] = measure(p)[0]
+    ms = out["workloads"]
+    for fname, names in (("svr-policy.toml", [f"svr-{i}" for i in range(SVR_N)]),
+                         ("discovery-policy.toml", ["discovery"]), ("vau-policy.toml", ["vau"])):
+        (d / fname).write_text(tomli_w.dumps(_policy(str(root), [ms[n] for n in names],
+                                                     fname.removesuffix(".toml"))), "utf-8")
+    return out
+
+
+def _anchor_config(d: Path, anchor_dir: Path, ports: list[int], owner_pub: str) -> Path:
+    """The SVR anchor members' measured configuration, as :class:`LocalAnchor` writes it."""
+    from safehold.freshness.anchor.launch import LocalAnchor
+
+    la = LocalAnchor(anchor_dir, data_dir=d / "tee", client_ca_file=d / "broker" / "ca.pem",
+                     owner_public_key=owner_pub, n=len(ports), ports=ports)
+    return la.config
+
+
+def manifest_entries(tok: dict[str, str], written: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dev manifest's ``(workloads, secrets)`` for the services: one workload per server,
+    each pinned to its own measurement; broker-made keysets, the anchor client certificates and
+    the owner-written access secrets (tokens pinned by SHA-256, never a CN)."""
+    import hashlib
+
+    def sha(t: str) -> str:
+        return hashlib.sha256(t.encode("utf-8")).hexdigest()
+
+    root = written["root"]
+    workloads: dict[str, Any] = {}
+    secrets: dict[str, Any] = {}
+    for name, m in written["workloads"].items():
+        workloads[name] = {"secrets": [], "policy": _policy(root, [m], f"safehold-{name}")}
+    for i in range(SVR_N):
+        n = f"svr-{i}"
+        workloads[n]["secrets"] = [f"{n}-keyset", f"{n}-anchor", "svr-access"]
+        secrets[f"{n}-keyset"] = {"type": "keyset"}
+        secrets[f"{n}-anchor"] = {"type": "certificate", "ip_addresses": ["127.0.0.1"], "validity_days": 30}
+    secrets["svr-access"] = {"type": "access", "principals": {
+        "admin": {"role": "admin", "token_sha256": sha(tok["admin"])},
+        "user": {"role": "backup", "token_sha256": sha(tok["writer"])}}}
+    workloads["discovery"]["secrets"] = ["discovery-keyset", "discovery-access"]
+    secrets["discovery-keyset"] = {"type": "keyset"}
+    secrets["discovery-access"] = {"type": "access", "principals": {
+        "registrar": {"role": "register", "token_sha256": sha(tok["admin"])},
+        "user": {"role": "query", "token_sha256": sha(tok["reader"])}}}
+    workloads["vau"]["secrets"] = ["erezept-keyset", "vau-erp-identity"]
+    secrets["erezept-keyset"] = {"type": "keyset"}
+    secrets["vau-erp-identity"] = {"type": "keyset"}
+    return workloads, secrets
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def _spec(s: Any, module: str) -> Any:
+    """The LaunchSpec of a service workload: isolated, no passthrough variable at all."""
+    from safehold.attestation.workload import LaunchSpec, package_app_dir
+
+    return LaunchSpec(module=module, app_dir=package_app_dir(s.package_root))
+
+
+def _launch(s: Any, name: str, module: str, args: list[str]) -> subprocess.Popen[bytes]:
+    spec = _spec(s, module)
+    log = s.path(f"{name}.log").open("ab")
+    try:
+        return subprocess.Popen(spec.argv(*args), env=spec.env({}), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=s.data_dir, start_new_session=True)
+    finally:
+        log.close()
+
+
+def _common(s: Any, name: str) -> list[str]:
+    return ["--data-dir", str(s.path("tee")), "--broker-url", s.broker_url,
+            "--broker-ca", str(s.path("ca.pem")), "--ready-file", str(s.path(f"{name}-ready.json"))]
+
+
+def _wait_ready(s: Any, name: str, proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
+    from safehold.devstack.processes import _log_tail
+
+    ready = s.path(f"{name}-ready.json")
+    while time.monotonic() < deadline:
+        if ready.exists():
+            with contextlib.suppress(ValueError, OSError):
+                info = json.loads(ready.read_text("utf-8"))
+                if info.get("pid") == proc.pid:
+                    return info
+        if proc.poll() is not None:
+            why = "the broker released no keys to it" if proc.returncode == 2 else "see its log"
+            tail = _log_tail(s.path(f"{name}.log"))
+            raise StackError(f"{name} exited with status {proc.returncode}: {why}"
+                             + (f": {tail}" if tail else "") + f" ({s.path(name + '.log')})")
+        time.sleep(0.05)
+    raise StackError(f"{name} did not become ready (see {s.path(name + '.log')})")
+
+
+def start_services(s: Any, services: tuple[str, ...], ports: ServicePorts, *,
+                   timeout: float = 90.0) -> dict[str, Any]:
+    """Start ``services`` (after the broker is ready); return what ``up.json`` records about
+    them. Processes go into ``s.procs`` (so :func:`stop_services` and the supervisor see them).
+
+    Raises:
+        ConfigError: a port in use. StackError: a process did not become ready (names which
+            and the last line of its log), or the SVR ledgers could not be initialised.
+    """
+    from safehold.devstack.processes import check_port
+
+    wanted: list[tuple[int, str]] = []
+    if "svr" in services:
+        wanted += [(p, f"svr-{i}") for i, p in enumerate(ports.svr)]
+        wanted += [(p, f"svr anchor member {i}") for i, p in enumerate(ports.anchor)]
+    if "discovery" in services:
+        wanted.append((ports.discovery, "discovery"))
+    if "erezept" in services:
+        wanted.append((ports.vau, "vau"))
+    for port, what in wanted:
+        check_port(port, what)
+    for f in s.data_dir.glob("*-ready.json"):
+        if f.name != "records-ready.json":
+            f.unlink(missing_ok=True)
+    deadline = time.monotonic() + timeout
+    info: dict[str, Any] = {"services": list(services)}
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    anchor = None
+    if "svr" in services:
+        anchor = _start_anchor(s, ports)
+    if "discovery" in services:
+        started["discovery"] = _launch(s, "discovery", "safehold.discovery.server", [
+            "--config", str(s.path("discovery.toml")), "--store-url", f"sqlite:///{s.path('discovery.db')}",
+            "--port", str(ports.discovery), *_common(s, "discovery")])
+    if "erezept" in services:
+        started["vau"] = _launch(s, "vau", "safehold.vau.server", [
+            "--config", str(s.path("vau.toml")), "--store-url", f"sqlite:///{s.path('erezept.db')}",
+            "--port", str(ports.vau), *_common(s, "vau")])
+    s.procs.update(started)
+    if anchor is not None:
+        for i in range(anchor.n):
+            anchor.wait_listening(i, max(1.0, deadline - time.monotonic()))
+        for i, port in enumerate(ports.svr):
+            n = f"svr-{i}"
+            started[n] = _launch(s, n, "safehold.svr.server", [
+                "--config", str(s.path(f"{n}.toml")), "--store-url", f"sqlite:///{s.path(f'{n}.db')}",
+                "--port", str(port), *_common(s, n)])
+        s.procs.update(started)
+    ready = {name: _wait_ready(s, name, p, deadline) for name, p in started.items()}
+    if "svr" in services:
+        urls = [str(ready[f"svr-{i}"]["url"]) for i in range(SVR_N)]
+        info["svr"] = {"urls": urls, "policy": str(s.path("svr-policy.toml")),
+                       "anchor": [f"https://127.0.0.1:{p}" for p in ports.anchor],
+                       "ledgers": _initialise_svr(s, urls)}
+    if "discovery" in services:
+        info["discovery"] = {"url": ready["discovery"]["url"], "policy": str(s.path("discovery-policy.toml"))}
+    if "erezept" in services:
+        info["erezept"] = {"url": ready["vau"]["url"], "policy": str(s.path("vau-policy.toml")),
+                           "idp_issuer": IDP_ISSUER, "idp_key": str(s.path("erezept-idp.key"))}
+    return info
+
+
+class _AnchorProcs:
+    """The SVR anchor members as entries of ``s.procs`` (``svr-anchor-<i>``)."""
+
+    def __init__(self, la: Any) -> None:
+        self.la, self.n = la, la.n
+
+    def wait_listening(self, i: int, timeout: float) -> None:
+        try:
+            self.la.wait_listening(i, timeout)
+        except ConfigError as e:
+            raise StackError(f"SVR anchor member {i}: {str(e)[-400:]}") from None
+
+
+def _start_anchor(s: Any, ports: ServicePorts) -> _AnchorProcs:
+    """Start the SVR group's anchor members (their configuration was measured by
+    :func:`write_configs`; the owner's key and the broker CA are pinned in it)."""
+    import safehold
+    from safehold.freshness.anchor.launch import LocalAnchor
+
+    owner_pub = s.path("owner.pub").read_text("ascii")
+    # the members must run the package that was measured: the snapshot or this process's own
+    root = Path(s.package_root) if s.package_root else Path(safehold.__file__).resolve().parent
+    la = LocalAnchor(s.path("svr-anchor"), data_dir=s.path("tee"),
+                     client_ca_file=s.path("broker") / "ca.pem", owner_public_key=owner_pub,
+                     n=len(ports.anchor), ports=ports.anchor, package_root=root)
+    for i in range(la.n):
+        la.start(i, wait=False)
+        proc = la.procs[i]
+        assert proc is not None
+        s.procs[f"svr-anchor-{i}"] = proc
+    return _AnchorProcs(la)
+
+
+def _initialise_svr(s: Any, urls: list[str]) -> list[str]:
+    """Sign every SVR server's pending ledger statement (``initialise`` at the first start,
+    ``reanchor`` after the anchor members restarted: their heads live in memory) with the dev
+    owner key — loudly, in ``up``'s summary: a real owner reviews each proposal first."""
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.client.svr import Svr3Client
+    from safehold.devstack.datadir import tokens
+
+    key = s.path("owner.key")
+    if not key.exists():
+        raise StackError(f"no owner key {key}: the SVR ledgers need the owner's signed statement")
+    policy = AppraisalPolicy.from_toml(s.path("svr-policy.toml").read_text("utf-8"))
+    try:
+        with Svr3Client(urls, token=tokens(s.data_dir)["admin"], policy=policy) as c:
+            return c.owner_initialise(key.read_bytes())
+    except Exception as e:  # noqa: BLE001 - any failure here means SVR does not serve: say which
+        raise StackError(f"initialising the SVR ledgers with the owner key failed: {type(e).__name__}: {e}"
+                         ) from None
+
+
+def stop_services(s: Any, timeout: float = 10.0) -> dict[str, int | None]:
+    """SIGTERM the service processes (SVR servers before their anchor members); returns exit codes."""
+    codes: dict[str, int | None] = {}
+    order = [n for n in s.procs if n.startswith("svr-") and not n.startswith("svr-anchor")]
+    order += [n for n in ("discovery", "vau") if n in s.procs]
+    order += [n for n in s.procs if n.startswith("svr-anchor")]
+    for name in order:
+        p = s.procs.pop(name)
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        codes[name] = 0 if p.returncode in (-signal.SIGTERM, -signal.SIGINT) else p.returncode
+    return codes
+
+
+def summary(info: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Lines of ``up``'s summary for the services (``(line, is_warning)``)."""
+    out: list[tuple[str, bool]] = []
+    if "svr" in info:
+        svr = info["svr"]
+        out.append((f"SVR             {', '.join(svr['urls'])}  (policy {svr['policy']})", False))
+        out.append((f"  SVR ledgers: {', '.join(svr['ledgers'])} signed with the DEV OWNER KEY "
+                    "(owner.key) — a real owner reviews each statement", True))
+    if "discovery" in info:
+        d = info["discovery"]
+        out.append((f"discovery       {d['url']}  (policy {d['policy']})", False))
+    if "erezept" in info:
+        e = info["erezept"]
+        out.append((f"E-Rezept VAU    {e['url']}  (policy {e['policy']}; dev IdP key {e['idp_key']})", False))
+    return out
