@@ -134,7 +134,8 @@ def register(group: click.Group) -> None:
     common = [
         DATA_DIR_OPTION,
         click.option("--url", default=None, envvar="SAFEHOLD_DISCOVERY_URL",
-                     help=f"Discovery service URL (default: from up.json in --data-dir, else {DEFAULT_URL})."),
+                     help=f"Discovery service URL (default: from up.json in --data-dir, else "
+                          f"{DEFAULT_URL})."),
         click.option("--token", default=None, envvar="SAFEHOLD_DISCOVERY_TOKEN",
                      help="Bearer token (prefer the SAFEHOLD_DISCOVERY_TOKEN variable)."),
         click.option("--policy", default=None, type=click.Path(dir_okay=False),
@@ -154,7 +155,8 @@ def register(group: click.Group) -> None:
     @discovery.command("register")
     @click.argument("file", type=click.Path(exists=True, dir_okay=False))
     @with_common
-    def register_cmd(file: str, data_dir: str, url: str | None, token: str | None, policy: str | None, insecure_loopback: bool,
+    def register_cmd(file: str, data_dir: str, url: str | None,
+                     token: str | None, policy: str | None, insecure_loopback: bool,
                      kind: str, region: str | None) -> None:
         """Register identifiers → user ids from FILE."""
         entries = _entries(file, kind, with_user=True)
@@ -176,7 +178,8 @@ def register(group: click.Group) -> None:
     @discovery.command("unregister")
     @click.argument("file", type=click.Path(exists=True, dir_okay=False))
     @with_common
-    def unregister_cmd(file: str, data_dir: str, url: str | None, token: str | None, policy: str | None, insecure_loopback: bool,
+    def unregister_cmd(file: str, data_dir: str, url: str | None,
+                       token: str | None, policy: str | None, insecure_loopback: bool,
                        kind: str, region: str | None) -> None:
         """Remove the registrations of the identifiers in FILE."""
         entries = _entries(file, kind, with_user=False)
@@ -192,7 +195,8 @@ def register(group: click.Group) -> None:
     @with_common
     @click.option("--state", "state_file", default=None, type=click.Path(dir_okay=False),
                   help="File keeping the rate-limit token and outputs already asked (created 0600).")
-    def query_cmd(file: str, data_dir: str, url: str | None, token: str | None, policy: str | None, insecure_loopback: bool,
+    def query_cmd(file: str, data_dir: str, url: str | None,
+                  token: str | None, policy: str | None, insecure_loopback: bool,
                   kind: str, region: str | None, state_file: str | None) -> None:
         """Ask which identifiers in FILE are registered; CSV on stdout."""
         from safehold.client.discovery import QueryState
