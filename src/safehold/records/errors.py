@@ -9,13 +9,13 @@ or record content.
 from __future__ import annotations
 
 from safehold.errors import (
-    ConfigError,
     ConflictError,
     RecordError,
     RecordTamperedError,
     SafeholdError,
     UnknownKeyError,
 )
+from safehold.runtime.errors import BrokerIdentityError, NoKeysError  # raised by the runtime
 
 __all__ = [
     "AlreadyExistsError",
@@ -158,13 +158,3 @@ class RecordConflictError(ConflictError, RecordError):
         self.expected = expected
         self.actual = actual
         super().__init__(message)
-
-
-class BrokerIdentityError(ConfigError):
-    """The broker's workload CA is not the one pinned in the measured configuration (or the
-    broker's TLS certificate does not chain to it): the service talks to no other broker."""
-
-
-class NoKeysError(SafeholdError):
-    """The broker refused this workload (its Evidence did not pass the manifest's policy), so
-    the service has no keys and must not serve."""

@@ -3,9 +3,10 @@
 Start-up order (nothing listens before step 4, and no key exists here that did not arrive
 through attestation):
 
-1. The Attester (simulated by default) measures this workload: the package files plus the
-   measured configuration file.
-2. :class:`~safehold.client.broker.BrokerClient` runs the KBS protocol with the broker
+1. The Attester (simulated by default) measures this workload: the closure of the running
+   process (interpreter, standard library, every installed distribution, the package, the
+   launch) plus the measured configuration file (``safehold.attestation.workload``).
+2. :func:`safehold.runtime.attest_and_fetch` runs the KBS protocol with the broker
    (``/kbs/v0/auth`` → ``/kbs/v0/attest`` → ``/kbs/v0/resource/...``) and receives the records
    **keyset** as a JWE wrapped to a TEE key generated here, then the **TLS identity**: a
    certificate issued by the broker's workload CA to that key (valid for the name ``api``)
@@ -15,11 +16,14 @@ through attestation):
 3. The encrypted engine is opened on the store (SQLite file by default, PostgreSQL by URL).
 4. Two HTTPS listeners open on one event loop: the native API (with FHIR R4 REST at
    ``/fhir``) and the SCONE-compatible API.
-   The TLS private key stays in memory (an :class:`ssl.SSLContext` built from bytes held only
-   in this process; the temporary file the ``ssl`` module needs lives in a private directory
-   and is removed at once).
+   The TLS private key stays in memory (an :class:`ssl.SSLContext` loaded through
+   ``memfd_create``: :func:`safehold.runtime.memory_server_context`), served by
+   :func:`safehold.runtime.server.serve`.
 
-Run as ``python -m safehold.records.server --config FILE`` (``safehold up`` does this).
+``safehold up`` starts it through ``safehold.attestation.workload.LaunchSpec`` (isolated
+interpreter, environment allow-list); ``python -m safehold.records.server --config FILE`` also
+runs, but measures as an unrecognised launch and gets no keys from a manifest that pins the
+launch.
 Configuration is TOML (:class:`~safehold.records.config.ServiceConfig`). Only the config file
 is measured, so the ``SAFEHOLD_RECORDS_*`` environment variables may set only the run-time
 plumbing (ports, paths, URLs); a variable naming any security setting makes the service refuse
@@ -32,26 +36,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import hashlib
 import logging
 import os
-import signal
 import ssl
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-import uvicorn
 from fastapi import FastAPI
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.crypto.keyset import Keyset
-from safehold.errors import AuditChainError, ConfigError, SafeholdError
+from safehold.errors import AuditChainError, SafeholdError
 from safehold.fsutil import write_atomic
 from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
@@ -64,6 +61,8 @@ from safehold.records.http import create_native_app
 from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
 from safehold.records.scone_http import create_scone_app
+from safehold.runtime import attest_and_fetch, memory_server_context, pinned_ca, simulated_attester
+from safehold.runtime.server import Listener, serve
 from safehold.store.base import Store
 
 __all__ = [
@@ -82,13 +81,14 @@ __all__ = [
 log = logging.getLogger("safehold.records")
 
 
-# --- TLS: contexts from in-memory PEM, client-certificate capture ----------------------------
+# --- TLS and serving: the workload runtime ----------------------------------------------------
 
 
 def ssl_context_from_pem(
     cert_chain_pem: bytes, key_pem: bytes, *, client_ca_pem: bytes | None = None
 ) -> ssl.SSLContext:
-    """A TLS server context (TLS 1.2+) for ``cert_chain_pem`` / ``key_pem``.
+    """A TLS server context (TLS 1.2+) for ``cert_chain_pem`` / ``key_pem``, loaded from memory
+    (:func:`safehold.runtime.memory_server_context`: no file ever holds the key).
 
     With ``client_ca_pem``, client certificates are requested and verified against it
     (``CERT_OPTIONAL``: callers without one authenticate with a bearer token instead).
@@ -96,65 +96,7 @@ def ssl_context_from_pem(
     Raises:
         ConfigError: the certificate and key do not load or do not match.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # ssl can only load a chain from a file: write it to a private directory and delete at once
-    with tempfile.TemporaryDirectory(prefix="safehold-tls-") as d:
-        os.chmod(d, 0o700)
-        cp, kp = Path(d) / "cert.pem", Path(d) / "key.pem"
-        cp.write_bytes(cert_chain_pem)
-        fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pem)
-        try:
-            ctx.load_cert_chain(str(cp), str(kp))
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigError(f"TLS identity does not load: {e}") from None
-    if client_ca_pem:
-        ctx.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
-
-
-def _with_peer_cert(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
-    class PeerCertProtocol(base):  # type: ignore[valid-type, misc]  # a base chosen at run time
-        """uvicorn's HTTP protocol that exposes the verified client certificate (DER) to the
-        app as ``request.state.tls_peer_cert`` (ASGI has no standard field for it)."""
-
-        app_state: dict[str, object]  # uvicorn's per-connection state, copied into each request
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            sslobj = transport.get_extra_info("ssl_object")
-            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-            self.app_state = {**self.app_state, "tls_peer_cert": der}
-
-    PeerCertProtocol.__name__ = f"PeerCert{base.__name__}"
-    return PeerCertProtocol
-
-
-PeerCertH11Protocol = _with_peer_cert(H11Protocol)
-try:  # httptools (C parser) when installed: several times less CPU per request than h11
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    PeerCertHTTPProtocol = _with_peer_cert(HttpToolsProtocol)
-except ImportError:  # pragma: no cover - httptools is a dependency
-    PeerCertHTTPProtocol = PeerCertH11Protocol
-
-
-_ContextFactory = Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]
-
-
-def _fixed_context(ctx: ssl.SSLContext) -> _ContextFactory:
-    """uvicorn's ``ssl_context_factory`` that answers with the context built in memory (no key file)."""
-    return lambda _config, _default: ctx
-
-
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to :func:`serve_apps`."""
-
-    def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
-        return contextlib.nullcontext()
+    return memory_server_context(cert_chain_pem, key_pem, client_ca_pem=client_ca_pem)
 
 
 async def serve_apps(
@@ -163,64 +105,17 @@ async def serve_apps(
     on_ready: Callable[[list[int]], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve several ASGI apps on one loop until SIGINT/SIGTERM (or ``stop`` is set).
+    """Serve several ASGI apps on one loop until SIGINT/SIGTERM (or ``stop`` is set):
+    :func:`safehold.runtime.server.serve` over ``(app, host, port, ssl_context)`` tuples.
 
-    Args:
-        listeners: ``(app, host, port, ssl_context)``; port 0 picks a free port.
-        on_ready: called with the bound ports once every listener is open.
+    Raises:
+        ConfigError: a listener failed to start (port in use?).
     """
-    servers = []
-    for app, host, port, ctx in listeners:
-        cfg = uvicorn.Config(
-            app, host=host, port=port, http=PeerCertHTTPProtocol, lifespan="off",
-            log_level="warning", access_log=False, server_header=False, timeout_keep_alive=30,
-            timeout_graceful_shutdown=5,
-            ssl_context_factory=_fixed_context(ctx) if ctx is not None else None,
-            ssl_certfile="unused" if ctx is not None else None,
-        )
-        servers.append(_Server(cfg))
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
-    while not all(s.started for s in servers):
-        if any(t.done() for t in tasks):
-            for s in servers:
-                s.should_exit = True
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise ConfigError("a records service listener failed to start (port in use?)")
-        await asyncio.sleep(0.02)
-    ports = [s.servers[0].sockets[0].getsockname()[1] for s in servers]
-    if on_ready:
-        on_ready(ports)
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    for s in servers:
-        s.should_exit = True
-    # graceful: in-flight requests finish; then idle keep-alive TLS connections are dropped
-    # without waiting for each peer's close_notify
-    _, pending = await asyncio.wait(tasks, timeout=2.0)
-    if pending:
-        for s in servers:
-            s.force_exit = True
-        _, pending = await asyncio.wait(pending, timeout=3.0)
-        for t in pending:
-            t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await serve([Listener(app, host, port, ctx) for app, host, port, ctx in listeners],
+                on_ready=on_ready, stop=stop)
 
 
 # --- bootstrap ------------------------------------------------------------------------------
-
-
-class _Resources(Protocol):
-    """What :func:`_access_list` needs of a :class:`~safehold.client.broker.BrokerClient`."""
-
-    def get_resource(self, path: str, *, use_token: bool = False) -> bytes: ...
 
 
 @dataclass
@@ -239,7 +134,7 @@ class Provisioned:
 
 def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str | None = None) -> Provisioned:
     """Attest to the broker and receive the keyset, the TLS identity and the access list (KBS
-    protocol).
+    protocol, through :func:`safehold.runtime.attest_and_fetch`).
 
     The access list is the manifest's ``access`` secret at ``cfg.access_resource``: only the
     data owner's signed manifest says who holds which role (pinned tokens and client keys).
@@ -249,93 +144,37 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
     key's SubjectPublicKeyInfo), so clients can check it against a CA (``curl --cacert``) *and*
     appraise the Evidence (the Safehold SDK).
 
+    Args:
+        package_root: ignored (kept for callers): the simulated TEE measures the closure of
+            the running process (``safehold.attestation.workload.current_closure``).
+
     Raises:
         NoKeysError: the broker answered 401/403 (appraisal failed): the message carries the
             broker's reason (which claim, expected vs. got).
+        ConfigError: the manifest has no access list for this workload.
         BrokerError: the broker is unreachable or answered otherwise.
     """
-    from safehold.client.broker import BrokerClient
-    from safehold.client.errors import BrokerRefusedError
-    from safehold.errors import BrokerError
-    from safehold.ratls.cert import OID_TCG_DICE_TAGGED_EVIDENCE, encode_claims, encode_extension, spki_der
-
+    del package_root
     pinned_ca = pinned_broker_ca(cfg)
     files = [config_path] if config_path else []
-    attester = SimulatedAttester(Path(cfg.data_dir), workload_files=files, package_root=package_root)
+    attester = simulated_attester(Path(cfg.data_dir), files)
     log.info("records workload measurement %s", attester.measurement.hex())
-    # only the pinned CA authenticates the broker (no system trust store)
-    verify = ssl.create_default_context(cadata=pinned_ca.decode("ascii"))
-    with BrokerClient(cfg.broker_url, attester, verify=verify, workload=cfg.workload) as kbs:
-        try:
-            kbs.attest()
-            keyset = kbs.get_keyset(cfg.keyset_resource.rsplit("/", 1)[-1],
-                                    repository=cfg.keyset_resource.split("/", 1)[0])
-            access = _access_list(kbs, cfg.access_resource)
-            pub = kbs.private_key().public_key()
-            claims = encode_claims(spki_der(pub))
-            evidence = attester.attest(hashlib.sha256(claims).digest() + bytes(32))
-            ext = encode_extension(evidence, claims)
-            cert_pem, ca_pem = kbs.get_certificate(
-                cfg.tls_resource.rsplit("/", 1)[-1],
-                extensions=[(OID_TCG_DICE_TAGGED_EVIDENCE.dotted_string, ext)],
-            )
-        except BrokerRefusedError as e:
-            if e.status in (401, 403):
-                raise NoKeysError(f"the broker released no keys to this workload: {e.detail}") from None
-            raise
-        except BrokerError as e:
-            if "CERTIFICATE_VERIFY_FAILED" in str(e):
-                raise BrokerIdentityError(
-                    f"the broker at {cfg.broker_url} is not the pinned broker: its TLS certificate "
-                    f"does not chain to the workload CA with SHA-256 {cfg.broker_ca_sha256} ({e})"
-                ) from None
-            raise
-        key_pem = kbs.private_key_pem()
-    got = _ca_sha256(ca_pem.encode("ascii"))
-    if got != cfg.broker_ca_sha256:  # the TLS identity must come from the pinned CA too
-        raise BrokerIdentityError(f"the broker issued the TLS certificate from another CA: SHA-256 "
-                                  f"expected {cfg.broker_ca_sha256}, got {got}")
-    return Provisioned(keyset, cert_pem.encode("ascii"), key_pem, ca_pem.encode("ascii"), attester,
-                       access)
+    p = attest_and_fetch(cfg.broker_url, pinned_ca, workload=cfg.workload, attester=attester,
+                         keysets={"records": cfg.keyset_resource},
+                         secrets={"access": cfg.access_resource}, certificate=cfg.tls_resource,
+                         broker_ca_sha256=cfg.broker_ca_sha256)
+    assert p.cert_pem is not None
+    return Provisioned(p.keysets["records"], p.cert_pem, p.key_pem(), p.ca_pem, attester,
+                       _access_list(p.secrets["access"]))
 
 
-def _access_list(kbs: _Resources, resource: str) -> AccessList:
-    """The manifest's ``access`` secret at ``resource``, parsed.
+def _access_list(doc: bytes) -> AccessList:
+    """The manifest's ``access`` secret, parsed.
 
     Raises:
-        ConfigError: the manifest has no such secret (404) or it is not a valid access list.
-        BrokerRefusedError: any other refusal.
+        ConfigError: it is not a valid access list.
     """
-    from safehold.client.errors import BrokerRefusedError
-
-    try:
-        doc = kbs.get_resource(resource)
-    except BrokerRefusedError as e:
-        if e.status == 404:
-            raise ConfigError(
-                f"the broker has no access list {resource} for this workload ({e.detail}): the data "
-                "owner adds a secret of type 'access' to the manifest and lists it in the workload's "
-                "secrets (docs/records.md)") from None
-        raise
     return AccessList.from_json(doc)
-
-
-def _ca_sha256(pem: bytes) -> str:
-    """SHA-256 (hex) of the DER of the single certificate in ``pem``.
-
-    Raises:
-        BrokerIdentityError: not exactly one PEM certificate.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        raise BrokerIdentityError("broker CA is not a PEM certificate") from None
-    if len(certs) != 1:
-        raise BrokerIdentityError(f"broker CA must hold exactly one certificate, got {len(certs)}")
-    return hashlib.sha256(certs[0].public_bytes(Encoding.DER)).hexdigest()
 
 
 def pinned_broker_ca(cfg: ServiceConfig) -> bytes:
@@ -345,23 +184,13 @@ def pinned_broker_ca(cfg: ServiceConfig) -> bytes:
         the PEM bytes (one certificate) whose DER SHA-256 equals ``cfg.broker_ca_sha256``.
 
     Raises:
-        BrokerIdentityError: no file given, unreadable, not one certificate, or another CA
-            (message: expected vs. got SHA-256).
+        BrokerIdentityError: no file given (set ``SAFEHOLD_RECORDS_BROKER_CA``), unreadable,
+            not one certificate, or another CA (message: expected vs. got SHA-256).
     """
     if not cfg.broker_ca:
         raise BrokerIdentityError("no broker CA file (set SAFEHOLD_RECORDS_BROKER_CA): the broker "
                                   "is authenticated only by its pinned workload CA")
-    try:
-        pem = Path(cfg.broker_ca).read_bytes()
-    except OSError as e:
-        raise BrokerIdentityError(f"broker CA {cfg.broker_ca}: {e.strerror}") from None
-    got = _ca_sha256(pem)
-    if got != cfg.broker_ca_sha256:
-        raise BrokerIdentityError(
-            f"broker CA {cfg.broker_ca} is not the broker pinned in the measured config: "
-            f"SHA-256 expected {cfg.broker_ca_sha256}, got {got}"
-        )
-    return pem
+    return pinned_ca(cfg.broker_ca, cfg.broker_ca_sha256)
 
 
 def check_audit_at_start(audit: AccessAuditLog) -> bool:
