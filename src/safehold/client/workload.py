@@ -2,8 +2,9 @@
 contact discovery, the VAU with the E-Rezept routes): attest to the pinned broker, receive the
 secrets the manifest grants this workload, in memory only.
 
-This is what :mod:`safehold.records.server` does (its ``provision``), as one function the
-services share until the generic workload runtime (``safehold.runtime``) replaces both.
+A thin layer over the workload runtime (:func:`safehold.runtime.attest_and_fetch`): resources
+by path, access documents parsed, and the two conversions these services share
+(:func:`access_by_token`, :func:`derive_secret`).
 
 .. code-block:: python
 
@@ -21,23 +22,15 @@ the broker's workload CA to that key with CN = the workload name (KBS ``/certifi
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
-from safehold.broker import protocol
-from safehold.client.errors import BrokerRefusedError
 from safehold.crypto.kdf import derive_key
 from safehold.crypto.keyset import Keyset
 from safehold.errors import BrokerError
-from safehold.records.errors import BrokerIdentityError, NoKeysError
 
-__all__ = ["WorkloadKeys", "access_by_token", "derive_secret", "fetch_workload_keys", "pinned_ca_pem"]
+__all__ = ["WorkloadKeys", "access_by_token", "derive_secret", "fetch_workload_keys"]
 
 
 @dataclass(frozen=True)
@@ -64,44 +57,13 @@ class WorkloadKeys:
     measurement: str = ""
 
 
-def _ca_sha256(pem: bytes) -> str:
-    try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        raise BrokerIdentityError("broker CA is not a PEM certificate") from None
-    if len(certs) != 1:
-        raise BrokerIdentityError(f"broker CA must hold exactly one certificate, got {len(certs)}")
-    return hashlib.sha256(certs[0].public_bytes(Encoding.DER)).hexdigest()
-
-
-def pinned_ca_pem(path: str, pin: str) -> bytes:
-    """Read the broker CA file (a run-time setting) and check it against the measured pin.
-
-    Returns:
-        the PEM bytes, whose DER SHA-256 is ``pin``.
-
-    Raises:
-        BrokerIdentityError: no pin, unreadable file, not one PEM certificate, or another CA.
-    """
-    if not pin:
-        raise BrokerIdentityError("the measured configuration pins no broker (broker_ca_sha256 is empty)")
-    try:
-        pem = Path(path).read_bytes()
-    except OSError as e:
-        raise BrokerIdentityError(f"broker CA {path}: {e.strerror}") from None
-    got = _ca_sha256(pem)
-    if got != pin:
-        raise BrokerIdentityError(f"broker CA {path} is not the broker pinned in the measured config: "
-                                  f"SHA-256 expected {pin}, got {got}")
-    return pem
-
-
 def fetch_workload_keys(*, workload: str, broker_url: str, broker_ca_file: str, broker_ca_sha256: str,
                         tee_dir: str, config_files: Sequence[str], resources: Sequence[str] = (),
                         certificate: str | None = None, timeout: float = 30.0) -> WorkloadKeys:
-    """Attest this process (simulated TEE over ``config_files``) to the broker and receive
-    ``resources`` (``<repo>/<type>/<name>``, type ``keyset`` / ``access`` / ``value``) and,
-    if named, a ``certificate`` secret issued to the in-memory TEE key.
+    """Attest this process (simulated TEE over its closure and ``config_files``) to the pinned
+    broker through :func:`safehold.runtime.attest_and_fetch` and receive ``resources``
+    (``<repo>/<type>/<name>``, type ``keyset`` / ``access`` / ``value``) and, if named, the
+    ``certificate`` secret issued to the in-memory TEE key (CN = the workload).
 
     Follows the KBS protocol of the Confidential Containers Trustee (auth → attest →
     resource; :mod:`safehold.broker.protocol`); only the pinned CA authenticates the broker.
@@ -111,49 +73,27 @@ def fetch_workload_keys(*, workload: str, broker_url: str, broker_ca_file: str, 
             manifest's policy for ``workload``); the message carries the broker's reason.
         BrokerIdentityError: the CA file is not the pinned broker, or the broker's TLS
             certificate does not chain to it.
-        BrokerError: the broker is unreachable, a resource is missing or malformed.
+        ConfigError: a resource is not in the manifest. BrokerError: unreachable, malformed.
     """
-    import ssl
+    from safehold.runtime import attest_and_fetch, pinned_ca, simulated_attester
 
-    from safehold.attestation.attesters.simulated import SimulatedAttester
-    from safehold.client.broker import BrokerClient
-
-    ca = pinned_ca_pem(broker_ca_file, broker_ca_sha256)
-    attester = SimulatedAttester(Path(tee_dir), workload_files=[Path(p) for p in config_files])
-    verify = ssl.create_default_context(cadata=ca.decode("ascii"))
-    keysets: dict[str, Keyset] = {}
-    access: dict[str, dict[str, Any]] = {}
-    values: dict[str, bytes] = {}
-    cert = key = ca_out = b""
-    try:
-        with BrokerClient(broker_url, attester, verify=verify, workload=workload, timeout=timeout) as kbs:
-            kbs.attest()
-            for path in resources:
-                parts = path.strip("/").split("/")
-                if len(parts) != 3:
-                    raise BrokerError(f"resource path {path!r} is not <repository>/<type>/<name>")
-                raw = kbs.get_resource(path)
-                kind, name = parts[1], parts[2]
-                if kind == "keyset":
-                    keysets[name] = protocol.keyset_from_json(raw)
-                elif kind == "access":
-                    access[name] = _access_doc(raw, name)
-                else:
-                    values[name] = raw
-            if certificate:
-                c, a = kbs.get_certificate(certificate)
-                cert, ca_out, key = c.encode("ascii"), a.encode("ascii"), kbs.private_key_pem()
-    except BrokerRefusedError as e:
-        if e.status in (401, 403):
-            raise NoKeysError(f"the broker released no keys to workload {workload!r}: {e.detail}") from None
-        raise BrokerError(f"the broker refused workload {workload!r}: HTTP {e.status} {e.detail}") from None
-    except BrokerError as e:
-        if "CERTIFICATE_VERIFY_FAILED" in str(e):
-            raise BrokerIdentityError(f"the broker at {broker_url} is not the pinned broker ({e})") from None
-        raise
-    if ca_out and _ca_sha256(ca_out) != broker_ca_sha256:
-        raise BrokerIdentityError("the broker issued the workload certificate from another CA")
-    return WorkloadKeys(keysets, access, values, cert, key, ca, attester.measurement.hex())
+    ca = pinned_ca(broker_ca_file, broker_ca_sha256)
+    keysets: dict[str, str] = {}
+    others: dict[str, str] = {}
+    for path in resources:
+        parts = path.strip("/").split("/")
+        if len(parts) != 3:
+            raise BrokerError(f"resource path {path!r} is not <repository>/<type>/<name>")
+        (keysets if parts[1] == "keyset" else others)[parts[2]] = path
+    cert_path = f"default/certificate/{certificate}" if certificate else None
+    prov = attest_and_fetch(broker_url, ca, workload=workload,
+                            attester=simulated_attester(tee_dir, list(config_files)), keysets=keysets,
+                            secrets=others, certificate=cert_path, ratls_evidence=False,
+                            broker_ca_sha256=broker_ca_sha256, timeout=timeout)
+    access = {n: _access_doc(prov.secrets[n], n) for n, p in others.items() if p.split("/")[-2] == "access"}
+    values = {n: v for n, v in prov.secrets.items() if n not in access}
+    return WorkloadKeys(prov.keysets, access, values, prov.cert_pem or b"",
+                        prov.key_pem() if certificate else b"", prov.ca_pem, prov.measurement)
 
 
 def _access_doc(raw: bytes, name: str) -> dict[str, Any]:

@@ -240,12 +240,12 @@ def build(cfg: ServerConfig, secrets: Secrets, store_url: str) -> tuple[Any, Svr
 def _ratls_context(cfg: ServerConfig, data_dir: str, config_path: str) -> tuple[ssl.SSLContext, str]:
     from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.ratls.cert import create_identity
-    from safehold.ratls.server import server_ssl_context
+    from safehold.runtime import memory_server_context
 
     attester = SimulatedAttester(data_dir, workload_files=[config_path])
     ips = (cfg.host,) if cfg.host[:1].isdigit() or ":" in cfg.host else ()
     identity = create_identity(attester, common_name=f"safehold svr {cfg.name}", ip_addresses=ips)
-    ctx = server_ssl_context(identity)
+    ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx, attester.measurement.hex()
 

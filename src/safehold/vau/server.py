@@ -323,8 +323,8 @@ def _main_attested(argv: list[str]) -> int:
     from safehold.errors import SafeholdError
     from safehold.fsutil import write_atomic
     from safehold.ratls.cert import create_identity
-    from safehold.ratls.server import server_ssl_context
     from safehold.records.errors import NoKeysError
+    from safehold.runtime import memory_server_context
 
     ap = argparse.ArgumentParser(prog="python -m safehold.vau.server")
     ap.add_argument("--config", required=True, help="measured TOML configuration (AttestedConfig)")
@@ -342,7 +342,7 @@ def _main_attested(argv: list[str]) -> int:
                                       store_url=args.store_url)
         attester = SimulatedAttester(args.data_dir, workload_files=[args.config])
         identity = create_identity(attester, common_name=f"safehold {cfg.name}", ip_addresses=(cfg.host,))
-        ctx = server_ssl_context(identity)
+        ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     except SafeholdError as e:
         print(f"vau: {e}", file=sys.stderr)
