@@ -62,7 +62,7 @@ def stack(env, tmp_path_factory):
     anchor = [free_port() for _ in range(3)]
     t0 = time.monotonic()
     up = subprocess.Popen(
-        [sys.executable, "-m", "safehold.cli.main", "up", "--data-dir", str(data),
+        [sys.executable, "-m", "safehold.cli.main", "up", "--data-dir", str(data), "--services", "all",
          "--broker-port", str(ports["broker"]), "--port", str(ports["records"]), "--scone-port", "0",
          "--svr-ports", ",".join(map(str, svr)), "--svr-anchor-ports", ",".join(map(str, anchor)),
          "--discovery-port", str(ports["disc"]), "--vau-port", str(ports["vau"])],

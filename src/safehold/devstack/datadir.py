@@ -247,8 +247,9 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
             existing ``records.toml``'s value (else ``"none"``). See :func:`main_records_config`.
         reset: regenerate ``records.toml`` even if it differs from what ``up`` writes.
         services: which of :data:`safehold.devstack.services.ALL_SERVICES` :func:`start`
-            starts (default: all). Their workloads are in the manifest either way, so choosing
-            fewer changes no Reference Value.
+            starts (default: none; ``safehold up`` passes all unless told otherwise). Their
+            workloads are in the manifest either way, so choosing fewer changes no Reference
+            Value.
         service_ports: a :class:`safehold.devstack.services.ServicePorts` (default ports).
 
     Raises:
@@ -265,10 +266,8 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
     except BaseException:
         unlock_data_dir(lock)
         raise
-    from safehold.devstack.services import ALL_SERVICES
-
     s.lock = lock
-    s.services = ALL_SERVICES if services is None else tuple(services)
+    s.services = tuple(services or ())
     return s
 
 

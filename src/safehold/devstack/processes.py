@@ -228,6 +228,10 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                 raise ConfigError(f"{seen[port]} and {what} are both {port}")
             seen[port] = what
             check_port(port, what)
+        if s.services:  # SVR, discovery, VAU (devstack/services.py): their ports too, up front
+            from safehold.devstack.services import ServicePorts, check_service_ports, launch_services
+
+            check_service_ports(s.services, s.service_ports or ServicePorts(), seen)
         for name in ("records-ready.json",):
             with contextlib.suppress(FileNotFoundError):
                 s.path(name).unlink()
@@ -250,17 +254,18 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                                                  env=base_env(s), start_new_session=True)
             wait_broker(s, s.procs["broker"], timeout)
             s.info["manifest_updated"] = update_manifest(s)
+        # the services need only the broker: launch them now, alongside records
+        pending = launch_services(s, s.services, s.service_ports or ServicePorts()) if s.services else None
         rlog_path = s.path("records.log")
         rlog = rlog_path.open("ab")
         s.procs["records"] = subprocess.Popen(records_cmd(s), env=records_env(s), stdout=rlog,
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True)
         info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
-        if s.services:  # SVR, discovery, VAU: devstack/services.py
-            from safehold.devstack.services import ServicePorts, start_services
+        if pending is not None:
+            from safehold.devstack.services import finish_services
 
-            s.info.update(start_services(s, s.services, s.service_ports or ServicePorts(),
-                                         timeout=max(timeout, 90.0)))
+            s.info.update(finish_services(s, pending, timeout=max(timeout, 120.0)))
     except BaseException:
         stop(s)
         raise

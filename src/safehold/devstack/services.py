@@ -45,8 +45,9 @@ import tomli_w
 from safehold.devstack.errors import StackError
 from safehold.errors import ConfigError
 
-__all__ = ["ALL_SERVICES", "IDP_ISSUER", "ServicePorts", "idp_key", "manifest_entries", "parse_services",
-           "start_services", "stop_services", "summary", "write_configs"]
+__all__ = ["ALL_SERVICES", "IDP_ISSUER", "Pending", "ServicePorts", "check_service_ports", "finish_services",
+           "idp_key", "launch_services", "manifest_entries", "parse_services", "stop_services", "summary",
+           "write_configs"]
 
 #: Every service ``safehold up`` can start, in start order.
 ALL_SERVICES = ("svr", "discovery", "erezept")
@@ -257,63 +258,96 @@ def _wait_ready(s: Any, name: str, proc: subprocess.Popen[bytes], deadline: floa
     raise StackError(f"{name} did not become ready (see {s.path(name + '.log')})")
 
 
-def start_services(s: Any, services: tuple[str, ...], ports: ServicePorts, *,
-                   timeout: float = 90.0) -> dict[str, Any]:
-    """Start ``services`` (after the broker is ready); return what ``up.json`` records about
-    them. Processes go into ``s.procs`` (so :func:`stop_services` and the supervisor see them).
+def _wanted_ports(services: tuple[str, ...], ports: ServicePorts) -> list[tuple[int, str]]:
+    wanted: list[tuple[int, str]] = []
+    if "svr" in services:
+        wanted += [(p, f"--svr-ports (svr-{i})") for i, p in enumerate(ports.svr)]
+        wanted += [(p, f"--svr-anchor-ports (member {i})") for i, p in enumerate(ports.anchor)]
+    if "discovery" in services:
+        wanted.append((ports.discovery, "--discovery-port"))
+    if "erezept" in services:
+        wanted.append((ports.vau, "--vau-port"))
+    return wanted
+
+
+def check_service_ports(services: tuple[str, ...], ports: ServicePorts, taken: dict[int, str]) -> None:
+    """Check, before anything starts, that the services' ports are distinct (from each other
+    and from ``taken``: port → option) and free.
 
     Raises:
-        ConfigError: a port in use. StackError: a process did not become ready (names which
-            and the last line of its log), or the SVR ledgers could not be initialised.
+        ConfigError: names the option(s) and the port.
     """
     from safehold.devstack.processes import check_port
 
-    wanted: list[tuple[int, str]] = []
-    if "svr" in services:
-        wanted += [(p, f"svr-{i}") for i, p in enumerate(ports.svr)]
-        wanted += [(p, f"svr anchor member {i}") for i, p in enumerate(ports.anchor)]
-    if "discovery" in services:
-        wanted.append((ports.discovery, "discovery"))
-    if "erezept" in services:
-        wanted.append((ports.vau, "vau"))
-    for port, what in wanted:
+    seen = dict(taken)
+    for port, what in _wanted_ports(services, ports):
+        if port in seen:
+            raise ConfigError(f"{seen[port]} and {what} are both {port}")
+        seen[port] = what
         check_port(port, what)
+
+
+@dataclass
+class Pending:
+    """Service processes launched by :func:`launch_services`, not yet ready."""
+
+    services: tuple[str, ...]
+    ports: ServicePorts
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    anchor: Any = None
+
+
+def launch_services(s: Any, services: tuple[str, ...], ports: ServicePorts) -> Pending:
+    """Launch every process of ``services`` at once (the broker must be ready; records need
+    not be): the SVR anchor members, the SVR servers (they wait for the anchor themselves),
+    discovery and the VAU. Processes go into ``s.procs`` at once, so :func:`stop_services`
+    stops them whatever happens next."""
     for f in s.data_dir.glob("*-ready.json"):
         if f.name != "records-ready.json":
             f.unlink(missing_ok=True)
-    deadline = time.monotonic() + timeout
-    info: dict[str, Any] = {"services": list(services)}
-    started: dict[str, subprocess.Popen[bytes]] = {}
-    anchor = None
+    p = Pending(services, ports)
     if "svr" in services:
-        anchor = _start_anchor(s, ports)
+        p.anchor = _start_anchor(s, ports)
+        for i, port in enumerate(ports.svr):
+            n = f"svr-{i}"
+            p.procs[n] = _launch(s, n, "safehold.svr.server", [
+                "--config", str(s.path(f"{n}.toml")), "--store-url", f"sqlite:///{s.path(f'{n}.db')}",
+                "--port", str(port), *_common(s, n)])
     if "discovery" in services:
-        started["discovery"] = _launch(s, "discovery", "safehold.discovery.server", [
+        p.procs["discovery"] = _launch(s, "discovery", "safehold.discovery.server", [
             "--config", str(s.path("discovery.toml")), "--store-url", f"sqlite:///{s.path('discovery.db')}",
             "--port", str(ports.discovery), *_common(s, "discovery")])
     if "erezept" in services:
-        started["vau"] = _launch(s, "vau", "safehold.vau.server", [
+        p.procs["vau"] = _launch(s, "vau", "safehold.vau.server", [
             "--config", str(s.path("vau.toml")), "--store-url", f"sqlite:///{s.path('erezept.db')}",
             "--port", str(ports.vau), *_common(s, "vau")])
-    s.procs.update(started)
-    if anchor is not None:
-        for i in range(anchor.n):
-            anchor.wait_listening(i, max(1.0, deadline - time.monotonic()))
-        for i, port in enumerate(ports.svr):
-            n = f"svr-{i}"
-            started[n] = _launch(s, n, "safehold.svr.server", [
-                "--config", str(s.path(f"{n}.toml")), "--store-url", f"sqlite:///{s.path(f'{n}.db')}",
-                "--port", str(port), *_common(s, n)])
-        s.procs.update(started)
-    ready = {name: _wait_ready(s, name, p, deadline) for name, p in started.items()}
-    if "svr" in services:
+    s.procs.update(p.procs)
+    return p
+
+
+def finish_services(s: Any, p: Pending, *, timeout: float = 120.0) -> dict[str, Any]:
+    """Wait until every launched service serves, initialise (or re-anchor) the SVR ledgers with
+    the dev owner key; return what ``up.json`` records about the services.
+
+    Raises:
+        StackError: a process exited or did not become ready (names which, why — status 2: the
+            broker released no keys — and the last line of its log), or the SVR ledgers could not
+            be initialised.
+    """
+    deadline = time.monotonic() + timeout
+    if p.anchor is not None:
+        for i in range(p.anchor.n):
+            p.anchor.wait_listening(i, max(1.0, deadline - time.monotonic()))
+    ready = {name: _wait_ready(s, name, proc, deadline) for name, proc in p.procs.items()}
+    info: dict[str, Any] = {"services": list(p.services)}
+    if "svr" in p.services:
         urls = [str(ready[f"svr-{i}"]["url"]) for i in range(SVR_N)]
         info["svr"] = {"urls": urls, "policy": str(s.path("svr-policy.toml")),
-                       "anchor": [f"https://127.0.0.1:{p}" for p in ports.anchor],
-                       "ledgers": _initialise_svr(s, urls)}
-    if "discovery" in services:
+                       "anchor": [f"https://127.0.0.1:{port}" for port in p.ports.anchor],
+                       "ledgers": _initialise_svr(s, urls, deadline)}
+    if "discovery" in p.services:
         info["discovery"] = {"url": ready["discovery"]["url"], "policy": str(s.path("discovery-policy.toml"))}
-    if "erezept" in services:
+    if "erezept" in p.services:
         info["erezept"] = {"url": ready["vau"]["url"], "policy": str(s.path("vau-policy.toml")),
                            "idp_issuer": IDP_ISSUER, "idp_key": str(s.path("erezept-idp.key"))}
     return info
@@ -352,10 +386,13 @@ def _start_anchor(s: Any, ports: ServicePorts) -> _AnchorProcs:
     return _AnchorProcs(la)
 
 
-def _initialise_svr(s: Any, urls: list[str]) -> list[str]:
+def _initialise_svr(s: Any, urls: list[str], deadline: float) -> list[str]:
     """Sign every SVR server's pending ledger statement (``initialise`` at the first start,
     ``reanchor`` after the anchor members restarted: their heads live in memory) with the dev
-    owner key — loudly, in ``up``'s summary: a real owner reviews each proposal first."""
+    owner key — loudly, in ``up``'s summary: a real owner reviews each proposal first.
+
+    A server that started before its anchor members listened picks them up within a second
+    (``SvrService.retry_anchor``): until ``deadline`` an unreachable anchor is retried."""
     from safehold.attestation.policy import AppraisalPolicy
     from safehold.client.svr import Svr3Client
     from safehold.devstack.datadir import tokens
@@ -364,12 +401,16 @@ def _initialise_svr(s: Any, urls: list[str]) -> list[str]:
     if not key.exists():
         raise StackError(f"no owner key {key}: the SVR ledgers need the owner's signed statement")
     policy = AppraisalPolicy.from_toml(s.path("svr-policy.toml").read_text("utf-8"))
-    try:
-        with Svr3Client(urls, token=tokens(s.data_dir)["admin"], policy=policy) as c:
-            return c.owner_initialise(key.read_bytes())
-    except Exception as e:  # noqa: BLE001 - any failure here means SVR does not serve: say which
-        raise StackError(f"initialising the SVR ledgers with the owner key failed: {type(e).__name__}: {e}"
-                         ) from None
+    while True:
+        try:
+            with Svr3Client(urls, token=tokens(s.data_dir)["admin"], policy=policy) as c:
+                return c.owner_initialise(key.read_bytes())
+        except Exception as e:  # noqa: BLE001 - any failure here means SVR does not serve: say which
+            if "anchor" in str(e).lower() and time.monotonic() < deadline:
+                time.sleep(0.5)  # the server has not reached its anchor members yet
+                continue
+            raise StackError(f"initialising the SVR ledgers with the owner key failed: "
+                             f"{type(e).__name__}: {e}") from None
 
 
 def stop_services(s: Any, timeout: float = 10.0) -> dict[str, int | None]:
