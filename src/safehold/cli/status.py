@@ -21,11 +21,14 @@ def register(group: click.Group) -> None:
     @click.option("--data-dir", default="./safehold-data", show_default=True, envvar="SAFEHOLD_DATA_DIR")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def status(data_dir: str, as_json: bool) -> None:
-        """Show whether the broker and the records service of `safehold up` are up and attested.
+        """Show whether the broker, the records service and the services (SVR, discovery, VAU) of
+        `safehold up` are up and attested.
 
-        Exit status 0 = both answer and the records service attested, 1 = otherwise."""
+        Exit status 0 = all answer and every workload attested, 1 = otherwise."""
         st = stack_status(data_dir, show=show_warning)
-        healthy = bool(st["broker"].get("ok") and st["records"].get("attested"))
+        services = st.get("services", {})
+        healthy = bool(st["broker"].get("ok") and st["records"].get("attested")
+                       and all(v["ok"] for v in services.values()))
         if as_json:
             click.echo(json.dumps(st, indent=2))
             if not healthy:
@@ -43,5 +46,7 @@ def register(group: click.Group) -> None:
             click.echo(f"records  {r['url']}  NOT attested: {r.get('error')}")
         if st.get("scone_url"):
             click.echo(f"scone    {st['scone_url']}")
+        for name, v in services.items():
+            click.echo(f"{name:<9}{v['url']}  {v['status']}")
         if not healthy:
             sys.exit(1)

@@ -447,3 +447,44 @@ def summary(info: dict[str, Any]) -> list[tuple[str, bool]]:
         e = info["erezept"]
         out.append((f"E-Rezept VAU    {e['url']}  (policy {e['policy']}; dev IdP key {e['idp_key']})", False))
     return out
+
+
+def services_status(info: dict[str, Any]) -> dict[str, Any]:
+    """``safehold status`` for the services in ``up.json``'s ``info``: each server attested
+    under its client policy (RA-TLS) and asked ``/healthz`` (the VAU: ``/VAUCertificate``).
+
+    Returns:
+        ``{name: {"url", "ok", "status"}}`` for ``svr-<i>``, ``discovery``, ``vau``; ``ok`` is
+        true only when the server attested and answered 200.
+    """
+    import warnings
+
+    import httpx
+
+    from safehold.client.connection import transport_reason
+    from safehold.client.records import attesting_transport
+    from safehold.errors import SafeholdError
+
+    targets: list[tuple[str, str, str, str]] = []
+    if "svr" in info:
+        targets += [(f"svr-{i}", u, info["svr"]["policy"], "/healthz")
+                    for i, u in enumerate(info["svr"]["urls"])]
+    if "discovery" in info:
+        targets.append(("discovery", info["discovery"]["url"], info["discovery"]["policy"], "/healthz"))
+    if "erezept" in info:
+        targets.append(("vau", info["erezept"]["url"], info["erezept"]["policy"], "/VAUCertificate"))
+    out: dict[str, Any] = {}
+    for name, url, policy, path in targets:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with httpx.Client(transport=attesting_transport(policy), timeout=5) as c:
+                    r = c.get(url.rstrip("/") + path)
+            ok = r.status_code == 200
+            detail = "attested, serving" if ok else f"attested, HTTP {r.status_code}: {r.text[:160]}"
+        except (httpx.HTTPError, OSError) as e:
+            ok, detail = False, f"NOT attested or unreachable: {transport_reason(e)}"
+        except SafeholdError as e:
+            ok, detail = False, f"NOT attested: {e}"
+        out[name] = {"url": url, "ok": ok, "status": detail}
+    return out

@@ -67,4 +67,8 @@ def stack_status(data_dir: str | os.PathLike[str], *,
     out["records"] = rec
     if info.get("scone_port"):
         out["scone_url"] = f"https://api:{info['scone_port']}"
+    if info.get("services"):  # SVR, discovery, VAU (devstack/services.py)
+        from safehold.devstack.services import services_status
+
+        out["services"] = services_status(info)
     return out
