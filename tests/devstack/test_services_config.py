@@ -50,11 +50,13 @@ def test_manifest_entries_give_each_server_its_own_value_and_pin_tokens_not_name
 
 
 def test_access_documents_map_roles_and_drop_everything_else():
-    doc = {"tokens": {"aa" * 32: {"name": "admin", "role": "admin"}, "bb" * 32: {"name": "u", "role": "backup"},
+    doc = {"tokens": {"aa" * 32: {"name": "admin", "role": "admin"},
+                      "bb" * 32: {"name": "u", "role": "backup"},
                       "cc" * 32: {"name": "x", "role": "writer"}},
            "keys": {"dd" * 32: {"name": "k", "role": "admin"}}}
     got = access_by_token(doc, {"admin": ["admin"], "backup": ["backup"]})
-    assert got == {"aa" * 32: {"name": "admin", "roles": ["admin"]}, "bb" * 32: {"name": "u", "roles": ["backup"]}}
+    assert got == {"aa" * 32: {"name": "admin", "roles": ["admin"]},
+                   "bb" * 32: {"name": "u", "roles": ["backup"]}}
 
 
 def test_service_secrets_follow_the_index_key_not_the_rotating_value_keys():
