@@ -10,8 +10,10 @@ JSON object, then EOF::
      "access": {"<sha256 hex of a token>": {"name": "...", "roles": ["backup"]}, ...},
      "anchor_client_cert": "<PEM>", "anchor_client_key": "<PEM>"}   # mutual TLS to the anchor
 
-In this phase the caller supplies them; the key broker will release them to the attested
-workload (``safehold.runtime``), which is listed in docs/svr.md.
+That is how ``LocalSvr`` (tests, benchmark) runs it. With ``--broker-url URL --broker-ca
+CA.pem`` (what ``safehold up`` runs, needs ``--data-dir``) the process instead attests to the
+key broker pinned by ``broker_ca_sha256`` and receives them from it
+(:func:`secrets_from_broker`).
 
 Measured configuration (TOML, every key below; unknown keys refused):
 
@@ -22,6 +24,7 @@ Measured configuration (TOML, every key below; unknown keys refused):
     host = "127.0.0.1"
     anchor_members = ["https://127.0.0.1:7601", "https://127.0.0.1:7602", "https://127.0.0.1:7603"]
     wait_timeout = 5.0         # seconds a commit waits for the anchor
+    broker_ca_sha256 = "…"     # the pinned broker (broker mode only; SHA-256 of its CA's DER)
     [anchor_policy]            # appraisal policy of the anchor members (AppraisalPolicy keys)
     allow_simulated = true
     ...
