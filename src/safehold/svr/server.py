@@ -25,6 +25,7 @@ Measured configuration (TOML, every key below; unknown keys refused):
     anchor_members = ["https://127.0.0.1:7601", "https://127.0.0.1:7602", "https://127.0.0.1:7603"]
     wait_timeout = 5.0         # seconds a commit waits for the anchor
     broker_ca_sha256 = "…"     # the pinned broker (broker mode only; SHA-256 of its CA's DER)
+    audit_interval = 300.0     # seconds between background freshness audits of every row (0 = off)
     [anchor_policy]            # appraisal policy of the anchor members (AppraisalPolicy keys)
     allow_simulated = true
     ...
@@ -92,6 +93,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     wait_timeout: float = 5.0
     broker_ca_sha256: str = ""
+    audit_interval: float = 300.0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ServerConfig:
@@ -120,6 +122,9 @@ class ServerConfig:
             raise SvrConfigError("svr config: anchor_members must list the anchor members' https:// URLs")
         if not isinstance(cfg.wait_timeout, int | float) or cfg.wait_timeout <= 0:
             raise SvrConfigError("svr config: wait_timeout must be a positive number of seconds")
+        if not isinstance(cfg.audit_interval, int | float) or isinstance(cfg.audit_interval, bool) \
+                or cfg.audit_interval < 0:
+            raise SvrConfigError("svr config: audit_interval must be seconds ≥ 0 (0 = no background audit)")
         cfg.policy()
         return cfg
 
@@ -237,6 +242,8 @@ def build(cfg: ServerConfig, secrets: Secrets, store_url: str) -> tuple[Any, Svr
     service = SvrService(store, SvrKeys.from_secret(secrets.secret), name=cfg.name, group_id=cfg.group_id,
                          anchor=anchor, wait_timeout=cfg.wait_timeout)
     service.retry_anchor()
+    if cfg.audit_interval > 0:
+        service.start_audit(cfg.audit_interval)
     return create_app(service, secrets.access), service
 
 
