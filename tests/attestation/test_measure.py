@@ -17,6 +17,7 @@ from safehold.attestation.errors import ReferenceValueMismatchError, SimulatedTE
 from safehold.attestation.measure import MANIFEST_HEADER, measure_workload, package_root
 from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
+from safehold.attestation.workload import current_closure
 from safehold.cli.main import cli
 from safehold.errors import ConfigError
 
@@ -64,19 +65,22 @@ def test_one_changed_byte_changes_measurement_and_policy_refuses(tree: Path, tmp
     changed = [p for (p, d), (_, d2) in zip(before.manifest, after.manifest, strict=True) if d != d2]
     assert changed == ["safehold/attestation/claims.py"]
 
-    att = SimulatedAttester(tmp_path / "data", package_root=tree)
-    assert att.measurement.digest == after.digest
+    # the simulated TEE reports the closure of the running process, never the package-only
+    # value: a package-only Reference Value is refused, naming expected vs got
+    att = SimulatedAttester(tmp_path / "data")
+    assert att.measurement.digest == current_closure().digest
+    assert att.measurement.digest not in (before.digest, after.digest)
     policy = AppraisalPolicy(allow_simulated=True, simulated_root=att.root_ca_path,
-                             measurements=(before.digest,))
+                             measurements=(after.digest,))
     rd = bytes(range(64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimulatedTEEWarning)
         with pytest.raises(ReferenceValueMismatchError) as ei:
             Verifier(policy).appraise(att.attest(rd), expected_report_data=rd)
-        assert ei.value.failures == [("measurement", before.hex(), after.hex())]
-        # and the unchanged reference value for the changed tree is accepted
+        assert ei.value.failures == [("measurement", after.hex(), att.measurement.hex())]
+        # and the process's own value is accepted
         ok = AppraisalPolicy(allow_simulated=True, simulated_root=att.root_ca_path,
-                             measurements=(after.digest,))
+                             measurements=(att.measurement.digest,))
         assert Verifier(ok).appraise(att.attest(rd), expected_report_data=rd).ok
 
 

@@ -75,7 +75,7 @@ from pathlib import Path
 from safehold.errors import ConfigError
 
 __all__ = ["CLOSURE_HEADER", "MAX_FILES", "Closure", "ClosureFile", "InterpreterLayout", "Root",
-           "closure", "interpreter_layout", "label_roots"]
+           "closure", "derive", "interpreter_layout", "label_roots"]
 
 CLOSURE_HEADER = "safehold-closure-v1"
 #: Refuse absurd trees (a ``sys.path`` entry of ``/``) instead of hashing for minutes.
@@ -476,20 +476,53 @@ def closure(sys_path: Sequence[str], executable: str | None = None, *,
         in_stdlib = r.label in ("stdlib", "platstdlib") and r.path in (anchors.get("stdlib"),
                                                                      anchors.get("platstdlib"))
         _walk(r, dir_roots - {r.path}, pycache_prefix is not None, in_stdlib, files)
-    for cfg in config_files:
-        p = Path(cfg)
-        if not p.is_file():
-            raise ConfigError(f"workload config file not found: {p}")
-        key = f"config/{_check_name(p.name, str(p.parent))}"
-        if key in files:
-            raise ConfigError(f"two workload config files are named {p.name!r}")
-        files[key] = str(p.resolve())
+    for key, path in _config_entries(config_files).items():
+        if key in files:  # pragma: no cover - code names never start with "config/"
+            raise ConfigError(f"workload config file {key} clashes with a code file")
+        files[key] = path
     names = sorted(files, key=str.encode)
     hashed = _hash_all([files[n] for n in names], workers or min(8, os.cpu_count() or 1))
     out = tuple(ClosureFile(n, h, files[n], size) for n, (h, size) in zip(names, hashed, strict=True))
     launch_sha = hashlib.sha384(launch.encode("utf-8")).hexdigest() if launch is not None else None
     digest = hashlib.sha384(_serialise(((f.name, f.sha384) for f in out), launch_sha)).digest()
     return Closure(out, tuple(roots), launch_sha, digest)
+
+
+def _config_entries(config_files: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for cfg in config_files:
+        p = Path(cfg)
+        if not p.is_file():
+            raise ConfigError(f"workload config file not found: {p}")
+        key = f"config/{_check_name(p.name, str(p.parent))}"
+        if key in out:
+            raise ConfigError(f"two workload config files are named {p.name!r}")
+        out[key] = str(p.resolve())
+    return out
+
+
+def derive(base: Closure, *, launch: str | None,
+           config_files: Iterable[str | os.PathLike[str]] = ()) -> Closure:
+    """The closure of the same code files as ``base`` with another launch description and
+    other configuration files: exactly what :func:`closure` returns for the same roots with
+    ``launch`` and ``config_files``, without hashing the code files again.
+
+    A workload measures its code once, at start (as a TEE measures at load time), and each
+    configuration when asked; the data owner measures several workloads that share one
+    interpreter and ``sys.path`` (the broker and the records service) with one walk.
+
+    Raises:
+        ConfigError: a configuration file is missing or unreadable, or two share a name.
+    """
+    code = [f for f in base.files if not f.name.startswith("config/")]
+    cfg = _config_entries(config_files)
+    names = sorted(cfg, key=str.encode)
+    hashed = _hash_all([cfg[n] for n in names], 1)
+    extra = [ClosureFile(n, h, cfg[n], size) for n, (h, size) in zip(names, hashed, strict=True)]
+    out = tuple(sorted([*code, *extra], key=lambda f: f.name.encode()))
+    launch_sha = hashlib.sha384(launch.encode("utf-8")).hexdigest() if launch is not None else None
+    digest = hashlib.sha384(_serialise(((f.name, f.sha384) for f in out), launch_sha)).digest()
+    return Closure(out, base.roots, launch_sha, digest)
 
 
 def describe(c: Closure) -> Mapping[str, object]:

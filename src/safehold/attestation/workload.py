@@ -49,7 +49,14 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from safehold.attestation.closure import Closure, InterpreterLayout, closure, interpreter_layout, label_roots
+from safehold.attestation.closure import (
+    Closure,
+    InterpreterLayout,
+    closure,
+    derive,
+    interpreter_layout,
+    label_roots,
+)
 from safehold.errors import ConfigError
 
 __all__ = ["BOOT", "FIXED_ENV", "FLAGS", "LaunchSpec", "current_closure", "launch_description",
@@ -178,15 +185,32 @@ class LaunchSpec:
         labels = [r.label for r in label_roots(self.sys_path(lay), lay)]
         return launch_description(self.module, self.env_policy(), labels)
 
-    def closure(self, config_files: Iterable[str | os.PathLike[str]] = ()) -> Closure:
+    def closure(self, config_files: Iterable[str | os.PathLike[str]] = (), *,
+                base: Closure | None = None) -> Closure:
         """The Reference Value side: the closure this launch will measure at start.
+
+        Args:
+            config_files: the workload's measured configuration files.
+            base: a closure already measured for another launch over the same interpreter and
+                ``sys.path`` (same roots): its code files are reused
+                (:func:`~safehold.attestation.closure.derive`), not hashed again. Ignored when
+                the roots differ.
 
         Raises:
             ConfigError: see :func:`safehold.attestation.closure.closure`.
         """
         lay = self.layout()
-        return closure(self.sys_path(lay), self.executable, config_files=config_files,
-                       pycache_prefix=_no_bytecode_prefix(lay), launch=self.description(lay), layout=lay)
+        prefix = _no_bytecode_prefix(lay)
+        path = self.sys_path(lay)
+        desc = self.description(lay)
+        if base is not None:
+            roots = (label_roots(path, lay), os.path.abspath(prefix))
+            mine = [r for r in base.roots if r.label != "interpreter" and r.label != "bytecode"]
+            prefix_root = [r.path for r in base.roots if r.label == "bytecode"]
+            if mine == roots[0] and prefix_root == [roots[1]]:
+                return derive(base, launch=desc, config_files=config_files)
+        return closure(path, self.executable, config_files=config_files, pycache_prefix=prefix,
+                       launch=desc, layout=lay)
 
 
 def _parse_launch(orig_argv: Sequence[str]) -> tuple[str, str, list[str], str] | None:
@@ -208,15 +232,33 @@ def _parse_launch(orig_argv: Sequence[str]) -> tuple[str, str, list[str], str] |
     return rest[0], rest[1], rest[2:end], opt[len("pycache_prefix="):]
 
 
+#: This process's code closure and launch description, measured once (as a TEE at load time).
+_CODE: list[tuple[Closure, str]] = []
+
+
 def current_closure(config_files: Iterable[str | os.PathLike[str]] = ()) -> Closure:
-    """The workload measuring itself at start (the simulated TEE's measurement): the closure of
-    the launch it was started with, read from ``sys.orig_argv``, with ``libpython`` taken from
-    the process's own memory map.
+    """The workload measuring itself (the simulated TEE's measurement): the closure of the
+    launch it was started with, read from ``sys.orig_argv``, with ``libpython`` taken from the
+    process's own memory map, plus ``config_files``.
+
+    The code files are measured once per process, at the first call (a TEE measures at load
+    time; a file changed later would be seen by the next process); configuration files are
+    hashed at every call.
 
     A process that was not started by a :class:`LaunchSpec` launch (other flags, another
     ``-c``, ``python -m``) is measured over its actual ``sys.path`` with byte-code caches and
     the launch described as ``unrecognised``: that value matches no Reference Value.
+
+    Raises:
+        ConfigError: see :func:`safehold.attestation.closure.closure`.
     """
+    if not _CODE:
+        _CODE.append(_measure_code())
+    base, desc = _CODE[0]
+    return derive(base, launch=desc, config_files=config_files)
+
+
+def _measure_code() -> tuple[Closure, str]:
     lay = interpreter_layout(sys.executable, loaded=True)
     parsed = _parse_launch(getattr(sys, "orig_argv", []))
     if parsed is not None and sys.flags.isolated and sys.flags.no_site and sys.flags.dont_write_bytecode:
@@ -224,8 +266,7 @@ def current_closure(config_files: Iterable[str | os.PathLike[str]] = ()) -> Clos
         labels = [r.label for r in label_roots(path, lay)]
         desc = launch_description(module, policy, labels)
         if prefix == _no_bytecode_prefix(lay) and prefix == sys.pycache_prefix:
-            return closure(path, sys.executable, config_files=config_files, pycache_prefix=prefix,
-                           launch=desc, layout=lay)
+            return closure(path, sys.executable, pycache_prefix=prefix, launch=desc, layout=lay), desc
     desc = json.dumps({"launch": "unrecognised", "flags": repr(sys.flags)})
-    return closure(sys.path, sys.executable, config_files=config_files,
-                   pycache_prefix=sys.pycache_prefix, launch=desc, layout=lay)
+    return (closure(sys.path, sys.executable, pycache_prefix=sys.pycache_prefix, launch=desc, layout=lay),
+            desc)

@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from safehold.broker.core import Broker, BrokerConfig
 from safehold.broker.errors import PermissionDeniedError
 from safehold.broker.manifest import load_manifest
-from safehold.broker.state import BrokerState, simulated_sealing_identity
+from safehold.broker.state import BrokerState, SealingIdentity, simulated_sealing_identity
 from safehold.errors import ManifestError
 
 log = logging.getLogger("safehold.broker")
@@ -36,7 +36,7 @@ log = logging.getLogger("safehold.broker")
 
 def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, *,
                 manifest_path: str | os.PathLike[str] | None = None,
-                config: BrokerConfig | None = None, package_root: str | None = None,
+                config: BrokerConfig | None = None, measurement: bytes | None = None,
                 repair: bool = True) -> Broker:
     """Open (or create) the broker's state and return the :class:`Broker`.
 
@@ -46,7 +46,9 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
         manifest_path: a manifest to install if none is set yet; if one is set and the file is
             neither it nor an earlier stored version, start-up fails (updates must be signed).
         config: run-time options.
-        package_root: measure this package tree instead of the installed one (tests).
+        measurement: SIMULATED TEE only: unseal as a broker with this measurement instead of
+            this process's closure (a test reading the state a broker process wrote; that
+            process's value is ``broker_measurement`` in its ``/status``).
         repair: rewrite a missing/replaced recovery record (loudly); False refuses instead.
 
     Raises:
@@ -60,8 +62,11 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(store_url or str(d / "broker.db"))
-    attester = SimulatedAttester(d, package_root=package_root)
-    state = BrokerState.open(store, simulated_sealing_identity(attester))
+    attester = SimulatedAttester(d)
+    identity = simulated_sealing_identity(attester)
+    if measurement is not None:
+        identity = SealingIdentity(identity.secret, measurement)
+    state = BrokerState.open(store, identity)
     cfg = config or BrokerConfig()
     cfg.data_dir = d
     try:

@@ -71,9 +71,12 @@ def broker() -> None:
                    "SAFEHOLD_BROKER_TLS_NAMES, space-separated).")
 @click.option("--no-tls", is_flag=True, help="Serve plain HTTP (development only).")
 @click.option("--static-value", default=None, hidden=True, help="Serve GET /static (benchmark baseline).")
+@click.option("--init-only", is_flag=True,
+              help="Open (or create) the state, write <data-dir>/ca.pem and exit without serving "
+                   "(run under the same launch as `serve`: the master key is sealed to it).")
 def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, host: str, port: int,
               nonce_ttl: int, token_ttl: int, max_body: int, tls_name: tuple[str, ...], no_tls: bool,
-              static_value: str | None) -> None:
+              static_value: str | None, init_only: bool) -> None:
     """Start the broker (unseals its master key; recovery mode if that fails)."""
     import logging
 
@@ -83,6 +86,11 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     b = open_broker(data_dir, store_url, manifest_path=manifest_path,
                     config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
+    if init_only:
+        b.state.store.close()
+        if b.mode != "ready":
+            raise click.ClickException(f"broker state opened in {b.mode} mode (see docs/broker.md)")
+        return
     scheme = "http" if no_tls else "https"
     click.echo(json.dumps({"listening": f"{scheme}://{host}:{port}", **b.status()}), err=True)
     serve(b, host=host, port=port, tls=not no_tls, tls_names=list(tls_name), max_body=max_body,
@@ -429,3 +437,7 @@ def keygen(kind: str, out: str | None) -> None:
 def register(group: click.Group) -> None:
     """Add ``safehold broker`` to the root command."""
     group.add_command(broker)
+
+
+if __name__ == "__main__":  # a workload launch (safehold.attestation.workload.LaunchSpec) runs this
+    broker.main(prog_name="safehold broker")

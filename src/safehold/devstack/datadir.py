@@ -8,13 +8,13 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from safehold.attestation.closure import Closure
 from safehold.devstack.errors import StackError
 from safehold.devstack.stack import (
     SCONE_AUTH_CHOICES,
@@ -22,7 +22,9 @@ from safehold.devstack.stack import (
     WORKLOAD,
     Stack,
     base_env,
+    broker_spec,
     lock_data_dir,
+    records_spec,
     unlock_data_dir,
 )
 from safehold.errors import ConfigError
@@ -120,21 +122,34 @@ def records_access(tok: dict[str, str], owner_pub_pem: str) -> JSONObject:
     return {"type": "access", "principals": principals}
 
 
-def measure_records(data_dir: Path, config_path: Path, *,
-                    package_root: str | None = None) -> tuple[str, Path]:
-    """Measure the records workload as its simulated TEE will: ``(hex measurement, root CA path)``."""
+def measure_records(data_dir: Path, config_path: Path, *, package_root: str | None = None,
+                    base: Closure | None = None) -> tuple[str, Path, Closure]:
+    """Measure the records workload as its simulated TEE will at start: the closure of its
+    launch (:func:`~safehold.devstack.stack.records_spec`: interpreter, standard library,
+    site-packages, the app directory, the launch) with ``config_path``.
+
+    Args:
+        base: a closure already measured over the same interpreter and ``sys.path`` (its code
+            file hashes are reused).
+
+    Returns:
+        ``(hex measurement, simulated root CA path, the closure)``.
+    """
     from safehold.attestation.attesters.simulated import SimulatedAttester
 
-    att = SimulatedAttester(data_dir / "tee", workload_files=[config_path], package_root=package_root)
-    return att.measurement.hex(), att.root_ca_path
+    root = SimulatedAttester(data_dir / "tee").root_ca_path  # creates the node's simulated TEE
+    c = records_spec(Stack(data_dir, 0, 0, None, package_root=package_root)).closure([config_path],
+                                                                                     base=base)
+    return c.hex(), root, c
 
 
 def broker_ca_pin(data_dir: Path, package_root: str | None = None) -> str:
     """Create the broker's state (keys, workload CA) if new and return the pin of its CA:
     hex SHA-256 of the DER of ``<data_dir>/broker/ca.pem``.
 
-    The broker state is opened in a child process with the broker's own environment (same
-    package, so the same sealing identity), without a manifest; it writes ``broker/ca.pem``.
+    The broker state is opened in a child process launched exactly as the broker is
+    (:func:`~safehold.devstack.stack.broker_spec`: the same closure, so the same sealing
+    identity), without a manifest (``serve --init-only``); it writes ``broker/ca.pem``.
 
     Raises:
         StackError: the broker state did not open (e.g. recovery mode: no CA available).
@@ -144,11 +159,10 @@ def broker_ca_pin(data_dir: Path, package_root: str | None = None) -> str:
 
     ca = data_dir / "broker" / "ca.pem"
     if not ca.exists():
-        env = base_env(Stack(data_dir, 0, 0, None, package_root=package_root))
-        code = ("import sys; from safehold.broker.server import open_broker; "
-                "open_broker(sys.argv[1]).state.store.close()")
-        r = subprocess.run([sys.executable, "-c", code, str(data_dir / "broker")], env=env,
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        s = Stack(data_dir, 0, 0, None, package_root=package_root)
+        argv = broker_spec(s).argv("serve", "--data-dir", str(data_dir / "broker"), "--init-only")
+        r = subprocess.run(argv, env=base_env(s), stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=120)
         if r.returncode != 0 or not ca.exists():
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no workload CA written"]
             raise StackError(f"the broker's state did not open to create its workload CA: {tail[0]}")
@@ -283,11 +297,12 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset), **(extra_configs or {})}
     measurements = []
     root = None
+    base: Closure | None = None
     for name, cfg in cfgs.items():
         cfg = {**cfg, "broker_ca_sha256": cfg.get("broker_ca_sha256") or pin}
         p = d / name
         p.write_text(tomli_w.dumps(cfg), "utf-8")
-        m, root = measure_records(d, p, package_root=package_root)
+        m, root, base = measure_records(d, p, package_root=package_root, base=base)
         measurements.append(m)
     assert root is not None
     policy = {
@@ -319,7 +334,8 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
 
     ports = service_ports or svc.ServicePorts()
     written = svc.write_configs(d, pin=pin, owner_pub=owner_pub, ports=ports,
-                                measure=lambda p: measure_records(d, p, package_root=package_root))
+                                measure=lambda module, p: (svc.service_spec(package_root, module).closure(
+                                    [p], base=base).hex(), root))
     extra_w, extra_s = svc.manifest_entries(tok, written)
     manifest["workloads"].update(extra_w)
     manifest["secrets"].update(extra_s)

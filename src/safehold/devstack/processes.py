@@ -10,15 +10,22 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
 from safehold.devstack.datadir import tokens, write_private
 from safehold.devstack.errors import StackError
-from safehold.devstack.stack import Stack, base_env, lock_data_dir, unlock_data_dir
+from safehold.devstack.stack import (
+    Stack,
+    base_env,
+    broker_spec,
+    lock_data_dir,
+    records_spec,
+    unlock_data_dir,
+)
 from safehold.errors import ConfigError
 from safehold.jsontypes import JSONObject
 
@@ -58,13 +65,11 @@ def _log_tail(path: Path) -> str:
 
 def broker_cmd(s: Stack, *, manifest: bool = True) -> list[str]:
     """Command line of the broker process (``safehold broker serve`` on loopback; with the data
-    directory's ``manifest.toml`` unless ``manifest`` is false)."""
+    directory's ``manifest.toml`` unless ``manifest`` is false), launched by
+    :func:`~safehold.devstack.stack.broker_spec` (isolated; run with :func:`base_env`)."""
     m = ["--manifest", str(s.path("manifest.toml"))] if manifest else []
-    return [sys.executable, "-c",
-            "import sys; from safehold.cli.broker import broker; "
-            "broker.main(sys.argv[1:], prog_name='safehold broker')",
-            "serve", "--data-dir", str(s.path("broker")), *m,
-            "--host", "127.0.0.1", "--port", str(s.broker_port), "--tls-name", "api"]
+    return broker_spec(s).argv("serve", "--data-dir", str(s.path("broker")), *m,
+                               "--host", "127.0.0.1", "--port", str(s.broker_port), "--tls-name", "api")
 
 
 MANIFEST_REFUSED = "differs from the stored manifest"
@@ -116,25 +121,32 @@ def update_manifest(s: Stack) -> int:
 def records_env(s: Stack, config: str = "records.toml", *, port: int | None = None,
                 scone_port: int | None | str = "default", store_url: str | None = None,
                 ready: str = "records-ready.json") -> dict[str, str]:
-    """Environment for one records service process: only the unmeasured run-time settings
-    (the listen host is measured, in ``records.toml``)."""
-    env = base_env(s)
+    """Environment for one records service process: the launch's fixed variables and only the
+    unmeasured run-time settings (the listen host is measured, in ``records.toml``); nothing of
+    this process's environment."""
+    spec = records_spec(s)
+    env = spec.env({})
     sp = s.scone_port if scone_port == "default" else scone_port
     env.update({
         "SAFEHOLD_RECORDS_DATA_DIR": str(s.path("tee")),
         "SAFEHOLD_RECORDS_BROKER_URL": s.broker_url,
-        "SAFEHOLD_RECORDS_BROKER_CA": str(s.path("ca.pem")),
+        # the CA the broker wrote at creation (prepare): records may start before the broker
+        # answers; its identity is checked against the measured pin anyway
+        "SAFEHOLD_RECORDS_BROKER_CA": str(s.path("broker") / "ca.pem"),
         "SAFEHOLD_RECORDS_STORE_URL": store_url or s.store_url,
         "SAFEHOLD_RECORDS_PORT": str(port if port is not None else s.records_port),
         "SAFEHOLD_RECORDS_SCONE_PORT": "none" if sp is None else str(sp),
         "SAFEHOLD_RECORDS_READY_FILE": str(s.path(ready)),
     })
+    assert set(env) <= set(spec.fixed_env) | set(spec.passthrough)
     return env
 
 
 def records_cmd(s: Stack, config: str = "records.toml") -> list[str]:
-    """Command line of a records service process."""
-    return [sys.executable, "-m", "safehold.records.server", "--config", str(s.path(config))]
+    """Command line of a records service process, launched by
+    :func:`~safehold.devstack.stack.records_spec` (isolated interpreter; run with
+    :func:`records_env`)."""
+    return records_spec(s).argv("--config", str(s.path(config)))
 
 
 def wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -236,11 +248,16 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
             with contextlib.suppress(FileNotFoundError):
                 s.path(name).unlink()
         blog = s.path("broker.log").open("ab")
+        rlog_path = s.path("records.log")
+        rlog = rlog_path.open("ab")
         # own sessions: a terminal's Ctrl-C reaches only `safehold up`, which then stops the
         # records service first and the broker second
         s.procs["broker"] = subprocess.Popen(broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=base_env(s),
                                              start_new_session=True)
+        early = not s.info.get("manifest_changed")
+        if early:  # both measure themselves at once (the records service waits for the broker)
+            s.procs["records"] = _start_records(s, rlog)
         try:
             wait_broker(s, s.procs["broker"], timeout)
         except StackError:
@@ -256,11 +273,8 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
             s.info["manifest_updated"] = update_manifest(s)
         # the services need only the broker: launch them now, alongside records
         pending = launch_services(s, s.services, s.service_ports or ServicePorts()) if s.services else None
-        rlog_path = s.path("records.log")
-        rlog = rlog_path.open("ab")
-        s.procs["records"] = subprocess.Popen(records_cmd(s), env=records_env(s), stdout=rlog,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              start_new_session=True)
+        if "records" not in s.procs or s.procs["records"].poll() is not None:
+            s.procs["records"] = _start_records(s, rlog)
         info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
         if pending is not None:
             from safehold.devstack.services import finish_services
@@ -285,6 +299,11 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
     })
     write_private(s.path("up.json"), json.dumps(s.info, indent=2).encode())
     return s
+
+
+def _start_records(s: Stack, log: BinaryIO) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(records_cmd(s), env=records_env(s), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:

@@ -46,14 +46,18 @@ from safehold.devstack.errors import StackError
 from safehold.errors import ConfigError
 
 __all__ = ["ALL_SERVICES", "IDP_ISSUER", "Pending", "ServicePorts", "check_service_ports", "finish_services",
-           "idp_key", "launch_services", "manifest_entries", "parse_services", "stop_services", "summary",
-           "write_configs"]
+           "idp_key", "launch_services", "manifest_entries", "parse_services", "service_spec",
+           "services_status", "stop_services", "summary", "write_configs"]
 
 #: Every service ``safehold up`` can start, in start order.
 ALL_SERVICES = ("svr", "discovery", "erezept")
 #: The development identity provider's issuer (``iss`` of the E-Rezept access tokens).
 IDP_ISSUER = "https://idp.safehold.dev"
 SVR_N = 3
+SVR_MODULE = "safehold.svr.server"
+DISCOVERY_MODULE = "safehold.discovery.server"
+VAU_MODULE = "safehold.vau.server"
+ANCHOR_MODULE = "safehold.freshness.anchor.server"
 
 
 @dataclass
@@ -134,15 +138,16 @@ def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts,
     Args:
         pin: the broker CA pin (hex SHA-256 of its DER). owner_pub: the owner's SPKI PEM (the
             anchor members pin it for initialise / re-anchor statements).
-        measure: ``measure(config_path) -> (hex measurement, root CA path)`` — the same
-            function that measures records (one place decides what a Reference Value is).
+        measure: ``measure(module, config_path) -> (hex measurement, root CA path)``: the
+            closure of the workload's launch (:func:`service_spec`) with its configuration — what
+            its simulated TEE reports at start.
     """
     from cryptography.hazmat.primitives import serialization
 
     anchor_dir = d / "svr-anchor"
     anchor_dir.mkdir(exist_ok=True, mode=0o700)
     anchor_cfg = _anchor_config(d, anchor_dir, ports.anchor, owner_pub)
-    anchor_m, root = measure(anchor_cfg)
+    anchor_m, root = measure(ANCHOR_MODULE, anchor_cfg)
     out: dict[str, Any] = {"workloads": {}, "root": str(root), "anchor_measurement": anchor_m}
     gid = _group_id(d)
     urls = [f"https://127.0.0.1:{p}" for p in ports.anchor]
@@ -153,17 +158,17 @@ def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts,
                                  "reference_values": {"measurements": [anchor_m]}}}
         p = d / f"svr-{i}.toml"
         p.write_text(tomli_w.dumps(cfg), "utf-8")
-        out["workloads"][f"svr-{i}"] = measure(p)[0]
+        out["workloads"][f"svr-{i}"] = measure(SVR_MODULE, p)[0]
     p = d / "discovery.toml"
     p.write_text(tomli_w.dumps({"name": "discovery", "broker_ca_sha256": pin, "host": "127.0.0.1",
                                 "port": 0, "limit": 1000, "period": 86400}), "utf-8")
-    out["workloads"]["discovery"] = measure(p)[0]
+    out["workloads"]["discovery"] = measure(DISCOVERY_MODULE, p)[0]
     pub = idp_key(d).public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
     p = d / "vau.toml"
     p.write_text(tomli_w.dumps({"name": "vau", "broker_ca_sha256": pin, "host": "127.0.0.1",
                                 "idp_issuer": IDP_ISSUER, "idp_keys": [pub]}), "utf-8")
-    out["workloads"]["vau"] = measure(p)[0]
+    out["workloads"]["vau"] = measure(VAU_MODULE, p)[0]
     ms = out["workloads"]
     for fname, names in (("svr-policy.toml", [f"svr-{i}" for i in range(SVR_N)]),
                          ("discovery-policy.toml", ["discovery"]), ("vau-policy.toml", ["vau"])):
@@ -217,15 +222,18 @@ def manifest_entries(tok: dict[str, str], written: dict[str, Any]) -> tuple[dict
 # --- processes ----------------------------------------------------------------------------------
 
 
-def _spec(s: Any, module: str) -> Any:
-    """The LaunchSpec of a service workload: isolated, no passthrough variable at all."""
-    from safehold.attestation.workload import LaunchSpec, package_app_dir
+def service_spec(package_root: str | None, module: str) -> Any:
+    """The :class:`~safehold.attestation.workload.LaunchSpec` of a service workload (and of the
+    SVR anchor members): isolated, the stack's app directory, no passthrough variable at all.
+    Its closure with the workload's configuration is the Reference Value the manifest pins."""
+    from safehold.attestation.workload import LaunchSpec
+    from safehold.devstack.stack import app_dir
 
-    return LaunchSpec(module=module, app_dir=package_app_dir(s.package_root))
+    return LaunchSpec(module=module, app_dir=app_dir(package_root))
 
 
 def _launch(s: Any, name: str, module: str, args: list[str]) -> subprocess.Popen[bytes]:
-    spec = _spec(s, module)
+    spec = service_spec(s.package_root, module)
     log = s.path(f"{name}.log").open("ab")
     try:
         return subprocess.Popen(spec.argv(*args), env=spec.env({}), stdout=log, stderr=subprocess.STDOUT,
@@ -310,15 +318,15 @@ def launch_services(s: Any, services: tuple[str, ...], ports: ServicePorts) -> P
         p.anchor = _start_anchor(s, ports)
         for i, port in enumerate(ports.svr):
             n = f"svr-{i}"
-            p.procs[n] = _launch(s, n, "safehold.svr.server", [
+            p.procs[n] = _launch(s, n, SVR_MODULE, [
                 "--config", str(s.path(f"{n}.toml")), "--store-url", f"sqlite:///{s.path(f'{n}.db')}",
                 "--port", str(port), *_common(s, n)])
     if "discovery" in services:
-        p.procs["discovery"] = _launch(s, "discovery", "safehold.discovery.server", [
+        p.procs["discovery"] = _launch(s, "discovery", DISCOVERY_MODULE, [
             "--config", str(s.path("discovery.toml")), "--store-url", f"sqlite:///{s.path('discovery.db')}",
             "--port", str(ports.discovery), *_common(s, "discovery")])
     if "erezept" in services:
-        p.procs["vau"] = _launch(s, "vau", "safehold.vau.server", [
+        p.procs["vau"] = _launch(s, "vau", VAU_MODULE, [
             "--config", str(s.path("vau.toml")), "--store-url", f"sqlite:///{s.path('erezept.db')}",
             "--port", str(ports.vau), *_common(s, "vau")])
     s.procs.update(p.procs)
@@ -367,21 +375,22 @@ class _AnchorProcs:
 
 
 def _start_anchor(s: Any, ports: ServicePorts) -> _AnchorProcs:
-    """Start the SVR group's anchor members (their configuration was measured by
-    :func:`write_configs`; the owner's key and the broker CA are pinned in it)."""
-    import safehold
+    """Start the SVR group's anchor members through their LaunchSpec (the configuration was
+    written and measured by :func:`write_configs`; the owner's key and the broker CA are pinned
+    in it). :class:`LocalAnchor` lays out the files; the launch is the stack's."""
     from safehold.freshness.anchor.launch import LocalAnchor
 
     owner_pub = s.path("owner.pub").read_text("ascii")
-    # the members must run the package that was measured: the snapshot or this process's own
-    root = Path(s.package_root) if s.package_root else Path(safehold.__file__).resolve().parent
     la = LocalAnchor(s.path("svr-anchor"), data_dir=s.path("tee"),
                      client_ca_file=s.path("broker") / "ca.pem", owner_public_key=owner_pub,
-                     n=len(ports.anchor), ports=ports.anchor, package_root=root)
+                     n=len(ports.anchor), ports=ports.anchor)
     for i in range(la.n):
-        la.start(i, wait=False)
-        proc = la.procs[i]
-        assert proc is not None
+        ready = la.workdir / f"member{i}.json"
+        ready.unlink(missing_ok=True)
+        proc = _launch(s, f"svr-anchor-{i}", ANCHOR_MODULE, [
+            "--config", str(la.config), "--data-dir", str(s.path("tee")), "--port", str(ports.anchor[i]),
+            "--client-ca", str(s.path("broker") / "ca.pem"), "--ready-file", str(ready)])
+        la.procs[i] = proc
         s.procs[f"svr-anchor-{i}"] = proc
     return _AnchorProcs(la)
 

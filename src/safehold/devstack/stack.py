@@ -1,5 +1,6 @@
-"""The local stack's shape: :class:`Stack`, its errors, the data directory's lock, the
-children's environment."""
+"""The local stack's shape: :class:`Stack`, its errors, the data directory's lock, and how
+its workloads are launched (:func:`broker_spec`, :func:`records_spec`: isolated interpreters
+with an environment allow-list, ``safehold.attestation.workload.LaunchSpec``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from safehold.attestation.workload import LaunchSpec, package_app_dir
 from safehold.devstack.errors import DataDirBusyError
 from safehold.errors import ConfigError
+from safehold.records.config import ENV_PREFIX, RUNTIME_SETTINGS
 
 __all__ = [
     "LOCK_FILE",
@@ -20,8 +23,15 @@ __all__ = [
     "SESSION_NAME",
     "WORKLOAD",
     "Stack",
+    "BROKER_ENV",
+    "BROKER_MODULE",
+    "RECORDS_ENV",
+    "RECORDS_MODULE",
+    "app_dir",
     "base_env",
+    "broker_spec",
     "lock_data_dir",
+    "records_spec",
     "unlock_data_dir",
 ]
 
@@ -32,6 +42,15 @@ SCONE_AUTH_CHOICES = ("none", "token")
 
 SESSION_NAME = "safehold"
 WORKLOAD = "records"
+
+#: The broker workload: ``safehold broker ...`` (its ``serve`` and ``serve --init-only``).
+BROKER_MODULE = "safehold.cli.broker"
+#: The broker's run-time settings the host may pass (values not measured; no secret).
+BROKER_ENV = ("SAFEHOLD_BROKER_STORE_URL", "SAFEHOLD_BROKER_TLS_NAMES")
+#: The records workload.
+RECORDS_MODULE = "safehold.records.server"
+#: The records service's run-time plumbing (``SAFEHOLD_RECORDS_<setting>``; values not measured).
+RECORDS_ENV = tuple(sorted(ENV_PREFIX + n.upper() for n in RUNTIME_SETTINGS))
 
 
 @dataclass
@@ -121,11 +140,29 @@ def unlock_data_dir(lock: TextIO | None) -> None:
         lock.close()  # closing the file releases the flock
 
 
+def app_dir(package_root: str | None) -> str | None:
+    """The workloads' application directory: the parent of ``package_root`` (a snapshot copy
+    of the package), else the directory holding the imported ``safehold`` package (``src/`` of
+    an editable install), or None when it is installed in site-packages."""
+    if package_root:
+        return str(Path(package_root).resolve().parent)
+    return package_app_dir()
+
+
+def broker_spec(s: Stack) -> LaunchSpec:
+    """How the broker is launched (and measured: its sealing identity is this closure)."""
+    return LaunchSpec(BROKER_MODULE, app_dir=app_dir(s.package_root), passthrough=BROKER_ENV)
+
+
+def records_spec(s: Stack) -> LaunchSpec:
+    """How the records service is launched; its closure with ``records.toml`` is the
+    Reference Value the dev manifest pins."""
+    return LaunchSpec(RECORDS_MODULE, app_dir=app_dir(s.package_root), passthrough=RECORDS_ENV)
+
+
 def base_env(s: Stack) -> dict[str, str]:
-    """Environment of the child processes (PYTHONPATH pointing at ``package_root`` if set)."""
-    env = dict(os.environ)
-    if s.package_root:
-        parent = str(Path(s.package_root).resolve().parent)
-        env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])
-    return env
+    """Environment of the broker process: the launch's fixed variables and the broker's
+    run-time settings from this process's environment; nothing else (no ``PYTHONPATH``,
+    ``LD_PRELOAD``, ``PYTHON*``, tokens)."""
+    return broker_spec(s).env()
 

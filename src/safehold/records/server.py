@@ -80,6 +80,9 @@ __all__ = [
 
 log = logging.getLogger("safehold.records")
 
+#: Seconds to wait at start for the broker's port (``safehold up`` starts both together).
+BROKER_WAIT = 30.0
+
 
 # --- TLS and serving: the workload runtime ----------------------------------------------------
 
@@ -132,7 +135,7 @@ class Provisioned:
     access: AccessList = field(default_factory=AccessList)
 
 
-def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str | None = None) -> Provisioned:
+def provision(cfg: ServiceConfig, config_path: str | None) -> Provisioned:
     """Attest to the broker and receive the keyset, the TLS identity and the access list (KBS
     protocol, through :func:`safehold.runtime.attest_and_fetch`).
 
@@ -144,17 +147,12 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
     key's SubjectPublicKeyInfo), so clients can check it against a CA (``curl --cacert``) *and*
     appraise the Evidence (the Safehold SDK).
 
-    Args:
-        package_root: ignored (kept for callers): the simulated TEE measures the closure of
-            the running process (``safehold.attestation.workload.current_closure``).
-
     Raises:
         NoKeysError: the broker answered 401/403 (appraisal failed): the message carries the
             broker's reason (which claim, expected vs. got).
         ConfigError: the manifest has no access list for this workload.
         BrokerError: the broker is unreachable or answered otherwise.
     """
-    del package_root
     pinned_ca = pinned_broker_ca(cfg)
     files = [config_path] if config_path else []
     attester = simulated_attester(Path(cfg.data_dir), files)
@@ -162,7 +160,7 @@ def provision(cfg: ServiceConfig, config_path: str | None, *, package_root: str 
     p = attest_and_fetch(cfg.broker_url, pinned_ca, workload=cfg.workload, attester=attester,
                          keysets={"records": cfg.keyset_resource},
                          secrets={"access": cfg.access_resource}, certificate=cfg.tls_resource,
-                         broker_ca_sha256=cfg.broker_ca_sha256)
+                         broker_ca_sha256=cfg.broker_ca_sha256, wait=BROKER_WAIT)
     assert p.cert_pem is not None
     return Provisioned(p.keysets["records"], p.cert_pem, p.key_pem(), p.ca_pem, attester,
                        _access_list(p.secrets["access"]))

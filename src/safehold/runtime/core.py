@@ -169,7 +169,8 @@ class Provisioned:
 def attest_and_fetch(broker_url: str, broker_ca_pem: bytes, *, workload: str, attester: Attester,
                      keysets: Mapping[str, str] | None = None, secrets: Mapping[str, str] | None = None,
                      certificate: str | None = None, ratls_evidence: bool = True,
-                     broker_ca_sha256: str | None = None, timeout: float = 30.0) -> Provisioned:
+                     broker_ca_sha256: str | None = None, timeout: float = 30.0,
+                     wait: float = 0.0) -> Provisioned:
     """Attest to the broker (KBS protocol: ``/kbs/v0/auth`` → ``/kbs/v0/attest``) as
     ``workload`` and fetch, into memory, the resources the owner's manifest releases to it.
 
@@ -188,6 +189,8 @@ def attest_and_fetch(broker_url: str, broker_ca_pem: bytes, *, workload: str, at
             clients can appraise it (the Safehold SDK) as well as chain it to the CA.
         broker_ca_sha256: if given, the CA that issued the certificate must have this pin.
         timeout: per HTTP request, seconds.
+        wait: seconds to wait for the broker's port to accept connections (a broker still
+            starting, or restarting after a crash); 0 tries once.
 
     Returns:
         :class:`Provisioned`.
@@ -207,6 +210,8 @@ def attest_and_fetch(broker_url: str, broker_ca_pem: bytes, *, workload: str, at
 
     verify = ssl.create_default_context(cadata=broker_ca_pem.decode("ascii"))
     measurement = getattr(getattr(attester, "measurement", None), "hex", lambda: "")()
+    if wait > 0:
+        _wait_for_port(broker_url, wait)
     log.info("workload %s measurement %s", workload, measurement)
     out_keysets: dict[str, Keyset] = {}
     out_secrets: dict[str, bytes] = {}
@@ -261,6 +266,27 @@ def attest_and_fetch(broker_url: str, broker_ca_pem: bytes, *, workload: str, at
             raise BrokerIdentityError(f"the broker issued the TLS certificate from another CA: "
                                       f"SHA-256 expected {broker_ca_sha256.lower()}, got {got}")
     return Provisioned(out_keysets, out_secrets, cert_pem, ca_pem, key, attester, measurement)
+
+
+def _wait_for_port(url: str, wait: float) -> None:
+    """Until ``url``'s host:port accepts a TCP connection or ``wait`` seconds pass (then the
+    KBS request itself reports the broker unreachable)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80)
+    deadline, delay = time.monotonic() + wait, 0.05
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() + delay > deadline:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _split(path: str) -> tuple[str, str, str]:

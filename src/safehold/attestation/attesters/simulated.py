@@ -9,8 +9,15 @@ Per data directory, created once (files 0600, directory 0700, under ``<data_dir>
   the root. It signs every report.
 
 A Verifier trusts the simulated root only when told to (policy ``simulated_root = "<path to
-root-ca.pem>"`` and ``allow_simulated = true``). The measurement is computed once at start-up
-from the files on disk (``safehold.attestation.measure``), as a TEE measures at load time.
+root-ca.pem>"`` and ``allow_simulated = true``).
+
+The measurement is the **closure of the running process** plus its configuration files
+(``safehold.attestation.workload.current_closure``): interpreter, ``libpython``, standard
+library, every installed distribution on ``sys.path``, the application directory and the launch
+(flags, module, environment allow-list). The code files are hashed once per process, at the
+first attestation (as a TEE measures at load time). A process not started through
+``safehold.attestation.workload.LaunchSpec`` measures as an *unrecognised launch*, a value no
+Reference Value the data owner computes (``safehold measure``) can equal.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from safehold.attestation.attesters.base import Attester
+from safehold.attestation.closure import Closure
 from safehold.attestation.evidence import Evidence
-from safehold.attestation.measure import Measurement, measure_workload
 from safehold.attestation.verifiers.simulated import (
     MEDIA_TYPE,
     PLATFORM_CERT,
@@ -51,24 +58,38 @@ class SimulatedAttester(Attester):
 
     Args:
         data_dir: directory holding the simulated platform/root keys (created if missing).
-        workload_files: the workload's configuration files, measured with the package.
+        workload_files: the workload's configuration files, measured with the process's code.
         debug: report the TEE as running in debug mode.
-        package_root: the package tree to measure (None = the installed ``safehold``).
 
     Raises:
         AttestationError: the key directory cannot be created or read, or holds corrupt keys.
-        ConfigError: a workload file is missing (from the measurement).
+        ConfigError: a workload file is missing (from :attr:`measurement`, at the first
+            attestation or access).
     """
 
     tee_type: ClassVar[str] = "simulated"
 
     def __init__(self, data_dir: str | os.PathLike[str], *,
-                 workload_files: Iterable[str | os.PathLike[str]] = (), debug: bool = False,
-                 package_root: str | os.PathLike[str] | None = None) -> None:
+                 workload_files: Iterable[str | os.PathLike[str]] = (), debug: bool = False) -> None:
         self.dir = Path(data_dir) / SUBDIR
         self.debug = bool(debug)
         self._key, self._platform_der, self._root_pem = _load_or_create(self.dir)
-        self.measurement: Measurement = measure_workload(workload_files, root=package_root)
+        self._files = list(workload_files)
+        self._measurement: Closure | None = None
+
+    @property
+    def measurement(self) -> Closure:
+        """The measured closure of this process and its workload files (SHA-384 digest:
+        ``.digest`` 48 bytes, ``.hex()``), computed at the first access.
+
+        Raises:
+            ConfigError: a workload file is missing, or a file cannot be read.
+        """
+        if self._measurement is None:
+            from safehold.attestation.workload import current_closure
+
+            self._measurement = current_closure(self._files)
+        return self._measurement
 
     @property
     def root_ca_path(self) -> Path:
