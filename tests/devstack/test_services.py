@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.devstack import cli, wait_up
+from tests.support.devstack import SAMPLE, cli, wait_up
 from tests.support.kbv import kvnr
 from tests.support.shared import free_port
 
@@ -163,6 +163,34 @@ def test_erezept_create_to_dispense_through_the_cli(stack, tmp_path):
     raw = b"".join(p.read_bytes() for p in stack["data"].glob("erezept.db*"))
     for s in ("Çelik-Weiß", "Zoë", patient, "Ibuprofen", "04020784"):
         assert s.encode() not in raw, s
+
+
+def test_epa_vau_in_front_of_records_reaches_the_records_api_with_the_callers_token(stack):
+    import httpx
+
+    from safehold.client.records import attesting_transport
+    from safehold.client.vau import AttestedVauKeyTrust, EpaVauHttpClient
+
+    env, data = stack["env"], stack["data"]
+    cli(env, "patients", "import", str(SAMPLE / "patients.csv"))
+    e = stack["info"]["erezept"]
+    assert e["epa"]
+    http = httpx.Client(transport=attesting_transport(e["policy"]), timeout=30)
+    c = EpaVauHttpClient(e["url"], trust=AttestedVauKeyTrust(http, e["url"]), http=http)
+    admin = [("Authorization", "Bearer " + json.loads((data / "tokens.json").read_text())["admin"])]
+    try:
+        r = c.request("GET", "/v1/patients?limit=3", headers=admin)  # M1..M4, then user data
+        assert r.status == 200, r.body
+        ids = json.loads(r.body)["ids"]
+        assert ids
+        r = c.request("GET", f"/v1/patients/{ids[0]}", headers=admin)
+        assert r.status == 200
+        direct = json.loads(cli(env, "patients", "get", ids[0]).stdout)  # over RA-TLS, no VAU
+        assert direct and json.loads(r.body) == direct  # the same record through the ePA VAU
+        assert (r.header("etag") or "").startswith('"')  # the records service's ETag comes back
+        assert c.request("GET", "/v1/patients?limit=3").status == 401  # no token: records refuses
+    finally:
+        http.close()
 
 
 def test_a_service_whose_measurement_is_not_in_the_manifest_gets_no_keys(stack, tmp_path):

@@ -40,7 +40,7 @@ def test_manifest_entries_give_each_server_its_own_value_and_pin_tokens_not_name
     assert {w: v["policy"]["reference_values"]["measurements"] for w, v in workloads.items()} == \
         {n: [m] for n, m in ms.items()}
     assert workloads["svr-1"]["secrets"] == ["svr-1-keyset", "svr-1-anchor", "svr-access"]
-    assert workloads["vau"]["secrets"] == ["erezept-keyset", "vau-erp-identity"]
+    assert workloads["vau"]["secrets"] == ["erezept-keyset", "vau-erp-identity", "vau-epa-identity"]
     principals = secrets["svr-access"]["principals"]
     assert principals["user"] == {"role": "backup", "token_sha256": hashlib.sha256(b"w" * 43).hexdigest()}
     # the broker accepts the whole manifest (names, types, pins)
@@ -77,6 +77,14 @@ def test_vau_key_is_a_deterministic_brainpool_key_and_its_certificate_carries_it
     assert cert.public_key().public_numbers() == k1.public_key().public_numbers()
     with pytest.raises(ValueError):
         derive_vau_key(b"short")
+
+
+def test_epa_signing_key_is_a_deterministic_p256_key_other_than_the_erp_one():
+    from safehold.vau.server import derive_epa_signing_key
+
+    k = derive_epa_signing_key(b"s" * 32)
+    assert isinstance(k.curve, ec.SECP256R1)
+    assert k.private_numbers() == derive_epa_signing_key(b"s" * 32).private_numbers()
 
 
 def test_vau_attested_config_refuses_unknown_keys_and_non_loopback_hosts(tmp_path):

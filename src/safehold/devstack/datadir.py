@@ -334,6 +334,8 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
 
     ports = service_ports or svc.ServicePorts()
     written = svc.write_configs(d, pin=pin, owner_pub=owner_pub, ports=ports,
+                                records_policy={**policy, "name": "safehold-records-behind-epa-vau",
+                                                "report_data": "required"},
                                 measure=lambda module, p: (svc.service_spec(package_root, module).closure(
                                     [p], base=base).hex(), root))
     extra_w, extra_s = svc.manifest_entries(tok, written)

@@ -17,7 +17,8 @@ workload       secrets (manifest)               what the workload makes of them
 ``discovery``  ``discovery-keyset``,            OPRF key etc. = HKDF(keyset); tokens →
                ``discovery-access``             register (+ query) / query
 ``vau``        ``erezept-keyset``,              records engine of the Tasks; the
-               ``vau-erp-identity``             brainpoolP256r1 VAU key = HKDF(keyset)
+               ``vau-erp-identity``,            brainpoolP256r1 VAU key = HKDF(keyset); the
+               ``vau-epa-identity``             ePA 3 VAU's AUT-VAU key (P-256) = HKDF(keyset)
 =============  ===============================  ============================================
 
 Data directory files (all public or measured): ``svr-<i>.toml``, ``discovery.toml``,
@@ -130,14 +131,16 @@ def _policy(root: str, measurements: list[str], name: str) -> dict[str, Any]:
             "reference_values": {"measurements": measurements}}
 
 
-def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts,
-                  measure: Any) -> dict[str, Any]:
+def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts, measure: Any,
+                  records_policy: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write every service's measured configuration and the SVR anchor members' configuration;
     return ``{"workloads": {name: measurement}, "root": simulated root CA path, "anchor": …}``.
 
     Args:
         pin: the broker CA pin (hex SHA-256 of its DER). owner_pub: the owner's SPKI PEM (the
             anchor members pin it for initialise / re-anchor statements).
+        records_policy: the records workload's appraisal policy: measured into ``vau.toml``, the
+            ePA 3 VAU forwards only to a records service that passes it.
         measure: ``measure(module, config_path) -> (hex measurement, root CA path)``: the
             closure of the workload's launch (:func:`service_spec`) with its configuration — what
             its simulated TEE reports at start.
@@ -166,8 +169,11 @@ def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts,
     pub = idp_key(d).public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
     p = d / "vau.toml"
-    p.write_text(tomli_w.dumps({"name": "vau", "broker_ca_sha256": pin, "host": "127.0.0.1",
-                                "idp_issuer": IDP_ISSUER, "idp_keys": [pub]}), "utf-8")
+    vau: dict[str, Any] = {"name": "vau", "broker_ca_sha256": pin, "host": "127.0.0.1",
+                           "idp_issuer": IDP_ISSUER, "idp_keys": [pub]}
+    if records_policy is not None:
+        vau["records_policy"] = records_policy
+    p.write_text(tomli_w.dumps(vau), "utf-8")
     out["workloads"]["vau"] = measure(VAU_MODULE, p)[0]
     ms = out["workloads"]
     for fname, names in (("svr-policy.toml", [f"svr-{i}" for i in range(SVR_N)]),
@@ -213,9 +219,10 @@ def manifest_entries(tok: dict[str, str], written: dict[str, Any]) -> tuple[dict
     secrets["discovery-access"] = {"type": "access", "principals": {
         "registrar": {"role": "register", "token_sha256": sha(tok["admin"])},
         "user": {"role": "query", "token_sha256": sha(tok["reader"])}}}
-    workloads["vau"]["secrets"] = ["erezept-keyset", "vau-erp-identity"]
+    workloads["vau"]["secrets"] = ["erezept-keyset", "vau-erp-identity", "vau-epa-identity"]
     secrets["erezept-keyset"] = {"type": "keyset"}
     secrets["vau-erp-identity"] = {"type": "keyset"}
+    secrets["vau-epa-identity"] = {"type": "keyset"}
     return workloads, secrets
 
 
@@ -328,7 +335,7 @@ def launch_services(s: Any, services: tuple[str, ...], ports: ServicePorts) -> P
     if "erezept" in services:
         p.procs["vau"] = _launch(s, "vau", VAU_MODULE, [
             "--config", str(s.path("vau.toml")), "--store-url", f"sqlite:///{s.path('erezept.db')}",
-            "--port", str(ports.vau), *_common(s, "vau")])
+            "--port", str(ports.vau), "--records-url", s.records_url, *_common(s, "vau")])
     s.procs.update(p.procs)
     return p
 
@@ -357,7 +364,8 @@ def finish_services(s: Any, p: Pending, *, timeout: float = 120.0) -> dict[str, 
         info["discovery"] = {"url": ready["discovery"]["url"], "policy": str(s.path("discovery-policy.toml"))}
     if "erezept" in p.services:
         info["erezept"] = {"url": ready["vau"]["url"], "policy": str(s.path("vau-policy.toml")),
-                           "idp_issuer": IDP_ISSUER, "idp_key": str(s.path("erezept-idp.key"))}
+                           "idp_issuer": IDP_ISSUER, "idp_key": str(s.path("erezept-idp.key")),
+                           "epa": bool(ready["vau"].get("epa"))}
     return info
 
 
@@ -455,6 +463,8 @@ def summary(info: dict[str, Any]) -> list[tuple[str, bool]]:
     if "erezept" in info:
         e = info["erezept"]
         out.append((f"E-Rezept VAU    {e['url']}  (policy {e['policy']}; dev IdP key {e['idp_key']})", False))
+        if e.get("epa"):
+            out.append((f"ePA 3 VAU       {e['url']}/VAU  (in front of the records API)", False))
     return out
 
 

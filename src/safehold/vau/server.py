@@ -27,8 +27,10 @@ with) and ``vau-erp-identity`` (the brainpoolP256r1 VAU key is derived from it:
 :func:`derive_vau_key`); it makes its VAU certificate (self-signed by that key; a TI
 Fachdienst's comes from a komp-CA, which clients check against the TSL — here clients fetch it
 over the attested channel and pin it) and serves the E-Rezept VAU and the Fachdienst routes
-behind it over RA-TLS (TLS 1.3, key generated in memory). The ePA 3 VAU is not started in this
-mode (docs/vau.md).
+behind it over RA-TLS (TLS 1.3, key generated in memory). With ``--records-url`` and a
+``records_policy`` in the configuration it also serves the ePA 3 VAU, whose decrypted requests go
+on to the records service over RA-TLS (:func:`records_forwarder`); its AUT-VAU key comes from a
+third keyset, ``vau-epa-identity``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import cbor2
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from safehold.erezept.http import ErezeptState
 from safehold.erezept.http import router as erezept_router
@@ -61,11 +63,17 @@ from safehold.vau.erp_server import ErpVau
 from safehold.vau.http import VauState, cert_data
 from safehold.vau.http import router as vau_router
 
-__all__ = ["AttestedConfig", "ServerThread", "build_app", "build_erezept_app", "derive_vau_key", "main",
+__all__ = ["AttestedConfig", "ServerThread", "attested_state", "build_app", "build_erezept_app",
+           "derive_epa_signing_key", "derive_vau_key", "epa_state", "main", "records_forwarder",
            "vau_certificate"]
 
 #: Order n of brainpoolP256r1 (RFC 5639 §3.4).
 _BP256_N = 0xA9FB57DBA1EEA9BC3E660A909D838D718C397AA3B561A6F7901E0E82974856A7
+#: Order n of P-256 (FIPS 186-5 / SP 800-186 §3.2.1.3).
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+#: ePA 3 VAU keys are signed for this long (A_24624-01 allows at most 30 days); a restart
+#: makes new ones.
+EPA_KEY_LIFETIME = 29 * 86400
 
 
 def build_erezept_app(tasks: TaskService, verifier: AccessTokenVerifier) -> FastAPI:
@@ -204,6 +212,16 @@ def state_from_config(cfg: dict[str, Any]) -> tuple[VauState, Callable[[], None]
     return state, store.close
 
 
+def _derive_ec_key(seed: bytes, purpose: str, curve: ec.EllipticCurve,
+                   order: int) -> ec.EllipticCurvePrivateKey:
+    from safehold.crypto.kdf import derive_key
+
+    if len(seed) != 32:
+        raise ValueError("a VAU identity seed must be 32 bytes")
+    x = int.from_bytes(derive_key(seed, purpose=purpose, length=48), "big")
+    return ec.derive_private_key(1 + x % (order - 1), curve)
+
+
 def derive_vau_key(seed: bytes) -> ec.EllipticCurvePrivateKey:
     """The E-Rezept VAU's brainpoolP256r1 key from a 32-byte seed: HKDF-SHA256 (RFC 5869,
     purpose ``vau/erp-identity``) to 48 bytes, reduced to ``1 + (x mod (n − 1))`` — the
@@ -212,19 +230,25 @@ def derive_vau_key(seed: bytes) -> ec.EllipticCurvePrivateKey:
     Raises:
         ValueError: ``seed`` is not 32 bytes.
     """
-    from safehold.crypto.kdf import derive_key
+    return _derive_ec_key(seed, "vau/erp-identity", ec.BrainpoolP256R1(), _BP256_N)
 
-    if len(seed) != 32:
-        raise ValueError("the VAU identity seed must be 32 bytes")
-    x = int.from_bytes(derive_key(seed, purpose="vau/erp-identity", length=48), "big")
-    return ec.derive_private_key(1 + x % (_BP256_N - 1), ec.BrainpoolP256R1())
+
+def derive_epa_signing_key(seed: bytes) -> ec.EllipticCurvePrivateKey:
+    """The ePA 3 VAU's AUT-VAU signing key (P-256, ES256: gemSpec_Krypt A_24624-01) from a
+    32-byte seed, as :func:`derive_vau_key` (purpose ``vau/epa-aut``).
+
+    Raises:
+        ValueError: ``seed`` is not 32 bytes.
+    """
+    return _derive_ec_key(seed, "vau/epa-aut", ec.SECP256R1(), _P256_N)
 
 
 def vau_certificate(key: ec.EllipticCurvePrivateKey, *, name: str = "safehold E-Rezept VAU",
-                    days: int = 365) -> bytes:
-    """A self-signed X.509 certificate (DER, ECDSA-SHA256) for the VAU key, as served at
-    ``GET /VAUCertificate``. Clients pin its SHA-256 (they fetched it over RA-TLS from the
-    attested workload); it carries no authority beyond that."""
+                    days: int = 365, signing: bool = False) -> bytes:
+    """A self-signed X.509 certificate (DER, ECDSA-SHA256) for a VAU key: the E-Rezept VAU's
+    encryption certificate (``GET /VAUCertificate``; key agreement) or, with ``signing``, the
+    ePA VAU's AUT-VAU certificate (digital signature). Clients pin its SHA-256 after fetching
+    it over RA-TLS from the attested workload; it carries no authority beyond that."""
     import datetime as dt
 
     from cryptography import x509
@@ -236,8 +260,9 @@ def vau_certificate(key: ec.EllipticCurvePrivateKey, *, name: str = "safehold E-
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False, key_agreement=True,
+            .add_extension(x509.KeyUsage(digital_signature=signing, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=not signing,
                                          key_cert_sign=False, crl_sign=False, encipher_only=False,
                                          decipher_only=False), critical=True)
             .sign(key, hashes.SHA256()))
@@ -253,12 +278,15 @@ class AttestedConfig:
         idp_issuer = "https://idp.example"
         idp_audience = ""                  # optional
         idp_keys = ["-----BEGIN PUBLIC KEY-----..."]   # the IdP's EC signing keys (SPKI PEM)
+        [records_policy]                   # optional: the ePA 3 VAU in front of the records
+        allow_simulated = true             # service, which must pass this appraisal policy
+        ...                                # (AppraisalPolicy keys)
 
     Raises:
         ConfigError: unreadable file, unknown or missing keys, wrong types, keys that do not load.
     """
 
-    KEYS = ("name", "broker_ca_sha256", "host", "idp_issuer", "idp_audience", "idp_keys")
+    KEYS = ("name", "broker_ca_sha256", "host", "idp_issuer", "idp_audience", "idp_keys", "records_policy")
 
     def __init__(self, path: str) -> None:
         import tomllib
@@ -287,11 +315,70 @@ class AttestedConfig:
             if not isinstance(pub, ec.EllipticCurvePublicKey):
                 raise ConfigError("VAU config: idp_keys must be EC keys (ES256 / BP256R1)")
             self.idp_keys.append(pub)
+        self.records_policy: Any = None
+        if d.get("records_policy") is not None:
+            from safehold.attestation.policy import AppraisalPolicy
+            from safehold.errors import SafeholdError
+
+            try:
+                self.records_policy = AppraisalPolicy.from_dict(dict(d["records_policy"]))
+            except (SafeholdError, TypeError, ValueError) as e:
+                raise ConfigError(f"VAU config: records_policy: {e}") from None
+
+
+def records_forwarder(records_url: str, policy: Any) -> FastAPI:
+    """The ePA 3 VAU's inner app: every decrypted request goes on to the records service at
+    ``records_url`` over RA-TLS, appraised under ``policy`` (the records workload's Reference
+    Value, measured in the VAU's configuration), with the caller's own ``Authorization``: the
+    plaintext leaves one attested workload only into another. Transport failures answer 502."""
+    import httpx
+
+    from safehold.client.records import attesting_transport
+
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    client = httpx.AsyncClient(base_url=records_url.rstrip("/"), timeout=30.0,
+                               transport=attesting_transport(policy, asynchronous=True))
+    forward_in = ("authorization", "content-type", "accept", "if-match", "if-none-match", "prefer")
+    forward_out = ("content-type", "etag", "location", "last-modified")
+
+    @app.api_route("/{path:path}", methods=["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD"])
+    async def forward(path: str, request: Request) -> Response:
+        target = "/" + path + (f"?{request.url.query}" if request.url.query else "")
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() in forward_in]
+        try:
+            r = await client.request(request.method, target, content=await request.body(), headers=headers)
+        except httpx.HTTPError as e:
+            return Response(f"records service unreachable or not attested: {type(e).__name__}",
+                            status_code=502, media_type="text/plain")
+        return Response(r.content, status_code=r.status_code,
+                        headers={k: v for k, v in r.headers.items() if k.lower() in forward_out})
+
+    return app
+
+
+def epa_state(state: VauState, seed: bytes, inner: Any) -> None:
+    """Add the ePA 3 VAU to ``state``: fresh hybrid KEM keys (ECDH P-256 + Kyber768 round 3,
+    gemSpec_Krypt A_24608) signed for :data:`EPA_KEY_LIFETIME` by the AUT-VAU key derived from
+    ``seed`` (:func:`derive_epa_signing_key`), whose self-signed certificate is served as
+    CertData (A_24957); decrypted user data goes to ``inner``."""
+    import time
+
+    signer = derive_epa_signing_key(seed)
+    cert = vau_certificate(signer, name="safehold ePA VAU (AUT-VAU)", signing=True)
+    keys = VauServerKeys.generate()
+    now = int(time.time())
+    signed = SignedPublicVauKeys.sign(keys.public(iat=now - 60, exp=now + EPA_KEY_LIFETIME), signer, cert)
+    state.epa = EpaVauServer(keys, signed, pu=False)
+    state.epa_inner = inner
+    h, data = cert_data(cert)
+    state.epa_cert_data = {h: (signed.cdv, data)}
 
 
 def attested_state(cfg: AttestedConfig, *, config_path: str, broker_url: str, broker_ca: str, tee_dir: str,
-                   store_url: str) -> tuple[VauState, Callable[[], None]]:
-    """Attest to the broker, receive the keysets, build the E-Rezept VAU state (module docstring).
+                   store_url: str, records_url: str | None = None) -> tuple[VauState, Callable[[], None]]:
+    """Attest to the broker, receive the keysets, build the E-Rezept VAU state (module
+    docstring); with ``records_url`` and a ``records_policy`` in the configuration also the
+    ePA 3 VAU in front of the records service (:func:`epa_state`, :func:`records_forwarder`).
 
     Raises:
         NoKeysError: the broker refused this workload. BrokerIdentityError: not the pinned
@@ -304,7 +391,8 @@ def attested_state(cfg: AttestedConfig, *, config_path: str, broker_url: str, br
     prov = fetch_workload_keys(
         workload=cfg.name, broker_url=broker_url, broker_ca_file=broker_ca, broker_ca_sha256=cfg.pin,
         tee_dir=tee_dir, config_files=[config_path],
-        resources=["default/keyset/erezept-keyset", "default/keyset/vau-erp-identity"])
+        resources=["default/keyset/erezept-keyset", "default/keyset/vau-erp-identity",
+                   *(["default/keyset/vau-epa-identity"] if records_url and cfg.records_policy else [])])
     vau_key = derive_vau_key(derive_secret(prov.keysets["vau-erp-identity"], "vau/erp-identity-seed"))
     store = open_store(store_url)
     engine = RecordEngine(store, prov.keysets["erezept-keyset"], namespace_prefix="erezept:")
@@ -312,6 +400,9 @@ def attested_state(cfg: AttestedConfig, *, config_path: str, broker_url: str, br
     inner = build_erezept_app(TaskService(engine), verifier)
     state = VauState(erp=ErpVau([vau_key], token_verifier=verifier.claims),
                      erp_certificate=vau_certificate(vau_key), erp_inner=inner)
+    if records_url and cfg.records_policy is not None:
+        epa_state(state, derive_secret(prov.keysets["vau-epa-identity"], "vau/epa-identity-seed"),
+                  records_forwarder(records_url, cfg.records_policy))
     return state, store.close
 
 
@@ -334,12 +425,14 @@ def _main_attested(argv: list[str]) -> int:
     ap.add_argument("--store-url", required=True, help="store URL (untrusted)")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", help="write {url, port, pid, name, measurement} here once listening")
+    ap.add_argument("--records-url", help="serve the ePA 3 VAU in front of this records service (needs "
+                    "records_policy in the configuration)")
     args = ap.parse_args(argv)
     try:
         cfg = AttestedConfig(args.config)
         state, close = attested_state(cfg, config_path=args.config, broker_url=args.broker_url,
                                       broker_ca=args.broker_ca, tee_dir=args.data_dir,
-                                      store_url=args.store_url)
+                                      store_url=args.store_url, records_url=args.records_url)
         attester = SimulatedAttester(args.data_dir, workload_files=[args.config])
         identity = create_identity(attester, common_name=f"safehold {cfg.name}", ip_addresses=(cfg.host,))
         ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
@@ -359,7 +452,8 @@ def _main_attested(argv: list[str]) -> int:
         if args.ready_file:
             write_atomic(args.ready_file, json.dumps({
                 "url": f"https://{cfg.host}:{port}", "port": port, "pid": os.getpid(), "name": cfg.name,
-                "measurement": attester.measurement.hex()}).encode(), mode=0o644)
+                "measurement": attester.measurement.hex(), "epa": state.epa is not None}).encode(),
+                mode=0o644)
         await task
 
     import signal
