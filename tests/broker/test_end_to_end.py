@@ -27,13 +27,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
-from safehold.attestation.measure import measure_workload
 from safehold.attestation.result import generate_signing_key, issue_ear
 from safehold.attestation.verifier import Appraisal
 from safehold.broker import protocol
 from safehold.client.broker import BrokerClient
 from safehold.client.errors import BrokerRefusedError
-from tests.support.broker_process import manifest_dict, start_broker, write_keys, write_manifest
+from tests.support.broker_process import (
+    broker_launch,
+    manifest_dict,
+    start_broker,
+    write_keys,
+    write_manifest,
+)
 from tests.support.shared import ROOT, free_port
 
 pytestmark = pytest.mark.slow  # starts processes on loopback
@@ -605,7 +610,7 @@ def test_restart_recovery_and_audit(env, tmp_path):
             assert h.get("/ca").status_code == 503
             assert h.post("/kbs/v0/auth", json={"version": "0.1.0", "tee": "simulated"}).status_code == 503
             assert h.post("/recovery", json={"shares": ["x"]}).status_code == 400
-        new_meas = measure_workload(root=pkg / "safehold").hex()
+        new_meas = broker_launch(pkg).closure().hex()
         assert st["broker_measurement"] == new_meas
         pol = tmp_path / "broker-policy.toml"
         pol.write_text(f'allow_simulated = true\nsimulated_root = "{b.data_dir}/simulated-tee/root-ca.pem"\n'
@@ -765,7 +770,7 @@ def test_recover_refuses_a_recovery_record_forged_in_the_store(tmp_path, snap):
 
     b = start_broker(tmp_path / "broker", store=f"sqlite:///{db}", env=penv, expect_mode="recovery")
     try:
-        meas = measure_workload(root=snap["root"] / "safehold").hex()
+        meas = broker_launch(snap["PYTHONPATH"]).closure().hex()
         pol = tmp_path / "broker-policy.toml"
         pol.write_text(f'allow_simulated = true\nsimulated_root = "{b.data_dir}/simulated-tee/root-ca.pem"\n'
                        'accepted_tcb_statuses = ["UpToDate", "Simulated"]\nreport_data = "key-binding"\n'

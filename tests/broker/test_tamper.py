@@ -92,7 +92,7 @@ def pristine(tmp_path_factory, snap):
     # name the blind-indexed rows (opened in this process with the snapshot's measurement)
     from safehold.broker.server import open_broker
 
-    ob = open_broker(data, package_root=str(snap["root"] / "safehold"), repair=False)
+    ob = open_broker(data, measurement=bytes.fromhex(st["broker_measurement"]), repair=False)
     try:
         names = {ob.state.row_key(k, n): f"{k}/{n}" for k, n in [
             ("keys", "broker"), ("ca", "root"), ("manifest", "current"), ("manifest", "1"),

@@ -193,6 +193,23 @@ def test_epa_vau_in_front_of_records_reaches_the_records_api_with_the_callers_to
         http.close()
 
 
+def test_a_killed_svr_server_is_restarted_and_serves_its_ledger_again(stack, tmp_path):
+    env, data = stack["env"], stack["data"]
+    old = json.loads((data / "svr-1-ready.json").read_text())["pid"]
+    os.kill(old, signal.SIGKILL)
+    end = time.monotonic() + 120
+    while True:  # the supervisor of `safehold up` restarts it (bounded back-off)
+        assert time.monotonic() < end, (data / "svr-1.log").read_text()[-2000:]
+        ready = data / "svr-1-ready.json"
+        if ready.exists() and json.loads(ready.read_text()).get("pid") != old:
+            break
+        time.sleep(0.2)
+    q = cli(env, "svr", "query").stdout  # needs all three: svr-1 found its ledger on the anchor
+    assert q.count("tries=") == 3, q
+    st = json.loads(cli(env, "status", "--json").stdout)
+    assert st["restarts"]["svr-1"]["count"] >= 1 and st["services"]["svr-1"]["ok"]
+
+
 def test_a_service_whose_measurement_is_not_in_the_manifest_gets_no_keys(stack, tmp_path):
     from safehold.attestation.workload import LaunchSpec
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from safehold.attestation.errors import ReferenceValueMismatchError, SimulatedEvidenceError
-from safehold.attestation.measure import measure_workload, package_root
+from safehold.attestation.measure import package_root
 from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
+from safehold.attestation.workload import LaunchSpec, package_app_dir
 from safehold.cli.main import cli
 from safehold.errors import RATLSError
 from safehold.ratls import MissingEvidenceError
@@ -57,16 +57,19 @@ class Server:
             self.proc.wait()
 
 
+def demo_launch(app_dir: Path | None = None) -> LaunchSpec:
+    """The demo server's workload launch (isolated; ``app_dir``: a package copy's parent)."""
+    return LaunchSpec("safehold.ratls.demo", app_dir=str(app_dir) if app_dir else package_app_dir())
+
+
 def start(workdir: Path, *args: str, pythonpath: Path | None = None) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
     ready, log = workdir / "ready.json", workdir / "server.log"
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
+    spec = demo_launch(pythonpath)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "safehold.ratls.demo", "--data-dir", str(workdir / "data"),
-         "--port", "0", "--ready-file", str(ready), "--log", str(log), *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        spec.argv("--data-dir", str(workdir / "data"), "--port", "0", "--ready-file", str(ready),
+                  "--log", str(log), *args),
+        env=spec.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=workdir,
     )
     end = time.monotonic() + 60
     while not ready.exists():
@@ -164,12 +167,12 @@ def test_changed_package_byte_refused(server: Server, tmp_path: Path) -> None:
     changes, and the policy holding the original Reference Value refuses it."""
     copy = tmp_path / "pkg" / "safehold"
     shutil.copytree(package_root(), copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    original = measure_workload(root=copy)
+    original = demo_launch(copy.parent).closure()
     target = copy / "errors.py"
     target.write_bytes(target.read_bytes() + b"\n")
     changed = start(tmp_path / "srv", pythonpath=copy.parent)
     try:
-        assert changed.info["measurement"] == measure_workload(root=copy).hex()
+        assert changed.info["measurement"] == demo_launch(copy.parent).closure().hex()
         assert changed.info["measurement"] != original.hex()
         pol = AppraisalPolicy(allow_simulated=True,
                               simulated_root=Path(changed.info["simulated_root"]),

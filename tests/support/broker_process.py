@@ -7,7 +7,6 @@ import os
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,17 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from safehold.attestation.workload import LaunchSpec, package_app_dir
+from safehold.devstack.stack import BROKER_ENV, BROKER_MODULE
 from tests.support.shared import ROOT, free_port
+
+
+def broker_launch(app_dir: str | Path | None = None) -> LaunchSpec:
+    """The broker's launch (as ``safehold up`` launches it): isolated, environment allow-list;
+    ``app_dir`` is the snapshot's parent (default: the imported package's ``src/``). Its
+    ``closure()`` is the broker's measurement (and sealing identity)."""
+    return LaunchSpec(BROKER_MODULE, app_dir=str(app_dir) if app_dir else package_app_dir(),
+                      passthrough=BROKER_ENV)
 
 
 @dataclass
@@ -51,12 +60,14 @@ class BrokerProc:
 def start_broker(data_dir: Path, *, manifest: Path | None = None, store: str | None = None,
                  extra: list[str] = (), env: dict | None = None, expect_mode: str | None = "ready",
                  tls: bool = True) -> BrokerProc:
-    """Start the broker process and wait until /status answers."""
+    """Start the broker process through its workload launch (:func:`broker_launch`; ``env``'s
+    ``PYTHONPATH`` names the app directory, nothing else of it reaches the process) and wait
+    until /status answers."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    spec = broker_launch((env or {}).get("PYTHONPATH"))
     for _ in range(3):
         port = free_port()
-        args = [sys.executable, "-m", "safehold.cli.main", "broker", "serve", "--data-dir", str(data_dir),
-                "--port", str(port), *extra]
+        args = spec.argv("serve", "--data-dir", str(data_dir), "--port", str(port), *extra)
         if manifest is not None:
             args += ["--manifest", str(manifest)]
         if store is not None:
@@ -65,7 +76,7 @@ def start_broker(data_dir: Path, *, manifest: Path | None = None, store: str | N
             args += ["--no-tls"]
         log_path = data_dir / f"broker-{port}.log"
         logf = log_path.open("w")
-        e = {**os.environ, **(env or {})}
+        e = spec.env({k: v for k, v in (env or {}).items() if k != "PYTHONPATH"})
         proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=e, cwd=str(ROOT))
         url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         bp = BrokerProc(proc, url, data_dir, log_path, args)

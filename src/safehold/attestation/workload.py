@@ -60,7 +60,7 @@ from safehold.attestation.closure import (
 from safehold.errors import ConfigError
 
 __all__ = ["BOOT", "FIXED_ENV", "FLAGS", "LaunchSpec", "current_closure", "launch_description",
-           "package_app_dir"]
+           "launched_module", "package_app_dir"]
 
 #: Interpreter options of every workload launch (module docstring).
 FLAGS = ("-I", "-S", "-B", "-X", "utf8")
@@ -230,6 +230,15 @@ def _parse_launch(orig_argv: Sequence[str]) -> tuple[str, str, list[str], str] |
     if end < 2:
         return None
     return rest[0], rest[1], rest[2:end], opt[len("pycache_prefix="):]
+
+
+def launched_module() -> str | None:
+    """The module this process runs when it was started by a :class:`LaunchSpec` launch
+    (isolated, no ``site``, no byte code written), else None."""
+    parsed = _parse_launch(getattr(sys, "orig_argv", []))
+    if parsed is None or not (sys.flags.isolated and sys.flags.no_site and sys.flags.dont_write_bytecode):
+        return None
+    return parsed[0]
 
 
 #: This process's code closure and launch description, measured once (as a TEE at load time).

@@ -77,7 +77,14 @@ def broker() -> None:
 def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, host: str, port: int,
               nonce_ttl: int, token_ttl: int, max_body: int, tls_name: tuple[str, ...], no_tls: bool,
               static_value: str | None, init_only: bool) -> None:
-    """Start the broker (unseals its master key; recovery mode if that fails)."""
+    """Start the broker (unseals its master key; recovery mode if that fails).
+
+    The broker runs as a measured workload: started from a shell (not by its launch), this
+    command replaces itself by the broker's isolated launch (``safehold.attestation.workload.
+    LaunchSpec``: ``-I -S -B``, explicit ``sys.path``, environment allow-list
+    ``SAFEHOLD_BROKER_STORE_URL`` / ``SAFEHOLD_BROKER_TLS_NAMES``), whose closure is the
+    measurement the master key is sealed to."""
+    _exec_as_broker("serve")
     import logging
 
     from safehold.broker.core import BrokerConfig
@@ -272,8 +279,19 @@ def audit_grp() -> None:
 @_TOKEN
 def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: str | None,
                  token: str | None) -> None:
-    """Check the chain and every signature; name the first broken entry (exit 1)."""
+    """Check the chain and every signature; name the first broken entry (exit 1).
+
+    With ``--data-dir`` the state is unsealed, which only the broker's own launch can do (the
+    master key is sealed to its measured closure): run from elsewhere, this command runs itself
+    again under that launch (``safehold.devstack.stack.BROKER_MODULE``) and relays its answer."""
     if data_dir:
+        from safehold.attestation.workload import launched_module
+        from safehold.devstack.stack import BROKER_MODULE
+
+        if launched_module() != BROKER_MODULE:
+            _relay_as_broker(["audit", "verify", "--data-dir", data_dir,
+                              *(["--store", store_url] if store_url else [])])
+            return
         from safehold.broker.errors import StateIntegrityError
         from safehold.broker.server import open_broker
 
@@ -292,6 +310,41 @@ def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: 
     click.echo(json.dumps(res))
     if not res.get("ok"):
         raise SafeholdError(f"audit log broken: {res.get('error')}")
+
+
+def _exec_as_broker(command: str) -> None:
+    """Unless this process is the broker's launch: ``exec`` the broker's launch with this
+    command line's arguments after ``command`` (same pid, so signals and waits still apply).
+    In-process invocations (click's test runner: ``command`` is not in ``sys.argv``) run as is."""
+    from safehold.attestation.workload import LaunchSpec, launched_module
+    from safehold.devstack.stack import BROKER_ENV, BROKER_MODULE, app_dir
+
+    if launched_module() == BROKER_MODULE or command not in sys.argv[1:]:
+        return
+    rest = sys.argv[sys.argv.index(command, 1) + 1:]
+    spec = LaunchSpec(BROKER_MODULE, app_dir=app_dir(None), passthrough=BROKER_ENV)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(spec.executable, spec.argv(command, *rest), spec.env())  # noqa: S606 - exec, no shell
+
+
+def _relay_as_broker(args: list[str]) -> None:
+    """Run ``safehold broker <args>`` under the broker's workload launch; copy its output and
+    exit with its status."""
+    import subprocess
+
+    from safehold.attestation.workload import LaunchSpec
+    from safehold.devstack.stack import BROKER_ENV, BROKER_MODULE, app_dir
+
+    spec = LaunchSpec(BROKER_MODULE, app_dir=app_dir(None), passthrough=BROKER_ENV)
+    r = subprocess.run(spec.argv(*args), env=spec.env(), stdin=subprocess.DEVNULL, capture_output=True,
+                       check=False)
+    sys.stdout.buffer.write(r.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(r.stderr)
+    sys.stderr.flush()
+    if r.returncode:
+        sys.exit(r.returncode)
 
 
 @audit_grp.command("show")
@@ -440,4 +493,8 @@ def register(group: click.Group) -> None:
 
 
 if __name__ == "__main__":  # a workload launch (safehold.attestation.workload.LaunchSpec) runs this
-    broker.main(prog_name="safehold broker")
+    try:
+        broker.main(prog_name="safehold broker")
+    except SafeholdError as _e:  # one clear line, as the `safehold` group prints it
+        click.secho(f"error: {_e}", fg="red", err=True)
+        sys.exit(1)

@@ -48,5 +48,8 @@ def register(group: click.Group) -> None:
             click.echo(f"scone    {st['scone_url']}")
         for name, v in services.items():
             click.echo(f"{name:<9}{v['url']}  {v['status']}")
+        for name, r in sorted(st.get("restarts", {}).items()):
+            click.echo(f"restarts {name}: {r.get('count', 0)} (last exit status {r.get('last_exit_status')} "
+                       f"at {r.get('last_exit_at', '?')}, restarted {r.get('last_restart_at', 'not yet')})")
         if not healthy:
             sys.exit(1)

@@ -11,8 +11,7 @@ import time
 
 import click
 
-from safehold.devstack import SCONE_AUTH_CHOICES, Stack, prepare, start, stop, summary_lines
-from safehold.devstack.errors import StackError
+from safehold.devstack import SCONE_AUTH_CHOICES, Stack, Supervisor, prepare, start, stop, summary_lines
 from safehold.devstack.services import ALL_SERVICES, ServicePorts, parse_services
 from safehold.errors import ConfigError
 
@@ -67,7 +66,11 @@ def register(group: click.Group) -> None:
            reset: bool, store_url: str | None, services_opt: str, svr_ports: str, svr_anchor_ports: str,
            discovery_port: int, vau_port: int) -> None:
         """Start the key broker, the records service and the services (SVR, contact discovery,
-        E-Rezept VAU; simulated TEE) until Ctrl-C."""
+        E-Rezept VAU; simulated TEE) until Ctrl-C.
+
+        A process that exits is restarted with a bounded back-off (the records service and the
+        services keep serving while the broker restarts: they need it only at start); `safehold
+        status` shows the restarts."""
         ports = ServicePorts(svr=_ports(svr_ports, 3, "--svr-ports"),
                              anchor=_ports(svr_anchor_ports, 3, "--svr-anchor-ports"),
                              discovery=discovery_port, vau=vau_port)
@@ -85,10 +88,10 @@ def register(group: click.Group) -> None:
             start(s)
             print_summary(s)
             click.echo(f"running (started in {time.monotonic() - t0:.1f} s); Ctrl-C stops everything")
+            sup = Supervisor(s)  # a crashed process is restarted, logged
             while not stopping["flag"]:
-                for name, p in s.procs.items():
-                    if p.poll() is not None:
-                        raise StackError(f"{name} exited unexpectedly with status {p.returncode}")
+                for line in sup.check():
+                    click.secho(line, fg="yellow", err=True)
                 time.sleep(0.2)
         finally:
             codes = stop(s)

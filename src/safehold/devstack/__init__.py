@@ -25,7 +25,17 @@ Layout of the data directory (default ``./safehold-data``, created 0700)::
 
 The broker and the records service run as separate processes on loopback. The records service
 attests to the broker at start; only a workload whose measurement equals the manifest's
-Reference Value gets its keyset and TLS identity. Ctrl-C / SIGTERM stops both cleanly.
+Reference Value gets its keyset and TLS identity. Ctrl-C / SIGTERM stops both cleanly; a
+process that crashes is restarted with a bounded back-off (:class:`~safehold.devstack.processes.
+Supervisor`: the records service keeps serving while the broker restarts).
+
+Both run as measured workloads (``safehold.attestation.workload.LaunchSpec``): an isolated
+interpreter (``-I -S -B``, no byte-code cache read), an explicit ``sys.path`` (the package's app
+directory, the standard library, the venv's site-packages) and an environment allow-list
+(``LC_ALL``/``TZ`` fixed, ``SAFEHOLD_RECORDS_*`` / ``SAFEHOLD_BROKER_*`` run-time settings passed
+through; never ``PYTHONPATH``, ``LD_PRELOAD`` or a secret). The manifest's Reference Value is
+``LaunchSpec.closure`` over the same interpreter, app directory and ``records.toml``: the same
+value ``safehold measure --config records.toml`` prints.
 
 Every security setting is in the measured ``records.toml`` — encryption, audit, listen host,
 SCONE authentication and the pin of the broker's identity (SHA-256 of the broker's workload CA
@@ -52,6 +62,7 @@ from safehold.devstack.datadir import (
 from safehold.devstack.errors import DataDirBusyError, StackError
 from safehold.devstack.processes import (
     MANIFEST_REFUSED,
+    Supervisor,
     broker_cmd,
     check_port,
     records_cmd,
@@ -79,6 +90,7 @@ __all__ = [
     "DataDirBusyError",
     "Stack",
     "StackError",
+    "Supervisor",
     "base_env",
     "broker_ca_pin",
     "broker_cmd",

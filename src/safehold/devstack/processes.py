@@ -29,8 +29,8 @@ from safehold.devstack.stack import (
 from safehold.errors import ConfigError
 from safehold.jsontypes import JSONObject
 
-__all__ = ["MANIFEST_REFUSED", "broker_cmd", "check_port", "records_cmd", "records_env", "start",
-           "stop", "summary_lines", "update_manifest", "wait_broker", "wait_records"]
+__all__ = ["MANIFEST_REFUSED", "Supervisor", "broker_cmd", "check_port", "records_cmd", "records_env",
+           "start", "stop", "summary_lines", "update_manifest", "wait_broker", "wait_records"]
 
 
 def check_port(port: int, what: str, host: str = "127.0.0.1") -> None:
@@ -304,6 +304,112 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
 def _start_records(s: Stack, log: BinaryIO) -> subprocess.Popen[bytes]:
     return subprocess.Popen(records_cmd(s), env=records_env(s), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+class Supervisor:
+    """Keeps the stack's processes running (``safehold up``'s loop calls :meth:`check`).
+
+    The records service needs the broker only at start (attestation, keys): a broker that
+    exits is restarted with a bounded exponential back-off while the records service keeps
+    serving; a records service that exits is restarted the same way (it attests again). Every
+    exit and restart is logged (returned to the caller, appended to the process's log) and
+    recorded in ``up.json`` under ``restarts`` (``safehold status`` shows it).
+
+    Args:
+        s: the started stack.
+        max_restarts: exits of one process within ``window`` seconds after which it is given
+            up (:class:`StackError`): a crash loop is not hidden.
+        first_delay / max_delay: back-off before the n-th restart: ``first_delay * 2**(n-1)``,
+            at most ``max_delay`` seconds.
+        timeout: seconds a restarted process has to become ready.
+    """
+
+    def __init__(self, s: Stack, *, max_restarts: int = 5, window: float = 300.0,
+                 first_delay: float = 0.5, max_delay: float = 30.0, timeout: float = 60.0) -> None:
+        self.s, self.max_restarts, self.window = s, max_restarts, window
+        self.first_delay, self.max_delay, self.timeout = first_delay, max_delay, timeout
+        self._due: dict[str, float] = {}
+        self._exits: dict[str, list[float]] = {}
+
+    def _log(self, name: str, msg: str) -> str:
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} safehold up: {msg}"
+        with contextlib.suppress(OSError), self.s.path(f"{name}.log").open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        return msg
+
+    def _record(self, name: str, **kw: object) -> None:
+        r = self.s.info.setdefault("restarts", {}).setdefault(name, {"count": 0})
+        r.update(kw)
+        self.s.info["pids"] = {k: p.pid for k, p in self.s.procs.items()}
+        with contextlib.suppress(OSError):
+            write_private(self.s.path("up.json"), json.dumps(self.s.info, indent=2).encode())
+
+    def _exited(self, name: str, code: int | None) -> str:
+        now = time.monotonic()
+        recent = [t for t in self._exits.get(name, []) if now - t < self.window] + [now]
+        self._exits[name] = recent
+        if len(recent) > self.max_restarts:
+            raise StackError(f"{name} exited {len(recent)} times within {self.window:.0f} s (last status "
+                             f"{code}); giving up (see {self.s.path(name + '.log')})")
+        delay = min(self.first_delay * 2 ** (len(recent) - 1), self.max_delay)
+        self._due[name] = now + delay
+        self._record(name, last_exit_status=code,
+                     last_exit_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return self._log(name, f"{name} exited with status {code}; restarting in {delay:.1f} s")
+
+    def _restart(self, name: str) -> str:
+        s = self.s
+        del self._due[name]
+        if name == "broker":
+            with s.path("broker.log").open("ab") as blog:
+                s.procs["broker"] = subprocess.Popen(broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
+                                                     stdin=subprocess.DEVNULL, env=base_env(s),
+                                                     start_new_session=True)
+            try:
+                wait_broker(s, s.procs["broker"], self.timeout)
+            except StackError as e:
+                if s.procs["broker"].poll() is None:
+                    s.procs["broker"].kill()
+                    s.procs["broker"].wait()
+                return self._log(name, f"broker restart failed: {e}")  # next exit is scheduled
+        elif name != "records":  # SVR, discovery, VAU, SVR anchor members: devstack/services.py
+            from safehold.devstack.services import restart_service
+
+            try:
+                restart_service(s, name, timeout=self.timeout)
+            except StackError as e:
+                return self._log(name, f"{name} restart failed: {e}")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                s.path("records-ready.json").unlink()
+            with s.path("records.log").open("ab") as rlog:
+                s.procs["records"] = _start_records(s, rlog)
+            try:
+                wait_records(s, s.procs["records"], s.path("records-ready.json"), self.timeout,
+                             s.path("records.log"))
+            except StackError as e:
+                if s.procs["records"].poll() is None:
+                    s.procs["records"].kill()
+                    s.procs["records"].wait()
+                return self._log(name, f"records restart failed: {e}")
+        count = int(s.info.get("restarts", {}).get(name, {}).get("count", 0)) + 1
+        self._record(name, count=count, last_restart_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return self._log(name, f"{name} restarted (pid {s.procs[name].pid}, restart #{count})")
+
+    def check(self) -> list[str]:
+        """One supervision step: note exits, restart what is due. Returns log lines.
+
+        Raises:
+            StackError: a process exited more than ``max_restarts`` times within ``window``.
+        """
+        out: list[str] = []
+        for name, p in list(self.s.procs.items()):
+            if name not in self._due and p.poll() is not None:
+                out.append(self._exited(name, p.returncode))
+        for name, due in sorted(self._due.items(), key=lambda kv: kv[0] != "broker"):
+            if time.monotonic() >= due and (name == "broker" or "broker" not in self._due):
+                out.append(self._restart(name))
+        return out
 
 
 def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:

@@ -47,8 +47,8 @@ from safehold.devstack.errors import StackError
 from safehold.errors import ConfigError
 
 __all__ = ["ALL_SERVICES", "IDP_ISSUER", "Pending", "ServicePorts", "check_service_ports", "finish_services",
-           "idp_key", "launch_services", "manifest_entries", "parse_services", "service_spec",
-           "services_status", "stop_services", "summary", "write_configs"]
+           "idp_key", "launch_services", "manifest_entries", "parse_services", "restart_service",
+           "service_spec", "services_status", "stop_services", "summary", "write_configs"]
 
 #: Every service ``safehold up`` can start, in start order.
 ALL_SERVICES = ("svr", "discovery", "erezept")
@@ -312,6 +312,58 @@ class Pending:
     anchor: Any = None
 
 
+def _service_args(s: Any, name: str, ports: ServicePorts) -> tuple[str, list[str]]:
+    """``(module, run-time args)`` of service process ``name`` (``svr-<i>``, ``discovery``,
+    ``vau``, ``svr-anchor-<i>``): the same for its first start and every restart."""
+    if name.startswith("svr-anchor-"):
+        i = int(name.rsplit("-", 1)[1])
+        anchor_dir = s.path("svr-anchor")
+        return ANCHOR_MODULE, ["--config", str(anchor_dir / "anchor-member.toml"),
+                               "--data-dir", str(s.path("tee")), "--port", str(ports.anchor[i]),
+                               "--client-ca", str(s.path("broker") / "ca.pem"),
+                               "--ready-file", str(anchor_dir / f"member{i}.json")]
+    if name.startswith("svr-"):
+        i = int(name.rsplit("-", 1)[1])
+        return SVR_MODULE, ["--config", str(s.path(f"{name}.toml")),
+                            "--store-url", f"sqlite:///{s.path(f'{name}.db')}",
+                            "--port", str(ports.svr[i]), *_common(s, name)]
+    if name == "discovery":
+        return DISCOVERY_MODULE, ["--config", str(s.path("discovery.toml")),
+                                  "--store-url", f"sqlite:///{s.path('discovery.db')}",
+                                  "--port", str(ports.discovery), *_common(s, "discovery")]
+    if name == "vau":
+        return VAU_MODULE, ["--config", str(s.path("vau.toml")),
+                            "--store-url", f"sqlite:///{s.path('erezept.db')}",
+                            "--port", str(ports.vau), "--records-url", s.records_url, *_common(s, "vau")]
+    raise StackError(f"no service process named {name!r}")
+
+
+def restart_service(s: Any, name: str, *, timeout: float = 60.0) -> None:
+    """Start service process ``name`` again (the supervisor of ``safehold up``: it exited) and
+    wait until it serves. An SVR server finds its ledger on the running anchor members (no
+    owner step); an anchor member catches up from its peers; discovery and the VAU attest to
+    the broker again.
+
+    Raises:
+        StackError: it exited again or did not become ready within ``timeout`` (names why).
+    """
+    ports = s.service_ports or ServicePorts()
+    module, args = _service_args(s, name, ports)
+    ready = Path(args[args.index("--ready-file") + 1])
+    ready.unlink(missing_ok=True)
+    s.procs[name] = proc = _launch(s, name, module, args)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if ready.exists():
+            with contextlib.suppress(ValueError, OSError):
+                if json.loads(ready.read_text("utf-8")).get("pid") in (proc.pid, None):
+                    return
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited again with status {proc.returncode}")
+        time.sleep(0.05)
+    raise StackError(f"{name} did not become ready within {timeout:.0f} s")
+
+
 def launch_services(s: Any, services: tuple[str, ...], ports: ServicePorts) -> Pending:
     """Launch every process of ``services`` at once (the broker must be ready; records need
     not be): the SVR anchor members, the SVR servers (they wait for the anchor themselves),
@@ -321,21 +373,14 @@ def launch_services(s: Any, services: tuple[str, ...], ports: ServicePorts) -> P
         if f.name != "records-ready.json":
             f.unlink(missing_ok=True)
     p = Pending(services, ports)
+    names: list[str] = []
     if "svr" in services:
         p.anchor = _start_anchor(s, ports)
-        for i, port in enumerate(ports.svr):
-            n = f"svr-{i}"
-            p.procs[n] = _launch(s, n, SVR_MODULE, [
-                "--config", str(s.path(f"{n}.toml")), "--store-url", f"sqlite:///{s.path(f'{n}.db')}",
-                "--port", str(port), *_common(s, n)])
-    if "discovery" in services:
-        p.procs["discovery"] = _launch(s, "discovery", DISCOVERY_MODULE, [
-            "--config", str(s.path("discovery.toml")), "--store-url", f"sqlite:///{s.path('discovery.db')}",
-            "--port", str(ports.discovery), *_common(s, "discovery")])
-    if "erezept" in services:
-        p.procs["vau"] = _launch(s, "vau", VAU_MODULE, [
-            "--config", str(s.path("vau.toml")), "--store-url", f"sqlite:///{s.path('erezept.db')}",
-            "--port", str(ports.vau), "--records-url", s.records_url, *_common(s, "vau")])
+        names += [f"svr-{i}" for i in range(SVR_N)]
+    names += [n for n, svc in (("discovery", "discovery"), ("vau", "erezept")) if svc in services]
+    for n in names:
+        module, args = _service_args(s, n, ports)
+        p.procs[n] = _launch(s, n, module, args)
     s.procs.update(p.procs)
     return p
 
@@ -393,12 +438,9 @@ def _start_anchor(s: Any, ports: ServicePorts) -> _AnchorProcs:
                      client_ca_file=s.path("broker") / "ca.pem", owner_public_key=owner_pub,
                      n=len(ports.anchor), ports=ports.anchor)
     for i in range(la.n):
-        ready = la.workdir / f"member{i}.json"
-        ready.unlink(missing_ok=True)
-        proc = _launch(s, f"svr-anchor-{i}", ANCHOR_MODULE, [
-            "--config", str(la.config), "--data-dir", str(s.path("tee")), "--port", str(ports.anchor[i]),
-            "--client-ca", str(s.path("broker") / "ca.pem"), "--ready-file", str(ready)])
-        la.procs[i] = proc
+        (la.workdir / f"member{i}.json").unlink(missing_ok=True)
+        module, args = _service_args(s, f"svr-anchor-{i}", ports)
+        la.procs[i] = proc = _launch(s, f"svr-anchor-{i}", module, args)
         s.procs[f"svr-anchor-{i}"] = proc
     return _AnchorProcs(la)
 

@@ -65,6 +65,7 @@ def stack_status(data_dir: str | os.PathLike[str], *,
         rec["attested"] = False
         rec["error"] = str(e) or type(e).__name__
     out["records"] = rec
+    out["restarts"] = info.get("restarts", {})  # by `safehold up`'s supervisor
     if info.get("scone_port"):
         out["scone_url"] = f"https://api:{info['scone_port']}"
     if info.get("services"):  # SVR, discovery, VAU (devstack/services.py)
