@@ -57,9 +57,13 @@ def _pty(env: dict[str, str], args: list[str], answers: list[str], timeout: floa
 @pytest.fixture(scope="module")
 def stack(env, tmp_path_factory):
     data = tmp_path_factory.mktemp("services") / "data"
-    ports = {k: free_port() for k in ("broker", "records", "disc", "vau")}
-    svr = [free_port() for _ in range(3)]
-    anchor = [free_port() for _ in range(3)]
+    picked: list[int] = []
+    while len(picked) < 10:  # ten distinct free ports (free_port alone may repeat one)
+        p = free_port()
+        if p not in picked:
+            picked.append(p)
+    ports = dict(zip(("broker", "records", "disc", "vau"), picked[:4], strict=True))
+    svr, anchor = picked[4:7], picked[7:10]
     t0 = time.monotonic()
     up = subprocess.Popen(
         [sys.executable, "-m", "safehold.cli.main", "up", "--data-dir", str(data), "--services", "all",
