@@ -1,32 +1,29 @@
-"""The services ``safehold up`` starts after the broker and records: Secure Value Recovery (three
-servers ``svr-0..2`` over their own freshness anchor), contact discovery, and the E-Rezept VAU
-with the Fachdienst routes behind it.
+"""The services ``safehold up`` starts next to the records service, once the broker is ready:
+Secure Value Recovery (three servers ``svr-0..2`` over their own three freshness-anchor members),
+contact discovery, and the E-Rezept VAU with the Fachdienst routes behind it (and the ePA 3 VAU in
+front of the records API).
 
-Each is its own workload with its own Reference Value in the dev manifest, launched through
-:class:`safehold.attestation.workload.LaunchSpec` (isolated interpreter, allow-listed
-environment: nothing but the fixed ``LC_ALL``/``TZ``) and receives its secrets from the broker
-after attestation (:mod:`safehold.client.workload`): nothing secret goes through argv, the
-environment, standard input or a file.
+Each is its own workload with its own Reference Value in the dev manifest (the closure of its
+:class:`safehold.attestation.workload.LaunchSpec` launch with its configuration), launched
+isolated with an allow-listed environment (nothing but the fixed ``LC_ALL``/``TZ``), and
+receives its secrets from the broker after attestation (:mod:`safehold.client.workload`):
+nothing secret goes through argv, the environment, standard input or a file. What each gets:
 
-=============  ===============================  ============================================
-workload       secrets (manifest)               what the workload makes of them
-=============  ===============================  ============================================
-``svr-<i>``    ``svr-<i>-keyset`` (keyset),     server secret = HKDF(keyset); anchor client
-               ``svr-<i>-anchor`` (certificate), certificate CN ``svr-<i>`` for its in-memory
-               ``svr-access`` (access)          key; owner-pinned tokens → admin / backup
-``discovery``  ``discovery-keyset``,            OPRF key etc. = HKDF(keyset); tokens →
-               ``discovery-access``             register (+ query) / query
-``vau``        ``erezept-keyset``,              records engine of the Tasks; the
-               ``vau-erp-identity``,            brainpoolP256r1 VAU key = HKDF(keyset); the
-               ``vau-epa-identity``             ePA 3 VAU's AUT-VAU key (P-256) = HKDF(keyset)
-=============  ===============================  ============================================
+* ``svr-<i>``: ``svr-<i>-keyset`` (server secret = HKDF of it), ``svr-<i>-anchor`` (a
+  certificate with CN ``svr-<i>`` for its in-memory key: its anchor client identity),
+  ``svr-access`` (owner-pinned tokens → roles admin / backup);
+* ``discovery``: ``discovery-keyset`` (OPRF key etc. = HKDF of it), ``discovery-access``
+  (tokens → register + query / query);
+* ``vau``: ``erezept-keyset`` (records engine of the Tasks), ``vau-erp-identity`` (the
+  brainpoolP256r1 E-Rezept VAU key = HKDF of it), ``vau-epa-identity`` (the ePA 3 VAU's
+  AUT-VAU key, P-256).
 
 Data directory files (all public or measured): ``svr-<i>.toml``, ``discovery.toml``,
 ``vau.toml`` (measured), ``svr-policy.toml`` / ``discovery-policy.toml`` / ``vau-policy.toml``
-(the clients' Reference Values), ``svr-anchor/`` (the anchor members' configuration and logs),
-``erezept-idp.key`` (the development identity provider's signing key: it stands for the
+(the clients' Reference Values), ``svr-anchor/`` (the anchor members' configuration and ready
+files), ``erezept-idp.key`` (the development identity provider's signing key: it stands for the
 gematik IdP, an outside party, and is not a workload key), stores ``svr-<i>.db``,
-``discovery.db``, ``erezept.db``, logs ``<name>.log``.
+``discovery.db``, ``erezept.db``, logs ``<name>.log`` (``svr-anchor-<i>.log`` for the members).
 """
 
 from __future__ import annotations
