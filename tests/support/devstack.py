@@ -22,6 +22,9 @@ def snapshot_env(tmp_path_factory) -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(d)
     e.pop("SAFEHOLD_TOKEN", None)
+    # `safehold up` starts SVR, discovery and the VAU by default (fixed ports, 8 more
+    # processes): tests that are about records opt in with --services (tests/devstack/test_services.py)
+    e["SAFEHOLD_SERVICES"] = "none"
     return e
 
 

@@ -10,7 +10,9 @@ Files are CSV or one entry per line (``#`` starts a comment line):
 ``query`` prints CSV (``kind,identifier,registered,user_id``) on stdout and a summary on stderr;
 ``--state FILE`` keeps the rate-limit token and the OPRF outputs already asked about, so asking
 again is free. The bearer token comes from ``--token`` or ``SAFEHOLD_DISCOVERY_TOKEN`` (prefer
-the variable: argv is visible to other users). Progress bars appear for files of more than
+the variable: argv is visible to other users). Without ``--url``, the service and its policy
+come from the ``up.json`` of ``safehold up`` in ``--data-dir``, and the token from its
+``tokens.json`` (``admin`` registers, ``reader`` queries). Progress bars appear for files of more than
 :data:`PROGRESS_MIN` entries.
 """
 
@@ -29,11 +31,13 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_service, stack_token
 from safehold.discovery.errors import InvalidRequestError
 from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
 
 PROGRESS_MIN = 2000
+DEFAULT_URL = "https://127.0.0.1:8720"
 
 
 def _rows(path: str) -> Iterator[tuple[int, dict[str, str] | list[str]]]:
@@ -79,10 +83,18 @@ def _entries(path: str, kind: str, *, with_user: bool) -> list[tuple[int, tuple[
     return out
 
 
-def _client(url: str, token: str | None, policy: str | None, insecure_loopback: bool) -> Any:
+def _client(url: str | None, token: str | None, policy: str | None, insecure_loopback: bool,
+            data_dir: str = "./safehold-data", role: str = "reader") -> Any:
     # imported here: the SDK loads libsodium, which the rest of the CLI does not need
     from safehold.client.discovery import DiscoveryClient
 
+    if url is None:  # from the running `safehold up` (attested), else the default port
+        entry = stack_service(data_dir, "discovery")
+        if entry is not None:
+            url, policy = str(entry["url"]), policy or str(entry["policy"])
+            token = token or stack_token(data_dir, role)
+        else:
+            url = DEFAULT_URL
     if not token:
         raise ConfigError("no bearer token: set SAFEHOLD_DISCOVERY_TOKEN (or --token)")
     if policy is None and insecure_loopback:
@@ -120,8 +132,10 @@ def register(group: click.Group) -> None:
         """Private contact discovery: register identifiers, ask which are registered."""
 
     common = [
-        click.option("--url", default="http://127.0.0.1:8720", show_default=True,
-                     envvar="SAFEHOLD_DISCOVERY_URL", help="Discovery service URL."),
+        DATA_DIR_OPTION,
+        click.option("--url", default=None, envvar="SAFEHOLD_DISCOVERY_URL",
+                     help=f"Discovery service URL (default: from up.json in --data-dir, else "
+                          f"{DEFAULT_URL})."),
         click.option("--token", default=None, envvar="SAFEHOLD_DISCOVERY_TOKEN",
                      help="Bearer token (prefer the SAFEHOLD_DISCOVERY_TOKEN variable)."),
         click.option("--policy", default=None, type=click.Path(dir_okay=False),
@@ -141,13 +155,14 @@ def register(group: click.Group) -> None:
     @discovery.command("register")
     @click.argument("file", type=click.Path(exists=True, dir_okay=False))
     @with_common
-    def register_cmd(file: str, url: str, token: str | None, policy: str | None, insecure_loopback: bool,
+    def register_cmd(file: str, data_dir: str, url: str | None,
+                     token: str | None, policy: str | None, insecure_loopback: bool,
                      kind: str, region: str | None) -> None:
         """Register identifiers → user ids from FILE."""
         entries = _entries(file, kind, with_user=True)
         items = [(e[0], e[1], e[2]) for _, e in entries]
         bar = _progress(len(items), "registering")
-        with _client(url, token, policy, insecure_loopback) as c:
+        with _client(url, token, policy, insecure_loopback, data_dir, "admin") as c:
             try:
                 if bar:
                     with bar:
@@ -163,11 +178,12 @@ def register(group: click.Group) -> None:
     @discovery.command("unregister")
     @click.argument("file", type=click.Path(exists=True, dir_okay=False))
     @with_common
-    def unregister_cmd(file: str, url: str, token: str | None, policy: str | None, insecure_loopback: bool,
+    def unregister_cmd(file: str, data_dir: str, url: str | None,
+                       token: str | None, policy: str | None, insecure_loopback: bool,
                        kind: str, region: str | None) -> None:
         """Remove the registrations of the identifiers in FILE."""
         entries = _entries(file, kind, with_user=False)
-        with _client(url, token, policy, insecure_loopback) as c:
+        with _client(url, token, policy, insecure_loopback, data_dir, "admin") as c:
             try:
                 n = c.unregister([(e[0], e[1]) for _, e in entries], region=region)
             except ValueError as e:
@@ -179,7 +195,8 @@ def register(group: click.Group) -> None:
     @with_common
     @click.option("--state", "state_file", default=None, type=click.Path(dir_okay=False),
                   help="File keeping the rate-limit token and outputs already asked (created 0600).")
-    def query_cmd(file: str, url: str, token: str | None, policy: str | None, insecure_loopback: bool,
+    def query_cmd(file: str, data_dir: str, url: str | None,
+                  token: str | None, policy: str | None, insecure_loopback: bool,
                   kind: str, region: str | None, state_file: str | None) -> None:
         """Ask which identifiers in FILE are registered; CSV on stdout."""
         from safehold.client.discovery import QueryState
@@ -189,7 +206,7 @@ def register(group: click.Group) -> None:
         if state_file and os.path.exists(state_file):
             state = QueryState.from_json(Path(state_file).read_text("utf-8"))
         bar = _progress(len(entries), "evaluating")
-        with _client(url, token, policy, insecure_loopback) as c:
+        with _client(url, token, policy, insecure_loopback, data_dir, "reader") as c:
             try:
                 pairs = [(e[0], e[1]) for _, e in entries]
                 if bar:

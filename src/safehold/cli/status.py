@@ -23,15 +23,18 @@ def register(group: click.Group) -> None:
                   help="The data owner's directory (admin token). Default: <data-dir>.owner.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def status(data_dir: str, owner_dir: str | None, as_json: bool) -> None:
-        """Show whether the broker and the records service of `safehold up` are up and attested.
+        """Show whether the broker, the records service and the services (SVR, discovery, VAU) of
+        `safehold up` are up and attested.
 
-        Exit status 0 = both answer and the records service attested, 1 = otherwise."""
+        Exit status 0 = all answer and every workload attested, 1 = otherwise."""
         st = stack_status(data_dir, show=show_warning, owner=owner_dir)
         if st.get("scone_auth") == "none":
             click.secho(f"WARNING: the SCONE port ({st['scone_url']}) has NO AUTHENTICATION (started with "
                         "--scone-auth none): any process on this machine can read and create every record "
                         "there", fg="yellow", bold=True, err=True)
-        healthy = bool(st["broker"].get("ok") and st["records"].get("attested"))
+        services = st.get("services", {})
+        healthy = bool(st["broker"].get("ok") and st["records"].get("attested")
+                       and all(v["ok"] for v in services.values()))
         if as_json:
             click.echo(json.dumps(st, indent=2))
             if not healthy:
@@ -49,6 +52,8 @@ def register(group: click.Group) -> None:
             click.echo(f"records  {r['url']}  NOT attested: {r.get('error')}")
         if st.get("scone_url"):
             click.echo(f"scone    {st['scone_url']}  auth {st.get('scone_auth')}")
+        for name, v in services.items():
+            click.echo(f"{name:<9}{v['url']}  {v['status']}")
         for name, r in sorted(st.get("restarts", {}).items()):
             click.echo(f"restarts {name}: {r.get('count', 0)} (last exit status {r.get('last_exit_status')} "
                        f"at {r.get('last_exit_at', '?')}, restarted {r.get('last_restart_at', 'not yet')})")

@@ -8,7 +8,9 @@ standard output with ``--out -``.
 
 Servers: ``--url`` once per server (or ``SAFEHOLD_SVR_URLS``, comma-separated); the bearer token
 from ``SAFEHOLD_SVR_TOKEN`` (or ``--token``: argv is visible to other users); ``--policy`` (once,
-or once per server) appraises each server's RA-TLS Evidence before anything is sent.
+or once per server) appraises each server's RA-TLS Evidence before anything is sent. Without
+``--url``, the servers and their policy come from the ``up.json`` of ``safehold up`` in
+``--data-dir`` (and the token from its ``tokens.json``, the ``writer`` user).
 ``--protocol svr3`` (default) splits the secret across every server; ``svr2`` uses the first.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import click
 
+from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_service, stack_token
 from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
 
@@ -36,10 +39,18 @@ def _urls(value: tuple[str, ...]) -> list[str]:
 
 
 def _client(protocol: str, urls: tuple[str, ...], token: str | None, policies: tuple[str, ...],
-            insecure_loopback: bool, **_: Any) -> Any:
+            insecure_loopback: bool, data_dir: str = "./safehold-data", **_: Any) -> Any:
     # imported here: the SDK loads libsodium and argon2, which the rest of the CLI does not need
     from safehold.client.svr import Svr2Client, Svr3Client
 
+    if not urls:  # from the running `safehold up` (its attested servers), else the default ports
+        entry = stack_service(data_dir, "svr")
+        if entry is not None:
+            urls = tuple(entry["urls"])
+            policies = policies or (str(entry["policy"]),)
+            token = token or stack_token(data_dir, "writer")
+        else:
+            urls = (DEFAULT_URLS,)
     if not token:
         raise ConfigError("no bearer token: set SAFEHOLD_SVR_TOKEN (or --token)")
     urls_ = _urls(urls)
@@ -98,8 +109,10 @@ def register(group: click.Group) -> None:
         """Secure Value Recovery: protect a secret with a PIN; the servers limit the guesses."""
 
     common = [
-        click.option("--url", "urls", multiple=True, envvar="SAFEHOLD_SVR_URLS", default=(DEFAULT_URLS,),
-                     show_default=True, help="SVR server URL (repeat once per server; or comma-separated)."),
+        DATA_DIR_OPTION,
+        click.option("--url", "urls", multiple=True, envvar="SAFEHOLD_SVR_URLS",
+                     help="SVR server URL (repeat once per server; or comma-separated). Default: from "
+                          f"up.json in --data-dir, else {DEFAULT_URLS}."),
         click.option("--token", default=None, envvar="SAFEHOLD_SVR_TOKEN",
                      help="Bearer token (prefer the SAFEHOLD_SVR_TOKEN variable)."),
         click.option("--policy", "policies", multiple=True, type=click.Path(dir_okay=False),

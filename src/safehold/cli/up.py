@@ -12,6 +12,18 @@ import time
 import click
 
 from safehold.devstack import SCONE_AUTH_CHOICES, Stack, Supervisor, prepare, start, stop, summary_lines
+from safehold.devstack.services import ALL_SERVICES, ServicePorts, parse_services
+from safehold.errors import ConfigError
+
+
+def _ports(value: str, n: int, what: str) -> list[int]:
+    try:
+        ports = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        ports = []
+    if len(ports) != n or not all(1 <= p <= 65535 for p in ports):
+        raise ConfigError(f"{what}: give {n} comma-separated ports 1..65535, got {value!r}")
+    return ports
 
 
 def print_summary(s: Stack) -> None:
@@ -44,16 +56,33 @@ def register(group: click.Group) -> None:
     @click.option("--reset", is_flag=True,
                   help="Regenerate records.toml even if it was edited (otherwise up refuses).")
     @click.option("--store", "store_url", default=None, help="Store URL (default: sqlite in the data dir).")
+    @click.option("--services", "services_opt", default="all", show_default=True, envvar="SAFEHOLD_SERVICES",
+                  help="Which services to start after the broker and records: a comma-separated list "
+                       f"of {', '.join(ALL_SERVICES)}, or all, or none.")
+    @click.option("--svr-ports", default="8730,8731,8732", show_default=True,
+                  help="The three SVR servers' ports (comma-separated).")
+    @click.option("--svr-anchor-ports", default="8735,8736,8737", show_default=True,
+                  help="The SVR anchor members' ports (measured: a change changes the manifest).")
+    @click.option("--discovery-port", default=8720, show_default=True, type=click.IntRange(1, 65535))
+    @click.option("--vau-port", default=8740, show_default=True, type=click.IntRange(1, 65535),
+                  help="E-Rezept VAU port.")
     def up(data_dir: str, broker_port: int, records_port: int, scone_port: int, scone_auth: str | None,
-           reset: bool, store_url: str | None, owner_dir: str | None) -> None:
-        """Start the key broker and the records service (simulated TEE) until Ctrl-C.
+           reset: bool, store_url: str | None, owner_dir: str | None, services_opt: str, svr_ports: str,
+           svr_anchor_ports: str, discovery_port: int, vau_port: int) -> None:
+        """Start the key broker, the records service and the services (SVR, contact discovery,
+        E-Rezept VAU; simulated TEE) until Ctrl-C.
 
-        A process that exits is restarted with a bounded back-off (the records service keeps
-        serving while the broker restarts: it needs the broker only at start); `safehold
+        A process that exits is restarted with a bounded back-off (the records service and the
+        services keep serving while the broker restarts: they need it only at start); `safehold
         status` shows the restarts."""
+        ports = ServicePorts(svr=_ports(svr_ports, 3, "--svr-ports"),
+                             anchor=_ports(svr_anchor_ports, 3, "--svr-anchor-ports"),
+                             discovery=discovery_port, vau=vau_port)
+        t0 = time.monotonic()
         s = prepare(data_dir, broker_port=broker_port, records_port=records_port,
                     scone_port=scone_port or None, store_url=store_url, scone_auth=scone_auth,
-                    reset=reset, owner=owner_dir)
+                    reset=reset, owner=owner_dir, services=parse_services(services_opt),
+                    service_ports=ports)
         stopping = {"flag": False}
 
         def on_signal(signum: int, frame: object) -> None:
@@ -63,8 +92,8 @@ def register(group: click.Group) -> None:
         try:
             start(s)
             print_summary(s)
-            click.echo("running; Ctrl-C stops both", nl=True)
-            sup = Supervisor(s)  # a crashed broker (or records service) is restarted, logged
+            click.echo(f"running (started in {time.monotonic() - t0:.1f} s); Ctrl-C stops everything")
+            sup = Supervisor(s)  # a crashed process is restarted, logged
             while not stopping["flag"]:
                 for line in sup.check():
                     click.secho(line, fg="yellow", err=True)

@@ -33,7 +33,7 @@ from safehold.vau.erp import seal_request
 from safehold.vau.errors import VauFormatError, VauKeyVerificationError
 from safehold.vau.httpmsg import HttpRequest, HttpResponse, parse_response
 
-__all__ = ["EpaVauHttpClient", "ErezeptClient", "ErpVauClient"]
+__all__ = ["AttestedVauKeyTrust", "EpaVauHttpClient", "ErezeptClient", "ErpVauClient"]
 
 
 def _cert_key(der: bytes) -> ec.EllipticCurvePublicKey:
@@ -233,6 +233,47 @@ class ErezeptClient:
     def tasks(self, token: str) -> JSONObject:
         """``GET /Task``: the insured person's Tasks (searchset Bundle)."""
         return self._call(token, "GET", "/Task")
+
+
+class AttestedVauKeyTrust(VauKeyTrust):
+    """ePA 3 VAU key trust for a VAU reached over an **attested** channel (RA-TLS): the AUT-VAU
+    certificate named in M2 is fetched from that VAU (``GET /CertData.<hash>-<cdv>``, A_24957) and
+    pinned, then every check of :class:`VauKeyTrust` applies. Sound only because ``http``
+    appraised the workload it talks to (Safehold's substitute for the TI trust list: the
+    certificate is as trustworthy as the measured code that serves it).
+
+    Args:
+        http: an httpx client whose transport attests the VAU (``attesting_transport(policy)``).
+        base_url: the VAU's URL. skew: tolerated clock difference, seconds.
+
+    Raises (from :meth:`verify`):
+        VauKeyVerificationError: the certificate cannot be fetched, or does not hash to M2's
+            ``cert_hash``, or a check of :class:`VauKeyTrust` fails.
+    """
+
+    def __init__(self, http: httpx.Client, base_url: str, *, skew: float = 300.0) -> None:
+        import time
+
+        self._http, self._base = http, base_url.rstrip("/")
+        self._certs: dict[bytes, bytes] = {}
+        self._clock = time.time
+        self.skew = skew
+        self.variant = "round3"
+
+    def verify(self, signed: Any) -> Any:
+        if signed.cert_hash not in self._certs:
+            import cbor2
+
+            r = self._http.get(f"{self._base}/CertData.{signed.cert_hash.hex()}-{signed.cdv}")
+            try:
+                cert = cbor2.loads(r.content).get("cert") if r.status_code == 200 else None
+            except (ValueError, AttributeError, cbor2.CBORDecodeError):
+                cert = None
+            if not isinstance(cert, bytes) or hashlib.sha256(cert).digest() != signed.cert_hash:
+                raise VauKeyVerificationError("the attested VAU served no AUT-VAU certificate for the "
+                                              "hash in M2")
+            self._certs[signed.cert_hash] = cert
+        return super().verify(signed)
 
 
 class EpaVauHttpClient:

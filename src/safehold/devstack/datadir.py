@@ -299,7 +299,8 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
             scone_port: int | None = 4996, store_url: str | None = None,
             extra_configs: dict[str, JSONObject] | None = None,
             package_root: str | None = None, scone_auth: str | None = None,
-            reset: bool = False, owner: str | os.PathLike[str] | None = None) -> Stack:
+            reset: bool = False, owner: str | os.PathLike[str] | None = None,
+            services: tuple[str, ...] | None = None, service_ports: Any = None) -> Stack:
     """Lock the data directory, then create tokens, the broker's workload CA, the measured
     config (pinning that CA), the manifest and the client policy.
 
@@ -316,6 +317,11 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
         reset: regenerate ``records.toml`` even if it differs from what ``up`` writes.
         owner: the owner directory (``--owner-dir``; default
             :func:`safehold.client.connection.owner_dir`): the owner key and the tokens.
+        services: which of :data:`safehold.devstack.services.ALL_SERVICES` :func:`start`
+            starts (default: none; ``safehold up`` passes all unless told otherwise). Their
+            workloads are in the manifest either way, so choosing fewer changes no Reference
+            Value.
+        service_ports: a :class:`safehold.devstack.services.ServicePorts` (default ports).
 
     Raises:
         DataDirBusyError: another stack runs on this data directory.
@@ -329,18 +335,19 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
         check_old_layout(d, owner)
         s = _prepare(d, broker_port=broker_port, records_port=records_port, scone_port=scone_port,
                      store_url=store_url, extra_configs=extra_configs, package_root=package_root,
-                     scone_auth=scone_auth, reset=reset, owner=owner)
+                     scone_auth=scone_auth, reset=reset, owner=owner, service_ports=service_ports)
     except BaseException:
         unlock_data_dir(lock)
         raise
     s.lock = lock
+    s.services = tuple(services or ())
     return s
 
 
 def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | None,
              store_url: str | None, extra_configs: dict[str, dict[str, Any]] | None,
              package_root: str | None, scone_auth: str | None, reset: bool,
-             owner: str | os.PathLike[str] | None) -> Stack:
+             owner: str | os.PathLike[str] | None, service_ports: Any = None) -> Stack:
     """:func:`prepare` after the data directory is created and locked."""
     from safehold.broker.manifest import load_manifest
 
@@ -364,7 +371,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
         "reference_values": {"measurements": measurements},
     }
     owner_pub = owner_key(d, owner)
-    manifest = {
+    manifest: dict[str, Any] = {
         "name": SESSION_NAME,
         "repository": "default",
         "workloads": {WORKLOAD: {"secrets": ["records-keyset", "records-tls", RECORDS_ACCESS],
@@ -381,6 +388,18 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
         "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"]),
                             "public_key": owner_pub}},
     }
+    # the services' workloads (SVR, discovery, VAU): their own Reference Values and secrets
+    from safehold.devstack import services as svc
+
+    ports = service_ports or svc.ServicePorts()
+    written = svc.write_configs(d, pin=pin, owner_pub=owner_pub, ports=ports, owner=make_owner_dir(d, owner),
+                                records_policy={**policy, "name": "safehold-records-behind-epa-vau",
+                                                "report_data": "required"},
+                                measure=lambda module, p: (svc.service_spec(package_root, module).closure(
+                                    [p], base=base).hex(), root))
+    extra_w, extra_s = svc.manifest_entries(tok, written)
+    manifest["workloads"].update(extra_w)
+    manifest["secrets"].update(extra_s)
     text = tomli_w.dumps(manifest)
     load_manifest(text.encode(), filename="manifest.toml")  # fail here, clearly, not in the broker
     old_manifest = _read_toml(d / "manifest.toml")
@@ -391,6 +410,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
               store_url or f"sqlite:///{d / 'records.db'}", package_root,
               owner_dir=owner_dir(d, owner))
     s.info = {"measurements": measurements}
+    s.service_ports = ports
     if old_manifest is not None and old_manifest != manifest:
         s.info["manifest_changed"] = True  # a broker that installed the old one refuses the new
     return s

@@ -240,6 +240,10 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                 raise ConfigError(f"{seen[port]} and {what} are both {port}")
             seen[port] = what
             check_port(port, what)
+        if s.services:  # SVR, discovery, VAU (devstack/services.py): their ports too, up front
+            from safehold.devstack.services import ServicePorts, check_service_ports, launch_services
+
+            check_service_ports(s.services, s.service_ports or ServicePorts(), seen)
         for name in ("records-ready.json",):
             with contextlib.suppress(FileNotFoundError):
                 s.path(name).unlink()
@@ -267,9 +271,15 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                                                  env=base_env(s), start_new_session=True)
             wait_broker(s, s.procs["broker"], timeout)
             s.info["manifest_updated"] = update_manifest(s)
+        # the services need only the broker: launch them now, alongside records
+        pending = launch_services(s, s.services, s.service_ports or ServicePorts()) if s.services else None
         if "records" not in s.procs or s.procs["records"].poll() is not None:
             s.procs["records"] = _start_records(s, rlog)
         info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
+        if pending is not None:
+            from safehold.devstack.services import finish_services
+
+            s.info.update(finish_services(s, pending, timeout=max(timeout, 120.0)))
     except BaseException:
         stop(s)
         raise
@@ -360,6 +370,13 @@ class Supervisor:
                     s.procs["broker"].kill()
                     s.procs["broker"].wait()
                 return self._log(name, f"broker restart failed: {e}")  # next exit is scheduled
+        elif name != "records":  # SVR, discovery, VAU, SVR anchor members: devstack/services.py
+            from safehold.devstack.services import restart_service
+
+            try:
+                restart_service(s, name, timeout=self.timeout)
+            except StackError as e:
+                return self._log(name, f"{name} restart failed: {e}")
         else:
             with contextlib.suppress(FileNotFoundError):
                 s.path("records-ready.json").unlink()
@@ -395,7 +412,9 @@ class Supervisor:
 
 def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
     """SIGTERM the records service, then the broker; SIGKILL after ``timeout``. Returns exit codes."""
-    codes: dict[str, int | None] = {}
+    from safehold.devstack.services import stop_services
+
+    codes: dict[str, int | None] = stop_services(s)
     for name in ("records", "broker"):
         p = s.procs.get(name)
         if p is None:
@@ -446,4 +465,6 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
              "never read by the servers)", False),
             (f"database        {i['store_url']}", False),
             (f"measurement     {i['measurements'][0]}", False)]
-    return out
+    from safehold.devstack.services import summary
+
+    return out + summary(i)

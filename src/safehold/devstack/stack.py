@@ -80,6 +80,9 @@ class Stack:
     info: dict[str, Any] = field(default_factory=dict)
     lock: TextIO | None = None
     owner_dir: Path | None = None
+    #: the services started after records (``devstack.services``) and their ports
+    services: tuple[str, ...] = ()
+    service_ports: Any = None
 
     @property
     def broker_url(self) -> str:

@@ -73,4 +73,8 @@ def stack_status(data_dir: str | os.PathLike[str], *,
     if info.get("scone_port"):
         out["scone_url"] = f"https://api:{info['scone_port']}"
         out["scone_auth"] = info.get("scone_auth")
+    if info.get("services"):  # SVR, discovery, VAU (devstack/services.py)
+        from safehold.devstack.services import services_status
+
+        out["services"] = services_status(info)
     return out

@@ -73,6 +73,7 @@ class SvrService:
         self.svr2 = svr2.Svr2(BackupTable(self.engine, self.fresh, svr2.NAMESPACE, Svr2Row))
         self.svr3 = svr3.Svr3(BackupTable(self.engine, self.fresh, svr3.NAMESPACE, Svr3Row))
         self._stop = threading.Event()
+        self._audit: Any = None
         if self.fresh.problem is not None:
             log.error("SVR %s is not serving: %s", name, self.fresh.problem)
 
@@ -83,9 +84,31 @@ class SvrService:
                 "max_secret": MAX_SECRET, "serving": self.fresh.problem is None}
 
     def health(self) -> tuple[bool, str]:
-        """``(serving, reason)``: not serving while the FreshStore holds a finding."""
+        """``(serving, reason)``: not serving while the FreshStore holds a finding, or while the
+        last background audit (:meth:`start_audit`) found a row rolled back, deleted or restored."""
         p = self.fresh.problem
-        return (p is None, "" if p is None else f"{type(p).__name__}: {p}")
+        if p is not None:
+            return False, f"{type(p).__name__}: {p}"
+        rows = self.audit_findings()
+        if rows:
+            return False, f"freshness audit: {type(rows[0]).__name__}: {rows[0]}"
+        return True, ""
+
+    def start_audit(self, interval: float) -> None:
+        """Audit every row in the background every ``interval`` seconds (the first run at once;
+        :class:`safehold.freshness.audit.AuditThread`): rows that no operation reads are checked
+        too, and a finding turns :meth:`health` (``/healthz``) to 503 until a clean run."""
+        from safehold.freshness.audit import AuditThread
+
+        if self._audit is None:
+            self._audit = AuditThread(self.fresh, interval).start()
+
+    def audit_findings(self) -> list[Exception]:
+        """Row findings of the last background audit (store-level problems are :meth:`health`'s)."""
+        from safehold.freshness.errors import RowFreshnessError
+
+        last = self._audit.last if self._audit is not None else []
+        return [f for f in last if isinstance(f, RowFreshnessError)]
 
     def status(self) -> dict[str, Any]:
         """The FreshStore's status (epochs, rows per namespace) for operators."""
@@ -136,4 +159,6 @@ class SvrService:
     def close(self) -> None:
         """Stop background work and close the FreshStore (and the store under it)."""
         self._stop.set()
+        if self._audit is not None:
+            self._audit.stop()
         self.fresh.close()

@@ -10,8 +10,10 @@ JSON object, then EOF::
      "access": {"<sha256 hex of a token>": {"name": "...", "roles": ["backup"]}, ...},
      "anchor_client_cert": "<PEM>", "anchor_client_key": "<PEM>"}   # mutual TLS to the anchor
 
-In this phase the caller supplies them; the key broker will release them to the attested
-workload (``safehold.runtime``), which is listed in docs/svr.md.
+That is how ``LocalSvr`` (tests, benchmark) runs it. With ``--broker-url URL --broker-ca
+CA.pem`` (what ``safehold up`` runs, needs ``--data-dir``) the process instead attests to the
+key broker pinned by ``broker_ca_sha256`` and receives them from it
+(:func:`secrets_from_broker`).
 
 Measured configuration (TOML, every key below; unknown keys refused):
 
@@ -22,6 +24,8 @@ Measured configuration (TOML, every key below; unknown keys refused):
     host = "127.0.0.1"
     anchor_members = ["https://127.0.0.1:7601", "https://127.0.0.1:7602", "https://127.0.0.1:7603"]
     wait_timeout = 5.0         # seconds a commit waits for the anchor
+    broker_ca_sha256 = "…"     # the pinned broker (broker mode only; SHA-256 of its CA's DER)
+    audit_interval = 300.0     # seconds between background freshness audits of every row (0 = off)
     [anchor_policy]            # appraisal policy of the anchor members (AppraisalPolicy keys)
     allow_simulated = true
     ...
@@ -62,7 +66,7 @@ from safehold.svr.errors import SvrConfigError
 from safehold.svr.http import Principal, create_app, parse_access
 from safehold.svr.keys import SECRET_SIZE, SvrKeys
 
-__all__ = ["ServerConfig", "Secrets", "build", "main", "read_secrets"]
+__all__ = ["ServerConfig", "Secrets", "build", "main", "read_secrets", "secrets_from_broker"]
 
 log = logging.getLogger("safehold.svr")
 #: Largest standard-input document accepted (the access list dominates).
@@ -88,6 +92,8 @@ class ServerConfig:
     anchor_policy: dict[str, Any] = field(default_factory=dict)
     host: str = "127.0.0.1"
     wait_timeout: float = 5.0
+    broker_ca_sha256: str = ""
+    audit_interval: float = 300.0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ServerConfig:
@@ -116,6 +122,9 @@ class ServerConfig:
             raise SvrConfigError("svr config: anchor_members must list the anchor members' https:// URLs")
         if not isinstance(cfg.wait_timeout, int | float) or cfg.wait_timeout <= 0:
             raise SvrConfigError("svr config: wait_timeout must be a positive number of seconds")
+        if not isinstance(cfg.audit_interval, int | float) or isinstance(cfg.audit_interval, bool) \
+                or cfg.audit_interval < 0:
+            raise SvrConfigError("svr config: audit_interval must be seconds ≥ 0 (0 = no background audit)")
         cfg.policy()
         return cfg
 
@@ -177,6 +186,31 @@ def read_secrets(stream: TextIO) -> Secrets:
     return Secrets(secret, parse_access(doc["access"]), cert.encode(), key.encode())
 
 
+def secrets_from_broker(cfg: ServerConfig, *, config_path: str, broker_url: str, broker_ca: str,
+                        data_dir: str) -> Secrets:
+    """Receive the secrets from the key broker instead of standard input: attest as workload
+    ``cfg.name`` (simulated TEE over the measured configuration), receive the keyset
+    ``<name>-keyset`` (the 32-byte server secret is HKDF of it, purpose ``svr/server-secret``),
+    the owner's access secret ``svr-access`` (manifest roles ``admin`` → admin, ``backup`` →
+    backup) and the anchor client certificate ``<name>-anchor`` (CN = ``<name>``, issued by the
+    broker's workload CA to the in-memory TEE key).
+
+    Raises:
+        NoKeysError: the broker refused this workload. BrokerIdentityError: not the pinned
+            broker. BrokerError: unreachable or a resource missing. SvrConfigError: bad access list.
+    """
+    from safehold.client.workload import access_by_token, derive_secret, fetch_workload_keys
+
+    prov = fetch_workload_keys(
+        workload=cfg.name, broker_url=broker_url, broker_ca_file=broker_ca,
+        broker_ca_sha256=cfg.broker_ca_sha256, tee_dir=data_dir, config_files=[config_path],
+        resources=[f"default/keyset/{cfg.name}-keyset", "default/access/svr-access"],
+        certificate=f"{cfg.name}-anchor")
+    access = access_by_token(prov.access["svr-access"], {"admin": ["admin"], "backup": ["backup"]})
+    return Secrets(derive_secret(prov.keysets[f"{cfg.name}-keyset"], "svr/server-secret"),
+                   parse_access(access), prov.cert_pem, prov.key_pem)
+
+
 def _certificate_cn(pem: bytes) -> str:
     try:
         cert = x509.load_pem_x509_certificate(pem)
@@ -208,18 +242,20 @@ def build(cfg: ServerConfig, secrets: Secrets, store_url: str) -> tuple[Any, Svr
     service = SvrService(store, SvrKeys.from_secret(secrets.secret), name=cfg.name, group_id=cfg.group_id,
                          anchor=anchor, wait_timeout=cfg.wait_timeout)
     service.retry_anchor()
+    if cfg.audit_interval > 0:
+        service.start_audit(cfg.audit_interval)
     return create_app(service, secrets.access), service
 
 
 def _ratls_context(cfg: ServerConfig, data_dir: str, config_path: str) -> tuple[ssl.SSLContext, str]:
     from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.ratls.cert import create_identity
-    from safehold.ratls.server import server_ssl_context
+    from safehold.runtime import memory_server_context
 
     attester = SimulatedAttester(data_dir, workload_files=[config_path])
     ips = (cfg.host,) if cfg.host[:1].isdigit() or ":" in cfg.host else ()
     identity = create_identity(attester, common_name=f"safehold svr {cfg.name}", ip_addresses=ips)
-    ctx = server_ssl_context(identity)
+    ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx, attester.measurement.hex()
 
@@ -267,16 +303,27 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--insecure-plain-http", action="store_true",
                       help="serve plain HTTP on loopback, not attested (development only)")
     ap.add_argument("--ready-file", help="write {url, port, pid, name, measurement} here once listening")
+    ap.add_argument("--broker-url", help="receive the secrets from this key broker (needs --data-dir and "
+                    "--broker-ca) instead of standard input")
+    ap.add_argument("--broker-ca", help="the broker's workload CA (PEM; checked against the measured pin)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = ServerConfig.load(args.config)
-        secrets = read_secrets(sys.stdin)
+        if args.broker_url:
+            if not args.data_dir or not args.broker_ca:
+                raise SvrConfigError("--broker-url needs --data-dir (the TEE) and --broker-ca")
+            secrets = secrets_from_broker(cfg, config_path=args.config, broker_url=args.broker_url,
+                                          broker_ca=args.broker_ca, data_dir=args.data_dir)
+        else:
+            secrets = read_secrets(sys.stdin)
         serve(cfg, secrets, config_path=args.config, store_url=args.store_url, port=args.port,
               data_dir=args.data_dir, ready_file=args.ready_file)
     except SafeholdError as e:
         print(f"svr: {e}", file=sys.stderr)
-        return 1
+        from safehold.records.errors import NoKeysError
+
+        return 2 if isinstance(e, NoKeysError) else 1
     return 0
 
 
