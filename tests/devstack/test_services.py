@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from safehold.client.connection import owner_dir
 from tests.support.devstack import SAMPLE, cli, wait_up
 from tests.support.kbv import kvnr
 from tests.support.shared import free_port
@@ -106,7 +107,7 @@ def test_up_starts_every_service_as_its_own_measured_workload(stack):
     assert {n: v["ok"] for n, v in st["services"].items()} == dict.fromkeys(
         ["svr-0", "svr-1", "svr-2", "discovery", "vau"], True)
     # secrets come from the broker: none in argv (checked above: only paths and ports) or files
-    tokens = json.loads((data / "tokens.json").read_text())
+    tokens = json.loads((owner_dir(data) / "tokens.json").read_text())
     for f in data.glob("*.toml"):
         assert not any(t in f.read_text() for t in tokens.values()), f
 
@@ -181,7 +182,8 @@ def test_epa_vau_in_front_of_records_reaches_the_records_api_with_the_callers_to
     assert e["epa"]
     http = httpx.Client(transport=attesting_transport(e["policy"]), timeout=30)
     c = EpaVauHttpClient(e["url"], trust=AttestedVauKeyTrust(http, e["url"]), http=http)
-    admin = [("Authorization", "Bearer " + json.loads((data / "tokens.json").read_text())["admin"])]
+    admin_token = json.loads((owner_dir(data) / "tokens.json").read_text())["admin"]
+    admin = [("Authorization", "Bearer " + admin_token)]
     try:
         r = c.request("GET", "/v1/patients?limit=3", headers=admin)  # M1..M4, then user data
         assert r.status == 200, r.body

@@ -119,7 +119,11 @@ def test_cli_finds_services_and_tokens_of_the_running_stack(tmp_path):
     assert stack_service(str(tmp_path), "discovery") == {"url": "https://x", "policy": "p"}
     with pytest.raises(ConfigError, match="does not run svr"):
         stack_service(str(tmp_path), "svr")
-    (tmp_path / "tokens.json").write_text(json.dumps(TOK))
+    (tmp_path / "tokens.json").write_text(json.dumps(TOK))  # the old layout: never read
+    assert stack_token(str(tmp_path), "reader") is None
+    owner = tmp_path.with_name(tmp_path.name + ".owner")  # the owner directory beside the data dir
+    owner.mkdir()
+    (owner / "tokens.json").write_text(json.dumps(TOK))
     assert stack_token(str(tmp_path), "reader") == "r" * 43
     assert stack_token(str(tmp_path), "nobody") is None
 
