@@ -231,6 +231,7 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         for name in ("records-ready.json",):
             with contextlib.suppress(FileNotFoundError):
                 s.path(name).unlink()
+        _start_anchor(s)
         blog = s.path("broker.log").open("ab")
         # own sessions: a terminal's Ctrl-C reaches only `safehold up`, which then stops the
         # records service first and the broker second
@@ -256,6 +257,7 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True)
         info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
+        _settle_freshness(s, info)
     except BaseException:
         stop(s)
         raise
@@ -278,7 +280,8 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
 
 
 def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
-    """SIGTERM the records service, then the broker; SIGKILL after ``timeout``. Returns exit codes."""
+    """SIGTERM the records service, then the broker; SIGKILL after ``timeout``; a last anchor
+    checkpoint, then the anchor members. Returns exit codes."""
     codes: dict[str, int | None] = {}
     for name in ("records", "broker"):
         p = s.procs.get(name)
@@ -293,12 +296,52 @@ def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
                 p.wait()
         # uvicorn re-raises the SIGTERM it handled after a graceful shutdown: that is a clean stop
         codes[name] = 0 if p.returncode in (-signal.SIGTERM, -signal.SIGINT) else p.returncode
+    _stop_anchor(s)
     if s.lock is not None:  # only the lock holder may remove up.json (never another stack's)
         with contextlib.suppress(FileNotFoundError):
             s.path("up.json").unlink()
         unlock_data_dir(s.lock)
         s.lock = None
     return codes
+
+
+# --- the freshness anchor (safehold.devstack.anchor) -------------------------------------------
+
+
+def _start_anchor(s: Stack) -> None:
+    """Start the anchor members (before the services: their FreshStores wait for them)."""
+    if s.anchor is None:
+        return
+    for i, port in enumerate(s.anchor.ports):
+        check_port(port, f"anchor member {i} (ports kept in {s.path('anchor')}/ports.json)")
+    try:
+        s.anchor.start_all()
+    except ConfigError as e:
+        raise StackError(f"anchor members did not start: {e}") from None
+
+
+def _settle_freshness(s: Stack, info: JSONObject) -> None:
+    """Initialise (first start) or re-anchor (after the members restarted) the records ledger
+    with the development owner key where the checkpoint allows it; then keep the checkpoint."""
+    if s.anchor is None or not info.get("freshness"):
+        return
+    from safehold.devstack.anchor import CheckpointKeeper, settle_ledger
+
+    outcome = settle_ledger(s, str(info["records_url"]), "records", say=lambda m: print(m, flush=True))
+    s.info["freshness"] = {"records": outcome}
+    if outcome.startswith("refused"):
+        print(f"!!! records ledger NOT re-anchored: {outcome[9:]}\n!!! the records service answers "
+              "503 not-fresh until the data owner decides: safehold freshness proposal / reanchor",
+              flush=True)
+    s.keeper = CheckpointKeeper(s).start()
+
+
+def _stop_anchor(s: Stack) -> None:
+    if s.keeper is not None:
+        s.keeper.stop()  # the last checkpoint, while the members still hold the heads
+        s.keeper = None
+    if s.anchor is not None:
+        s.anchor.stop()
 
 
 def summary_lines(s: Stack) -> list[tuple[str, bool]]:
@@ -328,4 +371,9 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
             (f"tokens          {s.path('tokens.json')}", False),
             (f"database        {i['store_url']}", False),
             (f"measurement     {i['measurements'][0]}", False)]
+    if i.get("anchor_urls"):
+        out.append((f"anchor members  {', '.join(i['anchor_urls'])}  (measurement "
+                    f"{str(i.get('anchor_measurement', ''))[:16]}…)", False))
+        for led, what in (i.get("freshness") or {}).items():
+            out.append((f"freshness       ledger {led}: {what}", what.startswith("refused")))
     return out

@@ -46,6 +46,8 @@ class Stack:
         procs: name → Popen of the running processes.
         info: what ``up.json`` holds.
         lock: the open, flock-ed ``up.lock`` while this Stack owns the data directory.
+        anchor: the freshness anchor members (:class:`~safehold.freshness.anchor.launch.
+            LocalAnchor`, :mod:`safehold.devstack.anchor`). keeper: the checkpoint keeper.
     """
 
     data_dir: Path
@@ -57,6 +59,8 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     lock: TextIO | None = None
+    anchor: Any = None
+    keeper: Any = None
 
     @property
     def broker_url(self) -> str:

@@ -1,0 +1,248 @@
+"""The local stack's freshness anchor (docs/freshness.md): three attested member processes on
+loopback, the ledgers' first initialisation, re-anchoring guarded by the owner's checkpoint,
+and the checkpoint kept fresh while the stack runs.
+
+Data directory::
+
+    anchor/anchor-member.toml   the members' measured configuration (identical for all three)
+    anchor/ports.json           the members' loopback ports, chosen once: the URLs are part of
+                                the members' measurement and of records.toml, so they stay put
+    anchor/member<i>.log|json   logs and ready files
+    anchor-checkpoint.json      the owner's checkpoint: per ledger the latest signed head seen
+                                (refreshed every few seconds and at stop)
+
+The members hold the ledger heads in memory only, so stopping the whole stack loses them: on the
+next ``safehold up`` every member starts in lost mode. The development owner (``owner.key`` of
+the data directory) then re-anchors each ledger **only if** the store's head is not older than,
+and does not fork from, the checkpoint (:func:`~safehold.freshness.anchor.statements.
+check_against_checkpoint`); a store restored from an earlier copy while the stack was stopped is
+refused and stays unserved until the owner decides (``safehold freshness reanchor
+--accept-rollback``). Every step is printed; nothing is silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from safehold.devstack.errors import StackError
+from safehold.devstack.stack import Stack
+from safehold.errors import SafeholdError
+from safehold.freshness.anchor.launch import LocalAnchor, free_ports
+from safehold.fsutil import write_atomic
+
+__all__ = ["ANCHOR_DIR", "CHECKPOINT_FILE", "LEDGERS", "CheckpointKeeper", "anchor_policy",
+           "anchor_ports", "load_checkpoints", "local_anchor", "measure_anchor", "read_client",
+           "settle_ledger", "take_checkpoint"]
+
+ANCHOR_DIR = "anchor"
+CHECKPOINT_FILE = "anchor-checkpoint.json"
+#: The ledgers of the local stack's writers (the anchor client certificate's CN = the ledger).
+LEDGERS = ("records",)
+MEMBERS = 3
+
+
+def anchor_ports(d: Path, n: int = MEMBERS) -> list[int]:
+    """The members' ports for data directory ``d``: chosen once (free ports), then kept in
+    ``anchor/ports.json`` (the URLs are measured)."""
+    p = d / ANCHOR_DIR / "ports.json"
+    with contextlib.suppress(OSError, ValueError):
+        ports = json.loads(p.read_text("utf-8"))
+        if isinstance(ports, list) and len(ports) == n and all(isinstance(x, int) for x in ports):
+            return ports
+    ports = free_ports(n)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(p, json.dumps(ports).encode(), mode=0o644)
+    return ports
+
+
+def local_anchor(d: Path, owner_pub_pem: str, package_root: str | None = None) -> LocalAnchor:
+    """The data directory's members (not started): configuration written, ports fixed; they
+    authenticate clients by the broker's workload CA (``broker/ca.pem``) and accept owner
+    statements signed by ``owner_pub_pem``."""
+    return LocalAnchor(d / ANCHOR_DIR, data_dir=d / "tee", client_ca_file=d / "broker" / "ca.pem",
+                       owner_public_key=owner_pub_pem, n=MEMBERS, ports=anchor_ports(d),
+                       package_root=Path(package_root) if package_root else None)
+
+
+def measure_anchor(d: Path, la: LocalAnchor, package_root: str | None = None) -> str:
+    """The members' measurement (hex) as their simulated TEE will report it."""
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+
+    att = SimulatedAttester(d / "tee", workload_files=[la.config], package_root=package_root)
+    return att.measurement.hex()
+
+
+def anchor_policy(la: LocalAnchor, measurement: str) -> dict[str, Any]:
+    """The members' appraisal policy (their own Reference Value; SIMULATED TEE)."""
+    return {"name": "anchor", "allow_simulated": True, "simulated_root": str(la.simulated_root),
+            "reference_values": {"measurements": [measurement]}}
+
+
+def read_client(s: Stack) -> Any:
+    """A read-only :class:`~safehold.freshness.anchor.client.QuorumAnchor` over the stack's
+    members, appraising each against the policy in ``records.toml``."""
+    import tomllib
+
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.attestation.verifier import Verifier
+    from safehold.freshness.anchor.client import QuorumAnchor
+
+    cfg = tomllib.loads(s.path("records.toml").read_text("utf-8"))
+    return QuorumAnchor(cfg["anchor_members"], Verifier(AppraisalPolicy.from_dict(cfg["anchor_policy"])))
+
+
+def load_checkpoints(d: Path) -> dict[str, Any]:
+    """``ledger → AnchorCheckpoint`` from ``anchor-checkpoint.json`` ({} if none).
+
+    Raises:
+        StackError: the file exists but is malformed (never ignored: it guards re-anchoring).
+    """
+    from safehold.freshness.anchor.statements import AnchorCheckpoint
+
+    p = d / CHECKPOINT_FILE
+    if not p.exists():
+        return {}
+    try:
+        doc = json.loads(p.read_text("utf-8"))
+        return {k: AnchorCheckpoint.from_json(v) for k, v in doc["ledgers"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafeholdError) as e:
+        raise StackError(f"{p} is malformed ({e}); it guards re-anchoring, so it is not ignored: "
+                         "restore it or remove it knowingly") from None
+
+
+def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS) -> dict[str, int]:
+    """Read each ledger's signed head and write ``anchor-checkpoint.json`` (only heads at or
+    after the stored ones replace them). Returns ``ledger → epoch`` written.
+
+    Raises:
+        FreshnessError: the anchor has no majority / lost the ledger (the old file stays).
+    """
+    from safehold.freshness.anchor.statements import AnchorCheckpoint
+    from safehold.freshness.errors import FreshnessError
+
+    cps = load_checkpoints(s.data_dir)
+    infos = {m.member: (m.certificate, m.endorsement) for m in client.members()}
+    out: dict[str, int] = {}
+    for led in ledgers:
+        try:
+            head = client.head(led)
+        except FreshnessError:
+            continue
+        if head is None:
+            continue
+        old = cps.get(led)
+        if old is not None and head.epoch < old.head.epoch:
+            continue  # never move the checkpoint back (the owner decides that explicitly)
+        signers = {sig.member: infos[sig.member] for sig in head.signatures if sig.member in infos}
+        cps[led] = AnchorCheckpoint(led, head, signers)
+        out[led] = head.epoch
+    doc = {"ledgers": {k: v.to_json() for k, v in cps.items()}}
+    write_atomic(s.path(CHECKPOINT_FILE), json.dumps(doc, indent=1).encode(), mode=0o644)
+    return out
+
+
+class CheckpointKeeper:
+    """Refreshes ``anchor-checkpoint.json`` every ``interval`` seconds on a daemon thread, and
+    once more at :meth:`stop` (call it before the members stop)."""
+
+    def __init__(self, s: Stack, interval: float = 5.0) -> None:
+        self.s, self.interval = s, interval
+        self.client = read_client(s)
+        self._stop = threading.Event()
+        self.last: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="safehold-checkpoint", daemon=True)
+
+    def start(self) -> CheckpointKeeper:
+        """Start; returns self."""
+        self._thread.start()
+        return self
+
+    def _once(self) -> None:
+        with contextlib.suppress(SafeholdError, OSError):
+            self.last = take_checkpoint(self.s, self.client)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._once()
+
+    def stop(self) -> None:
+        """Stop the thread and take a last checkpoint."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._once()
+        self.client.close()
+
+
+def _service(s: Stack, url: str, method: str, path: str, body: Any = None) -> httpx.Response:
+    from safehold.devstack.datadir import tokens
+
+    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"}
+    with httpx.Client(base_url=url, verify=str(s.path("ca.pem")), timeout=30, headers=hdr) as c:
+        return c.request(method, path, json=body)
+
+
+def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
+    """Bring a service's ledger to serving with the development owner key, loudly, where that is
+    safe; returns what happened (``fresh``, ``initialised``, ``re-anchored``, ``refused: ...``).
+
+    * a new ledger: the ``initialise`` statement is signed with ``owner.key`` and posted;
+    * the anchor lost the ledger (the members restarted with the stack): re-anchored only if the
+      store's head is not older than the owner's checkpoint and does not fork from it;
+    * anything else (a store behind the anchor, a fork, a corrupt journal): left to the owner.
+
+    Raises:
+        StackError: the service does not answer, or refused the signed statement.
+    """
+    from safehold.freshness.anchor.base import AnchorHead
+    from safehold.freshness.anchor.statements import (
+        OwnerStatement,
+        SignedOwnerStatement,
+        check_against_checkpoint,
+        sign_owner_statement,
+    )
+    from safehold.freshness.errors import FreshnessError
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            st = _service(s, url, "GET", "/v1/freshness").json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise StackError(f"{ledger}: freshness status unreachable ({type(e).__name__})") from None
+        problem = st.get("problem") or ""
+        if st.get("serving"):
+            return "fresh"
+        if "AnchorUnavailable" not in problem and "majority" not in problem or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # the members are still catching up among themselves
+    r = _service(s, url, "GET", "/v1/freshness/proposal")
+    if r.status_code != 200:
+        return f"refused: no proposal ({r.status_code} {r.text[:200]})"
+    doc = r.json()
+    prop, action = doc["proposal"], doc["action"]
+    # the unsigned statement the service built (parsed and checked canonical by the wire form)
+    statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
+    if action == "reanchor":
+        if "lost" not in (prop.get("problem") or "").lower() and "AnchorLost" not in problem:
+            return f"refused: {prop.get('problem')} (the owner decides: safehold freshness reanchor)"
+        cp = load_checkpoints(s.data_dir).get(ledger)
+        try:
+            check_against_checkpoint(ledger, AnchorHead(prop["epoch"], bytes.fromhex(prop["digest"])), cp)
+        except FreshnessError as e:
+            return f"refused: {e}"
+    assert isinstance(statement, OwnerStatement)
+    signed = sign_owner_statement(statement, s.path("owner.key").read_bytes())
+    say(f"!!! {'initialising' if action == 'initialise' else 're-anchoring'} freshness ledger "
+        f"{ledger!r} at epoch {prop['epoch']} ({prop['rows']} rows) with the DEVELOPMENT owner key "
+        f"{s.path('owner.key')}" + ("" if action == "initialise" else " (not older than the checkpoint)"))
+    r = _service(s, url, "POST", "/v1/freshness/reanchor", signed.to_json())
+    if r.status_code != 200:
+        raise StackError(f"{ledger}: the signed {action} statement was refused: "
+                         f"{r.status_code} {r.text[:300]}")
+    return "initialised" if action == "initialise" else "re-anchored"
