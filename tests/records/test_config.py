@@ -21,19 +21,24 @@ def test_freshness_config_rules(tmp_path):
     cfg = ServiceConfig.load(f, env={})
     assert cfg.freshness and cfg.anchor_members == ["https://127.0.0.1:7001"]
     assert cfg.anchor_appraisal().name == "anchor"
-    for text, msg in [(f'broker_ca_sha256 = "{pin}"', "needs anchor_members"),
-                      (f'broker_ca_sha256 = "{pin}"\nanchor_members = ["http://127.0.0.1:1"]', "needs anchor_members"),
-                      (f'broker_ca_sha256 = "{pin}"\nanchor_members = ["https://127.0.0.1:1"]', "needs anchor_policy"),
-                      (f'broker_ca_sha256 = "{pin}"\nfreshness = "no"', "TOML boolean"),
-                      (good.replace("[anchor_policy]", "freshness_wait = 0\n[anchor_policy]"), "positive number"),
+    b = f'broker_ca_sha256 = "{pin}"\n'
+    for text, msg in [(b, "needs anchor_members"),
+                      (b + 'anchor_members = ["http://127.0.0.1:1"]', "needs anchor_members"),
+                      (b + 'anchor_members = ["https://127.0.0.1:1"]', "needs anchor_policy"),
+                      (b + 'freshness = "no"', "TOML boolean"),
+                      (good.replace("[anchor_policy]", "freshness_wait = 0\n[anchor_policy]"), "positive"),
                       (good.replace("allow_simulated", "allow_simulation"), "anchor_policy")]:
         f.write_text(text)
         with pytest.raises(ConfigError, match=msg):
             ServiceConfig.load(f, env={})
     f.write_text(good)
-    for var in ("SAFEHOLD_RECORDS_FRESHNESS", "SAFEHOLD_RECORDS_ANCHOR_MEMBERS", "SAFEHOLD_RECORDS_ANCHOR_POLICY"):
+    for var in ("SAFEHOLD_RECORDS_FRESHNESS", "SAFEHOLD_RECORDS_ANCHOR_MEMBERS",
+                "SAFEHOLD_RECORDS_ANCHOR_POLICY"):
         with pytest.raises(ConfigError, match="measured setting"):
             ServiceConfig.load(f, env={var: "false"})
+
+
+OFF = "freshness = false\n"
 
 
 def test_config_load_rules(tmp_path):
@@ -47,7 +52,7 @@ def test_config_load_rules(tmp_path):
     assert not MEASURED_SETTINGS & RUNTIME_SETTINGS
     pin = "ab" * 32
     f = tmp_path / "c.toml"
-    f.write_text(f'freshness = false\nbroker_ca_sha256 = "{pin}"\n')
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\n')
     cfg = ServiceConfig.load(f, env={"SAFEHOLD_RECORDS_PORT": "9001", "SAFEHOLD_RECORDS_SCONE_PORT": "none",
                                      "SAFEHOLD_RECORDS_STORE_URL": "sqlite:///x.db", "OTHER": "1"})
     assert (cfg.port, cfg.scone_port, cfg.store_url, cfg.host) == (9001, None, "sqlite:///x.db", "127.0.0.1")
@@ -60,15 +65,15 @@ def test_config_load_rules(tmp_path):
             ServiceConfig.load(f, env=env)
     for text, msg in [("", "broker_ca_sha256 must pin"),
                       (f'broker_ca_sha256 = "{pin[:-2]}"', "broker_ca_sha256 must pin"),
-                      (f'freshness = false\nbroker_ca_sha256 = "{pin}"\nencryption = "false"', "TOML boolean"),
-                      (f'freshness = false\nbroker_ca_sha256 = "{pin}"\nhost = "10.0.0.5"', "only on a loopback host")]:
+                      (OFF + f'broker_ca_sha256 = "{pin}"\nencryption = "false"', "TOML boolean"),
+                      (OFF + f'broker_ca_sha256 = "{pin}"\nhost = "10.0.0.5"', "only on a loopback host")]:
         f.write_text(text)
         with pytest.raises(ConfigError, match=msg):
             ServiceConfig.load(f, env={})
     # a public host is fine with token auth on the SCONE port, or with the SCONE port off
-    f.write_text(f'freshness = false\nbroker_ca_sha256 = "{pin}"\nhost = "0.0.0.0"\nscone_auth = "token"')
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\nhost = "0.0.0.0"\nscone_auth = "token"')
     assert ServiceConfig.load(f, env={}).host == "0.0.0.0"
-    f.write_text(f'freshness = false\nbroker_ca_sha256 = "{pin}"\nhost = "0.0.0.0"')
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\nhost = "0.0.0.0"')
     assert ServiceConfig.load(f, env={"SAFEHOLD_RECORDS_SCONE_PORT": "none"}).scone_port is None
-    f.write_text(f'freshness = false\nbroker_ca_sha256 = "{pin}"\nhost = "::1"')
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\nhost = "::1"')
     assert ServiceConfig.load(f, env={}).host == "::1"

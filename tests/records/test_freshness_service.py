@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from contextlib import closing
-from pathlib import Path
 
 import httpx
 import pytest
@@ -170,7 +169,8 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
             assert doc["proposal"]["last_audit_entry"]["verified"] is False
             from safehold.freshness.anchor.statements import SignedOwnerStatement, sign_owner_statement
 
-            statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
+            unsigned = {"payload": doc["payload"], "signature": "AA"}
+            statement = SignedOwnerStatement.from_json(unsigned).statement
             stranger = sign_owner_statement(statement, Owner().private_pem())
             _error(c.post("/v1/freshness/reanchor", json=stranger.to_json()), 409, "owner-statement-refused")
             _error(c.post("/v1/freshness/reanchor", json={"payload": doc["payload"], "signature": "AA"}),

@@ -39,12 +39,17 @@ from safehold.fsutil import write_atomic
 
 __all__ = ["ANCHOR_DIR", "CHECKPOINT_FILE", "LEDGERS", "CheckpointKeeper", "anchor_policy",
            "anchor_ports", "load_checkpoints", "local_anchor", "measure_anchor", "read_client",
-           "settle_ledger", "take_checkpoint"]
+           "settle_ledger", "take_checkpoint", "write_broker_anchor"]
 
 ANCHOR_DIR = "anchor"
 CHECKPOINT_FILE = "anchor-checkpoint.json"
 #: The ledgers of the local stack's writers (the anchor client certificate's CN = the ledger).
-LEDGERS = ("records",)
+LEDGERS = ("broker", "records")
+#: Where each ledger's service serves the owner's freshness routes, and whether they need the
+#: records admin token (the broker's need none: the members verify the owner's signature).
+ROUTES = {"records": ("/v1/freshness", True), "broker": ("/freshness", False)}
+#: The broker's run-time anchor settings file (not measured: docs/freshness.md says why).
+BROKER_ANCHOR_FILE = "broker-anchor.toml"
 MEMBERS = 3
 
 
@@ -180,12 +185,26 @@ class CheckpointKeeper:
         self.client.close()
 
 
-def _service(s: Stack, url: str, method: str, path: str, body: Any = None) -> httpx.Response:
+def _service(s: Stack, url: str, ledger: str, method: str, path: str, body: Any = None) -> httpx.Response:
+    import ssl
+
     from safehold.devstack.datadir import tokens
 
-    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"}
-    with httpx.Client(base_url=url, verify=str(s.path("ca.pem")), timeout=30, headers=hdr) as c:
-        return c.request(method, path, json=body)
+    prefix, auth = ROUTES[ledger]
+    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"} if auth else {}
+    ca = s.path("ca.pem") if s.path("ca.pem").exists() else s.path("broker") / "ca.pem"
+    with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
+                      headers=hdr) as c:
+        return c.request(method, prefix + path, json=body)
+
+
+def write_broker_anchor(d: Path, members: list[str], policy: dict[str, Any]) -> Path:
+    """Write the broker's run-time anchor settings (:class:`safehold.broker.fresh.AnchorSettings`)."""
+    import tomli_w
+
+    p = d / BROKER_ANCHOR_FILE
+    p.write_text(tomli_w.dumps({"anchor_members": members, "anchor_policy": policy}), "utf-8")
+    return p
 
 
 def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
@@ -212,7 +231,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     deadline = time.monotonic() + 30
     while True:
         try:
-            st = _service(s, url, "GET", "/v1/freshness").json()
+            st = _service(s, url, ledger, "GET", "").json()
         except (httpx.HTTPError, ValueError) as e:
             raise StackError(f"{ledger}: freshness status unreachable ({type(e).__name__})") from None
         problem = st.get("problem") or ""
@@ -221,7 +240,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
         if "AnchorUnavailable" not in problem and "majority" not in problem or time.monotonic() > deadline:
             break
         time.sleep(0.5)  # the members are still catching up among themselves
-    r = _service(s, url, "GET", "/v1/freshness/proposal")
+    r = _service(s, url, ledger, "GET", "/proposal")
     if r.status_code != 200:
         return f"refused: no proposal ({r.status_code} {r.text[:200]})"
     doc = r.json()
@@ -241,7 +260,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     say(f"!!! {'initialising' if action == 'initialise' else 're-anchoring'} freshness ledger "
         f"{ledger!r} at epoch {prop['epoch']} ({prop['rows']} rows) with the DEVELOPMENT owner key "
         f"{s.path('owner.key')}" + ("" if action == "initialise" else " (not older than the checkpoint)"))
-    r = _service(s, url, "POST", "/v1/freshness/reanchor", signed.to_json())
+    r = _service(s, url, ledger, "POST", "/reanchor", signed.to_json())
     if r.status_code != 200:
         raise StackError(f"{ledger}: the signed {action} statement was refused: "
                          f"{r.status_code} {r.text[:300]}")
