@@ -74,5 +74,29 @@ def test_restored_broker_state_releases_nothing(tmp_path):
                        headers={"Authorization": f"Bearer {tok}"})
             assert r.status_code == 409 and r.json()["type"].endswith("owner-statement-refused"), r.text
             assert c.post("/kbs/v0/auth", json={}).status_code == 503
+        # the owner's CLI: status shows it, re-anchoring refuses the older state by default
+        from click.testing import CliRunner
+
+        from safehold.cli.main import cli
+
+        run = CliRunner().invoke
+        d = ["--data-dir", str(data)]
+        r = run(cli, ["freshness", "status", *d])
+        assert r.exit_code == 1 and "broker" in r.output and "NOT SERVING" in r.output, r.output
+        r = run(cli, ["freshness", "proposal", "--service", "broker", *d])
+        assert r.exit_code == 0 and "StoreRolledBackError" in r.output, r.output
+        r = run(cli, ["freshness", "reanchor", "--service", "broker", "--yes", *d])
+        assert r.exit_code == 1 and "older than the owner's checkpoint" in r.output, r.output
+        r = run(cli, ["freshness", "reanchor", "--service", "broker", "--accept-rollback", *d], input="n\n")
+        assert r.exit_code == 1 and "declined" in r.output, r.output
+        r = run(cli, ["freshness", "reanchor", "--service", "broker", "--accept-rollback", *d], input="y\n")
+        assert r.exit_code == 0 and "re-anchored broker" in r.output, r.output
+        with _broker(s2) as c:
+            st = c.get("/status").json()
+            assert st["mode"] == "ready" and st["manifest_version"] == 1  # the owner's knowing choice
+            audit = c.get("/admin/audit", headers={"Authorization": f"Bearer {tok}"}).json()
+            assert any(e.get("event") == "freshness-reanchor" for e in audit["entries"]), audit
+        cp = json.loads(s2.path("anchor-checkpoint.json").read_text())["ledgers"]["broker"]
+        assert cp["epoch"] < checkpoint["epoch"]  # moved back only by the owner's explicit step
     finally:
         stop(s2)
