@@ -188,7 +188,10 @@ def error_response(e: Exception) -> JSONResponse:
     """Map a Safehold error to a JSON error response (no record content in any message)."""
     for cls, status, code in _ERRORS:
         if isinstance(e, cls):
-            return JSONResponse({"error": code, "detail": str(e)}, status_code=status)
+            # freshness findings are named (StoreForkedError, RowRolledBackError, ...): the class
+            # is what the operator acts on; the message names blind indexes and epochs only
+            detail = f"{type(e).__name__}: {e}" if isinstance(e, FreshnessError) else str(e)
+            return JSONResponse({"error": code, "detail": detail}, status_code=status)
     return JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
 
 
