@@ -517,7 +517,7 @@ def audit_reseal(request: Request, who: Principal = Depends(admin)) -> dict[str,
 def _freshness(request: Request) -> Freshness:
     f = _api(request).freshness
     if f is None:
-        raise ConfigError("freshness is off (measured config freshness = false)")
+        raise RecordNotFoundError("freshness is off (measured config freshness = false)")
     return f
 
 
@@ -560,9 +560,9 @@ async def freshness_reanchor(request: Request, who: Principal = Depends(admin)) 
     """Apply the owner-signed statement ``{"payload", "signature"}``; the members accept only
     the owner's signature. Audited as ``freshness-reanchor`` (outcome ``ok`` or ``refused``);
     the statement itself is committed into the freshness journal."""
+    f = _freshness(request)
     require_json(request)
     body = loads_strict(await read_body(request, 64 * 1024, "owner statement"))
-    f = _freshness(request)
     audit = _api(request).repo.audit
     try:
         head = await run_in_threadpool(f.reanchor, body)
