@@ -69,7 +69,7 @@ def test_restored_broker_state_releases_nothing(tmp_path):
             fs = c.get("/freshness").json()
             assert not fs["serving"] and fs["committed_epoch"] < checkpoint["epoch"]
             # the admin token does not help: only a statement the members verify with the owner key
-            tok = json.loads(s2.path("tokens.json").read_text())["admin"]
+            tok = json.loads(s2.owner_path("tokens.json").read_text())["admin"]
             r = c.post("/freshness/reanchor", json={"payload": "e30", "signature": "AA"},
                        headers={"Authorization": f"Bearer {tok}"})
             assert r.status_code == 409 and r.json()["type"].endswith("owner-statement-refused"), r.text

@@ -13,7 +13,7 @@ Data directory::
 
 The members hold the ledger heads in memory only, so stopping the whole stack loses them: on the
 next ``safehold up`` every member starts in lost mode. The development owner (``owner.key`` of
-the data directory) then re-anchors each ledger **only if** the store's head is not older than,
+the owner directory) then re-anchors each ledger **only if** the store's head is not older than,
 and does not fork from, the checkpoint (:func:`~safehold.freshness.anchor.statements.
 check_against_checkpoint`); a store restored from an earlier copy while the stack was stopped is
 refused and stays unserved until the owner decides (``safehold freshness reanchor
@@ -194,7 +194,7 @@ def _service(s: Stack, url: str, ledger: str, method: str, path: str, body: Any 
     from safehold.devstack.datadir import tokens
 
     prefix, auth = ROUTES[ledger]
-    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"} if auth else {}
+    hdr = {"Authorization": f"Bearer {tokens(s.data_dir, s.owner_dir)['admin']}"} if auth else {}
     ca = s.path("ca.pem") if s.path("ca.pem").exists() else s.path("broker") / "ca.pem"
     with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
                       headers=hdr) as c:
@@ -276,10 +276,11 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
         except FreshnessError as e:
             return f"refused: {e}"
     assert isinstance(statement, OwnerStatement)
-    signed = sign_owner_statement(statement, s.path("owner.key").read_bytes())
+    signed = sign_owner_statement(statement, s.owner_path("owner.key").read_bytes())
     say(f"!!! {'initialising' if action == 'initialise' else 're-anchoring'} freshness ledger "
         f"{ledger!r} at epoch {prop['epoch']} ({prop['rows']} rows) with the DEVELOPMENT owner key "
-        f"{s.path('owner.key')}" + ("" if action == "initialise" else " (not older than the checkpoint)"))
+        f"{s.owner_path('owner.key')}"
+        + ("" if action == "initialise" else " (not older than the checkpoint)"))
     r = _service(s, url, ledger, "POST", "/reanchor", signed.to_json())
     if r.status_code != 200:
         raise StackError(f"{ledger}: the signed {action} statement was refused: "
@@ -290,7 +291,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
 # --- the owner's view and steps (``safehold freshness``, ``safehold status``) -------------------
 
 
-def _running(data_dir: Path) -> tuple[Stack, dict[str, Any]]:
+def _running(data_dir: Path, owner: str | Path | None = None) -> tuple[Stack, dict[str, Any]]:
     """The running stack of ``data_dir`` (from ``up.json``) and that file's content.
 
     Raises:
@@ -302,7 +303,7 @@ def _running(data_dir: Path) -> tuple[Stack, dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise StackError(f"no running stack in {data_dir} ({type(e).__name__}): start `safehold up`"
                          ) from None
-    s = Stack(data_dir, 0, 0, None)
+    s = Stack(data_dir, 0, 0, None, owner_dir=Path(owner) if owner else None)
     s.info = info
     return s, info
 
@@ -314,10 +315,11 @@ def _url(info: dict[str, Any], ledger: str) -> str:
     return str(url)
 
 
-def freshness_status(data_dir: Path) -> dict[str, Any]:
+def freshness_status(data_dir: Path, owner: str | Path | None = None) -> dict[str, Any]:
     """``{members: [...], ledgers: {ledger: {committed_epoch, anchored_epoch, serving, problem,
-    checkpoint_epoch}}}`` of the running stack (members: ready / lost mode, incarnation)."""
-    s, info = _running(data_dir)
+    checkpoint_epoch}}}`` of the running stack (members: ready / lost mode, incarnation);
+    ``owner``: the owner directory (the records admin token)."""
+    s, info = _running(data_dir, owner)
     out: dict[str, Any] = {"members": [], "ledgers": {}}
     try:
         client = read_client(s)
@@ -352,7 +354,7 @@ def client_urls(s: Stack) -> list[str]:
     return list(tomllib.loads(s.path("records.toml").read_text("utf-8"))["anchor_members"])
 
 
-def proposal(data_dir: Path, ledger: str) -> dict[str, Any]:
+def proposal(data_dir: Path, ledger: str, owner: str | Path | None = None) -> dict[str, Any]:
     """The service's ``{action, proposal, payload}`` for ``ledger``, plus ``checkpoint``: what
     the owner's checkpoint says of it (``ok``, ``older than ...``, ``forks ...``).
 
@@ -363,7 +365,7 @@ def proposal(data_dir: Path, ledger: str) -> dict[str, Any]:
     from safehold.freshness.anchor.statements import check_against_checkpoint
     from safehold.freshness.errors import FreshnessError
 
-    s, info = _running(data_dir)
+    s, info = _running(data_dir, owner)
     r = _service(s, _url(info, ledger), ledger, "GET", "/proposal")
     if r.status_code != 200:
         raise StackError(f"{ledger}: no proposal: HTTP {r.status_code} {r.text[:300]}")
@@ -379,7 +381,7 @@ def proposal(data_dir: Path, ledger: str) -> dict[str, Any]:
 
 
 def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bool = False,
-             confirm: Any = None) -> dict[str, Any]:
+             confirm: Any = None, owner: str | Path | None = None) -> dict[str, Any]:
     """The owner's re-anchoring: fetch the proposal, check it against the checkpoint (older:
     refused unless ``accept_rollback``; a fork: always refused), ask ``confirm(doc)`` (False
     stops), sign with ``key_pem`` (the owner key), post; then move the checkpoint to it.
@@ -398,8 +400,8 @@ def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bo
         sign_owner_statement,
     )
 
-    s, info = _running(data_dir)
-    doc = proposal(data_dir, ledger)
+    s, info = _running(data_dir, owner)
+    doc = proposal(data_dir, ledger, owner)
     p = doc["proposal"]
     check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])),
                              load_checkpoints(data_dir).get(ledger), accept_rollback=accept_rollback)
@@ -422,9 +424,9 @@ def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bo
     return out
 
 
-def checkpoint_now(data_dir: Path) -> dict[str, int]:
+def checkpoint_now(data_dir: Path, owner: str | Path | None = None) -> dict[str, int]:
     """Take a checkpoint of every ledger now; ``ledger → epoch``."""
-    s, _ = _running(data_dir)
+    s, _ = _running(data_dir, owner)
     client = read_client(s)
     try:
         return take_checkpoint(s, client)
