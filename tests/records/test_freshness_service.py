@@ -221,7 +221,7 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
     # 7. the same earlier copy put back while the stack is stopped: the members restarted with
     # it (lost mode); the checkpoint refuses the dev owner's automatic re-anchoring
     engine.restore(token)
-    cp = json.loads(s.path("anchor-checkpoint.json").read_text())["ledgers"]["records"]
+    cp = json.loads(s.owner_path("anchor-checkpoint.json").read_text())["ledgers"]["records"]
     s2 = prepare(tmp_path / "data", broker_port=free_port(), records_port=free_port(), scone_port=None,
                  store_url=url, package_root=str(pkg))
     start(s2)

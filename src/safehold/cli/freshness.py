@@ -126,7 +126,7 @@ def register(group: click.Group) -> None:
     @_DATA
     @_OWNER
     def checkpoint_cmd(data_dir: str, owner_dir: str | None) -> None:
-        """Take the owner's checkpoint now (``<data-dir>/anchor-checkpoint.json``)."""
+        """Take the owner's checkpoint now (``<owner-dir>/anchor-checkpoint.json``)."""
         from safehold.devstack.anchor import checkpoint_now
 
         for led, epoch in checkpoint_now(Path(data_dir), owner_dir).items():

@@ -8,8 +8,12 @@ Data directory::
     anchor/ports.json           the members' loopback ports, chosen once: the URLs are part of
                                 the members' measurement and of records.toml, so they stay put
     anchor/member<i>.log|json   logs and ready files
+and in the owner directory (the owner's side, beside ``owner.key``; the servers never read it)::
+
     anchor-checkpoint.json      the owner's checkpoint: per ledger the latest signed head seen
-                                (refreshed every few seconds and at stop)
+                                (refreshed every few seconds and at stop). Not in the data
+                                directory: the operator who restores an old database must not
+                                be able to move the checkpoint back with it
 
 The members hold the ledger heads in memory only, so stopping the whole stack loses them: on the
 next ``safehold up`` every member starts in lost mode. The development owner (``owner.key`` of
@@ -38,7 +42,8 @@ from safehold.freshness.anchor.launch import LocalAnchor, free_ports
 from safehold.fsutil import write_atomic
 
 __all__ = ["ANCHOR_DIR", "CHECKPOINT_FILE", "LEDGERS", "CheckpointKeeper", "anchor_policy",
-           "anchor_ports", "checkpoint_now", "freshness_status", "load_checkpoints", "local_anchor",
+           "anchor_ports", "checkpoint_now", "checkpoint_path", "freshness_status", "load_checkpoints",
+           "local_anchor",
            "measure_anchor", "proposal", "read_client", "reanchor",
            "settle_ledger", "take_checkpoint", "write_broker_anchor"]
 
@@ -104,15 +109,19 @@ def read_client(s: Stack) -> Any:
     return QuorumAnchor(cfg["anchor_members"], Verifier(AppraisalPolicy.from_dict(cfg["anchor_policy"])))
 
 
-def load_checkpoints(d: Path) -> dict[str, Any]:
-    """``ledger → AnchorCheckpoint`` from ``anchor-checkpoint.json`` ({} if none).
+def checkpoint_path(s: Stack) -> Path:
+    """``<owner dir>/anchor-checkpoint.json``."""
+    return s.owner_path(CHECKPOINT_FILE)
+
+
+def load_checkpoints(p: Path) -> dict[str, Any]:
+    """``ledger → AnchorCheckpoint`` from the checkpoint file ``p`` ({} if none).
 
     Raises:
         StackError: the file exists but is malformed (never ignored: it guards re-anchoring).
     """
     from safehold.freshness.anchor.statements import AnchorCheckpoint
 
-    p = d / CHECKPOINT_FILE
     if not p.exists():
         return {}
     try:
@@ -135,7 +144,7 @@ def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS, *
     from safehold.freshness.anchor.statements import AnchorCheckpoint
     from safehold.freshness.errors import FreshnessError
 
-    cps = load_checkpoints(s.data_dir)
+    cps = load_checkpoints(checkpoint_path(s))
     infos = {m.member: (m.certificate, m.endorsement) for m in client.members()}
     out: dict[str, int] = {}
     for led in ledgers:
@@ -152,7 +161,7 @@ def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS, *
         cps[led] = AnchorCheckpoint(led, head, signers)
         out[led] = head.epoch
     doc = {"ledgers": {k: v.to_json() for k, v in cps.items()}}
-    write_atomic(s.path(CHECKPOINT_FILE), json.dumps(doc, indent=1).encode(), mode=0o644)
+    write_atomic(checkpoint_path(s), json.dumps(doc, indent=1).encode(), mode=0o600)
     return out
 
 
@@ -270,7 +279,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     if action == "reanchor":
         if not _anchor_lost(s, ledger):  # the anchor holds a head: the store disagrees with it
             return f"refused: {prop.get('problem')} (the owner decides: safehold freshness reanchor)"
-        cp = load_checkpoints(s.data_dir).get(ledger)
+        cp = load_checkpoints(checkpoint_path(s)).get(ledger)
         try:
             check_against_checkpoint(ledger, AnchorHead(prop["epoch"], bytes.fromhex(prop["digest"])), cp)
         except FreshnessError as e:
@@ -333,7 +342,7 @@ def freshness_status(data_dir: Path, owner: str | Path | None = None) -> dict[st
         out["members_error"] = str(e)
     finally:
         client.close()
-    cps = load_checkpoints(data_dir)
+    cps = load_checkpoints(checkpoint_path(s))
     for led in LEDGERS:
         row: dict[str, Any] = {"checkpoint_epoch": cps[led].head.epoch if led in cps else None}
         try:
@@ -371,7 +380,7 @@ def proposal(data_dir: Path, ledger: str, owner: str | Path | None = None) -> di
         raise StackError(f"{ledger}: no proposal: HTTP {r.status_code} {r.text[:300]}")
     doc: dict[str, Any] = r.json()
     p = doc["proposal"]
-    cp = load_checkpoints(data_dir).get(ledger)
+    cp = load_checkpoints(checkpoint_path(s)).get(ledger)
     try:
         check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])), cp)
         doc["checkpoint"] = "ok" if cp is not None else "none"
@@ -404,7 +413,8 @@ def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bo
     doc = proposal(data_dir, ledger, owner)
     p = doc["proposal"]
     check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])),
-                             load_checkpoints(data_dir).get(ledger), accept_rollback=accept_rollback)
+                             load_checkpoints(checkpoint_path(s)).get(ledger),
+                             accept_rollback=accept_rollback)
     if confirm is not None and not confirm(doc):
         raise StackError("not re-anchored: the owner declined")
     statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
