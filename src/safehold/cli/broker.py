@@ -74,16 +74,20 @@ def broker() -> None:
 @click.option("--init-only", is_flag=True,
               help="Open (or create) the state, write <data-dir>/ca.pem and exit without serving "
                    "(run under the same launch as `serve`: the master key is sealed to it).")
+@click.option("--anchor", "anchor_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Freshness anchor settings (TOML: anchor_members, anchor_policy): the state is "
+                   "verified against the attested anchor (docs/freshness.md). Without it: off, loudly.")
 def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, host: str, port: int,
               nonce_ttl: int, token_ttl: int, max_body: int, tls_name: tuple[str, ...], no_tls: bool,
-              static_value: str | None, init_only: bool) -> None:
+              static_value: str | None, init_only: bool, anchor_file: str | None) -> None:
     """Start the broker (unseals its master key; recovery mode if that fails).
 
     The broker runs as a measured workload: started from a shell (not by its launch), this
     command replaces itself by the broker's isolated launch (``safehold.attestation.workload.
     LaunchSpec``: ``-I -S -B``, explicit ``sys.path``, environment allow-list
     ``SAFEHOLD_BROKER_STORE_URL`` / ``SAFEHOLD_BROKER_TLS_NAMES``), whose closure is the
-    measurement the master key is sealed to."""
+    measurement the master key is sealed to. With ``--anchor`` the state is a freshness ledger
+    (docs/freshness.md)."""
     _exec_as_broker("serve")
     import logging
 
@@ -91,13 +95,29 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
     from safehold.broker.server import open_broker, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    b = open_broker(data_dir, store_url, manifest_path=manifest_path,
-                    config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
     if init_only:
+        b = open_broker(data_dir, store_url, manifest_path=manifest_path,
+                        config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
         b.state.store.close()
         if b.mode != "ready":
             raise click.ClickException(f"broker state opened in {b.mode} mode (see docs/broker.md)")
         return
+    if anchor_file is not None:
+        from safehold.broker.server import open_fresh_broker, serve_fresh
+
+        if no_tls or static_value is not None:
+            raise click.UsageError("--anchor serves TLS only (no --no-tls / --static-value)")
+        gate, ca = open_fresh_broker(data_dir, store_url, anchor_file, manifest_path=manifest_path,
+                                     config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
+        st = gate.broker.status() if gate.broker is not None else {"mode": "not-fresh",
+                                                                    "reason": gate.reason()}
+        click.echo(json.dumps({"listening": f"https://{host}:{port}", **st}), err=True)
+        serve_fresh(gate, ca, host=host, port=port, tls_names=list(tls_name), max_body=max_body)
+        return
+    logging.getLogger("safehold.broker").warning(
+        "FRESHNESS OFF (no --anchor): a restored or rolled-back broker state is not detected")
+    b = open_broker(data_dir, store_url, manifest_path=manifest_path,
+                    config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
     scheme = "http" if no_tls else "https"
     click.echo(json.dumps({"listening": f"{scheme}://{host}:{port}", **b.status()}), err=True)
     serve(b, host=host, port=port, tls=not no_tls, tls_names=list(tls_name), max_body=max_body,

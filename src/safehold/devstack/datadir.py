@@ -136,16 +136,22 @@ def _sha(t: str) -> str:
 
 def records_config(tok: dict[str, str] | None = None, *, encryption: bool = True,
                    scone_auth: str = "token", host: str = "127.0.0.1",
-                   broker_ca_sha256: str = "") -> JSONObject:
+                   broker_ca_sha256: str = "", anchor_members: list[str] | None = None,
+                   anchor_policy: dict[str, Any] | None = None) -> JSONObject:
     """The measured records configuration (see :class:`safehold.records.config.ServiceConfig`).
 
     It holds no access list: who may call the service is the manifest's ``records-access``
     secret (:func:`records_access`), written by the data owner. ``tok`` is not used (kept so
     that callers from before that change need not change). ``broker_ca_sha256`` (hex SHA-256 of
     the broker CA's DER) may be left empty: :func:`prepare` fills in the pin of the data
-    directory's broker.
+    directory's broker. ``anchor_members`` / ``anchor_policy``: the freshness anchor
+    (:mod:`safehold.devstack.anchor`); without them freshness is off (loudly, at the service).
     """
+    fresh: dict[str, Any] = ({"freshness": True, "anchor_members": anchor_members,
+                              "anchor_policy": anchor_policy or {}}
+                             if anchor_members else {"freshness": False})
     return {
+        **fresh,
         "workload": WORKLOAD,
         "keyset_resource": "default/keyset/records-keyset",
         "tls_resource": "default/certificate/records-tls",
@@ -261,7 +267,7 @@ def _read_toml(path: Path) -> dict[str, Any] | None:
 
 
 def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str | None,
-                        reset: bool) -> JSONObject:
+                        reset: bool, anchor: dict[str, Any] | None = None) -> JSONObject:
     """The ``records.toml`` that ``safehold up`` uses for data directory ``d``.
 
     An existing file is never overwritten silently: ``scone_auth`` defaults to the file's
@@ -281,7 +287,7 @@ def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str 
         scone_auth = old if old in SCONE_AUTH_CHOICES else "token"
     if scone_auth not in SCONE_AUTH_CHOICES:
         raise ConfigError(f"scone_auth must be one of {', '.join(SCONE_AUTH_CHOICES)}, got {scone_auth!r}")
-    cfg = {**records_config(tok, scone_auth=scone_auth), "broker_ca_sha256": pin}
+    cfg = {**records_config(tok, scone_auth=scone_auth, **(anchor or {})), "broker_ca_sha256": pin}
     if existing is not None:
         diff = sorted(k for k in set(existing) | set(cfg) if existing.get(k) != cfg.get(k))
         if explicit:
@@ -350,10 +356,18 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
              owner: str | os.PathLike[str] | None, service_ports: Any = None) -> Stack:
     """:func:`prepare` after the data directory is created and locked."""
     from safehold.broker.manifest import load_manifest
+    from safehold.devstack import anchor as anc
 
     tok = tokens(d, owner)
     pin = broker_ca_pin(d, package_root)
-    cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset), **(extra_configs or {})}
+    owner_pub = owner_key(d, owner)
+    la = anc.local_anchor(d, owner_pub, package_root)
+    anchor_measurement = anc.measure_anchor(d, la, package_root)
+    a_policy = anc.anchor_policy(la, anchor_measurement)
+    fresh = {"anchor_members": la.urls, "anchor_policy": a_policy}
+    anc.write_broker_anchor(d, la.urls, a_policy)
+    cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset, fresh),
+            **(extra_configs or {})}
     measurements = []
     root = None
     base: Closure | None = None
@@ -375,7 +389,10 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
         "name": SESSION_NAME,
         "repository": "default",
         "workloads": {WORKLOAD: {"secrets": ["records-keyset", "records-tls", RECORDS_ACCESS],
-                                 "policy": policy}},
+                                 "policy": policy},
+                      # the freshness anchor's own Reference Value (its members need no secret;
+                      # the relying parties' measured configs pin the same measurement)
+                      "anchor": {"secrets": [], "policy": a_policy}},
         "secrets": {
             "records-keyset": {"type": "keyset"},
             "records-tls": {"type": "certificate", "dns_names": ["api", "localhost"],
@@ -409,7 +426,9 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     s = Stack(d, broker_port, records_port, scone_port,
               store_url or f"sqlite:///{d / 'records.db'}", package_root,
               owner_dir=owner_dir(d, owner))
-    s.info = {"measurements": measurements}
+    s.anchor = la
+    s.info = {"measurements": measurements, "anchor_measurement": anchor_measurement,
+              "anchor_urls": la.urls}
     s.service_ports = ports
     if old_manifest is not None and old_manifest != manifest:
         s.info["manifest_changed"] = True  # a broker that installed the old one refuses the new

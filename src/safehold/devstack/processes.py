@@ -68,6 +68,10 @@ def broker_cmd(s: Stack, *, manifest: bool = True) -> list[str]:
     directory's ``manifest.toml`` unless ``manifest`` is false), launched by
     :func:`~safehold.devstack.stack.broker_spec` (isolated; run with :func:`base_env`)."""
     m = ["--manifest", str(s.path("manifest.toml"))] if manifest else []
+    if s.anchor is not None:
+        from safehold.devstack.anchor import BROKER_ANCHOR_FILE
+
+        m += ["--anchor", str(s.path(BROKER_ANCHOR_FILE))]
     return broker_spec(s).argv("serve", "--data-dir", str(s.path("broker")), *m,
                                "--host", "127.0.0.1", "--port", str(s.broker_port), "--tls-name", "api")
 
@@ -247,6 +251,7 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         for name in ("records-ready.json",):
             with contextlib.suppress(FileNotFoundError):
                 s.path(name).unlink()
+        _start_anchor(s)
         blog = s.path("broker.log").open("ab")
         rlog_path = s.path("records.log")
         rlog = rlog_path.open("ab")
@@ -271,11 +276,15 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                                                  env=base_env(s), start_new_session=True)
             wait_broker(s, s.procs["broker"], timeout)
             s.info["manifest_updated"] = update_manifest(s)
-        # the services need only the broker: launch them now, alongside records
+        if not _settle_broker(s):
+            return _write_up(s, None)
+        # the services need only the broker: launch them now, alongside records (started early
+        # above, it may have exited while the broker's ledger was not yet settled: start it again)
         pending = launch_services(s, s.services, s.service_ports or ServicePorts()) if s.services else None
         if "records" not in s.procs or s.procs["records"].poll() is not None:
             s.procs["records"] = _start_records(s, rlog)
         info = wait_records(s, s.procs["records"], s.path("records-ready.json"), timeout, rlog_path)
+        _settle_freshness(s, info)
         if pending is not None:
             from safehold.devstack.services import finish_services
 
@@ -283,9 +292,16 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
     except BaseException:
         stop(s)
         raise
+    return _write_up(s, info)
+
+
+def _write_up(s: Stack, info: JSONObject | None) -> Stack:
+    """Record the running stack in ``up.json`` (``info``: the records service's ready file;
+    None when the records service was not started)."""
+    info = info or {}
     s.info.update({
         "broker_url": s.broker_url,
-        "records_url": info["records_url"],
+        "records_url": info.get("records_url"),
         "scone_url": f"https://api:{info['scone_port']}" if info.get("scone_port") else None,
         "scone_port": info.get("scone_port"),
         "ca": str(s.path("ca.pem")),
@@ -411,7 +427,8 @@ class Supervisor:
 
 
 def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
-    """SIGTERM the records service, then the broker; SIGKILL after ``timeout``. Returns exit codes."""
+    """SIGTERM the services, the records service, then the broker; SIGKILL after ``timeout``; a
+    last anchor checkpoint, then the anchor members. Returns exit codes."""
     from safehold.devstack.services import stop_services
 
     codes: dict[str, int | None] = stop_services(s)
@@ -428,6 +445,7 @@ def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
                 p.wait()
         # uvicorn re-raises the SIGTERM it handled after a graceful shutdown: that is a clean stop
         codes[name] = 0 if p.returncode in (-signal.SIGTERM, -signal.SIGINT) else p.returncode
+    _stop_anchor(s)
     if s.lock is not None:  # only the lock holder may remove up.json (never another stack's)
         with contextlib.suppress(FileNotFoundError):
             s.path("up.json").unlink()
@@ -436,14 +454,77 @@ def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
     return codes
 
 
+# --- the freshness anchor (safehold.devstack.anchor) -------------------------------------------
+
+
+def _start_anchor(s: Stack) -> None:
+    """Start the anchor members (before the services: their FreshStores wait for them)."""
+    if s.anchor is None:
+        return
+    for i, port in enumerate(s.anchor.ports):
+        check_port(port, f"anchor member {i} (ports kept in {s.path('anchor')}/ports.json)")
+    try:
+        s.anchor.start_all()
+    except ConfigError as e:
+        raise StackError(f"anchor members did not start: {e}") from None
+
+
+def _settle_broker(s: Stack) -> bool:
+    """Settle the broker's ledger (as :func:`_settle_freshness`); False if it is refused: the
+    broker then releases nothing, so the records service is not started (``safehold up`` stays
+    up with the broker alone, for the owner's decision)."""
+    if s.anchor is None:
+        return True
+    from safehold.devstack.anchor import CheckpointKeeper, settle_ledger
+
+    outcome = settle_ledger(s, s.broker_url, "broker", say=lambda m: print(m, flush=True))
+    s.info["freshness"] = {"broker": outcome}
+    if s.keeper is None:
+        s.keeper = CheckpointKeeper(s).start()
+    if outcome.startswith("refused"):
+        print(f"!!! broker ledger NOT re-anchored: {outcome[9:]}\n!!! the broker releases NO keys "
+              "(503 not-fresh) and the records service is NOT started until the data owner decides: "
+              "safehold freshness proposal --service broker / reanchor --service broker", flush=True)
+        return False
+    return True
+
+
+def _settle_freshness(s: Stack, info: JSONObject) -> None:
+    """Initialise (first start) or re-anchor (after the members restarted) the records ledger
+    with the development owner key where the checkpoint allows it; then keep the checkpoint."""
+    if s.anchor is None or not info.get("freshness"):
+        return
+    from safehold.devstack.anchor import CheckpointKeeper, settle_ledger
+
+    outcome = settle_ledger(s, str(info["records_url"]), "records", say=lambda m: print(m, flush=True))
+    s.info.setdefault("freshness", {})["records"] = outcome
+    if outcome.startswith("refused"):
+        print(f"!!! records ledger NOT re-anchored: {outcome[9:]}\n!!! the records service answers "
+              "503 not-fresh until the data owner decides: safehold freshness proposal / reanchor",
+              flush=True)
+    if s.keeper is None:
+        s.keeper = CheckpointKeeper(s).start()
+
+
+def _stop_anchor(s: Stack) -> None:
+    if s.keeper is not None:
+        s.keeper.stop()  # the last checkpoint, while the members still hold the heads
+        s.keeper = None
+    if s.anchor is not None:
+        s.anchor.stop()
+
+
 def summary_lines(s: Stack) -> list[tuple[str, bool]]:
     """What ``safehold up`` prints once the stack runs: ``(line, is_warning)`` pairs (URLs, the
     SCONE port's authentication, CA, policy, manifest, tokens, database, measurement)."""
     i = s.info
-    out: list[tuple[str, bool]] = [(f"broker          {i['broker_url']}", False),
-                                   (f"records API     {i['records_url']}", False),
-                                   (f"FHIR R4         {i['records_url']}/fhir  (CapabilityStatement: "
-                                    f"/fhir/metadata; TLS: ca.pem)", False)]
+    out: list[tuple[str, bool]] = [(f"broker          {i['broker_url']}", False)]
+    if i.get("records_url"):
+        out += [(f"records API     {i['records_url']}", False),
+                (f"FHIR R4         {i['records_url']}/fhir  (CapabilityStatement: "
+                 f"/fhir/metadata; TLS: ca.pem)", False)]
+    else:
+        out.append(("records API     NOT STARTED (the broker's state is not fresh: see above)", True))
     if i.get("scone_port"):
         sp = i["scone_port"]
         out.append((f"SCONE demo API  https://api:{sp}  (curl --resolve api:{sp}:127.0.0.1)", False))
@@ -465,6 +546,11 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
              "never read by the servers)", False),
             (f"database        {i['store_url']}", False),
             (f"measurement     {i['measurements'][0]}", False)]
+    if i.get("anchor_urls"):
+        out.append((f"anchor members  {', '.join(i['anchor_urls'])}  (measurement "
+                    f"{str(i.get('anchor_measurement', ''))[:16]}…)", False))
+        for led, what in (i.get("freshness") or {}).items():
+            out.append((f"freshness       ledger {led}: {what}", what.startswith("refused")))
     from safehold.devstack.services import summary
 
     return out + summary(i)

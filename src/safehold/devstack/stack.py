@@ -68,6 +68,8 @@ class Stack:
         lock: the open, flock-ed ``up.lock`` while this Stack owns the data directory.
         owner_dir: the data owner's directory (``owner.key``, ``tokens.json``); None = the
             default of :func:`safehold.client.connection.owner_dir`. No server process is given it.
+        anchor: the freshness anchor members (:class:`~safehold.freshness.anchor.launch.
+            LocalAnchor`, :mod:`safehold.devstack.anchor`). keeper: the checkpoint keeper.
     """
 
     data_dir: Path
@@ -83,6 +85,8 @@ class Stack:
     #: the services started after records (``devstack.services``) and their ports
     services: tuple[str, ...] = ()
     service_ports: Any = None
+    anchor: Any = None
+    keeper: Any = None
 
     @property
     def broker_url(self) -> str:

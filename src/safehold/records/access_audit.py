@@ -49,7 +49,7 @@ from typing import Any
 
 from safehold.errors import AuditChainError, ConflictError
 from safehold.jsontypes import JSONObject
-from safehold.records.commit import GroupCommit
+from safehold.records.commit import Committer, GroupCommit
 from safehold.store.base import Store
 
 __all__ = ["AUDIT_NAMESPACE", "GENESIS", "HEAD_KEY", "AccessAuditEntry", "AccessAuditLog"]
@@ -104,7 +104,7 @@ class AccessAuditLog:
         ValueError: a MAC key under 32 bytes, or a committer on another store.
     """
 
-    def __init__(self, store: Store, committer: GroupCommit | None = None, *,
+    def __init__(self, store: Store, committer: Committer | None = None, *,
                  mac_key: bytes | None = None, namespace: str = AUDIT_NAMESPACE) -> None:
         if mac_key is not None and len(mac_key) < 32:
             raise ValueError(f"audit MAC key must be at least 32 bytes, got {len(mac_key)}")

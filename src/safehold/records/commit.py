@@ -28,17 +28,36 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from safehold.store.base import Store
 
-__all__ = ["IDLE_SECONDS", "GroupCommit"]
+__all__ = ["IDLE_SECONDS", "Committer", "GroupCommit"]
 
 #: The committer thread ends after this long without work (a new one starts on demand).
 IDLE_SECONDS = 30.0
 
 T = TypeVar("T")
 _Unit = Callable[[], Any]
+
+
+class Committer(Protocol):
+    """What a repository and an audit log need of a group committer: :class:`GroupCommit`, or
+    :class:`~safehold.freshness.group.FreshGroupCommit` over a FreshStore (same contract, each
+    caller returns once its batch is committed *and anchored*)."""
+
+    @property
+    def store(self) -> Any:
+        """The store every unit writes to."""
+        ...
+
+    def run(self, unit: Callable[[], T]) -> T:
+        """Run ``unit()`` in the next group transaction; its result once committed."""
+        ...
+
+    def on_abort(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` after every failed commit."""
+        ...
 
 
 class GroupCommit:

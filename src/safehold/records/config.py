@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url"
                               "scone_port", "ready_file"})
 #: Settings only the measured configuration file may set.
 MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "access_resource",
-                               "host", "scone_auth", "encryption", "audit", "broker_ca_sha256"})
+                               "host", "scone_auth", "encryption", "audit", "broker_ca_sha256",
+                               "freshness", "anchor_members", "anchor_policy", "freshness_wait",
+                               "freshness_audit_seconds"})
 ENV_PREFIX = "SAFEHOLD_RECORDS_"
 
 
@@ -73,6 +75,18 @@ class ServiceConfig:
             it in the manifest, pinning each identity (token SHA-256, client key SHA-256); the
             broker releases it after attestation. The configuration holds no access list (an
             ``access`` table here is refused), so nobody but the owner grants a role.
+        freshness: True (default): the store is wrapped in a
+            :class:`~safehold.freshness.store.FreshStore` anchored by ``anchor_members``
+            (docs/freshness.md); False only through the measured file, announced loudly (the
+            database can then roll back, omit and fork data undetected).
+        anchor_members: the anchor members' ``https://`` URLs (measured: the members' own
+            configuration lists the same URLs, so they are part of their Reference Value too).
+        anchor_policy: the members' appraisal policy (``AppraisalPolicy`` table: their own
+            Reference Value, e.g. ``reference_values.measurements``); measured, so a host cannot
+            point the service at another anchor build.
+        freshness_wait: seconds a write (or a read of a row not yet anchored) waits for the
+            anchor before 503 ``not-anchored``.
+        freshness_audit_seconds: interval of the background full audit (0 = off).
     """
 
     data_dir: str = "./safehold-data"
@@ -91,6 +105,11 @@ class ServiceConfig:
     ready_file: str = ""
     audit: bool = True
     access_resource: str = "default/access/records-access"
+    freshness: bool = True
+    anchor_members: list[str] = field(default_factory=list)
+    anchor_policy: dict[str, Any] = field(default_factory=dict)
+    freshness_wait: float = 5.0
+    freshness_audit_seconds: float = 300.0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
@@ -136,7 +155,7 @@ class ServiceConfig:
                     setattr(cfg, name, None if v.lower() in ("", "none", "off") else int(v))
                 except ValueError:
                     raise ConfigError(f"{name} must be a port number or 'none', got {v!r}") from None
-        for name in ("encryption", "audit"):
+        for name in ("encryption", "audit", "freshness"):
             if not isinstance(getattr(cfg, name), bool):  # only TOML booleans, never "0"/"off"
                 raise ConfigError(f"{name} must be a TOML boolean, got {getattr(cfg, name)!r}")
         if cfg.scone_auth not in ("none", "token"):
@@ -151,6 +170,46 @@ class ServiceConfig:
             raise ConfigError("broker_ca_sha256 must pin the broker's workload CA in the measured "
                               f"config (64 hex digits of SHA-256 over its DER), got {pin[:70]!r}")
         cfg.broker_ca_sha256 = pin
+        _check_freshness(cfg)
         if not cfg.store_url:
             cfg.store_url = f"sqlite:///{Path(cfg.data_dir).resolve() / 'records.db'}"
         return cfg
+
+    def anchor_appraisal(self) -> Any:
+        """The anchor members' :class:`~safehold.attestation.policy.AppraisalPolicy`.
+
+        Raises:
+            ConfigError: the ``anchor_policy`` table is invalid.
+        """
+        from safehold.attestation.policy import AppraisalPolicy
+        from safehold.errors import SafeholdError
+
+        d = {"name": "anchor", **self.anchor_policy}
+        try:
+            return AppraisalPolicy.from_dict(d)
+        except SafeholdError as e:
+            raise ConfigError(f"records service config: anchor_policy: {e}") from None
+
+
+def _check_freshness(cfg: ServiceConfig) -> None:
+    """The freshness settings' shapes (module docstring of :class:`ServiceConfig`).
+
+    Raises:
+        ConfigError: naming the setting.
+    """
+    if not cfg.freshness:
+        return
+    m = cfg.anchor_members
+    if not (isinstance(m, list) and m and all(isinstance(u, str) and u.startswith("https://") for u in m)):
+        raise ConfigError("freshness = true (the default) needs anchor_members: the anchor members' "
+                          "https:// URLs in the measured config (docs/freshness.md); "
+                          "freshness = false turns rollback detection off, loudly")
+    if not isinstance(cfg.anchor_policy, dict) or not cfg.anchor_policy:
+        raise ConfigError("freshness = true needs anchor_policy: the anchor members' appraisal policy "
+                          "(their Reference Value) in the measured config")
+    for name in ("freshness_wait", "freshness_audit_seconds"):
+        v = getattr(cfg, name)
+        bad = isinstance(v, bool) or not isinstance(v, int | float) or v < 0
+        if bad or (name == "freshness_wait" and v == 0):
+            raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+    cfg.anchor_appraisal()

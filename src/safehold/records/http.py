@@ -23,7 +23,14 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
                                                       (incl. a tail cut off behind the head)
 ``POST /v1/audit/reseal``                   admin     accept the log as it is after a failed
                                                       head check; ``{"entries": n}``
-``GET /healthz``                            none      ``{"status": "ok"}`` and nothing else
+``GET /healthz``                            none      ``{"status": "ok"}``; 503
+                                                      ``{"status": "unavailable"}``, plus
+                                                      ``"reason"`` when the store is not fresh
+``GET /v1/freshness``                       admin     the FreshStore's status (epochs, rows)
+``GET /v1/freshness/proposal``              admin     what re-anchoring would accept and the
+                                                      unsigned owner statement
+``POST /v1/freshness/reanchor``             admin     the owner-signed statement → the new head;
+                                                      audited (``freshness-reanchor``)
 ``GET /openapi.json``                       none      the OpenAPI 3.1 description
                                                       (:mod:`safehold.records.openapi`)
 ``/fhir/…``                                 (roles)   FHIR R4 REST (:mod:`safehold.records.fhir`,
@@ -33,6 +40,13 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
 Errors are ``{"error": "<code>", "detail": "<message>"}`` and never hold record content —
 also FastAPI's own: query validation (400 ``invalid``), unknown path (404 ``no-such-endpoint``),
 wrong method (405 ``method-not-allowed``, ``Allow`` listing every method the path serves).
+Freshness (docs/freshness.md): a row, page or posting group the database returned stale,
+restored, deleted or with rows left out → 409 ``stale-data`` naming the blind index (hex) and
+what was expected vs. found; a store that is not fresh (restored from an earlier copy, forked,
+corrupt journal, anchor lost, ledger not initialised) → 503 ``not-fresh`` with the reason; a
+write stored but not yet anchored → 503 ``not-anchored`` ("retry the read"); the anchor without
+a majority → 503 ``anchor-unavailable``; an owner statement refused → 409
+``owner-statement-refused``.
 A body over the limit (:data:`MAX_RECORD_BYTES` for a PUT, :data:`MAX_BATCH_BYTES` for a batch;
 plain or chunked) → 413 ``too-large`` naming the limit, decided while reading (never buffered
 whole). A body whose ``Content-Type`` is not ``application/json`` (``text/plain``, a form,
@@ -55,6 +69,7 @@ HTTP status code of the records service is chosen in this module (:func:`error_r
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +90,14 @@ from safehold.errors import (
     SafeholdError,
     StoreError,
 )
+from safehold.freshness.errors import (
+    AnchorUnavailableError,
+    FreshnessError,
+    NotAnchoredError,
+    OwnerStatementError,
+    RowFreshnessError,
+    StoreStateError,
+)
 from safehold.records.access import AccessList, Principal
 from safehold.records.errors import (
     AlreadyExistsError,
@@ -86,6 +109,7 @@ from safehold.records.errors import (
     PreconditionFailedError,
     UnsupportedMediaTypeError,
 )
+from safehold.records.fresh import Freshness
 from safehold.records.model import (
     MAX_BATCH,
     MAX_RECORD_BYTES,
@@ -97,6 +121,8 @@ from safehold.records.model import (
 from safehold.records.openapi import native_openapi
 from safehold.records.repository import PatientRepository
 from safehold.store.errors import StoreCorruptError
+
+log = logging.getLogger("safehold.records")
 
 __all__ = ["ETAG_RE", "JSON_MEDIA_TYPES", "MAX_BATCH_BYTES", "NativeAPI", "authenticate",
            "create_native_app", "error_response", "read_body", "require_json", "router"]
@@ -118,11 +144,13 @@ class NativeAPI:
         repo: the repository.
         access: returns the current access list (called per request: the list may be reloaded).
         health: for ``/healthz`` (None: always healthy).
+        freshness: the FreshStore wiring (None: freshness off, the owner routes answer 404).
     """
 
     repo: PatientRepository
     access: Callable[[], AccessList]
     health: Callable[[], bool] | None = None
+    freshness: Freshness | None = None
 
 
 def access_getter(acl: AccessSource) -> Callable[[], AccessList]:
@@ -147,6 +175,12 @@ _ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (UnsupportedMediaTypeError, 415, "unsupported-media-type"),
     (InvalidRecordError, 400, "invalid"),
     (AuditChainError, 409, "audit-chain-broken"),
+    (RowFreshnessError, 409, "stale-data"),
+    (StoreStateError, 503, "not-fresh"),
+    (NotAnchoredError, 503, "not-anchored"),
+    (AnchorUnavailableError, 503, "anchor-unavailable"),
+    (OwnerStatementError, 409, "owner-statement-refused"),
+    (FreshnessError, 503, "not-fresh"),
     (StoreCorruptError, 500, "store-corrupt"),
     (StoreError, 503, "store-unavailable"),
     (RecordError, 500, "record-error"),
@@ -157,7 +191,10 @@ def error_response(e: Exception) -> JSONResponse:
     """Map a Safehold error to a JSON error response (no record content in any message)."""
     for cls, status, code in _ERRORS:
         if isinstance(e, cls):
-            return JSONResponse({"error": code, "detail": str(e)}, status_code=status)
+            # freshness findings are named (StoreForkedError, RowRolledBackError, ...): the class
+            # is what the operator acts on; the message names blind indexes and epochs only
+            detail = f"{type(e).__name__}: {e}" if isinstance(e, FreshnessError) else str(e)
+            return JSONResponse({"error": code, "detail": detail}, status_code=status)
     return JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
 
 
@@ -369,10 +406,16 @@ router = APIRouter()
 
 @router.get("/healthz", include_in_schema=False)
 def healthz(request: Request) -> JSONResponse:
-    """``{"status": "ok"}`` (200) or ``{"status": "unavailable"}`` (503); nothing else."""
-    health = _api(request).health
-    ok = health() if health else True
-    return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+    """``{"status": "ok"}`` (200) or ``{"status": "unavailable"}`` (503), with ``"reason"``
+    when the store is not fresh (the finding: blind indexes and epochs, never a value)."""
+    api = _api(request)
+    ok = api.health() if api.health else True
+    body = {"status": "ok" if ok else "unavailable"}
+    if not ok and api.freshness is not None:
+        fresh, why = api.freshness.health()
+        if not fresh:
+            body["reason"] = why
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.put("/v1/patients/{rid}", status_code=200)
@@ -471,6 +514,80 @@ def audit_reseal(request: Request, who: Principal = Depends(admin)) -> dict[str,
     return {"entries": entry.seq + 1, "outcome": entry.body["outcome"]}
 
 
+# --- freshness: the owner's routes (docs/freshness.md) ----------------------------------------
+
+
+def _freshness(request: Request) -> Freshness:
+    f = _api(request).freshness
+    if f is None:
+        raise RecordNotFoundError("freshness is off (measured config freshness = false)")
+    return f
+
+
+@router.get("/v1/freshness")
+def freshness_status(request: Request, who: Principal = Depends(admin)) -> dict[str, Any]:
+    """The FreshStore's status: ledger, serving, problem, committed / anchored epoch, rows."""
+    return _freshness(request).status()
+
+
+@router.get("/v1/freshness/proposal")
+def freshness_proposal(request: Request, who: Principal = Depends(admin)) -> dict[str, Any]:
+    """What re-anchoring would accept (rows per namespace, head, last entry time, last audit
+    entry) and the unsigned owner statement ``payload`` (base64url) the owner signs."""
+    f = _freshness(request)
+    doc = f.statement()
+    audit = _api(request).repo.audit
+    if audit is not None:
+        head = audit.read_head() if f.fs.problem is None else _unverified_audit_head(f)
+        doc["proposal"]["last_audit_entry"] = head
+    return doc
+
+
+def _unverified_audit_head(f: Freshness) -> Any:
+    """The audit head row as the database holds it (the store is not fresh: shown to the owner
+    as a claim, labelled so)."""
+    from safehold.records.access_audit import AUDIT_NAMESPACE, HEAD_KEY
+
+    row = f.fs.inner.get(f"{AUDIT_NAMESPACE}.head", HEAD_KEY)
+    if row is None:
+        return None
+    try:
+        d = json.loads(row.value)
+        return {"seq": d.get("seq"), "hash": d.get("hash"), "verified": False}
+    except ValueError:
+        return {"verified": False, "malformed": True}
+
+
+@router.post("/v1/freshness/reanchor")
+async def freshness_reanchor(request: Request, who: Principal = Depends(admin)) -> dict[str, Any]:
+    """Apply the owner-signed statement ``{"payload", "signature"}``; the members accept only
+    the owner's signature. Audited as ``freshness-reanchor`` (outcome ``ok`` or ``refused``);
+    the statement itself is committed into the freshness journal."""
+    f = _freshness(request)
+    require_json(request)
+    body = loads_strict(await read_body(request, 64 * 1024, "owner statement"))
+    audit = _api(request).repo.audit
+    try:
+        head = await run_in_threadpool(f.reanchor, body)
+    except FreshnessError:
+        if audit is not None and f.fs.problem is None:
+            await run_in_threadpool(audit.append, who.name, "freshness-reanchor", None, "refused")
+        raise
+    out: dict[str, Any] = {"ledger": f.fs.ledger, "epoch": head.epoch, "digest": head.digest.hex(),
+                           "audited": False}
+    if audit is not None:
+        try:
+            await run_in_threadpool(audit.append, who.name, "freshness-reanchor", None, "ok")
+            out["audited"] = True
+        except SafeholdError as e:
+            # the anchor already took the statement (it cannot be undone) and the journal holds
+            # it; the access audit itself is broken (e.g. rows cut by the DBA): say so, loudly
+            log.error("FRESHNESS: re-anchored ledger %r, but the access audit entry failed: %s",
+                      f.fs.ledger, e)
+            out["audit_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Install the records service's error shapes (Safehold errors, validation, 404/405)."""
     app.add_exception_handler(SafeholdError, on_safehold_error)
@@ -484,11 +601,12 @@ def create_native_app(
     *,
     title: str = "Safehold records",
     health: Callable[[], bool] | None = None,
+    freshness: Freshness | None = None,
 ) -> FastAPI:
     """Build the native API app over ``repo``; ``acl`` may be a callable to allow reloads.
     (:func:`safehold.records.fhir.http.mount_fhir` adds FHIR R4 REST at ``/fhir``.)"""
     app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
-    app.state.records = NativeAPI(repo, access_getter(acl), health)
+    app.state.records = NativeAPI(repo, access_getter(acl), health, freshness)
     add_error_handlers(app)
     app.include_router(router)
     app.openapi = native_openapi  # type: ignore[method-assign]

@@ -39,7 +39,7 @@ from safehold.errors import ConflictError, RecordError, RecordNotFoundError, Rec
 from safehold.jsontypes import JSONObject
 from safehold.records.access_audit import AccessAuditLog
 from safehold.records.codec import Codec
-from safehold.records.commit import GroupCommit
+from safehold.records.commit import Committer
 from safehold.records.engine import DEFAULT_PREFIX, RecordEngine, RowAddress
 from safehold.records.errors import (
     AlreadyExistsError,
@@ -127,7 +127,7 @@ class PatientRepository:
             uses another committer (its appends would then compete with the record writes).
     """
 
-    def __init__(self, store: Store, keyset: Keyset, *, committer: GroupCommit,
+    def __init__(self, store: Store, keyset: Keyset, *, committer: Committer,
                  audit: AccessAuditLog | None, prefix: str = DEFAULT_PREFIX,
                  namespace: str = NAMESPACE, codec: Codec | None = None) -> None:
         if committer.store is not store:

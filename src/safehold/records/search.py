@@ -33,7 +33,7 @@ from safehold.crypto import envelope
 from safehold.crypto.blind_index import BlindIndexer
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConflictError, CryptoError
-from safehold.store.base import Store
+from safehold.store.base import Row, Store
 
 log = logging.getLogger("safehold.records")
 
@@ -86,9 +86,20 @@ class PostingIndex:
             self.store.delete(self.ns, self.key(t, rid))
 
     def lookup(self, term: str) -> set[str]:
-        """Record ids posted under ``term`` (rows that fail authentication are skipped)."""
+        """Record ids posted under ``term`` (rows that fail authentication are skipped).
+
+        Over a :class:`~safehold.freshness.store.FreshStore` the whole posting group is read at
+        once with ``scan_prefix`` and checked against the verifier map's (count, multiset hash):
+        a group with rows omitted, stale or added raises
+        :class:`~safehold.freshness.errors.PostingsStaleError` (names the blind prefix).
+        """
         p = self.prefix(term)
         out: set[str] = set()
+        scan_prefix = getattr(self.store, "scan_prefix", None)
+        if scan_prefix is not None:
+            for row in scan_prefix(self.ns, p):
+                self._open_into(row, out)
+            return out
         after = p
         page = _FIRST_PAGE  # the store scans past the prefix: most terms have few rows
         while True:
@@ -96,15 +107,17 @@ class PostingIndex:
             for row in rows:
                 if row.key[:PREFIX_LEN] != p:
                     return out
-                try:
-                    out.add(envelope.open_envelope(self.keyset, row.value, self._aad_ns + row.key)
-                            .decode("utf-8"))
-                except (CryptoError, UnicodeDecodeError):
-                    log.warning("search: posting row %s failed authentication; skipped", row.key.hex())
+                self._open_into(row, out)
             if len(rows) < page:
                 return out
             after = rows[-1].key
             page = min(page * 4, _PAGE)
+
+    def _open_into(self, row: Row, out: set[str]) -> None:
+        try:
+            out.add(envelope.open_envelope(self.keyset, row.value, self._aad_ns + row.key).decode("utf-8"))
+        except (CryptoError, UnicodeDecodeError):
+            log.warning("search: posting row %s failed authentication; skipped", row.key.hex())
 
     def rekey(self, *, batch: int = 200) -> int:
         """Re-seal postings not under the keyset's primary key; returns how many. Resumable;

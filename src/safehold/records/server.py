@@ -54,11 +54,12 @@ from safehold.fsutil import write_atomic
 from safehold.ratls.memkey import ssl_context_from_memory
 from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
-from safehold.records.commit import GroupCommit
+from safehold.records.commit import Committer, GroupCommit
 from safehold.records.config import ServiceConfig
 from safehold.records.errors import BrokerIdentityError, NoKeysError
 from safehold.records.fhir.core import FhirStore
 from safehold.records.fhir.http import mount_fhir
+from safehold.records.fresh import Freshness
 from safehold.records.http import create_native_app
 from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
@@ -202,9 +203,11 @@ def check_audit_at_start(audit: AccessAuditLog) -> bool:
     problem is logged as an error banner here. A corrupt store is a
     :class:`~safehold.store.errors.StoreCorruptError` (the service exits with status 1).
     """
+    from safehold.freshness.errors import RowFreshnessError
+
     try:
         n = audit.check_head()
-    except AuditChainError as e:
+    except (AuditChainError, RowFreshnessError) as e:  # freshness: a row the ledger holds is gone
         banner = "!" * 78
         log.error(banner)
         log.error("AUDIT LOG BROKEN: %s", e)
@@ -229,14 +232,19 @@ def store_healthy(store: Store, audit: AccessAuditLog | None) -> bool:
 
 
 def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
-                    audit: bool = True) -> PatientRepository:
+                    audit: bool = True, check_audit: bool = True) -> PatientRepository:
     """The service's repository on ``store``: one group committer for every write, the access
     audit (MAC key derived from the attested keyset: HKDF purpose ``records/audit-mac``).
+
+    Over a :class:`~safehold.freshness.store.FreshStore` the committer is the pipelined
+    :class:`~safehold.freshness.group.FreshGroupCommit` (a write returns once anchored).
 
     Args:
         encryption: False only for the benchmark's baseline (a pass-through codec), and only
             when the measured file says so: announced loudly here.
         audit: False leaves accesses unrecorded (announced).
+        check_audit: check the audit head now (False: the caller does it later, e.g. once a
+            store that is not fresh yet has been re-anchored).
     """
     codec = None
     if not encryption:
@@ -255,7 +263,7 @@ def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             codec = UnsafePlainCodec()
-    committer = GroupCommit(store)
+    committer = _committer(store)
     access_log = None
     if not audit:
         log.warning("AUDIT OFF (measured config audit = false): accesses are not recorded")
@@ -264,18 +272,33 @@ def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
 
         access_log = AccessAuditLog(store, committer,
                                     mac_key=derive_key(keyset.index_key, purpose="records/audit-mac"))
-        check_audit_at_start(access_log)
+        if check_audit:
+            check_audit_at_start(access_log)
     return PatientRepository(store, keyset, committer=committer, audit=access_log, codec=codec)
+
+
+def _committer(store: Store) -> Committer:
+    """:class:`FreshGroupCommit` over a FreshStore, else :class:`GroupCommit`."""
+    from safehold.freshness.store import FreshStore
+
+    if isinstance(store, FreshStore):
+        from safehold.freshness.group import FreshGroupCommit
+
+        return FreshGroupCommit(store)
+    return GroupCommit(store)
 
 
 def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI | None, Store]:
     """Open the store and the repository and build ``(native_app, scone_app_or_None, store)``.
 
     A SQLite store is checked with ``PRAGMA quick_check`` first (reads every page once: about
-    a second per few hundred MB), the audit log's authenticated head is checked
-    (:func:`check_audit_at_start`) and search postings written by older code are rebuilt
-    (:func:`~safehold.records.reindex.ensure_search_index`). The native app mounts FHIR R4 REST
-    at ``/fhir`` over the same repository plus one for the other resource types.
+    a second per few hundred MB), the store is wrapped in a FreshStore (``freshness = true``,
+    the default: :func:`safehold.records.fresh.open_fresh_store`; the workload's TLS identity
+    is the client certificate towards the anchor members), the audit log's authenticated head
+    is checked (:func:`check_audit_at_start`) and search postings written by older code are
+    rebuilt (:func:`~safehold.records.reindex.ensure_search_index`) — the last two once the
+    store is fresh. The native app mounts FHIR R4 REST at ``/fhir`` over the same repository
+    plus one for the other resource types.
 
     Raises:
         StoreCorruptError: the SQLite file is corrupt (the service then exits with status 1).
@@ -294,14 +317,43 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
             store.close()
             raise
         log.info("store quick_check ok (%.2f s)", time.monotonic() - t0)
+    fresh = None
+    if cfg.freshness:
+        from safehold.records.fresh import Freshness, open_fresh_store
+
+        try:
+            fs = open_fresh_store(store, prov.keyset, ledger=cfg.workload,
+                                  anchor_members=cfg.anchor_members,
+                                  anchor_policy=cfg.anchor_appraisal(), cert_pem=prov.cert_pem,
+                                  key_pem=prov.key_pem, wait_timeout=cfg.freshness_wait)
+        except BaseException:
+            store.close()
+            raise
+        store, fresh = fs, Freshness(fs)
+    else:
+        _freshness_off_banner()
     native, scone, _ = assemble_apps(
         store, prov.keyset, prov.access, encryption=cfg.encryption,
-        audit=cfg.audit, scone_auth=cfg.scone_auth if cfg.scone_port is not None else None)
+        audit=cfg.audit, scone_auth=cfg.scone_auth if cfg.scone_port is not None else None,
+        freshness=fresh)
+    if fresh is not None:
+        fresh.start_background(cfg.freshness_audit_seconds)
     return native, scone, store
+
+
+def _freshness_off_banner() -> None:
+    banner = "!" * 78
+    msg = ("FRESHNESS OFF (measured config freshness = false): the database can roll back, omit, "
+           "restore and fork records UNDETECTED")
+    log.warning(banner)
+    log.warning(msg)
+    log.warning(banner)
+    print(f"{banner}\nsafehold records: {msg}\n{banner}", file=sys.stderr, flush=True)
 
 
 def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryption: bool = True,
                   audit: bool = True, scone_auth: str | None = "token",
+                  freshness: Freshness | None = None,
                   ) -> tuple[FastAPI, FastAPI | None, PatientRepository]:
     """The service's apps over an open store and the keyset: the repository
     (:func:`open_repository`), the native API app with its health check, and the SCONE app.
@@ -313,6 +365,10 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
         access: who may call (the broker's ``records-access`` secret, parsed).
         scone_auth: ``"token"`` (default) or ``"none"`` (see :mod:`safehold.records.scone_http`);
             None builds no SCONE app (the SCONE port is off).
+        freshness: the wiring of ``store`` when it is a FreshStore
+            (:class:`~safehold.records.fresh.Freshness`): ``/healthz`` reports it, the owner's
+            ``/v1/freshness/*`` routes use it; while the store is not fresh the audit head check
+            and the index rebuild wait until it is.
 
     Returns:
         ``(native_app, scone_app_or_None, repository)``.
@@ -320,11 +376,25 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
     Raises:
         ValueError: ``scone_auth`` is not one of the modes above.
     """
-    repo = open_repository(store, keyset, encryption=encryption, audit=audit)
+    ready = freshness is None or freshness.fs.problem is None
+    repo = open_repository(store, keyset, encryption=encryption, audit=audit, check_audit=ready)
     fhir = FhirStore.beside(repo)
-    for r in (repo, fhir.resources):  # postings of older code are rebuilt before serving
-        ensure_search_index(r)
-    native = create_native_app(repo, access, health=lambda: store_healthy(store, repo.audit))
+
+    def start_up() -> None:
+        if not ready and repo.audit is not None:
+            check_audit_at_start(repo.audit)
+        for r in (repo, fhir.resources):  # postings of older code are rebuilt before serving
+            ensure_search_index(r)
+
+    if ready:
+        start_up()
+    elif freshness is not None:
+        freshness.on_fresh(start_up)
+
+    def health() -> bool:
+        return store_healthy(store, repo.audit) and (freshness is None or freshness.health()[0])
+
+    native = create_native_app(repo, access, health=health, freshness=freshness)
     native = mount_fhir(native, fhir)
     scone = create_scone_app(repo, access, auth=scone_auth) if scone_auth is not None else None
     return native, scone, repo
@@ -348,7 +418,8 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
         info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",
                 "port": ports[0], "scone_port": ports[1] if len(ports) > 1 else None,
                 "measurement": prov.attester.measurement.hex(),
-                "encryption": cfg.encryption, "audit": cfg.audit, "scone_auth": cfg.scone_auth}
+                "encryption": cfg.encryption, "audit": cfg.audit, "scone_auth": cfg.scone_auth,
+                "freshness": cfg.freshness}
         log.info("records service listening: %s", info)
         if cfg.ready_file:
             write_atomic(cfg.ready_file, json.dumps(info), mode=0o644)

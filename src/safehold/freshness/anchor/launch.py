@@ -104,6 +104,11 @@ class LocalAnchor:
         app = str(Path(self.package_root).resolve().parent) if self.package_root is not None else None
         return LaunchSpec("safehold.freshness.anchor.server", app_dir=app or package_app_dir())
 
+    def reference_value(self) -> str:
+        """The members' Reference Value as the data owner computes it: the closure of their
+        launch with the member configuration (hex SHA-384; what their simulated TEE reports)."""
+        return self._launch().closure([self.config]).hex()
+
     def start(self, i: int, *, wait: bool = True) -> None:
         """Start member ``i`` (and wait until it listens)."""
         self._ready(i).unlink(missing_ok=True)
@@ -111,9 +116,12 @@ class LocalAnchor:
         with open(self.workdir / f"member{i}.log", "ab") as log:
             self.procs[i] = subprocess.Popen(
                 spec.argv("--config", str(self.config),
-                 "--data-dir", str(self.data_dir), "--port", str(self.ports[i]), "--client-ca",
+                          "--data-dir", str(self.data_dir), "--port", str(self.ports[i]), "--client-ca",
                           str(self.client_ca_file), "--ready-file", str(self._ready(i))),
-                env=spec.env({}), stdout=log, stderr=log, cwd=self.workdir)
+                env=spec.env({}), stdout=log, stderr=log, cwd=self.workdir,
+                # own session: a terminal's Ctrl-C reaches only the parent (`safehold up`), which
+                # stops the services first, takes the last checkpoint, then the members
+                start_new_session=True)
         if wait:
             self.wait_listening(i)
 
