@@ -244,3 +244,27 @@ def test_changed_byte_in_a_dependency_changes_measurement_keys_refused(world, tm
         shutil.rmtree(link)
         link.symlink_to(real)
     assert _spec(world).closure().hex() == reference  # restored: the same value again
+
+
+def test_self_restoring_payload_in_a_package_module_changes_measurement_keys_refused(
+        world, tmp_path: Path) -> None:
+    """A payload appended to a module the workload imports (``safehold/runtime/__init__.py``)
+    that writes the original bytes back as soon as it runs: measured at boot, before the
+    workload's module is imported, so the value changes and the broker refuses the keys. (With
+    the measurement taken at the first attestation, the file was clean again by then and the
+    keys were released.)"""
+    reference = _spec(world).closure().hex()
+    target = world["app"] / "safehold" / "runtime" / "__init__.py"
+    original = target.read_bytes()
+    marker = tmp_path / "payload-ran"
+    target.write_bytes(original + (
+        f"\nimport pathlib as _pl\n_pl.Path({str(target)!r}).write_bytes({original!r})\n"
+        f"_pl.Path({str(marker)!r}).write_text('ran')\n").encode())
+    try:
+        refused = _appraise_refused(world, tmp_path, reference)
+        assert marker.exists()  # it ran (the workload's own import) and restored the file ...
+        assert target.read_bytes() == original
+        assert "measurement" in refused  # ... but after the boot measurement: no keys
+    finally:
+        target.write_bytes(original)
+    assert _spec(world).closure().hex() == reference

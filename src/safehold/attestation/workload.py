@@ -60,6 +60,7 @@ from safehold.attestation.closure import (
 from safehold.errors import ConfigError
 
 __all__ = ["BOOT", "FIXED_ENV", "FLAGS", "LaunchSpec", "current_closure", "launch_description",
+           "measure_at_boot",
            "launched_module", "package_app_dir"]
 
 #: Interpreter options of every workload launch (module docstring).
@@ -82,6 +83,8 @@ BOOT = (
     "             'allow-list or with other values than fixed: ' + ', '.join(bad))\n"
     "m = a[1]\n"
     "sys.argv = [m] + a[i + 1:]\n"
+    "from safehold.attestation.workload import measure_at_boot\n"
+    "measure_at_boot()\n"
     "import runpy\n"
     "runpy.run_module(m, run_name='__main__', alter_sys=True)\n"
 )
@@ -250,9 +253,9 @@ def current_closure(config_files: Iterable[str | os.PathLike[str]] = ()) -> Clos
     launch it was started with, read from ``sys.orig_argv``, with ``libpython`` taken from the
     process's own memory map, plus ``config_files``.
 
-    The code files are measured once per process, at the first call (a TEE measures at load
-    time; a file changed later would be seen by the next process); configuration files are
-    hashed at every call.
+    The code files are measured once per process: by :func:`measure_at_boot` before the
+    workload's module runs (a :class:`LaunchSpec` launch), else at the first call; a file
+    changed later is seen by the next process. Configuration files are hashed at every call.
 
     A process that was not started by a :class:`LaunchSpec` launch (other flags, another
     ``-c``, ``python -m``) is measured over its actual ``sys.path`` with byte-code caches and
@@ -265,6 +268,26 @@ def current_closure(config_files: Iterable[str | os.PathLike[str]] = ()) -> Clos
         _CODE.append(_measure_code())
     base, desc = _CODE[0]
     return derive(base, launch=desc, config_files=config_files)
+
+
+def measure_at_boot() -> None:
+    """Measure the workload's code now, before its module runs (called by :data:`BOOT`).
+
+    A TEE measures at load time; measuring at the first attestation instead let code that ran
+    during the workload's imports restore the files it came from before they were hashed (a
+    payload appended to a package module that writes the original bytes back). What runs
+    before this call is the interpreter's start-up, :data:`BOOT` (measured as part of the launch
+    description) and the measurement's own modules: ``safehold``, ``safehold.attestation``
+    (both without imports), ``attestation.workload``, ``attestation.closure``,
+    ``safehold.errors`` and the standard-library modules they import. A self-restoring change to
+    one of those is the simulated TEE's residual gap; under Gramine every file is checked
+    against ``sgx.trusted_files`` as it is opened (docs/attestation.md).
+
+    Raises:
+        ConfigError: see :func:`safehold.attestation.closure.closure` (the workload does not start).
+    """
+    if not _CODE:
+        _CODE.append(_measure_code())
 
 
 def _measure_code() -> tuple[Closure, str]:

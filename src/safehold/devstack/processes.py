@@ -260,7 +260,8 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         s.procs["broker"] = subprocess.Popen(broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=base_env(s),
                                              start_new_session=True)
-        early = not s.info.get("manifest_changed")
+        # with freshness the broker releases nothing until its ledger is settled below
+        early = not s.info.get("manifest_changed") and s.anchor is None
         if early:  # both measure themselves at once (the records service waits for the broker)
             s.procs["records"] = _start_records(s, rlog)
         try:
