@@ -153,8 +153,16 @@ class PatientRepository:
     # -- audit ----------------------------------------------------------------------------
 
     def _audit(self, who: str, op: str, addr: RowAddress | None, outcome: str) -> None:
+        """Audit a write's refusal (durable before the caller learns of it)."""
         if self.audit is not None:
             self.audit.append(who, op, addr.row_key if addr is not None else None, outcome)
+
+    def _audit_read(self, who: str, op: str, addr: RowAddress | None, outcome: str,
+                    hits: Sequence[bytes] | None = None) -> None:
+        """Audit a read: one buffered entry per request (the durability rule of
+        :mod:`safehold.records.access_audit`)."""
+        if self.audit is not None:
+            self.audit.note(who, op, addr.row_key if addr is not None else None, outcome, hits)
 
     # -- single records -------------------------------------------------------------------
 
@@ -174,12 +182,12 @@ class PatientRepository:
         try:
             raw, version = self.engine.get_at(addr)
         except RecordNotFoundError:
-            self._audit(who, "get", addr, "not-found")
+            self._audit_read(who, "get", addr, "not-found")
             raise
         except RecordTamperedError:
-            self._audit(who, "get", addr, "tampered")
+            self._audit_read(who, "get", addr, "tampered")
             raise
-        self._audit(who, "get", addr, "ok")
+        self._audit_read(who, "get", addr, "ok")
         return raw, version
 
     def get_version(self, who: str, rid: str, vid: int) -> bytes:
@@ -197,12 +205,12 @@ class PatientRepository:
                     raise RecordNotFoundError(f"no version {vid} (current version is {cur})")
                 raw = self.history.get(rid, vid)
         except RecordNotFoundError:
-            self._audit(who, "vread", addr, "not-found")
+            self._audit_read(who, "vread", addr, "not-found")
             raise
         except RecordTamperedError:
-            self._audit(who, "vread", addr, "tampered")
+            self._audit_read(who, "vread", addr, "tampered")
             raise
-        self._audit(who, "vread", addr, "ok")
+        self._audit_read(who, "vread", addr, "ok")
         return raw
 
     def put(
@@ -357,7 +365,7 @@ class PatientRepository:
         page = self.engine.list_page(self.ns, after=start, limit=limit, skip_tampered=True)
         for e in page.tampered:
             log.warning("list: a row failed authentication and was left out: %s", e)
-        self._audit(who, "list", None, f"ok:{len(page.keys)}")
+        self._audit_read(who, "list", None, f"ok:{len(page.keys)}")
         return page.keys, (page.next_after.hex() if page.next_after else None)
 
     def search(self, who: str, criteria: Mapping[str, str], *,
@@ -400,7 +408,8 @@ class PatientRepository:
              max_candidates: int = MAX_CANDIDATES) -> FoundPage:
         """Records posted under a term of every group (``groups=None``: every record, a scan),
         re-checked by ``keep(id, record)`` after decryption: postings narrow, ``keep`` decides
-        (a stale posting cannot add a record). Audited: each hit, then the search.
+        (a stale posting cannot add a record). Audited: one read entry naming every hit's blind
+        index.
 
         Args:
             groups: the terms (:mod:`safehold.records.tokens`): AND over groups, OR within one.
@@ -431,6 +440,7 @@ class PatientRepository:
             raise SearchTooCostlyError(f"search has {len(candidates)} candidates, more than "
                                        f"{max_candidates}: add a more selective parameter")
         hits: list[tuple[str, dict[str, Any], int]] = []
+        hit_keys: list[bytes] = []
         total, more = 0, False
         for rid in sorted(candidates):
             addr = self.engine.address(self.ns, rid)
@@ -446,12 +456,12 @@ class PatientRepository:
                 continue
             if len(hits) < limit:
                 hits.append((rid, rec, version))
-                self._audit(who, "search-hit", addr, "ok")
+                hit_keys.append(addr.row_key)
             else:
                 more = True
                 if not count:
                     break
-        self._audit(who, "search", None, f"ok:{len(hits)}")
+        self._audit_read(who, "search", None, f"ok:{len(hits)}", hit_keys)
         return FoundPage(hits, total if count else None, more)
 
     def _all_ids(self, bound: int) -> set[str]:
@@ -470,22 +480,84 @@ class PatientRepository:
         """Upsert many records, skipping byte-identical ones; one result dict per item
         (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``).
 
+        **One transaction** (issue 17): the current rows are read first, then every changed
+        record, its history, its postings and its audit entry are written in one group-commit
+        unit (each item in its own savepoint) with one audit-head update, so a batch costs one
+        durable commit (and one freshness anchor advance), not one per item. An item whose row
+        changed between the read and the commit (another writer, or the same id twice in the
+        batch) is redone alone through :meth:`put`. A failed item does not undo the others.
+
         Args:
             items: from :func:`~safehold.records.model.parse_batch` (its shape already checked,
                 so a malformed batch never gets here); a :class:`RefusedItem` becomes a
                 ``failed`` result in its place.
-
-        Not atomic: each item is its own transaction (a failed item does not undo the others).
         """
         results: list[dict[str, Any]] = []
+        plans: list[tuple[int, ValidRecord, RowAddress, bytes | None, int]] = []
+        bodies: list[JSONObject] = []  # entries of unchanged items, staged with the batch
         for item in items:
             if isinstance(item, RefusedItem):
                 results.append({"id": item.id, "status": "failed", "error": item.error})
                 continue
             try:
-                r = self.put(who, item, skip_identical=True)
-                results.append({"id": item.id, "status": r.status, "version": r.version})
+                addr = self.engine.address(self.ns, item.id)
+                try:
+                    old_raw: bytes | None
+                    old_raw, cur = self.engine.get_at(addr)
+                except RecordNotFoundError:
+                    old_raw, cur = None, 0
             except (RecordError, ValueError) as e:
                 results.append({"id": item.id, "status": "failed", "error": str(e)})
-        return results
+                continue
+            if old_raw == item.raw:
+                results.append({"id": item.id, "status": "unchanged", "version": cur})
+                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "unchanged"))
+                continue
+            results.append({"id": item.id, "status": "pending"})
+            plans.append((len(results) - 1, item, addr, old_raw, cur))
+        if not plans and not bodies:
+            return results
+        redo: list[int] = []
 
+        def unit() -> list[tuple[int, int]]:
+            done: list[tuple[int, int]] = []
+            staged = list(bodies)
+            for pos, rec, addr, old_raw, cur in plans:
+                old_terms = postings(decode_stored(old_raw)) if old_raw is not None else frozenset()
+                status = "created" if cur == 0 else "updated"
+                try:
+                    with self.engine.store.transaction():  # one savepoint per item
+                        version = self.engine.put_at(addr, rec.raw, expected_version=cur)
+                        if old_raw is not None:
+                            self.history.archive(rec.id, cur, old_raw)
+                        self.index.remove(rec.id, sorted(old_terms - rec.postings))
+                        self.index.add(rec.id, sorted(rec.postings - old_terms))
+                except ConflictError:
+                    redo.append(pos)
+                    continue
+                done.append((pos, version))
+                staged.append(AccessAuditLog.body(who, "put", addr.row_key, status))
+            if self.audit is not None and staged:  # last: advances the chain once
+                self.audit.stage_many(staged)
+            return done
+
+        redo.clear()
+        try:
+            done = self.committer.run(unit)
+        except (RecordError, ValueError) as e:
+            for pos, *_ in plans:
+                results[pos] = {"id": results[pos]["id"], "status": "failed", "error": str(e)}
+            return results
+        by_pos = {pos: (rec, cur) for pos, rec, _, _, cur in plans}
+        for pos, version in done:
+            _, cur = by_pos[pos]
+            results[pos] = {"id": results[pos]["id"], "status": "created" if cur == 0 else "updated",
+                            "version": version}
+        for pos in redo:
+            rec, _ = by_pos[pos]
+            try:
+                r = self.put(who, rec, skip_identical=True)
+                results[pos] = {"id": rec.id, "status": r.status, "version": r.version}
+            except (RecordError, ValueError) as e:
+                results[pos] = {"id": rec.id, "status": "failed", "error": str(e)}
+        return results

@@ -438,9 +438,11 @@ def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
         log.warning("AUDIT OFF (measured config audit = false): accesses are not recorded")
     else:
         from safehold.crypto.kdf import derive_key
+        from safehold.freshness.store import FreshStore
 
         access_log = AccessAuditLog(store, committer,
-                                    mac_key=derive_key(keyset.index_key, purpose="records/audit-mac"))
+                                    mac_key=derive_key(keyset.index_key, purpose="records/audit-mac"),
+                                    checkpointed=isinstance(store, FreshStore))
         if check_audit:
             check_audit_at_start(access_log)
     return PatientRepository(store, keyset, committer=committer, audit=access_log, codec=codec)
