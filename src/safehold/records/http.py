@@ -528,7 +528,8 @@ async def audit_seal(request: Request, who: Principal = Depends(admin)) -> dict[
     try:
         doc = json.loads(await read_body(request, 4096, "seal request"))
         through, digest = doc["through"], doc["sha256"]
-        if type(through) is not int or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        if type(through) is not int or not isinstance(digest, str) or \
+                not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise TypeError
     except (ValueError, TypeError, KeyError):
         raise InvalidRecordError('seal takes {"through": <entry number>, "sha256": <64 hex>}') from None

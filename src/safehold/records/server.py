@@ -595,6 +595,12 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
     try:
         asyncio.run(serve_apps(listeners, on_ready=ready))
     finally:
+        audit = native.state.records.repo.audit
+        if audit is not None:  # a clean stop loses no read entry
+            try:
+                audit.flush()
+            except SafeholdError as e:
+                log.error("read audit: the last buffered entries could not be written: %s", e)
         store.close()
     return 0
 
