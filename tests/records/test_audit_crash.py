@@ -41,7 +41,7 @@ ks = Keyset.unwrap(Path(ks_path).read_bytes(), bytes.fromhex(kek_hex))
 store = open_store(url)
 c = GroupCommit(store)
 repo = PatientRepository(store, ks, committer=c,
-                         audit=AccessAuditLog(store, c, mac_key=b"k" * 32, max_lag=%(lag)r))
+                         audit=AccessAuditLog(store, c, mac_key=b"k" * 32, max_lag=float(sys.argv[4])))
 out = threading.Lock()
 
 def say(line):
@@ -86,7 +86,7 @@ for fn, args in [(writer, (0,)), (writer, (1,)), (batcher, ()), (reader, (0,)), 
     threading.Thread(target=fn, args=args, daemon=True).start()
 say("ack started")
 threading.Event().wait()
-""" % {"lag": MAX_LAG}
+"""
 
 
 @pytest.fixture(params=ENGINES)
@@ -101,7 +101,7 @@ def _run_and_kill(backend: Backend, tmp_path: Path, ks: Keyset, seconds: float) 
     kek = os.urandom(32)
     ks_path = tmp_path / "keyset.bin"
     ks_path.write_bytes(ks.wrap(kek))
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, backend.url, str(ks_path), kek.hex()],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, backend.url, str(ks_path), kek.hex(), str(MAX_LAG)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[2])
     assert proc.stdout is not None
