@@ -482,7 +482,8 @@ class PatientRepository:
 
         **One transaction** (issue 17): the current rows are read first, then every changed
         record, its history, its postings and its audit entry are written in one group-commit
-        unit (each item in its own savepoint) with one audit-head update, so a batch costs one
+        unit (no savepoint per item: an item's first write is its record's compare-and-set,
+        so a conflicting item writes nothing) with one audit-head update, so a batch costs one
         durable commit (and one freshness anchor advance), not one per item. An item whose row
         changed between the read and the commit (another writer, or the same id twice in the
         batch) is redone alone through :meth:`put`. A failed item does not undo the others.
@@ -525,16 +526,15 @@ class PatientRepository:
             for pos, rec, addr, old_raw, cur in plans:
                 old_terms = postings(decode_stored(old_raw)) if old_raw is not None else frozenset()
                 status = "created" if cur == 0 else "updated"
-                try:
-                    with self.engine.store.transaction():  # one savepoint per item
-                        version = self.engine.put_at(addr, rec.raw, expected_version=cur)
-                        if old_raw is not None:
-                            self.history.archive(rec.id, cur, old_raw)
-                        self.index.remove(rec.id, sorted(old_terms - rec.postings))
-                        self.index.add(rec.id, sorted(rec.postings - old_terms))
+                try:  # the CAS is the item's first write: a conflict leaves nothing behind
+                    version = self.engine.put_at(addr, rec.raw, expected_version=cur)
                 except ConflictError:
                     redo.append(pos)
                     continue
+                if old_raw is not None:
+                    self.history.archive(rec.id, cur, old_raw)
+                self.index.remove(rec.id, sorted(old_terms - rec.postings))
+                self.index.add(rec.id, sorted(rec.postings - old_terms))
                 done.append((pos, version))
                 staged.append(AccessAuditLog.body(who, "put", addr.row_key, status))
             if self.audit is not None and staged:  # last: advances the chain once
