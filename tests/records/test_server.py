@@ -669,7 +669,9 @@ def _start_records_on(stack, tmp_path, name, db):
 def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
     """A corrupted SQLite file must not make the service hang or answer with tracebacks (real
     corrupted files, real processes): (a) 200 bytes flipped in the
-    middle → PRAGMA quick_check at start-up refuses the store (exit 1, names it, no port);
+    middle → PRAGMA quick_check, in the background after serving starts (issue 17), refuses
+    every operation (500 ``store-corrupt``, ``/healthz`` 503, the log names it), or the start-up
+    itself meets the damage and exits 1;
     (b) damaged index pages quick_check cannot see → requests fail fast with 500
     ``store-corrupt`` naming the store, never a hang."""
     import random
@@ -691,7 +693,17 @@ def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
     conn.close()
     p, url, log = _start_records_on(stack, tmp_path, "flipped", db)
     try:
-        assert p.wait(60) == 1 and url is None
+        if url is None:  # the start-up itself met a damaged page (the freshness journal)
+            assert p.wait(60) == 1
+        else:  # quick_check runs after serving starts; its finding refuses everything after
+            deadline = time.monotonic() + 60
+            while "PRAGMA quick_check:" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with httpx.Client(base_url=url, verify=cactx(stack), timeout=httpx.Timeout(15.0),
+                              headers={"Authorization": f"Bearer {tokens(stack.data_dir)['admin']}"}) as h:
+                d = _err(h.get("/v1/patients/3edac2e3-d223-6fae-d515-daf96ef6bc76"), 500, "store-corrupt")
+                assert "PRAGMA quick_check" in d
+                assert h.get("/healthz").status_code == 503
     finally:
         if p.poll() is None:
             p.kill()

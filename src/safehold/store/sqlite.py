@@ -199,6 +199,7 @@ class SqliteStore(_SqliteOps, Store):
         # (owning pid, owning thread, connection); see _prune_locked for why the pid matters.
         self._conns: list[tuple[int, weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._closed = False
+        self._poison: StoreCorruptError | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -252,10 +253,17 @@ class SqliteStore(_SqliteOps, Store):
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
+    def poison(self, error: StoreCorruptError) -> None:
+        """Refuse every further operation with ``error`` (a background integrity check found
+        the file corrupt: fail closed rather than serve from damaged pages)."""
+        self._poison = error
+
     def _connection(self) -> sqlite3.Connection:
         st = self._local
         if self._closed:
             raise StoreClosedError(f"SQLite store {self.path} is closed")
+        if self._poison is not None:
+            raise StoreCorruptError(str(self._poison))
         if st.conn is not None and st.pid == os.getpid():
             return st.conn
         conn = self._open_connection()
