@@ -21,6 +21,14 @@ protocol asks), from the domain exceptions of :mod:`safehold.broker.errors`:
                         :class:`StateIntegrityError` (names the row), a failing store or seal
 =====  ===============  ===================================================================
 
+Freshness (:mod:`safehold.broker.fresh`, :func:`create_gated_app`): while the broker's state
+is not fresh every route but ``/ca``, ``/status`` and ``/freshness*`` answers 503 ``not-fresh``
+with the reason (``/kbs`` releases nothing); ``/status`` says ``"mode": "not-fresh"``. Owner
+routes (no bearer: the statement's signature is verified by the members against the owner key
+they pin, and nothing else is accepted): ``GET /freshness`` (status), ``GET
+/freshness/proposal`` (what re-anchoring would accept, the unsigned statement), ``POST
+/freshness/reanchor`` (the signed statement; 409 ``owner-statement-refused``).
+
 Unexpected errors are logged and answered 500 without detail; bad input never reaches that path.
 """
 
@@ -28,10 +36,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from safehold.broker.core import Broker
@@ -47,6 +56,7 @@ from safehold.broker.errors import (
 )
 from safehold.broker.protocol import SESSION_COOKIE
 from safehold.errors import AuditChainError, SafeholdError, SealingError, StoreError
+from safehold.freshness.errors import FreshnessError, OwnerStatementError
 from safehold.jsontypes import JSONValue
 
 log = logging.getLogger("safehold.broker")
@@ -124,6 +134,11 @@ class BodyLimit:
 
 async def safehold_error(request: Request, exc: Exception) -> Response:
     """Map a :class:`~safehold.errors.SafeholdError` to its problem response (table above)."""
+    if isinstance(exc, OwnerStatementError):
+        return problem(409, "owner-statement-refused", str(exc))
+    if isinstance(exc, FreshnessError):  # the state is not fresh (or a row read stale): nothing served
+        log.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+        return problem(503, "not-fresh", f"{type(exc).__name__}: {exc}")
     for cls, status, kind in _STATUS:
         if isinstance(exc, cls):
             return problem(status, kind, str(exc))
@@ -339,3 +354,85 @@ def create_app(b: Broker, *, max_body: int = DEFAULT_MAX_BODY,
         app.state.static_value = static_value
         app.add_api_route("/static", static, methods=["GET"])
     return BodyLimit(app, max_body)
+
+
+# --- freshness gate (safehold.broker.fresh) -----------------------------------------------------
+
+fresh_router = APIRouter()
+
+
+def _gate(request: Request) -> Any:
+    return request.app.state.gate
+
+
+@fresh_router.get("/freshness")
+async def freshness_status(request: Request) -> Response:
+    """The broker ledger's status (epochs, rows per namespace; no values)."""
+    return JSONResponse(_gate(request).status())
+
+
+@fresh_router.get("/freshness/proposal")
+async def freshness_proposal(request: Request) -> Response:
+    """What re-anchoring would accept and the unsigned owner statement (base64url payload)."""
+    return JSONResponse(await run_in_threadpool(_gate(request).statement))
+
+
+@fresh_router.post("/freshness/reanchor")
+async def freshness_reanchor(request: Request) -> Response:
+    """Apply the owner-signed statement ``{"payload", "signature"}`` (audited by the broker)."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise MalformedRequestError("body must be the JSON owner statement") from None
+    head = await run_in_threadpool(_gate(request).reanchor, body)
+    return JSONResponse({"ledger": "broker", "epoch": head.epoch, "digest": head.digest.hex()})
+
+
+@fresh_router.get("/ca")
+async def fresh_ca(request: Request) -> Response:
+    """The workload CA certificate (PEM), also while the state is not fresh."""
+    return PlainTextResponse(request.app.state.ca_pem, media_type="application/x-pem-file")
+
+
+@fresh_router.get("/status")
+async def fresh_status(request: Request) -> Response:
+    """``{"mode": "not-fresh", "reason"}`` while the state is not fresh."""
+    return JSONResponse({"mode": "not-fresh", "reason": _gate(request).reason()})
+
+
+@fresh_router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+async def fresh_refuse(request: Request) -> Response:
+    """Every other route: 503 ``not-fresh`` with the reason (``/kbs`` releases nothing)."""
+    return problem(503, "not-fresh", f"broker state is not fresh; nothing is released: "
+                   f"{_gate(request).reason()}")
+
+
+class GatedApp:
+    """ASGI: ``/freshness*`` always to the gate's routes; everything else to the broker's app
+    while the state is fresh, else to the gate's routes (503 ``not-fresh``)."""
+
+    def __init__(self, gate: Any, gate_app: ASGIApp, max_body: int) -> None:
+        self.gate, self.gate_app, self.max_body = gate, gate_app, max_body
+        self._inner: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        b = self.gate.broker
+        if path.startswith("/freshness") or b is None or self.gate.fs.problem is not None:
+            await self.gate_app(scope, receive, send)
+            return
+        if self._inner is None:
+            self._inner = create_app(b, max_body=self.max_body)
+        await self._inner(scope, receive, send)
+
+
+def create_gated_app(gate: Any, ca: Any, *, max_body: int = DEFAULT_MAX_BODY) -> GatedApp:
+    """The broker's app behind its :class:`~safehold.broker.fresh.FreshnessGate`."""
+    app = FastAPI(title="Safehold key broker (freshness gate)", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.gate = gate
+    app.state.ca_pem = ca.cert_pem()
+    app.add_exception_handler(SafeholdError, safehold_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    app.include_router(fresh_router)
+    return GatedApp(gate, BodyLimit(app, max_body), max_body)

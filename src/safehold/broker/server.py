@@ -77,25 +77,77 @@ def open_broker(data_dir: str | os.PathLike[str], store_url: str | None = None, 
                     "write it down; `safehold broker recover --expect-fingerprint` needs it.",
                     state.master_fingerprint(), broker.broker_id)
     if manifest_path is not None:
-        p = Path(manifest_path)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise ManifestError(f"cannot read manifest {p}: {e.strerror}") from None
-        m = load_manifest(data, filename=str(p), base_dir=p.resolve().parent)
-        try:
-            broker.set_manifest(m.raw, source=f"file:{p.name}")
-        except PermissionDeniedError:  # a manifest is already set
-            older = broker.stored_version_of(m.digest)
-            if older is not None:  # e.g. `safehold up`'s file after a signed update: nothing changes
-                log.warning("%s is manifest version %d, superseded by the signed version %d: serving "
-                            "version %d", p, older, broker.manifest_version, broker.manifest_version)
-                return broker
-            raise ManifestError(
-                f"{p}: differs from the stored manifest version {broker.manifest_version}; "
-                "use `safehold broker manifest update` (signed by an owner)"
-            ) from None
+        install_manifest_file(broker, manifest_path)
     return broker
+
+
+def install_manifest_file(broker: Broker, manifest_path: str | os.PathLike[str]) -> None:
+    """Install the manifest file if none is set yet; accept it if it is a stored version.
+
+    Raises:
+        ManifestError: unreadable, invalid, or it differs from the stored manifest.
+    """
+    p = Path(manifest_path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"cannot read manifest {p}: {e.strerror}") from None
+    m = load_manifest(data, filename=str(p), base_dir=p.resolve().parent)
+    try:
+        broker.set_manifest(m.raw, source=f"file:{p.name}")
+    except PermissionDeniedError:  # a manifest is already set
+        older = broker.stored_version_of(m.digest)
+        if older is not None:  # e.g. `safehold up`'s file after a signed update: nothing changes
+            log.warning("%s is manifest version %d, superseded by the signed version %d: serving "
+                        "version %d", p, older, broker.manifest_version, broker.manifest_version)
+            return
+        raise ManifestError(
+            f"{p}: differs from the stored manifest version {broker.manifest_version}; "
+            "use `safehold broker manifest update` (signed by an owner)"
+        ) from None
+
+
+# --- freshness (safehold.broker.fresh) ------------------------------------------------------
+
+
+def open_fresh_broker(data_dir: str | os.PathLike[str], store_url: str | None, anchor_file: str, *,
+                      manifest_path: str | os.PathLike[str] | None = None,
+                      config: BrokerConfig | None = None, package_root: str | None = None) -> Any:
+    """Open the broker with its state under freshness (:mod:`safehold.broker.fresh`): returns
+    ``(FreshnessGate, workload CA)``. The gate holds the Broker once the state is fresh (the
+    manifest file is installed then); until then the broker releases nothing.
+
+    Raises:
+        ConfigError: bad anchor settings. SealingError: the state is sealed (recover first,
+            without ``--anchor``). StoreError: as the store.
+    """
+    from safehold.attestation.attesters.simulated import SimulatedAttester
+    from safehold.broker.fresh import AnchorSettings, FreshnessGate, open_fresh_store
+    from safehold.store import open_store
+
+    settings = AnchorSettings.load(anchor_file)
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(store_url or str(d / "broker.db"))
+    attester = SimulatedAttester(d, package_root=package_root)
+    identity = simulated_sealing_identity(attester)
+    cfg = config or BrokerConfig()
+    cfg.data_dir = d
+    try:
+        fs, ca = open_fresh_store(store, identity, settings)
+    except BaseException:
+        store.close()
+        raise
+
+    def build() -> Broker:
+        b = Broker(BrokerState.open(fs, identity), attester, cfg)
+        if manifest_path is not None:
+            install_manifest_file(b, manifest_path)
+        return b
+
+    gate = FreshnessGate(fs, build)
+    gate.retry()
+    return gate, ca
 
 
 def _server_cert(broker: Broker, names: list[str]) -> tuple[bytes, bytes]:
@@ -203,4 +255,27 @@ def serve(broker: Broker, *, host: str = "127.0.0.1", port: int = 8443, tls: boo
         server.run()
 
 
-__all__ = ["open_broker", "serve", "ssl_context"]
+def serve_fresh(gate: Any, ca: Any, *, host: str = "127.0.0.1", port: int = 8443,
+                tls_names: list[str] | None = None, max_body: int | None = None) -> None:
+    """Serve a broker whose state is under freshness (TLS from its workload CA) until
+    interrupted; :func:`safehold.broker.http.create_gated_app` routes requests."""
+    import types
+
+    import uvicorn
+
+    from safehold.broker.http import DEFAULT_MAX_BODY, create_gated_app
+
+    app = create_gated_app(gate, ca, max_body=max_body or DEFAULT_MAX_BODY)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_keep_alive=30, http=_client_cert_protocol())
+    config.load()
+    names = ["localhost", "127.0.0.1", host, *(tls_names or [])]
+    # the CA is known before the state is fresh: the same certificate in both phases
+    config.ssl = ssl_context(types.SimpleNamespace(mode="ready", ca=ca, on_ready=[]), names)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+
+
+__all__ = ["install_manifest_file", "open_broker", "open_fresh_broker", "serve", "serve_fresh",
+           "ssl_context"]

@@ -241,6 +241,17 @@ class BrokerState:
         assert self._master is not None
         return master_fingerprint(self._master)
 
+    def master_key(self) -> bytes:
+        """The unsealed master key (32 bytes), only for deriving keys inside the broker (the
+        freshness MAC key, :mod:`safehold.broker.fresh`); never exported or logged.
+
+        Raises:
+            SealingError: in recovery mode.
+        """
+        self._need_ready()
+        assert self._master is not None
+        return self._master
+
     def _need_ready(self) -> Keyset:
         if self._keyset is None:
             raise SealingError("broker is in recovery mode: state is sealed")

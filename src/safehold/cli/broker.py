@@ -71,9 +71,12 @@ def broker() -> None:
                    "SAFEHOLD_BROKER_TLS_NAMES, space-separated).")
 @click.option("--no-tls", is_flag=True, help="Serve plain HTTP (development only).")
 @click.option("--static-value", default=None, hidden=True, help="Serve GET /static (benchmark baseline).")
+@click.option("--anchor", "anchor_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Freshness anchor settings (TOML: anchor_members, anchor_policy): the state is "
+                   "verified against the attested anchor (docs/freshness.md). Without it: off, loudly.")
 def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, host: str, port: int,
               nonce_ttl: int, token_ttl: int, max_body: int, tls_name: tuple[str, ...], no_tls: bool,
-              static_value: str | None) -> None:
+              static_value: str | None, anchor_file: str | None) -> None:
     """Start the broker (unseals its master key; recovery mode if that fails)."""
     import logging
 
@@ -81,6 +84,20 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
     from safehold.broker.server import open_broker, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if anchor_file is not None:
+        from safehold.broker.server import open_fresh_broker, serve_fresh
+
+        if no_tls or static_value is not None:
+            raise click.UsageError("--anchor serves TLS only (no --no-tls / --static-value)")
+        gate, ca = open_fresh_broker(data_dir, store_url, anchor_file, manifest_path=manifest_path,
+                                     config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
+        st = gate.broker.status() if gate.broker is not None else {"mode": "not-fresh",
+                                                                    "reason": gate.reason()}
+        click.echo(json.dumps({"listening": f"https://{host}:{port}", **st}), err=True)
+        serve_fresh(gate, ca, host=host, port=port, tls_names=list(tls_name), max_body=max_body)
+        return
+    logging.getLogger("safehold.broker").warning(
+        "FRESHNESS OFF (no --anchor): a restored or rolled-back broker state is not detected")
     b = open_broker(data_dir, store_url, manifest_path=manifest_path,
                     config=BrokerConfig(nonce_ttl=nonce_ttl, token_ttl=token_ttl))
     scheme = "http" if no_tls else "https"

@@ -43,5 +43,20 @@ def register(group: click.Group) -> None:
             click.echo(f"records  {r['url']}  NOT attested: {r.get('error')}")
         if st.get("scone_url"):
             click.echo(f"scone    {st['scone_url']}")
+        fr = st.get("freshness")
+        if isinstance(fr, dict) and "ledgers" in fr:
+            ready = sum(1 for m in fr.get("members", []) if m.get("ready"))
+            lost = sum(1 for m in fr.get("members", []) if m.get("lost_mode"))
+            click.echo(f"anchor   {ready}/{len(fr.get('member_urls', []))} members ready"
+                       + (f" ({lost} in lost mode)" if lost else ""))
+            for led, r in fr["ledgers"].items():
+                if "error" in r:
+                    click.echo(f"  {led:<8} unreachable: {r['error']}")
+                else:
+                    click.echo(f"  {led:<8} committed epoch {r['committed_epoch']}, anchored "
+                               f"{r['anchored_epoch']}, checkpoint {r['checkpoint_epoch']}"
+                               + ("" if r["serving"] else f"  NOT FRESH: {r['problem']}"))
+        elif isinstance(fr, dict):
+            click.echo(f"anchor   {fr.get('error')}")
         if not healthy:
             sys.exit(1)

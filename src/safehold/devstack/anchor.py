@@ -38,13 +38,19 @@ from safehold.freshness.anchor.launch import LocalAnchor, free_ports
 from safehold.fsutil import write_atomic
 
 __all__ = ["ANCHOR_DIR", "CHECKPOINT_FILE", "LEDGERS", "CheckpointKeeper", "anchor_policy",
-           "anchor_ports", "load_checkpoints", "local_anchor", "measure_anchor", "read_client",
-           "settle_ledger", "take_checkpoint"]
+           "anchor_ports", "checkpoint_now", "freshness_status", "load_checkpoints", "local_anchor",
+           "measure_anchor", "proposal", "read_client", "reanchor",
+           "settle_ledger", "take_checkpoint", "write_broker_anchor"]
 
 ANCHOR_DIR = "anchor"
 CHECKPOINT_FILE = "anchor-checkpoint.json"
 #: The ledgers of the local stack's writers (the anchor client certificate's CN = the ledger).
-LEDGERS = ("records",)
+LEDGERS = ("broker", "records")
+#: Where each ledger's service serves the owner's freshness routes, and whether they need the
+#: records admin token (the broker's need none: the members verify the owner's signature).
+ROUTES = {"records": ("/v1/freshness", True), "broker": ("/freshness", False)}
+#: The broker's run-time anchor settings file (not measured: docs/freshness.md says why).
+BROKER_ANCHOR_FILE = "broker-anchor.toml"
 MEMBERS = 3
 
 
@@ -117,9 +123,11 @@ def load_checkpoints(d: Path) -> dict[str, Any]:
                          "restore it or remove it knowingly") from None
 
 
-def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS) -> dict[str, int]:
+def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS, *,
+                    allow_back: tuple[str, ...] = ()) -> dict[str, int]:
     """Read each ledger's signed head and write ``anchor-checkpoint.json`` (only heads at or
-    after the stored ones replace them). Returns ``ledger → epoch`` written.
+    after the stored ones replace them, except for the ledgers in ``allow_back``: the owner
+    explicitly accepted an older state). Returns ``ledger → epoch`` written.
 
     Raises:
         FreshnessError: the anchor has no majority / lost the ledger (the old file stays).
@@ -138,7 +146,7 @@ def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS) -
         if head is None:
             continue
         old = cps.get(led)
-        if old is not None and head.epoch < old.head.epoch:
+        if old is not None and head.epoch < old.head.epoch and led not in allow_back:
             continue  # never move the checkpoint back (the owner decides that explicitly)
         signers = {sig.member: infos[sig.member] for sig in head.signatures if sig.member in infos}
         cps[led] = AnchorCheckpoint(led, head, signers)
@@ -180,12 +188,26 @@ class CheckpointKeeper:
         self.client.close()
 
 
-def _service(s: Stack, url: str, method: str, path: str, body: Any = None) -> httpx.Response:
+def _service(s: Stack, url: str, ledger: str, method: str, path: str, body: Any = None) -> httpx.Response:
+    import ssl
+
     from safehold.devstack.datadir import tokens
 
-    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"}
-    with httpx.Client(base_url=url, verify=str(s.path("ca.pem")), timeout=30, headers=hdr) as c:
-        return c.request(method, path, json=body)
+    prefix, auth = ROUTES[ledger]
+    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"} if auth else {}
+    ca = s.path("ca.pem") if s.path("ca.pem").exists() else s.path("broker") / "ca.pem"
+    with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
+                      headers=hdr) as c:
+        return c.request(method, prefix + path, json=body)
+
+
+def write_broker_anchor(d: Path, members: list[str], policy: dict[str, Any]) -> Path:
+    """Write the broker's run-time anchor settings (:class:`safehold.broker.fresh.AnchorSettings`)."""
+    import tomli_w
+
+    p = d / BROKER_ANCHOR_FILE
+    p.write_text(tomli_w.dumps({"anchor_members": members, "anchor_policy": policy}), "utf-8")
+    return p
 
 
 def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
@@ -212,7 +234,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     deadline = time.monotonic() + 30
     while True:
         try:
-            st = _service(s, url, "GET", "/v1/freshness").json()
+            st = _service(s, url, ledger, "GET", "").json()
         except (httpx.HTTPError, ValueError) as e:
             raise StackError(f"{ledger}: freshness status unreachable ({type(e).__name__})") from None
         problem = st.get("problem") or ""
@@ -221,7 +243,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
         if "AnchorUnavailable" not in problem and "majority" not in problem or time.monotonic() > deadline:
             break
         time.sleep(0.5)  # the members are still catching up among themselves
-    r = _service(s, url, "GET", "/v1/freshness/proposal")
+    r = _service(s, url, ledger, "GET", "/proposal")
     if r.status_code != 200:
         return f"refused: no proposal ({r.status_code} {r.text[:200]})"
     doc = r.json()
@@ -241,8 +263,153 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     say(f"!!! {'initialising' if action == 'initialise' else 're-anchoring'} freshness ledger "
         f"{ledger!r} at epoch {prop['epoch']} ({prop['rows']} rows) with the DEVELOPMENT owner key "
         f"{s.path('owner.key')}" + ("" if action == "initialise" else " (not older than the checkpoint)"))
-    r = _service(s, url, "POST", "/v1/freshness/reanchor", signed.to_json())
+    r = _service(s, url, ledger, "POST", "/reanchor", signed.to_json())
     if r.status_code != 200:
         raise StackError(f"{ledger}: the signed {action} statement was refused: "
                          f"{r.status_code} {r.text[:300]}")
     return "initialised" if action == "initialise" else "re-anchored"
+
+
+# --- the owner's view and steps (``safehold freshness``, ``safehold status``) -------------------
+
+
+def _running(data_dir: Path) -> tuple[Stack, dict[str, Any]]:
+    """The running stack of ``data_dir`` (from ``up.json``) and that file's content.
+
+    Raises:
+        StackError: no running stack.
+    """
+    p = data_dir / "up.json"
+    try:
+        info = json.loads(p.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise StackError(f"no running stack in {data_dir} ({type(e).__name__}): start `safehold up`"
+                         ) from None
+    s = Stack(data_dir, 0, 0, None)
+    s.info = info
+    return s, info
+
+
+def _url(info: dict[str, Any], ledger: str) -> str:
+    url = info.get("broker_url") if ledger == "broker" else info.get("records_url")
+    if not url:
+        raise StackError(f"the {ledger} service is not running (see `safehold up`'s output)")
+    return str(url)
+
+
+def freshness_status(data_dir: Path) -> dict[str, Any]:
+    """``{members: [...], ledgers: {ledger: {committed_epoch, anchored_epoch, serving, problem,
+    checkpoint_epoch}}}`` of the running stack (members: ready / lost mode, incarnation)."""
+    s, info = _running(data_dir)
+    out: dict[str, Any] = {"members": [], "ledgers": {}}
+    try:
+        client = read_client(s)
+    except (OSError, KeyError, ValueError, SafeholdError) as e:
+        return {"error": f"no anchor configured ({type(e).__name__})", **out}
+    out["member_urls"] = client_urls(s)
+    try:
+        out["members"] = [{"member": m.member.hex()[:16], "ready": m.ready, "lost_mode": m.lost_mode}
+                          for m in client.members()]
+    except SafeholdError as e:
+        out["members_error"] = str(e)
+    finally:
+        client.close()
+    cps = load_checkpoints(data_dir)
+    for led in LEDGERS:
+        row: dict[str, Any] = {"checkpoint_epoch": cps[led].head.epoch if led in cps else None}
+        try:
+            r = _service(s, _url(info, led), led, "GET", "")
+            st = r.json()
+            row.update({k: st.get(k) for k in ("serving", "problem", "committed_epoch",
+                                                "anchored_epoch")})
+        except (httpx.HTTPError, ValueError, StackError) as e:
+            row["error"] = str(e) or type(e).__name__
+        out["ledgers"][led] = row
+    return out
+
+
+def client_urls(s: Stack) -> list[str]:
+    """The members' URLs from ``records.toml``."""
+    import tomllib
+
+    return list(tomllib.loads(s.path("records.toml").read_text("utf-8"))["anchor_members"])
+
+
+def proposal(data_dir: Path, ledger: str) -> dict[str, Any]:
+    """The service's ``{action, proposal, payload}`` for ``ledger``, plus ``checkpoint``: what
+    the owner's checkpoint says of it (``ok``, ``older than ...``, ``forks ...``).
+
+    Raises:
+        StackError: the service does not answer.
+    """
+    from safehold.freshness.anchor.base import AnchorHead
+    from safehold.freshness.anchor.statements import check_against_checkpoint
+    from safehold.freshness.errors import FreshnessError
+
+    s, info = _running(data_dir)
+    r = _service(s, _url(info, ledger), ledger, "GET", "/proposal")
+    if r.status_code != 200:
+        raise StackError(f"{ledger}: no proposal: HTTP {r.status_code} {r.text[:300]}")
+    doc: dict[str, Any] = r.json()
+    p = doc["proposal"]
+    cp = load_checkpoints(data_dir).get(ledger)
+    try:
+        check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])), cp)
+        doc["checkpoint"] = "ok" if cp is not None else "none"
+    except FreshnessError as e:
+        doc["checkpoint"] = f"{type(e).__name__}: {e}"
+    return doc
+
+
+def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bool = False,
+             confirm: Any = None) -> dict[str, Any]:
+    """The owner's re-anchoring: fetch the proposal, check it against the checkpoint (older:
+    refused unless ``accept_rollback``; a fork: always refused), ask ``confirm(doc)`` (False
+    stops), sign with ``key_pem`` (the owner key), post; then move the checkpoint to it.
+
+    Returns:
+        ``{ledger, epoch, digest}`` as the service answered.
+
+    Raises:
+        StoreRolledBackError / StoreForkedError: the checkpoint refuses it. StackError: the
+            service refused the statement or does not answer; the owner declined.
+    """
+    from safehold.freshness.anchor.base import AnchorHead
+    from safehold.freshness.anchor.statements import (
+        SignedOwnerStatement,
+        check_against_checkpoint,
+        sign_owner_statement,
+    )
+
+    s, info = _running(data_dir)
+    doc = proposal(data_dir, ledger)
+    p = doc["proposal"]
+    check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])),
+                             load_checkpoints(data_dir).get(ledger), accept_rollback=accept_rollback)
+    if confirm is not None and not confirm(doc):
+        raise StackError("not re-anchored: the owner declined")
+    statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
+    signed = sign_owner_statement(statement, key_pem)
+    r = _service(s, _url(info, ledger), ledger, "POST", "/reanchor", signed.to_json())
+    if r.status_code != 200:
+        raise StackError(f"{ledger}: the signed statement was refused: HTTP {r.status_code} "
+                         f"{r.text[:300]}")
+    client = read_client(s)
+    try:
+        take_checkpoint(s, client, (ledger,), allow_back=(ledger,) if accept_rollback else ())
+    except SafeholdError:
+        pass  # the keeper of `safehold up` takes the next one
+    finally:
+        client.close()
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def checkpoint_now(data_dir: Path) -> dict[str, int]:
+    """Take a checkpoint of every ledger now; ``ledger → epoch``."""
+    s, _ = _running(data_dir)
+    client = read_client(s)
+    try:
+        return take_checkpoint(s, client)
+    finally:
+        client.close()

@@ -284,6 +284,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     anchor_measurement = anc.measure_anchor(d, la, package_root)
     a_policy = anc.anchor_policy(la, anchor_measurement)
     fresh = {"anchor_members": la.urls, "anchor_policy": a_policy}
+    anc.write_broker_anchor(d, la.urls, a_policy)
     cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset, fresh),
             **(extra_configs or {})}
     measurements = []

@@ -60,6 +60,10 @@ def broker_cmd(s: Stack, *, manifest: bool = True) -> list[str]:
     """Command line of the broker process (``safehold broker serve`` on loopback; with the data
     directory's ``manifest.toml`` unless ``manifest`` is false)."""
     m = ["--manifest", str(s.path("manifest.toml"))] if manifest else []
+    if s.anchor is not None:
+        from safehold.devstack.anchor import BROKER_ANCHOR_FILE
+
+        m += ["--anchor", str(s.path(BROKER_ANCHOR_FILE))]
     return [sys.executable, "-c",
             "import sys; from safehold.cli.broker import broker; "
             "broker.main(sys.argv[1:], prog_name='safehold broker')",
@@ -251,6 +255,8 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
                                                  env=base_env(s), start_new_session=True)
             wait_broker(s, s.procs["broker"], timeout)
             s.info["manifest_updated"] = update_manifest(s)
+        if not _settle_broker(s):
+            return _write_up(s, None)
         rlog_path = s.path("records.log")
         rlog = rlog_path.open("ab")
         s.procs["records"] = subprocess.Popen(records_cmd(s), env=records_env(s), stdout=rlog,
@@ -261,10 +267,17 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
     except BaseException:
         stop(s)
         raise
+    return _write_up(s, info)
+
+
+def _write_up(s: Stack, info: JSONObject | None) -> Stack:
+    """Record the running stack in ``up.json`` (``info``: the records service's ready file;
+    None when the records service was not started)."""
     tok = tokens(s.data_dir)
+    info = info or {}
     s.info.update({
         "broker_url": s.broker_url,
-        "records_url": info["records_url"],
+        "records_url": info.get("records_url"),
         "scone_url": f"https://api:{info['scone_port']}" if info.get("scone_port") else None,
         "scone_port": info.get("scone_port"),
         "ca": str(s.path("ca.pem")),
@@ -320,6 +333,26 @@ def _start_anchor(s: Stack) -> None:
         raise StackError(f"anchor members did not start: {e}") from None
 
 
+def _settle_broker(s: Stack) -> bool:
+    """Settle the broker's ledger (as :func:`_settle_freshness`); False if it is refused: the
+    broker then releases nothing, so the records service is not started (``safehold up`` stays
+    up with the broker alone, for the owner's decision)."""
+    if s.anchor is None:
+        return True
+    from safehold.devstack.anchor import CheckpointKeeper, settle_ledger
+
+    outcome = settle_ledger(s, s.broker_url, "broker", say=lambda m: print(m, flush=True))
+    s.info["freshness"] = {"broker": outcome}
+    if s.keeper is None:
+        s.keeper = CheckpointKeeper(s).start()
+    if outcome.startswith("refused"):
+        print(f"!!! broker ledger NOT re-anchored: {outcome[9:]}\n!!! the broker releases NO keys "
+              "(503 not-fresh) and the records service is NOT started until the data owner decides: "
+              "safehold freshness proposal --service broker / reanchor --service broker", flush=True)
+        return False
+    return True
+
+
 def _settle_freshness(s: Stack, info: JSONObject) -> None:
     """Initialise (first start) or re-anchor (after the members restarted) the records ledger
     with the development owner key where the checkpoint allows it; then keep the checkpoint."""
@@ -328,12 +361,13 @@ def _settle_freshness(s: Stack, info: JSONObject) -> None:
     from safehold.devstack.anchor import CheckpointKeeper, settle_ledger
 
     outcome = settle_ledger(s, str(info["records_url"]), "records", say=lambda m: print(m, flush=True))
-    s.info["freshness"] = {"records": outcome}
+    s.info.setdefault("freshness", {})["records"] = outcome
     if outcome.startswith("refused"):
         print(f"!!! records ledger NOT re-anchored: {outcome[9:]}\n!!! the records service answers "
               "503 not-fresh until the data owner decides: safehold freshness proposal / reanchor",
               flush=True)
-    s.keeper = CheckpointKeeper(s).start()
+    if s.keeper is None:
+        s.keeper = CheckpointKeeper(s).start()
 
 
 def _stop_anchor(s: Stack) -> None:
@@ -348,10 +382,13 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
     """What ``safehold up`` prints once the stack runs: ``(line, is_warning)`` pairs (URLs, the
     SCONE port's authentication, CA, policy, manifest, tokens, database, measurement)."""
     i = s.info
-    out: list[tuple[str, bool]] = [(f"broker          {i['broker_url']}", False),
-                                   (f"records API     {i['records_url']}", False),
-                                   (f"FHIR R4         {i['records_url']}/fhir  (CapabilityStatement: "
-                                    f"/fhir/metadata; TLS: ca.pem)", False)]
+    out: list[tuple[str, bool]] = [(f"broker          {i['broker_url']}", False)]
+    if i.get("records_url"):
+        out += [(f"records API     {i['records_url']}", False),
+                (f"FHIR R4         {i['records_url']}/fhir  (CapabilityStatement: "
+                 f"/fhir/metadata; TLS: ca.pem)", False)]
+    else:
+        out.append(("records API     NOT STARTED (the broker's state is not fresh: see above)", True))
     if i.get("scone_port"):
         sp = i["scone_port"]
         out.append((f"SCONE demo API  https://api:{sp}  (curl --resolve api:{sp}:127.0.0.1)", False))

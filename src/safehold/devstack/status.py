@@ -1,7 +1,9 @@
 """The status of a running local stack (``safehold status``).
 
 Reads ``<data dir>/up.json``, asks the broker for its status (over TLS pinned to the workload
-CA), attests the records service (RA-TLS appraisal under the client policy) and counts records.
+CA), attests the records service (RA-TLS appraisal under the client policy), counts records,
+and shows the freshness anchor (members ready / lost mode; each ledger's committed vs anchored
+epoch and the owner's checkpoint: :func:`safehold.devstack.anchor.freshness_status`).
 """
 
 from __future__ import annotations
@@ -67,4 +69,11 @@ def stack_status(data_dir: str | os.PathLike[str], *,
     out["records"] = rec
     if info.get("scone_port"):
         out["scone_url"] = f"https://api:{info['scone_port']}"
+    if info.get("anchor_urls"):
+        from safehold.devstack.anchor import freshness_status
+
+        try:
+            out["freshness"] = freshness_status(Path(data_dir))
+        except SafeholdError as e:
+            out["freshness"] = {"error": str(e)}
     return out

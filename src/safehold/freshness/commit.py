@@ -387,7 +387,9 @@ class Anchorer:
         while not self._stop.is_set():
             self._kick.wait(timeout=0.5 if backoff == 0 else backoff)
             self._kick.clear()
-            if self._stop.is_set() or self._fs.fatal.is_set():
+            # a recorded problem (start-up comparison not done: anchor unavailable, lost, a
+            # rollback) means the anchored head is unknown: advancing from it would read as a fork
+            if self._stop.is_set() or self._fs.fatal.is_set() or self._fs.problem is not None:
                 continue
             st = self._fs.state
             while st.committed.epoch > st.anchored.epoch and not self._stop.is_set():
