@@ -528,7 +528,9 @@ async def audit_seal(request: Request, who: Principal = Depends(admin)) -> dict[
     try:
         doc = json.loads(await read_body(request, 4096, "seal request"))
         through, digest = doc["through"], doc["sha256"]
-        if type(through) is not int or not isinstance(digest, str) or \
+        if isinstance(through, float) and through.is_integer():
+            through = int(through)  # JSON Schema: 1.0 is an integer
+        if type(through) is not int or through < 0 or not isinstance(digest, str) or \
                 not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise TypeError
     except (ValueError, TypeError, KeyError):

@@ -214,7 +214,8 @@ _SPEC: dict[str, Any] = {
                 "summary": "(admin) drop an exported segment, keeping its digest in the chain",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["through", "sha256"],
-                    "properties": {"through": {"type": "integer"}, "sha256": {"type": "string"}}}}}},
+                    "properties": {"through": {"type": "integer", "minimum": 0},
+                                   "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}},
                 "responses": {
                     "200": {"description": "sealed", "content": {"application/json": {
                         "schema": {"type": "object", "required": ["first", "last", "sha256"],
