@@ -61,15 +61,15 @@ def main() -> None:
     args = ap.parse_args()
     n = 5_000 if args.quick else args.records
 
-    from records import distinct, patient_record  # bench/records.py
+    from tests.support.freshness import InProcessAnchor, open_fresh
 
+    from records import distinct, patient_record  # bench/records.py
     from safehold.crypto.keyset import Keyset
     from safehold.freshness.group import FreshGroupCommit
     from safehold.records.access_audit import AccessAuditLog
     from safehold.records.model import parse_batch
     from safehold.records.repository import PatientRepository
     from safehold.store import open_store
-    from tests.support.freshness import InProcessAnchor, open_fresh
 
     tmp = Path(tempfile.mkdtemp(prefix="safehold-storage-"))
     db = tmp / "records.db"
