@@ -159,7 +159,8 @@ def main() -> None:
         print(f"  VACUUM INTO at page size {ps}: {size / n:.0f} B/record")
     print(f"start-up to first GET, cold cache: {first_get:.2f} s (open {t_open:.2f} s, verifier map "
           f"{t_fresh - t_open:.2f} s); quick_check (background) {quick_check_s:.2f} s")
-    out = {"records": n, "bytes_per_record": round(per_record), "json_bytes_per_record": round(json_per_record),
+    out = {"records": n, "bytes_per_record": round(per_record),
+           "json_bytes_per_record": round(json_per_record),
            "bytes_vs_json": round(per_record / json_per_record, 3), "target_bytes_vs_json": 1.3,
            "page_size": page_size,
            "bytes_per_record_by_page_size": {str(k): round(v / n) for k, v in sizes.items()},

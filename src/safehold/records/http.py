@@ -465,8 +465,11 @@ def list_or_search(
     gender: str | None = Query(default=None, max_length=64),
     identifier: str | None = Query(default=None, max_length=1024),
     who: Principal = Depends(reader),
-) -> dict[str, Any]:
-    """A page of ids, or (with search fields) the matching records with their versions."""
+) -> JSONResponse:
+    """A page of ids, or (with search fields) the matching records with their versions.
+
+    Answered as a ready ``JSONResponse``: FastAPI's ``jsonable_encoder`` walk over 100 nested
+    FHIR records cost more than the search itself (issue 17, the 100-hit search)."""
     unknown = sorted(set(request.query_params) - {"cursor", "limit", *SEARCH_FIELDS})
     if unknown:
         raise InvalidRecordError(f"unknown query parameters {unknown}")
@@ -479,19 +482,19 @@ def list_or_search(
                                              for i, r, v in hits[:limit]]}
         if len(hits) > limit:
             found["truncated"] = True  # more matched than ``limit``
-        return found
+        return JSONResponse(found)
     ids, nxt = repo.list_ids(who.name, cursor=cursor, limit=limit)
-    return {"ids": ids, "next": nxt}
+    return JSONResponse({"ids": ids, "next": nxt})
 
 
 @router.post("/v1/patients:batch")
-async def batch(request: Request, who: Principal = Depends(writer)) -> dict[str, Any]:
+async def batch(request: Request, who: Principal = Depends(writer)) -> JSONResponse:
     """Upsert up to 500 records; per-item results (a malformed item: 400, nothing written)."""
     # every item is checked before any write: a malformed batch writes nothing
     require_json(request)
     items = parse_batch(_batch_items(await read_body(request, MAX_BATCH_BYTES, "batch body")))
     results = await run_in_threadpool(_api(request).repo.batch, who.name, items)
-    return {"results": results}
+    return JSONResponse({"results": results})
 
 
 @router.get("/v1/audit/verify")
