@@ -478,54 +478,87 @@ class PatientRepository:
 
     def batch(self, who: str, items: Iterable[ValidRecord | RefusedItem]) -> list[JSONObject]:
         """Upsert many records, skipping byte-identical ones; one result dict per item
-        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``).
-
-        **One transaction** (issue 17): the current rows are read first, then every changed
-        record, its history, its postings and its audit entry are written in one group-commit
-        unit (no savepoint per item: an item's first write is its record's compare-and-set,
-        so a conflicting item writes nothing) with one audit-head update, so a batch costs one
-        durable commit (and one freshness anchor advance), not one per item. An item whose row
-        changed between the read and the commit (another writer, or the same id twice in the
-        batch) is redone alone through :meth:`put`. A failed item does not undo the others.
+        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``), written
+        in **one transaction** by :meth:`put_many`. A failed item does not undo the others.
 
         Args:
             items: from :func:`~safehold.records.model.parse_batch` (its shape already checked,
                 so a malformed batch never gets here); a :class:`RefusedItem` becomes a
                 ``failed`` result in its place.
         """
-        results: list[dict[str, Any]] = []
-        plans: list[tuple[int, ValidRecord, RowAddress, bytes | None, int]] = []
-        bodies: list[JSONObject] = []  # entries of unchanged items, staged with the batch
+        items = list(items)
+        valid = [(it, None) for it in items if not isinstance(it, RefusedItem)]
+        done = iter(self.put_many(who, valid, skip_identical=True))
+        results: list[JSONObject] = []
         for item in items:
             if isinstance(item, RefusedItem):
                 results.append({"id": item.id, "status": "failed", "error": item.error})
                 continue
+            r = next(done)
+            if isinstance(r, PutResult):
+                results.append({"id": r.id, "status": r.status, "version": r.version})
+            else:
+                results.append({"id": item.id, "status": "failed", "error": str(r)})
+        return results
+
+    def put_many(self, who: str, writes: Sequence[tuple[ValidRecord, int | None]], *,
+                 skip_identical: bool = False) -> list[PutResult | RecordError | ValueError]:
+        """Create or replace many records in **one transaction** (issue 17): the current rows
+        are read first, then every changed record, its history row, its postings and its audit
+        entry are written in one group-commit unit with one audit-head update, so the whole
+        call costs one durable commit (and, over a FreshStore, one journal entry and one anchor
+        advance). No savepoint per item: an item's first write is its record's compare-and-set,
+        so a conflicting item writes nothing; it (another writer, or the same id twice) is then
+        redone alone through :meth:`put`. Refusals are audited in the same transaction.
+
+        Args:
+            writes: ``(record, expected_version)`` pairs; ``expected_version`` None = any, 0 =
+                must not exist (as :meth:`put`).
+            skip_identical: a byte-identical record is ``unchanged`` and not written.
+
+        Returns:
+            one :class:`PutResult`, or the item's error (``PreconditionFailedError``,
+            ``RecordTamperedError``, ...), per write, in order.
+
+        Raises:
+            AuditChainError / StoreUnavailableError: the transaction itself failed (nothing of
+                it is durable).
+        """
+        out: list[PutResult | RecordError | ValueError | None] = [None] * len(writes)
+        plans: list[tuple[int, ValidRecord, RowAddress, bytes | None, int]] = []
+        bodies: list[JSONObject] = []  # entries of unchanged and refused items
+        for pos, (rec, expected) in enumerate(writes):
             try:
-                addr = self.engine.address(self.ns, item.id)
+                addr = self.engine.address(self.ns, rec.id)
                 try:
                     old_raw: bytes | None
                     old_raw, cur = self.engine.get_at(addr)
                 except RecordNotFoundError:
                     old_raw, cur = None, 0
             except (RecordError, ValueError) as e:
-                results.append({"id": item.id, "status": "failed", "error": str(e)})
+                out[pos] = e
                 continue
-            if old_raw == item.raw:
-                results.append({"id": item.id, "status": "unchanged", "version": cur})
+            if expected is not None and expected != cur:
+                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "precondition-failed"))
+                out[pos] = PreconditionFailedError(
+                    f"expected version {expected}, current version is {cur}")
+                continue
+            if skip_identical and old_raw == rec.raw:
                 bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "unchanged"))
+                out[pos] = PutResult(rec.id, cur, "unchanged")
                 continue
-            results.append({"id": item.id, "status": "pending"})
-            plans.append((len(results) - 1, item, addr, old_raw, cur))
-        if not plans and not bodies:
-            return results
+            plans.append((pos, rec, addr, old_raw, cur))
         redo: list[int] = []
 
         def unit() -> list[tuple[int, int]]:
+            redo.clear()
             done: list[tuple[int, int]] = []
             staged = list(bodies)
             for pos, rec, addr, old_raw, cur in plans:
-                old_terms = postings(decode_stored(old_raw)) if old_raw is not None else frozenset()
-                status = "created" if cur == 0 else "updated"
+                if old_raw == rec.raw:
+                    old_terms = rec.postings
+                else:
+                    old_terms = postings(decode_stored(old_raw)) if old_raw is not None else frozenset()
                 try:  # the CAS is the item's first write: a conflict leaves nothing behind
                     version = self.engine.put_at(addr, rec.raw, expected_version=cur)
                 except ConflictError:
@@ -536,28 +569,21 @@ class PatientRepository:
                 self.index.remove(rec.id, sorted(old_terms - rec.postings))
                 self.index.add(rec.id, sorted(rec.postings - old_terms))
                 done.append((pos, version))
-                staged.append(AccessAuditLog.body(who, "put", addr.row_key, status))
+                staged.append(AccessAuditLog.body(who, "put", addr.row_key,
+                                                  "created" if cur == 0 else "updated"))
             if self.audit is not None and staged:  # last: advances the chain once
                 self.audit.stage_many(staged)
             return done
 
-        redo.clear()
-        try:
-            done = self.committer.run(unit)
-        except (RecordError, ValueError) as e:
-            for pos, *_ in plans:
-                results[pos] = {"id": results[pos]["id"], "status": "failed", "error": str(e)}
-            return results
-        by_pos = {pos: (rec, cur) for pos, rec, _, _, cur in plans}
-        for pos, version in done:
-            _, cur = by_pos[pos]
-            results[pos] = {"id": results[pos]["id"], "status": "created" if cur == 0 else "updated",
-                            "version": version}
+        if plans or (bodies and self.audit is not None):
+            for pos, version in self.committer.run(unit):
+                cur = next(c for p, _, _, _, c in plans if p == pos)
+                out[pos] = PutResult(writes[pos][0].id, version, "created" if cur == 0 else "updated")
         for pos in redo:
-            rec, _ = by_pos[pos]
+            rec, expected = writes[pos]
             try:
-                r = self.put(who, rec, skip_identical=True)
-                results[pos] = {"id": rec.id, "status": r.status, "version": r.version}
+                out[pos] = self.put(who, rec, expected_version=expected, skip_identical=skip_identical)
             except (RecordError, ValueError) as e:
-                results[pos] = {"id": rec.id, "status": "failed", "error": str(e)}
-        return results
+                out[pos] = e
+        assert all(r is not None for r in out)
+        return out  # type: ignore[return-value]
