@@ -209,3 +209,41 @@ def test_a_batch_is_one_transaction_and_one_journal_entry(tmp_path):
         assert repo.audit.verify() == 50 + 51 + 2
     finally:
         fs.close()
+
+
+def test_a_fhir_batch_writes_its_puts_in_one_transaction_per_repository(tmp_path):
+    from safehold.records.fhir.core import FhirStore
+
+    anchor = InProcessAnchor()
+    fs = open_fresh(open_store(f"sqlite:///{tmp_path / 'f.db'}"), anchor)
+    committer = FreshGroupCommit(fs)
+    # a long flush interval: the batch's own reads are not flushed in between
+    audit = AccessAuditLog(fs, committer, mac_key=b"k" * 32, flush_seconds=30, max_lag=30)
+    repo = PatientRepository(fs, Keyset.generate(), committer=committer, audit=audit)
+    fhir = FhirStore.beside(repo)
+    try:
+        repo.put("w", parse_record("first", pat("first", "Lee")))  # the chain position is known
+        entries = [{"resource": pat(f"f{i}", "Batch"), "request": {"method": "PUT", "url": f"Patient/f{i}"}}
+                   for i in range(30)]
+        entries += [{"resource": {"resourceType": "Observation", "id": f"o{i}", "status": "final",
+                                  "code": {"text": "x"}, "subject": {"reference": "Patient/f1"}},
+                     "request": {"method": "PUT", "url": f"Observation/o{i}"}} for i in range(5)]
+        entries.append({"request": {"method": "GET", "url": "Patient/first"}})
+        entries.append({"resource": {"resourceType": "Patient", "id": "zz"},
+                        "request": {"method": "PUT", "url": "Patient/other-id"}})  # refused alone
+        e0 = fs.status()["committed_epoch"]
+        out = fhir.batch("w", {"resourceType": "Bundle", "type": "batch", "entry": entries},
+                         base="", can_write=True)
+        assert fs.status()["committed_epoch"] == e0 + 2  # Patient and resources repositories
+        assert [o.kind for o in out] == ["write"] * 35 + ["read", "error"]
+        assert all(o.written is not None and o.written.created for o in out[:35])
+        assert out[3].written.resource["meta"]["versionId"] == "1"
+        again = fhir.batch("w", {"resourceType": "Bundle", "type": "batch", "entry": entries[:3]},
+                           base="", can_write=True)
+        assert [o.written.changed for o in again] == [False] * 3  # unchanged: nothing written
+        assert fhir.read("r", "Patient", "f2")[0]["name"][0]["family"] == "Batch"
+        audit.flush()
+        # 36 writes; reads: 35 + 1 in the first batch (the refused entry read nothing), 3, 1
+        assert audit.verify() == 36 + 36 + 3 + 1
+    finally:
+        fs.close()
