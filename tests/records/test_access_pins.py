@@ -83,7 +83,7 @@ def test_the_measured_config_cannot_carry_an_access_list(tmp_path):
     f.write_text(f'broker_ca_sha256 = "{"ab" * 32}"\n[access.certificates]\nadmin = "admin"\n')
     with pytest.raises(ConfigError, match="data owner pins who holds which role in the broker manifest"):
         ServiceConfig.load(f, env={})
-    f.write_text(f'broker_ca_sha256 = "{"ab" * 32}"\n')
+    f.write_text(f'freshness = false\nbroker_ca_sha256 = "{"ab" * 32}"\n')
     assert ServiceConfig.load(f, env={}).access_resource == "default/access/records-access"
     with pytest.raises(ConfigError, match="'access_resource' is a measured setting"):
         ServiceConfig.load(f, env={"SAFEHOLD_RECORDS_ACCESS_RESOURCE": "default/access/mine"})

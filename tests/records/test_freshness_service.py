@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import ssl
+import time
 from contextlib import closing
+from pathlib import Path
 
 import httpx
 import pytest
 
 from safehold.devstack import prepare, start, stop, tokens
-from tests.support.freshness import Owner, PostgresEngine, SqliteEngine
+from tests.support.freshness import Owner, PostgresEngine, SqliteEngine, sqlite_copy
 from tests.support.shared import free_port, snapshot_package
 
 pytestmark = pytest.mark.slow
@@ -70,10 +73,71 @@ def engine(request, tmp_path):
     return PostgresEngine(dsn, request.getfixturevalue("pg_schema"))
 
 
-def _client(s) -> httpx.Client:
+def _client(s, url: str | None = None) -> httpx.Client:
     tok = tokens(s.data_dir)["admin"]
-    return httpx.Client(base_url=s.info["records_url"], verify=str(s.path("ca.pem")), timeout=30,
+    return httpx.Client(base_url=url or s.info["records_url"], timeout=30,
+                        verify=ssl.create_default_context(cafile=str(s.path("ca.pem"))),
                         headers={"Authorization": f"Bearer {tok}"})
+
+
+def _copy_store(engine, tmp_path: Path) -> str:
+    """The operator copies the live store (a second replica's database); its URL."""
+    if isinstance(engine, SqliteEngine):
+        dst = tmp_path / "replica.db"
+        sqlite_copy(engine.path, dst)
+        return f"sqlite:///{dst}"
+    import psycopg
+
+    copy = f"{engine.schema}r"
+    with psycopg.connect(engine.dsn, autocommit=True) as c:
+        c.execute(f'CREATE SCHEMA "{copy}"')
+        for t in ("safehold_rows", "safehold_schema_version"):
+            c.execute(f'CREATE TABLE "{copy}".{t} (LIKE "{engine.schema}".{t} INCLUDING ALL)')
+            c.execute(f'INSERT INTO "{copy}".{t} SELECT * FROM "{engine.schema}".{t}')
+    return f"{engine.dsn}{'&' if '?' in engine.dsn else '?'}schema={copy}"
+
+
+def _drop_copy(engine) -> None:
+    if isinstance(engine, PostgresEngine):
+        import psycopg
+
+        with psycopg.connect(engine.dsn, autocommit=True) as c:
+            c.execute(f'DROP SCHEMA IF EXISTS "{engine.schema}r" CASCADE')
+
+
+def _fork(s, engine, tmp_path: Path) -> None:
+    """Two replicas of one ledger on two copies of the store: the first write through one makes
+    the other refuse (its history forked from the anchor's)."""
+    import subprocess
+
+    from safehold.devstack import records_cmd, records_env, wait_records
+
+    url = _copy_store(engine, tmp_path)
+    env = records_env(s, port=free_port(), scone_port=None, store_url=url, ready="replica-ready.json")
+    log = s.path("replica.log").open("ab")
+    p = subprocess.Popen(records_cmd(s), env=env, stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL)
+    try:
+        info = wait_records(s, p, s.path("replica-ready.json"), 120, s.path("replica.log"))
+        with _client(s) as a, _client(s, info["records_url"]) as b:
+            for _ in range(100):  # the replica compares with the anchor once the members answer
+                if b.get("/healthz").status_code == 200:
+                    break
+                time.sleep(0.2)
+            # same history so far: both serve (no request to b yet: reads are audited, so a read
+            # through b would be a write that advances the anchor on b's copy first)
+            assert b.get("/healthz").json() == {"status": "ok"}
+            assert a.put("/v1/patients/f1", json=_patient("Foxtrot")).status_code == 201
+            d = _error(b.put("/v1/patients/f2", json=_patient("Golf")), 503, "not-fresh")
+            assert d.startswith("StoreForkedError: "), d
+            _error(b.get("/v1/patients/d"), 503, "not-fresh")
+            h = b.get("/healthz")
+            assert h.status_code == 503 and "StoreForked" in h.json()["reason"], h.text
+            assert a.get("/v1/patients/f1").status_code == 200  # the first replica goes on
+    finally:
+        p.terminate()
+        p.wait(30)
+        _drop_copy(engine)
 
 
 def _error(r: httpx.Response, status: int, code: str) -> str:
@@ -95,9 +159,13 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
     db = Db(engine)
     start(s)
     try:
-        assert s.info["freshness"] == {"records": "initialised"}
+        assert s.info["freshness"] == {"broker": "initialised", "records": "initialised"}
         with _client(s) as c:
             assert c.get("/healthz").json() == {"status": "ok"}
+            assert c.put("/v1/patients/d", json=_patient("Delta")).status_code == 201
+        # 0. two replicas shown different histories (fork)
+        _fork(s, engine, tmp_path)
+        with _client(s) as c:
             # 1. an acknowledged update undone by restoring the older row
             before = db.rows(NS)
             assert c.put("/v1/patients/a", json=_patient("Alpha")).status_code == 201
@@ -106,7 +174,8 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
             assert c.put("/v1/patients/a", json=_patient("Beta")).status_code == 200
             db.put_back(NS, ka, *old)
             d = _error(c.get("/v1/patients/a"), 409, "stale-data")
-            assert ka.hex() in d and "expected version 2, found version 1" in d
+            assert d.startswith("RowRolledBackError: ") and ka.hex() in d
+            assert "expected version 2, found version 1" in d
             assert "Alpha" not in d and "Beta" not in d
             # 2. a deleted patient brought back
             before = db.rows(NS)
@@ -116,26 +185,29 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
             assert c.delete("/v1/patients/b").status_code == 204
             db.put_back(NS, kb, *row_b)
             d = _error(c.get("/v1/patients/b"), 409, "stale-data")
-            assert kb.hex() in d and "expected no row" in d
+            assert d.startswith("RowRestoredError: ") and kb.hex() in d and "expected no row" in d
             # 3. a live row deleted by the DBA is not "never existed"
             before = db.rows(NS)
             assert c.put("/v1/patients/c", json=_patient("Charlie")).status_code == 201
             kc = _new_key(db, NS, before)
             db.delete(NS, kc)
             d = _error(c.get("/v1/patients/c"), 409, "stale-data")
-            assert kc.hex() in d and "found no row" in d
+            assert d.startswith("RowDeletedError: ") and kc.hex() in d and "found no row" in d
             assert _error(c.get("/v1/patients/never-written"), 404, "not-found")
             # 4. search with a posting left out
             before = db.rows(SEARCH)
-            assert c.put("/v1/patients/d", json=_patient("Delta")).status_code == 201
+            assert c.put("/v1/patients/d", json=_patient("Delta Two")).status_code == 200
             new = sorted(set(db.rows(SEARCH)) - set(before))
-            assert c.get("/v1/patients", params={"family": "Delta"}).json()["records"][0]["id"] == "d"
+            assert c.get("/v1/patients", params={"family": "Delta Two"}).json()["records"][0]["id"] == "d"
             for k in new:
                 db.delete(SEARCH, k)
-            d = _error(c.get("/v1/patients", params={"family": "Delta"}), 409, "stale-data")
-            assert "posting group" in d or "postings" in d.lower()
+            d = _error(c.get("/v1/patients", params={"family": "Delta Two"}), 409, "stale-data")
+            assert d.startswith("PostingsStaleError: "), d
             # 5. a list page with a row left out (c is gone from the database)
-            _error(c.get("/v1/patients", params={"limit": 100}), 409, "stale-data")
+            d = _error(c.get("/v1/patients", params={"limit": 100}), 409, "stale-data")
+            # (the page meets the first tampered row in key order: c missing, b restored, a old)
+            assert d.split(":")[0] in ("RowsOmittedError", "RowDeletedError", "RowRestoredError",
+                                       "RowRolledBackError"), d
             # 6. the whole store restored from an earlier copy while running
             token = engine.backup()
             before = db.rows(NS)

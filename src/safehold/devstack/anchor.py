@@ -210,6 +210,23 @@ def write_broker_anchor(d: Path, members: list[str], policy: dict[str, Any]) -> 
     return p
 
 
+def _anchor_lost(s: Stack, ledger: str) -> bool:
+    """True only if the anchor itself says it lost ``ledger`` (asked directly, not inferred
+    from the service's message)."""
+    from safehold.freshness.errors import AnchorLostError, FreshnessError
+
+    client = read_client(s)
+    try:
+        client.head(ledger)
+    except AnchorLostError:
+        return True
+    except FreshnessError:
+        return False
+    finally:
+        client.close()
+    return False
+
+
 def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     """Bring a service's ledger to serving with the development owner key, loudly, where that is
     safe; returns what happened (``fresh``, ``initialised``, ``re-anchored``, ``refused: ...``).
@@ -251,7 +268,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     # the unsigned statement the service built (parsed and checked canonical by the wire form)
     statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
     if action == "reanchor":
-        if "lost" not in (prop.get("problem") or "").lower() and "AnchorLost" not in problem:
+        if not _anchor_lost(s, ledger):  # the anchor holds a head: the store disagrees with it
             return f"refused: {prop.get('problem')} (the owner decides: safehold freshness reanchor)"
         cp = load_checkpoints(s.data_dir).get(ledger)
         try:

@@ -193,7 +193,10 @@ def error_response(e: Exception) -> JSONResponse:
     """Map a Safehold error to a JSON error response (no record content in any message)."""
     for cls, status, code in _ERRORS:
         if isinstance(e, cls):
-            return JSONResponse({"error": code, "detail": str(e)}, status_code=status)
+            # freshness findings are named (StoreForkedError, RowRolledBackError, ...): the class
+            # is what the operator acts on; the message names blind indexes and epochs only
+            detail = f"{type(e).__name__}: {e}" if isinstance(e, FreshnessError) else str(e)
+            return JSONResponse({"error": code, "detail": detail}, status_code=status)
     return JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
 
 
@@ -558,7 +561,7 @@ def audit_reseal(request: Request, who: Principal = Depends(admin)) -> dict[str,
 def _freshness(request: Request) -> Freshness:
     f = _api(request).freshness
     if f is None:
-        raise ConfigError("freshness is off (measured config freshness = false)")
+        raise RecordNotFoundError("freshness is off (measured config freshness = false)")
     return f
 
 
@@ -601,9 +604,9 @@ async def freshness_reanchor(request: Request, who: Principal = Depends(admin)) 
     """Apply the owner-signed statement ``{"payload", "signature"}``; the members accept only
     the owner's signature. Audited as ``freshness-reanchor`` (outcome ``ok`` or ``refused``);
     the statement itself is committed into the freshness journal."""
+    f = _freshness(request)
     require_json(request)
     body = loads_strict(await read_body(request, 64 * 1024, "owner statement"))
-    f = _freshness(request)
     audit = _api(request).repo.audit
     try:
         head = await run_in_threadpool(f.reanchor, body)

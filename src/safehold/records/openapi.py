@@ -237,6 +237,45 @@ _SPEC: dict[str, Any] = {
                 },
             },
         },
+        "/v1/freshness": {
+            "get": {
+                "summary": "(admin) the freshness status: ledger, serving, committed / anchored epoch, rows",
+                "responses": {
+                    "200": {"description": "status", "content": {"application/json": {
+                        "schema": {"type": "object"}}}},
+                    **_errors(401, 403, 404, 405, 409, 500, 503),
+                },
+            },
+        },
+        "/v1/freshness/proposal": {
+            "get": {
+                "summary": "(admin) what re-anchoring would accept and the unsigned owner statement",
+                "responses": {
+                    "200": {"description": "proposal", "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["action", "proposal", "payload"],
+                                   "properties": {"action": {"type": "string"},
+                                                  "proposal": {"type": "object"},
+                                                  "payload": {"type": "string"}}}}}},
+                    **_errors(401, 403, 404, 405, 409, 500, 503),
+                },
+            },
+        },
+        "/v1/freshness/reanchor": {
+            "post": {
+                "summary": "(admin) apply the owner-signed re-anchoring statement (audited)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["payload", "signature"],
+                    "properties": {"payload": {"type": "string"}, "signature": {"type": "string"}}}}}},
+                "responses": {
+                    "200": {"description": "re-anchored", "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["ledger", "epoch", "digest"],
+                                   "properties": {"ledger": {"type": "string"},
+                                                  "epoch": {"type": "integer"},
+                                                  "digest": {"type": "string"}}}}}},
+                    **_errors(400, 401, 403, 404, 405, 409, 413, 415, 500, 503),
+                },
+            },
+        },
     },
 }
 
