@@ -247,3 +247,33 @@ def test_a_fhir_batch_writes_its_puts_in_one_transaction_per_repository(tmp_path
         assert audit.verify() == 36 + 36 + 3 + 1
     finally:
         fs.close()
+
+
+def test_segment_and_seal_over_http(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.support.fhir_app import records_app
+
+    ra = records_app(tmp_path)
+    try:
+        with TestClient(ra.app) as c:
+            for i in range(6):
+                assert c.put(f"/v1/patients/h{i}", json=pat(f"h{i}", "Web"),
+                             headers=ra.headers("writer")).status_code == 201
+            assert c.get("/v1/patients/h1", headers=ra.headers("reader")).status_code == 200
+            assert c.get("/v1/audit/segment?through=3", headers=ra.headers("reader")).status_code == 403
+            r = c.get("/v1/audit/segment?through=3", headers=ra.headers())
+            assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+            digest = r.headers["X-Safehold-Segment-SHA256"]
+            assert r.headers["X-Safehold-Segment"] == "0-3" and len(r.content.splitlines()) == 4
+            bad = c.post("/v1/audit/seal", json={"through": 3, "sha256": "0" * 64}, headers=ra.headers())
+            assert bad.status_code == 409 and bad.json()["error"] == "audit-chain-broken"
+            assert c.post("/v1/audit/seal", json={"through": 3}, headers=ra.headers()).status_code == 400
+            ok = c.post("/v1/audit/seal", json={"through": 3, "sha256": digest}, headers=ra.headers())
+            assert ok.status_code == 200 and ok.json() == {"first": 0, "last": 3, "sha256": digest}
+            n = c.get("/v1/audit/verify", headers=ra.headers()).json()["entries"]
+            assert n == c.get("/v1/audit/verify?full=true", headers=ra.headers()).json()["entries"]
+            assert n >= 9  # 6 puts, the get, the seal entry (and the verify's own reads)
+            assert ra.repo.audit.verify_segment(r.content).sha256 == digest
+    finally:
+        ra.store.close()
