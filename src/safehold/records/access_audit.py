@@ -202,6 +202,7 @@ class AccessAuditLog:
         self._cond = threading.Condition()
         self._pending: list[tuple[float, JSONObject]] = []
         self._inflight_oldest: float | None = None
+        self._inflight_n = 0
         self._failure: BaseException | None = None
         self._flusher: threading.Thread | None = None
         self._flushed = 0  # read entries made durable (a counter for waiters and tests)
@@ -320,13 +321,13 @@ class AccessAuditLog:
             if not self._pending or self._inflight_oldest is not None:
                 return False
             batch, self._pending = self._pending[:_MAX_FLUSH], self._pending[_MAX_FLUSH:]
-            self._inflight_oldest = batch[0][0]
+            self._inflight_oldest, self._inflight_n = batch[0][0], len(batch)
         try:
             self.committer.run(lambda: self.stage_many([b for _, b in batch]))
         except BaseException as e:  # noqa: BLE001 - recorded; reads fail closed until a retry works
             with self._cond:
                 self._pending[:0] = batch  # keep them: retried by the next flush
-                self._inflight_oldest = None
+                self._inflight_oldest, self._inflight_n = None, 0
                 first = self._failure is None
                 self._failure = e
                 self._cond.notify_all()
@@ -337,7 +338,7 @@ class AccessAuditLog:
             time.sleep(self._flush_seconds)
             return False
         with self._cond:
-            self._inflight_oldest = None
+            self._inflight_oldest, self._inflight_n = None, 0
             self._flushed += len(batch)
             if self._failure is not None:
                 log.warning("read audit flush works again")
@@ -353,13 +354,13 @@ class AccessAuditLog:
                 ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
-        with self._cond:
-            target = self._flushed + len(self._pending) + (0 if self._inflight_oldest is None else 1)
+        with self._cond:  # FIFO: once this many more are durable, all present now are
+            target = self._flushed + len(self._pending) + self._inflight_n
         while True:
             with self._cond:
                 if not self._pending and self._inflight_oldest is None:
                     return
-                if self._flushed >= target and self._inflight_oldest is None:
+                if self._flushed >= target:
                     return
             if not self._flush_once():
                 with self._cond:
