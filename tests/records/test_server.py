@@ -680,7 +680,8 @@ def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
     db = tmp_path / "flipped.db"
     _sqlite_copy(stack.path("records.db"), db)
     data = bytearray(db.read_bytes())
-    mid = (len(data) // 4096 // 2) * 4096
+    ps = int.from_bytes(data[16:18], "big") or 65536  # the header's page size (1 means 65536)
+    mid = (len(data) // ps // 2) * ps  # the start of a page in the middle: its B-tree header
     rnd = random.Random(5)
     for j in range(200):
         data[mid + j] ^= rnd.randrange(1, 256)
@@ -692,8 +693,9 @@ def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
         pass
     conn.close()
     p, url, log = _start_records_on(stack, tmp_path, "flipped", db)
+    started = url is not None
     try:
-        if url is None:  # the start-up itself met a damaged page (the freshness journal)
+        if not started:  # the start-up itself met a damaged page (schema, freshness journal)
             assert p.wait(60) == 1
         else:  # quick_check runs after serving starts; its finding refuses everything after
             deadline = time.monotonic() + 60
@@ -708,8 +710,17 @@ def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
         if p.poll() is None:
             p.kill()
     text = log.read_text()
-    assert f"SQLite store {db} is corrupt (PRAGMA quick_check:" in text, text
-    # (b) a leaf page of the audit log copied over another: quick_check passes, scans would not
+    if started:
+        assert f"SQLite store {db} is corrupt (PRAGMA quick_check:" in text, text
+    else:  # named, and said to be corrupt
+        assert f"SQLite store {db}" in text and "corrupt" in text, text
+    # (b) a leaf page of the audit log copied over another: quick_check passes, scans would not.
+    # The audit needs a few 16 KiB leaves: 600 audited reads (one entry each), then their flush
+    with client(stack, "reader") as c:
+        for i in range(600):
+            with pytest.raises(RecordNotFoundError):
+                c.get(f"no-such-{i}")
+    time.sleep(1.0)
     db2 = tmp_path / "dup.db"
     _sqlite_copy(stack.path("records.db"), db2)
     duplicate_leaf_page(db2, b"records.audit")

@@ -38,7 +38,8 @@ def test_background_quick_check_finding_refuses_every_operation(tmp_path, caplog
     db = tmp_path / "c.db"
     _fill(f"sqlite:///{db}")
     data = bytearray(db.read_bytes())
-    mid = (len(data) // 4096 // 2) * 4096
+    ps = int.from_bytes(data[16:18], "big") or 65536  # the header's page size (1 means 65536)
+    mid = (len(data) // ps // 2) * ps
     rnd = random.Random(5)
     for j in range(200):
         data[mid + j] ^= rnd.randrange(1, 256)
