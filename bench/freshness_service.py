@@ -126,8 +126,9 @@ def rb_client(url: str, s: Any) -> Any:
 
     from safehold.devstack import tokens
 
+    admin = tokens(s.data_dir, s.owner_dir)["admin"]
     return httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(s.path("ca.pem"))),
-                        headers={"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"}, timeout=30)
+                        headers={"Authorization": f"Bearer {admin}"}, timeout=30)
 
 
 def main() -> None:

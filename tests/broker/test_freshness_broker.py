@@ -50,7 +50,7 @@ def test_restored_broker_state_releases_nothing(tmp_path):
         assert update_manifest(s) == 2
     finally:
         stop(s)
-    checkpoint = json.loads(s.path("anchor-checkpoint.json").read_text())["ledgers"]["broker"]
+    checkpoint = json.loads(s.owner_path("anchor-checkpoint.json").read_text())["ledgers"]["broker"]
     # the attack: broker.db put back from before the revocation, while everything is stopped
     restore_file(tmp_path / "broker-before-revocation.db", s.path("broker") / "broker.db")
     s2 = stack()
@@ -69,7 +69,7 @@ def test_restored_broker_state_releases_nothing(tmp_path):
             fs = c.get("/freshness").json()
             assert not fs["serving"] and fs["committed_epoch"] < checkpoint["epoch"]
             # the admin token does not help: only a statement the members verify with the owner key
-            tok = json.loads(s2.path("tokens.json").read_text())["admin"]
+            tok = json.loads(s2.owner_path("tokens.json").read_text())["admin"]
             r = c.post("/freshness/reanchor", json={"payload": "e30", "signature": "AA"},
                        headers={"Authorization": f"Bearer {tok}"})
             assert r.status_code == 409 and r.json()["type"].endswith("owner-statement-refused"), r.text
@@ -96,7 +96,7 @@ def test_restored_broker_state_releases_nothing(tmp_path):
             assert st["mode"] == "ready" and st["manifest_version"] == 1  # the owner's knowing choice
             audit = c.get("/admin/audit", headers={"Authorization": f"Bearer {tok}"}).json()
             assert any(e.get("event") == "freshness-reanchor" for e in audit["entries"]), audit
-        cp = json.loads(s2.path("anchor-checkpoint.json").read_text())["ledgers"]["broker"]
+        cp = json.loads(s2.owner_path("anchor-checkpoint.json").read_text())["ledgers"]["broker"]
         assert cp["digest"] != checkpoint["digest"]  # the owner's explicit step moved it to the new history
     finally:
         stop(s2)

@@ -117,7 +117,7 @@ def test_kill_records_member_and_broker_at_many_points(tmp_path):
                 package_root=str(pkg))
     start(s)
     rng = random.Random(12)
-    tok = tokens(s.data_dir)["admin"]
+    tok = tokens(s.data_dir, s.owner_dir)["admin"]
     ca = str(s.path("ca.pem"))
     rolled_forward = 0
     try:

@@ -74,7 +74,7 @@ def engine(request, tmp_path):
 
 
 def _client(s, url: str | None = None) -> httpx.Client:
-    tok = tokens(s.data_dir)["admin"]
+    tok = tokens(s.data_dir, s.owner_dir)["admin"]
     return httpx.Client(base_url=url or s.info["records_url"], timeout=30,
                         verify=ssl.create_default_context(cafile=str(s.path("ca.pem"))),
                         headers={"Authorization": f"Bearer {tok}"})
@@ -221,7 +221,7 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
     # 7. the same earlier copy put back while the stack is stopped: the members restarted with
     # it (lost mode); the checkpoint refuses the dev owner's automatic re-anchoring
     engine.restore(token)
-    cp = json.loads(s.path("anchor-checkpoint.json").read_text())["ledgers"]["records"]
+    cp = json.loads(s.owner_path("anchor-checkpoint.json").read_text())["ledgers"]["records"]
     s2 = prepare(tmp_path / "data", broker_port=free_port(), records_port=free_port(), scone_port=None,
                  store_url=url, package_root=str(pkg))
     start(s2)
@@ -248,7 +248,7 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
             _error(c.post("/v1/freshness/reanchor", json={"payload": doc["payload"], "signature": "AA"}),
                    409, "owner-statement-refused")
             _error(c.get("/v1/patients/d"), 503, "not-fresh")
-            signed = sign_owner_statement(statement, s2.path("owner.key").read_bytes())
+            signed = sign_owner_statement(statement, s2.owner_path("owner.key").read_bytes())
             r = c.post("/v1/freshness/reanchor", json=signed.to_json())
             assert r.status_code == 200, r.text
             assert c.get("/healthz").json() == {"status": "ok"}

@@ -20,6 +20,9 @@ import click
 
 _DATA = click.option("--data-dir", default="./safehold-data", show_default=True, envvar="SAFEHOLD_DATA_DIR",
                      type=click.Path(file_okay=False))
+_OWNER = click.option("--owner-dir", default=None, envvar="SAFEHOLD_OWNER_DIR",
+                      type=click.Path(file_okay=False),
+                      help="The owner directory (owner.key, tokens.json); default <data-dir>.owner.")
 _SERVICE = click.option("--service", "ledger", type=click.Choice(["records", "broker"]), default="records",
                         show_default=True, help="Whose ledger.")
 
@@ -48,13 +51,14 @@ def register(group: click.Group) -> None:
 
     @freshness.command("status")
     @_DATA
+    @_OWNER
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    def status(data_dir: str, as_json: bool) -> None:
+    def status(data_dir: str, owner_dir: str | None, as_json: bool) -> None:
         """Members (ready / lost mode) and each ledger's committed vs anchored epoch.
         Exit 1 if a ledger is not serving."""
         from safehold.devstack.anchor import freshness_status
 
-        st = freshness_status(Path(data_dir))
+        st = freshness_status(Path(data_dir), owner_dir)
         ok = all(r.get("serving") for r in st["ledgers"].values())
         if as_json:
             click.echo(json.dumps(st, indent=2))
@@ -76,13 +80,14 @@ def register(group: click.Group) -> None:
 
     @freshness.command("proposal")
     @_DATA
+    @_OWNER
     @_SERVICE
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    def proposal_cmd(data_dir: str, ledger: str, as_json: bool) -> None:
+    def proposal_cmd(data_dir: str, owner_dir: str | None, ledger: str, as_json: bool) -> None:
         """What re-anchoring the ledger would accept, and what the checkpoint says of it."""
         from safehold.devstack.anchor import proposal
 
-        doc = proposal(Path(data_dir), ledger)
+        doc = proposal(Path(data_dir), ledger, owner_dir)
         if as_json:
             click.echo(json.dumps(doc, indent=2))
         else:
@@ -90,18 +95,20 @@ def register(group: click.Group) -> None:
 
     @freshness.command("reanchor")
     @_DATA
+    @_OWNER
     @_SERVICE
     @click.option("--key", "key_path", type=click.Path(dir_okay=False, exists=True), default=None,
-                  help="The owner's private key (PEM; default <data-dir>/owner.key, the dev owner).")
+                  help="The owner's private key (PEM; default <owner-dir>/owner.key, the dev owner).")
     @click.option("--accept-rollback", is_flag=True,
                   help="Accept a state older than the owner's checkpoint (data written since is lost).")
     @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-    def reanchor_cmd(data_dir: str, ledger: str, key_path: str | None, accept_rollback: bool,
-                     yes: bool) -> None:
+    def reanchor_cmd(data_dir: str, owner_dir: str | None, ledger: str, key_path: str | None,
+                     accept_rollback: bool, yes: bool) -> None:
         """Sign and apply the owner's re-anchoring (or first initialisation) of a ledger."""
+        from safehold.client.connection import owner_dir as default_owner_dir
         from safehold.devstack.anchor import reanchor
 
-        key = Path(key_path) if key_path else Path(data_dir) / "owner.key"
+        key = Path(key_path) if key_path else default_owner_dir(data_dir, owner_dir) / "owner.key"
 
         def confirm(doc: dict[str, Any]) -> bool:
             _show_proposal(doc)
@@ -111,15 +118,16 @@ def register(group: click.Group) -> None:
             return yes or click.confirm(f"sign and apply this with {key}?", default=False)
 
         out = reanchor(Path(data_dir), ledger, key.read_bytes(), accept_rollback=accept_rollback,
-                       confirm=confirm)
+                       confirm=confirm, owner=owner_dir)
         click.echo(f"re-anchored {out['ledger']} at epoch {out['epoch']} (digest {out['digest'][:16]}…); "
                    "recorded in its audit log and journal")
 
     @freshness.command("checkpoint")
     @_DATA
-    def checkpoint_cmd(data_dir: str) -> None:
-        """Take the owner's checkpoint now (``<data-dir>/anchor-checkpoint.json``)."""
+    @_OWNER
+    def checkpoint_cmd(data_dir: str, owner_dir: str | None) -> None:
+        """Take the owner's checkpoint now (``<owner-dir>/anchor-checkpoint.json``)."""
         from safehold.devstack.anchor import checkpoint_now
 
-        for led, epoch in checkpoint_now(Path(data_dir)).items():
+        for led, epoch in checkpoint_now(Path(data_dir), owner_dir).items():
             click.echo(f"{led:<8} checkpoint at epoch {epoch}")

@@ -8,12 +8,16 @@ Data directory::
     anchor/ports.json           the members' loopback ports, chosen once: the URLs are part of
                                 the members' measurement and of records.toml, so they stay put
     anchor/member<i>.log|json   logs and ready files
+and in the owner directory (the owner's side, beside ``owner.key``; the servers never read it)::
+
     anchor-checkpoint.json      the owner's checkpoint: per ledger the latest signed head seen
-                                (refreshed every few seconds and at stop)
+                                (refreshed every few seconds and at stop). Not in the data
+                                directory: the operator who restores an old database must not
+                                be able to move the checkpoint back with it
 
 The members hold the ledger heads in memory only, so stopping the whole stack loses them: on the
 next ``safehold up`` every member starts in lost mode. The development owner (``owner.key`` of
-the data directory) then re-anchors each ledger **only if** the store's head is not older than,
+the owner directory) then re-anchors each ledger **only if** the store's head is not older than,
 and does not fork from, the checkpoint (:func:`~safehold.freshness.anchor.statements.
 check_against_checkpoint`); a store restored from an earlier copy while the stack was stopped is
 refused and stays unserved until the owner decides (``safehold freshness reanchor
@@ -38,7 +42,8 @@ from safehold.freshness.anchor.launch import LocalAnchor, free_ports
 from safehold.fsutil import write_atomic
 
 __all__ = ["ANCHOR_DIR", "CHECKPOINT_FILE", "LEDGERS", "CheckpointKeeper", "anchor_policy",
-           "anchor_ports", "checkpoint_now", "freshness_status", "load_checkpoints", "local_anchor",
+           "anchor_ports", "checkpoint_now", "checkpoint_path", "freshness_status", "load_checkpoints",
+           "local_anchor",
            "measure_anchor", "proposal", "read_client", "reanchor",
            "settle_ledger", "take_checkpoint", "write_broker_anchor"]
 
@@ -104,15 +109,19 @@ def read_client(s: Stack) -> Any:
     return QuorumAnchor(cfg["anchor_members"], Verifier(AppraisalPolicy.from_dict(cfg["anchor_policy"])))
 
 
-def load_checkpoints(d: Path) -> dict[str, Any]:
-    """``ledger → AnchorCheckpoint`` from ``anchor-checkpoint.json`` ({} if none).
+def checkpoint_path(s: Stack) -> Path:
+    """``<owner dir>/anchor-checkpoint.json``."""
+    return s.owner_path(CHECKPOINT_FILE)
+
+
+def load_checkpoints(p: Path) -> dict[str, Any]:
+    """``ledger → AnchorCheckpoint`` from the checkpoint file ``p`` ({} if none).
 
     Raises:
         StackError: the file exists but is malformed (never ignored: it guards re-anchoring).
     """
     from safehold.freshness.anchor.statements import AnchorCheckpoint
 
-    p = d / CHECKPOINT_FILE
     if not p.exists():
         return {}
     try:
@@ -135,7 +144,7 @@ def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS, *
     from safehold.freshness.anchor.statements import AnchorCheckpoint
     from safehold.freshness.errors import FreshnessError
 
-    cps = load_checkpoints(s.data_dir)
+    cps = load_checkpoints(checkpoint_path(s))
     infos = {m.member: (m.certificate, m.endorsement) for m in client.members()}
     out: dict[str, int] = {}
     for led in ledgers:
@@ -152,7 +161,7 @@ def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS, *
         cps[led] = AnchorCheckpoint(led, head, signers)
         out[led] = head.epoch
     doc = {"ledgers": {k: v.to_json() for k, v in cps.items()}}
-    write_atomic(s.path(CHECKPOINT_FILE), json.dumps(doc, indent=1).encode(), mode=0o644)
+    write_atomic(checkpoint_path(s), json.dumps(doc, indent=1).encode(), mode=0o600)
     return out
 
 
@@ -194,7 +203,7 @@ def _service(s: Stack, url: str, ledger: str, method: str, path: str, body: Any 
     from safehold.devstack.datadir import tokens
 
     prefix, auth = ROUTES[ledger]
-    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"} if auth else {}
+    hdr = {"Authorization": f"Bearer {tokens(s.data_dir, s.owner_dir)['admin']}"} if auth else {}
     ca = s.path("ca.pem") if s.path("ca.pem").exists() else s.path("broker") / "ca.pem"
     with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
                       headers=hdr) as c:
@@ -270,16 +279,17 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     if action == "reanchor":
         if not _anchor_lost(s, ledger):  # the anchor holds a head: the store disagrees with it
             return f"refused: {prop.get('problem')} (the owner decides: safehold freshness reanchor)"
-        cp = load_checkpoints(s.data_dir).get(ledger)
+        cp = load_checkpoints(checkpoint_path(s)).get(ledger)
         try:
             check_against_checkpoint(ledger, AnchorHead(prop["epoch"], bytes.fromhex(prop["digest"])), cp)
         except FreshnessError as e:
             return f"refused: {e}"
     assert isinstance(statement, OwnerStatement)
-    signed = sign_owner_statement(statement, s.path("owner.key").read_bytes())
+    signed = sign_owner_statement(statement, s.owner_path("owner.key").read_bytes())
     say(f"!!! {'initialising' if action == 'initialise' else 're-anchoring'} freshness ledger "
         f"{ledger!r} at epoch {prop['epoch']} ({prop['rows']} rows) with the DEVELOPMENT owner key "
-        f"{s.path('owner.key')}" + ("" if action == "initialise" else " (not older than the checkpoint)"))
+        f"{s.owner_path('owner.key')}"
+        + ("" if action == "initialise" else " (not older than the checkpoint)"))
     r = _service(s, url, ledger, "POST", "/reanchor", signed.to_json())
     if r.status_code != 200:
         raise StackError(f"{ledger}: the signed {action} statement was refused: "
@@ -290,7 +300,7 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
 # --- the owner's view and steps (``safehold freshness``, ``safehold status``) -------------------
 
 
-def _running(data_dir: Path) -> tuple[Stack, dict[str, Any]]:
+def _running(data_dir: Path, owner: str | Path | None = None) -> tuple[Stack, dict[str, Any]]:
     """The running stack of ``data_dir`` (from ``up.json``) and that file's content.
 
     Raises:
@@ -302,7 +312,7 @@ def _running(data_dir: Path) -> tuple[Stack, dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise StackError(f"no running stack in {data_dir} ({type(e).__name__}): start `safehold up`"
                          ) from None
-    s = Stack(data_dir, 0, 0, None)
+    s = Stack(data_dir, 0, 0, None, owner_dir=Path(owner) if owner else None)
     s.info = info
     return s, info
 
@@ -314,10 +324,11 @@ def _url(info: dict[str, Any], ledger: str) -> str:
     return str(url)
 
 
-def freshness_status(data_dir: Path) -> dict[str, Any]:
+def freshness_status(data_dir: Path, owner: str | Path | None = None) -> dict[str, Any]:
     """``{members: [...], ledgers: {ledger: {committed_epoch, anchored_epoch, serving, problem,
-    checkpoint_epoch}}}`` of the running stack (members: ready / lost mode, incarnation)."""
-    s, info = _running(data_dir)
+    checkpoint_epoch}}}`` of the running stack (members: ready / lost mode, incarnation);
+    ``owner``: the owner directory (the records admin token)."""
+    s, info = _running(data_dir, owner)
     out: dict[str, Any] = {"members": [], "ledgers": {}}
     try:
         client = read_client(s)
@@ -331,7 +342,7 @@ def freshness_status(data_dir: Path) -> dict[str, Any]:
         out["members_error"] = str(e)
     finally:
         client.close()
-    cps = load_checkpoints(data_dir)
+    cps = load_checkpoints(checkpoint_path(s))
     for led in LEDGERS:
         row: dict[str, Any] = {"checkpoint_epoch": cps[led].head.epoch if led in cps else None}
         try:
@@ -352,7 +363,7 @@ def client_urls(s: Stack) -> list[str]:
     return list(tomllib.loads(s.path("records.toml").read_text("utf-8"))["anchor_members"])
 
 
-def proposal(data_dir: Path, ledger: str) -> dict[str, Any]:
+def proposal(data_dir: Path, ledger: str, owner: str | Path | None = None) -> dict[str, Any]:
     """The service's ``{action, proposal, payload}`` for ``ledger``, plus ``checkpoint``: what
     the owner's checkpoint says of it (``ok``, ``older than ...``, ``forks ...``).
 
@@ -363,13 +374,13 @@ def proposal(data_dir: Path, ledger: str) -> dict[str, Any]:
     from safehold.freshness.anchor.statements import check_against_checkpoint
     from safehold.freshness.errors import FreshnessError
 
-    s, info = _running(data_dir)
+    s, info = _running(data_dir, owner)
     r = _service(s, _url(info, ledger), ledger, "GET", "/proposal")
     if r.status_code != 200:
         raise StackError(f"{ledger}: no proposal: HTTP {r.status_code} {r.text[:300]}")
     doc: dict[str, Any] = r.json()
     p = doc["proposal"]
-    cp = load_checkpoints(data_dir).get(ledger)
+    cp = load_checkpoints(checkpoint_path(s)).get(ledger)
     try:
         check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])), cp)
         doc["checkpoint"] = "ok" if cp is not None else "none"
@@ -379,7 +390,7 @@ def proposal(data_dir: Path, ledger: str) -> dict[str, Any]:
 
 
 def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bool = False,
-             confirm: Any = None) -> dict[str, Any]:
+             confirm: Any = None, owner: str | Path | None = None) -> dict[str, Any]:
     """The owner's re-anchoring: fetch the proposal, check it against the checkpoint (older:
     refused unless ``accept_rollback``; a fork: always refused), ask ``confirm(doc)`` (False
     stops), sign with ``key_pem`` (the owner key), post; then move the checkpoint to it.
@@ -398,11 +409,12 @@ def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bo
         sign_owner_statement,
     )
 
-    s, info = _running(data_dir)
-    doc = proposal(data_dir, ledger)
+    s, info = _running(data_dir, owner)
+    doc = proposal(data_dir, ledger, owner)
     p = doc["proposal"]
     check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])),
-                             load_checkpoints(data_dir).get(ledger), accept_rollback=accept_rollback)
+                             load_checkpoints(checkpoint_path(s)).get(ledger),
+                             accept_rollback=accept_rollback)
     if confirm is not None and not confirm(doc):
         raise StackError("not re-anchored: the owner declined")
     statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
@@ -422,9 +434,9 @@ def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bo
     return out
 
 
-def checkpoint_now(data_dir: Path) -> dict[str, int]:
+def checkpoint_now(data_dir: Path, owner: str | Path | None = None) -> dict[str, int]:
     """Take a checkpoint of every ledger now; ``ledger → epoch``."""
-    s, _ = _running(data_dir)
+    s, _ = _running(data_dir, owner)
     client = read_client(s)
     try:
         return take_checkpoint(s, client)
