@@ -81,6 +81,7 @@ from safehold.errors import AuditChainError, ConflictError, StoreUnavailableErro
 from safehold.jsontypes import JSONObject
 from safehold.records.commit import Committer, GroupCommit
 from safehold.store.base import Store
+from safehold.store.errors import StoreClosedError
 
 __all__ = ["AUDIT_NAMESPACE", "BASE_KEY", "FLUSH_SECONDS", "GENESIS", "HEAD_KEY", "MAX_LAG_SECONDS",
            "VERIFIED_KEY", "AccessAuditEntry", "AccessAuditLog", "SealRecord"]
@@ -314,6 +315,10 @@ class AccessAuditLog:
                 if wait > 0 and len(self._pending) < _MAX_FLUSH:
                     self._cond.wait(wait)
             self._flush_once()
+            if isinstance(self._failure, StoreClosedError):
+                with self._cond:  # the store is gone: nothing can be written any more
+                    self._flusher = None
+                return
 
     def _flush_once(self) -> bool:
         """Flush up to ``_MAX_FLUSH`` buffered entries in one transaction; True if it wrote."""
@@ -331,11 +336,12 @@ class AccessAuditLog:
                 first = self._failure is None
                 self._failure = e
                 self._cond.notify_all()
-            if first:
+            if first and not isinstance(e, StoreClosedError):
                 log.error("read audit flush failed, refusing reads until it succeeds: %s", e)
             if not isinstance(e, Exception):
                 raise
-            time.sleep(self._flush_seconds)
+            if not isinstance(e, StoreClosedError):
+                time.sleep(self._flush_seconds)
             return False
         with self._cond:
             self._inflight_oldest, self._inflight_n = None, 0

@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from safehold.errors import StoreError, StoreUnavailableError
 from safehold.store import migrations as mig
@@ -209,6 +210,8 @@ class SqliteStore(_SqliteOps, Store):
         self._conns: list[tuple[int, weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._closed = False
         self._poison: StoreCorruptError | None = None
+        self._idle = threading.Condition()
+        self._active = 0  # outermost transactions running (any thread)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -389,8 +392,35 @@ class SqliteStore(_SqliteOps, Store):
         st = self._local
         depth = st.depth
         sp = f"safehold_sp{depth}"
+        if depth == 0:
+            with self._idle:  # close() waits for outermost transactions of other threads
+                self._active += 1
+            try:
+                with self._mapped("begin transaction"):
+                    conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._leave()
+                raise
+            try:
+                st.depth = 1
+                with self._transaction_body(conn, st, 0, sp) as tx:
+                    yield tx
+            finally:
+                self._leave()
+            return
         with self._mapped("begin transaction"):
-            conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {sp}")
+            conn.execute(f"SAVEPOINT {sp}")
+        with self._transaction_body(conn, st, depth, sp) as tx:
+            yield tx
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
+
+    @contextmanager
+    def _transaction_body(self, conn: sqlite3.Connection, st: Any, depth: int,
+                          sp: str) -> Iterator[StoreOps]:
         st.depth = depth + 1
         tx = _Tx(self, conn)
         try:
@@ -439,9 +469,20 @@ class SqliteStore(_SqliteOps, Store):
             )
 
     def close(self) -> None:
-        """Close every connection this store opened. Idempotent."""
+        """Close every connection this store opened. Idempotent. Waits (up to ``timeout``)
+        for transactions running on other threads to end first: closing a connection under a
+        running statement crashes the sqlite3 module (background writers such as the records
+        service's read-audit flush may still be committing)."""
         with self._lock:
             self._closed = True
+        deadline = time.monotonic() + self.timeout
+        with self._idle:
+            while self._active > (1 if self._local.depth else 0):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+        with self._lock:
             conns, self._conns = self._conns, []
         pid = os.getpid()
         for owner, _, conn in conns:
