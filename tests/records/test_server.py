@@ -727,17 +727,23 @@ def test_corrupt_store_fails_fast_with_a_clear_error(stack, tmp_path):
     duplicate_leaf_page(db2, b"records.audit")
     p, url, log = _start_records_on(stack, tmp_path, "dup", db2)
     try:
-        assert url is not None, log.read_text()
+        if url is None:  # the background quick_check saw this damage before start-up ended
+            assert p.wait(60) == 1
+            assert f"SQLite store {db2} is corrupt" in log.read_text(), log.read_text()
+            return
         with httpx.Client(base_url=url, verify=cactx(stack), timeout=httpx.Timeout(15.0),
                           headers={"Authorization": f"Bearer {tokens(stack.data_dir)['admin']}"}) as h:
             t0 = time.monotonic()
             d = _err(h.get("/v1/audit/verify"), 500, "store-corrupt")
             assert time.monotonic() - t0 < 10
-            assert f"SQLite store {db2}" in d and "keys out of order" in d
-            assert h.get("/v1/patients/3edac2e3-d223-6fae-d515-daf96ef6bc76").status_code in (200, 404)
+            # the scan's order check, or the background quick_check's finding (16 KiB pages
+            # make some duplicated leaves visible to it), whichever came first
+            assert f"SQLite store {db2}" in d and ("keys out of order" in d or "quick_check" in d)
+            assert h.get("/v1/patients/3edac2e3-d223-6fae-d515-daf96ef6bc76").status_code in (200, 404, 500)
     finally:
-        p.terminate()
-        p.wait(15)
+        if p.poll() is None:
+            p.terminate()
+            p.wait(15)
 
 
 def test_audit_tail_cut_while_stopped_is_refused_after_restart(stack):
