@@ -36,8 +36,11 @@ def cli(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float
     return r
 
 
-def wait_up(up: subprocess.Popen, data: Path, timeout: float = 60.0) -> dict:
-    """Wait for ``safehold up`` to write ``data/up.json`` and return it; fail if ``up`` exits first."""
+def wait_up(up: subprocess.Popen, data: Path, timeout: float = 150.0) -> dict:
+    """Wait for ``safehold up`` to write ``data/up.json`` and return it; fail if ``up`` exits first.
+
+    The default allows for the freshness anchor: three member processes, then the broker's and
+    the records service's ledgers settled, on a 2-core machine shared with other test runs."""
     deadline = time.monotonic() + timeout
     while not (data / "up.json").exists():
         assert up.poll() is None, up.communicate()

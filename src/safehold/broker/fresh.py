@@ -223,6 +223,7 @@ class FreshnessGate:
     def status(self) -> dict[str, Any]:
         """The FreshStore's status (epochs, rows per namespace; no values)."""
         st = self.fs.status()
+        st["problem_type"] = None if self.fs.problem is None else type(self.fs.problem).__name__
         st["adopted"] = self.adopted
         return st
 

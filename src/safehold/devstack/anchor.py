@@ -263,12 +263,11 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
             st = _service(s, url, ledger, "GET", "").json()
         except (httpx.HTTPError, ValueError) as e:
             raise StackError(f"{ledger}: freshness status unreachable ({type(e).__name__})") from None
-        problem = st.get("problem") or ""
         if st.get("serving"):
             return "fresh"
-        if "AnchorUnavailable" not in problem and "majority" not in problem or time.monotonic() > deadline:
+        if st.get("problem_type") != "AnchorUnavailableError" or time.monotonic() > deadline:
             break
-        time.sleep(0.5)  # the members are still catching up among themselves
+        time.sleep(0.2)  # the members are still catching up among themselves
     r = _service(s, url, ledger, "GET", "/proposal")
     if r.status_code != 200:
         return f"refused: no proposal ({r.status_code} {r.text[:200]})"

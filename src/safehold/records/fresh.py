@@ -128,6 +128,7 @@ class Freshness:
     def status(self) -> dict[str, Any]:
         """The FreshStore's status plus audit runs and findings (operators; no values)."""
         st = self.fs.status()
+        st["problem_type"] = None if self.fs.problem is None else type(self.fs.problem).__name__
         st["audit_findings"] = [f"{type(f).__name__}: {f}" for f in self.current_findings()[:20]]
         st["audit_runs"] = 0 if self.audit is None else self.audit.runs
         return st

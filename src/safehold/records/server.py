@@ -358,9 +358,11 @@ def check_audit_at_start(audit: AccessAuditLog) -> bool:
     problem is logged as an error banner here. A corrupt store is a
     :class:`~safehold.store.errors.StoreCorruptError` (the service exits with status 1).
     """
+    from safehold.freshness.errors import RowFreshnessError
+
     try:
         n = audit.check_head()
-    except AuditChainError as e:
+    except (AuditChainError, RowFreshnessError) as e:  # freshness: a row the ledger holds is gone
         banner = "!" * 78
         log.error(banner)
         log.error("AUDIT LOG BROKEN: %s", e)

@@ -110,7 +110,10 @@ class LocalAnchor:
                 [sys.executable, "-m", "safehold.freshness.anchor.server", "--config", str(self.config),
                  "--data-dir", str(self.data_dir), "--port", str(self.ports[i]), "--client-ca",
                  str(self.client_ca_file), "--ready-file", str(self._ready(i))],
-                env=env, stdout=log, stderr=log, cwd=self.workdir)
+                env=env, stdout=log, stderr=log, cwd=self.workdir,
+                # own session: a terminal's Ctrl-C reaches only the parent (`safehold up`), which
+                # stops the services first, takes the last checkpoint, then the members
+                start_new_session=True)
         if wait:
             self.wait_listening(i)
 
