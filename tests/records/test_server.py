@@ -672,7 +672,9 @@ def _start_records_on(stack, tmp_path, name, db):
     env["SAFEHOLD_RECORDS_SCONE_PORT"] = "none"
     log = tmp_path / f"{name}.log"
     lf = log.open("wb")
-    p = subprocess.Popen(records_cmd(stack), env=env, stdout=lf, stderr=subprocess.STDOUT)
+    # freshness off: a second store under the stack's ledger would be a fork (one ledger = one store)
+    p = subprocess.Popen(records_cmd(stack, "records-nofresh.toml"), env=env, stdout=lf,
+                         stderr=subprocess.STDOUT)
     lf.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and p.poll() is None and not ready.exists():
