@@ -664,7 +664,11 @@ def _sqlite_copy(src: Path, dst: Path) -> None:
 
 
 def _start_records_on(stack, tmp_path, name, db):
-    """A second records process of the running stack on store ``db``; returns (proc, url|None, log)."""
+    """A second records process of the running stack on store ``db``; returns (proc, url|None, log).
+
+    It runs the freshness-off configuration: a copy of the store under the stack's own ledger
+    would be a second writer of that ledger (a fork, which freshness refuses: docs/freshness.md),
+    and these tests are about the SQLite file, not about freshness."""
     port = free_port()
     ready = stack.path(f"{name}-ready.json")
     ready.unlink(missing_ok=True)
