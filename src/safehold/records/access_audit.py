@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from safehold.errors import AuditChainError, ConflictError, StoreUnavailableError
+from safehold.errors import AuditChainError, ConflictError, SafeholdError, StoreUnavailableError
 from safehold.jsontypes import JSONObject
 from safehold.records.commit import Committer, GroupCommit
 from safehold.store.base import Store
@@ -295,6 +295,10 @@ class AccessAuditLog:
         if f is not None:
             if isinstance(f, AuditChainError):
                 raise AuditChainError(f"read audit cannot be written: {f}")
+            if isinstance(f, SafeholdError) and not isinstance(f, (StoreUnavailableError, StoreClosedError)):
+                # a finding (e.g. a freshness RowDeletedError: audit rows cut by the DBA) keeps
+                # its type, so the HTTP layer answers it as such (409 stale-data)
+                raise f.with_traceback(None)
             raise StoreUnavailableError(f"read audit cannot be written ({type(f).__name__}); "
                                         "reads are refused until it can")
 
