@@ -28,7 +28,7 @@ RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url"
 MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "access_resource",
                                "host", "scone_auth", "encryption", "audit", "broker_ca_sha256",
                                "freshness", "anchor_members", "anchor_policy", "freshness_wait",
-                               "freshness_audit_seconds"})
+                               "freshness_audit_seconds", "integrity_check"})
 ENV_PREFIX = "SAFEHOLD_RECORDS_"
 
 
@@ -87,6 +87,10 @@ class ServiceConfig:
         freshness_wait: seconds a write (or a read of a row not yet anchored) waits for the
             anchor before 503 ``not-anchored``.
         freshness_audit_seconds: interval of the background full audit (0 = off).
+        integrity_check: when a SQLite store's ``PRAGMA quick_check`` (O(file size)) runs:
+            ``background`` (default: after the service starts serving; a failure refuses every
+            further operation with ``store-corrupt`` and turns ``/healthz`` 503) or ``start``
+            (before serving; the service exits 1 on a corrupt file). Never skipped.
     """
 
     data_dir: str = "./safehold-data"
@@ -110,6 +114,7 @@ class ServiceConfig:
     anchor_policy: dict[str, Any] = field(default_factory=dict)
     freshness_wait: float = 5.0
     freshness_audit_seconds: float = 300.0
+    integrity_check: str = "background"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
@@ -158,6 +163,8 @@ class ServiceConfig:
         for name in ("encryption", "audit", "freshness"):
             if not isinstance(getattr(cfg, name), bool):  # only TOML booleans, never "0"/"off"
                 raise ConfigError(f"{name} must be a TOML boolean, got {getattr(cfg, name)!r}")
+        if cfg.integrity_check not in ("background", "start"):
+            raise ConfigError(f"integrity_check must be 'background' or 'start', got {cfg.integrity_check!r}")
         if cfg.scone_auth not in ("none", "token"):
             raise ConfigError(f"scone_auth must be 'none' or 'token', got {cfg.scone_auth!r}")
         if cfg.scone_auth == "none" and cfg.scone_port is not None and not is_loopback(cfg.host):

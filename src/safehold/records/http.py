@@ -23,6 +23,11 @@ Endpoints (JSON bodies; records are FHIR R4 ``Patient`` resources or flat record
                                                       (incl. a tail cut off behind the head)
 ``POST /v1/audit/reseal``                   admin     accept the log as it is after a failed
                                                       head check; ``{"entries": n}``
+``GET /v1/audit/segment?through=n``         admin     export the oldest live entries through
+                                                      ``n`` (NDJSON; header
+                                                      ``X-Safehold-Segment-SHA256``)
+``POST /v1/audit/seal``                     admin     ``{"through": n, "sha256": hex}`` drops
+                                                      the exported segment, keeps its digest
 ``GET /healthz``                            none      ``{"status": "ok"}``; 503
                                                       ``{"status": "unavailable"}``, plus
                                                       ``"reason"`` when the store is not fresh
@@ -466,8 +471,11 @@ def list_or_search(
     gender: str | None = Query(default=None, max_length=64),
     identifier: str | None = Query(default=None, max_length=1024),
     who: Principal = Depends(reader),
-) -> dict[str, Any]:
-    """A page of ids, or (with search fields) the matching records with their versions."""
+) -> JSONResponse:
+    """A page of ids, or (with search fields) the matching records with their versions.
+
+    Answered as a ready ``JSONResponse``: FastAPI's ``jsonable_encoder`` walk over 100 nested
+    FHIR records cost more than the search itself (issue 17, the 100-hit search)."""
     unknown = sorted(set(request.query_params) - {"cursor", "limit", *SEARCH_FIELDS})
     if unknown:
         raise InvalidRecordError(f"unknown query parameters {unknown}")
@@ -480,19 +488,19 @@ def list_or_search(
                                              for i, r, v in hits[:limit]]}
         if len(hits) > limit:
             found["truncated"] = True  # more matched than ``limit``
-        return found
+        return JSONResponse(found)
     ids, nxt = repo.list_ids(who.name, cursor=cursor, limit=limit)
-    return {"ids": ids, "next": nxt}
+    return JSONResponse({"ids": ids, "next": nxt})
 
 
 @router.post("/v1/patients:batch")
-async def batch(request: Request, who: Principal = Depends(writer)) -> dict[str, Any]:
+async def batch(request: Request, who: Principal = Depends(writer)) -> JSONResponse:
     """Upsert up to 500 records; per-item results (a malformed item: 400, nothing written)."""
     # every item is checked before any write: a malformed batch writes nothing
     require_json(request)
     items = parse_batch(_batch_items(await read_body(request, MAX_BATCH_BYTES, "batch body")))
     results = await run_in_threadpool(_api(request).repo.batch, who.name, items)
-    return {"results": results}
+    return JSONResponse({"results": results})
 
 
 @router.get("/v1/audit/verify")
@@ -501,7 +509,43 @@ def audit_verify(request: Request, who: Principal = Depends(admin)) -> dict[str,
     audit = _api(request).repo.audit
     if audit is None:
         raise ConfigError("audit is disabled")
-    return {"entries": audit.verify()}
+    return {"entries": audit.verify(full=True if request.query_params.get("full") == "true" else None)}
+
+
+@router.get("/v1/audit/segment")
+def audit_segment(request: Request, through: int = Query(..., ge=0),
+                  who: Principal = Depends(admin)) -> Response:
+    """Export the oldest live audit entries through ``through`` (NDJSON, stored form) for
+    retention; nothing is dropped until ``POST /v1/audit/seal`` names its SHA-256."""
+    audit = _api(request).repo.audit
+    if audit is None:
+        raise ConfigError("audit is disabled")
+    data, first, last, digest = audit.export_segment(through)
+    return Response(data, media_type="application/x-ndjson",
+                    headers={"X-Safehold-Segment-SHA256": digest,
+                             "X-Safehold-Segment": f"{first}-{last}"})
+
+
+@router.post("/v1/audit/seal")
+async def audit_seal(request: Request, who: Principal = Depends(admin)) -> dict[str, Any]:
+    """Drop an exported segment (``{"through": n, "sha256": hex}``), keeping its signed digest
+    in the chain: ``{"first", "last", "sha256"}``."""
+    audit = _api(request).repo.audit
+    if audit is None:
+        raise ConfigError("audit is disabled")
+    require_json(request)
+    try:
+        doc = json.loads(await read_body(request, 4096, "seal request"))
+        through, digest = doc["through"], doc["sha256"]
+        if isinstance(through, float) and through.is_integer():
+            through = int(through)  # JSON Schema: 1.0 is an integer
+        if type(through) is not int or through < 0 or not isinstance(digest, str) or \
+                not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise TypeError
+    except (ValueError, TypeError, KeyError):
+        raise InvalidRecordError('seal takes {"through": <entry number>, "sha256": <64 hex>}') from None
+    rec = await run_in_threadpool(audit.seal, who.name, through, digest)
+    return {"first": rec.first, "last": rec.last, "sha256": rec.sha256}
 
 
 @router.post("/v1/audit/reseal")

@@ -197,6 +197,34 @@ _SPEC: dict[str, Any] = {
                 },
             },
         },
+        "/v1/audit/segment": {
+            "get": {
+                "summary": "(admin) export the oldest live audit entries through `through` (NDJSON)",
+                "parameters": [{"name": "through", "in": "query", "required": True,
+                                "schema": {"type": "integer", "minimum": 0}}],
+                "responses": {
+                    "200": {"description": "the segment; header X-Safehold-Segment-SHA256",
+                            "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                    **_errors(400, 401, 403, 405, 409, 500, 503),
+                },
+            },
+        },
+        "/v1/audit/seal": {
+            "post": {
+                "summary": "(admin) drop an exported segment, keeping its digest in the chain",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["through", "sha256"],
+                    "properties": {"through": {"type": "integer", "minimum": 0},
+                                   "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}},
+                "responses": {
+                    "200": {"description": "sealed", "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["first", "last", "sha256"],
+                                   "properties": {"first": {"type": "integer"}, "last": {"type": "integer"},
+                                                  "sha256": {"type": "string"}}}}}},
+                    **_errors(400, 401, 403, 405, 409, 415, 500, 503),
+                },
+            },
+        },
         "/v1/audit/reseal": {
             "post": {
                 "summary": "(admin) accept the log as it is after a failed head check",

@@ -153,8 +153,16 @@ class PatientRepository:
     # -- audit ----------------------------------------------------------------------------
 
     def _audit(self, who: str, op: str, addr: RowAddress | None, outcome: str) -> None:
+        """Audit a write's refusal (durable before the caller learns of it)."""
         if self.audit is not None:
             self.audit.append(who, op, addr.row_key if addr is not None else None, outcome)
+
+    def _audit_read(self, who: str, op: str, addr: RowAddress | None, outcome: str,
+                    hits: Sequence[bytes] | None = None) -> None:
+        """Audit a read: one buffered entry per request (the durability rule of
+        :mod:`safehold.records.access_audit`)."""
+        if self.audit is not None:
+            self.audit.note(who, op, addr.row_key if addr is not None else None, outcome, hits)
 
     # -- single records -------------------------------------------------------------------
 
@@ -174,12 +182,12 @@ class PatientRepository:
         try:
             raw, version = self.engine.get_at(addr)
         except RecordNotFoundError:
-            self._audit(who, "get", addr, "not-found")
+            self._audit_read(who, "get", addr, "not-found")
             raise
         except RecordTamperedError:
-            self._audit(who, "get", addr, "tampered")
+            self._audit_read(who, "get", addr, "tampered")
             raise
-        self._audit(who, "get", addr, "ok")
+        self._audit_read(who, "get", addr, "ok")
         return raw, version
 
     def get_version(self, who: str, rid: str, vid: int) -> bytes:
@@ -197,12 +205,12 @@ class PatientRepository:
                     raise RecordNotFoundError(f"no version {vid} (current version is {cur})")
                 raw = self.history.get(rid, vid)
         except RecordNotFoundError:
-            self._audit(who, "vread", addr, "not-found")
+            self._audit_read(who, "vread", addr, "not-found")
             raise
         except RecordTamperedError:
-            self._audit(who, "vread", addr, "tampered")
+            self._audit_read(who, "vread", addr, "tampered")
             raise
-        self._audit(who, "vread", addr, "ok")
+        self._audit_read(who, "vread", addr, "ok")
         return raw
 
     def put(
@@ -357,7 +365,7 @@ class PatientRepository:
         page = self.engine.list_page(self.ns, after=start, limit=limit, skip_tampered=True)
         for e in page.tampered:
             log.warning("list: a row failed authentication and was left out: %s", e)
-        self._audit(who, "list", None, f"ok:{len(page.keys)}")
+        self._audit_read(who, "list", None, f"ok:{len(page.keys)}")
         return page.keys, (page.next_after.hex() if page.next_after else None)
 
     def search(self, who: str, criteria: Mapping[str, str], *,
@@ -400,7 +408,8 @@ class PatientRepository:
              max_candidates: int = MAX_CANDIDATES) -> FoundPage:
         """Records posted under a term of every group (``groups=None``: every record, a scan),
         re-checked by ``keep(id, record)`` after decryption: postings narrow, ``keep`` decides
-        (a stale posting cannot add a record). Audited: each hit, then the search.
+        (a stale posting cannot add a record). Audited: one read entry naming every hit's blind
+        index.
 
         Args:
             groups: the terms (:mod:`safehold.records.tokens`): AND over groups, OR within one.
@@ -431,6 +440,7 @@ class PatientRepository:
             raise SearchTooCostlyError(f"search has {len(candidates)} candidates, more than "
                                        f"{max_candidates}: add a more selective parameter")
         hits: list[tuple[str, dict[str, Any], int]] = []
+        hit_keys: list[bytes] = []
         total, more = 0, False
         for rid in sorted(candidates):
             addr = self.engine.address(self.ns, rid)
@@ -446,12 +456,12 @@ class PatientRepository:
                 continue
             if len(hits) < limit:
                 hits.append((rid, rec, version))
-                self._audit(who, "search-hit", addr, "ok")
+                hit_keys.append(addr.row_key)
             else:
                 more = True
                 if not count:
                     break
-        self._audit(who, "search", None, f"ok:{len(hits)}")
+        self._audit_read(who, "search", None, f"ok:{len(hits)}", hit_keys)
         return FoundPage(hits, total if count else None, more)
 
     def _all_ids(self, bound: int) -> set[str]:
@@ -468,24 +478,112 @@ class PatientRepository:
 
     def batch(self, who: str, items: Iterable[ValidRecord | RefusedItem]) -> list[JSONObject]:
         """Upsert many records, skipping byte-identical ones; one result dict per item
-        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``).
+        (``{"id", "status": created|updated|unchanged|failed, "version"?, "error"?}``), written
+        in **one transaction** by :meth:`put_many`. A failed item does not undo the others.
 
         Args:
             items: from :func:`~safehold.records.model.parse_batch` (its shape already checked,
                 so a malformed batch never gets here); a :class:`RefusedItem` becomes a
                 ``failed`` result in its place.
-
-        Not atomic: each item is its own transaction (a failed item does not undo the others).
         """
-        results: list[dict[str, Any]] = []
+        items = list(items)
+        valid = [(it, None) for it in items if not isinstance(it, RefusedItem)]
+        done = iter(self.put_many(who, valid, skip_identical=True))
+        results: list[JSONObject] = []
         for item in items:
             if isinstance(item, RefusedItem):
                 results.append({"id": item.id, "status": "failed", "error": item.error})
                 continue
-            try:
-                r = self.put(who, item, skip_identical=True)
-                results.append({"id": item.id, "status": r.status, "version": r.version})
-            except (RecordError, ValueError) as e:
-                results.append({"id": item.id, "status": "failed", "error": str(e)})
+            r = next(done)
+            if isinstance(r, PutResult):
+                results.append({"id": r.id, "status": r.status, "version": r.version})
+            else:
+                results.append({"id": item.id, "status": "failed", "error": str(r)})
         return results
 
+    def put_many(self, who: str, writes: Sequence[tuple[ValidRecord, int | None]], *,
+                 skip_identical: bool = False) -> list[PutResult | RecordError | ValueError]:
+        """Create or replace many records in **one transaction** (issue 17): the current rows
+        are read first, then every changed record, its history row, its postings and its audit
+        entry are written in one group-commit unit with one audit-head update, so the whole
+        call costs one durable commit (and, over a FreshStore, one journal entry and one anchor
+        advance). No savepoint per item: an item's first write is its record's compare-and-set,
+        so a conflicting item writes nothing; it (another writer, or the same id twice) is then
+        redone alone through :meth:`put`. Refusals are audited in the same transaction.
+
+        Args:
+            writes: ``(record, expected_version)`` pairs; ``expected_version`` None = any, 0 =
+                must not exist (as :meth:`put`).
+            skip_identical: a byte-identical record is ``unchanged`` and not written.
+
+        Returns:
+            one :class:`PutResult`, or the item's error (``PreconditionFailedError``,
+            ``RecordTamperedError``, ...), per write, in order.
+
+        Raises:
+            AuditChainError / StoreUnavailableError: the transaction itself failed (nothing of
+                it is durable).
+        """
+        out: list[PutResult | RecordError | ValueError | None] = [None] * len(writes)
+        plans: list[tuple[int, ValidRecord, RowAddress, bytes | None, int]] = []
+        bodies: list[JSONObject] = []  # entries of unchanged and refused items
+        for pos, (rec, expected) in enumerate(writes):
+            try:
+                addr = self.engine.address(self.ns, rec.id)
+                try:
+                    old_raw: bytes | None
+                    old_raw, cur = self.engine.get_at(addr)
+                except RecordNotFoundError:
+                    old_raw, cur = None, 0
+            except (RecordError, ValueError) as e:
+                out[pos] = e
+                continue
+            if expected is not None and expected != cur:
+                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "precondition-failed"))
+                out[pos] = PreconditionFailedError(
+                    f"expected version {expected}, current version is {cur}")
+                continue
+            if skip_identical and old_raw == rec.raw:
+                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "unchanged"))
+                out[pos] = PutResult(rec.id, cur, "unchanged")
+                continue
+            plans.append((pos, rec, addr, old_raw, cur))
+        redo: list[int] = []
+
+        def unit() -> list[tuple[int, int]]:
+            redo.clear()
+            done: list[tuple[int, int]] = []
+            staged = list(bodies)
+            for pos, rec, addr, old_raw, cur in plans:
+                if old_raw == rec.raw:
+                    old_terms = rec.postings
+                else:
+                    old_terms = postings(decode_stored(old_raw)) if old_raw is not None else frozenset()
+                try:  # the CAS is the item's first write: a conflict leaves nothing behind
+                    version = self.engine.put_at(addr, rec.raw, expected_version=cur)
+                except ConflictError:
+                    redo.append(pos)
+                    continue
+                if old_raw is not None:
+                    self.history.archive(rec.id, cur, old_raw)
+                self.index.remove(rec.id, sorted(old_terms - rec.postings))
+                self.index.add(rec.id, sorted(rec.postings - old_terms))
+                done.append((pos, version))
+                staged.append(AccessAuditLog.body(who, "put", addr.row_key,
+                                                  "created" if cur == 0 else "updated"))
+            if self.audit is not None and staged:  # last: advances the chain once
+                self.audit.stage_many(staged)
+            return done
+
+        if plans or (bodies and self.audit is not None):
+            for pos, version in self.committer.run(unit):
+                cur = next(c for p, _, _, _, c in plans if p == pos)
+                out[pos] = PutResult(writes[pos][0].id, version, "created" if cur == 0 else "updated")
+        for pos in redo:
+            rec, expected = writes[pos]
+            try:
+                out[pos] = self.put(who, rec, expected_version=expected, skip_identical=skip_identical)
+            except (RecordError, ValueError) as e:
+                out[pos] = e
+        assert all(r is not None for r in out)
+        return out  # type: ignore[return-value]

@@ -54,11 +54,12 @@ from safehold.records.fhir.search import SearchPlan, plan_search
 from safehold.records.fhir.types import check_fhir_id, check_type
 from safehold.records.model import (
     MAX_BATCH,
+    ValidRecord,
     decode_stored,
     loads_strict,
     parse_record,
 )
-from safehold.records.repository import PatientRepository
+from safehold.records.repository import PatientRepository, PutResult
 
 __all__ = ["RESOURCES_NAMESPACE", "EntryOutcome", "FhirInvalidError", "FhirNotSupportedError", "FhirStore",
            "MultipleMatchesError", "SearchResult", "UnknownResourceTypeError", "Written",
@@ -368,9 +369,11 @@ class FhirStore:
               can_write: bool) -> list[EntryOutcome]:
         """``POST [base]`` with a ``batch`` Bundle (R4 §3.1.0.11): each entry is processed on
         its own (not atomic); the HTTP layer answers each in a ``batch-response`` entry in its
-        place. Entries: ``PUT Type/id`` (update or create), ``POST Type`` (create;
-        ``ifNoneExist`` honoured), ``GET Type/id``, ``DELETE Type/id``; ``request.url`` may be
-        relative or start with ``base``.
+        place. The ``PUT Type/id`` entries are written together in one transaction per
+        repository (:meth:`PatientRepository.put_many`; an entry whose record changed since its
+        read is 412 like a lone update with a stale version). Entries: ``PUT Type/id`` (update
+        or create), ``POST Type`` (create; ``ifNoneExist`` honoured), ``GET Type/id``,
+        ``DELETE Type/id``; ``request.url`` may be relative or start with ``base``.
 
         Args:
             can_write: the caller may write (else write entries fail with
@@ -398,7 +401,66 @@ class FhirStore:
                                        "DELETE) and request.url")
             if "resource" in e and not isinstance(e["resource"], dict):
                 raise FhirInvalidError(f"Bundle.entry[{i}].resource must be a resource (an object)")
-        return [self._batch_entry(who, e, base, can_write) for e in entries]
+        outcomes: list[EntryOutcome | None] = [None] * len(entries)
+        # PUT Type/id entries are written together: one transaction per repository (issue 17;
+        # R4 §3.1.0.11 batch entries SHALL NOT depend on each other, so the order is free)
+        planned: dict[int, tuple[PatientRepository, ValidRecord, str, dict[str, Any], int]] = {}
+        for i, e in enumerate(entries):
+            req = e["request"]
+            url = req["url"].strip()
+            url = url[len(base):] if base and url.startswith(base) else url
+            parts = [p for p in url.split("?", 1)[0].split("/") if p]
+            if req["method"] == "PUT" and len(parts) == 2 and can_write:
+                res = e.get("resource")
+                try:
+                    plan = self._plan_update(who, parts[0], parts[1], res if isinstance(res, dict) else {})
+                except (SafeholdError, ValueError) as ex:
+                    outcomes[i] = EntryOutcome("error", error=ex)
+                    continue
+                if isinstance(plan, Written):
+                    outcomes[i] = EntryOutcome("write", written=plan)
+                else:
+                    planned[i] = plan
+                continue
+            outcomes[i] = self._batch_entry(who, e, base, can_write)
+        for repo in {id(p[0]): p[0] for p in planned.values()}.values():
+            idx = [i for i, p in planned.items() if p[0] is repo]
+            results = repo.put_many(who, [(planned[i][1], planned[i][4]) for i in idx])
+            for i, r in zip(idx, results, strict=True):
+                _, _, rtype, stored, _ = planned[i]
+                if isinstance(r, PutResult):
+                    rid = stored["id"]
+                    outcomes[i] = EntryOutcome("write", written=Written(
+                        self._present(rtype, rid, stored, r.version), r.version,
+                        created=r.status == "created"))
+                else:
+                    outcomes[i] = EntryOutcome("error", error=r)
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _plan_update(self, who: str, rtype: str, rid: str, body: dict[str, Any],
+                     ) -> Written | tuple[PatientRepository, ValidRecord, str, dict[str, Any], int]:
+        """The checks of :meth:`update` (no ``If-Match``) without the write: the unchanged
+        :class:`Written`, or ``(repository, record, rtype, stored form, expected version)``.
+
+        Raises:
+            as :meth:`update`.
+        """
+        repo, key = self._where(rtype, rid)
+        res = self.parse_body(body, rtype)
+        if res.get("id") != rid:
+            raise FhirInvalidError("the resource's id must be present and equal the id in the URL")
+        try:
+            cur_rec, cur = repo.get(who, key)
+        except RecordNotFoundError:
+            cur_rec, cur = None, 0
+        if cur_rec is not None and cur_rec.get("resourceType") != rtype:
+            raise AlreadyExistsError(f"a record of the native API has this id and is not a FHIR "
+                                     f"{rtype} resource: not overwritten through /fhir")
+        if cur_rec is not None and _without_server_meta(cur_rec) == _without_server_meta(res):
+            return Written(self._present(rtype, rid, cur_rec, cur), cur, created=False, changed=False)
+        stored = self._stored_form(res, rid)
+        return repo, parse_record(key, stored), rtype, stored, cur
 
     def _batch_entry(self, who: str, entry: Mapping[str, Any], base: str, can_write: bool) -> EntryOutcome:
         req = entry["request"]

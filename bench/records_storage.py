@@ -1,0 +1,179 @@
+"""Benchmark: database bytes per record and start-up to the first GET (issue 17, items 4 and 5).
+
+Builds a records database the way the service writes it — ``PatientRepository`` over a
+``FreshStore`` (``FreshGroupCommit``, the access audit, postings), imported through
+``batch`` in batches of 100 Synthea-sized Patients (the records of ``bench/records.py``) —
+on SQLite, then:
+
+* **bytes per record**: the file size (after a freshness snapshot, which drops the journal
+  entries it covers, and a WAL checkpoint) over the record count, against the same records'
+  plaintext JSON (the baseline: what a plain JSON store would hold, ratio target <= 1.3), and
+  the bytes per namespace from SQLite's ``dbstat`` table; the same database copied with
+  ``VACUUM INTO`` at other page sizes.
+* **start-up to the first GET, cold cache**: the service's O(database) start-up steps, in
+  process: open the store, rebuild the FreshStore verifier map (snapshot + journal), check the
+  audit head, open the repository (index format marker), GET one record. The page cache is
+  dropped for the database files with ``posix_fadvise(POSIX_FADV_DONTNEED)`` after ``fsync``
+  (no root needed; ``/proc/sys/vm/drop_caches`` is not writable here). ``PRAGMA quick_check``
+  runs in the background after serving starts (``integrity_check = "background"``) and is
+  timed separately. The anchor is the labelled in-process test double (the members' round
+  trip is not O(database)); attestation and key release are not O(database) either.
+
+Usage: ``python bench/records_storage.py [--records N]`` (default 100,000; ``--quick``: 5,000);
+the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Evict the files' pages from the page cache (fsync first: only clean pages are dropped)."""
+    for p in paths:
+        if not p.exists():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n = 5_000 if args.quick else args.records
+
+    from tests.support.freshness import InProcessAnchor, open_fresh
+
+    from records import distinct, patient_record  # bench/records.py
+    from safehold.crypto.keyset import Keyset
+    from safehold.freshness.group import FreshGroupCommit
+    from safehold.records.access_audit import AccessAuditLog
+    from safehold.records.model import parse_batch
+    from safehold.records.repository import PatientRepository
+    from safehold.store import open_store
+
+    tmp = Path(tempfile.mkdtemp(prefix="safehold-storage-"))
+    db = tmp / "records.db"
+    files = [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
+    anchor = InProcessAnchor()  # test double: in-process members, same rules
+    ks = Keyset.generate()
+    body = patient_record()
+    rnd = random.Random(1)
+
+    def repo_on(fs):  # noqa: ANN001, ANN202
+        c = FreshGroupCommit(fs)
+        return PatientRepository(fs, ks, committer=c,
+                                 audit=AccessAuditLog(fs, c, mac_key=b"k" * 32, checkpointed=True))
+
+    from safehold.records.reindex import ensure_search_index
+
+    fs = open_fresh(open_store(f"sqlite:///{db}"), anchor)
+    repo = repo_on(fs)
+    ensure_search_index(repo)  # the service's first start writes the index format marker
+    json_bytes = 0
+    t0 = time.perf_counter()
+    for j in range(0, n, 100):
+        batch = [(f"p{j + i}", distinct(body, f"p{j + i}", rnd)) for i in range(min(100, n - j))]
+        json_bytes += sum(len(json.dumps(b, separators=(",", ":")).encode()) for _, b in batch)
+        res = repo.batch("importer", parse_batch(batch))
+        assert all(r["status"] == "created" for r in res), res[:3]
+        if j and j % 10_000 == 0:
+            print(f"  {j} records, {j / (time.perf_counter() - t0):.0f} rec/s", flush=True)
+    import_s = time.perf_counter() - t0
+    assert fs.snapshotter.run(), fs.snapshotter.last_error  # what the service does every 300 s
+    fs.close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    file_bytes = db.stat().st_size
+    stat = conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall()
+    payload = dict(conn.execute(
+        "SELECT namespace, sum(length(key) + length(value) + length(namespace) + 8) "
+        "FROM safehold_rows GROUP BY namespace").fetchall())
+    rows = dict(conn.execute("SELECT namespace, count(*) FROM safehold_rows GROUP BY namespace").fetchall())
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    sizes = {}
+    for ps in (4096, 8192, 16384, 32768, 65536):
+        out = tmp / f"vac-{ps}.db"
+        c = sqlite3.connect(db)
+        c.execute(f"PRAGMA page_size = {ps}")
+        c.execute("VACUUM INTO ?", (str(out),))
+        c.close()
+        c = sqlite3.connect(out)
+        got_ps = c.execute("PRAGMA page_size").fetchone()[0]
+        c.close()
+        sizes[got_ps] = out.stat().st_size
+        out.unlink()
+
+    # start-up to the first GET, cold cache
+    drop_cache(files)
+    t = time.perf_counter()
+    store = open_store(f"sqlite:///{db}")
+    t_open = time.perf_counter() - t
+    fs = open_fresh(store, anchor, initialise=False)
+    assert fs.problem is None, fs.problem
+    t_fresh = time.perf_counter() - t
+    repo = repo_on(fs)
+    repo.audit.check_head()
+    assert ensure_search_index(repo) == 0
+    rec, _ = repo.get("reader", f"p{n // 2}")
+    first_get = time.perf_counter() - t
+    assert rec["id"] == f"p{n // 2}"
+    fs.close()
+    drop_cache(files)
+    store = open_store(f"sqlite:///{db}")
+    t = time.perf_counter()
+    store.quick_check()
+    quick_check_s = time.perf_counter() - t
+    store.close()
+
+    per_record = file_bytes / n
+    json_per_record = json_bytes / n
+    print(f"{n} records imported in {import_s:.1f} s ({n / import_s:.0f} rec/s, one process)")
+    print(f"file {file_bytes} bytes = {per_record:.0f} B/record; JSON {json_per_record:.0f} B/record; "
+          f"ratio {per_record / json_per_record:.2f} (target <= 1.3); page size {page_size}")
+    for name, size in sorted(stat, key=lambda x: -x[1]):
+        print(f"  btree {name}: {size / n:.0f} B/record")
+    for ns in sorted(payload, key=lambda k: -payload[k]):
+        print(f"  namespace {ns}: {rows[ns]} rows, {payload[ns] / n:.0f} B/record of keys + values")
+    for ps, size in sorted(sizes.items()):
+        print(f"  VACUUM INTO at page size {ps}: {size / n:.0f} B/record")
+    print(f"start-up to first GET, cold cache: {first_get:.2f} s (open {t_open:.2f} s, verifier map "
+          f"{t_fresh - t_open:.2f} s); quick_check (background) {quick_check_s:.2f} s")
+    out = {"records": n, "bytes_per_record": round(per_record),
+           "json_bytes_per_record": round(json_per_record),
+           "bytes_vs_json": round(per_record / json_per_record, 3), "target_bytes_vs_json": 1.3,
+           "page_size": page_size,
+           "bytes_per_record_by_page_size": {str(k): round(v / n) for k, v in sizes.items()},
+           "payload_bytes_per_record_by_namespace": {k: round(v / n) for k, v in payload.items()},
+           "startup_first_get_s": round(first_get, 3), "target_startup_s": 2.0,
+           "startup_verifier_map_s": round(t_fresh - t_open, 3),
+           "quick_check_background_s": round(quick_check_s, 3),
+           "import_records_per_s_in_process": round(n / import_s, 1)}
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
