@@ -121,7 +121,8 @@ class FreshTx(StoreOps):
                 actual = e.actual
                 # the conflict's version was read before the catch-up: a row another writer has
                 # moved past it (or deleted) since is a plain conflict (nothing is served)
-                ok, known = self._known_versions(ns, key, lambda s: s is None or s[0] >= actual)
+                ok, known = self._known_versions(
+                    ns, key, lambda s: s is None or (actual > 0 and s[0] >= actual))
                 if not ok:
                     raise self._refuse(ns, key, None if actual == 0 else (actual, b"?"), known) from None
             raise
