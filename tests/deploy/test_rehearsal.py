@@ -7,6 +7,7 @@ sys.path, paths, ports, Service names (tests/support/rehearsal.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -229,6 +230,18 @@ def test_chart_rehearsal_two_replicas_survive_sigkill(rehearsal: Rehearsal):
     members = [r.start("anchor", i, {"7600": str(p)}, {}) for i, p in enumerate(aports)]
     for i, (m, p) in enumerate(zip(members, aports, strict=True)):
         wait_tcp(f"anchor-{i}", p, m)
+    # they find each other over RA-TLS and become ready (a status read: heads are public, and
+    # the members' RA-TLS certificates are checked by QuorumAnchor, not by this probe)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        with contextlib.suppress(httpx.HTTPError):
+            infos = [httpx.get(f"https://127.0.0.1:{p}/v1/anchor/info", verify=False, timeout=3).json()  # noqa: S501
+                     for p in aports]
+            if all(x["ready"] and x["members"] == 3 for x in infos):
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"anchor members not ready: {[m.log()[-1500:] for m in members]}")
 
     # 5. two records replicas behind a front; they fetch their keys through the broker front
     rports = [free_port(), free_port()]
