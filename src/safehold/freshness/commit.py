@@ -427,8 +427,12 @@ class Anchorer:
         if fs.sync_interval <= 0 or time.monotonic() - self._polled < fs.sync_interval:
             return
         self._polled = time.monotonic()
-        with contextlib.suppress(FreshnessError):
+        try:
             fs.sync(full=False)
+        except FreshnessError:
+            pass  # recorded by sync (a fork or rollback stops the store)
+        except Exception as e:  # noqa: BLE001 - closed meanwhile, or the database failed: next round
+            log.debug("ledger %r: anchor head poll failed: %s", fs.ledger, e)
 
     def _advance_once(self) -> bool | None:
         """One advance attempt; None when :meth:`_resolve` should look at the anchor's head."""

@@ -235,6 +235,10 @@ class FreshStore(Store):
             after = page[-1].key
 
     def _catch_up_locked(self, ops: StoreOps) -> int:
+        if self.doubt is not None:  # settle our own in-doubt entry first: never apply it twice
+            from safehold.freshness.commit import _settle_doubt
+
+            _settle_doubt(self)
         st, led = self.state, self.ledger
         c = st.committed
         rows = self._journal_after(ops, c.epoch)
