@@ -157,6 +157,8 @@ def test_chart_rehearsal_two_replicas_survive_sigkill(rehearsal: Rehearsal):
     from safehold.devstack.datadir import RECORDS_ACCESS, owner_key, records_access, records_config, tokens
 
     r = rehearsal
+    replicas = {n: ctl["spec"]["replicas"] for n, (ctl, _) in r.containers.items()}
+    assert (replicas["broker"], replicas["records"], replicas["anchor"]) == (2, 2, 3)  # as run below
     assert r.containers["broker"][1]["command"][0] == IMAGE_PYTHON
     assert r.containers["broker"][1]["command"][r.containers["broker"][1]["command"].index("-c") + 2] \
         == "safehold.broker.server"  # the broker's own entry point
