@@ -48,17 +48,21 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(env, tmp_path_factory):
-    """`safehold up` (default: SCONE port without auth), stopped, then `up --scone-auth token`
+    """`safehold up --scone-auth none` (the explicit opt-in), stopped, then `up --scone-auth token`
     on the same data dir (the broker holds the first manifest: `up` signs the changed one as an
     update with the dev owner key); yields data dir, up.json, ports, process, first output."""
     data = tmp_path_factory.mktemp("robust") / "d"
     ports = {"broker": free_port(), "records": free_port(), "scone": free_port()}
     args = ["--broker-port", str(ports["broker"]), "--port", str(ports["records"]),
             "--scone-port", str(ports["scone"])]
-    first = subprocess.Popen(_up_cmd(data, *args), env=env, stdout=subprocess.PIPE,
+    first = subprocess.Popen(_up_cmd(data, *args, "--scone-auth", "none"), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         assert wait_up(first, data)["scone_auth"] == "none"
+        # the opt-in stays loud: `safehold status` repeats it, the service logged it at start
+        st = cli(env, "status", "--data-dir", str(data))
+        assert "NO AUTHENTICATION" in st.stderr and "auth none" in st.stdout
+        assert "WITHOUT AUTHENTICATION" in (data / "records.log").read_text()
     finally:
         first.send_signal(signal.SIGTERM)
         out1, err1 = first.communicate(timeout=60)
@@ -154,7 +158,7 @@ def test_up_names_an_unusable_data_dir_and_bad_or_busy_ports(env, stack, tmp_pat
 @pytest.mark.slow
 def test_scone_port_with_token_auth_refuses_anonymous_access(stack):
     info, port = stack["info"], stack["ports"]["scone"]
-    tok = json.loads((stack["data"] / "tokens.json").read_text())
+    tok = json.loads((stack["data"].with_name("d.owner") / "tokens.json").read_text())
     ca = httpx.get(f"{info['broker_url']}/v1/values/session=safehold",
                    verify=ssl.create_default_context(cafile=info["ca"])).json()
     pem = stack["data"].parent / "scone-ca.pem"
@@ -176,8 +180,8 @@ def test_records_toml_edits_are_kept_or_refused_never_overwritten(tmp_path):
     d = tmp_path
     tok = {"admin": "a", "writer": "w", "reader": "r"}
     base = {**records_config(tok), "broker_ca_sha256": "ab" * 32}
-    # no file yet: default none; explicit token honoured
-    assert main_records_config(d, tok, "ab" * 32, None, False)["scone_auth"] == "none"
+    # no file yet: default token (authentication on); none only when asked for
+    assert main_records_config(d, tok, "ab" * 32, None, False)["scone_auth"] == "token"
     (d / "records.toml").write_text(tomli_w.dumps({**base, "scone_auth": "token"}))
     # the user's scone_auth = "token" is kept when up is run without --scone-auth
     assert main_records_config(d, tok, "ab" * 32, None, False)["scone_auth"] == "token"

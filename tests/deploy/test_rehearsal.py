@@ -189,9 +189,9 @@ def test_chart_rehearsal_two_replicas_survive_sigkill(rehearsal: Rehearsal):
 
     der = x509.load_pem_x509_certificate((r.cm_ca / "ca.pem").read_bytes()).public_bytes(Encoding.DER)
     pin = hashlib.sha256(der).hexdigest()
-    tok = tokens(r.owner)
-    owner_pub = owner_key(r.owner)
-    cfg = {**records_config(tok, scone_auth="none", host="127.0.0.1"), "broker_ca_sha256": pin}
+    tok = tokens(r.root, r.owner)  # in the owner's directory, never on the cluster
+    owner_pub = owner_key(r.root, r.owner)
+    cfg = {**records_config(tok, scone_auth="token", host="127.0.0.1"), "broker_ca_sha256": pin}
     (r.cm_records / "records.toml").write_text(tomli_w.dumps(cfg), "utf-8")
     # the records workload's Evidence as a pod would make it (same platform key, config, code)
     (r.root / "records-measure").mkdir()

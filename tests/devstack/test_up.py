@@ -27,7 +27,12 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
         info = wait_up(up, data)
         assert info["records_url"] == f"https://127.0.0.1:{rport}"
         assert Path(info["ca"]).exists() and Path(info["policy"]).exists()
-        assert oct((data / "tokens.json").stat().st_mode & 0o777) == "0o600"
+        owner = tmp_path / "safehold-data.owner"  # the owner's side, apart from the server's data
+        assert oct((owner / "tokens.json").stat().st_mode & 0o777) == "0o600"
+        assert oct((owner / "owner.key").stat().st_mode & 0o777) == "0o600"
+        assert oct(owner.stat().st_mode & 0o777) == "0o700"
+        assert not any((data / n).exists() for n in ("tokens.json", "owner.key", "owner.pub"))
+        assert "admin_token" not in info
         d = ["--data-dir", str(data)]
         r = cli(env, "patients", "import", str(SAMPLE / "patients.csv"), str(SAMPLE / "bundle.json"), *d)
         assert "imported 8, skipped 0, failed 0" in r.stdout
@@ -46,6 +51,9 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
         st = json.loads(r.stdout)
         assert st["records"]["attested"] is True and st["records"]["records"] == 7
         assert st["broker"]["status"]["mode"] == "ready"
+        assert st["scone_auth"] == "token"
+        # the unchanged SCONE demo client (no token) gets 401 on a default `up`
+        _assert_scone_demo_client_gets_401(info, sport)
         # a bad file gives counts and exit status 1, not a traceback
         bad = tmp_path / "bad.json"
         bad.write_text('{"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient"}}]}')
@@ -60,13 +68,31 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
     assert up.returncode == 0, err
     assert "stopped (records exit 0, broker exit 0)" in out
     assert "records API" in out and "client policy" in out and "workload CA" in out
-    # the SCONE port without authentication (the default, as SCONE's demo) is announced loudly
-    assert f"the SCONE port {sport} has NO AUTHENTICATION" in err and "--scone-auth token" in err
+    # the SCONE port authenticates by default (issue 11, finding 5); nothing to warn about
+    assert "SCONE port authentication: token" in out and "NO AUTHENTICATION" not in err
     for pid in info["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     r = cli(env, "status", "--data-dir", str(data), check=False)
     assert r.returncode == 1 and "safehold up" in r.stderr
+
+
+def _assert_scone_demo_client_gets_401(info: dict, port: int) -> None:
+    import ssl
+
+    import httpx
+
+    from safehold.records.scone import FIELDS
+
+    values = httpx.get(f"{info['broker_url']}/v1/values/session=safehold",
+                       verify=ssl.create_default_context(cafile=info["ca"])).json()
+    ctx = ssl.create_default_context(cadata=values["values"]["api_ca_cert"]["value"])
+    form = {f: "x" for f in FIELDS} | {"fname": "Jane", "lname": "Doe", "ssn": "999-11-2222"}
+    with httpx.Client(verify=ctx, timeout=30) as c:
+        for method, path, kw in (("POST", "/patient/scone_1", {"data": form}),
+                                 ("GET", "/patient/scone_1", {}), ("GET", "/score/scone_1", {})):
+            r = c.request(method, f"https://127.0.0.1:{port}{path}", extensions={"sni_hostname": "api"}, **kw)
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
 
 
 def test_demo_with_packaged_sample(env, tmp_path):

@@ -53,10 +53,12 @@ def test_manifest_update_on_an_up_data_dir_survives_the_next_up(env, tmp_path):
     data = tmp_path / "d"
     up, info = _up(env, data)
     try:
-        key = data / "owner.key"
+        owner = tmp_path / "d.owner"  # the default owner directory: beside the data directory
+        key = owner / "owner.key"
+        assert not (data / "owner.key").exists() and not (data / "tokens.json").exists()
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         m = tomllib.loads((data / "manifest.toml").read_text())
-        assert m["users"]["admin"]["public_key"] == (data / "owner.pub").read_text()
+        assert m["users"]["admin"]["public_key"] == (owner / "owner.pub").read_text()
         m["secrets"]["extra"] = {"type": "keyset"}
         (data / "m2.toml").write_text(tomli_w.dumps(m))
         conn = ["--url", info["broker_url"], "--cacert", str(data / "ca.pem")]
@@ -79,7 +81,8 @@ def test_manifest_update_on_an_up_data_dir_survives_the_next_up(env, tmp_path):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["manifest_version"] == 2
         r = _cli(env, "broker", "manifest", "show", "--url", info["broker_url"], "--cacert",
-                 str(data / "ca.pem"), "--token", info["admin_token"])
+                 str(data / "ca.pem"), "--token",
+                 json.loads((tmp_path / "d.owner" / "tokens.json").read_text())["admin"])
         assert "extra" in json.loads(r.stdout)["manifest"]["secrets"]
     finally:
         _stop(up)

@@ -212,7 +212,14 @@ def test_token_round_trip_and_shape(keyset, kind, strategy):
     @settings(max_examples=40, deadline=None)
     @given(strategy)
     def check(value):
-        out = p.protect({"v": value})["v"]
+        try:
+            out = p.protect({"v": value})["v"]
+        except TransformError as e:
+            # a value with too few letters/digits is below FF1's minimum domain (SP 800-38G
+            # Rev. 1 §5.2: radix**minlen >= 1,000,000) and is refused, never passed through
+            assert "1000000" in str(e) and value not in str(e)
+            assert sum(c.isalnum() for c in value.rsplit(".", 1)[0]) <= 6, value
+            return
         assert _shape(out) == _shape(value)
         if kind == "email":
             assert out.rsplit(".", 1)[1] == value.rsplit(".", 1)[1]

@@ -279,19 +279,71 @@ def test_fuzz_mutated_certificate(ident, verifier, data) -> None:
         pass
 
 
-def test_server_context_and_identity_files(ident, tmp_path) -> None:
-    import os
+def test_server_context_from_memory_presents_the_identity_in_a_handshake(ident) -> None:
     import ssl
-    import stat
 
-    from safehold.ratls import server_ssl_context, write_identity
+    from safehold.ratls import server_ssl_context
+    from safehold.ratls.client import client_ssl_context
 
-    cert_path, key_path = write_identity(ident, tmp_path / "tls")
-    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(tmp_path / "tls").st_mode) == 0o700
-    assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == ident.certificate
-    ctx = server_ssl_context(ident)
-    assert isinstance(ctx, ssl.SSLContext) and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    sctx = server_ssl_context(ident)
+    assert sctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ssl_context().wrap_bio(c_in, c_out)
+    server = sctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):  # pump the handshake between the two in-memory ends
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    der = client.getpeercert(binary_form=True)
+    assert der is not None and x509.load_der_x509_certificate(der) == ident.certificate
+
+
+def test_operator_watching_tmpdir_reads_no_key_while_tls_contexts_load(ident, tmp_path, monkeypatch) -> None:
+    """Issue 11, finding 1, for every RA-TLS server (SVR, anchor members, the demo: they all use
+    ``server_ssl_context``), the anchor's mTLS client and the records service's context: a
+    fanotify watch of the temp dir sees no file written (the old code wrote key.pem there)."""
+    import os
+    import tempfile
+    import time
+
+    from safehold.freshness.anchor.client import memory_client_context
+    from safehold.ratls import server_ssl_context
+    from safehold.records.server import ssl_context_from_pem
+    from tests.support.filewatch import FileWatch, fanotify_available
+
+    if not fanotify_available():
+        if os.environ.get("CI"):
+            pytest.fail("fanotify (root) is needed: inotify or polling can miss a file removed at once")
+        pytest.skip("needs fanotify (root): inotify or polling can miss a file removed at once")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fds = set(os.listdir("/proc/self/fd"))
+    with FileWatch([tmp_path]) as watch:
+        server_ssl_context(ident)
+        memory_client_context(ident.cert_pem(), ident.key_pem())
+        ssl_context_from_pem(ident.cert_pem(), ident.key_pem())
+        (tmp_path / "canary").write_bytes(b"seen")  # the watch works
+        deadline = time.monotonic() + 5
+        while not watch.seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert list(watch.seen) == [str(tmp_path / "canary")]
+    assert set(os.listdir("/proc/self/fd")) <= fds | {str(n) for n in range(3)}  # memfds closed
+
+
+def test_memory_key_loading_fails_closed_without_memfd(ident, monkeypatch) -> None:
+    import os
+
+    from safehold.errors import ConfigError
+    from safehold.ratls.memkey import ssl_context_from_memory
+
+    with pytest.raises(ConfigError, match="garbled|does not load"):
+        ssl_context_from_memory(ident.cert_pem(), b"-----BEGIN PRIVATE KEY-----\ngarbled\n")
+    monkeypatch.delattr(os, "memfd_create")
+    with pytest.raises(ConfigError, match="memfd_create"):
+        ssl_context_from_memory(ident.cert_pem(), ident.key_pem())
 
 
 def test_client_cert_that_does_not_load_is_a_clear_error(tmp_path):

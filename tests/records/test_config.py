@@ -31,10 +31,14 @@ def test_config_load_rules(tmp_path):
     for text, msg in [("", "broker_ca_sha256 must pin"),
                       (f'broker_ca_sha256 = "{pin[:-2]}"', "broker_ca_sha256 must pin"),
                       (f'broker_ca_sha256 = "{pin}"\nencryption = "false"', "TOML boolean"),
-                      (f'broker_ca_sha256 = "{pin}"\nhost = "10.0.0.5"', "only on a loopback host")]:
+                      (f'broker_ca_sha256 = "{pin}"\nhost = "10.0.0.5"\nscone_auth = "none"',
+                       "only on a loopback host")]:
         f.write_text(text)
         with pytest.raises(ConfigError, match=msg):
             ServiceConfig.load(f, env={})
+    # the SCONE port authenticates by default (issue 11, finding 5): a public host needs nothing more
+    f.write_text(f'broker_ca_sha256 = "{pin}"\nhost = "10.0.0.5"')
+    assert ServiceConfig.load(f, env={}).scone_auth == "token"
     # a public host is fine with token auth on the SCONE port, or with the SCONE port off
     f.write_text(f'broker_ca_sha256 = "{pin}"\nhost = "0.0.0.0"\nscone_auth = "token"')
     assert ServiceConfig.load(f, env={}).host == "0.0.0.0"

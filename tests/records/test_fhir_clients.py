@@ -294,7 +294,8 @@ def test_no_plaintext_in_a_postgresql_table(postgres_dsn, pg_schema, tmp_path):
 
 def test_readme_fhir_snippet_runs_against_the_stack(stack, tmp_path):
     """The README's FHIR client block, run as a user would: in a directory whose
-    ``safehold-data`` is the running stack's data directory."""
+    ``safehold-data`` is the running stack's data directory (and ``safehold-data.owner`` its
+    owner directory)."""
     import subprocess
     import sys
 
@@ -303,6 +304,7 @@ def test_readme_fhir_snippet_runs_against_the_stack(stack, tmp_path):
     readme = (ROOT / "README.md").read_text("utf-8")
     block = readme.split("<!-- fhir-readme-snippet -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "safehold-data").symlink_to(stack.data_dir)
+    (tmp_path / "safehold-data.owner").symlink_to(stack.owner_path(""))
     r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -333,7 +335,7 @@ def test_client_certificate_on_fhir(stack, tmp_path):
         return (str(out) + ".pem", key or str(out) + ".key")
 
     ca = str(stack.path("ca.pem"))
-    pinned = client_cert("reader", str(stack.path("owner.key")))
+    pinned = client_cert("reader", str(stack.owner_path("owner.key")))
     got = requests.get(f"{fhir_base(stack)}/Patient?_summary=count", cert=pinned, verify=ca, timeout=30)
     assert got.status_code == 200 and r4b(got.json())["type"] == "searchset"
     stranger = client_cert("admin")

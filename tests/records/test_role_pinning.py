@@ -68,7 +68,8 @@ def test_operator_minted_admin_certificate_is_refused_by_records(stack, tmp_path
         assert r.status_code == 400 and "only 'value' secrets" in r.json()["detail"], r.text
 
     # the owner's pinned key is the records admin, whatever CN its certificate carries
-    owner_cert = client_cert(stack, owner_token, "any-label", tmp_path / "owner", key=stack.path("owner.key"))
+    owner_cert = client_cert(stack, owner_token, "any-label", tmp_path / "owner",
+                             key=stack.owner_path("owner.key"))
     with records(stack, client_cert=owner_cert) as admin:
         assert admin.get("rp-1").data == PATIENT
         for cn in ("admin", "writer", "reader", "olga"):  # nothing the operator sent was stored

@@ -65,8 +65,9 @@ def stack(pkg, tmp_path_factory):
     d = tmp_path_factory.mktemp("safehold-data")
     # the manifest also approves an encryption-off config (as the benchmark's baseline does)
     plain = records_config(tokens(d), encryption=False)
+    # the unchanged SCONE demo clients below need the explicit opt-in scone_auth = "none"
     s = prepare(d, broker_port=free_port(), records_port=free_port(), scone_port=free_port(),
-                extra_configs={"records-plain.toml": plain}, package_root=str(pkg))
+                extra_configs={"records-plain.toml": plain}, package_root=str(pkg), scone_auth="none")
     start(s)
     yield s
     stop(s)
@@ -230,7 +231,7 @@ def _client_cert(stack, pkg, name, tmp_path, key=None):
 def test_client_certificates_from_the_broker(stack, pkg, tmp_path):
     """Mutual TLS: a client certificate issued by the broker's workload CA to a key the owner
     pinned (the owner key is the records admin); any other key gets 401, whatever its CN."""
-    pinned = _client_cert(stack, pkg, "writer", tmp_path, key=stack.path("owner.key"))
+    pinned = _client_cert(stack, pkg, "writer", tmp_path, key=stack.owner_path("owner.key"))
     with RecordsClient(stack.records_url, policy=stack.path("policy.toml"), client_cert=pinned) as c:
         assert c.put("mtls-1", {"resourceType": "Patient", "id": "mtls-1"}) == 1
         assert c.get("mtls-1").data["id"] == "mtls-1"

@@ -46,7 +46,7 @@ def broker(stack: Stack, token: str | None = None) -> httpx.Client:
 
 def owner_update(stack: Stack, edit: Callable[[dict], None]) -> int:
     """Install the current manifest, changed by ``edit``, as the next version: signed by the
-    owner's key (``owner.key``, user ``admin``) for this broker over the current manifest.
+    owner's key (``<owner dir>/owner.key``, user ``admin``) for this broker over the current manifest.
     Returns the new version."""
     with broker(stack, tokens(stack.data_dir)["admin"]) as b:
         st = b.get("/status").json()
@@ -54,7 +54,7 @@ def owner_update(stack: Stack, edit: Callable[[dict], None]) -> int:
         edit(raw)
         m = manifest_from_dict(raw)
         version = st["manifest_version"] + 1
-        sig = sign_update(m, version, stack.path("owner.key").read_bytes(), broker_id=st["broker_id"],
+        sig = sign_update(m, version, stack.owner_path("owner.key").read_bytes(), broker_id=st["broker_id"],
                           previous_sha256=st["manifest_digest"])
         r = b.post("/admin/manifest/update", json={"manifest": m.raw, "version": version,
                                                    "signer": "admin", "signature": sig})

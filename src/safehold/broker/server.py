@@ -20,7 +20,6 @@ import logging
 import os
 import ssl
 import sys
-import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from safehold.broker.errors import PermissionDeniedError
 from safehold.broker.manifest import load_manifest
 from safehold.broker.state import BrokerState, simulated_sealing_identity
 from safehold.errors import ManifestError
+from safehold.ratls.memkey import load_chain_from_memory
 
 log = logging.getLogger("safehold.broker")
 
@@ -151,19 +151,7 @@ def _load_chain(ctx: ssl.SSLContext, broker: Broker, names: list[str]) -> None:
         ctx.load_verify_locations(cadata=broker.ca.cert_pem())
         ctx.verify_mode = ssl.CERT_OPTIONAL
     key_pem, cert_pem = _server_cert(broker, names)
-    blob = cert_pem + key_pem
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("safehold-broker-tls", 0)
-        try:
-            os.write(fd, blob)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-    else:  # pragma: no cover - non-Linux fallback: a private temp file removed at once
-        with tempfile.NamedTemporaryFile(delete=True) as f:
-            f.write(blob)
-            f.flush()
-            ctx.load_cert_chain(f.name)
+    load_chain_from_memory(ctx, cert_pem, key_pem)  # a memfd, never a file (no fallback)
 
 
 def _client_cert_protocol() -> type:

@@ -55,6 +55,9 @@ _conn_options = [
     click.option("--url", default=None, help="Records service URL (default: from up.json)."),
     click.option("--policy", default=None, help="Appraisal policy TOML for the service's Evidence."),
     click.option("--token", default=None, envvar="SAFEHOLD_TOKEN", help="Bearer token."),
+    click.option("--owner-dir", default=None, envvar="SAFEHOLD_OWNER_DIR",
+                 help="The data owner's directory of `safehold up` (its tokens.json gives the admin "
+                      "token when --token is not given). Default: <data-dir>.owner."),
 ]
 
 
@@ -80,7 +83,7 @@ def register(group: click.Group) -> None:
                   help="An id met again in this run with different content: fail (report, keep the "
                        "first), skip (keep the first, note it) or overwrite (the later one wins).")
     def import_cmd(files: tuple[str, ...], data_dir: str, url: str | None, policy: str | None,
-                   token: str | None, restart: bool, on_conflict: str) -> None:
+                   token: str | None, owner_dir: str | None, restart: bool, on_conflict: str) -> None:
         """Import Synthea CSV (patients.csv) and FHIR R4 Bundle / NDJSON / Patient JSON files.
 
         Patients go to the native API; the other resources of Bundles and NDJSON (Observation,
@@ -90,7 +93,7 @@ def register(group: click.Group) -> None:
         130 / 143 = interrupted by SIGINT / SIGTERM (progress checkpointed: run the same command
         again to resume).
         """
-        conn = load_connection(data_dir, url, policy, token)
+        conn = load_connection(data_dir, url, policy, token, owner_dir)
         state = Path(data_dir) / STATE_FILE
         ckpt_path = state if Path(data_dir).is_dir() else None
         counts = ImportCounts()
@@ -131,9 +134,9 @@ def register(group: click.Group) -> None:
     @click.argument("record_id")
     @conn_options
     def get_cmd(record_id: str, data_dir: str, url: str | None, policy: str | None,
-                token: str | None) -> None:
+                token: str | None, owner_dir: str | None) -> None:
         """Print one record as JSON."""
-        with client(load_connection(data_dir, url, policy, token)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             rec = c.get(record_id)
         click.echo(json.dumps(rec.data, indent=2, ensure_ascii=False))
 
@@ -141,9 +144,10 @@ def register(group: click.Group) -> None:
     @conn_options
     @click.option("--limit", default=0, type=click.IntRange(min=0),
                   help="Stop after this many ids (0 = all).")
-    def list_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None, limit: int) -> None:
+    def list_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
+                 owner_dir: str | None, limit: int) -> None:
         """Print record ids, one per line."""
-        with client(load_connection(data_dir, url, policy, token)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             for n, rid in enumerate(c.list_ids(), start=1):
                 click.echo(rid)
                 if limit and n >= limit:
@@ -157,12 +161,12 @@ def register(group: click.Group) -> None:
     @click.option("--gender", default=None)
     @click.option("--identifier", default=None)
     def search_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
-                   **criteria: str | None) -> None:
+                   owner_dir: str | None, **criteria: str | None) -> None:
         """Exact-match search (case-insensitive) through blind indexes; prints id and name."""
         crit: dict[str, str] = {k: v for k, v in criteria.items() if v}
         if not crit:
             raise click.UsageError("give at least one of --family --given --birth-date --gender --identifier")
-        with client(load_connection(data_dir, url, policy, token)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             hits = c.search(limit=100, **crit)
         for r in hits:
             click.echo(f"{r.id}\t{display_name(r.data)}")
@@ -172,9 +176,9 @@ def register(group: click.Group) -> None:
     @click.argument("record_id")
     @conn_options
     def delete_cmd(record_id: str, data_dir: str, url: str | None, policy: str | None,
-                   token: str | None) -> None:
+                   token: str | None, owner_dir: str | None) -> None:
         """Delete one record."""
-        with client(load_connection(data_dir, url, policy, token)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             c.delete(record_id)
         click.echo(f"deleted {record_id}")
 

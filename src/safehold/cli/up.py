@@ -35,18 +35,22 @@ def register(group: click.Group) -> None:
     @click.option("--scone-port", default=4996, show_default=True, type=click.IntRange(0, 65535),
                   help="SCONE-compatible port (0 = off).")
     @click.option("--scone-auth", type=click.Choice(SCONE_AUTH_CHOICES), default=None,
-                  help="Authentication on the SCONE port: none (as SCONE's demo; loopback only; anyone "
-                       "on this machine can read and write records) or token (bearer tokens). "
-                       "Default: the value in an existing records.toml, else none.")
+                  help="Authentication on the SCONE port: token (bearer tokens, as the native API) or "
+                       "none (as SCONE's demo: loopback only, anyone on this machine can read and write "
+                       "records; warned about loudly). Default: the value in an existing records.toml, "
+                       "else token.")
+    @click.option("--owner-dir", default=None, envvar="SAFEHOLD_OWNER_DIR",
+                  help="The data owner's directory (owner.key, tokens.json), kept apart from the "
+                       "server's data; never given to the servers. Default: <data-dir>.owner.")
     @click.option("--reset", is_flag=True,
                   help="Regenerate records.toml even if it was edited (otherwise up refuses).")
     @click.option("--store", "store_url", default=None, help="Store URL (default: sqlite in the data dir).")
     def up(data_dir: str, broker_port: int, records_port: int, scone_port: int, scone_auth: str | None,
-           reset: bool, store_url: str | None) -> None:
+           reset: bool, store_url: str | None, owner_dir: str | None) -> None:
         """Start the key broker and the records service (simulated TEE) until Ctrl-C."""
         s = prepare(data_dir, broker_port=broker_port, records_port=records_port,
                     scone_port=scone_port or None, store_url=store_url, scone_auth=scone_auth,
-                    reset=reset)
+                    reset=reset, owner=owner_dir)
         stopping = {"flag": False}
 
         def on_signal(signum: int, frame: object) -> None:

@@ -1,8 +1,9 @@
 """How a client reaches the records service of a local stack, and transport failures as one line.
 
 :func:`load_connection` merges the ``up.json`` that ``safehold up`` writes into its data
-directory (records URL, the appraisal policy for the service's Evidence, the workload CA, the
-admin token) with explicit settings; :func:`open_client` is the one way to talk to the service:
+directory (records URL, the appraisal policy for the service's Evidence, the workload CA) and the
+admin token from the data owner's directory (:func:`owner_dir`, never the server's data
+directory) with explicit settings; :func:`open_client` is the one way to talk to the service:
 a :class:`~safehold.client.records.RecordsClient` over the attesting transport, with transport
 failures (refused, dropped, timed out, TLS) mapped to :class:`ServiceUnreachableError` naming the
 URL, and the simulated-TEE warning shown once as one line (:func:`simulated_tee_notice`).
@@ -30,9 +31,11 @@ from safehold.client.records import RecordsClient
 from safehold.errors import ConfigError
 
 __all__ = [
+    "OWNER_DIR_SUFFIX",
     "UP_FILE",
     "Connection",
     "load_connection",
+    "owner_dir",
     "make_client",
     "open_client",
     "service_errors",
@@ -41,6 +44,24 @@ __all__ = [
 ]
 
 UP_FILE = "up.json"
+#: The default owner directory of data directory ``D`` is the sibling ``D.owner``.
+OWNER_DIR_SUFFIX = ".owner"
+
+
+def owner_dir(data_dir: str | os.PathLike[str], explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The data owner's directory of the local stack in ``data_dir``: the owner's signing key
+    (``owner.key``) and the bearer tokens (``tokens.json``), kept apart from the server's data.
+
+    ``explicit`` (``--owner-dir``) wins, then ``SAFEHOLD_OWNER_DIR``, else the sibling
+    ``<data_dir>.owner`` (e.g. ``./safehold-data.owner``). The server processes are never given
+    this path. Returns the resolved path (it may not exist yet).
+    """
+    chosen = explicit or os.environ.get("SAFEHOLD_OWNER_DIR")
+    if chosen:
+        return Path(chosen).resolve()
+    d = Path(data_dir).resolve()
+    return d.with_name(d.name + OWNER_DIR_SUFFIX)
+
 
 
 @dataclass
@@ -57,8 +78,12 @@ class Connection:
 
 
 def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
-                    policy: str | None = None, token: str | None = None) -> Connection:
+                    policy: str | None = None, token: str | None = None,
+                    owner: str | os.PathLike[str] | None = None) -> Connection:
     """Merge ``<data_dir>/up.json`` with explicit options (options win).
+
+    The token is ``token``, else ``SAFEHOLD_TOKEN``, else the ``admin`` token in the owner
+    directory's ``tokens.json`` (:func:`owner_dir` of ``data_dir`` and ``owner``), else none.
 
     Raises:
         ConfigError: no URL or policy known (``safehold up`` not running and no options), or
@@ -76,7 +101,7 @@ def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
     same = url is None or url == info.get("records_url")
     url = url or info.get("records_url")
     policy = policy or info.get("policy")
-    token = token or os.environ.get("SAFEHOLD_TOKEN") or info.get("admin_token")
+    token = token or os.environ.get("SAFEHOLD_TOKEN") or _owner_admin_token(owner_dir(data_dir, owner))
     if not url or not policy:
         raise ConfigError(
             f"no records service known: run `safehold up` (writes {p}) or pass --url and --policy"
@@ -84,10 +109,29 @@ def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
     target = str(url)
     if same and info:
         ca_digest = ""
-        with contextlib.suppress(OSError, TypeError):
+        with contextlib.suppress(OSError, TypeError, KeyError):  # up.json may lack it
             ca_digest = hashlib.sha256(Path(info["ca"]).read_bytes()).hexdigest()
         target += f" store={info.get('store_url', '')} ca={ca_digest}"
     return Connection(url, policy, token, info.get("ca"), target)
+
+
+def _owner_admin_token(d: Path) -> str | None:
+    """The ``admin`` bearer token of ``<d>/tokens.json``, None if there is no such file.
+
+    Raises:
+        ConfigError: the file exists but is unreadable or holds no string ``admin`` token.
+    """
+    p = d / "tokens.json"
+    try:
+        tok = json.loads(p.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}: unreadable ({type(e).__name__})") from None
+    admin = tok.get("admin") if isinstance(tok, dict) else None
+    if not isinstance(admin, str):
+        raise ConfigError(f"{p}: no admin token in it")
+    return admin
 
 
 def make_client(conn: Connection) -> RecordsClient:

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from safehold.client.errors import DiscoveryClientError
 from safehold.crypto import oprf
 from safehold.discovery.errors import (
-    DiscoveryError,
     InvalidRequestError,
     InvalidTokenError,
     RateLimitedError,
@@ -51,16 +51,6 @@ DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
 #: Blinded elements per evaluate call.
 EVALUATE_BATCH = 4096
 Progress = Callable[[int, int], None]
-
-
-class DiscoveryClientError(DiscoveryError):
-    """The service answered with an error (``status`` and ``code`` as sent)."""
-
-    def __init__(self, message: str, status: int = 0, code: str = ""):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
 
 @dataclass
 class QueryState:

@@ -7,6 +7,7 @@ exists: :class:`~safehold.errors.BrokerError`, :class:`~safehold.errors.RecordEr
 
 from __future__ import annotations
 
+from safehold.discovery.errors import DiscoveryError
 from safehold.errors import BrokerError, RecordError, SafeholdError
 from safehold.jsontypes import JSONValue
 from safehold.vau.errors import VauError
@@ -84,3 +85,12 @@ class ErezeptResponseError(SafeholdError):
         first = issues[0] if isinstance(issues, list) and issues else None
         text = str(first.get("diagnostics", "")) if isinstance(first, dict) else ""
         super().__init__(f"E-Rezept Fachdienst answered {status}: {text}")
+
+
+class DiscoveryClientError(DiscoveryError):
+    """The service answered with an error (``status`` and ``code`` as sent)."""
+
+    def __init__(self, message: str, status: int = 0, code: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from safehold.crypto import oprf
+from safehold.crypto.errors import OPRFError
 from safehold.errors import DecryptionError
 from safehold.svr import db4
 from safehold.svr.errors import (
@@ -492,7 +493,7 @@ class Svr3Client(_Client):
         try:
             combined = db4.combine([unb64(r.get("element"), "element", size=ELEMENT_SIZE) for r in r1])
             k_auth = db4.master_auth_key(oprf.finalize([x], blinded.blinds, [combined])[0])
-        except (oprf.OPRFError, InvalidRequestError, ValueError):
+        except (OPRFError, InvalidRequestError, ValueError):
             k_auth = b""  # a malformed answer: prove with nothing, learn nothing
 
         def restore2(i: int, s: _Server) -> dict[str, Any]:

@@ -53,7 +53,14 @@ except ValueError as _e:  # pysodium raises ValueError when it finds no libsodiu
     raise ImportError("safehold.crypto.oprf needs the system libsodium >= 1.0.18 "
                       "(Debian/Ubuntu: apt-get install libsodium23)") from _e
 
-from safehold.errors import CryptoError
+from safehold.crypto.errors import (
+    DeriveKeyPairError,
+    IdentityElementError,
+    InputLengthError,
+    InvalidElementError,
+    InvalidInputError,
+    InvalidScalarError,
+)
 
 #: Ciphersuite identifier (RFC 9497 §4.1).
 SUITE_ID = "ristretto255-SHA512"
@@ -88,40 +95,6 @@ _add.restype = ctypes.c_int
 _from_hash = _lib["crypto_core_ristretto255_from_hash"]
 _from_hash.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
 _from_hash.restype = ctypes.c_int
-
-
-class OPRFError(CryptoError):
-    """An RFC 9497 OPRF operation failed."""
-
-
-class DeserializeError(OPRFError):
-    """An element or scalar is not a valid encoding (RFC 9497 §2.1 DeserializeElement/Scalar)."""
-
-
-class InvalidElementError(DeserializeError):
-    """32 bytes that are not the canonical encoding of a ristretto255 element (or the wrong
-    length) — RFC 9497 §4.1 DeserializeElement, RFC 9496 §4.3.1 Decode."""
-
-
-class IdentityElementError(DeserializeError):
-    """The identity element, which RFC 9497 §4.1 DeserializeElement rejects."""
-
-
-class InvalidScalarError(DeserializeError):
-    """Not a 32-byte little-endian scalar below the group order (RFC 9497 §4.1 DeserializeScalar)."""
-
-
-class InvalidInputError(OPRFError):
-    """The input hashes to the identity element (RFC 9497 §3.3.1 Blind / Evaluate)."""
-
-
-class InputLengthError(OPRFError, ValueError):
-    """An input of 2^16 - 1 bytes or more (RFC 9497 §5.1 Input Limits)."""
-
-
-class DeriveKeyPairError(OPRFError):
-    """DeriveKeyPair found no non-zero scalar in 256 tries (RFC 9497 §3.2.1)."""
-
 
 # --- hashing glue (RFC 9380 §5.3.1, RFC 9497 §4.1) ----------------------------------------------
 

@@ -1,5 +1,6 @@
-"""The data directory of the local stack: tokens, the owner key, the measured records
-configuration, the manifest and the client policy (:func:`prepare`)."""
+"""The data directory of the local stack (the measured records configuration, the manifest,
+the client policy, the servers' state) and the data owner's directory apart from it (the owner
+key, the tokens): :func:`prepare`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from safehold.client.connection import owner_dir
 from safehold.devstack.errors import StackError
 from safehold.devstack.stack import (
     SCONE_AUTH_CHOICES,
@@ -29,8 +31,12 @@ from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
 from safehold.jsontypes import JSONObject
 
-__all__ = ["RECORDS_ACCESS", "broker_ca_pin", "main_records_config", "make_data_dir", "measure_records",
-           "owner_key", "prepare", "records_access", "records_config", "tokens", "write_private"]
+__all__ = ["OWNER_FILES", "RECORDS_ACCESS", "broker_ca_pin", "check_old_layout", "main_records_config",
+           "make_data_dir", "make_owner_dir", "measure_records", "owner_key", "prepare", "records_access",
+           "records_config", "tokens", "write_private"]
+
+#: What the data owner keeps in the owner directory (earlier versions kept them in the data dir).
+OWNER_FILES = ("owner.key", "owner.pub", "tokens.json")
 
 #: The manifest secret (type ``access``) that says who holds which records role.
 RECORDS_ACCESS = "records-access"
@@ -42,23 +48,30 @@ def write_private(path: Path, data: bytes) -> None:
     write_atomic(path, data, mode=0o600)
 
 
-def tokens(data_dir: Path) -> dict[str, str]:
-    """The stack's bearer tokens (created once, 256-bit random, base64url): role → token."""
-    p = data_dir / "tokens.json"
+def tokens(data_dir: Path, owner: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The stack's bearer tokens (created once, 256-bit random, base64url): role → token.
+
+    Kept in the owner directory (:func:`safehold.client.connection.owner_dir` of ``data_dir``
+    and ``owner``) as ``tokens.json`` (0600); the manifest holds only their SHA-256.
+    """
+    p = owner_dir(data_dir, owner) / "tokens.json"
     if p.exists():
         return json.loads(p.read_text("utf-8"))
+    make_owner_dir(data_dir, owner)
     t = {role: secrets.token_urlsafe(32) for role in ("admin", "writer", "reader")}
     write_private(p, json.dumps(t, indent=2).encode())
     return t
 
 
-def owner_key(data_dir: Path) -> str:
+def owner_key(data_dir: Path, owner: str | os.PathLike[str] | None = None) -> str:
     """The dev manifest owner's Ed25519 signing key (RFC 8032), created once: ``owner.key``
-    (PKCS#8 PEM, 0600) and ``owner.pub`` in ``data_dir``. Returns the public key (SPKI PEM)."""
+    (PKCS#8 PEM, 0600) and ``owner.pub`` in the owner directory (never the data directory).
+    Returns the public key (SPKI PEM)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    priv = data_dir / "owner.key"
+    od = make_owner_dir(data_dir, owner)
+    priv = od / "owner.key"
     if priv.exists():
         try:
             key = serialization.load_pem_private_key(priv.read_bytes(), password=None)
@@ -70,8 +83,49 @@ def owner_key(data_dir: Path) -> str:
                                                serialization.NoEncryption()))
     pub = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
-    (data_dir / "owner.pub").write_text(pub, "ascii")
+    (od / "owner.pub").write_text(pub, "ascii")
     return pub
+
+
+def make_owner_dir(data_dir: str | os.PathLike[str], owner: str | os.PathLike[str] | None = None) -> Path:
+    """Create the owner directory (0700) if missing; refuse one inside the data directory.
+
+    Raises:
+        ConfigError: the owner directory is, or is inside, the data directory (whoever reads the
+            server's data would hold the owner's key), or it cannot be created.
+    """
+    d, od = Path(data_dir).resolve(), owner_dir(data_dir, owner)
+    if od == d or d in od.parents:
+        raise ConfigError(f"owner directory {od} is inside the data directory {d}: the owner's key and "
+                          "tokens must be kept apart from the server's data (choose another --owner-dir)")
+    try:
+        od.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ConfigError(f"owner directory {od}: cannot create it ({e.strerror})") from None
+    if not od.is_dir():
+        raise ConfigError(f"owner directory {od}: not a directory")
+    return od
+
+
+def check_old_layout(data_dir: Path, owner: str | os.PathLike[str] | None = None) -> None:
+    """Refuse a data directory made by the old layout (owner key / tokens in the data directory).
+
+    The files are not moved automatically: they sat where the threat model says the operator
+    reads, so the owner should know (and may want to rotate them); the message names the move.
+
+    Raises:
+        ConfigError: ``owner.key``, ``owner.pub`` or ``tokens.json`` is in ``data_dir``.
+    """
+    old = [n for n in OWNER_FILES if (data_dir / n).exists()]
+    if old:
+        od = owner_dir(data_dir, owner)
+        raise ConfigError(
+            f"{data_dir} holds the data owner's {', '.join(old)} (the layout before the owner "
+            f"directory): the server's data directory is readable by the operator, so Safehold no "
+            f"longer keeps them there. Move them: mkdir -p -m 700 {od} && mv "
+            + " ".join(str(data_dir / n) for n in old) + f" {od}/ "
+            "(they were readable with the data directory: consider new tokens and a new owner key)"
+        )
 
 
 def _sha(t: str) -> str:
@@ -79,7 +133,7 @@ def _sha(t: str) -> str:
 
 
 def records_config(tok: dict[str, str] | None = None, *, encryption: bool = True,
-                   scone_auth: str = "none", host: str = "127.0.0.1",
+                   scone_auth: str = "token", host: str = "127.0.0.1",
                    broker_ca_sha256: str = "") -> JSONObject:
     """The measured records configuration (see :class:`safehold.records.config.ServiceConfig`).
 
@@ -107,7 +161,7 @@ def records_access(tok: dict[str, str], owner_pub_pem: str) -> JSONObject:
     the records service, every identity pinned by the owner.
 
     Principals ``admin`` / ``writer`` / ``reader`` hold their bearer token (SHA-256); ``admin``
-    is also the owner's own key (``owner.key``: SHA-256 of its SubjectPublicKeyInfo), so a client
+    is also the owner's own key (``<owner dir>/owner.key``: SHA-256 of its SubjectPublicKeyInfo), so a client
     certificate the broker issues to that key (``safehold broker client-cert --key owner.key``)
     is the records admin. No other client certificate maps to a role, whatever its CN.
     """
@@ -196,10 +250,11 @@ def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str 
                         reset: bool) -> JSONObject:
     """The ``records.toml`` that ``safehold up`` uses for data directory ``d``.
 
-    An existing file is never overwritten silently: ``scone_auth`` defaults to the file's value
-    (else ``"none"``); a file that differs in anything else (an edit, or one from another
-    Safehold version) is refused unless ``reset`` (regenerate). An explicit ``scone_auth`` that
-    differs from the file's is a requested change and is applied.
+    An existing file is never overwritten silently: ``scone_auth`` defaults to the file's
+    value (else ``"token"``: authentication on; ``"none"`` is an explicit opt-in); a file that
+    differs in anything else (an edit, or one from another Safehold version) is refused unless
+    ``reset`` (regenerate). An explicit ``scone_auth`` that differs from the file's is a
+    requested change and is applied.
 
     Raises:
         ConfigError: the existing file differs (names the keys) and ``reset`` is false.
@@ -209,7 +264,7 @@ def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str 
     explicit = scone_auth is not None
     if scone_auth is None:
         old = (existing or {}).get("scone_auth")
-        scone_auth = old if old in SCONE_AUTH_CHOICES else "none"
+        scone_auth = old if old in SCONE_AUTH_CHOICES else "token"
     if scone_auth not in SCONE_AUTH_CHOICES:
         raise ConfigError(f"scone_auth must be one of {', '.join(SCONE_AUTH_CHOICES)}, got {scone_auth!r}")
     cfg = {**records_config(tok, scone_auth=scone_auth), "broker_ca_sha256": pin}
@@ -230,7 +285,7 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
             scone_port: int | None = 4996, store_url: str | None = None,
             extra_configs: dict[str, JSONObject] | None = None,
             package_root: str | None = None, scone_auth: str | None = None,
-            reset: bool = False) -> Stack:
+            reset: bool = False, owner: str | os.PathLike[str] | None = None) -> Stack:
     """Lock the data directory, then create tokens, the broker's workload CA, the measured
     config (pinning that CA), the manifest and the client policy.
 
@@ -242,21 +297,25 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
             measurements the manifest also accepts (the benchmark's encryption-off service).
         package_root: run the processes from this copy of the ``safehold`` package (tests use a
             snapshot so that edits to the working tree cannot change the measurement mid-run).
-        scone_auth: ``"none"`` / ``"token"`` for the SCONE-compatible port; None keeps an
-            existing ``records.toml``'s value (else ``"none"``). See :func:`main_records_config`.
+        scone_auth: ``"token"`` / ``"none"`` for the SCONE-compatible port; None keeps an
+            existing ``records.toml``'s value (else ``"token"``). See :func:`main_records_config`.
         reset: regenerate ``records.toml`` even if it differs from what ``up`` writes.
+        owner: the owner directory (``--owner-dir``; default
+            :func:`safehold.client.connection.owner_dir`): the owner key and the tokens.
 
     Raises:
         DataDirBusyError: another stack runs on this data directory.
-        ConfigError: unusable data directory, edited ``records.toml`` (without ``reset``), or
-            the manifest does not validate.
+        ConfigError: unusable data or owner directory, a data directory of the old layout
+            (:func:`check_old_layout`), edited ``records.toml`` (without ``reset``), or the
+            manifest does not validate.
     """
     d = make_data_dir(data_dir)
     lock = lock_data_dir(d)
     try:
+        check_old_layout(d, owner)
         s = _prepare(d, broker_port=broker_port, records_port=records_port, scone_port=scone_port,
                      store_url=store_url, extra_configs=extra_configs, package_root=package_root,
-                     scone_auth=scone_auth, reset=reset)
+                     scone_auth=scone_auth, reset=reset, owner=owner)
     except BaseException:
         unlock_data_dir(lock)
         raise
@@ -266,11 +325,12 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
 
 def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | None,
              store_url: str | None, extra_configs: dict[str, dict[str, Any]] | None,
-             package_root: str | None, scone_auth: str | None, reset: bool) -> Stack:
+             package_root: str | None, scone_auth: str | None, reset: bool,
+             owner: str | os.PathLike[str] | None) -> Stack:
     """:func:`prepare` after the data directory is created and locked."""
     from safehold.broker.manifest import load_manifest
 
-    tok = tokens(d)
+    tok = tokens(d, owner)
     pin = broker_ca_pin(d, package_root)
     cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset), **(extra_configs or {})}
     measurements = []
@@ -288,7 +348,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
         "simulated_root": str(root),
         "reference_values": {"measurements": measurements},
     }
-    owner_pub = owner_key(d)
+    owner_pub = owner_key(d, owner)
     manifest = {
         "name": SESSION_NAME,
         "repository": "default",
@@ -302,7 +362,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
             RECORDS_ACCESS: records_access(tok, owner_pub),
         },
         # the owner's public key lets `safehold broker manifest update --signer admin --key
-        # <data-dir>/owner.key` sign updates of this dev manifest
+        # <owner-dir>/owner.key` sign updates of this dev manifest
         "users": {"admin": {"roles": ["owner"], "token_sha256": _sha(tok["admin"]),
                             "public_key": owner_pub}},
     }
@@ -313,7 +373,8 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     client_policy = {**policy, "name": "safehold-records-client", "report_data": "required"}
     (d / "policy.toml").write_text(tomli_w.dumps(client_policy), "utf-8")
     s = Stack(d, broker_port, records_port, scone_port,
-              store_url or f"sqlite:///{d / 'records.db'}", package_root)
+              store_url or f"sqlite:///{d / 'records.db'}", package_root,
+              owner_dir=owner_dir(d, owner))
     s.info = {"measurements": measurements}
     if old_manifest is not None and old_manifest != manifest:
         s.info["manifest_changed"] = True  # a broker that installed the old one refuses the new

@@ -72,7 +72,7 @@ MANIFEST_REFUSED = "differs from the stored manifest"
 
 def update_manifest(s: Stack) -> int:
     """Install ``<data_dir>/manifest.toml`` on the running broker as a signed update (the next
-    version), signed by the dev owner key ``<data_dir>/owner.key`` as user ``admin``.
+    version), signed by the dev owner key ``<owner_dir>/owner.key`` as user ``admin``.
 
     Used by :func:`start` when the broker refuses a changed manifest (``records.toml`` changed,
     e.g. ``--scone-auth``): the broker accepts only owner-signed updates. The signature binds
@@ -87,13 +87,13 @@ def update_manifest(s: Stack) -> int:
     """
     from safehold.broker.manifest import load_manifest, sign_update
 
-    key = s.path("owner.key")
+    key = s.owner_path("owner.key")
     if not key.exists():
         raise StackError(f"the manifest changed and there is no owner key ({key}) to sign the update")
     path = s.path("manifest.toml")
     m = load_manifest(path.read_bytes(), filename=str(path), base_dir=path.parent)
     ctx = ssl.create_default_context(cafile=str(s.path("ca.pem")))
-    hdr = {"Authorization": f"Bearer {tokens(s.data_dir)['admin']}"}
+    hdr = {"Authorization": f"Bearer {tokens(s.data_dir, s.owner_dir)['admin']}"}
     try:
         with httpx.Client(base_url=s.broker_url, verify=ctx, timeout=30, headers=hdr) as c:
             st = c.get("/status").json()
@@ -242,7 +242,7 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         except StackError:
             # records.toml (so the measurement, so the manifest) changed after the broker
             # installed the old manifest: start it on its stored manifest, sign the new one
-            if (s.procs["broker"].poll() is None or not s.path("owner.key").exists()
+            if (s.procs["broker"].poll() is None or not s.owner_path("owner.key").exists()
                     or MANIFEST_REFUSED not in _log_tail(s.path("broker.log"))):
                 raise
             s.procs["broker"] = subprocess.Popen(broker_cmd(s, manifest=False), stdout=blog,
@@ -259,7 +259,6 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
     except BaseException:
         stop(s)
         raise
-    tok = tokens(s.data_dir)
     s.info.update({
         "broker_url": s.broker_url,
         "records_url": info["records_url"],
@@ -270,7 +269,6 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         "manifest": str(s.path("manifest.toml")),
         "store_url": s.store_url,
         "scone_auth": info.get("scone_auth"),
-        "admin_token": tok["admin"],
         "pids": {k: p.pid for k, p in s.procs.items()},
     })
     write_private(s.path("up.json"), json.dumps(s.info, indent=2).encode())
@@ -313,19 +311,21 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
         sp = i["scone_port"]
         out.append((f"SCONE demo API  https://api:{sp}  (curl --resolve api:{sp}:127.0.0.1)", False))
         if i.get("scone_auth") == "none":
-            out.append((f"  WARNING: the SCONE port {sp} has NO AUTHENTICATION (scone_auth = none, as in "
+            out.append((f"  WARNING: the SCONE port {sp} has NO AUTHENTICATION (--scone-auth none, as in "
                         "SCONE's demo): any process on this machine can read and create every record "
-                        "there. Use --scone-auth token, or --scone-port 0 to close it.", True))
+                        "there. Drop --scone-auth none (the default is token), or --scone-port 0 to close "
+                        "it.", True))
         else:
             out.append((f"  SCONE port authentication: {i.get('scone_auth')} "
                         "(bearer tokens, as on the native API)", False))
     if i.get("manifest_updated"):
         out.append((f"manifest update version {i['manifest_updated']}, signed with "
-                    f"{s.path('owner.key')} (records.toml changed its measurement)", False))
+                    f"{s.owner_path('owner.key')} (records.toml changed its measurement)", False))
     out += [(f"workload CA     {i['ca']}", False),
             (f"client policy   {i['policy']}", False),
             (f"manifest        {i['manifest']}", False),
-            (f"tokens          {s.path('tokens.json')}", False),
+            (f"owner directory {s.owner_path('')}  (owner.key, tokens.json: the owner's side, "
+             "never read by the servers)", False),
             (f"database        {i['store_url']}", False),
             (f"measurement     {i['measurements'][0]}", False)]
     return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from safehold.client.connection import owner_dir
 from safehold.devstack.errors import DataDirBusyError
 from safehold.errors import ConfigError
 
@@ -46,6 +47,8 @@ class Stack:
         procs: name → Popen of the running processes.
         info: what ``up.json`` holds.
         lock: the open, flock-ed ``up.lock`` while this Stack owns the data directory.
+        owner_dir: the data owner's directory (``owner.key``, ``tokens.json``); None = the
+            default of :func:`safehold.client.connection.owner_dir`. No server process is given it.
     """
 
     data_dir: Path
@@ -57,6 +60,7 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     lock: TextIO | None = None
+    owner_dir: Path | None = None
 
     @property
     def broker_url(self) -> str:
@@ -71,6 +75,10 @@ class Stack:
     def path(self, name: str) -> Path:
         """``<data_dir>/<name>``."""
         return self.data_dir / name
+
+    def owner_path(self, name: str) -> Path:
+        """``<owner_dir>/<name>`` (the data owner's side, never read by a server process)."""
+        return owner_dir(self.data_dir, self.owner_dir) / name
 
 
 def lock_data_dir(data_dir: Path) -> TextIO:
@@ -118,9 +126,15 @@ def unlock_data_dir(lock: TextIO | None) -> None:
         lock.close()  # closing the file releases the flock
 
 
+#: Variables of the user's shell that hold a client's secret or name the owner's side: never
+#: passed to a server process (its environment is the host's, outside the TEE).
+CLIENT_ONLY_VARS = ("SAFEHOLD_TOKEN", "SAFEHOLD_OWNER_DIR")
+
+
 def base_env(s: Stack) -> dict[str, str]:
-    """Environment of the child processes (PYTHONPATH pointing at ``package_root`` if set)."""
-    env = dict(os.environ)
+    """Environment of the child processes (PYTHONPATH pointing at ``package_root`` if set),
+    without :data:`CLIENT_ONLY_VARS` (a token exported for ``safehold patients`` stays there)."""
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ONLY_VARS}
     if s.package_root:
         parent = str(Path(s.package_root).resolve().parent)
         env["PYTHONPATH"] = os.pathsep.join([parent, *filter(None, [env.get("PYTHONPATH")])])

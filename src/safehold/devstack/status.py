@@ -22,13 +22,17 @@ __all__ = ["stack_status"]
 
 
 def stack_status(data_dir: str | os.PathLike[str], *,
-                 show: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 show: Callable[[str], None] | None = None,
+                 owner: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Status of the stack in ``data_dir`` as a JSON-ready dict.
 
-    ``broker.ok`` / ``records.attested`` say whether each answered (and attested).
+    ``broker.ok`` / ``records.attested`` say whether each answered (and attested);
+    ``scone_auth`` is the SCONE port's authentication (``"none"`` = open to every local process).
 
     Args:
         show: displays the one-line simulated-TEE warning (default: stderr).
+        owner: the owner directory (its admin token counts the records); default
+            :func:`safehold.client.connection.owner_dir`.
 
     Raises:
         ConfigError: no ``up.json`` (the stack is not running) or an unreadable one.
@@ -53,7 +57,7 @@ def stack_status(data_dir: str | os.PathLike[str], *,
 
     rec: dict[str, Any] = {"url": records_url}
     try:
-        conn = load_connection(data_dir)
+        conn = load_connection(data_dir, owner=owner)
         with open_client(conn) if show is None else open_client(conn, show=show) as c:
             rec["records"] = sum(1 for _ in c.list_ids())
             rec["attested"] = True
@@ -67,4 +71,5 @@ def stack_status(data_dir: str | os.PathLike[str], *,
     out["records"] = rec
     if info.get("scone_port"):
         out["scone_url"] = f"https://api:{info['scone_port']}"
+        out["scone_auth"] = info.get("scone_auth")
     return out

@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safehold.crypto.oprf import DeserializeError
+from safehold.crypto.errors import DeserializeError
 from safehold.discovery.core import DiscoveryService
 from safehold.discovery.errors import (
     DiscoveryConfigError,

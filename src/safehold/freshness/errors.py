@@ -169,3 +169,7 @@ class NotAnchoredError(FreshnessError):
 class OwnerStatementError(FreshnessError):
     """An owner statement (initialise / re-anchor) is malformed, not signed by the pinned owner
     key, not addressed to this member incarnation, or replayed."""
+
+
+class WireError(FreshnessError):
+    """A message on the anchor API does not have the documented shape."""

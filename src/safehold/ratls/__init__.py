@@ -24,7 +24,8 @@ from safehold.ratls.errors import (
     NonceMismatchError,
     UnknownEvidenceTagError,
 )
-from safehold.ratls.server import server_ssl_context, write_identity
+from safehold.ratls.memkey import load_chain_from_memory, ssl_context_from_memory
+from safehold.ratls.server import server_ssl_context
 from safehold.ratls.verify import evaluate_certificate, verify_certificate
 
 __all__ = [
@@ -32,5 +33,5 @@ __all__ = [
     "TAG_SAFEHOLD_CMW", "RATLSEvidence", "RATLSIdentity", "create_identity", "parse_certificate",
     "CertificateFormatError", "ClaimsFormatError", "EvidenceExtensionError", "KeyBindingError",
     "MissingEvidenceError", "NonceMismatchError", "UnknownEvidenceTagError", "server_ssl_context",
-    "write_identity", "evaluate_certificate", "verify_certificate",
+    "load_chain_from_memory", "ssl_context_from_memory", "evaluate_certificate", "verify_certificate",
 ]

@@ -61,7 +61,9 @@ class ServiceConfig:
         host: listen address (loopback by default; measured).
         port: native API port (0 = pick a free one and report it in ``ready_file``).
         scone_port: SCONE-compatible port (default 4996; None disables it).
-        scone_auth: ``none`` (as the SCONE demo; only with a loopback ``host``) or ``token``.
+        scone_auth: ``token`` (default: the native API's bearer tokens) or ``none`` (as the
+            SCONE demo: no authentication; an explicit opt-in, only with a loopback ``host``,
+            warned about at start and by ``safehold status``).
         encryption: True; False only for the benchmark's baseline (a pass-through codec),
             and only through the measured file (the service then warns loudly at start).
         ready_file: if set, a JSON file written once both ports listen (URLs, ports, pid).
@@ -84,7 +86,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8700
     scone_port: int | None = 4996
-    scone_auth: str = "none"
+    scone_auth: str = "token"
     encryption: bool = True
     ready_file: str = ""
     audit: bool = True

@@ -168,3 +168,37 @@ class BrokerIdentityError(ConfigError):
 class NoKeysError(SafeholdError):
     """The broker refused this workload (its Evidence did not pass the manifest's policy), so
     the service has no keys and must not serve."""
+
+
+class NotAcceptableError(SafeholdError):
+    """``_format`` / ``Accept`` ask for a format this server does not produce (406)."""
+
+
+class FhirUnsupportedMediaTypeError(SafeholdError):
+    """The request body is not FHIR JSON (415)."""
+
+
+class FhirInvalidError(InvalidRecordError):
+    """The request is not valid FHIR for this interaction (400, IssueType ``invalid``)."""
+
+
+class FhirNotSupportedError(RecordError):
+    """The server does not support what was asked (IssueType ``not-supported``)."""
+
+
+class UnknownResourceTypeError(FhirNotSupportedError):
+    """The URL names a type that is not an R4 resource type (404)."""
+
+
+class MultipleMatchesError(RecordError):
+    """A conditional create's criteria match more than one resource (412, R4 §3.1.0.8)."""
+
+
+class SearchRefusedError(RecordError):
+    """A search the blind index cannot answer, or a malformed one (the message names the
+    parameter and the reason; never its value). ``code`` is the FHIR IssueType
+    (``invalid``, ``not-supported``)."""
+
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code

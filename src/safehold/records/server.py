@@ -15,9 +15,8 @@ through attestation):
 3. The encrypted engine is opened on the store (SQLite file by default, PostgreSQL by URL).
 4. Two HTTPS listeners open on one event loop: the native API (with FHIR R4 REST at
    ``/fhir``) and the SCONE-compatible API.
-   The TLS private key stays in memory (an :class:`ssl.SSLContext` built from bytes held only
-   in this process; the temporary file the ``ssl`` module needs lives in a private directory
-   and is removed at once).
+   The TLS private key stays in memory: it is handed to OpenSSL through an anonymous
+   ``memfd`` (:mod:`safehold.ratls.memkey`), never a file, temporary or not.
 
 Run as ``python -m safehold.records.server --config FILE`` (``safehold up`` does this).
 Configuration is TOML (:class:`~safehold.records.config.ServiceConfig`). Only the config file
@@ -39,7 +38,6 @@ import os
 import signal
 import ssl
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +51,7 @@ from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.crypto.keyset import Keyset
 from safehold.errors import AuditChainError, ConfigError, SafeholdError
 from safehold.fsutil import write_atomic
+from safehold.ratls.memkey import ssl_context_from_memory
 from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, AccessAuditLog
 from safehold.records.commit import GroupCommit
@@ -88,32 +87,16 @@ log = logging.getLogger("safehold.records")
 def ssl_context_from_pem(
     cert_chain_pem: bytes, key_pem: bytes, *, client_ca_pem: bytes | None = None
 ) -> ssl.SSLContext:
-    """A TLS server context (TLS 1.2+) for ``cert_chain_pem`` / ``key_pem``.
+    """A TLS server context (TLS 1.2+) for ``cert_chain_pem`` / ``key_pem``, loaded from memory
+    (:func:`safehold.ratls.memkey.ssl_context_from_memory`: a ``memfd``, never a file).
 
     With ``client_ca_pem``, client certificates are requested and verified against it
     (``CERT_OPTIONAL``: callers without one authenticate with a bearer token instead).
 
     Raises:
-        ConfigError: the certificate and key do not load or do not match.
+        ConfigError: the certificate and key do not load or do not match, or no ``memfd_create``.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # ssl can only load a chain from a file: write it to a private directory and delete at once
-    with tempfile.TemporaryDirectory(prefix="safehold-tls-") as d:
-        os.chmod(d, 0o700)
-        cp, kp = Path(d) / "cert.pem", Path(d) / "key.pem"
-        cp.write_bytes(cert_chain_pem)
-        fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pem)
-        try:
-            ctx.load_cert_chain(str(cp), str(kp))
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigError(f"TLS identity does not load: {e}") from None
-    if client_ca_pem:
-        ctx.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
+    return ssl_context_from_memory(cert_chain_pem, key_pem, client_ca_pem=client_ca_pem)
 
 
 def _with_peer_cert(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
@@ -472,7 +455,7 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
 
 
 def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryption: bool = True,
-                  audit: bool = True, scone_auth: str | None = "none",
+                  audit: bool = True, scone_auth: str | None = "token",
                   ) -> tuple[FastAPI, FastAPI | None, PatientRepository]:
     """The service's apps over an open store and the keyset: the repository
     (:func:`open_repository`), the native API app with its health check, and the SCONE app.
@@ -482,8 +465,8 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
 
     Args:
         access: who may call (the broker's ``records-access`` secret, parsed).
-        scone_auth: ``"none"`` or ``"token"`` (see :mod:`safehold.records.scone_http`); None
-            builds no SCONE app (the SCONE port is off).
+        scone_auth: ``"token"`` (default) or ``"none"`` (see :mod:`safehold.records.scone_http`);
+            None builds no SCONE app (the SCONE port is off).
 
     Returns:
         ``(native_app, scone_app_or_None, repository)``.
@@ -511,6 +494,9 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
     listeners: list[tuple[FastAPI, str, int, ssl.SSLContext | None]] = [(native, cfg.host, cfg.port, ctx)]
     if scone is not None and cfg.scone_port is not None:
         listeners.append((scone, cfg.host, cfg.scone_port, ctx))
+        if cfg.scone_auth == "none":  # an explicit opt-in (issue 11, finding 5): say so loudly
+            log.warning("WARNING: scone_auth = 'none': the SCONE-compatible port serves every record "
+                        "WITHOUT AUTHENTICATION to any process on this machine (loopback only)")
 
     def ready(ports: list[int]) -> None:
         info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from safehold.crypto import oprf
+from safehold.crypto.errors import OPRFError
 from safehold.crypto.kdf import derive_key
 from safehold.svr.protocol import ELEMENT_SIZE, SESSION_SIZE, SHARE_SIZE
 
@@ -219,7 +220,7 @@ def verify(commitment: bytes, blinded: bytes, session: bytes, auth_point: bytes,
         c = challenge(r_point, blinded, session)
         lhs = oprf.scalar_mult_base(z)
         rhs = oprf.element_add(oprf.scalar_mult(c, oprf.check_element(commitment, "commitment")), r_point)
-    except (oprf.OPRFError, ValueError):
+    except (OPRFError, ValueError):
         return False
     return len(lhs) == len(rhs) == ELEMENT_SIZE and hmac.compare_digest(lhs, rhs)
 

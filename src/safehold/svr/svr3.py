@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from safehold.crypto import oprf
+from safehold.crypto.errors import DeserializeError
 from safehold.svr import db4
 from safehold.svr.errors import InvalidRequestError
 from safehold.svr.protocol import (
@@ -184,7 +185,7 @@ class Svr3:
             oprf_share = oprf.check_scalar(oprf_share, "oprf_share")
             zero_share = oprf.check_scalar(zero_share, "zero_share")
             auth_commitment = oprf.check_element(auth_commitment, "auth_commitment")
-        except oprf.DeserializeError as e:
+        except DeserializeError as e:
             raise InvalidRequestError(str(e)) from None
         if oprf_share == db4.ZERO_SCALAR:
             raise InvalidRequestError("oprf_share must not be zero")
@@ -200,7 +201,7 @@ class Svr3:
         bid = self._bid(bid)
         try:
             blinded = oprf.check_element(_check(blinded, ELEMENT_SIZE, "blinded"), "blinded")
-        except oprf.DeserializeError as e:
+        except DeserializeError as e:
             raise InvalidRequestError(str(e)) from None
         with self.table.update(bid) as slot:
             row = slot.row

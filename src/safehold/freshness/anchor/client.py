@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import select
 import socket
 import ssl
@@ -55,6 +54,7 @@ from safehold.freshness.anchor.wire import WireError, head_to, info_from, reply_
 from safehold.freshness.errors import AnchorUnavailableError
 from safehold.ratls.cert import load_certificate
 from safehold.ratls.client import client_ssl_context, parse_target
+from safehold.ratls.memkey import load_chain_from_memory
 from safehold.ratls.verify import verify_certificate
 
 __all__ = ["MemberLink", "QuorumAnchor", "memory_client_context"]
@@ -64,27 +64,22 @@ Reply = MemberReply | BaseException
 
 def memory_client_context(cert_pem: bytes | None, key_pem: bytes | None) -> ssl.SSLContext:
     """An RA-TLS client context (``safehold.ratls.client.client_ssl_context``) presenting
-    ``cert_pem`` / ``key_pem`` from memory (Linux ``memfd_create``; no file is written).
+    ``cert_pem`` / ``key_pem`` from memory (:func:`safehold.ratls.memkey.load_chain_from_memory`:
+    a ``memfd``, no file is written); with a certificate the context requires TLS 1.3 (RFC 8446)
+    so the certificate never travels in clear.
 
     Raises:
-        ConfigError: only one of the two given, or no ``memfd_create`` on this platform.
-        RATLSError: the certificate or key does not load.
+        ConfigError: only one of the two given, no ``memfd_create`` on this platform, or the
+            certificate and key do not load.
     """
     if cert_pem is None and key_pem is None:
         return client_ssl_context(None)
     if cert_pem is None or key_pem is None:
         raise ConfigError("a client certificate needs both the certificate and its key")
-    if not hasattr(os, "memfd_create"):
-        raise ConfigError("loading a client key from memory needs memfd_create (Linux); "
-                          "keys are never written to files")
-    fds = [os.memfd_create("safehold-anchor-client", os.MFD_CLOEXEC) for _ in range(2)]
-    try:
-        for fd, data in zip(fds, (cert_pem, key_pem), strict=True):
-            os.write(fd, data)
-        return client_ssl_context((f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"))
-    finally:
-        for fd in fds:
-            os.close(fd)
+    ctx = client_ssl_context(None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3  # as client_ssl_context with a certificate
+    load_chain_from_memory(ctx, cert_pem, key_pem)
+    return ctx
 
 
 class _Conn:

@@ -24,18 +24,13 @@ from typing import Any
 from safehold.freshness.anchor.base import AnchorHead, MemberInfo, MemberReply, MemberSignature
 from safehold.freshness.anchor.core import PeerState
 from safehold.freshness.anchor.statements import b64, unb64
-from safehold.freshness.errors import FreshnessError
+from safehold.freshness.errors import FreshnessError, WireError
 
 __all__ = ["WireError", "head_from", "head_to", "info_from", "info_to", "reply_from", "reply_to",
            "state_from", "state_to"]
 
 STATUS_CODES = {"accepted": 200, "known": 200, "unknown": 404, "lost": 410, "conflict": 409,
                 "refused": 403, "not-ready": 503}
-
-
-class WireError(FreshnessError):
-    """A message on the anchor API does not have the documented shape."""
-
 
 def _hex(v: object, what: str, length: int | None = None) -> bytes:
     try:

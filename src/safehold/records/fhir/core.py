@@ -39,13 +39,16 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from safehold.errors import RecordError, RecordNotFoundError, SafeholdError
+from safehold.errors import RecordNotFoundError, SafeholdError
 from safehold.records.access import PermissionDeniedError
 from safehold.records.errors import (
     AlreadyExistsError,
-    InvalidRecordError,
+    FhirInvalidError,
+    FhirNotSupportedError,
+    MultipleMatchesError,
     NonFiniteNumberError,
     PreconditionFailedError,
+    UnknownResourceTypeError,
 )
 from safehold.records.fhir.search import SearchPlan, plan_search
 from safehold.records.fhir.types import check_fhir_id, check_type
@@ -66,23 +69,6 @@ IF_NONE_EXIST_RE = re.compile(r"identifier=[^&]{0,256}(?:&identifier=[^&]{0,256}
 #: Namespace of the non-Patient resources.
 RESOURCES_NAMESPACE = "resources"
 _NOT_FHIR = "record is not a FHIR {t} resource (a record of the native API)"
-
-
-class FhirInvalidError(InvalidRecordError):
-    """The request is not valid FHIR for this interaction (400, IssueType ``invalid``)."""
-
-
-class FhirNotSupportedError(RecordError):
-    """The server does not support what was asked (IssueType ``not-supported``)."""
-
-
-class UnknownResourceTypeError(FhirNotSupportedError):
-    """The URL names a type that is not an R4 resource type (404)."""
-
-
-class MultipleMatchesError(RecordError):
-    """A conditional create's criteria match more than one resource (412, R4 §3.1.0.8)."""
-
 
 def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> dict[str, Any]:
     """An R4 OperationOutcome with one issue (``code`` an IssueType)."""

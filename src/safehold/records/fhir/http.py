@@ -57,8 +57,10 @@ from safehold.errors import (
 from safehold.records.access import AuthenticationError, PermissionDeniedError, Principal
 from safehold.records.errors import (
     AlreadyExistsError,
+    FhirUnsupportedMediaTypeError,
     InvalidRecordError,
     NonFiniteNumberError,
+    NotAcceptableError,
     PreconditionFailedError,
     SearchTooCostlyError,
 )
@@ -88,22 +90,13 @@ from safehold.records.http import (
 from safehold.records.model import MAX_RECORD_BYTES, loads_strict
 from safehold.store.errors import StoreCorruptError
 
-__all__ = ["FHIR_JSON", "FhirAPI", "NotAcceptableError", "UnsupportedMediaTypeError",
+__all__ = ["FHIR_JSON", "FhirAPI", "NotAcceptableError", "FhirUnsupportedMediaTypeError",
            "create_fhir_app", "issue_for", "mount_fhir", "outcome_response", "response_type", "router"]
 
 FHIR_JSON = "application/fhir+json"
 _JSON_TYPES = ("application/fhir+json", "application/json+fhir", "application/json")
 _FORMAT_JSON = {"json": FHIR_JSON, "application/fhir+json": FHIR_JSON,
                 "application/json+fhir": FHIR_JSON, "application/json": "application/json"}
-
-
-class NotAcceptableError(SafeholdError):
-    """``_format`` / ``Accept`` ask for a format this server does not produce (406)."""
-
-
-class UnsupportedMediaTypeError(SafeholdError):
-    """The request body is not FHIR JSON (415)."""
-
 
 # --- errors → status + OperationOutcome -----------------------------------------------------------
 
@@ -114,7 +107,7 @@ _ISSUES: tuple[tuple[type[Exception], int, str], ...] = (
     (UnknownResourceTypeError, 404, "not-supported"),
     (RecordNotFoundError, 404, "not-found"),
     (NotAcceptableError, 406, "not-supported"),
-    (UnsupportedMediaTypeError, 415, "not-supported"),
+    (FhirUnsupportedMediaTypeError, 415, "not-supported"),
     (MultipleMatchesError, 412, "multiple-matches"),
     (PreconditionFailedError, 412, "conflict"),
     (AlreadyExistsError, 409, "duplicate"),
@@ -225,7 +218,7 @@ def response_type(request: Request) -> str:
 def _check_body_type(request: Request) -> None:
     ct = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ct not in _JSON_TYPES:
-        raise UnsupportedMediaTypeError("request body must be application/fhir+json (or "
+        raise FhirUnsupportedMediaTypeError("request body must be application/fhir+json (or "
                                         "application/json)")
 
 

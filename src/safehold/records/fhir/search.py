@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safehold.errors import RecordError
+from safehold.records.errors import SearchRefusedError
 from safehold.records.tokens import (
     MIN_PREFIX,
     date_cover,
@@ -66,17 +66,6 @@ _DATE_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
 _FAR = 10**7  # beyond any day ordinal
 
 Rule = Callable[[str, dict[str, Any]], bool]
-
-
-class SearchRefusedError(RecordError):
-    """A search the blind index cannot answer, or a malformed one (the message names the
-    parameter and the reason; never its value). ``code`` is the FHIR IssueType
-    (``invalid``, ``not-supported``)."""
-
-    def __init__(self, message: str, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.code = code
-
 
 @dataclass
 class SearchPlan:
