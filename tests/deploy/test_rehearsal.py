@@ -61,7 +61,7 @@ class Rehearsal:
         self.cm_ca = root / "configmap-broker-ca"
         self.cm_records = root / "configmap-records-config"
         self.cm_anchor = root / "configmap-anchor-config"
-        self.owner = root / "owner-device"  # the owner's own machine (tokens, owner key)
+        self.owner = root.parent / "owner-device"  # the owner's own machine (tokens, owner key)
         for d in (self.secret, self.cm_ca, self.cm_records, self.cm_anchor, self.owner):
             d.mkdir(parents=True)
 
