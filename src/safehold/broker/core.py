@@ -38,7 +38,7 @@ from safehold.broker.installed import InstalledManifest
 from safehold.broker.kbs import KBS
 from safehold.broker.manifest import Manifest
 from safehold.broker.recovery import Recovery, check_recovery_record
-from safehold.broker.sessions import DEFAULT_NONCE_TTL, DEFAULT_TOKEN_TTL, SessionTable
+from safehold.broker.sessions import DEFAULT_NONCE_TTL, DEFAULT_TOKEN_TTL, SessionTable, StoredSessionTable
 from safehold.broker.state import AUDIT_NAMESPACE, BrokerState
 from safehold.errors import AuditChainError, ConflictError, SafeholdError
 from safehold.fsutil import write_atomic
@@ -155,7 +155,7 @@ class Broker:
         self.ca: WorkloadCA | None = None
         self.audit: BrokerAuditLog | None = None
         self.installed = InstalledManifest(state)
-        self.sessions = SessionTable(self.config.nonce_ttl, self.config.token_ttl)
+        self.sessions: SessionTable = SessionTable(self.config.nonce_ttl, self.config.token_ttl)
         self.recovery = Recovery(state, attester, self.record)
         self._keys: BrokerKeys | None = None
         self._kbs: KBS | None = None
@@ -179,6 +179,10 @@ class Broker:
         warning = check_recovery_record(st, self.installed, repair=self.repair, record=self.record)
         if warning is not None:
             self.warnings.append(warning)
+        # KBS sessions and nonces in the shared store: any replica finishes a handshake another
+        # started, a nonce is claimed once across replicas (broker/sessions.py)
+        self.sessions = StoredSessionTable(st.store, st.seal_bytes, st.open_bytes,
+                                           self.config.nonce_ttl, self.config.token_ttl)
         self._kbs = KBS(st, self.installed, self.sessions, keys.ear, keys.ca, self.record)
         self._admin = Admin(st, self.installed, keys.ca, keys.broker_id, self.record)
         self._keys = keys  # last: a load that failed half-way leaves the broker not ready

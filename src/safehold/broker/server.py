@@ -1,5 +1,7 @@
 """Start the key broker: open the store, unseal (or recover), install the first manifest, serve
-HTTPS on uvicorn.
+HTTPS on uvicorn. ``python -m safehold.broker.server --data-dir DIR [--host H] [--port P]`` is
+the broker's own process entry point (the measured launch of the pods names this module;
+``safehold broker serve`` is the same for people).
 
 TLS: in ready mode the broker's server certificate is issued by its own workload CA (clients pin
 ``<data-dir>/ca.pem`` or ``GET /ca``); in recovery mode the CA key is sealed, so a self-signed
@@ -10,11 +12,14 @@ written to disk.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ from safehold.broker.core import Broker, BrokerConfig
 from safehold.broker.errors import PermissionDeniedError
 from safehold.broker.manifest import load_manifest
 from safehold.broker.state import BrokerState, SealingIdentity, simulated_sealing_identity
-from safehold.errors import ManifestError
+from safehold.errors import ConfigError, ManifestError
 from safehold.ratls.memkey import load_chain_from_memory
 
 log = logging.getLogger("safehold.broker")
@@ -270,5 +275,55 @@ def serve_fresh(gate: Any, ca: Any, *, host: str = "127.0.0.1", port: int = 8443
         server.run()
 
 
-__all__ = ["install_manifest_file", "open_broker", "open_fresh_broker", "serve", "serve_fresh",
+def main(argv: list[str] | None = None) -> int:
+    """Process entry point: ``--data-dir`` (required), ``--manifest``, ``--host``, ``--port``,
+    ``--nonce-ttl``, ``--token-ttl``, ``--max-body``, ``--tls-name`` (repeatable), ``--no-tls``,
+    ``--anchor`` (freshness anchor settings: the state is a freshness ledger, docs/freshness.md;
+    without it freshness is off, loudly).
+    The store URL comes from ``SAFEHOLD_BROKER_STORE_URL`` (default SQLite in the data
+    directory) and extra TLS names from ``SAFEHOLD_BROKER_TLS_NAMES`` (space-separated): the
+    pods' DSN is a Secret, never an argument (argv is visible on the host).
+
+    Returns the exit status (0 after a clean stop). Raises as :func:`open_broker`.
+    """
+    ap = argparse.ArgumentParser(prog="safehold-broker", description="Safehold key broker (KBS)")
+    ap.add_argument("--data-dir", required=True, help="broker data directory")
+    ap.add_argument("--manifest", default=None, help="manifest (TOML/JSON) to install if none is set yet")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", default=8443, type=int)
+    ap.add_argument("--nonce-ttl", default=300, type=int, help="challenge lifetime, s")
+    ap.add_argument("--token-ttl", default=600, type=int, help="EAR token lifetime, s")
+    ap.add_argument("--max-body", default=1024 * 1024, type=int, help="body limit, bytes")
+    ap.add_argument("--tls-name", action="append", default=[], help="extra DNS name / IP (repeatable)")
+    ap.add_argument("--no-tls", action="store_true", help="plain HTTP (development only)")
+    ap.add_argument("--anchor", default=None, help="freshness anchor settings (TOML)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = [*args.tls_name, *os.environ.get("SAFEHOLD_BROKER_TLS_NAMES", "").split()]
+    if args.anchor:
+        if args.no_tls:
+            raise ConfigError("--anchor serves TLS only (no --no-tls)")
+        gate, ca = open_fresh_broker(args.data_dir, os.environ.get("SAFEHOLD_BROKER_STORE_URL") or None,
+                                     args.anchor, manifest_path=args.manifest,
+                                     config=BrokerConfig(nonce_ttl=args.nonce_ttl, token_ttl=args.token_ttl))
+        print(json.dumps({"listening": f"https://{args.host}:{args.port}", "fresh": gate.broker is not None}),
+              file=sys.stderr)
+        serve_fresh(gate, ca, host=args.host, port=args.port, tls_names=names, max_body=args.max_body)
+        return 0
+    logging.getLogger("safehold.broker").warning(
+        "FRESHNESS OFF (no --anchor): a restored or rolled-back broker state is not detected")
+    b = open_broker(args.data_dir, os.environ.get("SAFEHOLD_BROKER_STORE_URL") or None,
+                    manifest_path=args.manifest,
+                    config=BrokerConfig(nonce_ttl=args.nonce_ttl, token_ttl=args.token_ttl))
+    scheme = "http" if args.no_tls else "https"
+    print(json.dumps({"listening": f"{scheme}://{args.host}:{args.port}", **b.status()}), file=sys.stderr)
+    serve(b, host=args.host, port=args.port, tls=not args.no_tls, tls_names=names, max_body=args.max_body)
+    return 0
+
+
+__all__ = ["install_manifest_file", "main", "open_broker", "open_fresh_broker", "serve", "serve_fresh",
            "ssl_context"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

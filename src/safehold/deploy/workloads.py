@@ -216,11 +216,10 @@ _TMP = ("/tmp",)  # noqa: S108 - a memory-backed emptyDir (pods) or tmpfs in the
 WORKLOADS: Mapping[str, Workload] = {w.name: w for w in (
     Workload(
         name="broker",
-        # `python -m safehold.broker.server` once the broker has a process entry point of its own;
-        # until then the CLI group, so the subcommand is a run-time argument (docs/deploy-aks.md).
-        module="safehold.cli.main",
+        # the broker's own entry point: the measured launch names the broker, not the CLI
+        module="safehold.broker.server",
         # all interfaces of the pod: the Service and the NetworkPolicy decide who reaches it
-        args=("broker", "serve", "--data-dir", f"{STATE_DIR}/broker", "--host", "0.0.0.0",  # noqa: S104
+        args=("--data-dir", f"{STATE_DIR}/broker", "--host", "0.0.0.0",  # noqa: S104
               "--port", "8443"),
         env=(EnvVar("SAFEHOLD_BROKER_STORE_URL", "postgres-dsn"),
              EnvVar("SAFEHOLD_BROKER_TLS_NAMES", "broker-tls-names")),

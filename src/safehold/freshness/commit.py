@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["Anchorer", "FreshTx", "TxContext"]
 
 log = logging.getLogger("safehold.freshness")
+_COLLISIONS = 100  # journal-slot collisions with other writers before a commit gives up
 
 
 class FreshTx(StoreOps):
@@ -91,6 +92,16 @@ class FreshTx(StoreOps):
                 return [c.points[(ns, key)]]
         return [s for s, _ in self._fs.state.point_candidates(ns, key, None)]
 
+    def _known_versions(self, ns: str, key: bytes, fits: Any) -> tuple[bool, list[Point]]:
+        """Whether a state the map knows for the row ``fits``; if none does, another writer of
+        the ledger may have changed the row: catch up once from the journal and look again."""
+        known = self._known(ns, key)
+        if any(fits(s) for s in known):
+            return True, known
+        self._fs.catch_up()  # (a local commit may also have moved the map meanwhile)
+        known = self._known(ns, key)
+        return any(fits(s) for s in known), known
+
     def _refuse(self, ns: str, key: bytes, found: Point, known: list[Point]) -> FreshnessError:
         err = check.point_error(ns, key, found, known[0])
         log.warning("FRESHNESS: write refused: %s", err)
@@ -112,16 +123,20 @@ class FreshTx(StoreOps):
             new = ops.put(ns, key, value, expected_version=expected_version)
         except VersionConflictError as e:
             if kind == POINT:
-                known = self._known(ns, key)
-                if not any((s[0] if s else 0) == e.actual for s in known):
-                    raise self._refuse(ns, key, None if e.actual == 0 else (e.actual, b"?"), known) from None
+                actual = e.actual
+                # the conflict's version was read before the catch-up: a row another writer has
+                # moved past it (or deleted) since is a plain conflict (nothing is served)
+                ok, known = self._known_versions(
+                    ns, key, lambda s: s is None or (actual > 0 and s[0] >= actual))
+                if not ok:
+                    raise self._refuse(ns, key, None if actual == 0 else (actual, b"?"), known) from None
             raise
         if kind == POSTINGS:
             old = changes.postings.get((ns, key), (expected_version, 0))[0]
             changes.postings[(ns, key)] = (old, new)
             return new
-        known = self._known(ns, key)
-        if not any((s[0] if s else 0) == expected_version for s in known):
+        ok, known = self._known_versions(ns, key, lambda s: (s[0] if s else 0) == expected_version)
+        if not ok:
             raise self._refuse(ns, key, (expected_version, b"?") if expected_version else None, known)
         changes.points[(ns, key)] = (new, self._fs.keys.leaf(ns, key, new, value))
         return new
@@ -141,13 +156,18 @@ class FreshTx(StoreOps):
             old = changes.postings.get((ns, key), (v, 0))[0]
             changes.postings[(ns, key)] = (old, 0)
             return True
+        if expected_version is not None:
+            self._known_versions(ns, key, lambda s: (s[0] if s else 0) == expected_version)
         known = self._known(ns, key)
         versions = [s[0] for s in known if s is not None]
         if expected_version is not None:
             try:
                 ops.delete(ns, key, expected_version=expected_version)
             except VersionConflictError as e:
-                if e.actual not in versions and (e.actual or versions):
+                actual = e.actual
+                self._known_versions(ns, key, lambda s: s is None or s[0] >= actual)
+                versions = [s[0] for s in self._known(ns, key) if s is not None]
+                if versions and (actual == 0 or max(versions) < actual):
                     raise self._refuse(ns, key, None if e.actual == 0 else (e.actual, b"?"), known) from None
                 raise
             if expected_version not in versions:
@@ -211,25 +231,34 @@ class TxContext:
     def _commit(self, changes: TxChanges) -> int:
         """Steps 2 of the module docstring; returns the entry's epoch."""
         fs, st = self._fs, self._fs.state
-        with fs.commit_lock:
+        with fs.committing():
             try:
                 fs.anchorer.admit()
-                head = st.committed
-                epoch = head.epoch + 1
                 kinds = {ns: st.vmap.kind(ns)[0] for ns, _ in changes.postings}
                 entry_changes = changes.changes(kinds)
-                value, digest = encode_entry(Entry(fs.ledger, epoch, head.digest, int(time.time() * 1000),
-                                                   tuple(entry_changes), self._snapshot, self._note),
-                                             fs.keys)
-                try:
-                    self._ops.put(JOURNAL_NS, epoch_key(epoch), value, expected_version=0)
-                except ConflictError:
-                    err = StoreForkedError(
-                        f"ledger {fs.ledger!r}: journal entry {epoch} already exists in the database: "
-                        "another process writes the same ledger (a forked copy, or two writers)",
-                        ledger=fs.ledger, store_epoch=epoch)
-                    fs.fail(err)
-                    raise err from None
+                for _ in range(_COLLISIONS):
+                    head = st.committed
+                    epoch = head.epoch + 1
+                    value, digest = encode_entry(Entry(fs.ledger, epoch, head.digest, int(time.time() * 1000),
+                                                       tuple(entry_changes), self._snapshot, self._note),
+                                                 fs.keys)
+                    try:
+                        self._ops.put(JOURNAL_NS, epoch_key(epoch), value, expected_version=0)
+                        break
+                    except ConflictError:
+                        # another writer of the ledger took the slot: read its entries (MAC and
+                        # link checked; a fork raises) and chain after them
+                        if fs.catch_up(self._ops) == 0:
+                            err = StoreForkedError(
+                                f"ledger {fs.ledger!r}: journal entry {epoch} exists in the database "
+                                "but does not follow this replica's head: another history",
+                                ledger=fs.ledger, store_epoch=epoch)
+                            fs.fail(err)
+                            raise err from None
+                else:
+                    raise AnchorUnavailableError(
+                        f"not written: ledger {fs.ledger!r} had {_COLLISIONS} journal collisions in a "
+                        "row with other writers; retry")
                 st.begin_commit(epoch, changes, st.group_deltas(changes))
             except BaseException as e:
                 self._cm.__exit__(type(e), e, e.__traceback__)
@@ -303,6 +332,8 @@ class Anchorer:
         self._kick = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"safehold-anchor-{store.ledger}", daemon=True)
         self._last = 0.0
+        self._polled = time.monotonic()
+        self._conflict: AnchorConflictError | AnchorLostError | None = None
         self.on_anchored: list[Any] = []
         self.busy: list[Any] = []
 
@@ -346,7 +377,70 @@ class Anchorer:
                 f"not written: {st.unanchored()} entries of ledger {fs.ledger!r} wait for the anchor")
 
     def advance(self) -> bool:
-        """One advance to the newest committed entry; True if the anchor is caught up."""
+        """Advance to the newest committed entry; True if the anchor is caught up.
+
+        A refusal may mean another writer of the ledger moved the anchor past this replica's
+        ``prev``: then the head is read, the journal caught up to it and the head adopted if
+        this replica's chain passes through it (:meth:`FreshStore.endorse`), and the advance
+        retried from there. A head the chain does not pass through is a fork (fatal).
+        """
+        for _ in range(8):
+            done = self._advance_once()
+            if done is not None:
+                return done
+            if not self._resolve():
+                return False
+        return False
+
+    def _resolve(self) -> bool:
+        """See :meth:`advance`; True if the anchored head moved (retry the advance)."""
+        fs, st = self._fs, self._fs.state
+        conflict, self._conflict = self._conflict, None
+        try:
+            head = fs.anchor.head(fs.ledger)
+        except AnchorUnavailableError:
+            head = None
+        except (AnchorConflictError, AnchorLostError) as e:
+            conflict = conflict or e
+            head = None
+        if head is None or head.epoch <= st.anchored.epoch:
+            if conflict is not None:
+                kind = StoreForkedError if isinstance(conflict, AnchorConflictError) else type(conflict)
+                fs.fail(kind(f"ledger {fs.ledger!r}: advancing the anchor from {st.anchored.describe()} "
+                             f"failed: {conflict}", ledger=fs.ledger, store_epoch=st.committed.epoch,
+                             anchor_epoch=st.anchored.epoch))
+            return False
+        try:
+            if head.epoch > st.committed.epoch:
+                fs.catch_up()
+            fs.endorse(head)
+        except FreshnessError:
+            return False  # recorded by catch_up / endorse
+        if self._target is not None and self._target.epoch <= head.epoch:
+            self._target = None
+        if st.committed.epoch <= head.epoch:
+            self.failing = None
+        for hook in self.on_anchored:
+            with contextlib.suppress(Exception):
+                hook(head)
+        return True
+
+    def poll(self) -> None:
+        """Bounded staleness with other writers: read the anchor's head every
+        ``sync_interval`` and catch up when another writer moved it (errors are recorded)."""
+        fs = self._fs
+        if fs.sync_interval <= 0 or time.monotonic() - self._polled < fs.sync_interval:
+            return
+        self._polled = time.monotonic()
+        try:
+            fs.sync(full=False)
+        except FreshnessError:
+            pass  # recorded by sync (a fork or rollback stops the store)
+        except Exception as e:  # noqa: BLE001 - closed meanwhile, or the database failed: next round
+            log.debug("ledger %r: anchor head poll failed: %s", fs.ledger, e)
+
+    def _advance_once(self) -> bool | None:
+        """One advance attempt; None when :meth:`_resolve` should look at the anchor's head."""
         fs, st = self._fs, self._fs.state
         with self._adv:
             a, c = st.anchored, st.committed
@@ -360,13 +454,10 @@ class Anchorer:
                 self.failing, self._target = e, target
                 log.warning("anchor unavailable for ledger %r (%d entries unanchored): %s",
                             fs.ledger, st.unanchored(), e)
-                return False
+                return None  # some members may hold another writer's newer head
             except (AnchorConflictError, AnchorLostError) as e:
-                kind = StoreForkedError if isinstance(e, AnchorConflictError) else type(e)
-                fs.fail(kind(f"ledger {fs.ledger!r}: advancing the anchor from {a.describe()} to "
-                             f"{target.describe()} failed: {e}", ledger=fs.ledger,
-                             store_epoch=c.epoch, anchor_epoch=a.epoch))
-                return False
+                self._conflict, self._target = e, None
+                return None
             self.failing, self._target = None, None
             st.anchor(head)
         for hook in self.on_anchored:
@@ -384,13 +475,15 @@ class Anchorer:
 
     def _run(self) -> None:
         backoff = 0.0
+        poll = self._fs.sync_interval or 0.5
         while not self._stop.is_set():
-            self._kick.wait(timeout=0.5 if backoff == 0 else backoff)
+            self._kick.wait(timeout=min(poll, 0.5) if backoff == 0 else backoff)
             self._kick.clear()
             # a recorded problem (start-up comparison not done: anchor unavailable, lost, a
             # rollback) means the anchored head is unknown: advancing from it would read as a fork
             if self._stop.is_set() or self._fs.fatal.is_set() or self._fs.problem is not None:
                 continue
+            self.poll()
             st = self._fs.state
             while st.committed.epoch > st.anchored.epoch and not self._stop.is_set():
                 self._gather()

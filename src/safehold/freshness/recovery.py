@@ -170,8 +170,13 @@ def _load_snapshot(fs: FreshStore, ref: SnapshotRef) -> VerifierMap:
                                   ledger=fs.ledger) from None
 
 
-def compare_with_anchor(fs: FreshStore) -> None:
-    """Compare the journal head with the anchor and set the store's state (module docstring)."""
+def compare_with_anchor(fs: FreshStore, _attempt: int = 0) -> None:
+    """Compare the journal head with the anchor and set the store's state (module docstring).
+
+    Several writers of the ledger (replicas on one database): an anchor ahead of the journal
+    read at start-up, or a roll-forward refused because another writer moved the anchor
+    meanwhile, is first caught up from the journal (``FreshStore.catch_up``) and compared again.
+    """
     if fs.history.problem is not None:
         fs.fail(fs.history.problem, fatal=False)
         return
@@ -199,6 +204,13 @@ def compare_with_anchor(fs: FreshStore) -> None:
                        "lost, or never initialised): the data owner must re-anchor"),
                     ledger=led, store_epoch=db.epoch), fatal=False)
         return
+    if a.epoch > db.epoch:  # another writer may have committed since the journal was read
+        try:
+            fs.catch_up()
+        except FreshnessError:
+            return  # recorded
+        db = fs.state.committed
+        where = f"ledger {led!r}: the store's journal is at {db.describe()}"
     if a.same(db):
         fs.state.anchor(a)
         fs.problem = None
@@ -209,7 +221,7 @@ def compare_with_anchor(fs: FreshStore) -> None:
             f"copy or lost {a.epoch - db.epoch} committed transaction(s)", ledger=led,
             store_epoch=db.epoch, anchor_epoch=a.epoch), fatal=False)
         return
-    linked = fs.history.digests.get(a.epoch)
+    linked = fs.state.digests.get(a.epoch, fs.history.digests.get(a.epoch))
     if linked != a.digest:
         why = ("the anchor's head is older than the store's snapshot" if linked is None
                else f"the store's entry {a.epoch} is another one")
@@ -223,6 +235,9 @@ def compare_with_anchor(fs: FreshStore) -> None:
         fs.problem = e
         return
     except (AnchorConflictError, AnchorLostError) as e:
+        if _attempt < 3:  # another writer moved the anchor meanwhile: look again
+            compare_with_anchor(fs, _attempt + 1)
+            return
         fs.fail(StoreForkedError(f"{where}; rolling forward from the anchor's {a.describe()} "
                                  f"failed: {e}", ledger=led, store_epoch=db.epoch,
                                  anchor_epoch=a.epoch), fatal=False)

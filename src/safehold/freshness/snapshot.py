@@ -11,6 +11,11 @@ snapshot in use, a background thread:
 
 A crash between any two steps leaves a journal that still replays from the previous snapshot
 (unreferenced chunks are garbage the next round deletes).
+
+Several writers of one ledger (replicas on one database) may each write a snapshot: chunks are
+inserted only (a writer that meets chunks of the same epoch leaves that snapshot to their
+writer), and a snapshot at ``s`` deletes only journal entries ``<= s`` and chunks of epochs
+``< s`` — never a newer snapshot another writer may be writing or relying on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from safehold.errors import ConflictError
 from safehold.freshness.anchor.base import AnchorHead
 from safehold.freshness.journal import (
     JOURNAL_NS,
@@ -84,11 +90,16 @@ class Snapshotter:
             data = b"".join(st.vmap.export())
         if head.epoch <= self.base:
             return
-        self._delete_chunks(keep=None, only=head.epoch)  # leftovers of an attempt that crashed
         h, size, n = hashlib.sha256(), 0, 0
         for i, chunk in snapshot_chunks([data], ledger=fs.ledger, epoch=head.epoch, digest=head.digest):
-            with fs.inner.transaction() as tx:
-                tx.put(SNAP_NS, snapshot_key(head.epoch, i), chunk, expected_version=0)
+            try:
+                with fs.inner.transaction() as tx:
+                    tx.put(SNAP_NS, snapshot_key(head.epoch, i), chunk, expected_version=0)
+            except ConflictError:  # another writer's snapshot of this epoch (or a crashed attempt)
+                log.info("ledger %r: snapshot of epoch %d already being written; skipped",
+                         fs.ledger, head.epoch)
+                self.base = max(self.base, head.epoch)
+                return
             h.update(chunk)
             size += len(chunk)
             n = i + 1
@@ -98,7 +109,7 @@ class Snapshotter:
         old, self.base = self.base, head.epoch
         self._delete_journal(upto=head.epoch, start=fs.history.first)
         fs.history.first = head.epoch + 1
-        self._delete_chunks(keep=head.epoch, only=None)
+        self._delete_chunks(below=head.epoch)
         log.info("ledger %r: snapshot of epoch %d written (%d bytes, %d chunks); journal entries "
                  "%d..%d deleted", fs.ledger, head.epoch, size, n, old + 1, head.epoch)
 
@@ -111,11 +122,9 @@ class Snapshotter:
                     tx.delete(JOURNAL_NS, epoch_key(x))
             e += _BATCH
 
-    def _delete_chunks(self, *, keep: int | None, only: int | None) -> None:
+    def _delete_chunks(self, *, below: int) -> None:
         inner = self._fs.inner
-        doomed = [r.key for r in inner.scan_all(SNAP_NS)
-                  if (only is None or int.from_bytes(r.key[:8], "big") == only)
-                  and (keep is None or int.from_bytes(r.key[:8], "big") != keep)]
+        doomed = [r.key for r in inner.scan_all(SNAP_NS) if int.from_bytes(r.key[:8], "big") < below]
         for i in range(0, len(doomed), _BATCH):
             with inner.transaction() as tx:
                 for k in doomed[i: i + _BATCH]:

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from safehold.freshness.anchor.base import AnchorHead
 from safehold.freshness.digests import MSH_MOD
 from safehold.freshness.vmap import POINT, Change, VerifierMap
+
+#: Chain digests kept below the anchored head (other writers' heads are checked against them).
+_DIGESTS_KEPT = 256
 
 __all__ = ["Delta", "LedgerState", "Point", "TxChanges"]
 
@@ -84,7 +87,8 @@ class LedgerState:
         committed / anchored: heads C and A (``anchored`` carries the members' signatures).
     """
 
-    def __init__(self, vmap: VerifierMap, committed: AnchorHead, anchored: AnchorHead) -> None:
+    def __init__(self, vmap: VerifierMap, committed: AnchorHead, anchored: AnchorHead,
+                 digests: Mapping[int, bytes] | None = None) -> None:
         self.vmap = vmap
         self.lock = threading.RLock()  # re-entered by a re-read with the map frozen
         self.cond = threading.Condition(self.lock)
@@ -94,6 +98,10 @@ class LedgerState:
         self._up: dict[tuple[str, bytes], int] = {}  # unanchored point keys → epoch
         self._ug: dict[tuple[str, bytes], int] = {}  # unanchored posting groups → epoch
         self._pending: deque[tuple[int, list[tuple[str, bytes]], list[tuple[str, bytes]]]] = deque()
+        #: chain digest per epoch from (about) the anchored head to the committed head: another
+        #: writer's anchor head is accepted only if this chain passes through it
+        self.digests: dict[int, bytes] = dict(digests or {})
+        self.digests[committed.epoch] = committed.digest
 
     # -- commits ------------------------------------------------------------------------------
 
@@ -143,7 +151,43 @@ class LedgerState:
                 self.vmap.apply(changes)
             self._pending.append((head.epoch, pts, grs))
             self.committed = head
+            self.digests[head.epoch] = head.digest
             self._tentative = None
+            self.cond.notify_all()
+
+    def apply_foreign(self, head: AnchorHead, changes: Sequence[Change]) -> None:
+        """Apply an entry another writer of the ledger committed (read back from the journal,
+        its MAC and link already checked): as :meth:`finish_commit`, its keys unanchored until
+        :meth:`anchor` covers ``head``."""
+        with self.cond:
+            pts = [(c.namespace, c.key) for c in changes if c.kind == POINT]
+            grs = list({(c.namespace, c.key[: self.vmap.kind(c.namespace)[1]])
+                        for c in changes if c.kind != POINT})
+            self.mark_unanchored(head.epoch, pts, grs)
+            self.vmap.apply(changes)
+            self.committed = head
+            self.digests[head.epoch] = head.digest
+            self.cond.notify_all()
+
+    def mark_unanchored(self, epoch: int, pts: list[tuple[str, bytes]], grs: list[tuple[str, bytes]]) -> None:
+        """Reads of these point keys / posting groups wait until ``epoch`` is anchored."""
+        with self.lock:
+            if epoch <= self.anchored.epoch:
+                return
+            for k in pts:
+                self._up[k] = epoch
+            for k in grs:
+                self._ug[k] = epoch
+            self._pending.append((epoch, pts, grs))
+
+    def replace(self, vmap: VerifierMap, committed: AnchorHead, digests: Mapping[int, bytes]) -> None:
+        """Swap in a map rebuilt from snapshot + journal (another writer folded the entries this
+        replica had not read into a snapshot). Callers mark the unanchored entries afterwards."""
+        with self.cond:
+            self.vmap = vmap
+            self.committed = committed
+            self.digests = dict(digests)
+            self.digests[committed.epoch] = committed.digest
             self.cond.notify_all()
 
     def anchor(self, head: AnchorHead) -> None:
@@ -152,6 +196,9 @@ class LedgerState:
             if head.epoch < self.anchored.epoch:
                 return
             self.anchored = head
+            if len(self.digests) > 2 * _DIGESTS_KEPT:
+                floor = head.epoch - _DIGESTS_KEPT
+                self.digests = {e: d for e, d in self.digests.items() if e >= floor}
             while self._pending and self._pending[0][0] <= head.epoch:
                 e, pts, grs = self._pending.popleft()
                 for k in pts:

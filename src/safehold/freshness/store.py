@@ -25,19 +25,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from safehold.freshness import check
 from safehold.freshness.anchor.base import Anchor, AnchorHead
 from safehold.freshness.digests import FreshKeys
 from safehold.freshness.errors import (
+    AnchorConflictError,
+    AnchorLostError,
+    AnchorUnavailableError,
     FreshnessError,
+    JournalCorruptError,
     NotAnchoredError,
     RowFreshnessError,
+    StoreForkedError,
+    StoreRolledBackError,
     StoreStateError,
 )
-from safehold.freshness.journal import RESERVED_PREFIX
+from safehold.freshness.journal import JOURNAL_NS, RESERVED_PREFIX, decode_entry, epoch_key
 from safehold.freshness.state import LedgerState, TxChanges
 from safehold.freshness.vmap import POSTINGS, NamespacePolicy
 from safehold.store._checks import check_key, check_namespace, check_scan
@@ -47,6 +53,7 @@ __all__ = ["FreshStore"]
 
 log = logging.getLogger("safehold.freshness")
 _PAGE = 500
+_SYNC_TRIES = 10  # catch-ups per read while other writers keep changing what it reads
 
 
 class _Local(threading.local):
@@ -72,6 +79,11 @@ class FreshStore(Store):
         anchor_interval: minimum seconds between two anchor advances (coalesces commits).
         snapshot_every / snapshot_seconds: write a map snapshot after this many entries / this
             long with changes (0 = never).
+        sync_interval: seconds between two reads of the anchor's head to pick up entries other
+            writers of the ledger committed (replicas of one service on one database; 0 = never:
+            a single writer). It bounds how long a database that serves an old row can go
+            unnoticed on this replica after another replica acknowledged a newer one
+            (docs/freshness.md, "Several writers"); :meth:`sync` is the linearizable barrier.
 
     Construction never raises a freshness finding: it records it (:attr:`problem`, raised by
     every operation and :meth:`check`) so that the owner can still re-anchor.
@@ -83,7 +95,8 @@ class FreshStore(Store):
     def __init__(self, inner: Store, *, ledger: str, mac_key: bytes, anchor: Anchor,
                  policy: NamespacePolicy | None = None, wait_timeout: float = 5.0,
                  max_unanchored: int = 64, anchor_interval: float = 0.002,
-                 snapshot_every: int = 10_000, snapshot_seconds: float = 300.0) -> None:
+                 snapshot_every: int = 10_000, snapshot_seconds: float = 300.0,
+                 sync_interval: float = 0.2) -> None:
         from safehold.freshness import recovery
         from safehold.freshness.commit import Anchorer
         from safehold.freshness.snapshot import Snapshotter
@@ -100,6 +113,9 @@ class FreshStore(Store):
         self.snapshot_seconds = float(snapshot_seconds)
         self.problem: FreshnessError | None = None
         self.commit_lock = threading.Lock()
+        self._lock_owner: int | None = None
+        self.sync_interval = max(0.0, float(sync_interval))
+        self.caught_up = 0  # entries of other writers applied (status)
         self.fatal = threading.Event()
         self.doubt: Any = None
         self.rolled_forward = 0
@@ -108,7 +124,7 @@ class FreshStore(Store):
         self._names: set[str] = set()
         self._kinds: dict[str, tuple[int, int]] = {}
         rebuilt = recovery.rebuild(self)
-        self.state = LedgerState(rebuilt.vmap, rebuilt.head, AnchorHead(0, b""))
+        self.state = LedgerState(rebuilt.vmap, rebuilt.head, AnchorHead(0, b""), rebuilt.digests)
         self.history = rebuilt
         self.anchorer = Anchorer(self, interval=anchor_interval)
         self.snapshotter = Snapshotter(self)
@@ -136,7 +152,7 @@ class FreshStore(Store):
 
     def status(self) -> dict[str, Any]:
         """``{ledger, serving, problem, committed_epoch, anchored_epoch, unanchored,
-        rolled_forward, rows, map_bytes}`` for health endpoints."""
+        rolled_forward, caught_up, rows, map_bytes}`` for health endpoints."""
         st = self.state
         with st.lock:
             rows = {ns: st.vmap.rows(ns) for ns in st.vmap.namespaces()}
@@ -144,7 +160,7 @@ class FreshStore(Store):
                     "problem": None if self.problem is None else str(self.problem),
                     "committed_epoch": st.committed.epoch, "anchored_epoch": st.anchored.epoch,
                     "unanchored": st.unanchored(), "rolled_forward": self.rolled_forward,
-                    "rows": rows, "map_bytes": st.vmap.nbytes()}
+                    "caught_up": self.caught_up, "rows": rows, "map_bytes": st.vmap.nbytes()}
 
     def recover(self) -> None:
         """Retry the start-up comparison with the anchor (after AnchorUnavailableError)."""
@@ -171,6 +187,189 @@ class FreshStore(Store):
         from safehold.freshness import recovery
 
         return recovery.reanchor(self, statement)
+
+    # -- several writers of one ledger ------------------------------------------------------
+
+    @contextmanager
+    def committing(self) -> Iterator[None]:
+        """Hold the commit lock (re-entrant for the holding thread: a catch-up inside a commit)."""
+        me = threading.get_ident()
+        if self._lock_owner == me:
+            yield
+            return
+        with self.commit_lock:
+            self._lock_owner = me
+            try:
+                yield
+            finally:
+                self._lock_owner = None
+
+    def catch_up(self, ops: StoreOps | None = None) -> int:
+        """Apply the journal entries other writers of this ledger committed after this replica's
+        committed head: every entry's MAC, epoch and link to the previous one are checked (the
+        database cannot forge, reorder or splice entries); their keys stay unanchored until
+        the anchor covers them. Returns the number of entries applied.
+
+        Raises (and records, see :meth:`fail`):
+            StoreForkedError: an entry that does not chain to this replica's head (another
+                history). JournalCorruptError: a gap, a bad MAC, a missing snapshot.
+        """
+        try:
+            with self.committing():
+                n = self._catch_up_locked(ops if ops is not None else self._ops())
+        except StoreStateError as e:
+            self.fail(e)
+            raise
+        if n:
+            self.anchorer.kick()
+        return n
+
+    def _journal_after(self, ops: StoreOps, epoch: int) -> list[Row]:
+        out: list[Row] = []
+        after = epoch_key(epoch)
+        while True:
+            page = ops.scan(JOURNAL_NS, after=after, limit=_PAGE)
+            out += page
+            if len(page) < _PAGE:
+                return out
+            after = page[-1].key
+
+    def _catch_up_locked(self, ops: StoreOps) -> int:
+        if self.doubt is not None:  # settle our own in-doubt entry first: never apply it twice
+            from safehold.freshness.commit import _settle_doubt
+
+            _settle_doubt(self)
+        st, led = self.state, self.ledger
+        c = st.committed
+        rows = self._journal_after(ops, c.epoch)
+        if not rows:
+            return 0
+        if int.from_bytes(rows[0].key, "big") != c.epoch + 1:
+            if c.epoch and ops.get(JOURNAL_NS, epoch_key(c.epoch)) is not None:
+                raise JournalCorruptError(f"ledger {led!r}: journal entry {c.epoch + 1} is missing "
+                                          f"(entry {c.epoch} and later ones are present)",
+                                          ledger=led, store_epoch=c.epoch + 1)
+            return self._reload_locked(ops)
+        e, d, n = c.epoch, c.digest, 0
+        for r in rows:
+            epoch = int.from_bytes(r.key, "big")
+            if epoch != e + 1:
+                raise JournalCorruptError(f"ledger {led!r}: journal entry {e + 1} is missing",
+                                          ledger=led, store_epoch=e + 1)
+            entry, digest = decode_entry(r.value, self.keys, ledger=led, epoch=epoch)
+            if entry.prev != d:
+                raise StoreForkedError(
+                    f"ledger {led!r}: journal entry {epoch} (written by another writer) does not chain "
+                    f"to entry {e} this replica committed or read: another history of the ledger",
+                    ledger=led, store_epoch=epoch)
+            st.apply_foreign(AnchorHead(epoch, digest), entry.changes)
+            if entry.snapshot is not None:
+                self.snapshotter.base = max(self.snapshotter.base, entry.snapshot.epoch)
+            e, d, n = epoch, digest, n + 1
+        self.caught_up += n
+        return n
+
+    def _reload_locked(self, ops: StoreOps) -> int:
+        """The entries after this replica's head were folded into another writer's snapshot:
+        rebuild the map from snapshot + journal (as at start-up) and swap it in."""
+        from safehold.freshness import recovery
+
+        st, before = self.state, self.state.committed
+        rebuilt = recovery.rebuild(self)
+        if rebuilt.problem is not None:
+            raise rebuilt.problem
+        if rebuilt.head.epoch < before.epoch or (
+                before.epoch in rebuilt.digests and rebuilt.digests[before.epoch] != before.digest):
+            raise StoreForkedError(
+                f"ledger {self.ledger!r}: the journal rebuilt from another writer's snapshot ends at "
+                f"{rebuilt.head.describe()} and does not extend this replica's {before.describe()}",
+                ledger=self.ledger, store_epoch=rebuilt.head.epoch)
+        st.replace(rebuilt.vmap, rebuilt.head, rebuilt.digests)
+        # entries past what this replica saw anchored stay unanchored (the snapshot itself was
+        # anchored before its journal entries were deleted)
+        for r in self._journal_after(ops, max(st.anchored.epoch, rebuilt.snapshot)):
+            epoch = int.from_bytes(r.key, "big")
+            entry, _ = decode_entry(r.value, self.keys, ledger=self.ledger, epoch=epoch)
+            st.mark_unanchored(epoch, [(c.namespace, c.key) for c in entry.changes if c.kind != POSTINGS],
+                               list({(c.namespace, c.key[: st.vmap.kind(c.namespace)[1]])
+                                     for c in entry.changes if c.kind == POSTINGS}))
+        self.snapshotter.base = max(self.snapshotter.base, rebuilt.snapshot)
+        self.caught_up += rebuilt.head.epoch - before.epoch
+        log.info("ledger %r: reloaded from another writer's snapshot (epoch %d -> %d)",
+                 self.ledger, before.epoch, rebuilt.head.epoch)
+        return rebuilt.head.epoch - before.epoch
+
+    def endorse(self, head: AnchorHead) -> None:
+        """Adopt an anchor head another writer advanced to, if this replica's chain passes
+        through it (call after :meth:`catch_up`).
+
+        Raises (and records):
+            StoreRolledBackError: the anchor is ahead of every entry in the database.
+            StoreForkedError: this replica's chain holds another entry at the head's epoch.
+        """
+        st = self.state
+        with st.lock:
+            if head.epoch <= st.anchored.epoch:
+                return
+            if head.epoch > st.committed.epoch:
+                err: StoreStateError = StoreRolledBackError(
+                    f"ledger {self.ledger!r}: the anchor holds {head.describe()} but the database's "
+                    f"journal ends at {st.committed.describe()}: entries the anchor confirmed are "
+                    "missing from the database", ledger=self.ledger, store_epoch=st.committed.epoch,
+                    anchor_epoch=head.epoch)
+            elif st.digests.get(head.epoch, head.digest) != head.digest:
+                err = StoreForkedError(
+                    f"ledger {self.ledger!r}: the anchor holds {head.describe()}, this replica's chain "
+                    "holds another entry at that epoch: another history of the ledger",
+                    ledger=self.ledger, store_epoch=st.committed.epoch, anchor_epoch=head.epoch)
+            else:
+                st.anchor(head)
+                return
+        self.fail(err)
+        raise err
+
+    def sync(self, *, full: bool = True) -> AnchorHead | None:
+        """Catch up with every write the anchor has confirmed for this ledger, whichever
+        replica made it, so that the next read is checked against it (the linearizable read
+        barrier: one anchor head read, plus a journal read when something is new).
+
+        Args:
+            full: read the journal even when the anchor has nothing new (entries other writers
+                committed but have not anchored yet; used when a read met an unknown row).
+
+        Returns:
+            The anchor's head, or None when the anchor is unavailable (then only the journal
+            was read: what it adds stays unanchored, and reads of it wait).
+
+        Raises:
+            StoreForkedError / StoreRolledBackError / JournalCorruptError / AnchorLostError
+            (recorded: the store stops serving).
+        """
+        self.live()
+        try:
+            head = self.anchor.head(self.ledger)
+        except AnchorUnavailableError:
+            head = None
+        except AnchorLostError as e:
+            self.fail(e)
+            raise
+        except AnchorConflictError as e:
+            err = StoreForkedError(f"ledger {self.ledger!r}: {e}", ledger=self.ledger)
+            self.fail(err)
+            raise err from None
+        if full or (head is not None and head.epoch > self.state.committed.epoch):
+            self.catch_up()
+        if head is not None:
+            self.endorse(head)
+        return head
+
+    def _sync_after_mismatch(self) -> bool:
+        """A read or write met a row the map does not expect: maybe another writer changed it.
+        True if catching up changed this replica's state (then the caller checks again)."""
+        st = self.state
+        before = (st.committed.epoch, st.anchored.epoch)
+        self.sync(full=True)
+        return (st.committed.epoch, st.anchored.epoch) != before
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -242,6 +441,14 @@ class FreshStore(Store):
                 found = found_of(got)
                 cands = candidates()
                 wait = check.match(found, cands)
+            for _ in range(_SYNC_TRIES):  # another writer's entries? (it may keep writing the row)
+                if wait is not None or not self._sync_after_mismatch():
+                    break
+                with self.state.lock:
+                    got = read()
+                    found = found_of(got)
+                    cands = candidates()
+                    wait = check.match(found, cands)
             if wait is None:
                 err = error(found, cands[0][0])
                 log.warning("FRESHNESS: %s", err)
@@ -341,8 +548,21 @@ class FreshStore(Store):
         try:
             return self._posting_page(ns, plen, after, limit)
         except RowFreshnessError:
-            with self.state.lock:  # a concurrent commit between the reads, or a real finding
-                return self._posting_page(ns, plen, after, limit)
+            try:
+                with self.state.lock:  # a concurrent commit between the reads, or a real finding
+                    return self._posting_page(ns, plen, after, limit)
+            except RowFreshnessError:
+                if not self._sync_after_mismatch():  # another writer's entries explain it?
+                    raise
+        for _ in range(_SYNC_TRIES):
+            try:
+                with self.state.lock:
+                    return self._posting_page(ns, plen, after, limit)
+            except RowFreshnessError:
+                if not self._sync_after_mismatch():
+                    raise
+        with self.state.lock:
+            return self._posting_page(ns, plen, after, limit)
 
     def _posting_page(self, ns: str, plen: int, after: bytes | None, limit: int) -> list[Row]:
         page = self._ops().scan(ns, after=after, limit=limit)

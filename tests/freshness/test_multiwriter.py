@@ -1,0 +1,197 @@
+"""Several writers of one ledger: two FreshStores (two replicas of one service) on one SQLite
+file and on one PostgreSQL schema, writing concurrently, under the in-process anchor TEST
+DOUBLE. Every acknowledged write is seen by both, no update is lost, and a rollback or a fork
+is still detected with two writers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from safehold.errors import ConflictError
+from safehold.freshness.errors import (
+    NotAnchoredError,
+    RowDeletedError,
+    RowRolledBackError,
+    StoreForkedError,
+)
+from tests.support.freshness import SqliteEngine, open_fresh
+
+NS = "records:patients"
+POST = "records:patients.search"
+
+
+def k(i: int) -> bytes:
+    return b"row-%04d" % i
+
+
+def _bump(fs, key: bytes) -> None:
+    """Read-modify-write of a counter row with CAS, retried on a genuine conflict."""
+    for _ in range(200):
+        row = fs.get(NS, key)
+        n = 0 if row is None else int(row.value)
+        try:
+            fs.put(NS, key, b"%d" % (n + 1), expected_version=0 if row is None else row.version)
+            return
+        except ConflictError:
+            continue
+    raise AssertionError("counter never committed")
+
+
+def run_two_writers(a, b, *, per_thread: int = 15, threads: int = 3) -> list[bytes]:
+    """``threads`` writers on each store: own rows, postings and a shared counter."""
+    errors: list[BaseException] = []
+    acked: list[bytes] = []
+    lock = threading.Lock()
+
+    def work(fs, tag: int) -> None:
+        try:
+            for i in range(per_thread):
+                key = b"w%02d-%04d" % (tag, i)
+                with fs.transaction() as tx:
+                    tx.put(NS, key, b"value %d/%d" % (tag, i), expected_version=0)
+                    tx.put(POST, (b"family-%02d" % (i % 3)).ljust(16, b".") + key, b"p",
+                           expected_version=0)
+                with lock:
+                    acked.append(key)
+                _bump(fs, b"counter")
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(fs, t * 2 + j)) for t in range(threads)
+          for j, fs in enumerate((a, b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not errors, errors[:3]
+    return acked
+
+
+def test_two_writers_on_one_database_concurrently(engine, anchor):
+    a = open_fresh(engine.open(), anchor)
+    b = open_fresh(engine.open(), anchor)
+    acked = run_two_writers(a, b)
+    for fs in (a, b):
+        for key in acked:
+            assert fs.get(NS, key) is not None
+        assert int(fs.get(NS, b"counter").value) == len(acked)  # no lost update
+        groups = [fs.scan_prefix(POST, (b"family-%02d" % g).ljust(16, b".")) for g in range(3)]
+        assert sum(len(g) for g in groups) == len(acked)
+        assert fs.audit() == []
+        assert fs.problem is None
+    assert a.status()["caught_up"] > 0 and b.status()["caught_up"] > 0
+    # both replicas end on the same anchored chain head
+    a.sync()
+    b.sync()
+    assert a.state.anchored.same(b.state.anchored)
+    assert a.state.committed.same(b.state.committed)
+    a.close()
+    b.close()
+    c = open_fresh(engine.open(), anchor)  # a restart replays the interleaved journal
+    c.check()
+    assert int(c.get(NS, b"counter").value) == len(acked)
+    c.close()
+
+
+def test_a_replica_reads_what_the_other_acknowledged(engine, anchor):
+    a = open_fresh(engine.open(), anchor, sync_interval=0)
+    b = open_fresh(engine.open(), anchor, sync_interval=0)
+    a.put(NS, k(1), b"one", expected_version=0)
+    assert b.get(NS, k(1)).value == b"one"  # unknown row on b: caught up from the journal
+    v = a.get(NS, k(1)).version
+    a.put(NS, k(1), b"two", expected_version=v)
+    assert b.get(NS, k(1)).value == b"two"
+    assert [r.key for r in b.scan(NS)] == [k(1)]
+    a.put(POST, b"smith...........x1", b"p", expected_version=0)
+    assert [r.key for r in b.scan_prefix(POST, b"smith...........")] == [b"smith...........x1"]
+    # a CAS on b with the version a wrote (b has not read it yet): caught up, accepted
+    a.put(NS, k(2), b"a", expected_version=0)
+    b.put(NS, k(2), b"b", expected_version=1)
+    assert a.get(NS, k(2)).value == b"b"
+    a.delete(NS, k(1))
+    assert b.get(NS, k(1)) is None
+    assert b.status()["caught_up"] >= 4
+    a.close()
+    b.close()
+
+
+def test_rollback_is_detected_with_two_writers(engine, anchor):
+    a = open_fresh(engine.open(), anchor, sync_interval=0.1)
+    b = open_fresh(engine.open(), anchor, sync_interval=0)
+    a.put(NS, k(1), b"old", expected_version=0)
+    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE namespace = ?", (NS,))
+    assert b.get(NS, k(1)).value == b"old"
+    b.put(NS, k(1), b"new", expected_version=1)  # acknowledged by replica b
+    # the database puts the old row back; replica a last saw the old row itself
+    engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("INSERT INTO safehold_rows SELECT * FROM old_row")
+    with pytest.raises(RowRolledBackError):
+        b.get(NS, k(1))  # the writer knows at once
+    t0 = time.monotonic()
+    while True:  # replica a: within the staleness bound (sync_interval + a round trip)
+        try:
+            a.get(NS, k(1))
+        except RowRolledBackError:
+            break
+        assert time.monotonic() - t0 < 2.0, "replica a never noticed the rollback"
+        time.sleep(0.01)
+    assert time.monotonic() - t0 < 0.1 + 0.5
+    # and with the linearizable barrier, at once: a third replica that read the old row
+    c = open_fresh(engine.open(), anchor, sync_interval=0)
+    engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+    with pytest.raises(RowDeletedError):
+        c.sync()
+        c.get(NS, k(1))
+    for fs in (a, b, c):
+        fs.close()
+
+
+def test_fork_is_detected_with_two_writers(engine, anchor, tmp_path):
+    a = open_fresh(engine.open(), anchor)
+    a.put(NS, k(1), b"x", expected_version=0)
+    token = engine.backup()
+    other = SqliteEngine(tmp_path / "copy.db")
+    if engine.name == "sqlite":
+        other.restore_file(token)
+    else:
+        import psycopg
+
+        with psycopg.connect(engine.dsn) as conn:
+            q = f'SELECT namespace, key, version, value FROM "{engine.schema}".{token}'
+            rows = conn.execute(q).fetchall()
+        other.open().close()
+        for r in rows:
+            other.sql("INSERT INTO safehold_rows VALUES (?, ?, ?, ?)", tuple(r))
+    b = open_fresh(engine.open(), anchor)  # a second writer on the same database: fine
+    c = open_fresh(other.open(), anchor)  # a writer on a copy: another history
+    a.put(NS, k(2), b"a", expected_version=0)
+    with pytest.raises((StoreForkedError, NotAnchoredError)):  # same epoch, another entry
+        c.put(NS, k(4), b"c", expected_version=0)
+    with pytest.raises(StoreForkedError):
+        c.check()
+    b.put(NS, k(3), b"b", expected_version=0)
+    assert a.problem is None and b.problem is None
+    assert b.get(NS, k(2)).value == b"a" and a.get(NS, k(3)).value == b"b"
+    c.close()
+    for fs in (a, b):
+        fs.close()
+
+
+def test_catch_up_across_another_writers_snapshot(engine, anchor):
+    a = open_fresh(engine.open(), anchor, snapshot_every=0, snapshot_seconds=0, sync_interval=0)
+    b = open_fresh(engine.open(), anchor, snapshot_every=0, snapshot_seconds=0, sync_interval=0)
+    b.get(NS, k(0))
+    for i in range(30):
+        a.put(NS, k(i), b"v%d" % i, expected_version=0)
+    assert a.snapshotter.run()  # folds entries <= head into a snapshot, deletes them
+    a.put(NS, k(99), b"after", expected_version=0)
+    assert b.get(NS, k(5)).value == b"v5"  # b's entries were deleted: reloaded from the snapshot
+    assert b.get(NS, k(99)).value == b"after"
+    assert b.audit() == []
+    b.put(NS, k(100), b"b", expected_version=0)
+    assert a.get(NS, k(100)).value == b"b"
+    a.close()
+    b.close()
