@@ -7,6 +7,7 @@ snapshot of the package, every port picked free.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pty
@@ -163,6 +164,8 @@ def test_erezept_create_to_dispense_through_the_cli(stack, tmp_path):
     sec = {**env, "SAFEHOLD_EREZEPT_SECRET": acc["secret"]}
     done = json.loads(cli(sec, "erezept", "close", t["id"], "--kvnr", patient).stdout)
     assert done["status"] == "completed" and done["title"] == "Quittung"
+    assert done["receipt"]["prescription_id"] == t["id"]
+    assert len(base64.b64decode(done["receipt"]["prescription_digest"])) == 32  # SHA-256
     lines = cli(env, "erezept", "list", "--kvnr", patient).stdout.strip().splitlines()
     assert json.loads(lines[0]) == {"id": t["id"], "status": "completed"}
     raw = b"".join(p.read_bytes() for p in stack["data"].glob("erezept.db*"))

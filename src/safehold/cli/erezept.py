@@ -236,8 +236,12 @@ def register(group: click.Group) -> None:
         with c.client() as cl:
             r = cl.close(c.token("pharmacy", pharmacy), task_id, secret,
                          dispense(task_id, kvnr, pharmacy, dt.date.today().isoformat()))
-        _out({"id": task_id, "status": "completed", "receipt": r.get("id"),
-              "title": r["entry"][0]["resource"].get("title")})
+        comp = r["entry"][0]["resource"]
+        digest = next((e.get("valueString") for e in comp.get("extension", [])
+                       if str(e.get("url", "")).endswith("PrescriptionDigest")), None)
+        _out({"id": task_id, "status": "completed", "title": comp.get("title"),
+              "receipt": {"prescription_id": r.get("identifier", {}).get("value"),
+                          "timestamp": r.get("timestamp"), "prescription_digest": digest}})
 
     @erezept.command("abort")
     @click.argument("task_id")

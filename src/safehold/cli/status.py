@@ -53,7 +53,7 @@ def register(group: click.Group) -> None:
         if st.get("scone_url"):
             click.echo(f"scone    {st['scone_url']}  auth {st.get('scone_auth')}")
         for name, v in services.items():
-            click.echo(f"{name:<9}{v['url']}  {v['status']}")
+            click.echo(f"{name:<10}{v['url']}  {v['status']}")
         for name, r in sorted(st.get("restarts", {}).items()):
             click.echo(f"restarts {name}: {r.get('count', 0)} (last exit status {r.get('last_exit_status')} "
                        f"at {r.get('last_exit_at', '?')}, restarted {r.get('last_restart_at', 'not yet')})")

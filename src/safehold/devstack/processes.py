@@ -257,9 +257,14 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         rlog = rlog_path.open("ab")
         # own sessions: a terminal's Ctrl-C reaches only `safehold up`, which then stops the
         # records service first and the broker second
-        s.procs["broker"] = subprocess.Popen(broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=base_env(s),
-                                             start_new_session=True)
+        # records.toml changed (so its measurement, so the manifest) over a broker state that
+        # holds the old manifest: with freshness the broker installs its --manifest file only once
+        # its ledger is settled, and would refuse it there; start it on its stored manifest and
+        # sign the new one as an update once it serves
+        changed = bool(s.info.get("manifest_changed")) and s.anchor is not None and s.path("broker").is_dir()
+        s.procs["broker"] = subprocess.Popen(broker_cmd(s, manifest=not changed), stdout=blog,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env=base_env(s), start_new_session=True)
         # with freshness the broker releases nothing until its ledger is settled below
         early = not s.info.get("manifest_changed") and s.anchor is None
         if early:  # both measure themselves at once (the records service waits for the broker)
@@ -279,6 +284,8 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
             s.info["manifest_updated"] = update_manifest(s)
         if not _settle_broker(s):
             return _write_up(s, None)
+        if changed:
+            s.info["manifest_updated"] = update_manifest(s)
         # the services need only the broker: launch them now, alongside records (started early
         # above, it may have exited while the broker's ledger was not yet settled: start it again)
         pending = launch_services(s, s.services, s.service_ports or ServicePorts()) if s.services else None
