@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -19,6 +18,12 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from safehold.erezept.kbv import PRESCRIPTION_ID_SYSTEM
+from safehold.erezept.sample import DOCTOR, PRACTICE, build_bundle
+from safehold.erezept.sample import Drug as _Drug
+from safehold.erezept.sample import Person as _Person
+
+__all__ = ["DOCTOR", "DRUGS", "PATIENTS", "PRACTICE", "Drug", "Person", "TestSigner", "build_bundle",
+           "dispense", "kvnr"]
 
 
 def kvnr(letter: str, eight: str) -> str:
@@ -32,15 +37,8 @@ def kvnr(letter: str, eight: str) -> str:
 
 
 @dataclass
-class Person:
-    given: list[str]
-    family: str
-    birth_date: str
-    kvnr: str
-    own_prefix: str | None = None  # Vorsatzwort ("von", "von und zu")
-    own_name: str | None = None
-    namenszusatz: str | None = None  # "Freiherr", "Graf"
-    prefix: list[str] = field(default_factory=list)  # "Dr."
+class Person(_Person):
+    """:class:`safehold.erezept.sample.Person` with the strings a test looks for in the database."""
 
     def secrets(self) -> list[str]:
         """Strings that must never reach the database in clear."""
@@ -50,10 +48,8 @@ class Person:
 
 
 @dataclass
-class Drug:
-    name: str
-    pzn: str
-    form: str = "TAB"
+class Drug(_Drug):
+    """:class:`safehold.erezept.sample.Drug` with the strings a test looks for in the database."""
 
     def secrets(self) -> list[str]:
         return [self.name, self.pzn]
@@ -87,157 +83,6 @@ DRUGS = [
     Drug("Metformin Lich 850 mg", "06313409"),
     Drug("Salbutamol-ratiopharm N Dosieraerosol", "00725734", "DOS"),
 ]
-DOCTOR = Person(["Hans"], "Topp-Glücklich", "1970", "", prefix=["Dr. med."])
-PRACTICE = "Hausarztpraxis Dr. Topp-Glücklich, Musterstraße 1, 10623 Berlin"
-
-
-def _name(p: Person) -> dict[str, Any]:
-    name: dict[str, Any] = {"use": "official", "family": p.family, "given": p.given}
-    ext = []
-    if p.namenszusatz:
-        ext.append(
-            {
-                "url": "http://fhir.de/StructureDefinition/humanname-namenszusatz",
-                "valueString": p.namenszusatz,
-            }
-        )
-    if p.own_name:
-        ext.append(
-            {"url": "http://hl7.org/fhir/StructureDefinition/humanname-own-name", "valueString": p.own_name}
-        )
-    if p.own_prefix:
-        ext.append(
-            {
-                "url": "http://hl7.org/fhir/StructureDefinition/humanname-own-prefix",
-                "valueString": p.own_prefix,
-            }
-        )
-    if ext:
-        name["_family"] = {"extension": ext}
-    if p.prefix:
-        name["prefix"] = p.prefix
-    return name
-
-
-def build_bundle(
-    prescription_id: str, patient: Person, drug: Drug, *, authored_on: str = "2025-03-01"
-) -> dict[str, Any]:
-    """A KBV_PR_ERP_Bundle (FHIR JSON) for ``patient`` and ``drug`` with urn:uuid fullUrls."""
-    ids = {k: str(uuid.uuid4()) for k in ("comp", "mr", "med", "pat", "prac", "org", "cov")}
-
-    def ref(k: str) -> dict[str, str]:
-        return {"reference": f"urn:uuid:{ids[k]}"}
-
-    res = {
-        "comp": {
-            "resourceType": "Composition",
-            "id": ids["comp"],
-            "meta": {"profile": ["https://fhir.kbv.de/StructureDefinition/KBV_PR_ERP_Composition|1.1.0"]},
-            "status": "final",
-            "title": "elektronische Arzneimittelverordnung",
-            "date": authored_on + "T08:00:00+01:00",
-            "type": {
-                "coding": [
-                    {"system": "https://fhir.kbv.de/CodeSystem/KBV_CS_SFHIR_FORMULAR_ART", "code": "e16A"}
-                ]
-            },
-            "subject": ref("pat"),
-            "author": [ref("prac")],
-            "custodian": ref("org"),
-            "section": [
-                {"code": {"coding": [{"code": "Prescription"}]}, "entry": [ref("mr")]},
-                {"code": {"coding": [{"code": "Coverage"}]}, "entry": [ref("cov")]},
-            ],
-        },
-        "mr": {
-            "resourceType": "MedicationRequest",
-            "id": ids["mr"],
-            "status": "active",
-            "intent": "order",
-            "medicationReference": ref("med"),
-            "subject": ref("pat"),
-            "requester": ref("prac"),
-            "insurance": [ref("cov")],
-            "authoredOn": authored_on,
-            "dosageInstruction": [{"text": "1-0-1"}],
-            "dispenseRequest": {
-                "quantity": {"value": 1, "system": "http://unitsofmeasure.org", "code": "{Package}"}
-            },
-        },
-        "med": {
-            "resourceType": "Medication",
-            "id": ids["med"],
-            "code": {
-                "coding": [{"system": "http://fhir.de/CodeSystem/ifa/pzn", "code": drug.pzn}],
-                "text": drug.name,
-            },
-            "form": {
-                "coding": [
-                    {
-                        "system": "https://fhir.kbv.de/CodeSystem/KBV_CS_SFHIR_KBV_DARREICHUNGSFORM",
-                        "code": drug.form,
-                    }
-                ]
-            },
-        },
-        "pat": {
-            "resourceType": "Patient",
-            "id": ids["pat"],
-            "identifier": [
-                {
-                    "type": {
-                        "coding": [
-                            {"system": "http://fhir.de/CodeSystem/identifier-type-de-basis", "code": "GKV"}
-                        ]
-                    },
-                    "system": "http://fhir.de/sid/gkv/kvid-10",
-                    "value": patient.kvnr,
-                }
-            ],
-            "name": [_name(patient)],
-            "birthDate": patient.birth_date,
-        },
-        "prac": {
-            "resourceType": "Practitioner",
-            "id": ids["prac"],
-            "identifier": [
-                {"system": "https://fhir.kbv.de/NamingSystem/KBV_NS_Base_ANR", "value": "838382202"}
-            ],
-            "name": [_name(DOCTOR)],
-        },
-        "org": {
-            "resourceType": "Organization",
-            "id": ids["org"],
-            "name": PRACTICE,
-            "identifier": [
-                {"system": "https://fhir.kbv.de/NamingSystem/KBV_NS_Base_BSNR", "value": "031234567"}
-            ],
-        },
-        "cov": {
-            "resourceType": "Coverage",
-            "id": ids["cov"],
-            "status": "active",
-            "beneficiary": ref("pat"),
-            "payor": [
-                {
-                    "identifier": {"system": "http://fhir.de/sid/arge-ik/iknr", "value": "104212059"},
-                    "display": "AOK Rheinland/Hamburg",
-                }
-            ],
-        },
-    }
-    order = ["comp", "mr", "med", "pat", "prac", "org", "cov"]
-    return {
-        "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
-        "meta": {"profile": ["https://fhir.kbv.de/StructureDefinition/KBV_PR_ERP_Bundle|1.1.0"]},
-        "identifier": {"system": PRESCRIPTION_ID_SYSTEM, "value": prescription_id},
-        "type": "document",
-        "timestamp": authored_on + "T08:00:00+01:00",
-        "entry": [{"fullUrl": f"urn:uuid:{ids[k]}", "resource": res[k]} for k in order],
-    }
-
-
 class TestSigner:
     """A self-issued "HBA" certificate and key that sign bundles as CMS SignedData (enveloping)."""
 

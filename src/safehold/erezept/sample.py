@@ -13,7 +13,7 @@ from typing import Any
 
 from safehold.erezept.kbv import PRESCRIPTION_ID_SYSTEM
 
-__all__ = ["Drug", "Person", "build_bundle", "dev_sign", "dispense"]
+__all__ = ["DOCTOR", "PRACTICE", "Drug", "Person", "build_bundle", "dev_sign", "dispense"]
 
 
 @dataclass
@@ -40,8 +40,9 @@ class Drug:
     form: str = "TAB"
 
 
-_DOCTOR = Person(["Hans"], "Topp-Glücklich", "1970", "", prefix=["Dr. med."])
-_PRACTICE = "Hausarztpraxis Dr. Topp-Glücklich, Musterstraße 1, 10623 Berlin"
+#: The sample prescriber and practice of every bundle (development and tests).
+DOCTOR = Person(["Hans"], "Topp-Glücklich", "1970", "", prefix=["Dr. med."])
+PRACTICE = "Hausarztpraxis Dr. Topp-Glücklich, Musterstraße 1, 10623 Berlin"
 
 
 def _name(p: Person) -> dict[str, Any]:
@@ -157,12 +158,12 @@ def build_bundle(
             "identifier": [
                 {"system": "https://fhir.kbv.de/NamingSystem/KBV_NS_Base_ANR", "value": "838382202"}
             ],
-            "name": [_name(_DOCTOR)],
+            "name": [_name(DOCTOR)],
         },
         "org": {
             "resourceType": "Organization",
             "id": ids["org"],
-            "name": _PRACTICE,
+            "name": PRACTICE,
             "identifier": [
                 {"system": "https://fhir.kbv.de/NamingSystem/KBV_NS_Base_BSNR", "value": "031234567"}
             ],
