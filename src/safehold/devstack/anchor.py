@@ -139,6 +139,16 @@ def take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...] = LEDGERS, *
     Raises:
         FreshnessError: the anchor has no majority / lost the ledger (the old file stays).
     """
+    with _CHECKPOINT_LOCK:  # two keepers (the stack's ledgers, the SVR group's) share the file
+        return _take_checkpoint(s, client, ledgers, allow_back)
+
+
+#: serialises the load-modify-write of the checkpoint file within one ``safehold up``
+_CHECKPOINT_LOCK = threading.Lock()
+
+
+def _take_checkpoint(s: Stack, client: Any, ledgers: tuple[str, ...], allow_back: tuple[str, ...]
+                     ) -> dict[str, int]:
     from safehold.freshness.anchor.statements import AnchorCheckpoint
     from safehold.freshness.errors import FreshnessError
 
@@ -167,9 +177,10 @@ class CheckpointKeeper:
     """Refreshes ``anchor-checkpoint.json`` every ``interval`` seconds on a daemon thread, and
     once more at :meth:`stop` (call it before the members stop)."""
 
-    def __init__(self, s: Stack, interval: float = 5.0) -> None:
-        self.s, self.interval = s, interval
-        self.client = read_client(s)
+    def __init__(self, s: Stack, interval: float = 5.0, *, client: Any = None,
+                 ledgers: tuple[str, ...] = LEDGERS) -> None:
+        self.s, self.interval, self.ledgers = s, interval, ledgers
+        self.client = client if client is not None else read_client(s)
         self._stop = threading.Event()
         self.last: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="safehold-checkpoint", daemon=True)
@@ -181,7 +192,7 @@ class CheckpointKeeper:
 
     def _once(self) -> None:
         with contextlib.suppress(SafeholdError, OSError):
-            self.last = take_checkpoint(self.s, self.client)
+            self.last = take_checkpoint(self.s, self.client, self.ledgers)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -406,6 +406,7 @@ def finish_services(s: Any, p: Pending, *, timeout: float = 120.0) -> dict[str, 
         info["svr"] = {"urls": urls, "policy": str(s.path("svr-policy.toml")),
                        "anchor": [f"https://127.0.0.1:{port}" for port in p.ports.anchor],
                        "ledgers": _initialise_svr(s, urls, deadline)}
+        s.svr_keeper = _svr_keeper(s, info["svr"]["anchor"])
     if "discovery" in p.services:
         info["discovery"] = {"url": ready["discovery"]["url"], "policy": str(s.path("discovery-policy.toml"))}
     if "erezept" in p.services:
@@ -451,20 +452,46 @@ def _initialise_svr(s: Any, urls: list[str], deadline: float) -> list[str]:
     ``reanchor`` after the anchor members restarted: their heads live in memory) with the dev
     owner key — loudly, in ``up``'s summary: a real owner reviews each proposal first.
 
+    A ``reanchor`` is signed only if the server's head is not older than, and does not fork
+    from, the owner's checkpoint of that ledger (``<owner dir>/anchor-checkpoint.json``, kept
+    fresh while the stack runs and at stop): an SVR database copy restored while the stack was
+    stopped would otherwise bring its guess budget back. Such a server stays not fresh (503)
+    and the entry says ``refused: ...``; the owner decides.
+
     A server that started before its anchor members listened picks them up within a second
     (``SvrService.retry_anchor``): until ``deadline`` an unreachable anchor is retried."""
     from safehold.attestation.policy import AppraisalPolicy
-    from safehold.client.svr import Svr3Client
+    from safehold.client.svr import Svr3Client, sign_statement
+    from safehold.devstack.anchor import checkpoint_path, load_checkpoints
     from safehold.devstack.datadir import tokens
+    from safehold.freshness.anchor.base import AnchorHead
+    from safehold.freshness.anchor.statements import SignedOwnerStatement, check_against_checkpoint
+    from safehold.freshness.errors import FreshnessError
 
     key = s.owner_path("owner.key")
     if not key.exists():
         raise StackError(f"no owner key {key}: the SVR ledgers need the owner's signed statement")
     policy = AppraisalPolicy.from_toml(s.path("svr-policy.toml").read_text("utf-8"))
+    cps = load_checkpoints(checkpoint_path(s))
     while True:
         try:
             with Svr3Client(urls, token=tokens(s.data_dir, s.owner_dir)["admin"], policy=policy) as c:
-                return c.owner_initialise(key.read_bytes())
+                done = []
+                for i in range(len(urls)):
+                    st = c.freshness_statement(i)
+                    statement = SignedOwnerStatement.from_json({"payload": st["payload"],
+                                                                "signature": "AA"}).statement
+                    if st["action"] == "reanchor":
+                        try:
+                            check_against_checkpoint(statement.ledger,
+                                                     AnchorHead(statement.epoch, statement.digest),
+                                                     cps.get(statement.ledger))
+                        except FreshnessError as e:
+                            done.append(f"refused: {e}")
+                            continue
+                    c.apply_statement(i, sign_statement(st["payload"], key.read_bytes()))
+                    done.append(str(st["action"]))
+                return done
         except Exception as e:  # noqa: BLE001 - any failure here means SVR does not serve: say which
             if "anchor" in str(e).lower() and time.monotonic() < deadline:
                 time.sleep(0.5)  # the server has not reached its anchor members yet
@@ -473,9 +500,28 @@ def _initialise_svr(s: Any, urls: list[str], deadline: float) -> list[str]:
                              f"{type(e).__name__}: {e}") from None
 
 
+def _svr_keeper(s: Any, anchor_urls: list[str]) -> Any:
+    """A checkpoint keeper for the SVR ledgers over the SVR group's anchor members (read-only
+    client appraising them under the policy measured into ``svr-0.toml``)."""
+    import tomllib
+
+    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.attestation.verifier import Verifier
+    from safehold.devstack.anchor import CheckpointKeeper
+    from safehold.freshness.anchor.client import QuorumAnchor
+
+    cfg = tomllib.loads(s.path("svr-0.toml").read_text("utf-8"))
+    client = QuorumAnchor(anchor_urls, Verifier(AppraisalPolicy.from_dict(cfg["anchor_policy"])))
+    return CheckpointKeeper(s, client=client, ledgers=tuple(f"svr-{i}" for i in range(SVR_N))).start()
+
+
 def stop_services(s: Any, timeout: float = 10.0) -> dict[str, int | None]:
     """SIGTERM the service processes (SVR servers before their anchor members); returns exit codes."""
     codes: dict[str, int | None] = {}
+    if getattr(s, "svr_keeper", None) is not None:
+        with contextlib.suppress(Exception):
+            s.svr_keeper.stop()  # the last SVR checkpoint, while the SVR anchor members still run
+        s.svr_keeper = None
     order = [n for n in s.procs if n.startswith("svr-") and not n.startswith("svr-anchor")]
     order += [n for n in ("discovery", "vau") if n in s.procs]
     order += [n for n in s.procs if n.startswith("svr-anchor")]
@@ -498,8 +544,13 @@ def summary(info: dict[str, Any]) -> list[tuple[str, bool]]:
     if "svr" in info:
         svr = info["svr"]
         out.append((f"SVR             {', '.join(svr['urls'])}  (policy {svr['policy']})", False))
-        out.append((f"  SVR ledgers: {', '.join(svr['ledgers'])} signed with the DEV OWNER KEY "
-                    "(owner.key) — a real owner reviews each statement", True))
+        signed = [x for x in svr["ledgers"] if not x.startswith("refused")]
+        if signed:
+            out.append((f"  SVR ledgers: {', '.join(signed)} signed with the DEV OWNER KEY "
+                        "(owner.key) — a real owner reviews each statement", True))
+        for i, x in enumerate(svr["ledgers"]):
+            if x.startswith("refused"):
+                out.append((f"  SVR ledger svr-{i} NOT re-anchored, the server does not serve: {x}", True))
     if "discovery" in info:
         d = info["discovery"]
         out.append((f"discovery       {d['url']}  (policy {d['policy']})", False))

@@ -87,6 +87,7 @@ class Stack:
     service_ports: Any = None
     anchor: Any = None
     keeper: Any = None
+    svr_keeper: Any = None
 
     @property
     def broker_url(self) -> str:
