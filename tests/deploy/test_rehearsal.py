@@ -30,6 +30,7 @@ from tests.support.rehearsal import (
     adapt_command,
     env_policy,
     map_path,
+    pod_launch,
     wait_https,
     wait_tcp,
 )
@@ -163,7 +164,7 @@ def test_chart_rehearsal_two_replicas_survive_sigkill(rehearsal: Rehearsal):
     assert r.containers["broker"][1]["command"][r.containers["broker"][1]["command"].index("-c") + 2] \
         == "safehold.broker.server"  # the broker's own entry point
     # the kind-dev Secret: the simulated platform key (created as the preset's comment says)
-    SimulatedAttester(r.root / "platform", package_root=r.package)
+    SimulatedAttester(r.root / "platform")
     (r.root / "platform" / "simulated-tee").rename(r.secret / "_tmp")
     for f in (r.secret / "_tmp").iterdir():
         f.rename(r.secret / f.name)
@@ -193,13 +194,18 @@ def test_chart_rehearsal_two_replicas_survive_sigkill(rehearsal: Rehearsal):
     owner_pub = owner_key(r.root, r.owner)
     cfg = {**records_config(tok, scone_auth="token", host="127.0.0.1"), "broker_ca_sha256": pin}
     (r.cm_records / "records.toml").write_text(tomli_w.dumps(cfg), "utf-8")
-    # the records workload's Evidence as a pod would make it (same platform key, config, code)
+    # the records workload's Reference Value as the owner computes it: the closure of the pod's
+    # launch (module, environment policy, sys.path as adapted here) with its measured config
+    rclosure = pod_launch(r.containers["records"][1]["command"], r.package).closure(
+        [r.cm_records / "records.toml"])
+    reference = rclosure.hex()
+    # the test's own KBS round trips claim that value with the pods' platform key (the simulated
+    # platform key can sign any value: it is the kind-dev Secret)
     (r.root / "records-measure").mkdir()
     (r.root / "records-measure" / "simulated-tee").symlink_to(r.secret)
-    records_att = SimulatedAttester(r.root / "records-measure", package_root=r.package,
-                                    workload_files=[r.cm_records / "records.toml"])
+    records_att = SimulatedAttester(r.root / "records-measure", measurement=rclosure)
     policy = {"name": "records", "allow_simulated": True, "simulated_root": str(r.secret / "root-ca.pem"),
-              "reference_values": {"measurements": [records_att.measurement.hex()]}}
+              "reference_values": {"measurements": [reference]}}
     manifest = {
         "name": "safehold", "repository": "default",
         "workloads": {"records": {"secrets": ["records-keyset", "records-tls", RECORDS_ACCESS],

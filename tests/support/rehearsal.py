@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 
+from safehold.attestation.workload import LaunchSpec
 from tests.support.shared import free_port
 
 IMAGE_PYTHON = "/opt/safehold/bin/python"
@@ -104,20 +105,29 @@ def interpreter_paths(package: Path) -> list[str]:
     return [str(package.parent), *zips, stdlib, os.path.join(stdlib, "lib-dynload"), paths["purelib"]]
 
 
-def adapt_command(command: list[str], package: Path, paths: dict[str, Path],
-                  ports: dict[str, str]) -> list[str]:
-    """The container's command with only the image's interpreter, ``sys.path``, in-container
-    paths and ports replaced (module docstring). ``paths``: in-container prefix → directory;
-    ``ports``: argument value → replacement (e.g. ``"8443"`` → a free port, ``"0.0.0.0"`` →
-    ``"127.0.0.1"``)."""
+def pod_launch(command: list[str], package: Path) -> LaunchSpec:
+    """The :class:`~safehold.attestation.workload.LaunchSpec` that runs the container's workload
+    here: its module and its environment policy (checked equal, byte for byte, to the image's),
+    this machine's interpreter, standard library and site-packages, the package snapshot."""
     assert command[0] == IMAGE_PYTHON, command[0]
     i_c = command.index("-c")
+    pol = json.loads(command[i_c + 3])
+    spec = LaunchSpec(command[i_c + 2], app_dir=str(package.parent), passthrough=tuple(pol["passthrough"]),
+                      fixed_env=dict(pol["fixed"]))
+    assert spec.env_policy() == command[i_c + 3]  # the image's measured policy, unchanged
+    return spec
+
+
+def adapt_command(command: list[str], package: Path, paths: dict[str, Path],
+                  ports: dict[str, str]) -> list[str]:
+    """The container's command with only the image's interpreter (and its byte-code prefix),
+    ``sys.path``, in-container paths and ports replaced (module docstring): the same module,
+    BOOT and environment policy under :func:`pod_launch`. ``paths``: in-container prefix →
+    directory; ``ports``: argument value → replacement (e.g. ``"8443"`` → a free port,
+    ``"0.0.0.0"`` → ``"127.0.0.1"``)."""
     sep = command.index("--")
-    head = [sys.executable, *command[1:i_c + 4]]  # flags, -c BOOT, module, env policy
-    out = head + interpreter_paths(package) + ["--"]
-    for arg in command[sep + 1:]:
-        out.append(ports.get(arg, map_path(arg, paths)))
-    return out
+    args = [ports.get(arg, map_path(arg, paths)) for arg in command[sep + 1:]]
+    return pod_launch(command, package).argv(*args)
 
 
 def map_path(value: str, paths: dict[str, Path]) -> str:
