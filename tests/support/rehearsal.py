@@ -22,12 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -94,15 +91,6 @@ class RoundRobinFront:
         self._loop.call_soon_threadsafe(self._server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-
-
-def interpreter_paths(package: Path) -> list[str]:
-    """``sys.path`` for the isolated launch here: the snapshot's parent, the standard library
-    (zip, directory, lib-dynload) and the venv's site-packages."""
-    paths = sysconfig.get_paths()
-    stdlib = paths["stdlib"]
-    zips = [p for p in sys.path if p.endswith(".zip")]
-    return [str(package.parent), *zips, stdlib, os.path.join(stdlib, "lib-dynload"), paths["purelib"]]
 
 
 def pod_launch(command: list[str], package: Path) -> LaunchSpec:
