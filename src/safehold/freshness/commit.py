@@ -403,6 +403,10 @@ class Anchorer:
         except (AnchorConflictError, AnchorLostError) as e:
             conflict = conflict or e
             head = None
+        if head is not None and head.epoch == st.anchored.epoch and head.same(st.anchored):
+            # another thread of this replica (the head poll) adopted this head while the
+            # refused advance was in flight: not a fork; retry from the head now held
+            return conflict is not None
         if head is None or head.epoch <= st.anchored.epoch:
             if conflict is not None:
                 kind = StoreForkedError if isinstance(conflict, AnchorConflictError) else type(conflict)
