@@ -1,7 +1,8 @@
 """Kill at many points: a writer process is SIGKILLed at a different moment of its writes in
 every run (a deterministic schedule of delays after it is ready), sometimes together with an
 anchor member (a minority) or — on PostgreSQL — with its database session terminated by the
-server. After every run the store is reopened: no acknowledged write is lost, no rollback or
+server; in one run the anchor hangs after a COMMIT, so that kill lands between COMMIT and the
+anchor advance for sure. After every run the store is reopened: no acknowledged write is lost, no rollback or
 fork is reported, and the interrupted transaction is entirely there or entirely absent."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.support.shared import snapshot_package as snapshot_src
 pytestmark = pytest.mark.slow
 WRITER = Path(__file__).resolve().parents[1] / "support" / "fresh_writer.py"
 RUNS = 12
+STALL_RUN = 2  # a run with neither a member kill nor a session kill
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,10 @@ def crash_engine(request, tmp_path):
     return PostgresEngine(request.getfixturevalue("postgres_dsn"), request.getfixturevalue("pg_schema"))
 
 
-def _job(engine, cluster: AnchorCluster, ident: ClientIdentity, start: int) -> dict:
+def _job(engine, cluster: AnchorCluster, ident: ClientIdentity, start: int, stall_at: int | None) -> dict:
     job = {"members": cluster.urls, "policy": cluster.policy_toml(), "cert": ident.cert_pem.decode(),
-           "key": ident.key_pem.decode(), "mac_key": MAC_KEY.hex(), "start": start, "count": 100_000}
+           "key": ident.key_pem.decode(), "mac_key": MAC_KEY.hex(), "start": start, "count": 100_000,
+           "stall_at": stall_at}
     if engine.name == "sqlite":
         job.update(engine="sqlite", path=str(engine.path))
     else:
@@ -93,9 +96,10 @@ def test_kill_at_many_points(crash_engine, tmp_path, package):
             delay = 0.01 + rnd.random() * 0.4
             member = run % 3 if run % 4 == 1 else None
             pg_kill = crash_engine.name == "postgres" and run % 4 == 3
+            stall = run == STALL_RUN
             proc = subprocess.Popen([sys.executable, str(WRITER)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            proc.stdin.write(json.dumps(_job(crash_engine, cluster, ident, nxt)))
+            proc.stdin.write(json.dumps(_job(crash_engine, cluster, ident, nxt, nxt + 5 if stall else None)))
             proc.stdin.close()
             lines: list[str] = []
             reader = threading.Thread(target=lambda p=proc, out=lines: out.extend(p.stdout), daemon=True)
@@ -105,7 +109,12 @@ def test_kill_at_many_points(crash_engine, tmp_path, package):
                 assert proc.poll() is None, f"writer died: {proc.stderr.read()[-2000:]}"
                 assert time.monotonic() < end, "writer never became ready"
                 time.sleep(0.005)
-            if member is not None:  # an anchor member dies mid-write as well
+            if stall:  # killed while the anchor hangs after the database COMMIT
+                while "stalled\n" not in lines:
+                    assert proc.poll() is None, f"writer died: {proc.stderr.read()[-2000:]}"
+                    assert time.monotonic() < end, "writer never stalled"
+                    time.sleep(0.005)
+            elif member is not None:  # an anchor member dies mid-write as well
                 time.sleep(delay / 2)
                 cluster.kill(member)
                 time.sleep(delay / 2)

@@ -3,14 +3,17 @@ postings each) through the real anchor members, printing ``ack N`` after each on
 
 Run: ``python tests/support/fresh_writer.py`` with a JSON job on stdin (test keys travel on a
 pipe, never in argv, the environment or a file): ``{engine: "sqlite"|"postgres", path | dsn +
-schema, members, policy, cert, key, mac_key (hex), start, count}``. Prints ``ready`` once the
-store is open, then ``ack <i>`` per committed and anchored transaction.
+schema, members, policy, cert, key, mac_key (hex), start, count, stall_at?}``. Prints ``ready``
+once the store is open, then ``ack <i>`` per committed and anchored transaction. With
+``stall_at: i`` the anchor hangs once transaction ``i`` is committed to the database (it prints
+``stalled`` and never advances), so a kill lands between COMMIT and the anchor advance for sure.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 
 def record_key(i: int) -> bytes:
@@ -19,6 +22,23 @@ def record_key(i: int) -> bytes:
 
 def posting_key(term: int, i: int) -> bytes:
     return bytes([term]) * 16 + record_key(i)
+
+
+class StallingAnchor:
+    """Test hook, not a fake of hardware: forwards to the real anchor client, except that once
+    ``stall`` is set the next ``advance`` (the step after the database COMMIT) hangs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.stall = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def advance(self, *args, **kwargs):
+        if self.stall:
+            print("stalled", flush=True)
+            time.sleep(3600)
+        return self.inner.advance(*args, **kwargs)
 
 
 def main() -> int:
@@ -40,11 +60,13 @@ def main() -> int:
     anchor = QuorumAnchor(job["members"], Verifier(AppraisalPolicy.from_toml(job["policy"])),
                           client_cert_pem=job["cert"].encode(), client_key_pem=job["key"].encode(),
                           timeout=2.0)
+    anchor = StallingAnchor(anchor)
     fs = FreshStore(inner, ledger="records", mac_key=bytes.fromhex(job["mac_key"]), anchor=anchor,
                     policy=NamespacePolicy({"*.search": 16}))
     fs.check()
     print("ready", flush=True)
     for i in range(job["start"], job["start"] + job["count"]):
+        anchor.stall = i == job.get("stall_at")
         with fs.transaction() as tx:
             tx.put("records:patients", record_key(i), b"record %d" % i, expected_version=0)
             for t in range(3):
