@@ -260,6 +260,10 @@ class AttestedVauKeyTrust(VauKeyTrust):
         self.skew = skew
         self.variant = "round3"
 
+    def certificate_hashes(self) -> list[str]:
+        """SHA-256 (hex) of the AUT-VAU certificates pinned so far, in the order fetched."""
+        return [h.hex() for h in self._certs]
+
     def verify(self, signed: Any) -> Any:
         if signed.cert_hash not in self._certs:
             import cbor2
