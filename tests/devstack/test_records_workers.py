@@ -5,7 +5,8 @@ freshness ledger and the access-audit chain.
 Process test: ``safehold up`` from a snapshot of the package; PUTs and GETs on new
 connections (so the kernel hands them to both workers); a record written through one worker
 is read through the other; both workers spend CPU; a SIGKILLed worker is forked again while
-requests keep succeeding; the audit chain verifies; Ctrl-C stops every worker.
+requests keep succeeding; the audit chain verifies; the service process SIGKILLed takes its
+workers with it and is restarted; Ctrl-C stops every worker.
 """
 
 from __future__ import annotations
@@ -118,6 +119,27 @@ def test_two_workers_share_port_store_ledger_and_audit(env, tmp_path: Path) -> N
         assert r.status_code == 200 and r.json()["entries"] > 120, r.text  # both workers' entries, one chain
         r = call("GET", "/healthz")
         assert r.status_code == 200
+
+        # the service process itself SIGKILLed: no worker outlives it (they would hold the port
+        # and the keys, unsupervised); `safehold up` restarts the service, which listens again
+        os.kill(parent, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "a worker outlived its service process"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                again = json.loads((data / "records-ready.json").read_text())
+            except (OSError, ValueError):
+                again = {}
+            if again.get("pid") not in (None, parent) and again.get("workers_ready") == 2:
+                break
+            assert time.monotonic() < deadline and up.poll() is None, again
+            time.sleep(0.3)
+        pids = again["worker_pids"]
+        r = call("GET", "/v1/patients/w-3")
+        assert r.status_code == 200 and r.json()["FIRST"] == "Anna3", r.text
     finally:
         up.send_signal(signal.SIGINT)
         try:

@@ -6,6 +6,7 @@ served stale; the owner's re-anchoring is required and audited."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import sqlite3
 import ssl
@@ -147,7 +148,55 @@ def _error(r: httpx.Response, status: int, code: str) -> str:
     return body["detail"]
 
 
-def test_records_freshness_attacks_over_http(engine, tmp_path):
+def _impostor_cannot_get_the_rollback_reanchored(s, monkeypatch) -> None:
+    """Between the owner and the service, an impostor (the operator owns the data directory:
+    ``up.json``, ``ca.pem``) shows a proposal newer than the checkpoint while the statement to
+    sign sets the older head; or serves TLS under a CA of its own. Both are refused before
+    anything is signed or any token is sent."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from safehold.devstack import anchor as anc
+    from safehold.devstack.errors import StackError
+
+    real = anc._service
+
+    def lying(s_, url, ledger, method, path, body=None):
+        r = real(s_, url, ledger, method, path, body)
+        if path == "/proposal":  # the payload (what would be signed) is left as it is
+            doc = r.json()
+            doc["proposal"]["epoch"] += 1000
+            return httpx.Response(200, json=doc)
+        return r
+
+    monkeypatch.setattr(anc, "_service", lying)
+    with pytest.raises(StackError, match="what is shown must be what is signed"):
+        anc.settle_ledger(s, s.records_url, "records")
+    with pytest.raises(StackError, match="what is shown must be what is signed"):
+        anc.reanchor(s.data_dir, "records", s.owner_path("owner.key").read_bytes())
+    monkeypatch.undo()
+    # the impostor's own CA in place of the workload CA: the owner's tools refuse to talk
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "impostor CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    files = [s.path("ca.pem"), s.path("broker") / "ca.pem"]
+    saved = [f.read_bytes() for f in files]
+    try:
+        for f in files:
+            f.write_bytes(cert.public_bytes(Encoding.PEM))
+        with pytest.raises(StackError, match="not the one the owner pinned"):
+            anc.proposal(s.data_dir, "records")
+    finally:
+        for f, b in zip(files, saved, strict=True):
+            f.write_bytes(b)
+
+
+def test_records_freshness_attacks_over_http(engine, tmp_path, monkeypatch):
     """Rolled-back, restored, DBA-deleted rows, omitted postings and list rows, a store restored
     while running and while stopped: each refused by name; re-anchoring needs the owner and is
     audited."""
@@ -228,6 +277,7 @@ def test_records_freshness_attacks_over_http(engine, tmp_path):
     try:
         outcome = s2.info["freshness"]["records"]
         assert outcome.startswith("refused") and "older than the owner's checkpoint" in outcome, outcome
+        _impostor_cannot_get_the_rollback_reanchored(s2, monkeypatch)
         with _client(s2) as c:
             h = c.get("/healthz")
             assert h.status_code == 503 and "AnchorLost" in h.json()["reason"], h.text

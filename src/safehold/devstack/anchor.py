@@ -27,6 +27,7 @@ refused and stays unserved until the owner decides (``safehold freshness reancho
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import threading
 import time
@@ -207,16 +208,75 @@ class CheckpointKeeper:
 
 
 def _service(s: Stack, url: str, ledger: str, method: str, path: str, body: Any = None) -> httpx.Response:
+    """One request of the owner's to a service's freshness routes, over TLS checked against the
+    workload CA the owner pinned (:func:`pinned_ca_pem`), with the admin token where needed."""
     import ssl
 
     from safehold.devstack.datadir import tokens
 
     prefix, auth = ROUTES[ledger]
+    ctx = ssl.create_default_context(cadata=pinned_ca_pem(s).decode("ascii"))
     hdr = {"Authorization": f"Bearer {tokens(s.data_dir, s.owner_dir)['admin']}"} if auth else {}
-    ca = s.path("ca.pem") if s.path("ca.pem").exists() else s.path("broker") / "ca.pem"
-    with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
-                      headers=hdr) as c:
+    with httpx.Client(base_url=url, verify=ctx, timeout=30, headers=hdr) as c:
         return c.request(method, prefix + path, json=body)
+
+
+def pinned_ca_pem(s: Stack) -> bytes:
+    """The data directory's workload CA (PEM), after checking it against the owner's pin
+    (``<owner dir>/pins.json``, written by ``safehold up`` when it created the CA).
+
+    Raises:
+        StackError: no pin for this data directory, or the CA file is not the pinned CA (the
+            operator replaced it: the owner's token and signatures must not go to an impostor).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from safehold.devstack.datadir import OWNER_PINS_FILE, read_owner_pins
+    from safehold.errors import ConfigError
+
+    p = s.owner_path(OWNER_PINS_FILE)
+    try:
+        want = read_owner_pins(p).get(str(s.data_dir.resolve()), {}).get("workload_ca_sha256")
+    except ConfigError as e:
+        raise StackError(str(e)) from None
+    if not want:
+        raise StackError(f"{p} pins no workload CA for {s.data_dir}: start it with `safehold up` "
+                         "(which records the CA it creates) before the owner's steps")
+    for f in (s.path("ca.pem"), s.path("broker") / "ca.pem"):
+        try:
+            pem = f.read_bytes()
+            der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+        except (OSError, ValueError):
+            continue
+        if hashlib.sha256(der).hexdigest() == want:
+            return pem
+    raise StackError(f"the workload CA in {s.data_dir} is not the one the owner pinned ({p}): "
+                     "refusing to send the owner's token or sign for a service it does not vouch for")
+
+
+def _owner_statement(doc: dict[str, Any], ledger: str) -> Any:
+    """The statement the owner would sign, parsed from the service's ``payload`` — the only
+    thing signed, so the only thing checked (``proposal`` is for display and may disagree).
+
+    Raises:
+        StackError: the payload names another ledger or action than asked for, or its head
+            disagrees with the proposal shown (a service, or something in between, lies).
+    """
+    from safehold.freshness.anchor.statements import SignedOwnerStatement
+
+    try:
+        st = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
+    except (KeyError, TypeError, SafeholdError) as e:
+        raise StackError(f"{ledger}: the service's statement is malformed: {e}") from None
+    prop = doc.get("proposal") or {}
+    if st.ledger != ledger or st.action != doc.get("action"):
+        raise StackError(f"{ledger}: the statement is for ledger {st.ledger!r}, action {st.action!r}; "
+                         f"asked for {ledger!r}, {doc.get('action')!r}: refused")
+    if (prop.get("epoch"), prop.get("digest")) != (st.epoch, st.digest.hex()):
+        raise StackError(f"{ledger}: the statement sets epoch {st.epoch} but the proposal shows epoch "
+                         f"{prop.get('epoch')}: refused (what is shown must be what is signed)")
+    return st
 
 
 def write_broker_anchor(d: Path, members: list[str], policy: dict[str, Any]) -> Path:
@@ -257,10 +317,8 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
     Raises:
         StackError: the service does not answer, or refused the signed statement.
     """
-    from safehold.freshness.anchor.base import AnchorHead
     from safehold.freshness.anchor.statements import (
         OwnerStatement,
-        SignedOwnerStatement,
         check_against_checkpoint,
         sign_owner_statement,
     )
@@ -282,16 +340,18 @@ def settle_ledger(s: Stack, url: str, ledger: str, *, say: Any = print) -> str:
         return f"refused: no proposal ({r.status_code} {r.text[:200]})"
     doc = r.json()
     prop, action = doc["proposal"], doc["action"]
-    # the unsigned statement the service built (parsed and checked canonical by the wire form)
-    statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
-    if action == "reanchor":
-        if not _anchor_lost(s, ledger):  # the anchor holds a head: the store disagrees with it
-            return f"refused: {prop.get('problem')} (the owner decides: safehold freshness reanchor)"
-        cp = load_checkpoints(checkpoint_path(s)).get(ledger)
-        try:
-            check_against_checkpoint(ledger, AnchorHead(prop["epoch"], bytes.fromhex(prop["digest"])), cp)
-        except FreshnessError as e:
-            return f"refused: {e}"
+    # the unsigned statement the service built: what is checked is exactly what gets signed
+    statement = _owner_statement(doc, ledger)
+    if action == "reanchor" and not _anchor_lost(s, ledger):
+        # the anchor holds a head: the store disagrees with it
+        return f"refused: {prop.get('problem')} (the owner decides: safehold freshness reanchor)"
+    # initialise too: a ledger the anchor does not know but the owner's checkpoint does is a
+    # store that lost its history (or an anchor that lost it), never a new one
+    cp = load_checkpoints(checkpoint_path(s)).get(ledger)
+    try:
+        check_against_checkpoint(ledger, statement.head(), cp)
+    except FreshnessError as e:
+        return f"refused: {e}"
     assert isinstance(statement, OwnerStatement)
     signed = sign_owner_statement(statement, s.owner_path("owner.key").read_bytes())
     say(f"!!! {'initialising' if action == 'initialise' else 're-anchoring'} freshness ledger "
@@ -378,7 +438,6 @@ def proposal(data_dir: Path, ledger: str, owner: str | Path | None = None) -> di
     Raises:
         StackError: the service does not answer.
     """
-    from safehold.freshness.anchor.base import AnchorHead
     from safehold.freshness.anchor.statements import check_against_checkpoint
     from safehold.freshness.errors import FreshnessError
 
@@ -387,10 +446,10 @@ def proposal(data_dir: Path, ledger: str, owner: str | Path | None = None) -> di
     if r.status_code != 200:
         raise StackError(f"{ledger}: no proposal: HTTP {r.status_code} {r.text[:300]}")
     doc: dict[str, Any] = r.json()
-    p = doc["proposal"]
+    statement = _owner_statement(doc, ledger)
     cp = load_checkpoints(checkpoint_path(s)).get(ledger)
     try:
-        check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])), cp)
+        check_against_checkpoint(ledger, statement.head(), cp)
         doc["checkpoint"] = "ok" if cp is not None else "none"
     except FreshnessError as e:
         doc["checkpoint"] = f"{type(e).__name__}: {e}"
@@ -410,22 +469,15 @@ def reanchor(data_dir: Path, ledger: str, key_pem: bytes, *, accept_rollback: bo
         StoreRolledBackError / StoreForkedError: the checkpoint refuses it. StackError: the
             service refused the statement or does not answer; the owner declined.
     """
-    from safehold.freshness.anchor.base import AnchorHead
-    from safehold.freshness.anchor.statements import (
-        SignedOwnerStatement,
-        check_against_checkpoint,
-        sign_owner_statement,
-    )
+    from safehold.freshness.anchor.statements import check_against_checkpoint, sign_owner_statement
 
     s, info = _running(data_dir, owner)
     doc = proposal(data_dir, ledger, owner)
-    p = doc["proposal"]
-    check_against_checkpoint(ledger, AnchorHead(p["epoch"], bytes.fromhex(p["digest"])),
-                             load_checkpoints(checkpoint_path(s)).get(ledger),
+    statement = _owner_statement(doc, ledger)  # checked is what is signed
+    check_against_checkpoint(ledger, statement.head(), load_checkpoints(checkpoint_path(s)).get(ledger),
                              accept_rollback=accept_rollback)
     if confirm is not None and not confirm(doc):
         raise StackError("not re-anchored: the owner declined")
-    statement = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
     signed = sign_owner_statement(statement, key_pem)
     r = _service(s, _url(info, ledger), ledger, "POST", "/reanchor", signed.to_json())
     if r.status_code != 200:

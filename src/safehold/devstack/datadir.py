@@ -233,6 +233,61 @@ def broker_ca_pin(data_dir: Path, package_root: str | None = None) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
+#: In the owner directory: the workload CA the owner's tools accept for each data directory.
+OWNER_PINS_FILE = "pins.json"
+
+
+def pin_workload_ca(d: Path, owner: str | os.PathLike[str] | None, pin: str, *, created: bool) -> None:
+    """Record in the owner directory which workload CA (hex SHA-256 of its DER) the owner's
+    tools accept for data directory ``d`` (``pins.json``: ``{abs data dir: {workload_ca_sha256}}``).
+
+    The owner's steps (``safehold freshness``, the ledger settling of ``safehold up``) send the
+    admin token and ask for statements to sign; they check the service's TLS against this pin,
+    never against the data directory's ``ca.pem`` alone, which the operator can replace.
+
+    Args:
+        created: the CA was created just now (a new data directory): the pin is (re)written.
+
+    Raises:
+        ConfigError: the data directory's CA differs from the pinned one and was not created
+            now (the operator replaced it), or ``pins.json`` is unreadable.
+    """
+    p = owner_dir(d, owner) / OWNER_PINS_FILE
+    pins = read_owner_pins(p)
+    key = str(d.resolve())
+    old = pins.get(key, {}).get("workload_ca_sha256")
+    if old == pin:
+        return
+    if old is not None and not created:
+        raise ConfigError(f"{d}/broker/ca.pem is not the workload CA the owner pinned for this data "
+                          f"directory ({p}: {old[:16]}…, found {pin[:16]}…): the CA was replaced; "
+                          "if this is a new data directory on purpose, remove its entry from that file")
+    pins[key] = {"workload_ca_sha256": pin}
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(p, json.dumps(pins, indent=1, sort_keys=True), mode=0o600)
+
+
+def read_owner_pins(p: Path) -> dict[str, dict[str, str]]:
+    """``pins.json`` ({} if absent).
+
+    Raises:
+        ConfigError: unreadable or malformed.
+    """
+    try:
+        raw = p.read_text("utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    try:
+        pins = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{p} is not JSON") from None
+    if not isinstance(pins, dict) or not all(isinstance(v, dict) for v in pins.values()):
+        raise ConfigError(f"{p}: expected {{data dir: {{workload_ca_sha256}}}}")
+    return pins
+
+
 def make_data_dir(data_dir: str | os.PathLike[str]) -> Path:
     """Create the data directory (0700) if missing and check it is a writable directory.
 
@@ -374,7 +429,9 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     from safehold.devstack import anchor as anc
 
     tok = tokens(d, owner)
+    created = not (d / "broker" / "ca.pem").exists()
     pin = broker_ca_pin(d, package_root)
+    pin_workload_ca(d, owner, pin, created=created)
     owner_pub = owner_key(d, owner)
     la = anc.local_anchor(d, owner_pub, package_root)
     anchor_measurement = anc.measure_anchor(d, la, package_root)

@@ -107,11 +107,14 @@ def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
     served = False  # worker 0 listened once: before that an exit is a start-up failure
     restarts: list[float] = []
 
+    parent = os.getpid()
+
     def spawn(i: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                _die_with_parent(parent)
                 os.close(rfd)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -192,3 +195,24 @@ def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
     os.close(rfd)
     os.close(wfd)
     return status
+
+
+#: prctl(2) option: the signal the kernel sends this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make the kernel send this worker SIGTERM when the service process dies (even by
+    SIGKILL): an orphaned worker would hold the port and the keys, unsupervised, so that a
+    restarted service could not listen. Exits at once if the parent is already gone.
+
+    Raises:
+        ConfigError: prctl(PR_SET_PDEATHSIG) failed (not Linux?).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise ConfigError(f"records worker: prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}")
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(0)
