@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from safehold.bodylimit import BodyLimit, digits_over
+from safehold.bodylimit import BodyLimit, digits_over, refuse_declared_over
 
 
 class _Overflow(Exception):
@@ -55,6 +55,9 @@ def _limit(answer: bool = False) -> BodyLimit:
 def test_digits_over() -> None:
     assert digits_over(b"11", 10) and not digits_over(b"10", 10)
     assert not digits_over(b"-11", 10) and not digits_over(b" 11", 10) and not digits_over(b"", 10)
+    refusal = _refusal("over")
+    check = refuse_declared_over(10, lambda: refusal)
+    assert check(b"11") is refusal and check(b"10") is None and check(b"x") is None
 
 
 def test_declared_over_the_limit_is_refused_before_the_app_runs() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["ASGIApp", "BodyLimit", "digits_over"]
+__all__ = ["ASGIApp", "BodyLimit", "digits_over", "refuse_declared_over"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -31,6 +31,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 def digits_over(value: bytes, limit: int) -> bool:
     """True if the ``Content-Length`` ``value`` is all ASCII digits and over ``limit`` bytes."""
     return value.isdigit() and int(value) > limit
+
+
+def refuse_declared_over(limit: int, refusal: Callable[[], ASGIApp]) -> Callable[[bytes], ASGIApp | None]:
+    """A ``declared`` check for :class:`BodyLimit`: a ``Content-Length`` of digits over ``limit``
+    is answered by ``refusal()``; any other value goes on (the streamed count still applies)."""
+    return lambda value: refusal() if digits_over(value, limit) else None
 
 
 class BodyLimit:

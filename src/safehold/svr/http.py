@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safehold.bodylimit import ASGIApp, BodyLimit, digits_over
+from safehold.bodylimit import ASGIApp, BodyLimit, refuse_declared_over
 from safehold.errors import RecordTamperedError, StoreError
 from safehold.freshness.errors import (
     AnchorUnavailableError,
@@ -176,10 +176,7 @@ def _body_limit(app: ASGIApp, limit: int = MAX_BODY) -> BodyLimit:
     """``app`` behind the shared :class:`~safehold.bodylimit.BodyLimit`: a body over ``limit``
     bytes (declared or streamed) → 413 ``too-large`` before any route reads it."""
     detail = f"request body over {limit} bytes"
-
-    def declared(value: bytes) -> ASGIApp | None:
-        return _error(413, "too-large", detail) if digits_over(value, limit) else None
-
+    declared = refuse_declared_over(limit, lambda: _error(413, "too-large", detail))
     return BodyLimit(app, limit, declared=declared, overflow=lambda: StarletteHTTPException(413, detail))
 
 
