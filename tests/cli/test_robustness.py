@@ -449,3 +449,19 @@ def test_unwritable_checkpoint_is_a_clear_error(tmp_path):
     for call in (lambda: ck.set("a" * 64, 1, "r", "f"), lambda: ck.clear("a" * 64), ck.reset):
         with pytest.raises(ConfigError, match="cannot write the import checkpoint.*writable --data-dir"):
             call()
+
+
+def test_records_workers_kept_or_changed_on_request(tmp_path):
+    """``--records-workers`` is a requested change of records.toml; without it the file's value
+    stays (and a default file has no ``workers`` key: its measurement is unchanged)."""
+    import tomli_w
+
+    d = tmp_path
+    tok = {"admin": "a", "writer": "w", "reader": "r"}
+    base = {**records_config(tok), "broker_ca_sha256": "ab" * 32}
+    assert "workers" not in main_records_config(d, tok, "ab" * 32, None, False)
+    (d / "records.toml").write_text(tomli_w.dumps(base))
+    assert main_records_config(d, tok, "ab" * 32, None, False, workers=2)["workers"] == 2
+    (d / "records.toml").write_text(tomli_w.dumps({**base, "workers": 2}))
+    assert main_records_config(d, tok, "ab" * 32, None, False)["workers"] == 2
+    assert "workers" not in main_records_config(d, tok, "ab" * 32, None, False, workers=1)

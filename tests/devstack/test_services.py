@@ -202,6 +202,25 @@ def test_epa_vau_in_front_of_records_reaches_the_records_api_with_the_callers_to
         http.close()
 
 
+def test_epa_cli_handshakes_and_reads_a_record_through_the_vau(stack):
+    env = stack["env"]
+    cli(env, "patients", "import", "--on-conflict", "skip", str(SAMPLE / "patients.csv"))
+    hs = json.loads(cli(env, "epa", "handshake").stdout)  # attest, pin AUT-VAU, M1..M4
+    assert hs["cid"].startswith("/VAU/epa/") and len(bytes.fromhex(hs["key_id"])) == 32
+    assert len(hs["aut_vau_certificate_sha256"]) == 1 and hs["vau_keys"]["exp"] > time.time()
+    ids = cli(env, "epa", "list", "--limit", "3").stdout.split()
+    assert ids and ids == cli(env, "patients", "list", "--limit", "3").stdout.split()
+    via_vau = json.loads(cli(env, "epa", "get", ids[0]).stdout)
+    assert via_vau and via_vau == json.loads(cli(env, "patients", "get", ids[0]).stdout)
+    # the records service still decides: a token it does not know is refused behind the VAU
+    r = cli({**env, "SAFEHOLD_TOKEN": "not-a-token"}, "epa", "get", ids[0], check=False)
+    assert r.returncode == 1 and "HTTP 401" in r.stderr and "Traceback" not in r.stderr
+    r = cli(env, "epa", "get", "no-such-record", check=False)
+    assert r.returncode == 1 and "HTTP 404" in r.stderr
+    r = cli(env, "epa", "--url", stack["info"]["erezept"]["url"], "handshake", check=False)
+    assert r.returncode == 1 and "--policy is needed" in r.stderr  # never unattested
+
+
 def test_a_killed_svr_server_is_restarted_and_serves_its_ledger_again(stack, tmp_path):
     env, data = stack["env"], stack["data"]
     old = json.loads((data / "svr-1-ready.json").read_text())["pid"]

@@ -81,3 +81,22 @@ def test_config_load_rules(tmp_path):
     assert ServiceConfig.load(f, env={"SAFEHOLD_RECORDS_SCONE_PORT": "none"}).scone_port is None
     f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\nhost = "::1"')
     assert ServiceConfig.load(f, env={}).host == "::1"
+
+
+def test_workers_setting(tmp_path):
+    """``workers`` (records worker processes) is measured, 1 by default, an integer 1..64."""
+    from safehold.errors import ConfigError
+    from safehold.records.config import MAX_WORKERS, ServiceConfig
+
+    pin = "ab" * 32
+    f = tmp_path / "c.toml"
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\n')
+    assert ServiceConfig.load(f, env={}).workers == 1
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\nworkers = 4\n')
+    assert ServiceConfig.load(f, env={}).workers == 4
+    with pytest.raises(ConfigError, match="'workers' is a measured setting"):
+        ServiceConfig.load(f, env={"SAFEHOLD_RECORDS_WORKERS": "8"})
+    for bad in ("0", "true", '"2"', str(MAX_WORKERS + 1), "1.5"):
+        f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\nworkers = {bad}\n')
+        with pytest.raises(ConfigError, match="workers must be an integer from 1 to 64"):
+            ServiceConfig.load(f, env={})

@@ -18,7 +18,7 @@ from safehold.errors import SafeholdError
 #: Modules under ``safehold.cli`` that add commands (one per command group).
 COMMAND_MODULES: tuple[str, ...] = ('measure', 'attest', 'proxy', 'broker', 'evidence',
                                     'up', 'patients', 'status', 'demo', 'discovery', 'deploy', 'svr',
-                                    'erezept',
+                                    'erezept', 'epa',
                                     'freshness')
 
 

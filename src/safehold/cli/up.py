@@ -50,6 +50,10 @@ def register(group: click.Group) -> None:
                        "none (as SCONE's demo: loopback only, anyone on this machine can read and write "
                        "records; warned about loudly). Default: the value in an existing records.toml, "
                        "else token.")
+    @click.option("--records-workers", type=click.IntRange(1, 64), default=None,
+                  help="Records worker processes (one attestation, forked workers sharing the port, "
+                       "the store and the freshness ledger; measured in records.toml, so a change "
+                       "updates the manifest). Default: the value in an existing records.toml, else 1.")
     @click.option("--owner-dir", default=None, envvar="SAFEHOLD_OWNER_DIR",
                   help="The data owner's directory (owner.key, tokens.json), kept apart from the "
                        "server's data; never given to the servers. Default: <data-dir>.owner.")
@@ -68,7 +72,8 @@ def register(group: click.Group) -> None:
                   help="E-Rezept VAU port.")
     def up(data_dir: str, broker_port: int, records_port: int, scone_port: int, scone_auth: str | None,
            reset: bool, store_url: str | None, owner_dir: str | None, services_opt: str, svr_ports: str,
-           svr_anchor_ports: str, discovery_port: int, vau_port: int) -> None:
+           svr_anchor_ports: str, discovery_port: int, vau_port: int,
+           records_workers: int | None) -> None:
         """Start the key broker, the records service and the services (SVR, contact discovery,
         E-Rezept VAU; simulated TEE) until Ctrl-C.
 
@@ -82,7 +87,7 @@ def register(group: click.Group) -> None:
         s = prepare(data_dir, broker_port=broker_port, records_port=records_port,
                     scone_port=scone_port or None, store_url=store_url, scone_auth=scone_auth,
                     reset=reset, owner=owner_dir, services=parse_services(services_opt),
-                    service_ports=ports)
+                    service_ports=ports, records_workers=records_workers)
         stopping = {"flag": False}
 
         def on_signal(signum: int, frame: object) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "AccessDeniedError",
     "AlreadyExistsError",
     "BrokerRefusedError",
+    "EpaResponseError",
     "ErezeptResponseError",
     "PreconditionFailedError",
     "RecordsClientError",
@@ -85,6 +86,18 @@ class ErezeptResponseError(SafeholdError):
         first = issues[0] if isinstance(issues, list) and issues else None
         text = str(first.get("diagnostics", "")) if isinstance(first, dict) else ""
         super().__init__(f"E-Rezept Fachdienst answered {status}: {text}")
+
+
+class EpaResponseError(SafeholdError):
+    """The service behind the ePA 3 VAU answered an inner request with an error status.
+
+    Attributes:
+        status: inner HTTP status. text: the start of the inner body (at most 300 characters).
+    """
+
+    def __init__(self, status: int, text: str) -> None:
+        self.status, self.text = status, text[:300]
+        super().__init__(f"the service behind the ePA VAU answered HTTP {status}: {self.text}")
 
 
 class DiscoveryClientError(DiscoveryError):

@@ -83,6 +83,7 @@ class ErpVauClient:
         self.user = user
         self._pseudonyms: dict[str, str] = {}
         self._key: ec.EllipticCurvePublicKey | None = None
+        self._who: tuple[str, str] = ("", "")  # (token, its sub): decoded once per token
 
     def __repr__(self) -> str:
         return f"ErpVauClient({self.base_url!r})"
@@ -126,7 +127,9 @@ class ErpVauClient:
         hs = [("Host", "erp.zentral.erp.splitdns.ti-dienste.de"), *headers]
         sealed = seal_request(self.vau_public_key(), access_token, HttpRequest(method, target, hs, body))
         resource = target.lstrip("/").split("/")[0].split("?")[0]
-        who = _subject(access_token)
+        if self._who[0] != access_token:
+            self._who = (access_token, _subject(access_token))
+        who = self._who[1]
         r = self.http.post(
             f"{self.base_url}/VAU/{quote(self._pseudonyms.get(who, '0'), safe='')}",
             content=sealed.body,
@@ -259,6 +262,10 @@ class AttestedVauKeyTrust(VauKeyTrust):
         self._clock = time.time
         self.skew = skew
         self.variant = "round3"
+
+    def certificate_hashes(self) -> list[str]:
+        """SHA-256 (hex) of the AUT-VAU certificates pinned so far, in the order fetched."""
+        return [h.hex() for h in self._certs]
 
     def verify(self, signed: Any) -> Any:
         if signed.cert_hash not in self._certs:

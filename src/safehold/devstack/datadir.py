@@ -267,14 +267,16 @@ def _read_toml(path: Path) -> dict[str, Any] | None:
 
 
 def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str | None,
-                        reset: bool, anchor: dict[str, Any] | None = None) -> JSONObject:
+                        reset: bool, anchor: dict[str, Any] | None = None,
+                        workers: int | None = None) -> JSONObject:
     """The ``records.toml`` that ``safehold up`` uses for data directory ``d``.
 
     An existing file is never overwritten silently: ``scone_auth`` defaults to the file's
-    value (else ``"token"``: authentication on; ``"none"`` is an explicit opt-in); a file that
-    differs in anything else (an edit, or one from another Safehold version) is refused unless
-    ``reset`` (regenerate). An explicit ``scone_auth`` that differs from the file's is a
-    requested change and is applied.
+    value (else ``"token"``: authentication on; ``"none"`` is an explicit opt-in) and
+    ``workers`` (records worker processes, ``--records-workers``) to the file's (else 1); a
+    file that differs in anything else (an edit, or one from another Safehold version) is
+    refused unless ``reset`` (regenerate). An explicit ``scone_auth`` or ``workers`` that
+    differs from the file's is a requested change and is applied.
 
     Raises:
         ConfigError: the existing file differs (names the keys) and ``reset`` is false.
@@ -287,11 +289,19 @@ def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str 
         scone_auth = old if old in SCONE_AUTH_CHOICES else "token"
     if scone_auth not in SCONE_AUTH_CHOICES:
         raise ConfigError(f"scone_auth must be one of {', '.join(SCONE_AUTH_CHOICES)}, got {scone_auth!r}")
+    explicit_workers = workers is not None
+    if workers is None:
+        old_w = (existing or {}).get("workers", 1)
+        workers = old_w if isinstance(old_w, int) and not isinstance(old_w, bool) and old_w >= 1 else 1
     cfg = {**records_config(tok, scone_auth=scone_auth, **(anchor or {})), "broker_ca_sha256": pin}
+    if workers != 1:  # written only when asked for: a default file measures as before
+        cfg["workers"] = workers
     if existing is not None:
         diff = sorted(k for k in set(existing) | set(cfg) if existing.get(k) != cfg.get(k))
         if explicit:
             diff = [k for k in diff if k != "scone_auth"]
+        if explicit_workers:
+            diff = [k for k in diff if k != "workers"]
         if diff:
             raise ConfigError(
                 f"{path} differs from what `safehold up` writes (key(s): {', '.join(diff)}); "
@@ -306,7 +316,8 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
             extra_configs: dict[str, JSONObject] | None = None,
             package_root: str | None = None, scone_auth: str | None = None,
             reset: bool = False, owner: str | os.PathLike[str] | None = None,
-            services: tuple[str, ...] | None = None, service_ports: Any = None) -> Stack:
+            services: tuple[str, ...] | None = None, service_ports: Any = None,
+            records_workers: int | None = None) -> Stack:
     """Lock the data directory, then create tokens, the broker's workload CA, the measured
     config (pinning that CA), the manifest and the client policy.
 
@@ -328,6 +339,8 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
             workloads are in the manifest either way, so choosing fewer changes no Reference
             Value.
         service_ports: a :class:`safehold.devstack.services.ServicePorts` (default ports).
+        records_workers: records worker processes (``workers`` in ``records.toml``; None keeps
+            the file's value, else 1). See :mod:`safehold.records.workers`.
 
     Raises:
         DataDirBusyError: another stack runs on this data directory.
@@ -341,7 +354,8 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
         check_old_layout(d, owner)
         s = _prepare(d, broker_port=broker_port, records_port=records_port, scone_port=scone_port,
                      store_url=store_url, extra_configs=extra_configs, package_root=package_root,
-                     scone_auth=scone_auth, reset=reset, owner=owner, service_ports=service_ports)
+                     scone_auth=scone_auth, reset=reset, owner=owner, service_ports=service_ports,
+                     records_workers=records_workers)
     except BaseException:
         unlock_data_dir(lock)
         raise
@@ -353,7 +367,8 @@ def prepare(data_dir: str | os.PathLike[str], *, broker_port: int = 8443, record
 def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | None,
              store_url: str | None, extra_configs: dict[str, dict[str, Any]] | None,
              package_root: str | None, scone_auth: str | None, reset: bool,
-             owner: str | os.PathLike[str] | None, service_ports: Any = None) -> Stack:
+             owner: str | os.PathLike[str] | None, service_ports: Any = None,
+             records_workers: int | None = None) -> Stack:
     """:func:`prepare` after the data directory is created and locked."""
     from safehold.broker.manifest import load_manifest
     from safehold.devstack import anchor as anc
@@ -366,7 +381,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     a_policy = anc.anchor_policy(la, anchor_measurement)
     fresh = {"anchor_members": la.urls, "anchor_policy": a_policy}
     anc.write_broker_anchor(d, la.urls, a_policy)
-    cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset, fresh),
+    cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset, fresh, records_workers),
             **(extra_configs or {})}
     measurements = []
     root = None

@@ -133,6 +133,9 @@ class AuditThread:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._fs.problem is not None:  # not served (logged already): audit once it is fresh
+                self._stop.wait(min(self.interval, 1.0))
+                continue
             try:
                 self.last = full_scan(self._fs)
             except FreshnessError as e:  # the store itself is not being served

@@ -28,8 +28,10 @@ RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url"
 MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "access_resource",
                                "host", "scone_auth", "encryption", "audit", "broker_ca_sha256",
                                "freshness", "anchor_members", "anchor_policy", "freshness_wait",
-                               "freshness_audit_seconds", "integrity_check"})
+                               "freshness_audit_seconds", "integrity_check", "workers"})
 ENV_PREFIX = "SAFEHOLD_RECORDS_"
+#: Upper bound of ``workers`` (processes of one records workload).
+MAX_WORKERS = 64
 
 
 @dataclass
@@ -81,6 +83,9 @@ class ServiceConfig:
             ``background`` (default: after the service starts serving; a failure refuses every
             further operation with ``store-corrupt`` and turns ``/healthz`` 503) or ``start``
             (before serving; the service exits 1 on a corrupt file). Never skipped.
+        workers: processes serving this workload (1 to :data:`MAX_WORKERS`; measured): one
+            attestation, then worker processes forked with the keys, sharing the listening
+            sockets, the store and the freshness ledger (:mod:`safehold.records.workers`).
     """
 
     data_dir: str = "./safehold-data"
@@ -105,6 +110,7 @@ class ServiceConfig:
     freshness_wait: float = 5.0
     freshness_audit_seconds: float = 300.0
     integrity_check: str = "background"
+    workers: int = 1
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
@@ -153,6 +159,9 @@ class ServiceConfig:
         for name in ("encryption", "audit", "freshness"):
             if not isinstance(getattr(cfg, name), bool):  # only TOML booleans, never "0"/"off"
                 raise ConfigError(f"{name} must be a TOML boolean, got {getattr(cfg, name)!r}")
+        w = cfg.workers
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WORKERS:
+            raise ConfigError(f"workers must be an integer from 1 to {MAX_WORKERS}, got {w!r}")
         if cfg.integrity_check not in ("background", "start"):
             raise ConfigError(f"integrity_check must be 'background' or 'start', got {cfg.integrity_check!r}")
         if cfg.scone_auth not in ("none", "token"):

@@ -98,7 +98,7 @@ class Freshness:
 
     def __init__(self, fs: FreshStore, on_fresh: Callable[[], None] | None = None) -> None:
         self.fs = fs
-        self._on_fresh = on_fresh
+        self._on_fresh: list[Callable[[], None]] = [on_fresh] if on_fresh is not None else []
         self._started = fs.problem is None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -106,8 +106,14 @@ class Freshness:
         self.audit: Any = None
 
     def on_fresh(self, callback: Callable[[], None]) -> None:
-        """Set the callback run once the store becomes fresh (see the class docstring)."""
-        self._on_fresh = callback
+        """Add a callback run once the store becomes fresh (see the class docstring); callbacks
+        run in the order they were added. Added after the store became fresh: run now."""
+        with self._lock:
+            started = self._started
+            if not started:
+                self._on_fresh.append(callback)
+        if started:
+            callback()
 
     def health(self) -> tuple[bool, str]:
         """``(fresh, reason)``: not fresh while the store holds a finding or the last background
@@ -172,8 +178,8 @@ class Freshness:
                 return
             self._started = True
         log.info("freshness: ledger %r is fresh, serving", self.fs.ledger)
-        if self._on_fresh is not None:
-            self._on_fresh()
+        for callback in self._on_fresh:
+            callback()
 
     def start_background(self, audit_seconds: float, retry_seconds: float = 1.0) -> None:
         """Start the background audit (every ``audit_seconds``; 0 = off) and, while the anchor

@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -291,7 +292,8 @@ def _committer(store: Store) -> Committer:
     return GroupCommit(store)
 
 
-def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI | None, Store]:
+def build_apps(cfg: ServiceConfig, prov: Provisioned, *, integrity: bool = True,
+               ) -> tuple[FastAPI, FastAPI | None, Store]:
     """Open the store and the repository and build ``(native_app, scone_app_or_None, store)``.
 
     A SQLite store is checked with ``PRAGMA quick_check`` first (reads every page once: about
@@ -309,7 +311,8 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned) -> tuple[FastAPI, FastAPI 
     from safehold.store import open_store
 
     store = open_store(cfg.store_url)
-    check = getattr(store, "quick_check", None)  # SQLite: a corrupt page must not reach requests
+    # SQLite: a corrupt page must not reach requests (with several workers, worker 0 checks)
+    check = getattr(store, "quick_check", None) if integrity else None
     if check is not None and cfg.integrity_check == "start":
         import time
 
@@ -444,31 +447,78 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
 
 
 def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
-    """Provision, open, serve until SIGINT/SIGTERM; returns the exit status (0 = clean stop)."""
+    """Provision, open, serve until SIGINT/SIGTERM; returns the exit status (0 = clean stop).
+
+    With ``workers > 1`` this process attests once, binds the listening sockets and forks the
+    worker processes (:func:`safehold.records.workers.run_workers`); it opens no store itself.
+    """
+    prov = provision(cfg, config_path)
+    if cfg.workers > 1:
+        from safehold.records.workers import bind_listeners, run_workers
+
+        want = [cfg.port] + ([cfg.scone_port] if cfg.scone_port is not None else [])
+        socks = bind_listeners(cfg.host, [p or 0 for p in want])
+        ports = [sk.getsockname()[1] for sk in socks]
+
+        def write(extra: dict[str, object]) -> None:
+            _write_ready(cfg, prov, ports, extra)
+
+        return run_workers(cfg.workers, lambda i, notify: serve_worker(cfg, prov, socks, i, notify),
+                           on_change=write)
+    return serve_worker(cfg, prov, None, 0, None)
+
+
+def _write_ready(cfg: ServiceConfig, prov: Provisioned, ports: list[int], extra: dict[str, object]) -> None:
     import json
 
-    prov = provision(cfg, config_path)
-    native, scone, store = build_apps(cfg, prov)
+    info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",
+            "port": ports[0], "scone_port": ports[1] if len(ports) > 1 else None,
+            "measurement": prov.attester.measurement.hex(),
+            "encryption": cfg.encryption, "audit": cfg.audit, "scone_auth": cfg.scone_auth,
+            "freshness": cfg.freshness, **extra}
+    log.info("records service listening: %s", info)
+    if cfg.ready_file:
+        write_atomic(cfg.ready_file, json.dumps(info), mode=0o644)
+
+
+def serve_worker(cfg: ServiceConfig, prov: Provisioned, socks: list[socket.socket] | None, index: int,
+                 notify: Callable[[str], None] | None) -> int:
+    """Open the store and serve one process's listeners until SIGINT/SIGTERM (exit status).
+
+    Args:
+        socks: listening sockets bound by the parent (``workers > 1``: native, then SCONE),
+            or None to bind ``cfg.port`` / ``cfg.scone_port`` here.
+        index: the worker's number (0 runs the background ``quick_check``).
+        notify: None for a single process (this process writes the ready file); else called
+            with ``"ready"`` once listening and ``"fresh"`` once the store is fresh.
+    """
+    native, scone, store = build_apps(cfg, prov, integrity=index == 0)
     ctx = ssl_context_from_pem(prov.cert_pem, prov.key_pem, client_ca_pem=prov.ca_pem)
     listeners: list[tuple[FastAPI, str, int, ssl.SSLContext | None]] = [(native, cfg.host, cfg.port, ctx)]
     if scone is not None and cfg.scone_port is not None:
         listeners.append((scone, cfg.host, cfg.scone_port, ctx))
-        if cfg.scone_auth == "none":  # an explicit opt-in (issue 11, finding 5): say so loudly
+        if cfg.scone_auth == "none" and index == 0:  # an explicit opt-in (issue 11, finding 5)
             log.warning("WARNING: scone_auth = 'none': the SCONE-compatible port serves every record "
                         "WITHOUT AUTHENTICATION to any process on this machine (loopback only)")
+    fresh: Freshness | None = native.state.records.freshness
 
     def ready(ports: list[int]) -> None:
-        info = {"pid": os.getpid(), "records_url": f"https://{cfg.host}:{ports[0]}",
-                "port": ports[0], "scone_port": ports[1] if len(ports) > 1 else None,
-                "measurement": prov.attester.measurement.hex(),
-                "encryption": cfg.encryption, "audit": cfg.audit, "scone_auth": cfg.scone_auth,
-                "freshness": cfg.freshness}
-        log.info("records service listening: %s", info)
-        if cfg.ready_file:
-            write_atomic(cfg.ready_file, json.dumps(info), mode=0o644)
+        if notify is None:
+            _write_ready(cfg, prov, ports, {})
+            return
+        notify("ready")
+        if fresh is None:
+            notify("fresh")
+        else:
+            fresh.on_fresh(lambda: notify("fresh"))
 
     try:
-        asyncio.run(serve_apps(listeners, on_ready=ready))
+        if socks is None:
+            asyncio.run(serve_apps(listeners, on_ready=ready))
+        else:
+            lst = [Listener(app, host, port, c, sock=sk)
+                   for (app, host, port, c), sk in zip(listeners, socks, strict=True)]
+            asyncio.run(serve(lst, on_ready=ready))
     finally:
         audit = native.state.records.repo.audit
         if audit is not None:  # a clean stop loses no read entry

@@ -1,0 +1,194 @@
+"""Several worker processes for one records workload (issue 17: more than one core).
+
+One Python process serves HTTPS on about one core (the GIL; ~90 % of a GET's CPU is the
+HTTP / TLS / ASGI stack, so threads do not help). With ``workers = N`` in the measured
+``records.toml`` the service process:
+
+1. attests **once** and receives the keyset, the TLS identity and the access list
+   (:func:`safehold.records.server.provision`) — nothing is opened yet;
+2. binds the listening sockets (:func:`bind_listeners`) and forks worker 0, which opens the
+   store and the FreshStore (``quick_check``, start-up roll-forward, index rebuild) and serves;
+3. once worker 0 reports the store **fresh** (after the data owner's initialise / re-anchor
+   when the ledger needs one), forks workers 1..N-1; each opens its own connection and its own
+   FreshStore on the same ledger (several writers of one ledger: docs/freshness.md) and
+   appends to the same access-audit chain (compare-and-set inserts, like replicas), then serves
+   on the same sockets: the kernel hands each new connection to one worker;
+4. supervises: a worker that exits is forked again (at most :data:`MAX_RESTARTS` times in
+   :data:`RESTART_WINDOW` seconds, then the whole service stops with status 1); SIGTERM /
+   SIGINT are passed to every worker, which finish in-flight requests and flush their audit.
+
+The workers are copies of the attested process (``fork``): the same measured code and keys, no
+second attestation. Under a TEE runtime that supports fork (Gramine: the child is a new enclave
+of the same measurement and receives the parent's memory over an attested, encrypted channel)
+this is the same trust boundary; on the simulated TEE it is the same process image. The parent
+forks before it starts any thread (checked) and never opens the store, so no database
+connection or lock crosses a fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from safehold.errors import ConfigError, SafeholdError
+
+log = logging.getLogger("safehold.records.workers")
+
+__all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "bind_listeners", "run_workers"]
+
+#: A worker that exits is forked again at most this many times within :data:`RESTART_WINDOW`.
+MAX_RESTARTS = 5
+#: Seconds over which :data:`MAX_RESTARTS` is counted.
+RESTART_WINDOW = 300.0
+#: Seconds the workers get to finish after SIGTERM before they are killed.
+STOP_GRACE = 10.0
+
+
+def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:
+    """Bind one listening TCP socket per port (0: a free port), inheritable by forked workers.
+
+    Raises:
+        ConfigError: a port cannot be bound (in use?), naming it.
+    """
+    socks: list[socket.socket] = []
+    for port in ports:
+        try:
+            sk = socket.create_server((host, port), backlog=2048)
+        except OSError as e:
+            for s in socks:
+                s.close()
+            raise ConfigError(f"records service: cannot listen on {host}:{port}: {e}") from None
+        sk.set_inheritable(True)
+        socks.append(sk)
+    return socks
+
+
+def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
+                on_change: Callable[[dict[str, object]], None]) -> int:
+    """Fork and supervise ``n`` workers (module docstring) until SIGTERM / SIGINT.
+
+    Args:
+        n: the number of workers (>= 1).
+        target: ``target(index, notify) -> exit status`` runs in each forked worker;
+            ``notify("ready")`` once it listens, ``notify("fresh")`` once its store is fresh.
+        on_change: called in this process with ``{"workers", "workers_ready", "worker_pids"}``
+            once worker 0 listens and whenever another worker starts listening or is restarted
+            (``safehold.records.server`` writes the ready file from it).
+
+    Returns:
+        0 after a clean stop; 1 when workers kept exiting, or worker 0 exited before it
+        listened (its log says why).
+
+    Raises:
+        ConfigError: this process already runs threads (forking would copy them half-way).
+    """
+    if threading.active_count() != 1:
+        raise ConfigError("records workers: the service process runs threads before forking "
+                          f"({[t.name for t in threading.enumerate()]}); refusing to fork")
+    rfd, wfd = os.pipe()
+    stopping = False
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        os.write(wfd, b"stop -1\n")  # wakes the select below
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    pids: dict[int, int] = {}  # pid -> worker index
+    ready: set[int] = set()
+    served = False  # worker 0 listened once: before that an exit is a start-up failure
+    restarts: list[float] = []
+
+    def spawn(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(rfd)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+                def notify(what: str) -> None:
+                    os.write(wfd, f"{what} {i}\n".encode())
+
+                code = target(i, notify)
+            except SafeholdError as e:
+                log.error("records worker %d stopped: %s", i, e)
+            except BaseException:
+                log.exception("records worker %d failed", i)
+            finally:
+                os._exit(code)
+        pids[pid] = i
+        log.info("records worker %d started (pid %d)", i, pid)
+
+    def report() -> None:
+        on_change({"workers": n, "workers_ready": len(ready),
+                   "worker_pids": sorted(pids, key=lambda p: pids[p])})
+
+    spawn(0)
+    buf = b""
+    status = 0
+    while not stopping:
+        r, _, _ = select.select([rfd], [], [], 0.5)
+        if r:
+            buf += os.read(rfd, 4096)
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                what, idx = line.decode().split()
+                i = int(idx)
+                if what == "ready":
+                    ready.add(i)
+                    served = True
+                    report()
+                elif what == "fresh" and i == 0 and len(pids) == 1:
+                    for j in range(1, n):  # the others open a store that is fresh already
+                        spawn(j)
+        while not stopping:
+            try:
+                pid, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            i = pids.pop(pid)
+            ready.discard(i)
+            code = os.waitstatus_to_exitcode(st)
+            log.error("records worker %d (pid %d) exited with status %d", i, pid, code)
+            now = time.monotonic()
+            restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+            if not served or len(restarts) > MAX_RESTARTS:
+                log.error("records workers %s; stopping the service",
+                          "keep exiting" if served else "failed to start")
+                stopping, status = True, 1
+                break
+            time.sleep(min(0.5 * len(restarts), 5.0))
+            spawn(i)
+            report()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + STOP_GRACE
+    while pids and time.monotonic() < end:
+        try:
+            pid, _st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        pids.pop(pid, None)
+    for pid in pids:  # did not finish in time
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    os.close(rfd)
+    os.close(wfd)
+    return status
