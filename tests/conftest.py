@@ -1,5 +1,5 @@
-"""Fixtures every test folder may use: PostgreSQL (a reachable server, a fresh schema per test)
-and the captured Evidence under ../shared.
+"""Fixtures every test folder may use: PostgreSQL (a reachable server, a fresh schema per test),
+the captured Evidence under ../shared and a package snapshot per module (``package``).
 
 Paths to ../shared and the helpers ``need_shared``, ``free_port``, ``snapshot_package`` live in
 tests/support/shared.py (import them from there; nothing imports from a conftest).
@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.shared import POSTGRES_DSN, evidence_dir
+from tests.support.shared import POSTGRES_DSN, evidence_dir, snapshot_package
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshot of ``src/safehold`` (``snapshot_package``) for the processes one test module
+    starts: their measurement covers exactly the code they run, whatever the working tree does."""
+    return snapshot_package(tmp_path_factory.mktemp("pkg"))
 
 
 @pytest.fixture(scope="session")

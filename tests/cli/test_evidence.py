@@ -104,50 +104,19 @@ measurements = ["{MRENCLAVE}"]
 """,
     )
     rd = b"Hello, world!".hex()
-    r = run(
-        "evidence",
-        "verify",
-        SGX_Q,
-        "--policy",
-        ok,
-        "--collateral",
-        SGX_C,
-        "--at",
-        "1752919277",
-        "--report-data",
-        rd,
-    )
+
+    def verify(at: str, report_data: str):
+        return run("evidence", "verify", SGX_Q, "--policy", ok, "--collateral", SGX_C, "--at", at,
+                   "--report-data", report_data)
+
+    r = verify("1752919277", rd)
     assert r.exit_code == 0, r.output
     assert "verified" in r.output and "ConfigurationAndSWHardeningNeeded" in r.output
     # wrong nonce → refused naming report_data
-    r = run(
-        "evidence",
-        "verify",
-        SGX_Q,
-        "--policy",
-        ok,
-        "--collateral",
-        SGX_C,
-        "--at",
-        "1752919277",
-        "--report-data",
-        "00",
-    )
+    r = verify("1752919277", "00")
     assert r.exit_code == 1 and "report_data: expected" in r.output
     # collateral expired at the chosen time
-    r = run(
-        "evidence",
-        "verify",
-        SGX_Q,
-        "--policy",
-        ok,
-        "--collateral",
-        SGX_C,
-        "--at",
-        "2025-07-19T10:01:18Z",
-        "--report-data",
-        rd,
-    )
+    r = verify("2025-07-19T10:01:18Z", rd)
     assert r.exit_code == 1 and "collateral" in r.output and "expired" in r.output
     strict = _policy(
         tmp_path,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from safehold.crypto import envelope as env
 from safehold.crypto.blind_index import INDEX_SIZE, BlindIndexer
-from safehold.crypto.kdf import build_info, derive_key, hkdf_sha256
+from safehold.crypto.kdf import RootSecret, build_info, derive_key, hkdf_sha256
 from safehold.crypto.keyset import KEY_SIZE, Keyset
 from safehold.errors import (
     CryptoError,
@@ -99,6 +99,24 @@ def test_derive_key_rejects_empty_ikm():
 
 
 # --- Keyset ----------------------------------------------------------------------------------
+
+
+def test_root_secret_derives_hkdf_keys_and_a_one_key_keyset():
+    secret = os.urandom(32)
+    root = RootSecret(bytearray(secret), "test")
+    assert root.derive("svc/tag") == hkdf_sha256(secret, info=build_info("svc/tag"))
+    ks = root.keyset("svc")
+    kid = struct.unpack(">I", hkdf_sha256(secret, info=build_info("svc/keyset-id"))[:4])[0] or 1
+    assert ks.ids() == [kid] and ks.primary_id == kid
+    assert ks.key(kid) == hkdf_sha256(secret, info=build_info("svc/keyset"))
+    assert ks.index_key == hkdf_sha256(secret, info=build_info("svc/index"))
+    assert secret.hex() not in repr(root) and repr(secret) not in repr(root)
+
+
+@pytest.mark.parametrize("secret", [b"", b"x" * 31, b"x" * 33, "x" * 32])
+def test_root_secret_refuses_a_secret_not_32_bytes(secret):
+    with pytest.raises(ValueError, match="the svc secret must be 32 bytes"):
+        RootSecret(secret, "svc")
 
 
 def test_keyset_generate_and_read():

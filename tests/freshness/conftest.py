@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.fresh_cluster import AnchorCluster
 from tests.support.freshness import InProcessAnchor, Owner, PostgresEngine, SqliteEngine
 
 
@@ -25,3 +26,12 @@ def owner() -> Owner:
 def anchor(owner: Owner) -> InProcessAnchor:
     """The in-process TEST DOUBLE of the anchor members (unit tests only)."""
     return InProcessAnchor(3, owner)
+
+
+@pytest.fixture
+def cluster(tmp_path, package):
+    """Three real anchor member processes on loopback (``package``: the root conftest's snapshot)."""
+    c = AnchorCluster(tmp_path, package, Owner())
+    c.start_all()
+    yield c
+    c.stop()

@@ -24,25 +24,11 @@ from safehold.freshness.errors import (
 from safehold.freshness.recovery import statement_for
 from safehold.freshness.store import FreshStore
 from safehold.ratls.cert import load_certificate
-from tests.support.fresh_cluster import AnchorCluster, ClientIdentity
-from tests.support.freshness import MAC_KEY, POLICY, Owner, SqliteEngine
-from tests.support.shared import snapshot_package as snapshot_src
+from tests.support.fresh_cluster import ClientIdentity
+from tests.support.freshness import MAC_KEY, POLICY, SqliteEngine
 
 pytestmark = pytest.mark.slow
 NS = "records:patients"
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    return snapshot_src(tmp_path_factory.mktemp("pkg"))  # = snapshot_package of the root conftest
-
-
-@pytest.fixture
-def cluster(tmp_path, package):
-    c = AnchorCluster(tmp_path, package, Owner())
-    c.start_all()
-    yield c
-    c.stop()
 
 
 def _fresh(engine, quorum, cluster) -> FreshStore:

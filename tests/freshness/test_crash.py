@@ -22,17 +22,11 @@ from safehold.freshness.store import FreshStore
 from tests.support.fresh_cluster import AnchorCluster, ClientIdentity
 from tests.support.fresh_writer import posting_key, record_key
 from tests.support.freshness import MAC_KEY, POLICY, Owner, PostgresEngine, SqliteEngine
-from tests.support.shared import snapshot_package as snapshot_src
 
 pytestmark = pytest.mark.slow
 WRITER = Path(__file__).resolve().parents[1] / "support" / "fresh_writer.py"
 RUNS = 12
 STALL_RUN = 2  # a run with neither a member kill nor a session kill
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    return snapshot_src(tmp_path_factory.mktemp("pkg"))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -14,24 +14,9 @@ from safehold.freshness.errors import LedgerUninitialisedError, RowRolledBackErr
 from safehold.freshness.recovery import statement_for
 from safehold.freshness.store import FreshStore
 from tests.freshness.test_multiwriter import NS, POST, run_two_writers
-from tests.support.fresh_cluster import AnchorCluster
-from tests.support.freshness import MAC_KEY, POLICY, Owner
-from tests.support.shared import snapshot_package as snapshot_src
+from tests.support.freshness import MAC_KEY, POLICY
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    return snapshot_src(tmp_path_factory.mktemp("pkg"))
-
-
-@pytest.fixture
-def cluster(tmp_path, package):
-    c = AnchorCluster(tmp_path, package, Owner())
-    c.start_all()
-    yield c
-    c.stop()
 
 
 def _replica(engine, cluster, **kw) -> FreshStore:

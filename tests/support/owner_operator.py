@@ -15,22 +15,16 @@ from pathlib import Path
 import httpx
 
 from safehold.broker.manifest import manifest_from_dict, sign_update
-from safehold.devstack import Stack, prepare, start, stop, tokens
-from tests.support.shared import free_port, snapshot_package
+from safehold.devstack import Stack, tokens
+from tests.support import records_stack
 
 
 @contextmanager
 def running_stack(tmp: Path) -> Iterator[Stack]:
     """``safehold up``'s stack on free loopback ports (SCONE port off), run from a snapshot of
     ``src/safehold`` under ``tmp`` so edits to the tree cannot change its measurement."""
-    pkg = snapshot_package(tmp / "pkg")
-    s = prepare(tmp / "data", broker_port=free_port(), records_port=free_port(), scone_port=None,
-                package_root=str(pkg))
-    start(s)
-    try:
+    with records_stack.running_stack(tmp / "pkg", tmp / "data") as s:
         yield s
-    finally:
-        stop(s)
 
 
 def sha256_hex(text: str) -> str:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
+
+from safehold.procutil import terminate
 
 
 def child_env(snapshot: Path, **extra: str) -> dict[str, str]:
@@ -39,11 +40,5 @@ def wait_ready(proc: subprocess.Popen, ready_file: Path, timeout: float = 60.0) 
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """SIGTERM, then SIGKILL after ``timeout`` seconds (:func:`safehold.procutil.terminate`)."""
+    terminate(proc, timeout)

@@ -27,17 +27,11 @@ from safehold.svr.errors import BackupMissingError, PinMismatchError, SvrClientE
 from safehold.svr.pin import make_salt, normalise_pin, stretch
 from safehold.svr.protocol import backup_id
 from tests.support.freshness import restore_file, sqlite_copy
-from tests.support.shared import snapshot_package
 from tests.support.svr import GROUP_ID, TEST_ARGON2, USER_TOKEN, SvrProcesses
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::safehold.attestation.errors.SimulatedTEEWarning")]
 SECRET = b"device key of dr. example \x00\xff"
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    return snapshot_package(tmp_path_factory.mktemp("pkg"))
 
 
 @pytest.fixture

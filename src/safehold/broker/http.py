@@ -16,7 +16,7 @@ protocol asks), from the domain exceptions of :mod:`safehold.broker.errors`:
 403    forbidden        :class:`PermissionDeniedError` (the manifest or policy denies)
 404    not-found        :class:`NotFoundError`
 409    conflict         :class:`StateConflictError`, :class:`~safehold.errors.AuditChainError`
-413    body-too-large   a request body over the limit (:class:`BodyLimit`)
+413    body-too-large   a request body over the limit (:func:`body_limit`)
 503    unavailable      :class:`NotReadyError` (recovery mode, no manifest),
                         :class:`StateIntegrityError` (names the row), a failing store or seal
 =====  ===============  ===================================================================
@@ -41,8 +41,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from safehold.bodylimit import BodyLimit
 from safehold.broker.core import Broker
 from safehold.broker.errors import (
     MalformedRequestError,
@@ -89,44 +90,28 @@ def problem(status: int, kind: str, detail: str) -> JSONResponse:
                          "detail": detail}, status_code=status, media_type="application/problem+json")
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 when a request body exceeds ``limit`` bytes (declared or sent)."""
+def body_limit(app: ASGIApp, limit: int) -> BodyLimit:
+    """``app`` behind the shared :class:`~safehold.bodylimit.BodyLimit`: a ``Content-Length``
+    over ``limit`` → 413 ``body-too-large``, one that is not a number or negative → 400
+    ``bad-request``, a streamed body past ``limit`` → 413 ``body-too-large``."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    n = int(v)
-                except ValueError:
-                    n = -1
-                if n < 0 or n > self.limit:
-                    await problem(413 if n > self.limit else 400, "body-too-large" if n > self.limit
-                                  else "bad-request", f"request body of {v.decode(errors='replace')} bytes "
-                                  f"refused (limit {self.limit})")(scope, receive, send)
-                    return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLargeError(f"request body exceeds {self.limit} bytes")
-            return msg
-
+    def declared(value: bytes) -> ASGIApp | None:
         try:
-            await self.app(scope, limited, send)
-        except _BodyTooLargeError:
-            resp = problem(413, "body-too-large", f"request body exceeds {self.limit} bytes")
-            await resp(scope, receive, send)
+            n = int(value)
+        except ValueError:
+            n = -1
+        if 0 <= n <= limit:
+            return None
+        return problem(413 if n > limit else 400, "body-too-large" if n > limit else "bad-request",
+                       f"request body of {value.decode(errors='replace')} bytes refused (limit {limit})")
+
+    def too_large() -> _BodyTooLargeError:
+        return _BodyTooLargeError(f"request body exceeds {limit} bytes")
+
+    def answer() -> ASGIApp:
+        return problem(413, "body-too-large", f"request body exceeds {limit} bytes")
+
+    return BodyLimit(app, limit, declared=declared, overflow=too_large, answer=answer)
 
 
 # --- exception handlers -------------------------------------------------------------------------
@@ -353,7 +338,7 @@ def create_app(b: Broker, *, max_body: int = DEFAULT_MAX_BODY,
     if static_value is not None:
         app.state.static_value = static_value
         app.add_api_route("/static", static, methods=["GET"])
-    return BodyLimit(app, max_body)
+    return body_limit(app, max_body)
 
 
 # --- freshness gate (safehold.broker.fresh) -----------------------------------------------------
@@ -435,4 +420,4 @@ def create_gated_app(gate: Any, ca: Any, *, max_body: int = DEFAULT_MAX_BODY) ->
     app.add_exception_handler(SafeholdError, safehold_error)
     app.add_exception_handler(Exception, unexpected_error)
     app.include_router(fresh_router)
-    return GatedApp(gate, BodyLimit(app, max_body), max_body)
+    return GatedApp(gate, body_limit(app, max_body), max_body)

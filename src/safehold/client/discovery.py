@@ -17,13 +17,11 @@ This module imports no server code: only :mod:`safehold.crypto.oprf`, the shared
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -46,6 +44,7 @@ from safehold.discovery.protocol import (
     pack,
     unpack,
 )
+from safehold.netaddr import is_loopback_http
 
 DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
 #: Blinded elements per evaluate call.
@@ -116,19 +115,6 @@ def _raise_for(resp: httpx.Response) -> None:
     raise DiscoveryClientError(msg, resp.status_code, code)
 
 
-def _is_loopback_http(url: str) -> bool:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme != "http":
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class DiscoveryClient:
     """Synchronous discovery client.
 
@@ -151,7 +137,7 @@ class DiscoveryClient:
                 from safehold.client.records import attesting_transport
 
                 transport = attesting_transport(policy)
-            elif insecure_loopback and _is_loopback_http(base_url):
+            elif insecure_loopback and is_loopback_http(base_url):
                 warnings.warn("discovery: plain HTTP to a loopback service: the service is NOT "
                               "attested (development only)", stacklevel=2)
                 transport = httpx.HTTPTransport()

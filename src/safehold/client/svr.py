@@ -22,14 +22,12 @@ This module imports no server code: only :mod:`safehold.crypto.oprf`, the shared
 from __future__ import annotations
 
 import base64
-import ipaddress
 import secrets as _secrets
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from safehold.crypto import oprf
 from safehold.crypto.errors import OPRFError
 from safehold.errors import DecryptionError
+from safehold.netaddr import is_loopback_http
 from safehold.svr import db4
 from safehold.svr.errors import (
     BackupMissingError,
@@ -116,19 +115,6 @@ def sign_statement(payload_b64url: str, owner_key_pem: bytes) -> dict[str, str]:
     return {"payload": payload_b64url, "signature": base64.urlsafe_b64encode(sig).rstrip(b"=").decode()}
 
 
-def _is_loopback_http(url: str) -> bool:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme != "http":
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class _Server:
     """One SVR server: an httpx client over its own (attesting) transport."""
 
@@ -189,7 +175,7 @@ class _Client:
 
             p = policy[i] if isinstance(policy, list | tuple) else policy
             return attesting_transport(p)
-        if insecure_loopback and _is_loopback_http(url):
+        if insecure_loopback and is_loopback_http(url):
             warnings.warn(f"SVR: plain HTTP to {url}: the server is NOT attested (development only)",
                           stacklevel=3)
             return httpx.HTTPTransport()

@@ -14,12 +14,16 @@ import struct
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from safehold.crypto.keyset import Keyset
+
 #: Fixed prefix of every ``info`` string; bump ``v1`` only with a new derivation scheme.
 INFO_PREFIX = b"safehold/v1/"
 #: RFC 5869 §2.3: L <= 255 * HashLen (32 bytes for SHA-256).
 MAX_LENGTH = 255 * 32
 #: Longest purpose label, in ASCII characters.
 MAX_PURPOSE = 255
+#: Size of a service's root secret (:class:`RootSecret`), bytes.
+ROOT_SECRET_SIZE = 32
 
 
 def hkdf_sha256(ikm: bytes, *, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
@@ -81,3 +85,39 @@ def derive_key(ikm: bytes, *, purpose: str, context: bytes = b"", length: int = 
     if not ikm:
         raise ValueError("HKDF input keying material must not be empty")
     return hkdf_sha256(ikm, info=build_info(purpose, context), length=length)
+
+
+class RootSecret:
+    """A service's 32-byte root secret, held in memory, from which all of its keys are derived.
+
+    Each key is HKDF-SHA256 (RFC 5869) of the secret with ``info = build_info(purpose)`` and no
+    salt (:func:`hkdf_sha256`); ``repr`` shows no key material.
+
+    Args:
+        secret: exactly :data:`ROOT_SECRET_SIZE` bytes.
+        name: the service, for the error message (``"SVR"``, ``"discovery"``).
+
+    Raises:
+        ValueError: ``secret`` is not 32 bytes.
+    """
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes | bytearray, name: str) -> None:
+        if not isinstance(secret, bytes | bytearray) or len(secret) != ROOT_SECRET_SIZE:
+            raise ValueError(f"the {name} secret must be {ROOT_SECRET_SIZE} bytes")
+        self._secret = bytes(secret)
+
+    def __repr__(self) -> str:
+        return "RootSecret(<hidden>)"
+
+    def derive(self, purpose: str) -> bytes:
+        """The 32-byte key for ``purpose`` (1..255 printable ASCII, e.g. ``"svr/freshness"``)."""
+        return hkdf_sha256(self._secret, info=build_info(purpose))
+
+    def keyset(self, prefix: str) -> Keyset:
+        """A one-key :class:`~safehold.crypto.keyset.Keyset`: key id from the first 4 bytes
+        (big-endian) of purpose ``{prefix}/keyset-id`` (1 if they are zero), the AES-256-GCM key
+        from ``{prefix}/keyset``, the index key from ``{prefix}/index``."""
+        kid = int.from_bytes(self.derive(f"{prefix}/keyset-id")[:4], "big") or 1
+        return Keyset({kid: self.derive(f"{prefix}/keyset")}, kid, self.derive(f"{prefix}/index"))

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -28,6 +27,7 @@ from safehold.devstack.stack import (
 )
 from safehold.errors import ConfigError
 from safehold.jsontypes import JSONObject
+from safehold.procutil import clean_exit_code, terminate
 
 __all__ = ["MANIFEST_REFUSED", "Supervisor", "broker_cmd", "check_port", "records_cmd", "records_env",
            "start", "stop", "summary_lines", "update_manifest", "wait_broker", "wait_records"]
@@ -206,7 +206,21 @@ def wait_records(s: Stack, proc: subprocess.Popen[bytes], ready: Path, timeout: 
         StackError: the process exited first (e.g. status 2: the broker released no keys) or
             the timeout passed.
     """
-    deadline = time.monotonic() + timeout
+    info = ready_info(proc, ready, time.monotonic() + timeout, "records service", log, interval=0.1)
+    if info is None:
+        raise StackError(f"records service did not become ready within {timeout:.0f} s")
+    return info
+
+
+def ready_info(proc: subprocess.Popen[bytes], ready: Path, deadline: float, name: str,
+               log: Path | None, *, interval: float) -> JSONObject | None:
+    """Poll every ``interval`` seconds, until ``deadline`` (``time.monotonic()``), for the ready
+    file ``proc`` writes (JSON whose ``pid`` is its own); ``None`` if the deadline passes.
+
+    Raises:
+        StackError: the process exited first; names status 2 (the broker released no keys),
+            the tail of ``log`` and its path.
+    """
     while time.monotonic() < deadline:
         if ready.exists():
             with contextlib.suppress(ValueError, OSError):
@@ -216,10 +230,10 @@ def wait_records(s: Stack, proc: subprocess.Popen[bytes], ready: Path, timeout: 
         if proc.poll() is not None:
             why = "the broker released no keys to it" if proc.returncode == 2 else "see its log"
             tail = _log_tail(log) if log else ""
-            raise StackError(f"records service exited with status {proc.returncode}: {why}"
+            raise StackError(f"{name} exited with status {proc.returncode}: {why}"
                              + (f": {tail}" if tail else "") + (f" ({log})" if log else ""))
-        time.sleep(0.1)
-    raise StackError(f"records service did not become ready within {timeout:.0f} s")
+        time.sleep(interval)
+    return None
 
 
 def start(s: Stack, *, timeout: float = 60.0) -> Stack:
@@ -444,15 +458,7 @@ def stop(s: Stack, *, timeout: float = 15.0) -> dict[str, int | None]:
         p = s.procs.get(name)
         if p is None:
             continue
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        # uvicorn re-raises the SIGTERM it handled after a graceful shutdown: that is a clean stop
-        codes[name] = 0 if p.returncode in (-signal.SIGTERM, -signal.SIGINT) else p.returncode
+        codes[name] = clean_exit_code(terminate(p, timeout))
     _stop_anchor(s)
     if s.lock is not None:  # only the lock holder may remove up.json (never another stack's)
         with contextlib.suppress(FileNotFoundError):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets as _secrets
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import tomli_w
 
 from safehold.devstack.errors import StackError
 from safehold.errors import ConfigError
+from safehold.procutil import clean_exit_code, terminate
 
 __all__ = ["ALL_SERVICES", "IDP_ISSUER", "Pending", "ServicePorts", "check_service_ports", "finish_services",
            "idp_key", "launch_services", "manifest_entries", "parse_services", "restart_service",
@@ -256,22 +256,13 @@ def _common(s: Any, name: str) -> list[str]:
 
 
 def _wait_ready(s: Any, name: str, proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
-    from safehold.devstack.processes import _log_tail
+    from safehold.devstack.processes import ready_info
 
-    ready = s.path(f"{name}-ready.json")
-    while time.monotonic() < deadline:
-        if ready.exists():
-            with contextlib.suppress(ValueError, OSError):
-                info = json.loads(ready.read_text("utf-8"))
-                if info.get("pid") == proc.pid:
-                    return info
-        if proc.poll() is not None:
-            why = "the broker released no keys to it" if proc.returncode == 2 else "see its log"
-            tail = _log_tail(s.path(f"{name}.log"))
-            raise StackError(f"{name} exited with status {proc.returncode}: {why}"
-                             + (f": {tail}" if tail else "") + f" ({s.path(name + '.log')})")
-        time.sleep(0.05)
-    raise StackError(f"{name} did not become ready (see {s.path(name + '.log')})")
+    log = s.path(f"{name}.log")
+    info = ready_info(proc, s.path(f"{name}-ready.json"), deadline, name, log, interval=0.05)
+    if info is None:
+        raise StackError(f"{name} did not become ready (see {log})")
+    return info
 
 
 def _wanted_ports(services: tuple[str, ...], ports: ServicePorts) -> list[tuple[int, str]]:
@@ -526,15 +517,7 @@ def stop_services(s: Any, timeout: float = 10.0) -> dict[str, int | None]:
     order += [n for n in ("discovery", "vau") if n in s.procs]
     order += [n for n in s.procs if n.startswith("svr-anchor")]
     for name in order:
-        p = s.procs.pop(name)
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        codes[name] = 0 if p.returncode in (-signal.SIGTERM, -signal.SIGINT) else p.returncode
+        codes[name] = clean_exit_code(terminate(s.procs.pop(name), timeout))
     return codes
 
 

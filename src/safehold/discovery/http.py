@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from safehold.bodylimit import ASGIApp, BodyLimit, refuse_declared_over
 from safehold.crypto.errors import DeserializeError
 from safehold.discovery.core import DiscoveryService
 from safehold.discovery.errors import (
@@ -127,32 +128,12 @@ def _service(request: Request) -> DiscoveryService:
     return request.app.state.discovery
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes (declared or streamed) → 413 before
-    any route reads it."""
-
-    def __init__(self, app: Any, limit: int = MAX_BODY):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            await _error(413, "too-large", f"request body over {self.limit} bytes")(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
+def _body_limit(app: ASGIApp, limit: int = MAX_BODY) -> BodyLimit:
+    """``app`` behind the shared :class:`~safehold.bodylimit.BodyLimit`: a body over ``limit``
+    bytes (declared or streamed) → 413 ``too-large`` before any route reads it."""
+    detail = f"request body over {limit} bytes"
+    declared = refuse_declared_over(limit, lambda: _error(413, "too-large", detail))
+    return BodyLimit(app, limit, declared=declared, overflow=lambda: StarletteHTTPException(413, detail))
 
 
 def _principal(request: Request, authorization: str = Header(default="")) -> Principal:
@@ -264,7 +245,7 @@ def create_app(service: DiscoveryService, access: Mapping[bytes, Principal]) -> 
     app.state.discovery = service
     app.state.access = dict(access)
     app.include_router(router)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(_body_limit)
     for exc_type in (InvalidRequestError, InvalidIdentifierError, InvalidUserIdError, DeserializeError):
         app.add_exception_handler(exc_type, _on_invalid)
     app.add_exception_handler(RequestValidationError, _on_validation)

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from safehold.crypto import oprf
-from safehold.crypto.kdf import build_info, hkdf_sha256
+from safehold.crypto.kdf import ROOT_SECRET_SIZE, RootSecret
 from safehold.crypto.keyset import Keyset
 
-SECRET_SIZE = 32
+SECRET_SIZE = ROOT_SECRET_SIZE
 OPRF_INFO = b"safehold discovery oprf v1"
 
 
@@ -42,17 +42,9 @@ class DiscoveryKeys:
         Raises:
             ValueError: ``secret`` is not 32 bytes.
         """
-        if not isinstance(secret, bytes | bytearray) or len(secret) != SECRET_SIZE:
-            raise ValueError(f"the discovery secret must be {SECRET_SIZE} bytes")
-        secret = bytes(secret)
-
-        def sub(purpose: str) -> bytes:
-            return hkdf_sha256(secret, info=build_info(purpose))
-
-        kid = int.from_bytes(sub("discovery/keyset-id")[:4], "big") or 1
-        keyset = Keyset({kid: sub("discovery/keyset")}, kid, sub("discovery/index"))
-        return cls(oprf.derive_key_pair(sub("discovery/oprf-seed"), OPRF_INFO),
-                   sub("discovery/tag"), keyset, sub("discovery/token"))
+        root = RootSecret(secret, "discovery")
+        return cls(oprf.derive_key_pair(root.derive("discovery/oprf-seed"), OPRF_INFO),
+                   root.derive("discovery/tag"), root.keyset("discovery"), root.derive("discovery/token"))
 
     @property
     def public_key(self) -> bytes:

@@ -44,20 +44,10 @@ from safehold.discovery.http import create_app, parse_access
 from safehold.discovery.keys import SECRET_SIZE, DiscoveryKeys
 from safehold.errors import SafeholdError
 from safehold.fsutil import write_atomic
+from safehold.netaddr import is_loopback
 from safehold.store import open_store
 
 log = logging.getLogger("safehold.discovery")
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -104,7 +94,7 @@ class ServerConfig:
                 raise DiscoveryConfigError(f"{name} must be an integer")
         if not cfg.store_url:
             raise DiscoveryConfigError("store_url is required")
-        if not attested and not _is_loopback(cfg.host):
+        if not attested and not is_loopback(cfg.host):
             raise DiscoveryConfigError(
                 f"host {cfg.host!r} is not loopback: until RA-TLS is wired in, discovery serves "
                 "plain HTTP and only on loopback")

@@ -192,7 +192,29 @@ def _require_https(request: httpx.Request) -> None:
         raise RATLSError(f"RA-TLS transport: expected an https URL, got {request.url.scheme}://")
 
 
-class RATLSTransport(httpx.HTTPTransport):
+def _pool_options(ctx: ssl.SSLContext, limits: httpx.Limits, http2: bool,
+                  retries: int) -> dict[str, typing.Any]:
+    """The httpcore pool settings httpx would derive from the same arguments."""
+    return {"ssl_context": ctx, "max_connections": limits.max_connections,
+            "max_keepalive_connections": limits.max_keepalive_connections,
+            "keepalive_expiry": limits.keepalive_expiry, "http1": True, "http2": http2, "retries": retries}
+
+
+class _Attested:
+    """What both transports report about the connections they attested."""
+
+    _rec: _Recorder
+
+    @property
+    def last_appraisal(self) -> Appraisal | None:
+        return self._rec.last_appraisal
+
+    @property
+    def connections_verified(self) -> int:
+        return self._rec.connections_verified
+
+
+class RATLSTransport(_Attested, httpx.HTTPTransport):
     """httpx transport that attests every new connection's peer before sending the request.
 
     Args:
@@ -218,27 +240,15 @@ class RATLSTransport(httpx.HTTPTransport):
         ctx = client_ssl_context(client_cert)
         super().__init__(verify=ctx, trust_env=False, limits=limits, retries=retries, http2=http2)
         self._rec = _Recorder(verifier, expected_nonce, at)
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=ctx, max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry, http1=True, http2=http2, retries=retries,
-            network_backend=_SyncBackend(self._rec),
-        )
-
-    @property
-    def last_appraisal(self) -> Appraisal | None:
-        return self._rec.last_appraisal
-
-    @property
-    def connections_verified(self) -> int:
-        return self._rec.connections_verified
+        self._pool = httpcore.ConnectionPool(**_pool_options(ctx, limits, http2, retries),
+                                             network_backend=_SyncBackend(self._rec))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         _require_https(request)
         return super().handle_request(request)
 
 
-class AsyncRATLSTransport(httpx.AsyncHTTPTransport):
+class AsyncRATLSTransport(_Attested, httpx.AsyncHTTPTransport):
     """Async twin of :class:`RATLSTransport` (anyio: asyncio or trio)."""
 
     def __init__(self, verifier: Verifier, *, expected_nonce: bytes | None = None,
@@ -248,20 +258,8 @@ class AsyncRATLSTransport(httpx.AsyncHTTPTransport):
         ctx = client_ssl_context(client_cert)
         super().__init__(verify=ctx, trust_env=False, limits=limits, retries=retries, http2=http2)
         self._rec = _Recorder(verifier, expected_nonce, at)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ctx, max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry, http1=True, http2=http2, retries=retries,
-            network_backend=_AsyncBackend(self._rec),
-        )
-
-    @property
-    def last_appraisal(self) -> Appraisal | None:
-        return self._rec.last_appraisal
-
-    @property
-    def connections_verified(self) -> int:
-        return self._rec.connections_verified
+        self._pool = httpcore.AsyncConnectionPool(**_pool_options(ctx, limits, http2, retries),
+                                                  network_backend=_AsyncBackend(self._rec))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         _require_https(request)

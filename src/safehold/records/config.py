@@ -8,7 +8,6 @@ security setting (:data:`MEASURED_SETTINGS`) makes the service refuse to start.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from safehold.errors import ConfigError
+from safehold.netaddr import is_loopback
 
 __all__ = ["ENV_PREFIX", "MEASURED_SETTINGS", "RUNTIME_SETTINGS", "ServiceConfig", "is_loopback"]
 
@@ -32,16 +32,6 @@ MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "a
 ENV_PREFIX = "SAFEHOLD_RECORDS_"
 #: Upper bound of ``workers`` (processes of one records workload).
 MAX_WORKERS = 64
-
-
-def is_loopback(host: str) -> bool:
-    """True if ``host`` is ``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

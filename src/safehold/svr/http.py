@@ -51,6 +51,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from safehold.bodylimit import ASGIApp, BodyLimit, refuse_declared_over
 from safehold.errors import RecordTamperedError, StoreError
 from safehold.freshness.errors import (
     AnchorUnavailableError,
@@ -171,31 +172,12 @@ def _service(request: Request) -> SvrService:
     return request.app.state.svr
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes (declared or streamed) → 413."""
-
-    def __init__(self, app: Any, limit: int = MAX_BODY):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            await _error(413, "too-large", f"request body over {self.limit} bytes")(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
+def _body_limit(app: ASGIApp, limit: int = MAX_BODY) -> BodyLimit:
+    """``app`` behind the shared :class:`~safehold.bodylimit.BodyLimit`: a body over ``limit``
+    bytes (declared or streamed) → 413 ``too-large`` before any route reads it."""
+    detail = f"request body over {limit} bytes"
+    declared = refuse_declared_over(limit, lambda: _error(413, "too-large", detail))
+    return BodyLimit(app, limit, declared=declared, overflow=lambda: StarletteHTTPException(413, detail))
 
 
 def _principal(request: Request) -> Principal:
@@ -410,7 +392,7 @@ def create_app(service: SvrService, access: Mapping[bytes, Principal]) -> FastAP
     app.state.svr = service
     app.state.access = dict(access)
     app.include_router(router)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(_body_limit)
     app.add_exception_handler(InvalidRequestError, _on_invalid)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(OwnerStatementError, _on_owner)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from safehold.crypto.kdf import build_info, hkdf_sha256
+from safehold.crypto.kdf import ROOT_SECRET_SIZE, RootSecret
 from safehold.crypto.keyset import Keyset
 
-SECRET_SIZE = 32
+SECRET_SIZE = ROOT_SECRET_SIZE
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,5 @@ class SvrKeys:
         Raises:
             ValueError: ``secret`` is not 32 bytes.
         """
-        if not isinstance(secret, bytes | bytearray) or len(secret) != SECRET_SIZE:
-            raise ValueError(f"the SVR secret must be {SECRET_SIZE} bytes")
-        secret = bytes(secret)
-
-        def sub(purpose: str) -> bytes:
-            return hkdf_sha256(secret, info=build_info(purpose))
-
-        kid = int.from_bytes(sub("svr/keyset-id")[:4], "big") or 1
-        return cls(Keyset({kid: sub("svr/keyset")}, kid, sub("svr/index")), sub("svr/freshness"))
+        root = RootSecret(secret, "SVR")
+        return cls(root.keyset("svr"), root.derive("svr/freshness"))

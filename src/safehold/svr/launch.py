@@ -33,6 +33,7 @@ from typing import Any
 from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.workload import LaunchSpec, package_app_dir
 from safehold.errors import ConfigError
+from safehold.procutil import terminate
 
 __all__ = ["LocalSvr"]
 
@@ -157,13 +158,8 @@ class LocalSvr:
     def stop(self, i: int, timeout: float = 10.0) -> None:
         """SIGTERM server ``i`` (SIGKILL after ``timeout`` seconds)."""
         p = self.procs[i]
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        if p is not None:
+            terminate(p, timeout)
         self.procs[i] = None
 
     def stop_all(self) -> None:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from cryptography.x509.oid import NameOID
 
 from safehold.errors import SafeholdError
 from safehold.fsutil import write_atomic
+from safehold.netaddr import is_loopback
 from safehold.svr.core import SvrService
 from safehold.svr.errors import SvrConfigError
 from safehold.svr.http import Principal, create_app, parse_access
@@ -71,15 +71,6 @@ __all__ = ["ServerConfig", "Secrets", "build", "main", "read_secrets", "secrets_
 log = logging.getLogger("safehold.svr")
 #: Largest standard-input document accepted (the access list dominates).
 MAX_STDIN = 1 << 20
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -263,7 +254,7 @@ def _ratls_context(cfg: ServerConfig, data_dir: str, config_path: str) -> tuple[
 def serve(cfg: ServerConfig, secrets: Secrets, *, config_path: str, store_url: str, port: int,
           data_dir: str | None, ready_file: str | None) -> None:
     """Build and serve until SIGINT/SIGTERM."""
-    if data_dir is None and not _is_loopback(cfg.host):
+    if data_dir is None and not is_loopback(cfg.host):
         raise SvrConfigError(f"host {cfg.host!r} is not loopback: plain HTTP only on loopback")
     ctx, measurement = _ratls_context(cfg, data_dir, config_path) if data_dir else (None, "")
     if ctx is None:

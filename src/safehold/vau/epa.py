@@ -41,6 +41,7 @@ arrive out of order); on the client, the response's counter equals the request's
 
 from __future__ import annotations
 
+import hmac
 import os
 import struct
 from collections.abc import Mapping
@@ -58,6 +59,7 @@ from safehold.vau.errors import (
     VauDecryptionError,
     VauFormatError,
     VauHandshakeError,
+    VauKeyIdError,
 )
 
 __all__ = [
@@ -242,6 +244,29 @@ class UserDataHeader:
         if msg[2] not in (DIRECTION_REQUEST, DIRECTION_RESPONSE):
             raise VauFormatError(f"VAU user-data direction byte is 0x{msg[2]:02x}, expected 0x01 or 0x02")
         return cls(msg[1] == 1, msg[2], _U64.unpack_from(msg, 3)[0], bytes(msg[11:43]))
+
+    @classmethod
+    def expect(cls, msg: bytes, *, pu: bool, direction: int, key_id: bytes) -> UserDataHeader:
+        """Decode the header of ``msg`` and check it is for this channel (A_24628-01): the
+        environment's PU flag, ``direction`` (what this side receives) and the channel's KeyID.
+
+        Raises:
+            VauFormatError: malformed (:meth:`decode`), the other environment's PU flag, or the
+                wrong direction.
+            VauKeyIdError: another channel's KeyID (compared in constant time).
+        """
+        header = cls.decode(bytes(msg))
+        if header.pu != pu:
+            raise VauFormatError(f"PU flag {int(header.pu)} does not match this environment ({int(pu)})")
+        to_vau = direction == DIRECTION_REQUEST
+        if header.direction != direction:
+            raise VauFormatError(
+                f"VAU user-data message {'to' if to_vau else 'from'} the VAU is not marked as "
+                f"{'a request' if to_vau else 'a response'} (direction 0x{direction:02x})")
+        if not hmac.compare_digest(header.key_id, key_id):
+            raise VauKeyIdError(f"KeyID in the VAU {'user-data' if to_vau else 'response'} header "
+                                "is not this channel's")
+        return header
 
 
 def seal_user_data(key: bytes, header: UserDataHeader, plaintext: bytes, *, encryption_counter: int) -> bytes:

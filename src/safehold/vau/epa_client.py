@@ -29,9 +29,7 @@ from safehold.vau.epa import (
 )
 from safehold.vau.epa_keys import SignedPublicVauKeys, VauKeyTrust, VauPublicKeys
 from safehold.vau.errors import (
-    VauFormatError,
     VauHandshakeError,
-    VauKeyIdError,
     VauResponseError,
 )
 from safehold.vau.kyber import KyberPrivateKey, Variant
@@ -178,15 +176,8 @@ class EpaVauClient:
         """
         if not self._established or self._keys is None:
             raise VauHandshakeError("VAU channel is not established")
-        header = UserDataHeader.decode(bytes(msg))
-        if header.pu != self.pu:
-            raise VauFormatError(f"PU flag {int(header.pu)} does not match this environment ({int(self.pu)})")
-        if header.direction != DIRECTION_RESPONSE:
-            raise VauFormatError(
-                "VAU user-data message from the VAU is not marked as a response (direction 0x02)"
-            )
-        if not hmac.compare_digest(header.key_id, self._keys.key_id):
-            raise VauKeyIdError("KeyID in the VAU response header is not this channel's")
+        header = UserDataHeader.expect(msg, pu=self.pu, direction=DIRECTION_RESPONSE,
+                                       key_id=self._keys.key_id)
         want = self.request_counter if request_counter is None else request_counter
         if header.counter != want or want not in self._pending:
             raise VauResponseError(f"VAU response carries request counter {header.counter}, expected {want}")

@@ -38,9 +38,7 @@ from safehold.vau.epa_keys import SignedPublicVauKeys, VauPublicKeys, VauServerK
 from safehold.vau.errors import (
     VauChannelUnknownError,
     VauCounterError,
-    VauFormatError,
     VauHandshakeError,
-    VauKeyIdError,
     VauKeyVerificationError,
 )
 from safehold.vau.kyber import KyberPublicKey
@@ -248,15 +246,7 @@ class EpaVauServer:
         ch = self._get(cid)
         if not ch.established or ch.keys is None:
             raise VauChannelUnknownError("VAU channel has not completed its handshake")
-        header = UserDataHeader.decode(bytes(msg))
-        if header.pu != self.pu:
-            raise VauFormatError(f"PU flag {int(header.pu)} does not match this environment ({int(self.pu)})")
-        if header.direction != DIRECTION_REQUEST:
-            raise VauFormatError(
-                "VAU user-data message to the VAU is not marked as a request (direction 0x01)"
-            )
-        if not hmac.compare_digest(header.key_id, ch.keys.key_id):
-            raise VauKeyIdError("KeyID in the VAU user-data header is not this channel's")
+        header = UserDataHeader.expect(msg, pu=self.pu, direction=DIRECTION_REQUEST, key_id=ch.keys.key_id)
         _, pt = open_user_data(ch.keys.c2s_app_data, msg)
         with ch.lock:
             self._accept_counter(ch, header.counter)

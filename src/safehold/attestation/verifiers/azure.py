@@ -203,6 +203,25 @@ def _verify_vtpm_quote(hcl: HclReport, ends: Mapping[str, bytes]) -> dict[str, A
     return {"extra_data": q.extra_data.hex(), "pcr_digest": q.pcr_digest.hex(), "pcrs": selected}
 
 
+def _open_hcl(verifier: str, media_types: tuple[str, ...], evidence: Evidence, at: datetime | None,
+              report_type: int, kind: str) -> tuple[datetime, Mapping[str, bytes], HclReport]:
+    """The checks both Azure Verifiers start with: ``evidence``'s media type is one of
+    ``media_types``, ``at`` is timezone-aware, the HCL report parses and holds a ``report_type``
+    hardware report. Returns ``(at, endorsements, report)``.
+
+    Raises:
+        EvidenceFormatError: another media type, a malformed HCL report, another report type.
+    """
+    if evidence.media_type not in media_types:
+        raise EvidenceFormatError(f"{verifier} accepts {media_types}, got {evidence.media_type!r}")
+    aware = require_aware(at)
+    ends = evidence.endorsements
+    hcl = parse_hcl_report(evidence.data, ends.get("runtime_data"))
+    if hcl.report_type != report_type:
+        raise EvidenceFormatError(f"HCL report type: expected {report_type} ({kind}), got {hcl.report_type}")
+    return aware, ends, hcl
+
+
 class AzureSnpVerifier:
     """Verifier plug-in for Azure SEV-SNP CVM HCL reports (``…hcl-report.snp``).
 
@@ -222,15 +241,7 @@ class AzureSnpVerifier:
             EvidenceSignatureError: SNP signature, binding or vTPM quote failure.
             EndorsementError: VCEK missing/unchained/expired or not for this chip/TCB.
         """
-        if evidence.media_type not in self.media_types:
-            raise EvidenceFormatError(
-                f"AzureSnpVerifier accepts {self.media_types}, got {evidence.media_type!r}"
-            )
-        at = require_aware(at)
-        ends = evidence.endorsements
-        hcl = parse_hcl_report(evidence.data, ends.get("runtime_data"))
-        if hcl.report_type != REPORT_TYPE_SNP:
-            raise EvidenceFormatError(f"HCL report type: expected 2 (SNP), got {hcl.report_type}")
+        at, ends, hcl = _open_hcl("AzureSnpVerifier", self.media_types, evidence, at, REPORT_TYPE_SNP, "SNP")
         rep, product = sev_snp.verify_snp_report(hcl.hw_report, ends, at)
         check_binding(hcl, rep.report_data)
         claims = sev_snp.snp_claims(rep, product, tee_type="azure-sev-snp")
@@ -291,15 +302,7 @@ class AzureTdxVerifier:
             EvidenceSignatureError: binding failure, or the quote's TD fields differ.
             EndorsementError: no ``td_quote`` endorsement (a TDREPORT is not signed).
         """
-        if evidence.media_type not in self.media_types:
-            raise EvidenceFormatError(
-                f"AzureTdxVerifier accepts {self.media_types}, got {evidence.media_type!r}"
-            )
-        at = require_aware(at)
-        ends = evidence.endorsements
-        hcl = parse_hcl_report(evidence.data, ends.get("runtime_data"))
-        if hcl.report_type != REPORT_TYPE_TDX:
-            raise EvidenceFormatError(f"HCL report type: expected 4 (TDX), got {hcl.report_type}")
+        at, ends, hcl = _open_hcl("AzureTdxVerifier", self.media_types, evidence, at, REPORT_TYPE_TDX, "TDX")
         fields = tdreport_fields(hcl.hw_report)
         check_binding(hcl, bytes.fromhex(fields["report_data"]))
         if "td_quote" not in ends:
