@@ -12,8 +12,12 @@ a missed put target shows where the time goes.
 
 Targets (issue 12): put >= 0.85 x baseline, get >= 0.95 x baseline.
 
-Usage: ``python bench/freshness_service.py [--quick] [--no-postgres] [--postgres-dsn DSN]``;
-the last line printed is one JSON object.
+``--put-get`` runs only the put and get phases (the two the targets name) and adds, per phase,
+the CPU milliseconds per request of each service and of the members (median over the rounds):
+on a shared machine throughput ratios swing with other jobs' load, CPU per request much less.
+
+Usage: ``python bench/freshness_service.py [--quick] [--put-get] [--no-postgres]
+[--postgres-dsn DSN]``; the last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +48,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_engine(engine: str, tmp: Path, seconds: float, rounds: int, body: dict[str, Any]) -> dict[str, Any]:
+def measure_put_get(name: str, make: Any, seconds: float, body: dict[str, Any],
+                    pids: tuple[int, list[int]]) -> dict[str, Any]:
+    """Only the put and get phases of ``rb.measure`` (``--put-get``: the two figures the
+    targets name, in a third of the time), each with the CPU milliseconds per request of the
+    service (``pids[0]``) and of the anchor members (``pids[1]``) during that phase."""
+    tag = "".join(ch for ch in name if ch.isalnum())
+    out: dict[str, Any] = {}
+    ids: list[str] = []
+    for op in ("put", "get"):
+        c0 = cpu_seconds(pids[0]), sum(cpu_seconds(m) for m in pids[1])
+        res = rb.run_load(make, op, seconds, ids, body, f"{tag}-p" if op == "put" else tag)
+        c1 = cpu_seconds(pids[0]), sum(cpu_seconds(m) for m in pids[1])
+        ids = res.pop("ids")
+        res["service_cpu_ms"] = round((c1[0] - c0[0]) / res["n"] * 1000, 3)
+        res["members_cpu_ms"] = round((c1[1] - c0[1]) / res["n"] * 1000, 3)
+        out[op] = res
+    put, get = out["put"], out["get"]
+    print(f"{name:>22}: put {put['per_s']:8.1f}/s p50 {put['p50_ms']:6.2f} ms cpu {put['service_cpu_ms']:.2f}"
+          f"+{put['members_cpu_ms']:.2f} ms | get {get['per_s']:8.1f}/s p50 {get['p50_ms']:6.2f} ms "
+          f"cpu {get['service_cpu_ms']:.2f}+{get['members_cpu_ms']:.2f} ms", flush=True)
+    return out
+
+
+def run_engine(engine: str, tmp: Path, seconds: float, rounds: int, body: dict[str, Any],
+               put_get: bool = False) -> dict[str, Any]:
     from safehold.devstack import prepare, records_cmd, records_config, records_env, start, stop, tokens
     from safehold.devstack.processes import wait_records
 
@@ -80,13 +109,21 @@ def run_engine(engine: str, tmp: Path, seconds: float, rounds: int, body: dict[s
         services = {"fresh": s.info["records_url"], "base": base["records_url"]}
         best: dict[str, dict[str, Any]] = {}
         cpu: dict[str, float] = {}
+        per_op_cpu: dict[str, list[float]] = {}
         for r in range(rounds):
             for name, url in services.items():
                 pid = s.procs["records"].pid if name == "fresh" else procs[-1].pid
                 members = [p.pid for p in s.anchor.procs if p is not None]
                 c0 = cpu_seconds(pid), sum(cpu_seconds(m) for m in members)
-                res = rb.measure(f"{engine} {name} r{r}", lambda u=url: rb.SafeholdLoad(u, token, pol),
-                                 seconds, body)
+                make = lambda u=url: rb.SafeholdLoad(u, token, pol)  # noqa: E731
+                if put_get:
+                    res = measure_put_get(f"{engine} {name} r{r}", make, seconds, body, (pid, members))
+                    for op in ("put", "get"):
+                        for who in ("service", "members"):
+                            key = f"{name}_{op}_{who}_ms"
+                            per_op_cpu.setdefault(key, []).append(res[op][f"{who}_cpu_ms"])
+                else:
+                    res = rb.measure(f"{engine} {name} r{r}", make, seconds, body)
                 c1 = cpu_seconds(pid), sum(cpu_seconds(m) for m in members)
                 n = res["put"]["n"] + res["get"]["n"]
                 cpu[f"{name}_service_ms_per_req"] = round((c1[0] - c0[0]) / n * 1000, 3)
@@ -105,6 +142,8 @@ def run_engine(engine: str, tmp: Path, seconds: float, rounds: int, body: dict[s
             "put_p50_ms": [best["fresh"]["put"]["p50_ms"], best["base"]["put"]["p50_ms"]],
             "get_p50_ms": [best["fresh"]["get"]["p50_ms"], best["base"]["get"]["p50_ms"]],
             "cpu": cpu, "map_bytes": st["map_bytes"], "committed_epoch": st["committed_epoch"],
+            # --put-get: CPU ms per request of each phase, median over the rounds
+            "cpu_per_op": {k: statistics.median(v) for k, v in sorted(per_op_cpu.items())},
         }
     finally:
         for p in procs:
@@ -138,6 +177,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--put-get", action="store_true",
+                    help="measure only the put and get phases (the targets), not import / search")
     ap.add_argument("--postgres-dsn", default=DSN)
     args = ap.parse_args()
     DSN = args.postgres_dsn
@@ -158,7 +199,7 @@ def main() -> None:
         engines = ["sqlite"] + ([] if args.no_postgres else ["postgres"])
         for e in engines:
             t0 = time.monotonic()
-            out[e] = run_engine(e, tmp, seconds, rounds, body)
+            out[e] = run_engine(e, tmp, seconds, rounds, body, args.put_get)
             r = out[e]
             print(f"{e}: put {r['put_ratio']} ({r['put_fresh']} vs {r['put_base']}/s), get {r['get_ratio']} "
                   f"({r['get_fresh']} vs {r['get_base']}/s); CPU ms/request {r['cpu']} "

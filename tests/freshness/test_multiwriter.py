@@ -149,6 +149,65 @@ def test_rollback_is_detected_with_two_writers(engine, anchor):
         fs.close()
 
 
+def test_a_writing_replica_skips_head_reads_and_still_notices_a_rollback(engine, anchor):
+    """An accepted advance counts as a head read (docs/freshness.md, "Several writers"): a
+    replica that commits more often than ``sync_interval`` reads no head, and still notices
+    within the bound that the database serves it a row as it was before the other replica's
+    acknowledged write (its next advance is refused, which makes it catch up)."""
+    a = open_fresh(engine.open(), anchor, sync_interval=0.1)
+    b = open_fresh(engine.open(), anchor, sync_interval=0)
+    heads: list[float] = []
+    real_head = anchor.head
+
+    def counted_head(ledger: str):
+        heads.append(time.monotonic())
+        return real_head(ledger)
+
+    anchor.head = counted_head
+    a.put(NS, k(1), b"old", expected_version=0)
+    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE namespace = ?", (NS,))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def keep_writing() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                a.put("records:other", b"own-%06d" % i, b"x", expected_version=0)
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+                return
+            i += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=keep_writing)
+    t.start()
+    try:
+        time.sleep(0.2)
+        quiet_from = len(heads)
+        time.sleep(0.6)  # six sync intervals of writing: no head read was needed
+        assert len(heads) == quiet_from, "a replica that writes read the anchor's head"
+        assert b.get(NS, k(1)).value == b"old"
+        b.put(NS, k(1), b"new", expected_version=1)  # acknowledged by replica b
+        engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+        engine.sql("INSERT INTO safehold_rows SELECT * FROM old_row")
+        t0 = time.monotonic()
+        while True:  # replica a: within the staleness bound (sync_interval + a round trip)
+            try:
+                a.get(NS, k(1))
+            except RowRolledBackError:
+                break
+            assert time.monotonic() - t0 < 2.0, "replica a never noticed the rollback"
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < 0.1 + 0.5
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors, errors[:1]
+    for fs in (a, b):
+        fs.close()
+
+
 def test_fork_is_detected_with_two_writers(engine, anchor, tmp_path):
     a = open_fresh(engine.open(), anchor)
     a.put(NS, k(1), b"x", expected_version=0)

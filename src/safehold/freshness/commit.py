@@ -431,7 +431,13 @@ class Anchorer:
 
     def poll(self) -> None:
         """Bounded staleness with other writers: read the anchor's head every
-        ``sync_interval`` and catch up when another writer moved it (errors are recorded)."""
+        ``sync_interval`` and catch up when another writer moved it (errors are recorded).
+
+        An accepted advance counts as such a read, dated when it was sent: a majority accepted
+        ``prev -> new``, and every head another writer had anchored past ``prev`` sits on a
+        majority, which shares a member with ours — that member would have refused (conflict).
+        So while this replica writes at least once per ``sync_interval`` (the records service's
+        read-audit flush does, under any read load) no head read is needed at all."""
         fs = self._fs
         if fs.sync_interval <= 0 or time.monotonic() - self._polled < fs.sync_interval:
             return
@@ -464,6 +470,9 @@ class Anchorer:
                 return None
             self.failing, self._target = None, None
             st.anchor(head)
+            # the anchor's head was ours when the members took it: as good as a head read
+            # (poll), dated conservatively at the send
+            self._polled = max(self._polled, self._last)
         for hook in self.on_anchored:
             with contextlib.suppress(Exception):
                 hook(head)

@@ -83,8 +83,8 @@ from safehold.records.commit import Committer, GroupCommit
 from safehold.store.base import Store
 from safehold.store.errors import StoreClosedError
 
-__all__ = ["AUDIT_NAMESPACE", "BASE_KEY", "FLUSH_SECONDS", "GENESIS", "HEAD_KEY", "MAX_LAG_SECONDS",
-           "VERIFIED_KEY", "AccessAuditEntry", "AccessAuditLog", "SealRecord"]
+__all__ = ["AUDIT_NAMESPACE", "BASE_KEY", "FLUSH_SECONDS", "FRESH_FLUSH_SECONDS", "GENESIS", "HEAD_KEY",
+           "MAX_LAG_SECONDS", "VERIFIED_KEY", "AccessAuditEntry", "AccessAuditLog", "SealRecord"]
 
 AUDIT_NAMESPACE = "records.audit"
 GENESIS = "0" * 64
@@ -103,6 +103,8 @@ _SEAL_DOMAIN = b"safehold/records/audit-seal/v1\x00"
 _MAX_CONFLICTS = 64
 #: Read-audit flush interval, seconds.
 FLUSH_SECONDS = 0.05
+#: The same over a FreshStore, where every flush is also an anchor advance (docs/freshness.md).
+FRESH_FLUSH_SECONDS = 0.1
 #: A read is answered only while no buffered read entry is older than this (seconds).
 MAX_LAG_SECONDS = 0.25
 #: A read waits at most this long for a stalled flush, then is refused (StoreUnavailableError).

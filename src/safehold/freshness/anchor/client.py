@@ -281,6 +281,7 @@ class QuorumAnchor:
         self.n = len(self.links)
         self.timeout = timeout
         self._lock = threading.Lock()
+        self._verified: set[tuple[Any, ...]] = set()  # heads whose signatures verified (_checked)
 
     def close(self) -> None:
         """Close every connection."""
@@ -343,15 +344,27 @@ class QuorumAnchor:
         return {lk.info.member: lk.info.public_key for lk in self.links if lk.info is not None}
 
     def _checked(self, ledger: str, replies: list[Reply]) -> list[Reply]:
-        """Replace replies whose head signature does not verify by an error."""
+        """Replace replies whose head signature does not verify by an error.
+
+        A head that verified before is not verified again: the memo's key is everything the
+        check depends on — ledger, epoch, digest, the signatures as received and the statement
+        keys trusted now for their members — so a hit is the same computation with the same
+        inputs (a member that restarted has a new incarnation id and key: a miss)."""
         trusted = self._trusted()
         out: list[Reply] = []
         for r in replies:
-            if (isinstance(r, MemberReply) and r.head is not None
-                    and verify_head_signatures(ledger, r.head, trusted) < 1):
-                out.append(AnchorUnavailableError("an anchor member's signature on its head does not verify"))
-            else:
-                out.append(r)
+            if isinstance(r, MemberReply) and r.head is not None:
+                memo = (ledger, r.head.epoch, r.head.digest, r.head.signatures,
+                        tuple(trusted.get(s.member) for s in r.head.signatures))
+                if memo not in self._verified:
+                    if verify_head_signatures(ledger, r.head, trusted) < 1:
+                        out.append(AnchorUnavailableError(
+                            "an anchor member's signature on its head does not verify"))
+                        continue
+                    if len(self._verified) >= 4 * self.n:
+                        self._verified.clear()
+                    self._verified.add(memo)
+            out.append(r)
         return out
 
     def head(self, ledger: str) -> AnchorHead | None:

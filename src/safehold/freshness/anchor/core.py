@@ -108,12 +108,21 @@ class MemberCore:
         self._ledgers: dict[str, tuple[int, bytes]] = {}
         self._applied: set[bytes] = set()
         self._lock = threading.Lock()
+        # ledger -> the last signed head: Ed25519 is deterministic (RFC 8032 §5.1.6), so a head
+        # read between two advances returns the same bytes without signing again; an entry is
+        # used only while (epoch, digest) is still the ledger's head (the key of the message)
+        self._sigs: dict[str, AnchorHead] = {}
 
     # -- helpers ----------------------------------------------------------------------------
 
     def _signed(self, ledger: str, epoch: int, digest: bytes) -> AnchorHead:
+        last = self._sigs.get(ledger)
+        if last is not None and last.epoch == epoch and last.digest == digest:
+            return last
         sig = self._sk.sign(head_message(ledger, epoch, digest, self.member))
-        return AnchorHead(epoch, digest, (MemberSignature(self.member, self.public_key, sig),))
+        head = AnchorHead(epoch, digest, (MemberSignature(self.member, self.public_key, sig),))
+        self._sigs[ledger] = head
+        return head
 
     def _current(self, ledger: str) -> MemberReply | None:
         cur = self._ledgers.get(ledger)

@@ -9,6 +9,7 @@ is the workload name, which decides the ledgers the client may write.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -44,6 +45,13 @@ def client_name(request: Request) -> str | None:
     der = getattr(request.state, "tls_peer_cert", None)
     if not der:
         return None
+    return _cn(bytes(der))
+
+
+@functools.lru_cache(maxsize=256)
+def _cn(der: bytes) -> str | None:
+    """The subject CN of a DER certificate (cached per certificate: a client sends the same one
+    on every request of its connection, and parsing it is pure)."""
     try:
         names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except ValueError:
@@ -63,20 +71,20 @@ async def _body(request: Request) -> Any:
 
 
 @router.get("/v1/anchor/info")
-def info(request: Request) -> JSONResponse:
+async def info(request: Request) -> JSONResponse:
     """The member's incarnation id, statement key and endorsement, readiness."""
     return JSONResponse(info_to(_core(request).info()))
 
 
 @router.get("/v1/anchor/state")
-def state(request: Request) -> JSONResponse:
+async def state(request: Request) -> JSONResponse:
     """All ledger heads (for a restarting peer)."""
     return JSONResponse(state_to(_core(request).dump()))
 
 
 @router.get("/v1/anchor/ledgers/{ledger:path}")
-def read(ledger: str, request: Request) -> JSONResponse:
-    """The member's head of one ledger."""
+async def read(ledger: str, request: Request) -> JSONResponse:
+    """The member's head of one ledger (async: in-memory work, no thread-pool hop per read)."""
     if not _LEDGER.fullmatch(ledger):
         return _problem(400, "ledger name must be 1..128 of [A-Za-z0-9._:/-]")
     r = _core(request).read(ledger)
