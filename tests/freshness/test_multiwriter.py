@@ -12,6 +12,7 @@ import pytest
 
 from safehold.errors import ConflictError
 from safehold.freshness.errors import (
+    AnchorUnavailableError,
     NotAnchoredError,
     RowDeletedError,
     RowRolledBackError,
@@ -204,6 +205,72 @@ def test_a_writing_replica_skips_head_reads_and_still_notices_a_rollback(engine,
         stop.set()
         t.join(10)
     assert not errors, errors[:1]
+    for fs in (a, b):
+        fs.close()
+
+
+def test_a_frozen_replica_does_not_serve_a_row_older_than_the_other_replicas_write(engine, anchor):
+    """The operator SIGSTOPs replica b past its head polls, has a acknowledge a write, then puts
+    the row back as b last saw it. On waking, b's first read confirms the anchor's head first
+    (its lease of ``2 * sync_interval`` ran out), catches up and refuses the row; before the
+    lease, b served the old value with 200."""
+    a = open_fresh(engine.open(), anchor, sync_interval=0.2)
+    b = open_fresh(engine.open(), anchor, sync_interval=0.2)
+    a.put(NS, k(1), b"v1", expected_version=0)
+    b.sync()
+    assert b.get(NS, k(1)).value == b"v1" and b.caught_up > 0
+    engine.sql("CREATE TABLE v1_row AS SELECT * FROM safehold_rows WHERE namespace = ?", (NS,))
+    b.anchorer.stop()  # "frozen": no head poll, no advance from here on
+    a.put(NS, k(1), b"v2", expected_version=1)  # acknowledged
+    engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("INSERT INTO safehold_rows SELECT * FROM v1_row")
+    time.sleep(0.5)  # past b's lease; b's map still says v1
+    with pytest.raises(RowRolledBackError):
+        b.get(NS, k(1))
+    # the anchor unreachable past the lease: nothing that may be stale is served
+    c = open_fresh(engine.open(), anchor, sync_interval=0.2)
+    a.put(NS, k(2), b"other", expected_version=0)
+    c.sync()  # c has seen another writer's entry: the lease applies
+    assert c.caught_up > 0
+    c.anchorer.stop()
+    cores = list(anchor.cores)
+    anchor.cores = [None, None, cores[2]]
+    time.sleep(0.5)
+    try:
+        with pytest.raises(AnchorUnavailableError, match="could not be confirmed"):
+            c.get(NS, b"row-9999")
+    finally:
+        anchor.cores = cores
+    for fs in (a, b, c):
+        fs.close()
+
+
+def test_after_the_owner_reanchors_through_one_writer_the_other_rejoins(engine, anchor):
+    """The anchor loses the ledger (all members restarted): both writers stop serving; the
+    owner re-anchors through a; b compares with the anchor again (``rejoin``: the records
+    service does it every second) and serves, without a second owner statement."""
+    from safehold.freshness.anchor.core import MemberCore
+    from safehold.freshness.errors import AnchorLostError
+
+    a = open_fresh(engine.open(), anchor, sync_interval=0.1)
+    b = open_fresh(engine.open(), anchor, sync_interval=0.1)
+    a.put(NS, k(1), b"v1", expected_version=0)
+    b.sync()
+    assert b.rejoin()  # fresh: nothing to do
+    anchor.cores = [MemberCore(anchor.n, anchor.owner.public) for _ in range(anchor.n)]
+    for i in range(anchor.n):  # every member restarted: ready in lost mode
+        anchor.catch_up(i)
+    for fs in (a, b):
+        with pytest.raises(AnchorLostError):
+            fs.sync()
+    assert not b.rejoin()  # the anchor holds nothing yet: still not serving
+    a.reanchor(anchor.sign_for(a, "reanchor"))
+    assert a.get(NS, k(1)).value == b"v1"
+    assert b.rejoin() and b.problem is None
+    assert b.get(NS, k(1)).value == b"v1"
+    b.put(NS, k(2), b"after", expected_version=0)
+    a.sync()
+    assert a.get(NS, k(2)).value == b"after"
     for fs in (a, b):
         fs.close()
 

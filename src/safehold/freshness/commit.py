@@ -333,6 +333,11 @@ class Anchorer:
         self._thread = threading.Thread(target=self._run, name=f"safehold-anchor-{store.ledger}", daemon=True)
         self._last = 0.0
         self._polled = time.monotonic()
+        #: monotonic send time of the newest confirmation of the anchor's head (a head read that
+        #: answered, an accepted advance); the start-up comparison reads it just after this
+        self.confirmed = time.monotonic()
+        #: serialises the read path's lease renewal (FreshStore._lease)
+        self.lease_lock = threading.Lock()
         self._conflict: AnchorConflictError | AnchorLostError | None = None
         self.on_anchored: list[Any] = []
         self.busy: list[Any] = []
@@ -473,6 +478,7 @@ class Anchorer:
             # the anchor's head was ours when the members took it: as good as a head read
             # (poll), dated conservatively at the send
             self._polled = max(self._polled, self._last)
+            self.confirmed = max(self.confirmed, self._last)
         for hook in self.on_anchored:
             with contextlib.suppress(Exception):
                 hook(head)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -37,6 +38,7 @@ from safehold.freshness.errors import (
     AnchorUnavailableError,
     FreshnessError,
     JournalCorruptError,
+    LedgerUninitialisedError,
     NotAnchoredError,
     RowFreshnessError,
     StoreForkedError,
@@ -168,6 +170,34 @@ class FreshStore(Store):
 
         recovery.compare_with_anchor(self)
         self.check()
+
+    def rejoin(self) -> bool:
+        """Several writers: after the anchor lost the ledger (its members restarted) or was
+        unreachable, compare with the anchor again — once the data owner re-anchored the ledger
+        through another writer, this one catches up from the journal (every entry's MAC and link
+        checked) and serves again. Nothing is accepted that the anchor does not hold; any other
+        problem (rollback, fork, corrupt journal) is left for the owner.
+
+        Returns:
+            True if the store is fresh now.
+        """
+        from safehold.freshness import recovery
+
+        if not isinstance(self.problem, AnchorLostError | LedgerUninitialisedError | AnchorUnavailableError):
+            return self.problem is None
+        try:  # quietly, while the anchor still holds nothing for the ledger (no log per round)
+            if self.anchor.head(self.ledger) is None:
+                return False
+        except (AnchorUnavailableError, AnchorLostError):
+            return False
+        with self.committing():
+            recovery.compare_with_anchor(self)
+            if self.problem is None:
+                self.fatal.clear()
+                self.anchorer.kick()
+                log.info("ledger %r: fresh again at %s (the anchor holds this store's head)",
+                         self.ledger, self.state.committed.describe())
+        return self.problem is None
 
     def reanchor_proposal(self) -> dict[str, Any]:
         """What re-anchoring would accept: ``{ledger, epoch, digest, rows, namespaces,
@@ -346,6 +376,7 @@ class FreshStore(Store):
             (recorded: the store stops serving).
         """
         self.live()
+        sent = time.monotonic()
         try:
             head = self.anchor.head(self.ledger)
         except AnchorUnavailableError:
@@ -361,6 +392,7 @@ class FreshStore(Store):
             self.catch_up()
         if head is not None:
             self.endorse(head)
+            self.anchorer.confirmed = max(self.anchorer.confirmed, sent)
         return head
 
     def _sync_after_mismatch(self) -> bool:
@@ -384,6 +416,8 @@ class FreshStore(Store):
 
     def _guard(self, namespace: object) -> str:
         self.live()
+        if self.caught_up and self.sync_interval > 0:
+            self._lease()
         if namespace in self._names:
             return namespace
         ns = check_namespace(namespace)
@@ -392,6 +426,28 @@ class FreshStore(Store):
         if len(self._names) < 10_000:
             self._names.add(ns)
         return ns
+
+    def _lease(self) -> None:
+        """Several writers: serve only while the anchor's head was confirmed (a head read or an
+        accepted advance, dated when it was sent) within ``2 * sync_interval``; else confirm it
+        now. The bounded-staleness promise then holds even for a process the operator froze
+        (SIGSTOP) past its poll: on waking, its first operation reads the head first.
+
+        Raises:
+            AnchorUnavailableError: the head cannot be confirmed (no majority answers).
+            StoreForkedError / StoreRolledBackError / AnchorLostError: as :meth:`sync`.
+        """
+        a = self.anchorer
+        if time.monotonic() - a.confirmed <= 2 * self.sync_interval:
+            return
+        with a.lease_lock:
+            if time.monotonic() - a.confirmed <= 2 * self.sync_interval:
+                return  # another thread confirmed it meanwhile
+            if self.sync(full=False) is None:
+                raise AnchorUnavailableError(
+                    f"ledger {self.ledger!r}: the anchor's head could not be confirmed within "
+                    f"{2 * self.sync_interval:.1f} s and other writers share this ledger: not serving "
+                    "what may be stale")
 
     def _kind(self, ns: str) -> tuple[int, int]:
         k = self._kinds.get(ns)

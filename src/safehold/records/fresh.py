@@ -31,7 +31,7 @@ from typing import Any
 from safehold.crypto.kdf import derive_key
 from safehold.crypto.keyset import Keyset
 from safehold.freshness.anchor.base import AnchorHead
-from safehold.freshness.errors import AnchorUnavailableError, FreshnessError
+from safehold.freshness.errors import FreshnessError
 from safehold.freshness.store import FreshStore
 from safehold.freshness.vmap import NamespacePolicy
 from safehold.records.search import PREFIX_LEN
@@ -182,25 +182,27 @@ class Freshness:
             callback()
 
     def start_background(self, audit_seconds: float, retry_seconds: float = 1.0) -> None:
-        """Start the background audit (every ``audit_seconds``; 0 = off) and, while the anchor
-        was unreachable at start-up, a thread retrying the comparison every ``retry_seconds``."""
+        """Start the background audit (every ``audit_seconds``; 0 = off) and a thread that, every
+        ``retry_seconds`` while the store is not fresh because the anchor was unreachable or lost
+        the ledger, compares with the anchor again (:meth:`FreshStore.rejoin`): the store serves
+        again once the anchor answers, or once the owner re-anchored the ledger through another
+        writer (a worker or replica of the same ledger)."""
         from safehold.freshness.audit import AuditThread
 
         def retry() -> None:
             while not self._stop.wait(retry_seconds):
-                if isinstance(self.fs.problem, AnchorUnavailableError):
-                    try:
-                        self.fs.recover()
-                    except FreshnessError as e:
-                        log.warning("freshness: anchor not usable yet: %s", e)
-                        continue
                 if self.fs.problem is None:
                     self._became_fresh()
-                if self._started:
-                    return
+                    continue
+                try:
+                    if self.fs.rejoin():
+                        self._became_fresh()
+                except FreshnessError as e:
+                    log.warning("freshness: anchor not usable yet: %s", e)
+                except Exception as e:  # noqa: BLE001 - database trouble: next round
+                    log.warning("freshness: comparing with the anchor failed: %s", e)
 
-        if not self._started:
-            threading.Thread(target=retry, name="safehold-records-anchor-retry", daemon=True).start()
+        threading.Thread(target=retry, name="safehold-records-anchor-retry", daemon=True).start()
         if audit_seconds > 0:
             self.audit = AuditThread(self.fs, audit_seconds, on_findings=self._alarm).start()
 
