@@ -237,3 +237,27 @@ def test_fresh_group_commit_failing_unit_is_alone(engine, anchor):
     assert gc.run(lambda: fs.put(NS, k(2), b"c", expected_version=0)) == 1
     assert fs.get(NS, k(1)).value == b"a" and fs.audit() == []
     fs.close()
+
+
+def test_batched_reads_and_posting_inserts_are_checked(engine, anchor):
+    """``insert_new`` journals exactly the rows it inserted (the posting group's count and hash
+    match afterwards) and ``get_many`` refuses a rolled-back row as ``get`` does (issue 17)."""
+    fs = open_fresh(engine.open(), anchor)
+    p = bytes([7]) * 16
+    with fs.transaction() as tx:
+        assert tx.insert_new(SEARCH, [(p + k(1), b"a"), (p + k(2), b"b")]) == [True, True]
+        tx.put(NS, k(1), b"v1", expected_version=0)
+        tx.put(NS, k(2), b"w1", expected_version=0)
+    with fs.transaction() as tx:  # an existing posting is left alone and not journaled again
+        assert tx.insert_new(SEARCH, [(p + k(2), b"x"), (p + k(3), b"c")]) == [False, True]
+        tx.put(NS, k(1), b"v2", expected_version=1)
+    assert [r.key for r in fs.scan_prefix(SEARCH, p)] == [p + k(1), p + k(2), p + k(3)]
+    assert [r and r.value for r in fs.get_many(NS, [k(1), k(2), k(9)])] == [b"v2", b"w1", None]
+    # the database serves version 1 of k(1) again: get_many refuses it like get
+    engine.sql("UPDATE safehold_rows SET version = 1, value = ? WHERE namespace = ? AND key = ?",
+               (b"v1", NS, k(1)))
+    with pytest.raises(RowRolledBackError):
+        fs.get_many(NS, [k(2), k(1)])
+    with pytest.raises(RowRolledBackError):
+        fs.get(NS, k(1))
+    fs.close()

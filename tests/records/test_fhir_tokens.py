@@ -138,6 +138,21 @@ def test_reindex_rebuilds_postings_of_the_older_format(tmp_path):
         assert old_rows[0].key not in rows  # the old term is gone, not left to leak
         assert [h[0] for h in repo.find("t", [["family^konigss"]], lambda _r, _x: True).hits] == ["p0"]
         assert repo.engine.get(f"{repo.ns}.meta", "search-index-format")[0] == INDEX_FORMAT
+        # a store written in posting row format 2 (GCM envelope of the id, HMAC key suffix):
+        # rebuilt as well, its rows dropped (issue 17)
+        from safehold.crypto import envelope
+
+        idx = repo.index
+        term = "family=konigsstein"
+        s2 = idx._bi.index(idx.ns, b"posting:" + term.encode() + b"\x00p0")
+        k2 = idx.prefix(term) + s2
+        v2 = envelope.seal(idx.keyset, b"p0", b"safehold/search/v1" + idx.ns.encode() + k2)
+        c.run(lambda: store.put(idx.ns, k2, v2, expected_version=0))
+        c.run(lambda: repo.engine.put(f"{repo.ns}.meta", "search-index-format", b"safehold/search-index/2"))
+        assert ensure_search_index(repo) == 3
+        rows = {r.key for r in store.scan(idx.ns, limit=10_000)}
+        assert k2 not in rows and idx.key(term, "p0") in rows
+        assert [h[0] for h in repo.find("t", [[term]], lambda _r, _x: True).hits] == ["p0"]
     finally:
         store.close()
 

@@ -184,18 +184,22 @@ def test_postings_tamper_copy_and_rekey(repo):
     hits = repo.search("u", {"family": "common"})
     assert len(hits) == 28  # the two damaged postings (edited, copied) are skipped
     assert all(r["name"][0]["family"] == "Common" for _, r in hits)
-    # rotation: new primary key, postings re-sealed, search unchanged
+    # format 3: the value is the id alone (AES-SIV, the key's second half is its IV/tag)
+    assert all(len(v) == len("hid-0000-posting") for k, v in fam)
+    # rotation: postings are sealed under an index-key derivative, so nothing is re-sealed and
+    # search is unchanged
     before = {i for i, _ in repo.search("u", {"family": "common"})}
-    new_id = idx.keyset.add(primary=True)
-    n = idx.rekey()
-    total = conn.execute(f"SELECT count(*) FROM {T} WHERE namespace = ?", (idx.ns,)).fetchone()[0]
-    assert n == total - 2
-    from safehold.crypto import envelope
-
-    ids = [envelope.envelope_key_id(v)
-           for (v,) in conn.execute(f"SELECT value FROM {T} WHERE namespace = ?", (idx.ns,))]
-    assert ids.count(new_id) == total - 2
+    idx.keyset.add(primary=True)
+    assert idx.rekey() == 0
     assert {i for i, _ in repo.search("u", {"family": "common"})} == before
+    # a posting moved under another term's prefix does not authenticate there
+    g = idx.prefix("given=g5")
+    (kg, _), = [(k, v) for k, v in rows if k[:16] == g]
+    (k3, v3) = fam[3]
+    conn.execute(f"INSERT INTO {T} (namespace, key, version, value) VALUES (?, ?, 1, ?)",
+                 (idx.ns, g + k3[16:], v3))
+    conn.commit()
+    assert {i for i, _ in repo.search("u", {"given": "G5"})} == {"hid-0005-posting"}
 
 
 def test_two_replicas_append_to_one_audit_chain(tmp_path):

@@ -317,3 +317,25 @@ def test_store_calls_inside_transaction_join_it(store: Store) -> None:
         store.put("ns", b"k", b"v3", expected_version=2)
         raise RuntimeError("roll back")
     assert store.get("ns", b"k") == Row("ns", b"k", 1, b"v1")
+
+
+def test_get_many_and_insert_new(store: Store) -> None:
+    """The batched forms (issue 17) behave as get / put(expected_version=0) per row, inside and
+    outside a transaction; an existing key is left alone and reported as not inserted."""
+    store.put("ns", b"k2", b"old", expected_version=0)
+    store.put("ns", b"k2", b"older", expected_version=1)
+    assert store.get_many("ns", [b"k1", b"k2", b"k2"]) == [
+        None, Row("ns", b"k2", 2, b"older"), Row("ns", b"k2", 2, b"older")]
+    with store.transaction() as tx:
+        assert tx.insert_new("ns", [(b"k1", b"a"), (b"k2", b"b"), (b"k3", b"c")]) == [True, False, True]
+        assert tx.insert_new("ns", [(b"k4", b"d"), (b"k5", b"e")]) == [True, True]
+        assert [r and r.value for r in tx.get_many("ns", [b"k1", b"k4"])] == [b"a", b"d"]
+    assert store.insert_new("ns", [(b"k6", b"f"), (b"k1", b"x")]) == [True, False]  # no transaction
+    got = {r.key: (r.version, r.value) for r in store.scan("ns", limit=10)}
+    assert got == {b"k1": (1, b"a"), b"k2": (2, b"older"), b"k3": (1, b"c"), b"k4": (1, b"d"),
+                   b"k5": (1, b"e"), b"k6": (1, b"f")}
+    with pytest.raises(RuntimeError):
+        with store.transaction() as tx:
+            tx.insert_new("ns", [(b"k7", b"g"), (b"k8", b"h")])
+            raise RuntimeError("rolled back")
+    assert store.get_many("ns", [b"k7", b"k8"]) == [None, None]

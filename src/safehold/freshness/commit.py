@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,26 @@ class FreshTx(StoreOps):
             raise self._refuse(ns, key, (expected_version, b"?") if expected_version else None, known)
         changes.points[(ns, key)] = (new, self._fs.keys.leaf(ns, key, new, value))
         return new
+
+    def insert_new(self, namespace: str, rows: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """Insert-only writes (see :meth:`StoreOps.insert_new`). Posting namespaces: one batched
+        statement, each inserted row recorded as a posting change (0 -> 1), exactly as a
+        ``put(..., expected_version=0)`` per row would; point namespaces: :meth:`put` per row.
+
+        Raises:
+            as :meth:`put` (point rows).
+        """
+        ops, changes = self._top()
+        ns = self._fs._guard(namespace)
+        if self._fs.state.vmap.kind(ns)[0] != POSTINGS:
+            return super().insert_new(ns, rows)
+        checked = [(check_key(k), v) for k, v in rows]
+        done = ops.insert_new(ns, checked)
+        post = changes.postings
+        for (key, _), ok in zip(checked, done, strict=True):
+            if ok:
+                post[(ns, key)] = (post.get((ns, key), (0, 0))[0], 1)
+        return done
 
     def delete(self, namespace: str, key: bytes, *, expected_version: int | None = None) -> bool:
         """Delete; see :meth:`FreshStore.delete`. Raises as :meth:`put`."""

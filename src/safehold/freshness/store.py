@@ -540,6 +540,27 @@ class FreshStore(Store):
             lambda f, e: check.point_error(ns, key, f, e), f"row {key.hex()} of namespace {ns!r}")
         return row
 
+    def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[Row | None]:
+        """:meth:`get` for many keys of one point namespace: one batched read of the inner
+        store, each row compared with the map's settled state; a row that does not match (or
+        is being committed, or inside a transaction, or a posting namespace) takes
+        :meth:`get`'s full path, with the same errors.
+        """
+        ns = self._guard(namespace)
+        keys = [check_key(k) for k in keys]
+        if self._kind(ns)[0] == POSTINGS or self.own() is not None:
+            return [self.get(ns, k) for k in keys]
+        fk, st = self.keys, self.state
+        out: list[Row | None] = []
+        for key, got in zip(keys, self._ops().get_many(ns, keys), strict=True):
+            exp = st.fast_point(ns, key)
+            if exp is not False and exp == (None if got is None else
+                                            (got.version, fk.leaf(ns, key, got.version, got.value))):
+                out.append(got)
+            else:
+                out.append(self.get(ns, key))
+        return out
+
     def scan(self, namespace: str, *, after: bytes | None = None, limit: int = 100) -> list[Row]:
         """A page of rows, checked to be exactly the map's page (see :meth:`StoreOps.scan`).
 
@@ -667,6 +688,16 @@ class FreshStore(Store):
             return FreshTx(self).put(namespace, key, value, expected_version=expected_version)
         with self.transaction() as tx:
             return tx.put(namespace, key, value, expected_version=expected_version)
+
+    def insert_new(self, namespace: str, rows: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """Insert-only writes of many rows (see :meth:`StoreOps.insert_new`), recorded as
+        :meth:`put` would record them; as :meth:`put` outside a transaction."""
+        if self._local.stack:
+            from safehold.freshness.commit import FreshTx
+
+            return FreshTx(self).insert_new(namespace, rows)
+        with self.transaction() as tx:
+            return tx.insert_new(namespace, rows)
 
     def delete(self, namespace: str, key: bytes, *, expected_version: int | None = None) -> bool:
         """Delete (see :meth:`StoreOps.delete`), checked against the map; as :meth:`put`."""

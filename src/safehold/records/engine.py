@@ -52,6 +52,7 @@ from safehold.crypto.blind_index import INDEX_SIZE, BlindIndexer
 from safehold.crypto.keyset import Keyset
 from safehold.errors import (
     ConflictError,
+    RecordError,
     RecordNotFoundError,
     RecordTamperedError,
 )
@@ -333,6 +334,31 @@ class RecordEngine:
                                       f"{addr.namespace!r}")
         _, value = self.frame.open(row, addr.key)
         return value, row.version
+
+    def get_many_at(self, addrs: list[RowAddress]) -> list[tuple[bytes, int] | RecordError]:
+        """:meth:`get_at` for many addresses of one namespace, read in one batched store call
+        (:meth:`~safehold.store.base.StoreOps.get_many`): per address ``(value, version)`` or
+        the error :meth:`get_at` would raise (RecordNotFoundError, RecordTamperedError).
+
+        Raises:
+            StoreUnavailableError: the store cannot be reached. ValueError: mixed namespaces.
+        """
+        if not addrs:
+            return []
+        sns = addrs[0].store_namespace
+        if any(a.store_namespace != sns for a in addrs):
+            raise ValueError("get_many_at: addresses of one namespace only")
+        out: list[tuple[bytes, int] | RecordError] = []
+        for addr, row in zip(addrs, self.store.get_many(sns, [a.row_key for a in addrs]), strict=True):
+            if row is None:
+                out.append(RecordNotFoundError(f"no record at row {addr.row_key.hex()} in namespace "
+                                               f"{addr.namespace!r}"))
+                continue
+            try:
+                out.append((self.frame.open(row, addr.key)[1], row.version))
+            except RecordTamperedError as e:
+                out.append(e)
+        return out
 
     def exists(self, namespace: str, key: str) -> bool:
         """True if the record exists *and* authenticates (a planted row raises, never counts).

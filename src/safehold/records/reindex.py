@@ -1,8 +1,10 @@
 """The format of the search postings, and rebuilding them when the format changes.
 
 The posting terms (:mod:`safehold.records.tokens`) changed from whole normalised values
-(format 1) to folded values, prefixes, date levels and references (format 2). A store written
-by older code holds format-1 postings, which the new search cannot use: :func:`ensure_search_index`
+(format 1) to folded values, prefixes, date levels and references (format 2); the posting rows
+changed from a GCM envelope of the id to AES-SIV rows (format 3, issue 17,
+:mod:`safehold.records.search`). A store written by older code holds postings the new search
+cannot use: :func:`ensure_search_index`
 (called when the service opens its repositories, before it serves) finds the format marker —
 an engine record ``search-index-format`` in namespace ``<namespace>.meta``, encrypted like every
 record — and when it is missing or older, drops every posting row of the namespace and posts
@@ -23,7 +25,7 @@ from safehold.records.repository import MAX_PAGE, PatientRepository
 __all__ = ["INDEX_FORMAT", "ensure_search_index"]
 
 #: The current posting format (see the module docstring).
-INDEX_FORMAT = b"safehold/search-index/2"
+INDEX_FORMAT = b"safehold/search-index/3"
 _MARKER = "search-index-format"
 _BATCH = 200
 log = logging.getLogger("safehold.records")

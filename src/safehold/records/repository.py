@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from safehold.crypto.keyset import Keyset
@@ -84,11 +84,13 @@ log = logging.getLogger("safehold.records")
 @dataclass(frozen=True)
 class FoundPage:
     """A page of :meth:`PatientRepository.find`: ``hits`` ``(id, record, version)`` in id order,
-    ``total`` matches (None: not counted), whether ``more`` follow."""
+    ``total`` matches (None: not counted), whether ``more`` follow, and each hit's stored form
+    (``raws``, compact JSON: an answer can embed it without encoding the record again)."""
 
     hits: list[tuple[str, dict[str, Any], int]]
     total: int | None
     more: bool
+    raws: list[bytes] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,16 @@ class PatientRepository:
                 :data:`~safehold.records.model.SEARCH_FIELDS`.
             SearchTooCostlyError: a scan over more than :data:`MAX_CANDIDATES` records.
         """
+        return self._search_page(who, criteria, limit).hits
+
+    def search_raw(self, who: str, criteria: Mapping[str, str], *,
+                   limit: int = MAX_PAGE) -> list[tuple[str, bytes, int]]:
+        """As :meth:`search_hits`, with each record's stored form (compact JSON, UTF-8) instead
+        of the decoded object: ``(id, stored form, version)``. Raises as :meth:`search_hits`."""
+        page = self._search_page(who, criteria, limit)
+        return [(rid, raw, v) for (rid, _, v), raw in zip(page.hits, page.raws, strict=True)]
+
+    def _search_page(self, who: str, criteria: Mapping[str, str], limit: int) -> FoundPage:
         if not criteria:
             raise InvalidRecordError("search needs at least one field")
         bad = sorted(set(criteria) - set(SEARCH_FIELDS))
@@ -398,9 +410,8 @@ class PatientRepository:
             raise InvalidRecordError(f"cannot search on {bad}; searchable: {list(SEARCH_FIELDS)}")
         want = {(f, normalise(v)) for f, v in criteria.items()}
         terms = sorted({t for f, v in criteria.items() if (t := native_term(f, v)) is not None})
-        page = self.find(who, [[t] for t in terms] or None,
+        return self.find(who, [[t] for t in terms] or None,
                          lambda _rid, rec: want <= search_terms(rec), limit=limit, count=False)
-        return page.hits
 
     def find(self, who: str, groups: Sequence[Iterable[str]] | None,
              keep: Callable[[str, dict[str, Any]], bool], *, after: str | None = None,
@@ -440,29 +451,40 @@ class PatientRepository:
             raise SearchTooCostlyError(f"search has {len(candidates)} candidates, more than "
                                        f"{max_candidates}: add a more selective parameter")
         hits: list[tuple[str, dict[str, Any], int]] = []
+        raws: list[bytes] = []
         hit_keys: list[bytes] = []
         total, more = 0, False
-        for rid in sorted(candidates):
-            addr = self.engine.address(self.ns, rid)
-            try:
-                raw, version = self.engine.get_at(addr)
-            except RecordNotFoundError:
-                continue  # stale posting (superset by design)
-            rec = decode_stored(raw)
-            if not keep(rid, rec):
-                continue
-            total += 1
-            if after is not None and rid <= after:
-                continue
-            if len(hits) < limit:
-                hits.append((rid, rec, version))
-                hit_keys.append(addr.row_key)
-            else:
-                more = True
-                if not count:
-                    break
+        todo = sorted(candidates)
+        # read the candidates in batches (one store query each; issue 17, the 100-hit search)
+        chunk, pos, done = max(limit + 1, 16), 0, False
+        while pos < len(todo) and not done:
+            rids = todo[pos:pos + chunk]
+            pos += len(rids)
+            addrs = [self.engine.address(self.ns, rid) for rid in rids]
+            for rid, addr, got in zip(rids, addrs, self.engine.get_many_at(addrs), strict=True):
+                if isinstance(got, RecordNotFoundError):
+                    continue  # stale posting (superset by design)
+                if isinstance(got, RecordError):
+                    raise got  # a tampered candidate: fail closed
+                raw, version = got
+                rec = decode_stored(raw)
+                if not keep(rid, rec):
+                    continue
+                total += 1
+                if after is not None and rid <= after:
+                    continue
+                if len(hits) < limit:
+                    hits.append((rid, rec, version))
+                    raws.append(raw)
+                    hit_keys.append(addr.row_key)
+                else:
+                    more = True
+                    if not count:
+                        done = True
+                        break
+            chunk = min(chunk * 2, MAX_PAGE)
         self._audit_read(who, "search", None, f"ok:{len(hits)}", hit_keys)
-        return FoundPage(hits, total if count else None, more)
+        return FoundPage(hits, total if count else None, more, raws)
 
     def _all_ids(self, bound: int) -> set[str]:
         """Every record id of the namespace (authenticated rows), at most ``bound`` + 1."""
@@ -527,17 +549,26 @@ class PatientRepository:
         out: list[PutResult | RecordError | ValueError | None] = [None] * len(writes)
         plans: list[tuple[int, ValidRecord, RowAddress, bytes | None, int]] = []
         bodies: list[JSONObject] = []  # entries of unchanged and refused items
-        for pos, (rec, expected) in enumerate(writes):
+        addrs: dict[int, RowAddress] = {}
+        for pos, (rec, _) in enumerate(writes):
             try:
-                addr = self.engine.address(self.ns, rec.id)
-                try:
-                    old_raw: bytes | None
-                    old_raw, cur = self.engine.get_at(addr)
-                except RecordNotFoundError:
-                    old_raw, cur = None, 0
-            except (RecordError, ValueError) as e:
+                addrs[pos] = self.engine.address(self.ns, rec.id)
+            except ValueError as e:
                 out[pos] = e
+        # the current rows in one batched read (issue 17)
+        current = dict(zip(addrs, self.engine.get_many_at(list(addrs.values())), strict=True))
+        for pos, (rec, expected) in enumerate(writes):
+            if pos not in addrs:
                 continue
+            addr, got = addrs[pos], current[pos]
+            old_raw: bytes | None
+            if isinstance(got, RecordNotFoundError):
+                old_raw, cur = None, 0
+            elif isinstance(got, RecordError):
+                out[pos] = got
+                continue
+            else:
+                old_raw, cur = got
             if expected is not None and expected != cur:
                 bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "precondition-failed"))
                 out[pos] = PreconditionFailedError(
@@ -553,6 +584,7 @@ class PatientRepository:
         def unit() -> list[tuple[int, int]]:
             redo.clear()
             done: list[tuple[int, int]] = []
+            adds: list[tuple[str, list[str]]] = []
             staged = list(bodies)
             for pos, rec, addr, old_raw, cur in plans:
                 if old_raw == rec.raw:
@@ -567,10 +599,11 @@ class PatientRepository:
                 if old_raw is not None:
                     self.history.archive(rec.id, cur, old_raw)
                 self.index.remove(rec.id, sorted(old_terms - rec.postings))
-                self.index.add(rec.id, sorted(rec.postings - old_terms))
+                adds.append((rec.id, sorted(rec.postings - old_terms)))
                 done.append((pos, version))
                 staged.append(AccessAuditLog.body(who, "put", addr.row_key,
                                                   "created" if cur == 0 else "updated"))
+            self.index.add_many(adds)  # every item's new postings in one batched insert
             if self.audit is not None and staged:  # last: advances the chain once
                 self.audit.stage_many(staged)
             return done

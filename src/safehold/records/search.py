@@ -1,38 +1,58 @@
 """Exact-match search through keyed blind indexes: one *posting row* per (term, record).
 
 A term is ``"<field>=<normalised value>"`` (:func:`safehold.records.model.postings`).
-For each term a record has, one row is stored in the untrusted store::
+For each term a record has, one row is stored in the untrusted store (format 3, issue 17)::
 
     namespace  <records namespace>.search        (e.g. "records:patients.search")
-    key        P || S                             32 bytes
+    key        P || V                             32 bytes
                P = HMAC-SHA256(k_ns, "term:" || term)[:16]             term prefix
-               S = HMAC-SHA256(k_ns, "posting:" || term || 0x00 || id)[:16]
-    value      AES-256-GCM envelope of the record id, AAD = "safehold/search/v1" || ns || key
+               V || C = AES-SIV(k_siv, AD = ["safehold/search/v1", ns, term], id)
+    value      C: the record id encrypted (AES-CTR under the synthetic IV V), len(id) bytes
 
 with ``k_ns`` the keyset's blind-index key derived for the namespace
-(:class:`safehold.crypto.blind_index.BlindIndexer`, HKDF domain separation). A lookup scans the
-rows whose key starts with ``P`` (the store orders keys bytewise) and decrypts the ids.
+(:class:`safehold.crypto.blind_index.BlindIndexer`, HKDF domain separation) and ``k_siv`` a
+64-byte AES-SIV key (RFC 5297, ``cryptography``'s ``AESSIV``) derived from the same
+``index_key`` (HKDF purpose ``records/posting-siv``, context ns). A lookup scans the rows whose
+key starts with ``P`` (the store orders keys bytewise) and decrypts the ids with the term as
+associated data.
+
+Why this is as strong as the format-2 row (GCM envelope of the id under the value key, key
+suffix ``S = HMAC(k_ns, "posting:" || term || 0 || id)[:16]``), and 33 bytes shorter: AES-SIV
+is a deterministic authenticated encryption scheme (RFC 5297 §1.3); its IV ``V`` is a PRF of
+(associated data, id) — exactly what ``S`` was, a deterministic per-(term, id) tag — so the key
+suffix and the authentication tag are one and the same 16 bytes. Deterministic encryption only
+reveals equal (term, id) pairs, which the deterministic key revealed already; ids of one
+record under different terms get unrelated ``V`` and keystreams, so they stay unlinkable.
+Decryption checks ``V`` over the term, namespace and id: a value edited, or copied under
+another key (another term, another id), fails. The multiset hash of the freshness layer
+covers each group's keys and versions, and a key names its value (``V`` is a PRF of the id),
+so rows left out, restored or added are found there. The price: the id is sealed under a key
+derived from ``index_key``, which never rotates (the blind indexes depend on it too), instead
+of under the rotating value keys; rotating value keys no longer re-seals postings
+(:meth:`PostingIndex.rekey` has nothing to do), and changing ``index_key`` means re-indexing
+as it always did.
 
 What the database learns: how many records share a term (rows under one prefix) and which
-rows a write touches — the usual leakage of deterministic blind indexes. ``S`` depends on the
-term, so rows of one record under different terms are not linkable by key; the id never
-appears. Writes are O(1) per term (no ever-growing list, no hot row), and run inside the
+rows a write touches — the usual leakage of deterministic blind indexes — and each id's
+length (as before). The id never appears. Writes are O(1) per term (no ever-growing list, no
+hot row), one batched insert per record (:meth:`StoreOps.insert_new`), and run inside the
 caller's store transaction, so postings commit atomically with their record.
 
-A row whose envelope fails authentication (edited, or copied to another key) is skipped and
-logged by key; search results are re-checked against the decrypted records anyway.
+A row that fails authentication is skipped and logged by key; search results are re-checked
+against the decrypted records anyway.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable
 
-from safehold.crypto import envelope
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
 from safehold.crypto.blind_index import BlindIndexer
+from safehold.crypto.kdf import derive_key
 from safehold.crypto.keyset import Keyset
-from safehold.errors import ConflictError, CryptoError
 from safehold.store.base import Row, Store
 
 log = logging.getLogger("safehold.records")
@@ -41,6 +61,8 @@ _AAD = b"safehold/search/v1"
 PREFIX_LEN = 16
 _PAGE = 500
 _FIRST_PAGE = 16
+_SIV_PURPOSE = "records/posting-siv"
+_PREFIX_CACHE = 65_536  # blinded term prefixes kept (terms repeat: names, date levels)
 
 
 class PostingIndex:
@@ -57,28 +79,49 @@ class PostingIndex:
         self.keyset = keyset
         self.ns = namespace
         self._bi = BlindIndexer(keyset.index_key)
-        self._aad_ns = _AAD + namespace.encode("ascii")
+        ns = namespace.encode("ascii")
+        self._siv = AESSIV(derive_key(keyset.index_key, purpose=_SIV_PURPOSE, context=ns, length=64))
+        self._ad = [_AAD, ns]
+        self._prefixes: dict[str, bytes] = {}
 
     def prefix(self, term: str) -> bytes:
-        """The 16-byte blind prefix of ``term``."""
-        return self._bi.index(self.ns, b"term:" + term.encode("utf-8"))
+        """The 16-byte blind prefix of ``term`` (cached: a PRF of the term alone)."""
+        p = self._prefixes.get(term)
+        if p is None:
+            p = self._bi.index(self.ns, b"term:" + term.encode("utf-8"))
+            if len(self._prefixes) >= _PREFIX_CACHE:
+                self._prefixes.clear()
+            self._prefixes[term] = p
+        return p
+
+    def row(self, term: str, rid: str) -> tuple[bytes, bytes]:
+        """The posting row ``(key, value)`` of (``term``, ``rid``): ``P || V`` and ``C``."""
+        sealed = self._siv.encrypt(rid.encode("utf-8"), [*self._ad, term.encode("utf-8")])
+        return self.prefix(term) + sealed[:16], sealed[16:]
 
     def key(self, term: str, rid: str) -> bytes:
         """The 32-byte row key of (``term``, ``rid``)."""
-        s = self._bi.index(self.ns, b"posting:" + term.encode("utf-8") + b"\x00" + rid.encode("utf-8"))
-        return self.prefix(term) + s
+        return self.row(term, rid)[0]
 
     def add(self, rid: str, terms: Iterable[str]) -> None:
-        """Insert the postings of ``rid`` for ``terms`` (existing ones are left alone).
+        """Insert the postings of ``rid`` for ``terms`` (existing ones are left alone), in one
+        batched insert.
 
         Raises:
             StoreUnavailableError: as the store.
         """
-        for t in terms:
-            k = self.key(t, rid)
-            v = envelope.seal(self.keyset, rid.encode("utf-8"), self._aad_ns + k)
-            with contextlib.suppress(ConflictError):  # already posted: an insert-only CAS no-op
-                self.store.put(self.ns, k, v, expected_version=0)
+        self.add_many([(rid, terms)])
+
+    def add_many(self, items: Iterable[tuple[str, Iterable[str]]]) -> None:
+        """:meth:`add` for several records ``(rid, terms)`` in one batched insert (a batch
+        import's postings).
+
+        Raises:
+            StoreUnavailableError: as the store.
+        """
+        rows = [self.row(t, rid) for rid, terms in items for t in terms]
+        if rows:
+            self.store.insert_new(self.ns, rows)
 
     def remove(self, rid: str, terms: Iterable[str]) -> None:
         """Delete the postings of ``rid`` for ``terms`` (missing ones are fine)."""
@@ -98,7 +141,7 @@ class PostingIndex:
         scan_prefix = getattr(self.store, "scan_prefix", None)
         if scan_prefix is not None:
             for row in scan_prefix(self.ns, p):
-                self._open_into(row, out)
+                self._open_into(row, term, out)
             return out
         after = p
         page = _FIRST_PAGE  # the store scans past the prefix: most terms have few rows
@@ -107,39 +150,21 @@ class PostingIndex:
             for row in rows:
                 if row.key[:PREFIX_LEN] != p:
                     return out
-                self._open_into(row, out)
+                self._open_into(row, term, out)
             if len(rows) < page:
                 return out
             after = rows[-1].key
             page = min(page * 4, _PAGE)
 
-    def _open_into(self, row: Row, out: set[str]) -> None:
+    def _open_into(self, row: Row, term: str, out: set[str]) -> None:
         try:
-            out.add(envelope.open_envelope(self.keyset, row.value, self._aad_ns + row.key).decode("utf-8"))
-        except (CryptoError, UnicodeDecodeError):
+            rid = self._siv.decrypt(row.key[PREFIX_LEN:] + row.value, [*self._ad, term.encode("utf-8")])
+            out.add(rid.decode("utf-8"))
+        except (InvalidTag, ValueError, UnicodeDecodeError):
             log.warning("search: posting row %s failed authentication; skipped", row.key.hex())
 
     def rekey(self, *, batch: int = 200) -> int:
-        """Re-seal postings not under the keyset's primary key; returns how many. Resumable;
-        rows that fail authentication are logged and left alone."""
-        n = 0
-        after: bytes | None = None
-        primary = self.keyset.primary_id
-        while True:
-            rows = self.store.scan(self.ns, after=after, limit=batch)
-            with self.store.transaction() as tx:
-                for row in rows:
-                    if envelope.envelope_key_id(row.value) == primary:
-                        continue
-                    try:
-                        rid = envelope.open_envelope(self.keyset, row.value, self._aad_ns + row.key)
-                    except CryptoError:  # a damaged posting stays unusable; it is not re-sealed
-                        log.warning("rekey: posting row %s failed authentication; left as is",
-                                    row.key.hex())
-                        continue
-                    tx.put(self.ns, row.key, envelope.seal(self.keyset, rid, self._aad_ns + row.key),
-                           expected_version=row.version)
-                    n += 1
-            if len(rows) < batch:
-                return n
-            after = rows[-1].key
+        """Re-seal postings after a value-key rotation: nothing to do in format 3 (the ids are
+        sealed under a key derived from ``index_key``, which does not rotate; module
+        docstring). Returns 0; kept for callers of the key-rotation API."""
+        return 0

@@ -8,9 +8,11 @@ and ``safehold.store.postgres`` (scale-out). Both pass one shared test suite.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+
+from safehold.errors import ConflictError
 
 #: Longest namespace name (ASCII letters, digits, ``._-:``).
 MAX_NAMESPACE = 128
@@ -72,6 +74,34 @@ class StoreOps(ABC):
 
         Page by passing the last row's key as ``after``.
         """
+
+    def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[Row | None]:
+        """The rows of ``keys`` (None where missing), in the order asked; same as :meth:`get`
+        per key, which is what this default does; engines read them in one query (issue 17:
+        the hits of a search).
+
+        Raises:
+            StoreUnavailableError, ValueError: as :meth:`get`.
+        """
+        return [self.get(namespace, k) for k in keys]
+
+    def insert_new(self, namespace: str, rows: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """Insert-only writes of many rows: each ``(key, value)`` is inserted at version 1 unless
+        a row with that key exists (then it is left alone). Returns, per row, whether it was
+        inserted. Same effect as ``put(..., expected_version=0)`` per row with conflicts
+        ignored; engines override it with one batched statement (issue 17: postings).
+
+        Raises:
+            StoreUnavailableError, ValueError: as :meth:`put`.
+        """
+        out: list[bool] = []
+        for key, value in rows:
+            try:
+                self.put(namespace, key, value, expected_version=0)
+                out.append(True)
+            except ConflictError:
+                out.append(False)
+        return out
 
 
 class Store(StoreOps):
