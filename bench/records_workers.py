@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -79,23 +80,30 @@ def main() -> None:
             for w in (1, 2) if rnd % 2 == 0 else (2, 1):
                 put = rb.run_load(lambda w=w: client(w), "put", seconds, [], body, f"w{w}r{rnd}p")
                 ids[w] += put.pop("ids")
+                c0 = os.times()
                 get = rb.run_load(lambda w=w: client(w), "get", seconds, ids[w], body, f"w{w}r{rnd}")
+                c1 = os.times()
+                # the load generator's own CPU per GET (this process: TLS, HTTP, JSON)
+                f_cpu = (c1.user + c1.system - c0.user - c0.system) / max(1, get["n"]) * 1000
                 imp = rb.run_load(lambda w=w: client(w), "import", seconds, [], body, f"w{w}r{rnd}i")
                 f = figures[w]
                 f.setdefault("put", []).append(put["per_s"])
                 f.setdefault("get", []).append(get["per_s"])
                 f.setdefault("import", []).append(round(len(imp["ids"]) / seconds, 1))
                 f.setdefault("get_p50_ms", []).append(get["p50_ms"])
+                f.setdefault("client_cpu_ms_per_get", []).append(round(f_cpu, 3))
                 print(f"round {rnd} workers={w}: put {put['per_s']:7.1f}/s | get {get['per_s']:7.1f}/s "
-                      f"p50 {get['p50_ms']:6.2f} ms | import {f['import'][-1]:7.1f} rec/s", flush=True)
+                      f"p50 {get['p50_ms']:6.2f} ms (client CPU {f_cpu:.2f} ms/GET) | "
+                      f"import {f['import'][-1]:7.1f} rec/s", flush=True)
     finally:
         for s in stacks.values():
             stop(s)
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {w: {k: statistics.median(v) for k, v in figures[w].items()} for w in (1, 2)}
-    out = {f"{k}_1w": med[1][k] for k in ("put", "get", "import", "get_p50_ms")}
-    out.update({f"{k}_2w": med[2][k] for k in ("put", "get", "import", "get_p50_ms")})
+    keys = ("put", "get", "import", "get_p50_ms", "client_cpu_ms_per_get")
+    out = {f"{k}_1w": med[1][k] for k in keys}
+    out.update({f"{k}_2w": med[2][k] for k in keys})
     out.update({f"two_vs_one_{k}": round(med[2][k] / med[1][k], 3) for k in ("put", "get", "import")})
     out.update({"clients": rb.CLIENTS, "seconds_per_phase": seconds, "rounds": rounds,
                 "target_two_vs_one": 1.6, "note": "clients share the 2 cores with the services"})
