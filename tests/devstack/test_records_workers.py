@@ -6,7 +6,7 @@ Process test: ``safehold up`` from a snapshot of the package; PUTs and GETs on n
 connections (so the kernel hands them to both workers); a record written through one worker
 is read through the other; both workers spend CPU; a SIGKILLed worker is forked again while
 requests keep succeeding; the audit chain verifies; the service process SIGKILLed takes its
-workers with it and is restarted; Ctrl-C stops every worker.
+workers with it and is restarted; stopping `safehold up` stops every worker.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from safehold.procutil import terminate
 from tests.support.devstack import wait_up
 from tests.support.shared import free_port
 
@@ -141,12 +142,7 @@ def test_two_workers_share_port_store_ledger_and_audit(env, tmp_path: Path) -> N
         r = call("GET", "/v1/patients/w-3")
         assert r.status_code == 200 and r.json()["FIRST"] == "Anna3", r.text
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
+        terminate(up, 60)  # SIGTERM: `safehold up` stops the stack as on Ctrl-C
     deadline = time.monotonic() + 20
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
