@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from safehold.procutil import terminate
-from tests.support.devstack import wait_up
+from tests.support.devstack import cli, wait_up
 from tests.support.shared import free_port
 
 pytestmark = pytest.mark.slow  # starts `safehold up`
@@ -67,6 +67,8 @@ def test_two_workers_share_port_store_ledger_and_audit(env, tmp_path: Path) -> N
         parent, pids = ready["pid"], ready["worker_pids"]
         assert ready["workers"] == 2 and len(set(pids)) == 2 and parent not in pids
         assert all(_alive(p) for p in pids)
+        st = cli(env, "status", "--data-dir", str(data))
+        assert "workers 2/2 ready" in st.stdout, st.stdout
         tok = json.loads((tmp_path / "safehold-data.owner" / "tokens.json").read_text())
         ctx = ssl.create_default_context(cafile=info["ca"])
 

@@ -43,6 +43,12 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     """Console-script entry point."""
+    import warnings
+
+    from safehold.attestation.errors import SimulatedTEEWarning
+
+    # the verifier also logs it as one line; the Python warning would repeat it with a source line
+    warnings.simplefilter("ignore", SimulatedTEEWarning)
     cli()
 
 

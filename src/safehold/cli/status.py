@@ -46,8 +46,9 @@ def register(group: click.Group) -> None:
         click.echo(f"broker   {b['url']}  {mode}")
         r = st["records"]
         if r.get("attested"):
+            workers = f", workers {r.get('workers_ready')}/{r['workers']} ready" if "workers" in r else ""
             click.echo(f"records  {r['url']}  attested ({r.get('tee_type', '?')}, measurement "
-                       f"{r.get('measurement', '?')[:16]}…), {r['records']} records")
+                       f"{r.get('measurement', '?')[:16]}…), {r['records']} records{workers}")
         else:
             click.echo(f"records  {r['url']}  NOT attested: {r.get('error')}")
         if st.get("scone_url"):

@@ -140,7 +140,9 @@ def run_demo(data_dir: str, *, echo: Callable[[str], None] = print,
         StackError, DataDirBusyError, ConfigError: the stack did not start.
     """
     files, origin = demo_files()
-    echo(f"Safehold demo: importing {count_patients(files)} patients from {origin}")
+    patients, total = count_patients(files, resources=False), count_patients(files)
+    echo(f"Safehold demo: importing {patients} patients and {total - patients} other FHIR resources "
+         f"from {origin}")
     s = prepare(data_dir, broker_port=_free_port(), records_port=_free_port(), scone_port=_free_port(),
                 package_root=package_root)
     result: dict[str, Any] = {}

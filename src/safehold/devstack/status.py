@@ -70,6 +70,12 @@ def stack_status(data_dir: str | os.PathLike[str], *,
     except SafeholdError as e:
         rec["attested"] = False
         rec["error"] = str(e) or type(e).__name__
+    try:  # worker processes (records.toml `workers`): from the service's ready file
+        ready = json.loads((Path(data_dir) / "records-ready.json").read_text("utf-8"))
+        if isinstance(ready, dict) and "workers" in ready:
+            rec["workers"], rec["workers_ready"] = ready["workers"], ready.get("workers_ready")
+    except (OSError, ValueError):
+        pass
     out["records"] = rec
     out["restarts"] = info.get("restarts", {})  # by `safehold up`'s supervisor
     if info.get("scone_port"):
