@@ -75,7 +75,8 @@ class Anchor:
         self.local = LocalAnchor(root / "anchor", data_dir=root / "tee", client_ca_file=root / "ca.pem",
                                  owner_public_key=pub)
         key = ec.generate_private_key(ec.SECP256R1())
-        self.cert = ca.issue(key.public_key(), common_name="records").public_bytes(serialization.Encoding.PEM)
+        self.cert = ca.issue(key.public_key(), common_name="records",
+                             attested=True).public_bytes(serialization.Encoding.PEM)
         self.key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption())
         self.local.start_all()

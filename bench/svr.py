@@ -146,7 +146,8 @@ class Stack:
         self.svr.write_configs()
         for i, name in enumerate(self.svr.names):
             key = ec.generate_private_key(ec.SECP256R1())
-            cert = self.ca.issue(key.public_key(), common_name=name).public_bytes(serialization.Encoding.PEM)
+            cert = self.ca.issue(key.public_key(), common_name=name,
+                                 attested=True).public_bytes(serialization.Encoding.PEM)
             self.svr.start(i, {"secret": os.urandom(32).hex(), "access": access,
                                "anchor_client_cert": cert.decode(), "anchor_client_key": _pem(key).decode()})
         with Svr3Client(self.svr.urls, token=self.admin, policy=self.svr.policy()) as c:

@@ -32,6 +32,7 @@ from safehold.attestation.verifier import Appraisal
 from safehold.broker import protocol
 from safehold.client.broker import BrokerClient
 from safehold.client.errors import BrokerRefusedError
+from safehold.freshness.anchor.core import ATTESTED_WORKLOAD_EKU, ledger_writer
 from tests.support.broker_process import (
     broker_launch,
     manifest_dict,
@@ -109,6 +110,10 @@ def test_release_to_matching_workload(env):
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"api", "localhost"}
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 7
+    # issued after appraisal: the key purpose that lets the anchor members accept it as the
+    # writer of ledger "records" (its CN)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ATTESTED_WORKLOAD_EKU in eku and ledger_writer(cert) == "records"
     with b.client() as h:
         assert h.get("/ca").text == ca_pem == Path(b.cacert).read_text()
         v = h.get("/v1/values/session=safehold-test").json()
@@ -157,7 +162,7 @@ def test_client_certificates_for_users(env, tmp_path):
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(b.cacert).read_bytes()))
     assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "alice"
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [x509.ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert list(eku) == [x509.ExtendedKeyUsageOID.CLIENT_AUTH] and ledger_writer(cert) is None
     assert oct((tmp_path / "alice.key").stat().st_mode & 0o777) == "0o600"
     r = _cli("broker", "client-cert", "--name", "bob", "--out", str(tmp_path / "bob"), "--url", b.url,
              "--cacert", b.cacert, env={"SAFEHOLD_BROKER_TOKEN": keys["reader_token"]})
@@ -168,6 +173,43 @@ def test_client_certificates_for_users(env, tmp_path):
                      {"csr": "x", "validity_days": 0}):
             r = h.post("/admin/client-certificates", json=body, headers=auth)
             assert r.status_code == 400, (body, r.text)
+
+
+
+def _csr(cn: str, *, eku: list[x509.ObjectIdentifier] | None = None) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    b = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)]))
+    if eku:
+        b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    return b.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM).decode()
+
+
+def test_operator_client_certificate_named_like_a_workload_or_ledger_refused(env):
+    """Defence in depth for the anchor members' writer rule: the broker issues no admin client
+    certificate whose CN names a manifest workload ("records") or its own ledger ("broker"),
+    and none that carries the attested-workload key purpose, whatever the CSR asks for."""
+    b, keys = env["broker"], env["keys"]
+    with b.client() as h:
+        auth = {"Authorization": f"Bearer {keys['operator_token']}"}
+        for cn in ("records", "other", "broker"):
+            r = h.post("/admin/client-certificates", json={"csr": _csr(cn)}, headers=auth)
+            assert r.status_code == 403 and "workload or freshness ledger" in r.json()["detail"], r.text
+        r = h.post("/admin/client-certificates", headers=auth, json={
+            "csr": _csr("olga", eku=[x509.ExtendedKeyUsageOID.CLIENT_AUTH, ATTESTED_WORKLOAD_EKU])})
+        assert r.status_code == 403 and "attested-workload key purpose" in r.json()["detail"], r.text
+        # a CSR's other extensions are never copied: the certificate is clientAuth only
+        r = h.post("/admin/client-certificates", headers=auth, json={
+            "csr": _csr("olga", eku=[x509.ExtendedKeyUsageOID.SERVER_AUTH])})
+        assert r.status_code == 201, r.text
+        cert = x509.load_pem_x509_certificate(r.json()["certificate"].encode())
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(eku) == [x509.ExtendedKeyUsageOID.CLIENT_AUTH] and ledger_writer(cert) is None
+        audit = h.get("/admin/audit", headers={"Authorization": f"Bearer {keys['owner_token']}"})
+        cns = [e["detail"]["cn"] for e in audit.json()["entries"] if e["event"] == "client-certificate"]
+        assert "records" not in cns and "broker" not in cns
 
 
 def test_cli_commands(env, tmp_path):

@@ -136,6 +136,52 @@ def test_clients_are_authenticated_and_members_attested(cluster, tmp_path):
     q.close()
 
 
+def test_operator_admin_client_certificate_named_records_or_broker_cannot_advance_or_initialise(
+        cluster, tmp_path):
+    """Operator attack: ``safehold broker client-cert --name records`` had the broker's workload
+    CA (the CA the members pin) issue CN=records to a key that never was in a TEE; advancing
+    ledger ``records`` by 1000 epochs with it was accepted, the records service became fatal
+    (StoreRolledBackError) and the owner's checkpoint kept the forged head. The members now let
+    only certificates with the attested-workload key purpose (KBS issuance, the broker's own
+    ledger certificate) write; the admin certificate (clientAuth only) writes nothing."""
+    import os
+
+    q = cluster.client()  # the records service: a certificate as KBS issues it after appraisal
+    cluster.wait_ready(q)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    _put(fs, 1)
+    head = q.head("records")
+    members = tuple(m.member for m in q.members())
+    honest_broker = cluster.client("broker")
+    for cn in ("records", "broker"):
+        # issued exactly as /admin/client-certificates issues it (WorkloadCA.issue, client_only)
+        op = cluster.client(identity=ClientIdentity(cluster.ca, cn, attested=False))
+        target = head if cn == "records" else AnchorHead(0, b"\x00" * 32)
+        forged = AnchorHead(target.epoch + 1000, os.urandom(32))
+        with pytest.raises(AnchorConflictError, match="not issued to an attested workload"):
+            op.advance(cn, target, forged)
+        # a genuine owner statement forwarded by the operator's certificate is refused too
+        action = "reanchor" if cn == "records" else "initialise"
+        st = sign_owner_statement(OwnerStatement(action, cn, forged.epoch, forged.digest, members),
+                                  cluster.owner.private_pem())
+        with pytest.raises(OwnerStatementError, match="not issued to an attested workload"):
+            op.initialise(st)
+        if cn == "broker":  # not applied: the broker's own certificate still applies it once
+            with pytest.raises(AnchorLostError):  # a new anchor is in lost mode: no head yet
+                q.head("broker")
+            assert honest_broker.initialise(st).same(forged)
+        op.close()
+    assert q.head("records").same(head)  # the records ledger head is unchanged
+    _put(fs, 2)  # and the records service keeps serving: no StoreRolledBackError
+    fs.close()
+    fs = FreshStore(engine.open(), ledger="records", mac_key=MAC_KEY, anchor=q, policy=POLICY)
+    assert fs.problem is None and fs.get(NS, b"rec-000002").value == b"value 2"
+    fs.close()
+    honest_broker.close()
+    q.close()
+
+
 def test_restore_while_stopped_is_refused_with_real_members(cluster, tmp_path):
     q = cluster.client()
     cluster.wait_ready(q)

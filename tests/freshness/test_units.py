@@ -15,7 +15,7 @@ from safehold.freshness.anchor.base import (
     combine_advance,
     combine_head,
 )
-from safehold.freshness.anchor.core import MemberCore, PeerState, may_write
+from safehold.freshness.anchor.core import MemberCore, PeerState, ledger_writer, may_write
 from safehold.freshness.anchor.statements import (
     OwnerStatement,
     SignedOwnerStatement,
@@ -137,6 +137,21 @@ def test_member_advance_rules():
     assert c.advance("records", h1, h2, client="records").status == "conflict"  # another writer at 1
     assert may_write("records", "records/0") and not may_write("records", "records2")
     assert not may_write(None, "x")
+
+
+def test_ledger_writer_needs_the_attested_workload_key_purpose():
+    """Only a certificate as KBS issues it (attested key) names a writer; the same CA's admin
+    client certificate (clientAuth only) with the same CN names none."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from safehold.broker.ca import WorkloadCA
+
+    ca = WorkloadCA.generate("units")
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    assert ledger_writer(ca.issue(key, common_name="records", attested=True)) == "records"
+    assert ledger_writer(ca.issue(key, common_name="broker", client_only=True, attested=True)) == "broker"
+    assert ledger_writer(ca.issue(key, common_name="records", client_only=True)) is None
+    assert ledger_writer(ca.issue(key, common_name="records")) is None
 
 
 def test_member_owner_statement_rules():

@@ -16,11 +16,16 @@ from tests.support.freshness import Owner
 
 
 class ClientIdentity:
-    """A workload certificate from a test broker CA (CN = the workload = the ledger)."""
+    """A workload certificate from a test broker CA (CN = the workload = the ledger).
 
-    def __init__(self, ca: WorkloadCA, name: str) -> None:
+    ``attested``: with the attested-workload key purpose, as the broker's KBS issues it after
+    appraisal (the default); False: as ``/admin/client-certificates`` issues it to an operator.
+    """
+
+    def __init__(self, ca: WorkloadCA, name: str, *, attested: bool = True) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = ca.issue(key.public_key(), common_name=name)
+        cert = (ca.issue(key.public_key(), common_name=name, attested=True) if attested
+                else ca.issue(key.public_key(), common_name=name, client_only=True))
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self.key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())

@@ -31,11 +31,13 @@ from safehold.broker.errors import (
     PermissionDeniedError,
     StateConflictError,
 )
+from safehold.broker.fresh import LEDGER as FRESHNESS_LEDGER
 from safehold.broker.installed import Active, InstalledManifest, build_verifiers
 from safehold.broker.manifest import Manifest, manifest_from_dict, verify_update
 from safehold.broker.state import BrokerState
 from safehold.crypto.keyset import Keyset
 from safehold.errors import ConflictError, ManifestError
+from safehold.freshness.anchor.core import ATTESTED_WORKLOAD_EKU
 from safehold.jsontypes import JSONObject
 
 #: A client certificate's subject CN: a manifest-style user name.
@@ -144,16 +146,21 @@ class Admin:
         ``body``: ``{"csr": PEM, "validity_days": 1..825 (default 30)}``. The CSR's signature
         proves possession of the key; its subject CN (a manifest-style name) becomes the
         certificate's CN, a label only. Operators may call this, so a CN grants nothing
-        anywhere: the broker's admin endpoints know users by their manifest public key, and a
+        anywhere: the broker's admin endpoints know users by their manifest public key, a
         workload's roles come from the owner's ``access`` secret, which pins keys
-        (:class:`safehold.broker.manifest.Principal`). The audit entry records the key's
+        (:class:`safehold.broker.manifest.Principal`), and the anchor members let only
+        certificates with the attested-workload key purpose write a ledger (this one never has
+        it; only the CSR's key and CN are used). Defence in depth: a CN that names a manifest
+        workload or the broker's ledger is refused. The audit entry records the key's
         SHA-256 (``public_key_sha256``). Returns ``{"certificate": PEM, "ca": PEM}``.
 
         Raises:
             MalformedRequestError: malformed CSR or request, bad signature, bad name or validity
             (CertificateRequestError: a key type the CA does not sign).
+            PermissionDeniedError: the CN names a workload or ledger, or the CSR asks for the
+            attested-workload key purpose.
         """
-        self._installed.require()
+        m = self._installed.require().manifest
         if not isinstance(body, dict) or not isinstance(body.get("csr"), str):
             raise MalformedRequestError("client certificate: expected {\"csr\": PEM}")
         days = body.get("validity_days", 30)
@@ -174,6 +181,19 @@ class Admin:
             raise MalformedRequestError(
                 f"client certificate: CSR needs one subject CN of 1..63 chars, got {cn!r:.70}"
             )
+        if cn in m.workloads or cn == FRESHNESS_LEDGER:
+            raise PermissionDeniedError(
+                f"client certificate: CN {cn!r} is the name of a workload or freshness ledger; "
+                "admin client certificates may not carry it (choose a user name)")
+        try:
+            eku = csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = None
+        if eku is not None and ATTESTED_WORKLOAD_EKU in eku:
+            raise PermissionDeniedError(
+                "client certificate: the CSR asks for the attested-workload key purpose, which only "
+                "attestation (KBS) issuance sets; admin client certificates never carry it")
+        # only the CSR's key and CN are used: its extensions are never copied
         cert = self._ca.issue(csr.public_key(), common_name=cn, validity_days=days, client_only=True)
         spki_sha256 = hashlib.sha256(_spki(csr.public_key())).hexdigest()
         self._record("client-certificate", {"cn": cn, "by": user, "serial": format(cert.serial_number, "x"),

@@ -3,7 +3,9 @@
 Root: ECDSA P-384, self-signed, 10 years, ``BasicConstraints(ca=True, path_length=0)``,
 ``KeyUsage(keyCertSign, cRLSign)`` (RFC 5280 §4.2.1.9, §4.2.1.3). Leaves: the workload's own
 public key (the one it attested as ``tee-pubkey``), SubjectAltNames from the manifest, the
-validity the manifest gives, EKU serverAuth + clientAuth, SKI/AKI, and optionally the
+validity the manifest gives, EKU serverAuth + clientAuth (+ the attested-workload key purpose
+that lets the anchor members accept it as a ledger writer: only for attested keys), SKI/AKI, and
+optionally the
 workload's RA-TLS Evidence extension (OID 2.23.133.5.4.9, non-critical) or Gramine's legacy
 raw-quote extension copied in verbatim, so one certificate proves both CA issuance and Evidence.
 """
@@ -22,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from safehold.broker.errors import CertificateRequestError
 from safehold.errors import BrokerError
+from safehold.freshness.anchor.core import ATTESTED_WORKLOAD_EKU
 
 #: Extensions a workload may ask to have copied into its leaf: the interoperable RA-TLS
 #: Evidence extension and Gramine's legacy SGX quote extension.
@@ -89,7 +92,8 @@ class WorkloadCA:
 
     def issue(self, public_key: object, *, common_name: str, dns_names: tuple[str, ...] = (),
               ip_addresses: tuple[str, ...] = (), validity_days: int = 30,
-              extensions: Sequence[tuple[str, bytes]] = (), client_only: bool = False) -> x509.Certificate:
+              extensions: Sequence[tuple[str, bytes]] = (), client_only: bool = False,
+              attested: bool = False) -> x509.Certificate:
         """Issue a leaf certificate (RFC 5280) for ``public_key``.
 
         Args:
@@ -100,6 +104,10 @@ class WorkloadCA:
             extensions: ``(dotted OID, DER extnValue)`` pairs from :data:`ALLOWED_EXTENSION_OIDS`,
                 added non-critical.
             client_only: EKU clientAuth only (user certificates).
+            attested: add the key purpose
+                :data:`~safehold.freshness.anchor.core.ATTESTED_WORKLOAD_EKU` — only for a key the
+                broker appraised (KBS issuance) or generated in its own TEE (its ledger
+                certificate): with it, the CN writes that workload's freshness ledger.
 
         Raises:
             CertificateRequestError: unsupported key type, or an extension that is not allowed
@@ -118,6 +126,8 @@ class WorkloadCA:
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_addresses]
         eku = [ExtendedKeyUsageOID.CLIENT_AUTH] if client_only else [
             ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        if attested:
+            eku.append(ATTESTED_WORKLOAD_EKU)
         b = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([

@@ -10,7 +10,8 @@ Opening (:func:`open_fresh_broker`):
    ledger exists — they are *adopted* into the ledger below);
 2. the FreshStore's MAC key is ``HKDF(master key, purpose "broker/freshness")`` (never stored;
    the master key only opens inside the broker's TEE or through the recovery shares); the
-   broker issues itself a client certificate (CN ``broker``, clientAuth, 1 day) from its own CA
+   broker issues itself a client certificate (CN ``broker``, clientAuth and the attested-workload
+   key purpose the members require of writers, 1 day) from its own CA
    to a key generated in memory, for mutual TLS to the members;
 3. the FreshStore compares its journal with the anchor. Fresh: the broker core is built over it
    and serves. Not fresh (new ledger, anchor lost, state restored from an earlier copy, fork,
@@ -107,13 +108,14 @@ class AnchorSettings:
 
 
 def _client_identity(ca: Any) -> tuple[bytes, bytes]:
-    """A client certificate (CN :data:`LEDGER`, clientAuth, 1 day) from the broker's own CA for
-    a P-256 key generated here; ``(cert PEM, key PEM)``, held in memory only."""
+    """A client certificate (CN :data:`LEDGER`, clientAuth + the attested-workload key purpose,
+    1 day) from the broker's own CA for a P-256 key generated here in the broker's TEE;
+    ``(cert PEM, key PEM)``, held in memory only."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(key.public_key(), common_name=LEDGER, validity_days=1, client_only=True)
+    cert = ca.issue(key.public_key(), common_name=LEDGER, validity_days=1, client_only=True, attested=True)
     return (cert.public_bytes(serialization.Encoding.PEM),
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))

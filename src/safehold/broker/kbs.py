@@ -296,13 +296,16 @@ class KBS:
     def _issue(self, m: Manifest, att: Attested, name: str, exts: list[tuple[str, bytes]]) -> bytes:
         """Issue certificate secret ``name`` to ``att``'s key: ``{"certificate", "ca"}`` JSON.
 
+        CN = the attested workload, with the attested-workload key purpose (the anchor members
+        let only such a certificate write the ledger named by its CN).
+
         Raises:
             CertificateRequestError: key type or extension refused by the CA.
         """
         spec = m.secrets[name]
         cert = self._ca.issue(att.key.raw_value, common_name=att.workload,
                               dns_names=spec.dns_names, ip_addresses=spec.ip_addresses,
-                              validity_days=spec.validity_days, extensions=exts)
+                              validity_days=spec.validity_days, extensions=exts, attested=True)
         pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self._record("certificate", {"certificate": name, "workload": att.workload,
                                      "serial": format(cert.serial_number, "x")})

@@ -7,6 +7,11 @@ of owner statements applied in this incarnation.
 
 Rules (Nimble's endorser, adapted; see docs/freshness.md):
 
+* **writers**: only a certificate of the pinned workload CA whose extended key usage holds
+  :data:`ATTESTED_WORKLOAD_EKU` writes, and only the ledger named by its CN (or ``<CN>/...``,
+  :func:`ledger_writer`, :func:`may_write`). The broker sets that key purpose only where it
+  issues to an attested key (KBS, after appraisal) and in its own ledger certificate; an admin
+  client certificate (``/admin/client-certificates``, operators may ask for any CN) never has it.
 * **advance(prev → new)** by the ledger's own workload: accepted if the member's head is
   ``prev`` (the normal case), already ``new`` (a retry), or older than ``prev`` (the member
   missed updates while a majority moved on); refused as a *conflict* otherwise — another head
@@ -31,8 +36,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
 
 from safehold.freshness.anchor.base import (
     ACCEPTED,
@@ -52,7 +59,30 @@ from safehold.freshness.anchor.base import (
 from safehold.freshness.anchor.statements import SignedOwnerStatement
 from safehold.freshness.errors import OwnerStatementError
 
-__all__ = ["MemberCore", "PeerState", "may_write"]
+__all__ = ["ATTESTED_WORKLOAD_EKU", "MemberCore", "PeerState", "ledger_writer", "may_write"]
+
+#: KeyPurposeId (RFC 5280 §4.2.1.12) "key of a workload the broker appraised": the broker's
+#: workload CA adds it only to certificates for attested keys (``broker/kbs.py``, after
+#: appraisal) and to the broker's own ledger certificate (``broker/fresh.py``), never to an admin
+#: client certificate. An OID under the UUID arc 2.25 (ITU-T X.667 §6.3: no registration).
+ATTESTED_WORKLOAD_EKU = x509.ObjectIdentifier("2.25.174023684761916736850894902947829561031")
+
+
+def ledger_writer(cert: x509.Certificate) -> str | None:
+    """The workload name ``cert`` may write ledgers as, or None.
+
+    ``cert`` already chains to the pinned workload CA (the TLS layer checked it). Its subject CN
+    counts only if its ExtendedKeyUsage holds :data:`ATTESTED_WORKLOAD_EKU`: the same CA issues
+    operators client certificates with any CN, and those must grant nothing here.
+    """
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    if ATTESTED_WORKLOAD_EKU not in eku or len(names) != 1 or not isinstance(names[0].value, str):
+        return None
+    return names[0].value or None
 
 
 def may_write(client: str | None, ledger: str) -> bool:

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from safehold.freshness.anchor.core import MemberCore
+from safehold.freshness.anchor.core import MemberCore, ledger_writer
 from safehold.freshness.anchor.statements import SignedOwnerStatement
 from safehold.freshness.anchor.wire import STATUS_CODES, WireError, head_from, info_to, reply_to, state_to
 from safehold.freshness.errors import FreshnessError
@@ -60,6 +60,20 @@ def _cn(der: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _writer(request: Request) -> str | JSONResponse:
+    """The ledger writer name of the verified client certificate, or the refusal (401 none,
+    403 not issued to an attested workload)."""
+    name = client_name(request)
+    if name is None:
+        return _problem(401, "a client certificate from the pinned workload CA is required")
+    writer = ledger_writer(x509.load_der_x509_certificate(request.state.tls_peer_cert))
+    if writer is None:
+        return _problem(403, f"client certificate {name[:64]!r} was not issued to an attested workload "
+                        "(no attested-workload key purpose): it may not write any ledger; ledger "
+                        "writes need the certificate the broker issues after attestation")
+    return writer
+
+
 async def _body(request: Request) -> Any:
     raw = await request.body()
     if len(raw) > MAX_BODY:
@@ -93,10 +107,10 @@ async def read(ledger: str, request: Request) -> JSONResponse:
 
 @router.post("/v1/anchor/advance/{ledger:path}")
 async def advance(ledger: str, request: Request) -> JSONResponse:
-    """Advance a ledger (mutual TLS; only the certificate's own ledger)."""
-    name = client_name(request)
-    if name is None:
-        return _problem(401, "a client certificate from the pinned workload CA is required")
+    """Advance a ledger (mutual TLS, an attested workload's certificate; only its own ledger)."""
+    name = _writer(request)
+    if isinstance(name, JSONResponse):
+        return name
     if not _LEDGER.fullmatch(ledger):
         return _problem(400, "ledger name must be 1..128 of [A-Za-z0-9._:/-]")
     try:
@@ -114,9 +128,9 @@ async def advance(ledger: str, request: Request) -> JSONResponse:
 async def owner(request: Request) -> JSONResponse:
     """Apply the data owner's signed statement (mutual TLS; the statement's ledger must be the
     client's)."""
-    name = client_name(request)
-    if name is None:
-        return _problem(401, "a client certificate from the pinned workload CA is required")
+    name = _writer(request)
+    if isinstance(name, JSONResponse):
+        return name
     try:
         signed = SignedOwnerStatement.from_json(await _body(request))
     except FreshnessError as e:
