@@ -490,7 +490,8 @@ def serve_worker(cfg: ServiceConfig, prov: Provisioned, socks: list[socket.socke
     """Open the store and serve one process's listeners until SIGINT/SIGTERM (exit status).
 
     Args:
-        socks: listening sockets bound by the parent (``workers > 1``: native, then SCONE),
+        socks: the ports the parent reserved (``workers > 1``: native, then SCONE; this worker
+            listens on them with ``SO_REUSEPORT``),
             or None to bind ``cfg.port`` / ``cfg.scone_port`` here.
         index: the worker's number (0 runs the background ``quick_check``).
         notify: None for a single process (this process writes the ready file); else called
@@ -520,8 +521,11 @@ def serve_worker(cfg: ServiceConfig, prov: Provisioned, socks: list[socket.socke
         if socks is None:
             asyncio.run(serve_apps(listeners, on_ready=ready))
         else:
+            from safehold.records.workers import worker_listeners
+
+            own = worker_listeners(cfg.host, socks)
             lst = [Listener(app, host, port, c, sock=sk)
-                   for (app, host, port, c), sk in zip(listeners, socks, strict=True)]
+                   for (app, host, port, c), sk in zip(listeners, own, strict=True)]
             asyncio.run(serve(lst, on_ready=ready))
     finally:
         audit = native.state.records.repo.audit

@@ -6,13 +6,14 @@ HTTP / TLS / ASGI stack, so threads do not help). With ``workers = N`` in the me
 
 1. attests **once** and receives the keyset, the TLS identity and the access list
    (:func:`safehold.records.server.provision`) — nothing is opened yet;
-2. binds the listening sockets (:func:`bind_listeners`) and forks worker 0, which opens the
+2. reserves the ports (:func:`bind_listeners`) and forks worker 0, which opens the
    store and the FreshStore (``quick_check``, start-up roll-forward, index rebuild) and serves;
 3. once worker 0 reports the store **fresh** (after the data owner's initialise / re-anchor
    when the ledger needs one), forks workers 1..N-1; each opens its own connection and its own
    FreshStore on the same ledger (several writers of one ledger: docs/freshness.md) and
-   appends to the same access-audit chain (compare-and-set inserts, like replicas), then serves
-   on the same sockets: the kernel hands each new connection to one worker;
+   appends to the same access-audit chain (compare-and-set inserts, like replicas), then
+   listens on the same port (``SO_REUSEPORT``): the kernel spreads new connections over the
+   workers;
 4. supervises: a worker that exits is forked again (at most :data:`MAX_RESTARTS` times in
    :data:`RESTART_WINDOW` seconds, then the whole service stops with status 1); SIGTERM /
    SIGINT are passed to every worker, which finish in-flight requests and flush their audit.
@@ -41,7 +42,7 @@ from safehold.errors import ConfigError, SafeholdError
 
 log = logging.getLogger("safehold.records.workers")
 
-__all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "bind_listeners", "run_workers"]
+__all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "bind_listeners", "run_workers", "worker_listeners"]
 
 #: A worker that exits is forked again at most this many times within :data:`RESTART_WINDOW`.
 MAX_RESTARTS = 5
@@ -51,32 +52,69 @@ RESTART_WINDOW = 300.0
 STOP_GRACE = 10.0
 
 
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT`` (not listening yet).
+
+    proto is ``IPPROTO_TCP``, not 0 (as ``socket.create_server`` makes it): asyncio sets
+    ``TCP_NODELAY`` on accepted connections only for sockets that say so; without it Nagle and
+    delayed ACKs add ~40 ms to every response.
+    """
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                               proto=socket.IPPROTO_TCP)[0]
+    sk = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sk.bind(addr)
+    except OSError:
+        sk.close()
+        raise
+    return sk
+
+
 def bind_listeners(host: str, ports: list[int]) -> list[socket.socket]:
-    """Bind one listening TCP socket per port (0: a free port), inheritable by forked workers.
+    """Reserve one port per entry of ``ports`` (0: a free port) for the workers: a bound,
+    **not listening** ``SO_REUSEPORT`` socket each, held by the service process for its whole
+    life (a restarted worker binds the same port again; a process without ``SO_REUSEPORT``
+    cannot take it). Each worker listens on its own socket (:func:`worker_listeners`), so the
+    kernel spreads new connections evenly over the workers' accept queues — one shared
+    listening socket let whichever worker woke first take most of them.
 
     Raises:
         ConfigError: a port cannot be bound (in use?), naming it.
     """
     socks: list[socket.socket] = []
     for port in ports:
-        sk = None
         try:
-            family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                       proto=socket.IPPROTO_TCP)[0]
-            # proto IPPROTO_TCP, not 0 (socket.create_server): asyncio sets TCP_NODELAY on
-            # accepted connections only for sockets that say so; without it Nagle and delayed
-            # ACKs add ~40 ms to every response
-            sk = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sk.bind(addr)
-            sk.listen(2048)
+            socks.append(_tcp_socket(host, port))
         except OSError as e:
-            for s in [*socks, *([sk] if sk is not None else [])]:
+            for s in socks:
                 s.close()
             raise ConfigError(f"records service: cannot listen on {host}:{port}: {e}") from None
-        sk.set_inheritable(True)
-        socks.append(sk)
     return socks
+
+
+def worker_listeners(host: str, reserved: list[socket.socket]) -> list[socket.socket]:
+    """In a worker: one listening socket per port reserved by :func:`bind_listeners` (same
+    port, ``SO_REUSEPORT``); the inherited reservations are closed here.
+
+    Raises:
+        ConfigError: the port cannot be bound again (another user's process holds it).
+    """
+    ports = [sk.getsockname()[1] for sk in reserved]
+    for sk in reserved:
+        sk.close()
+    out: list[socket.socket] = []
+    for port in ports:
+        try:
+            sk = _tcp_socket(host, port)
+            sk.listen(2048)
+        except OSError as e:
+            for s in out:
+                s.close()
+            raise ConfigError(f"records worker: cannot listen on {host}:{port}: {e}") from None
+        out.append(sk)
+    return out
 
 
 def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
