@@ -87,7 +87,8 @@ def test_two_workers_share_port_store_ledger_and_audit(env, tmp_path: Path) -> N
                 r = call("GET", f"/v1/patients/w-{i}")
                 assert r.status_code == 200 and r.json()["FIRST"] == f"Anna{i}", r.text
         used = {p: _cpu_seconds(p) - cpu0[p] for p in pids}
-        assert all(v > 0.05 for v in used.values()), f"a worker served nothing: {used}"
+        # SO_REUSEPORT spreads the 120 connections: each worker did a real share of the work
+        assert min(used.values()) >= 0.15 * sum(used.values()) > 0, f"uneven: {used}"
 
         # a worker is SIGKILLed under load: it is forked again; requests keep succeeding
         results: list[tuple[float, int | str]] = []
