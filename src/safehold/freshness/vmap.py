@@ -34,7 +34,7 @@ POSTINGS = 1
 _NS_HEAD = struct.Struct(">BBBQ")  # kind, prefix length, key width, rows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """What one committed write did to one row.
 
@@ -68,6 +68,8 @@ class NamespacePolicy:
     """
 
     postings: Mapping[str, int] = field(default_factory=dict)
+    # namespace -> answer: the fnmatch patterns are matched once per namespace, not per row
+    _memo: dict[str, tuple[int, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for pat, n in self.postings.items():
@@ -76,10 +78,13 @@ class NamespacePolicy:
 
     def kind(self, namespace: str) -> tuple[int, int]:
         """``(kind, prefix_length)`` of ``namespace``."""
-        for pat, n in self.postings.items():
-            if fnmatch.fnmatchcase(namespace, pat):
-                return POSTINGS, n
-        return POINT, 0
+        k = self._memo.get(namespace)
+        if k is None:
+            k = next(((POSTINGS, n) for pat, n in self.postings.items()
+                      if fnmatch.fnmatchcase(namespace, pat)), (POINT, 0))
+            if len(self._memo) < 4096:
+                self._memo[namespace] = k
+        return k
 
 
 class VerifierMap:
@@ -193,7 +198,7 @@ class VerifierMap:
         """Apply posting-group deltas ``(ns, prefix) -> (count delta, hash delta)`` computed
         when the commit began (saves hashing every posting twice)."""
         for (ns, prefix), (dc, dh) in deltas.items():
-            t = self._table(ns, (POSTINGS, self.policy.kind(ns)[1]))
+            t = self._table(ns, (POSTINGS, self.kind(ns)[1]))
             e = t.get(prefix)
             count = (0 if e is None else e[0]) + dc
             h = ((0 if e is None else int.from_bytes(e[1], "big")) + dh) % MSH_MOD

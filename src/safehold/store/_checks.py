@@ -12,6 +12,8 @@ _NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]+")
 MAX_VALUE = 16 * 1024 * 1024
 #: Largest page a single :meth:`scan` returns.
 MAX_SCAN_LIMIT = 10_000
+#: Namespaces that passed :func:`check_namespace` (exact ``str`` only).
+_CHECKED_NAMESPACES: set[str] = set()
 
 
 def check_namespace(namespace: object) -> str:
@@ -20,6 +22,8 @@ def check_namespace(namespace: object) -> str:
     Raises:
         ValueError: naming the problem (type, length or the first bad character).
     """
+    if type(namespace) is str and namespace in _CHECKED_NAMESPACES:  # seen before: no regex
+        return namespace
     if not isinstance(namespace, str):
         raise ValueError(f"namespace must be str, got {type(namespace).__name__}")
     if not 1 <= len(namespace) <= MAX_NAMESPACE:
@@ -27,6 +31,8 @@ def check_namespace(namespace: object) -> str:
     if not _NAMESPACE_RE.fullmatch(namespace):
         bad = next(c for c in namespace if not _NAMESPACE_RE.fullmatch(c))
         raise ValueError(f"namespace contains {bad!r}; allowed are ASCII letters, digits and ._:-")
+    if len(_CHECKED_NAMESPACES) < 4096:  # bounded: namespaces are few (a service's own names)
+        _CHECKED_NAMESPACES.add(namespace)
     return namespace
 
 
@@ -36,6 +42,8 @@ def check_key(key: object) -> bytes:
     Raises:
         ValueError: wrong type or length.
     """
+    if type(key) is bytes and 0 < len(key) <= MAX_KEY:  # the common case, without a copy
+        return key
     if not isinstance(key, bytes | bytearray | memoryview):
         raise ValueError(f"row key must be bytes, got {type(key).__name__}")
     key = bytes(key)
@@ -50,6 +58,8 @@ def check_value(value: object) -> bytes:
     Raises:
         ValueError: wrong type or too long.
     """
+    if type(value) is bytes and len(value) <= MAX_VALUE:  # the common case, without a copy
+        return value
     if not isinstance(value, bytes | bytearray | memoryview):
         raise ValueError(f"value must be bytes, got {type(value).__name__}")
     value = bytes(value)
