@@ -7,9 +7,18 @@ import json
 
 import pytest
 
+from safehold.errors import RecordError
 from safehold.records.errors import ImportFormatError, InvalidRecordError
 from safehold.records.importers import ImportItem, ImportProblem, iter_bytes, iter_file
-from safehold.records.model import check_record_id, normalise, parse_record, search_terms
+from safehold.records.model import (
+    check_record_id,
+    decode_for_match,
+    decode_stored,
+    encode_record,
+    normalise,
+    parse_record,
+    search_terms,
+)
 from tests.support.shared import DATA, need_shared
 
 CSV = DATA / "synthea-csv-27-ohdsi-dbt-synthea" / "patients.csv"
@@ -169,3 +178,31 @@ def test_scone_record_terms():
     assert search_terms(rec) == {
         ("given", "jane"), ("family", "doe"), ("birthDate", "1990-01-01"), ("identifier", "999-11-2222")
     }
+
+
+def test_search_terms_limited_to_fields_is_the_subset_of_all_terms():
+    rec = {"resourceType": "Patient", "name": [{"family": "Ünal", "given": ["Ayşe", "B."]}],
+           "birthDate": "1980-02-03", "gender": "female",
+           "identifier": [{"system": "urn:oid:1.2.276.0.76.4.8", "value": "X110411675"}]}
+    everything = search_terms(rec)
+    for fields in ({"family"}, {"given", "identifier"}, {"gender"}, set()):
+        assert search_terms(rec, fields) == {t for t in everything if t[0] in fields}
+
+
+def test_decode_stored_is_exact_and_decode_for_match_agrees_on_text():
+    recs = ({"resourceType": "Patient", "n": 1.5, "s": "Ünal \u2028", "seed": "seed: 3614890485086238546"},
+            {"id": "big", "value": 2**80 + 1, "neg": -(2**70) - 3, "u64": 2**64 - 1},
+            {"id": "in-arrays", "a": [12345678901234567890123, [-98765432109876543210987]]})
+    for rec in recs:
+        got = decode_stored(encode_record(rec))
+        assert got == rec and all(type(got[k]) is type(v) for k, v in rec.items())
+        fast = decode_for_match(encode_record(rec))
+        assert {k: v for k, v in fast.items() if isinstance(v, str)} == {
+            k: v for k, v in rec.items() if isinstance(v, str)}
+    for decode in (decode_stored, decode_for_match):
+        with pytest.raises(RecordError, match="not JSON"):
+            decode(b'{"id": ')
+        with pytest.raises(RecordError, match="not JSON"):
+            decode(b'\xff\xfe{}')
+        with pytest.raises(RecordError, match="not a JSON object"):
+            decode(b"[1, 2]")

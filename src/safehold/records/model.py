@@ -27,9 +27,11 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from safehold.errors import RecordError
 from safehold.jsontypes import JSONObject, JSONValue
@@ -139,7 +141,7 @@ def encode_record(record: Mapping[str, JSONValue]) -> bytes:
 
 def decode_stored(raw: bytes) -> JSONObject:
     """The JSON object of a stored record (authenticated plaintext written by
-    :func:`encode_record`).
+    :func:`encode_record`), exactly as written.
 
     Raises:
         RecordError: the stored bytes are not a JSON object (written by another tool?).
@@ -148,6 +150,24 @@ def decode_stored(raw: bytes) -> JSONObject:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise RecordError("stored record is not JSON (written by another tool?)") from None
+    if not isinstance(obj, dict):
+        raise RecordError("stored record is not a JSON object")
+    return obj
+
+
+def decode_for_match(raw: bytes) -> JSONObject:
+    """As :func:`decode_stored`, by orjson (about half the CPU: a 100-hit search decodes 100
+    records), for *matching only*: orjson returns an integer beyond 64 bits as a rounded float,
+    so the result may be used to test text criteria (names, dates, identifiers) but never
+    served or written back; answers use the stored bytes or :func:`decode_stored`.
+
+    Raises:
+        RecordError: as :func:`decode_stored`.
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return decode_stored(raw)  # its error says what is wrong (or json reads what orjson won't)
     if not isinstance(obj, dict):
         raise RecordError("stored record is not a JSON object")
     return obj
@@ -278,8 +298,10 @@ def normalise(value: str) -> str:
     return " ".join(v.split())
 
 
-def search_terms(record: Mapping[str, JSONValue]) -> set[tuple[str, str]]:
-    """Extract the ``(field, normalised value)`` pairs a record is findable by.
+def search_terms(record: Mapping[str, JSONValue],
+                 fields: Collection[str] | None = None) -> set[tuple[str, str]]:
+    """Extract the ``(field, normalised value)`` pairs a record is findable by (only those of
+    ``fields`` when given: a search re-check needs just the fields it asks for).
 
     Fields (:data:`SEARCH_FIELDS`), by record shape:
 
@@ -296,7 +318,7 @@ def search_terms(record: Mapping[str, JSONValue]) -> set[tuple[str, str]]:
     out: set[tuple[str, str]] = set()
 
     def add(field: str, value: object) -> None:
-        if isinstance(value, str) and value.strip():
+        if (fields is None or field in fields) and isinstance(value, str) and value.strip():
             out.add((field, normalise(value)))
 
     if record.get("resourceType") == "Patient":

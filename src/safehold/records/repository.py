@@ -53,6 +53,7 @@ from safehold.records.model import (
     RefusedItem,
     ValidRecord,
     check_record_id,
+    decode_for_match,
     decode_stored,
     normalise,
     postings,
@@ -399,24 +400,28 @@ class PatientRepository:
                    limit: int = MAX_PAGE) -> list[tuple[str, bytes, int]]:
         """As :meth:`search_hits`, with each record's stored form (compact JSON, UTF-8) instead
         of the decoded object: ``(id, stored form, version)``. Raises as :meth:`search_hits`."""
-        page = self._search_page(who, criteria, limit)
+        page = self._search_page(who, criteria, limit, decode=decode_for_match)
         return [(rid, raw, v) for (rid, _, v), raw in zip(page.hits, page.raws, strict=True)]
 
-    def _search_page(self, who: str, criteria: Mapping[str, str], limit: int) -> FoundPage:
+    def _search_page(self, who: str, criteria: Mapping[str, str], limit: int, *,
+                     decode: Callable[[bytes], JSONObject] = decode_stored) -> FoundPage:
         if not criteria:
             raise InvalidRecordError("search needs at least one field")
         bad = sorted(set(criteria) - set(SEARCH_FIELDS))
         if bad:
             raise InvalidRecordError(f"cannot search on {bad}; searchable: {list(SEARCH_FIELDS)}")
         want = {(f, normalise(v)) for f, v in criteria.items()}
+        fields = frozenset(criteria)
         terms = sorted({t for f, v in criteria.items() if (t := native_term(f, v)) is not None})
         return self.find(who, [[t] for t in terms] or None,
-                         lambda _rid, rec: want <= search_terms(rec), limit=limit, count=False)
+                         lambda _rid, rec: want <= search_terms(rec, fields), limit=limit, count=False,
+                         decode=decode)
 
     def find(self, who: str, groups: Sequence[Iterable[str]] | None,
              keep: Callable[[str, dict[str, Any]], bool], *, after: str | None = None,
              limit: int = MAX_PAGE, count: bool = True,
-             max_candidates: int = MAX_CANDIDATES) -> FoundPage:
+             max_candidates: int = MAX_CANDIDATES,
+             decode: Callable[[bytes], JSONObject] = decode_stored) -> FoundPage:
         """Records posted under a term of every group (``groups=None``: every record, a scan),
         re-checked by ``keep(id, record)`` after decryption: postings narrow, ``keep`` decides
         (a stale posting cannot add a record). Audited: one read entry naming every hit's blind
@@ -429,6 +434,9 @@ class PatientRepository:
             limit: page size (1..:data:`MAX_PAGE`).
             count: count every match (``total``); False stops at the first match past the page.
             max_candidates: refuse a search with more candidates than this.
+            decode: how a candidate's stored bytes become the object ``keep`` sees and the hits
+                hold; :func:`~safehold.records.model.decode_for_match` when only ``raws`` are
+                answered (its numbers may be rounded).
 
         Raises:
             SearchTooCostlyError: more candidates than ``max_candidates``.
@@ -467,7 +475,7 @@ class PatientRepository:
                 if isinstance(got, RecordError):
                     raise got  # a tampered candidate: fail closed
                 raw, version = got
-                rec = decode_stored(raw)
+                rec = decode(raw)
                 if not keep(rid, rec):
                     continue
                 total += 1
