@@ -224,3 +224,51 @@ def test_a_hung_minority_member_does_not_stall_writes(cluster, tmp_path):
     assert fs.get(NS, b"rec-000021").value == b"value 21"
     fs.close()
     q.close()
+
+
+def test_member_http_checks_status_codes_and_error_bodies(cluster, tmp_path):
+    """The member's plain ASGI routes (``anchor/http.py``) keep the checks and answers the
+    FastAPI routes had: body limit, JSON shape, ledger names, client certificates, 404 / 405."""
+    import json
+
+    from safehold.freshness.anchor.http import MAX_BODY
+    from safehold.freshness.anchor.wire import head_to
+
+    q = cluster.client()
+    cluster.wait_ready(q)
+    engine = SqliteEngine(tmp_path / "records.db")
+    fs = _fresh(engine, q, cluster)
+    _put(fs, 1)
+    head = q.head("records")
+    link = q.links[0]
+
+    def ask(method, path, body=None, on=link):
+        on.send(method, path, body)
+        return on.receive()
+
+    ok = json.dumps({"prev": head_to(head), "new": head_to(AnchorHead(head.epoch + 1, b"\x02" * 32))})
+    status, obj = ask("POST", "/v1/anchor/advance/records", b" " * (MAX_BODY - len(ok) + 1) + ok.encode())
+    assert (status, obj["status"], obj["reason"]) == (400, "refused", f"request body over {MAX_BODY} bytes")
+    assert ask("POST", "/v1/anchor/advance/records", b"{nope")[1]["reason"] == "request body is not JSON"
+    assert ask("POST", "/v1/anchor/advance/records", b"[]") == (
+        400, {"status": "refused", "head": None, "reason": "expected {prev, new}"})
+    assert ask("POST", "/v1/anchor/advance/records", b'{"prev": {}, "new": {}}')[0] == 400
+    assert ask("POST", "/v1/anchor/advance/" + "r" * 129, ok.encode())[1]["reason"].startswith(
+        "ledger name must be")
+    assert ask("GET", "/v1/anchor/ledgers/" + "r" * 129)[0] == 400
+    assert ask("POST", "/v1/anchor/owner", b"[]")[0] == 400
+    assert ask("GET", "/v1/anchor/nothing") == (404, {"detail": "Not Found"})
+    assert ask("GET", "/v1/anchor/advance/records") == (405, {"detail": "Method Not Allowed"})
+    assert ask("POST", "/v1/anchor/ledgers/records", b"{}") == (405, {"detail": "Method Not Allowed"})
+    status, obj = ask("GET", "/v1/anchor/ledgers/records")
+    assert status == 200 and obj["status"] == "known" and obj["head"]["epoch"] == head.epoch
+    from safehold.freshness.anchor.client import QuorumAnchor
+
+    reader = QuorumAnchor(cluster.urls, cluster.verifier())
+    status, obj = ask("POST", "/v1/anchor/advance/records", ok.encode(), on=reader.links[0])
+    assert (status, obj["status"]) == (401, "refused") and "client certificate" in obj["reason"]
+    assert ask("GET", "/v1/anchor/state", on=reader.links[0])[1]["ledgers"]["records"]["epoch"] == head.epoch
+    assert q.head("records").same(head)  # nothing of the above moved the head
+    reader.close()
+    fs.close()
+    q.close()

@@ -149,7 +149,7 @@ def _peer_cert_protocol() -> type:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class PeerCertProtocol(HttpToolsProtocol):
-        """Exposes the verified client certificate (DER) as ``request.state.tls_peer_cert``."""
+        """Exposes the verified client certificate (DER) as ``scope["state"]["tls_peer_cert"]``."""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
