@@ -29,7 +29,11 @@ and p50/p99 latency (ms) for each.
 Targets: safehold / (a) >= 0.85 (issue 5); issue 17: import >= 1.0 x (b), GET >= 2.0 x (b),
 search by family >= 1.0 x (b), 100-hit search p50 within 1.5 x of (b)'s.
 
-Usage: ``python bench/records.py [--quick]``; the last line printed is one JSON object.
+Rounds alternate over the four systems (``--rounds``, default 3) and each phase's best round
+counts, so that a busy spell of the shared machine does not land on one system only.
+
+Usage: ``python bench/records.py [--quick] [--seconds S] [--rounds R]``; the last line printed
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -381,11 +385,28 @@ def measure(name: str, make: Callable[[], Any], seconds: float, body: dict[str, 
     return {"import": imp, "put": put, "get": get, "search": search, "search100": h100}
 
 
+def best_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each phase's best round: the highest rate (``per_s`` / ``records_per_s``) with its own
+    latencies, and the lowest 100-hit p50 (a shared machine only ever slows a round down)."""
+    out: dict[str, Any] = {}
+    for phase in rounds[0]:
+        runs = [r[phase] for r in rounds]
+        if phase == "search100":
+            out[phase] = min(runs, key=lambda x: x["p50_ms"])
+        else:
+            rate = "records_per_s" if "records_per_s" in runs[0] else "per_s"
+            out[phase] = max(runs, key=lambda x: x[rate])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 s per phase (under 60 s in all)")
+    ap.add_argument("--quick", action="store_true", help="3 s per phase, one round (under 60 s in all)")
     ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="alternating rounds over the four systems, best of each (default 3; --quick 1)")
     args = ap.parse_args()
+    args.rounds = max(1, args.rounds or (1 if args.quick else 3))
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     body = patient_record()
     print(f"record: FHIR Patient, {len(json.dumps(body))} bytes JSON; {CLIENTS} concurrent clients; "
@@ -463,15 +484,20 @@ def main() -> None:
 
         token = tokens(data)["writer"]
         pol = s.path("policy.toml")
-        res = {
-            "safehold": measure("safehold", lambda: SafeholdLoad(s.records_url, token, pol), seconds, body),
-            "plain": measure("(a) encryption off", lambda: SafeholdLoad(plain["records_url"], token, pol),
-                             seconds, body),
-            "flask_redis": measure("(b) Flask + Redis", lambda: FlaskLoad(f"https://localhost:{fport}", cert),
-                                   seconds, body),
-            "noaudit": measure_audit_off("(c) audit off", lambda: SafeholdLoad(noaudit_up["records_url"],
-                                                                                 token, pol), seconds, body),
-        }
+        rounds: dict[str, list[dict[str, Any]]] = {"safehold": [], "plain": [], "flask_redis": [],
+                                                    "noaudit": []}
+        for i in range(args.rounds):  # alternating, so that a busy spell hits every system alike
+            if args.rounds > 1:
+                print(f"-- round {i + 1} of {args.rounds}", flush=True)
+            rounds["safehold"].append(measure(
+                "safehold", lambda: SafeholdLoad(s.records_url, token, pol), seconds, body))
+            rounds["plain"].append(measure(
+                "(a) encryption off", lambda: SafeholdLoad(plain["records_url"], token, pol), seconds, body))
+            rounds["flask_redis"].append(measure(
+                "(b) Flask + Redis", lambda: FlaskLoad(f"https://localhost:{fport}", cert), seconds, body))
+            rounds["noaudit"].append(measure_audit_off(
+                "(c) audit off", lambda: SafeholdLoad(noaudit_up["records_url"], token, pol), seconds, body))
+        res = {name: best_of(rs) for name, rs in rounds.items()}
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -526,7 +552,7 @@ def main() -> None:
         "targets_issue17": {"vs_flask_redis_import": 1.0, "vs_flask_redis_get": 2.0,
                             "vs_flask_redis_search": 1.0, "search100_p50_vs_flask_redis": 1.5,
                             "audit_on_vs_off_get": 0.9, "audit_on_vs_off_import": 0.9},
-        "clients": CLIENTS, "seconds_per_phase": seconds,
+        "clients": CLIENTS, "seconds_per_phase": seconds, "rounds": args.rounds,
     }
     out["met_vs_plain"] = min(out["encrypted_vs_plain_get"], out["encrypted_vs_plain_put"]) >= 0.85
     out["met_issue17"] = (out["vs_flask_redis_import"] >= 1.0 and out["vs_flask_redis_get"] >= 2.0
