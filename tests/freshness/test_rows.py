@@ -215,3 +215,38 @@ def test_audit_finds_what_nobody_read(engine, fresh):
     found = fresh.audit()
     assert sorted(type(f).__name__ for f in found) == ["RowDeletedError", "RowRolledBackError"]
     assert {f.key for f in found} == {key(3), key(17)}
+
+
+def test_posting_group_read_is_sized_by_the_map_and_still_sees_every_added_row(engine, fresh):
+    """The first page of a group read is the map's row count + 2 (not 500 rows past the group);
+    rows a DBA adds beyond it are still read and refused, and a group larger than a page is
+    read whole."""
+    with fresh.transaction() as tx:
+        for rec in range(3):
+            tx.put(SEARCH, posting(5, rec), b"id", expected_version=0)
+        for rec in range(1200):  # a neighbour group bigger than one page (500 rows)
+            tx.put(SEARCH, posting(6, rec), b"id", expected_version=0)
+    scans: list[int] = []
+    real_scan = fresh.inner.scan
+
+    def counting_scan(ns, after=None, limit=100):  # every scan the FreshStore asks of the database
+        scans.append(limit)
+        return real_scan(ns, after=after, limit=limit)
+
+    fresh.inner.scan = counting_scan
+    try:
+        assert len(fresh.scan_prefix(SEARCH, bytes([5]) * 16)) == 3
+        assert len(fresh.scan_prefix(SEARCH, bytes([6]) * 16)) == 1200
+    finally:
+        del fresh.inner.scan
+    assert scans and scans[0] == 5, scans  # 3 rows + 2: one small read, not a 500-row page
+    # the DBA copies ten of group 6's rows into group 5 (authentic bytes, wrong place), more
+    # than the first page of a group read holds
+    rows = fresh.inner.scan(SEARCH, after=posting(6, 99), limit=10)  # the raw rows, unchecked
+    assert [r.key for r in rows] == [posting(6, rec) for rec in range(100, 110)]
+    for k, v, val in [(r.key, r.version, r.value) for r in rows]:
+        engine.sql("INSERT INTO safehold_rows (namespace, key, version, value) VALUES (?, ?, ?, ?)",
+                   (SEARCH, bytes([5]) * 16 + k[16:], v, val))
+    with pytest.raises(PostingsStaleError) as e:
+        fresh.scan_prefix(SEARCH, bytes([5]) * 16)
+    assert (bytes([5]) * 16).hex() in str(e.value)

@@ -599,8 +599,11 @@ class FreshStore(Store):
         if len(prefix) != plen:
             raise ValueError(f"namespace {ns!r} groups postings by {plen}-byte prefixes, got {len(prefix)}")
         own, ops, keys = self.own(), self._ops(), self.keys
+        # the map's row count sizes the first page: most groups are a few rows, and a page of
+        # _PAGE rows past a 3-row group made a search's lookup ~100 x the reads it needed
+        first = min(_PAGE, self.state.vmap.group(ns, prefix)[0] + 2)
         rows: list[Row] = self._verified(
-            lambda: _read_group(ops, ns, prefix), lambda rs: check.group_state(keys, ns, rs),
+            lambda: _read_group(ops, ns, prefix, first), lambda rs: check.group_state(keys, ns, rs),
             lambda: self.state.group_candidates(ns, prefix, own),
             lambda f, e: check.group_error(ns, prefix, f, e), f"posting group {prefix.hex()} of {ns!r}")
         return rows
@@ -725,16 +728,19 @@ class FreshStore(Store):
         self.inner.close()
 
 
-def _read_group(ops: StoreOps, ns: str, prefix: bytes) -> list[Row]:
-    """Every row of ``ns`` whose key starts with ``prefix`` (paged reads of the inner store)."""
+def _read_group(ops: StoreOps, ns: str, prefix: bytes, first: int = _PAGE) -> list[Row]:
+    """Every row of ``ns`` whose key starts with ``prefix`` (paged reads of the inner store: a
+    first page of ``first`` rows, then pages growing 4 x up to :data:`_PAGE`)."""
     out: list[Row] = []
     after = check.prefix_floor(prefix)
+    limit = max(2, min(first, _PAGE))
     while True:
-        page = ops.scan(ns, after=after, limit=_PAGE)
+        page = ops.scan(ns, after=after, limit=limit)
         for r in page:
             if not r.key.startswith(prefix):
                 return out
             out.append(r)
-        if len(page) < _PAGE:
+        if len(page) < limit:
             return out
         after = page[-1].key
+        limit = min(limit * 4, _PAGE)
