@@ -67,7 +67,7 @@ from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
 from safehold.records.scone_http import create_scone_app
 from safehold.runtime import attest_and_fetch, pinned_ca, simulated_attester
-from safehold.runtime.server import Listener, serve
+from safehold.runtime.server import Listener, serve, tune_gc
 from safehold.store.base import Store
 
 __all__ = [
@@ -517,6 +517,7 @@ def serve_worker(cfg: ServiceConfig, prov: Provisioned, socks: list[socket.socke
         else:
             fresh.on_fresh(lambda: notify("fresh"))
 
+    tune_gc()  # start-up is over
     try:
         if socks is None:
             asyncio.run(serve_apps(listeners, on_ready=ready))

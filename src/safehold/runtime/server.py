@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import ssl
@@ -31,7 +32,25 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from safehold.errors import ConfigError
 
-__all__ = ["Listener", "PeerCertH11Protocol", "PeerCertHTTPProtocol", "serve"]
+__all__ = ["GC_GEN0_THRESHOLD", "Listener", "PeerCertH11Protocol", "PeerCertHTTPProtocol", "serve",
+           "tune_gc"]
+
+#: Allocations between two young-generation collections while serving (CPython's default: 700).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Set the cyclic garbage collector up for serving, once start-up is over: everything built
+    so far (framework, configuration, keys' wrappers, the verifier map's tables) moves to the
+    permanent generation (:func:`gc.freeze`), so full collections no longer walk it, and young
+    collections run every :data:`GC_GEN0_THRESHOLD` allocations instead of every 700. A 100-hit
+    search allocates ~15,000 objects (the decoded candidates), most freed by reference counting;
+    with the defaults it paid for ~20 collections each. Process-wide: call it from a service's
+    main process, never from a library or a test."""
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, g1, g2)
 
 
 def _with_peer_cert(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
