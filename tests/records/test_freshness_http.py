@@ -144,3 +144,36 @@ def test_anchor_unavailable_at_start_recovers_and_runs_the_deferred_start_up(tmp
     finally:
         fresh.close()
         fresh.fs.close()
+
+
+def test_a_posting_value_edited_by_the_dba_is_refused_not_skipped(tmp_path):
+    """DBA attack: a posting row's *value* is not in the group's multiset hash (keys and versions
+    are; the value is the AES-SIV ciphertext of the id). Flipping one byte of it kept the group's
+    count and hash, the row failed authentication and was skipped: a search by family answered
+    200 with no records — the patient hidden from search, undetected (deleting the same posting
+    is a 409 ``PostingsStaleError``). Over a FreshStore the search is now refused (409)."""
+    from safehold.freshness.anchor.statements import SignedOwnerStatement, sign_owner_statement
+
+    anchor, keyset = InProcessAnchor(), Keyset.generate()
+    app, fresh = _app(tmp_path, anchor, keyset)
+    try:
+        doc = app.request("GET", "/v1/freshness/proposal").json()
+        st = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
+        good = sign_owner_statement(st, anchor.owner.private_pem())
+        assert app.request("POST", "/v1/freshness/reanchor", json=good.to_json()).status_code == 200
+        db, ns = tmp_path / "records.db", "records:patients.search"
+        before = _rows(db, ns)
+        r = app.request("PUT", "/v1/patients/p1", role="writer", json=_patient("Hidden"))
+        assert r.status_code == 201
+        r = app.request("GET", "/v1/patients", role="reader", params={"family": "Hidden"})
+        assert r.status_code == 200 and [x["id"] for x in r.json()["records"]] == ["p1"]
+        for k in set(_rows(db, ns)) - set(before):  # every new posting of p1: value edited
+            _, value = _rows(db, ns)[k]
+            _sql(db, "UPDATE safehold_rows SET value = ? WHERE namespace = ? AND key = ?",
+                 (value[:-1] + bytes([value[-1] ^ 1]), ns, k))
+        r = app.request("GET", "/v1/patients", role="reader", params={"family": "Hidden"})
+        assert r.status_code == 409, r.text  # was 200 {"records": []}
+        assert r.json()["error"] == "record-tampered"
+    finally:
+        fresh.close()
+        fresh.fs.close()

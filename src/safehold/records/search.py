@@ -38,8 +38,12 @@ length (as before). The id never appears. Writes are O(1) per term (no ever-grow
 hot row), one batched insert per record (:meth:`StoreOps.insert_new`), and run inside the
 caller's store transaction, so postings commit atomically with their record.
 
-A row that fails authentication is skipped and logged by key; search results are re-checked
-against the decrypted records anyway.
+A row that fails authentication: over a :class:`~safehold.freshness.store.FreshStore` the
+lookup is refused (:class:`~safehold.records.errors.RecordCorruptedError`, fail closed) — the
+multiset hash covers keys and versions, not values, so a skipped row would be a posting hidden
+from search with the group's check passing; over a plain store (where the database may drop rows
+anyway) it is skipped and logged by key. Search results are re-checked against the decrypted
+records either way.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from safehold.crypto.blind_index import BlindIndexer
 from safehold.crypto.kdf import derive_key
 from safehold.crypto.keyset import Keyset
+from safehold.records.errors import RecordCorruptedError
 from safehold.store.base import Row, Store
 
 log = logging.getLogger("safehold.records")
@@ -129,19 +134,24 @@ class PostingIndex:
             self.store.delete(self.ns, self.key(t, rid))
 
     def lookup(self, term: str) -> set[str]:
-        """Record ids posted under ``term`` (rows that fail authentication are skipped).
+        """Record ids posted under ``term``.
 
         Over a :class:`~safehold.freshness.store.FreshStore` the whole posting group is read at
         once with ``scan_prefix`` and checked against the verifier map's (count, multiset hash):
         a group with rows omitted, stale or added raises
-        :class:`~safehold.freshness.errors.PostingsStaleError` (names the blind prefix).
+        :class:`~safehold.freshness.errors.PostingsStaleError` (names the blind prefix), and a
+        row of the checked group that fails authentication raises
+        :class:`~safehold.records.errors.RecordCorruptedError` (its value was edited: the
+        multiset hash does not cover values); over a plain store such a row is skipped.
         """
         p = self.prefix(term)
         out: set[str] = set()
         scan_prefix = getattr(self.store, "scan_prefix", None)
         if scan_prefix is not None:
             for row in scan_prefix(self.ns, p):
-                self._open_into(row, term, out)
+                if not self._open_into(row, term, out):
+                    raise RecordCorruptedError(self.ns, row.key, "a posting of a checked group failed "
+                                               "authentication (its value was edited)")
             return out
         after = p
         page = _FIRST_PAGE  # the store scans past the prefix: most terms have few rows
@@ -156,12 +166,15 @@ class PostingIndex:
             after = rows[-1].key
             page = min(page * 4, _PAGE)
 
-    def _open_into(self, row: Row, term: str, out: set[str]) -> None:
+    def _open_into(self, row: Row, term: str, out: set[str]) -> bool:
+        """Add the row's record id to ``out``; False (logged by key) if the row fails authentication."""
         try:
             rid = self._siv.decrypt(row.key[PREFIX_LEN:] + row.value, [*self._ad, term.encode("utf-8")])
             out.add(rid.decode("utf-8"))
         except (InvalidTag, ValueError, UnicodeDecodeError):
-            log.warning("search: posting row %s failed authentication; skipped", row.key.hex())
+            log.warning("search: posting row %s failed authentication", row.key.hex())
+            return False
+        return True
 
     def rekey(self, *, batch: int = 200) -> int:
         """Re-seal postings after a value-key rotation: nothing to do in format 3 (the ids are
