@@ -106,13 +106,18 @@ def test_majority_loss_means_anchor_lost_until_the_owner_reanchors(cluster, tmp_
     q.close()
 
 
-def test_clients_are_authenticated_and_members_attested(cluster, tmp_path):
+def _one_write(cluster, tmp_path):
+    """A client of the ready cluster, a FreshStore on a new SQLite file with one write, and the
+    anchor's head after it."""
     q = cluster.client()
     cluster.wait_ready(q)
-    engine = SqliteEngine(tmp_path / "records.db")
-    fs = _fresh(engine, q, cluster)
+    fs = _fresh(SqliteEngine(tmp_path / "records.db"), q, cluster)
     _put(fs, 1)
-    head = q.head("records")
+    return q, fs, q.head("records")
+
+
+def test_clients_are_authenticated_and_members_attested(cluster, tmp_path):
+    q, fs, head = _one_write(cluster, tmp_path)
     nxt = AnchorHead(head.epoch + 1, b"\x01" * 32)
     broker = cluster.client("broker")  # a valid certificate, but for another workload
     with pytest.raises(AnchorConflictError, match="may not write ledger 'records'"):
@@ -234,12 +239,7 @@ def test_member_http_checks_status_codes_and_error_bodies(cluster, tmp_path):
     from safehold.freshness.anchor.http import MAX_BODY
     from safehold.freshness.anchor.wire import head_to
 
-    q = cluster.client()
-    cluster.wait_ready(q)
-    engine = SqliteEngine(tmp_path / "records.db")
-    fs = _fresh(engine, q, cluster)
-    _put(fs, 1)
-    head = q.head("records")
+    q, fs, head = _one_write(cluster, tmp_path)
     link = q.links[0]
 
     def ask(method, path, body=None, on=link):

@@ -601,7 +601,7 @@ class FreshStore(Store):
         own, ops, keys = self.own(), self._ops(), self.keys
         # the map's row count sizes the first page: most groups are a few rows, and a page of
         # _PAGE rows past a 3-row group made a search's lookup ~100 x the reads it needed
-        first = min(_PAGE, self.state.vmap.group(ns, prefix)[0] + 2)
+        first = self.state.vmap.group(ns, prefix)[0] + 2
         rows: list[Row] = self._verified(
             lambda: _read_group(ops, ns, prefix, first), lambda rs: check.group_state(keys, ns, rs),
             lambda: self.state.group_candidates(ns, prefix, own),

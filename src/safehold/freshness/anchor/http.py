@@ -53,39 +53,32 @@ def _reply(r: Any) -> Answer:
 
 
 @functools.lru_cache(maxsize=256)
-def _cn(der: bytes) -> str | None:
-    """The subject CN of a DER certificate (cached per certificate: a client sends the same one
-    on every request of its connection, and parsing it is pure)."""
+def _identity(der: bytes) -> tuple[str | None, str | None]:
+    """``(subject CN, ledger writer name)`` of a DER certificate (:func:`ledger_writer`; None
+    for what it lacks). Cached per certificate: a client sends the same one on every request of
+    its connection, and parsing it is pure."""
     try:
-        names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cert = x509.load_der_x509_certificate(der)
     except ValueError:
-        return None
+        return None, None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else None
-    return value if isinstance(value, str) else None
-
-
-@functools.lru_cache(maxsize=256)
-def _writer_of(der: bytes) -> str | None:
-    """:func:`ledger_writer` of a DER certificate (cached like :func:`_cn`: pure in ``der``)."""
-    try:
-        return ledger_writer(x509.load_der_x509_certificate(der))
-    except ValueError:
-        return None
+    return (value if isinstance(value, str) else None), ledger_writer(cert)
 
 
 def client_name(scope: Scope) -> str | None:
     """The CN of the verified client certificate, or None without one."""
     der = scope.get("state", {}).get("tls_peer_cert")
-    return _cn(bytes(der)) if der else None
+    return _identity(bytes(der))[0] if der else None
 
 
 def _writer(scope: Scope) -> str | Answer:
     """The ledger writer name of the verified client certificate, or the refusal (401 none,
     403 not issued to an attested workload)."""
-    name = client_name(scope)
+    der = scope.get("state", {}).get("tls_peer_cert")
+    name, writer = _identity(bytes(der)) if der else (None, None)
     if name is None:
         return _problem(401, "a client certificate from the pinned workload CA is required")
-    writer = _writer_of(bytes(scope["state"]["tls_peer_cert"]))
     if writer is None:
         return _problem(403, f"client certificate {name[:64]!r} was not issued to an attested workload "
                         "(no attested-workload key purpose): it may not write any ledger; ledger "
