@@ -1,16 +1,27 @@
 """Render the Helm chart with Helm's own engine (helm-python-sdk: Helm v4 through libhelm_c,
-bundled in the wheel; no cluster, no network) for each preset, and the objects as dicts."""
+bundled in the wheel; no cluster, no network) for each preset, and the objects as dicts.
+
+The chart tools (helm-python-sdk, kubernetes-validate) live in ``.deploy-tools/`` (or
+``SAFEHOLD_DEPLOY_TOOLS``), installed by ``.ci/deploy-check`` from deploy/chart-tools.lock, not
+in the project's site-packages (pyproject.toml says why); :func:`chart_tool` imports one, and
+skips on a laptop without them or fails under CI."""
 
 from __future__ import annotations
 
 import copy
+import importlib
+import os
+import sys
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "safehold"
+TOOLS = Path(os.environ.get("SAFEHOLD_DEPLOY_TOOLS") or ROOT / ".deploy-tools")
 PRESETS = {p.stem: p for p in sorted((ROOT / "deploy" / "helm" / "presets").glob("*.yaml"))}
 NAMESPACE = "safehold"
 RELEASE = "safehold"
@@ -43,11 +54,23 @@ def preset_values(name: str, *, all_on: bool = False) -> dict:
     return _merge(v, ALL_ON) if all_on else v
 
 
+def chart_tool(module: str) -> ModuleType:
+    """Import ``module`` (``helm_python``, ``kubernetes_validate``) from :data:`TOOLS`, after
+    the project's own site-packages; skip when the tools are not installed, fail under CI."""
+    if (TOOLS / "lock").is_file() and str(TOOLS) not in sys.path:
+        sys.path.append(str(TOOLS))  # last: the venv's copies of shared dependencies win
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        msg = f"chart tool {module} not installed in {TOOLS} (run bash .ci/deploy-check --prepare): {e}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def render(values: dict) -> dict[str, str]:
     """template path -> rendered text (NOTES.txt included)."""
-    from helm_python import Chart
-
-    with Chart.load(str(CHART)) as chart:
+    with chart_tool("helm_python").Chart.load(str(CHART)) as chart:
         return chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
 
 

@@ -11,7 +11,17 @@ import pytest
 import yaml
 
 from safehold.deploy.workloads import KUBERNETES_VERSIONS, POD_PLATFORM_ENV, WORKLOADS
-from tests.deploy.chart import CHART, PRESETS, ROOT, objects, pod_specs, preset_values, render, rendered
+from tests.deploy.chart import (
+    CHART,
+    PRESETS,
+    ROOT,
+    chart_tool,
+    objects,
+    pod_specs,
+    preset_values,
+    render,
+    rendered,
+)
 
 CASES = [(p, False) for p in PRESETS] + [(p, True) for p in PRESETS]
 CATALOGUE = json.loads((CHART / "files" / "workloads.json").read_text("utf-8"))["workloads"]
@@ -24,7 +34,7 @@ def test_presets_exist() -> None:
 @pytest.mark.slow  # about 3 s per case: 7 schema versions
 @pytest.mark.parametrize(("preset", "all_on"), CASES)
 def test_every_object_is_valid_for_every_kubernetes_version(preset: str, all_on: bool) -> None:
-    import kubernetes_validate
+    kubernetes_validate = chart_tool("kubernetes_validate")
 
     objs = objects(preset, all_on=all_on)
     assert len(objs) >= 14
@@ -40,7 +50,7 @@ def test_every_object_is_valid_for_every_kubernetes_version(preset: str, all_on:
 
 def test_kubernetes_validate_catches_what_it_should() -> None:
     """The validator is not a no-op: the mistakes of the official snippets are errors."""
-    import kubernetes_validate
+    kubernetes_validate = chart_tool("kubernetes_validate")
 
     objs = objects("aks-cvm")
     dep = next(o for o in objs if o["kind"] == "Deployment")
@@ -155,7 +165,7 @@ def test_network_policies_default_deny_and_cover_every_pod() -> None:
 
 
 def test_values_schema_refuses_what_it_should() -> None:
-    from helm_python import HelmValuesError
+    HelmValuesError = chart_tool("helm_python").HelmValuesError  # noqa: N806
 
     base = preset_values("aks-cvm")
     for bad in (
@@ -171,7 +181,7 @@ def test_values_schema_refuses_what_it_should() -> None:
 
 
 def test_chart_refuses_unpinned_images() -> None:
-    from helm_python import HelmError
+    HelmError = chart_tool("helm_python").HelmError  # noqa: N806
 
     v = preset_values("aks-sgx")
     del v["images"]["records"]
@@ -212,7 +222,7 @@ def test_yamllint_values_presets_and_rendered(tmp_path) -> None:
 
 
 def test_helm_lint_is_clean() -> None:
-    from helm_python import lint
+    lint = chart_tool("helm_python").lint
 
     for preset in PRESETS:
         report = lint(

@@ -329,10 +329,6 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-def _is_cache(dirname: str, filename: str) -> bool:
-    return os.path.basename(dirname) == "__pycache__" and filename.endswith((".pyc", ".pyo"))
-
-
 def _walk(root: Root, skip_dirs: set[str], skip_caches: bool, in_stdlib: bool,
           out: dict[str, str]) -> None:
     """Collect ``name -> host path`` for every regular file under ``root`` (following
@@ -359,9 +355,10 @@ def _walk(root: Root, skip_dirs: set[str], skip_caches: bool, in_stdlib: bool,
                 ents = sorted(it, key=lambda e: e.name)
         except OSError as e:
             raise ConfigError(f"cannot read directory {d}: {e.strerror}") from None
+        caches_here = skip_caches and os.path.basename(d) == "__pycache__"  # once per directory
         for ent in ents:
             name = _check_name(ent.name, d)
-            full = os.path.join(d, name)
+            full = ent.path  # os.path.join(d, name), computed by scandir
             r = f"{rel}/{name}" if rel else name
             try:
                 is_dir = ent.is_dir()  # follows symlinks: a linked directory is importable too
@@ -373,7 +370,7 @@ def _walk(root: Root, skip_dirs: set[str], skip_caches: bool, in_stdlib: bool,
                     continue
                 stack.append((full, r))
             elif is_file:
-                if skip_caches and _is_cache(d, name):
+                if caches_here and name.endswith((".pyc", ".pyo")):
                     continue
                 out.setdefault(f"{root.label}/{r}", full)
                 if len(out) > MAX_FILES:
