@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from safehold.attestation.closure import Closure
 from safehold.devstack.errors import StackError
 from safehold.devstack.stack import Stack
 from safehold.errors import SafeholdError
@@ -83,10 +84,12 @@ def local_anchor(d: Path, owner_pub_pem: str, package_root: str | None = None) -
                        package_root=Path(package_root) if package_root else None)
 
 
-def measure_anchor(d: Path, la: LocalAnchor, package_root: str | None = None) -> str:
-    """The members' measurement (hex) as their simulated TEE will report it: the closure of
-    their launch (``package_root``'s copy, as ``la`` runs it) with their configuration."""
-    return la.reference_value()
+def measure_anchor(d: Path, la: LocalAnchor, package_root: str | None = None) -> Closure:
+    """The members' measured closure as their simulated TEE will report it (``.hex()`` is the
+    measurement): their launch (``package_root``'s copy, as ``la`` runs it) with their
+    configuration. The records and service workloads share its interpreter and ``sys.path``,
+    so the data directory's other measurements reuse its code hashes."""
+    return la.closure()
 
 
 def anchor_policy(la: LocalAnchor, measurement: str) -> dict[str, Any]:

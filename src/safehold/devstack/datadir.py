@@ -434,15 +434,15 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     pin_workload_ca(d, owner, pin, created=created)
     owner_pub = owner_key(d, owner)
     la = anc.local_anchor(d, owner_pub, package_root)
-    anchor_measurement = anc.measure_anchor(d, la, package_root)
-    a_policy = anc.anchor_policy(la, anchor_measurement)
+    anchor_closure = anc.measure_anchor(d, la, package_root)
+    a_policy = anc.anchor_policy(la, anchor_closure.hex())
     fresh = {"anchor_members": la.urls, "anchor_policy": a_policy}
     anc.write_broker_anchor(d, la.urls, a_policy)
     cfgs = {"records.toml": main_records_config(d, tok, pin, scone_auth, reset, fresh, records_workers),
             **(extra_configs or {})}
     measurements = []
     root = None
-    base: Closure | None = None
+    base: Closure | None = anchor_closure  # same interpreter and sys.path: code hashed once
     for name, cfg in cfgs.items():
         cfg = {**cfg, "broker_ca_sha256": cfg.get("broker_ca_sha256") or pin}
         p = d / name
@@ -499,7 +499,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
               store_url or f"sqlite:///{d / 'records.db'}", package_root,
               owner_dir=owner_dir(d, owner))
     s.anchor = la
-    s.info = {"measurements": measurements, "anchor_measurement": anchor_measurement,
+    s.info = {"measurements": measurements, "anchor_measurement": anchor_closure.hex(),
               "anchor_urls": la.urls}
     s.service_ports = ports
     if old_manifest is not None and old_manifest != manifest:

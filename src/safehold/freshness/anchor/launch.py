@@ -29,6 +29,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from safehold.attestation.closure import Closure
 from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.workload import LaunchSpec, package_app_dir
@@ -107,7 +108,17 @@ class LocalAnchor:
     def reference_value(self) -> str:
         """The members' Reference Value as the data owner computes it: the closure of their
         launch with the member configuration (hex SHA-384; what their simulated TEE reports)."""
-        return self._launch().closure([self.config]).hex()
+        return self.closure().hex()
+
+    def closure(self, base: Closure | None = None) -> Closure:
+        """The members' measured closure (:meth:`reference_value` is its hex); ``base``: a
+        closure over the same interpreter and ``sys.path`` whose code hashes are reused
+        (:meth:`~safehold.attestation.workload.LaunchSpec.closure`).
+
+        Raises:
+            ConfigError: see :func:`safehold.attestation.closure.closure`.
+        """
+        return self._launch().closure([self.config], base=base)
 
     def start(self, i: int, *, wait: bool = True) -> None:
         """Start member ``i`` (and wait until it listens)."""
