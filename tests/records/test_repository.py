@@ -470,3 +470,31 @@ def test_the_repository_refuses_collaborators_on_another_store(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_search_raw_matches_on_remembered_terms_exactly_and_boundedly(repo, monkeypatch):
+    """The answer path (search_raw) re-checks each candidate on terms remembered per stored
+    form: the same hits as the decoding path, a renamed record leaves the old name's hits,
+    and the memo stays within its bound."""
+    import safehold.records.repository as mod
+
+    monkeypatch.setattr(mod, "TERMS_MEMO", 3)
+    for i in range(5):
+        put(repo, "u", f"s{i}", pat(f"s{i}", "Smith", bd=f"198{i}-01-01"))
+    put(repo, "u", "j1", pat("j1", "Jones"))
+    for crit in ({"family": "smith"}, {"family": "SMITH", "birthDate": "1982-01-01"}, {"gender": "female"},
+                 {"family": "jones"}, {"family": "nobody"}):
+        raw = repo.search_raw("u", crit, limit=100)
+        assert [i for i, _, _ in raw] == [i for i, _ in repo.search("u", crit)], crit
+        assert all(json.loads(b)["id"] == i for i, b, _ in raw)
+    assert len(repo._terms) == 3  # noqa: SLF001 - the bound is the point
+    repo.search_raw("u", {"family": "smith"}, limit=100)  # s0..s4 now remembered (last three)
+    put(repo, "u", "s4", pat("s4", "Brown"))  # a new stored form: its old terms do not count
+    assert [i for i, _, _ in repo.search_raw("u", {"family": "smith"}, limit=100)] == ["s0", "s1", "s2", "s3"]
+    assert [i for i, _, _ in repo.search_raw("u", {"family": "brown"}, limit=100)] == ["s4"]
+    # a stale posting (j1 posted under "smith", as an interrupted rename leaves one) adds nothing
+    from safehold.records.tokens import native_term
+
+    repo.index.add("j1", [native_term("family", "smith")])
+    assert "j1" in repo.index.lookup(native_term("family", "smith"))
+    assert [i for i, _, _ in repo.search_raw("u", {"family": "smith"}, limit=100)] == ["s0", "s1", "s2", "s3"]

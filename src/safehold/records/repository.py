@@ -30,6 +30,8 @@ than overwritten — so its postings are taken from it, not stored a second time
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +81,9 @@ MAX_PAGE = 1000
 #: Most candidate records one search decrypts and checks (index hits, or rows of a scan).
 MAX_CANDIDATES = 10_000
 _INDEX_RETRIES = 64
+#: Stored forms whose search terms a repository remembers (LRU; ~3.4 KiB of plaintext each,
+#: in the workload's memory like every decrypted record).
+TERMS_MEMO = 2048
 log = logging.getLogger("safehold.records")
 
 
@@ -143,6 +148,30 @@ class PatientRepository:
         self.committer = committer
         self.audit = audit
         self.ns = namespace
+        self._terms: OrderedDict[bytes, frozenset[tuple[str, str]]] = OrderedDict()
+        self._terms_lock = threading.Lock()
+
+    def terms_of(self, raw: bytes) -> frozenset[tuple[str, str]]:
+        """Every ``(field, normalised value)`` search term of the record whose stored form is
+        ``raw`` (:func:`~safehold.records.model.search_terms`), remembered for the last
+        :data:`TERMS_MEMO` stored forms: a search re-checks each candidate, and a popular
+        search re-checks the same records (a 100-hit search decoded 100 records, ~23 µs
+        each). The memo is keyed by the stored bytes themselves, so a hit is an exact match.
+
+        Raises:
+            RecordError: ``raw`` is not a JSON object.
+        """
+        with self._terms_lock:
+            got = self._terms.get(raw)
+            if got is not None:
+                self._terms.move_to_end(raw)
+                return got
+        terms = frozenset(search_terms(decode_for_match(raw)))
+        with self._terms_lock:
+            self._terms[raw] = terms
+            if len(self._terms) > TERMS_MEMO:
+                self._terms.popitem(last=False)
+        return terms
 
     def blind_index(self, rid: str) -> bytes:
         """The 16-byte blind index the database stores for record ``rid`` (as audit entries
@@ -400,11 +429,11 @@ class PatientRepository:
                    limit: int = MAX_PAGE) -> list[tuple[str, bytes, int]]:
         """As :meth:`search_hits`, with each record's stored form (compact JSON, UTF-8) instead
         of the decoded object: ``(id, stored form, version)``. Raises as :meth:`search_hits`."""
-        page = self._search_page(who, criteria, limit, decode=decode_for_match)
+        page = self._search_page(who, criteria, limit, raw_only=True)
         return [(rid, raw, v) for (rid, _, v), raw in zip(page.hits, page.raws, strict=True)]
 
     def _search_page(self, who: str, criteria: Mapping[str, str], limit: int, *,
-                     decode: Callable[[bytes], JSONObject] = decode_stored) -> FoundPage:
+                     raw_only: bool = False) -> FoundPage:
         if not criteria:
             raise InvalidRecordError("search needs at least one field")
         bad = sorted(set(criteria) - set(SEARCH_FIELDS))
@@ -413,15 +442,19 @@ class PatientRepository:
         want = {(f, normalise(v)) for f, v in criteria.items()}
         fields = frozenset(criteria)
         terms = sorted({t for f, v in criteria.items() if (t := native_term(f, v)) is not None})
-        return self.find(who, [[t] for t in terms] or None,
-                         lambda _rid, rec: want <= search_terms(rec, fields), limit=limit, count=False,
-                         decode=decode)
+        groups = [[t] for t in terms] or None
+        if raw_only:  # the answer embeds the stored bytes: match on the remembered terms
+            return self.find(who, groups, lambda _rid, rec: True, limit=limit, count=False,
+                             keep_raw=lambda _rid, raw: want <= self.terms_of(raw))
+        return self.find(who, groups, lambda _rid, rec: want <= search_terms(rec, fields), limit=limit,
+                         count=False)
 
     def find(self, who: str, groups: Sequence[Iterable[str]] | None,
              keep: Callable[[str, dict[str, Any]], bool], *, after: str | None = None,
              limit: int = MAX_PAGE, count: bool = True,
              max_candidates: int = MAX_CANDIDATES,
-             decode: Callable[[bytes], JSONObject] = decode_stored) -> FoundPage:
+             decode: Callable[[bytes], JSONObject] = decode_stored,
+             keep_raw: Callable[[str, bytes], bool] | None = None) -> FoundPage:
         """Records posted under a term of every group (``groups=None``: every record, a scan),
         re-checked by ``keep(id, record)`` after decryption: postings narrow, ``keep`` decides
         (a stale posting cannot add a record). Audited: one read entry naming every hit's blind
@@ -437,6 +470,9 @@ class PatientRepository:
             decode: how a candidate's stored bytes become the object ``keep`` sees and the hits
                 hold; :func:`~safehold.records.model.decode_for_match` when only ``raws`` are
                 answered (its numbers may be rounded).
+            keep_raw: decides on the stored bytes instead (``keep`` and ``decode`` unused):
+                nothing is decoded and each hit's record is an empty dict; for callers that
+                answer ``raws`` only.
 
         Raises:
             SearchTooCostlyError: more candidates than ``max_candidates``.
@@ -475,9 +511,14 @@ class PatientRepository:
                 if isinstance(got, RecordError):
                     raise got  # a tampered candidate: fail closed
                 raw, version = got
-                rec = decode(raw)
-                if not keep(rid, rec):
-                    continue
+                if keep_raw is not None:
+                    rec: dict[str, Any] = {}
+                    if not keep_raw(rid, raw):
+                        continue
+                else:
+                    rec = decode(raw)
+                    if not keep(rid, rec):
+                        continue
                 total += 1
                 if after is not None and rid <= after:
                     continue
