@@ -30,9 +30,10 @@ than overwritten — so its postings are taken from it, not stored a second time
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,12 @@ _INDEX_RETRIES = 64
 #: Stored forms whose search terms a repository remembers (LRU; ~3.4 KiB of plaintext each,
 #: in the workload's memory like every decrypted record).
 TERMS_MEMO = 2048
+#: ... and at most this many bytes in all (stored forms and their terms): a stored form may be
+#: 1 MiB and its terms many times that (NFKC expands U+FDFA 18-fold), so 2,048 entries alone
+#: could pin gigabytes per worker.
+TERMS_MEMO_BYTES = 16 * 1024 * 1024
+#: One entry's most bytes; a larger stored form is re-checked without the memo.
+TERMS_MEMO_ENTRY = 256 * 1024
 log = logging.getLogger("safehold.records")
 
 
@@ -148,29 +155,50 @@ class PatientRepository:
         self.committer = committer
         self.audit = audit
         self.ns = namespace
-        self._terms: OrderedDict[bytes, frozenset[tuple[str, str]]] = OrderedDict()
+        # stored form -> (fields computed, their terms, bytes charged)
+        self._terms: OrderedDict[bytes, tuple[frozenset[str], frozenset[tuple[str, str]], int]] = (
+            OrderedDict())
+        self._terms_bytes = 0
         self._terms_lock = threading.Lock()
 
-    def terms_of(self, raw: bytes) -> frozenset[tuple[str, str]]:
-        """Every ``(field, normalised value)`` search term of the record whose stored form is
-        ``raw`` (:func:`~safehold.records.model.search_terms`), remembered for the last
-        :data:`TERMS_MEMO` stored forms: a search re-checks each candidate, and a popular
-        search re-checks the same records (a 100-hit search decoded 100 records, ~23 µs
-        each). The memo is keyed by the stored bytes themselves, so a hit is an exact match.
+    def terms_of(self, raw: bytes,
+                 fields: Collection[str] = SEARCH_FIELDS) -> frozenset[tuple[str, str]]:
+        """The ``(field, normalised value)`` search terms of ``fields`` (at least those; more
+        may be returned) of the record whose stored form is ``raw``
+        (:func:`~safehold.records.model.search_terms`), remembered for the last
+        :data:`TERMS_MEMO` stored forms within :data:`TERMS_MEMO_BYTES`: a search re-checks each
+        candidate, and a popular search re-checks the same records (a 100-hit search decoded
+        100 records, ~23 µs each). The memo is keyed by the stored bytes themselves, so a hit is
+        an exact match. Only the asked fields are computed (a family search never normalises a
+        megabyte of identifiers); a stored form over :data:`TERMS_MEMO_ENTRY` is not remembered.
 
         Raises:
             RecordError: ``raw`` is not a JSON object.
         """
+        want = frozenset(fields)
+        done: frozenset[str] = frozenset()
+        have: frozenset[tuple[str, str]] = frozenset()
+        if len(raw) <= TERMS_MEMO_ENTRY:
+            with self._terms_lock:
+                got = self._terms.get(raw)
+                if got is not None:
+                    self._terms.move_to_end(raw)
+                    done, have, _ = got
+                    if want <= done:
+                        return have
+        terms = have | search_terms(decode_for_match(raw), want - done)
+        done |= want
+        cost = len(raw) + 256 + sum(sys.getsizeof(v) + 64 for _, v in terms)
+        if len(raw) > TERMS_MEMO_ENTRY or cost > TERMS_MEMO_ENTRY:
+            return terms
         with self._terms_lock:
-            got = self._terms.get(raw)
-            if got is not None:
-                self._terms.move_to_end(raw)
-                return got
-        terms = frozenset(search_terms(decode_for_match(raw)))
-        with self._terms_lock:
-            self._terms[raw] = terms
-            if len(self._terms) > TERMS_MEMO:
-                self._terms.popitem(last=False)
+            prev = self._terms.pop(raw, None)
+            if prev is not None:
+                self._terms_bytes -= prev[2]
+            self._terms[raw] = (done, terms, cost)
+            self._terms_bytes += cost
+            while self._terms and (len(self._terms) > TERMS_MEMO or self._terms_bytes > TERMS_MEMO_BYTES):
+                self._terms_bytes -= self._terms.popitem(last=False)[1][2]
         return terms
 
     def blind_index(self, rid: str) -> bytes:
@@ -445,7 +473,7 @@ class PatientRepository:
         groups = [[t] for t in terms] or None
         if raw_only:  # the answer embeds the stored bytes: match on the remembered terms
             return self.find(who, groups, lambda _rid, rec: True, limit=limit, count=False,
-                             keep_raw=lambda _rid, raw: want <= self.terms_of(raw))
+                             keep_raw=lambda _rid, raw: want <= self.terms_of(raw, fields))
         return self.find(who, groups, lambda _rid, rec: want <= search_terms(rec, fields), limit=limit,
                          count=False)
 
