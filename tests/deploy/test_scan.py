@@ -35,7 +35,7 @@ JUSTIFIED = {
 def _checkov() -> str:
     exe = os.environ.get("SAFEHOLD_CHECKOV") or str(ROOT / ".venv-scan" / "bin" / "checkov")
     if not os.path.exists(exe):
-        msg = f"checkov not installed at {exe} (run .ci/deploy-check)"
+        msg = f"checkov not installed at {exe} (run bash .ci/deploy-check --prepare)"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)

@@ -53,6 +53,10 @@ def test_broker_sigkill_under_load_records_keeps_serving_broker_restarts(env, tm
         r = cli(env, "measure", "--config", str(data / "records.toml"), "--module", RECORDS_MODULE,
                 "--app-dir", env["PYTHONPATH"], *envs, "--format", "toml")
         assert f'measurements = ["{ready["measurement"]}"]' in r.stdout
+        # the defaults (module, environment allow-list) are the records workload `up` launches
+        r = cli(env, "measure", "--config", str(data / "records.toml"), "--app-dir", env["PYTHONPATH"],
+                "--format", "toml")
+        assert f'measurements = ["{ready["measurement"]}"]' in r.stdout
         tok = json.loads((tmp_path / "safehold-data.owner" / "tokens.json").read_text())["writer"]
         ctx = ssl.create_default_context(cafile=info["ca"])
         results: list[tuple[str, int | str]] = []

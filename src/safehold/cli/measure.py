@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
 import click
 
 from safehold.attestation.measure import measure_workload
+from safehold.devstack.stack import BROKER_ENV, BROKER_MODULE, RECORDS_ENV, RECORDS_MODULE
+
+#: The environment allow-list each workload `safehold up` launches runs with (the default of
+#: ``--env`` for that module, so that the value printed is the one `up` pins).
+WORKLOAD_ENV = {RECORDS_MODULE: RECORDS_ENV, BROKER_MODULE: BROKER_ENV}
 
 
 def register(group: click.Group) -> None:
@@ -18,14 +24,16 @@ def register(group: click.Group) -> None:
 @click.command()
 @click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Workload configuration file to include (repeatable); named config/<file name>.")
-@click.option("--module", default="safehold.records.service", show_default=True,
-              help="The module the workload runs as __main__ (part of the measured launch).")
+@click.option("--module", default=RECORDS_MODULE, show_default=True,
+              help="The module the workload runs as __main__ (part of the measured launch); it must "
+                   "exist.")
 @click.option("--app-dir", type=click.Path(exists=True, file_okay=False),
               help="Directory put first on the workload's sys.path (a snapshot's parent). Default: "
                    "the directory holding the imported safehold package, unless it is site-packages.")
 @click.option("--env", "passthrough", multiple=True, metavar="NAME",
               help="Environment variable the workload takes from the host (repeatable; part of the "
-                   "measured launch, its value is not).")
+                   "measured launch, its value is not). Default: the allow-list `safehold up` gives "
+                   f"{RECORDS_MODULE} and {BROKER_MODULE}, none for other modules.")
 @click.option("--package-only", is_flag=True,
               help="DIAGNOSTIC, NOT a Reference Value: the old package-only digest (safehold package "
                    "+ config, format v1). No TEE reports it; a policy pinning it admits nothing. "
@@ -63,6 +71,14 @@ def measure(configs: tuple[str, ...], module: str, app_dir: str | None, passthro
     from safehold.attestation.closure import describe
     from safehold.attestation.workload import LaunchSpec, package_app_dir
 
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:  # a value for a module that cannot run would match no workload
+        raise click.BadParameter(f"no module {module!r} on this interpreter's path", param_hint="--module")
+    if not passthrough:
+        passthrough = WORKLOAD_ENV.get(module, ())
     spec = LaunchSpec(module, app_dir=app_dir if app_dir else package_app_dir(), passthrough=passthrough)
     t0 = time.perf_counter()
     c = spec.closure(configs)
