@@ -301,3 +301,17 @@ def test_cli_measure_prints_the_closure_of_the_launch(app: Path, tmp_path: Path)
     res = CliRunner().invoke(cli, [*args, "--format", "manifest"])
     assert res.stdout.encode() == ref.canonical()
     assert hashlib.sha384(ref.canonical()).digest() == ref.digest
+
+
+def test_cli_measure_refuses_a_module_the_workload_cannot_run(app: Path):
+    # a Reference Value for a module that is not on the workload's sys.path matches no workload
+    # (the old default, safehold.records.service, did not exist and was measured anyway)
+    from click.testing import CliRunner
+
+    from safehold.cli.main import cli
+
+    for module in ("safehold.records.service", "probe.missing", "not-a-name"):
+        res = CliRunner().invoke(cli, ["measure", "--module", module, "--app-dir", str(app)])
+        assert res.exit_code == 2 and f"no module {module!r}" in res.output, res.output
+    res = CliRunner().invoke(cli, ["measure", "--module", "probe", "--app-dir", str(app), "--format", "toml"])
+    assert res.exit_code == 0 and "measurements = [" in res.stdout, res.output

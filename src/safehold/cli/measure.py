@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import json
 import time
 
@@ -14,6 +14,20 @@ from safehold.devstack.stack import BROKER_ENV, BROKER_MODULE, RECORDS_ENV, RECO
 #: The environment allow-list each workload `safehold up` launches runs with (the default of
 #: ``--env`` for that module, so that the value printed is the one `up` pins).
 WORKLOAD_ENV = {RECORDS_MODULE: RECORDS_ENV, BROKER_MODULE: BROKER_ENV}
+
+
+def _on_path(module: str, path: list[str]) -> bool:
+    """Whether ``module`` (dotted) can be found on ``path`` without importing anything (the
+    workload's ``sys.path``, not this process's)."""
+    search: list[str] | None = path
+    for part in module.split("."):
+        if not part.isidentifier() or search is None:
+            return False
+        spec = importlib.machinery.PathFinder.find_spec(part, search)
+        if spec is None:
+            return False
+        search = list(spec.submodule_search_locations or []) or None
+    return True
 
 
 def register(group: click.Group) -> None:
@@ -71,15 +85,11 @@ def measure(configs: tuple[str, ...], module: str, app_dir: str | None, passthro
     from safehold.attestation.closure import describe
     from safehold.attestation.workload import LaunchSpec, package_app_dir
 
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:  # a value for a module that cannot run would match no workload
-        raise click.BadParameter(f"no module {module!r} on this interpreter's path", param_hint="--module")
-    if not passthrough:
-        passthrough = WORKLOAD_ENV.get(module, ())
-    spec = LaunchSpec(module, app_dir=app_dir if app_dir else package_app_dir(), passthrough=passthrough)
+    spec = LaunchSpec(module, app_dir=app_dir if app_dir else package_app_dir(),
+                      passthrough=passthrough or WORKLOAD_ENV.get(module, ()))
+    if not _on_path(module, spec.sys_path()):  # a value for a module that cannot run matches nothing
+        raise click.BadParameter(f"no module {module!r} on the workload's sys.path (app dir, standard "
+                                 "library, site-packages)", param_hint="--module")
     t0 = time.perf_counter()
     c = spec.closure(configs)
     took = time.perf_counter() - t0
