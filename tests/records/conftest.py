@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from safehold.crypto.keyset import Keyset
+from safehold.records.access_audit import AccessAuditLog
+from safehold.records.commit import GroupCommit
+from safehold.records.repository import PatientRepository
 from safehold.records.server import assemble_apps
 from safehold.store import open_store
 from tests.support.records_service import Service, access_list
@@ -32,3 +35,15 @@ def service(tmp_path: Path) -> Iterator[Service]:
 def token_service(tmp_path: Path) -> Iterator[Service]:
     """The apps with ``scone_auth = "token"``: the SCONE port wants the native API's tokens."""
     yield from _service(tmp_path, "token")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[PatientRepository]:
+    """A PatientRepository over a real SQLite file (``repo.db_path``), with the access audit."""
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    committer = GroupCommit(store)
+    r = PatientRepository(store, Keyset.generate(), committer=committer,
+                          audit=AccessAuditLog(store, committer, mac_key=b"k" * 32))
+    r.db_path = tmp_path / "r.db"  # type: ignore[attr-defined]
+    yield r
+    store.close()

@@ -22,17 +22,6 @@ from safehold.store.migrations import ROWS_TABLE as T
 from tests.support.sqlite_damage import duplicate_leaf_page
 
 
-@pytest.fixture
-def repo(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
-    committer = GroupCommit(store)
-    r = PatientRepository(store, Keyset.generate(), committer=committer,
-                          audit=AccessAuditLog(store, committer, mac_key=b"k" * 32))
-    r.db_path = tmp_path / "r.db"
-    yield r
-    store.close()
-
-
 def put(repo, who, rid, record, **kw):
     """A write as every edge makes it: the record rules once, then the repository."""
     return repo.put(who, parse_record(rid, record), **kw)

@@ -12,25 +12,9 @@ from contextlib import closing
 
 import pytest
 
-from safehold.crypto.keyset import Keyset
 from safehold.errors import RecordTamperedError
-from safehold.records.access_audit import AccessAuditLog
-from safehold.records.commit import GroupCommit
 from safehold.records.model import parse_record
-from safehold.records.repository import PatientRepository
-from safehold.store import open_store
 from safehold.store.migrations import ROWS_TABLE as T
-
-
-@pytest.fixture
-def repo(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
-    committer = GroupCommit(store)
-    r = PatientRepository(store, Keyset.generate(), committer=committer,
-                          audit=AccessAuditLog(store, committer, mac_key=b"k" * 32))
-    r.db_path = tmp_path / "r.db"
-    yield r
-    store.close()
 
 
 def put(repo, rid, rec):
