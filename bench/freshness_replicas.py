@@ -109,7 +109,8 @@ def bench_engine(name: str, open_inner, anchor: Anchor, seconds: float) -> dict[
     t_ack = time.monotonic()
     table = "safehold_rows"
     inner = open_inner.sql  # the operator's SQL, see main()
-    inner(f"UPDATE {table} SET version = ?, value = ? WHERE namespace = ? AND key = ?",
+    inner(f"UPDATE {table} SET version = ?, value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+          f"WHERE name = ?) AND key = ?",
           (old.version, old.value, NS, key))
     while time.monotonic() - t_ack < 30:
         try:

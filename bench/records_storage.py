@@ -109,10 +109,13 @@ def main() -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     file_bytes = db.stat().st_size
     stat = conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall()
+    # per namespace name (schema version 2: rows carry the name's integer id, a 1-byte varint)
     payload = dict(conn.execute(
-        "SELECT namespace, sum(length(key) + length(value) + length(namespace) + 8) "
-        "FROM safehold_rows GROUP BY namespace").fetchall())
-    rows = dict(conn.execute("SELECT namespace, count(*) FROM safehold_rows GROUP BY namespace").fetchall())
+        "SELECT n.name, sum(length(r.key) + length(r.value) + 1 + 8) FROM safehold_rows r "
+        "JOIN safehold_namespaces n ON n.id = r.ns GROUP BY n.name").fetchall())
+    rows = dict(conn.execute(
+        "SELECT n.name, count(*) FROM safehold_rows r "
+        "JOIN safehold_namespaces n ON n.id = r.ns GROUP BY n.name").fetchall())
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     conn.close()
     sizes = {}

@@ -584,11 +584,13 @@ def _tamper_audit_row(store_url: str, seq: int) -> None:
     if store_url.startswith("sqlite"):
         path = store_url[len("sqlite:///"):]
         with sqlite3.connect(path) as db:
-            (val,) = db.execute("SELECT value FROM safehold_rows WHERE namespace=? AND key=?",
+            (val,) = db.execute("SELECT value FROM safehold_rows WHERE "
+                                "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
                                 ("safehold.broker.audit", key)).fetchone()
             val = bytearray(val)
             val[30] ^= 1
-            db.execute("UPDATE safehold_rows SET value=? WHERE namespace=? AND key=?",
+            db.execute("UPDATE safehold_rows SET value=? WHERE "
+                       "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
                        (bytes(val), "safehold.broker.audit", key))
         return
     import psycopg
@@ -599,7 +601,8 @@ def _tamper_audit_row(store_url: str, seq: int) -> None:
         conn.execute(
             f'UPDATE "{schema}".safehold_rows SET value = overlay(value placing '
             "decode(lpad(to_hex(get_byte(value, 30) # 1), 2, '0'), 'hex') from 31 for 1) "
-            "WHERE namespace = %s AND key = %s", ("safehold.broker.audit", key))
+            f'WHERE ns = (SELECT id FROM "{schema}".safehold_namespaces WHERE name = %s) AND key = %s',
+            ("safehold.broker.audit", key))
 
 
 def test_restart_recovery_and_audit(env, tmp_path):
@@ -751,7 +754,8 @@ def test_broker_process_over_postgresql(tmp_path, snap, pg_store_url, postgres_d
     finally:
         b.stop()
     with psycopg.connect(postgres_dsn) as conn:
-        rows = conn.execute(f'SELECT namespace, value FROM "{pg_schema}".safehold_rows').fetchall()
+        rows = conn.execute(f'SELECT n.name, r.value FROM "{pg_schema}".safehold_rows r '
+                            f'JOIN "{pg_schema}".safehold_namespaces n ON n.id = r.ns').fetchall()
     assert {ns for ns, _ in rows} >= {"safehold.broker", "safehold.broker.audit"}
     dump = b"".join(bytes(v) for _, v in rows)
     assert value not in dump and keyset not in dump

@@ -37,22 +37,27 @@ def _cli(*args: str, penv: dict) -> subprocess.CompletedProcess:
 def _rows(db: Path, ns: str = NS) -> dict[bytes, bytes]:
     with sqlite3.connect(db) as c:
         return {bytes(k): bytes(v) for k, v in
-                c.execute("SELECT key, value FROM safehold_rows WHERE namespace=?", (ns,))}
+                c.execute("SELECT key, value FROM safehold_rows WHERE "
+                          "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (ns,))}
 
 
 def _edit(db: Path, key: bytes, action: str, ns: str = NS, value: bytes | None = None,
           pos: int | None = None) -> None:
     with sqlite3.connect(db) as c:
         if action == "delete":
-            assert c.execute("DELETE FROM safehold_rows WHERE namespace=? AND key=?", (ns, key)).rowcount == 1
+            assert c.execute("DELETE FROM safehold_rows WHERE "
+                             "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
+                             (ns, key)).rowcount == 1
             return
         if value is None:
-            (old,) = c.execute("SELECT value FROM safehold_rows WHERE namespace=? AND key=?",
+            (old,) = c.execute("SELECT value FROM safehold_rows WHERE "
+                               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
                                (ns, key)).fetchone()
             v = bytearray(old)
             v[len(v) // 2 if pos is None else pos] ^= 0x55
             value = bytes(v)
-        c.execute("UPDATE safehold_rows SET value=? WHERE namespace=? AND key=?", (value, ns, key))
+        c.execute("UPDATE safehold_rows SET value=? WHERE "
+                  "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?", (value, ns, key))
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +236,10 @@ def test_whole_state_rolled_back_to_v1_is_caught_by_audit_verify(pristine, tmp_p
     d = _copy(pristine, tmp_path)
     db = d / "broker.db"
     with sqlite3.connect(db) as c:
-        c.execute("DELETE FROM safehold_rows WHERE namespace=?", (NS,))
-        c.executemany("INSERT INTO safehold_rows (namespace, key, value, version) VALUES (?, ?, ?, 1)",
+        c.execute("DELETE FROM safehold_rows WHERE "
+                  "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
+        c.executemany("INSERT INTO safehold_rows (ns, key, value, version) "
+                      "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, ?, 1)",
                       [(NS, k, v) for k, v in pristine["v1_rows"].items()])
     err = _verify_refuses(d, pristine["penv"])
     assert "last manifest entry is version 2" in err and "records version 1" in err

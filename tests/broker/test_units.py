@@ -241,12 +241,14 @@ def test_audit_chain_verifies_and_names_the_first_broken_entry(state, tmp_path):
     ns = AUDIT_NAMESPACE
 
     def row(seq):
-        return db.execute("SELECT value FROM safehold_rows WHERE namespace=? AND key=?",
+        return db.execute("SELECT value FROM safehold_rows WHERE "
+                          "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
                           (ns, seq.to_bytes(8, "big"))).fetchone()[0]
 
     def put(seq, val):
         with db:
-            db.execute("UPDATE safehold_rows SET value=? WHERE namespace=? AND key=?",
+            db.execute("UPDATE safehold_rows SET value=? WHERE "
+                       "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
                        (val, ns, seq.to_bytes(8, "big")))
 
     # swap two rows: each fails authentication at its new position
@@ -259,7 +261,9 @@ def test_audit_chain_verifies_and_names_the_first_broken_entry(state, tmp_path):
     put(4, r4)
     # delete a middle row
     with db:
-        db.execute("DELETE FROM safehold_rows WHERE namespace=? AND key=?", (ns, (2).to_bytes(8, "big")))
+        db.execute("DELETE FROM safehold_rows WHERE "
+                   "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
+                   (ns, (2).to_bytes(8, "big")))
     with pytest.raises(AuditChainError, match="#2: missing"):
         verify_log(log, key.public_key())
 
@@ -271,7 +275,8 @@ def test_audit_truncation_at_the_end_is_noticed(state, tmp_path):
         log.append("attest", {"i": i})
     db = sqlite3.connect(tmp_path / "b.db")
     with db:
-        db.execute("DELETE FROM safehold_rows WHERE namespace=? AND key=?",
+        db.execute("DELETE FROM safehold_rows WHERE "
+                   "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key=?",
                    (AUDIT_NAMESPACE, (4).to_bytes(8, "big")))
     with pytest.raises(AuditChainError, match="#4: missing"):
         verify_log(log, key.public_key())

@@ -158,7 +158,8 @@ def test_postgres_table_holds_no_identifier_or_hash(pg_url, pg_schema, postgres_
                      + [("kvnr", k, users[len(numbers) + i]) for i, k in enumerate(ks)])
         assert ask(svc, "pg-client", [("e164", numbers[0])]) == [users[0]]
     with psycopg.connect(postgres_dsn) as conn:
-        rows = conn.execute(f'SELECT namespace, key, value FROM "{pg_schema}".safehold_rows').fetchall()
+        rows = conn.execute(f'SELECT n.name, r.key, r.value FROM "{pg_schema}".safehold_rows r '
+                            f'JOIN "{pg_schema}".safehold_namespaces n ON n.id = r.ns').fetchall()
     assert len(rows) == len(numbers) + len(ks) + 1
     raw = b"".join(ns.encode() + bytes(k) + bytes(v) for ns, k, v in rows)
     assert_absent(raw, needles(numbers, ks, users), "the PostgreSQL table")

@@ -153,7 +153,8 @@ def test_snapshot_gc_and_rebuild(engine, anchor):
     assert fs.snapshotter.run()  # a second snapshot replaces the first
     assert {r.key[:8] for r in fs.inner.scan_all(SNAP_NS)} == {fs.snapshotter.base.to_bytes(8, "big")}
     fs.close()
-    engine.sql("UPDATE safehold_rows SET value = ? WHERE namespace = '_fresh.snap'", (b"garbage",))
+    engine.sql("UPDATE safehold_rows SET value = ? WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = '_fresh.snap')", (b"garbage",))
     fs = open_fresh(engine.open(), anchor)
     with pytest.raises(JournalCorruptError, match="snapshot"):
         fs.check()
@@ -166,16 +167,21 @@ def test_journal_edits_are_refused(engine, anchor):
         fs.put(NS, k(i), b"v", expected_version=0)
     third = journal(fs)[2]
     fs.close()
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = '_fresh.journal' AND key = ?", (third.key,))
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = '_fresh.journal') AND key = ?",
+               (third.key,))
     fs = open_fresh(engine.open(), anchor)
     with pytest.raises(JournalCorruptError, match="entry 3 is missing"):
         fs.get(NS, k(1))
     fs.close()
-    engine.sql("INSERT INTO safehold_rows VALUES ('_fresh.journal', ?, 1, ?)", (third.key, third.value))
+    engine.sql("INSERT INTO safehold_rows VALUES "
+               "((SELECT id FROM safehold_namespaces WHERE name = '_fresh.journal'), ?, 1, ?)",
+               (third.key, third.value))
     fs = open_fresh(engine.open(), anchor)
     fs.check()  # put back exactly: fine again
     fs.close()
-    engine.sql("UPDATE safehold_rows SET value = ? WHERE namespace = '_fresh.journal' AND key = ?",
+    engine.sql("UPDATE safehold_rows SET value = ? WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = '_fresh.journal') AND key = ?",
                (b"\x00" * 200, (2).to_bytes(8, "big")))
     fs = open_fresh(engine.open(), anchor)
     with pytest.raises(JournalCorruptError, match="MAC does not verify"):
@@ -254,7 +260,8 @@ def test_batched_reads_and_posting_inserts_are_checked(engine, anchor):
     assert [r.key for r in fs.scan_prefix(SEARCH, p)] == [p + k(1), p + k(2), p + k(3)]
     assert [r and r.value for r in fs.get_many(NS, [k(1), k(2), k(9)])] == [b"v2", b"w1", None]
     # the database serves version 1 of k(1) again: get_many refuses it like get
-    engine.sql("UPDATE safehold_rows SET version = 1, value = ? WHERE namespace = ? AND key = ?",
+    engine.sql("UPDATE safehold_rows SET version = 1, value = ? WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?",
                (b"v1", NS, k(1)))
     with pytest.raises(RowRolledBackError):
         fs.get_many(NS, [k(2), k(1)])

@@ -137,18 +137,21 @@ def test_rollback_is_detected_with_two_writers(engine, anchor):
     a = open_fresh(engine.open(), anchor, sync_interval=0.1)
     b = open_fresh(engine.open(), anchor, sync_interval=0)
     a.put(NS, k(1), b"old", expected_version=0)
-    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
     assert b.get(NS, k(1)).value == b"old"
     b.put(NS, k(1), b"new", expected_version=1)  # acknowledged by replica b
     # the database puts the old row back; replica a last saw the old row itself
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
     engine.sql("INSERT INTO safehold_rows SELECT * FROM old_row")
     with pytest.raises(RowRolledBackError):
         b.get(NS, k(1))  # the writer knows at once
     _notices_rollback_within_bound(a, k(1))
     # and with the linearizable barrier, at once: a third replica that read the old row
     c = open_fresh(engine.open(), anchor, sync_interval=0)
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
     with pytest.raises(RowDeletedError):
         c.sync()
         c.get(NS, k(1))
@@ -172,7 +175,8 @@ def test_a_writing_replica_skips_head_reads_and_still_notices_a_rollback(engine,
 
     anchor.head = counted_head
     a.put(NS, k(1), b"old", expected_version=0)
-    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -196,7 +200,8 @@ def test_a_writing_replica_skips_head_reads_and_still_notices_a_rollback(engine,
         assert len(heads) == quiet_from, "a replica that writes read the anchor's head"
         assert b.get(NS, k(1)).value == b"old"
         b.put(NS, k(1), b"new", expected_version=1)  # acknowledged by replica b
-        engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+        engine.sql("DELETE FROM safehold_rows WHERE "
+                   "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
         engine.sql("INSERT INTO safehold_rows SELECT * FROM old_row")
         _notices_rollback_within_bound(a, k(1))
     finally:
@@ -217,10 +222,12 @@ def test_a_frozen_replica_does_not_serve_a_row_older_than_the_other_replicas_wri
     a.put(NS, k(1), b"v1", expected_version=0)
     b.sync()
     assert b.get(NS, k(1)).value == b"v1" and b.caught_up > 0
-    engine.sql("CREATE TABLE v1_row AS SELECT * FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("CREATE TABLE v1_row AS SELECT * FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
     b.anchorer.stop()  # "frozen": no head poll, no advance from here on
     a.put(NS, k(1), b"v2", expected_version=1)  # acknowledged
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = ?", (NS,))
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (NS,))
     engine.sql("INSERT INTO safehold_rows SELECT * FROM v1_row")
     time.sleep(0.5)  # past b's lease; b's map still says v1
     with pytest.raises(RowRolledBackError):
@@ -284,11 +291,15 @@ def test_fork_is_detected_with_two_writers(engine, anchor, tmp_path):
         import psycopg
 
         with psycopg.connect(engine.dsn) as conn:
-            q = f'SELECT namespace, key, version, value FROM "{engine.schema}".{token}'
+            q = (f'SELECT n.name, b.key, b.version, b.value FROM "{engine.schema}".{token} b '
+                 f'JOIN "{engine.schema}".safehold_namespaces n ON n.id = b.ns')
             rows = conn.execute(q).fetchall()
         other.open().close()
-        for r in rows:
-            other.sql("INSERT INTO safehold_rows VALUES (?, ?, ?, ?)", tuple(r))
+        for r in rows:  # the copy's namespace ids are its own: map by name
+            other.sql("INSERT INTO safehold_namespaces (name) "
+                      "VALUES (?) ON CONFLICT (name) DO NOTHING", (r[0],))
+            other.sql("INSERT INTO safehold_rows "
+                      "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, ?, ?)", tuple(r))
     b = open_fresh(engine.open(), anchor)  # a second writer on the same database: fine
     c = open_fresh(other.open(), anchor)  # a writer on a copy: another history
     a.put(NS, k(2), b"a", expected_version=0)

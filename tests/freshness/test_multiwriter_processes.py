@@ -45,7 +45,8 @@ def test_two_replicas_write_one_ledger_with_real_members(engine, cluster):
     assert a.state.anchored.same(b.state.anchored)
     # the database puts back the counter as it was before b's last acknowledged increment
     v = b.get(NS, b"counter").version
-    engine.sql("UPDATE safehold_rows SET version = ?, value = ? WHERE namespace = ? AND key = ?",
+    engine.sql("UPDATE safehold_rows SET version = ?, value = ? WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?",
                (v - 1, b"%d" % (len(acked) - 1), NS, b"counter"))
     for fs in (a, b):
         t0 = time.monotonic()

@@ -42,11 +42,13 @@ def _reopen(fs, engine, anchor):
 
 def test_row_rolled_back_to_an_older_valid_version(engine, anchor, fresh):
     fresh.put(NS, key(1), b"allergy: none", expected_version=0)
-    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE namespace = 'records:patients'")
+    engine.sql("CREATE TABLE old_row AS SELECT * FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients')")
     fresh.put(NS, key(1), b"allergy: penicillin", expected_version=1)
     assert fresh.get(NS, key(1)).value == b"allergy: penicillin"
     # the DBA puts back the older (value, version) pair, authentic in every byte
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = 'records:patients'")
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients')")
     engine.sql("INSERT INTO safehold_rows SELECT * FROM old_row")
     with pytest.raises(RowRolledBackError) as e:
         fresh.get(NS, key(1))
@@ -73,7 +75,8 @@ def test_same_version_with_another_value(engine, fresh):
 
 def test_deleted_row_restored(engine, anchor, fresh):
     fresh.put(NS, key(3), b"patient", expected_version=0)
-    engine.sql("CREATE TABLE keep AS SELECT * FROM safehold_rows WHERE namespace = 'records:patients'")
+    engine.sql("CREATE TABLE keep AS SELECT * FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients')")
     assert fresh.delete(NS, key(3))
     assert fresh.get(NS, key(3)) is None
     engine.sql("INSERT INTO safehold_rows SELECT * FROM keep")
@@ -91,9 +94,11 @@ def test_deleted_row_restored(engine, anchor, fresh):
 
 
 def test_never_written_row_is_refused(engine, fresh):
-    engine.sql("INSERT INTO safehold_rows (namespace, key, version, value) VALUES (?, ?, 1, ?)"
+    engine.sql("INSERT INTO safehold_rows (ns, key, version, value) "
+               "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, 1, ?)"
                if engine.name == "sqlite" else
-               "INSERT INTO safehold_rows (namespace, key, version, value) VALUES (%s, %s, 1, %s)",
+               "INSERT INTO safehold_rows (ns, key, version, value) "
+               "VALUES ((SELECT id FROM safehold_namespaces WHERE name = %s), %s, 1, %s)",
                (NS, key(9), b"planted"))
     with pytest.raises(RowRestoredError):
         fresh.get(NS, key(9))
@@ -102,7 +107,8 @@ def test_never_written_row_is_refused(engine, fresh):
 def test_live_row_deleted_by_the_dba_is_not_a_plain_none(engine, anchor, fresh):
     fresh.put(NS, key(4), b"x", expected_version=0)
     assert fresh.get(NS, key(5)) is None  # never existed: None
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = 'records:patients'")
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients')")
     with pytest.raises(RowDeletedError) as e:
         fresh.get(NS, key(4))
     assert "deleted in the store" in str(e.value) and "expected version 1, found no row" in str(e.value)
@@ -122,12 +128,16 @@ def test_page_with_rows_omitted(engine, fresh):
             tx.put(NS, key(i), b"r%d" % i, expected_version=0)
     first = fresh.scan(NS, limit=10)
     assert [r.key for r in first] == [key(i) for i in range(10)]
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = 'records:patients' AND key = ?", (key(14),))
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients') "
+               "AND key = ?", (key(14),))
     with pytest.raises(RowsOmittedError) as e:
         fresh.scan(NS, after=first[-1].key, limit=10)
     assert key(14).hex() in str(e.value)
     assert len(fresh.scan(NS, after=key(15), limit=100)) == 14  # pages not touching it still verify
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = 'records:patients' AND key = ?", (key(29),))
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients') "
+               "AND key = ?", (key(29),))
     with pytest.raises(RowsOmittedError, match="ended early") as e:
         fresh.scan(NS, after=key(25), limit=100)
     assert key(29).hex() in str(e.value)
@@ -141,12 +151,14 @@ def test_posting_group_omitted_restored_and_generic_scan(engine, anchor, fresh):
     assert len(fresh.scan_prefix(SEARCH, bytes([7]) * 16)) == 5
     assert len(fresh.scan(SEARCH, limit=3)) == 3  # a generic page verifies whole groups
     assert len(fresh.scan(SEARCH, after=posting(7, 3), limit=100)) == 6
-    engine.sql("CREATE TABLE gone AS SELECT * FROM safehold_rows WHERE namespace = 'records:patients.search'")
+    engine.sql("CREATE TABLE gone AS SELECT * FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
     with fresh.transaction() as tx:  # the record changed: its posting under term 7 goes away
         tx.delete(SEARCH, posting(7, 2))
     assert len(fresh.scan_prefix(SEARCH, bytes([7]) * 16)) == 4
     # the DBA puts the stale posting back
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = 'records:patients.search'")
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
     engine.sql("INSERT INTO safehold_rows SELECT * FROM gone")
     with pytest.raises(PostingsStaleError) as e:
         fresh.scan_prefix(SEARCH, bytes([7]) * 16)
@@ -156,7 +168,8 @@ def test_posting_group_omitted_restored_and_generic_scan(engine, anchor, fresh):
     with pytest.raises(PostingsStaleError):
         fresh.get(SEARCH, posting(7, 2))
     # and a group hidden entirely
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = 'records:patients.search'")
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
     with pytest.raises(PostingsStaleError, match="rows omitted"):
         fresh.scan_prefix(SEARCH, bytes([8]) * 16)
     with pytest.raises((PostingsStaleError, RowsOmittedError)):
@@ -169,9 +182,11 @@ def test_posting_group_omitted_restored_and_generic_scan(engine, anchor, fresh):
 
 def test_posting_of_an_older_version(engine, fresh):
     fresh.put(SEARCH, posting(1, 1), b"old seal", expected_version=0)
-    engine.sql("CREATE TABLE v1 AS SELECT * FROM safehold_rows WHERE namespace = 'records:patients.search'")
+    engine.sql("CREATE TABLE v1 AS SELECT * FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
     fresh.put(SEARCH, posting(1, 1), b"resealed", expected_version=1)  # rekey
-    engine.sql("DELETE FROM safehold_rows WHERE namespace = 'records:patients.search'")
+    engine.sql("DELETE FROM safehold_rows WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
     engine.sql("INSERT INTO safehold_rows SELECT * FROM v1")
     with pytest.raises(PostingsStaleError, match="same count"):
         fresh.scan_prefix(SEARCH, bytes([1]) * 16)
@@ -245,7 +260,8 @@ def test_posting_group_read_is_sized_by_the_map_and_still_sees_every_added_row(e
     rows = fresh.inner.scan(SEARCH, after=posting(6, 99), limit=10)  # the raw rows, unchecked
     assert [r.key for r in rows] == [posting(6, rec) for rec in range(100, 110)]
     for k, v, val in [(r.key, r.version, r.value) for r in rows]:
-        engine.sql("INSERT INTO safehold_rows (namespace, key, version, value) VALUES (?, ?, ?, ?)",
+        engine.sql("INSERT INTO safehold_rows (ns, key, version, value) "
+                   "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, ?, ?)",
                    (SEARCH, bytes([5]) * 16 + k[16:], v, val))
     with pytest.raises(PostingsStaleError) as e:
         fresh.scan_prefix(SEARCH, bytes([5]) * 16)

@@ -109,11 +109,15 @@ def test_fork_two_copies_one_anchor(engine, anchor, tmp_path):
         import psycopg
 
         with psycopg.connect(engine.dsn) as c:
-            q = f'SELECT namespace, key, version, value FROM "{engine.schema}".{token}'
+            q = (f'SELECT n.name, b.key, b.version, b.value FROM "{engine.schema}".{token} b '
+                 f'JOIN "{engine.schema}".safehold_namespaces n ON n.id = b.ns')
             rows = c.execute(q).fetchall()
         other.open().close()
-        for r in rows:
-            other.sql("INSERT INTO safehold_rows VALUES (?, ?, ?, ?)", tuple(r))
+        for r in rows:  # the copy's namespace ids are its own: map by name
+            other.sql("INSERT INTO safehold_namespaces (name) "
+                      "VALUES (?) ON CONFLICT (name) DO NOTHING", (r[0],))
+            other.sql("INSERT INTO safehold_rows "
+                      "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, ?, ?)", tuple(r))
     a = open_fresh(engine.open(), anchor)
     b = open_fresh(other.open(), anchor)
     a.check()

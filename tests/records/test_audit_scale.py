@@ -71,7 +71,8 @@ def test_read_entries_are_durable_within_the_flush_interval(repo):
     for _ in range(40):
         time.sleep(0.05)
         conn = sqlite3.connect(repo.db_path)
-        n = conn.execute(f"SELECT count(*) FROM {T} WHERE namespace = 'records.audit'").fetchone()[0]
+        n = conn.execute(f"SELECT count(*) FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                         f"WHERE name = 'records.audit')").fetchone()[0]
         conn.close()
         if n == 2:
             break
@@ -112,8 +113,10 @@ def test_a_failed_flush_refuses_reads_until_resealed(repo):
     repo.get("r", "a")
     repo.audit.flush()
     conn = sqlite3.connect(repo.db_path)  # the operator cuts the log's tail
-    conn.execute(f"DELETE FROM {T} WHERE namespace = 'records.audit' AND key = "
-                 f"(SELECT max(key) FROM {T} WHERE namespace = 'records.audit')")
+    conn.execute(f"DELETE FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records.audit') AND key = "
+                 f"(SELECT max(key) FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records.audit'))")
     conn.commit()
     conn.close()
     repo.audit.invalidate()
@@ -141,7 +144,8 @@ def test_seal_export_and_checkpointed_verify(tmp_path):
         rec = repo.audit.seal("admin", 5, digest)
         assert (rec.first, rec.last, rec.sha256) == (0, 5, digest)
         conn = sqlite3.connect(tmp_path / "r.db")
-        live = conn.execute(f"SELECT count(*) FROM {T} WHERE namespace = 'records.audit'").fetchone()[0]
+        live = conn.execute(f"SELECT count(*) FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                            f"WHERE name = 'records.audit')").fetchone()[0]
         assert live == 5  # 6..9 and the audit-seal entry
         assert repo.audit.verify(full=True) == 11
         assert repo.audit.verify() == 11
@@ -151,7 +155,8 @@ def test_seal_export_and_checkpointed_verify(tmp_path):
         with pytest.raises(AuditChainError, match="not sealable"):
             repo.audit.export_segment(10)  # the newest entry stays live
         # the base row is MAC'd: moving it to hide more entries is refused
-        conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = 'records.audit.head' AND key = ?",
+        conn.execute(f"UPDATE {T} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+                     f"WHERE name = 'records.audit.head') AND key = ?",
                      (json.dumps({"seq": 8, "hash": "0" * 64}).encode(), b"base"))
         conn.commit()
         with pytest.raises(AuditChainError, match="base"):

@@ -49,12 +49,15 @@ def engine(backend: Backend, keyset: Keyset) -> RecordEngine:
 
 
 def _raw(backend: Backend, ns: str, key: bytes) -> tuple[int, bytes]:
-    (row,) = backend.sql("SELECT version, value FROM {t} WHERE namespace = ? AND key = ?", (ns, key))
+    (row,) = backend.sql("SELECT version, value FROM {t} "
+                         "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
+                         (ns, key))
     return row[0], row[1]
 
 
 def _set_value(backend: Backend, ns: str, key: bytes, value: bytes) -> None:
-    backend.sql("UPDATE {t} SET value = ? WHERE namespace = ? AND key = ?", (value, ns, key))
+    backend.sql("UPDATE {t} SET value = ? WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
+                (value, ns, key))
 
 
 def _header_len(value: bytes) -> int:
@@ -117,7 +120,8 @@ def test_prefixes_share_one_store(backend: Backend, keyset: Keyset):
 
 def test_database_sees_no_record_key_or_value(backend: Backend, engine: RecordEngine):
     engine.put(NS, "MRN-000123", b"Alice Example, penicillin allergy")
-    rows = backend.sql("SELECT namespace, key, version, value FROM {t} WHERE namespace = ?", (SNS,))
+    rows = backend.sql("SELECT n.name, r.key, r.version, r.value FROM {t} r JOIN {n} n ON n.id = r.ns "
+                       "WHERE n.name = ?", (SNS,))
     assert len(rows) == 1
     ns, key, version, value = rows[0]
     assert key == engine.row_index(NS, "MRN-000123") and len(key) == 16
@@ -163,7 +167,8 @@ def test_plain_codec_round_trip_and_warns(backend: Backend, keyset: Keyset):
     eng.put(NS, "k", b"visible")
     assert eng.get(NS, "k") == (b"visible", 1)
     assert eng.list(NS) == ["k"]
-    (row,) = backend.sql("SELECT value FROM {t} WHERE namespace = ?", ("plain:" + NS,))
+    (row,) = backend.sql("SELECT value FROM {t} WHERE ns = (SELECT id FROM {n} WHERE name = ?)",
+                         ("plain:" + NS,))
     assert b"visible" in row[0]  # the baseline really is unencrypted
     assert eng.rekey() == RekeyCounts()
 
@@ -270,7 +275,7 @@ def test_flipped_ciphertext_bit_is_corrupted(backend: Backend, engine: RecordEng
     idx = engine.row_index(NS, "MRN-7")
     _, good = _raw(backend, SNS, idx)
     backend.sql(
-        "UPDATE {t} SET value = ? WHERE namespace = ? AND key = ?",
+        "UPDATE {t} SET value = ? WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
         (good[:-20] + bytes([good[-20] ^ 1]) + good[-19:], SNS, idx),
     )
     with pytest.raises(RecordCorruptedError, match="authentication failed") as ei:
@@ -296,7 +301,8 @@ def test_truncated_value_is_corrupted(backend: Backend, engine: RecordEngine, cu
 def test_planted_row_is_refused(backend: Backend, engine: RecordEngine):
     engine.put(NS, "real", b"x")  # registers the namespace
     idx = engine.row_index(NS, "planted")
-    backend.sql("INSERT INTO {t} (namespace, key, version, value) VALUES (?, ?, 1, ?)",
+    backend.sql("INSERT INTO {t} (ns, key, version, value) "
+                "VALUES ((SELECT id FROM {n} WHERE name = ?), ?, 1, ?)",
                 (SNS, idx, b"\x01garbage that is no envelope at all, long enough"))
     with pytest.raises(RecordCorruptedError):
         engine.exists(NS, "planted")
@@ -307,8 +313,9 @@ def test_value_copied_to_another_record(backend: Backend, engine: RecordEngine):
     engine.put(NS, "MRN-B", b"B's zq-chart")
     ia, ib = engine.row_index(NS, "MRN-A"), engine.row_index(NS, "MRN-B")
     backend.sql(
-        "UPDATE {t} SET value = (SELECT value FROM {t} WHERE namespace = ? AND key = ?) "
-        "WHERE namespace = ? AND key = ?",
+        "UPDATE {t} SET value = (SELECT value FROM {t} "
+        "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?) "
+        "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
         (SNS, ia, SNS, ib),
     )
     with pytest.raises(RecordCopiedError) as ei:
@@ -329,16 +336,18 @@ def test_value_moved_to_another_namespace(backend: Backend, engine: RecordEngine
     dst = engine.row_index("archive", "MRN-1")
     # copy the row to where archive/MRN-1 would live
     backend.sql(
-        "INSERT INTO {t} (namespace, key, version, value) "
-        "SELECT ?, ?, version, value FROM {t} WHERE namespace = ? AND key = ?",
+        "INSERT INTO {t} (ns, key, version, value) "
+        "SELECT (SELECT id FROM {n} WHERE name = ?), ?, version, value FROM {t} "
+        "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
         ("records:archive", dst, SNS, src),
     )
     with pytest.raises(RecordMovedError, match="sealed for store namespace 'records:patients'") as ei:
         engine.get("archive", "MRN-1")
     assert ei.value.reason == "moved-from-another-namespace" and ei.value.row_index == dst.hex()
     _assert_no_plaintext(ei.value, "MRN-1", b"patient data")
-    # and a plain UPDATE of the namespace column is caught by list()
-    backend.sql("UPDATE {t} SET namespace = ? WHERE namespace = ? AND key = ?", ("records:archive", SNS, src))
+    # and a plain UPDATE of the row's namespace id is caught by list()
+    backend.sql("UPDATE {t} SET ns = (SELECT id FROM {n} WHERE name = ?) "
+                "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?", ("records:archive", SNS, src))
     with pytest.raises(RecordMovedError):
         engine.list("archive")
 
@@ -347,11 +356,13 @@ def test_changed_version_number(backend: Backend, engine: RecordEngine):
     engine.put(NS, "k", b"v1")
     engine.put(NS, "k", b"v2")
     idx = engine.row_index(NS, "k")
-    backend.sql("UPDATE {t} SET version = version + 5 WHERE namespace = ? AND key = ?", (SNS, idx))
+    backend.sql("UPDATE {t} SET version = version + 5 "
+                "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?", (SNS, idx))
     with pytest.raises(RecordVersionMismatchError, match="sealed for version 2, row says 7") as ei:
         engine.get(NS, "k")
     assert ei.value.reason == "version-changed" and idx.hex() in str(ei.value)
-    backend.sql("UPDATE {t} SET version = 1 WHERE namespace = ? AND key = ?", (SNS, idx))
+    backend.sql("UPDATE {t} SET version = 1 WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
+                (SNS, idx))
     with pytest.raises(RecordVersionMismatchError, match="sealed for version 2, row says 1"):
         engine.get(NS, "k")
 
@@ -480,7 +491,9 @@ def test_rekey_refuses_tampered_row_and_writes_nothing_of_its_batch(
     old = keyset.primary_id
     keyset.add(primary=True)
     idx = engine.row_index(NS, "MRN-0002")
-    backend.sql("UPDATE {t} SET version = version + 1 WHERE namespace = ? AND key = ?", (SNS, idx))
+    backend.sql("UPDATE {t} SET version = version + 1 "
+                "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
+                (SNS, idx))
     with pytest.raises(RecordVersionMismatchError):
         engine.rekey(batch_size=100)
     assert engine.key_usage() == {old: 5}
@@ -516,7 +529,9 @@ def test_list_page_walks_everything_and_can_skip_tampered(backend: Backend, engi
         after = page.next_after
     assert sorted(got) == sorted(data) and pages == 5
     bad = engine.row_index(NS, "MRN-0004")
-    backend.sql("UPDATE {t} SET version = version + 1 WHERE namespace = ? AND key = ?", (SNS, bad))
+    backend.sql("UPDATE {t} SET version = version + 1 "
+                "WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
+                (SNS, bad))
     with pytest.raises(RecordVersionMismatchError):
         engine.list_page(NS, limit=100)
     page = engine.list_page(NS, limit=100, skip_tampered=True)

@@ -283,7 +283,8 @@ def test_no_plaintext_in_a_postgresql_table(postgres_dsn, pg_schema, tmp_path):
     finally:
         ra.store.close()
     with psycopg.connect(postgres_dsn) as conn:
-        rows = conn.execute(f'SELECT namespace, key, value FROM "{pg_schema}".{ROWS_TABLE}').fetchall()
+        rows = conn.execute(f'SELECT n.name, r.key, r.value FROM "{pg_schema}".{ROWS_TABLE} r '
+                            f'JOIN "{pg_schema}".safehold_namespaces n ON n.id = r.ns').fetchall()
     assert len(rows) > 2000
     dump = Path(tmp_path / "pg-dump.bin")
     dump.write_bytes(b"\n".join(bytes(k) + bytes(v) + ns.encode() for ns, k, v in rows))

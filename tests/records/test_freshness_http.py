@@ -39,7 +39,8 @@ def _patient(family: str) -> dict:
 def _rows(db, ns: str) -> dict[bytes, tuple[int, bytes]]:
     with closing(sqlite3.connect(db)) as c:
         return {bytes(k): (v, bytes(val)) for k, v, val in
-                c.execute("SELECT key, version, value FROM safehold_rows WHERE namespace = ?", (ns,))}
+                c.execute("SELECT key, version, value FROM safehold_rows WHERE "
+                          "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (ns,))}
 
 
 def _sql(db, stmt: str, params: tuple) -> None:
@@ -81,18 +82,22 @@ def test_new_ledger_waits_for_the_owner_then_serves_and_maps_findings(tmp_path):
     (k,) = set(_rows(db, "records:patients")) - set(before)
     old = _rows(db, "records:patients")[k]
     assert app.request("PUT", "/v1/patients/p1", role="writer", json=_patient("Beta")).status_code == 200
-    _sql(db, "UPDATE safehold_rows SET version = ?, value = ? WHERE namespace = ? AND key = ?",
+    _sql(db, "UPDATE safehold_rows SET version = ?, value = ? WHERE "
+             "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?",
          (old[0], old[1], "records:patients", k))
     r = app.request("GET", "/v1/patients/p1", role="reader")
     assert r.status_code == 409 and r.json()["error"] == "stale-data"
     assert r.json()["detail"].startswith("RowRolledBackError") and k.hex() in r.json()["detail"]
-    _sql(db, "DELETE FROM safehold_rows WHERE namespace = ? AND key = ?", ("records:patients", k))
+    _sql(db, "DELETE FROM safehold_rows WHERE ns = (SELECT id FROM safehold_namespaces WHERE name = ?) "
+             "AND key = ?", ("records:patients", k))
     r = app.request("GET", "/v1/patients/p1", role="reader")
     assert r.status_code == 409 and r.json()["detail"].startswith("RowDeletedError")
     assert app.request("GET", "/v1/patients/nobody", role="reader").status_code == 404
     # the background audit finds what nobody read: /healthz 503 naming it
-    _sql(db, "DELETE FROM safehold_rows WHERE namespace = ? AND key IN (SELECT key FROM safehold_rows "
-         "WHERE namespace = ? LIMIT 1)", ("records:patients.search", "records:patients.search"))
+    _sql(db, "DELETE FROM safehold_rows WHERE ns = (SELECT id FROM safehold_namespaces WHERE name = ?) "
+             "AND key IN (SELECT key FROM safehold_rows "
+             "WHERE ns = (SELECT id FROM safehold_namespaces WHERE name = ?) LIMIT 1)",
+         ("records:patients.search", "records:patients.search"))
     fresh.start_background(audit_seconds=0.2)
     try:
         for _ in range(100):
@@ -169,7 +174,8 @@ def test_a_posting_value_edited_by_the_dba_is_refused_not_skipped(tmp_path):
         assert r.status_code == 200 and [x["id"] for x in r.json()["records"]] == ["p1"]
         for k in set(_rows(db, ns)) - set(before):  # every new posting of p1: value edited
             _, value = _rows(db, ns)[k]
-            _sql(db, "UPDATE safehold_rows SET value = ? WHERE namespace = ? AND key = ?",
+            _sql(db, "UPDATE safehold_rows SET value = ? WHERE "
+                     "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?",
                  (value[:-1] + bytes([value[-1] ^ 1]), ns, k))
         r = app.request("GET", "/v1/patients", role="reader", params={"family": "Hidden"})
         assert r.status_code == 409, r.text  # was 200 {"records": []}

@@ -41,24 +41,29 @@ class Db:
     def rows(self, ns: str) -> dict[bytes, tuple[int, bytes]]:
         if isinstance(self.engine, SqliteEngine):
             with closing(sqlite3.connect(self.engine.path, timeout=10)) as c:
-                got = c.execute("SELECT key, version, value FROM safehold_rows WHERE namespace = ?",
+                got = c.execute("SELECT key, version, value FROM safehold_rows WHERE "
+                                "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)",
                                 (ns,)).fetchall()
         else:
             import psycopg
 
             with psycopg.connect(self.engine.dsn) as c:
                 c.execute(f'SET search_path TO "{self.engine.schema}"')
-                got = c.execute("SELECT key, version, value FROM safehold_rows WHERE namespace = %s",
+                got = c.execute("SELECT key, version, value FROM safehold_rows WHERE "
+                                "ns = (SELECT id FROM safehold_namespaces WHERE name = %s)",
                                 (ns,)).fetchall()
         return {bytes(k): (v, bytes(val)) for k, v, val in got}
 
     def put_back(self, ns: str, key: bytes, version: int, value: bytes) -> None:
-        self.engine.sql("DELETE FROM safehold_rows WHERE namespace = ? AND key = ?", (ns, key))
-        self.engine.sql("INSERT INTO safehold_rows (namespace, key, version, value) VALUES (?, ?, ?, ?)",
+        self.engine.sql("DELETE FROM safehold_rows WHERE "
+                        "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?", (ns, key))
+        self.engine.sql("INSERT INTO safehold_rows (ns, key, version, value) "
+                        "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, ?, ?)",
                         (ns, key, version, value))
 
     def delete(self, ns: str, key: bytes) -> None:
-        self.engine.sql("DELETE FROM safehold_rows WHERE namespace = ? AND key = ?", (ns, key))
+        self.engine.sql("DELETE FROM safehold_rows WHERE "
+                        "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?", (ns, key))
 
 
 def _new_key(db: Db, ns: str, before: dict) -> bytes:

@@ -248,10 +248,12 @@ def test_tampered_row_is_409_record_tampered(service: Service) -> None:
     api.put("/v1/patients/t2", json=patient("t2"))
     conn = sqlite3.connect(service.db)
     key, value = conn.execute(
-        f"SELECT key, value FROM {ROWS_TABLE} WHERE namespace = 'records:patients'").fetchone()
+        f"SELECT key, value FROM {ROWS_TABLE} WHERE ns = (SELECT id FROM safehold_namespaces "
+        f"WHERE name = 'records:patients')").fetchone()
     flipped = bytearray(value)
     flipped[-5] ^= 0x40
-    conn.execute(f"UPDATE {ROWS_TABLE} SET value = ? WHERE namespace = 'records:patients' AND key = ?",
+    conn.execute(f"UPDATE {ROWS_TABLE} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records:patients') AND key = ?",
                  (bytes(flipped), key))
     conn.commit()
     conn.close()
@@ -274,8 +276,10 @@ def test_healthz_openapi_and_a_cut_audit_log(service: Service) -> None:
     api.put("/v1/patients/h1", json=patient("h1"))
     # the database operator removes the audit log's last entry: the authenticated head names it
     conn = sqlite3.connect(service.db)
-    conn.execute(f"DELETE FROM {ROWS_TABLE} WHERE namespace = 'records.audit' AND key = "
-                 f"(SELECT max(key) FROM {ROWS_TABLE} WHERE namespace = 'records.audit')")
+    conn.execute(f"DELETE FROM {ROWS_TABLE} WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records.audit') AND key = "
+                 f"(SELECT max(key) FROM {ROWS_TABLE} WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records.audit'))")
     conn.commit()
     conn.close()
     service.repo.audit.invalidate()  # as after a restart: the head is read from the store again

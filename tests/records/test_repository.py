@@ -109,10 +109,12 @@ def test_tampered_row_fails_alone_and_audit_chain(repo):
     assert b"p1" not in dump.replace(bi.hex().encode(), b"")
     # edit one audit entry in the database: verify names it
     key = (3).to_bytes(8, "big")
-    (aval,) = conn.execute(f"SELECT value FROM {T} WHERE key = ? AND namespace = 'records.audit'",
+    (aval,) = conn.execute(f"SELECT value FROM {T} WHERE key = ? AND ns = (SELECT id "
+                           f"FROM safehold_namespaces WHERE name = 'records.audit')",
                            (key,)).fetchone()
     assert b'"who":"u"' in aval
-    conn.execute(f"UPDATE {T} SET value = ? WHERE key = ? AND namespace = 'records.audit'",
+    conn.execute(f"UPDATE {T} SET value = ? WHERE key = ? AND ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records.audit')",
                  (aval.replace(b'"who":"u"', b'"who":"x"'), key))
     conn.commit()
     with pytest.raises(AuditChainError, match="entry 3"):
@@ -158,7 +160,8 @@ def test_postings_tamper_copy_and_rekey(repo):
     assert len(repo.search("u", {"family": "common"})) == 30
     idx = repo.index
     conn = sqlite3.connect(repo.db_path)
-    rows = conn.execute(f"SELECT key, value FROM {T} WHERE namespace = ?", (idx.ns,)).fetchall()
+    rows = conn.execute(f"SELECT key, value FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                        f"WHERE name = ?)", (idx.ns,)).fetchall()
     assert rows and all(len(k) == 32 for k, _ in rows)
     assert not any(b"hid-0001-posting" in v or b"common" in v.lower() for _, v in rows)
     p = idx.prefix("family=common")
@@ -166,9 +169,11 @@ def test_postings_tamper_copy_and_rekey(repo):
     assert len(fam) == 30
     # flip a bit in one posting, and copy another posting's value onto a third's key
     (k0, v0), (k1, v1), (k2, _) = fam[:3]
-    conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = ? AND key = ?",
+    conn.execute(f"UPDATE {T} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = ?) AND key = ?",
                  (v0[:-1] + bytes([v0[-1] ^ 1]), idx.ns, k0))
-    conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = ? AND key = ?", (v1, idx.ns, k2))
+    conn.execute(f"UPDATE {T} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = ?) AND key = ?", (v1, idx.ns, k2))
     conn.commit()
     hits = repo.search("u", {"family": "common"})
     assert len(hits) == 28  # the two damaged postings (edited, copied) are skipped
@@ -185,7 +190,8 @@ def test_postings_tamper_copy_and_rekey(repo):
     g = idx.prefix("given=g5")
     (kg, _), = [(k, v) for k, v in rows if k[:16] == g]
     (k3, v3) = fam[3]
-    conn.execute(f"INSERT INTO {T} (namespace, key, version, value) VALUES (?, ?, 1, ?)",
+    conn.execute(f"INSERT INTO {T} (ns, key, version, value) VALUES ((SELECT id FROM safehold_namespaces "
+                 f"WHERE name = ?), ?, 1, ?)",
                  (idx.ns, g + k3[16:], v3))
     conn.commit()
     assert {i for i, _ in repo.search("u", {"given": "G5"})} == {"hid-0005-posting"}
@@ -251,16 +257,19 @@ def test_batch_per_item_results(repo):
 def _audit_rows(path):
     conn = sqlite3.connect(path)
     try:
-        return conn.execute(f"SELECT key FROM {T} WHERE namespace = 'records.audit' ORDER BY key").fetchall()
+        return conn.execute(f"SELECT key FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                            f"WHERE name = 'records.audit') ORDER BY key").fetchall()
     finally:
         conn.close()
 
 
 def _delete_audit_tail(path, n):
     conn = sqlite3.connect(path)
-    keys = conn.execute(f"SELECT key FROM {T} WHERE namespace = 'records.audit' "
+    keys = conn.execute(f"SELECT key FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                        f"WHERE name = 'records.audit') "
                         "ORDER BY key DESC LIMIT ?", (n,)).fetchall()
-    conn.executemany(f"DELETE FROM {T} WHERE namespace = 'records.audit' AND key = ?", keys)
+    conn.executemany(f"DELETE FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                     f"WHERE name = 'records.audit') AND key = ?", keys)
     conn.commit()
     conn.close()
 
@@ -303,15 +312,18 @@ def test_audit_head_deleted_or_forged_is_refused(tmp_path):
     for _ in range(3):
         log.append("u", "get", None, "ok")
     conn = sqlite3.connect(db)
-    (head,) = conn.execute(f"SELECT value FROM {T} WHERE namespace = 'records.audit.head'").fetchone()
+    (head,) = conn.execute(f"SELECT value FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                           f"WHERE name = 'records.audit.head')").fetchone()
     assert json.loads(head)["seq"] == 2
     # forge: point the head at entry 1 (as if the log ended there) without the key
     forged = json.dumps({"seq": 1, "hash": json.loads(head)["hash"], "mac": "00" * 32}).encode()
-    conn.execute(f"UPDATE {T} SET value = ? WHERE namespace = 'records.audit.head'", (forged,))
+    conn.execute(f"UPDATE {T} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records.audit.head')", (forged,))
     conn.commit()
     with pytest.raises(AuditChainError, match="audit head: MAC missing or wrong"):
         AccessAuditLog(store, mac_key=b"m" * 32).verify()
-    conn.execute(f"DELETE FROM {T} WHERE namespace = 'records.audit.head'")
+    conn.execute(f"DELETE FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records.audit.head')")
     conn.commit()
     conn.close()
     fresh = AccessAuditLog(store, mac_key=b"m" * 32)

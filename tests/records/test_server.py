@@ -338,14 +338,17 @@ def test_tampered_row_fails_alone(stack):
         victim = next(k for k in ("tamper-0", "tamper-1", "tamper-2"))
     conn = sqlite3.connect(stack.path("records.db"), timeout=10)
     # find the victim's row: the one whose ciphertext changes when the record is rewritten
-    rows = dict(conn.execute(f"SELECT key, value FROM {ROWS_TABLE} WHERE namespace = 'records:patients'"))
+    rows = dict(conn.execute(f"SELECT key, value FROM {ROWS_TABLE} WHERE ns = (SELECT id "
+                             f"FROM safehold_namespaces WHERE name = 'records:patients')"))
     with client(stack) as c:
         c.put(victim, {"resourceType": "Patient", "id": victim, "gender": "unknown"})
-    rows2 = dict(conn.execute(f"SELECT key, value FROM {ROWS_TABLE} WHERE namespace = 'records:patients'"))
+    rows2 = dict(conn.execute(f"SELECT key, value FROM {ROWS_TABLE} WHERE ns = (SELECT id "
+                              f"FROM safehold_namespaces WHERE name = 'records:patients')"))
     (key,) = [k for k in rows2 if rows.get(k) != rows2[k]]
     val = bytearray(rows2[key])
     val[-5] ^= 0x40
-    conn.execute(f"UPDATE {ROWS_TABLE} SET value = ? WHERE namespace = 'records:patients' AND key = ?",
+    conn.execute(f"UPDATE {ROWS_TABLE} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records:patients') AND key = ?",
                  (bytes(val), key))
     conn.commit()
     with client(stack) as c:
@@ -353,7 +356,8 @@ def test_tampered_row_fails_alone(stack):
             c.get(victim)
         assert c.get("tamper-1").data["gender"] == "other"
         assert c.get("tamper-2").data["gender"] == "other"
-    conn.execute(f"UPDATE {ROWS_TABLE} SET value = ? WHERE namespace = 'records:patients' AND key = ?",
+    conn.execute(f"UPDATE {ROWS_TABLE} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
+                 f"WHERE name = 'records:patients') AND key = ?",
                  (rows2[key], key))
     conn.commit()
     conn.close()
@@ -458,7 +462,8 @@ def test_postgres_table_holds_no_plaintext(stack, pkg, postgres_dsn, pg_schema, 
         p.terminate()
         assert p.wait(30) in (0, -15)
     with psycopg.connect(postgres_dsn) as conn:
-        rows = conn.execute(f'SELECT namespace, key, value FROM "{pg_schema}".{ROWS_TABLE}').fetchall()
+        rows = conn.execute(f'SELECT n.name, r.key, r.value FROM "{pg_schema}".{ROWS_TABLE} r '
+                            f'JOIN "{pg_schema}".safehold_namespaces n ON n.id = r.ns').fetchall()
     assert len(rows) > 32
     dump = tmp_path / "pg-dump.bin"
     dump.write_bytes(b"".join(bytes(ns.encode()) + bytes(k) + bytes(v) for ns, k, v in rows))
@@ -776,9 +781,11 @@ def test_audit_tail_cut_while_stopped_is_refused_after_restart(stack):
         c.audit_verify()
     assert stop(stack) == {"records": 0, "broker": 0}
     conn = sqlite3.connect(stack.path("records.db"))
-    keys = conn.execute(f"SELECT key FROM {ROWS_TABLE} WHERE namespace = 'records.audit' "
+    keys = conn.execute(f"SELECT key FROM {ROWS_TABLE} WHERE ns = (SELECT id FROM safehold_namespaces "
+                        f"WHERE name = 'records.audit') "
                         "ORDER BY key DESC LIMIT 6").fetchall()
-    conn.executemany(f"DELETE FROM {ROWS_TABLE} WHERE namespace = 'records.audit' AND key = ?", keys)
+    conn.executemany(f"DELETE FROM {ROWS_TABLE} WHERE ns = (SELECT id FROM safehold_namespaces "
+                     f"WHERE name = 'records.audit') AND key = ?", keys)
     conn.commit()
     conn.close()
     start(stack)

@@ -140,12 +140,17 @@ def test_concurrent_first_open_migrates_once(engine: Engine) -> None:
     assert engine.sql("SELECT version FROM {schema}.safehold_schema_version") == [(mig.LATEST,)]
 
 
-def test_missing_rows_table_is_clear_error(engine: Engine) -> None:
+@pytest.mark.parametrize("table", ["safehold_rows", "safehold_namespaces"])
+def test_missing_rows_table_is_clear_error(engine: Engine, table: str) -> None:
     s = engine.open()
     try:
-        engine.sql("DROP TABLE {schema}.safehold_rows")
+        s.put("ns", b"k", b"v", expected_version=0)  # a namespace with an id: reads query the rows
+        engine.sql(f"DROP TABLE {{schema}}.{table}")
         with pytest.raises(StoreCorruptError, match="Safehold tables missing"):
             s.get("ns", b"k")
+        if table == "safehold_namespaces":  # the lookup of a name without an id reads it too
+            with pytest.raises(StoreCorruptError, match="Safehold tables missing"):
+                s.get("never-written", b"k")
     finally:
         s.close()
 

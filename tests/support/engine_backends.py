@@ -15,6 +15,7 @@ from safehold.store.base import Store
 
 ENGINES = ["sqlite", "postgres"]
 TABLE = "safehold_rows"
+NAMES = "safehold_namespaces"
 
 
 @dataclass
@@ -53,18 +54,20 @@ class Backend:
         return f"safehold-test-{self.schema}"
 
     def sql(self, stmt: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Run ``stmt`` straight on the database; ``{t}`` names the rows table, ``?`` binds."""
+        """Run ``stmt`` straight on the database; ``{t}`` names the rows table, ``{n}`` the namespace
+        dictionary, ``?`` binds."""
         if self.name == "sqlite":
             conn = sqlite3.connect(self.path, isolation_level=None)
             try:
-                rows = conn.execute(stmt.format(t=TABLE), params).fetchall()
+                rows = conn.execute(stmt.format(t=TABLE, n=NAMES), params).fetchall()
             finally:
                 conn.close()
             return [tuple(bytes(c) if isinstance(c, bytes | memoryview) else c for c in r) for r in rows]
         import psycopg
 
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.execute(stmt.format(t=f'"{self.schema}".{TABLE}').replace("?", "%s"), params)
+            q = stmt.format(t=f'"{self.schema}".{TABLE}', n=f'"{self.schema}".{NAMES}')
+            cur = conn.execute(q.replace("?", "%s"), params)
             rows = cur.fetchall() if cur.description else []
         return [tuple(bytes(c) if isinstance(c, bytes | memoryview) else c for c in r) for r in rows]
 

@@ -32,7 +32,8 @@ def test_a_rolled_back_row_nobody_reads_turns_health_to_503(engine, anchor):
         svc.start_audit(0.05)
         _wait_runs(svc, 1)
         assert svc.health() == (True, "")  # a clean run: healthy
-        engine.sql("UPDATE safehold_rows SET version = ?, value = ? WHERE namespace = ? AND key = ?",
+        engine.sql("UPDATE safehold_rows SET version = ?, value = ? WHERE "
+                   "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?",
                    (before.version, before.value, ns, key))  # three tries come back, unread
         runs = svc._audit.runs
         _wait_runs(svc, runs + 2)

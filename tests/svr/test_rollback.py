@@ -81,7 +81,8 @@ def test_one_row_rolled_back_is_refused(engine, anchor):
     with engine.open() as raw:
         before = raw.get(ns, key)
     _guess(svc, 7)
-    engine.sql("UPDATE safehold_rows SET version = ?, value = ? WHERE namespace = ? AND key = ?",
+    engine.sql("UPDATE safehold_rows SET version = ?, value = ? WHERE "
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?) AND key = ?",
                (before.version, before.value, ns, key))
     with pytest.raises(RowRolledBackError, match="expected version"):
         svc.svr2.restore(BID, PIN)

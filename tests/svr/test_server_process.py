@@ -93,7 +93,8 @@ def test_a_guess_charged_before_a_crash_stays_charged(stack):
 
     def journal_rows() -> int:
         with closing(sqlite3.connect(db)) as con:
-            sql = "SELECT count(*) FROM safehold_rows WHERE namespace = '_fresh.journal'"
+            sql = ("SELECT count(*) FROM safehold_rows WHERE "
+                   "ns = (SELECT id FROM safehold_namespaces WHERE name = '_fresh.journal')")
             return con.execute(sql).fetchone()[0]
 
     before = journal_rows()

@@ -18,6 +18,14 @@ SQL) through this engine. Semantics are those of :class:`~safehold.store.sqlite.
 * Pooled connections are checked (an empty query round trip) when handed out, so a server
   restart or a killed backend costs one reconnect instead of a failed write.
 
+* Namespaces (schema version 2, issue 17): rows carry the name's ``INTEGER`` id from
+  ``safehold_namespaces``. Ids are cached per store object (:mod:`safehold.store._nsids`) and
+  created on the first write with ``INSERT … ON CONFLICT (name) DO NOTHING`` then ``SELECT``,
+  in the caller's transaction if one is open: a replica creating the same name at once waits
+  for that insert's transaction, then reads the one id (READ COMMITTED: the ``SELECT`` is a new
+  snapshot). Cached only after the transaction commits; every statement re-checks the id ↔ name
+  entry, so an edited dictionary raises :class:`~safehold.store.errors.StoreCorruptError`.
+
 The pool owns threads: do not use a :class:`PostgresStore` across ``fork()``; open a new one.
 """
 
@@ -44,6 +52,7 @@ from safehold.store._checks import (
     check_version,
     row_from_db,
 )
+from safehold.store._nsids import NamespaceIds
 from safehold.store.base import Row, Store, StoreOps
 from safehold.store.errors import StoreClosedError, StoreCorruptError, VersionConflictError
 
@@ -52,23 +61,47 @@ T = TypeVar("T")
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SEARCH_PATH_RE = re.compile(r"-c\s*search_path\s*=\s*([A-Za-z_][A-Za-z0-9_]*)")
 
-# Query templates; {t} is the schema-qualified rows table.
+# Query templates; {t} is the schema-qualified rows table, {n} the namespace dictionary. As in
+# the SQLite engine, every statement names the namespace by its cached id and re-checks in the
+# same statement that the dictionary still maps the id to the name (reads return the entry's
+# name through a LEFT JOIN, writes are guarded by EXISTS): no extra round trip.
 _Q = {
-    "get": "SELECT version, value FROM {t} WHERE namespace = %s AND key = %s",
-    "version": "SELECT version FROM {t} WHERE namespace = %s AND key = %s",
+    "get": (
+        "SELECT n.name, r.version, r.value FROM {n} n "
+        "LEFT JOIN {t} r ON r.ns = n.id AND r.key = %s WHERE n.id = %s"
+    ),
+    "version": "SELECT version FROM {t} WHERE ns = %s AND key = %s",
     "insert": (
-        "INSERT INTO {t} (namespace, key, version, value) VALUES (%s, %s, 1, %s) "
-        "ON CONFLICT (namespace, key) DO NOTHING"
+        "INSERT INTO {t} (ns, key, version, value) SELECT id, %s, 1, %s FROM {n} "
+        "WHERE id = %s AND name = %s ON CONFLICT (ns, key) DO NOTHING"
     ),
     "update": (
-        "UPDATE {t} SET version = version + 1, value = %s WHERE namespace = %s AND key = %s AND version = %s"
+        "UPDATE {t} SET version = version + 1, value = %s "
+        "WHERE ns = %s AND key = %s AND version = %s "
+        "AND EXISTS (SELECT 1 FROM {n} WHERE id = %s AND name = %s)"
     ),
-    "delete": "DELETE FROM {t} WHERE namespace = %s AND key = %s",
-    "delete_v": "DELETE FROM {t} WHERE namespace = %s AND key = %s AND version = %s",
-    "scan_first": "SELECT key, version, value FROM {t} WHERE namespace = %s ORDER BY key LIMIT %s",
+    "delete": (
+        "DELETE FROM {t} WHERE ns = %s AND key = %s "
+        "AND EXISTS (SELECT 1 FROM {n} WHERE id = %s AND name = %s)"
+    ),
+    "delete_v": (
+        "DELETE FROM {t} WHERE ns = %s AND key = %s AND version = %s "
+        "AND EXISTS (SELECT 1 FROM {n} WHERE id = %s AND name = %s)"
+    ),
+    # scans: the dictionary name as an uncorrelated subquery (an InitPlan, run once), not a
+    # LEFT JOIN: PostgreSQL sorts a LEFT JOIN's rows instead of walking the primary key in order
+    # (measured: the whole namespace read for every page); an empty page re-reads the entry
+    "scan_first": (
+        "SELECT (SELECT name FROM {n} WHERE id = %s), key, version, value FROM {t} "
+        "WHERE ns = %s ORDER BY key LIMIT %s"
+    ),
     "scan_after": (
-        "SELECT key, version, value FROM {t} WHERE namespace = %s AND key > %s ORDER BY key LIMIT %s"
+        "SELECT (SELECT name FROM {n} WHERE id = %s), key, version, value FROM {t} "
+        "WHERE ns = %s AND key > %s ORDER BY key LIMIT %s"
     ),
+    "ns_id": "SELECT id FROM {n} WHERE name = %s",
+    "ns_name": "SELECT name FROM {n} WHERE id = %s",
+    "ns_create": "INSERT INTO {n} (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
 }
 
 
@@ -80,14 +113,56 @@ class _PgOps(StoreOps):
     def _run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, idempotent: bool) -> T:
         raise NotImplementedError
 
+    def _nsid(self, c: psycopg.Connection[Any], namespace: str, *, create: bool) -> int | None:
+        """The namespace's id on connection ``c``: cached, else read from the dictionary;
+        created (``create``) if missing with ``INSERT … ON CONFLICT (name) DO NOTHING`` then
+        ``SELECT`` — in the caller's transaction if one is open (a concurrent creator of the
+        same name waits for it, then reads its id), else committed at once. None: no id and
+        not ``create``. Raises StoreCorruptError (dictionary edited), psycopg.Error."""
+        store = self._store
+        nsid = store._ns_cached(namespace)
+        if nsid is not None:
+            return nsid
+        q = store._q
+        r = c.execute(q["ns_id"], (namespace,)).fetchone()
+        if r is None:
+            if not create:
+                return None
+            c.execute(q["ns_create"], (namespace,))
+            r = c.execute(q["ns_id"], (namespace,)).fetchone()
+            if r is None:
+                raise StoreCorruptError(
+                    f"{store._where}: namespace {namespace!r} vanished from "
+                    f"{mig.NAMESPACES_TABLE} right after it was created"
+                )
+        # once per name and process: the id must name this namespace alone (a dictionary
+        # stripped of its constraints could give it to two)
+        found = [x[0] for x in c.execute(q["ns_name"], (r[0],)).fetchall()]
+        return store._ns_learn(namespace, r[0], found)
+
+    def _verify(self, c: psycopg.Connection[Any], namespace: str, nsid: int) -> None:
+        """Re-read the dictionary entry of ``nsid`` after a write changed nothing (conflict or
+        an edited dictionary). Raises StoreCorruptError if it no longer names ``namespace``."""
+        r = c.execute(self._store._q["ns_name"], (nsid,)).fetchall()
+        self._store._ns_check(namespace, nsid, [x[0] for x in r])
+
     def get(self, namespace: str, key: bytes) -> Row | None:
-        """See :meth:`StoreOps.get`. Raises StoreUnavailableError, StoreError, ValueError."""
+        """See :meth:`StoreOps.get`. Raises StoreUnavailableError, StoreCorruptError, ValueError."""
         namespace, key = check_namespace(namespace), check_key(key)
         q = self._store._q["get"]
-        r = self._run(
-            "get", lambda c: c.execute(q, (namespace, key), binary=True).fetchone(), idempotent=True
-        )
-        return None if r is None else row_from_db(namespace, key, r[0], r[1], self._store._where)
+
+        def op(c: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
+            nsid = self._nsid(c, namespace, create=False)
+            if nsid is None:
+                return None
+            rs = c.execute(q, (key, nsid), binary=True).fetchall()
+            self._store._ns_check(namespace, nsid, [x[0] for x in rs])
+            return tuple(rs[0])
+
+        r = self._run("get", op, idempotent=True)
+        if r is None or r[1] is None:
+            return None
+        return row_from_db(namespace, key, r[1], r[2], self._store._where)
 
     def put(self, namespace: str, key: bytes, value: bytes, *, expected_version: int) -> int:
         """See :meth:`StoreOps.put`. Raises VersionConflictError (a ConflictError), StoreError, ValueError."""
@@ -96,13 +171,17 @@ class _PgOps(StoreOps):
         q = self._store._q
 
         def op(c: psycopg.Connection[Any]) -> int:
+            nsid = self._nsid(c, namespace, create=expected == 0)
+            if nsid is None:
+                return 0
             if expected == 0:
-                n = c.execute(q["insert"], (namespace, key, value)).rowcount
+                n = c.execute(q["insert"], (key, value, nsid, namespace)).rowcount
             else:
-                n = c.execute(q["update"], (value, namespace, key, expected)).rowcount
+                n = c.execute(q["update"], (value, nsid, key, expected, nsid, namespace)).rowcount
             if n == 1:
                 return -1
-            r = c.execute(q["version"], (namespace, key)).fetchone()
+            self._verify(c, namespace, nsid)
+            r = c.execute(q["version"], (nsid, key)).fetchone()
             return 0 if r is None else int(r[0])
 
         actual = self._run("put", op, idempotent=False)
@@ -114,44 +193,69 @@ class _PgOps(StoreOps):
         """See :meth:`StoreOps.delete`. Raises VersionConflictError, StoreError, ValueError."""
         namespace, key = check_namespace(namespace), check_key(key)
         q = self._store._q
-        if expected_version is None:
-            return self._run(
-                "delete", lambda c: c.execute(q["delete"], (namespace, key)).rowcount > 0, idempotent=False
-            )
-        expected = check_version(expected_version, name="expected_version", minimum=1)
+        expected = (None if expected_version is None
+                    else check_version(expected_version, name="expected_version", minimum=1))
 
         def op(c: psycopg.Connection[Any]) -> int:
-            if c.execute(q["delete_v"], (namespace, key, expected)).rowcount > 0:
+            nsid = self._nsid(c, namespace, create=False)
+            if nsid is None:
+                return 0
+            if expected is None:
+                n = c.execute(q["delete"], (nsid, key, nsid, namespace)).rowcount
+            else:
+                n = c.execute(q["delete_v"], (nsid, key, expected, nsid, namespace)).rowcount
+            if n > 0:
                 return -1
-            r = c.execute(q["version"], (namespace, key)).fetchone()
+            self._verify(c, namespace, nsid)
+            if expected is None:
+                return 0
+            r = c.execute(q["version"], (nsid, key)).fetchone()
             return 0 if r is None else int(r[0])
 
         actual = self._run("delete", op, idempotent=False)
         if actual == -1:
             return True
+        if expected is None:
+            return False
         raise VersionConflictError(namespace, key, expected, actual, "delete")
 
     def scan(self, namespace: str, *, after: bytes | None = None, limit: int = 100) -> list[Row]:
-        """See :meth:`StoreOps.scan` (bytea order = unsigned byte order). Raises StoreError, ValueError."""
+        """See :meth:`StoreOps.scan` (bytea order = unsigned byte order).
+
+        Raises StoreCorruptError (namespace dictionary edited), StoreError, ValueError."""
         namespace = check_namespace(namespace)
         after, limit = check_scan(after, limit)
         q = self._store._q
 
         def op(c: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            nsid = self._nsid(c, namespace, create=False)
+            if nsid is None:
+                return []
             if after is None:
-                return c.execute(q["scan_first"], (namespace, limit), binary=True).fetchall()
-            return c.execute(q["scan_after"], (namespace, after, limit), binary=True).fetchall()
+                rs = c.execute(q["scan_first"], (nsid, nsid, limit), binary=True).fetchall()
+            else:
+                rs = c.execute(q["scan_after"], (nsid, nsid, after, limit), binary=True).fetchall()
+            if rs:
+                self._store._ns_check(namespace, nsid, [x[0] for x in rs])
+            else:
+                self._verify(c, namespace, nsid)
+            return [tuple(r[1:]) for r in rs]
 
         rows = self._run("scan", op, idempotent=True)
         return [row_from_db(namespace, k, v, val, self._store._where) for k, v, val in rows]
 
 
 class _PgTx(_PgOps):
-    """Operations of one open transaction (one connection); unusable after it ends."""
+    """Operations of one open transaction (one connection); unusable after it ends.
 
-    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]):
+    ``pending``: namespace ids read or created in this transaction level, added to the store's
+    cache once the outermost transaction commits (dropped on rollback)."""
+
+    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any], parent: _PgTx | None = None):
         self._store = store
         self._conn: psycopg.Connection[Any] | None = conn
+        self.parent = parent
+        self.pending: dict[str, int] = {}
 
     def _run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, idempotent: bool) -> T:
         if self._conn is None:
@@ -224,8 +328,10 @@ class PostgresStore(_PgOps, Store):
         self._local = _ThreadState()
         self._closed = False
         self._where = f"PostgreSQL store (schema {schema!r})"
+        self._ns = NamespaceIds(self._where)
         table = sql.Identifier(schema, mig.ROWS_TABLE)
-        self._q_sql = {k: sql.SQL(v).format(t=table) for k, v in _Q.items()}
+        names = sql.Identifier(schema, mig.NAMESPACES_TABLE)
+        self._q_sql = {k: sql.SQL(v).format(t=table, n=names) for k, v in _Q.items()}
         self._q: dict[str, Any] = dict(self._q_sql)
         self._pool = ConnectionPool(
             dsn,
@@ -295,6 +401,11 @@ class PostgresStore(_PgOps, Store):
                 f"{self._where}: {what}: database unreachable or connection dropped; "
                 f"uncommitted work was rolled back ({type(e).__name__}: {e})"
             ) from e
+        except psycopg.errors.CardinalityViolation as e:  # only our dictionary subqueries can
+            raise StoreCorruptError(
+                f"{self._where}: {what}: namespace dictionary ({mig.NAMESPACES_TABLE}) edited or "
+                f"corrupt: one id names several namespaces ({e})"
+            ) from e
         except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as e:
             raise StoreCorruptError(f"{self._where}: {what}: Safehold tables missing ({e})") from e
         except psycopg.Error as e:
@@ -315,6 +426,46 @@ class PostgresStore(_PgOps, Store):
                 if attempt + 1 == attempts or isinstance(e.__cause__, PoolTimeout):
                     raise
         raise AssertionError("unreachable")
+
+    # -- namespace ids ----------------------------------------------------------------------
+
+    def _pending(self) -> list[dict[str, int]]:
+        """This thread's open transaction levels' uncommitted namespace ids, innermost first."""
+        out = []
+        tx = self._local.tx
+        while tx is not None:
+            out.append(tx.pending)
+            tx = tx.parent
+        return out
+
+    def _ns_cached(self, namespace: str) -> int | None:
+        """Id of ``namespace`` known to this thread: its open transactions', else committed."""
+        for level in self._pending():
+            if (nsid := level.get(namespace)) is not None:
+                return nsid
+        return self._ns.get(namespace)
+
+    def _ns_learn(self, namespace: str, nsid: object, found: list[object]) -> int:
+        """Remember an id read from the dictionary (``found``: the names its entry holds): in the
+        open transaction (committed into the cache when the outermost transaction commits), else
+        at once. Raises StoreCorruptError."""
+        levels = self._pending()
+        got = self._ns.learned(namespace, nsid, levels)
+        self._ns_check(namespace, got, found)
+        if levels:
+            levels[0][namespace] = got
+        else:
+            self._ns.commit({namespace: got})
+        return got
+
+    def _ns_check(self, namespace: str, nsid: int, found: list[object]) -> None:
+        """Raise StoreCorruptError unless every dictionary name in ``found`` is ``namespace``."""
+        try:
+            self._ns.check(namespace, nsid, found)
+        except StoreCorruptError:
+            for level in self._pending():
+                level.pop(namespace, None)
+            raise
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -380,7 +531,7 @@ class PostgresStore(_PgOps, Store):
         if outer is not None:
             assert outer._conn is not None
             conn = outer._conn
-            inner = _PgTx(self, conn)
+            inner = _PgTx(self, conn, outer)
             st.tx = inner
             try:
                 with self._mapped("savepoint"), conn.transaction():
@@ -388,6 +539,7 @@ class PostgresStore(_PgOps, Store):
             finally:
                 inner._conn = None
                 st.tx = outer
+            outer.pending.update(inner.pending)  # savepoint released: part of the outer one
             return
         with self._mapped("transaction"), self._pool.connection() as conn:
             tx = _PgTx(self, conn)
@@ -398,6 +550,7 @@ class PostgresStore(_PgOps, Store):
             finally:
                 tx._conn = None
                 st.tx = None
+        self._ns.commit(tx.pending)  # committed: the ids it read or created are durable
 
     def close(self) -> None:
         """Close the pool and all its connections. Idempotent."""

@@ -27,6 +27,13 @@ Durability and concurrency choices (SQLite docs "Write-Ahead Logging", "PRAGMA s
 
 CAS is one statement each (``INSERT … ON CONFLICT DO NOTHING`` for version 0, ``UPDATE … WHERE
 version = ?`` otherwise), atomic by itself and inside a transaction alike.
+
+Namespaces (schema version 2, issue 17; :mod:`safehold.store.migrations`): rows carry the
+name's integer id from ``safehold_namespaces`` (a 1-byte varint instead of the ~23-byte name).
+Ids are cached per store object (:mod:`safehold.store._nsids`), created on the first write in
+the caller's transaction (the write lock serialises creators), cached only after that
+transaction commits; each statement re-checks the id ↔ name entry (an edited dictionary raises
+:class:`~safehold.store.errors.StoreCorruptError`).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from safehold.store._checks import (
     check_version,
     row_from_db,
 )
+from safehold.store._nsids import NamespaceIds
 from safehold.store.base import Row, Store, StoreOps
 from safehold.store.errors import StoreClosedError, StoreCorruptError, VersionConflictError
 
@@ -61,30 +69,52 @@ PAGE_SIZE = 16384
 #: allocated as pages are read.
 CACHE_KIB = 32768
 
-_SQL_GET = "SELECT version, value FROM safehold_rows WHERE namespace = ? AND key = ?"
-_SQL_VERSION = "SELECT version FROM safehold_rows WHERE namespace = ? AND key = ?"
+# Every statement names the namespace by its cached id *and* re-checks, in the same statement,
+# that the dictionary still maps that id to the name (a PRIMARY KEY lookup): reads join the
+# dictionary entry and return its name, writes are guarded by EXISTS. An edited dictionary thus
+# surfaces as StoreCorruptError instead of reads or writes in another namespace's rows.
+_SQL_GET = (
+    "SELECT n.name, r.version, r.value FROM safehold_namespaces n "
+    "LEFT JOIN safehold_rows r ON r.ns = n.id AND r.key = ? WHERE n.id = ?"
+)
+_SQL_VERSION = "SELECT version FROM safehold_rows WHERE ns = ? AND key = ?"
 _SQL_INSERT = (
-    "INSERT INTO safehold_rows (namespace, key, version, value) VALUES (?, ?, 1, ?) "
-    "ON CONFLICT (namespace, key) DO NOTHING"
+    "INSERT INTO safehold_rows (ns, key, version, value) "
+    "SELECT id, ?, 1, ? FROM safehold_namespaces WHERE id = ? AND name = ? "
+    "ON CONFLICT (ns, key) DO NOTHING"
 )
 _SQL_UPDATE = (
     "UPDATE safehold_rows SET version = version + 1, value = ? "
-    "WHERE namespace = ? AND key = ? AND version = ?"
+    "WHERE ns = ? AND key = ? AND version = ? "
+    "AND EXISTS (SELECT 1 FROM safehold_namespaces WHERE id = ? AND name = ?)"
 )
-_SQL_DELETE = "DELETE FROM safehold_rows WHERE namespace = ? AND key = ?"
-_SQL_DELETE_V = "DELETE FROM safehold_rows WHERE namespace = ? AND key = ? AND version = ?"
-_SQL_SCAN_FIRST = "SELECT key, version, value FROM safehold_rows WHERE namespace = ? ORDER BY key LIMIT ?"
+_SQL_DELETE = (
+    "DELETE FROM safehold_rows WHERE ns = ? AND key = ? "
+    "AND EXISTS (SELECT 1 FROM safehold_namespaces WHERE id = ? AND name = ?)"
+)
+_SQL_DELETE_V = (
+    "DELETE FROM safehold_rows WHERE ns = ? AND key = ? AND version = ? "
+    "AND EXISTS (SELECT 1 FROM safehold_namespaces WHERE id = ? AND name = ?)"
+)
+_SQL_SCAN_FIRST = (
+    "SELECT n.name, r.key, r.version, r.value FROM safehold_namespaces n "
+    "LEFT JOIN safehold_rows r ON r.ns = n.id WHERE n.id = ? ORDER BY r.key LIMIT ?"
+)
 _SQL_SCAN_AFTER = (
-    "SELECT key, version, value FROM safehold_rows WHERE namespace = ? AND key > ? ORDER BY key LIMIT ?"
+    "SELECT n.name, r.key, r.version, r.value FROM safehold_namespaces n "
+    "LEFT JOIN safehold_rows r ON r.ns = n.id AND r.key > ? WHERE n.id = ? ORDER BY r.key LIMIT ?"
 )
+_SQL_NS_ID = "SELECT id FROM safehold_namespaces WHERE name = ?"
+_SQL_NS_NAME = "SELECT name FROM safehold_namespaces WHERE id = ?"
+_SQL_NS_CREATE = "INSERT INTO safehold_namespaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING"
 
 # Primary SQLite result codes (https://www.sqlite.org/rescode.html).
 _BUSY, _LOCKED, _CORRUPT, _CANTOPEN, _NOTADB = 5, 6, 11, 14, 26
 
 
-def _actual_version(conn: sqlite3.Connection, namespace: str, key: bytes) -> int:
+def _actual_version(conn: sqlite3.Connection, nsid: int, key: bytes) -> int:
     """Current version for a conflict message (0 = no row; -1 = not an integer: tampered)."""
-    row = conn.execute(_SQL_VERSION, (namespace, key)).fetchone()
+    row = conn.execute(_SQL_VERSION, (nsid, key)).fetchone()
     if row is None:
         return 0
     return row[0] if isinstance(row[0], int) else -1
@@ -99,12 +129,49 @@ class _SqliteOps(StoreOps):
     def _conn(self) -> sqlite3.Connection:
         return self._store._connection()
 
+    def _nsid(self, conn: sqlite3.Connection, namespace: str, *, create: bool) -> int | None:
+        """The namespace's id: cached, else read from the dictionary; created (``create``) if
+        missing, in the connection's transaction if one is open (SQLite has one writer, so
+        concurrent creators serialise on the write lock). None: no id and not ``create``.
+        Raises StoreCorruptError (dictionary edited), sqlite3.Error."""
+        store = self._store
+        nsid = store._ns_cached(namespace)
+        if nsid is not None:
+            return nsid
+        r = conn.execute(_SQL_NS_ID, (namespace,)).fetchone()
+        if r is None:
+            if not create:
+                return None
+            conn.execute(_SQL_NS_CREATE, (namespace,))
+            r = conn.execute(_SQL_NS_ID, (namespace,)).fetchone()
+            if r is None:
+                raise StoreCorruptError(
+                    f"{store._where}: namespace {namespace!r} vanished from "
+                    f"{mig.NAMESPACES_TABLE} right after it was created"
+                )
+        # once per name and process: the id must name this namespace alone (a dictionary
+        # stripped of its constraints could give it to two)
+        found = [x[0] for x in conn.execute(_SQL_NS_NAME, (r[0],)).fetchall()]
+        return store._ns_learn(namespace, r[0], found)
+
+    def _verify(self, conn: sqlite3.Connection, namespace: str, nsid: int) -> None:
+        """Re-read the dictionary entry of ``nsid`` after a write changed nothing (conflict or
+        an edited dictionary). Raises StoreCorruptError if it no longer names ``namespace``."""
+        r = conn.execute(_SQL_NS_NAME, (nsid,)).fetchall()
+        self._store._ns_check(namespace, nsid, [x[0] for x in r])
+
     def get(self, namespace: str, key: bytes) -> Row | None:
         """See :meth:`StoreOps.get`. Raises StoreUnavailableError, StoreCorruptError, ValueError."""
         namespace, key = check_namespace(namespace), check_key(key)
         with self._store._mapped("get"):
-            r = self._conn().execute(_SQL_GET, (namespace, key)).fetchone()
-        return None if r is None else row_from_db(namespace, key, r[0], r[1], self._store._where)
+            conn = self._conn()
+            nsid = self._nsid(conn, namespace, create=False)
+            if nsid is None:
+                return None
+            rs = conn.execute(_SQL_GET, (key, nsid)).fetchall()
+        self._store._ns_check(namespace, nsid, [x[0] for x in rs])
+        r = rs[0]
+        return None if r[1] is None else row_from_db(namespace, key, r[1], r[2], self._store._where)
 
     def put(self, namespace: str, key: bytes, value: bytes, *, expected_version: int) -> int:
         """See :meth:`StoreOps.put`. Raises VersionConflictError (a ConflictError), StoreError, ValueError."""
@@ -112,13 +179,18 @@ class _SqliteOps(StoreOps):
         expected = check_version(expected_version, name="expected_version", minimum=0)
         with self._store._mapped("put"):
             conn = self._conn()
-            if expected == 0:
-                n = conn.execute(_SQL_INSERT, (namespace, key, value)).rowcount
+            nsid = self._nsid(conn, namespace, create=expected == 0)
+            if nsid is None:  # an update of a row in a namespace nobody wrote yet
+                actual = 0
             else:
-                n = conn.execute(_SQL_UPDATE, (value, namespace, key, expected)).rowcount
-            if n == 1:
-                return expected + 1
-            actual = _actual_version(conn, namespace, key)
+                if expected == 0:
+                    n = conn.execute(_SQL_INSERT, (key, value, nsid, namespace)).rowcount
+                else:
+                    n = conn.execute(_SQL_UPDATE, (value, nsid, key, expected, nsid, namespace)).rowcount
+                if n == 1:
+                    return expected + 1
+                self._verify(conn, namespace, nsid)
+                actual = _actual_version(conn, nsid, key)
         raise VersionConflictError(namespace, key, expected, actual, "put")
 
     def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[Row | None]:
@@ -129,11 +201,19 @@ class _SqliteOps(StoreOps):
         found: dict[bytes, tuple[Any, Any]] = {}
         with self._store._mapped("get"):
             conn = self._conn()
+            nsid = self._nsid(conn, namespace, create=False)
+            if nsid is None:
+                return [None] * len(keys)
             for i in range(0, len(keys), 250):
                 part = list(dict.fromkeys(keys[i:i + 250]))
                 marks = ",".join("?" * len(part))  # placeholders only: every value is bound
-                q = f"SELECT key, version, value FROM safehold_rows WHERE namespace = ? AND key IN ({marks})"  # noqa: S608
-                for k, v, val in conn.execute(q, (namespace, *part)):
+                q = (
+                    "SELECT n.name, r.key, r.version, r.value FROM safehold_namespaces n "  # noqa: S608
+                    f"LEFT JOIN safehold_rows r ON r.ns = n.id AND r.key IN ({marks}) WHERE n.id = ?"
+                )
+                rs = conn.execute(q, (*part, nsid)).fetchall()
+                self._store._ns_check(namespace, nsid, [x[0] for x in rs])
+                for _, k, v, val in rs:
                     if isinstance(k, bytes):
                         found[k] = (v, val)
         out: list[Row | None] = []
@@ -145,16 +225,19 @@ class _SqliteOps(StoreOps):
     def insert_new(self, namespace: str, rows: Sequence[tuple[bytes, bytes]]) -> list[bool]:
         """See :meth:`StoreOps.insert_new`: one ``executemany`` of the insert-only statement. When
         its row count shows that some key existed, the statement is undone (a savepoint) and the
-        rows are inserted one by one to learn which. Raises StoreError, ValueError."""
+        rows are inserted one by one to learn which (and :meth:`put` checks the dictionary).
+        Raises StoreError, ValueError."""
         namespace = check_namespace(namespace)
-        params = [(namespace, check_key(k), check_value(v)) for k, v in rows]
-        if len(params) < 2:
+        checked = [(check_key(k), check_value(v)) for k, v in rows]
+        if len(checked) < 2:
             return super().insert_new(namespace, rows)
         with self._store._mapped("put"):
             conn = self._conn()
             if not conn.in_transaction:  # autocommit: the rows one by one (a savepoint would commit)
                 n = -1
             else:
+                nsid = self._nsid(conn, namespace, create=True)
+                params = [(k, v, nsid, namespace) for k, v in checked]
                 conn.execute("SAVEPOINT safehold_insert_new")
                 try:
                     n = conn.executemany(_SQL_INSERT, params).rowcount
@@ -162,41 +245,60 @@ class _SqliteOps(StoreOps):
                         conn.execute("ROLLBACK TO safehold_insert_new")
                 finally:
                     conn.execute("RELEASE safehold_insert_new")
-        if n == len(params):
+        if n == len(checked):
             return [True] * n
         return super().insert_new(namespace, rows)
 
     def delete(self, namespace: str, key: bytes, *, expected_version: int | None = None) -> bool:
         """See :meth:`StoreOps.delete`. Raises VersionConflictError, StoreError, ValueError."""
         namespace, key = check_namespace(namespace), check_key(key)
+        if expected_version is not None:
+            expected_version = check_version(expected_version, name="expected_version", minimum=1)
         with self._store._mapped("delete"):
             conn = self._conn()
-            if expected_version is None:
-                return conn.execute(_SQL_DELETE, (namespace, key)).rowcount > 0
-            expected = check_version(expected_version, name="expected_version", minimum=1)
-            if conn.execute(_SQL_DELETE_V, (namespace, key, expected)).rowcount > 0:
-                return True
-            actual = _actual_version(conn, namespace, key)
-        raise VersionConflictError(namespace, key, expected, actual, "delete")
+            nsid = self._nsid(conn, namespace, create=False)
+            if nsid is None:
+                if expected_version is None:
+                    return False
+                actual = 0
+            elif expected_version is None:
+                if conn.execute(_SQL_DELETE, (nsid, key, nsid, namespace)).rowcount > 0:
+                    return True
+                self._verify(conn, namespace, nsid)
+                return False
+            else:
+                if conn.execute(_SQL_DELETE_V, (nsid, key, expected_version, nsid, namespace)).rowcount > 0:
+                    return True
+                self._verify(conn, namespace, nsid)
+                actual = _actual_version(conn, nsid, key)
+        raise VersionConflictError(namespace, key, expected_version, actual, "delete")
 
     def scan(self, namespace: str, *, after: bytes | None = None, limit: int = 100) -> list[Row]:
         """See :meth:`StoreOps.scan` (keys ordered by memcmp of the bytes).
 
         Raises:
             StoreCorruptError: the rows came back out of key order or not after ``after`` (a
-                corrupt index page), or SQLite reports the file malformed.
+                corrupt index page), the namespace dictionary was edited, or SQLite reports
+                the file malformed.
             StoreError, ValueError: as :meth:`StoreOps.scan`.
         """
         namespace = check_namespace(namespace)
         after, limit = check_scan(after, limit)
         with self._store._mapped("scan"):
+            conn = self._conn()
+            nsid = self._nsid(conn, namespace, create=False)
+            if nsid is None:
+                return []
             if after is None:
-                cur = self._conn().execute(_SQL_SCAN_FIRST, (namespace, limit))
+                cur = conn.execute(_SQL_SCAN_FIRST, (nsid, limit))
             else:
-                cur = self._conn().execute(_SQL_SCAN_AFTER, (namespace, after, limit))
+                cur = conn.execute(_SQL_SCAN_AFTER, (after, nsid, limit))
             rows = cur.fetchall()
+        self._store._ns_check(namespace, nsid, [r[0] for r in rows])
+        if len(rows) == 1 and rows[0][1] is None and rows[0][2] is None:
+            return []  # the LEFT JOIN's row for a namespace without (more) rows
         prev = after
-        for k, _, _ in rows:
+        for _, k, _, _ in rows:
             if not isinstance(k, bytes):
                 continue  # row_from_db names the wrongly typed column
             # a damaged index page can return keys out of order or again (PRAGMA quick_check does
@@ -208,7 +310,7 @@ class _SqliteOps(StoreOps):
                     "integrity_check names them; restore the file from a backup)"
                 )
             prev = k
-        return [row_from_db(namespace, k, v, val, self._store._where) for k, v, val in rows]
+        return [row_from_db(namespace, k, v, val, self._store._where) for _, k, v, val in rows]
 
 
 class _Tx(_SqliteOps):
@@ -228,6 +330,10 @@ class _ThreadState(threading.local):
     conn: sqlite3.Connection | None = None
     pid: int = 0
     depth: int = 0
+
+    def __init__(self) -> None:
+        # namespace ids read or created per open transaction level, not yet committed
+        self.pending: list[dict[str, int]] = []
 
 
 class SqliteStore(_SqliteOps, Store):
@@ -257,6 +363,7 @@ class SqliteStore(_SqliteOps, Store):
         self.path = Path(path)
         self.timeout = float(timeout)
         self._where = f"SQLite store {self.path}"
+        self._ns = NamespaceIds(self._where)
         self._lock = threading.Lock()
         self._local = _ThreadState()
         # (owning pid, owning thread, connection); see _prune_locked for why the pid matters.
@@ -382,6 +489,40 @@ class SqliteStore(_SqliteOps, Store):
                 raise StoreCorruptError(f"{where}: Safehold tables missing ({e})") from e
             raise StoreError(f"{where}: {type(e).__name__}: {e}") from e
 
+    # -- namespace ids ----------------------------------------------------------------------
+
+    def _ns_cached(self, namespace: str) -> int | None:
+        """Id of ``namespace`` known to this thread: its open transactions', else committed."""
+        st = self._local
+        if st.depth:
+            for level in reversed(st.pending[:st.depth]):
+                if (nsid := level.get(namespace)) is not None:
+                    return nsid
+        return self._ns.get(namespace)
+
+    def _ns_learn(self, namespace: str, nsid: object, found: list[object]) -> int:
+        """Remember an id read from the dictionary (``found``: the names its entry holds): in the
+        open transaction (committed into the cache when the outermost transaction commits), else
+        at once. Raises StoreCorruptError."""
+        st = self._local
+        levels = st.pending[:st.depth] if st.depth else []
+        got = self._ns.learned(namespace, nsid, levels)
+        self._ns_check(namespace, got, found)
+        if levels:
+            levels[-1][namespace] = got
+        else:
+            self._ns.commit({namespace: got})
+        return got
+
+    def _ns_check(self, namespace: str, nsid: int, found: list[object]) -> None:
+        """Raise StoreCorruptError unless every dictionary name in ``found`` is ``namespace``."""
+        try:
+            self._ns.check(namespace, nsid, found)
+        except StoreCorruptError:
+            for level in self._local.pending:
+                level.pop(namespace, None)
+            raise
+
     # -- schema -----------------------------------------------------------------------------
 
     def schema_version(self) -> int:
@@ -476,11 +617,14 @@ class SqliteStore(_SqliteOps, Store):
     def _transaction_body(self, conn: sqlite3.Connection, st: Any, depth: int,
                           sp: str) -> Iterator[StoreOps]:
         st.depth = depth + 1
+        del st.pending[depth:]
+        st.pending.append({})
         tx = _Tx(self, conn)
         try:
             yield tx
         except BaseException:
             st.depth = depth
+            del st.pending[depth:]  # ids read or created in the rolled-back part are not kept
             tx._tx_conn = None
             with self._mapped("rollback"):
                 if depth == 0:
@@ -492,6 +636,8 @@ class SqliteStore(_SqliteOps, Store):
             raise
         st.depth = depth
         tx._tx_conn = None
+        learned = st.pending[depth] if len(st.pending) > depth else {}
+        del st.pending[depth:]
         try:
             with self._mapped("commit"):
                 conn.execute("COMMIT" if depth == 0 else f"RELEASE {sp}")
@@ -499,6 +645,10 @@ class SqliteStore(_SqliteOps, Store):
             if depth == 0 and conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if depth == 0:
+            self._ns.commit(learned)
+        else:
+            st.pending[depth - 1].update(learned)
 
     def quick_check(self, *, max_errors: int = 3) -> None:
         """Run ``PRAGMA quick_check`` (SQLite docs: O(N) in the file size: every page is read
