@@ -97,7 +97,7 @@ def _copy_store(engine, tmp_path: Path) -> str:
     copy = f"{engine.schema}r"
     with psycopg.connect(engine.dsn, autocommit=True) as c:
         c.execute(f'CREATE SCHEMA "{copy}"')
-        for t in ("safehold_rows", "safehold_schema_version"):
+        for t in ("safehold_namespaces", "safehold_rows", "safehold_schema_version"):
             c.execute(f'CREATE TABLE "{copy}".{t} (LIKE "{engine.schema}".{t} INCLUDING ALL)')
             c.execute(f'INSERT INTO "{copy}".{t} SELECT * FROM "{engine.schema}".{t}')
     return f"{engine.dsn}{'&' if '?' in engine.dsn else '?'}schema={copy}"

@@ -133,7 +133,7 @@ def test_rolled_back_namespace_id_is_not_reused_from_the_cache(engine: Engine) -
 
 def test_concurrent_first_writers_share_one_id(engine: Engine) -> None:
     stores = [engine.open() for _ in range(4)]
-    barrier = threading.Barrier(len(stores))
+    barrier = threading.Barrier(len(stores), timeout=60)
     errors: list[BaseException] = []
 
     def writer(i: int) -> None:
@@ -141,6 +141,8 @@ def test_concurrent_first_writers_share_one_id(engine: Engine) -> None:
         try:
             with stores[i].transaction() as tx:
                 tx.put("shared.ns", b"k%d" % i, b"v", expected_version=0)
+            barrier.wait()
+            stores[i].put(f"own.{i}", b"k", b"v", expected_version=0)  # another name, same next id
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -151,7 +153,9 @@ def test_concurrent_first_writers_share_one_id(engine: Engine) -> None:
         t.join()
     try:
         assert errors == []
-        assert list(_dictionary(engine)) == ["shared.ns"]
+        ids = _dictionary(engine)
+        assert sorted(ids) == ["own.0", "own.1", "own.2", "own.3", "shared.ns"]
+        assert sorted(ids.values()) == [1, 2, 3, 4, 5]
         for s in stores:
             assert [r.key for r in s.scan_all("shared.ns")] == [b"k0", b"k1", b"k2", b"k3"]
     finally:

@@ -13,10 +13,23 @@ def duplicate_leaf_page(path: Path, namespace: bytes) -> None:
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     ps = conn.execute("PRAGMA page_size").fetchone()[0]
+    # rows carry the namespace's integer id (schema version 2): find its leaves by their keys
+    keys = [bytes(k) for (k,) in conn.execute(
+        "SELECT key FROM safehold_rows WHERE ns = (SELECT id FROM safehold_namespaces WHERE name = ?)",
+        (namespace.decode(),))]
     conn.close()
     data = bytearray(path.read_bytes())
+
+    def holds_rows(page: bytes) -> bool:
+        found = 0
+        for k in keys:
+            found += k in page
+            if found >= 3:
+                return True
+        return False
+
     leaves = [i for i in range(1, len(data) // ps)
-              if data[i * ps] in (0x0A, 0x0D) and namespace in data[i * ps:(i + 1) * ps]]
+              if data[i * ps] in (0x0A, 0x0D) and holds_rows(bytes(data[i * ps:(i + 1) * ps]))]
     assert len(leaves) >= 6, leaves
     src, dst = leaves[1], leaves[len(leaves) // 2]
     data[dst * ps:(dst + 1) * ps] = data[src * ps:(src + 1) * ps]

@@ -20,11 +20,12 @@ SQL) through this engine. Semantics are those of :class:`~safehold.store.sqlite.
 
 * Namespaces (schema version 2, issue 17): rows carry the name's ``INTEGER`` id from
   ``safehold_namespaces``. Ids are cached per store object (:mod:`safehold.store._nsids`) and
-  created on the first write with ``INSERT … ON CONFLICT (name) DO NOTHING`` then ``SELECT``,
-  in the caller's transaction if one is open: a replica creating the same name at once waits
-  for that insert's transaction, then reads the one id (READ COMMITTED: the ``SELECT`` is a new
-  snapshot). Cached only after the transaction commits; every statement re-checks the id ↔ name
-  entry, so an edited dictionary raises :class:`~safehold.store.errors.StoreCorruptError`.
+  created on the first write with ``INSERT … SELECT max(id) + 1 … ON CONFLICT DO NOTHING``
+  then ``SELECT``, in the caller's transaction if one is open: a replica creating the same name
+  (or another name with the same next id) at once waits for that insert's transaction, then
+  reads the one id or retries (READ COMMITTED: each statement is a new snapshot). Cached only
+  after the transaction commits; every statement re-checks the id ↔ name entry, so an edited
+  dictionary raises :class:`~safehold.store.errors.StoreCorruptError`.
 
 The pool owns threads: do not use a :class:`PostgresStore` across ``fork()``; open a new one.
 """
@@ -58,6 +59,8 @@ from safehold.store.errors import StoreClosedError, StoreCorruptError, VersionCo
 
 T = TypeVar("T")
 
+#: Tries to create a namespace id when concurrent creators of other names take the same one.
+_CREATE_ATTEMPTS = 32
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SEARCH_PATH_RE = re.compile(r"-c\s*search_path\s*=\s*([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -101,7 +104,11 @@ _Q = {
     ),
     "ns_id": "SELECT id FROM {n} WHERE name = %s",
     "ns_name": "SELECT name FROM {n} WHERE id = %s",
-    "ns_create": "INSERT INTO {n} (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+    # the next id is the largest + 1 (no sequence to fall behind in a copied schema); two
+    # creators of different names may pick the same id: the loser does nothing and retries
+    "ns_create": (
+        "INSERT INTO {n} (id, name) SELECT COALESCE(max(id), 0) + 1, %s FROM {n} ON CONFLICT DO NOTHING"
+    ),
 }
 
 
@@ -115,10 +122,10 @@ class _PgOps(StoreOps):
 
     def _nsid(self, c: psycopg.Connection[Any], namespace: str, *, create: bool) -> int | None:
         """The namespace's id on connection ``c``: cached, else read from the dictionary;
-        created (``create``) if missing with ``INSERT … ON CONFLICT (name) DO NOTHING`` then
-        ``SELECT`` — in the caller's transaction if one is open (a concurrent creator of the
-        same name waits for it, then reads its id), else committed at once. None: no id and
-        not ``create``. Raises StoreCorruptError (dictionary edited), psycopg.Error."""
+        created (``create``) if missing as the largest id + 1 (``INSERT … ON CONFLICT DO
+        NOTHING`` then ``SELECT``, retried while concurrent creators take that id) — in the
+        caller's transaction if one is open, else committed at once. None: no id and not
+        ``create``. Raises StoreCorruptError (dictionary edited), ConflictError, psycopg.Error."""
         store = self._store
         nsid = store._ns_cached(namespace)
         if nsid is not None:
@@ -128,12 +135,15 @@ class _PgOps(StoreOps):
         if r is None:
             if not create:
                 return None
-            c.execute(q["ns_create"], (namespace,))
-            r = c.execute(q["ns_id"], (namespace,)).fetchone()
-            if r is None:
-                raise StoreCorruptError(
-                    f"{store._where}: namespace {namespace!r} vanished from "
-                    f"{mig.NAMESPACES_TABLE} right after it was created"
+            for _ in range(_CREATE_ATTEMPTS):
+                c.execute(q["ns_create"], (namespace,))
+                r = c.execute(q["ns_id"], (namespace,)).fetchone()
+                if r is not None:
+                    break
+            else:  # each miss means another name took the id: only a flood of new names gets here
+                raise ConflictError(
+                    f"{store._where}: could not create namespace {namespace!r} in "
+                    f"{mig.NAMESPACES_TABLE} after {_CREATE_ATTEMPTS} attempts (concurrent creators)"
                 )
         # once per name and process: the id must name this namespace alone (a dictionary
         # stripped of its constraints could give it to two)
