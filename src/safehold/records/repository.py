@@ -625,7 +625,7 @@ class PatientRepository:
         """
         out: list[PutResult | RecordError | ValueError | None] = [None] * len(writes)
         plans: list[tuple[int, ValidRecord, RowAddress, bytes | None, int]] = []
-        bodies: list[JSONObject] = []  # entries of unchanged and refused items
+        bodies: list[tuple[bytes, str]] = []  # (blind index, outcome) of unchanged and refused items
         addrs: dict[int, RowAddress] = {}
         for pos, (rec, _) in enumerate(writes):
             try:
@@ -647,12 +647,12 @@ class PatientRepository:
             else:
                 old_raw, cur = got
             if expected is not None and expected != cur:
-                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "precondition-failed"))
+                bodies.append((addr.row_key, "precondition-failed"))
                 out[pos] = PreconditionFailedError(
                     f"expected version {expected}, current version is {cur}")
                 continue
             if skip_identical and old_raw == rec.raw:
-                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "unchanged"))
+                bodies.append((addr.row_key, "unchanged"))
                 out[pos] = PutResult(rec.id, cur, "unchanged")
                 continue
             plans.append((pos, rec, addr, old_raw, cur))
@@ -678,11 +678,10 @@ class PatientRepository:
                 self.index.remove(rec.id, sorted(old_terms - rec.postings))
                 adds.append((rec.id, sorted(rec.postings - old_terms)))
                 done.append((pos, version))
-                staged.append(AccessAuditLog.body(who, "put", addr.row_key,
-                                                  "created" if cur == 0 else "updated"))
+                staged.append((addr.row_key, "created" if cur == 0 else "updated"))
             self.index.add_many(adds)  # every item's new postings in one batched insert
             if self.audit is not None and staged:  # last: advances the chain once
-                self.audit.stage_many(staged)
+                self.audit.stage_many(AccessAuditLog.grouped(who, "put", staged))
             return done
 
         if plans or (bodies and self.audit is not None):
