@@ -22,8 +22,14 @@ on SQLite, then:
   timed separately. The anchor is the labelled in-process test double (the members' round
   trip is not O(database)); attestation and key release are not O(database) either.
 
-Usage: ``python bench/records_storage.py [--records N]`` (default 100,000; ``--quick``: 5,000);
-the last line printed is one JSON object.
+Records are written as the service writes them by default: compressed and padded inside the
+AEAD (measured ``compress = true``, frame version 2); ``--no-compress`` measures the exact-length
+frame (``compress = false``). Record ids are random version-4 UUIDs in canonical text form by
+default, as Synthea and most FHIR servers assign them (posting format 4 stores those in 17
+bytes); ``--ids short`` uses ``p0``, ``p1``, … (the figures before posting format 4).
+
+Usage: ``python bench/records_storage.py [--records N] [--no-compress] [--ids uuid|short]``
+(default 100,000; ``--quick``: 5,000); the last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -61,8 +67,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-compress", action="store_true",
+                    help="exact-length frames (the measured compress = false)")
+    ap.add_argument("--ids", choices=("short", "uuid"), default="uuid")
     args = ap.parse_args()
     n = 5_000 if args.quick else args.records
+    import uuid
+
+    id_rnd = random.Random(2)  # its own stream: the records' other fields stay the same
+    ids = ([f"p{i}" for i in range(n)] if args.ids == "short"
+           else [str(uuid.UUID(int=id_rnd.getrandbits(128), version=4)) for _ in range(n)])
 
     from tests.support.freshness import InProcessAnchor, open_fresh
 
@@ -85,7 +99,8 @@ def main() -> None:
     def repo_on(fs):  # noqa: ANN001, ANN202
         c = FreshGroupCommit(fs)
         return PatientRepository(fs, ks, committer=c,
-                                 audit=AccessAuditLog(fs, c, mac_key=b"k" * 32, checkpointed=True))
+                                 audit=AccessAuditLog(fs, c, mac_key=b"k" * 32, checkpointed=True),
+                                 compress=not args.no_compress)
 
     from safehold.records.reindex import ensure_search_index
 
@@ -95,7 +110,7 @@ def main() -> None:
     json_bytes = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for j in range(0, n, 100):
-        batch = [(f"p{j + i}", distinct(body, f"p{j + i}", rnd)) for i in range(min(100, n - j))]
+        batch = [(ids[j + i], distinct(body, ids[j + i], rnd)) for i in range(min(100, n - j))]
         json_bytes += sum(len(json.dumps(b, separators=(",", ":")).encode()) for _, b in batch)
         res = repo.batch("importer", parse_batch(batch))
         assert all(r["status"] == "created" for r in res), res[:3]
@@ -142,9 +157,9 @@ def main() -> None:
     repo = repo_on(fs)
     repo.audit.check_head()
     assert ensure_search_index(repo) == 0
-    rec, _ = repo.get("reader", f"p{n // 2}")
+    rec, _ = repo.get("reader", ids[n // 2])
     first_get = time.perf_counter() - t
-    assert rec["id"] == f"p{n // 2}"
+    assert rec["id"] == ids[n // 2]
     fs.close()
     drop_cache(files)
     store = open_store(f"sqlite:///{db}")
@@ -167,7 +182,8 @@ def main() -> None:
         print(f"  VACUUM INTO at page size {ps}: {size / n:.0f} B/record")
     print(f"start-up to first GET, cold cache: {first_get:.2f} s (open {t_open:.2f} s, verifier map "
           f"{t_fresh - t_open:.2f} s); quick_check (background) {quick_check_s:.2f} s")
-    out = {"records": n, "bytes_per_record": round(per_record),
+    out = {"records": n, "compress": not args.no_compress, "ids": args.ids,
+           "bytes_per_record": round(per_record),
            "json_bytes_per_record": round(json_per_record),
            "bytes_vs_json": round(per_record / json_per_record, 3), "target_bytes_vs_json": 1.3,
            "page_size": page_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -158,6 +159,50 @@ def test_snapshot_gc_and_rebuild(engine, anchor):
     fs = open_fresh(engine.open(), anchor)
     with pytest.raises(JournalCorruptError, match="snapshot"):
         fs.check()
+    fs.close()
+
+
+def test_snapshot_when_the_journal_outgrows_the_map(engine, anchor):
+    """Large transactions (a batch import) trigger a snapshot by journal bytes: the journal left
+    in the database stays about the map's size, and a restart replays it to the same state."""
+    fs = open_fresh(engine.open(), anchor, snapshot_every=0, snapshot_seconds=0, snapshot_bytes=4096)
+    for b in range(40):
+        with fs.transaction() as tx:
+            for i in range(b * 25, b * 25 + 25):
+                tx.put(NS, k(i), b"v", expected_version=0)
+                tx.put(SEARCH, bytes([i % 5]) * 16 + k(i), b"id", expected_version=0)
+    fs.sync()
+    fs.put(NS, k(5000), b"v", expected_version=0)  # an anchor advance after any snapshot running
+    fs.sync()
+    deadline = time.monotonic() + 10
+    while True:
+        left = sum(len(r.value) for r in journal(fs))
+        bound = max(4096, fs.snapshotter.size) + 2 * max(len(r.value) for r in journal(fs))
+        if fs.snapshotter.base > 0 and not fs.snapshotter._busy.locked() and left <= bound:
+            break
+        assert time.monotonic() < deadline, f"journal not bounded by snapshots: {left} > {bound} bytes"
+        time.sleep(0.02)
+    assert fs.snapshotter.last_error is None and fs.snapshotter.size > 0
+    assert left < fs.journal_bytes / 4, (left, fs.journal_bytes)
+    fs.close()
+    fs = open_fresh(engine.open(), anchor, snapshot_bytes=0)
+    fs.check()
+    assert fs.history.snapshot > 0 and fs.history.journal_bytes == left
+    assert fs.get(NS, k(5000)).version == 1 and len(fs.scan_prefix(SEARCH, bytes([3]) * 16)) == 200
+    assert fs.audit() == []
+    fs.close()
+
+
+def test_no_snapshot_by_bytes_when_turned_off(engine, anchor):
+    fs = open_fresh(engine.open(), anchor, snapshot_every=0, snapshot_seconds=0, snapshot_bytes=0)
+    before = len(journal(fs))
+    for b in range(10):
+        with fs.transaction() as tx:
+            for i in range(b * 25, b * 25 + 25):
+                tx.put(NS, k(i), b"v", expected_version=0)
+    fs.sync()
+    time.sleep(0.2)
+    assert fs.snapshotter.base == 0 and len(journal(fs)) == before + 10
     fs.close()
 
 

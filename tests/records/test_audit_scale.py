@@ -211,7 +211,13 @@ def test_a_batch_is_one_transaction_and_one_journal_entry(tmp_path):
         assert repo.get("r", "b7")[0]["name"][0]["family"] == "Twice"
         assert [i for i, _ in repo.search("r", {"family": "fam1"})] == sorted(
             f"b{i}" for i in range(50) if i % 3 == 1 and i != 7)
-        assert repo.audit.verify() == 50 + 51 + 2
+        assert repo.audit.verify() == 1 + 3 + 2  # one entry per batch and outcome (+ get, search)
+        puts = [e.body for e in repo.audit.entries() if e.body["op"] == "put"]
+        assert [(b["outcome"], b["record"]) for b in puts] == [
+            ("created:50", None), ("unchanged:49", None),
+            ("updated", repo.blind_index("b7").hex()), ("updated", repo.blind_index("b7").hex())]
+        assert puts[0]["hits"] == [repo.blind_index(f"b{i}").hex() for i in range(50)]
+        assert sorted(puts[1]["hits"]) == sorted(repo.blind_index(f"b{i}").hex() for i in range(50) if i != 7)
     finally:
         fs.close()
 
@@ -248,8 +254,9 @@ def test_a_fhir_batch_writes_its_puts_in_one_transaction_per_repository(tmp_path
         assert [o.written.changed for o in again] == [False] * 3  # unchanged: nothing written
         assert fhir.read("r", "Patient", "f2")[0]["name"][0]["family"] == "Batch"
         audit.flush()
-        # 36 writes; reads: 35 + 1 in the first batch (the refused entry read nothing), 3, 1
-        assert audit.verify() == 36 + 36 + 3 + 1
+        # writes: the first put, then one entry per repository and outcome (created:30,
+        # created:5); reads: 35 + 1 in the first batch (the refused entry read nothing), 3, 1
+        assert audit.verify() == 3 + 36 + 3 + 1
     finally:
         fs.close()
 

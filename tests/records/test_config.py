@@ -100,3 +100,25 @@ def test_workers_setting(tmp_path):
         f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\nworkers = {bad}\n')
         with pytest.raises(ConfigError, match="workers must be an integer from 1 to 64"):
             ServiceConfig.load(f, env={})
+
+
+def test_compress_setting(tmp_path):
+    """``compress`` (compress-then-encrypt record frames) is measured, on by default, a TOML
+    boolean; the environment cannot turn it off."""
+    from safehold.errors import ConfigError
+    from safehold.records.config import MEASURED_SETTINGS, ServiceConfig
+
+    assert "compress" in MEASURED_SETTINGS
+    pin = "ab" * 32
+    f = tmp_path / "c.toml"
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\n')
+    assert ServiceConfig.load(f, env={}).compress is True
+    f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\ncompress = false\n')
+    assert ServiceConfig.load(f, env={}).compress is False
+    for var, val in (("SAFEHOLD_RECORDS_COMPRESS", "false"), ("SAFEHOLD_RECORDS_COMPRESS", "true")):
+        with pytest.raises(ConfigError, match="'compress' is a measured setting"):
+            ServiceConfig.load(f, env={var: val})
+    for bad in ('"false"', "0", '"off"'):
+        f.write_text(OFF + f'broker_ca_sha256 = "{pin}"\ncompress = {bad}\n')
+        with pytest.raises(ConfigError, match="compress must be a TOML boolean"):
+            ServiceConfig.load(f, env={})

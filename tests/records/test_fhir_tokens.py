@@ -1,11 +1,14 @@
 """Search tokens (records/tokens.py): folding, prefixes, the date tree and its range covers, the
-token budget, and rebuilding postings written in the older format (records/reindex.py)."""
+token budget, and rebuilding postings written in an older format (records/reindex.py): term
+formats 1 and 2, row formats 2 and 3, and an interrupted rebuild."""
 
 from __future__ import annotations
 
 import json
 import random
 import string
+import uuid
+from collections.abc import Iterator
 from datetime import date
 
 import pytest
@@ -13,8 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safehold.crypto.keyset import Keyset
+from safehold.freshness.group import FreshGroupCommit
+from safehold.freshness.store import FreshStore
+from safehold.records import reindex
 from safehold.records.access_audit import AccessAuditLog
 from safehold.records.commit import GroupCommit
+from safehold.records.errors import RecordCorruptedError
 from safehold.records.model import parse_record
 from safehold.records.reindex import INDEX_FORMAT, ensure_search_index
 from safehold.records.repository import PatientRepository
@@ -32,6 +39,7 @@ from safehold.records.tokens import (
     string_tokens,
 )
 from safehold.store import open_store
+from tests.support.freshness import InProcessAnchor, open_fresh
 from tests.support.shared import SHARED
 from tests.support.shared import need_shared as need
 
@@ -155,6 +163,123 @@ def test_reindex_rebuilds_postings_of_the_older_format(tmp_path):
         assert [h[0] for h in repo.find("t", [[term]], lambda _r, _x: True).hits] == ["p0"]
     finally:
         store.close()
+
+
+@pytest.fixture(params=["plain", "fresh"])
+def any_repo(request, tmp_path) -> Iterator[PatientRepository]:
+    """A repository over a plain SQLite store, and over a FreshStore (as the service runs it:
+    posting groups checked against the verifier map)."""
+    inner = open_store(f"sqlite:///{tmp_path / 'm.db'}")
+    if request.param == "plain":
+        store, c = inner, GroupCommit(inner)
+    else:
+        store = open_fresh(inner, InProcessAnchor())
+        c = FreshGroupCommit(store)
+    yield PatientRepository(store, Keyset.generate(), committer=c, audit=AccessAuditLog(store, c))
+    store.close()
+
+
+Format3 = tuple[dict[str, frozenset[str]], dict[str, set[str]], set[bytes]]
+
+
+def _format3_store(repo: PatientRepository) -> Format3:
+    """Records with UUID ids (and two others) whose postings are in row format 3 — AES-SIV over
+    the id's UTF-8 text, written through the store as the previous code wrote them — under the
+    format-3 marker. Returns each record's terms, per term the ids format 3 answered, and the
+    keys of the UUID ids' format-3 rows (the other ids' rows are the same in format 4)."""
+    rnd = random.Random(3)
+    ids = [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(7)] + ["p0", "patient_3"]
+    terms: dict[str, frozenset[str]] = {}
+    for i, rid in enumerate(ids):
+        rec = parse_record(rid, {"resourceType": "Patient", "name": [{"family": ("Meyer", "Graf")[i % 2],
+                                 "given": [f"Ann{i % 3}"]}], "birthDate": f"19{70 + i % 4}-02-0{1 + i % 5}"})
+        repo.put("t", rec)
+        terms[rid] = rec.postings
+    store, idx, c = repo.engine.store, repo.index, repo.committer
+    c.run(lambda: [store.delete(idx.ns, r.key) for r in store.scan(idx.ns, limit=10_000)])
+
+    def seal3(term: str, rid: str) -> tuple[bytes, bytes]:
+        sealed = idx._siv.encrypt(rid.encode(), [*idx._ad, term.encode()])
+        return idx.prefix(term) + sealed[:16], sealed[16:]
+
+    c.run(lambda: store.insert_new(idx.ns, [seal3(t, rid) for rid, ts in terms.items() for t in sorted(ts)]))
+    c.run(lambda: repo.engine.put(f"{repo.ns}.meta", "search-index-format", b"safehold/search-index/3"))
+    before: dict[str, set[str]] = {}
+    for rid, ts in terms.items():
+        for t in ts:
+            before.setdefault(t, set()).add(rid)
+    # what format 3's lookup answered: the rows under each term's prefix, opened as UTF-8 text
+    rows = store.scan(idx.ns, limit=10_000)
+    assert len(rows) == sum(len(ts) for ts in terms.values())
+    for t, want in before.items():
+        got = {idx._siv.decrypt(r.key[16:] + r.value, [*idx._ad, t.encode()]).decode()
+               for r in rows if r.key[:16] == idx.prefix(t)}
+        assert got == want
+    old_uuid_keys = {seal3(t, rid)[0] for rid, ts in terms.items() if len(rid) == 36 for t in ts}
+    assert old_uuid_keys <= {r.key for r in rows}
+    return terms, before, old_uuid_keys
+
+
+def _check_format4(repo: PatientRepository, f3: Format3) -> None:
+    terms, before, old_uuid_keys = f3
+    idx, store = repo.index, repo.engine.store
+    rows = store.scan(idx.ns, limit=10_000)
+    # exactly the format-4 rows: nothing left over, nothing twice
+    assert sorted(r.key for r in rows) == sorted(idx.key(t, rid) for rid, ts in terms.items() for t in ts)
+    assert not old_uuid_keys & {r.key for r in rows}  # every format-3 UUID row dropped
+    assert sorted({len(r.value) for r in rows}) == [2, 9, 17]  # "p0", "patient_3", the UUIDs
+    for t, want in before.items():  # the same ids under every term, and searches agree
+        assert idx.lookup(t) == want
+    assert ({h[0] for h in repo.find("t", [["family=meyer"]], lambda _r, _x: True).hits}
+            == before["family=meyer"])
+    assert repo.engine.get(f"{repo.ns}.meta", "search-index-format")[0] == INDEX_FORMAT
+    assert ensure_search_index(repo) == 0
+
+
+def test_reindex_migrates_row_format_3_to_4(any_repo):
+    """A format-3 store (UUID ids as 36 characters of text): format 4 refuses those rows (a
+    canonical UUID in the text form), so the store is rebuilt at the next start; searches before
+    (format 3) and after (format 4) give the same ids."""
+    repo = any_repo
+    assert INDEX_FORMAT == b"safehold/search-index/4"
+    f3 = terms, before, _ = _format3_store(repo)
+    uuid_term = next(t for t, ids in before.items() if any(len(i) == 36 for i in ids))
+    if isinstance(repo.index.store, FreshStore):
+        with pytest.raises(RecordCorruptedError):  # refused over a FreshStore
+            repo.index.lookup(uuid_term)
+    else:
+        assert not any(len(i) == 36 for i in repo.index.lookup(uuid_term))  # skipped, plain store
+    assert ensure_search_index(repo) == len(terms)
+    _check_format4(repo, f3)
+
+
+def test_an_interrupted_reindex_leaves_the_old_marker_and_the_next_start_completes_it(any_repo, monkeypatch):
+    """The rebuild drops the rows, posts the records batch by batch, and writes the marker
+    last: interrupted after some batches, the marker still says format 3, so the next start
+    rebuilds from scratch, without leftovers of either format."""
+    repo = any_repo
+    f3 = terms, _, old_uuid_keys = _format3_store(repo)
+    monkeypatch.setattr(reindex, "_BATCH", 2)
+    real_add, calls = repo.index.add, []
+
+    def failing_add(rid: str, ts) -> None:  # noqa: ANN001
+        calls.append(rid)
+        if len(calls) == 5:  # in the third batch
+            raise OSError("the service stopped")
+        real_add(rid, ts)
+
+    monkeypatch.setattr(repo.index, "add", failing_add)
+    with pytest.raises(OSError):
+        ensure_search_index(repo)
+    assert repo.engine.get(f"{repo.ns}.meta", "search-index-format")[0] == b"safehold/search-index/3"
+    half = repo.engine.store.scan(repo.index.ns, limit=10_000)
+    # every old row dropped, the first two batches posted (the third's savepoint rolled back)
+    posted = sorted(repo.index.key(t, rid) for rid in calls[:4] for t in terms[rid])
+    assert sorted(r.key for r in half) == posted
+    assert not old_uuid_keys & {r.key for r in half}
+    monkeypatch.setattr(repo.index, "add", real_add)
+    assert ensure_search_index(repo) == len(terms)
+    _check_format4(repo, f3)
 
 
 def test_token_counts_of_the_shared_data_for_the_docs():

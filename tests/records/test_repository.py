@@ -178,7 +178,8 @@ def test_postings_tamper_copy_and_rekey(repo):
     hits = repo.search("u", {"family": "common"})
     assert len(hits) == 28  # the two damaged postings (edited, copied) are skipped
     assert all(r["name"][0]["family"] == "Common" for _, r in hits)
-    # format 3: the value is the id alone (AES-SIV, the key's second half is its IV/tag)
+    # format 4: the value is the encoded id alone, here its UTF-8 text (not a UUID; AES-SIV, the
+    # key's second half is its IV/tag)
     assert all(len(v) == len("hid-0000-posting") for k, v in fam)
     # rotation: postings are sealed under an index-key derivative, so nothing is re-sealed and
     # search is unchanged

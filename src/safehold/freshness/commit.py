@@ -297,6 +297,7 @@ class TxContext:
                 log.warning("ledger %r: COMMIT of entry %d reported an error but the entry is "
                             "in the database; continuing", fs.ledger, epoch)
             st.finish_commit(AnchorHead(epoch, digest), entry_changes)
+            fs.journal_bytes += len(value)
         fs.anchorer.kick()
         return epoch
 

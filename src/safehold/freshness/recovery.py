@@ -68,6 +68,8 @@ class Rebuilt:
         digests: chain digest per epoch from the snapshot epoch on (for the roll-forward check).
         first: the first journal epoch present. snapshot: the epoch of the snapshot in use (0 = none).
         last_time_ms: time of the newest entry. problem: set when the journal did not verify.
+        journal_bytes: bytes of the journal entries after the snapshot (what a replay reads).
+        snapshot_bytes: size of the snapshot in use (0 = none).
     """
 
     vmap: VerifierMap
@@ -77,6 +79,8 @@ class Rebuilt:
     snapshot: int = 0
     last_time_ms: int = 0
     problem: FreshnessError | None = None
+    journal_bytes: int = 0
+    snapshot_bytes: int = 0
 
 
 def rebuild(fs: FreshStore) -> Rebuilt:
@@ -119,15 +123,18 @@ def _replay(fs: FreshStore) -> Rebuilt:
     digests: dict[int, bytes] = {}
     d = b""
     last_time = 0
+    replayed = snap_size = 0
     if first == 1:
         vmap, d, digests[0] = VerifierMap(fs.keys, fs.policy), genesis, genesis
     for r, e in zip(rows, epochs, strict=True):
         entry, digest = decode_entry(r.value, fs.keys, ledger=fs.ledger, epoch=e)
         last_time = entry.time_ms
+        replayed += len(r.value)
         if vmap is None:  # looking for the snapshot of epoch first-1
             pending.append((entry, digest))
             if entry.snapshot is not None and entry.snapshot.epoch == first - 1:
                 vmap = _load_snapshot(fs, entry.snapshot)
+                snap_size = entry.snapshot.size
                 d = digests[first - 1] = entry.snapshot.digest
                 for pe, pd in pending:
                     d = _apply(fs, vmap, pe, pd, d, digests)
@@ -138,7 +145,8 @@ def _replay(fs: FreshStore) -> Rebuilt:
         raise JournalCorruptError(
             f"ledger {fs.ledger!r}: the journal starts at entry {first} but no entry names the snapshot "
             f"of epoch {first - 1}: older entries were deleted", ledger=fs.ledger, store_epoch=first)
-    return Rebuilt(vmap, AnchorHead(last, d), digests, first, first - 1, last_time)
+    return Rebuilt(vmap, AnchorHead(last, d), digests, first, first - 1, last_time,
+                   journal_bytes=replayed, snapshot_bytes=snap_size)
 
 
 def _apply(fs: FreshStore, vmap: VerifierMap, entry: Entry, digest: bytes, prev: bytes,

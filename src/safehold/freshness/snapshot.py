@@ -1,7 +1,9 @@
 """Snapshots of the verifier map, so that start-up replays a bounded journal.
 
 When ``snapshot_every`` entries (or ``snapshot_seconds`` with changes) have passed since the
-snapshot in use, a background thread:
+snapshot in use, or the journal since then holds ``snapshot_bytes`` and at least as many bytes
+as that snapshot (so replay time and the journal's file space stay O(map), and the O(map)
+snapshot is paid once per O(map) journal bytes), a background thread:
 
 1. exports the map at the committed head ``s`` (under the map lock: a consistent copy);
 2. writes it as chunk rows ``_fresh.snap/(s, i)`` (not yet referenced by anything);
@@ -52,18 +54,33 @@ class Snapshotter:
     def __init__(self, store: FreshStore) -> None:
         self._fs = store
         self.base = store.history.snapshot
+        self.size = store.history.snapshot_bytes
+        self._mark = 0  # FreshStore.journal_bytes at the last snapshot's export
         self._since = time.monotonic()
         self._busy = threading.Lock()
         self.last_error: Exception | None = None
 
     def on_anchored(self, head: AnchorHead) -> None:
         """Anchorer hook: start a snapshot if one is due."""
+        if self._due(head.epoch) and not self._busy.locked():
+            self._start()
+
+    def _due(self, epoch: int) -> bool:
         fs = self._fs
-        n = head.epoch - self.base
-        due = (fs.snapshot_every > 0 and n >= fs.snapshot_every) or (
-            fs.snapshot_seconds > 0 and n > 1 and time.monotonic() - self._since >= fs.snapshot_seconds)
-        if due and not self._busy.locked():
-            threading.Thread(target=self.run, name=f"safehold-snapshot-{fs.ledger}", daemon=True).start()
+        n = epoch - self.base
+        grown = fs.journal_bytes - self._mark
+        return (fs.snapshot_every > 0 and n >= fs.snapshot_every) or (
+            fs.snapshot_seconds > 0 and n > 1 and time.monotonic() - self._since >= fs.snapshot_seconds) or (
+            fs.snapshot_bytes > 0 and n > 1 and grown >= max(fs.snapshot_bytes, self.size))
+
+    def _start(self) -> None:
+        threading.Thread(target=self._run_and_recheck, name=f"safehold-snapshot-{self._fs.ledger}",
+                         daemon=True).start()
+
+    def _run_and_recheck(self) -> None:
+        # a trigger that came while this snapshot was being written was skipped: look again
+        if self.run() and self._due(self._fs.state.committed.epoch) and not self._busy.locked():
+            self._start()
 
     def run(self) -> bool:
         """Write one snapshot now (steps 1-4); False if another one is running or it failed."""
@@ -88,6 +105,7 @@ class Snapshotter:
         with st.lock:
             head = st.committed
             data = b"".join(st.vmap.export())
+            mark = fs.journal_bytes
         if head.epoch <= self.base:
             return
         h, size, n = hashlib.sha256(), 0, 0
@@ -99,6 +117,7 @@ class Snapshotter:
                 log.info("ledger %r: snapshot of epoch %d already being written; skipped",
                          fs.ledger, head.epoch)
                 self.base = max(self.base, head.epoch)
+                self._mark = mark
                 return
             h.update(chunk)
             size += len(chunk)
@@ -107,6 +126,7 @@ class Snapshotter:
         with TxContext(fs, wait=True, snapshot=ref):
             pass
         old, self.base = self.base, head.epoch
+        self.size, self._mark = size, mark
         self._delete_journal(upto=head.epoch, start=fs.history.first)
         fs.history.first = head.epoch + 1
         self._delete_chunks(below=head.epoch)

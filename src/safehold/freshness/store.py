@@ -81,6 +81,12 @@ class FreshStore(Store):
         anchor_interval: minimum seconds between two anchor advances (coalesces commits).
         snapshot_every / snapshot_seconds: write a map snapshot after this many entries / this
             long with changes (0 = never).
+        snapshot_bytes: also write one once the journal entries since the last snapshot hold
+            this many bytes and at least as many as that snapshot (0 = never): the journal a
+            start-up replays, and the file space it occupies between snapshots, stay within
+            about the map's own size however large the transactions (a batch import's entries
+            are ~2 KB per record); the snapshot's cost, O(map), is paid once per O(map) bytes
+            of journal.
         sync_interval: seconds between two reads of the anchor's head to pick up entries other
             writers of the ledger committed (replicas of one service on one database; 0 = never:
             a single writer). It bounds how long a database that serves an old row can go
@@ -98,7 +104,7 @@ class FreshStore(Store):
                  policy: NamespacePolicy | None = None, wait_timeout: float = 5.0,
                  max_unanchored: int = 64, anchor_interval: float = 0.002,
                  snapshot_every: int = 10_000, snapshot_seconds: float = 300.0,
-                 sync_interval: float = 0.2) -> None:
+                 snapshot_bytes: int = 8 << 20, sync_interval: float = 0.2) -> None:
         from safehold.freshness import recovery
         from safehold.freshness.commit import Anchorer
         from safehold.freshness.snapshot import Snapshotter
@@ -113,6 +119,7 @@ class FreshStore(Store):
         self.max_unanchored = max(1, int(max_unanchored))
         self.snapshot_every = int(snapshot_every)
         self.snapshot_seconds = float(snapshot_seconds)
+        self.snapshot_bytes = max(0, int(snapshot_bytes))
         self.problem: FreshnessError | None = None
         self.commit_lock = threading.Lock()
         self._lock_owner: int | None = None
@@ -128,6 +135,9 @@ class FreshStore(Store):
         rebuilt = recovery.rebuild(self)
         self.state = LedgerState(rebuilt.vmap, rebuilt.head, AnchorHead(0, b""), rebuilt.digests)
         self.history = rebuilt
+        #: journal bytes written or read since this process started, plus those replayed at
+        #: start-up (only ever grows; the snapshotter compares it with its mark)
+        self.journal_bytes = rebuilt.journal_bytes
         self.anchorer = Anchorer(self, interval=anchor_interval)
         self.snapshotter = Snapshotter(self)
         self.anchorer.on_anchored.append(self.snapshotter.on_anchored)
@@ -293,6 +303,7 @@ class FreshStore(Store):
                     f"to entry {e} this replica committed or read: another history of the ledger",
                     ledger=led, store_epoch=epoch)
             st.apply_foreign(AnchorHead(epoch, digest), entry.changes)
+            self.journal_bytes += len(r.value)
             if entry.snapshot is not None:
                 self.snapshotter.base = max(self.snapshotter.base, entry.snapshot.epoch)
             e, d, n = epoch, digest, n + 1

@@ -28,7 +28,7 @@ RUNTIME_SETTINGS = frozenset({"data_dir", "broker_url", "broker_ca", "store_url"
 MEASURED_SETTINGS = frozenset({"workload", "keyset_resource", "tls_resource", "access_resource",
                                "host", "scone_auth", "encryption", "audit", "broker_ca_sha256",
                                "freshness", "anchor_members", "anchor_policy", "freshness_wait",
-                               "freshness_audit_seconds", "integrity_check", "workers"})
+                               "freshness_audit_seconds", "integrity_check", "workers", "compress"})
 ENV_PREFIX = "SAFEHOLD_RECORDS_"
 #: Upper bound of ``workers`` (processes of one records workload).
 MAX_WORKERS = 64
@@ -86,6 +86,12 @@ class ServiceConfig:
         workers: processes serving this workload (1 to :data:`MAX_WORKERS`; measured): one
             attestation, then worker processes forked with the keys, sharing the listening
             sockets, the store and the freshness ledger (:mod:`safehold.records.workers`).
+        compress: True (default): records are written zlib-compressed when shorter and padded
+            to a multiple of 256 bytes inside the AES-GCM plaintext (frame version 2,
+            :mod:`safehold.records.frame`), so the database sees the compressed length rounded
+            up to 256 bytes; False: exact-length uncompressed storage (frame version 1), for an
+            operator who rules out compression side channels (docs/threat-model.md). Measured (a
+            TOML boolean); either setting reads rows of both versions.
     """
 
     data_dir: str = "./safehold-data"
@@ -111,6 +117,7 @@ class ServiceConfig:
     freshness_audit_seconds: float = 300.0
     integrity_check: str = "background"
     workers: int = 1
+    compress: bool = True
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> ServiceConfig:
@@ -156,7 +163,7 @@ class ServiceConfig:
                     setattr(cfg, name, None if v.lower() in ("", "none", "off") else int(v))
                 except ValueError:
                     raise ConfigError(f"{name} must be a port number or 'none', got {v!r}") from None
-        for name in ("encryption", "audit", "freshness"):
+        for name in ("encryption", "audit", "freshness", "compress"):
             if not isinstance(getattr(cfg, name), bool):  # only TOML booleans, never "0"/"off"
                 raise ConfigError(f"{name} must be a TOML boolean, got {getattr(cfg, name)!r}")
         w = cfg.workers

@@ -6,7 +6,7 @@ store namespace (``namespace_prefix + namespace``), the row key — a 16-byte bl
 and a value in this frame::
 
     offset   size  field
-    0        1     frame version (0x01)
+    0        1     frame version: 0x02 (compressed, padded; ``compress=True``) or 0x01 (exact)
     1        1     n = length of the store namespace
     2        n     store namespace (ASCII) the value was sealed for
     2+n      1     m = length of the row key (16)
@@ -15,10 +15,13 @@ and a value in this frame::
     11+n+m   ...   sealed body: codec output, normally an AES-256-GCM envelope
                    (format version, key id, nonce, ciphertext+tag)
 
-The body's plaintext is ``u16be len(record key) || record key (UTF-8) || value``: the record
-key lives inside the ciphertext, so :meth:`RecordEngine.list` can return it, and the database
-never holds it. The GCM associated data is ``b"safehold/record/v1" || header`` (bytes 0 to
-10+n+m), which binds namespace, blind index (a PRF of the record key) and version; after
+The body's plaintext starts with ``u16be len(record key) || record key (UTF-8)``; then, in frame
+version 1, the value as is; in version 2, a format byte, the payload length, the payload (the
+value, or its zlib stream when shorter) and zero padding to a multiple of 256 bytes (layout in
+:mod:`safehold.records.frame`). The record key lives inside the ciphertext, so
+:meth:`RecordEngine.list` can return it, and the database never holds it. The GCM associated
+data is ``b"safehold/record/v1" || header`` (bytes 0 to 10+n+m), which binds frame version,
+namespace, blind index (a PRF of the record key) and version; after
 decryption the engine also checks that the embedded record key is the one asked for (or, in
 ``list``, that it hashes to the row's blind index), so AAD effectively binds
 (namespace, record key, version).
@@ -126,6 +129,9 @@ class RecordEngine:
             several engines can share one store; ASCII ``[A-Za-z0-9._:-]``, may be empty.
         codec: defaults to :class:`~safehold.records.codec.EnvelopeCodec` over ``keyset``;
             :class:`~safehold.records.codec.UnsafePlainCodec` only for benchmark baselines.
+        compress: True: new values are written in frame version 2 (zlib when shorter, padded to
+            256 bytes, inside the AEAD); False (default, the other services' engines): version 1,
+            exact length. Rows of either version are read either way.
 
     Record namespaces are 1.. ``128 - len(prefix)`` characters of ``[A-Za-z0-9._:-]`` and may
     not start with ``_`` (reserved). Record keys are non-empty ``str`` of at most
@@ -139,6 +145,7 @@ class RecordEngine:
         *,
         namespace_prefix: str = DEFAULT_PREFIX,
         codec: Codec | None = None,
+        compress: bool = False,
     ):
         if namespace_prefix and not _NS_RE.fullmatch(namespace_prefix):
             raise ValueError("namespace_prefix may contain only ASCII letters, digits and ._:-")
@@ -149,14 +156,15 @@ class RecordEngine:
         self.prefix = namespace_prefix
         self.codec: Codec = codec if codec is not None else EnvelopeCodec(keyset)
         self._indexer = BlindIndexer(keyset.index_key)
-        self.frame = RowFrame(self.codec, self._indexer)
+        self.frame = RowFrame(self.codec, self._indexer, compress=compress)
         self._sns: dict[str, str] = {}
         self._registered: set[str] = set()
         self._registry_ns = namespace_prefix + _REGISTRY
 
     def __repr__(self) -> str:
         store = type(self.store).__name__
-        return f"RecordEngine(store={store}, prefix={self.prefix!r}, codec={self.codec.name})"
+        return (f"RecordEngine(store={store}, prefix={self.prefix!r}, codec={self.codec.name}, "
+                f"compress={self.frame.compress})")
 
     # --- addressing ----------------------------------------------------------------------------
 

@@ -3,8 +3,10 @@
 The posting terms (:mod:`safehold.records.tokens`) changed from whole normalised values
 (format 1) to folded values, prefixes, date levels and references (format 2); the posting rows
 changed from a GCM envelope of the id to AES-SIV rows (format 3, issue 17,
-:mod:`safehold.records.search`). A store written by older code holds postings the new search
-cannot use: :func:`ensure_search_index`
+:mod:`safehold.records.search`), then the id those rows seal to a compact encoding, a canonical
+UUID as ``0x00 || 16 bytes`` instead of 36 characters (format 4, issue 17). A store written by
+older code holds postings the new search cannot use (or, in format 3, refuses: a UUID id in
+text form): :func:`ensure_search_index`
 (called when the service opens its repositories, before it serves) finds the format marker —
 an engine record ``search-index-format`` in namespace ``<namespace>.meta``, encrypted like every
 record — and when it is missing or older, drops every posting row of the namespace and posts
@@ -25,7 +27,7 @@ from safehold.records.repository import MAX_PAGE, PatientRepository
 __all__ = ["INDEX_FORMAT", "ensure_search_index"]
 
 #: The current posting format (see the module docstring).
-INDEX_FORMAT = b"safehold/search-index/3"
+INDEX_FORMAT = b"safehold/search-index/4"
 _MARKER = "search-index-format"
 _BATCH = 200
 log = logging.getLogger("safehold.records")

@@ -11,9 +11,14 @@ indexes and envelopes.
 
 Record value format: the record's stored form (:func:`~safehold.records.model.encode_record`:
 compact JSON, UTF-8), encrypted by the engine (:class:`~safehold.records.engine.RecordEngine`,
-store namespace ``<prefix><namespace>``). Search: one posting row per (term, record) in store
-namespace ``<prefix><namespace>.search`` (:mod:`safehold.records.search`), addressed by keyed
-blind indexes; terms: :func:`~safehold.records.model.postings`.
+store namespace ``<prefix><namespace>``) — zlib-compressed when shorter and padded to 256 bytes
+inside the AES-GCM plaintext unless ``compress=False`` (frame versions in
+:mod:`safehold.records.frame`). The engine hands back the stored form itself, so every path here
+(GET answers, search answers built from stored JSON, the ``terms_of`` memo, ``find(keep_raw=…)``,
+history, the index rebuild) sees JSON, never compressed bytes. Search: one posting row per
+(term, record) in store namespace ``<prefix><namespace>.search``
+(:mod:`safehold.records.search`), addressed by keyed blind indexes; terms:
+:func:`~safehold.records.model.postings`.
 
 Consistency: a write (put or delete) reads the record, then commits the record (compare-and-set
 on its version), its added and removed postings and its audit entry in **one store
@@ -128,6 +133,10 @@ class PatientRepository:
         namespace: record namespace.
         codec: the engine's codec; default AES-256-GCM envelopes under ``keyset``
             (:class:`~safehold.records.codec.UnsafePlainCodec` only for benchmark baselines).
+        compress: write records compressed and padded to 256 bytes inside the AEAD (frame
+            version 2, :mod:`safehold.records.frame`; default) or at their exact length (version
+            1: the measured ``compress = false``). Rows of either version are read either way, and
+            every value this class hands out is the record's JSON, never its stored form.
 
     Attributes:
         engine: the :class:`~safehold.records.engine.RecordEngine` (store namespace
@@ -144,12 +153,13 @@ class PatientRepository:
 
     def __init__(self, store: Store, keyset: Keyset, *, committer: Committer,
                  audit: AccessAuditLog | None, prefix: str = DEFAULT_PREFIX,
-                 namespace: str = NAMESPACE, codec: Codec | None = None) -> None:
+                 namespace: str = NAMESPACE, codec: Codec | None = None,
+                 compress: bool = True) -> None:
         if committer.store is not store:
             raise ValueError("the repository's committer writes to another store")
         if audit is not None and audit.committer is not committer:
             raise ValueError("the access audit log must share the repository's committer")
-        self.engine = RecordEngine(store, keyset, namespace_prefix=prefix, codec=codec)
+        self.engine = RecordEngine(store, keyset, namespace_prefix=prefix, codec=codec, compress=compress)
         self.index = PostingIndex(store, keyset, f"{prefix}{namespace}.search")
         self.history = VersionHistory(self.engine, namespace)
         self.committer = committer
@@ -625,7 +635,7 @@ class PatientRepository:
         """
         out: list[PutResult | RecordError | ValueError | None] = [None] * len(writes)
         plans: list[tuple[int, ValidRecord, RowAddress, bytes | None, int]] = []
-        bodies: list[JSONObject] = []  # entries of unchanged and refused items
+        bodies: list[tuple[bytes, str]] = []  # (blind index, outcome) of unchanged and refused items
         addrs: dict[int, RowAddress] = {}
         for pos, (rec, _) in enumerate(writes):
             try:
@@ -647,12 +657,12 @@ class PatientRepository:
             else:
                 old_raw, cur = got
             if expected is not None and expected != cur:
-                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "precondition-failed"))
+                bodies.append((addr.row_key, "precondition-failed"))
                 out[pos] = PreconditionFailedError(
                     f"expected version {expected}, current version is {cur}")
                 continue
             if skip_identical and old_raw == rec.raw:
-                bodies.append(AccessAuditLog.body(who, "put", addr.row_key, "unchanged"))
+                bodies.append((addr.row_key, "unchanged"))
                 out[pos] = PutResult(rec.id, cur, "unchanged")
                 continue
             plans.append((pos, rec, addr, old_raw, cur))
@@ -678,11 +688,10 @@ class PatientRepository:
                 self.index.remove(rec.id, sorted(old_terms - rec.postings))
                 adds.append((rec.id, sorted(rec.postings - old_terms)))
                 done.append((pos, version))
-                staged.append(AccessAuditLog.body(who, "put", addr.row_key,
-                                                  "created" if cur == 0 else "updated"))
+                staged.append((addr.row_key, "created" if cur == 0 else "updated"))
             self.index.add_many(adds)  # every item's new postings in one batched insert
             if self.audit is not None and staged:  # last: advances the chain once
-                self.audit.stage_many(staged)
+                self.audit.stage_many(AccessAuditLog.grouped(who, "put", staged))
             return done
 
         if plans or (bodies and self.audit is not None):

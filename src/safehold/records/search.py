@@ -1,54 +1,76 @@
 """Exact-match search through keyed blind indexes: one *posting row* per (term, record).
 
 A term is ``"<field>=<normalised value>"`` (:func:`safehold.records.model.postings`).
-For each term a record has, one row is stored in the untrusted store (format 3, issue 17)::
+For each term a record has, one row is stored in the untrusted store (format 4, issue 17)::
 
     namespace  <records namespace>.search        (e.g. "records:patients.search")
     key        P || V                             32 bytes
                P = HMAC-SHA256(k_ns, "term:" || term)[:16]             term prefix
-               V || C = AES-SIV(k_siv, AD = ["safehold/search/v1", ns, term], id)
-    value      C: the record id encrypted (AES-CTR under the synthetic IV V), len(id) bytes
+               V || C = AES-SIV(k_siv, AD = ["safehold/search/v1", ns, term], E(id))
+    value      C: the encoded id encrypted (AES-CTR under the synthetic IV V), len(E(id)) bytes
+
+    E(id) = 0x00 || UUID(id).bytes    (17 bytes) if id is a canonical UUID: the lowercase,
+                                      hyphenated 36 characters str(uuid.UUID(id)) gives back
+                                      (RFC 9562 §4)
+          = UTF-8(id)                 otherwise (never empty, never starting with 0x00)
 
 with ``k_ns`` the keyset's blind-index key derived for the namespace
 (:class:`safehold.crypto.blind_index.BlindIndexer`, HKDF domain separation) and ``k_siv`` a
 64-byte AES-SIV key (RFC 5297, ``cryptography``'s ``AESSIV``) derived from the same
 ``index_key`` (HKDF purpose ``records/posting-siv``, context ns). A lookup scans the rows whose
-key starts with ``P`` (the store orders keys bytewise) and decrypts the ids with the term as
-associated data.
+key starts with ``P`` (the store orders keys bytewise), decrypts the ids with the term as
+associated data and decodes them (:func:`decode_id`).
 
-Why this is as strong as the format-2 row (GCM envelope of the id under the value key, key
-suffix ``S = HMAC(k_ns, "posting:" || term || 0 || id)[:16]``), and 33 bytes shorter: AES-SIV
-is a deterministic authenticated encryption scheme (RFC 5297 §1.3); its IV ``V`` is a PRF of
-(associated data, id) — exactly what ``S`` was, a deterministic per-(term, id) tag — so the key
-suffix and the authentication tag are one and the same 16 bytes. Deterministic encryption only
-reveals equal (term, id) pairs, which the deterministic key revealed already; ids of one
-record under different terms get unrelated ``V`` and keystreams, so they stay unlinkable.
-Decryption checks ``V`` over the term, namespace and id: a value edited, or copied under
-another key (another term, another id), fails. The multiset hash of the freshness layer
-covers each group's keys and versions, and a key names its value (``V`` is a PRF of the id),
-so rows left out, restored or added are found there. The price: the id is sealed under a key
-derived from ``index_key``, which never rotates (the blind indexes depend on it too), instead
-of under the rotating value keys; rotating value keys no longer re-seals postings
-(:meth:`PostingIndex.rekey` has nothing to do), and changing ``index_key`` means re-indexing
-as it always did.
+``E`` is injective and :func:`decode_id` its exact inverse on its image, refusing every other
+byte string: the record ids the service accepts (:data:`safehold.records.model.RECORD_ID_RE`,
+ASCII letters, digits and ``._~:@-``; FHIR R4 ids ``[A-Za-z0-9\\-\\.]{1,64}`` among them) never
+contain U+0000, so a text id never starts with 0x00 and the two forms cannot be confused; a
+0x00 form of any length but 17, and a text form that spells a canonical UUID (which ``E``
+always writes in the 0x00 form), are refused like a row failing authentication.
+
+Format 4 vs format 3 (``V || C = AES-SIV(..., UTF-8(id))``, 19 bytes more per UUID id): only
+the SIV plaintext's encoding changed, keys and associated data did not. Since ``E`` is
+injective, (term, ``E(id)``) pairs are (term, id) pairs, so the argument of format 3 carries
+over unchanged: AES-SIV is a deterministic authenticated encryption scheme (RFC 5297 §1.3) whose
+IV ``V`` is a PRF of (associated data, plaintext) — what format 2's key suffix
+``S = HMAC(k_ns, "posting:" || term || 0 || id)[:16]`` was, a deterministic per-(term, id)
+tag — so the key suffix and the authentication tag are one and the same 16 bytes.
+Deterministic encryption only reveals equal (term, id) pairs, which the deterministic key
+revealed already; ids of one record under different terms get unrelated ``V`` and keystreams,
+so they stay unlinkable. Decryption checks ``V`` over the term, namespace and encoded id: a
+value edited, or copied under another key (another term, another id), fails. A format-3 row
+left in a store decodes to the same id when the id is not a UUID (its bytes are identical) and
+is refused when it is (a canonical UUID in the text form). The multiset hash of the freshness
+layer covers each group's keys and versions, and a key names its value (``V`` is a PRF of the
+id), so rows left out, restored or added are found there. The ids are sealed under a key
+derived from ``index_key``, which never rotates (the blind indexes depend on it too), not under
+the rotating value keys; rotating value keys does not re-seal postings (:meth:`PostingIndex.rekey`
+has nothing to do), and changing ``index_key`` means re-indexing as it always did.
 
 What the database learns: how many records share a term (rows under one prefix) and which
-rows a write touches — the usual leakage of deterministic blind indexes — and each id's
-length (as before). The id never appears. Writes are O(1) per term (no ever-growing list, no
-hot row), one batched insert per record (:meth:`StoreOps.insert_new`), and run inside the
-caller's store transaction, so postings commit atomically with their record.
+rows a write touches — the usual leakage of deterministic blind indexes — and each row's value
+length ``len(E(id))``: 17 bytes for a canonical UUID id, the id's length in bytes otherwise.
+Format 3 showed the id's length (36 for a UUID); format 4 in addition tells a canonical UUID
+from any other 36-character id (an upper-case or otherwise non-canonical UUID, another 36-character
+id), and no longer tells a UUID from a 17-character id. The record row does not reveal this
+already: its key is a blind index and its value length is a fixed frame plus ``len(id)`` plus
+the record JSON's length, never the id's shape. The id never appears. Writes are O(1) per
+term (no ever-growing list, no hot row), one batched insert per record
+(:meth:`StoreOps.insert_new`), and run inside the caller's store transaction, so postings
+commit atomically with their record.
 
-A row that fails authentication: over a :class:`~safehold.freshness.store.FreshStore` the
-lookup is refused (:class:`~safehold.records.errors.RecordCorruptedError`, fail closed) — the
-multiset hash covers keys and versions, not values, so a skipped row would be a posting hidden
-from search with the group's check passing; over a plain store (where the database may drop rows
-anyway) it is skipped and logged by key. Search results are re-checked against the decrypted
-records either way.
+A row that fails authentication or decoding: over a :class:`~safehold.freshness.store.FreshStore`
+the lookup is refused (:class:`~safehold.records.errors.RecordCorruptedError`, fail closed) —
+the multiset hash covers keys and versions, not values, so a skipped row would be a posting
+hidden from search with the group's check passing; over a plain store (where the database may
+drop rows anyway) it is skipped and logged by key. Search results are re-checked against the
+decrypted records either way.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
@@ -68,6 +90,54 @@ _PAGE = 500
 _FIRST_PAGE = 16
 _SIV_PURPOSE = "records/posting-siv"
 _PREFIX_CACHE = 65_536  # blinded term prefixes kept (terms repeat: names, date levels)
+_UUID_TAG = b"\x00"  # first byte of a canonical UUID's encoding; no accepted text id has it
+_UUID_LEN = 36  # characters of a canonical UUID (8-4-4-4-12 hex digits and hyphens)
+
+
+def _canonical_uuid(rid: str) -> uuid.UUID | None:
+    """The UUID ``rid`` spells if it is in canonical form (``str(uuid.UUID(rid)) == rid``:
+    lowercase, hyphenated, RFC 9562 §4), else None."""
+    if len(rid) != _UUID_LEN:
+        return None  # uuid.UUID also takes braces, "urn:uuid:" and 32 bare digits: not canonical
+    try:
+        u = uuid.UUID(rid)
+    except ValueError:
+        return None
+    return u if str(u) == rid else None
+
+
+def encode_id(rid: str) -> bytes:
+    """The posting plaintext ``E(rid)`` (module docstring): ``0x00 || 16 bytes`` for a canonical
+    UUID, else the id's UTF-8 bytes.
+
+    Raises:
+        ValueError: ``rid`` is empty or starts with U+0000 (its encoding would be ambiguous; no
+            id :func:`~safehold.records.model.check_record_id` accepts is either).
+    """
+    u = _canonical_uuid(rid)
+    if u is not None:
+        return _UUID_TAG + u.bytes
+    if not rid or rid[0] == "\x00":
+        raise ValueError("a posting id must be non-empty and not start with U+0000")
+    return rid.encode("utf-8")
+
+
+def decode_id(plain: bytes) -> str:
+    """The id whose encoding is ``plain`` — the exact inverse of :func:`encode_id` on its image.
+
+    Raises:
+        ValueError: ``plain`` is not an encoding :func:`encode_id` makes: a 0x00 form that is
+            not 17 bytes, bytes that are not UTF-8 (``UnicodeDecodeError``), empty, or a text
+            form spelling a canonical UUID (always written in the 0x00 form).
+    """
+    if plain[:1] == _UUID_TAG:
+        if len(plain) != 1 + 16:
+            raise ValueError("a UUID posting id must be 17 bytes")
+        return str(uuid.UUID(bytes=plain[1:]))
+    rid = plain.decode("utf-8")
+    if not rid or _canonical_uuid(rid) is not None:
+        raise ValueError("a posting id not in the form its encoding claims")
+    return rid
 
 
 class PostingIndex:
@@ -100,12 +170,24 @@ class PostingIndex:
         return p
 
     def row(self, term: str, rid: str) -> tuple[bytes, bytes]:
-        """The posting row ``(key, value)`` of (``term``, ``rid``): ``P || V`` and ``C``."""
-        sealed = self._siv.encrypt(rid.encode("utf-8"), [*self._ad, term.encode("utf-8")])
+        """The posting row ``(key, value)`` of (``term``, ``rid``): ``P || V`` and ``C``.
+
+        Raises:
+            ValueError: ``rid`` has no encoding (:func:`encode_id`).
+        """
+        return self._row(term, encode_id(rid))
+
+    def _row(self, term: str, plain: bytes) -> tuple[bytes, bytes]:
+        """The posting row of ``term`` and the encoded id ``plain``."""
+        sealed = self._siv.encrypt(plain, [*self._ad, term.encode("utf-8")])
         return self.prefix(term) + sealed[:16], sealed[16:]
 
     def key(self, term: str, rid: str) -> bytes:
-        """The 32-byte row key of (``term``, ``rid``)."""
+        """The 32-byte row key of (``term``, ``rid``).
+
+        Raises:
+            ValueError: ``rid`` has no encoding (:func:`encode_id`).
+        """
         return self.row(term, rid)[0]
 
     def add(self, rid: str, terms: Iterable[str]) -> None:
@@ -114,6 +196,7 @@ class PostingIndex:
 
         Raises:
             StoreUnavailableError: as the store.
+            ValueError: ``rid`` has no encoding (:func:`encode_id`; nothing is written).
         """
         self.add_many([(rid, terms)])
 
@@ -123,15 +206,24 @@ class PostingIndex:
 
         Raises:
             StoreUnavailableError: as the store.
+            ValueError: an id has no encoding (:func:`encode_id`; nothing is written).
         """
-        rows = [self.row(t, rid) for rid, terms in items for t in terms]
+        rows: list[tuple[bytes, bytes]] = []
+        for rid, terms in items:
+            plain = encode_id(rid)  # once per record, not per term
+            rows.extend(self._row(t, plain) for t in terms)
         if rows:
             self.store.insert_new(self.ns, rows)
 
     def remove(self, rid: str, terms: Iterable[str]) -> None:
-        """Delete the postings of ``rid`` for ``terms`` (missing ones are fine)."""
+        """Delete the postings of ``rid`` for ``terms`` (missing ones are fine).
+
+        Raises:
+            ValueError: ``rid`` has no encoding (:func:`encode_id`).
+        """
+        plain = encode_id(rid)
         for t in terms:
-            self.store.delete(self.ns, self.key(t, rid))
+            self.store.delete(self.ns, self._row(t, plain)[0])
 
     def lookup(self, term: str) -> set[str]:
         """Record ids posted under ``term``.
@@ -167,17 +259,18 @@ class PostingIndex:
             page = min(page * 4, _PAGE)
 
     def _open_into(self, row: Row, term: str, out: set[str]) -> bool:
-        """Add the row's record id to ``out``; False (logged by key) if the row fails authentication."""
+        """Add the row's record id to ``out``; False (logged by key) if the row fails
+        authentication or its id is not in the form its encoding claims (:func:`decode_id`)."""
         try:
-            rid = self._siv.decrypt(row.key[PREFIX_LEN:] + row.value, [*self._ad, term.encode("utf-8")])
-            out.add(rid.decode("utf-8"))
-        except (InvalidTag, ValueError, UnicodeDecodeError):
+            plain = self._siv.decrypt(row.key[PREFIX_LEN:] + row.value, [*self._ad, term.encode("utf-8")])
+            out.add(decode_id(plain))
+        except (InvalidTag, ValueError):  # UnicodeDecodeError is a ValueError
             log.warning("search: posting row %s failed authentication", row.key.hex())
             return False
         return True
 
     def rekey(self, *, batch: int = 200) -> int:
-        """Re-seal postings after a value-key rotation: nothing to do in format 3 (the ids are
+        """Re-seal postings after a value-key rotation: nothing to do since format 3 (the ids are
         sealed under a key derived from ``index_key``, which does not rotate; module
         docstring). Returns 0; kept for callers of the key-rotation API."""
         return 0

@@ -234,7 +234,8 @@ def store_healthy(store: Store, audit: AccessAuditLog | None) -> bool:
 
 
 def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
-                    audit: bool = True, check_audit: bool = True) -> PatientRepository:
+                    audit: bool = True, check_audit: bool = True,
+                    compress: bool = True) -> PatientRepository:
     """The service's repository on ``store``: one group committer for every write, the access
     audit (MAC key derived from the attested keyset: HKDF purpose ``records/audit-mac``).
 
@@ -247,6 +248,8 @@ def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
         audit: False leaves accesses unrecorded (announced).
         check_audit: check the audit head now (False: the caller does it later, e.g. once a
             store that is not fresh yet has been re-anchored).
+        compress: the measured ``compress``: records written compressed and padded to 256 bytes
+            inside the AEAD (default), or at their exact length (``False``: logged at start).
     """
     codec = None
     if not encryption:
@@ -282,7 +285,11 @@ def open_repository(store: Store, keyset: Keyset, *, encryption: bool = True,
                                     flush_seconds=FRESH_FLUSH_SECONDS if fresh else FLUSH_SECONDS)
         if check_audit:
             check_audit_at_start(access_log)
-    return PatientRepository(store, keyset, committer=committer, audit=access_log, codec=codec)
+    if not compress:
+        log.warning("compression off (measured config compress = false): records are stored at "
+                    "their exact length, uncompressed")
+    return PatientRepository(store, keyset, committer=committer, audit=access_log, codec=codec,
+                             compress=compress)
 
 
 def _committer(store: Store) -> Committer:
@@ -347,7 +354,7 @@ def build_apps(cfg: ServiceConfig, prov: Provisioned, *, integrity: bool = True,
     native, scone, _ = assemble_apps(
         store, prov.keyset, prov.access, encryption=cfg.encryption,
         audit=cfg.audit, scone_auth=cfg.scone_auth if cfg.scone_port is not None else None,
-        freshness=fresh)
+        freshness=fresh, compress=cfg.compress)
     if fresh is not None:
         fresh.start_background(cfg.freshness_audit_seconds)
     return native, scone, store
@@ -403,7 +410,7 @@ def _freshness_off_banner() -> None:
 
 def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryption: bool = True,
                   audit: bool = True, scone_auth: str | None = "token",
-                  freshness: Freshness | None = None,
+                  freshness: Freshness | None = None, compress: bool = True,
                   ) -> tuple[FastAPI, FastAPI | None, PatientRepository]:
     """The service's apps over an open store and the keyset: the repository
     (:func:`open_repository`), the native API app with its health check, and the SCONE app.
@@ -419,6 +426,7 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
             (:class:`~safehold.records.fresh.Freshness`): ``/healthz`` reports it, the owner's
             ``/v1/freshness/*`` routes use it; while the store is not fresh the audit head check
             and the index rebuild wait until it is.
+        compress: the measured ``compress`` (:func:`open_repository`).
 
     Returns:
         ``(native_app, scone_app_or_None, repository)``.
@@ -427,7 +435,8 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
         ValueError: ``scone_auth`` is not one of the modes above.
     """
     ready = freshness is None or freshness.fs.problem is None
-    repo = open_repository(store, keyset, encryption=encryption, audit=audit, check_audit=ready)
+    repo = open_repository(store, keyset, encryption=encryption, audit=audit, check_audit=ready,
+                           compress=compress)
     fhir = FhirStore.beside(repo)
 
     def start_up() -> None:
@@ -479,7 +488,7 @@ def _write_ready(cfg: ServiceConfig, prov: Provisioned, ports: list[int], extra:
             "port": ports[0], "scone_port": ports[1] if len(ports) > 1 else None,
             "measurement": prov.attester.measurement.hex(),
             "encryption": cfg.encryption, "audit": cfg.audit, "scone_auth": cfg.scone_auth,
-            "freshness": cfg.freshness, **extra}
+            "freshness": cfg.freshness, "compress": cfg.compress, **extra}
     log.info("records service listening: %s", info)
     if cfg.ready_file:
         write_atomic(cfg.ready_file, json.dumps(info), mode=0o644)

@@ -135,11 +135,13 @@ class FhirStore:
     @classmethod
     def beside(cls, patients: PatientRepository) -> FhirStore:
         """A store whose resources repository shares ``patients``' store, keyset, namespace
-        prefix, codec, group committer and access audit (namespace :data:`RESOURCES_NAMESPACE`)."""
+        prefix, codec, compression setting, group committer and access audit (namespace
+        :data:`RESOURCES_NAMESPACE`)."""
         e = patients.engine
         resources = PatientRepository(e.store, e.keyset, committer=patients.committer,
                                       audit=patients.audit, prefix=e.prefix,
-                                      namespace=RESOURCES_NAMESPACE, codec=e.codec)
+                                      namespace=RESOURCES_NAMESPACE, codec=e.codec,
+                                      compress=e.frame.compress)
         return cls(patients, resources)
 
     # -- addressing ---------------------------------------------------------------------------
