@@ -63,12 +63,14 @@ def patients(n: int = 22) -> list[dict]:
 
 
 def _raw(backend: Backend, key: bytes) -> tuple[int, bytes]:
-    (row,) = backend.sql("SELECT version, value FROM {t} WHERE namespace = ? AND key = ?", (SNS, key))
+    (row,) = backend.sql("SELECT version, value FROM {t} WHERE "
+                         "ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?", (SNS, key))
     return row[0], row[1]
 
 
 def _set_value(backend: Backend, key: bytes, value: bytes) -> None:
-    backend.sql("UPDATE {t} SET value = ? WHERE namespace = ? AND key = ?", (value, SNS, key))
+    backend.sql("UPDATE {t} SET value = ? WHERE ns = (SELECT id FROM {n} WHERE name = ?) AND key = ?",
+                (value, SNS, key))
 
 
 def _inner(engine: RecordEngine, value: bytes) -> tuple[int, bytes]:
@@ -414,7 +416,8 @@ def test_service_answers_json_with_compression_on_and_off(tmp_path: Path, compre
     conn = sqlite3.connect(db)
     try:
         firsts = {ns: {v[0] for (v,) in conn.execute(
-            "SELECT value FROM safehold_rows WHERE namespace = ?", (ns,))}
+            "SELECT value FROM safehold_rows WHERE "
+            "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (ns,))}
             for ns in ("records:patients", "records:resources")}
     finally:
         conn.close()

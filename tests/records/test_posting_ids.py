@@ -91,7 +91,8 @@ def test_an_id_without_an_unambiguous_encoding_is_refused(rid):
 def _values(db, ns: str) -> dict[bytes, bytes]:
     with closing(sqlite3.connect(db)) as c:
         return {bytes(k): bytes(v) for k, v in
-                c.execute(f"SELECT key, value FROM {T} WHERE namespace = ?", (ns,))}
+                c.execute(f"SELECT key, value FROM {T} WHERE "
+                          f"ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (ns,))}
 
 
 def test_uuid_ids_post_17_byte_values_and_search_answers_the_ids_as_given(repo):
