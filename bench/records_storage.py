@@ -63,6 +63,41 @@ def drop_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def postgres_sizes(n: int, import_all, anchor) -> dict[str, int]:  # noqa: ANN001
+    """Import the same records into a fresh PostgreSQL schema; bytes per record of the rows table
+    (heap, TOAST, indexes) after a plain ``VACUUM`` (what a running database holds) and after
+    ``VACUUM FULL`` (rewritten compactly). The schema is dropped after."""
+    import uuid
+
+    import psycopg
+    from tests.support.freshness import open_fresh
+
+    from safehold.store.postgres import PostgresStore
+
+    dsn = os.environ.get("SAFEHOLD_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    schema = f"bench_storage_{uuid.uuid4().hex[:8]}"
+    try:
+        fs = open_fresh(PostgresStore(dsn, schema=schema, max_size=4), anchor, ledger="records/pg")
+        import_all(fs)
+        fs.close()
+        rel = f"{schema}.safehold_rows"
+        out: dict[str, int] = {}
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for when in ("vacuum", "vacuum_full"):
+                c.execute(f"VACUUM {'FULL ' if when == 'vacuum_full' else ''}{rel}")
+                heap, total, idx = c.execute(
+                    "SELECT pg_relation_size(%s), pg_total_relation_size(%s), pg_indexes_size(%s)",
+                    (rel, rel, rel)).fetchone()
+                out[f"{when}_total"] = round(total / n)
+                out[f"{when}_heap"] = round(heap / n)
+                out[f"{when}_indexes"] = round(idx / n)
+                out[f"{when}_toast"] = round((total - heap - idx) / n)
+        return out
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000)
@@ -70,6 +105,9 @@ def main() -> None:
     ap.add_argument("--no-compress", action="store_true",
                     help="exact-length frames (the measured compress = false)")
     ap.add_argument("--ids", choices=("short", "uuid"), default="uuid")
+    ap.add_argument("--postgres", action="store_true",
+                    help="also import the same records into a fresh PostgreSQL schema and report "
+                         "its relation sizes (DSN: SAFEHOLD_TEST_POSTGRES_DSN)")
     args = ap.parse_args()
     n = 5_000 if args.quick else args.records
     import uuid
@@ -94,7 +132,6 @@ def main() -> None:
     anchor = InProcessAnchor()  # test double: in-process members, same rules
     ks = Keyset.generate()
     body = patient_record()
-    rnd = random.Random(1)
 
     def repo_on(fs):  # noqa: ANN001, ANN202
         c = FreshGroupCommit(fs)
@@ -104,21 +141,27 @@ def main() -> None:
 
     from safehold.records.reindex import ensure_search_index
 
+    def import_all(fs) -> int:  # noqa: ANN001 - the same records each time (seeded); JSON bytes
+        rnd = random.Random(1)
+        repo = repo_on(fs)
+        ensure_search_index(repo)  # the service's first start writes the index format marker
+        json_bytes = 0
+        t0 = time.perf_counter()
+        for j in range(0, n, 100):
+            batch = [(ids[j + i], distinct(body, ids[j + i], rnd)) for i in range(min(100, n - j))]
+            json_bytes += sum(len(json.dumps(b, separators=(",", ":")).encode()) for _, b in batch)
+            res = repo.batch("importer", parse_batch(batch))
+            assert all(r["status"] == "created" for r in res), res[:3]
+            if j and j % 10_000 == 0:
+                print(f"  {j} records, {j / (time.perf_counter() - t0):.0f} rec/s", flush=True)
+        assert fs.snapshotter.run(), fs.snapshotter.last_error  # what the service does every 300 s
+        return json_bytes
+
     fs = open_fresh(open_store(f"sqlite:///{db}"), anchor)
-    repo = repo_on(fs)
-    ensure_search_index(repo)  # the service's first start writes the index format marker
-    json_bytes = 0
     t0, c0 = time.perf_counter(), time.process_time()
-    for j in range(0, n, 100):
-        batch = [(ids[j + i], distinct(body, ids[j + i], rnd)) for i in range(min(100, n - j))]
-        json_bytes += sum(len(json.dumps(b, separators=(",", ":")).encode()) for _, b in batch)
-        res = repo.batch("importer", parse_batch(batch))
-        assert all(r["status"] == "created" for r in res), res[:3]
-        if j and j % 10_000 == 0:
-            print(f"  {j} records, {j / (time.perf_counter() - t0):.0f} rec/s", flush=True)
+    json_bytes = import_all(fs)
     import_s = time.perf_counter() - t0
     import_cpu_s = time.process_time() - c0  # all threads; includes making the records
-    assert fs.snapshotter.run(), fs.snapshotter.last_error  # what the service does every 300 s
     fs.close()
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -168,6 +211,8 @@ def main() -> None:
     quick_check_s = time.perf_counter() - t
     store.close()
 
+    pg = postgres_sizes(n, import_all, anchor) if args.postgres else None
+
     per_record = file_bytes / n
     json_per_record = json_bytes / n
     print(f"{n} records imported in {import_s:.1f} s ({n / import_s:.0f} rec/s, one process; "
@@ -194,6 +239,10 @@ def main() -> None:
            "quick_check_background_s": round(quick_check_s, 3),
            "import_records_per_s_in_process": round(n / import_s, 1),
            "import_cpu_ms_per_record_in_process": round(import_cpu_s / n * 1000, 3)}
+    if pg is not None:
+        print("PostgreSQL (same records, fresh schema), bytes per record: " +
+              ", ".join(f"{k} {v}" for k, v in pg.items()))
+        out["postgres_bytes_per_record"] = pg
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
