@@ -313,3 +313,32 @@ def test_batched_reads_and_posting_inserts_are_checked(engine, anchor):
     with pytest.raises(RowRolledBackError):
         fs.get(NS, k(1))
     fs.close()
+
+
+def test_sqlite_vacuum_while_stopped_changes_nothing_the_checks_see(tmp_path, anchor):
+    """docs/records.md: compaction is SQLite's VACUUM with the service stopped; it rewrites the
+    pages, not the rows, so the journal, the anchor and every row check agree afterwards."""
+    import sqlite3
+    from contextlib import closing
+
+    from safehold.store.sqlite import SqliteStore
+
+    path = tmp_path / "v.db"
+    fs = open_fresh(SqliteStore(path), anchor)
+    with fs.transaction() as tx:
+        for i in range(400):
+            tx.put(NS, k(i), b"v" * 200, expected_version=0)
+            tx.put(SEARCH, bytes([i % 7]) * 16 + k(i), b"id", expected_version=0)
+    for i in range(0, 400, 2):
+        fs.delete(NS, k(i), expected_version=1)
+    fs.close()
+    before = path.stat().st_size
+    with closing(sqlite3.connect(path)) as c:
+        c.execute("VACUUM")
+    assert path.stat().st_size < before
+    fs = open_fresh(SqliteStore(path), anchor, initialise=False)
+    fs.check()
+    assert fs.get(NS, k(1)).value == b"v" * 200 and fs.get(NS, k(2)) is None
+    assert len(fs.scan_prefix(SEARCH, bytes([3]) * 16)) == len(range(3, 400, 7))
+    assert fs.audit() == []
+    fs.close()
