@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from safehold.crypto.keyset import Keyset
+from safehold.errors import AuditChainError
 from safehold.freshness.errors import RowDeletedError, RowRolledBackError
 from safehold.freshness.group import FreshGroupCommit
 from safehold.records.access_audit import AccessAuditLog
@@ -160,3 +161,38 @@ def test_dba_trigger_that_drops_new_postings_is_not_silently_accepted(backend: B
     assert repo.put("u", parse_record("p2", _pat("p2", "Target"))).status == "created"
     assert sorted(i for i, _ in repo.search("u", {"family": "target"})) == ["p1", "p2"]
     assert fs.audit() == []
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["freshstore", "plain"])
+def test_dba_cannot_drop_an_item_from_a_batch_audit_entry(tmp_path: Path, fresh: bool):
+    """Attack (held): a batch write audits one entry per outcome naming every item in ``hits``;
+    the DBA rewrites that entry's row with one item left out (valid canonical JSON, count
+    adjusted). Over a FreshStore the read is refused (the value's digest); over a plain store the
+    MAC chain's verify refuses it."""
+    import json
+
+    from safehold.records.commit import GroupCommit
+
+    db = tmp_path / "a.db"
+    inner = open_store(f"sqlite:///{db}")
+    store = open_fresh(inner, InProcessAnchor()) if fresh else inner
+    c = FreshGroupCommit(store) if fresh else GroupCommit(store)
+    audit = AccessAuditLog(store, c, mac_key=b"k" * 32, checkpointed=True)
+    repo = PatientRepository(store, Keyset.generate(), committer=c, audit=audit)
+    try:
+        out = repo.put_many("u", [(parse_record(f"p{i}", _pat(f"p{i}", "Batch")), None) for i in range(3)])
+        assert [r.status for r in out] == ["created"] * 3
+        with closing(_dba(db)) as con:
+            rows = con.execute("SELECT key, value FROM safehold_rows WHERE ns = (SELECT id FROM "
+                               "safehold_namespaces WHERE name = 'records.audit')").fetchall()
+            key, raw = next((k, v) for k, v in rows if b'"created:3"' in bytes(v))
+            entry = json.loads(bytes(raw))
+            entry["hits"] = entry["hits"][1:]
+            entry["outcome"] = "created:2"
+            con.execute("UPDATE safehold_rows SET value = ? WHERE key = ? AND ns = (SELECT id FROM "
+                        "safehold_namespaces WHERE name = 'records.audit')",
+                        (json.dumps(entry, sort_keys=True, separators=(",", ":")).encode(), key))
+        with pytest.raises(RowRolledBackError if fresh else AuditChainError):
+            audit.verify(full=True)
+    finally:
+        store.close()
