@@ -36,6 +36,7 @@ from safehold.freshness.errors import (
     AnchorLostError,
     AnchorUnavailableError,
     FreshnessError,
+    RowDeletedError,
     RowRestoredError,
     StoreForkedError,
 )
@@ -147,8 +148,14 @@ class FreshTx(StoreOps):
         statement, each inserted row recorded as a posting change (0 -> 1), exactly as a
         ``put(..., expected_version=0)`` per row would; point namespaces: :meth:`put` per row.
 
+        A posting the store reports as already there is read back: the map holds no per-row
+        state for postings, so an insert the database silently dropped (a planted trigger or
+        rule) while answering "exists" would otherwise leave the posting out of the group's
+        hash, consistently: a record written but never found by search.
+
         Raises:
             as :meth:`put` (point rows).
+            RowDeletedError: a posting reported as existing has no row (the insert was dropped).
         """
         ops, changes = self._top()
         ns = self._fs._guard(namespace)
@@ -160,6 +167,11 @@ class FreshTx(StoreOps):
         for (key, _), ok in zip(checked, done, strict=True):
             if ok:
                 post[(ns, key)] = (post.get((ns, key), (0, 0))[0], 1)
+            elif ops.get(ns, key) is None:
+                err = RowDeletedError(ns, key, "a row (the insert-only write found one)", "no row",
+                                      "the database dropped an insert while reporting the key taken")
+                log.warning("FRESHNESS: write refused: %s", err)
+                raise err
         return done
 
     def delete(self, namespace: str, key: bytes, *, expected_version: int | None = None) -> bool:

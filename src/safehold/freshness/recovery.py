@@ -124,19 +124,27 @@ def _replay(fs: FreshStore) -> Rebuilt:
     d = b""
     last_time = 0
     replayed = snap_size = 0
+    snap = first - 1
     if first == 1:
         vmap, d, digests[0] = VerifierMap(fs.keys, fs.policy), genesis, genesis
     for r, e in zip(rows, epochs, strict=True):
         entry, digest = decode_entry(r.value, fs.keys, ledger=fs.ledger, epoch=e)
         last_time = entry.time_ms
         replayed += len(r.value)
-        if vmap is None:  # looking for the snapshot of epoch first-1
+        if vmap is None:  # looking for a snapshot of an epoch in first-1 .. e-1
             pending.append((entry, digest))
-            if entry.snapshot is not None and entry.snapshot.epoch == first - 1:
-                vmap = _load_snapshot(fs, entry.snapshot)
-                snap_size = entry.snapshot.size
-                d = digests[first - 1] = entry.snapshot.digest
-                for pe, pd in pending:
+            ref = entry.snapshot
+            # a snapshot past first-1: the process died while its garbage collection deleted the
+            # journal up to it (batches of separate transactions); the entries it covers are
+            # left over, checked to chain up to its digest, and not applied
+            if ref is not None and first - 1 <= ref.epoch < e:
+                vmap = _load_snapshot(fs, ref)
+                snap, snap_size = ref.epoch, ref.size
+                covered = [(pe, pd) for pe, pd in pending if pe.epoch <= snap]
+                _check_covered(fs, covered, ref)
+                digests.update((pe.epoch, pd) for pe, pd in covered)
+                d = digests[snap] = ref.digest
+                for pe, pd in pending[len(covered):]:
                     d = _apply(fs, vmap, pe, pd, d, digests)
                 pending = []
             continue
@@ -145,8 +153,29 @@ def _replay(fs: FreshStore) -> Rebuilt:
         raise JournalCorruptError(
             f"ledger {fs.ledger!r}: the journal starts at entry {first} but no entry names the snapshot "
             f"of epoch {first - 1}: older entries were deleted", ledger=fs.ledger, store_epoch=first)
-    return Rebuilt(vmap, AnchorHead(last, d), digests, first, first - 1, last_time,
+    return Rebuilt(vmap, AnchorHead(last, d), digests, first, snap, last_time,
                    journal_bytes=replayed, snapshot_bytes=snap_size)
+
+
+def _check_covered(fs: FreshStore, covered: list[tuple[Entry, bytes]], ref: SnapshotRef) -> None:
+    """Entries ``first .. ref.epoch`` left over by an interrupted garbage collection: each must
+    chain to the one before, and the last one's digest must be the snapshot's (a journal that
+    forks before the snapshot is refused as it would be when replayed).
+
+    Raises:
+        JournalCorruptError: a broken link, or a digest at the snapshot's epoch that differs.
+    """
+    prev: bytes | None = None
+    for pe, pd in covered:
+        if prev is not None and pe.prev != prev:
+            raise JournalCorruptError(
+                f"ledger {fs.ledger!r}: journal entry {pe.epoch} does not chain to entry {pe.epoch - 1}",
+                ledger=fs.ledger, store_epoch=pe.epoch)
+        prev = pd
+    if prev is not None and prev != ref.digest:
+        raise JournalCorruptError(
+            f"ledger {fs.ledger!r}: journal entry {ref.epoch} does not match the digest its snapshot "
+            f"names", ledger=fs.ledger, store_epoch=ref.epoch)
 
 
 def _apply(fs: FreshStore, vmap: VerifierMap, entry: Entry, digest: bytes, prev: bytes,

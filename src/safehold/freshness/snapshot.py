@@ -12,7 +12,9 @@ snapshot is paid once per O(map) journal bytes), a background thread:
 4. only then deletes journal entries ``<= s`` and the chunks of older snapshots.
 
 A crash between any two steps leaves a journal that still replays from the previous snapshot
-(unreferenced chunks are garbage the next round deletes).
+(unreferenced chunks are garbage the next round deletes); a crash between two of step 4's
+deletion batches leaves entries ``first..s`` of which the oldest are gone, which the replay
+accepts from this snapshot (:mod:`safehold.freshness.recovery`).
 
 Several writers of one ledger (replicas on one database) may each write a snapshot: chunks are
 inserted only (a writer that meets chunks of the same epoch leaves that snapshot to their

@@ -54,8 +54,10 @@ Format 3 showed the id's length (36 for a UUID); format 4 in addition tells a ca
 from any other 36-character id (an upper-case or otherwise non-canonical UUID, another 36-character
 id), and no longer tells a UUID from a 17-character id. The record row does not reveal this
 already: its key is a blind index and its value length is a fixed frame plus ``len(id)`` plus
-the record JSON's length, never the id's shape. The id never appears. Writes are O(1) per
-term (no ever-growing list, no hot row), one batched insert per record
+the record JSON's length (frame version 1) or the record key, value header and compressed JSON
+rounded up to 256 bytes (version 2, :mod:`safehold.records.frame`), never the id's shape.
+The id never appears. Writes are O(1) per term (no ever-growing list, no hot row), one batched
+insert per record
 (:meth:`StoreOps.insert_new`), and run inside the caller's store transaction, so postings
 commit atomically with their record.
 
