@@ -95,7 +95,7 @@ def test_deleted_row_restored(engine, anchor, fresh):
 
 def test_never_written_row_is_refused(engine, fresh):
     # the namespace was never written: the DBA names it in the dictionary first
-    engine.sql("INSERT INTO safehold_namespaces (name) VALUES (?) ON CONFLICT (name) DO NOTHING", (NS,))
+    engine.name_namespace(NS)
     engine.sql("INSERT INTO safehold_rows (ns, key, version, value) "
                "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, 1, ?)"
                if engine.name == "sqlite" else
