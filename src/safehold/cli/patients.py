@@ -101,7 +101,16 @@ def register(group: click.Group) -> None:
         imported or already there, 1 = a record or file failed or the service is unreachable,
         130 / 143 = interrupted by SIGINT / SIGTERM (progress checkpointed: run the same command
         again to resume).
+
+        A named directory contributes its own patients.csv / *.json / *.ndjson (not its
+        subdirectories'); one that contributes nothing is a usage error (exit status 2), not a
+        silent "imported 0".
         """
+        for f in files:
+            if Path(f).is_dir() and not expand_paths([f]):
+                raise click.UsageError(
+                    f"{f}: no file to import directly in this directory (patients.csv, *.json, "
+                    "*.ndjson; subdirectories are not searched: name them, e.g. DIR/*/)")
         conn = load_connection(data_dir, url, policy, token, owner_dir)
         state = Path(data_dir) / STATE_FILE
         ckpt_path = state if Path(data_dir).is_dir() else None
