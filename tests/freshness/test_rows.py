@@ -95,9 +95,7 @@ def test_deleted_row_restored(engine, anchor, fresh):
 
 def test_never_written_row_is_refused(engine, fresh):
     # the namespace was never written: the DBA names it in the dictionary first
-    # (PostgreSQL has no id default since ids became largest + 1: the DBA picks one as the store would)
-    engine.sql("INSERT INTO safehold_namespaces (id, name) SELECT COALESCE(max(id), 0) + 1, ? "
-               "FROM safehold_namespaces WHERE true ON CONFLICT (name) DO NOTHING", (NS,))
+    engine.name_namespace(NS)
     engine.sql("INSERT INTO safehold_rows (ns, key, version, value) "
                "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, 1, ?)"
                if engine.name == "sqlite" else

@@ -163,6 +163,15 @@ class Engine:
         """Run one statement on the database directly (``?`` placeholders on both engines)."""
         raise NotImplementedError
 
+    def name_namespace(self, name: str) -> None:
+        """Enter ``name`` in the namespace dictionary as the DBA would (no-op if it is there).
+
+        The id is the largest + 1, as both stores assign it: PostgreSQL's ``id`` has no identity
+        sequence (a schema copied table by table keeps creating ids), so an ``INSERT`` of the
+        name alone fails there. ``WHERE true`` lets SQLite parse the upsert after a ``SELECT``."""
+        self.sql("INSERT INTO safehold_namespaces (id, name) SELECT COALESCE(max(id), 0) + 1, ? "
+                 "FROM safehold_namespaces WHERE true ON CONFLICT (name) DO NOTHING", (name,))
+
     def backup(self) -> str:
         """Copy the store now; returns a token for :meth:`restore`."""
         raise NotImplementedError

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -47,6 +48,14 @@ def client(conn: Connection) -> Iterator[RecordsClient]:
     """:func:`~safehold.client.connection.open_client` with the CLI's warning display."""
     with open_client(conn, show=show_warning) as c:
         yield c
+
+
+def _stdout_closed() -> None:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null, so the interpreter's final
+    flush does not raise again (the Python ``signal`` documentation's recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 _conn_options = [
@@ -92,7 +101,16 @@ def register(group: click.Group) -> None:
         imported or already there, 1 = a record or file failed or the service is unreachable,
         130 / 143 = interrupted by SIGINT / SIGTERM (progress checkpointed: run the same command
         again to resume).
+
+        A named directory contributes its own patients.csv / *.json / *.ndjson (not its
+        subdirectories'); one that contributes nothing is a usage error (exit status 2), not a
+        silent "imported 0".
         """
+        for f in files:
+            if Path(f).is_dir() and not expand_paths([f]):
+                raise click.UsageError(
+                    f"{f}: no file to import directly in this directory (patients.csv, *.json, "
+                    "*.ndjson; subdirectories are not searched: name them, e.g. DIR/*/)")
         conn = load_connection(data_dir, url, policy, token, owner_dir)
         state = Path(data_dir) / STATE_FILE
         ckpt_path = state if Path(data_dir).is_dir() else None
@@ -146,10 +164,18 @@ def register(group: click.Group) -> None:
                   help="Stop after this many ids (0 = all).")
     def list_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                  owner_dir: str | None, limit: int) -> None:
-        """Print record ids, one per line."""
+        """Print record ids, one per line.
+
+        A reader that closes the output early (``| head``) ends the listing quietly, exit
+        status 0: the BrokenPipeError of stdout is a ConnectionError, which the client block
+        would otherwise report as an unreachable service."""
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             for n, rid in enumerate(c.list_ids(), start=1):
-                click.echo(rid)
+                try:
+                    click.echo(rid)
+                except BrokenPipeError:
+                    _stdout_closed()
+                    return
                 if limit and n >= limit:
                     break
 

@@ -11,6 +11,7 @@ import sys
 import click
 
 from safehold.cli.patients import show_warning
+from safehold.client.connection import simulated_tee_notice
 from safehold.devstack.status import stack_status
 
 
@@ -27,7 +28,18 @@ def register(group: click.Group) -> None:
         `safehold up` are up and attested.
 
         Exit status 0 = all answer and every workload attested, 1 = otherwise."""
-        st = stack_status(data_dir, show=show_warning, owner=owner_dir)
+        shown = False
+
+        def once(line: str) -> None:
+            nonlocal shown
+            if not shown:
+                shown = True
+                show_warning(line)
+
+        # every workload's appraisal (SVR, discovery, VAU, anchor members too) would log the
+        # simulated-TEE warning again: one line for the whole command, as `patients` shows it
+        with simulated_tee_notice(once):
+            st = stack_status(data_dir, show=once, owner=owner_dir)
         if st.get("scone_auth") == "none":
             click.secho(f"WARNING: the SCONE port ({st['scone_url']}) has NO AUTHENTICATION (started with "
                         "--scone-auth none): any process on this machine can read and create every record "

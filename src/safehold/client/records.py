@@ -106,8 +106,25 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _segment(rid: str) -> str:
+    """``rid`` percent-encoded as one URL path segment.
+
+    Raises:
+        RecordsClientError: (code ``invalid``, nothing sent) for ``""``, ``"."`` and ``".."``:
+            no URL can address them — an empty segment names the collection, and dot segments
+            are removed before sending (RFC 3986 §5.2.4), so ``GET .`` would read the id list
+            and ``DELETE ""`` hit the collection. The service refuses these ids too
+            (``records.model.check_record_id``); its wording is reused.
+    """
+    if rid in (".", ".."):
+        raise RecordsClientError("record id may not be '.' or '..' (URL dot segments)", 0, "invalid")
+    if not rid:
+        raise RecordsClientError("record id must be 1..128 characters long (got 0)", 0, "invalid")
+    return quote(rid, safe="")
+
+
 def _path(rid: str) -> str:
-    return f"/v1/patients/{quote(rid, safe='')}"
+    return f"/v1/patients/{_segment(rid)}"
 
 
 #: A batch item: ``(id, record)`` or the wire shape ``{"id": id, "record": record}``.
@@ -322,7 +339,7 @@ class RecordsClient:
     def fhir_read(self, rtype: str, rid: str) -> Record:
         """Read a FHIR resource (``GET /fhir/<type>/<id>``); ``version`` from its ETag.
         Raises RecordNotFoundError, RecordTamperedError."""
-        r = self._http.get(f"/fhir/{quote(rtype, safe='')}/{quote(rid, safe='')}",
+        r = self._http.get(f"/fhir/{quote(rtype, safe='')}/{_segment(rid)}",
                            headers={"Accept": FHIR_JSON})
         _raise_for(r)
         return Record(rid, r.json(), _version(r))

@@ -358,10 +358,17 @@ def main_records_config(d: Path, tok: dict[str, str], pin: str, scone_auth: str 
         if explicit_workers:
             diff = [k for k in diff if k != "workers"]
         if diff:
+            # anchor_policy pins the anchor members' measurement: it changes with Safehold's own
+            # code (an upgrade, an edited checkout), not only with an edit of the file
+            why = ("; `anchor_policy` pins the anchor members' measurement, which changes when "
+                   "Safehold itself changed (an upgrade or edited code): the broker's sealed state "
+                   "then does not open either, so use a fresh --data-dir or `safehold broker "
+                   "recover` (README, Limits)"
+                   if "anchor_policy" in diff else "")
             raise ConfigError(
                 f"{path} differs from what `safehold up` writes (key(s): {', '.join(diff)}); "
                 "it is not overwritten: undo the edit, or pass --reset to regenerate it "
-                "(the measurement, and so the manifest, may change)"
+                f"(the measurement, and so the manifest, may change){why}"
             )
     return cfg
 
