@@ -109,7 +109,10 @@ def _search_params(patient: bool) -> list[dict[str, Any]]:
         _FORMAT, _PRETTY,
     ]
     if not patient:
-        ref = {"type": "string", "maxLength": MAX_VALUE, "pattern": rf"^([\s\S]*/)?[^/]+{END}"}
+        # one or more comma-separated values (R4 §3.1.1.4.6 escaping), each [Type/]id whose id
+        # is not empty: an empty value or one ending in "/" (also as "\/") is refused (400)
+        one = r"(?:(?:[^,\\]|\\[\s\S])*/)?(?:[^,/\\]|\\[^/])+"
+        ref = {"type": "string", "maxLength": MAX_VALUE, "pattern": rf"^{one}(?:,{one})*{END}"}
         return [q("patient", ref, "[Patient/]id or an absolute URL ending in it"),
                 q("subject", ref, "[Type/]id or an absolute URL ending in it"), *result]
     string = "case- and accent-insensitive prefix at the start of the value or of a word in it"
