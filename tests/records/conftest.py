@@ -14,6 +14,7 @@ from safehold.records.commit import GroupCommit
 from safehold.records.repository import PatientRepository
 from safehold.records.server import assemble_apps
 from safehold.store import open_store
+from tests.support.engine_backends import ENGINES, Backend, make_backend
 from tests.support.records_service import Service, access_list
 
 
@@ -47,3 +48,17 @@ def repo(tmp_path: Path) -> Iterator[PatientRepository]:
     r.db_path = tmp_path / "r.db"  # type: ignore[attr-defined]
     yield r
     store.close()
+
+
+@pytest.fixture(params=ENGINES)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each store engine in turn (a real SQLite file; the real PostgreSQL server, a fresh schema)."""
+    b = make_backend(request.param, request, tmp_path)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def keyset() -> Keyset:
+    """A fresh keyset (one AES-256-GCM key)."""
+    return Keyset.generate()

@@ -25,22 +25,10 @@ from safehold.records.errors import (
     RecordVersionMismatchError,
 )
 from safehold.records.rotation import RekeyCounts
-from tests.support.engine_backends import ENGINES, Backend, make_backend
+from tests.support.engine_backends import Backend
 
 NS = "patients"
 SNS = "records:" + NS
-
-
-@pytest.fixture(params=ENGINES)
-def backend(request, tmp_path):
-    b = make_backend(request.param, request, tmp_path)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def keyset() -> Keyset:
-    return Keyset.generate()
 
 
 @pytest.fixture

@@ -27,23 +27,11 @@ from safehold.records.model import encode_record, parse_record
 from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
 from safehold.store import open_store
-from tests.support.engine_backends import ENGINES, Backend, make_backend
+from tests.support.engine_backends import Backend
 from tests.support.shared import DATA, need_shared
 
 NS = "patients"
 SNS = "records:" + NS
-
-
-@pytest.fixture(params=ENGINES)
-def backend(request, tmp_path):
-    b = make_backend(request.param, request, tmp_path)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def keyset() -> Keyset:
-    return Keyset.generate()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from safehold.records.model import parse_record
 from safehold.records.reindex import ensure_search_index
 from safehold.records.repository import PatientRepository
 from safehold.store import open_store
-from tests.support.engine_backends import ENGINES, Backend, make_backend
+from tests.support.engine_backends import Backend
 from tests.support.freshness import InProcessAnchor, open_fresh
 
 META = "search-index-format"
@@ -114,13 +114,6 @@ def test_dba_cannot_force_a_reindex_that_drops_a_records_postings(service: _Serv
     assert ensure_search_index(repo) == 0
     assert [i for i, _ in repo.search("u", {"family": "target"})] == ["p1"]
 
-
-
-@pytest.fixture(params=ENGINES)
-def backend(request, tmp_path: Path) -> Iterator[Backend]:
-    b = make_backend(request.param, request, tmp_path)
-    yield b
-    b.close()
 
 
 def _hide_inserts(b: Backend, ns: str) -> None:

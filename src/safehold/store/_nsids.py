@@ -18,7 +18,7 @@ adversary's, so the dictionary is never trusted beyond what a statement re-check
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from safehold.store.errors import StoreCorruptError
 from safehold.store.migrations import NAMESPACES_TABLE
@@ -116,3 +116,42 @@ class NamespaceIds:
         for got in found:
             if got != name:
                 raise self._corrupt(name, nsid, "is now the id of another name")
+
+    # -- one thread's view: its open transaction levels' uncommitted entries, innermost first --
+
+    def cached(self, name: str, levels: Sequence[Mapping[str, int]]) -> int | None:
+        """Id of ``name`` known to the calling thread: its open transactions' (``levels``,
+        innermost first), else the committed one. Raises StoreCorruptError as :meth:`get`."""
+        for level in levels:
+            if (nsid := level.get(name)) is not None:
+                return nsid
+        return self.get(name)
+
+    def learn(self, name: str, nsid: object, found: list[object], levels: Sequence[dict[str, int]]) -> int:
+        """Remember an id just read from the dictionary (``found``: the names its entry holds):
+        in the innermost open transaction level (committed into the cache when the outermost
+        transaction commits), or at once outside a transaction. Returns the id.
+
+        Raises:
+            StoreCorruptError: as :meth:`learned` and :meth:`check`.
+        """
+        got = self.learned(name, nsid, levels)
+        self.verify(name, got, found, levels)
+        if levels:
+            levels[0][name] = got
+        else:
+            self.commit({name: got})
+        return got
+
+    def verify(self, name: str, nsid: int, found: list[object], levels: Iterable[dict[str, int]]) -> None:
+        """:meth:`check`, and on failure forget ``name`` in the open transaction ``levels`` too.
+
+        Raises:
+            StoreCorruptError: no dictionary entry, or one naming another namespace.
+        """
+        try:
+            self.check(name, nsid, found)
+        except StoreCorruptError:
+            for level in levels:
+                level.pop(name, None)
+            raise

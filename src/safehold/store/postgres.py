@@ -449,33 +449,16 @@ class PostgresStore(_PgOps, Store):
         return out
 
     def _ns_cached(self, namespace: str) -> int | None:
-        """Id of ``namespace`` known to this thread: its open transactions', else committed."""
-        for level in self._pending():
-            if (nsid := level.get(namespace)) is not None:
-                return nsid
-        return self._ns.get(namespace)
+        """See :meth:`NamespaceIds.cached` (this thread's open transactions)."""
+        return self._ns.cached(namespace, self._pending())
 
     def _ns_learn(self, namespace: str, nsid: object, found: list[object]) -> int:
-        """Remember an id read from the dictionary (``found``: the names its entry holds): in the
-        open transaction (committed into the cache when the outermost transaction commits), else
-        at once. Raises StoreCorruptError."""
-        levels = self._pending()
-        got = self._ns.learned(namespace, nsid, levels)
-        self._ns_check(namespace, got, found)
-        if levels:
-            levels[0][namespace] = got
-        else:
-            self._ns.commit({namespace: got})
-        return got
+        """See :meth:`NamespaceIds.learn`. Raises StoreCorruptError."""
+        return self._ns.learn(namespace, nsid, found, self._pending())
 
     def _ns_check(self, namespace: str, nsid: int, found: list[object]) -> None:
-        """Raise StoreCorruptError unless every dictionary name in ``found`` is ``namespace``."""
-        try:
-            self._ns.check(namespace, nsid, found)
-        except StoreCorruptError:
-            for level in self._pending():
-                level.pop(namespace, None)
-            raise
+        """See :meth:`NamespaceIds.verify`. Raises StoreCorruptError."""
+        self._ns.verify(namespace, nsid, found, self._pending())
 
     # -- schema -----------------------------------------------------------------------------
 

@@ -491,37 +491,22 @@ class SqliteStore(_SqliteOps, Store):
 
     # -- namespace ids ----------------------------------------------------------------------
 
-    def _ns_cached(self, namespace: str) -> int | None:
-        """Id of ``namespace`` known to this thread: its open transactions', else committed."""
+    def _pending(self) -> list[dict[str, int]]:
+        """This thread's open transaction levels' uncommitted namespace ids, innermost first."""
         st = self._local
-        if st.depth:
-            for level in reversed(st.pending[:st.depth]):
-                if (nsid := level.get(namespace)) is not None:
-                    return nsid
-        return self._ns.get(namespace)
+        return st.pending[st.depth - 1::-1] if st.depth else []
+
+    def _ns_cached(self, namespace: str) -> int | None:
+        """See :meth:`NamespaceIds.cached` (this thread's open transactions)."""
+        return self._ns.cached(namespace, self._pending())
 
     def _ns_learn(self, namespace: str, nsid: object, found: list[object]) -> int:
-        """Remember an id read from the dictionary (``found``: the names its entry holds): in the
-        open transaction (committed into the cache when the outermost transaction commits), else
-        at once. Raises StoreCorruptError."""
-        st = self._local
-        levels = st.pending[:st.depth] if st.depth else []
-        got = self._ns.learned(namespace, nsid, levels)
-        self._ns_check(namespace, got, found)
-        if levels:
-            levels[-1][namespace] = got
-        else:
-            self._ns.commit({namespace: got})
-        return got
+        """See :meth:`NamespaceIds.learn`. Raises StoreCorruptError."""
+        return self._ns.learn(namespace, nsid, found, self._pending())
 
     def _ns_check(self, namespace: str, nsid: int, found: list[object]) -> None:
-        """Raise StoreCorruptError unless every dictionary name in ``found`` is ``namespace``."""
-        try:
-            self._ns.check(namespace, nsid, found)
-        except StoreCorruptError:
-            for level in self._local.pending:
-                level.pop(namespace, None)
-            raise
+        """See :meth:`NamespaceIds.verify`. Raises StoreCorruptError."""
+        self._ns.verify(namespace, nsid, found, self._pending())
 
     # -- schema -----------------------------------------------------------------------------
 
