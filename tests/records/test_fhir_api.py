@@ -366,3 +366,15 @@ def test_clinical_resources_by_reference(client, loaded):
     r = client.get(f"/fhir/Observation/{one.id}")
     assert r.status_code == 200 and valid(r.json())["code"] == one.resource["code"]
     assert client.get("/fhir/Observation?patient=Patient/someone-else").json()["total"] == 0
+
+
+def test_a_birthdate_that_is_not_a_fhir_date_is_an_invalid_resource(client):
+    body = {"resourceType": "Patient", "name": [{"family": "Datum"}], "birthDate": "1970-13-45"}
+    r = client.post("/fhir/Patient", content=json.dumps(body), headers=FJ)
+    assert r.status_code == 400, r.text
+    out = valid(r.json())
+    assert out["resourceType"] == "OperationOutcome" and "1970-13-45" not in r.text
+    assert "birthDate" in out["issue"][0]["diagnostics"]
+    r = client.put("/fhir/Patient/datum", content=json.dumps(body | {"id": "datum"}), headers=FJ)
+    assert r.status_code == 400
+    assert client.get("/fhir/Patient/datum").status_code == 404

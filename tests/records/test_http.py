@@ -301,3 +301,20 @@ def test_error_bodies_hold_no_record_content(service: Service) -> None:
               api.put("/v1/patients/c1", json=patient("c1", family=secret), headers={"If-None-Match": "*"}),
               api.put("/v1/patients/c1", content=json.dumps({"n": secret, "x": float("nan")}), headers=JSON)):
         assert r.status_code >= 400 and secret not in r.text
+
+
+@pytest.mark.parametrize("bad", ["1970-13-45", "1970-02-29", "70-01-01", "1970-1-1", "1970-01-01T00:00:00Z",
+                                 " 1970", 19700101, None])
+def test_a_patient_birthdate_that_is_not_a_fhir_date_is_refused_unechoed(service: Service, bad) -> None:
+    api = service.api("writer")
+    detail = err(api.put("/v1/patients/bd", json=patient("bd", birthDate=bad)), 400, "invalid")
+    assert "birthDate" in detail and "FHIR date" in detail and str(bad) not in detail
+    items = [{"id": "bd", "record": patient("bd", birthDate=bad)},
+             {"id": "ok", "record": patient("ok", birthDate="1972-02-29")}]
+    r = api.post("/v1/patients:batch", json={"records": items})
+    assert r.status_code in (200, 207), r.text
+    assert api.get("/v1/patients/bd").status_code == 404 and api.get("/v1/patients/ok").status_code == 200
+    # not a Patient (a flat CSV row or a SCONE form): its dates are its own business
+    assert api.put("/v1/patients/row", json={"BIRTHDATE": "1970-13-45", "LAST": "Row"}).status_code == 201
+    for good in ("1970", "1970-01", "1972-02-29"):
+        assert api.put(f"/v1/patients/g{good}", json=patient(f"g{good}", birthDate=good)).status_code == 201

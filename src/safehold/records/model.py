@@ -36,7 +36,7 @@ import orjson
 from safehold.errors import RecordError
 from safehold.jsontypes import JSONObject, JSONValue
 from safehold.records.errors import InvalidRecordError, NonFiniteNumberError
-from safehold.records.tokens import record_tokens
+from safehold.records.tokens import date_range, record_tokens
 
 __all__ = [
     "INDEXED_FIELDS",
@@ -219,10 +219,26 @@ def check_record_id(record_id: object) -> str:
 def _valid(rid: str, obj: dict[str, Any]) -> ValidRecord:
     """Encode (finite numbers, serialisable), size-check and index a JSON object whose id
     already passed :func:`check_record_id`."""
+    if obj.get("resourceType") == "Patient" and "birthDate" in obj:
+        bd = obj["birthDate"]
+        if not isinstance(bd, str) or date_range(bd) is None:  # the value itself is not echoed
+            raise InvalidRecordError(
+                "Patient.birthDate must be a FHIR date (R4 §2.24.0.1: YYYY, YYYY-MM or YYYY-MM-DD, a "
+                f"real calendar day), got {_json_kind(bd)}")
     raw = encode_record(obj)
     if len(raw) > MAX_RECORD_BYTES:
         raise InvalidRecordError(f"record is {len(raw)} bytes, over the limit of {MAX_RECORD_BYTES}")
     return ValidRecord(rid, obj, raw, postings(obj))
+
+
+def _json_kind(v: object) -> str:
+    """How a JSON value is named in an error message that must not echo it."""
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return "a string that is not one"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(
+        type(v), "another type")
 
 
 def parse_record(rid: object, data: object, *, what: str = "body") -> ValidRecord:
@@ -238,7 +254,8 @@ def parse_record(rid: object, data: object, *, what: str = "body") -> ValidRecor
         InvalidRecordError: JSON text that is not JSON (``"<what> is not JSON"``) or holds
             ``NaN`` / ``Infinity`` (``"<what>: NaN found: …"``); not a JSON object; a bad id
             (:func:`check_record_id`); a non-finite number or a value JSON cannot hold
-            (:func:`encode_record`); over :data:`MAX_RECORD_BYTES` in its stored form.
+            (:func:`encode_record`); over :data:`MAX_RECORD_BYTES` in its stored form; a FHIR
+            ``Patient`` whose ``birthDate`` is not a FHIR ``date``.
     """
     if isinstance(data, bytes | bytearray | memoryview | str):
         try:
