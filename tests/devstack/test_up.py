@@ -47,6 +47,7 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
         cli(env, "patients", "delete", "0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d02", *d)
         r = cli(env, "patients", "get", "0a5e1c9e-5d1b-4b8e-9d0c-1f2a3b4c5d02", *d, check=False)
         assert r.returncode == 1 and "404" in r.stderr and "Traceback" not in r.stderr
+        _audit_verify_export_and_seal(env, d, tmp_path)
         r = cli(env, "status", "--json", *d)
         st = json.loads(r.stdout)
         assert st["records"]["attested"] is True and st["records"]["records"] == 7
@@ -75,6 +76,31 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
             os.kill(pid, 0)
     r = cli(env, "status", "--data-dir", str(data), check=False)
     assert r.returncode == 1 and "safehold up" in r.stderr
+
+
+def _audit_verify_export_and_seal(env: dict, d: list[str], tmp_path: Path) -> None:
+    """``safehold patients audit``: verify, export a segment (never overwriting a file), refuse
+    to seal with another file's digest, seal with the export's, verify the whole chain again."""
+    r = cli(env, "patients", "audit", "verify", *d)
+    n = int(r.stdout.split()[3])  # "access audit verified: N entries"
+    assert r.stdout.startswith("access audit verified: ") and n >= 5
+    seg = tmp_path / "audit-0-2.ndjson"
+    r = cli(env, "patients", "audit", "export", "--through", "2", str(seg), *d)
+    assert r.stdout.startswith("exported entries 0..2 ") and len(seg.read_bytes().splitlines()) == 3
+    assert oct(seg.stat().st_mode & 0o777) == "0o600"
+    r = cli(env, "patients", "audit", "export", "--through", "1", str(seg), *d, check=False)
+    assert r.returncode == 2 and "exists" in r.stderr and len(seg.read_bytes().splitlines()) == 3
+    other = tmp_path / "other.ndjson"
+    other.write_bytes(seg.read_bytes().replace(b'"', b" ", 1))
+    r = cli(env, "patients", "audit", "seal", "--through", "2", str(other), *d, check=False)
+    assert r.returncode == 1 and "not the one given" in r.stderr and "Traceback" not in r.stderr
+    r = cli(env, "patients", "audit", "seal", "--through", "2", str(seg), *d)
+    assert r.stdout.startswith("sealed entries 0..2 ")
+    r = cli(env, "patients", "audit", "verify", "--full", *d)
+    assert int(r.stdout.split()[3]) > n  # sealed entries still count; the seal is an entry itself
+    gone = tmp_path / "gone.ndjson"
+    r = cli(env, "patients", "audit", "export", "--through", "1", str(gone), *d, check=False)
+    assert r.returncode == 1 and "not sealable" in r.stderr and not gone.exists()
 
 
 def _assert_scone_demo_client_gets_401(info: dict, port: int) -> None:

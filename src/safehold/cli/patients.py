@@ -11,6 +11,7 @@ warning shows once as one line.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ from safehold.client.importer import (
 )
 from safehold.client.records import RecordsClient
 from safehold.errors import SafeholdError
+from safehold.fsutil import write_atomic
 from safehold.records.model import display_name
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -207,6 +209,61 @@ def register(group: click.Group) -> None:
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             c.delete(record_id)
         click.echo(f"deleted {record_id}")
+
+
+    @patients.group("audit")
+    def audit() -> None:
+        """The records service's access audit (admin): verify the chain, export old entries for
+        retention and seal them off the live database."""
+
+    @audit.command("verify")
+    @conn_options
+    @click.option("--full", is_flag=True, help="Walk the whole live chain, not only the entries "
+                                                "appended since the last verified checkpoint.")
+    def audit_verify_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
+                         owner_dir: str | None, full: bool) -> None:
+        """Verify the access-audit hash chain against its authenticated head.
+
+        Prints the number of entries ever appended. Exit status 1 with the break named (e.g. a
+        tail cut off behind the head, an edited entry) when it does not verify."""
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
+            n = c.audit_verify_full() if full else c.audit_verify()
+        click.echo(f"access audit verified: {n} entries")
+
+    @audit.command("export")
+    @click.argument("out", type=click.Path(dir_okay=False, writable=True))
+    @conn_options
+    @click.option("--through", required=True, type=click.IntRange(min=0),
+                  help="Last entry number to export (from the oldest live one; the newest stays live).")
+    def audit_export_cmd(out: str, data_dir: str, url: str | None, policy: str | None, token: str | None,
+                         owner_dir: str | None, through: int) -> None:
+        """Export the oldest live access-audit entries through --through to OUT (NDJSON).
+
+        Nothing is dropped: keep OUT where audit records are retained, then run ``audit seal``
+        with it. OUT must not exist; it is written whole or not at all."""
+        if Path(out).exists():
+            raise click.UsageError(f"{out} exists: choose a new file (an export is never overwritten)")
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
+            seg = c.audit_segment(through)
+        write_atomic(out, seg.data, mode=0o600)
+        click.echo(f"exported entries {seg.first}..{seg.last} to {out} (sha256 {seg.sha256})")
+
+    @audit.command("seal")
+    @click.argument("segment", type=click.Path(exists=True, dir_okay=False))
+    @conn_options
+    @click.option("--through", required=True, type=click.IntRange(min=0),
+                  help="The --through the segment was exported with.")
+    def audit_seal_cmd(segment: str, data_dir: str, url: str | None, policy: str | None,
+                       token: str | None, owner_dir: str | None, through: int) -> None:
+        """Drop the entries in SEGMENT (a file ``audit export`` wrote) from the live database.
+
+        The service re-reads the live entries and drops them only if their SHA-256 equals
+        SEGMENT's, so only what was exported and kept can be sealed; the digest stays in the
+        signed chain (``verify`` still covers it)."""
+        digest = hashlib.sha256(Path(segment).read_bytes()).hexdigest()
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
+            first, last, sha = c.audit_seal(through, digest)
+        click.echo(f"sealed entries {first}..{last} (sha256 {sha})")
 
 
 class _ImportInterrupted(BaseException):  # a signal like KeyboardInterrupt, not an error: no "Error" suffix

@@ -14,6 +14,7 @@ Safehold exceptions: 404 → :class:`~safehold.errors.RecordNotFoundError`, 409
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -58,6 +59,23 @@ class TransportOptions(TypedDict, total=False):
     limits: httpx.Limits
     retries: int
     http2: bool
+
+
+@dataclass(frozen=True)
+class AuditSegment:
+    """An exported access-audit segment (:meth:`RecordsClient.audit_segment`).
+
+    Attributes:
+        data: the NDJSON bytes, one stored entry per line.
+        first: the first entry number in it.
+        last: the last entry number in it.
+        sha256: hex SHA-256 of ``data`` (checked on receipt), the value ``audit_seal`` names.
+    """
+
+    data: bytes
+    first: int
+    last: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -381,6 +399,45 @@ class RecordsClient:
         r = self._http.post("/v1/audit/reseal")
         _raise_for(r)
         return int(r.json()["entries"])
+
+    def audit_verify_full(self) -> int:
+        """(admin) :meth:`audit_verify` walking the whole live chain from its base instead of
+        from the last verified checkpoint (``GET /v1/audit/verify?full=true``)."""
+        r = self._http.get("/v1/audit/verify", params={"full": "true"})
+        _raise_for(r)
+        return int(r.json()["entries"])
+
+    def audit_segment(self, through: int) -> AuditSegment:
+        """(admin) export the oldest live access-audit entries through entry ``through`` for
+        retention (``GET /v1/audit/segment``): NDJSON of the stored entries (blind indexes,
+        principals, outcomes, MACs: no record content). Nothing is dropped until
+        :meth:`audit_seal` names the export's SHA-256.
+
+        Raises:
+            RecordsClientError: 409 ``audit-chain-broken`` (``through`` not sealable: before the
+                base or at/after the newest entry, which stays live; or the chain is broken).
+        """
+        r = self._http.get("/v1/audit/segment", params={"through": str(int(through))})
+        _raise_for(r)
+        first, _, last = r.headers.get("X-Safehold-Segment", "").partition("-")
+        seg = AuditSegment(r.content, int(first), int(last), r.headers.get("X-Safehold-Segment-SHA256", ""))
+        if hashlib.sha256(seg.data).hexdigest() != seg.sha256:
+            raise RecordTamperedError("audit segment: the body's SHA-256 is not the one the service named")
+        return seg
+
+    def audit_seal(self, through: int, sha256: str) -> tuple[int, int, str]:
+        """(admin) drop the exported segment through ``through`` from the live log, keeping its
+        signed digest in the chain (``POST /v1/audit/seal``); ``sha256``: hex SHA-256 of the
+        export kept elsewhere. Returns ``(first, last, sha256)`` of the sealed segment.
+
+        Raises:
+            RecordsClientError: 409 ``audit-chain-broken`` when the live segment's digest is not
+                ``sha256`` (the log changed since the export, or another export was named).
+        """
+        r = self._http.post("/v1/audit/seal", json={"through": int(through), "sha256": sha256})
+        _raise_for(r)
+        doc = r.json()
+        return int(doc["first"]), int(doc["last"]), str(doc["sha256"])
 
 
 class AsyncRecordsClient:
