@@ -52,6 +52,9 @@ def test_up_import_get_search_list_delete_status_and_clean_stop(env, tmp_path):
         st = json.loads(r.stdout)
         assert st["records"]["attested"] is True and st["records"]["records"] == 7
         assert st["broker"]["status"]["mode"] == "ready"
+        # the broker CLI finds the running stack's broker and CA without --url / --cacert
+        r = cli({**env, "SAFEHOLD_DATA_DIR": str(data)}, "broker", "status")
+        assert "ready" in r.stdout, r.stdout
         assert st["scone_auth"] == "token"
         # the unchanged SCONE demo client (no token) gets 401 on a default `up`
         _assert_scone_demo_client_gets_401(info, sport)

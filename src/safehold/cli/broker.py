@@ -15,17 +15,47 @@ import click
 
 from safehold.errors import BrokerError, SafeholdError
 
-_URL = click.option("--url", default=lambda: os.environ.get("SAFEHOLD_BROKER_URL", "https://127.0.0.1:8443"),
-                    show_default="$SAFEHOLD_BROKER_URL or https://127.0.0.1:8443", help="Broker base URL.")
+_URL = click.option("--url", default=lambda: os.environ.get("SAFEHOLD_BROKER_URL"),
+                    show_default="$SAFEHOLD_BROKER_URL, else the broker of a running `safehold up` "
+                                 "($SAFEHOLD_DATA_DIR or ./safehold-data), else https://127.0.0.1:8443",
+                    help="Broker base URL.")
 _CACERT = click.option("--cacert", type=click.Path(dir_okay=False), default=None,
-                       help="Broker CA certificate (PEM) to verify TLS; default <data-dir>/ca.pem if given.")
+                       help="Broker CA certificate (PEM) to verify TLS; default: the CA of the "
+                            "`safehold up` whose broker is used, else the system's.")
 _TOKEN = click.option("--token", default=lambda: os.environ.get("SAFEHOLD_BROKER_TOKEN"),
                       help="User bearer token (or $SAFEHOLD_BROKER_TOKEN).")
+DEFAULT_URL = "https://127.0.0.1:8443"
 
 
-def _http(url: str, cacert: str | None, *, insecure: bool = False) -> Any:
+def broker_target(url: str | None, cacert: str | None) -> tuple[str, str | None]:
+    """The broker URL and CA file to use: ``url`` (``--url`` / ``$SAFEHOLD_BROKER_URL``) when
+    given; else the broker of a running ``safehold up`` (``broker_url`` and ``ca`` of
+    ``up.json`` in ``$SAFEHOLD_DATA_DIR`` or ``./safehold-data``); else :data:`DEFAULT_URL`.
+    An explicit ``cacert`` always wins; up.json's CA is used only with up.json's URL.
+
+    Raises:
+        ConfigError: up.json exists but is not readable JSON.
+    """
+    if url:
+        return url, cacert
+    from safehold.errors import ConfigError
+
+    p = Path(os.environ.get("SAFEHOLD_DATA_DIR") or "./safehold-data") / "up.json"
+    if p.is_file():
+        try:
+            info = json.loads(p.read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{p}: unreadable ({e}); give --url") from None
+        if isinstance(info, dict) and isinstance(info.get("broker_url"), str):
+            ca = info.get("ca")
+            return info["broker_url"], cacert or (ca if isinstance(ca, str) else None)
+    return DEFAULT_URL, cacert
+
+
+def _http(url: str | None, cacert: str | None, *, insecure: bool = False) -> Any:
     import httpx
 
+    url, cacert = broker_target(url, cacert)
     verify: Any = False if insecure else (cacert or True)
     return httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=30.0)
 
@@ -128,7 +158,7 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
 @_URL
 @_CACERT
 @click.option("--insecure", is_flag=True, help="Do not verify TLS (e.g. a broker in recovery mode).")
-def status_cmd(url: str, cacert: str | None, insecure: bool) -> None:
+def status_cmd(url: str | None, cacert: str | None, insecure: bool) -> None:
     """Print the broker's mode, manifest version and measurement; when unsealed also its broker id
     and master-key fingerprint (recovery-key holders record it for `recover --expect-fingerprint`)."""
     with _http(url, cacert, insecure=insecure) as c:
@@ -167,7 +197,7 @@ def manifest_check(path: str) -> None:
 @click.argument("path", type=click.Path(dir_okay=False, exists=True))
 @_URL
 @_CACERT
-def manifest_set(path: str, url: str, cacert: str | None) -> None:
+def manifest_set(path: str, url: str | None, cacert: str | None) -> None:
     """Install the FIRST manifest (later changes need `manifest update`)."""
     m = _load(path)
     with _http(url, cacert) as c:
@@ -184,7 +214,7 @@ def manifest_set(path: str, url: str, cacert: str | None) -> None:
 @_URL
 @_CACERT
 @_TOKEN
-def manifest_update(path: str, signer: str, key_path: str, version: int | None, url: str,
+def manifest_update(path: str, signer: str, key_path: str, version: int | None, url: str | None,
                     cacert: str | None, token: str | None) -> None:
     """Sign PATH as the next manifest version with an owner key and install it.
 
@@ -211,7 +241,7 @@ def manifest_update(path: str, signer: str, key_path: str, version: int | None, 
 @_URL
 @_CACERT
 @_TOKEN
-def manifest_show(version: int | None, url: str, cacert: str | None, token: str | None) -> None:
+def manifest_show(version: int | None, url: str | None, cacert: str | None, token: str | None) -> None:
     """Print a manifest version with its signer (reader role or above)."""
     with _http(url, cacert) as c:
         params = {"version": version} if version is not None else {}
@@ -229,7 +259,8 @@ def manifest_show(version: int | None, url: str, cacert: str | None, token: str 
 @_URL
 @_CACERT
 @_TOKEN
-def set_value(name: str, file_path: str | None, url: str, cacert: str | None, token: str | None) -> None:
+def set_value(name: str, file_path: str | None, url: str | None, cacert: str | None,
+              token: str | None) -> None:
     """Supply the opaque `value` secret NAME (operator or owner role)."""
     data = Path(file_path).read_bytes() if file_path else sys.stdin.buffer.read()
     with _http(url, cacert) as c:
@@ -247,7 +278,7 @@ def set_value(name: str, file_path: str | None, url: str, cacert: str | None, to
 @_URL
 @_CACERT
 @_TOKEN
-def client_cert(name: str, out: str, validity_days: int, key_path: str | None, url: str,
+def client_cert(name: str, out: str, validity_days: int, key_path: str | None, url: str | None,
                 cacert: str | None, token: str | None) -> None:
     """Have the broker's CA issue a client (mTLS) certificate for a new or given key.
 
@@ -297,7 +328,7 @@ def audit_grp() -> None:
 @_URL
 @_CACERT
 @_TOKEN
-def audit_verify(data_dir: str | None, store_url: str | None, url: str, cacert: str | None,
+def audit_verify(data_dir: str | None, store_url: str | None, url: str | None, cacert: str | None,
                  token: str | None) -> None:
     """Check the chain and every signature; name the first broken entry (exit 1).
 
@@ -371,7 +402,7 @@ def _relay_as_broker(args: list[str]) -> None:
 @_URL
 @_CACERT
 @_TOKEN
-def audit_show(url: str, cacert: str | None, token: str | None) -> None:
+def audit_show(url: str | None, cacert: str | None, token: str | None) -> None:
     """Print the verified audit entries as JSON lines."""
     with _http(url, cacert) as c:
         for e in _call(c, "GET", "/admin/audit", headers=_auth(token))["entries"]:
@@ -394,7 +425,7 @@ def audit_show(url: str, cacert: str | None, token: str | None) -> None:
 @_URL
 @_CACERT
 def recover_cmd(keys: tuple[str, ...], policy: str | None, expect_fp: str, insecure_no_attestation: bool,
-                url: str, cacert: str | None) -> None:
+                url: str | None, cacert: str | None) -> None:
     """Restore a broker in recovery mode with k of the n recovery private keys.
 
     The shares are combined here first: if the key they give does not have the recorded

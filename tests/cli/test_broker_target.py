@@ -1,0 +1,41 @@
+"""``safehold broker …`` client commands find a running ``safehold up``'s broker: the URL and
+CA from ``up.json`` unless ``--url`` / ``$SAFEHOLD_BROKER_URL`` / ``--cacert`` say otherwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from safehold.cli.broker import DEFAULT_URL, broker_target
+from safehold.errors import ConfigError
+
+
+@pytest.fixture
+def stack_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "up.json").write_text(json.dumps({"broker_url": "https://127.0.0.1:4711", "ca": str(d / "ca.pem")}))
+    monkeypatch.setenv("SAFEHOLD_DATA_DIR", str(d))
+    return d
+
+
+def test_up_json_gives_url_and_ca(stack_dir: Path) -> None:
+    assert broker_target(None, None) == ("https://127.0.0.1:4711", str(stack_dir / "ca.pem"))
+    assert broker_target(None, "/my/ca.pem") == ("https://127.0.0.1:4711", "/my/ca.pem")  # explicit wins
+
+
+def test_an_explicit_url_never_takes_up_json_ca(stack_dir: Path) -> None:
+    assert broker_target("https://broker.example", None) == ("https://broker.example", None)
+
+
+def test_no_stack_is_the_default_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFEHOLD_DATA_DIR", str(tmp_path / "none"))
+    assert broker_target(None, None) == (DEFAULT_URL, None)
+
+
+def test_an_unreadable_up_json_is_a_config_error_naming_it(stack_dir: Path) -> None:
+    (stack_dir / "up.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"up\.json: unreadable.*--url"):
+        broker_target(None, None)
