@@ -10,8 +10,12 @@ starts the same way, the way a Trustee/CoCo workload or a MarbleRun "Marble" doe
    configuration (:func:`pinned_ca`), and receives, *to memory only*, the secrets the data
    owner's manifest lists for it and a certificate for a TLS key generated here (with this
    workload's RA-TLS Evidence in the leaf) — :func:`attest_and_fetch`;
-3. it serves (``safehold.runtime.server.serve``, uvicorn; the only module here that imports a
-   web framework) with a TLS context built from memory (:meth:`Provisioned.server_context`).
+3. it serves (``safehold.runtime.server.serve``, uvicorn) with a TLS context built from memory
+   (:meth:`Provisioned.server_context`).
+
+``safehold.runtime.server`` and ``safehold.runtime.http`` (the bearer-token JSON services'
+shared HTTP scaffold: access list, ``Authorization`` check, error answers, body limit) are the
+only modules here that import a web framework.
 
 Nothing here writes a key, keyset, token or secret to a file, a temporary directory, a log,
 argv or the environment. Usage (a service's ``server.py``)::
