@@ -36,6 +36,12 @@ argv or the environment. Usage (a service's ``server.py``)::
     # as a TLS *client* with the workload certificate (e.g. to the freshness anchor):
     prov.cert_pem, prov.key_pem()  ->  freshness.anchor.client.memory_client_context(...)
 
+A process that serves its own socket (discovery, SVR, the VAU) uses the smaller pieces:
+:func:`~safehold.runtime.core.simulated_ratls_context` (RA-TLS from the simulated TEE, key in
+memory), :func:`~safehold.runtime.core.listen_socket`,
+:func:`~safehold.runtime.core.write_ready_file` and
+:func:`~safehold.runtime.core.exit_status` (one stderr line; exit 2 on ``NoKeysError``).
+
 Errors: :class:`~safehold.runtime.errors.NoKeysError` (the broker refused: the message carries
 its reason, expected vs. got), :class:`~safehold.runtime.errors.BrokerIdentityError` (not the
 pinned broker), ``BrokerError`` (unreachable / malformed answer), ``ConfigError``.
@@ -52,13 +58,18 @@ if TYPE_CHECKING:
         Provisioned,
         attest_and_fetch,
         ca_sha256,
+        exit_status,
+        listen_socket,
         memory_server_context,
         pinned_ca,
         simulated_attester,
+        simulated_ratls_context,
+        write_ready_file,
     )
 
-_CORE = frozenset({"Provisioned", "attest_and_fetch", "ca_sha256", "memory_server_context", "pinned_ca",
-                   "simulated_attester"})
+_CORE = frozenset({"Provisioned", "attest_and_fetch", "ca_sha256", "exit_status", "listen_socket",
+                   "memory_server_context", "pinned_ca", "simulated_attester", "simulated_ratls_context",
+                   "write_ready_file"})
 
 
 def __getattr__(name: str) -> Any:
@@ -76,7 +87,11 @@ __all__ = [
     "Provisioned",
     "attest_and_fetch",
     "ca_sha256",
+    "exit_status",
+    "listen_socket",
     "memory_server_context",
     "pinned_ca",
     "simulated_attester",
+    "simulated_ratls_context",
+    "write_ready_file",
 ]

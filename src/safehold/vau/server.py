@@ -438,12 +438,9 @@ def _main_attested(argv: list[str]) -> int:
     import argparse
     import os
 
-    from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.errors import SafeholdError
     from safehold.fsutil import write_atomic
-    from safehold.ratls.cert import create_identity
-    from safehold.records.errors import NoKeysError
-    from safehold.runtime import memory_server_context
+    from safehold.runtime import exit_status, simulated_ratls_context
 
     ap = argparse.ArgumentParser(prog="python -m safehold.vau.server")
     ap.add_argument("--config", required=True, help="measured TOML configuration (AttestedConfig)")
@@ -461,19 +458,16 @@ def _main_attested(argv: list[str]) -> int:
         state, close = attested_state(cfg, config_path=args.config, broker_url=args.broker_url,
                                       broker_ca=args.broker_ca, tee_dir=args.data_dir,
                                       store_url=args.store_url, records_url=args.records_url)
-        attester = SimulatedAttester(args.data_dir, workload_files=[args.config])
-        identity = create_identity(attester, common_name=f"safehold {cfg.name}", ip_addresses=(cfg.host,))
-        ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx, measurement = simulated_ratls_context(
+            args.data_dir, [args.config], common_name=f"safehold {cfg.name}", ip_addresses=(cfg.host,))
     except SafeholdError as e:
-        print(f"vau: {e}", file=sys.stderr)
-        return 2 if isinstance(e, NoKeysError) else 1
+        return exit_status("vau", e)
 
     def ready(port: int) -> None:
         if args.ready_file:
             write_atomic(args.ready_file, json.dumps({
                 "url": f"https://{cfg.host}:{port}", "port": port, "pid": os.getpid(), "name": cfg.name,
-                "measurement": attester.measurement.hex(), "epa": state.epa is not None}).encode(),
+                "measurement": measurement, "epa": state.epa is not None}).encode(),
                 mode=0o644)
 
     _serve_until_signal(_Server(_config(build_app(state), cfg.host, args.port, ctx)), ready, close)
