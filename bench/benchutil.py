@@ -41,8 +41,11 @@ def snapshot_package(prefix: str) -> Path:
     Reference Value is the SHA-384 of their closure). Returns the temporary directory; the copy
     is in its ``pkg/``."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    shutil.copytree(ROOT / "src" / "safehold", tmp / "pkg" / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "src" / "safehold",
+        tmp / "pkg" / "safehold",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     sys.path.insert(0, str(tmp / "pkg"))
     for m in [m for m in sys.modules if m == "safehold" or m.startswith("safehold.")]:
         del sys.modules[m]

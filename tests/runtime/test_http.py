@@ -37,18 +37,30 @@ def op(body: _Body, request: Request, who: Principal = Depends(bearer_principal)
 def _client(max_body: int = 1024) -> TestClient:
     access = parse_access({DIGEST: {"name": "alice", "roles": ["read"]}}, ("read", "write"), ConfigError)
     access[hashlib.sha256(b"writer").digest()] = Principal("bob", frozenset({"write"}))
-    app = bearer_app(title="t", router=router, access=access, max_body=max_body,
-                     errors={ValueError: (400, "invalid")}, openapi_url=None)
+    app = bearer_app(
+        title="t",
+        router=router,
+        access=access,
+        max_body=max_body,
+        errors={ValueError: (400, "invalid")},
+        openapi_url=None,
+    )
     return TestClient(app)
 
 
 def test_access_list_is_checked() -> None:
     roles = ("a", "b")
     assert parse_access({DIGEST: {"name": "n", "roles": ["a"]}}, roles, ConfigError) == {
-        bytes.fromhex(DIGEST): Principal("n", frozenset({"a"}))}
-    for bad in ([], {"zz": {"name": "n", "roles": ["a"]}}, {DIGEST: {"roles": ["a"]}},
-                {DIGEST: {"name": "n", "roles": []}}, {DIGEST: {"name": "n", "roles": ["c"]}},
-                {DIGEST: "n"}):
+        bytes.fromhex(DIGEST): Principal("n", frozenset({"a"}))
+    }
+    for bad in (
+        [],
+        {"zz": {"name": "n", "roles": ["a"]}},
+        {DIGEST: {"roles": ["a"]}},
+        {DIGEST: {"name": "n", "roles": []}},
+        {DIGEST: {"name": "n", "roles": ["c"]}},
+        {DIGEST: "n"},
+    ):
         with pytest.raises(ConfigError):
             parse_access(bad, roles, ConfigError)
     long = {DIGEST: {"name": "x" * 257, "roles": ["a"]}}

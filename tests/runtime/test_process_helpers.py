@@ -38,8 +38,13 @@ def test_listen_socket_listens_with_nodelay() -> None:
 def test_ready_file(tmp_path: Path) -> None:
     f = tmp_path / "ready.json"
     write_ready_file(f, host="::1", port=8443, tls=True, name="svr-0", measurement="ab", mode=0o644)
-    assert json.loads(f.read_text()) == {"url": "https://[::1]:8443", "port": 8443, "pid": os.getpid(),
-                                         "name": "svr-0", "measurement": "ab"}
+    assert json.loads(f.read_text()) == {
+        "url": "https://[::1]:8443",
+        "port": 8443,
+        "pid": os.getpid(),
+        "name": "svr-0",
+        "measurement": "ab",
+    }
     assert f.stat().st_mode & 0o777 == 0o644
     write_ready_file(f, host="127.0.0.1", port=80, tls=False, name="d", measurement="")
     assert json.loads(f.read_text())["url"] == "http://127.0.0.1:80"
@@ -57,7 +62,8 @@ def test_simulated_ratls_context(tmp_path: Path) -> None:
     cfg.write_text('name = "x"\n')
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimulatedTEEWarning)
-        ctx, measurement = simulated_ratls_context(tmp_path, [cfg], common_name="safehold x",
-                                                   ip_addresses=("127.0.0.1",))
+        ctx, measurement = simulated_ratls_context(
+            tmp_path, [cfg], common_name="safehold x", ip_addresses=("127.0.0.1",)
+        )
     assert isinstance(ctx, ssl.SSLContext) and ctx.minimum_version == ssl.TLSVersion.TLSv1_3
     assert len(bytes.fromhex(measurement)) == 48  # SHA-384
