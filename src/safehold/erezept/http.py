@@ -216,9 +216,7 @@ async def task_close(task_id: str, request: Request) -> Response:
     """Close with the MedicationDispense (pharmacy, Secret)."""
     p = _principal(request)
     dispense = await _json(request)
-    return _fhir(
-        _state(request).tasks.close(p, task_id, request.query_params.get("secret", ""), dispense)
-    )
+    return _fhir(_state(request).tasks.close(p, task_id, request.query_params.get("secret", ""), dispense))
 
 
 @router.post("/Task/{task_id}/$abort")
