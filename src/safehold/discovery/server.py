@@ -29,9 +29,7 @@ import asyncio
 import logging
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -41,6 +39,7 @@ from safehold.discovery.errors import DiscoveryConfigError
 from safehold.discovery.http import create_app, parse_access
 from safehold.discovery.keys import SECRET_SIZE, DiscoveryKeys
 from safehold.errors import SafeholdError
+from safehold.fsutil import read_toml
 from safehold.netaddr import is_loopback
 from safehold.runtime import exit_status, listen_socket, simulated_ratls_context, write_ready_file
 from safehold.store import open_store
@@ -77,13 +76,8 @@ class ServerConfig:
             DiscoveryConfigError: unreadable, unknown keys, wrong types, no store, a
                 non-loopback host without RA-TLS, or a bad access list.
         """
-        try:
-            data = tomllib.loads(Path(path).read_text("utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise DiscoveryConfigError(f"discovery config {path}: {e}") from None
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise DiscoveryConfigError(f"discovery config: unknown keys {unknown}")
+        data = read_toml(path, known={f.name for f in fields(cls)}, error=DiscoveryConfigError,
+                         what="discovery config")
         cfg = cls(**data)
         if store_url:
             cfg.store_url = store_url

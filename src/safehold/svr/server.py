@@ -48,9 +48,7 @@ import logging
 import os
 import ssl
 import sys
-import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, TextIO
 
 import uvicorn
@@ -58,6 +56,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from safehold.errors import SafeholdError
+from safehold.fsutil import read_toml
 from safehold.netaddr import is_loopback
 from safehold.runtime import exit_status, listen_socket, simulated_ratls_context, write_ready_file
 from safehold.svr.core import SvrService
@@ -93,13 +92,7 @@ class ServerConfig:
             SvrConfigError: unreadable, unknown or missing keys, wrong types, no anchor members,
                 an invalid anchor policy.
         """
-        try:
-            data = tomllib.loads(Path(path).read_text("utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SvrConfigError(f"svr config {path}: {e}") from None
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise SvrConfigError(f"svr config: unknown keys {unknown}")
+        data = read_toml(path, known={f.name for f in fields(cls)}, error=SvrConfigError, what="svr config")
         try:
             cfg = cls(**data)
         except TypeError as e:
