@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchutil import best_of
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -41,16 +43,6 @@ from safehold.discovery.protocol import RESULT_SIZE  # noqa: E402
 from safehold.discovery.table import ObliviousTable  # noqa: E402
 
 QUERY = 1000
-
-
-def best_of(fn, runs: int) -> float:
-    """Fastest of ``runs`` calls, seconds."""
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def lookup_case(n: int, runs: int, rng: np.random.Generator) -> dict[str, float]:

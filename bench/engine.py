@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import benchutil
 from safehold.crypto import envelope
 from safehold.crypto.keyset import Keyset
 from safehold.records.codec import UnsafePlainCodec
@@ -136,9 +137,7 @@ def bench_envelope(quick: bool) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run, under 60 s on 2 cores")
-    ap.add_argument("--postgres-dsn", default=os.environ.get(
-        "SAFEHOLD_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
-    ap.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL half")
+    benchutil.add_postgres_options(ap, no_postgres_help="skip the PostgreSQL half")
     args = ap.parse_args()
     n, rounds = (300, 3) if args.quick else (1000, 5)
 

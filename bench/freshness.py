@@ -42,6 +42,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+import benchutil
 from safehold.broker.ca import WorkloadCA
 from safehold.crypto.keyset import Keyset
 from safehold.freshness.anchor.client import QuorumAnchor
@@ -293,9 +294,7 @@ def bench_rebuild(anchor: Anchor, quorum: QuorumAnchor, root: Path, n: int) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run, under 60 s on 2 cores")
-    ap.add_argument("--postgres-dsn", default=os.environ.get(
-        "SAFEHOLD_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
-    ap.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL half")
+    benchutil.add_postgres_options(ap, no_postgres_help="skip the PostgreSQL half")
     args = ap.parse_args()
     figures: dict[str, object] = {"quick": args.quick, "clients": CLIENTS}
     with tempfile.TemporaryDirectory(prefix="safehold-bench-fresh-") as d:

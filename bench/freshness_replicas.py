@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+import benchutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import Anchor  # noqa: E402 - the sibling benchmark's member setup
 from safehold.errors import ConflictError  # noqa: E402
@@ -146,9 +148,7 @@ def main() -> int:
     faulthandler.dump_traceback_later(240, exit=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="per measurement")
-    ap.add_argument("--postgres-dsn", default=os.environ.get(
-        "SAFEHOLD_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
-    ap.add_argument("--no-postgres", action="store_true")
+    benchutil.add_postgres_options(ap)
     ap.add_argument("--no-sqlite", action="store_true")
     args = ap.parse_args()
     figures: dict[str, object] = {}

@@ -29,11 +29,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import benchutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -187,12 +188,7 @@ def main() -> None:
     body = rb.patient_record()
     print(f"record: FHIR Patient, {len(json.dumps(body))} bytes JSON; {rb.CLIENTS} clients; "
           f"{seconds:.0f} s per phase, {rounds} alternating rounds", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="safehold-bench-fresh-"))
-    shutil.copytree(ROOT / "src" / "safehold", tmp / "pkg" / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    sys.path.insert(0, str(tmp / "pkg"))
-    for m in [m for m in sys.modules if m == "safehold" or m.startswith("safehold.")]:
-        del sys.modules[m]
+    tmp = benchutil.snapshot_package("safehold-bench-fresh-")
     out: dict[str, Any] = {"clients": rb.CLIENTS, "seconds_per_phase": seconds, "rounds": rounds,
                            "target_put": 0.85, "target_get": 0.95}
     try:

@@ -50,13 +50,14 @@ import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import benchutil
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 8
@@ -412,13 +413,8 @@ def main() -> None:
     print(f"record: FHIR Patient, {len(json.dumps(body))} bytes JSON; {CLIENTS} concurrent clients; "
           f"{seconds:.0f} s per phase", flush=True)
 
-    tmp = Path(tempfile.mkdtemp(prefix="safehold-bench-"))
     # run the stacks from a snapshot of the package so that the measurement is stable
-    shutil.copytree(ROOT / "src" / "safehold", tmp / "pkg" / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    sys.path.insert(0, str(tmp / "pkg"))
-    for m in [m for m in sys.modules if m == "safehold" or m.startswith("safehold.")]:
-        del sys.modules[m]
+    tmp = benchutil.snapshot_package("safehold-bench-")
     from safehold.devstack import (
         prepare,
         records_cmd,

@@ -24,10 +24,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+import benchutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,12 +51,7 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 3)
     rb = _bench_records()
     body = rb.patient_record()
-    tmp = Path(tempfile.mkdtemp(prefix="safehold-bench-workers-"))
-    shutil.copytree(ROOT / "src" / "safehold", tmp / "pkg" / "safehold",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    sys.path.insert(0, str(tmp / "pkg"))
-    for m in [m for m in sys.modules if m == "safehold" or m.startswith("safehold.")]:
-        del sys.modules[m]
+    tmp = benchutil.snapshot_package("safehold-bench-workers-")
     from safehold.devstack import prepare, start, stop, tokens
 
     stacks: dict[int, Any] = {}

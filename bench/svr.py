@@ -41,6 +41,8 @@ import time
 import warnings
 from pathlib import Path
 
+from benchutil import best_of
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -61,16 +63,6 @@ from safehold.svr.protocol import backup_id  # noqa: E402
 
 GROUP_ID = 0x5AFE_BE4C
 SECRET = b"bench secret: a 32-byte key ...."
-
-
-def best_of(fn, runs: int) -> float:
-    """Fastest of ``runs`` calls, seconds."""
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def oprf_rates(count: int, passes: int) -> dict[str, float]:

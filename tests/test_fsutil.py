@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from safehold.fsutil import write_atomic
+from safehold.errors import ConfigError
+from safehold.fsutil import read_toml, write_atomic
 
 
 def test_replaces_whole_file_with_mode(tmp_path):
@@ -53,3 +54,22 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path):
     assert torn == []
     assert p.read_bytes() in blobs
     assert sorted(x.name for x in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_read_toml_refuses_unknown_keys_and_bad_files(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('a = 1\n[b]\nx = "y"\n')
+    assert read_toml(f, known={"a", "b", "c"}, error=ConfigError, what="x config") == {
+        "a": 1,
+        "b": {"x": "y"},
+    }
+    with pytest.raises(ConfigError, match=r"^x config: unknown keys \['a', 'b'\]$"):
+        read_toml(f, known=(), error=ConfigError, what="x config")
+    f.write_text("a = \n")
+    with pytest.raises(ConfigError, match="^x config .*c.toml: "):
+        read_toml(f, known={"a"}, error=ConfigError, what="x config")
+    f.write_bytes(b"a = '\xff'\n")
+    with pytest.raises(ConfigError):
+        read_toml(f, known={"a"}, error=ConfigError, what="x config")
+    with pytest.raises(ConfigError, match="missing.toml"):
+        read_toml(tmp_path / "missing.toml", known={"a"}, error=ConfigError, what="x config")

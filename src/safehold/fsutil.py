@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import tomllib
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, mode: int = 0o600) -> None:
@@ -38,3 +41,24 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, mode: int =
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def read_toml(
+    path: str | os.PathLike[str], *, known: Collection[str], error: type[Exception], what: str
+) -> dict[str, Any]:
+    """The TOML document at ``path`` (UTF-8, TOML 1.0 via :mod:`tomllib`) as a dict whose
+    top-level keys are all in ``known`` (a measured configuration file: a key the code does not
+    know is refused, never ignored).
+
+    Raises:
+        error: unreadable, not UTF-8 or not TOML (``"<what> <path>: <reason>"``), or top-level
+            keys outside ``known`` (``"<what>: unknown keys [<sorted>]"``).
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path}: {e}") from None
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise error(f"{what}: unknown keys {unknown}")
+    return data

@@ -377,11 +377,9 @@ def test_parallel_imports_on_one_data_dir_never_crash(env, stack, tmp_path):
     assert not list(stack["data"].glob("import-state.json.*.tmp"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_import_says_how_to_resume_and_resumes(env, stack, tmp_path, sig, code):
-    n = 1500
-    f = big_csv(tmp_path / "patients.csv", n, prefix=f"sig{code}")
+def _import_in_background(env, stack, f: Path, *, done: int) -> subprocess.Popen:
+    """``safehold patients import f`` as a child process, returned once its checkpoint
+    (``import-state.json``) lists ``f`` with at least ``done`` records done (60 s at most)."""
     state = stack["data"] / "import-state.json"
     p = subprocess.Popen([sys.executable, "-m", "safehold.cli.main", "patients", "import", str(f),
                           *_d(stack)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -392,9 +390,17 @@ def test_interrupted_import_says_how_to_resume_and_resumes(env, stack, tmp_path,
             files = json.loads(state.read_text())["files"]
         except (OSError, ValueError, KeyError):
             files = {}
-        if any(e.get("file") == f.name and e["done"] >= 200 for e in files.values()):
-            break
+        if any(e.get("file") == f.name and e["done"] >= done for e in files.values()):
+            return p
         time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_import_says_how_to_resume_and_resumes(env, stack, tmp_path, sig, code):
+    n = 1500
+    f = big_csv(tmp_path / "patients.csv", n, prefix=f"sig{code}")
+    p = _import_in_background(env, stack, f, done=200)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     assert p.returncode == code, err
@@ -410,19 +416,7 @@ def test_interrupted_import_says_how_to_resume_and_resumes(env, stack, tmp_path,
 def test_records_service_killed_mid_import_is_one_clear_error(env, stack, tmp_path):
     """Runs last: it kills the module's records service."""
     f = big_csv(tmp_path / "patients.csv", 3000, prefix="kill")
-    state = stack["data"] / "import-state.json"
-    p = subprocess.Popen([sys.executable, "-m", "safehold.cli.main", "patients", "import", str(f),
-                          *_d(stack)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while True:
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        try:
-            files = json.loads(state.read_text())["files"]
-        except (OSError, ValueError, KeyError):
-            files = {}
-        if any(e.get("file") == f.name for e in files.values()):
-            break
-        time.sleep(0.02)
+    p = _import_in_background(env, stack, f, done=0)
     os.kill(stack["info"]["pids"]["records"], signal.SIGKILL)
     out, err = p.communicate(timeout=90)
     assert p.returncode == 1, err

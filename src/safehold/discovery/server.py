@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
-import socket
 import sys
-import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -43,8 +39,9 @@ from safehold.discovery.errors import DiscoveryConfigError
 from safehold.discovery.http import create_app, parse_access
 from safehold.discovery.keys import SECRET_SIZE, DiscoveryKeys
 from safehold.errors import SafeholdError
-from safehold.fsutil import write_atomic
+from safehold.fsutil import read_toml
 from safehold.netaddr import is_loopback
+from safehold.runtime import exit_status, listen_socket, simulated_ratls_context, write_ready_file
 from safehold.store import open_store
 
 log = logging.getLogger("safehold.discovery")
@@ -79,13 +76,8 @@ class ServerConfig:
             DiscoveryConfigError: unreadable, unknown keys, wrong types, no store, a
                 non-loopback host without RA-TLS, or a bad access list.
         """
-        try:
-            data = tomllib.loads(Path(path).read_text("utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise DiscoveryConfigError(f"discovery config {path}: {e}") from None
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise DiscoveryConfigError(f"discovery config: unknown keys {unknown}")
+        data = read_toml(path, known={f.name for f in fields(cls)}, error=DiscoveryConfigError,
+                         what="discovery config")
         cfg = cls(**data)
         if store_url:
             cfg.store_url = store_url
@@ -152,18 +144,9 @@ def build(cfg: ServerConfig, secret: bytes, access: dict[str, Any] | None = None
 
 
 def _ratls_context(cfg: ServerConfig, data_dir: str, config_path: str) -> tuple[Any, str]:
-    import ssl
-
-    from safehold.attestation.attesters.simulated import SimulatedAttester
-    from safehold.ratls.cert import create_identity
-    from safehold.runtime import memory_server_context
-
-    attester = SimulatedAttester(data_dir, workload_files=[config_path])
     ips = (cfg.host,) if cfg.host[:1].isdigit() or ":" in cfg.host else ()
-    identity = create_identity(attester, common_name=f"safehold {cfg.name}", ip_addresses=ips)
-    ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    return ctx, attester.measurement.hex()
+    return simulated_ratls_context(data_dir, [config_path], common_name=f"safehold {cfg.name}",
+                                   ip_addresses=ips)
 
 
 def serve(cfg: ServerConfig, secret: bytes, *, access: dict[str, Any] | None = None,
@@ -174,19 +157,10 @@ def serve(cfg: ServerConfig, secret: bytes, *, access: dict[str, Any] | None = N
     if ctx is None:
         log.warning("discovery: PLAIN HTTP on loopback, NOT attested (development only)")
     app, _ = build(cfg, secret, access)
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # asyncio sets TCP_NODELAY only on sockets created with proto IPPROTO_TCP, not on this
-    # proto-0 one: without it every answer waits ~40 ms for the client's delayed ACK
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((cfg.host, cfg.port))
-    sock.listen(128)
-    port = sock.getsockname()[1]
+    sock = listen_socket(cfg.host, cfg.port, backlog=128)
     if cfg.ready_file:
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        url = f"{'https' if ctx is not None else 'http'}://{host}:{port}"
-        write_atomic(cfg.ready_file, json.dumps({"url": url, "port": port, "pid": os.getpid(),
-                                                 "name": cfg.name, "measurement": measurement}).encode())
+        write_ready_file(cfg.ready_file, host=cfg.host, port=sock.getsockname()[1], tls=ctx is not None,
+                         name=cfg.name, measurement=measurement)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, server_header=False, lifespan="off",
         ssl_context_factory=(lambda _c, _d: ctx) if ctx is not None else None))
@@ -222,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             secret = read_secret(sys.stdin)
         serve(cfg, secret, access=access, data_dir=args.data_dir, config_path=args.config)
     except SafeholdError as e:
-        print(f"discovery: {e}", file=sys.stderr)
-        from safehold.records.errors import NoKeysError
-
-        return 2 if isinstance(e, NoKeysError) else 1
+        return exit_status("discovery", e)
     return 0
 
 

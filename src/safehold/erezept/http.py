@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,108 +129,121 @@ def _param(params: Any, name: str) -> dict[str, Any]:
     raise BundleInvalidError(f"Parameters lack {name!r}")
 
 
+#: What a route answers as a FHIR OperationOutcome (:func:`_error`) instead of raising.
+_ANSWERED = (ErezeptError, StoreUnavailableError, RecordTamperedError)
+
+
+def _outcomes(route: Callable[..., Any]) -> Callable[..., Any]:
+    """Route decorator: an :data:`_ANSWERED` error the route raises (E-Rezept errors, the store
+    unavailable, a stored Task that fails authentication) becomes its OperationOutcome response
+    (:func:`_error`); anything else propagates. Keeps the route's signature (FastAPI reads it
+    through ``__wrapped__``) and whether it is a coroutine function (sync routes stay in the
+    thread pool)."""
+    if inspect.iscoroutinefunction(route):
+
+        @functools.wraps(route)
+        async def answered_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await route(*args, **kwargs)
+            except _ANSWERED as e:
+                return _error(e)
+
+        return answered_async
+
+    @functools.wraps(route)
+    def answered(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return route(*args, **kwargs)
+        except _ANSWERED as e:
+            return _error(e)
+
+    return answered
+
+
 router = APIRouter()
 
 
 @router.post("/Task/$create")
+@_outcomes
 async def task_create(request: Request) -> Response:
     """Create a draft Task (prescriber)."""
-    try:
-        p = _principal(request)
-        coding = _param(await _json(request), "workflowType").get("valueCoding")
-        flow = coding.get("code") if isinstance(coding, dict) else None
-        if not isinstance(flow, str):
-            raise BundleInvalidError("workflowType needs valueCoding.code")
-        return _fhir(_state(request).tasks.create(p, flow), 201)
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+    p = _principal(request)
+    coding = _param(await _json(request), "workflowType").get("valueCoding")
+    flow = coding.get("code") if isinstance(coding, dict) else None
+    if not isinstance(flow, str):
+        raise BundleInvalidError("workflowType needs valueCoding.code")
+    return _fhir(_state(request).tasks.create(p, flow), 201)
 
 
 @router.post("/Task/{task_id}/$activate")
+@_outcomes
 async def task_activate(task_id: str, request: Request) -> Response:
     """Activate with the signed KBV bundle (prescriber)."""
+    p = _principal(request)
+    binary = _param(await _json(request), "ePrescription").get("resource")
+    if not isinstance(binary, dict) or binary.get("resourceType") != "Binary":
+        raise BundleInvalidError("ePrescription must be a Binary resource")
+    if binary.get("contentType") != "application/pkcs7-mime":
+        raise BundleInvalidError("ePrescription Binary must be application/pkcs7-mime (CMS)")
     try:
-        p = _principal(request)
-        binary = _param(await _json(request), "ePrescription").get("resource")
-        if not isinstance(binary, dict) or binary.get("resourceType") != "Binary":
-            raise BundleInvalidError("ePrescription must be a Binary resource")
-        if binary.get("contentType") != "application/pkcs7-mime":
-            raise BundleInvalidError("ePrescription Binary must be application/pkcs7-mime (CMS)")
-        try:
-            signed = base64.b64decode(binary.get("data") or "", validate=True)
-        except (binascii.Error, ValueError):
-            raise BundleInvalidError("ePrescription Binary data is not base64") from None
-        ac = request.headers.get("x-accesscode") or request.query_params.get("ac") or ""
-        return _fhir(_state(request).tasks.activate(p, task_id, ac, signed))
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+        signed = base64.b64decode(binary.get("data") or "", validate=True)
+    except (binascii.Error, ValueError):
+        raise BundleInvalidError("ePrescription Binary data is not base64") from None
+    ac = request.headers.get("x-accesscode") or request.query_params.get("ac") or ""
+    return _fhir(_state(request).tasks.activate(p, task_id, ac, signed))
 
 
 @router.post("/Task/{task_id}/$accept")
+@_outcomes
 def task_accept(task_id: str, request: Request) -> Response:
     """Accept a ready Task (pharmacy, AccessCode)."""
-    try:
-        p = _principal(request)
-        return _fhir(_state(request).tasks.accept(p, task_id, request.query_params.get("ac", "")))
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+    p = _principal(request)
+    return _fhir(_state(request).tasks.accept(p, task_id, request.query_params.get("ac", "")))
 
 
 @router.post("/Task/{task_id}/$reject")
+@_outcomes
 def task_reject(task_id: str, request: Request) -> Response:
     """Hand an accepted Task back (pharmacy, Secret)."""
-    try:
-        p = _principal(request)
-        _state(request).tasks.reject(p, task_id, request.query_params.get("secret", ""))
-        return Response(status_code=204)
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+    p = _principal(request)
+    _state(request).tasks.reject(p, task_id, request.query_params.get("secret", ""))
+    return Response(status_code=204)
 
 
 @router.post("/Task/{task_id}/$close")
+@_outcomes
 async def task_close(task_id: str, request: Request) -> Response:
     """Close with the MedicationDispense (pharmacy, Secret)."""
-    try:
-        p = _principal(request)
-        dispense = await _json(request)
-        return _fhir(
-            _state(request).tasks.close(p, task_id, request.query_params.get("secret", ""), dispense)
-        )
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+    p = _principal(request)
+    dispense = await _json(request)
+    return _fhir(_state(request).tasks.close(p, task_id, request.query_params.get("secret", ""), dispense))
 
 
 @router.post("/Task/{task_id}/$abort")
+@_outcomes
 def task_abort(task_id: str, request: Request) -> Response:
     """Cancel a Task (prescriber with AccessCode, insured, pharmacy with Secret)."""
-    try:
-        p = _principal(request)
-        _state(request).tasks.abort(
-            p,
-            task_id,
-            access_code=request.headers.get("x-accesscode"),
-            secret=request.query_params.get("secret"),
-        )
-        return Response(status_code=204)
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+    p = _principal(request)
+    _state(request).tasks.abort(
+        p,
+        task_id,
+        access_code=request.headers.get("x-accesscode"),
+        secret=request.query_params.get("secret"),
+    )
+    return Response(status_code=204)
 
 
 @router.get("/Task")
+@_outcomes
 def task_list(request: Request) -> Response:
     """The insured person's Tasks."""
-    try:
-        return _fhir(_state(request).tasks.list_for_insured(_principal(request)))
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+    return _fhir(_state(request).tasks.list_for_insured(_principal(request)))
 
 
 @router.get("/Task/{task_id}")
+@_outcomes
 def task_get(task_id: str, request: Request) -> Response:
     """One Task (insured: own; pharmacy: with AccessCode or Secret)."""
-    try:
-        p = _principal(request)
-        q = request.query_params
-        return _fhir(_state(request).tasks.get(p, task_id, access_code=q.get("ac"), secret=q.get("secret")))
-    except (ErezeptError, StoreUnavailableError, RecordTamperedError) as e:
-        return _error(e)
+    p = _principal(request)
+    q = request.query_params
+    return _fhir(_state(request).tasks.get(p, task_id, access_code=q.get("ac"), secret=q.get("secret")))

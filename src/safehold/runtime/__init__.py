@@ -10,8 +10,12 @@ starts the same way, the way a Trustee/CoCo workload or a MarbleRun "Marble" doe
    configuration (:func:`pinned_ca`), and receives, *to memory only*, the secrets the data
    owner's manifest lists for it and a certificate for a TLS key generated here (with this
    workload's RA-TLS Evidence in the leaf) — :func:`attest_and_fetch`;
-3. it serves (``safehold.runtime.server.serve``, uvicorn; the only module here that imports a
-   web framework) with a TLS context built from memory (:meth:`Provisioned.server_context`).
+3. it serves (``safehold.runtime.server.serve``, uvicorn) with a TLS context built from memory
+   (:meth:`Provisioned.server_context`).
+
+``safehold.runtime.server`` and ``safehold.runtime.http`` (the bearer-token JSON services'
+shared HTTP scaffold: access list, ``Authorization`` check, error answers, body limit) are the
+only modules here that import a web framework.
 
 Nothing here writes a key, keyset, token or secret to a file, a temporary directory, a log,
 argv or the environment. Usage (a service's ``server.py``)::
@@ -32,6 +36,12 @@ argv or the environment. Usage (a service's ``server.py``)::
     # as a TLS *client* with the workload certificate (e.g. to the freshness anchor):
     prov.cert_pem, prov.key_pem()  ->  freshness.anchor.client.memory_client_context(...)
 
+A process that serves its own socket (discovery, SVR, the VAU) uses the smaller pieces:
+:func:`~safehold.runtime.core.simulated_ratls_context` (RA-TLS from the simulated TEE, key in
+memory), :func:`~safehold.runtime.core.listen_socket`,
+:func:`~safehold.runtime.core.write_ready_file` and
+:func:`~safehold.runtime.core.exit_status` (one stderr line; exit 2 on ``NoKeysError``).
+
 Errors: :class:`~safehold.runtime.errors.NoKeysError` (the broker refused: the message carries
 its reason, expected vs. got), :class:`~safehold.runtime.errors.BrokerIdentityError` (not the
 pinned broker), ``BrokerError`` (unreachable / malformed answer), ``ConfigError``.
@@ -48,13 +58,18 @@ if TYPE_CHECKING:
         Provisioned,
         attest_and_fetch,
         ca_sha256,
+        exit_status,
+        listen_socket,
         memory_server_context,
         pinned_ca,
         simulated_attester,
+        simulated_ratls_context,
+        write_ready_file,
     )
 
-_CORE = frozenset({"Provisioned", "attest_and_fetch", "ca_sha256", "memory_server_context", "pinned_ca",
-                   "simulated_attester"})
+_CORE = frozenset({"Provisioned", "attest_and_fetch", "ca_sha256", "exit_status", "listen_socket",
+                   "memory_server_context", "pinned_ca", "simulated_attester", "simulated_ratls_context",
+                   "write_ready_file"})
 
 
 def __getattr__(name: str) -> Any:
@@ -72,7 +87,11 @@ __all__ = [
     "Provisioned",
     "attest_and_fetch",
     "ca_sha256",
+    "exit_status",
+    "listen_socket",
     "memory_server_context",
     "pinned_ca",
     "simulated_attester",
+    "simulated_ratls_context",
+    "write_ready_file",
 ]

@@ -4,9 +4,12 @@ TLS contexts from memory. No web framework here (``safehold.runtime.server`` ser
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import socket
 import ssl
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +110,72 @@ def memory_server_context(cert_chain_pem: bytes, key_pem: bytes, *,
         ctx.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
         ctx.verify_mode = client_cert
     return ctx
+
+
+def simulated_ratls_context(data_dir: str | os.PathLike[str], config_files: Iterable[str | os.PathLike[str]],
+                            *, common_name: str,
+                            ip_addresses: Iterable[str] = ()) -> tuple[ssl.SSLContext, str]:
+    """An RA-TLS server context from this process's SIMULATED TEE (development / CI, the
+    services' ``--data-dir`` mode without a broker certificate): a TLS key generated in memory,
+    a self-signed certificate (``common_name``, IP SANs ``ip_addresses``) whose extension carries
+    the Evidence over that key (``safehold.ratls.cert.create_identity``), loaded from memory
+    (:func:`memory_server_context`), TLS 1.3 only.
+
+    Returns:
+        ``(context, measurement)``: the measurement (hex SHA-384 of the closure plus
+        ``config_files``) the ready files report.
+
+    Raises:
+        AttestationError: the simulated TEE's key directory is unusable.
+        ConfigError: a config file is unreadable, or no ``memfd_create`` here.
+    """
+    from safehold.ratls.cert import create_identity
+
+    attester = simulated_attester(data_dir, config_files)
+    identity = create_identity(attester, common_name=common_name, ip_addresses=tuple(ip_addresses))
+    ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx, attester.measurement.hex()
+
+
+def listen_socket(host: str, port: int, *, backlog: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` (IPv6 if ``host`` has a colon; port 0: a free
+    one) and listening with ``backlog``, for ``uvicorn.Server.serve(sockets=[...])``.
+    ``SO_REUSEADDR`` (a restart does not wait for TIME_WAIT) and ``TCP_NODELAY``, which accepted
+    sockets inherit: asyncio sets it only on sockets it creates with proto ``IPPROTO_TCP``, and
+    without it an answer's header and body records wait for the client's delayed ACK (Nagle,
+    ~40 ms per request on loopback).
+
+    Raises:
+        OSError: the address is unusable or in use.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+def write_ready_file(path: str | os.PathLike[str], *, host: str, port: int, tls: bool, name: str,
+                     measurement: str, mode: int = 0o600) -> None:
+    """Write a service's ready file atomically (``safehold.fsutil.write_atomic``, ``mode``): JSON
+    ``{"url": "http[s]://host:port" (IPv6 in brackets), "port", "pid", "name", "measurement"}``
+    (``measurement``: hex, ``""`` when not attested)."""
+    from safehold.fsutil import write_atomic
+
+    where = f"[{host}]" if ":" in host else host
+    url = f"{'https' if tls else 'http'}://{where}:{port}"
+    write_atomic(path, json.dumps({"url": url, "port": port, "pid": os.getpid(), "name": name,
+                                   "measurement": measurement}).encode(), mode=mode)
+
+
+def exit_status(prog: str, exc: BaseException) -> int:
+    """Report a service process's fatal ``exc`` as one line ``prog: exc`` on stderr and return
+    its exit status: 2 when the broker refused this workload its keys (:class:`NoKeysError`:
+    a supervisor should not restart it unchanged), else 1."""
+    print(f"{prog}: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, NoKeysError) else 1
 
 
 @dataclass

@@ -31,7 +31,8 @@ own backups. Protocol outcomes are ``status`` values in 200 answers. Errors are
 503 ``not-fresh`` (the store as a whole is not fresh: restored from an older copy, forked,
 anchor lost, ledger not initialised), 503 ``not-anchored`` (stored, the anchor has not
 confirmed it yet: the answer is withheld), 503 ``anchor-unavailable``, 503
-``store-unavailable``, 500 ``store-tampered``. Only this module chooses status codes.
+``store-unavailable``, 500 ``store-tampered``. Only this module chooses status codes (the ones
+both bearer-token services share in :mod:`safehold.runtime.http`).
 
 Authentication: ``Authorization: Bearer <token>``; the SHA-256 of the token must be in the
 access list (``{"<hex sha256>": {"name": ..., "roles": ["backup", "admin"]}}``), which the
@@ -40,19 +41,14 @@ process receives with its secrets (never from its measured configuration or argv
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safehold.bodylimit import ASGIApp, BodyLimit, refuse_declared_over
-from safehold.errors import RecordTamperedError, StoreError
+from safehold.errors import RecordTamperedError
 from safehold.freshness.errors import (
     AnchorUnavailableError,
     NotAnchoredError,
@@ -60,6 +56,8 @@ from safehold.freshness.errors import (
     RowFreshnessError,
     StoreStateError,
 )
+from safehold.runtime.http import Principal, bearer_app, bearer_principal, error_response, require_role
+from safehold.runtime.http import parse_access as _parse_access
 from safehold.svr.core import SvrService
 from safehold.svr.errors import InvalidRequestError, SvrConfigError, SvrStateError
 from safehold.svr.protocol import (
@@ -78,40 +76,22 @@ from safehold.svr.protocol import (
 ROLES = ("backup", "admin")
 #: Largest request body (the biggest, create, is under 1 KiB).
 MAX_BODY = 16 * 1024
+#: Longest principal name (UTF-8 bytes): it is hashed into every backup id it owns.
+MAX_NAME = 256
 
 router = APIRouter()
 
 
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated caller: ``name`` (owns the backups it makes) and ``roles``."""
-
-    name: str
-    roles: frozenset[str]
-
-
 def parse_access(data: Mapping[str, Any]) -> dict[bytes, Principal]:
-    """The access list from its JSON form.
+    """The access list from its JSON form (:func:`safehold.runtime.http.parse_access`, roles
+    :data:`ROLES`, names of at most :data:`MAX_NAME` bytes; a
+    :class:`~safehold.runtime.http.Principal` owns the backups it makes).
 
     Raises:
-        SvrConfigError: a key that is not 64 hex digits, a missing name, an unknown role.
+        SvrConfigError: not an object, a key that is not 64 hex digits, a missing or too long
+            name, an unknown role.
     """
-    if not isinstance(data, Mapping):
-        raise SvrConfigError("the access list must be an object")
-    out: dict[bytes, Principal] = {}
-    for digest, ent in data.items():
-        try:
-            key = bytes.fromhex(digest)
-        except (ValueError, TypeError):
-            key = b""
-        if len(key) != 32 or not isinstance(ent, Mapping):
-            raise SvrConfigError("access list keys must be 64 hex digits (SHA-256 of a token)")
-        name, roles = ent.get("name"), ent.get("roles", [])
-        if not isinstance(name, str) or not name or len(name.encode()) > 256 or not isinstance(roles, list) \
-                or not roles or any(r not in ROLES for r in roles):
-            raise SvrConfigError(f"access entry {str(digest)[:12]}…: needs a name and roles from {ROLES}")
-        out[key] = Principal(name, frozenset(roles))
-    return out
+    return _parse_access(data, ROLES, SvrConfigError, max_name_bytes=MAX_NAME)
 
 
 class _Body(BaseModel):
@@ -164,41 +144,17 @@ class StatementBody(_Body):
     signature: str
 
 
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
-
-
 def _service(request: Request) -> SvrService:
     return request.app.state.svr
 
 
-def _body_limit(app: ASGIApp, limit: int = MAX_BODY) -> BodyLimit:
-    """``app`` behind the shared :class:`~safehold.bodylimit.BodyLimit`: a body over ``limit``
-    bytes (declared or streamed) → 413 ``too-large`` before any route reads it."""
-    detail = f"request body over {limit} bytes"
-    declared = refuse_declared_over(limit, lambda: _error(413, "too-large", detail))
-    return BodyLimit(app, limit, declared=declared, overflow=lambda: StarletteHTTPException(413, detail))
-
-
-def _principal(request: Request) -> Principal:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise StarletteHTTPException(401, "a bearer token is required")
-    principal = request.app.state.access.get(hashlib.sha256(token.strip().encode()).digest())
-    if principal is None:
-        raise StarletteHTTPException(401, "unknown token")
-    return principal
-
-
-def _backup_role(who: Principal = Depends(_principal)) -> Principal:
-    if "backup" not in who.roles:
-        raise StarletteHTTPException(403, "the 'backup' role is required")
+def _backup_role(who: Principal = Depends(bearer_principal)) -> Principal:
+    require_role(who, "backup")
     return who
 
 
-def _admin_role(who: Principal = Depends(_principal)) -> Principal:
-    if "admin" not in who.roles:
-        raise StarletteHTTPException(403, "the 'admin' role is required")
+def _admin_role(who: Principal = Depends(bearer_principal)) -> Principal:
+    require_role(who, "admin")
     return who
 
 
@@ -214,7 +170,7 @@ def _bid(who: Principal, label: str) -> bytes:
 def healthz(request: Request) -> JSONResponse:
     """200 while serving; 503 with the freshness finding otherwise."""
     ok, why = _service(request).health()
-    return JSONResponse({"status": "ok"}) if ok else _error(503, "not-fresh", why)
+    return JSONResponse({"status": "ok"}) if ok else error_response(503, "not-fresh", why)
 
 
 @router.get("/v1/svr/info")
@@ -339,69 +295,17 @@ def freshness_apply(body: StatementBody, request: Request, who: Admin) -> dict[s
 # --- error mapping (the only place with status codes) ------------------------------------------
 
 
-async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
-    return _error(400, "invalid", str(exc))
-
-
-async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    where = "; ".join(".".join(str(p) for p in e.get("loc", ())) + ": " + str(e.get("msg", ""))
-                      for e in exc.errors()[:5])
-    return _error(400, "invalid", f"malformed request: {where}")
-
-
-async def _on_owner(request: Request, exc: Exception) -> JSONResponse:
-    return _error(400, "invalid-statement", str(exc))
-
-
-async def _on_stale(request: Request, exc: Exception) -> JSONResponse:
-    return _error(409, "stale-data", str(exc))
-
-
-async def _on_not_fresh(request: Request, exc: Exception) -> JSONResponse:
-    return _error(503, "not-fresh", str(exc))
-
-
-async def _on_not_anchored(request: Request, exc: Exception) -> JSONResponse:
-    return _error(503, "not-anchored", str(exc))
-
-
-async def _on_anchor(request: Request, exc: Exception) -> JSONResponse:
-    return _error(503, "anchor-unavailable", str(exc))
-
-
-async def _on_tampered(request: Request, exc: Exception) -> JSONResponse:
-    return _error(500, "store-tampered", str(exc))
-
-
-async def _on_store(request: Request, exc: Exception) -> JSONResponse:
-    return _error(503, "store-unavailable", type(exc).__name__)
-
-
-async def _on_http(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    codes = {401: "unauthenticated", 403: "forbidden", 404: "no-such-endpoint", 405: "method-not-allowed",
-             413: "too-large"}
-    return _error(exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail))
-
-
 def create_app(service: SvrService, access: Mapping[bytes, Principal]) -> FastAPI:
-    """The ASGI app: this router, the error mapping, ``service`` / ``access`` on ``app.state``."""
-    app = FastAPI(title="Safehold Secure Value Recovery", version="1", openapi_url=None, docs_url=None,
-                  redoc_url=None)
+    """The ASGI app: this router, the error mapping (module docstring; the shared part in
+    :func:`safehold.runtime.http.bearer_app`), ``service`` / ``access`` on ``app.state``."""
+    tampered = (500, "store-tampered")
+    app = bearer_app(title="Safehold Secure Value Recovery", router=router, access=access, max_body=MAX_BODY,
+                     errors={InvalidRequestError: (400, "invalid"),
+                             OwnerStatementError: (400, "invalid-statement"),
+                             RowFreshnessError: (409, "stale-data"), StoreStateError: (503, "not-fresh"),
+                             NotAnchoredError: (503, "not-anchored"),
+                             AnchorUnavailableError: (503, "anchor-unavailable"),
+                             RecordTamperedError: tampered, SvrStateError: tampered},
+                     openapi_url=None, docs_url=None, redoc_url=None)
     app.state.svr = service
-    app.state.access = dict(access)
-    app.include_router(router)
-    app.add_middleware(_body_limit)
-    app.add_exception_handler(InvalidRequestError, _on_invalid)
-    app.add_exception_handler(RequestValidationError, _on_validation)
-    app.add_exception_handler(OwnerStatementError, _on_owner)
-    app.add_exception_handler(RowFreshnessError, _on_stale)
-    app.add_exception_handler(StoreStateError, _on_not_fresh)
-    app.add_exception_handler(NotAnchoredError, _on_not_anchored)
-    app.add_exception_handler(AnchorUnavailableError, _on_anchor)
-    app.add_exception_handler(RecordTamperedError, _on_tampered)
-    app.add_exception_handler(SvrStateError, _on_tampered)
-    app.add_exception_handler(StoreError, _on_store)
-    app.add_exception_handler(StarletteHTTPException, _on_http)
     return app

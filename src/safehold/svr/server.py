@@ -46,12 +46,9 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import ssl
 import sys
-import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, TextIO
 
 import uvicorn
@@ -59,8 +56,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from safehold.errors import SafeholdError
-from safehold.fsutil import write_atomic
+from safehold.fsutil import read_toml
 from safehold.netaddr import is_loopback
+from safehold.runtime import exit_status, listen_socket, simulated_ratls_context, write_ready_file
 from safehold.svr.core import SvrService
 from safehold.svr.errors import SvrConfigError
 from safehold.svr.http import Principal, create_app, parse_access
@@ -94,13 +92,7 @@ class ServerConfig:
             SvrConfigError: unreadable, unknown or missing keys, wrong types, no anchor members,
                 an invalid anchor policy.
         """
-        try:
-            data = tomllib.loads(Path(path).read_text("utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SvrConfigError(f"svr config {path}: {e}") from None
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise SvrConfigError(f"svr config: unknown keys {unknown}")
+        data = read_toml(path, known={f.name for f in fields(cls)}, error=SvrConfigError, what="svr config")
         try:
             cfg = cls(**data)
         except TypeError as e:
@@ -239,16 +231,9 @@ def build(cfg: ServerConfig, secrets: Secrets, store_url: str) -> tuple[Any, Svr
 
 
 def _ratls_context(cfg: ServerConfig, data_dir: str, config_path: str) -> tuple[ssl.SSLContext, str]:
-    from safehold.attestation.attesters.simulated import SimulatedAttester
-    from safehold.ratls.cert import create_identity
-    from safehold.runtime import memory_server_context
-
-    attester = SimulatedAttester(data_dir, workload_files=[config_path])
     ips = (cfg.host,) if cfg.host[:1].isdigit() or ":" in cfg.host else ()
-    identity = create_identity(attester, common_name=f"safehold svr {cfg.name}", ip_addresses=ips)
-    ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    return ctx, attester.measurement.hex()
+    return simulated_ratls_context(data_dir, [config_path], common_name=f"safehold svr {cfg.name}",
+                                   ip_addresses=ips)
 
 
 def serve(cfg: ServerConfig, secrets: Secrets, *, config_path: str, store_url: str, port: int,
@@ -260,23 +245,13 @@ def serve(cfg: ServerConfig, secrets: Secrets, *, config_path: str, store_url: s
     if ctx is None:
         log.warning("SVR %s: PLAIN HTTP on loopback, NOT attested (development only)", cfg.name)
     app, service = build(cfg, secrets, store_url)
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # inherited by accepted sockets: an answer's header and body records must not wait for
-    # the client's delayed ACK (Nagle), which costs ~40 ms per request on loopback
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((cfg.host, port))
-    sock.listen(256)
-    bound = sock.getsockname()[1]
+    sock = listen_socket(cfg.host, port, backlog=256)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, server_header=False, lifespan="off",
         timeout_keep_alive=30, ssl_context_factory=(lambda _c, _d: ctx) if ctx is not None else None))
     if ready_file:
-        scheme = "https" if ctx is not None else "http"
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        write_atomic(ready_file, json.dumps({"url": f"{scheme}://{host}:{bound}", "port": bound,
-                                             "pid": os.getpid(), "name": cfg.name,
-                                             "measurement": measurement}).encode(), mode=0o644)
+        write_ready_file(ready_file, host=cfg.host, port=sock.getsockname()[1], tls=ctx is not None,
+                         name=cfg.name, measurement=measurement, mode=0o644)
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
@@ -311,10 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(cfg, secrets, config_path=args.config, store_url=args.store_url, port=args.port,
               data_dir=args.data_dir, ready_file=args.ready_file)
     except SafeholdError as e:
-        print(f"svr: {e}", file=sys.stderr)
-        from safehold.records.errors import NoKeysError
-
-        return 2 if isinstance(e, NoKeysError) else 1
+        return exit_status("svr", e)
     return 0
 
 

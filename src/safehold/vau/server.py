@@ -406,16 +406,41 @@ def attested_state(cfg: AttestedConfig, *, config_path: str, broker_url: str, br
     return state, store.close
 
 
+def _serve_until_signal(server: _Server, on_listening: Callable[[int], None],
+                        close: Callable[[], None]) -> None:
+    """Run ``server`` on a new event loop until SIGTERM or SIGINT (both set ``should_exit``:
+    in-flight requests finish); ``on_listening(port)`` once the socket listens (not called if
+    the server fails to start); ``close()`` always at the end (the store)."""
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                return
+            await asyncio.sleep(0.02)
+        on_listening(server.servers[0].sockets[0].getsockname()[1])
+        await task
+
+    import signal
+
+    def stop(*_: Any) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        asyncio.run(run())
+    finally:
+        close()
+
+
 def _main_attested(argv: list[str]) -> int:
     import argparse
     import os
 
-    from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.errors import SafeholdError
     from safehold.fsutil import write_atomic
-    from safehold.ratls.cert import create_identity
-    from safehold.records.errors import NoKeysError
-    from safehold.runtime import memory_server_context
+    from safehold.runtime import exit_status, simulated_ratls_context
 
     ap = argparse.ArgumentParser(prog="python -m safehold.vau.server")
     ap.add_argument("--config", required=True, help="measured TOML configuration (AttestedConfig)")
@@ -433,40 +458,19 @@ def _main_attested(argv: list[str]) -> int:
         state, close = attested_state(cfg, config_path=args.config, broker_url=args.broker_url,
                                       broker_ca=args.broker_ca, tee_dir=args.data_dir,
                                       store_url=args.store_url, records_url=args.records_url)
-        attester = SimulatedAttester(args.data_dir, workload_files=[args.config])
-        identity = create_identity(attester, common_name=f"safehold {cfg.name}", ip_addresses=(cfg.host,))
-        ctx = memory_server_context(identity.cert_pem(), identity.key_pem())  # the key never touches a file
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx, measurement = simulated_ratls_context(
+            args.data_dir, [args.config], common_name=f"safehold {cfg.name}", ip_addresses=(cfg.host,))
     except SafeholdError as e:
-        print(f"vau: {e}", file=sys.stderr)
-        return 2 if isinstance(e, NoKeysError) else 1
-    server = _Server(_config(build_app(state), cfg.host, args.port, ctx))
+        return exit_status("vau", e)
 
-    async def run() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                return
-            await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    def ready(port: int) -> None:
         if args.ready_file:
             write_atomic(args.ready_file, json.dumps({
                 "url": f"https://{cfg.host}:{port}", "port": port, "pid": os.getpid(), "name": cfg.name,
-                "measurement": attester.measurement.hex(), "epa": state.epa is not None}).encode(),
+                "measurement": measurement, "epa": state.epa is not None}).encode(),
                 mode=0o644)
-        await task
 
-    import signal
-
-    def stop(*_: Any) -> None:
-        server.should_exit = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        asyncio.run(run())
-    finally:
-        close()
+    _serve_until_signal(_Server(_config(build_app(state), cfg.host, args.port, ctx)), ready, close)
     return 0
 
 
@@ -488,29 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     state, close = state_from_config(cfg)
     host, port = str(cfg.get("host", "127.0.0.1")), int(cfg.get("port", 0))
     del raw, cfg
-    server = _Server(_config(build_app(state), host, port, None))
-
-    async def run() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                return
-            await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        print(json.dumps({"port": port}), flush=True)
-        await task
-
-    import signal
-
-    def stop(*_: Any) -> None:
-        server.should_exit = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        asyncio.run(run())
-    finally:
-        close()
+    _serve_until_signal(_Server(_config(build_app(state), host, port, None)),
+                        lambda bound: print(json.dumps({"port": bound}), flush=True), close)
     return 0
 
 
