@@ -22,6 +22,7 @@ import fnmatch
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from safehold.errors import ConfigError
 from safehold.freshness.digests import MSH_MOD, FreshKeys
@@ -34,9 +35,9 @@ POSTINGS = 1
 _NS_HEAD = struct.Struct(">BBBQ")  # kind, prefix length, key width, rows
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What one committed write did to one row.
+class Change(NamedTuple):
+    """What one committed write did to one row (immutable; a named tuple: a commit makes one
+    per written row, ~37 per Patient, and a tuple is built 4 x faster than a frozen dataclass).
 
     Attributes:
         namespace, key: the row.
