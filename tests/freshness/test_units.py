@@ -76,14 +76,14 @@ def test_sorted_table_update_many_matches_a_dict(monkeypatch, seed):
             key = rnd.choice(keys)
             new = (rnd.randrange(1 << 40), os.urandom(16)) if rnd.random() < 0.7 else None
             seen = []
-            batch.append((key, lambda e, new=new, seen=seen: seen.append(e) or new))
+            batch.append((key, (new, seen)))
             cur = ref.get(key)
             if new is None:
                 ref.pop(key, None)
             else:
                 ref[key] = new
             batch[-1] = (*batch[-1], seen, cur)
-        t.update_many((k, fn) for k, fn, _, _ in batch)
+        t.update_many(((k, arg) for k, arg, _, _ in batch), lambda e, arg: arg[1].append(e) or arg[0])
         assert all(seen == [cur] for _, _, seen, cur in batch)  # each fn saw the state before it
         if step % 40 == 0:
             items = [(kk, *v) for kk, v in sorted(ref.items())]
@@ -92,9 +92,9 @@ def test_sorted_table_update_many_matches_a_dict(monkeypatch, seed):
     t2 = T.SortedTable.load(*t.export())
     assert list(t2.iter_from(None)) == [(kk, *v) for kk, v in sorted(ref.items())]
     with pytest.raises(ValueError):
-        t.update_many([(b"", lambda e: (1, bytes(16)))])
+        t.update_many([(b"", (1, bytes(16)))], lambda e, new: new)
     with pytest.raises(ValueError):
-        t.update_many([(b"k", lambda e: (1, bytes(15)))])
+        t.update_many([(b"k", (1, bytes(15)))], lambda e, new: new)
 
 
 def test_table_load_refuses_unsorted_keys():

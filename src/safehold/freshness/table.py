@@ -25,12 +25,14 @@ import bisect
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 __all__ = ["SortedTable"]
 
 Entry = tuple[int, bytes]
+A = TypeVar("A")
 #: The overlay is merged once it holds more than max(MAX_OVERLAY, rows // 64) keys.
 MAX_OVERLAY = 4096
 
@@ -200,9 +202,10 @@ class SortedTable:
         over[key] = (num, tag if type(tag) is bytes else bytes(tag))
         self._maybe_merge()
 
-    def update_many(self, changes: Iterable[tuple[bytes, Callable[[Entry | None], Entry | None]]]) -> None:
-        """For each ``(key, fn)`` in order: replace the key's entry ``e`` (None = absent) by
-        ``fn(e)`` (None = delete). Same result as :meth:`get` then :meth:`set` / :meth:`delete`
+    def update_many(self, changes: Iterable[tuple[bytes, A]], fn: Callable[[Entry | None, A], Entry | None]
+                    ) -> None:
+        """For each ``(key, arg)`` in order: replace the key's entry ``e`` (None = absent) by
+        ``fn(e, arg)`` (None = delete). Same result as :meth:`get` then :meth:`set` / :meth:`delete`
         per key, with one base search per key and one sort and at most one merge per call
         (a commit's posting-group deltas, issue 17).
 
@@ -212,7 +215,7 @@ class SortedTable:
         over, base = self._over, self._base
         fresh: list[bytes] = []
         try:
-            for key, fn in changes:
+            for key, arg in changes:
                 if not 1 <= len(key) <= 64:
                     raise ValueError("table keys are 1..64 bytes and tags 16 bytes")
                 if key in over:
@@ -220,7 +223,7 @@ class SortedTable:
                 else:
                     i = base.index(key)
                     cur = None if i < 0 else base.entry(i)
-                new = fn(cur)
+                new = fn(cur, arg)
                 if new is not None:
                     num, tag = new
                     if len(tag) != 16:

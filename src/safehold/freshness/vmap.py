@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -198,11 +198,11 @@ class VerifierMap:
     def apply_deltas(self, deltas: Mapping[tuple[str, bytes], tuple[int, int]]) -> None:
         """Apply posting-group deltas ``(ns, prefix) -> (count delta, hash delta)`` computed
         when the commit began (saves hashing every posting twice)."""
-        by_ns: dict[str, list[tuple[bytes, Callable[[Entry | None], Entry | None]]]] = {}
-        for (ns, prefix), (dc, dh) in deltas.items():
-            by_ns.setdefault(ns, []).append((prefix, _adder(dc, dh)))
+        by_ns: dict[str, list[tuple[bytes, tuple[int, int]]]] = {}
+        for (ns, prefix), delta in deltas.items():
+            by_ns.setdefault(ns, []).append((prefix, delta))
         for ns, changes in by_ns.items():  # one table update per namespace: one sort, one merge
-            self._table(ns, (POSTINGS, self.kind(ns)[1])).update_many(changes)
+            self._table(ns, (POSTINGS, self.kind(ns)[1])).update_many(changes, _add_delta)
 
     # -- snapshots --------------------------------------------------------------------------
 
@@ -260,17 +260,13 @@ class VerifierMap:
         return sum(t.nbytes() for t in self._tables.values())
 
 
-def _adder(dc: int, dh: int) -> Callable[[Entry | None], Entry | None]:
-    """The group update adding ``(dc, dh)`` to a posting group's ``(count, hash)`` entry; None
-    (the group is removed) when both become 0 (a non-zero hash at count 0 stays, so the next
-    prefix scan names the lie)."""
-
-    def add(e: Entry | None) -> Entry | None:
-        count = (0 if e is None else e[0]) + dc
-        h = ((0 if e is None else int.from_bytes(e[1], "big")) + dh) % MSH_MOD
-        return None if count == 0 and h == 0 else (count, h.to_bytes(16, "big"))
-
-    return add
+def _add_delta(e: Entry | None, delta: tuple[int, int]) -> Entry | None:
+    """A posting group's ``(count, hash)`` entry plus ``delta`` = (count delta, hash delta);
+    None (the group is removed) when both become 0 (a non-zero hash at count 0 stays, so the
+    next prefix scan names the lie)."""
+    count = (0 if e is None else e[0]) + delta[0]
+    h = ((0 if e is None else int.from_bytes(e[1], "big")) + delta[1]) % MSH_MOD
+    return None if count == 0 and h == 0 else (count, h.to_bytes(16, "big"))
 
 
 def _kind_name(kind: tuple[int, int]) -> str:
