@@ -60,6 +60,43 @@ def test_sorted_table_matches_a_dict(monkeypatch, seed):
     assert list(t2.iter_from(None)) == [(kk, *v) for kk, v in sorted(ref.items())]
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sorted_table_update_many_matches_a_dict(monkeypatch, seed):
+    """``update_many`` (one search per key, one sort, at most one merge per call) leaves the
+    table as ``get`` + ``set`` / ``delete`` per key would: the same entries, order and count,
+    including keys changed twice in one call and deletes of absent keys."""
+    monkeypatch.setattr(T, "MAX_OVERLAY", 40)
+    rnd = random.Random(seed)
+    keys = [bytes(rnd.randrange(256) for _ in range(rnd.choice([1, 2, 16, 17, 33]))) for _ in range(1500)]
+    keys += [b"\x00", b"\x00\x00", b"a", b"a\x00", b"\xff" * 64]
+    t, ref = T.SortedTable(), {}
+    for step in range(300):
+        batch = []
+        for _ in range(rnd.randrange(1, 90)):
+            key = rnd.choice(keys)
+            new = (rnd.randrange(1 << 40), os.urandom(16)) if rnd.random() < 0.7 else None
+            seen = []
+            batch.append((key, (new, seen)))
+            cur = ref.get(key)
+            if new is None:
+                ref.pop(key, None)
+            else:
+                ref[key] = new
+            batch[-1] = (*batch[-1], seen, cur)
+        t.update_many(((k, arg) for k, arg, _, _ in batch), lambda e, arg: arg[1].append(e) or arg[0])
+        assert all(seen == [cur] for _, _, seen, cur in batch)  # each fn saw the state before it
+        if step % 40 == 0:
+            items = [(kk, *v) for kk, v in sorted(ref.items())]
+            assert list(t.iter_from(None)) == items and len(t) == len(ref)
+    assert all(t.get(kk) == ref.get(kk) for kk in keys) and len(t) == len(ref)
+    t2 = T.SortedTable.load(*t.export())
+    assert list(t2.iter_from(None)) == [(kk, *v) for kk, v in sorted(ref.items())]
+    with pytest.raises(ValueError):
+        t.update_many([(b"", (1, bytes(16)))], lambda e, new: new)
+    with pytest.raises(ValueError):
+        t.update_many([(b"k", (1, bytes(15)))], lambda e, new: new)
+
+
 def test_table_load_refuses_unsorted_keys():
     t = T.SortedTable()
     for i in range(5):

@@ -292,3 +292,28 @@ def test_token_counts_of_the_shared_data_for_the_docs():
     rnd = random.Random(7)
     assert len(record_tokens(rnd.choice(recs))) > len({t for t in record_tokens(rnd.choice(recs))
                                                        if "^" not in t}) > 5
+
+
+def _fold_unicode_path(value: str) -> str:
+    """fold() without its ASCII shortcut (the general rule, module docstring of tokens)."""
+    import unicodedata
+
+    from safehold.records.tokens import _SPECIAL
+
+    v = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", value).casefold())
+    v = "".join(ch for ch in v if not unicodedata.combining(ch)).translate(_SPECIAL)
+    return " ".join(v.split())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=40))
+def test_fold_ascii_shortcut_is_the_general_rule(value: str) -> None:
+    """ASCII values take fold()'s shortcut and german_variant()'s early None: same results as
+    the general Unicode path (every ASCII character, control and blank characters included)."""
+    from safehold.records.tokens import fold, german_variant
+
+    assert fold(value) == _fold_unicode_path(value)
+    assert german_variant(value) is None
+    every = "".join(map(chr, range(128)))
+    assert fold(every) == _fold_unicode_path(every)
+    assert fold("Königs-STEIN") == "konigs-stein" and german_variant("Müller") == "mueller"

@@ -244,3 +244,17 @@ def test_dba_gives_two_names_one_id(engine: Engine) -> None:
         s._ns.commit({"A": a_id})
         with pytest.raises(StoreCorruptError, match="has the id this store knows as namespace 'A'"):
             s.scan("B")
+
+
+def test_dba_swaps_ids_then_a_batched_insert_is_refused(engine: Engine) -> None:
+    """``insert_new`` checks the dictionary entry once per batch (SQLite: after its rows, in the
+    same transaction): an entry naming another namespace undoes the rows and raises."""
+    with engine.open() as s:
+        _two_namespaces(s)
+        engine.sql("UPDATE {schema}.safehold_namespaces SET name = 'tmp' WHERE name = 'A'")
+        engine.sql("UPDATE {schema}.safehold_namespaces SET name = 'A' WHERE name = 'B'")
+        engine.sql("UPDATE {schema}.safehold_namespaces SET name = 'B' WHERE name = 'tmp'")
+        with pytest.raises(StoreCorruptError), s.transaction() as tx:
+            tx.insert_new("B", [(b"n1", b"x"), (b"n2", b"y"), (b"n3", b"z")])
+        assert sorted(bytes(v) for (v,) in engine.sql("SELECT value FROM {schema}.safehold_rows")) == [
+            b"a-row", b"b-row", b"b2"]  # nothing written

@@ -39,6 +39,7 @@ MAC_LEN = 32
 #: Posting multiset hashes are sums modulo this.
 MSH_MOD = 1 << 128
 _U64 = struct.Struct(">Q")
+_LEN = [bytes((n,)) for n in range(256)]  # one length byte
 _CHAIN = b"safehold/freshness/chain/v1\x00"
 _GENESIS = b"safehold/freshness/genesis/v1\x00"
 
@@ -95,7 +96,7 @@ class FreshKeys:
     def posting(self, namespace: str, key: bytes, version: int) -> int:
         """The multiset-hash element of one posting row (an integer below :data:`MSH_MOD`)."""
         h = self._post.copy()
-        h.update(self._ns_prefix(namespace) + bytes((len(key),)) + key + _U64.pack(version))
+        h.update(b"".join((self._ns_prefix(namespace), _LEN[len(key)], key, _U64.pack(version))))
         return int.from_bytes(h.digest(), "big")
 
     def mac(self, body: bytes) -> bytes:

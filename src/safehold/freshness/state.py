@@ -108,16 +108,21 @@ class LedgerState:
     def group_deltas(self, tx: TxChanges) -> dict[tuple[str, bytes], Delta]:
         """Posting group deltas of ``tx`` (needs the map's prefix lengths)."""
         out: dict[tuple[str, bytes], Delta] = {}
+        plens: dict[str, int] = {}  # prefix length per namespace, looked up once
+        posting = self.vmap.keys.posting
         for (ns, key), (old, new) in tx.postings.items():
             if old == new:
                 continue
-            p = key[: self.vmap.kind(ns)[1]]
-            dc, dh = out.get((ns, p), (0, 0))
+            plen = plens.get(ns)
+            if plen is None:
+                plen = plens[ns] = self.vmap.kind(ns)[1]
+            g = (ns, key[:plen])
+            dc, dh = out.get(g, (0, 0))
             if old:
-                dc, dh = dc - 1, dh - self.vmap.keys.posting(ns, key, old)
+                dc, dh = dc - 1, dh - posting(ns, key, old)
             if new:
-                dc, dh = dc + 1, dh + self.vmap.keys.posting(ns, key, new)
-            out[(ns, p)] = (dc, dh % MSH_MOD)
+                dc, dh = dc + 1, dh + posting(ns, key, new)
+            out[g] = (dc, dh % MSH_MOD)
         return out
 
     def begin_commit(self, epoch: int, tx: TxChanges, groups: dict[tuple[str, bytes], Delta]) -> None:

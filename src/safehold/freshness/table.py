@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 __all__ = ["SortedTable"]
 
 Entry = tuple[int, bytes]
+A = TypeVar("A")
 #: The overlay is merged once it holds more than max(MAX_OVERLAY, rows // 64) keys.
 MAX_OVERLAY = 4096
 
@@ -200,6 +202,45 @@ class SortedTable:
         over[key] = (num, tag if type(tag) is bytes else bytes(tag))
         self._maybe_merge()
 
+    def update_many(self, changes: Iterable[tuple[bytes, A]], fn: Callable[[Entry | None, A], Entry | None]
+                    ) -> None:
+        """For each ``(key, arg)`` in order: replace the key's entry ``e`` (None = absent) by
+        ``fn(e, arg)`` (None = delete). Same result as :meth:`get` then :meth:`set` / :meth:`delete`
+        per key, with one base search per key and one sort and at most one merge per call
+        (a commit's posting-group deltas, issue 17).
+
+        Raises:
+            ValueError: a bad key or tag length (the keys before it are applied).
+        """
+        over, base = self._over, self._base
+        fresh: list[bytes] = []
+        try:
+            for key, arg in changes:
+                if not 1 <= len(key) <= 64:
+                    raise ValueError("table keys are 1..64 bytes and tags 16 bytes")
+                if key in over:
+                    cur = over[key]
+                else:
+                    i = base.index(key)
+                    cur = None if i < 0 else base.entry(i)
+                new = fn(cur, arg)
+                if new is not None:
+                    num, tag = new
+                    if len(tag) != 16:
+                        raise ValueError("table keys are 1..64 bytes and tags 16 bytes")
+                    new = (num, tag if type(tag) is bytes else bytes(tag))
+                elif cur is None and key not in over:
+                    continue  # deleting an absent key changes nothing
+                if key not in over:
+                    fresh.append(key)
+                self._live += (new is not None) - (cur is not None)
+                over[key] = new
+        finally:
+            if fresh:
+                self._osorted.extend(fresh)
+                self._osorted.sort()
+            self._maybe_merge()
+
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; True if it was live."""
         if self.get(key) is None:
@@ -238,15 +279,18 @@ class SortedTable:
         keys, nums, tags = self._arrays(w)
         over = dict(self._over)
         order = list(self._osorted)
-        enc = np.array([_encode(k, w) for k in order], dtype=f"V{w + 1}")
+        pad = [bytes(w - i) + bytes((i,)) for i in range(w + 1)]  # zero padding + length byte
+        enc = np.frombuffer(b"".join([k + pad[len(k)] for k in order]), dtype=f"V{w + 1}")
         ents = [over[k] for k in order]
         n = len(keys)
         pos = np.searchsorted(keys, enc)
         safe = np.minimum(pos, max(n - 1, 0))
         exists = (pos < n) & (keys[safe] == enc) if n else np.zeros(len(enc), dtype=bool)
-        live = np.array([e is not None for e in ents], dtype=bool)
-        onums = np.array([e[0] if e is not None else 0 for e in ents], dtype=np.int64)
-        otags = np.array([e[1] if e is not None else bytes(16) for e in ents], dtype="V16")
+        gone = (0, bytes(16))
+        live = np.fromiter((e is not None for e in ents), dtype=bool, count=len(ents))
+        filled = [gone if e is None else e for e in ents]
+        onums = np.fromiter((e[0] for e in filled), dtype=np.int64, count=len(filled))
+        otags = np.frombuffer(b"".join([e[1] for e in filled]), dtype="V16")
         nums, tags = nums.copy(), tags.copy()
         upd = exists & live
         nums[pos[upd]] = onums[upd]

