@@ -425,8 +425,11 @@ class SqliteStore(_SqliteOps, Store):
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
                 conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a no-op once the file exists
-                # also fixed by the first table: an existing file keeps its mode (see reclaim)
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                # only on a new (empty) file: setting it is a write transaction even where it
+                # changes nothing, and every thread's first call would wait for the write lock;
+                # an existing file keeps its mode (see reclaim)
+                if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 mode = self._enable_wal(conn)
                 if str(mode).lower() != "wal":
                     raise StoreError(f"SQLite store {self.path}: cannot enable WAL (journal_mode={mode})")
