@@ -753,7 +753,9 @@ class SqliteStore(_SqliteOps, Store):
             cause = e.__cause__ if e.__cause__ is not None else e
             raise StoreCorruptError(f"SQLite store {self.path} is corrupt (PRAGMA quick_check: "
                                     f"{cause}); restore it from a backup") from e
-        found = [str(r[0]) for r in rows]
+        # one line: SQLite puts a newline after the "*** in database main ***" header it adds
+        # to some findings (e.g. the pointer-map pages of an auto_vacuum file)
+        found = [" ".join(str(r[0]).split("\n")) for r in rows]
         if found != ["ok"]:
             raise StoreCorruptError(
                 f"SQLite store {self.path} is corrupt (PRAGMA quick_check: {'; '.join(found)[:500]}); "
