@@ -8,8 +8,10 @@ on SQLite, then:
 * **bytes per record**: the file size (after a freshness snapshot, which drops the journal
   entries it covers, and a WAL checkpoint) over the record count, against the same records'
   plaintext JSON (the baseline: what a plain JSON store would hold, ratio target <= 1.3), and
-  the bytes per namespace from SQLite's ``dbstat`` table; the same database copied with
-  ``VACUUM INTO`` at other page sizes.
+  the bytes per namespace from SQLite's ``dbstat`` table; the free pages (``PRAGMA
+  freelist_count``) and the live bytes (pages in use) per record; the largest file size seen
+  (every 1,000 records) during the import; the same database copied with ``VACUUM INTO`` at
+  other page sizes.
 * **import CPU per record**: process CPU time (all threads: the caller making and parsing the
   records, the group committer, the anchorer) of the import over the record count — on a
   shared machine a steadier figure than records/s.
@@ -154,9 +156,12 @@ def main() -> None:
             assert all(r["status"] == "created" for r in res), res[:3]
             if j and j % 10_000 == 0:
                 print(f"  {j} records, {j / (time.perf_counter() - t0):.0f} rec/s", flush=True)
+            if j % 1_000 == 0:  # the file between snapshots: journal pages and free pages
+                peak[0] = max(peak[0], db.stat().st_size)
         assert fs.snapshotter.run(), fs.snapshotter.last_error  # what the service does every 300 s
         return json_bytes
 
+    peak = [0]  # largest database file size seen every 1,000 records (WAL not counted)
     fs = open_fresh(open_store(f"sqlite:///{db}"), anchor)
     t0, c0 = time.perf_counter(), time.process_time()
     json_bytes = import_all(fs)
@@ -175,7 +180,11 @@ def main() -> None:
         "SELECT n.name, count(*) FROM safehold_rows r "
         "JOIN safehold_namespaces n ON n.id = r.ns GROUP BY n.name").fetchall())
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+    freelist = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    auto_vacuum = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
     conn.close()
+    live_bytes = (page_count - freelist) * page_size  # pages in use (B-trees, pointer maps)
     sizes = {}
     for ps in (4096, 8192, 16384, 32768, 65536):
         out = tmp / f"vac-{ps}.db"
@@ -219,6 +228,9 @@ def main() -> None:
           f"{import_cpu_s / n * 1000:.2f} ms CPU per record)")
     print(f"file {file_bytes} bytes = {per_record:.0f} B/record; JSON {json_per_record:.0f} B/record; "
           f"ratio {per_record / json_per_record:.2f} (target <= 1.3); page size {page_size}")
+    print(f"  pages {page_count}, free {freelist} ({freelist * page_size / n:.0f} B/record); live "
+          f"{live_bytes / n:.0f} B/record = {live_bytes / json_bytes:.2f} x; auto_vacuum {auto_vacuum}; "
+          f"largest file seen during the import {peak[0] / 1e6:.1f} MB (final {file_bytes / 1e6:.1f} MB)")
     for name, size in sorted(stat, key=lambda x: -x[1]):
         print(f"  btree {name}: {size / n:.0f} B/record")
     for ns in sorted(payload, key=lambda k: -payload[k]):
@@ -231,7 +243,10 @@ def main() -> None:
            "bytes_per_record": round(per_record),
            "json_bytes_per_record": round(json_per_record),
            "bytes_vs_json": round(per_record / json_per_record, 3), "target_bytes_vs_json": 1.3,
-           "page_size": page_size,
+           "page_size": page_size, "page_count": page_count, "freelist_pages": freelist,
+           "free_bytes_per_record": round(freelist * page_size / n),
+           "live_bytes_per_record": round(live_bytes / n), "auto_vacuum": auto_vacuum,
+           "largest_file_during_import_bytes": peak[0],
            "bytes_per_record_by_page_size": {str(k): round(v / n) for k, v in sizes.items()},
            "payload_bytes_per_record_by_namespace": {k: round(v / n) for k, v in payload.items()},
            "startup_first_get_s": round(first_get, 3), "target_startup_s": 2.0,

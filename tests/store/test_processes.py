@@ -63,8 +63,11 @@ def _kill_mid_batch(proc: subprocess.Popen[str], target: int, deadline_s: float 
                 pytest.fail(f"worker too slow: {lines[-3:]}")
         else:
             pytest.fail(f"worker ended early: {proc.stderr.read() if proc.stderr else ''}")
-        # whatever the worker printed before it died was acknowledged to us
-        rest, _ = proc.communicate(timeout=30)
+        # whatever the worker printed before it died was acknowledged to us; read it through
+        # the same text wrapper: communicate() reads the raw pipe and would drop the lines the
+        # loop above had already buffered (a worker that ran ahead: ACKs lost, test failed)
+        rest = proc.stdout.read()
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,7 +9,14 @@ snapshot is paid once per O(map) journal bytes), a background thread:
 2. writes it as chunk rows ``_fresh.snap/(s, i)`` (not yet referenced by anything);
 3. commits a journal entry naming ``(s, d_s, SHA-256, chunks, size)`` — anchored like any
    commit, so the hash chain authenticates the snapshot;
-4. only then deletes journal entries ``<= s`` and the chunks of older snapshots.
+4. only then deletes journal entries ``<= s`` and the chunks of older snapshots;
+5. gives the pages those deletions freed back to the file system
+   (:meth:`~safehold.store.base.Store.reclaim`: SQLite's ``incremental_vacuum`` in short
+   transactions; a no-op on PostgreSQL and on SQLite files created without ``auto_vacuum``).
+   Without it the file keeps them as free pages, which the next journal entries reuse
+   (issue 17: ~420 B per record at 100,000 records). It moves pages, not rows: nothing the
+   freshness checks read changes, and a failure here leaves the snapshot done (logged; the
+   next snapshot tries again).
 
 A crash between any two steps leaves a journal that still replays from the previous snapshot
 (unreferenced chunks are garbage the next round deletes); a crash between two of step 4's
@@ -134,6 +141,18 @@ class Snapshotter:
         self._delete_chunks(below=head.epoch)
         log.info("ledger %r: snapshot of epoch %d written (%d bytes, %d chunks); journal entries "
                  "%d..%d deleted", fs.ledger, head.epoch, size, n, old + 1, head.epoch)
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Step 5 (module docstring): give the freed pages back; failures are logged only."""
+        try:
+            pages = self._fs.inner.reclaim()
+        except Exception as e:  # noqa: BLE001 - free pages stay free (reused); the next round retries
+            log.warning("ledger %r: giving free pages back to the file system failed (they stay "
+                        "free and are reused; retried after the next snapshot): %s", self._fs.ledger, e)
+            return
+        if pages:
+            log.info("ledger %r: %d free pages given back to the file system", self._fs.ledger, pages)
 
     def _delete_journal(self, *, upto: int, start: int) -> None:
         inner = self._fs.inner

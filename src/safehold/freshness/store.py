@@ -722,6 +722,12 @@ class FreshStore(Store):
         with self.transaction() as tx:
             return tx.delete(namespace, key, expected_version=expected_version)
 
+    def reclaim(self, max_pages: int | None = None) -> int:
+        """The inner store's :meth:`~safehold.store.base.Store.reclaim` (pages move, rows do
+        not: nothing the checks read changes). The snapshotter calls it after each snapshot.
+        Raises StoreError."""
+        return self.inner.reclaim(max_pages)
+
     def audit(self, namespaces: Sequence[str] | None = None) -> list[FreshnessError]:
         """Full scan of every (or the given) namespace against the map; returns the findings
         (empty = all rows fresh). See :mod:`safehold.freshness.audit`."""

@@ -126,6 +126,24 @@ class Store(StoreOps):
                 return
             after = rows[-1].key
 
+    def reclaim(self, max_pages: int | None = None) -> int:
+        """Give free space left by deleted rows back to the file system, in short transactions
+        (off the request path: the freshness snapshotter calls it after deleting the journal a
+        snapshot covers). Rows, versions and values do not change. Returns the number of pages
+        given back (engine units); 0 if the engine has nothing to do.
+
+        This default does nothing: PostgreSQL's autovacuum marks dead rows' space reusable
+        inside the table files but does not shrink them (only ``VACUUM FULL``, which locks the
+        table, does; docs/storage.md). SQLite: :meth:`SqliteStore.reclaim`.
+
+        Args:
+            max_pages: most pages to give back, >= 0; None: all.
+
+        Raises:
+            StoreError: the engine failed (nothing is lost: free space stays free).
+        """
+        return 0
+
     @abstractmethod
     def close(self) -> None:
         """Release connections/files. Idempotent."""

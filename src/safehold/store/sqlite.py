@@ -17,6 +17,16 @@ Durability and concurrency choices (SQLite docs "Write-Ahead Logging", "PRAGMA s
   default 4096 (9,085 B per record, vacuumed) and 1.5 KiB into an 8 KiB one at 8192 (13,631 B);
   at 16384 it fits inline (8,520 B). An existing file keeps its page size (WAL mode cannot
   change it; ``VACUUM INTO`` a new file can).
+* ``auto_vacuum=INCREMENTAL`` for a new file (issue 17): rows deleted in bulk — the freshness
+  journal a snapshot covers, older snapshot chunks — leave free pages that SQLite reuses for
+  later writes but never gives back to the file system; :meth:`SqliteStore.reclaim` gives them
+  back (``PRAGMA incremental_vacuum``) in short transactions, and the freshness snapshotter
+  calls it after its deletions. SQLite stores the mode in the file header and can set it only
+  before the first table: a file created without it (before this change) keeps
+  ``auto_vacuum=NONE`` — it works as before, its free pages are reused but stay in the file,
+  :meth:`~SqliteStore.reclaim` does nothing, and opening it logs a warning. An offline
+  ``PRAGMA auto_vacuum = INCREMENTAL; VACUUM;`` with the service stopped switches it (docs/storage.md).
+  The mode adds one pointer-map page per ~3,270 pages (0.03 % at 16 KiB pages).
 * ``cache_size`` 32 MiB per connection (issue 17; SQLite's default is 2 MiB, 128 pages of 16
   KiB): a bulk import inserts ~37 posting rows per record at random places of the B-tree, and
   with the default cache most inserts re-read their leaf page from the OS (one same-time pair
@@ -38,6 +48,7 @@ transaction commits; each statement re-checks the id ↔ name entry (an edited d
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -62,9 +73,16 @@ from safehold.store._nsids import NamespaceIds
 from safehold.store.base import Row, Store, StoreOps
 from safehold.store.errors import StoreClosedError, StoreCorruptError, VersionConflictError
 
+log = logging.getLogger("safehold.store")
+
 # Table names are the constants of safehold.store.migrations, written out (no string building).
 #: Page size of a new database file (module docstring: measured, issue 17).
 PAGE_SIZE = 16384
+#: Pages one :meth:`SqliteStore.reclaim` transaction gives back at most (4 MiB at 16 KiB pages:
+#: the write lock is held for one such step, then released for waiting writers).
+RECLAIM_STEP = 256
+#: ``PRAGMA auto_vacuum`` values (SQLite docs).
+_AUTO_VACUUM = {0: "none", 1: "full", 2: "incremental"}
 #: Page cache per connection in KiB (module docstring: measured, issue 17); at most this much,
 #: allocated as pages are read.
 CACHE_KIB = 32768
@@ -395,9 +413,20 @@ class SqliteStore(_SqliteOps, Store):
             raise StoreUnavailableError(f"SQLite store {self.path}: cannot create directory: {e}") from e
         try:
             self._migrate(mig.MIGRATIONS)
+            with self._mapped("read auto_vacuum"):
+                mode = self._connection().execute("PRAGMA auto_vacuum").fetchone()[0]
         except BaseException:
             self.close()
             raise
+        #: The file's ``auto_vacuum`` mode: ``"incremental"`` for a file this code created,
+        #: ``"none"`` for an older one (:meth:`reclaim` then does nothing), ``"full"`` if set so.
+        self.auto_vacuum = _AUTO_VACUUM.get(mode, str(mode))
+        if self.auto_vacuum == "none":
+            log.warning(
+                "%s was created without auto_vacuum: free pages (e.g. the freshness journal a "
+                "snapshot deleted) are reused but never returned to the file system; with the "
+                "service stopped, 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;' switches the file "
+                "(docs/storage.md, 'Free pages')", self._where)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -413,6 +442,11 @@ class SqliteStore(_SqliteOps, Store):
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
                 conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a no-op once the file exists
+                # only on a new (empty) file: setting it is a write transaction even where it
+                # changes nothing, and every thread's first call would wait for the write lock;
+                # an existing file keeps its mode (see reclaim)
+                if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 mode = self._enable_wal(conn)
                 if str(mode).lower() != "wal":
                     raise StoreError(f"SQLite store {self.path}: cannot enable WAL (journal_mode={mode})")
@@ -652,6 +686,60 @@ class SqliteStore(_SqliteOps, Store):
         else:
             st.pending[depth - 1].update(learned)
 
+    def free_pages(self) -> int:
+        """Pages on the file's freelist (``PRAGMA freelist_count``), in units of ``PRAGMA
+        page_size`` bytes. Raises StoreError."""
+        with self._mapped("freelist_count"):
+            return int(self._connection().execute("PRAGMA freelist_count").fetchone()[0])
+
+    def reclaim(self, max_pages: int | None = None, *, step: int = RECLAIM_STEP) -> int:
+        """Give free pages back to the file system (see :meth:`Store.reclaim`): ``PRAGMA
+        incremental_vacuum(n)`` in transactions of at most ``step`` pages each (``BEGIN
+        IMMEDIATE``; other writers wait for one step at most), until the freelist is empty or
+        ``max_pages`` (None: no limit) went back. Each step moves pages from the end of the file
+        into free slots and cuts the end off; rows, versions and values do not change, and a
+        crash rolls the step back like any transaction. The database file shrinks when the WAL
+        is checkpointed. A file with ``auto_vacuum`` ``"none"`` (created before issue 17) or
+        ``"full"`` returns 0 without writing.
+
+        Args:
+            max_pages: most pages to give back, >= 0; None: all free pages.
+            step: pages per transaction, >= 1.
+
+        Returns:
+            The number of pages given back (units of ``PRAGMA page_size`` bytes).
+
+        Raises:
+            StoreError: called inside a transaction of this thread (each step must commit on
+                its own), or SQLite failed (StoreUnavailableError: the write lock stayed taken
+                past ``timeout``; the steps before it stay done).
+            ValueError: bad ``max_pages`` or ``step``.
+        """
+        if max_pages is not None and (isinstance(max_pages, bool) or max_pages < 0):
+            raise ValueError(f"max_pages must be None or >= 0, got {max_pages!r}")
+        if isinstance(step, bool) or step < 1:
+            raise ValueError(f"step must be >= 1, got {step!r}")
+        if self.auto_vacuum != "incremental":
+            return 0
+        if self._local.depth:
+            raise StoreError(f"{self._where}: reclaim() inside a transaction; call it outside")
+        done = 0
+        while max_pages is None or done < max_pages:
+            want = step if max_pages is None else min(step, max_pages - done)
+            with self.transaction():
+                with self._mapped("incremental_vacuum"):
+                    conn = self._connection()
+                    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+                    # the sqlite3 module steps a statement without result columns once, and
+                    # incremental_vacuum frees one page per step: one statement per page
+                    for _ in range(min(want, free)):
+                        conn.execute("PRAGMA incremental_vacuum(1)")
+                    got = free - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            if got <= 0:
+                break
+            done += got
+        return done
+
     def quick_check(self, *, max_errors: int = 3) -> None:
         """Run ``PRAGMA quick_check`` (SQLite docs: O(N) in the file size: every page is read
         once; cheaper than ``integrity_check``, which also verifies index order and contents).
@@ -667,7 +755,9 @@ class SqliteStore(_SqliteOps, Store):
             cause = e.__cause__ if e.__cause__ is not None else e
             raise StoreCorruptError(f"SQLite store {self.path} is corrupt (PRAGMA quick_check: "
                                     f"{cause}); restore it from a backup") from e
-        found = [str(r[0]) for r in rows]
+        # one line: SQLite puts a newline after the "*** in database main ***" header it adds
+        # to some findings (e.g. the pointer-map pages of an auto_vacuum file)
+        found = [" ".join(str(r[0]).split("\n")) for r in rows]
         if found != ["ok"]:
             raise StoreCorruptError(
                 f"SQLite store {self.path} is corrupt (PRAGMA quick_check: {'; '.join(found)[:500]}); "
