@@ -1,5 +1,6 @@
-"""``safehold broker …`` client commands find a running ``safehold up``'s broker: the URL and
-CA from ``up.json`` unless ``--url`` / ``$SAFEHOLD_BROKER_URL`` / ``--cacert`` say otherwise."""
+"""``safehold broker …`` client commands find a running ``safehold up``'s broker: the URL from
+``up.json`` (TLS against the CA the owner pinned) unless ``--url`` / ``$SAFEHOLD_BROKER_URL`` /
+``--cacert`` say otherwise."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def stack_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_up_json_gives_url_and_ca(stack_dir: Path) -> None:
-    assert broker_target(None, None) == ("https://127.0.0.1:4711", str(stack_dir / "ca.pem"))
+    # with no --cacert, the owner's pinned CA (tests/cli/test_broker_target_pin.py); here none is pinned
+    with pytest.raises(ConfigError, match="pins no workload CA"):
+        broker_target(None, None)
     assert broker_target(None, "/my/ca.pem") == ("https://127.0.0.1:4711", "/my/ca.pem")  # explicit wins
 
 

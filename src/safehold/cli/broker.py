@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import secrets
+import ssl
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,36 +28,73 @@ _TOKEN = click.option("--token", default=lambda: os.environ.get("SAFEHOLD_BROKER
 DEFAULT_URL = "https://127.0.0.1:8443"
 
 
-def broker_target(url: str | None, cacert: str | None) -> tuple[str, str | None]:
-    """The broker URL and CA file to use: ``url`` (``--url`` / ``$SAFEHOLD_BROKER_URL``) when
-    given; else the broker of a running ``safehold up`` (``broker_url`` and ``ca`` of
-    ``up.json`` in ``$SAFEHOLD_DATA_DIR`` or ``./safehold-data``); else :data:`DEFAULT_URL`.
-    An explicit ``cacert`` always wins; up.json's CA is used only with up.json's URL.
+def broker_target(url: str | None, cacert: str | None) -> tuple[str, str | ssl.SSLContext | None]:
+    """The broker URL and how to verify its TLS: ``url`` (``--url`` / ``$SAFEHOLD_BROKER_URL``)
+    with ``cacert`` (a path; None: the system CAs) when given; else the broker of a running
+    ``safehold up`` (``broker_url`` of ``up.json`` in ``$SAFEHOLD_DATA_DIR`` or
+    ``./safehold-data``); else :data:`DEFAULT_URL`. An explicit ``cacert`` always wins.
+
+    With up.json's URL and no ``cacert``, TLS is checked against the workload CA the data
+    owner pinned for that data directory (``<owner dir>/pins.json``, written by ``safehold up``
+    when it created the CA; owner dir: ``$SAFEHOLD_OWNER_DIR`` or ``<data dir>.owner``), loaded
+    once into an ``ssl.SSLContext`` — never against a CA file that up.json names or the data
+    directory holds unchecked: the operator owns the data directory, and the broker token and
+    owner-signed manifests must not go to its server (docs/threat-model.md).
 
     Raises:
-        ConfigError: up.json exists but is not readable JSON.
+        ConfigError: up.json exists but is not readable JSON; or up.json names a broker but the
+            owner directory pins no workload CA for the data directory, or the data directory's
+            CA is not the pinned one (both: give ``--url`` and ``--cacert``).
     """
     if url:
         return url, cacert
     from safehold.errors import ConfigError
 
-    p = Path(os.environ.get("SAFEHOLD_DATA_DIR") or "./safehold-data") / "up.json"
+    d = Path(os.environ.get("SAFEHOLD_DATA_DIR") or "./safehold-data")
+    p = d / "up.json"
     if p.is_file():
         try:
             info = json.loads(p.read_text("utf-8"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{p}: unreadable ({e}); give --url") from None
         if isinstance(info, dict) and isinstance(info.get("broker_url"), str):
-            ca = info.get("ca")
-            return info["broker_url"], cacert or (ca if isinstance(ca, str) else None)
+            return info["broker_url"], cacert or _pinned_context(d)
     return DEFAULT_URL, cacert
+
+
+def _pinned_context(d: Path) -> ssl.SSLContext:
+    """A TLS context trusting only the workload CA the owner pinned for data directory ``d``
+    (the data directory's ``ca.pem`` or ``broker/ca.pem``, whichever has the pinned SHA-256 of
+    its DER). Raises ConfigError: no pin, or no CA file there is the pinned one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from safehold.client.connection import owner_dir
+    from safehold.devstack.datadir import OWNER_PINS_FILE, read_owner_pins
+    from safehold.errors import ConfigError
+
+    pins = owner_dir(d) / OWNER_PINS_FILE
+    want = read_owner_pins(pins).get(str(d.resolve()), {}).get("workload_ca_sha256")
+    if not want:
+        raise ConfigError(f"{d}/up.json names a broker, but {pins} pins no workload CA for {d.resolve()}: "
+                          "give --url and --cacert (the data directory's files are not trusted alone)")
+    for f in (d / "ca.pem", d / "broker" / "ca.pem"):
+        try:
+            pem = f.read_bytes()
+            der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+        except (OSError, ValueError):
+            continue
+        if hashlib.sha256(der).hexdigest() == want:
+            return ssl.create_default_context(cadata=pem.decode("ascii"))
+    raise ConfigError(f"the workload CA in {d} is not the one the owner pinned ({pins}): refusing to "
+                      "send a token or a signature to the broker up.json names; give --url and --cacert")
 
 
 def _http(url: str | None, cacert: str | None, *, insecure: bool = False) -> Any:
     import httpx
 
-    url, cacert = broker_target(url, cacert)
-    verify: Any = False if insecure else (cacert or True)
+    url, ca = broker_target(url, cacert)
+    verify: Any = False if insecure else (ca or True)
     return httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=30.0)
 
 
