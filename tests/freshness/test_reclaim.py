@@ -170,3 +170,31 @@ def test_sigkill_during_reclaim_changes_nothing_the_checks_see(tmp_path, anchor)
         assert fs.problem is None and fs.get(NS, k(1000)).value == b"after"
     finally:
         fs.close()
+
+
+def test_corruption_found_by_reclaim_is_logged_as_error_and_in_status(tmp_path, anchor, monkeypatch, caplog):
+    """Fault injection (the real StoreCorruptError of an edited free-page list is shown in
+    tests/store/test_reclaim.py): the snapshot stays done, the log says ERROR and names the
+    corruption, the health status carries it, and the next good round clears it."""
+    import logging
+
+    from safehold.store.errors import StoreCorruptError
+    from safehold.store.sqlite import SqliteStore
+
+    fs = open_fresh(SqliteStore(tmp_path / "f.db"), anchor, **NO_AUTO)
+    try:
+        _write(fs, 100)
+
+        def corrupt(self, max_pages=None, **kw):  # noqa: ANN001, ANN202
+            raise StoreCorruptError("incremental_vacuum: database disk image is malformed")
+
+        monkeypatch.setattr(SqliteStore, "reclaim", corrupt)
+        with caplog.at_level(logging.ERROR):
+            assert fs.snapshotter.run() is True
+        assert any(r.levelno == logging.ERROR and "corrupt" in r.getMessage() for r in caplog.records)
+        assert "malformed" in fs.status()["snapshot_error"]
+        monkeypatch.undo()
+        fs.put(NS, k(999), b"w", expected_version=0)
+        assert fs.snapshotter.run() is True and fs.status()["snapshot_error"] is None
+    finally:
+        fs.close()

@@ -233,3 +233,30 @@ def test_postgres_reclaim_is_a_no_op(request, tmp_path):
         assert s.reclaim() == 0 and _rows(s) == kept
     finally:
         s.close()
+
+
+def test_a_free_page_list_edited_to_point_at_live_pages_is_corruption(tmp_path: Path) -> None:
+    """The DBA points the header's first free-list trunk page (offset 32, SQLite file format
+    §1.3) at a live page: reclaim refuses with StoreCorruptError instead of freeing live data."""
+    import struct
+
+    from safehold.store.errors import StoreCorruptError
+
+    path = tmp_path / "s.db"
+    store = SqliteStore(path)
+    _fill(store)
+    _delete_most(store)
+    assert store.free_pages() > 0
+    store.close()
+    with closing(sqlite3.connect(path)) as c:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = bytearray(path.read_bytes())
+    assert struct.unpack(">I", raw[32:36])[0] > 2  # a trunk page exists
+    raw[32:36] = struct.pack(">I", 2)
+    path.write_bytes(bytes(raw))
+    store = SqliteStore(path)
+    try:
+        with pytest.raises(StoreCorruptError, match="corrupt"):
+            store.reclaim()
+    finally:
+        store.close()

@@ -95,6 +95,7 @@ class Snapshotter:
         """Write one snapshot now (steps 1-4); False if another one is running or it failed."""
         if not self._busy.acquire(blocking=False):
             return False
+        self.last_error = None  # set again below if this round fails
         try:
             self._write()
             return True
@@ -145,8 +146,15 @@ class Snapshotter:
 
     def _reclaim(self) -> None:
         """Step 5 (module docstring): give the freed pages back; failures are logged only."""
+        from safehold.store.errors import StoreCorruptError
+
         try:
             pages = self._fs.inner.reclaim()
+        except StoreCorruptError as e:  # e.g. a free-page list pointing at live pages: say so loudly
+            self.last_error = e
+            log.error("ledger %r: the database file is corrupt (found while giving free pages back; "
+                      "restore it from a backup or run the integrity check): %s", self._fs.ledger, e)
+            return
         except Exception as e:  # noqa: BLE001 - free pages stay free (reused); the next round retries
             log.warning("ledger %r: giving free pages back to the file system failed (they stay "
                         "free and are reused; retried after the next snapshot): %s", self._fs.ledger, e)

@@ -164,7 +164,8 @@ class FreshStore(Store):
 
     def status(self) -> dict[str, Any]:
         """``{ledger, serving, problem, committed_epoch, anchored_epoch, unanchored,
-        rolled_forward, caught_up, rows, map_bytes}`` for health endpoints."""
+        rolled_forward, caught_up, rows, map_bytes, snapshot_error}`` for health endpoints
+        (``snapshot_error``: the last failed snapshot or free-page step, else None)."""
         st = self.state
         with st.lock:
             rows = {ns: st.vmap.rows(ns) for ns in st.vmap.namespaces()}
@@ -172,7 +173,8 @@ class FreshStore(Store):
                     "problem": None if self.problem is None else str(self.problem),
                     "committed_epoch": st.committed.epoch, "anchored_epoch": st.anchored.epoch,
                     "unanchored": st.unanchored(), "rolled_forward": self.rolled_forward,
-                    "caught_up": self.caught_up, "rows": rows, "map_bytes": st.vmap.nbytes()}
+                    "caught_up": self.caught_up, "rows": rows, "map_bytes": st.vmap.nbytes(),
+                    "snapshot_error": None if (err := self.snapshotter.last_error) is None else str(err)}
 
     def recover(self) -> None:
         """Retry the start-up comparison with the anchor (after AnchorUnavailableError)."""
