@@ -166,10 +166,9 @@ def register(group: click.Group) -> None:
                   help="Stop after this many ids (0 = all).")
     def list_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                  owner_dir: str | None, limit: int) -> None:
-        """Print record ids, one per line.
-
-        A reader that closes the output early (``| head``) ends the listing quietly, exit
-        status 0: the BrokenPipeError of stdout is a ConnectionError, which the client block
+        """Print record ids, one per line (`| head` ends the listing quietly, exit status 0).
+        \f
+        The BrokenPipeError of a closed stdout is a ConnectionError, which the client block
         would otherwise report as an unreachable service."""
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             for n, rid in enumerate(c.list_ids(), start=1):
@@ -183,11 +182,11 @@ def register(group: click.Group) -> None:
 
     @patients.command("search")
     @conn_options
-    @click.option("--family", default=None)
-    @click.option("--given", default=None)
-    @click.option("--birth-date", "birthDate", default=None)
-    @click.option("--gender", default=None)
-    @click.option("--identifier", default=None)
+    @click.option("--family", default=None, help="Family name, whole (not a prefix).")
+    @click.option("--given", default=None, help="Given name, whole (not a prefix).")
+    @click.option("--birth-date", "birthDate", default=None, help="FHIR date: YYYY, YYYY-MM or YYYY-MM-DD.")
+    @click.option("--gender", default=None, help="male, female, other or unknown.")
+    @click.option("--identifier", default=None, help="An identifier value (e.g. an SSN or MRN).")
     def search_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                    owner_dir: str | None, **criteria: str | None) -> None:
         """Exact-match search (case-insensitive) through blind indexes; prints id and name."""
@@ -239,8 +238,9 @@ def register(group: click.Group) -> None:
                          owner_dir: str | None, through: int) -> None:
         """Export the oldest live access-audit entries through --through to OUT (NDJSON).
 
-        Nothing is dropped: keep OUT where audit records are retained, then run ``audit seal``
-        with it. OUT must not exist; it is written whole or not at all."""
+        Nothing is dropped: keep OUT where audit records are retained, then run
+        `safehold patients audit seal OUT`. OUT must not exist; it is written whole or not at
+        all."""
         if Path(out).exists():
             raise click.UsageError(f"{out} exists: choose a new file (an export is never overwritten)")
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
@@ -251,19 +251,39 @@ def register(group: click.Group) -> None:
     @audit.command("seal")
     @click.argument("segment", type=click.Path(exists=True, dir_okay=False))
     @conn_options
-    @click.option("--through", required=True, type=click.IntRange(min=0),
-                  help="The --through the segment was exported with.")
+    @click.option("--through", default=None, type=click.IntRange(min=0),
+                  help="The --through the segment was exported with (default: the last entry "
+                       "in SEGMENT; given, it must be that one).")
     def audit_seal_cmd(segment: str, data_dir: str, url: str | None, policy: str | None,
-                       token: str | None, owner_dir: str | None, through: int) -> None:
-        """Drop the entries in SEGMENT (a file ``audit export`` wrote) from the live database.
+                       token: str | None, owner_dir: str | None, through: int | None) -> None:
+        """Drop the entries in SEGMENT (a file `safehold patients audit export` wrote) from the
+        live database.
 
         The service re-reads the live entries and drops them only if their SHA-256 equals
         SEGMENT's, so only what was exported and kept can be sealed; the digest stays in the
-        signed chain (``verify`` still covers it)."""
-        digest = hashlib.sha256(Path(segment).read_bytes()).hexdigest()
+        signed chain (`safehold patients audit verify` still covers it)."""
+        data = Path(segment).read_bytes()
+        last = _segment_last_seq(data)
+        if last is None:
+            raise click.UsageError(f"{segment}: not an audit export (NDJSON entries with \"seq\")")
+        if through is not None and through != last:
+            raise click.UsageError(f"{segment} ends at entry {last}, not --through {through} "
+                                   f"(leave --through out to take the file's)")
+        digest = hashlib.sha256(data).hexdigest()
+        through = last
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             first, last, sha = c.audit_seal(through, digest)
         click.echo(f"sealed entries {first}..{last} (sha256 {sha})")
+
+
+def _segment_last_seq(data: bytes) -> int | None:
+    """The ``seq`` of the last entry of an ``audit export`` file, or None if it is not one."""
+    lines = data.splitlines()
+    try:
+        seq = json.loads(lines[-1]).get("seq") if lines else None
+    except (ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else None
 
 
 class _ImportInterrupted(BaseException):  # a signal like KeyboardInterrupt, not an error: no "Error" suffix
