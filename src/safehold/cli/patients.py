@@ -142,8 +142,9 @@ def register(group: click.Group) -> None:
                 signal.signal(sig, h)
         _print_failures(failures)
         click.echo(f"imported {counts.imported}, skipped {counts.skipped}, failed {counts.failed}"
-                   f" (other FHIR resources ignored: {counts.other_resources}); FHIR resources "
-                   f"imported {counts.resources_imported}, skipped {counts.resources_skipped}"
+                   f"; other FHIR resources (Observation, Condition, …): imported "
+                   f"{counts.resources_imported}, skipped {counts.resources_skipped}"
+                   + (f", ignored {counts.other_resources}" if counts.other_resources else "")
                    + (f"; conflicts {counts.conflicts}" if counts.conflicts else ""))
         if counts.failed:
             files_note = f", {counts.files_failed} of them whole files" if counts.files_failed else ""
