@@ -23,6 +23,7 @@ from typing import TypeVar
 import click
 
 from safehold.client.connection import Connection, load_connection, open_client
+from safehold.client.errors import RecordsClientError
 from safehold.client.importer import (
     ON_CONFLICT,
     STATE_FILE,
@@ -50,6 +51,18 @@ def client(conn: Connection) -> Iterator[RecordsClient]:
     """:func:`~safehold.client.connection.open_client` with the CLI's warning display."""
     with open_client(conn, show=show_warning) as c:
         yield c
+
+
+@contextlib.contextmanager
+def _naming(record_id: str) -> Iterator[None]:
+    """A 404 names the id the user gave: the service's answer names only the row's blind index
+    (``no record at row 0199… in namespace 'patients'``), never the id."""
+    try:
+        yield
+    except RecordsClientError as e:
+        if e.status != 404:
+            raise
+        raise RecordsClientError(f"no record {record_id!r} ({e})", e.status, e.code) from None
 
 
 def _stdout_closed() -> None:
@@ -157,7 +170,7 @@ def register(group: click.Group) -> None:
     def get_cmd(record_id: str, data_dir: str, url: str | None, policy: str | None,
                 token: str | None, owner_dir: str | None) -> None:
         """Print one record as JSON."""
-        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c, _naming(record_id):
             rec = c.get(record_id)
         click.echo(json.dumps(rec.data, indent=2, ensure_ascii=False))
 
@@ -206,7 +219,7 @@ def register(group: click.Group) -> None:
     def delete_cmd(record_id: str, data_dir: str, url: str | None, policy: str | None,
                    token: str | None, owner_dir: str | None) -> None:
         """Delete one record."""
-        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c, _naming(record_id):
             c.delete(record_id)
         click.echo(f"deleted {record_id}")
 
