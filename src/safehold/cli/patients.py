@@ -200,7 +200,7 @@ def register(group: click.Group) -> None:
     @click.option("--given", default=None, help="Given name, whole (not a prefix).")
     @click.option("--birth-date", "birthDate", default=None, help="FHIR date: YYYY, YYYY-MM or YYYY-MM-DD.")
     @click.option("--gender", default=None, help="male, female, other or unknown.")
-    @click.option("--identifier", default=None, help="An identifier value (e.g. an SSN or MRN).")
+    @click.option("--identifier", default=None, help="An identifier value (e.g. an SSN) or system|value.")
     def search_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                    owner_dir: str | None, **criteria: str | None) -> None:
         """Exact-match search (case-insensitive) through blind indexes; prints id and name."""
