@@ -42,3 +42,22 @@ def test_an_unreadable_up_json_is_a_config_error_naming_it(stack_dir: Path) -> N
     (stack_dir / "up.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"up\.json: unreadable.*--url"):
         broker_target(None, None)
+
+
+def test_an_unreachable_broker_is_one_line_naming_its_url(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was ``broker unreachable: ConnectError: [Errno 111] Connection refused``: no URL, while
+    the records CLI says ``cannot reach the records service at URL: connection refused``."""
+    import socket
+
+    from safehold.cli.broker import _call, _http
+    from safehold.errors import BrokerError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SAFEHOLD_DATA_DIR", str(tmp_path / "none"))
+    with _http(f"https://127.0.0.1:{port}", None) as c, pytest.raises(BrokerError) as ei:
+        _call(c, "GET", "/kbs/v0/status")
+    want = f"cannot reach the broker at https://127.0.0.1:{port}: connection refused"
+    assert str(ei.value).startswith(want)

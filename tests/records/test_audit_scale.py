@@ -152,8 +152,10 @@ def test_seal_export_and_checkpointed_verify(tmp_path):
         assert repo.audit.verify_segment(data) == rec
         with pytest.raises(AuditChainError, match="no seal record"):
             repo.audit.verify_segment(data.replace(b'"who":"w"', b'"who":"x"', 1))
-        with pytest.raises(AuditChainError, match="not sealable"):
+        with pytest.raises(AuditChainError, match=r"not sealable \(the newest entry \(10\) stays live"):
             repo.audit.export_segment(10)  # the newest entry stays live
+        with pytest.raises(AuditChainError, match=r"not sealable \(entries before 6 are sealed already"):
+            repo.audit.export_segment(3)
         # the base row is MAC'd: moving it to hide more entries is refused
         conn.execute(f"UPDATE {T} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
                      f"WHERE name = 'records.audit.head') AND key = ?",

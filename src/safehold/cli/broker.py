@@ -104,7 +104,10 @@ def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
     try:
         r = client.request(method, path, **kw)
     except httpx.HTTPError as e:
-        raise BrokerError(f"broker unreachable: {type(e).__name__}: {e}") from None
+        from safehold.client.connection import transport_reason
+
+        raise BrokerError(f"cannot reach the broker at {client.base_url}: {transport_reason(e)}"
+                          " (is `safehold up` running? else give --url)") from None
     if r.status_code >= 400:
         try:
             detail = r.json().get("detail", r.text)

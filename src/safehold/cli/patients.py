@@ -23,6 +23,7 @@ from typing import TypeVar
 import click
 
 from safehold.client.connection import Connection, load_connection, open_client
+from safehold.client.errors import RecordsClientError
 from safehold.client.importer import (
     ON_CONFLICT,
     STATE_FILE,
@@ -50,6 +51,18 @@ def client(conn: Connection) -> Iterator[RecordsClient]:
     """:func:`~safehold.client.connection.open_client` with the CLI's warning display."""
     with open_client(conn, show=show_warning) as c:
         yield c
+
+
+@contextlib.contextmanager
+def _naming(record_id: str) -> Iterator[None]:
+    """A 404 names the id the user gave: the service's answer names only the row's blind index
+    (``no record at row 0199… in namespace 'patients'``), never the id."""
+    try:
+        yield
+    except RecordsClientError as e:
+        if e.status != 404:
+            raise
+        raise RecordsClientError(f"no record {record_id!r} ({e})", e.status, e.code) from None
 
 
 def _stdout_closed() -> None:
@@ -142,8 +155,9 @@ def register(group: click.Group) -> None:
                 signal.signal(sig, h)
         _print_failures(failures)
         click.echo(f"imported {counts.imported}, skipped {counts.skipped}, failed {counts.failed}"
-                   f" (other FHIR resources ignored: {counts.other_resources}); FHIR resources "
-                   f"imported {counts.resources_imported}, skipped {counts.resources_skipped}"
+                   f"; other FHIR resources (Observation, Condition, …): imported "
+                   f"{counts.resources_imported}, skipped {counts.resources_skipped}"
+                   + (f", ignored {counts.other_resources}" if counts.other_resources else "")
                    + (f"; conflicts {counts.conflicts}" if counts.conflicts else ""))
         if counts.failed:
             files_note = f", {counts.files_failed} of them whole files" if counts.files_failed else ""
@@ -156,7 +170,7 @@ def register(group: click.Group) -> None:
     def get_cmd(record_id: str, data_dir: str, url: str | None, policy: str | None,
                 token: str | None, owner_dir: str | None) -> None:
         """Print one record as JSON."""
-        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c, _naming(record_id):
             rec = c.get(record_id)
         click.echo(json.dumps(rec.data, indent=2, ensure_ascii=False))
 
@@ -166,10 +180,9 @@ def register(group: click.Group) -> None:
                   help="Stop after this many ids (0 = all).")
     def list_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                  owner_dir: str | None, limit: int) -> None:
-        """Print record ids, one per line.
-
-        A reader that closes the output early (``| head``) ends the listing quietly, exit
-        status 0: the BrokenPipeError of stdout is a ConnectionError, which the client block
+        """Print record ids, one per line (`| head` ends the listing quietly, exit status 0).
+        \f
+        The BrokenPipeError of a closed stdout is a ConnectionError, which the client block
         would otherwise report as an unreachable service."""
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             for n, rid in enumerate(c.list_ids(), start=1):
@@ -183,11 +196,11 @@ def register(group: click.Group) -> None:
 
     @patients.command("search")
     @conn_options
-    @click.option("--family", default=None)
-    @click.option("--given", default=None)
-    @click.option("--birth-date", "birthDate", default=None)
-    @click.option("--gender", default=None)
-    @click.option("--identifier", default=None)
+    @click.option("--family", default=None, help="Family name, whole (not a prefix).")
+    @click.option("--given", default=None, help="Given name, whole (not a prefix).")
+    @click.option("--birth-date", "birthDate", default=None, help="FHIR date: YYYY, YYYY-MM or YYYY-MM-DD.")
+    @click.option("--gender", default=None, help="male, female, other or unknown.")
+    @click.option("--identifier", default=None, help="An identifier value (e.g. an SSN) or system|value.")
     def search_cmd(data_dir: str, url: str | None, policy: str | None, token: str | None,
                    owner_dir: str | None, **criteria: str | None) -> None:
         """Exact-match search (case-insensitive) through blind indexes; prints id and name."""
@@ -206,7 +219,7 @@ def register(group: click.Group) -> None:
     def delete_cmd(record_id: str, data_dir: str, url: str | None, policy: str | None,
                    token: str | None, owner_dir: str | None) -> None:
         """Delete one record."""
-        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
+        with client(load_connection(data_dir, url, policy, token, owner_dir)) as c, _naming(record_id):
             c.delete(record_id)
         click.echo(f"deleted {record_id}")
 
@@ -239,8 +252,9 @@ def register(group: click.Group) -> None:
                          owner_dir: str | None, through: int) -> None:
         """Export the oldest live access-audit entries through --through to OUT (NDJSON).
 
-        Nothing is dropped: keep OUT where audit records are retained, then run ``audit seal``
-        with it. OUT must not exist; it is written whole or not at all."""
+        Nothing is dropped: keep OUT where audit records are retained, then run
+        `safehold patients audit seal OUT`. OUT must not exist; it is written whole or not at
+        all."""
         if Path(out).exists():
             raise click.UsageError(f"{out} exists: choose a new file (an export is never overwritten)")
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
@@ -251,19 +265,39 @@ def register(group: click.Group) -> None:
     @audit.command("seal")
     @click.argument("segment", type=click.Path(exists=True, dir_okay=False))
     @conn_options
-    @click.option("--through", required=True, type=click.IntRange(min=0),
-                  help="The --through the segment was exported with.")
+    @click.option("--through", default=None, type=click.IntRange(min=0),
+                  help="The --through the segment was exported with (default: the last entry "
+                       "in SEGMENT; given, it must be that one).")
     def audit_seal_cmd(segment: str, data_dir: str, url: str | None, policy: str | None,
-                       token: str | None, owner_dir: str | None, through: int) -> None:
-        """Drop the entries in SEGMENT (a file ``audit export`` wrote) from the live database.
+                       token: str | None, owner_dir: str | None, through: int | None) -> None:
+        """Drop the entries in SEGMENT (a file `safehold patients audit export` wrote) from the
+        live database.
 
         The service re-reads the live entries and drops them only if their SHA-256 equals
         SEGMENT's, so only what was exported and kept can be sealed; the digest stays in the
-        signed chain (``verify`` still covers it)."""
-        digest = hashlib.sha256(Path(segment).read_bytes()).hexdigest()
+        signed chain (`safehold patients audit verify` still covers it)."""
+        data = Path(segment).read_bytes()
+        last = _segment_last_seq(data)
+        if last is None:
+            raise click.UsageError(f"{segment}: not an audit export (NDJSON entries with \"seq\")")
+        if through is not None and through != last:
+            raise click.UsageError(f"{segment} ends at entry {last}, not --through {through} "
+                                   f"(leave --through out to take the file's)")
+        digest = hashlib.sha256(data).hexdigest()
+        through = last
         with client(load_connection(data_dir, url, policy, token, owner_dir)) as c:
             first, last, sha = c.audit_seal(through, digest)
         click.echo(f"sealed entries {first}..{last} (sha256 {sha})")
+
+
+def _segment_last_seq(data: bytes) -> int | None:
+    """The ``seq`` of the last entry of an ``audit export`` file, or None if it is not one."""
+    lines = data.splitlines()
+    try:
+        seq = json.loads(lines[-1]).get("seq") if lines else None
+    except (ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else None
 
 
 class _ImportInterrupted(BaseException):  # a signal like KeyboardInterrupt, not an error: no "Error" suffix

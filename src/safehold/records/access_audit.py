@@ -719,8 +719,11 @@ class AccessAuditLog:
         first, prev = self.read_base()
         if head is None or not first <= through < head[0]:
             last = head[0] if head is not None else -1
-            raise AuditChainError(f"audit seal: entry {through} is not sealable (live entries "
-                                  f"{first}..{last}; the newest entry stays live)")
+            why = ("the log is empty" if head is None
+                   else f"entries before {first} are sealed already" if through < first
+                   else f"the newest entry ({last}) stays live: --through at most {last - 1}")
+            raise AuditChainError(f"audit export/seal: entry {through} is not sealable ({why}; "
+                                  f"live entries {first}..{last})")
         lines: list[bytes] = []
         n = first
         for e in self.entries(start=first):
@@ -749,7 +752,9 @@ class AccessAuditLog:
             data, first, last, digest = self.export_segment(through)
             if not hmac.compare_digest(digest, sha256_hex.lower()):
                 raise AuditChainError(f"audit seal: segment {first}..{last} has SHA-256 "
-                                      f"{digest[:16]}…, not the one given (export it again)")
+                                      f"{digest[:16]}…, not the one given (the file is not the "
+                                      f"export of entries {first}..{last}: seal the file "
+                                      f"`audit export --through {last}` wrote)")
             last_hash = hashlib.sha256(_canonical(
                 {k: v for k, v in json.loads(data.splitlines()[-1]).items() if k != "mac"})).hexdigest()
             rec = {"first": first, "last": last, "hash": last_hash, "sha256": digest}
