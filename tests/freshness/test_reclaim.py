@@ -5,9 +5,7 @@ also when the process is SIGKILLed in the middle of a reclaim step (real SQLite 
 
 from __future__ import annotations
 
-import signal
 import sqlite3
-import subprocess
 import sys
 from contextlib import closing
 
@@ -15,6 +13,7 @@ import pytest
 
 from safehold.freshness.journal import JOURNAL_NS
 from tests.support.freshness import open_fresh
+from tests.support.processes import kill_when_paused
 
 NS = "records:patients"
 SEARCH = "records:patients.search"
@@ -140,17 +139,7 @@ def test_sigkill_during_reclaim_changes_nothing_the_checks_see(tmp_path, anchor)
     free = fs.inner.free_pages()
     assert free > 15  # the child stops after 15 pages, 10 of them committed
     fs.close()
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "paused"
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    kill_when_paused([sys.executable, "-c", _CHILD, str(path)])
     with closing(sqlite3.connect(path)) as c:
         assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert c.execute("PRAGMA freelist_count").fetchone()[0] == free - 10  # step 1 only

@@ -7,9 +7,7 @@ reclaim step loses nothing. All on real files; PostgreSQL's reclaim is a no-op."
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
-import subprocess
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 from safehold.errors import StoreError
 from safehold.store import Row, Store
 from safehold.store.sqlite import SqliteStore
+from tests.support.processes import kill_when_paused
 
 NS = "records:patients"
 VALUE = 3000  # bytes: a few rows per 16 KiB page, so deleting rows frees whole pages
@@ -191,23 +190,12 @@ def test_sigkill_in_the_middle_of_a_reclaim_step_loses_nothing(tmp_path):
     s.close()
     step = 10
     assert free > 2 * step
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(path), str(step)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "paused"
+
+    def committed_first_step_only() -> None:
         # the first step is committed, the second is not: other connections see exactly that
         assert _pragma(path, "freelist_count") == free - step
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+
+    kill_when_paused([sys.executable, "-c", _CHILD, str(path), str(step)], committed_first_step_only)
     s = SqliteStore(path)
     try:
         with closing(sqlite3.connect(path)) as c:

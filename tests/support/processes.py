@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from safehold.procutil import terminate
@@ -42,3 +44,21 @@ def wait_ready(proc: subprocess.Popen, ready_file: Path, timeout: float = 60.0) 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout`` seconds (:func:`safehold.procutil.terminate`)."""
     terminate(proc, timeout)
+
+
+def kill_when_paused(args: list[str], at_pause: Callable[[], None] | None = None,
+                     timeout: float = 60.0) -> None:
+    """Run ``args`` (a child that prints ``paused`` at the point under test, then blocks on
+    stdin) and SIGKILL it there: the kill lands exactly at that point, no timing involved.
+    ``at_pause()`` runs while the child is paused. Asserts the child paused and died of SIGKILL."""
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "paused"
+        if at_pause is not None:
+            at_pause()
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=timeout) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -66,26 +66,17 @@ def _pinned_context(d: Path) -> ssl.SSLContext:
     """A TLS context trusting only the workload CA the owner pinned for data directory ``d``
     (the data directory's ``ca.pem`` or ``broker/ca.pem``, whichever has the pinned SHA-256 of
     its DER). Raises ConfigError: no pin, or no CA file there is the pinned one."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     from safehold.client.connection import owner_dir
-    from safehold.devstack.datadir import OWNER_PINS_FILE, read_owner_pins
+    from safehold.devstack.datadir import OWNER_PINS_FILE, pinned_workload_ca
     from safehold.errors import ConfigError
 
     pins = owner_dir(d) / OWNER_PINS_FILE
-    want = read_owner_pins(pins).get(str(d.resolve()), {}).get("workload_ca_sha256")
+    want, pem = pinned_workload_ca(d, pins)
     if not want:
         raise ConfigError(f"{d}/up.json names a broker, but {pins} pins no workload CA for {d.resolve()}: "
                           "give --url and --cacert (the data directory's files are not trusted alone)")
-    for f in (d / "ca.pem", d / "broker" / "ca.pem"):
-        try:
-            pem = f.read_bytes()
-            der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
-        except (OSError, ValueError):
-            continue
-        if hashlib.sha256(der).hexdigest() == want:
-            return ssl.create_default_context(cadata=pem.decode("ascii"))
+    if pem is not None:
+        return ssl.create_default_context(cadata=pem.decode("ascii"))
     raise ConfigError(f"the workload CA in {d} is not the one the owner pinned ({pins}): refusing to "
                       "send a token or a signature to the broker up.json names; give --url and --cacert")
 

@@ -27,7 +27,6 @@ refused and stays unserved until the owner decides (``safehold freshness reancho
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import threading
 import time
@@ -232,28 +231,19 @@ def pinned_ca_pem(s: Stack) -> bytes:
         StackError: no pin for this data directory, or the CA file is not the pinned CA (the
             operator replaced it: the owner's token and signatures must not go to an impostor).
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    from safehold.devstack.datadir import OWNER_PINS_FILE, read_owner_pins
+    from safehold.devstack.datadir import OWNER_PINS_FILE, pinned_workload_ca
     from safehold.errors import ConfigError
 
     p = s.owner_path(OWNER_PINS_FILE)
     try:
-        want = read_owner_pins(p).get(str(s.data_dir.resolve()), {}).get("workload_ca_sha256")
+        want, pem = pinned_workload_ca(s.data_dir, p)
     except ConfigError as e:
         raise StackError(str(e)) from None
     if not want:
         raise StackError(f"{p} pins no workload CA for {s.data_dir}: start it with `safehold up` "
                          "(which records the CA it creates) before the owner's steps")
-    for f in (s.path("ca.pem"), s.path("broker") / "ca.pem"):
-        try:
-            pem = f.read_bytes()
-            der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
-        except (OSError, ValueError):
-            continue
-        if hashlib.sha256(der).hexdigest() == want:
-            return pem
+    if pem is not None:
+        return pem
     raise StackError(f"the workload CA in {s.data_dir} is not the one the owner pinned ({p}): "
                      "refusing to send the owner's token or sign for a service it does not vouch for")
 

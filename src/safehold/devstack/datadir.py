@@ -267,6 +267,36 @@ def pin_workload_ca(d: Path, owner: str | os.PathLike[str] | None, pin: str, *, 
     write_atomic(p, json.dumps(pins, indent=1, sort_keys=True), mode=0o600)
 
 
+def pinned_workload_ca(data_dir: Path, pins: Path) -> tuple[str | None, bytes | None]:
+    """The workload CA of ``data_dir`` the owner pinned in ``pins`` (``pins.json``): its
+    ``ca.pem`` or ``broker/ca.pem``, whichever has the pinned SHA-256 of its DER (X.509).
+
+    Returns:
+        ``(pinned SHA-256 hex or None when nothing is pinned, that CA's PEM bytes or None when
+        no CA file there is the pinned one)``.
+
+    Raises:
+        ConfigError: ``pins`` unreadable or malformed.
+    """
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    want = read_owner_pins(pins).get(str(data_dir.resolve()), {}).get("workload_ca_sha256")
+    if not want:
+        return None, None
+    for f in (data_dir / "ca.pem", data_dir / "broker" / "ca.pem"):
+        try:
+            pem = f.read_bytes()
+            der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+        except (OSError, ValueError):
+            continue
+        if hashlib.sha256(der).hexdigest() == want:
+            return want, pem
+    return want, None
+
+
 def read_owner_pins(p: Path) -> dict[str, dict[str, str]]:
     """``pins.json`` ({} if absent).
 
