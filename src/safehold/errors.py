@@ -154,6 +154,12 @@ class AuditChainError(SafeholdError):
     """The audit log's hash chain or a signature is broken; names the first bad entry."""
 
 
+class AuditSegmentRefusedError(SafeholdError):
+    """An audit retention request (export or seal of a segment) does not fit the live log — a
+    range outside the live entries, or a SHA-256 that is not the segment's — and changed
+    nothing; the chain itself is fine (unlike :class:`AuditChainError`)."""
+
+
 # --- proxy / FPE --------------------------------------------------------------------------------
 
 

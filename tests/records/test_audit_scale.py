@@ -13,7 +13,7 @@ import time
 import pytest
 
 from safehold.crypto.keyset import Keyset
-from safehold.errors import AuditChainError, StoreUnavailableError
+from safehold.errors import AuditChainError, AuditSegmentRefusedError, StoreUnavailableError
 from safehold.freshness.group import FreshGroupCommit
 from safehold.records.access_audit import AccessAuditLog
 from safehold.records.commit import GroupCommit
@@ -139,7 +139,7 @@ def test_seal_export_and_checkpointed_verify(tmp_path):
         assert repo.audit.verify() == 10
         data, first, last, digest = repo.audit.export_segment(5)
         assert (first, last) == (0, 5) and len(data.splitlines()) == 6
-        with pytest.raises(AuditChainError, match="not the one given"):
+        with pytest.raises(AuditSegmentRefusedError, match="not the one given"):
             repo.audit.seal("admin", 5, "0" * 64)
         rec = repo.audit.seal("admin", 5, digest)
         assert (rec.first, rec.last, rec.sha256) == (0, 5, digest)
@@ -152,9 +152,10 @@ def test_seal_export_and_checkpointed_verify(tmp_path):
         assert repo.audit.verify_segment(data) == rec
         with pytest.raises(AuditChainError, match="no seal record"):
             repo.audit.verify_segment(data.replace(b'"who":"w"', b'"who":"x"', 1))
-        with pytest.raises(AuditChainError, match=r"not sealable \(the newest entry \(10\) stays live"):
+        refused = AuditSegmentRefusedError  # a retention mistake, not a broken chain
+        with pytest.raises(refused, match=r"not sealable \(the newest entry \(10\) stays live"):
             repo.audit.export_segment(10)  # the newest entry stays live
-        with pytest.raises(AuditChainError, match=r"not sealable \(entries before 6 are sealed already"):
+        with pytest.raises(refused, match=r"not sealable \(entries before 6 are sealed already"):
             repo.audit.export_segment(3)
         # the base row is MAC'd: moving it to hide more entries is refused
         conn.execute(f"UPDATE {T} SET value = ? WHERE ns = (SELECT id FROM safehold_namespaces "
@@ -281,7 +282,9 @@ def test_segment_and_seal_over_http(tmp_path):
             digest = r.headers["X-Safehold-Segment-SHA256"]
             assert r.headers["X-Safehold-Segment"] == "0-3" and len(r.content.splitlines()) == 4
             bad = c.post("/v1/audit/seal", json={"through": 3, "sha256": "0" * 64}, headers=ra.headers())
-            assert bad.status_code == 409 and bad.json()["error"] == "audit-chain-broken"
+            assert bad.status_code == 409 and bad.json()["error"] == "audit-segment-refused"
+            early = c.get("/v1/audit/segment?through=99", headers=ra.headers())
+            assert early.status_code == 409 and early.json()["error"] == "audit-segment-refused"
             assert c.post("/v1/audit/seal", json={"through": 3}, headers=ra.headers()).status_code == 400
             ok = c.post("/v1/audit/seal", json={"through": 3, "sha256": digest}, headers=ra.headers())
             assert ok.status_code == 200 and ok.json() == {"first": 0, "last": 3, "sha256": digest}

@@ -414,8 +414,9 @@ class RecordsClient:
         :meth:`audit_seal` names the export's SHA-256.
 
         Raises:
-            RecordsClientError: 409 ``audit-chain-broken`` (``through`` not sealable: before the
-                base or at/after the newest entry, which stays live; or the chain is broken).
+            RecordsClientError: 409 ``audit-segment-refused`` (``through`` not sealable: before
+                the base or at/after the newest entry, which stays live); 409
+                ``audit-chain-broken`` (the chain is broken).
         """
         r = self._http.get("/v1/audit/segment", params={"through": str(int(through))})
         _raise_for(r)
@@ -431,8 +432,8 @@ class RecordsClient:
         export kept elsewhere. Returns ``(first, last, sha256)`` of the sealed segment.
 
         Raises:
-            RecordsClientError: 409 ``audit-chain-broken`` when the live segment's digest is not
-                ``sha256`` (the log changed since the export, or another export was named).
+            RecordsClientError: 409 ``audit-segment-refused`` when the live segment's digest is
+                not ``sha256`` (the log changed since the export, or another export was named).
         """
         r = self._http.post("/v1/audit/seal", json={"through": int(through), "sha256": sha256})
         _raise_for(r)

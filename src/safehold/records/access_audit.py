@@ -78,7 +78,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from safehold.errors import AuditChainError, ConflictError, SafeholdError, StoreUnavailableError
+from safehold.errors import (
+    AuditChainError,
+    AuditSegmentRefusedError,
+    ConflictError,
+    SafeholdError,
+    StoreUnavailableError,
+)
 from safehold.jsontypes import JSONObject
 from safehold.records.commit import Committer, GroupCommit
 from safehold.store.base import Store
@@ -712,8 +718,9 @@ class AccessAuditLog:
             ``(segment bytes, first seq, last seq, hex SHA-256 of the bytes)``.
 
         Raises:
-            AuditChainError: nothing to export (``through`` before the base or at / past the
-                head: the newest entry is never sealed), or the entries do not chain.
+            AuditSegmentRefusedError: nothing to export (``through`` before the base or at /
+                past the head: the newest entry is never sealed).
+            AuditChainError: the entries do not chain.
         """
         head = self.read_head()
         first, prev = self.read_base()
@@ -722,7 +729,7 @@ class AccessAuditLog:
             why = ("the log is empty" if head is None
                    else f"entries before {first} are sealed already" if through < first
                    else f"the newest entry ({last}) stays live: --through at most {last - 1}")
-            raise AuditChainError(f"audit export/seal: entry {through} is not sealable ({why}; "
+            raise AuditSegmentRefusedError(f"audit export/seal: entry {through} is not sealable ({why}; "
                                   f"live entries {first}..{last})")
         lines: list[bytes] = []
         n = first
@@ -745,13 +752,14 @@ class AccessAuditLog:
         ``audit-seal`` entry with the digest is chained.
 
         Raises:
-            AuditChainError: ``sha256_hex`` is not the digest of the segment as it is now (the
-                log changed, or the export is another one), or as :meth:`export_segment`.
+            AuditSegmentRefusedError: ``sha256_hex`` is not the digest of the segment as it is
+                now (the log changed, or the export is another one), or as :meth:`export_segment`.
+            AuditChainError: as :meth:`export_segment`.
         """
         def unit() -> SealRecord:
             data, first, last, digest = self.export_segment(through)
             if not hmac.compare_digest(digest, sha256_hex.lower()):
-                raise AuditChainError(f"audit seal: segment {first}..{last} has SHA-256 "
+                raise AuditSegmentRefusedError(f"audit seal: segment {first}..{last} has SHA-256 "
                                       f"{digest[:16]}…, not the one given (the file is not the "
                                       f"export of entries {first}..{last}: seal the file "
                                       f"`audit export --through {last}` wrote)")

@@ -88,6 +88,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safehold.errors import (
     AuditChainError,
+    AuditSegmentRefusedError,
     ConfigError,
     RecordError,
     RecordNotFoundError,
@@ -179,6 +180,7 @@ _ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (PayloadTooLargeError, 413, "too-large"),
     (UnsupportedMediaTypeError, 415, "unsupported-media-type"),
     (InvalidRecordError, 400, "invalid"),
+    (AuditSegmentRefusedError, 409, "audit-segment-refused"),
     (AuditChainError, 409, "audit-chain-broken"),
     (RowFreshnessError, 409, "stale-data"),
     (StoreStateError, 503, "not-fresh"),

@@ -26,7 +26,8 @@ _ERROR = {"type": "object", "required": ["error", "detail"], "additionalProperti
           "properties": {"error": {"type": "string", "description": "a stable code: invalid, "
                                    "unauthorized, forbidden, not-found, no-such-endpoint, "
                                    "method-not-allowed, exists, record-tampered, "
-                                   "audit-chain-broken, precondition-failed, too-large, "
+                                   "audit-chain-broken, audit-segment-refused, precondition-failed, "
+                                   "too-large, "
                                    "store-corrupt, store-unavailable, record-error, internal"},
                          "detail": {"type": "string", "description": "what was wrong; never "
                                     "record content, query values or the path"}}}
@@ -37,7 +38,9 @@ _WHY = {
     404: "not-found: no such record",
     405: "method-not-allowed; Allow lists every method the path serves",
     409: "record-tampered (the stored row failed authentication), exists (If-None-Match: *), "
-         "or audit-chain-broken (every audited access is refused until an admin reseals)",
+         "audit-chain-broken (every audited access is refused until an admin reseals), or "
+         "audit-segment-refused (an audit export/seal names entries or a SHA-256 that do not fit "
+         "the live log; nothing changed)",
     412: "precondition-failed: If-Match names another version",
     413: "too-large: the body is over the limit",
     415: "unsupported-media-type: the body is not declared as application/json",
