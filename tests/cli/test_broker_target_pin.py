@@ -158,3 +158,19 @@ def test_an_explicit_cacert_still_wins(stack, tmp_path) -> None:
     d, _ = stack
     (d / "up.json").write_text(json.dumps({"broker_url": "https://127.0.0.1:4711", "ca": str(d / "ca.pem")}))
     assert broker_target(None, "/my/ca.pem") == ("https://127.0.0.1:4711", "/my/ca.pem")
+
+
+def test_the_groups_data_dir_option_names_the_stack(stack, impostor, tmp_path) -> None:
+    """``safehold broker --data-dir D …`` reads D's up.json (not $SAFEHOLD_DATA_DIR's) and still
+    checks TLS only against the CA the owner pinned for D."""
+    d, _ = stack
+    url, _, seen = impostor
+    (d / "up.json").write_text(json.dumps({"broker_url": url}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = CliRunner().invoke(cli, ["broker", "--data-dir", str(d), "manifest", "show"],
+                           env={"SAFEHOLD_BROKER_TOKEN": "owner-secret", "SAFEHOLD_DATA_DIR": str(elsewhere)})
+    assert r.exit_code != 0 and seen == []
+    assert url in r.output and "CERTIFICATE_VERIFY_FAILED" in r.output, r.output
+    assert broker_target(None, None, str(d))[0] == url
+    assert broker_target(None, None, str(elsewhere))[0] == "https://127.0.0.1:8443"  # no up.json there

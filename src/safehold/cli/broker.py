@@ -18,7 +18,8 @@ from safehold.errors import BrokerError, SafeholdError
 
 _URL = click.option("--url", default=lambda: os.environ.get("SAFEHOLD_BROKER_URL"),
                     show_default="$SAFEHOLD_BROKER_URL, else the broker of a running `safehold up` "
-                                 "($SAFEHOLD_DATA_DIR or ./safehold-data), else https://127.0.0.1:8443",
+                                 "(`safehold broker --data-dir`, $SAFEHOLD_DATA_DIR or ./safehold-data), "
+                                 "else https://127.0.0.1:8443",
                     help="Broker base URL.")
 _CACERT = click.option("--cacert", type=click.Path(dir_okay=False), default=None,
                        help="Broker CA certificate (PEM) to verify TLS; default: the CA of the "
@@ -28,11 +29,13 @@ _TOKEN = click.option("--token", default=lambda: os.environ.get("SAFEHOLD_BROKER
 DEFAULT_URL = "https://127.0.0.1:8443"
 
 
-def broker_target(url: str | None, cacert: str | None) -> tuple[str, str | ssl.SSLContext | None]:
+def broker_target(url: str | None, cacert: str | None,
+                  data_dir: str | None = None) -> tuple[str, str | ssl.SSLContext | None]:
     """The broker URL and how to verify its TLS: ``url`` (``--url`` / ``$SAFEHOLD_BROKER_URL``)
     with ``cacert`` (a path; None: the system CAs) when given; else the broker of a running
-    ``safehold up`` (``broker_url`` of ``up.json`` in ``$SAFEHOLD_DATA_DIR`` or
-    ``./safehold-data``); else :data:`DEFAULT_URL`. An explicit ``cacert`` always wins.
+    ``safehold up`` (``broker_url`` of ``up.json`` in ``data_dir`` — ``safehold broker
+    --data-dir`` —, ``$SAFEHOLD_DATA_DIR`` or ``./safehold-data``); else :data:`DEFAULT_URL`.
+    An explicit ``cacert`` always wins.
 
     With up.json's URL and no ``cacert``, TLS is checked against the workload CA the data
     owner pinned for that data directory (``<owner dir>/pins.json``, written by ``safehold up``
@@ -50,7 +53,7 @@ def broker_target(url: str | None, cacert: str | None) -> tuple[str, str | ssl.S
         return url, cacert
     from safehold.errors import ConfigError
 
-    d = Path(os.environ.get("SAFEHOLD_DATA_DIR") or "./safehold-data")
+    d = Path(data_dir or os.environ.get("SAFEHOLD_DATA_DIR") or "./safehold-data")
     p = d / "up.json"
     if p.is_file():
         try:
@@ -84,7 +87,8 @@ def _pinned_context(d: Path) -> ssl.SSLContext:
 def _http(url: str | None, cacert: str | None, *, insecure: bool = False) -> Any:
     import httpx
 
-    url, ca = broker_target(url, cacert)
+    ctx = click.get_current_context(silent=True)
+    url, ca = broker_target(url, cacert, ctx.meta.get(_STACK_DIR) if ctx is not None else None)
     verify: Any = False if insecure else (ca or True)
     return httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=30.0)
 
@@ -112,9 +116,18 @@ def _auth(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+_STACK_DIR = "safehold.broker.stack_dir"  # click context meta: the group's --data-dir
+
+
 @click.group("broker")
-def broker() -> None:
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="Data directory of the `safehold up` whose broker the client commands use "
+                   "(default: $SAFEHOLD_DATA_DIR, else ./safehold-data). `broker serve` takes "
+                   "its own --data-dir: the broker's state.")
+@click.pass_context
+def broker(ctx: click.Context, data_dir: str | None) -> None:
     """Key broker service (KBS): attestation-gated secrets, workload CA, audit, recovery."""
+    ctx.meta[_STACK_DIR] = data_dir
 
 
 @broker.command("serve")
