@@ -412,13 +412,30 @@ def test_async_client(stack):
             got = await c.get("async-1")
             res = await c.batch([("async-2", {"a": 1}), ("bad id", {"a": 2})])
             ids = [i async for i in c.list_ids(page=5)]
+            page, cursor = await c.list_page(limit=1)
             await c.delete("async-2")
-            return v, got, res, ids
+            fhir = await c.fhir_batch([("Patient", "async-3", {"resourceType": "Patient", "id": "async-3"})])
+            read = await c.fhir_read("Patient", "async-3")
+            return v, got, res, ids, (page, cursor), fhir, read
 
-    v, got, res, ids = asyncio.run(go())
+    async def audit():
+        async with AsyncRecordsClient(stack.records_url, token=tokens(stack.data_dir)["admin"],
+                                      policy=stack.path("policy.toml")) as c:
+            n, n_full = await c.audit_verify(), await c.audit_verify_full()
+            seg = await c.audit_segment(0)  # export only: sealing would change the shared stack
+            return n, n_full, seg
+
+    v, got, res, ids, (page, cursor), fhir, read = asyncio.run(go())
     assert v == 1 and got.data["gender"] == "female"
     assert [r["status"] for r in res] == ["created", "failed"]
     assert "async-1" in ids and "async-2" in ids
+    assert len(page) == 1 and cursor
+    assert [r["status"] for r in fhir] == ["created"] and read.data["id"] == "async-3" and read.version == 1
+    n, n_full, seg = asyncio.run(audit())
+    assert n == n_full > 0 and seg.first == 0
+    with RecordsClient(stack.records_url, token=tokens(stack.data_dir)["admin"],
+                       policy=stack.path("policy.toml")) as c:
+        assert c.audit_segment(seg.last) == seg  # the same export through the sync client
 
 
 def test_restart_keeps_all_data(stack):

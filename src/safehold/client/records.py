@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, Unpack, overload
 from urllib.parse import quote
 
 import httpx
@@ -191,6 +191,78 @@ def _hits(body: dict[str, Any]) -> list[Record]:
     return [Record(x["id"], x["record"], x.get("version")) for x in body["records"]]
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One native-API request and how to read its answer, shared by :class:`RecordsClient` and
+    :class:`AsyncRecordsClient` (each sends it, raises through :func:`_raise_for`, then parses)."""
+
+    method: str
+    url: str
+    parse: Callable[[httpx.Response], T]
+    params: dict[str, str] | None = None
+    content: str | None = None
+    body: Any = None  # sent as JSON
+    headers: dict[str, str] | None = None
+
+
+def _entries(r: httpx.Response) -> int:
+    return int(r.json()["entries"])
+
+
+def _list_page_call(cursor: str | None, limit: int) -> _Call[tuple[list[str], str | None]]:
+    params = {"limit": str(int(limit))}
+    if cursor:
+        params["cursor"] = cursor
+
+    def parse(r: httpx.Response) -> tuple[list[str], str | None]:
+        body = r.json()
+        return list(body["ids"]), body.get("next")
+    return _Call("GET", "/v1/patients", parse, params=params)
+
+
+def _fhir_read_call(rtype: str, rid: str) -> _Call[Record]:
+    return _Call("GET", f"/fhir/{quote(rtype, safe='')}/{_segment(rid)}",
+                 lambda r: Record(rid, r.json(), _version(r)), headers={"Accept": FHIR_JSON})
+
+
+def _fhir_batch_call(resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> _Call[list[dict[str, Any]]]:
+    items = list(resources)
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": dict(res), "request": {"method": "PUT", "url": f"{t}/{quote(i, safe='')}"}}
+        for t, i, res in items]}
+    return _Call("POST", "/fhir/", lambda r: [
+        _batch_result(f"{t}/{i}", e.get("response", {}))
+        for (t, i, _), e in zip(items, r.json().get("entry", []), strict=True)],
+        content=json.dumps(bundle), headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
+
+
+def _audit_verify_call(full: bool) -> _Call[int]:
+    return _Call("GET", "/v1/audit/verify", _entries, params={"full": "true"} if full else None)
+
+
+def _audit_segment_call(through: int) -> _Call[AuditSegment]:
+    def parse(r: httpx.Response) -> AuditSegment:
+        first, _, last = r.headers.get("X-Safehold-Segment", "").partition("-")
+        seg = AuditSegment(r.content, int(first), int(last), r.headers.get("X-Safehold-Segment-SHA256", ""))
+        if hashlib.sha256(seg.data).hexdigest() != seg.sha256:
+            raise RecordTamperedError("audit segment: the body's SHA-256 is not the one the service named")
+        return seg
+    return _Call("GET", "/v1/audit/segment", parse, params={"through": str(int(through))})
+
+
+def _audit_seal_call(through: int, sha256: str) -> _Call[tuple[int, int, str]]:
+    def parse(r: httpx.Response) -> tuple[int, int, str]:
+        doc = r.json()
+        return int(doc["first"]), int(doc["last"]), str(doc["sha256"])
+    return _Call("POST", "/v1/audit/seal", parse, body={"through": int(through), "sha256": sha256})
+
+
+_AUDIT_RESEAL: _Call[int] = _Call("POST", "/v1/audit/reseal", _entries)
+
+
 @overload
 def attesting_transport(policy: AppraisalPolicy | Verifier | str | PathLike[str], *,
                         asynchronous: Literal[False] = False,
@@ -312,13 +384,7 @@ class RecordsClient:
 
     def list_page(self, *, cursor: str | None = None, limit: int = 100) -> tuple[list[str], str | None]:
         """One page of record ids and the next cursor (None at the end)."""
-        params: dict[str, Any] = {"limit": limit}
-        if cursor:
-            params["cursor"] = cursor
-        r = self._http.get("/v1/patients", params=params)
-        _raise_for(r)
-        body = r.json()
-        return list(body["ids"]), body.get("next")
+        return self._send(_list_page_call(cursor, limit))
 
     def list_ids(self, *, page: int = 500) -> Iterator[str]:
         """Every record id, paging as needed."""
@@ -357,10 +423,7 @@ class RecordsClient:
     def fhir_read(self, rtype: str, rid: str) -> Record:
         """Read a FHIR resource (``GET /fhir/<type>/<id>``); ``version`` from its ETag.
         Raises RecordNotFoundError, RecordTamperedError."""
-        r = self._http.get(f"/fhir/{quote(rtype, safe='')}/{_segment(rid)}",
-                           headers={"Accept": FHIR_JSON})
-        _raise_for(r)
-        return Record(rid, r.json(), _version(r))
+        return self._send(_fhir_read_call(rtype, rid))
 
     def fhir_batch(self, resources: Iterable[tuple[str, str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
         """Store FHIR resources with their ids: one ``batch`` Bundle of ``PUT <type>/<id>``
@@ -375,37 +438,23 @@ class RecordsClient:
         Raises:
             RecordsClientError: the service refused the whole Bundle (e.g. 400, 413).
         """
-        items = list(resources)
-        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-            {"resource": dict(res), "request": {"method": "PUT", "url": f"{t}/{quote(i, safe='')}"}}
-            for t, i, res in items]}
-        r = self._http.post("/fhir/", content=json.dumps(bundle),
-                            headers={"Content-Type": FHIR_JSON, "Accept": FHIR_JSON})
-        _raise_for(r)
-        return [_batch_result(f"{t}/{i}", e.get("response", {}))
-                for (t, i, _), e in zip(items, r.json().get("entry", []), strict=True)]
+        return self._send(_fhir_batch_call(resources))
 
     def audit_verify(self) -> int:
         """(admin) verify the service's audit chain and its authenticated head; returns the
         number of entries. Raises RecordsClientError (409 ``audit-chain-broken``) naming the
         break, e.g. a tail cut off behind the head."""
-        r = self._http.get("/v1/audit/verify")
-        _raise_for(r)
-        return int(r.json()["entries"])
+        return self._send(_audit_verify_call(full=False))
 
     def audit_reseal(self) -> int:
         """(admin) accept the audit log as it now is after a failed head check (the service
         appends an entry recording what was wrong); returns the number of entries."""
-        r = self._http.post("/v1/audit/reseal")
-        _raise_for(r)
-        return int(r.json()["entries"])
+        return self._send(_AUDIT_RESEAL)
 
     def audit_verify_full(self) -> int:
         """(admin) :meth:`audit_verify` walking the whole live chain from its base instead of
         from the last verified checkpoint (``GET /v1/audit/verify?full=true``)."""
-        r = self._http.get("/v1/audit/verify", params={"full": "true"})
-        _raise_for(r)
-        return int(r.json()["entries"])
+        return self._send(_audit_verify_call(full=True))
 
     def audit_segment(self, through: int) -> AuditSegment:
         """(admin) export the oldest live access-audit entries through entry ``through`` for
@@ -417,14 +466,9 @@ class RecordsClient:
             RecordsClientError: 409 ``audit-segment-refused`` (``through`` not sealable: before
                 the base or at/after the newest entry, which stays live); 409
                 ``audit-chain-broken`` (the chain is broken).
+            RecordTamperedError: the body's SHA-256 is not the one the service named.
         """
-        r = self._http.get("/v1/audit/segment", params={"through": str(int(through))})
-        _raise_for(r)
-        first, _, last = r.headers.get("X-Safehold-Segment", "").partition("-")
-        seg = AuditSegment(r.content, int(first), int(last), r.headers.get("X-Safehold-Segment-SHA256", ""))
-        if hashlib.sha256(seg.data).hexdigest() != seg.sha256:
-            raise RecordTamperedError("audit segment: the body's SHA-256 is not the one the service named")
-        return seg
+        return self._send(_audit_segment_call(through))
 
     def audit_seal(self, through: int, sha256: str) -> tuple[int, int, str]:
         """(admin) drop the exported segment through ``through`` from the live log, keeping its
@@ -435,10 +479,13 @@ class RecordsClient:
             RecordsClientError: 409 ``audit-segment-refused`` when the live segment's digest is
                 not ``sha256`` (the log changed since the export, or another export was named).
         """
-        r = self._http.post("/v1/audit/seal", json={"through": int(through), "sha256": sha256})
+        return self._send(_audit_seal_call(through, sha256))
+
+    def _send(self, c: _Call[T]) -> T:
+        r = self._http.request(c.method, c.url, params=c.params, content=c.content, json=c.body,
+                               headers=c.headers)
         _raise_for(r)
-        doc = r.json()
-        return int(doc["first"]), int(doc["last"]), str(doc["sha256"])
+        return c.parse(r)
 
 
 class AsyncRecordsClient:
@@ -492,17 +539,15 @@ class AsyncRecordsClient:
         """See :meth:`RecordsClient.list_ids`."""
         cursor = None
         while True:
-            params: dict[str, Any] = {"limit": page}
-            if cursor:
-                params["cursor"] = cursor
-            r = await self._http.get("/v1/patients", params=params)
-            _raise_for(r)
-            body = r.json()
-            for i in body["ids"]:
+            ids, cursor = await self.list_page(cursor=cursor, limit=page)
+            for i in ids:
                 yield i
-            cursor = body.get("next")
             if not cursor:
                 return
+
+    async def list_page(self, *, cursor: str | None = None, limit: int = 100) -> tuple[list[str], str | None]:
+        """See :meth:`RecordsClient.list_page`."""
+        return await self._send(_list_page_call(cursor, limit))
 
     async def search(self, *, limit: int = 100, **criteria: str) -> list[Record]:
         """See :meth:`RecordsClient.search`."""
@@ -516,3 +561,38 @@ class AsyncRecordsClient:
                                   headers={"Content-Type": "application/json"})
         _raise_for(r)
         return list(r.json()["results"])
+
+    async def fhir_read(self, rtype: str, rid: str) -> Record:
+        """See :meth:`RecordsClient.fhir_read`."""
+        return await self._send(_fhir_read_call(rtype, rid))
+
+    async def fhir_batch(self, resources: Iterable[tuple[str, str, Mapping[str, Any]]]
+                         ) -> list[dict[str, Any]]:
+        """See :meth:`RecordsClient.fhir_batch`."""
+        return await self._send(_fhir_batch_call(resources))
+
+    async def audit_verify(self) -> int:
+        """See :meth:`RecordsClient.audit_verify`."""
+        return await self._send(_audit_verify_call(full=False))
+
+    async def audit_reseal(self) -> int:
+        """See :meth:`RecordsClient.audit_reseal`."""
+        return await self._send(_AUDIT_RESEAL)
+
+    async def audit_verify_full(self) -> int:
+        """See :meth:`RecordsClient.audit_verify_full`."""
+        return await self._send(_audit_verify_call(full=True))
+
+    async def audit_segment(self, through: int) -> AuditSegment:
+        """See :meth:`RecordsClient.audit_segment`."""
+        return await self._send(_audit_segment_call(through))
+
+    async def audit_seal(self, through: int, sha256: str) -> tuple[int, int, str]:
+        """See :meth:`RecordsClient.audit_seal`."""
+        return await self._send(_audit_seal_call(through, sha256))
+
+    async def _send(self, c: _Call[T]) -> T:
+        r = await self._http.request(c.method, c.url, params=c.params, content=c.content, json=c.body,
+                                     headers=c.headers)
+        _raise_for(r)
+        return c.parse(r)
