@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -222,6 +223,17 @@ def test_status_of_a_stale_stack_exits_1_with_a_clear_line(env, stack, tmp_path)
     info = dict(stack["info"], records_url=f"https://127.0.0.1:{free_port()}",
                 broker_url=f"https://127.0.0.1:{free_port()}")
     (d / "up.json").write_text(json.dumps(info))
+    # a data directory the owner pinned nothing for: its policy and CA are not used
+    r = cli(env, "status", "--data-dir", str(d), check=False)
+    assert r.returncode == 1 and "pins no records client policy" in r.stdout, r.stdout
+    _no_traceback(r)
+    # pinned as the stack's (same policy, same CA): the dead URLs are named
+    data = stack["data"]
+    pins = json.loads((data.parent / f"{data.name}.owner" / "pins.json").read_text())[str(data.resolve())]
+    for n in ("policy.toml", "ca.pem"):
+        shutil.copy(data / n, d / n)
+    (tmp_path / "stale.owner").mkdir()
+    (tmp_path / "stale.owner" / "pins.json").write_text(json.dumps({str(d.resolve()): pins}))
     r = cli(env, "status", "--data-dir", str(d), check=False)
     assert r.returncode == 1
     assert f"cannot reach the records service at {info['records_url']}: connection refused" in r.stdout

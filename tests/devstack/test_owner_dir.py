@@ -33,9 +33,10 @@ def test_tokens_and_owner_key_are_written_to_the_owner_dir_only(tmp_path, monkey
     assert {p.name for p in od.iterdir()} == {"tokens.json", "owner.key", "owner.pub"}
     assert os.stat(od).st_mode & 0o777 == 0o700 and os.stat(od / "owner.key").st_mode & 0o777 == 0o600
     assert list(data.iterdir()) == []
-    # the client reads the admin token from there; up.json holds none
+    # the client reads the admin token from there; up.json holds none (an explicit policy: the
+    # data directory's would need the owner's pin, tests/cli/test_policy_pin.py)
     (data / "up.json").write_text(json.dumps({"records_url": "https://127.0.0.1:1", "policy": "p.toml"}))
-    assert load_connection(data).token == tok["admin"]
+    assert load_connection(data, policy="p.toml").token == tok["admin"]
 
 
 def test_an_owner_dir_inside_the_data_dir_is_refused(tmp_path):

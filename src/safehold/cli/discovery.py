@@ -25,16 +25,19 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_service, stack_token
+from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_policy, stack_service, stack_token
 from safehold.discovery.errors import InvalidRequestError
 from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
+
+if TYPE_CHECKING:
+    from safehold.attestation.verifier import Verifier
 
 PROGRESS_MIN = 2000
 DEFAULT_URL = "https://127.0.0.1:8720"
@@ -83,7 +86,7 @@ def _entries(path: str, kind: str, *, with_user: bool) -> list[tuple[int, tuple[
     return out
 
 
-def _client(url: str | None, token: str | None, policy: str | None, insecure_loopback: bool,
+def _client(url: str | None, token: str | None, policy: str | Verifier | None, insecure_loopback: bool,
             data_dir: str = "./safehold-data", role: str = "reader") -> Any:
     # imported here: the SDK loads libsodium, which the rest of the CLI does not need
     from safehold.client.discovery import DiscoveryClient
@@ -91,7 +94,7 @@ def _client(url: str | None, token: str | None, policy: str | None, insecure_loo
     if url is None:  # from the running `safehold up` (attested), else the default port
         entry = stack_service(data_dir, "discovery")
         if entry is not None:
-            url, policy = str(entry["url"]), policy or str(entry["policy"])
+            url, policy = str(entry["url"]), policy or stack_policy(data_dir, "discovery")
             token = token or stack_token(data_dir, role)
         else:
             url = DEFAULT_URL

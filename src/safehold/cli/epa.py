@@ -21,14 +21,17 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import click
 
-from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_service, stack_token
+from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_policy, stack_service, stack_token
 from safehold.client.errors import EpaResponseError
 from safehold.errors import ConfigError
+
+if TYPE_CHECKING:
+    from safehold.attestation.verifier import Verifier
 
 __all__ = ["register"]
 
@@ -38,7 +41,8 @@ class _Ctx:
 
     def __init__(self, data_dir: str, url: str | None, policy: str | None, owner: str | None,
                  role: str) -> None:
-        self.data_dir, self.url, self.policy, self.owner, self.role = data_dir, url, policy, owner, role
+        self.data_dir, self.url, self.owner, self.role = data_dir, url, owner, role
+        self.policy: str | Verifier | None = policy  # a path given, or the owner-pinned policy
         if url is None:
             entry = stack_service(data_dir, "erezept")  # the VAU workload serves both channels
             if entry is None:
@@ -47,7 +51,7 @@ class _Ctx:
             if not entry.get("epa"):
                 raise ConfigError(f"the VAU of the stack in {data_dir} runs no ePA VAU (it needs the "
                                   "records service and records_policy in vau.toml)")
-            self.url, self.policy = str(entry["url"]), policy or str(entry["policy"])
+            self.url, self.policy = str(entry["url"]), policy or stack_policy(data_dir, "erezept", owner)
         if not self.policy:
             raise ConfigError("--policy is needed with --url: the VAU workload is attested before use")
 

@@ -28,12 +28,15 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_service
+from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_policy, stack_service
 from safehold.errors import ConfigError
+
+if TYPE_CHECKING:
+    from safehold.attestation.verifier import Verifier
 
 #: gemSpec_OID professionOIDs of the three roles.
 ROLE_OIDS = {"prescriber": "1.2.276.0.76.4.30", "pharmacy": "1.2.276.0.76.4.54",
@@ -71,14 +74,15 @@ class _Ctx:
     """Connection settings shared by the subcommands."""
 
     def __init__(self, data_dir: str, url: str | None, policy: str | None) -> None:
-        self.data_dir, self.url, self.policy = data_dir, url, policy
+        self.data_dir, self.url = data_dir, url
+        self.policy: str | Verifier | None = policy  # a path given, or the owner-pinned policy
         self.entry: dict[str, Any] | None = None
         if url is None:
             self.entry = stack_service(data_dir, "erezept")
             if self.entry is None:
                 raise ConfigError(f"no running `safehold up` in {data_dir} (no up.json): pass --data-dir, "
                                   "or --url and --policy")
-            self.url, self.policy = str(self.entry["url"]), policy or str(self.entry["policy"])
+            self.url, self.policy = str(self.entry["url"]), policy or stack_policy(data_dir, "erezept")
         if not self.policy:
             raise ConfigError("--policy is needed with --url: the VAU workload is attested before use")
 

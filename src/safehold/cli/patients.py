@@ -1,9 +1,10 @@
 """``safehold patients …``: import, get, list, search and delete patient records.
 
 A click layer over :mod:`safehold.client.connection` (connection settings from the ``up.json``
-that ``safehold up`` writes, or from ``--url`` / ``--policy`` / ``--token`` /
-``SAFEHOLD_TOKEN``; every request over the attesting transport: no byte is sent before the
-service's Evidence passes the policy) and :mod:`safehold.client.importer` (the resumable
+that ``safehold up`` writes, the data directory's ``policy.toml`` only as the owner pinned it in
+``<owner dir>/pins.json``, or from ``--url`` / ``--policy`` / ``--token`` / ``SAFEHOLD_TOKEN``;
+every request over the attesting transport: no byte is sent before the service's Evidence
+passes the policy) and :mod:`safehold.client.importer` (the resumable
 import). A transport failure is one line naming the URL and exit status 1; the simulated-TEE
 warning shows once as one line.
 """
@@ -77,7 +78,9 @@ _conn_options = [
     click.option("--data-dir", default="./safehold-data", show_default=True, envvar="SAFEHOLD_DATA_DIR",
                  help="Data directory of `safehold up` (holds up.json)."),
     click.option("--url", default=None, help="Records service URL (default: from up.json)."),
-    click.option("--policy", default=None, help="Appraisal policy TOML for the service's Evidence."),
+    click.option("--policy", default=None,
+                 help="Appraisal policy TOML for the service's Evidence (default: the data directory's "
+                      "policy.toml, only as `safehold up` pinned it in the owner directory's pins.json)."),
     click.option("--token", default=None, envvar="SAFEHOLD_TOKEN", help="Bearer token."),
     click.option("--owner-dir", default=None, envvar="SAFEHOLD_OWNER_DIR",
                  help="The data owner's directory of `safehold up` (its tokens.json gives the admin "

@@ -1,21 +1,30 @@
-"""What the service CLIs (``safehold svr``, ``discovery``, ``erezept``) take from a running
-``safehold up``: the service's URLs and client policy from ``<data_dir>/up.json``, and the
-development bearer tokens from the owner directory's ``tokens.json``
+"""What the service CLIs (``safehold svr``, ``discovery``, ``epa``, ``erezept``) take from a
+running ``safehold up``: the service's URLs from ``<data_dir>/up.json``, its client policy from
+the data directory only as the owner pinned it (:func:`stack_policy`), and the development
+bearer tokens from the owner directory's ``tokens.json``
 (:func:`safehold.client.connection.owner_dir`: ``SAFEHOLD_OWNER_DIR`` or ``<data_dir>.owner``).
-Explicit options always win."""
+Explicit options always win.
+
+The data directory is the operator's: a URL from ``up.json`` is trusted only as far as the
+server there passes the pinned policy (RA-TLS, before any byte of a request); no CA or policy
+*path* that ``up.json`` names is used."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from safehold.client.connection import owner_dir
+from safehold.client.owner_pins import pinned_policy
 from safehold.errors import ConfigError
 
-__all__ = ["DATA_DIR_OPTION", "stack_service", "stack_token"]
+if TYPE_CHECKING:
+    from safehold.attestation.verifier import Verifier
+
+__all__ = ["DATA_DIR_OPTION", "stack_policy", "stack_service", "stack_token"]
 
 #: ``--data-dir`` (``SAFEHOLD_DATA_DIR``): where ``safehold up`` keeps up.json.
 DATA_DIR_OPTION = click.option("--data-dir", default="./safehold-data", show_default=True,
@@ -42,6 +51,19 @@ def stack_service(data_dir: str, service: str) -> dict[str, Any] | None:
     if not isinstance(entry, dict):
         raise ConfigError(f"the stack in {data_dir} does not run {service} (safehold up --services)")
     return entry
+
+
+def stack_policy(data_dir: str, service: str, owner: str | None = None) -> Verifier:
+    """The client policy of ``service`` (``svr`` / ``discovery`` / ``erezept``) in the data
+    directory, loaded once, if it is the one the owner pinned (``<owner dir>/pins.json``,
+    written by ``safehold up``); the policy path in ``up.json`` is not used.
+
+    Raises:
+        ConfigError: no pin, or the file (or the simulated root it names) differs from the pin
+            (names the file and what to do: restart ``safehold up``, or ``--url`` and
+            ``--policy``). See :func:`safehold.client.owner_pins.pinned_policy`.
+    """
+    return pinned_policy(data_dir, service, owner)
 
 
 def stack_token(data_dir: str, role: str, owner: str | None = None) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_service, stack_token
+from safehold.cli.stackinfo import DATA_DIR_OPTION, stack_policy, stack_service, stack_token
 from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
 
@@ -38,7 +38,7 @@ def _urls(value: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _client(protocol: str, urls: tuple[str, ...], token: str | None, policies: tuple[str, ...],
+def _client(protocol: str, urls: tuple[str, ...], token: str | None, policies: tuple[Any, ...],
             insecure_loopback: bool, data_dir: str = "./safehold-data", **_: Any) -> Any:
     # imported here: the SDK loads libsodium and argon2, which the rest of the CLI does not need
     from safehold.client.svr import Svr2Client, Svr3Client
@@ -47,7 +47,8 @@ def _client(protocol: str, urls: tuple[str, ...], token: str | None, policies: t
         entry = stack_service(data_dir, "svr")
         if entry is not None:
             urls = tuple(entry["urls"])
-            policies = policies or (str(entry["policy"]),)
+            # the data directory's policy only as the owner pinned it (a Verifier, read once)
+            policies = policies or (stack_policy(data_dir, "svr"),)
             token = token or stack_token(data_dir, "writer")
         else:
             urls = (DEFAULT_URLS,)

@@ -22,13 +22,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 
 from safehold.client.errors import ServiceUnreachableError
 from safehold.client.records import RecordsClient
 from safehold.errors import ConfigError
+
+if TYPE_CHECKING:
+    from safehold.attestation.verifier import Verifier
 
 __all__ = [
     "OWNER_DIR_SUFFIX",
@@ -66,12 +69,15 @@ def owner_dir(data_dir: str | os.PathLike[str], explicit: str | os.PathLike[str]
 
 @dataclass
 class Connection:
-    """How to reach the records service: ``url``, ``policy`` (path), ``token``, ``ca`` (path),
-    and ``target``: the service identity import checkpoints are keyed on (URL, plus the store
-    URL and the SHA-256 of the workload CA when they come from ``up.json`` for this URL)."""
+    """How to reach the records service: ``url``, ``policy`` (the path of a policy the caller
+    gave, or the :class:`~safehold.attestation.verifier.Verifier` of the data directory's policy
+    checked against the owner's pin), ``token``, ``ca`` (path; not used to trust anything: the
+    service is trusted by its attested Evidence), and ``target``: the service identity import
+    checkpoints are keyed on (URL, plus the store URL and the SHA-256 of the workload CA when
+    they come from ``up.json`` for this URL)."""
 
     url: str
-    policy: str
+    policy: str | Verifier
     token: str | None
     ca: str | None
     target: str = ""
@@ -85,9 +91,15 @@ def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
     The token is ``token``, else ``SAFEHOLD_TOKEN``, else the ``admin`` token in the owner
     directory's ``tokens.json`` (:func:`owner_dir` of ``data_dir`` and ``owner``), else none.
 
+    Without ``policy``, the data directory's ``policy.toml`` is used only if it is the one the
+    owner pinned (:func:`safehold.client.owner_pins.pinned_policy`; never the path ``up.json``
+    names): the operator can write the data directory, and the token and records must not go
+    to a server that only a weakened policy accepts. This is checked here, before any request.
+
     Raises:
-        ConfigError: no URL or policy known (``safehold up`` not running and no options), or
-            ``up.json`` is unreadable.
+        ConfigError: no URL or policy known (``safehold up`` not running and no options),
+            ``up.json`` is unreadable, or the data directory's policy is not the pinned one (or
+            none is pinned).
     """
     info: dict[str, Any] = {}
     p = Path(data_dir) / UP_FILE
@@ -100,19 +112,33 @@ def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
             raise ConfigError(f"{p}: unreadable ({e})") from None
     same = url is None or url == info.get("records_url")
     url = url or info.get("records_url")
-    policy = policy or info.get("policy")
-    token = token or os.environ.get("SAFEHOLD_TOKEN") or _owner_admin_token(owner_dir(data_dir, owner))
-    if not url or not policy:
+    if not url or not (policy or info.get("policy")):
         raise ConfigError(
             f"no records service known: run `safehold up` (writes {p}) or pass --url and --policy"
         )
+    checked: str | Verifier = policy or _pinned(data_dir, owner)
+    token = token or os.environ.get("SAFEHOLD_TOKEN") or _owner_admin_token(owner_dir(data_dir, owner))
     target = str(url)
     if same and info:
         ca_digest = ""
         with contextlib.suppress(OSError, TypeError, KeyError):  # up.json may lack it
             ca_digest = hashlib.sha256(Path(info["ca"]).read_bytes()).hexdigest()
         target += f" store={info.get('store_url', '')} ca={ca_digest}"
-    return Connection(url, policy, token, info.get("ca"), target)
+    return Connection(url, checked, token, info.get("ca"), target)
+
+
+def _pinned(data_dir: str | os.PathLike[str], owner: str | os.PathLike[str] | None) -> Verifier:
+    """The data directory's records policy as the owner pinned it; the policy logger's copy of
+    the simulated-TEE warning at load is dropped (:func:`simulated_tee_notice` shows it once, at
+    appraisal, as before when the policy was loaded there)."""
+    from safehold.client.owner_pins import pinned_policy
+
+    log, flt = logging.getLogger("safehold.attestation.policy"), _SimulatedTEENotice()
+    log.addFilter(flt)
+    try:
+        return pinned_policy(data_dir, "records", owner)
+    finally:
+        log.removeFilter(flt)
 
 
 def _owner_admin_token(d: Path) -> str | None:

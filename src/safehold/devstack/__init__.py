@@ -15,13 +15,17 @@ Layout of the data directory (default ``./safehold-data``, created 0700)::
     manifest.toml      the data owner's manifest: Reference Values = the measured records workload
     records.toml       the records service's measured configuration (resources, broker pin)
     policy.toml        the appraisal policy clients use for the records service's Evidence
-    tokens.json        bearer tokens (0600): admin / writer / reader
-    owner.key          the manifest owner's (user admin) Ed25519 signing key (0600), owner.pub
+                       (used by the CLIs only as pinned in the owner directory's pins.json)
     ca.pem             the broker's workload CA (also GET /ca, /v1/values/session=safehold)
-    up.json            URLs, paths and the admin token for `safehold patients` (0600)
+    up.json            URLs and paths for `safehold patients` (0600; no token)
     broker/            broker state (sealed master key, SQLite), its simulated TEE
     tee/               the records node's simulated TEE (platform key, simulated root CA)
     records.db         the encrypted records (SQLite; or --store postgresql://…)
+
+The owner directory (default ``<data dir>.owner``, never given to a server) holds
+``tokens.json`` (bearer tokens), ``owner.key`` / ``owner.pub`` (the manifest owner's Ed25519
+key) and ``pins.json`` (what the owner's tools accept from the data directory: the workload
+CA's and the client policies' SHA-256).
 
 The broker and the records service run as separate processes on loopback. The records service
 attests to the broker at start; only a workload whose measurement equals the manifest's

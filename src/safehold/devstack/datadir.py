@@ -17,6 +17,7 @@ import tomli_w
 
 from safehold.attestation.closure import Closure
 from safehold.client.connection import owner_dir
+from safehold.client.owner_pins import CLIENT_POLICIES, OWNER_PINS_FILE, read_owner_pins
 from safehold.devstack.errors import StackError
 from safehold.devstack.stack import (
     SCONE_AUTH_CHOICES,
@@ -33,8 +34,9 @@ from safehold.errors import ConfigError
 from safehold.fsutil import write_atomic
 from safehold.jsontypes import JSONObject
 
-__all__ = ["OWNER_FILES", "RECORDS_ACCESS", "broker_ca_pin", "check_old_layout", "main_records_config",
-           "make_data_dir", "make_owner_dir", "measure_records", "owner_key", "prepare", "records_access",
+__all__ = ["OWNER_FILES", "OWNER_PINS_FILE", "RECORDS_ACCESS", "broker_ca_pin", "check_old_layout",
+           "main_records_config", "make_data_dir", "make_owner_dir", "measure_records", "owner_key",
+           "pin_client_policies", "pinned_workload_ca", "prepare", "read_owner_pins", "records_access",
            "records_config", "tokens", "write_private"]
 
 #: What the data owner keeps in the owner directory (earlier versions kept them in the data dir).
@@ -233,13 +235,10 @@ def broker_ca_pin(data_dir: Path, package_root: str | None = None) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
-#: In the owner directory: the workload CA the owner's tools accept for each data directory.
-OWNER_PINS_FILE = "pins.json"
-
-
 def pin_workload_ca(d: Path, owner: str | os.PathLike[str] | None, pin: str, *, created: bool) -> None:
     """Record in the owner directory which workload CA (hex SHA-256 of its DER) the owner's
-    tools accept for data directory ``d`` (``pins.json``: ``{abs data dir: {workload_ca_sha256}}``).
+    tools accept for data directory ``d`` (``pins.json``: ``{abs data dir: {workload_ca_sha256,
+    …}}``; the client policies' pins: :func:`pin_client_policies`).
 
     The owner's steps (``safehold freshness``, the ledger settling of ``safehold up``) send the
     admin token and ask for statements to sign; they check the service's TLS against this pin,
@@ -297,25 +296,37 @@ def pinned_workload_ca(data_dir: Path, pins: Path) -> tuple[str | None, bytes | 
     return want, None
 
 
-def read_owner_pins(p: Path) -> dict[str, dict[str, str]]:
-    """``pins.json`` ({} if absent).
+def pin_client_policies(d: Path, owner: str | os.PathLike[str] | None, texts: dict[str, str],
+                        simulated_root: Path | None) -> None:
+    """Record in the owner directory's ``pins.json`` which client policies the owner's tools
+    accept for data directory ``d``: the SHA-256 of each text ``safehold up`` wrote
+    (``texts``: service of :data:`~safehold.client.owner_pins.CLIENT_POLICIES` → TOML text, the
+    bytes written, never read back from the data directory) and of the simulated root CA they
+    name (``simulated_root``; None: no simulated root, its pin is dropped).
+
+    Rewritten at every ``safehold up``: ``up`` is the owner's act that measures the workloads
+    and writes these policies; between two runs, a CLI refuses a policy file that differs
+    (:func:`safehold.client.owner_pins.pinned_policy`).
 
     Raises:
-        ConfigError: unreadable or malformed.
+        ConfigError: ``pins.json`` unreadable, or ``simulated_root`` unreadable.
     """
-    try:
-        raw = p.read_text("utf-8")
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        raise ConfigError(f"{p}: {e}") from None
-    try:
-        pins = json.loads(raw)
-    except ValueError:
-        raise ConfigError(f"{p} is not JSON") from None
-    if not isinstance(pins, dict) or not all(isinstance(v, dict) for v in pins.values()):
-        raise ConfigError(f"{p}: expected {{data dir: {{workload_ca_sha256}}}}")
-    return pins
+    unknown = set(texts) - set(CLIENT_POLICIES)
+    if unknown:
+        raise ValueError(f"no client policy file for {sorted(unknown)}")
+    p = owner_dir(d, owner) / OWNER_PINS_FILE
+    pins = read_owner_pins(p)
+    entry = pins.setdefault(str(d.resolve()), {})
+    entry["client_policies_sha256"] = {s: hashlib.sha256(t.encode("utf-8")).hexdigest()
+                                       for s, t in sorted(texts.items())}
+    entry.pop("simulated_root_sha256", None)
+    if simulated_root is not None:
+        try:
+            entry["simulated_root_sha256"] = hashlib.sha256(simulated_root.read_bytes()).hexdigest()
+        except OSError as e:
+            raise ConfigError(f"{simulated_root}: cannot read the simulated root CA ({e.strerror})") from None
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(p, json.dumps(pins, indent=1, sort_keys=True), mode=0o600)
 
 
 def make_data_dir(data_dir: str | os.PathLike[str]) -> Path:
@@ -531,7 +542,10 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     old_manifest = _read_toml(d / "manifest.toml")
     (d / "manifest.toml").write_text(text, "utf-8")
     client_policy = {**policy, "name": "safehold-records-client", "report_data": "required"}
-    (d / "policy.toml").write_text(tomli_w.dumps(client_policy), "utf-8")
+    client_text = tomli_w.dumps(client_policy)
+    (d / CLIENT_POLICIES["records"]).write_text(client_text, "utf-8")
+    # the owner's tools accept these policies (and their simulated root) only as written now
+    pin_client_policies(d, owner, {"records": client_text, **written["policies"]}, root)
     s = Stack(d, broker_port, records_port, scone_port,
               store_url or f"sqlite:///{d / 'records.db'}", package_root,
               owner_dir=owner_dir(d, owner))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets as _secrets
 import subprocess
 import time
@@ -40,6 +41,7 @@ from typing import Any
 
 import tomli_w
 
+from safehold.client.owner_pins import CLIENT_POLICIES
 from safehold.devstack.errors import StackError
 from safehold.errors import ConfigError
 from safehold.procutil import clean_exit_code, terminate
@@ -132,7 +134,8 @@ def _policy(root: str, measurements: list[str], name: str) -> dict[str, Any]:
 def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts, measure: Any,
                   records_policy: dict[str, Any] | None = None, owner: Path | None = None) -> dict[str, Any]:
     """Write every service's measured configuration and the SVR anchor members' configuration;
-    return ``{"workloads": {name: measurement}, "root": simulated root CA path, "anchor": …}``.
+    return ``{"workloads": {name: measurement}, "root": simulated root CA path, "anchor": …,
+    "policies": {service: the client policy's TOML text as written}}``.
 
     Args:
         pin: the broker CA pin (hex SHA-256 of its DER). owner_pub: the owner's SPKI PEM (the
@@ -177,10 +180,13 @@ def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts, mea
     p.write_text(tomli_w.dumps(vau), "utf-8")
     out["workloads"]["vau"] = measure(VAU_MODULE, p)[0]
     ms = out["workloads"]
-    for fname, names in (("svr-policy.toml", [f"svr-{i}" for i in range(SVR_N)]),
-                         ("discovery-policy.toml", ["discovery"]), ("vau-policy.toml", ["vau"])):
-        (d / fname).write_text(tomli_w.dumps(_policy(str(root), [ms[n] for n in names],
-                                                     fname.removesuffix(".toml"))), "utf-8")
+    out["policies"] = {}  # service → the text written: the owner pins these bytes (pins.json)
+    for service, names in (("svr", [f"svr-{i}" for i in range(SVR_N)]), ("discovery", ["discovery"]),
+                           ("erezept", ["vau"])):
+        fname = CLIENT_POLICIES[service]
+        text = tomli_w.dumps(_policy(str(root), [ms[n] for n in names], fname.removesuffix(".toml")))
+        (d / fname).write_text(text, "utf-8")
+        out["policies"][service] = text
     return out
 
 
@@ -451,7 +457,7 @@ def _initialise_svr(s: Any, urls: list[str], deadline: float) -> list[str]:
 
     A server that started before its anchor members listened picks them up within a second
     (``SvrService.retry_anchor``): until ``deadline`` an unreachable anchor is retried."""
-    from safehold.attestation.policy import AppraisalPolicy
+    from safehold.client.owner_pins import pinned_policy
     from safehold.client.svr import Svr3Client, sign_statement
     from safehold.devstack.anchor import checkpoint_path, load_checkpoints
     from safehold.devstack.datadir import tokens
@@ -462,7 +468,9 @@ def _initialise_svr(s: Any, urls: list[str], deadline: float) -> list[str]:
     key = s.owner_path("owner.key")
     if not key.exists():
         raise StackError(f"no owner key {key}: the SVR ledgers need the owner's signed statement")
-    policy = AppraisalPolicy.from_toml(s.path("svr-policy.toml").read_text("utf-8"))
+    # the owner's admin token and signatures go only to servers passing the policy the owner
+    # pinned when `up` wrote it (the data directory's file alone is the operator's)
+    policy = pinned_policy(s.data_dir, "svr", s.owner_dir)
     cps = load_checkpoints(checkpoint_path(s))
     while True:
         try:
@@ -545,9 +553,12 @@ def summary(info: dict[str, Any]) -> list[tuple[str, bool]]:
     return out
 
 
-def services_status(info: dict[str, Any]) -> dict[str, Any]:
+def services_status(info: dict[str, Any], data_dir: str | os.PathLike[str] = ".",
+                    owner: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """``safehold status`` for the services in ``up.json``'s ``info``: each server attested
-    under its client policy (RA-TLS) and asked ``/healthz`` (the VAU: ``/VAUCertificate``).
+    under its client policy as the owner pinned it (``pinned_policy`` of ``data_dir`` and
+    ``owner``; never the path ``up.json`` names) and asked ``/healthz`` (the VAU:
+    ``/VAUCertificate``).
 
     Returns:
         ``{name: {"url", "ok", "status"}}`` for ``svr-<i>``, ``discovery``, ``vau``; ``ok`` is
@@ -558,22 +569,23 @@ def services_status(info: dict[str, Any]) -> dict[str, Any]:
     import httpx
 
     from safehold.client.connection import transport_reason
+    from safehold.client.owner_pins import pinned_policy
     from safehold.client.records import attesting_transport
     from safehold.errors import SafeholdError
 
     targets: list[tuple[str, str, str, str]] = []
     if "svr" in info:
-        targets += [(f"svr-{i}", u, info["svr"]["policy"], "/healthz")
-                    for i, u in enumerate(info["svr"]["urls"])]
+        targets += [(f"svr-{i}", u, "svr", "/healthz") for i, u in enumerate(info["svr"]["urls"])]
     if "discovery" in info:
-        targets.append(("discovery", info["discovery"]["url"], info["discovery"]["policy"], "/healthz"))
+        targets.append(("discovery", info["discovery"]["url"], "discovery", "/healthz"))
     if "erezept" in info:
-        targets.append(("vau", info["erezept"]["url"], info["erezept"]["policy"], "/VAUCertificate"))
+        targets.append(("vau", info["erezept"]["url"], "erezept", "/VAUCertificate"))
     out: dict[str, Any] = {}
-    for name, url, policy, path in targets:
+    for name, url, service, path in targets:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                policy = pinned_policy(data_dir, service, owner)
                 with httpx.Client(transport=attesting_transport(policy), timeout=5) as c:
                     r = c.get(url.rstrip("/") + path)
             ok = r.status_code == 200

@@ -1,7 +1,8 @@
 """The status of a running local stack (``safehold status``).
 
 Reads ``<data dir>/up.json``, asks the broker for its status (over TLS pinned to the workload
-CA), attests the records service (RA-TLS appraisal under the client policy), counts records,
+CA the owner pinned), attests the records service (RA-TLS appraisal under the client policy the
+owner pinned: ``<owner dir>/pins.json``), counts records,
 and shows the freshness anchor (members ready / lost mode; each ledger's committed vs anchored
 epoch and the owner's checkpoint: :func:`safehold.devstack.anchor.freshness_status`).
 """
@@ -44,18 +45,22 @@ def stack_status(data_dir: str | os.PathLike[str], *,
         raise ConfigError(f"no running stack: {p} not found (start one with `safehold up`)")
     try:
         info = json.loads(p.read_text("utf-8"))
-        broker_url, records_url, ca = info["broker_url"], info["records_url"], info["ca"]
+        broker_url, records_url = info["broker_url"], info["records_url"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{p}: unreadable ({type(e).__name__}: {e})") from None
     out: dict[str, Any] = {"data_dir": str(Path(data_dir).resolve())}
     try:
-        ctx = ssl.create_default_context(cafile=ca)
+        # the broker's TLS against the workload CA the owner pinned, never the CA file up.json
+        # names (the operator's): an impostor must not show as a ready broker
+        ctx = _pinned_ca_context(Path(data_dir), owner)
         r = httpx.get(f"{broker_url}/status", verify=ctx, timeout=5)
         ok = r.status_code == 200
         out["broker"] = {"url": broker_url, "ok": ok, "status": r.json() if ok else f"HTTP {r.status_code}"}
     except (httpx.HTTPError, ssl.SSLError, OSError, ValueError) as e:
         out["broker"] = {"url": broker_url, "ok": False,
                          "status": f"cannot reach the broker at {broker_url}: {transport_reason(e)}"}
+    except ConfigError as e:
+        out["broker"] = {"url": broker_url, "ok": False, "status": f"not checked: {e}"}
 
     rec: dict[str, Any] = {"url": records_url}
     try:
@@ -84,7 +89,7 @@ def stack_status(data_dir: str | os.PathLike[str], *,
     if info.get("services"):  # SVR, discovery, VAU (devstack/services.py)
         from safehold.devstack.services import services_status
 
-        out["services"] = services_status(info)
+        out["services"] = services_status(info, data_dir, owner)
     if info.get("anchor_urls"):
         from safehold.devstack.anchor import freshness_status
 
@@ -93,3 +98,21 @@ def stack_status(data_dir: str | os.PathLike[str], *,
         except SafeholdError as e:
             out["freshness"] = {"error": str(e)}
     return out
+
+
+def _pinned_ca_context(d: Path, owner: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """A TLS context trusting only the workload CA the owner pinned for ``d`` (loaded once).
+
+    Raises:
+        ConfigError: no pin, or no CA file in ``d`` is the pinned one.
+    """
+    from safehold.client.connection import owner_dir
+    from safehold.devstack.datadir import OWNER_PINS_FILE, pinned_workload_ca
+
+    pins = owner_dir(d, owner) / OWNER_PINS_FILE
+    want, pem = pinned_workload_ca(d, pins)
+    if not want:
+        raise ConfigError(f"{pins} pins no workload CA for {d.resolve()}")
+    if pem is None:
+        raise ConfigError(f"the workload CA in {d} is not the one the owner pinned ({pins})")
+    return ssl.create_default_context(cadata=pem.decode("ascii"))
