@@ -70,18 +70,11 @@ def _pinned_context(d: Path) -> ssl.SSLContext:
     (the data directory's ``ca.pem`` or ``broker/ca.pem``, whichever has the pinned SHA-256 of
     its DER). Raises ConfigError: no pin, or no CA file there is the pinned one."""
     from safehold.client.connection import owner_dir
-    from safehold.devstack.datadir import OWNER_PINS_FILE, pinned_workload_ca
-    from safehold.errors import ConfigError
+    from safehold.devstack.datadir import OWNER_PINS_FILE, pinned_ca_context
 
-    pins = owner_dir(d) / OWNER_PINS_FILE
-    want, pem = pinned_workload_ca(d, pins)
-    if not want:
-        raise ConfigError(f"{d}/up.json names a broker, but {pins} pins no workload CA for {d.resolve()}: "
-                          "give --url and --cacert (the data directory's files are not trusted alone)")
-    if pem is not None:
-        return ssl.create_default_context(cadata=pem.decode("ascii"))
-    raise ConfigError(f"the workload CA in {d} is not the one the owner pinned ({pins}): refusing to "
-                      "send a token or a signature to the broker up.json names; give --url and --cacert")
+    return pinned_ca_context(d, owner_dir(d) / OWNER_PINS_FILE,
+                             hint=" (up.json there names a broker): refusing to send a token or a "
+                                  "signature to it; give --url and --cacert")
 
 
 def _http(url: str | None, cacert: str | None, *, insecure: bool = False) -> Any:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import tomllib
 from pathlib import Path
@@ -294,6 +295,25 @@ def pinned_workload_ca(data_dir: Path, pins: Path) -> tuple[str | None, bytes | 
         if hashlib.sha256(der).hexdigest() == want:
             return want, pem
     return want, None
+
+
+def pinned_ca_context(data_dir: Path, pins: Path, *, hint: str = "") -> ssl.SSLContext:
+    """A TLS context trusting only the workload CA the owner pinned for ``data_dir`` in
+    ``pins`` (:func:`pinned_workload_ca`), built from the PEM read once (no path kept).
+
+    Args:
+        hint: appended to the error messages (what the caller's user can do instead).
+
+    Raises:
+        ConfigError: ``pins`` pins no workload CA for ``data_dir``, or no CA file there is the
+            pinned one (or as :func:`pinned_workload_ca`).
+    """
+    want, pem = pinned_workload_ca(data_dir, pins)
+    if not want:
+        raise ConfigError(f"{pins} pins no workload CA for {data_dir.resolve()}{hint}")
+    if pem is None:
+        raise ConfigError(f"the workload CA in {data_dir} is not the one the owner pinned ({pins}){hint}")
+    return ssl.create_default_context(cadata=pem.decode("ascii"))
 
 
 def pin_client_policies(d: Path, owner: str | os.PathLike[str] | None, texts: dict[str, str],

@@ -107,12 +107,6 @@ def _pinned_ca_context(d: Path, owner: str | os.PathLike[str] | None) -> ssl.SSL
         ConfigError: no pin, or no CA file in ``d`` is the pinned one.
     """
     from safehold.client.connection import owner_dir
-    from safehold.devstack.datadir import OWNER_PINS_FILE, pinned_workload_ca
+    from safehold.devstack.datadir import OWNER_PINS_FILE, pinned_ca_context
 
-    pins = owner_dir(d, owner) / OWNER_PINS_FILE
-    want, pem = pinned_workload_ca(d, pins)
-    if not want:
-        raise ConfigError(f"{pins} pins no workload CA for {d.resolve()}")
-    if pem is None:
-        raise ConfigError(f"the workload CA in {d} is not the one the owner pinned ({pins})")
-    return ssl.create_default_context(cadata=pem.decode("ascii"))
+    return pinned_ca_context(d, owner_dir(d, owner) / OWNER_PINS_FILE)
