@@ -55,12 +55,14 @@ from safehold.freshness.store import FreshStore
 from safehold.freshness.vmap import POINT, POSTINGS, Change, NamespacePolicy, VerifierMap
 from safehold.records.commit import GroupCommit
 from safehold.records.engine import RecordEngine
-from safehold.records.search import PostingIndex
+from safehold.records.fresh import POSTINGS_POLICY
+from safehold.records.search import NAMESPACE_SUFFIX, PREFIX_LEN, PostingIndex
 from safehold.store.base import Store
 
 CLIENTS = 8
 NS = "patients"
-POLICY = NamespacePolicy({"*.search": 16})
+POLICY = NamespacePolicy(POSTINGS_POLICY)
+POSTINGS_NS = f"records:{NS}{NAMESPACE_SUFFIX}"  # "records:patients.postings"
 MAC_KEY = os.urandom(32)
 
 
@@ -127,7 +129,7 @@ class Side:
     def __init__(self, store: Store, keyset: Keyset, committer: object) -> None:
         self.store, self.committer = store, committer
         self.engine = RecordEngine(store, keyset)
-        self.index = PostingIndex(store, keyset, f"records:{NS}.search")
+        self.index = PostingIndex(store, keyset, POSTINGS_NS)
         self.ids: list[str] = []
 
     def put_round(self, tag: str, per_client: int, value: bytes, clients: int = CLIENTS) -> float:
@@ -225,8 +227,8 @@ def _build_map(n: int, records_mix: bool) -> VerifierMap:
         batch.append(Change("records:patients", rnd.randbytes(16), POINT, 1, rnd.randbytes(16)))
         if records_mix:  # 3 postings per record in groups shared like family / given / birth date
             for t in range(3):
-                prefix = (t * 100_000 + rnd.randrange((2000, 500, 30000)[t])).to_bytes(16, "big")
-                batch.append(Change("records:patients.search", prefix + rnd.randbytes(16), POSTINGS, 1))
+                prefix = (t * 100_000 + rnd.randrange((2000, 500, 30000)[t])).to_bytes(PREFIX_LEN, "big")
+                batch.append(Change(POSTINGS_NS, prefix + rnd.randbytes(16), POSTINGS, 1))
         if len(batch) >= 20_000:
             vmap.apply(batch)
             batch = []
@@ -271,8 +273,8 @@ def bench_rebuild(anchor: Anchor, quorum: QuorumAnchor, root: Path, n: int) -> d
                 key = rnd.randbytes(16)
                 tx.put("records:patients", key, value, expected_version=0)
                 for t, term in enumerate(_terms(rnd)):
-                    prefix = (t * 100_000 + int(term.split("=")[1])).to_bytes(16, "big")
-                    tx.put("records:patients.search", prefix + key, value[:60], expected_version=0)
+                    prefix = (t * 100_000 + int(term.split("=")[1])).to_bytes(PREFIX_LEN, "big")
+                    tx.put(POSTINGS_NS, prefix + key, value[:60], expected_version=0)
     entries = fs.status()["committed_epoch"]
     fs.close()
     t0 = time.perf_counter()

@@ -13,10 +13,10 @@ from safehold.freshness.group import FreshGroupCommit
 from safehold.freshness.journal import JOURNAL_NS, SNAP_NS
 from safehold.freshness.vmap import NamespacePolicy
 from safehold.records.commit import GroupCommit
-from tests.support.freshness import open_fresh
+from tests.support.freshness import PLEN, POSTINGS_NS, open_fresh
 
 NS = "records:patients"
-SEARCH = "records:patients.search"
+SEARCH = POSTINGS_NS  # "records:patients.postings", PLEN-byte prefixes
 
 
 def k(i: int) -> bytes:
@@ -68,7 +68,7 @@ def test_group_commit_of_concurrent_writers(engine, anchor, committer):
                 def unit(rid: int = rid) -> int:
                     fs.put(NS, k(rid), b"record %d" % rid, expected_version=0)
                     for t in range(3):
-                        fs.put(SEARCH, bytes([t]) * 16 + k(rid), b"id", expected_version=0)
+                        fs.put(SEARCH, bytes([t]) * PLEN + k(rid), b"id", expected_version=0)
                     return rid
 
                 assert gc.run(unit) == rid
@@ -82,7 +82,7 @@ def test_group_commit_of_concurrent_writers(engine, anchor, committer):
         t.join()
     assert errors == []
     assert len(journal(fs)) < 200  # batches: fewer entries than the 200 transactions
-    assert sum(len(fs.scan_prefix(SEARCH, bytes([t]) * 16)) for t in range(3)) == 600
+    assert sum(len(fs.scan_prefix(SEARCH, bytes([t]) * PLEN)) for t in range(3)) == 600
     assert fs.audit() == []
     fs.close()
     fs = open_fresh(engine.open(), anchor)
@@ -138,7 +138,7 @@ def test_snapshot_gc_and_rebuild(engine, anchor):
     with fs.transaction() as tx:
         for i in range(300):
             tx.put(NS, k(i), b"v", expected_version=0)
-            tx.put(SEARCH, bytes([i % 5]) * 16 + k(i), b"id", expected_version=0)
+            tx.put(SEARCH, bytes([i % 5]) * PLEN + k(i), b"id", expected_version=0)
     for i in range(10):
         fs.put(NS, k(i), b"w", expected_version=1)
     assert fs.snapshotter.run()
@@ -149,7 +149,7 @@ def test_snapshot_gc_and_rebuild(engine, anchor):
     fs = open_fresh(engine.open(), anchor)
     fs.check()
     assert fs.get(NS, k(1)).value == b"x" and fs.get(NS, k(299)).version == 1
-    assert len(fs.scan_prefix(SEARCH, bytes([2]) * 16)) == 60
+    assert len(fs.scan_prefix(SEARCH, bytes([2]) * PLEN)) == 60
     assert fs.audit() == []
     assert fs.snapshotter.run()  # a second snapshot replaces the first
     assert {r.key[:8] for r in fs.inner.scan_all(SNAP_NS)} == {fs.snapshotter.base.to_bytes(8, "big")}
@@ -170,7 +170,7 @@ def test_snapshot_when_the_journal_outgrows_the_map(engine, anchor):
         with fs.transaction() as tx:
             for i in range(b * 25, b * 25 + 25):
                 tx.put(NS, k(i), b"v", expected_version=0)
-                tx.put(SEARCH, bytes([i % 5]) * 16 + k(i), b"id", expected_version=0)
+                tx.put(SEARCH, bytes([i % 5]) * PLEN + k(i), b"id", expected_version=0)
     fs.sync()
     fs.put(NS, k(5000), b"v", expected_version=0)  # an anchor advance after any snapshot running
     fs.sync()
@@ -188,7 +188,7 @@ def test_snapshot_when_the_journal_outgrows_the_map(engine, anchor):
     fs = open_fresh(engine.open(), anchor, snapshot_bytes=0)
     fs.check()
     assert fs.history.snapshot > 0 and fs.history.journal_bytes == left
-    assert fs.get(NS, k(5000)).version == 1 and len(fs.scan_prefix(SEARCH, bytes([3]) * 16)) == 200
+    assert fs.get(NS, k(5000)).version == 1 and len(fs.scan_prefix(SEARCH, bytes([3]) * PLEN)) == 200
     assert fs.audit() == []
     fs.close()
 
@@ -294,7 +294,7 @@ def test_batched_reads_and_posting_inserts_are_checked(engine, anchor):
     """``insert_new`` journals exactly the rows it inserted (the posting group's count and hash
     match afterwards) and ``get_many`` refuses a rolled-back row as ``get`` does (issue 17)."""
     fs = open_fresh(engine.open(), anchor)
-    p = bytes([7]) * 16
+    p = bytes([7]) * PLEN
     with fs.transaction() as tx:
         assert tx.insert_new(SEARCH, [(p + k(1), b"a"), (p + k(2), b"b")]) == [True, True]
         tx.put(NS, k(1), b"v1", expected_version=0)
@@ -328,7 +328,7 @@ def test_sqlite_vacuum_while_stopped_changes_nothing_the_checks_see(tmp_path, an
     with fs.transaction() as tx:
         for i in range(400):
             tx.put(NS, k(i), b"v" * 200, expected_version=0)
-            tx.put(SEARCH, bytes([i % 7]) * 16 + k(i), b"id", expected_version=0)
+            tx.put(SEARCH, bytes([i % 7]) * PLEN + k(i), b"id", expected_version=0)
     for i in range(0, 400, 2):
         fs.delete(NS, k(i), expected_version=1)
     fs.close()
@@ -339,6 +339,6 @@ def test_sqlite_vacuum_while_stopped_changes_nothing_the_checks_see(tmp_path, an
     fs = open_fresh(SqliteStore(path), anchor, initialise=False)
     fs.check()
     assert fs.get(NS, k(1)).value == b"v" * 200 and fs.get(NS, k(2)) is None
-    assert len(fs.scan_prefix(SEARCH, bytes([3]) * 16)) == len(range(3, 400, 7))
+    assert len(fs.scan_prefix(SEARCH, bytes([3]) * PLEN)) == len(range(3, 400, 7))
     assert fs.audit() == []
     fs.close()

@@ -21,7 +21,15 @@ import pytest
 from safehold.freshness.store import FreshStore
 from tests.support.fresh_cluster import AnchorCluster, ClientIdentity
 from tests.support.fresh_writer import posting_key, record_key
-from tests.support.freshness import MAC_KEY, POLICY, Owner, PostgresEngine, SqliteEngine
+from tests.support.freshness import (
+    MAC_KEY,
+    PLEN,
+    POLICY,
+    POSTINGS_NS,
+    Owner,
+    PostgresEngine,
+    SqliteEngine,
+)
 
 pytestmark = pytest.mark.slow
 WRITER = Path(__file__).resolve().parents[1] / "support" / "fresh_writer.py"
@@ -59,11 +67,11 @@ def _verify(engine, quorum, acked: set[int]) -> tuple[int, int]:
         present = {int(r.key[4:]) for r in fs.scan_all("records:patients")}
         assert acked <= present, f"acknowledged writes lost: {sorted(acked - present)[:5]}"
         for t in range(3):  # all-or-nothing: a record is there exactly with its three postings
-            posted = {int(r.key[20:]) for r in fs.scan_prefix("records:patients.search", bytes([t]) * 16)}
+            posted = {int(r.key[PLEN + 4:]) for r in fs.scan_prefix(POSTINGS_NS, bytes([t]) * PLEN)}
             assert posted == present, f"term {t}: postings {sorted(posted ^ present)[:5]} without record"
         for i in sorted(acked)[-3:]:
             assert fs.get("records:patients", record_key(i)).value == b"record %d" % i
-            assert fs.get("records:patients.search", posting_key(1, i)) is not None
+            assert fs.get(POSTINGS_NS, posting_key(1, i)) is not None
         assert fs.audit() == []
         return max(present, default=-1) + 1, fs.rolled_forward
     finally:

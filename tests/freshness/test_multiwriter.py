@@ -18,10 +18,10 @@ from safehold.freshness.errors import (
     RowRolledBackError,
     StoreForkedError,
 )
-from tests.support.freshness import SqliteEngine, open_fresh
+from tests.support.freshness import PLEN, POSTINGS_NS, SqliteEngine, open_fresh
 
 NS = "records:patients"
-POST = "records:patients.search"
+POST = POSTINGS_NS  # "records:patients.postings", PLEN-byte prefixes
 
 
 def k(i: int) -> bytes:
@@ -67,7 +67,7 @@ def run_two_writers(a, b, *, per_thread: int = 15, threads: int = 3) -> list[byt
                 key = b"w%02d-%04d" % (tag, i)
                 with fs.transaction() as tx:
                     tx.put(NS, key, b"value %d/%d" % (tag, i), expected_version=0)
-                    tx.put(POST, (b"family-%02d" % (i % 3)).ljust(16, b".") + key, b"p",
+                    tx.put(POST, (b"family-%02d" % (i % 3)).ljust(PLEN, b".") + key, b"p",
                            expected_version=0)
                 with lock:
                     acked.append(key)
@@ -93,7 +93,7 @@ def test_two_writers_on_one_database_concurrently(engine, anchor):
         for key in acked:
             assert fs.get(NS, key) is not None
         assert int(fs.get(NS, b"counter").value) == len(acked)  # no lost update
-        groups = [fs.scan_prefix(POST, (b"family-%02d" % g).ljust(16, b".")) for g in range(3)]
+        groups = [fs.scan_prefix(POST, (b"family-%02d" % g).ljust(PLEN, b".")) for g in range(3)]
         assert sum(len(g) for g in groups) == len(acked)
         assert fs.audit() == []
         assert fs.problem is None
@@ -120,8 +120,9 @@ def test_a_replica_reads_what_the_other_acknowledged(engine, anchor):
     a.put(NS, k(1), b"two", expected_version=v)
     assert b.get(NS, k(1)).value == b"two"
     assert [r.key for r in b.scan(NS)] == [k(1)]
-    a.put(POST, b"smith...........x1", b"p", expected_version=0)
-    assert [r.key for r in b.scan_prefix(POST, b"smith...........")] == [b"smith...........x1"]
+    smith = b"smith".ljust(PLEN, b".")
+    a.put(POST, smith + b"x1", b"p", expected_version=0)
+    assert [r.key for r in b.scan_prefix(POST, smith)] == [smith + b"x1"]
     # a CAS on b with the version a wrote (b has not read it yet): caught up, accepted
     a.put(NS, k(2), b"a", expected_version=0)
     b.put(NS, k(2), b"b", expected_version=1)

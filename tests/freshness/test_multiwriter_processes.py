@@ -14,7 +14,7 @@ from safehold.freshness.errors import LedgerUninitialisedError, RowRolledBackErr
 from safehold.freshness.recovery import statement_for
 from safehold.freshness.store import FreshStore
 from tests.freshness.test_multiwriter import NS, POST, run_two_writers
-from tests.support.freshness import MAC_KEY, POLICY
+from tests.support.freshness import MAC_KEY, PLEN, POLICY
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_two_replicas_write_one_ledger_with_real_members(engine, cluster):
         for key in acked:
             assert fs.get(NS, key) is not None
         assert int(fs.get(NS, b"counter").value) == len(acked)
-        groups = [fs.scan_prefix(POST, (b"family-%02d" % g).ljust(16, b".")) for g in range(3)]
+        groups = [fs.scan_prefix(POST, (b"family-%02d" % g).ljust(PLEN, b".")) for g in range(3)]
         assert sum(len(g) for g in groups) == len(acked)
         assert fs.audit() == []
     head = a.sync()

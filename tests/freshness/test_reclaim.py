@@ -12,11 +12,11 @@ from contextlib import closing
 import pytest
 
 from safehold.freshness.journal import JOURNAL_NS
-from tests.support.freshness import open_fresh
+from tests.support.freshness import PLEN, POSTINGS_NS, open_fresh
 from tests.support.processes import kill_when_paused
 
 NS = "records:patients"
-SEARCH = "records:patients.search"
+SEARCH = POSTINGS_NS  # "records:patients.postings", PLEN-byte prefixes
 NO_AUTO = {"snapshot_every": 0, "snapshot_seconds": 0, "snapshot_bytes": 0}
 
 
@@ -29,14 +29,14 @@ def _write(fs, n: int = 300) -> None:
         with fs.transaction() as tx:
             for i in range(j, j + 50):
                 tx.put(NS, k(i), bytes([i % 251]) * 1500, expected_version=0)
-                tx.insert_new(SEARCH, [(bytes([i % 5]) * 16 + k(i), b"id")])
+                tx.insert_new(SEARCH, [(bytes([i % 5]) * PLEN + k(i), b"id")])
 
 
 def _everything(fs) -> dict:
     """What a reader sees, through the verifying store."""
     return {
         "rows": [(r.key, r.version, r.value) for r in fs.scan_all(NS)],
-        "postings": [[r.key for r in fs.scan_prefix(SEARCH, bytes([t]) * 16)] for t in range(5)],
+        "postings": [[r.key for r in fs.scan_prefix(SEARCH, bytes([t]) * PLEN)] for t in range(5)],
         "head": fs.state.committed,
     }
 

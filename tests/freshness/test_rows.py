@@ -14,10 +14,10 @@ from safehold.freshness.errors import (
     RowRolledBackError,
     RowsOmittedError,
 )
-from tests.support.freshness import open_fresh
+from tests.support.freshness import PLEN, POSTINGS_NS, open_fresh
 
 NS = "records:patients"
-SEARCH = "records:patients.search"
+SEARCH = POSTINGS_NS  # "records:patients.postings", PLEN-byte prefixes
 
 
 def key(i: int) -> bytes:
@@ -25,7 +25,7 @@ def key(i: int) -> bytes:
 
 
 def posting(term: int, rec: int) -> bytes:
-    return bytes([term]) * 16 + key(rec)
+    return bytes([term]) * PLEN + key(rec)
 
 
 @pytest.fixture
@@ -150,48 +150,48 @@ def test_posting_group_omitted_restored_and_generic_scan(engine, anchor, fresh):
         for rec in range(5):
             tx.put(SEARCH, posting(7, rec), b"id", expected_version=0)
             tx.put(SEARCH, posting(8, rec), b"id", expected_version=0)
-    assert len(fresh.scan_prefix(SEARCH, bytes([7]) * 16)) == 5
+    assert len(fresh.scan_prefix(SEARCH, bytes([7]) * PLEN)) == 5
     assert len(fresh.scan(SEARCH, limit=3)) == 3  # a generic page verifies whole groups
     assert len(fresh.scan(SEARCH, after=posting(7, 3), limit=100)) == 6
     engine.sql("CREATE TABLE gone AS SELECT * FROM safehold_rows WHERE "
-               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (SEARCH,))
     with fresh.transaction() as tx:  # the record changed: its posting under term 7 goes away
         tx.delete(SEARCH, posting(7, 2))
-    assert len(fresh.scan_prefix(SEARCH, bytes([7]) * 16)) == 4
+    assert len(fresh.scan_prefix(SEARCH, bytes([7]) * PLEN)) == 4
     # the DBA puts the stale posting back
     engine.sql("DELETE FROM safehold_rows WHERE "
-               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (SEARCH,))
     engine.sql("INSERT INTO safehold_rows SELECT * FROM gone")
     with pytest.raises(PostingsStaleError) as e:
-        fresh.scan_prefix(SEARCH, bytes([7]) * 16)
-    assert "stale rows restored" in str(e.value) and (bytes([7]) * 16).hex() in str(e.value)
+        fresh.scan_prefix(SEARCH, bytes([7]) * PLEN)
+    assert "stale rows restored" in str(e.value) and (bytes([7]) * PLEN).hex() in str(e.value)
     with pytest.raises(PostingsStaleError):
         fresh.scan(SEARCH, limit=100)
     with pytest.raises(PostingsStaleError):
         fresh.get(SEARCH, posting(7, 2))
     # and a group hidden entirely
     engine.sql("DELETE FROM safehold_rows WHERE "
-               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (SEARCH,))
     with pytest.raises(PostingsStaleError, match="rows omitted"):
-        fresh.scan_prefix(SEARCH, bytes([8]) * 16)
+        fresh.scan_prefix(SEARCH, bytes([8]) * PLEN)
     with pytest.raises((PostingsStaleError, RowsOmittedError)):
         fresh.scan(SEARCH, limit=100)
     fresh = _reopen(fresh, engine, anchor)
     with pytest.raises(PostingsStaleError):
-        fresh.scan_prefix(SEARCH, bytes([8]) * 16)
+        fresh.scan_prefix(SEARCH, bytes([8]) * PLEN)
     fresh.close()
 
 
 def test_posting_of_an_older_version(engine, fresh):
     fresh.put(SEARCH, posting(1, 1), b"old seal", expected_version=0)
     engine.sql("CREATE TABLE v1 AS SELECT * FROM safehold_rows WHERE "
-               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (SEARCH,))
     fresh.put(SEARCH, posting(1, 1), b"resealed", expected_version=1)  # rekey
     engine.sql("DELETE FROM safehold_rows WHERE "
-               "ns = (SELECT id FROM safehold_namespaces WHERE name = 'records:patients.search')")
+               "ns = (SELECT id FROM safehold_namespaces WHERE name = ?)", (SEARCH,))
     engine.sql("INSERT INTO safehold_rows SELECT * FROM v1")
     with pytest.raises(PostingsStaleError, match="same count"):
-        fresh.scan_prefix(SEARCH, bytes([1]) * 16)
+        fresh.scan_prefix(SEARCH, bytes([1]) * PLEN)
 
 
 def test_honest_use_raises_nothing_and_conflicts_stay_conflicts(engine, anchor, fresh):
@@ -217,7 +217,7 @@ def test_honest_use_raises_nothing_and_conflicts_stay_conflicts(engine, anchor, 
             break
         after = page[-1].key
     assert n == 40
-    assert sum(len(fresh.scan_prefix(SEARCH, bytes([t]) * 16)) for t in range(3)) == 40
+    assert sum(len(fresh.scan_prefix(SEARCH, bytes([t]) * PLEN)) for t in range(3)) == 40
     fresh = _reopen(fresh, engine, anchor)
     assert fresh.audit() == [] and fresh.get(NS, key(2)).version == 2
     fresh.close()
@@ -252,8 +252,8 @@ def test_posting_group_read_is_sized_by_the_map_and_still_sees_every_added_row(e
 
     fresh.inner.scan = counting_scan
     try:
-        assert len(fresh.scan_prefix(SEARCH, bytes([5]) * 16)) == 3
-        assert len(fresh.scan_prefix(SEARCH, bytes([6]) * 16)) == 1200
+        assert len(fresh.scan_prefix(SEARCH, bytes([5]) * PLEN)) == 3
+        assert len(fresh.scan_prefix(SEARCH, bytes([6]) * PLEN)) == 1200
     finally:
         del fresh.inner.scan
     assert scans and scans[0] == 5, scans  # 3 rows + 2: one small read, not a 500-row page
@@ -264,7 +264,7 @@ def test_posting_group_read_is_sized_by_the_map_and_still_sees_every_added_row(e
     for k, v, val in [(r.key, r.version, r.value) for r in rows]:
         engine.sql("INSERT INTO safehold_rows (ns, key, version, value) "
                    "VALUES ((SELECT id FROM safehold_namespaces WHERE name = ?), ?, ?, ?)",
-                   (SEARCH, bytes([5]) * 16 + k[16:], v, val))
+                   (SEARCH, bytes([5]) * PLEN + k[PLEN:], v, val))
     with pytest.raises(PostingsStaleError) as e:
-        fresh.scan_prefix(SEARCH, bytes([5]) * 16)
-    assert (bytes([5]) * 16).hex() in str(e.value)
+        fresh.scan_prefix(SEARCH, bytes([5]) * PLEN)
+    assert (bytes([5]) * PLEN).hex() in str(e.value)

@@ -1,6 +1,6 @@
 """Search tokens (records/tokens.py): folding, prefixes, the date tree and its range covers, the
 token budget, and rebuilding postings written in an older format (records/reindex.py): term
-formats 1 and 2, row formats 2 and 3, and an interrupted rebuild."""
+formats 1 and 2, row formats 2, 3 and 4 (the old namespace), and an interrupted rebuild."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from hypothesis import strategies as st
 
 from safehold.crypto.keyset import Keyset
 from safehold.freshness.group import FreshGroupCommit
-from safehold.freshness.store import FreshStore
 from safehold.records import reindex
 from safehold.records.access_audit import AccessAuditLog
 from safehold.records.commit import GroupCommit
-from safehold.records.errors import RecordCorruptedError
 from safehold.records.model import parse_record
 from safehold.records.reindex import INDEX_FORMAT, ensure_search_index
 from safehold.records.repository import PatientRepository
+from safehold.records.search import PREFIX_LEN
 from safehold.records.tokens import (
     MAX_PREFIX,
     MIN_PREFIX,
@@ -40,6 +39,7 @@ from safehold.records.tokens import (
 )
 from safehold.store import open_store
 from tests.support.freshness import InProcessAnchor, open_fresh
+from tests.support.old_postings import Format4Index, write_old_marker, write_with_old_index
 from tests.support.shared import SHARED
 from tests.support.shared import need_shared as need
 
@@ -134,32 +134,33 @@ def test_reindex_rebuilds_postings_of_the_older_format(tmp_path):
             repo.put("t", parse_record(f"p{i}", p))
         assert ensure_search_index(repo) == 3  # no marker yet: rebuilt once
         assert ensure_search_index(repo) == 0  # then current
-        # simulate a store written by the older code: format-1 postings only, no marker
-        c.run(lambda: [store.delete(repo.index.ns, r.key) for r in store.scan(repo.index.ns, limit=10_000)])
+        # simulate a store written by the older code: format-1 postings only (whole-value
+        # terms, in the old namespace), no marker
+        idx = repo.index
+        c.run(lambda: [store.delete(idx.ns, r.key) for r in store.scan(idx.ns, limit=10_000)])
         c.run(lambda: repo.engine.delete(f"{repo.ns}.meta", "search-index-format"))
-        c.run(lambda: repo.index.add("p0", ["family=königsstein"]))  # an old whole-value term
-        old_rows = store.scan(repo.index.ns, limit=10_000)
+        old = Format4Index(store, idx.keyset, repo.old_index_ns)
+        c.run(lambda: old.add("p0", ["family=königsstein"]))  # an old whole-value term
+        old_rows = store.scan(repo.old_index_ns, limit=10_000)
         assert len(old_rows) == 1
         assert repo.find("t", [["family^konigss"]], lambda _r, _x: True).hits == []
         assert ensure_search_index(repo) == 3
-        rows = {r.key for r in store.scan(repo.index.ns, limit=10_000)}
-        assert old_rows[0].key not in rows  # the old term is gone, not left to leak
+        assert store.scan(repo.old_index_ns, limit=10_000) == []  # the old term is gone, not left to leak
         assert [h[0] for h in repo.find("t", [["family^konigss"]], lambda _r, _x: True).hits] == ["p0"]
         assert repo.engine.get(f"{repo.ns}.meta", "search-index-format")[0] == INDEX_FORMAT
         # a store written in posting row format 2 (GCM envelope of the id, HMAC key suffix):
         # rebuilt as well, its rows dropped (issue 17)
         from safehold.crypto import envelope
 
-        idx = repo.index
         term = "family=konigsstein"
-        s2 = idx._bi.index(idx.ns, b"posting:" + term.encode() + b"\x00p0")
-        k2 = idx.prefix(term) + s2
-        v2 = envelope.seal(idx.keyset, b"p0", b"safehold/search/v1" + idx.ns.encode() + k2)
-        c.run(lambda: store.put(idx.ns, k2, v2, expected_version=0))
+        s2 = old._bi.index(old.ns, b"posting:" + term.encode() + b"\x00p0")
+        k2 = old.prefix(term) + s2
+        v2 = envelope.seal(old.keyset, b"p0", b"safehold/search/v1" + old.ns.encode() + k2)
+        c.run(lambda: store.put(old.ns, k2, v2, expected_version=0))
         c.run(lambda: repo.engine.put(f"{repo.ns}.meta", "search-index-format", b"safehold/search-index/2"))
         assert ensure_search_index(repo) == 3
-        rows = {r.key for r in store.scan(idx.ns, limit=10_000)}
-        assert k2 not in rows and idx.key(term, "p0") in rows
+        assert store.scan(old.ns, limit=10_000) == []
+        assert idx.key(term, "p0") in {r.key for r in store.scan(idx.ns, limit=10_000)}
         assert [h[0] for h in repo.find("t", [[term]], lambda _r, _x: True).hits] == ["p0"]
     finally:
         store.close()
@@ -179,54 +180,52 @@ def any_repo(request, tmp_path) -> Iterator[PatientRepository]:
     store.close()
 
 
-Format3 = tuple[dict[str, frozenset[str]], dict[str, set[str]], set[bytes]]
+OldStore = tuple[dict[str, frozenset[str]], dict[str, set[str]]]
 
 
-def _format3_store(repo: PatientRepository) -> Format3:
-    """Records with UUID ids (and two others) whose postings are in row format 3 — AES-SIV over
-    the id's UTF-8 text, written through the store as the previous code wrote them — under the
-    format-3 marker. Returns each record's terms, per term the ids format 3 answered, and the
-    keys of the UUID ids' format-3 rows (the other ids' rows are the same in format 4)."""
+def _old_store(repo: PatientRepository, fmt: int) -> OldStore:
+    """Records with UUID ids (and two others) whose postings are in row format ``fmt`` (3: AES-SIV
+    over the id's UTF-8 text; 4: over ``E(id)``; both with 16-byte prefixes in the old
+    namespace ``.search``), written through the store as the older code wrote them, under that
+    format's marker. Returns each record's terms and per term the ids the older code answered."""
     rnd = random.Random(3)
     ids = [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(7)] + ["p0", "patient_3"]
     terms: dict[str, frozenset[str]] = {}
-    for i, rid in enumerate(ids):
-        rec = parse_record(rid, {"resourceType": "Patient", "name": [{"family": ("Meyer", "Graf")[i % 2],
-                                 "given": [f"Ann{i % 3}"]}], "birthDate": f"19{70 + i % 4}-02-0{1 + i % 5}"})
-        repo.put("t", rec)
-        terms[rid] = rec.postings
-    store, idx, c = repo.engine.store, repo.index, repo.committer
-    c.run(lambda: [store.delete(idx.ns, r.key) for r in store.scan(idx.ns, limit=10_000)])
-
-    def seal3(term: str, rid: str) -> tuple[bytes, bytes]:
-        sealed = idx._siv.encrypt(rid.encode(), [*idx._ad, term.encode()])
-        return idx.prefix(term) + sealed[:16], sealed[16:]
-
-    c.run(lambda: store.insert_new(idx.ns, [seal3(t, rid) for rid, ts in terms.items() for t in sorted(ts)]))
-    c.run(lambda: repo.engine.put(f"{repo.ns}.meta", "search-index-format", b"safehold/search-index/3"))
+    new_index = repo.index
+    old = write_with_old_index(repo, fmt)
+    try:
+        for i, rid in enumerate(ids):
+            name = {"family": ("Meyer", "Graf")[i % 2], "given": [f"Ann{i % 3}"]}
+            rec = parse_record(rid, {"resourceType": "Patient", "name": [name],
+                                     "birthDate": f"19{70 + i % 4}-02-0{1 + i % 5}"})
+            repo.put("t", rec)
+            terms[rid] = rec.postings
+    finally:
+        repo.index = new_index
+    write_old_marker(repo, fmt)
+    store = repo.engine.store
+    assert store.scan(new_index.ns, limit=10) == []  # the older code wrote no format-5 row
     before: dict[str, set[str]] = {}
     for rid, ts in terms.items():
         for t in ts:
             before.setdefault(t, set()).add(rid)
-    # what format 3's lookup answered: the rows under each term's prefix, opened as UTF-8 text
-    rows = store.scan(idx.ns, limit=10_000)
+    # what the older code's lookup answered
+    rows = store.scan(old.ns, limit=10_000)
     assert len(rows) == sum(len(ts) for ts in terms.values())
+    assert {len(r.key) for r in rows} == {32}
     for t, want in before.items():
-        got = {idx._siv.decrypt(r.key[16:] + r.value, [*idx._ad, t.encode()]).decode()
-               for r in rows if r.key[:16] == idx.prefix(t)}
-        assert got == want
-    old_uuid_keys = {seal3(t, rid)[0] for rid, ts in terms.items() if len(rid) == 36 for t in ts}
-    assert old_uuid_keys <= {r.key for r in rows}
-    return terms, before, old_uuid_keys
+        assert old.lookup(t) == want
+    return terms, before
 
 
-def _check_format4(repo: PatientRepository, f3: Format3) -> None:
-    terms, before, old_uuid_keys = f3
+def _check_format5(repo: PatientRepository, f: OldStore) -> None:
+    terms, before = f
     idx, store = repo.index, repo.engine.store
     rows = store.scan(idx.ns, limit=10_000)
-    # exactly the format-4 rows: nothing left over, nothing twice
+    # exactly the format-5 rows: nothing left over, nothing twice
     assert sorted(r.key for r in rows) == sorted(idx.key(t, rid) for rid, ts in terms.items() for t in ts)
-    assert not old_uuid_keys & {r.key for r in rows}  # every format-3 UUID row dropped
+    assert {len(r.key) for r in rows} == {PREFIX_LEN + 16}
+    assert store.scan(repo.old_index_ns, limit=10_000) == []  # every old row dropped
     assert sorted({len(r.value) for r in rows}) == [2, 9, 17]  # "p0", "patient_3", the UUIDs
     for t, want in before.items():  # the same ids under every term, and searches agree
         assert idx.lookup(t) == want
@@ -236,29 +235,25 @@ def _check_format4(repo: PatientRepository, f3: Format3) -> None:
     assert ensure_search_index(repo) == 0
 
 
-def test_reindex_migrates_row_format_3_to_4(any_repo):
-    """A format-3 store (UUID ids as 36 characters of text): format 4 refuses those rows (a
-    canonical UUID in the text form), so the store is rebuilt at the next start; searches before
-    (format 3) and after (format 4) give the same ids."""
+@pytest.mark.parametrize("fmt", [3, 4])
+def test_reindex_migrates_row_formats_3_and_4_to_5(any_repo, fmt):
+    """A format-3 or format-4 store (16-byte prefixes in ``.search``; format 3 with UUID ids as
+    36 characters of text): format 5 reads neither (another namespace, other keys), so the store
+    is rebuilt at the next start; searches before (the older code) and after give the same ids."""
     repo = any_repo
-    assert INDEX_FORMAT == b"safehold/search-index/4"
-    f3 = terms, before, _ = _format3_store(repo)
-    uuid_term = next(t for t, ids in before.items() if any(len(i) == 36 for i in ids))
-    if isinstance(repo.index.store, FreshStore):
-        with pytest.raises(RecordCorruptedError):  # refused over a FreshStore
-            repo.index.lookup(uuid_term)
-    else:
-        assert not any(len(i) == 36 for i in repo.index.lookup(uuid_term))  # skipped, plain store
+    assert INDEX_FORMAT == b"safehold/search-index/5"
+    f = terms, before = _old_store(repo, fmt)
+    assert all(repo.index.lookup(t) == set() for t in before)  # nothing in format 5 yet
     assert ensure_search_index(repo) == len(terms)
-    _check_format4(repo, f3)
+    _check_format5(repo, f)
 
 
 def test_an_interrupted_reindex_leaves_the_old_marker_and_the_next_start_completes_it(any_repo, monkeypatch):
     """The rebuild drops the rows, posts the records batch by batch, and writes the marker
-    last: interrupted after some batches, the marker still says format 3, so the next start
+    last: interrupted after some batches, the marker still says format 4, so the next start
     rebuilds from scratch, without leftovers of either format."""
     repo = any_repo
-    f3 = terms, _, old_uuid_keys = _format3_store(repo)
+    f = terms, _ = _old_store(repo, 4)
     monkeypatch.setattr(reindex, "_BATCH", 2)
     real_add, calls = repo.index.add, []
 
@@ -271,15 +266,15 @@ def test_an_interrupted_reindex_leaves_the_old_marker_and_the_next_start_complet
     monkeypatch.setattr(repo.index, "add", failing_add)
     with pytest.raises(OSError):
         ensure_search_index(repo)
-    assert repo.engine.get(f"{repo.ns}.meta", "search-index-format")[0] == b"safehold/search-index/3"
+    assert repo.engine.get(f"{repo.ns}.meta", "search-index-format")[0] == b"safehold/search-index/4"
     half = repo.engine.store.scan(repo.index.ns, limit=10_000)
     # every old row dropped, the first two batches posted (the third's savepoint rolled back)
     posted = sorted(repo.index.key(t, rid) for rid in calls[:4] for t in terms[rid])
     assert sorted(r.key for r in half) == posted
-    assert not old_uuid_keys & {r.key for r in half}
+    assert repo.engine.store.scan(repo.old_index_ns, limit=10_000) == []
     monkeypatch.setattr(repo.index, "add", real_add)
     assert ensure_search_index(repo) == len(terms)
-    _check_format4(repo, f3)
+    _check_format5(repo, f)
 
 
 def test_token_counts_of_the_shared_data_for_the_docs():

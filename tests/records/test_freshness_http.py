@@ -97,7 +97,7 @@ def test_new_ledger_waits_for_the_owner_then_serves_and_maps_findings(tmp_path):
     _sql(db, "DELETE FROM safehold_rows WHERE ns = (SELECT id FROM safehold_namespaces WHERE name = ?) "
              "AND key IN (SELECT key FROM safehold_rows "
              "WHERE ns = (SELECT id FROM safehold_namespaces WHERE name = ?) LIMIT 1)",
-         ("records:patients.search", "records:patients.search"))
+         ("records:patients.postings", "records:patients.postings"))
     fresh.start_background(audit_seconds=0.2)
     try:
         for _ in range(100):
@@ -166,7 +166,7 @@ def test_a_posting_value_edited_by_the_dba_is_refused_not_skipped(tmp_path):
         st = SignedOwnerStatement.from_json({"payload": doc["payload"], "signature": "AA"}).statement
         good = sign_owner_statement(st, anchor.owner.private_pem())
         assert app.request("POST", "/v1/freshness/reanchor", json=good.to_json()).status_code == 200
-        db, ns = tmp_path / "records.db", "records:patients.search"
+        db, ns = tmp_path / "records.db", "records:patients.postings"
         before = _rows(db, ns)
         r = app.request("PUT", "/v1/patients/p1", role="writer", json=_patient("Hidden"))
         assert r.status_code == 201

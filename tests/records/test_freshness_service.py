@@ -24,7 +24,7 @@ from tests.support.shared import free_port, snapshot_package
 pytestmark = pytest.mark.slow
 
 NS = "records:patients"
-SEARCH = "records:patients.search"
+SEARCH = "records:patients.postings"
 
 
 def _patient(family: str) -> dict:

@@ -20,7 +20,7 @@ from safehold.records.access_audit import AccessAuditLog
 from safehold.records.errors import RecordCorruptedError
 from safehold.records.model import RECORD_ID_RE, check_record_id, parse_record
 from safehold.records.repository import PatientRepository
-from safehold.records.search import PostingIndex, decode_id, encode_id
+from safehold.records.search import PREFIX_LEN, PostingIndex, decode_id, encode_id
 from safehold.store import open_store
 from safehold.store.migrations import ROWS_TABLE as T
 from tests.support.freshness import InProcessAnchor, open_fresh
@@ -100,7 +100,8 @@ def test_uuid_ids_post_17_byte_values_and_search_answers_the_ids_as_given(repo):
     for rid in ids:
         repo.put("u", parse_record(rid, pat(rid, "Common")))
     idx = repo.index
-    fam = {k: v for k, v in _values(repo.db_path, idx.ns).items() if k[:16] == idx.prefix("family=common")}
+    p = idx.prefix("family=common")
+    fam = {k: v for k, v in _values(repo.db_path, idx.ns).items() if k[:PREFIX_LEN] == p}
     assert sorted(len(v) for v in fam.values()) == sorted([17, 17, 36, 2])
     assert not any(uuid.UUID(U).bytes in v or U.encode() in v for v in fam.values())
     assert {i for i, _ in repo.search("u", {"family": "common"})} == set(ids)
@@ -108,7 +109,7 @@ def test_uuid_ids_post_17_byte_values_and_search_answers_the_ids_as_given(repo):
     assert repo.get("u", U.upper())[0]["id"] == U.upper()
     repo.delete("u", U)  # its postings are found by key and removed
     assert {i for i, _ in repo.search("u", {"family": "common"})} == set(ids) - {U}
-    assert len([k for k in _values(repo.db_path, idx.ns) if k[:16] == idx.prefix("family=common")]) == 3
+    assert len([k for k in _values(repo.db_path, idx.ns) if k[:PREFIX_LEN] == p]) == 3
 
 
 def _forge(idx: PostingIndex, term: str, plain: bytes) -> tuple[bytes, bytes]:

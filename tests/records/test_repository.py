@@ -17,6 +17,7 @@ from safehold.records.errors import AlreadyExistsError, InvalidRecordError, Prec
 from safehold.records.model import encode_record, parse_batch, parse_record
 from safehold.records.repository import PatientRepository
 from safehold.records.scone import score
+from safehold.records.search import PREFIX_LEN
 from safehold.store import open_store
 from safehold.store.migrations import ROWS_TABLE as T
 from tests.support.sqlite_damage import duplicate_leaf_page
@@ -162,10 +163,10 @@ def test_postings_tamper_copy_and_rekey(repo):
     conn = sqlite3.connect(repo.db_path)
     rows = conn.execute(f"SELECT key, value FROM {T} WHERE ns = (SELECT id FROM safehold_namespaces "
                         f"WHERE name = ?)", (idx.ns,)).fetchall()
-    assert rows and all(len(k) == 32 for k, _ in rows)
+    assert rows and all(len(k) == PREFIX_LEN + 16 for k, _ in rows)
     assert not any(b"hid-0001-posting" in v or b"common" in v.lower() for _, v in rows)
     p = idx.prefix("family=common")
-    fam = [(k, v) for k, v in rows if k[:16] == p]
+    fam = [(k, v) for k, v in rows if k[:PREFIX_LEN] == p]
     assert len(fam) == 30
     # flip a bit in one posting, and copy another posting's value onto a third's key
     (k0, v0), (k1, v1), (k2, _) = fam[:3]
@@ -189,11 +190,11 @@ def test_postings_tamper_copy_and_rekey(repo):
     assert {i for i, _ in repo.search("u", {"family": "common"})} == before
     # a posting moved under another term's prefix does not authenticate there
     g = idx.prefix("given=g5")
-    (kg, _), = [(k, v) for k, v in rows if k[:16] == g]
+    (kg, _), = [(k, v) for k, v in rows if k[:PREFIX_LEN] == g]
     (k3, v3) = fam[3]
     conn.execute(f"INSERT INTO {T} (ns, key, version, value) VALUES ((SELECT id FROM safehold_namespaces "
                  f"WHERE name = ?), ?, 1, ?)",
-                 (idx.ns, g + k3[16:], v3))
+                 (idx.ns, g + k3[PREFIX_LEN:], v3))
     conn.commit()
     assert {i for i, _ in repo.search("u", {"given": "G5"})} == {"hid-0005-posting"}
 

@@ -15,13 +15,17 @@ import json
 import sys
 import time
 
+from safehold.records.search import NAMESPACE_SUFFIX, PREFIX_LEN
+
+POSTINGS_NS = f"records:patients{NAMESPACE_SUFFIX}"
+
 
 def record_key(i: int) -> bytes:
     return b"rec-%08d" % i
 
 
 def posting_key(term: int, i: int) -> bytes:
-    return bytes([term]) * 16 + record_key(i)
+    return bytes([term]) * PREFIX_LEN + record_key(i)
 
 
 class StallingAnchor:
@@ -47,6 +51,7 @@ def main() -> int:
     from safehold.freshness.anchor.client import QuorumAnchor
     from safehold.freshness.store import FreshStore
     from safehold.freshness.vmap import NamespacePolicy
+    from safehold.records.fresh import POSTINGS_POLICY
 
     job = json.loads(sys.stdin.read())
     if job["engine"] == "sqlite":
@@ -62,7 +67,7 @@ def main() -> int:
                           timeout=2.0)
     anchor = StallingAnchor(anchor)
     fs = FreshStore(inner, ledger="records", mac_key=bytes.fromhex(job["mac_key"]), anchor=anchor,
-                    policy=NamespacePolicy({"*.search": 16}))
+                    policy=NamespacePolicy(POSTINGS_POLICY))
     fs.check()
     print("ready", flush=True)
     for i in range(job["start"], job["start"] + job["count"]):
@@ -70,7 +75,7 @@ def main() -> int:
         with fs.transaction() as tx:
             tx.put("records:patients", record_key(i), b"record %d" % i, expected_version=0)
             for t in range(3):
-                tx.put("records:patients.search", posting_key(t, i), b"id", expected_version=0)
+                tx.put(POSTINGS_NS, posting_key(t, i), b"id", expected_version=0)
         print(f"ack {i}", flush=True)
     fs.close()
     return 0

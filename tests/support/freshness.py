@@ -30,9 +30,15 @@ from safehold.freshness.anchor.statements import SignedOwnerStatement, sign_owne
 from safehold.freshness.errors import AnchorUnavailableError
 from safehold.freshness.store import FreshStore
 from safehold.freshness.vmap import NamespacePolicy
+from safehold.records.fresh import POSTINGS_POLICY
+from safehold.records.search import NAMESPACE_SUFFIX, PREFIX_LEN
 
 MAC_KEY = bytes(range(32))
-POLICY = NamespacePolicy({"*.search": 16})
+#: The records service's policy: ``*.postings`` (format 5) and ``*.search`` (older postings).
+POLICY = NamespacePolicy(POSTINGS_POLICY)
+#: A posting namespace of the records service (format 5) and its prefix length.
+POSTINGS_NS = f"records:patients{NAMESPACE_SUFFIX}"
+PLEN = PREFIX_LEN
 
 
 class Owner:

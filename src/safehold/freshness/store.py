@@ -4,7 +4,7 @@ forked data from the untrusted database it wraps.
 .. code-block:: python
 
     fs = FreshStore(SqliteStore("records.db"), ledger="records", mac_key=k, anchor=quorum,
-                    policy=NamespacePolicy({"*.search": 16}))
+                    policy=NamespacePolicy({"*.postings": 10}))
     fs.check()                    # raises StoreRolledBackError / AnchorLostError / ... if not fresh
     with fs.transaction() as tx:  # one journal entry, one anchor advance
         tx.put("records:patients", key, value, expected_version=0)

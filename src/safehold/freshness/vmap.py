@@ -61,8 +61,11 @@ class NamespacePolicy:
 
     Args:
         postings: ``fnmatch`` pattern → prefix length in bytes (1..63), e.g.
-            ``{"*.search": 16}`` for the records service's blind-index postings. Every other
-            namespace is a point namespace (the safe default: every row is tracked).
+            ``{"*.postings": 10}`` for the records service's blind-index postings
+            (``safehold.records.fresh.POSTINGS_POLICY``). Every other namespace is a point
+            namespace (the safe default: every row is tracked). A namespace's kind and prefix
+            length must not change once it holds rows: a snapshot records them, and loading one
+            under another policy raises ConfigError.
 
     Raises:
         ConfigError: a prefix length outside 1..63.

@@ -5,8 +5,9 @@ the owner's re-anchoring, and the background audit. Framework-free (``http.py`` 
 * :func:`open_fresh_store` wraps the untrusted store: ledger = the workload's name (= the CN of
   the TLS certificate the broker issued to this workload, which the anchor members accept as
   the client certificate for that ledger), MAC key = HKDF(keyset ``index_key``, purpose
-  ``records/freshness``), posting namespaces ``*.search`` grouped by the 16-byte blind term
-  prefix (:mod:`safehold.records.search`), anchor = a
+  ``records/freshness``), posting namespaces ``*.postings`` grouped by the 10-byte blind term
+  prefix (:mod:`safehold.records.search`, posting format 5) and ``*.search`` by 16 bytes (formats
+  1 to 4: the rebuild drops their rows through the FreshStore), anchor = a
   :class:`~safehold.freshness.anchor.client.QuorumAnchor` over the members named in the
   measured configuration, each appraised against the measured ``anchor_policy`` before a byte
   is sent.
@@ -34,7 +35,7 @@ from safehold.freshness.anchor.base import AnchorHead
 from safehold.freshness.errors import FreshnessError
 from safehold.freshness.store import FreshStore
 from safehold.freshness.vmap import NamespacePolicy
-from safehold.records.search import PREFIX_LEN
+from safehold.records.search import NAMESPACE_SUFFIX, OLD_NAMESPACE_SUFFIX, OLD_PREFIX_LEN, PREFIX_LEN
 from safehold.store.base import Store
 
 __all__ = ["FRESHNESS_PURPOSE", "POSTINGS_POLICY", "Freshness", "open_fresh_store"]
@@ -43,8 +44,12 @@ log = logging.getLogger("safehold.records")
 
 #: HKDF purpose of the FreshStore's MAC key (journal entries, leaves), from ``index_key``.
 FRESHNESS_PURPOSE = "records/freshness"
-#: Posting namespaces (``<prefix><namespace>.search``) are read per blind term prefix.
-POSTINGS_POLICY = {"*.search": PREFIX_LEN}
+#: Posting namespaces are read per blind term prefix: ``<prefix><namespace>.postings`` (format
+#: 5) by :data:`~safehold.records.search.PREFIX_LEN` bytes, and ``<prefix><namespace>.search``
+#: (formats 1 to 4) by 16 bytes. The second entry stays for good: a store that held old postings
+#: keeps that namespace in its journal and snapshots (empty once rebuilt), and the verifier map
+#: refuses a journaled namespace whose policy changed (ConfigError).
+POSTINGS_POLICY = {f"*{NAMESPACE_SUFFIX}": PREFIX_LEN, f"*{OLD_NAMESPACE_SUFFIX}": OLD_PREFIX_LEN}
 
 
 def open_fresh_store(store: Store, keyset: Keyset, *, ledger: str, anchor_members: list[str],

@@ -4,13 +4,20 @@ The posting terms (:mod:`safehold.records.tokens`) changed from whole normalised
 (format 1) to folded values, prefixes, date levels and references (format 2); the posting rows
 changed from a GCM envelope of the id to AES-SIV rows (format 3, issue 17,
 :mod:`safehold.records.search`), then the id those rows seal to a compact encoding, a canonical
-UUID as ``0x00 || 16 bytes`` instead of 36 characters (format 4, issue 17). A store written by
-older code holds postings the new search cannot use (or, in format 3, refuses: a UUID id in
-text form): :func:`ensure_search_index`
-(called when the service opens its repositories, before it serves) finds the format marker —
-an engine record ``search-index-format`` in namespace ``<namespace>.meta``, encrypted like every
-record — and when it is missing or older, drops every posting row of the namespace and posts
-every record again, then writes the marker. Interrupted, it starts over at the next start.
+UUID as ``0x00 || 16 bytes`` instead of 36 characters (format 4, issue 17), then the blind term
+prefix from 16 to 10 bytes, in a namespace of their own: ``<namespace>.postings`` instead of
+``<namespace>.search`` (format 5, issue 17; the freshness layer groups a namespace by one prefix
+length for good). A store written by older code holds postings the new search cannot use:
+:func:`ensure_search_index` (called when the service opens its repositories, before it serves)
+finds the format marker — an engine record ``search-index-format`` in namespace
+``<namespace>.meta``, encrypted like every record — and when it is missing or older, drops every
+posting row of the old namespace (``.search``, formats 1 to 4) and of the current one (rows of an
+interrupted rebuild), posts every record again, then writes the marker. Interrupted, it starts
+over at the next start. Over a :class:`~safehold.freshness.store.FreshStore` the old rows are
+read and deleted through it (its policy keeps ``*.search`` at 16 bytes,
+:data:`safehold.records.fresh.POSTINGS_POLICY`), so the drop is journaled like any write and the
+old namespace's groups are checked as they are read: rows the database added there or left out
+fail the rebuild (a freshness finding) instead of being dropped unseen.
 
 Run the first start after an upgrade with one replica: a replica of the old code writing
 meanwhile would add format-1 postings that nothing removes.
@@ -27,7 +34,7 @@ from safehold.records.repository import MAX_PAGE, PatientRepository
 __all__ = ["INDEX_FORMAT", "ensure_search_index"]
 
 #: The current posting format (see the module docstring).
-INDEX_FORMAT = b"safehold/search-index/4"
+INDEX_FORMAT = b"safehold/search-index/5"
 _MARKER = "search-index-format"
 _BATCH = 200
 log = logging.getLogger("safehold.records")
@@ -51,14 +58,16 @@ def ensure_search_index(repo: PatientRepository) -> int:
         pass  # no marker (older code or a new store), or a damaged one: rebuild
     store = engine.store
 
-    def drop_some() -> int:
-        rows = store.scan(index.ns, limit=MAX_PAGE)
-        for row in rows:
-            store.delete(index.ns, row.key)
-        return len(rows)
+    for ns in (repo.old_index_ns, index.ns):
 
-    while repo.committer.run(drop_some) == MAX_PAGE:
-        pass
+        def drop_some(ns: str = ns) -> int:
+            rows = store.scan(ns, limit=MAX_PAGE)
+            for row in rows:
+                store.delete(ns, row.key)
+            return len(rows)
+
+        while repo.committer.run(drop_some) == MAX_PAGE:
+            pass
     posted = 0
     after: bytes | None = None
     while True:

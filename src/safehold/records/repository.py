@@ -16,7 +16,7 @@ inside the AES-GCM plaintext unless ``compress=False`` (frame versions in
 :mod:`safehold.records.frame`). The engine hands back the stored form itself, so every path here
 (GET answers, search answers built from stored JSON, the ``terms_of`` memo, ``find(keep_raw=…)``,
 history, the index rebuild) sees JSON, never compressed bytes. Search: one posting row per
-(term, record) in store namespace ``<prefix><namespace>.search``
+(term, record) in store namespace ``<prefix><namespace>.postings``
 (:mod:`safehold.records.search`), addressed by keyed blind indexes; terms:
 :func:`~safehold.records.model.postings`.
 
@@ -67,7 +67,7 @@ from safehold.records.model import (
     postings,
     search_terms,
 )
-from safehold.records.search import PostingIndex
+from safehold.records.search import NAMESPACE_SUFFIX, OLD_NAMESPACE_SUFFIX, PostingIndex
 from safehold.records.tokens import native_term
 from safehold.store.base import Store
 
@@ -141,7 +141,9 @@ class PatientRepository:
     Attributes:
         engine: the :class:`~safehold.records.engine.RecordEngine` (store namespace
             ``<prefix><namespace>``).
-        index: the :class:`~safehold.records.search.PostingIndex` (``<prefix><namespace>.search``).
+        index: the :class:`~safehold.records.search.PostingIndex` (``<prefix><namespace>.postings``).
+        old_index_ns: the store namespace of postings written before format 5
+            (``<prefix><namespace>.search``), which the index rebuild empties.
         history: the :class:`~safehold.records.history.VersionHistory` (prior versions, for
             FHIR ``vread``; every write keeps the version it replaces, a delete erases them).
         committer, audit: as given.
@@ -160,7 +162,8 @@ class PatientRepository:
         if audit is not None and audit.committer is not committer:
             raise ValueError("the access audit log must share the repository's committer")
         self.engine = RecordEngine(store, keyset, namespace_prefix=prefix, codec=codec, compress=compress)
-        self.index = PostingIndex(store, keyset, f"{prefix}{namespace}.search")
+        self.index = PostingIndex(store, keyset, f"{prefix}{namespace}{NAMESPACE_SUFFIX}")
+        self.old_index_ns = f"{prefix}{namespace}{OLD_NAMESPACE_SUFFIX}"
         self.history = VersionHistory(self.engine, namespace)
         self.committer = committer
         self.audit = audit

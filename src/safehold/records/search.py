@@ -1,11 +1,11 @@
 """Exact-match search through keyed blind indexes: one *posting row* per (term, record).
 
 A term is ``"<field>=<normalised value>"`` (:func:`safehold.records.model.postings`).
-For each term a record has, one row is stored in the untrusted store (format 4, issue 17)::
+For each term a record has, one row is stored in the untrusted store (format 5, issue 17)::
 
-    namespace  <records namespace>.search        (e.g. "records:patients.search")
-    key        P || V                             32 bytes
-               P = HMAC-SHA256(k_ns, "term:" || term)[:16]             term prefix
+    namespace  <records namespace>.postings      (e.g. "records:patients.postings")
+    key        P || V                             26 bytes
+               P = HMAC-SHA256(k_ns, "term:" || term)[:10]             term prefix
                V || C = AES-SIV(k_siv, AD = ["safehold/search/v1", ns, term], E(id))
     value      C: the encoded id encrypted (AES-CTR under the synthetic IV V), len(E(id)) bytes
 
@@ -20,6 +20,27 @@ with ``k_ns`` the keyset's blind-index key derived for the namespace
 ``index_key`` (HKDF purpose ``records/posting-siv``, context ns). A lookup scans the rows whose
 key starts with ``P`` (the store orders keys bytewise), decrypts the ids with the term as
 associated data and decodes them (:func:`decode_id`).
+
+Format 5 vs format 4 (namespace ``<records namespace>.search``, ``P`` 16 bytes, 32-byte keys):
+``P`` is 10 bytes and the rows live in a namespace of their own — 6 bytes less on each of a
+Patient's ~37 postings, ~220 bytes of row payload per record — and nothing else changed. The
+namespace is new because the freshness layer groups a posting namespace by one fixed prefix
+length for good (:data:`safehold.records.fresh.POSTINGS_POLICY`; the verifier map refuses a
+journaled namespace whose length changed), and because its name is in ``k_ns``, ``k_siv`` and the
+associated data, a row of one format never authenticates as a row of the other.
+:func:`safehold.records.reindex.ensure_search_index` drops the old namespace's rows and posts
+every record again. ``P`` only locates a term's rows; what authenticates a row is ``V`` (over the
+namespace, the term and the encoded id), so shortening ``P`` weakens nothing but the separation
+of terms: two distinct terms of one namespace whose ``P`` collide share a group, and each one's
+lookup meets rows that fail authentication under it — over a
+:class:`~safehold.freshness.store.FreshStore` refused as corruption (below), so both terms'
+searches fail closed (409 ``record-tampered``) rather than answer wrongly (over a plain store
+the other term's rows are skipped as below); the records themselves are untouched. ``P`` is a
+PRF output, so for
+``T`` distinct terms in a namespace the chance of any collision is at most ``T² / 2^81``
+(birthday bound over 80 bits): ~4e-9 for 10^8 terms (a Patient has ~37, mostly shared: names,
+date levels, prefixes), ~4e-13 for 10^6. Do not shorten ``P`` further: at 8 bytes 10^8 terms
+would collide with probability ~3e-4.
 
 ``E`` is injective and :func:`decode_id` its exact inverse on its image, refusing every other
 byte string: the record ids the service accepts (:data:`safehold.records.model.RECORD_ID_RE`,
@@ -38,28 +59,27 @@ tag — so the key suffix and the authentication tag are one and the same 16 byt
 Deterministic encryption only reveals equal (term, id) pairs, which the deterministic key
 revealed already; ids of one record under different terms get unrelated ``V`` and keystreams,
 so they stay unlinkable. Decryption checks ``V`` over the term, namespace and encoded id: a
-value edited, or copied under another key (another term, another id), fails. A format-3 row
-left in a store decodes to the same id when the id is not a UUID (its bytes are identical) and
-is refused when it is (a canonical UUID in the text form). The multiset hash of the freshness
-layer covers each group's keys and versions, and a key names its value (``V`` is a PRF of the
-id), so rows left out, restored or added are found there. The ids are sealed under a key
-derived from ``index_key``, which never rotates (the blind indexes depend on it too), not under
-the rotating value keys; rotating value keys does not re-seal postings (:meth:`PostingIndex.rekey`
-has nothing to do), and changing ``index_key`` means re-indexing as it always did.
+value edited, or copied under another key (another term, another id), fails. The multiset hash
+of the freshness layer covers each group's keys and versions, and a key names its value (``V``
+is a PRF of the id), so rows left out, restored or added are found there. The ids are sealed
+under a key derived from ``index_key``, which never rotates (the blind indexes depend on it
+too), not under the rotating value keys; rotating value keys does not re-seal postings
+(:meth:`PostingIndex.rekey` has nothing to do), and changing ``index_key`` means re-indexing as
+it always did.
 
-What the database learns: how many records share a term (rows under one prefix) and which
-rows a write touches — the usual leakage of deterministic blind indexes — and each row's value
-length ``len(E(id))``: 17 bytes for a canonical UUID id, the id's length in bytes otherwise.
-Format 3 showed the id's length (36 for a UUID); format 4 in addition tells a canonical UUID
-from any other 36-character id (an upper-case or otherwise non-canonical UUID, another 36-character
-id), and no longer tells a UUID from a 17-character id. The record row does not reveal this
-already: its key is a blind index and its value length is a fixed frame plus ``len(id)`` plus
-the record JSON's length (frame version 1) or the record key, value header and compressed JSON
-rounded up to 256 bytes (version 2, :mod:`safehold.records.frame`), never the id's shape.
-The id never appears. Writes are O(1) per term (no ever-growing list, no hot row), one batched
-insert per record
-(:meth:`StoreOps.insert_new`), and run inside the caller's store transaction, so postings
-commit atomically with their record.
+What the database learns (the same in format 5 as in format 4; a shorter ``P`` groups the same
+rows, barring the collision above): how many records share a term (rows under one prefix) and
+which rows a write touches — the usual leakage of deterministic blind indexes — and each row's
+value length ``len(E(id))``: 17 bytes for a canonical UUID id, the id's length in bytes
+otherwise. Format 3 showed the id's length (36 for a UUID); format 4 in addition tells a
+canonical UUID from any other 36-character id (an upper-case or otherwise non-canonical UUID,
+another 36-character id), and no longer tells a UUID from a 17-character id. The record row does
+not reveal this already: its key is a blind index and its value length is a fixed frame plus
+``len(id)`` plus the record JSON's length (frame version 1) or the record key, value header and
+compressed JSON rounded up to 256 bytes (version 2, :mod:`safehold.records.frame`), never the
+id's shape. The id never appears. Writes are O(1) per term (no ever-growing list, no hot row),
+one batched insert per record (:meth:`StoreOps.insert_new`), and run inside the caller's store
+transaction, so postings commit atomically with their record.
 
 A row that fails authentication or decoding: over a :class:`~safehold.freshness.store.FreshStore`
 the lookup is refused (:class:`~safehold.records.errors.RecordCorruptedError`, fail closed) —
@@ -87,7 +107,16 @@ from safehold.store.base import Row, Store
 log = logging.getLogger("safehold.records")
 
 _AAD = b"safehold/search/v1"
-PREFIX_LEN = 16
+#: Bytes of the blind term prefix ``P`` (format 5; the module docstring has the collision bound).
+PREFIX_LEN = 10
+#: Store namespace of the postings: ``<prefix><namespace>`` + this (format 5).
+NAMESPACE_SUFFIX = ".postings"
+#: Store namespace of the postings of formats 1 to 4 (16-byte prefixes), whose rows
+#: :func:`safehold.records.reindex.ensure_search_index` drops.
+OLD_NAMESPACE_SUFFIX = ".search"
+#: The prefix length the freshness layer grouped the old namespace by (kept in its policy).
+OLD_PREFIX_LEN = 16
+_TAG_LEN = 16  # AES-SIV's synthetic IV V, the key's second part
 _PAGE = 500
 _FIRST_PAGE = 16
 _SIV_PURPOSE = "records/posting-siv"
@@ -162,10 +191,11 @@ class PostingIndex:
         self._prefixes: dict[str, bytes] = {}
 
     def prefix(self, term: str) -> bytes:
-        """The 16-byte blind prefix of ``term`` (cached: a PRF of the term alone)."""
+        """The blind prefix ``P`` of ``term``, :data:`PREFIX_LEN` bytes (cached: a PRF of the term
+        alone)."""
         p = self._prefixes.get(term)
         if p is None:
-            p = self._bi.index(self.ns, b"term:" + term.encode("utf-8"))
+            p = self._bi.index(self.ns, b"term:" + term.encode("utf-8"))[:PREFIX_LEN]
             if len(self._prefixes) >= _PREFIX_CACHE:
                 self._prefixes.clear()
             self._prefixes[term] = p
@@ -182,10 +212,10 @@ class PostingIndex:
     def _row(self, term: str, plain: bytes) -> tuple[bytes, bytes]:
         """The posting row of ``term`` and the encoded id ``plain``."""
         sealed = self._siv.encrypt(plain, [*self._ad, term.encode("utf-8")])
-        return self.prefix(term) + sealed[:16], sealed[16:]
+        return self.prefix(term) + sealed[:_TAG_LEN], sealed[_TAG_LEN:]
 
     def key(self, term: str, rid: str) -> bytes:
-        """The 32-byte row key of (``term``, ``rid``).
+        """The row key ``P || V`` of (``term``, ``rid``), :data:`PREFIX_LEN` + 16 bytes.
 
         Raises:
             ValueError: ``rid`` has no encoding (:func:`encode_id`).
