@@ -42,7 +42,9 @@ OWNER_PINS_FILE = "pins.json"
 #: service names of ``up.json``). A policy is always taken from this name, never from a path
 #: ``up.json`` names.
 CLIENT_POLICIES = {"records": "policy.toml", "svr": "svr-policy.toml",
-                   "discovery": "discovery-policy.toml", "erezept": "vau-policy.toml"}
+                   "discovery": "discovery-policy.toml", "erezept": "vau-policy.toml",
+                   # the SVR group's anchor members, appraised by `up`'s checkpoint keeper
+                   "svr-anchor": "svr-anchor-policy.toml"}
 
 _WHAT_TO_DO = ("restart `safehold up` (it writes the policies and pins them), or give --url and "
                "--policy with a policy you keep on your own side")

@@ -161,8 +161,7 @@ def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts, mea
     for i in range(SVR_N):
         cfg = {"name": f"svr-{i}", "group_id": gid, "host": "127.0.0.1", "anchor_members": urls,
                "wait_timeout": 5.0, "broker_ca_sha256": pin,
-               "anchor_policy": {"name": "anchor", "allow_simulated": True, "simulated_root": str(root),
-                                 "reference_values": {"measurements": [anchor_m]}}}
+               "anchor_policy": _policy(str(root), [anchor_m], "anchor")}
         p = d / f"svr-{i}.toml"
         p.write_text(tomli_w.dumps(cfg), "utf-8")
         out["workloads"][f"svr-{i}"] = measure(SVR_MODULE, p)[0]
@@ -187,6 +186,11 @@ def write_configs(d: Path, *, pin: str, owner_pub: str, ports: ServicePorts, mea
         text = tomli_w.dumps(_policy(str(root), [ms[n] for n in names], fname.removesuffix(".toml")))
         (d / fname).write_text(text, "utf-8")
         out["policies"][service] = text
+    # the owner's checkpoint keeper appraises the SVR anchor members under this pinned copy, not
+    # under svr-0.toml's table (the data directory is the operator's)
+    text = tomli_w.dumps(_policy(str(root), [anchor_m], "anchor"))
+    (d / CLIENT_POLICIES["svr-anchor"]).write_text(text, "utf-8")
+    out["policies"]["svr-anchor"] = text
     return out
 
 
@@ -501,16 +505,13 @@ def _initialise_svr(s: Any, urls: list[str], deadline: float) -> list[str]:
 
 def _svr_keeper(s: Any, anchor_urls: list[str]) -> Any:
     """A checkpoint keeper for the SVR ledgers over the SVR group's anchor members (read-only
-    client appraising them under the policy measured into ``svr-0.toml``)."""
-    import tomllib
-
-    from safehold.attestation.policy import AppraisalPolicy
-    from safehold.attestation.verifier import Verifier
+    client appraising them under ``svr-anchor-policy.toml`` as the owner pinned it when ``up``
+    wrote it: the checkpoints it keeps decide which re-anchoring the owner signs next time)."""
+    from safehold.client.owner_pins import pinned_policy
     from safehold.devstack.anchor import CheckpointKeeper
     from safehold.freshness.anchor.client import QuorumAnchor
 
-    cfg = tomllib.loads(s.path("svr-0.toml").read_text("utf-8"))
-    client = QuorumAnchor(anchor_urls, Verifier(AppraisalPolicy.from_dict(cfg["anchor_policy"])))
+    client = QuorumAnchor(anchor_urls, pinned_policy(s.data_dir, "svr-anchor", s.owner_dir))
     return CheckpointKeeper(s, client=client, ledgers=tuple(f"svr-{i}" for i in range(SVR_N))).start()
 
 
