@@ -67,7 +67,7 @@ def test_the_anchor_policy_is_written_pinned_and_equal_to_the_servers(tmp_path, 
     assert pinned_policy(d, "svr-anchor") is not None
 
 
-def test_widening_svr0_toml_changes_nothing_and_editing_the_pinned_file_is_refused(tmp_path, monkeypatch) -> None:
+def test_widening_svr0_toml_changes_nothing_editing_the_pinned_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("SAFEHOLD_OWNER_DIR", raising=False)
     d, _ = _written(tmp_path)
     # widening svr-0.toml's table no longer matters to the keeper; widening its own file is refused
