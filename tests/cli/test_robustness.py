@@ -280,7 +280,7 @@ def test_reimport_after_delete_imports_again_and_checkpoint_is_cleared(env, stac
     d = _d(stack)
     r = cli(env, "patients", "import", str(SAMPLE / "patients.csv"), *d)
     assert "failed 0" in r.stdout
-    state = json.loads((stack["data"] / "import-state.json").read_text())
+    state = json.loads(_state(stack).read_text())
     assert state == {"version": 2, "files": {}}  # done files leave no checkpoint behind
     cli(env, "patients", "delete", RECORD_IDS[0], *d)
     r = cli(env, "patients", "import", str(SAMPLE / "patients.csv"), *d)
@@ -293,7 +293,7 @@ def test_stale_checkpoint_is_detected_and_the_file_starts_over(env, stack, tmp_p
     """A checkpoint whose last record is gone from the service (new store / deleted) is not trusted."""
     d = _d(stack)
     f = big_csv(tmp_path / "patients.csv", 150, prefix="stale")
-    ck = ImportCheckpoint(stack["data"] / "import-state.json", load_connection(stack["data"]).target)
+    ck = ImportCheckpoint(_state(stack), load_connection(stack["data"]).target)
     ck.set(file_digest(f), 100, "stale-000099", f.name)  # claims 100 rows done; none are there
     r = cli(env, "patients", "import", str(f), *d)
     assert "imported 150, skipped 0, failed 0" in r.stdout
@@ -385,14 +385,21 @@ def test_parallel_imports_on_one_data_dir_never_crash(env, stack, tmp_path):
         assert (imported + skipped, failed, other) == (303, 0, 0)
         fhir = re.search(r"other FHIR resources \(.*?\): imported (\d+), skipped (\d+)", out)
         assert fhir.groups() in (("1", "0"), ("0", "1"))
-    json.loads((stack["data"] / "import-state.json").read_text())
-    assert not list(stack["data"].glob("import-state.json.*.tmp"))
+    json.loads(_state(stack).read_text())
+    assert not list(_state(stack).parent.glob("import-state.json.*.tmp"))
+    assert not (stack["data"] / "import-state.json").exists()  # never in the operator's data dir
+
+
+def _state(stack) -> Path:
+    """The import checkpoint: in the owner directory (``<data dir>.owner``), not the data dir."""
+    d = stack["data"]
+    return d.with_name(d.name + ".owner") / "import-state.json"
 
 
 def _import_in_background(env, stack, f: Path, *, done: int) -> subprocess.Popen:
     """``safehold patients import f`` as a child process, returned once its checkpoint
     (``import-state.json``) lists ``f`` with at least ``done`` records done (60 s at most)."""
-    state = stack["data"] / "import-state.json"
+    state = _state(stack)
     p = subprocess.Popen([sys.executable, "-m", "safehold.cli.main", "patients", "import", str(f),
                           *_d(stack)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

@@ -24,6 +24,7 @@ from typing import TypeVar
 import click
 
 from safehold.client.connection import Connection, load_connection, open_client
+from safehold.client.connection import owner_dir as owner_path
 from safehold.client.errors import RecordsClientError
 from safehold.client.importer import (
     ON_CONFLICT,
@@ -130,8 +131,10 @@ def register(group: click.Group) -> None:
                     f"{f}: no file to import directly in this directory (patients.csv, *.json, "
                     "*.ndjson; subdirectories are not searched: name them, e.g. DIR/*/)")
         conn = load_connection(data_dir, url, policy, token, owner_dir)
-        state = Path(data_dir) / STATE_FILE
-        ckpt_path = state if Path(data_dir).is_dir() else None
+        # the checkpoint names record ids and how far each file got: the owner's, not the
+        # operator's data directory (it could read the ids, or move the resume point)
+        owner = owner_path(data_dir, owner_dir)
+        ckpt_path = owner / STATE_FILE if owner.is_dir() else None
         counts = ImportCounts()
         failures: list[tuple[str, str]] = []
 

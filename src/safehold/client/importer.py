@@ -7,7 +7,8 @@ NDJSON (Observation, Condition, Encounter, …) through ``POST /fhir/`` (a FHIR 
 An id seen again in one run with different content is a conflict (``--on-conflict``).
 
 Import is resumable (:class:`ImportCheckpoint`): after each acknowledged batch the position
-reached in each input file is saved in ``<data dir>/import-state.json``, keyed by the file's
+reached in each input file is saved in ``import-state.json`` in the owner directory (the CLI's
+choice: never the operator's data directory), keyed by the file's
 SHA-256 *and* the target service (URL, store, workload CA); a file's entry is removed when the
 file is done, so a later import of the same file sends every record again (the service leaves
 byte-identical records alone: counted as skipped). On resume the last acknowledged record is

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from safehold.client.connection import load_connection, open_client
-from safehold.client.importer import count_patients, import_files
+from safehold.client.connection import load_connection, open_client, owner_dir
+from safehold.client.importer import STATE_FILE, count_patients, import_files
 from safehold.devstack.datadir import prepare
 from safehold.devstack.errors import PlaintextFoundError
 from safehold.devstack.processes import start, stop
@@ -152,7 +152,7 @@ def run_demo(data_dir: str, *, echo: Callable[[str], None] = print,
             on_started(s)
         conn = load_connection(data_dir)
         with open_client(conn) if show is None else open_client(conn, show=show) as c:
-            state = Path(data_dir) / "import-state.json"
+            state = owner_dir(data_dir) / STATE_FILE
             counts = import_files(c, files, state, target=conn.target)
             echo(f"imported {counts.imported}, skipped {counts.skipped}, failed {counts.failed}; "
                  f"other FHIR resources (Observation, Condition, …): imported "
