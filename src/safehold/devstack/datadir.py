@@ -18,7 +18,7 @@ import tomli_w
 
 from safehold.attestation.closure import Closure
 from safehold.client.connection import owner_dir
-from safehold.client.owner_pins import CLIENT_POLICIES, OWNER_PINS_FILE, read_owner_pins
+from safehold.client.owner_pins import CLIENT_POLICIES, OWNER_PINS_FILE, check_owner_private, read_owner_pins
 from safehold.devstack.errors import StackError
 from safehold.devstack.stack import (
     SCONE_AUTH_CHOICES,
@@ -109,6 +109,7 @@ def make_owner_dir(data_dir: str | os.PathLike[str], owner: str | os.PathLike[st
         raise ConfigError(f"owner directory {od}: cannot create it ({e.strerror})") from None
     if not od.is_dir():
         raise ConfigError(f"owner directory {od}: not a directory")
+    check_owner_private(od)  # not someone else's (e.g. on the operator's side of a symlink)
     return od
 
 
