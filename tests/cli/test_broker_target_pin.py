@@ -174,3 +174,81 @@ def test_the_groups_data_dir_option_names_the_stack(stack, impostor, tmp_path) -
     assert url in r.output and "CERTIFICATE_VERIFY_FAILED" in r.output, r.output
     assert broker_target(None, None, str(d))[0] == url
     assert broker_target(None, None, str(elsewhere))[0] == "https://127.0.0.1:8443"  # no up.json there
+
+
+@pytest.fixture
+def plain_impostor() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A plain-HTTP server of the operator's that records every request's headers."""
+    seen: list[dict[str, str]] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers))
+            body = json.dumps({"version": 1, "signer": "x", "manifest": {}, "mode": "ready"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize("group_option", [False, True], ids=["env", "--data-dir"])
+def test_an_http_broker_url_in_up_json_gets_no_token(stack, plain_impostor, group_option) -> None:
+    """Attack (operator-attack review, 8 Dec 2026): up.json's ``broker_url`` rewritten to
+    ``http://…``. The pinned CA context only checks a TLS handshake; over plain HTTP there is
+    none, and the broker token went in the clear to the operator's server. Refused before any
+    request: up.json's broker URL must be https."""
+    d, _ = stack
+    url, seen = plain_impostor
+    (d / "up.json").write_text(json.dumps({"broker_url": url}))
+    args = ["broker", "--data-dir", str(d)] if group_option else ["broker"]
+    r = CliRunner().invoke(cli, [*args, "manifest", "show"],
+                           env={"SAFEHOLD_BROKER_TOKEN": "owner-secret", "SAFEHOLD_DATA_DIR": str(d)})
+    sent = any("owner-secret" in v for h in seen for v in h.values())
+    assert not sent, "the broker token went in the clear to the operator's plain-HTTP server"
+    assert seen == []
+    assert r.exit_code != 0
+    assert "https" in r.output, r.output
+    with pytest.raises(ConfigError, match=r"not an https URL"):
+        broker_target(None, None, str(d))
+
+
+@pytest.mark.parametrize("ledger", ["records", "broker"])
+def test_an_http_service_url_in_up_json_gets_no_admin_token_from_the_freshness_tools(
+        stack, plain_impostor, ledger) -> None:
+    """Attack (operator-attack review, 8 Dec 2026): up.json's ``records_url`` / ``broker_url``
+    rewritten to ``http://…``; ``safehold freshness proposal`` (and ``status``, ``reanchor``)
+    sent the records admin token in the clear (no handshake, so the pinned CA was never
+    checked) — a token the operator can then use at the genuine service. Refused, nothing sent."""
+    from safehold.devstack.anchor import proposal
+    from safehold.devstack.errors import StackError
+
+    d, _ = stack
+    url, seen = plain_impostor
+    (d.parent / "data.owner" / "tokens.json").write_text(json.dumps({"admin": "admin-secret"}))
+    (d / "up.json").write_text(json.dumps({"records_url": url, "broker_url": url}))
+    with pytest.raises(StackError, match="not an https URL"):
+        proposal(d, ledger)
+    assert seen == []
+
+
+def test_status_does_not_show_a_plain_http_broker_as_ready(stack, plain_impostor) -> None:
+    from safehold.devstack.status import stack_status
+
+    d, _ = stack
+    url, seen = plain_impostor
+    (d / "up.json").write_text(json.dumps({"broker_url": url, "records_url": "https://127.0.0.1:9"}))
+    out = stack_status(d)
+    assert out["broker"]["ok"] is False and "not an https URL" in out["broker"]["status"]
+    assert seen == []

@@ -61,7 +61,10 @@ def broker_target(url: str | None, cacert: str | None,
         except (OSError, ValueError) as e:
             raise ConfigError(f"{p}: unreadable ({e}); give --url") from None
         if isinstance(info, dict) and isinstance(info.get("broker_url"), str):
-            return info["broker_url"], cacert or _pinned_context(d)
+            from safehold.devstack.datadir import https_url
+
+            # the pinned CA is checked in the TLS handshake: over http:// there is none
+            return https_url(info["broker_url"], f"{p} (broker_url)"), cacert or _pinned_context(d)
     return DEFAULT_URL, cacert
 
 

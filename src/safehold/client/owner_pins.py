@@ -33,7 +33,7 @@ from safehold.errors import ConfigError
 if TYPE_CHECKING:
     from safehold.attestation.verifier import Verifier
 
-__all__ = ["CLIENT_POLICIES", "OWNER_PINS_FILE", "pinned_policy", "read_owner_pins"]
+__all__ = ["CLIENT_POLICIES", "OWNER_PINS_FILE", "check_owner_private", "pinned_policy", "read_owner_pins"]
 
 #: In the owner directory: what the owner's tools accept for each data directory.
 OWNER_PINS_FILE = "pins.json"
@@ -50,17 +50,54 @@ _WHAT_TO_DO = ("restart `safehold up` (it writes the policies and pins them), or
                "--policy with a policy you keep on your own side")
 
 
-def read_owner_pins(p: Path) -> dict[str, dict[str, Any]]:
-    """``pins.json`` ({} if absent).
+def check_owner_private(p: Path, st: os.stat_result | None = None) -> None:
+    """Refuse an owner directory (or a file in it) that is not the data owner's alone: owned by
+    another user, or writable by group or others. Whoever owns or can write it chooses what the
+    owner's tools trust (``pins.json``) and reads the owner's key and tokens — e.g. the default
+    ``<data dir>.owner`` of a data directory that is a symlink into the operator's storage lies
+    on the operator's side.
+
+    Args:
+        st: ``p``'s stat result when the caller already has it (an ``fstat`` of the open file).
 
     Raises:
-        ConfigError: unreadable or malformed.
+        ConfigError: as above (names the path, its owner or mode, and ``--owner-dir``).
     """
+    if st is None:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ConfigError(f"{p}: {e.strerror or e}") from None
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise ConfigError(f"{p} is owned by uid {st.st_uid}, not by you (uid {me}): the owner directory "
+                          "must be the data owner's alone (whoever owns it chooses what the CLIs trust "
+                          "and reads the owner's key); refusing it — choose one with --owner-dir / "
+                          "SAFEHOLD_OWNER_DIR")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{p} is writable by group or others (mode {st.st_mode & 0o777:o}): the owner "
+                          "directory must be the data owner's alone; refusing it — chmod go-w, or "
+                          "choose another with --owner-dir / SAFEHOLD_OWNER_DIR")
+
+
+def read_owner_pins(p: Path) -> dict[str, dict[str, Any]]:
+    """``pins.json`` ({} if absent), only from an owner directory that is the caller's alone
+    (:func:`check_owner_private`, the directory and the file as opened).
+
+    Raises:
+        ConfigError: unreadable or malformed, or the directory or file is another user's or
+            writable by group or others.
+    """
+    check_owner_private(p.parent)
     try:
-        raw = p.read_text("utf-8")
+        with p.open("rb") as fh:
+            check_owner_private(p, os.fstat(fh.fileno()))
+            raw = fh.read().decode("utf-8")
     except FileNotFoundError:
         return {}
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: {e}") from None
     try:
         pins = json.loads(raw)

@@ -379,10 +379,20 @@ def _running(data_dir: Path, owner: str | Path | None = None) -> tuple[Stack, di
 
 
 def _url(info: dict[str, Any], ledger: str) -> str:
-    url = info.get("broker_url") if ledger == "broker" else info.get("records_url")
+    """The ``ledger``'s service URL from ``up.json`` (the operator's file): https only — the
+    pinned workload CA is checked in the TLS handshake, and over http:// the admin token and the
+    owner's signed statement would go in the clear."""
+    from safehold.devstack.datadir import https_url
+    from safehold.errors import ConfigError
+
+    key = "broker_url" if ledger == "broker" else "records_url"
+    url = info.get(key)
     if not url:
         raise StackError(f"the {ledger} service is not running (see `safehold up`'s output)")
-    return str(url)
+    try:
+        return https_url(url, f"up.json ({key})")
+    except ConfigError as e:
+        raise StackError(str(e)) from None
 
 
 def freshness_status(data_dir: Path, owner: str | Path | None = None) -> dict[str, Any]:

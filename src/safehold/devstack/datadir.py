@@ -18,7 +18,7 @@ import tomli_w
 
 from safehold.attestation.closure import Closure
 from safehold.client.connection import owner_dir
-from safehold.client.owner_pins import CLIENT_POLICIES, OWNER_PINS_FILE, read_owner_pins
+from safehold.client.owner_pins import CLIENT_POLICIES, OWNER_PINS_FILE, check_owner_private, read_owner_pins
 from safehold.devstack.errors import StackError
 from safehold.devstack.stack import (
     SCONE_AUTH_CHOICES,
@@ -36,7 +36,8 @@ from safehold.fsutil import write_atomic
 from safehold.jsontypes import JSONObject
 
 __all__ = ["OWNER_FILES", "OWNER_PINS_FILE", "RECORDS_ACCESS", "broker_ca_pin", "check_old_layout",
-           "main_records_config", "make_data_dir", "make_owner_dir", "measure_records", "owner_key",
+           "https_url", "main_records_config", "make_data_dir", "make_owner_dir", "measure_records",
+           "owner_key",
            "pin_client_policies", "pinned_workload_ca", "prepare", "read_owner_pins", "records_access",
            "records_config", "tokens", "write_private"]
 
@@ -109,6 +110,7 @@ def make_owner_dir(data_dir: str | os.PathLike[str], owner: str | os.PathLike[st
         raise ConfigError(f"owner directory {od}: cannot create it ({e.strerror})") from None
     if not od.is_dir():
         raise ConfigError(f"owner directory {od}: not a directory")
+    check_owner_private(od)  # not someone else's (e.g. on the operator's side of a symlink)
     return od
 
 
@@ -314,6 +316,23 @@ def pinned_ca_context(data_dir: Path, pins: Path, *, hint: str = "") -> ssl.SSLC
     if pem is None:
         raise ConfigError(f"the workload CA in {data_dir} is not the one the owner pinned ({pins}){hint}")
     return ssl.create_default_context(cadata=pem.decode("ascii"))
+
+
+def https_url(url: object, where: str) -> str:
+    """``url`` if it is an ``https://`` URL, for a URL the data directory names (``up.json``:
+    the operator's). The owner's tools check a service only in the TLS handshake (pinned
+    workload CA, RA-TLS): over ``http://`` there is none, and the token or signature would go in
+    the clear to whoever listens there.
+
+    Raises:
+        ConfigError: not a string, or not https (names ``where`` and the URL).
+    """
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or urlsplit(url).scheme.lower() != "https":
+        raise ConfigError(f"{where} names {url!r}, not an https URL: refusing to send anything there "
+                          "(the owner's tools talk to a stack's services only over TLS they check)")
+    return url
 
 
 def pin_client_policies(d: Path, owner: str | os.PathLike[str] | None, texts: dict[str, str],

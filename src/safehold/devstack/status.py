@@ -52,7 +52,10 @@ def stack_status(data_dir: str | os.PathLike[str], *,
     try:
         # the broker's TLS against the workload CA the owner pinned, never the CA file up.json
         # names (the operator's): an impostor must not show as a ready broker
+        from safehold.devstack.datadir import https_url
+
         ctx = _pinned_ca_context(Path(data_dir), owner)
+        https_url(broker_url, f"{p} (broker_url)")  # no TLS, no check: not an https broker
         r = httpx.get(f"{broker_url}/status", verify=ctx, timeout=5)
         ok = r.status_code == 200
         out["broker"] = {"url": broker_url, "ok": ok, "status": r.json() if ok else f"HTTP {r.status_code}"}

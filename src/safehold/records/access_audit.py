@@ -720,9 +720,14 @@ class AccessAuditLog:
         Raises:
             AuditSegmentRefusedError: nothing to export (``through`` before the base or at /
                 past the head: the newest entry is never sealed).
-            AuditChainError: the entries do not chain.
+            AuditChainError: the log does not end where its authenticated head says (a
+                deleted head, a cut tail), or an entry of the segment is not the one the chain
+                vouches for (sequence, ``prev`` link, MAC, or the next live entry's ``prev``
+                does not name the segment's last entry): tampering is never reported as a
+                refused segment.
         """
         head = self.read_head()
+        self._check_against(head)  # a deleted head / cut tail is a broken chain, not "empty"
         first, prev = self.read_base()
         if head is None or not first <= through < head[0]:
             last = head[0] if head is not None else -1
@@ -733,15 +738,22 @@ class AccessAuditLog:
                                   f"live entries {first}..{last})")
         lines: list[bytes] = []
         n = first
+        linked = False  # the first live entry after the segment names the segment's last one
         for e in self.entries(start=first):
-            if e.seq > through:
-                break
-            if e.seq != n or e.body.get("prev") != prev:
+            if e.seq != n or e.body.get("seq") != n or e.body.get("prev") != prev:
                 raise AuditChainError(f"audit entry {n}: chain broken, not exported")
+            if e.seq > through:
+                linked = True
+                break
+            if self._mac_key is not None:
+                want = hmac.new(self._mac_key, e.hash, hashlib.sha256).hexdigest()
+                if not hmac.compare_digest(str(e.body.get("mac", "")), want):
+                    raise AuditChainError(f"audit entry {n}: MAC missing or wrong (entry edited), "
+                                          "not exported")
             lines.append(_canonical(e.body) + b"\n")
             prev, n = e.hash.hex(), n + 1
-        if n != through + 1:
-            raise AuditChainError(f"audit seal: entries {n}..{through} are missing")
+        if not linked:
+            raise AuditChainError(f"audit seal: entries {n}..{through + 1} are missing")
         data = b"".join(lines)
         return data, first, through, hashlib.sha256(data).hexdigest()
 
