@@ -7,7 +7,8 @@ pinned for the session. URL and policy come from ``up.json`` in ``--data-dir`` (
 ``--policy``).
 
 Access tokens: minted per command by the stack's **development identity provider**
-(``erezept-idp.key`` in the owner directory, standing in for the gematik IdP) for the role the command
+(``erezept-idp.key`` in the owner directory — never a key path ``up.json`` names — standing in
+for the gematik IdP) for the role the command
 needs — prescriber (``--prescriber`` Telematik-ID), pharmacy (``--pharmacy``), insured
 (``--kvnr``) — or taken from ``SAFEHOLD_EREZEPT_TOKEN`` (a real IdP's token). The AccessCode and
 the pharmacy's Secret are capabilities: they are read from ``SAFEHOLD_EREZEPT_ACCESS_CODE`` /
@@ -93,7 +94,11 @@ class _Ctx:
         if self.entry is None:
             raise ConfigError("no access token: set SAFEHOLD_EREZEPT_TOKEN (or use the stack's dev IdP "
                               "through --data-dir)")
-        return mint_token(Path(self.entry["idp_key"]), str(self.entry["idp_issuer"]), role, id_number)
+        # the dev IdP's key and issuer as `up` made them: never a path the operator's up.json names
+        from safehold.client.connection import owner_dir
+        from safehold.devstack.services import IDP_ISSUER
+
+        return mint_token(owner_dir(self.data_dir) / "erezept-idp.key", IDP_ISSUER, role, id_number)
 
     @contextlib.contextmanager
     def client(self) -> Iterator[Any]:
