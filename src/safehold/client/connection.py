@@ -12,7 +12,6 @@ URL, and the simulated-TEE warning shown once as one line (:func:`simulated_tee_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -73,8 +72,8 @@ class Connection:
     gave, or the :class:`~safehold.attestation.verifier.Verifier` of the data directory's policy
     checked against the owner's pin), ``token``, ``ca`` (path; not used to trust anything: the
     service is trusted by its attested Evidence), and ``target``: the service identity import
-    checkpoints are keyed on (URL, plus the store URL and the SHA-256 of the workload CA when
-    they come from ``up.json`` for this URL)."""
+    checkpoints are keyed on (URL, plus, when the URL is ``up.json``'s, its store URL and the
+    SHA-256 of the workload CA the owner pinned in ``pins.json``)."""
 
     url: str
     policy: str | Verifier
@@ -120,9 +119,15 @@ def load_connection(data_dir: str | os.PathLike[str], url: str | None = None,
     token = token or os.environ.get("SAFEHOLD_TOKEN") or _owner_admin_token(owner_dir(data_dir, owner))
     target = str(url)
     if same and info:
+        # the workload CA as the owner pinned it (SHA-256 of its DER), not a file up.json names:
+        # the operator could name a FIFO there and hang the CLI
+        from safehold.client.owner_pins import OWNER_PINS_FILE, read_owner_pins
+
         ca_digest = ""
-        with contextlib.suppress(OSError, TypeError, KeyError):  # up.json may lack it
-            ca_digest = hashlib.sha256(Path(info["ca"]).read_bytes()).hexdigest()
+        with contextlib.suppress(ConfigError, AttributeError):  # no pin: the key just lacks it
+            entry = read_owner_pins(owner_dir(data_dir, owner) / OWNER_PINS_FILE).get(
+                str(Path(data_dir).resolve()), {})
+            ca_digest = str(entry.get("workload_ca_sha256") or "")
         target += f" store={info.get('store_url', '')} ca={ca_digest}"
     return Connection(url, checked, token, info.get("ca"), target)
 
