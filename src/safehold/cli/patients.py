@@ -35,7 +35,7 @@ from safehold.client.importer import (
     import_files,
 )
 from safehold.client.records import RecordsClient
-from safehold.errors import SafeholdError
+from safehold.errors import RecordNotFoundError, SafeholdError
 from safehold.fsutil import write_atomic
 from safehold.records.model import display_name
 
@@ -57,9 +57,12 @@ def client(conn: Connection) -> Iterator[RecordsClient]:
 @contextlib.contextmanager
 def _naming(record_id: str) -> Iterator[None]:
     """A 404 names the id the user gave: the service's answer names only the row's blind index
-    (``no record at row 0199… in namespace 'patients'``), never the id."""
+    (``no record at row 0199… in namespace 'patients'``), never the id. The client raises
+    :class:`RecordNotFoundError` for that 404 (not a RecordsClientError)."""
     try:
         yield
+    except RecordNotFoundError as e:
+        raise RecordNotFoundError(f"no record {record_id!r} ({e})") from None
     except RecordsClientError as e:
         if e.status != 404:
             raise
