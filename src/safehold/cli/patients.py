@@ -141,20 +141,22 @@ def register(group: click.Group) -> None:
         def interrupted(signum: int, frame: object) -> None:
             raise _ImportInterrupted(signum)
 
+        # --restart again would forget the checkpoint the hint promises to resume from
+        again = "the same command again" + (" without --restart" if restart else "")
         old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             _run_import(conn, expand_paths(files), ckpt_path, restart, counts, failures, on_conflict)
         except _ImportInterrupted as e:
             _print_failures(failures)
             click.secho(f"interrupted: {counts.acknowledged} records checkpointed; "
-                        "run the same command again to resume", fg="yellow", err=True)
+                        f"run {again} to resume", fg="yellow", err=True)
             sys.exit(128 + e.signum)
         except SafeholdError as e:
             _print_failures(failures)
             click.secho(f"error: {e}", fg="red", err=True)
             if counts.acknowledged:
-                click.echo(f"{counts.acknowledged} records checkpointed; run the same command "
-                           "again to resume", err=True)
+                click.echo(f"{counts.acknowledged} records checkpointed; run {again} to resume",
+                           err=True)
             sys.exit(1)
         finally:
             for sig, h in old.items():
