@@ -75,7 +75,7 @@ def register(group: click.Group) -> None:
             ready = sum(1 for m in fr.get("members", []) if m.get("ready"))
             lost = sum(1 for m in fr.get("members", []) if m.get("lost_mode"))
             click.echo(f"anchor   {ready}/{len(fr.get('member_urls', []))} members ready"
-                       + (f" ({lost} in lost mode)" if lost else ""))
+                       + (f", {lost} started in lost mode" if lost else ""))
             for led, r in fr["ledgers"].items():
                 if "error" in r:
                     click.echo(f"  {led:<8} unreachable: {r['error']}")
