@@ -61,3 +61,24 @@ def test_an_unreachable_broker_is_one_line_naming_its_url(tmp_path: Path,
         _call(c, "GET", "/kbs/v0/status")
     want = f"cannot reach the broker at https://127.0.0.1:{port}: connection refused"
     assert str(ei.value).startswith(want)
+
+
+def test_a_broker_whose_ca_is_unknown_here_points_at_the_data_dir(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`safehold broker status` run outside the directory holding safehold-data falls back to
+    the default URL and the system CAs: the running broker's certificate fails to verify, and
+    the hint said only "is `safehold up` running? else give --url" (it was running). The hint
+    is the same for every transport error, so a refused port shows it here."""
+    import socket
+
+    from safehold.cli.broker import _call, _http
+    from safehold.errors import BrokerError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SAFEHOLD_DATA_DIR", str(tmp_path / "none"))
+    with _http(f"https://127.0.0.1:{port}", None) as c, pytest.raises(BrokerError) as ei:
+        _call(c, "GET", "/kbs/v0/status")
+    assert "give `safehold broker --data-dir DIR …`" in str(ei.value)
+    assert "--url and --cacert" in str(ei.value)

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from safehold.cli import patients as cli_patients
 from safehold.cli.main import cli
 from safehold.client.errors import RecordsClientError
+from safehold.errors import RecordNotFoundError
 
 ROW_404 = "records service: HTTP 404 not-found: no record at row 01993d24 in namespace 'patients'"
 
@@ -24,8 +25,9 @@ class _Fake:
         self.status = status
 
     def _fail(self, _rid: str) -> None:
-        raise RecordsClientError(ROW_404 if self.status == 404 else "HTTP 403 forbidden", self.status,
-                                 "not-found" if self.status == 404 else "forbidden")
+        if self.status == 404:  # what RecordsClient raises for a 404 not-found (_raise_for)
+            raise RecordNotFoundError(ROW_404)
+        raise RecordsClientError("HTTP 403 forbidden", self.status, "forbidden")
 
     get = delete = _fail
 

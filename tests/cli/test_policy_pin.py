@@ -211,7 +211,8 @@ def impostor(stack, env, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "safehold.ratls.demo", "--data-dir", str(tee), "--port", "0",
                           "--log", str(log), "--ready-file", str(ready),
                           "--policy-out", str(tmp_path / "p.toml")],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)  # `-m` puts the cwd on sys.path: the demo would measure it
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -5,6 +5,7 @@ journal entry per transaction)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -165,6 +166,26 @@ def test_seal_export_and_checkpointed_verify(tmp_path):
         with pytest.raises(AuditChainError, match="base"):
             repo.audit.verify(full=True)
         conn.close()
+    finally:
+        store.close()
+
+
+def test_a_seal_overlapping_a_sealed_segment_names_the_oldest_live_entry(tmp_path):
+    """An export 0..5 of which 0..2 were sealed meanwhile (through a copy cut after entry 2): its
+    digest is not that of the live 3..5, and the refusal said only "seal the file `audit export
+    --through 5` wrote" — which is this file."""
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    repo = make_repo(store)
+    try:
+        for i in range(8):
+            repo.put("w", parse_record(f"p{i}", pat(f"p{i}", "Lee")))
+        data, _, _, digest = repo.audit.export_segment(5)
+        head = b"".join(data.splitlines(keepends=True)[:3])
+        repo.audit.seal("admin", 2, hashlib.sha256(head).hexdigest())
+        with pytest.raises(AuditSegmentRefusedError,
+                           match=r"not the one given .*starts before 3, the oldest live entry; "
+                                 r"seal the file `audit export --through 5` writes now"):
+            repo.audit.seal("admin", 5, digest)
     finally:
         store.close()
 

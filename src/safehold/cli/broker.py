@@ -98,7 +98,9 @@ def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
         from safehold.client.connection import transport_reason
 
         raise BrokerError(f"cannot reach the broker at {client.base_url}: {transport_reason(e)}"
-                          " (is `safehold up` running? else give --url)") from None
+                          " (is `safehold up` running? outside the directory holding its "
+                          "safehold-data give `safehold broker --data-dir DIR …`; another broker: "
+                          "--url and --cacert)") from None
     if r.status_code >= 400:
         try:
             detail = r.json().get("detail", r.text)

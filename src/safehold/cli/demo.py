@@ -19,5 +19,8 @@ def register(group: click.Group) -> None:
     @group.command("demo")
     @click.option("--data-dir", default="./safehold-data", show_default=True, envvar="SAFEHOLD_DATA_DIR")
     def demo(data_dir: str) -> None:
-        """Start Safehold, import real synthetic patients, read one back, prove the DB holds no names."""
+        """Start Safehold, import real synthetic patients, read one back, prove the DB holds no names.
+
+        The data directory (and <data-dir>.owner) stays: `safehold up` with the same
+        --data-dir serves the demo's patients."""
         run_demo(data_dir, echo=click.echo, on_started=print_summary, show=show_warning)

@@ -72,8 +72,9 @@ def register(group: click.Group) -> None:
                 if "error" in r:
                     click.echo(f"{led:<8} unreachable: {r['error']}")
                     continue
+                cp = "none yet" if r["checkpoint_epoch"] is None else r["checkpoint_epoch"]
                 click.echo(f"{led:<8} committed {r['committed_epoch']}  anchored {r['anchored_epoch']}  "
-                           f"checkpoint {r['checkpoint_epoch']}  "
+                           f"checkpoint {cp}  "
                            + ("serving" if r["serving"] else f"NOT SERVING: {r['problem']}"))
         if not ok:
             sys.exit(1)

@@ -36,7 +36,7 @@ from safehold.client.importer import (
     import_files,
 )
 from safehold.client.records import RecordsClient
-from safehold.errors import SafeholdError
+from safehold.errors import RecordNotFoundError, SafeholdError
 from safehold.fsutil import write_atomic
 from safehold.records.model import display_name
 
@@ -58,9 +58,12 @@ def client(conn: Connection) -> Iterator[RecordsClient]:
 @contextlib.contextmanager
 def _naming(record_id: str) -> Iterator[None]:
     """A 404 names the id the user gave: the service's answer names only the row's blind index
-    (``no record at row 0199… in namespace 'patients'``), never the id."""
+    (``no record at row 0199… in namespace 'patients'``), never the id. The client raises
+    :class:`RecordNotFoundError` for that 404 (not a RecordsClientError)."""
     try:
         yield
+    except RecordNotFoundError as e:
+        raise RecordNotFoundError(f"no record {record_id!r} ({e})") from None
     except RecordsClientError as e:
         if e.status != 404:
             raise
@@ -141,20 +144,22 @@ def register(group: click.Group) -> None:
         def interrupted(signum: int, frame: object) -> None:
             raise _ImportInterrupted(signum)
 
+        # --restart again would forget the checkpoint the hint promises to resume from
+        again = "the same command again" + (" without --restart" if restart else "")
         old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             _run_import(conn, expand_paths(files), ckpt_path, restart, counts, failures, on_conflict)
         except _ImportInterrupted as e:
             _print_failures(failures)
             click.secho(f"interrupted: {counts.acknowledged} records checkpointed; "
-                        "run the same command again to resume", fg="yellow", err=True)
+                        f"run {again} to resume", fg="yellow", err=True)
             sys.exit(128 + e.signum)
         except SafeholdError as e:
             _print_failures(failures)
             click.secho(f"error: {e}", fg="red", err=True)
             if counts.acknowledged:
-                click.echo(f"{counts.acknowledged} records checkpointed; run the same command "
-                           "again to resume", err=True)
+                click.echo(f"{counts.acknowledged} records checkpointed; run {again} to resume",
+                           err=True)
             sys.exit(1)
         finally:
             for sig, h in old.items():

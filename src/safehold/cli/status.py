@@ -75,15 +75,21 @@ def register(group: click.Group) -> None:
             ready = sum(1 for m in fr.get("members", []) if m.get("ready"))
             lost = sum(1 for m in fr.get("members", []) if m.get("lost_mode"))
             click.echo(f"anchor   {ready}/{len(fr.get('member_urls', []))} members ready"
-                       + (f" ({lost} in lost mode)" if lost else ""))
+                       + (f", {lost} started in lost mode" if lost else ""))
             for led, r in fr["ledgers"].items():
                 if "error" in r:
                     click.echo(f"  {led:<8} unreachable: {r['error']}")
                 else:
                     click.echo(f"  {led:<8} committed epoch {r['committed_epoch']}, anchored "
-                               f"{r['anchored_epoch']}, checkpoint {r['checkpoint_epoch']}"
+                               f"{r['anchored_epoch']}, checkpoint {_epoch(r['checkpoint_epoch'])}"
                                + ("" if r["serving"] else f"  NOT FRESH: {r['problem']}"))
         elif isinstance(fr, dict):
             click.echo(f"anchor   {fr.get('error')}")
         if not healthy:
             sys.exit(1)
+
+
+def _epoch(e: object) -> object:
+    """A checkpoint epoch for the text view: ``none yet`` before the owner's first checkpoint
+    (the JSON's null), not Python's ``None``."""
+    return "none yet" if e is None else e

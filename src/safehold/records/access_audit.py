@@ -773,8 +773,9 @@ class AccessAuditLog:
             if not hmac.compare_digest(digest, sha256_hex.lower()):
                 raise AuditSegmentRefusedError(f"audit seal: segment {first}..{last} has SHA-256 "
                                       f"{digest[:16]}…, not the one given (the file is not the "
-                                      f"export of entries {first}..{last}: seal the file "
-                                      f"`audit export --through {last}` wrote)")
+                                      f"export of entries {first}..{last}: edited, or it starts "
+                                      f"before {first}, the oldest live entry; seal the file "
+                                      f"`audit export --through {last}` writes now)")
             last_hash = hashlib.sha256(_canonical(
                 {k: v for k, v in json.loads(data.splitlines()[-1]).items() if k != "mac"})).hexdigest()
             rec = {"first": first, "last": last, "hash": last_hash, "sha256": digest}
