@@ -79,3 +79,19 @@ def test_widening_svr0_toml_changes_nothing_editing_the_pinned_file_is_refused(t
     f.write_text(f.read_text("utf-8").replace(ANCHOR_M, "ee" * 32), "utf-8")
     with pytest.raises(ConfigError, match="is not the appraisal policy the owner pinned"):
         pinned_policy(d, "svr-anchor")
+
+
+def test_up_notices_a_client_policy_edited_since_the_last_up(tmp_path, monkeypatch) -> None:
+    """`up` rewrites the client policies at every start; one that differs from the owner's pin
+    (edited since the last `up`) is named, so that an edit does not vanish without a word."""
+    from safehold.devstack.datadir import edited_client_policies
+
+    monkeypatch.delenv("SAFEHOLD_OWNER_DIR", raising=False)
+    d, _ = _written(tmp_path)
+    assert edited_client_policies(d, None) == []
+    f = d / CLIENT_POLICIES["discovery"]
+    f.write_text(f.read_text("utf-8") + "\n# mine\n", "utf-8")
+    assert edited_client_policies(d, None) == [CLIENT_POLICIES["discovery"]]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert edited_client_policies(fresh, None) == []  # nothing pinned yet: a first run

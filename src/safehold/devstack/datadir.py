@@ -335,6 +335,29 @@ def https_url(url: object, where: str) -> str:
     return url
 
 
+def edited_client_policies(d: Path, owner: str | os.PathLike[str] | None) -> list[str]:
+    """The client policy files of ``d`` (:data:`~safehold.client.owner_pins.CLIENT_POLICIES`)
+    that differ from what the owner pinned at the last ``safehold up`` — edited since, by a
+    user or the operator; ``up`` rewrites them and says so. Files without a pin (a first run)
+    are not listed; an unreadable ``pins.json`` lists nothing (``up`` fails on it later, clearly).
+    """
+    try:
+        entry = read_owner_pins(owner_dir(d, owner) / OWNER_PINS_FILE).get(str(d.resolve()), {})
+    except ConfigError:
+        return []
+    pinned = entry.get("client_policies_sha256")
+    out = []
+    for service, fname in CLIENT_POLICIES.items():
+        want = pinned.get(service) if isinstance(pinned, dict) else None
+        try:
+            got = hashlib.sha256((d / fname).read_bytes()).hexdigest()
+        except OSError:
+            continue
+        if isinstance(want, str) and got != want:
+            out.append(fname)
+    return out
+
+
 def pin_client_policies(d: Path, owner: str | os.PathLike[str] | None, texts: dict[str, str],
                         simulated_root: Path | None) -> None:
     """Record in the owner directory's ``pins.json`` which client policies the owner's tools
@@ -568,6 +591,7 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     from safehold.devstack import services as svc
 
     ports = service_ports or svc.ServicePorts()
+    edited = edited_client_policies(d, owner)  # before anything below rewrites them
     written = svc.write_configs(d, pin=pin, owner_pub=owner_pub, ports=ports, owner=make_owner_dir(d, owner),
                                 records_policy={**policy, "name": "safehold-records-behind-epa-vau",
                                                 "report_data": "required"},
@@ -592,6 +616,8 @@ def _prepare(d: Path, *, broker_port: int, records_port: int, scone_port: int | 
     s.info = {"measurements": measurements, "anchor_measurement": anchor_closure.hex(),
               "anchor_urls": la.urls}
     s.service_ports = ports
+    if edited:
+        s.info["policies_edited"] = edited
     if old_manifest is not None and old_manifest != manifest:
         s.info["manifest_changed"] = True  # a broker that installed the old one refuses the new
     return s

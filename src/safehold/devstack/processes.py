@@ -550,6 +550,10 @@ def summary_lines(s: Stack) -> list[tuple[str, bool]]:
         else:
             out.append((f"  SCONE port authentication: {i.get('scone_auth')} "
                         "(bearer tokens, as on the native API)", False))
+    if i.get("policies_edited"):
+        out.append((f"client policy rewritten: {', '.join(i['policies_edited'])} differed from what the "
+                    "owner pinned at the last `safehold up` (edited since); `up` wrote and pinned its "
+                    "own again — keep a policy of your own outside the data directory (--policy)", True))
     if i.get("manifest_updated"):
         out.append((f"manifest update version {i['manifest_updated']}, signed with "
                     f"{s.owner_path('owner.key')} (records.toml changed its measurement)", False))
