@@ -94,6 +94,7 @@ def _orphan(tmp_path: Path, watch: bool, workload: str = _WORKLOAD) -> tuple[int
     line = parent.stdout.readline()
     assert line.strip().isdigit(), line
     child = int(line)
+    time.sleep(1)  # several polls: it runs on while its parent lives
     assert _alive(child)
     parent.kill()
     parent.wait()
@@ -144,7 +145,7 @@ def target(i, notify):
 def change(info):
     Path(args[0] + ".workers").write_text(" ".join(map(str, info["worker_pids"])))
     print("ready", flush=True)
-code = run_workers(1, target, on_change=change, parent=parent)
+code = run_workers(1, target, on_change=change, watch_parent=parent)
 Path(args[0]).write_text(f"graceful {code}")
 """
 

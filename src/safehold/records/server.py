@@ -485,7 +485,7 @@ def run(cfg: ServiceConfig, config_path: str | None = None, *, parent: int | Non
             _write_ready(cfg, prov, ports, extra)
 
         return run_workers(cfg.workers, lambda i, notify: serve_worker(cfg, prov, socks, i, notify),
-                           on_change=write, parent=parent)
+                           on_change=write, watch_parent=parent)
     return serve_worker(cfg, prov, None, 0, None)
 
 

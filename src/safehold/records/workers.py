@@ -119,7 +119,7 @@ def worker_listeners(host: str, reserved: list[socket.socket]) -> list[socket.so
 
 
 def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
-                on_change: Callable[[dict[str, object]], None], parent: int | None = None) -> int:
+                on_change: Callable[[dict[str, object]], None], watch_parent: int | None = None) -> int:
     """Fork and supervise ``n`` workers (module docstring) until SIGTERM / SIGINT.
 
     Args:
@@ -129,7 +129,7 @@ def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
         on_change: called in this process with ``{"workers", "workers_ready", "worker_pids"}``
             once worker 0 listens and whenever another worker starts listening or is restarted
             (``safehold.records.server`` writes the ready file from it).
-        parent: ``--exit-with-parent`` (``safehold up``'s pid): once this process is re-parented
+        watch_parent: ``--exit-with-parent`` (``safehold up``'s pid): once this process is re-parented
             (``up`` was killed) it stops as on SIGTERM, within the loop's 0.5 s poll. Polled here,
             not from a thread: this process forks.
 
@@ -193,7 +193,7 @@ def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
     orphaned = False
     while not stopping:
         r, _, _ = select.select([rfd], [], [], 0.5)
-        if parent is not None and not orphaned and parent_gone(parent):
+        if watch_parent is not None and not orphaned and parent_gone(watch_parent):
             orphaned = True  # `safehold up` is gone: the normal SIGTERM path stops the workers
             os.kill(os.getpid(), signal.SIGTERM)
         if r:
