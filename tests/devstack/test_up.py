@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,81 @@ def test_up_stops_cleanly_on_ctrl_c(env, tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not (data / "up.json").exists()
+
+
+def _children(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(d.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs (an unreaped zombie counts as exited)."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_children_stop_by_themselves_when_up_is_killed_and_up_starts_again(env, tmp_path):
+    """``safehold up`` SIGKILLed: the broker, records service, records anchor members, SVR servers
+    and SVR anchor members (--exit-with-parent) stop within seconds, so the next ``up`` on the
+    same data directory finds its ports free, starts and serves."""
+    data = tmp_path / "safehold-data"
+    picked: list[int] = []
+    while len(picked) < 8:
+        p = free_port()
+        if p not in picked:
+            picked.append(p)
+    args = [sys.executable, "-m", "safehold.cli.main", "up", "--data-dir", str(data), "--services", "svr",
+            "--broker-port", str(picked[0]), "--port", str(picked[1]), "--scone-port", "0",
+            "--svr-ports", ",".join(map(str, picked[2:5])),
+            "--svr-anchor-ports", ",".join(map(str, picked[5:8]))]
+    up = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: set[int] = set()
+    try:
+        info = wait_up(up, data, timeout=240)
+        children = _children(up.pid)
+        assert set(info["pids"].values()) <= children
+        assert {"broker", "records", "svr-0", "svr-anchor-0"} <= set(info["pids"])
+        assert len(children) >= 11, children  # + the 3 records anchor members (not in up.json)
+        up.kill()
+        up.wait()
+        end = time.monotonic() + 10
+        while any(_running(p) for p in children) and time.monotonic() < end:
+            time.sleep(0.1)
+        left = {p for p in children if _running(p)}
+        assert not left, f"still running after `up` was killed: {left}"
+        print(f"every child of the killed `up` stopped {time.monotonic() - end + 10:.1f} s after it")
+        # the records service stopped through its SIGTERM path (uvicorn's graceful shutdown)
+        assert "Traceback" not in (data / "records.log").read_text(errors="replace")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for p in children:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+    up2 = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + 240
+        while (info2 := wait_up(up2, data, timeout=240))["pids"] == info["pids"]:  # the killed up's file
+            assert time.monotonic() < end
+            time.sleep(0.2)
+        assert info2["broker_url"] == info["broker_url"]
+        r = cli(env, "status", "--json", "--data-dir", str(data))  # exit 0: everything attested
+        st = json.loads(r.stdout)
+        assert st["records"]["attested"] is True and st["broker"]["status"]["mode"] == "ready"
+        assert all(v["ok"] for v in st["services"].values()), st["services"]
+    finally:
+        up2.send_signal(signal.SIGTERM)
+        out, _ = up2.communicate(timeout=60)
+    assert up2.returncode == 0, out

@@ -150,9 +150,12 @@ def broker(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--anchor", "anchor_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Freshness anchor settings (TOML: anchor_members, anchor_policy): the state is "
                    "verified against the attested anchor (docs/freshness.md). Without it: off, loudly.")
+@click.option("--exit-with-parent", "parent", type=int, default=None, metavar="PID",
+              help="Stop (gracefully, as on SIGTERM) when the parent process PID is gone "
+                   "(`safehold up` passes its own pid).")
 def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, host: str, port: int,
               nonce_ttl: int, token_ttl: int, max_body: int, tls_name: tuple[str, ...], no_tls: bool,
-              static_value: str | None, init_only: bool, anchor_file: str | None) -> None:
+              static_value: str | None, init_only: bool, anchor_file: str | None, parent: int | None) -> None:
     """Start the broker (unseals its master key; recovery mode if that fails).
 
     The broker runs as a measured workload: started from a shell (not by its launch), this
@@ -166,6 +169,9 @@ def serve_cmd(data_dir: str, manifest_path: str | None, store_url: str | None, h
 
     from safehold.broker.core import BrokerConfig
     from safehold.broker.server import open_broker, serve
+    from safehold.procutil import exit_with_parent
+
+    exit_with_parent(parent)  # after the exec above: same pid, same parent
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if init_only:

@@ -27,10 +27,10 @@ from safehold.devstack.stack import (
 )
 from safehold.errors import ConfigError
 from safehold.jsontypes import JSONObject
-from safehold.procutil import clean_exit_code, terminate
+from safehold.procutil import EXIT_WITH_PARENT, clean_exit_code, terminate
 
-__all__ = ["MANIFEST_REFUSED", "Supervisor", "broker_cmd", "check_port", "records_cmd", "records_env",
-           "start", "stop", "summary_lines", "update_manifest", "wait_broker", "wait_records"]
+__all__ = ["MANIFEST_REFUSED", "Supervisor", "broker_cmd", "check_port", "lifeline", "records_cmd",
+           "records_env", "start", "stop", "summary_lines", "update_manifest", "wait_broker", "wait_records"]
 
 
 def check_port(port: int, what: str, host: str = "127.0.0.1") -> None:
@@ -63,17 +63,26 @@ def _log_tail(path: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def broker_cmd(s: Stack, *, manifest: bool = True) -> list[str]:
+def lifeline(parent: int | None) -> list[str]:
+    """``["--exit-with-parent", "<parent>"]`` (``[]`` for None): the run-time option that makes a
+    workload stop by itself once ``parent`` (``safehold up``) is gone
+    (:func:`safehold.procutil.exit_with_parent`). Unmeasured and not secret."""
+    return [] if parent is None else [EXIT_WITH_PARENT, str(parent)]
+
+
+def broker_cmd(s: Stack, *, manifest: bool = True, parent: int | None = None) -> list[str]:
     """Command line of the broker process (``safehold broker serve`` on loopback; with the data
     directory's ``manifest.toml`` unless ``manifest`` is false), launched by
-    :func:`~safehold.devstack.stack.broker_spec` (isolated; run with :func:`base_env`)."""
+    :func:`~safehold.devstack.stack.broker_spec` (isolated; run with :func:`base_env`).
+    ``parent``: the pid it stops with (:func:`lifeline`; ``safehold up`` passes its own)."""
     m = ["--manifest", str(s.path("manifest.toml"))] if manifest else []
     if s.anchor is not None:
         from safehold.devstack.anchor import BROKER_ANCHOR_FILE
 
         m += ["--anchor", str(s.path(BROKER_ANCHOR_FILE))]
     return broker_spec(s).argv("serve", "--data-dir", str(s.path("broker")), *m,
-                               "--host", "127.0.0.1", "--port", str(s.broker_port), "--tls-name", "api")
+                               "--host", "127.0.0.1", "--port", str(s.broker_port), "--tls-name", "api",
+                               *lifeline(parent))
 
 
 MANIFEST_REFUSED = "differs from the stored manifest"
@@ -146,11 +155,11 @@ def records_env(s: Stack, config: str = "records.toml", *, port: int | None = No
     return env
 
 
-def records_cmd(s: Stack, config: str = "records.toml") -> list[str]:
+def records_cmd(s: Stack, config: str = "records.toml", *, parent: int | None = None) -> list[str]:
     """Command line of a records service process, launched by
     :func:`~safehold.devstack.stack.records_spec` (isolated interpreter; run with
-    :func:`records_env`)."""
-    return records_spec(s).argv("--config", str(s.path(config)))
+    :func:`records_env`). ``parent``: the pid it stops with (:func:`lifeline`)."""
+    return records_spec(s).argv("--config", str(s.path(config)), *lifeline(parent))
 
 
 def wait_broker(s: Stack, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -270,14 +279,15 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
         rlog_path = s.path("records.log")
         rlog = rlog_path.open("ab")
         # own sessions: a terminal's Ctrl-C reaches only `safehold up`, which then stops the
-        # records service first and the broker second
+        # records service first and the broker second; --exit-with-parent: each child stops by
+        # itself if `up` dies without stopping them (SIGKILL, a crash)
         # records.toml changed (so its measurement, so the manifest) over a broker state that
         # holds the old manifest: with freshness the broker installs its --manifest file only once
         # its ledger is settled, and would refuse it there; start it on its stored manifest and
         # sign the new one as an update once it serves
         changed = bool(s.info.get("manifest_changed")) and s.anchor is not None and s.path("broker").is_dir()
-        s.procs["broker"] = subprocess.Popen(broker_cmd(s, manifest=not changed), stdout=blog,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        s.procs["broker"] = subprocess.Popen(broker_cmd(s, manifest=not changed, parent=os.getpid()),
+                                             stdout=blog, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                              env=base_env(s), start_new_session=True)
         # with freshness the broker releases nothing until its ledger is settled below
         early = not s.info.get("manifest_changed") and s.anchor is None
@@ -291,9 +301,10 @@ def start(s: Stack, *, timeout: float = 60.0) -> Stack:
             if (s.procs["broker"].poll() is None or not s.owner_path("owner.key").exists()
                     or MANIFEST_REFUSED not in _log_tail(s.path("broker.log"))):
                 raise
-            s.procs["broker"] = subprocess.Popen(broker_cmd(s, manifest=False), stdout=blog,
-                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 env=base_env(s), start_new_session=True)
+            s.procs["broker"] = subprocess.Popen(broker_cmd(s, manifest=False, parent=os.getpid()),
+                                                 stdout=blog, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, env=base_env(s),
+                                                 start_new_session=True)
             wait_broker(s, s.procs["broker"], timeout)
             s.info["manifest_updated"] = update_manifest(s)
         if not _settle_broker(s):
@@ -338,7 +349,8 @@ def _write_up(s: Stack, info: JSONObject | None) -> Stack:
 
 
 def _start_records(s: Stack, log: BinaryIO) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(records_cmd(s), env=records_env(s), stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(records_cmd(s, parent=os.getpid()), env=records_env(s), stdout=log,
+                            stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -398,7 +410,8 @@ class Supervisor:
         del self._due[name]
         if name == "broker":
             with s.path("broker.log").open("ab") as blog:
-                s.procs["broker"] = subprocess.Popen(broker_cmd(s), stdout=blog, stderr=subprocess.STDOUT,
+                s.procs["broker"] = subprocess.Popen(broker_cmd(s, parent=os.getpid()), stdout=blog,
+                                                     stderr=subprocess.STDOUT,
                                                      stdin=subprocess.DEVNULL, env=base_env(s),
                                                      start_new_session=True)
             try:
@@ -477,6 +490,7 @@ def _start_anchor(s: Stack) -> None:
         return
     for i, port in enumerate(s.anchor.ports):
         check_port(port, f"anchor member {i} (ports kept in {s.path('anchor')}/ports.json)")
+    s.anchor.exit_with_parent = os.getpid()  # the members stop by themselves if `up` is killed
     try:
         s.anchor.start_all()
     except ConfigError as e:

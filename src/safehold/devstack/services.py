@@ -251,10 +251,15 @@ def service_spec(package_root: str | None, module: str) -> Any:
 
 
 def _launch(s: Any, name: str, module: str, args: list[str]) -> subprocess.Popen[bytes]:
+    """Start service process ``name`` (own session, log ``<name>.log``); it stops by itself once
+    this process (``safehold up``) is gone (``--exit-with-parent``)."""
+    from safehold.devstack.processes import lifeline
+
     spec = service_spec(s.package_root, module)
     log = s.path(f"{name}.log").open("ab")
     try:
-        return subprocess.Popen(spec.argv(*args), env=spec.env({}), stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(spec.argv(*args, *lifeline(os.getpid())), env=spec.env({}), stdout=log,
+                                stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=s.data_dir, start_new_session=True)
     finally:
         log.close()

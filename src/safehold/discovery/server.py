@@ -41,6 +41,7 @@ from safehold.discovery.keys import SECRET_SIZE, DiscoveryKeys
 from safehold.errors import SafeholdError
 from safehold.fsutil import read_toml
 from safehold.netaddr import is_loopback
+from safehold.procutil import EXIT_WITH_PARENT, exit_with_parent
 from safehold.runtime import exit_status, listen_socket, simulated_ratls_context, write_ready_file
 from safehold.store import open_store
 
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store-url", help="store URL (overrides the configuration's; untrusted)")
     ap.add_argument("--port", type=int, help="listen port (overrides the configuration's)")
     ap.add_argument("--ready-file", help="ready file (overrides the configuration's)")
+    ap.add_argument(EXIT_WITH_PARENT, type=int, metavar="PID",
+                    help="stop (gracefully, as on SIGTERM) once the parent PID is gone (`safehold up`)")
     args = ap.parse_args(argv)
+    exit_with_parent(args.exit_with_parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = ServerConfig.load(args.config, attested=bool(args.data_dir), store_url=args.store_url)

@@ -53,6 +53,7 @@ from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.crypto.keyset import Keyset
 from safehold.errors import AuditChainError, SafeholdError
 from safehold.fsutil import write_atomic
+from safehold.procutil import EXIT_WITH_PARENT, exit_with_parent
 from safehold.ratls.memkey import ssl_context_from_memory
 from safehold.records.access import AccessList
 from safehold.records.access_audit import AUDIT_NAMESPACE, FLUSH_SECONDS, FRESH_FLUSH_SECONDS, AccessAuditLog
@@ -459,12 +460,19 @@ def assemble_apps(store: Store, keyset: Keyset, access: AccessList, *, encryptio
     return native, scone, repo
 
 
-def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
+def run(cfg: ServiceConfig, config_path: str | None = None, *, parent: int | None = None) -> int:
     """Provision, open, serve until SIGINT/SIGTERM; returns the exit status (0 = clean stop).
 
     With ``workers > 1`` this process attests once, binds the listening sockets and forks the
     worker processes (:func:`safehold.records.workers.run_workers`); it opens no store itself.
+
+    Args:
+        parent: ``--exit-with-parent``: stop (as on SIGTERM) once the process with this pid is no
+            longer this process's parent (:func:`safehold.procutil.exit_with_parent`; with
+            workers, the supervisor loop looks instead of a thread: it must not fork with one).
     """
+    # a single process watches from a thread; a forking one only checks now (see run_workers)
+    exit_with_parent(parent, watch=cfg.workers <= 1)
     prov = provision(cfg, config_path)
     if cfg.workers > 1:
         from safehold.records.workers import bind_listeners, run_workers
@@ -477,7 +485,7 @@ def run(cfg: ServiceConfig, config_path: str | None = None) -> int:
             _write_ready(cfg, prov, ports, extra)
 
         return run_workers(cfg.workers, lambda i, notify: serve_worker(cfg, prov, socks, i, notify),
-                           on_change=write)
+                           on_change=write, watch_parent=parent)
     return serve_worker(cfg, prov, None, 0, None)
 
 
@@ -556,12 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     broker refuses this workload (no keys: it never serves), 1 on other errors."""
     ap = argparse.ArgumentParser(prog="safehold-records", description="Safehold records service")
     ap.add_argument("--config", help="TOML configuration file (measured as part of the workload)")
+    ap.add_argument(EXIT_WITH_PARENT, type=int, metavar="PID",
+                    help="stop (gracefully, as on SIGTERM) once the parent PID is gone (`safehold up`)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cfg = ServiceConfig.load(args.config)
-        return run(cfg, args.config)
+        return run(cfg, args.config, parent=args.exit_with_parent)
     except NoKeysError as e:
         log.error("records service refused to start: %s", e)
         return 2

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 
 from safehold.errors import ConfigError, SafeholdError
+from safehold.procutil import parent_gone
 
 log = logging.getLogger("safehold.records.workers")
 
@@ -118,7 +119,7 @@ def worker_listeners(host: str, reserved: list[socket.socket]) -> list[socket.so
 
 
 def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
-                on_change: Callable[[dict[str, object]], None]) -> int:
+                on_change: Callable[[dict[str, object]], None], watch_parent: int | None = None) -> int:
     """Fork and supervise ``n`` workers (module docstring) until SIGTERM / SIGINT.
 
     Args:
@@ -128,6 +129,9 @@ def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
         on_change: called in this process with ``{"workers", "workers_ready", "worker_pids"}``
             once worker 0 listens and whenever another worker starts listening or is restarted
             (``safehold.records.server`` writes the ready file from it).
+        watch_parent: ``--exit-with-parent`` (``safehold up``'s pid): once this process is re-parented
+            (``up`` was killed) it stops as on SIGTERM, within the loop's 0.5 s poll. Polled here,
+            not from a thread: this process forks.
 
     Returns:
         0 after a clean stop; 1 when workers kept exiting, or worker 0 exited before it
@@ -186,8 +190,12 @@ def run_workers(n: int, target: Callable[[int, Callable[[str], None]], int], *,
     spawn(0)
     buf = b""
     status = 0
+    orphaned = False
     while not stopping:
         r, _, _ = select.select([rfd], [], [], 0.5)
+        if watch_parent is not None and not orphaned and parent_gone(watch_parent):
+            orphaned = True  # `safehold up` is gone: the normal SIGTERM path stops the workers
+            os.kill(os.getpid(), signal.SIGTERM)
         if r:
             buf += os.read(rfd, 4096)
             while b"\n" in buf:

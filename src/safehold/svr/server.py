@@ -58,6 +58,7 @@ from cryptography.x509.oid import NameOID
 from safehold.errors import SafeholdError
 from safehold.fsutil import read_toml
 from safehold.netaddr import is_loopback
+from safehold.procutil import EXIT_WITH_PARENT, exit_with_parent
 from safehold.runtime import exit_status, listen_socket, simulated_ratls_context, write_ready_file
 from safehold.svr.core import SvrService
 from safehold.svr.errors import SvrConfigError
@@ -272,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker-url", help="receive the secrets from this key broker (needs --data-dir and "
                     "--broker-ca) instead of standard input")
     ap.add_argument("--broker-ca", help="the broker's workload CA (PEM; checked against the measured pin)")
+    ap.add_argument(EXIT_WITH_PARENT, type=int, metavar="PID",
+                    help="stop (gracefully, as on SIGTERM) once the parent PID is gone (`safehold up`)")
     args = ap.parse_args(argv)
+    exit_with_parent(args.exit_with_parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = ServerConfig.load(args.config)

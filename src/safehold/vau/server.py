@@ -440,6 +440,7 @@ def _main_attested(argv: list[str]) -> int:
 
     from safehold.errors import SafeholdError
     from safehold.fsutil import write_atomic
+    from safehold.procutil import EXIT_WITH_PARENT, exit_with_parent
     from safehold.runtime import exit_status, simulated_ratls_context
 
     ap = argparse.ArgumentParser(prog="python -m safehold.vau.server")
@@ -452,7 +453,10 @@ def _main_attested(argv: list[str]) -> int:
     ap.add_argument("--ready-file", help="write {url, port, pid, name, measurement} here once listening")
     ap.add_argument("--records-url", help="serve the ePA 3 VAU in front of this records service (needs "
                     "records_policy in the configuration)")
+    ap.add_argument(EXIT_WITH_PARENT, type=int, metavar="PID",
+                    help="stop (gracefully, as on SIGTERM) once the parent PID is gone (`safehold up`)")
     args = ap.parse_args(argv)
+    exit_with_parent(args.exit_with_parent)
     try:
         cfg = AttestedConfig(args.config)
         state, close = attested_state(cfg, config_path=args.config, broker_url=args.broker_url,

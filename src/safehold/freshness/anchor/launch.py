@@ -34,6 +34,7 @@ from safehold.attestation.policy import AppraisalPolicy
 from safehold.attestation.verifier import Verifier
 from safehold.attestation.workload import LaunchSpec, package_app_dir
 from safehold.errors import ConfigError
+from safehold.procutil import EXIT_WITH_PARENT
 
 __all__ = ["LocalAnchor", "free_ports"]
 
@@ -60,6 +61,11 @@ class LocalAnchor:
         owner_public_key: the data owner's public key (SPKI PEM), pinned in the configuration.
         n: members (default 3). ports: fixed ports (default: free ones).
         package_root: run the members from this copy of the ``safehold`` package.
+
+    Attributes:
+        exit_with_parent: None (default), or the pid passed to members started from now on as
+            ``--exit-with-parent``: they stop by themselves once it is no longer their parent
+            (``safehold up`` sets its own; :func:`safehold.procutil.exit_with_parent`).
 
     Raises:
         ConfigError: the CA file does not load.
@@ -90,6 +96,7 @@ class LocalAnchor:
             f"simulated_root = {json.dumps(str(self.simulated_root))}\n", "utf-8")
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         self.measurement = ""
+        self.exit_with_parent: int | None = None
 
     def _ready(self, i: int) -> Path:
         return self.workdir / f"member{i}.json"
@@ -128,7 +135,9 @@ class LocalAnchor:
             self.procs[i] = subprocess.Popen(
                 spec.argv("--config", str(self.config),
                           "--data-dir", str(self.data_dir), "--port", str(self.ports[i]), "--client-ca",
-                          str(self.client_ca_file), "--ready-file", str(self._ready(i))),
+                          str(self.client_ca_file), "--ready-file", str(self._ready(i)),
+                          *([EXIT_WITH_PARENT, str(self.exit_with_parent)]
+                            if self.exit_with_parent is not None else [])),
                 env=spec.env({}), stdout=log, stderr=log, cwd=self.workdir,
                 # own session: a terminal's Ctrl-C reaches only the parent (`safehold up`), which
                 # stops the services first, takes the last checkpoint, then the members

@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one anchor member until SIGTERM/SIGINT."""
     from safehold.attestation.attesters.simulated import SimulatedAttester
     from safehold.fsutil import write_atomic
+    from safehold.procutil import EXIT_WITH_PARENT, exit_with_parent
     from safehold.ratls.cert import create_identity
     from safehold.ratls.server import server_ssl_context
 
@@ -173,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True, help="listen port (0 = any free port)")
     ap.add_argument("--client-ca", required=True, help="broker workload CA (PEM), checked against the pin")
     ap.add_argument("--ready-file", help="write {port, pid, member, measurement} here once listening")
+    ap.add_argument(EXIT_WITH_PARENT, type=int, metavar="PID",
+                    help="stop (gracefully, as on SIGTERM) once the parent PID is gone (`safehold up`)")
     args = ap.parse_args(argv)
+    exit_with_parent(args.exit_with_parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     cfg = MemberConfig.load(args.config)
