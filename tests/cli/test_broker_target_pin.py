@@ -9,6 +9,7 @@ the broker token and an owner-signed manifest to the operator's server.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import http.server
@@ -29,18 +30,11 @@ from cryptography.x509.oid import NameOID
 from safehold.cli.broker import broker_target
 from safehold.cli.main import cli
 from safehold.errors import ConfigError
+from tests.support.certs import self_signed_ca
 
 
 def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return key, cert
+    return self_signed_ca(cn)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -49,6 +43,36 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 def _pin(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@contextlib.contextmanager
+def _recording_broker(tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A server of the operator's that records every request's headers and answers like a
+    broker's ``GET``; HTTPS with ``tls``, else plain HTTP. Yields (base URL, requests seen)."""
+    seen: list[dict[str, str]] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers))
+            body = json.dumps({"version": 1, "signer": "x", "manifest": {}, "mode": "ready"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{srv.server_address[1]}", seen
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 @pytest.fixture
@@ -69,32 +93,10 @@ def impostor(tmp_path: Path) -> Iterator[tuple[str, bytes, list[dict[str, str]]]
     (tmp_path / "imp.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                                          serialization.PrivateFormat.PKCS8,
                                                          serialization.NoEncryption()))
-    seen: list[dict[str, str]] = []
-
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(dict(self.headers))
-            body = json.dumps({"version": 1, "signer": "x", "manifest": {}, "mode": "ready"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tmp_path / "imp.crt", tmp_path / "imp.key")
-    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"https://127.0.0.1:{srv.server_address[1]}", _pem(ca), seen
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with _recording_broker(ctx) as (url, seen):
+        yield url, _pem(ca), seen
 
 
 @pytest.fixture
@@ -179,28 +181,8 @@ def test_the_groups_data_dir_option_names_the_stack(stack, impostor, tmp_path) -
 @pytest.fixture
 def plain_impostor() -> Iterator[tuple[str, list[dict[str, str]]]]:
     """A plain-HTTP server of the operator's that records every request's headers."""
-    seen: list[dict[str, str]] = []
-
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(dict(self.headers))
-            body = json.dumps({"version": 1, "signer": "x", "manifest": {}, "mode": "ready"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with _recording_broker() as served:
+        yield served
 
 
 @pytest.mark.parametrize("group_option", [False, True], ids=["env", "--data-dir"])

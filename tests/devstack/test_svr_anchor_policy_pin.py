@@ -5,36 +5,22 @@ data directory is the operator's (found by the operator-attack review of 8 Dec 2
 
 from __future__ import annotations
 
-import datetime
 import tomllib
 from pathlib import Path
 
 import pytest
 import tomli_w
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from safehold.attestation.attesters.simulated import SimulatedAttester
 from safehold.client.owner_pins import CLIENT_POLICIES, pinned_policy
 from safehold.devstack import services as svc
 from safehold.devstack.datadir import pin_client_policies
 from safehold.errors import ConfigError
+from tests.support.certs import pem, self_signed_ca
 
 ANCHOR_M = "a1" * 32
-
-
-def _ca_pem() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "workload CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _written(tmp_path: Path) -> tuple[Path, dict]:
@@ -44,7 +30,8 @@ def _written(tmp_path: Path) -> tuple[Path, dict]:
     owner.mkdir()
     root = SimulatedAttester(d / "tee").root_ca_path
     (d / "broker").mkdir()
-    (d / "broker" / "ca.pem").write_bytes(_ca_pem())  # the SVR anchor members pin the broker CA
+    # the SVR anchor members pin the broker CA
+    (d / "broker" / "ca.pem").write_bytes(pem(self_signed_ca("workload CA")[1]))
     pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
 
