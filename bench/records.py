@@ -48,6 +48,7 @@ import signal
 import socket
 import ssl
 import statistics
+import string
 import subprocess
 import sys
 import threading
@@ -328,23 +329,24 @@ def families(body: dict[str, Any]) -> list[str]:
     return [f"{base}{k}" for k in range(1000)]
 
 
-def hundred_hit_p50(make: Callable[[], Any], body: dict[str, Any], tag: str, n: int) -> dict[str, Any]:
-    """Write 100 records with one family name, then ``n`` sequential searches returning all
-    100 (one client): p50 / p99 in ms."""
+def hundred_hit_p50(make: Callable[[], Any], body: dict[str, Any], tag: str, n: int,
+                    family: str = HUNDRED) -> dict[str, Any]:
+    """Write 100 records with family name ``family`` (one per round: exactly 100 hits each
+    time), then ``n`` sequential searches returning all 100 (one client): p50 / p99 in ms."""
     c = make()
     try:
         rnd = random.Random(7)
         items = []
         for j in range(100):
             b = distinct(body, f"{tag}-h{j}", rnd)
-            b["name"][0]["family"] = HUNDRED
+            b["name"][0]["family"] = family
             items.append((f"{tag}-h{j}", b))
         c.batch(items)
         c.warm()
         lat = []
         for _ in range(n):
             t = time.perf_counter()
-            hits = c.search(HUNDRED)
+            hits = c.search(family)
             lat.append(time.perf_counter() - t)
             assert hits == 100, hits
     finally:
@@ -355,9 +357,10 @@ def hundred_hit_p50(make: Callable[[], Any], body: dict[str, Any], tag: str, n: 
 
 
 def measure_audit_off(name: str, make: Callable[[], Any], seconds: float,
-                      body: dict[str, Any]) -> dict[str, Any]:
-    """Import and GET only (issue 17: audit on vs. off >= 0.9 x for both)."""
-    tag = "".join(ch for ch in name if ch.isalnum())
+                      body: dict[str, Any], rnd: int = 0) -> dict[str, Any]:
+    """Import and GET only (issue 17: audit on vs. off >= 0.9 x for both); ``rnd``: as
+    :func:`measure`."""
+    tag = "".join(ch for ch in name if ch.isalnum()) + f"r{rnd}"
     imp = run_load(make, "import", seconds, [], body, f"{tag}-i")
     ids = imp.pop("ids")
     imp["records_per_s"] = round(len(ids) / seconds, 1)
@@ -368,8 +371,14 @@ def measure_audit_off(name: str, make: Callable[[], Any], seconds: float,
     return {"import": imp, "get": get}
 
 
-def measure(name: str, make: Callable[[], Any], seconds: float, body: dict[str, Any]) -> dict[str, Any]:
-    tag = "".join(ch for ch in name if ch.isalnum())
+def measure(name: str, make: Callable[[], Any], seconds: float, body: dict[str, Any],
+            rnd: int = 0) -> dict[str, Any]:
+    """Import, PUT, GET, search and the 100-hit search against one system. ``rnd`` (the round)
+    goes into every id written: each round imports and puts records the system has not seen (the
+    same ids with the same seeded content again would be answered ``unchanged`` without a write
+    by Safehold, while Redis rewrites them — a later round's import and PUT flattered Safehold
+    before 8 Dec 2026)."""
+    tag = "".join(ch for ch in name if ch.isalnum()) + f"r{rnd}"
     imp = run_load(make, "import", seconds, [], body, f"{tag}-i")
     imp["records_per_s"] = round(len(imp.pop("ids")) / seconds, 1)
     put = run_load(make, "put", seconds, [], body, f"{tag}-p")
@@ -378,7 +387,8 @@ def measure(name: str, make: Callable[[], Any], seconds: float, body: dict[str, 
     get.pop("ids")
     search = run_load(make, "search", seconds, families(body), body, tag)
     search.pop("ids")
-    h100 = hundred_hit_p50(make, body, tag, 30 if seconds < 5 else 100)
+    h100 = hundred_hit_p50(make, body, tag, 30 if seconds < 5 else 100,
+                           family=HUNDRED + string.ascii_lowercase[rnd % 26])
     print(f"{name:>22}: import {imp['records_per_s']:8.1f} rec/s | put {put['per_s']:8.1f}/s "
           f"p50 {put['p50_ms']:6.2f} ms | get {get['per_s']:8.1f}/s p50 {get['p50_ms']:6.2f} ms | "
           f"search {search['per_s']:7.1f}/s p50 {search['p50_ms']:6.2f} ms | "
@@ -486,13 +496,15 @@ def main() -> None:
             if args.rounds > 1:
                 print(f"-- round {i + 1} of {args.rounds}", flush=True)
             rounds["safehold"].append(measure(
-                "safehold", lambda: SafeholdLoad(s.records_url, token, pol), seconds, body))
+                "safehold", lambda: SafeholdLoad(s.records_url, token, pol), seconds, body, i))
             rounds["plain"].append(measure(
-                "(a) encryption off", lambda: SafeholdLoad(plain["records_url"], token, pol), seconds, body))
+                "(a) encryption off", lambda: SafeholdLoad(plain["records_url"], token, pol), seconds,
+                body, i))
             rounds["flask_redis"].append(measure(
-                "(b) Flask + Redis", lambda: FlaskLoad(f"https://localhost:{fport}", cert), seconds, body))
+                "(b) Flask + Redis", lambda: FlaskLoad(f"https://localhost:{fport}", cert), seconds, body, i))
             rounds["noaudit"].append(measure_audit_off(
-                "(c) audit off", lambda: SafeholdLoad(noaudit_up["records_url"], token, pol), seconds, body))
+                "(c) audit off", lambda: SafeholdLoad(noaudit_up["records_url"], token, pol), seconds,
+                body, i))
         res = {name: best_of(rs) for name, rs in rounds.items()}
     finally:
         for p in reversed(procs):
