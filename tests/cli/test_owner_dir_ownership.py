@@ -101,3 +101,22 @@ def test_an_owner_dir_others_may_write_is_refused(symlinked: Path) -> None:
 def test_up_refuses_to_put_the_owner_key_in_an_owner_dir_another_user_owns(symlinked: Path) -> None:
     with pytest.raises(ConfigError, match="owned by uid"):
         make_owner_dir(symlinked)
+
+
+def test_import_with_an_explicit_policy_writes_no_checkpoint_into_someone_elses_owner_dir(
+        symlinked: Path, tmp_path: Path) -> None:
+    """With ``--url`` / ``--policy`` no pin is read, but the import checkpoint (record ids, how
+    far each file got) would still go into the default owner directory: refused there too,
+    before anything is sent."""
+    from click.testing import CliRunner
+
+    from safehold.cli.main import cli
+
+    od = symlinked.resolve().parent / "data.owner"
+    csv = tmp_path / "patients.csv"
+    csv.write_text("Id,BIRTHDATE,FIRST,LAST,GENDER\np1,1970-01-01,Ann,Lee,F\n")
+    r = CliRunner().invoke(cli, ["patients", "import", str(csv), "--data-dir", str(symlinked),
+                                 "--url", "https://127.0.0.1:9", "--policy", str(tmp_path / "mine.toml"),
+                                 "--token", "t"])
+    assert r.exit_code != 0 and "owned by uid" in r.output, r.output
+    assert not (od / "import-state.json").exists()

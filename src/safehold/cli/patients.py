@@ -35,6 +35,7 @@ from safehold.client.importer import (
     expand_paths,
     import_files,
 )
+from safehold.client.owner_pins import check_owner_private
 from safehold.client.records import RecordsClient
 from safehold.errors import RecordNotFoundError, SafeholdError
 from safehold.fsutil import write_atomic
@@ -137,6 +138,8 @@ def register(group: click.Group) -> None:
         # the checkpoint names record ids and how far each file got: the owner's, not the
         # operator's data directory (it could read the ids, or move the resume point)
         owner = owner_path(data_dir, owner_dir)
+        if owner.is_dir():
+            check_owner_private(owner)  # the checkpoint names record ids: not into someone else's
         ckpt_path = owner / STATE_FILE if owner.is_dir() else None
         counts = ImportCounts()
         failures: list[tuple[str, str]] = []
