@@ -473,6 +473,14 @@ class AccessAuditLog:
 
     # -- the authenticated rows (head, base, verified, seals) -----------------------------------
 
+    def _entry_mac_ok(self, body: dict[str, Any], digest: bytes) -> bool:
+        """Whether an entry's ``mac`` is HMAC-SHA256 of its hash ``digest`` under the attested
+        MAC key (constant-time; True when the log runs without a MAC key)."""
+        if self._mac_key is None:
+            return True
+        want = hmac.new(self._mac_key, digest, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(str(body.get("mac", "")), want)
+
     def _mac(self, domain: bytes, fields: dict[str, Any]) -> str | None:
         if self._mac_key is None:
             return None
@@ -639,10 +647,8 @@ class AccessAuditLog:
                 raise AuditChainError(f"audit entry {n}: sequence broken (found entry {e.seq})")
             if e.body.get("prev") != prev:
                 raise AuditChainError(f"audit entry {n}: prev hash does not match entry {n - 1}")
-            if self._mac_key is not None:
-                want = hmac.new(self._mac_key, e.hash, hashlib.sha256).hexdigest()
-                if not hmac.compare_digest(str(e.body.get("mac", "")), want):
-                    raise AuditChainError(f"audit entry {n}: MAC missing or wrong (entry edited)")
+            if not self._entry_mac_ok(e.body, e.hash):
+                raise AuditChainError(f"audit entry {n}: MAC missing or wrong (entry edited)")
             prev = e.hash.hex()
             n += 1
         return n, prev
@@ -745,11 +751,8 @@ class AccessAuditLog:
             if e.seq > through:
                 linked = True
                 break
-            if self._mac_key is not None:
-                want = hmac.new(self._mac_key, e.hash, hashlib.sha256).hexdigest()
-                if not hmac.compare_digest(str(e.body.get("mac", "")), want):
-                    raise AuditChainError(f"audit entry {n}: MAC missing or wrong (entry edited), "
-                                          "not exported")
+            if not self._entry_mac_ok(e.body, e.hash):
+                raise AuditChainError(f"audit entry {n}: MAC missing or wrong (entry edited), not exported")
             lines.append(_canonical(e.body) + b"\n")
             prev, n = e.hash.hex(), n + 1
         if not linked:
@@ -827,10 +830,8 @@ class AccessAuditLog:
             h = hashlib.sha256(_canonical(plain)).digest()
             if body.get("seq") != n or (prev is not None and body.get("prev") != prev):
                 raise AuditChainError(f"audit segment entry {n}: chain broken")
-            if self._mac_key is not None:
-                want = hmac.new(self._mac_key, h, hashlib.sha256).hexdigest()
-                if not hmac.compare_digest(str(body.get("mac", "")), want):
-                    raise AuditChainError(f"audit segment entry {n}: MAC missing or wrong")
+            if not self._entry_mac_ok(body, h):
+                raise AuditChainError(f"audit segment entry {n}: MAC missing or wrong")
             prev, n = h.hex(), n + 1
         if n != rec.last + 1 or prev != rec.last_hash:
             raise AuditChainError("audit segment: does not end at the sealed entry")
